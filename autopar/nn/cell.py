@@ -1,0 +1,189 @@
+"""Cell: the MindSpore-style building block. Write ``construct``; call the cell.
+
+Names. Assigning a Parameter or a Cell to an attribute registers it. As in MindSpore,
+a child's parameter names are prefixed with its attribute name when the child is
+assigned, so after ``self.blocks = CellList([...])`` a weight is called
+``blocks.0.attention.dense1.weight``. Wrappers with ``auto_prefix = False``
+(WithLossCell, TrainOneStepCell) leave the names of what they wrap unchanged. A
+parameter shared by two cells (a tied embedding) keeps the name of its first owner.
+
+Calling. Inside a trace, calling a cell runs its ``construct`` under its scope. Outside,
+the call traces ``construct`` once per input signature, compiles a program and runs it on
+numpy inputs, returning numpy outputs.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterator
+
+from .parameter import Parameter
+
+
+class Cell:
+    auto_prefix = True
+
+    def __init__(self):
+        object.__setattr__(self, "_params", OrderedDict())
+        object.__setattr__(self, "_cells", OrderedDict())
+        object.__setattr__(self, "_compiled", {})
+        object.__setattr__(self, "training", False)
+        object.__setattr__(self, "_pipeline_stage", None)
+        object.__setattr__(self, "is_recompute", False)
+
+    # ---- registration ----------------------------------------------------------------
+    def __setattr__(self, name: str, value) -> None:
+        if "_params" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__}: call super().__init__() before assigning {name!r}")
+        if isinstance(value, Parameter):
+            if getattr(value, "_owner", None) is None:
+                value._owner = self
+                value.name = value.name or name
+            self._params[name] = value
+        elif isinstance(value, Cell):
+            if self.auto_prefix:
+                value._prefix_names(name + ".")
+            self._cells[name] = value
+        object.__setattr__(self, name, value)
+
+    def _prefix_names(self, prefix: str) -> None:
+        for cell in self._unique_cells():
+            for p in cell._params.values():
+                if p._owner is cell:
+                    p.name = prefix + p.name
+
+    def _unique_cells(self) -> list["Cell"]:
+        seen, order, stack = set(), [], [self]
+        while stack:
+            c = stack.pop()
+            if id(c) in seen:
+                continue
+            seen.add(id(c))
+            order.append(c)
+            stack.extend(reversed(list(c._cells.values())))
+        return order
+
+    def named_cells(self, prefix: str = "") -> Iterator[tuple[str, "Cell"]]:
+        """(scope path, cell) for this cell and every descendant, each once, depth first."""
+        seen: set[int] = set()
+
+        def walk(cell: Cell, path: str):
+            if id(cell) in seen:
+                return
+            seen.add(id(cell))
+            yield path, cell
+            for name, child in cell._cells.items():
+                child_path = (f"{path}.{name}" if path else name) if cell.auto_prefix else path
+                yield from walk(child, child_path)
+
+        yield from walk(self, prefix)
+
+    def cells(self) -> list["Cell"]:
+        return list(self._cells.values())
+
+    def parameters_dict(self) -> "OrderedDict[str, Parameter]":
+        """Every parameter of this cell and its descendants, by name, each once."""
+        out: OrderedDict[str, Parameter] = OrderedDict()
+        seen: set[int] = set()
+        for _, cell in self.named_cells():
+            for p in cell._params.values():
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if p.name in out:
+                    raise ValueError(f"{type(self).__name__}: two different parameters are named {p.name!r}; "
+                                     "give one of them another name")
+                out[p.name] = p
+        return out
+
+    def get_parameters(self) -> list[Parameter]:
+        return list(self.parameters_dict().values())
+
+    def trainable_params(self) -> list[Parameter]:
+        return [p for p in self.parameters_dict().values() if p.requires_grad]
+
+    def init_parameters_data(self, seed: int | None = None) -> "Cell":
+        """Materialize every parameter (optionally after choosing a new init seed)."""
+        for p in self.get_parameters():
+            if seed is not None and p.init is not None:
+                p.init_seed = seed
+                p.drop_data()
+            p.data  # noqa: B018 - materializes
+        return self
+
+    def parameter_count(self) -> int:
+        return sum(p.size for p in self.get_parameters())
+
+    # ---- modes -----------------------------------------------------------------------
+    def set_train(self, mode: bool = True) -> "Cell":
+        for c in self._unique_cells():
+            object.__setattr__(c, "training", mode)
+        return self
+
+    def recompute(self, mode: bool = True) -> "Cell":
+        """Drop this cell's activations after forward and recompute them for backward."""
+        object.__setattr__(self, "is_recompute", bool(mode))
+        return self
+
+    @property
+    def pipeline_stage(self) -> int | None:
+        return self._pipeline_stage
+
+    @pipeline_stage.setter
+    def pipeline_stage(self, stage: int) -> None:
+        if isinstance(stage, bool) or not isinstance(stage, int) or stage < 0:
+            raise ValueError(f"{type(self).__name__}.pipeline_stage: expected an int >= 0, got {stage!r}")
+        object.__setattr__(self, "_pipeline_stage", stage)
+
+    # ---- calling ---------------------------------------------------------------------
+    def construct(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__}.construct")
+
+    def __call__(self, *args, **kwargs):
+        from ..runtime.trace import current_tracer
+        tracer = current_tracer()
+        if tracer is not None:
+            with tracer.cell_scope(self):
+                return self.construct(*args, **kwargs)
+        from ..runtime.compiled import run_forward
+        return run_forward(self, args, kwargs)
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}("]
+        for name, child in self._cells.items():
+            body = repr(child).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {body}")
+        if len(lines) == 1:
+            return f"{type(self).__name__}()"
+        return "\n".join(lines + [")"])
+
+
+class CellList(Cell):
+    """A list of cells named 0, 1, 2, ... (``blocks.0.attention``)."""
+
+    def __init__(self, cells=()):
+        super().__init__()
+        self._list: list[Cell] = []
+        for c in cells:
+            self.append(c)
+
+    def append(self, cell: Cell) -> None:
+        if not isinstance(cell, Cell):
+            raise TypeError(f"CellList: expected a Cell, got {type(cell).__name__}")
+        setattr(self, str(len(self._list)), cell)
+        self._list.append(cell)
+
+    def __getitem__(self, i):
+        return self._list[i]
+
+    def __len__(self) -> int:
+        return len(self._list)
+
+    def __iter__(self):
+        return iter(self._list)
+
+
+class SequentialCell(CellList):
+    def construct(self, x):
+        for cell in self._list:
+            x = cell(x)
+        return x

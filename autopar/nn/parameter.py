@@ -1,0 +1,98 @@
+"""Parameter: a named, typed, shaped weight whose data appears only when first needed.
+
+Building a model allocates nothing: a Parameter holds its initializer. ``asnumpy()``
+materializes the full logical value from ``(seed, name)`` the first time it is read, so
+the value does not depend on construction order; ``set_data`` replaces it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..dtype import as_dtype
+from ..runtime.random import derive_key
+from ..runtime.tensor import TensorOps
+from .initializer import Initializer, as_initializer
+
+
+def _check_shape(shape) -> tuple[int, ...]:
+    shape = tuple(shape)
+    for d in shape:
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 0:
+            raise ValueError(f"Parameter shape: expected non-negative ints, got {shape}")
+    return tuple(int(d) for d in shape)
+
+
+class Parameter(TensorOps):
+    """``Parameter(initializer, shape, dtype, name)`` or ``Parameter(array, name=...)``."""
+
+    def __init__(self, default_input, shape=None, dtype="float32", name: str = "",
+                 requires_grad: bool = True, init_seed: int = 0):
+        self.name = name
+        self.requires_grad = requires_grad
+        self.init_seed = init_seed
+        self._data: np.ndarray | None = None
+        if isinstance(default_input, np.ndarray):
+            self.shape = default_input.shape
+            self.dtype = as_dtype(dtype if shape is not None else default_input.dtype)
+            self.init: Initializer | None = None
+            self._data = np.array(default_input, dtype=self.dtype)
+        else:
+            if shape is None:
+                raise ValueError(f"Parameter {name!r}: shape: expected a shape with an initializer, got None")
+            self.shape = _check_shape(shape)
+            self.dtype = as_dtype(dtype)
+            self.init = as_initializer(default_input)
+
+    # ---- metadata --------------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    @property
+    def has_data(self) -> bool:
+        return self._data is not None
+
+    def __repr__(self) -> str:
+        return f"Parameter(name={self.name!r}, shape={self.shape}, dtype={self.dtype.name})"
+
+    # ---- data ------------------------------------------------------------------------
+    def key(self) -> int:
+        return derive_key(self.init_seed, self.name)
+
+    def init_data(self, region=None) -> np.ndarray:
+        """Generate the initial value (or the slices in ``region``) without storing it."""
+        if self.init is None:
+            raise ValueError(f"Parameter {self.name!r} was built from an array and has no initializer")
+        return self.init.generate(self.shape, self.dtype, self.key(), region)
+
+    @property
+    def data(self) -> np.ndarray:
+        """The stored full array (materialized on first use). Runtime code reads this."""
+        if self._data is None:
+            self._data = self.init_data()
+        return self._data
+
+    def asnumpy(self) -> np.ndarray:
+        """A copy of the full logical value."""
+        return self.data.copy()
+
+    def set_data(self, array) -> None:
+        array = np.asarray(array)
+        if tuple(array.shape) != self.shape:
+            raise ValueError(f"Parameter {self.name!r}: set_data: expected shape {self.shape}, "
+                             f"got {tuple(array.shape)}")
+        self._data = np.array(array, dtype=self.dtype)
+
+    def drop_data(self) -> None:
+        """Forget the value; the next read regenerates it from the initializer."""
+        if self.init is None:
+            raise ValueError(f"Parameter {self.name!r} has no initializer to regenerate from")
+        self._data = None

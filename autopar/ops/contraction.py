@@ -1,0 +1,103 @@
+"""Contractions: MatMul and BatchMatMul, one einsum-style family.
+
+Each op is described by a subscript string (``"ik,kj->ij"``, batch dims ``b...``); the
+sharding rules (issue: sharded execution) read the letters: a letter in both inputs and
+not in the output is contracted, so splitting it leaves a partial sum.
+
+Gradients of ``C = op(A) @ op(B)`` (``op`` transposes the last two dims when the flag is
+set) are written so that each result comes out contiguous in its input's own layout:
+
+    dA = dC @ op(B)^T   (or op(B) @ dC^T when transpose_a)
+    dB = op(A)^T @ dC   (or dC^T @ op(A) when transpose_b)
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import OpArgError
+from .elementwise import result_dtype, sum_to
+from .primitive import Primitive, TensorSpec, check_float
+from .registry import register
+
+
+def _t(x):
+    return np.swapaxes(x, -1, -2)
+
+
+class Contraction(Primitive):
+    n_inputs = 2
+
+    def __init__(self, transpose_a: bool = False, transpose_b: bool = False):
+        super().__init__(transpose_a=bool(transpose_a), transpose_b=bool(transpose_b))
+
+    def _mk_kn(self, a: TensorSpec, b: TensorSpec):
+        ta, tb = self.attrs["transpose_a"], self.attrs["transpose_b"]
+        m, k = (a.shape[-1], a.shape[-2]) if ta else (a.shape[-2], a.shape[-1])
+        k2, n = (b.shape[-1], b.shape[-2]) if tb else (b.shape[-2], b.shape[-1])
+        if k != k2:
+            raise OpArgError("input shapes", f"contraction dims equal (input 0 gives {k}"
+                             f"{', transposed' if ta else ''})",
+                             f"{a.shape} and {b.shape} (input 1 gives {k2}{', transposed' if tb else ''})",
+                             "check the weight's shape or the transpose_a/transpose_b flags")
+        return m, k, n
+
+    def forward(self, a, b):
+        ta, tb = self.attrs["transpose_a"], self.attrs["transpose_b"]
+        return np.matmul(_t(a) if ta else a, _t(b) if tb else b)
+
+    def vjp(self, dy, xs, y, specs, needs):
+        a, b = xs
+        ta, tb = self.attrs["transpose_a"], self.attrs["transpose_b"]
+        da = db = None
+        if needs[0]:
+            if ta:
+                da = np.matmul(_t(b) if tb else b, _t(dy))
+            else:
+                da = np.matmul(dy, b if tb else _t(b))
+            da = sum_to(da, specs[0].shape)
+        if needs[1]:
+            if tb:
+                db = np.matmul(_t(dy), _t(a) if ta else a)
+            else:
+                db = np.matmul(a if ta else _t(a), dy)
+            db = sum_to(db, specs[1].shape)
+        return da, db
+
+    def flops(self, specs, out):
+        m, k, n = self._mk_kn(*specs)
+        return 2 * k * out.size
+
+
+@register
+class MatMul(Contraction):
+    """``MatMul(transpose_a, transpose_b)(A, B)`` on 2-D tensors: ``"ik,kj->ij"``."""
+
+    subscripts = "ik,kj->ij"
+
+    def infer(self, a, b):
+        for i, s in enumerate((a, b)):
+            if s.ndim != 2:
+                raise OpArgError(f"input {i} rank", "2 (use BatchMatMul for batches)", f"shape {s.shape}")
+            check_float(s, f"input {i}")
+        m, _, n = self._mk_kn(a, b)
+        return TensorSpec((m, n), result_dtype([a, b]))
+
+
+@register
+class BatchMatMul(Contraction):
+    """Batched matmul over leading dims (broadcast), e.g. attention scores
+    ``(B, heads, S, D) @ (B, heads, D, S)``: ``"...ik,...kj->...ij"``."""
+
+    subscripts = "...ik,...kj->...ij"
+
+    def infer(self, a, b):
+        for i, s in enumerate((a, b)):
+            if s.ndim < 2:
+                raise OpArgError(f"input {i} rank", ">= 2", f"shape {s.shape}")
+            check_float(s, f"input {i}")
+        m, _, n = self._mk_kn(a, b)
+        try:
+            batch = np.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+        except ValueError:
+            raise OpArgError("batch dims", "broadcastable leading dims", f"{a.shape} and {b.shape}") from None
+        return TensorSpec(tuple(batch) + (m, n), result_dtype([a, b]))

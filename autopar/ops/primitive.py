@@ -1,0 +1,164 @@
+"""The primitive op: one class per op kind, answering the same questions as pure functions.
+
+A primitive instance carries its attributes (``MatMul(transpose_b=True)``) and, after
+``.shard()``, the user's strategy. Every op answers:
+
+=====================  ==============================================================
+``infer(*specs)``      output shape and dtype (raises :class:`OpArgError` on bad input)
+``forward(*xs)``       numpy kernel on (local) arrays
+``vjp(dy, xs, y, specs, needs)``
+                       gradient of each input whose ``needs[i]`` is true (else None);
+                       ``xs[i]`` is present only for ``i in save_inputs`` and ``y`` only
+                       if ``save_output``: autodiff keeps nothing else alive
+``flops(specs, out)``  floating-point operations of the forward pass
+``bytes_accessed``     bytes read and written by the forward pass
+=====================  ==============================================================
+
+Calling a primitive records a node when tracing and runs the kernel eagerly on numpy
+arrays otherwise. Trailing *static* arguments (``Reshape()(x, shape)``) are named in
+``static_args`` and become attributes of the node.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from ..errors import OpArgError
+from ..strategy.strategy import Strategy, normalize_strategy
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of a value, no data."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+    def __str__(self) -> str:
+        return f"{np.dtype(self.dtype).name}{list(self.shape)}"
+
+
+def spec_of(x) -> TensorSpec:
+    return TensorSpec(tuple(int(d) for d in np.shape(x)), np.asarray(x).dtype)
+
+
+class Primitive:
+    """Base class of every op. Subclasses set the class variables and override the rules."""
+
+    n_inputs: ClassVar[int | None] = 1          # None: variadic (Concat, AddN)
+    static_args: ClassVar[tuple[str, ...]] = ()  # trailing call arguments that are attributes
+    save_inputs: ClassVar[tuple[int, ...] | str] = "all"  # what vjp reads: indices or "all"/"none"
+    save_output: ClassVar[bool] = False
+    nondiff_inputs: ClassVar[tuple[int, ...]] = ()  # inputs that never get a gradient (labels, masks)
+    needs_rng: ClassVar[bool] = False             # forward/vjp take key=RngKey (dropout)
+
+    def __init__(self, **attrs: Any):
+        self.attrs: dict[str, Any] = attrs
+        self.strategy: Strategy | None = None
+
+    # ---- identity ---------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return type(self).__name__
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.attrs.items())
+        shard = f".shard({self.strategy})" if self.strategy else ""
+        return f"{self.kind}({args}){shard}"
+
+    def with_attrs(self, **more: Any) -> "Primitive":
+        """A copy with extra attributes (the static call arguments), same strategy."""
+        new = object.__new__(type(self))
+        new.attrs = {**self.attrs, **more}
+        new.strategy = self.strategy
+        return new
+
+    # ---- user API ---------------------------------------------------------------------
+    def shard(self, in_strategy, out_strategy=None) -> "Primitive":
+        """Record the user's strategy (MindSpore's ``op.shard``); returns the op."""
+        self.strategy = normalize_strategy(in_strategy, out_strategy)
+        return self
+
+    def __call__(self, *args):
+        from ..runtime.trace import apply  # runtime depends on ops, not the other way round
+        return apply(self, args)
+
+    def bind(self, args: Sequence) -> tuple[tuple, dict[str, Any]]:
+        """Split call arguments into tensor inputs and static attributes."""
+        n_static = len(self.static_args)
+        if n_static == 0:
+            return tuple(args), {}
+        n_tensor = len(args) - n_static
+        if self.n_inputs is not None and n_tensor != self.n_inputs:
+            raise OpArgError("arguments", f"{self.n_inputs} tensor(s) then {', '.join(self.static_args)}",
+                             f"{len(args)} argument(s)")
+        return tuple(args[:n_tensor]), dict(zip(self.static_args, args[n_tensor:]))
+
+    # ---- rules (override) -------------------------------------------------------------
+    def infer(self, *specs: TensorSpec) -> TensorSpec:
+        raise NotImplementedError(f"{self.kind}.infer")
+
+    def forward(self, *xs: np.ndarray) -> np.ndarray:
+        raise NotImplementedError(f"{self.kind}.forward")
+
+    def vjp(self, dy: np.ndarray, xs: Sequence, y, specs: Sequence[TensorSpec],
+            needs: Sequence[bool]) -> tuple:
+        raise NotImplementedError(f"{self.kind} has no gradient rule")
+
+    def flops(self, specs: Sequence[TensorSpec], out: TensorSpec) -> int:
+        return out.size
+
+    def bytes_accessed(self, specs: Sequence[TensorSpec], out: TensorSpec) -> int:
+        return sum(s.nbytes for s in specs) + out.nbytes
+
+    # ---- helpers for rules ------------------------------------------------------------
+    def saved_input_indices(self, n: int) -> tuple[int, ...]:
+        if self.save_inputs == "all":
+            return tuple(range(n))
+        if self.save_inputs == "none":
+            return ()
+        return tuple(self.save_inputs)
+
+    def check_n_inputs(self, specs: Sequence[TensorSpec]) -> None:
+        if self.n_inputs is not None and len(specs) != self.n_inputs:
+            raise OpArgError("inputs", f"{self.n_inputs} tensor input(s)", f"{len(specs)}")
+
+
+def check_float(spec: TensorSpec, arg: str) -> None:
+    if np.dtype(spec.dtype).kind != "f":
+        raise OpArgError(f"{arg} dtype", "a float dtype", np.dtype(spec.dtype).name,
+                         "cast it first with ops.Cast()(x, autopar.float32)")
+
+
+def normalize_axis(axis: int, ndim: int, arg: str = "axis") -> int:
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+        raise OpArgError(arg, "an int", repr(axis))
+    if not -ndim <= axis < max(ndim, 1):
+        raise OpArgError(arg, f"an axis in [{-ndim}, {ndim})", str(axis))
+    return int(axis) % max(ndim, 1)
+
+
+def normalize_axes(axis, ndim: int, arg: str = "axis") -> tuple[int, ...]:
+    """() or None means all axes, as in MindSpore's reductions."""
+    if axis is None or axis == ():
+        return tuple(range(ndim))
+    if isinstance(axis, (int, np.integer)):
+        axis = (axis,)
+    axes = tuple(sorted(normalize_axis(a, ndim, arg) for a in axis))
+    if len(set(axes)) != len(axes):
+        raise OpArgError(arg, "distinct axes", repr(axis))
+    return axes

@@ -1,0 +1,1 @@
+"""Tracing, autodiff, lowering and execution."""

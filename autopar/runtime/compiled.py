@@ -1,0 +1,91 @@
+"""Compiled calls of a cell: forward only, and loss + gradients.
+
+Each is traced and lowered once per input signature and cached on the cell; later calls
+with the same shapes only run the program.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Sequence
+
+import numpy as np
+
+from .autodiff import differentiate
+from .program import Program
+from .trace import Traced, signature_key, trace
+
+
+def tensor_args(args: tuple, kwargs: dict) -> list[np.ndarray]:
+    """The array arguments in the order the tracer numbered them."""
+    every = list(args) + [kwargs[k] for k in sorted(kwargs)]
+    return [a for a in every if isinstance(a, np.ndarray)]
+
+
+def _normalize(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    conv = lambda a: np.asarray(a) if isinstance(a, np.generic) else a  # noqa: E731
+    return tuple(conv(a) for a in args), {k: conv(v) for k, v in kwargs.items()}
+
+
+def run_forward(cell, args: tuple, kwargs: dict):
+    args, kwargs = _normalize(args, kwargs)
+    key = ("forward", cell.training) + signature_key(args, kwargs)
+    entry = cell._compiled.get(key)
+    if entry is None:
+        traced = trace(cell, args, kwargs)
+        entry = cell._compiled[key] = (traced, Program(traced.graph, traced.graph.outputs))
+    traced, program = entry
+    outs = program.run(tensor_args(args, kwargs))
+    return tuple(outs) if traced.out_tuple else outs[0]
+
+
+class GradProgram:
+    """Loss and gradients of ``params`` for one input signature."""
+
+    def __init__(self, cell, args: tuple, kwargs: dict, params: Sequence, sens: float = 1.0, seed: int = 0):
+        self.traced: Traced = trace(cell, args, kwargs)
+        graph = self.traced.graph
+        loss = graph.outputs[0]
+        if graph.spec(loss).size != 1:
+            raise ValueError(f"{type(cell).__name__}: output 0 (the loss): expected a scalar, "
+                             f"got shape {graph.spec(loss).shape}; reduce it with ops.ReduceMean")
+        self.params = list(params)
+        by_id = {id(p): v for v, p in zip(graph.params, graph.param_objs)}
+        wrt, unused = [], []
+        for p in self.params:
+            if id(p) in by_id:
+                wrt.append(by_id[id(p)])
+            else:
+                unused.append(p)
+        self.graph, grads = differentiate(graph, loss, wrt, sens)
+        self.unused = unused
+        self.program = Program(self.graph, (loss,) + grads, seed=seed)
+
+    def __call__(self, args: tuple, kwargs: dict, step: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+        outs = self.program.run(tensor_args(args, kwargs), step)
+        loss, grads = outs[0], iter(outs[1:])
+        unused = {id(p) for p in self.unused}
+        full = [np.zeros(p.shape, p.dtype) if id(p) in unused else next(grads) for p in self.params]
+        return loss, full
+
+
+def grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float = 1.0) -> GradProgram:
+    key = ("grad", cell.training, sens, tuple(id(p) for p in params)) + signature_key(args, kwargs)
+    prog = cell._compiled.get(key)
+    if prog is None:
+        prog = cell._compiled[key] = GradProgram(cell, args, kwargs, params, sens)
+    return prog
+
+
+def value_and_grad(cell, weights: Sequence | None = None, sens: float = 1.0):
+    """``value_and_grad(net)(*inputs)`` -> ``(loss, {parameter name: gradient})``.
+
+    Gradients are full logical numpy arrays. ``weights`` defaults to the trainable
+    parameters of ``cell``.
+    """
+    def fn(*args, **kwargs):
+        args, kwargs = _normalize(args, kwargs)
+        params = list(weights) if weights is not None else cell.trainable_params()
+        prog = grad_program(cell, args, kwargs, params, sens)
+        loss, grads = prog(args, kwargs)
+        return loss, OrderedDict((p.name, g) for p, g in zip(params, grads))
+    return fn

@@ -1,0 +1,119 @@
+"""Lowering a graph to a flat program, and running it.
+
+Everything decidable ahead of time is decided here, once: which nodes are needed for the
+requested outputs, the kernel each instruction calls (with its static arguments bound),
+the slots it reads and writes, and the slots that die after it (freed at once, so peak
+memory is the live set, not the whole graph). The step loop does no graph walking and no
+name look-ups: it is ``for fn, ins, outs, frees in instructions``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .graph import BACKWARD, Graph, Node
+from .random import derive_key
+
+
+@dataclass(frozen=True)
+class Instruction:
+    fn: Callable
+    ins: tuple[int, ...]
+    outs: tuple[int, ...]
+    frees: tuple[int, ...]
+    node: Node
+
+
+def _vjp_kernel(node: Node, graph: Graph, fwd: Node) -> Callable:
+    prim = fwd.prim
+    specs = tuple(graph.spec(v) for v in fwd.inputs)
+    n = len(fwd.inputs)
+    saved_idx = prim.saved_input_indices(n)
+    has_y = prim.save_output
+    needs = node.needs
+
+    def fn(dy, *saved, **kw):
+        xs = [None] * n
+        for k, i in enumerate(saved_idx):
+            xs[i] = saved[k]
+        y = saved[-1] if has_y else None
+        grads = prim.vjp(dy, xs, y, specs, needs, **kw)
+        return tuple(g for g, need in zip(grads, needs) if need)
+    return fn
+
+
+class Program:
+    """The instructions computing ``outputs`` of ``graph`` on one process."""
+
+    def __init__(self, graph: Graph, outputs: Sequence[int], seed: int = 0):
+        self.graph = graph
+        self.outputs = tuple(outputs)
+        self.seed = seed
+        needed = self._needed_nodes(graph, self.outputs)
+        self.instructions = self._lower(graph, needed)
+        self.inputs = tuple(v for v in graph.inputs if v is not None)
+        self.n_slots = len(graph.values)
+        self._rng_nodes = {i for i, ins in enumerate(self.instructions) if ins.node.prim.needs_rng}
+
+    @staticmethod
+    def _needed_nodes(graph: Graph, outputs: Sequence[int]) -> list[Node]:
+        wanted, keep = set(outputs), []
+        for node in reversed(graph.nodes):
+            if any(o in wanted for o in node.outputs):
+                keep.append(node)
+                wanted.update(node.inputs)
+        keep.reverse()
+        return keep
+
+    def _lower(self, graph: Graph, nodes: list[Node]) -> list[Instruction]:
+        last_use: dict[int, int] = {}
+        for k, node in enumerate(nodes):
+            for v in node.inputs:
+                last_use[v] = k
+        pinned = set(self.outputs) | set(graph.consts) | set(graph.params)
+        frees_at: dict[int, list[int]] = {}
+        for v, k in last_use.items():
+            if v not in pinned:
+                frees_at.setdefault(k, []).append(v)
+        for k, node in enumerate(nodes):  # outputs nobody reads die at once
+            for o in node.outputs:
+                if o not in last_use and o not in pinned:
+                    frees_at.setdefault(k, []).append(o)
+        out = []
+        for k, node in enumerate(nodes):
+            if node.phase == BACKWARD and node.forward_of is not None:
+                fn = _vjp_kernel(node, graph, graph.nodes[node.forward_of])
+            else:
+                fn = node.prim.forward
+            out.append(Instruction(fn, node.inputs, node.outputs, tuple(frees_at.get(k, ())), node))
+        return out
+
+    def rng_key(self, node: Node, step: int) -> int:
+        name = node.name if node.forward_of is None else self.graph.nodes[node.forward_of].name
+        return derive_key(self.seed, name, step)
+
+    def run(self, inputs: Sequence[np.ndarray], step: int = 0) -> list[np.ndarray]:
+        slots: list = [None] * self.n_slots
+        for v, a in zip(self.inputs, inputs):
+            slots[v] = a
+        for v, a in self.graph.consts.items():
+            slots[v] = a
+        for v, p in zip(self.graph.params, self.graph.param_objs):
+            slots[v] = p.data
+        rng = self._rng_nodes
+        for k, ins in enumerate(self.instructions):
+            args = [slots[i] for i in ins.ins]
+            if k in rng:
+                res = ins.fn(*args, key=self.rng_key(ins.node, step))
+            else:
+                res = ins.fn(*args)
+            if len(ins.outs) == 1 and not isinstance(res, tuple):
+                slots[ins.outs[0]] = res
+            else:
+                for o, r in zip(ins.outs, res):
+                    slots[o] = r
+            for f in ins.frees:
+                slots[f] = None
+        return [slots[o] for o in self.outputs]

@@ -1,0 +1,71 @@
+"""Counter-based random numbers: a value depends only on (key, logical index).
+
+Any slice of a random tensor can be generated without generating the rest, so a rank
+materializes exactly its shard of a parameter, and a dropout mask, with the values the
+serial model would have. The generator is SplitMix64 applied to ``key + index``; keys are
+derived from strings (parameter names, op names) with BLAKE2b, which is stable across
+processes and Python versions (unlike ``hash``).
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+
+
+def derive_key(*parts) -> int:
+    """A 64-bit key from any printable parts, e.g. ``derive_key(seed, 'blocks.0.dense.weight')``."""
+    digest = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def region_indices(shape: tuple[int, ...], region: tuple[slice, ...] | None = None) -> np.ndarray:
+    """Flat row-major indices into ``shape`` of the elements in ``region`` (all if None)."""
+    if region is None:
+        return np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.uint64).reshape(shape)
+    idx = np.zeros((1,) * len(shape), dtype=np.uint64)
+    stride = 1
+    for d in reversed(range(len(shape))):
+        start, stop, step = region[d].indices(shape[d])
+        ax = np.arange(start, stop, step, dtype=np.uint64) * np.uint64(stride)
+        idx = idx + ax.reshape((-1,) + (1,) * (len(shape) - d - 1))
+        stride *= shape[d]
+    return idx
+
+
+def uniform(key: int, index: np.ndarray) -> np.ndarray:
+    """Uniform float64 in [0, 1) for each logical index."""
+    with np.errstate(over="ignore"):
+        z = _mix(index.astype(np.uint64) * _GOLDEN + np.uint64(key))
+    return (z >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def normal(key: int, index: np.ndarray) -> np.ndarray:
+    """Standard normal float64 per logical index (Box-Muller on two independent streams)."""
+    u1 = uniform(key, index)
+    u2 = uniform(derive_key(key, "box-muller"), index)
+    return np.sqrt(-2.0 * np.log1p(-u1)) * np.cos(2.0 * np.pi * u2)
+
+
+def truncated_normal(key: int, index: np.ndarray, bound: float = 2.0, rounds: int = 12) -> np.ndarray:
+    """Standard normal conditioned on |x| <= bound, by per-element rejection over fixed rounds."""
+    out = normal(key, index)
+    bad = np.abs(out) > bound
+    r = 0
+    while bad.any() and r < rounds:
+        r += 1
+        fresh = normal(derive_key(key, "retry", r), index[bad])
+        out[bad] = fresh
+        bad[bad] = np.abs(fresh) > bound
+    np.clip(out, -bound, bound, out=out)
+    return out

@@ -1,0 +1,191 @@
+"""Tracing: run ``construct`` on abstract tensors and record one node per primitive call.
+
+The tracer in effect is held in a :class:`contextvars.ContextVar` for the duration of one
+trace (as JAX keeps its trace stack): primitives called on parameters or constants need
+to find the graph being built. It is set and reset by :func:`trace` only; there is no
+other mutable module state.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import OpArgError, OpTypeError, at_scope
+from ..ops.primitive import Primitive, TensorSpec, spec_of
+from .graph import FORWARD, Graph, GraphBuilder
+from .tensor import Tensor, TensorOps
+
+_TRACER: contextvars.ContextVar["Tracer | None"] = contextvars.ContextVar("autopar_tracer", default=None)
+
+
+def current_tracer() -> "Tracer | None":
+    return _TRACER.get()
+
+
+@dataclass(frozen=True)
+class _Frame:
+    scope: str
+    stage: int | None
+    recompute: bool
+
+
+class Tracer:
+    """Builds one graph. Cells push their scope while their ``construct`` runs."""
+
+    def __init__(self, cell_paths: dict[int, str]):
+        self.builder = GraphBuilder()
+        self.cell_paths = cell_paths
+        self.frames = [_Frame("", None, False)]
+        self.param_vids: dict[int, int] = {}   # id(Parameter) -> value id
+        self.params: list = []
+
+    # ---- scopes ---------------------------------------------------------------------
+    @contextlib.contextmanager
+    def cell_scope(self, cell):
+        outer = self.frames[-1]
+        path = self.cell_paths.get(id(cell))
+        if path is None:  # a cell created inside construct: name it after its class
+            path = f"{outer.scope}.{type(cell).__name__}" if outer.scope else type(cell).__name__
+        stage = cell.pipeline_stage if cell.pipeline_stage is not None else outer.stage
+        self.frames.append(_Frame(path, stage, outer.recompute or cell.is_recompute))
+        try:
+            yield
+        finally:
+            self.frames.pop()
+
+    # ---- values ---------------------------------------------------------------------
+    def input(self, spec: TensorSpec) -> Tensor:
+        return Tensor(self.builder.new_value(spec), spec, self)
+
+    def lift(self, x) -> int:
+        """The value id of an op argument: a traced tensor, a parameter or a constant."""
+        from ..nn.parameter import Parameter
+        if isinstance(x, Tensor):
+            if x.tracer is not self:
+                raise ValueError(f"a Tensor from another trace ({x!r}) was used here; "
+                                 "do not keep traced tensors between calls")
+            return x.vid
+        if isinstance(x, Parameter):
+            vid = self.param_vids.get(id(x))
+            if vid is None:
+                vid = self.builder.new_value(TensorSpec(x.shape, x.dtype))
+                self.param_vids[id(x)] = vid
+                self.params.append(x)
+            return vid
+        if isinstance(x, (bool, int, float, np.number, np.ndarray, np.bool_)):
+            return self.builder.const(np.asarray(x))
+        raise TypeError(f"{self.frames[-1].scope or '<root>'}: op argument: expected a Tensor, "
+                        f"Parameter, number or numpy array, got {type(x).__name__}")
+
+    def add(self, prim: Primitive, args: tuple) -> Tensor:
+        frame = self.frames[-1]
+        vids = tuple(self.lift(a) for a in args)
+        specs = tuple(self.builder.values[v].spec for v in vids)
+        where = f"{frame.scope or '<root>'} ({prim.kind})"
+        try:
+            prim.check_n_inputs(specs)
+            out = prim.infer(*specs)
+        except (OpArgError, OpTypeError) as err:
+            raise at_scope(err, where) from None
+        node = self.builder.add_node(prim, vids, (out,), frame.scope, phase=FORWARD,
+                                     stage=frame.stage, recompute=frame.recompute)
+        return Tensor(node.outputs[0], out, self)
+
+
+def apply(prim: Primitive, args: tuple):
+    """Call a primitive: record it when tracing, run it on numpy arrays otherwise."""
+    try:
+        tensors, static = prim.bind(args)
+    except (OpArgError, OpTypeError) as err:
+        raise at_scope(err, f"{prim.kind}") from None
+    if static:
+        prim = prim.with_attrs(**static)
+    tracer = current_tracer()
+    if tracer is not None:
+        return tracer.add(prim, tensors)
+    return _eager(prim, tensors)
+
+
+def _eager(prim: Primitive, args: tuple):
+    from ..nn.parameter import Parameter
+    arrays = [a.asnumpy() if isinstance(a, Parameter) else np.asarray(a) for a in args]
+    specs = tuple(spec_of(a) for a in arrays)
+    try:
+        prim.check_n_inputs(specs)
+        out = prim.infer(*specs)
+    except (OpArgError, OpTypeError) as err:
+        raise at_scope(err, prim.kind) from None
+    if prim.needs_rng:
+        raise TypeError(f"{prim.kind}: needs a random key and runs only inside a Cell")
+    y = prim.forward(*arrays)
+    assert y.shape == out.shape, (prim, y.shape, out.shape)
+    return y
+
+
+# ---- tracing a cell ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Traced:
+    """A traced call: the graph and how to map Python arguments and results onto it."""
+
+    graph: Graph
+    arg_kinds: tuple[str, ...]      # per positional/keyword argument: 'tensor', 'none' or 'static'
+    out_tuple: bool                 # construct returned a tuple (else one tensor)
+
+
+def signature_key(args: tuple, kwargs: dict) -> tuple:
+    """Cache key of a call: shapes and dtypes of array arguments, values of the rest."""
+    def one(a):
+        if isinstance(a, TensorSpec):
+            return ("T", a.shape, np.dtype(a.dtype).str)
+        if isinstance(a, np.ndarray):
+            return ("T", a.shape, a.dtype.str)
+        if a is None:
+            return ("N",)
+        return ("S", repr(a))
+    return tuple(one(a) for a in args) + tuple((k,) + one(v) for k, v in sorted(kwargs.items()))
+
+
+def trace(cell, args: tuple, kwargs: dict | None = None) -> Traced:
+    """Trace ``cell.construct`` on the shapes of ``args`` (arrays or TensorSpecs)."""
+    kwargs = kwargs or {}
+    cell.parameters_dict()  # assigns scope names to parameters before any node names them
+    tracer = Tracer({id(c): path for path, c in cell.named_cells()})
+    token = _TRACER.set(tracer)
+    try:
+        input_vids, kinds = [], []
+
+        def to_tensor(a):
+            if isinstance(a, (np.ndarray, TensorSpec)):
+                spec = a if isinstance(a, TensorSpec) else spec_of(a)
+                t = tracer.input(spec)
+                input_vids.append(t.vid)
+                kinds.append("tensor")
+                return t
+            if a is None:
+                input_vids.append(None)
+                kinds.append("none")
+                return None
+            kinds.append("static")
+            return a
+
+        t_args = tuple(to_tensor(a) for a in args)
+        t_kwargs = {k: to_tensor(v) for k, v in sorted(kwargs.items())}
+        with tracer.cell_scope(cell):
+            result = cell.construct(*t_args, **t_kwargs)
+        out_tuple = isinstance(result, (tuple, list))
+        outs = tuple(result) if out_tuple else (result,)
+        for o in outs:
+            if not isinstance(o, TensorOps):
+                raise TypeError(f"{type(cell).__name__}.construct: expected it to return Tensors, "
+                                f"got {type(o).__name__}")
+        out_vids = [tracer.lift(o) for o in outs]
+    finally:
+        _TRACER.reset(token)
+    graph = tracer.builder.build(input_vids, [tracer.param_vids[id(p)] for p in tracer.params],
+                                 tracer.params, out_vids)
+    return Traced(graph, tuple(kinds), out_tuple)

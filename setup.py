@@ -1,0 +1,25 @@
+"""Install metadata for autopar.
+
+    pip install -e ".[examples,test]"
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="autopar",
+    version="0.1.0",
+    description="MindSpore-like auto-parallel training in Python on numpy, networkx and MPI",
+    packages=find_packages(include=["autopar", "autopar.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "numpy>=1.24",
+        "networkx>=3.0",
+        "mpich",          # MPI library and mpiexec from PyPI
+        "mpi4py>=4.0",
+        "safetensors>=0.4",
+        "threadpoolctl>=3.0",
+    ],
+    extras_require={
+        "examples": ["jieba", "sentencepiece", "tqdm", "matplotlib", "snownlp"],
+        "test": ["pytest", "pytest-timeout", "hypothesis"],
+    },
+)
