@@ -1,4 +1,7 @@
 """autopar.nn: cells, parameters, layers, losses and training wrappers (MindSpore's names)."""
 from .cell import Cell, CellList, SequentialCell
-from .initializer import Constant, Initializer, Normal, One, TruncatedNormal, Uniform, Zero
+from .initializer import Constant, Initializer, Normal, One, TruncatedNormal, Uniform, Zero, as_initializer
+from .layers import GELU, Dense, Dropout, Embedding, LayerNorm, RMSNorm, causal_mask
+from .loss import SoftmaxCrossEntropyWithLogits
 from .parameter import Parameter
+from .wrappers import TrainOneStepCell, WithLossCell

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from ..errors import OpArgError
+from ..errors import OpArgError, OpTypeError, at_scope
 from ..strategy.strategy import Strategy, normalize_strategy
 
 
@@ -90,7 +90,10 @@ class Primitive:
     # ---- user API ---------------------------------------------------------------------
     def shard(self, in_strategy, out_strategy=None) -> "Primitive":
         """Record the user's strategy (MindSpore's ``op.shard``); returns the op."""
-        self.strategy = normalize_strategy(in_strategy, out_strategy)
+        try:
+            self.strategy = normalize_strategy(in_strategy, out_strategy)
+        except (OpArgError, OpTypeError) as err:
+            raise at_scope(err, f"{self.kind}.shard") from None
         return self
 
     def __call__(self, *args):
@@ -121,6 +124,10 @@ class Primitive:
 
     def flops(self, specs: Sequence[TensorSpec], out: TensorSpec) -> int:
         return out.size
+
+    def vjp_flops(self, specs: Sequence[TensorSpec], out: TensorSpec, needs: Sequence[bool]) -> int:
+        """FLOPs of the backward pass: by default one forward's worth per input gradient."""
+        return self.flops(specs, out) * sum(bool(n) for n in needs)
 
     def bytes_accessed(self, specs: Sequence[TensorSpec], out: TensorSpec) -> int:
         return sum(s.nbytes for s in specs) + out.nbytes

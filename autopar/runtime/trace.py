@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import OpArgError, OpTypeError, at_scope
 from ..ops.primitive import Primitive, TensorSpec, spec_of
+from ..strategy.strategy import check_strategy_ranks
 from .graph import FORWARD, Graph, GraphBuilder
 from .tensor import Tensor, TensorOps
 
@@ -42,6 +43,7 @@ class Tracer:
         self.frames = [_Frame("", None, False)]
         self.param_vids: dict[int, int] = {}   # id(Parameter) -> value id
         self.params: list = []
+        self.const_vids: dict[int, tuple[np.ndarray, int]] = {}
 
     # ---- scopes ---------------------------------------------------------------------
     @contextlib.contextmanager
@@ -54,6 +56,10 @@ class Tracer:
         self.frames.append(_Frame(path, stage, outer.recompute or cell.is_recompute))
         try:
             yield
+        except (OpArgError, OpTypeError) as err:
+            if err.where:
+                raise
+            raise at_scope(err, f"{path} ({type(cell).__name__})") from None
         finally:
             self.frames.pop()
 
@@ -76,7 +82,12 @@ class Tracer:
                 self.param_vids[id(x)] = vid
                 self.params.append(x)
             return vid
-        if isinstance(x, (bool, int, float, np.number, np.ndarray, np.bool_)):
+        if isinstance(x, np.ndarray):  # one constant per array object (a mask shared by all blocks)
+            hit = self.const_vids.get(id(x))
+            if hit is None or hit[0] is not x:
+                hit = self.const_vids[id(x)] = (x, self.builder.const(x))
+            return hit[1]
+        if isinstance(x, (bool, int, float, np.number, np.bool_)):
             return self.builder.const(np.asarray(x))
         raise TypeError(f"{self.frames[-1].scope or '<root>'}: op argument: expected a Tensor, "
                         f"Parameter, number or numpy array, got {type(x).__name__}")
@@ -88,6 +99,8 @@ class Tracer:
         where = f"{frame.scope or '<root>'} ({prim.kind})"
         try:
             prim.check_n_inputs(specs)
+            if prim.strategy is not None:
+                check_strategy_ranks(prim.strategy, specs)
             out = prim.infer(*specs)
         except (OpArgError, OpTypeError) as err:
             raise at_scope(err, where) from None
@@ -104,10 +117,23 @@ def apply(prim: Primitive, args: tuple):
         raise at_scope(err, f"{prim.kind}") from None
     if static:
         prim = prim.with_attrs(**static)
+    tensors = _weak_scalars(tensors)
     tracer = current_tracer()
     if tracer is not None:
         return tracer.add(prim, tensors)
     return _eager(prim, tensors)
+
+
+def _weak_scalars(args: tuple) -> tuple:
+    """Python numbers take the dtype of the tensors beside them (numpy's NEP 50 rule):
+    ``x * 0.5`` stays float32 for a float32 ``x``."""
+    if not any(isinstance(a, (bool, int, float)) for a in args):
+        return args
+    ref = next((a.dtype for a in args if hasattr(a, "dtype") and not isinstance(a, (bool, int, float))), None)
+    if ref is None:
+        return args
+    return tuple(np.asarray(a, dtype=np.result_type(ref, a)) if isinstance(a, (bool, int, float)) else a
+                 for a in args)
 
 
 def _eager(prim: Primitive, args: tuple):

@@ -56,3 +56,14 @@ def normalize_strategy(in_strategy, out_strategy=None) -> Strategy:
     inputs = _normalize_splits(in_strategy, "in_strategy")
     outputs = None if out_strategy is None else _normalize_splits(out_strategy, "out_strategy")
     return Strategy(inputs, outputs)
+
+
+def check_strategy_ranks(strategy: Strategy, specs) -> None:
+    """One tuple per input, one split count per dimension (shapes known at trace time)."""
+    if len(strategy.inputs) != len(specs):
+        raise OpArgError("in_strategy", f"{len(specs)} tuple(s), one per input", f"{len(strategy.inputs)}: "
+                         f"{strategy}", "give a split tuple for every tensor input")
+    for i, (dims, spec) in enumerate(zip(strategy.inputs, specs)):
+        if len(dims) != len(spec.shape):
+            raise OpArgError(f"in_strategy[{i}]", f"{len(spec.shape)} split counts for input {i} of shape "
+                             f"{tuple(spec.shape)}", f"{dims}", "one count per dimension, 1 = not split")

@@ -1,0 +1,1 @@
+"""Models written as serial Cells: PanGu-α (the reference model)."""

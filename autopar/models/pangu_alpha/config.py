@@ -1,0 +1,93 @@
+"""PanGu-α configuration: a frozen, validated value with the published presets."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+LAYER_ORDERS = ("final_ln_then_query", "query_then_final_ln")
+
+
+@dataclass(frozen=True)
+class PanguAlphaConfig:
+    vocab_size: int = 40000
+    seq_length: int = 1024
+    hidden_size: int = 2560
+    num_layers: int = 32            # decoder blocks + the query layer
+    num_heads: int = 32
+    ffn_hidden_size: int = 10240
+    dropout_rate: float = 0.1
+    eod_id: int = 8                 # <eod> in the released vocabulary
+    pad_id: int = 6                 # <pad>; labels equal to it carry no loss
+    eod_reset: bool = False         # restart positions and block attention at each EOD
+    compute_dtype: str = "float32"  # matmul dtype (float16 on Ascend; float32 is fast in numpy)
+    param_dtype: str = "float32"
+    layernorm_epsilon: float = 1e-5
+    init_std: float = 0.02
+    # Released 2.6B/13B weights: blocks -> final LN -> query layer -> head. The 200B pipeline
+    # model: blocks -> query layer -> final LN -> head.
+    layer_order: str = "final_ln_then_query"
+
+    def __post_init__(self):
+        def bad(field, expected, fix=""):
+            msg = f"PanguAlphaConfig: {field}: expected {expected}, got {getattr(self, field)!r}"
+            raise ValueError(msg + (f"; {fix}" if fix else ""))
+        for f in ("vocab_size", "seq_length", "hidden_size", "num_heads", "ffn_hidden_size"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(f, "a positive int")
+        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
+            bad("num_layers", "an int >= 1 (it counts the query layer)")
+        if self.hidden_size % self.num_heads:
+            bad("hidden_size", f"a multiple of num_heads={self.num_heads}")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            bad("dropout_rate", "a value in [0, 1)")
+        for f in ("eod_id", "pad_id"):
+            if not 0 <= getattr(self, f) < self.vocab_size:
+                bad(f, f"a token id in [0, {self.vocab_size})")
+        for f in ("compute_dtype", "param_dtype"):
+            if np.dtype(getattr(self, f)).kind != "f":
+                bad(f, "a float dtype name such as 'float32'")
+        if self.layer_order not in LAYER_ORDERS:
+            bad("layer_order", f"one of {LAYER_ORDERS}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_blocks(self) -> int:
+        return self.num_layers - 1
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "PanguAlphaConfig":
+        if name not in PRESETS:
+            raise ValueError(f"PanguAlphaConfig.preset: name: expected one of {sorted(PRESETS)}, got {name!r}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def replace(self, **changes) -> "PanguAlphaConfig":
+        return dataclasses.replace(self, **changes)
+
+    def parameter_count(self) -> int:
+        """Exact count of this implementation's parameters (no allocation)."""
+        h, f, layers = self.hidden_size, self.ffn_hidden_size, self.num_layers
+        per_layer = 4 * (h * h + h) + (h * f + f) + (f * h + h) + 4 * h  # attention, FFN, two LayerNorms
+        return layers * per_layer + self.vocab_size * h + 2 * self.seq_length * h + 2 * h
+
+
+def _paper(layers, hidden, ffn, heads) -> PanguAlphaConfig:
+    return PanguAlphaConfig(vocab_size=40000, seq_length=1024, hidden_size=hidden, num_layers=layers,
+                            num_heads=heads, ffn_hidden_size=ffn)
+
+
+PRESETS: dict[str, PanguAlphaConfig] = {
+    # Small enough for unit tests and a CPU demo.
+    "tiny": PanguAlphaConfig(vocab_size=96, seq_length=16, hidden_size=32, num_layers=3, num_heads=4,
+                             ffn_hidden_size=128, dropout_rate=0.0),
+    "350M": _paper(24, 1024, 4096, 16),
+    "1.3B": _paper(16, 2560, 10240, 32),
+    "2.6B": _paper(32, 2560, 10240, 32),
+    "13B": _paper(40, 5120, 20480, 40),
+    "200B": _paper(64, 16384, 65536, 128).replace(layer_order="query_then_final_ln"),
+}

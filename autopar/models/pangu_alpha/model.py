@@ -1,0 +1,200 @@
+"""PanGu-α as serial Cells, following REFERENCE.md.
+
+Dimension names: B batch, S sequence, H hidden, N heads, D = H / N, F FFN hidden, V vocab.
+
+    input_ids (B, S) -> word + position embedding (B, S, H) -> dropout
+    -> blocks: x = x + Attn(LN1(x)); x = x + FFN(LN2(x))                 (num_layers - 1 blocks)
+    -> final LN and the query layer, in ``config.layer_order``
+    -> logits = hidden @ word_embedding^T (tied head)                      (B, S, V)
+
+The query layer's attention query comes from ``top_query_embedding[position_ids]`` (not
+layer-normed); keys and values from LN1(x); its residual adds to the un-normed x.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ... import ops
+from ...errors import OpArgError
+from ...nn import (Cell, CellList, Dense, Dropout, Embedding, LayerNorm, Normal, Parameter,
+                   TruncatedNormal, causal_mask)
+from .config import PanguAlphaConfig
+
+MASK_VALUE = -10000.0  # added to masked attention scores, as PanGu-α does
+
+
+class Attention(Cell):
+    """Multi-head attention with separate Q, K, V dense layers (weights stored (out, in))."""
+
+    def __init__(self, config: PanguAlphaConfig):
+        super().__init__()
+        h, std = config.hidden_size, config.init_std
+        out_std = std / math.sqrt(2.0 * config.num_layers)
+        dense = dict(param_dtype=config.param_dtype, compute_dtype=config.compute_dtype)
+        self.n_heads, self.head_dim = config.num_heads, config.head_dim
+        self.dense1 = Dense(h, h, weight_init=Normal(std), **dense)     # query
+        self.dense2 = Dense(h, h, weight_init=Normal(std), **dense)     # key
+        self.dense3 = Dense(h, h, weight_init=Normal(std), **dense)     # value
+        self.projection = Dense(h, h, weight_init=Normal(out_std), **dense)
+        self.scores = ops.BatchMatMul()
+        self.context = ops.BatchMatMul()
+        self.softmax = ops.Softmax(axis=-1)
+        self.prob_dropout = Dropout(1.0 - config.dropout_rate)
+        self.dropout = Dropout(1.0 - config.dropout_rate)
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    def _heads(self, x):
+        b, s, _ = x.shape
+        return x.reshape(b, s, self.n_heads, self.head_dim)            # (B, S, H) -> (B, S, N, D)
+
+    def construct(self, x_query, x_kv, mask_add):
+        b, s, h = x_query.shape
+        q = self._heads(self.dense1(x_query)).transpose(0, 2, 1, 3)   # (B, N, S, D)
+        k = self._heads(self.dense2(x_kv)).transpose(0, 2, 3, 1)      # (B, N, D, S)
+        v = self._heads(self.dense3(x_kv)).transpose(0, 2, 1, 3)      # (B, N, S, D)
+        scores = self.scores(q, k) * self.scale + mask_add             # (B, N, S, S)
+        probs = self.prob_dropout(self.softmax(scores))
+        ctx = self.context(probs, v)                                   # (B, N, S, D)
+        ctx = ctx.transpose(0, 2, 1, 3).reshape(b, s, h)               # (B, S, N, D) -> (B, S, H)
+        return self.dropout(self.projection(ctx))
+
+
+class FeedForward(Cell):
+    def __init__(self, config: PanguAlphaConfig):
+        super().__init__()
+        h, f, std = config.hidden_size, config.ffn_hidden_size, config.init_std
+        dense = dict(param_dtype=config.param_dtype, compute_dtype=config.compute_dtype)
+        self.mapping = Dense(h, f, weight_init=Normal(std), **dense)                     # (B, S, H) -> (B, S, F)
+        self.gelu = ops.GeLU(approximate=True)
+        self.projection = Dense(f, h, weight_init=Normal(std / math.sqrt(2.0 * config.num_layers)),
+                                **dense)                                                  # (B, S, F) -> (B, S, H)
+        self.dropout = Dropout(1.0 - config.dropout_rate)
+
+    def construct(self, x):
+        return self.dropout(self.projection(self.gelu(self.mapping(x))))
+
+
+class Block(Cell):
+    """Pre-LN decoder block: x + Attn(LN1(x)), then x + FFN(LN2(x))."""
+
+    def __init__(self, config: PanguAlphaConfig):
+        super().__init__()
+        eps, dt = config.layernorm_epsilon, config.param_dtype
+        self.layernorm1 = LayerNorm(config.hidden_size, eps, dt)
+        self.attention = Attention(config)
+        self.layernorm2 = LayerNorm(config.hidden_size, eps, dt)
+        self.output = FeedForward(config)
+
+    def construct(self, x, mask_add):
+        h = self.layernorm1(x)
+        x = x + self.attention(h, h, mask_add)
+        return x + self.output(self.layernorm2(x))
+
+
+class QueryLayer(Block):
+    """The top layer: the attention query is a learned embedding of the position."""
+
+    def __init__(self, config: PanguAlphaConfig):
+        super().__init__(config)
+        self.top_query_embedding = Embedding(config.seq_length, config.hidden_size,
+                                             TruncatedNormal(config.init_std), config.param_dtype)
+
+    def construct(self, x, mask_add, position_ids):
+        query = self.top_query_embedding(position_ids)                # (B, S) -> (B, S, H)
+        x = x + self.attention(query, self.layernorm1(x), mask_add)
+        return x + self.output(self.layernorm2(x))
+
+
+class PanguAlpha(Cell):
+    """``PanguAlpha(config)(input_ids, position_ids=None, attention_mask=None)`` -> logits (B, S, V).
+
+    Without ``position_ids``/``attention_mask`` they are computed in the graph from
+    ``input_ids``: causal, and with ``config.eod_reset`` restarted at each EOD token (the
+    EOD belongs to the document it ends). ``attention_mask`` is (B, S, S), 1 = may attend.
+    """
+
+    def __init__(self, config: PanguAlphaConfig):
+        super().__init__()
+        self.config = config
+        h, dt = config.hidden_size, config.param_dtype
+        self.word_embedding = Embedding(config.vocab_size, h, Normal(config.init_std), dt)
+        self.position_embedding = Embedding(config.seq_length, h, TruncatedNormal(config.init_std), dt)
+        self.embedding_dropout = Dropout(1.0 - config.dropout_rate)
+        self.blocks = CellList([Block(config) for _ in range(config.num_blocks)])
+        self.final_layernorm = LayerNorm(h, config.layernorm_epsilon, dt)
+        self.query_layer = QueryLayer(config)
+        self.head = ops.MatMul(transpose_b=True)
+
+    def _check_ids(self, input_ids):
+        s = self.config.seq_length
+        if input_ids.ndim != 2 or input_ids.shape[1] > s:
+            raise OpArgError("input_ids shape", f"(batch, seq) with seq <= seq_length={s}", str(input_ids.shape),
+                             "PanguAlphaWithLoss takes (batch, seq_length + 1) and shifts by one",
+                             where="PanguAlpha")
+        if input_ids.dtype.kind not in "iu":
+            raise OpArgError("input_ids dtype", "an integer dtype", input_ids.dtype.name, where="PanguAlpha")
+
+    def masks(self, input_ids):
+        """Attention mask (B, S, S) bool and position ids (B, S) computed from the tokens."""
+        b, s = input_ids.shape
+        causal = causal_mask(s)                                                     # (S, S)
+        is_eod = (input_ids == self.config.eod_id).astype(np.int32)                # (B, S)
+        doc = ops.Cumsum(exclusive=True)(is_eod, 1)                                 # document index per token
+        same_doc = ops.ExpandDims()(doc, 2) == ops.ExpandDims()(doc, 1)             # (B, S, S)
+        mask = ops.LogicalAnd()(same_doc, causal)
+        position_ids = mask.astype(np.int32).sum(-1) - 1                            # tokens before, same doc
+        return mask, position_ids
+
+    def construct(self, input_ids, position_ids=None, attention_mask=None):
+        self._check_ids(input_ids)
+        b, s = input_ids.shape
+        cdt = np.dtype(self.config.compute_dtype)
+        mask, pos = None, np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))  # (B, S)
+        if self.config.eod_reset and (attention_mask is None or position_ids is None):
+            mask, pos = self.masks(input_ids)
+        if attention_mask is not None:
+            mask = attention_mask != 0
+        if mask is None:  # plain causal: one constant, broadcast over batch and heads
+            mask_add = np.where(causal_mask(s), 0.0, MASK_VALUE).astype(cdt)[None, None]  # (1, 1, S, S)
+        else:
+            mask_add = ops.Select()(mask, np.zeros((), cdt), np.full((), MASK_VALUE, cdt))  # (B, S, S)
+            mask_add = ops.ExpandDims()(mask_add, 1)                                    # (B, 1, S, S)
+        position_ids = pos if position_ids is None else position_ids
+
+        x = self.word_embedding(input_ids) + self.position_embedding(position_ids)  # (B, S, H)
+        x = self.embedding_dropout(x)
+        for block in self.blocks:
+            x = block(x, mask_add)
+        if self.config.layer_order == "final_ln_then_query":
+            x = self.query_layer(self.final_layernorm(x), mask_add, position_ids)
+        else:
+            x = self.final_layernorm(self.query_layer(x, mask_add, position_ids))
+        table = self.word_embedding.embedding_table                                  # (V, H)
+        logits = self.head(x.reshape(b * s, -1), table)                              # (B*S, H) @ (V, H)^T
+        return logits.reshape(b, s, -1)                                              # (B, S, V)
+
+
+class PanguAlphaWithLoss(Cell):
+    """Masked next-token cross-entropy. ``input_ids`` is (B, seq_length + 1): the model reads
+    ``[:, :-1]`` and predicts ``[:, 1:]``; labels equal to ``pad_id`` carry no loss."""
+
+    auto_prefix = False
+
+    def __init__(self, config: PanguAlphaConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = PanguAlpha(config)
+        self.cross_entropy = ops.SparseSoftmaxCrossEntropyWithLogits()
+
+    def construct(self, input_ids, position_ids=None, attention_mask=None):
+        if input_ids.ndim != 2 or input_ids.shape[1] < 2:
+            raise OpArgError("input_ids shape", "(batch, seq_length + 1)", str(input_ids.shape),
+                             where="PanguAlphaWithLoss")
+        tokens, labels = input_ids[:, :-1], input_ids[:, 1:]                         # (B, S) each
+        logits = self.backbone(tokens, position_ids, attention_mask)                 # (B, S, V)
+        b, s, v = logits.shape
+        per_token = self.cross_entropy(logits.reshape(b * s, v), labels.reshape(b * s))  # (B*S,)
+        keep = (labels.reshape(b * s) != self.config.pad_id).astype(per_token.dtype)
+        return (per_token * keep).sum() / keep.sum()

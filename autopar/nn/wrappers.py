@@ -1,0 +1,55 @@
+"""Training wrappers: a network with its loss, and one training step with an optimizer."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..runtime.compiled import _normalize, grad_program
+from .cell import Cell
+
+
+class WithLossCell(Cell):
+    """``loss_fn(backbone(data), label)``; parameter names stay the backbone's."""
+
+    auto_prefix = False
+
+    def __init__(self, backbone: Cell, loss_fn: Cell):
+        super().__init__()
+        self._backbone = backbone
+        self._loss_fn = loss_fn
+
+    def construct(self, data, label):
+        return self._loss_fn(self._backbone(data), label)
+
+
+class TrainOneStepCell(Cell):
+    """Calling it runs forward, backward and the optimizer; returns the loss.
+
+    Forward and backward are one compiled program per input signature; the optimizer then
+    updates the parameters in place. ``clip_norm`` clips gradients by their global norm
+    (PanGu-α uses 1.0) before the update. ``step`` counts updates; it seeds dropout, so a
+    given step drops the same units on every run.
+    """
+
+    auto_prefix = False
+
+    def __init__(self, network: Cell, optimizer, sens: float = 1.0, clip_norm: float | None = None):
+        super().__init__()
+        self.network = network
+        self.optimizer = optimizer
+        self.sens = float(sens)
+        self.clip_norm = clip_norm
+        self.step = 0
+        self.last_grad_norm: float | None = None
+        network.set_train(True)
+
+    def __call__(self, *args, **kwargs):
+        from ..train.clip import clip_by_global_norm
+        args, kwargs = _normalize(args, kwargs)
+        prog = grad_program(self.network, args, kwargs, self.optimizer.params, self.sens)
+        loss, grads = prog(args, kwargs, self.step)
+        if self.clip_norm is not None:
+            grads, norm = clip_by_global_norm(grads, self.clip_norm)
+            self.last_grad_norm = float(norm)
+        self.optimizer.step(grads)
+        self.step += 1
+        return np.asarray(loss)

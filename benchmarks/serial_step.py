@@ -1,0 +1,97 @@
+"""One serial PanGu-α training step (forward, backward, AdamWeightDecay) on one BLAS thread.
+
+Prints step time, tokens/s, achieved GFLOP/s (FLOPs counted from the compiled program's
+ops) and the ratio to this machine's numpy float32 GEMM rate, measured in the same run.
+
+    python benchmarks/serial_step.py            # both configs
+    python benchmarks/serial_step.py --quick    # the small config only
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from autopar import nn
+from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
+from autopar.runtime.compiled import grad_program
+from autopar.train import AdamWeightDecay
+
+CONFIGS = {
+    "V8k-S256-H512-L4-B4": dict(vocab_size=8000, seq_length=256, hidden_size=512, num_layers=4,
+                                num_heads=8, ffn_hidden_size=2048, batch=4),
+    "V40k-S512-H1024-L4-B2": dict(vocab_size=40000, seq_length=512, hidden_size=1024, num_layers=4,
+                                  num_heads=16, ffn_hidden_size=4096, batch=2),
+}
+
+
+def gemm_rate(n: int = 2048, repeats: int = 3) -> float:
+    """Best-of-``repeats`` float32 GEMM rate in FLOP/s for an n x n x n product."""
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def program_flops(prog) -> int:
+    """FLOPs of every instruction: forward ops and their VJPs."""
+    g, total = prog.graph, 0
+    for ins in prog.program.instructions:
+        node = ins.node
+        if node.forward_of is None:
+            specs = [g.spec(v) for v in node.inputs]
+            total += node.prim.flops(specs, g.spec(node.outputs[0]))
+        else:
+            fwd = g.nodes[node.forward_of]
+            specs = [g.spec(v) for v in fwd.inputs]
+            total += node.prim.vjp_flops(specs, g.spec(fwd.outputs[0]), node.needs)
+    return total
+
+
+def bench(name: str, spec: dict, steps: int, rate: float) -> dict:
+    spec = dict(spec)
+    batch = spec.pop("batch")
+    config = PanguAlphaConfig(dropout_rate=0.1, **spec)
+    net = PanguAlphaWithLoss(config)
+    opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.01)
+    train = nn.TrainOneStepCell(net, opt, clip_norm=1.0)
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (batch, config.seq_length + 1)).astype(np.int32)
+    train(ids)  # compile, materialize parameters and optimizer states
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        train(ids)
+        times.append(time.perf_counter() - t0)
+    step = min(times)
+    flops = program_flops(grad_program(net, (ids,), {}, opt.params))
+    tokens = batch * config.seq_length
+    row = dict(config=name, params=config.parameter_count(), step_s=step, tokens_per_s=tokens / step,
+               gflops=flops / step / 1e9, ratio=flops / step / rate)
+    print(f"{name:24s} params {row['params'] / 1e6:7.1f}M  step {step:7.3f}s  "
+          f"tokens/s {row['tokens_per_s']:8.1f}  {row['gflops']:6.1f} GFLOP/s  "
+          f"= {row['ratio']:.2f} x GEMM rate", flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only the small config")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    with threadpool_limits(limits=1, user_api="blas"):
+        rate = gemm_rate()
+        print(f"numpy float32 GEMM (2048^3, 1 BLAS thread): {rate / 1e9:.1f} GFLOP/s")
+        names = list(CONFIGS)[:1] if args.quick else list(CONFIGS)
+        for name in names:
+            bench(name, CONFIGS[name], args.steps, rate)
+
+
+if __name__ == "__main__":
+    main()
