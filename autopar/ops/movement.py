@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import OpArgError, OpTypeError
+from ..errors import OpArgError, OpTypeError, at_scope
 from .elementwise import sum_to
 from .primitive import Primitive, TensorSpec, normalize_axes, normalize_axis
 from .registry import register
@@ -352,12 +352,12 @@ def _index_items(index, ndim: int) -> list:
         ok = it is None or it is Ellipsis or _is_int(it) or isinstance(it, slice)
         if not ok:
             raise OpTypeError("index", "ints, slices, ... or None", f"{it!r} ({type(it).__name__})",
-                              "use ops.Gather for tensor indices", where="getitem")
+                              "use ops.Gather for tensor indices")
     n_ellipsis = sum(it is Ellipsis for it in items)
     used = sum(it is not None and it is not Ellipsis for it in items)
     if n_ellipsis > 1 or used > ndim:
         raise OpArgError("index", f"at most one ... and at most {ndim} ints/slices (the input's rank)",
-                         repr(index), where="getitem")
+                         repr(index))
     fill = [slice(None)] * (ndim - used)
     if n_ellipsis:
         k = next(i for i, it in enumerate(items) if it is Ellipsis)
@@ -365,15 +365,17 @@ def _index_items(index, ndim: int) -> list:
     return items + fill
 
 
-def getitem(x, index):
-    """``x[index]`` through primitives, so it traces (``Tensor.__getitem__``) and runs
-    eagerly on numpy arrays alike: one StridedSlice for the box, one Squeeze for the int
-    positions, one ExpandDims per None. ``x[:, 1:-1]``: ``(B, S) -> (B, S-2)``;
-    ``x[0]``: ``(B, S) -> (S,)``; ``x[..., None]``: ``(B, S) -> (B, S, 1)``.
+def _getitem_where() -> str:
+    from ..runtime.trace import current_tracer  # runtime depends on ops, not the other way round
+    tracer = current_tracer()
+    if tracer is None:
+        return "getitem"
+    return f"{tracer.frames[-1].scope or '<root>'} (getitem)"
 
-    Ints and slice bounds may be negative (counted from the end); ints must be in range,
-    slice bounds clamp as in Python; slice steps must be > 0."""
-    shape = _shape_of(x)
+
+def _index_plan(shape: tuple[int, ...], index):
+    """StridedSlice's begin/end/strides, the int positions to squeeze (input dims) and the
+    None positions to expand (output dims) for ``x[index]``."""
     begin, end, strides, squeeze, new_axes = [], [], [], [], []
     dim = out_dim = 0
     for it in _index_items(index, len(shape)):
@@ -385,23 +387,41 @@ def getitem(x, index):
         if isinstance(it, slice):
             for bound in (it.start, it.stop, it.step):
                 if bound is not None and not _is_int(bound):
-                    raise OpTypeError("index", "slice bounds that are ints or None", repr(it), where="getitem")
+                    raise OpTypeError("index", "slice bounds that are ints or None", repr(it))
             if it.step is not None and it.step < 1:
-                raise OpArgError("index", "slice steps >= 1", repr(it), "negative steps are not supported",
-                                 where="getitem")
+                raise OpArgError("index", "slice steps >= 1", repr(it), "negative steps are not supported")
             b, e, s = it.indices(n)
-            begin.append(b), end.append(max(b, e)), strides.append(s)
+            begin.append(b)
+            end.append(max(b, e))
+            strides.append(s)
             out_dim += 1
         else:
             i = int(it) + n if it < 0 else int(it)
             if not 0 <= i < n:
-                raise OpArgError("index", f"an index in [{-n}, {n}) for dim {dim} of shape {shape}", str(int(it)),
-                                 where="getitem")
-            begin.append(i), end.append(i + 1), strides.append(1)
+                raise OpArgError("index", f"an index in [{-n}, {n}) for dim {dim} of shape {shape}", str(int(it)))
+            begin.append(i)
+            end.append(i + 1)
+            strides.append(1)
             squeeze.append(dim)
         dim += 1
+    return begin, end, strides, squeeze, new_axes
+
+
+def getitem(x, index):
+    """``x[index]`` through primitives, so it traces (``Tensor.__getitem__``) and runs
+    eagerly on numpy arrays alike: one StridedSlice for the box, one Squeeze for the int
+    positions, one ExpandDims per None. ``x[:, 1:-1]``: ``(B, S) -> (B, S-2)``;
+    ``x[0]``: ``(B, S) -> (S,)``; ``x[..., None]``: ``(B, S) -> (B, S, 1)``.
+
+    Ints and slice bounds may be negative (counted from the end); ints must be in range,
+    slice bounds clamp as in Python; slice steps must be > 0."""
+    shape = _shape_of(x)
+    try:
+        begin, end, strides, squeeze, new_axes = _index_plan(shape, index)
+    except (OpArgError, OpTypeError) as err:
+        raise at_scope(err, _getitem_where()) from None
     y = x
-    if any((b, e, s) != (0, n, 1) for b, e, s, n in zip(begin, end, strides, shape)):
+    if any(box != (0, n, 1) for box, n in zip(zip(begin, end, strides), shape)):
         y = StridedSlice()(y, tuple(begin), tuple(end), tuple(strides))
     if squeeze:
         y = Squeeze(axis=tuple(squeeze))(y)

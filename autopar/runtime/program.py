@@ -116,4 +116,27 @@ class Program:
                     slots[o] = r
             for f in ins.frees:
                 slots[f] = None
-        return [slots[o] for o in self.outputs]
+        return _owned([slots[o] for o in self.outputs], slots, self.graph.params)
+
+
+def _root(a: np.ndarray) -> np.ndarray:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def _owned(outs: list, slots: list, params: tuple[int, ...]) -> list:
+    """Outputs the caller may modify in place: a read-only array (a broadcast view), one
+    sharing memory with another output (``Add`` hands dy to both inputs) or with a
+    parameter is copied. Cheap: it compares base objects, not memory ranges."""
+    taken = {id(_root(slots[v])) for v in params if isinstance(slots[v], np.ndarray)}
+    result = []
+    for a in outs:
+        if isinstance(a, np.ndarray):
+            root = id(_root(a))
+            if not a.flags.writeable or root in taken:
+                a = a.copy()
+                root = id(a)
+            taken.add(root)
+        result.append(a)
+    return result

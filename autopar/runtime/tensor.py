@@ -77,6 +77,9 @@ class TensorOps:
     def max(self, axis=(), keepdims=False):
         return _ops().ReduceMax(keep_dims=keepdims)(self, axis)
 
+    def min(self, axis=(), keepdims=False):
+        return _ops().ReduceMin(keep_dims=keepdims)(self, axis)
+
     def __getitem__(self, index):
         return _ops().getitem(self, index)
 
