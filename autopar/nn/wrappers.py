@@ -26,8 +26,9 @@ class TrainOneStepCell(Cell):
 
     Forward and backward are one compiled program per input signature; the optimizer then
     updates the parameters in place. ``clip_norm`` clips gradients by their global norm
-    (PanGu-α uses 1.0) before the update. ``step`` counts updates; it seeds dropout, so a
-    given step drops the same units on every run.
+    (PanGu-α uses 1.0) before the update. The optimizer's ``step_count`` (updates applied,
+    restored with its state) also seeds dropout, so a given step drops the same units on
+    every run and after a resume.
     """
 
     auto_prefix = False
@@ -38,7 +39,6 @@ class TrainOneStepCell(Cell):
         self.optimizer = optimizer
         self.sens = float(sens)
         self.clip_norm = clip_norm
-        self.step = 0
         self.last_grad_norm: float | None = None
         network.set_train(True)
 
@@ -46,10 +46,9 @@ class TrainOneStepCell(Cell):
         from ..train.clip import clip_by_global_norm
         args, kwargs = _normalize(args, kwargs)
         prog = grad_program(self.network, args, kwargs, self.optimizer.params, self.sens)
-        loss, grads = prog(args, kwargs, self.step)
+        loss, grads = prog(args, kwargs, self.optimizer.step_count)
         if self.clip_norm is not None:
             grads, norm = clip_by_global_norm(grads, self.clip_norm)
             self.last_grad_norm = float(norm)
         self.optimizer.step(grads)
-        self.step += 1
         return np.asarray(loss)
