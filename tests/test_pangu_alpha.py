@@ -106,7 +106,7 @@ def test_eod_reset_makes_documents_independent():
 def test_training_lowers_loss_on_a_repeated_pattern():
     config = PanguAlphaConfig.preset("tiny")
     net = PanguAlphaWithLoss(config)
-    opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-2, weight_decay=0.01)
+    opt = AdamWeightDecay(net.trainable_params(), learning_rate=3e-3, weight_decay=0.01)
     train = nn.TrainOneStepCell(net, opt, clip_norm=1.0)
     pattern = np.array([11, 23, 5, 42, 17], dtype=np.int32)
     ids = np.stack([np.roll(np.resize(pattern, config.seq_length + 1), -k) for k in range(4)])

@@ -5,3 +5,4 @@ from .layers import GELU, Dense, Dropout, Embedding, LayerNorm, RMSNorm, causal_
 from .loss import SoftmaxCrossEntropyWithLogits
 from .parameter import Parameter
 from .wrappers import TrainOneStepCell, WithLossCell
+from ..train.optimizers import SGD, Adam, AdamWeightDecay, Optimizer  # MindSpore keeps optimizers in nn

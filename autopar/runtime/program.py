@@ -103,7 +103,17 @@ class Program:
         for v, p in zip(self.graph.params, self.graph.param_objs):
             slots[v] = p.data
         rng = self._rng_nodes
+        try:
+            self._execute(slots, rng, step)
+        except Exception as err:  # name the op; the step loop itself pays nothing for this
+            node = self.instructions[self._pc].node
+            err.add_note(f"autopar: raised by {node.name}{' (backward)' if node.forward_of is not None else ''}")
+            raise
+        return _owned([slots[o] for o in self.outputs], slots, self.graph.params)
+
+    def _execute(self, slots: list, rng: set, step: int) -> None:
         for k, ins in enumerate(self.instructions):
+            self._pc = k
             args = [slots[i] for i in ins.ins]
             if k in rng:
                 res = ins.fn(*args, key=self.rng_key(ins.node, step))
@@ -116,7 +126,6 @@ class Program:
                     slots[o] = r
             for f in ins.frees:
                 slots[f] = None
-        return _owned([slots[o] for o in self.outputs], slots, self.graph.params)
 
 
 def _root(a: np.ndarray) -> np.ndarray:
