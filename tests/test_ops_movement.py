@@ -204,7 +204,7 @@ def test_bad_index_in_cell_names_scope():
         def construct(self, x):
             return self.body(x[5])
 
-    with pytest.raises(ValueError, match=r"^<root> \(getitem\): index.*\[-4, 4\).*dim 0.*got 5"):
+    with pytest.raises(ValueError, match=r"^Outer \(getitem\): index.*\[-4, 4\).*dim 0.*got 5"):
         Outer()(np.zeros((4, 5, 6)))
 
 

@@ -7,7 +7,8 @@ import autopar
 from autopar import nn, ops
 from autopar.ops import nn_ops
 from autopar.ops.primitive import TensorSpec
-from autopar.runtime.random import region_indices, uniform
+from autopar.runtime import random
+from autopar.runtime.random import region_indices
 from gradcheck import check_op
 
 rng = np.random.default_rng(0)
@@ -182,7 +183,7 @@ def test_dropout_same_key_same_mask_in_forward_and_vjp(tiny_chunks):
 def test_dropout_mask_is_uniform_of_logical_index(tiny_chunks):
     prim = ops.Dropout(keep_prob=0.6)
     shape = (4, 5, 6)
-    want = uniform(99, region_indices(shape)) < 0.6
+    want = random.keep_mask(99, region_indices(shape), 0.6)
     np.testing.assert_array_equal(keep_mask(prim, np.ones(shape), 99), want)
 
 

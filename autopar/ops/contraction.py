@@ -26,6 +26,7 @@ def _t(x):
 
 class Contraction(Primitive):
     n_inputs = 2
+    fresh_output = fresh_grads = True
 
     def __init__(self, transpose_a: bool = False, transpose_b: bool = False):
         super().__init__(transpose_a=bool(transpose_a), transpose_b=bool(transpose_b))

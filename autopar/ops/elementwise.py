@@ -41,8 +41,21 @@ def sum_to(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return g.reshape(shape)
 
 
+def same_buffer_inputs(specs, out) -> tuple[int, ...]:
+    """Inputs with exactly the output's shape and dtype: their buffer can hold the output."""
+    return tuple(i for i, s in enumerate(specs) if s.shape == out.shape and s.dtype == out.dtype)
+
+
 class Unary(Primitive):
     n_inputs = 1
+    fresh_output = fresh_grads = True
+    ufunc = None  # a numpy ufunc computing fn, if there is one (enables in-place lowering)
+
+    def inplace_inputs(self, specs, out):
+        return same_buffer_inputs(specs, out) if self.ufunc is not None else ()
+
+    def forward_inplace(self, j, x):
+        return self.ufunc(x, out=x)
 
     def infer(self, x: TensorSpec) -> TensorSpec:
         check_float(x, "input 0")
@@ -63,6 +76,14 @@ class Unary(Primitive):
 
 class Binary(Primitive):
     n_inputs = 2
+    fresh_output = True
+    ufunc = None
+
+    def inplace_inputs(self, specs, out):
+        return same_buffer_inputs(specs, out) if self.ufunc is not None else ()
+
+    def forward_inplace(self, j, a, b):
+        return self.ufunc(a, b, out=(a, b)[j])
 
     def infer(self, a: TensorSpec, b: TensorSpec) -> TensorSpec:
         return TensorSpec(broadcast_shape([a.shape, b.shape]), result_dtype([a, b]))
@@ -80,6 +101,7 @@ class Binary(Primitive):
 
 @register
 class Add(Binary):
+    ufunc = staticmethod(np.add)
     save_inputs = "none"
 
     def fn(self, a, b):
@@ -91,6 +113,7 @@ class Add(Binary):
 
 @register
 class Sub(Binary):
+    ufunc = staticmethod(np.subtract)
     save_inputs = "none"
 
     def fn(self, a, b):
@@ -102,6 +125,7 @@ class Sub(Binary):
 
 @register
 class Mul(Binary):
+    ufunc = staticmethod(np.multiply)
     def fn(self, a, b):
         return np.multiply(a, b)
 
@@ -111,6 +135,7 @@ class Mul(Binary):
 
 @register
 class RealDiv(Binary):
+    ufunc = staticmethod(np.true_divide)
     def fn(self, a, b):
         return np.true_divide(a, b)
 
@@ -121,6 +146,7 @@ class RealDiv(Binary):
 
 @register
 class Maximum(Binary):
+    ufunc = staticmethod(np.maximum)
     def fn(self, a, b):
         return np.maximum(a, b)
 
@@ -150,6 +176,17 @@ class AddN(Primitive):
 
     n_inputs = None
     save_inputs = "none"
+    fresh_output = True
+
+    def inplace_inputs(self, specs, out):
+        return same_buffer_inputs(specs, out)
+
+    def forward_inplace(self, j, *xs):
+        acc = xs[j]
+        for i, x in enumerate(xs):
+            if i != j:
+                acc += x
+        return acc
 
     def infer(self, *specs):
         if not specs:
@@ -212,6 +249,7 @@ class Select(Primitive):
     """``Select()(cond, x, y)``: x where cond else y (masked fill when y is a constant)."""
 
     n_inputs = 3
+    fresh_output = True
     save_inputs = (0,)
     nondiff_inputs = (0,)
 
@@ -255,6 +293,7 @@ class Cast(Primitive):
 
 @register
 class Neg(Unary):
+    ufunc = staticmethod(np.negative)
     save_inputs = "none"
 
     def fn(self, x):
@@ -266,6 +305,7 @@ class Neg(Unary):
 
 @register
 class Exp(Unary):
+    ufunc = staticmethod(np.exp)
     save_inputs, save_output = "none", True
 
     def fn(self, x):
@@ -277,6 +317,7 @@ class Exp(Unary):
 
 @register
 class Log(Unary):
+    ufunc = staticmethod(np.log)
     def fn(self, x):
         return np.log(x)
 
@@ -286,6 +327,7 @@ class Log(Unary):
 
 @register
 class Sqrt(Unary):
+    ufunc = staticmethod(np.sqrt)
     save_inputs, save_output = "none", True
 
     def fn(self, x):
@@ -308,6 +350,7 @@ class Rsqrt(Unary):
 
 @register
 class Square(Unary):
+    ufunc = staticmethod(np.square)
     def fn(self, x):
         return np.square(x)
 
@@ -317,6 +360,7 @@ class Square(Unary):
 
 @register
 class Tanh(Unary):
+    ufunc = staticmethod(np.tanh)
     save_inputs, save_output = "none", True
 
     def fn(self, x):
@@ -365,6 +409,55 @@ _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
+_BLOCK = 1 << 14  # elements per block: the block and its temporaries stay in L2
+
+
+def blocked(kernel, out: np.ndarray, *ins: np.ndarray, scratch: int = 1) -> np.ndarray:
+    """Run ``kernel(out_block, *in_blocks, *scratch_blocks)`` over flat blocks, so a
+    multi-pass formula reads and writes main memory once instead of once per pass."""
+    flat_out = out.reshape(-1)
+    flat_in = [np.ascontiguousarray(a).reshape(-1) for a in ins]
+    tmp = [np.empty(min(_BLOCK, flat_out.size), out.dtype) for _ in range(scratch)]
+    for s in range(0, flat_out.size, _BLOCK):
+        e = min(s + _BLOCK, flat_out.size)
+        kernel(flat_out[s:e], *[a[s:e] for a in flat_in], *[t[:e - s] for t in tmp])
+    return out
+
+
+def _gelu_tanh(o, x, t):
+    """o = 0.5 x (1 + tanh(c (x + 0.044715 x^3)))."""
+    np.multiply(x, x, out=t)
+    t *= 0.044715
+    t += 1.0
+    t *= x
+    t *= _SQRT_2_OVER_PI
+    np.tanh(t, out=t)
+    t += 1.0
+    np.multiply(t, x, out=o)
+    o *= 0.5
+
+
+def _gelu_tanh_grad(o, x, dy, t, u):
+    """o = dy (0.5 (1 + tanh_) + 0.5 x (1 - tanh_^2) c (1 + 3 * 0.044715 x^2))."""
+    np.multiply(x, x, out=u)
+    np.multiply(u, 0.044715, out=t)
+    t += 1.0
+    t *= x
+    t *= _SQRT_2_OVER_PI
+    np.tanh(t, out=t)                   # tanh_
+    u *= 3 * 0.044715
+    u += 1.0
+    u *= x
+    u *= 0.5 * _SQRT_2_OVER_PI          # 0.5 x d(inner)/dx
+    np.multiply(t, t, out=o)
+    np.subtract(1.0, o, out=o)
+    o *= u
+    t *= 0.5
+    t += 0.5
+    o += t
+    o *= dy
+
+
 @register
 class GeLU(Unary):
     """GeLU; ``approximate=True`` (MindSpore's default) is the tanh form, False the erf form."""
@@ -374,15 +467,18 @@ class GeLU(Unary):
 
     def fn(self, x):
         if self.attrs["approximate"]:
-            inner = _SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)
-            return 0.5 * x * (1.0 + np.tanh(inner))
+            return blocked(_gelu_tanh, np.empty_like(x), x)
         return 0.5 * x * (1.0 + erf(x * _INV_SQRT_2))
+
+    def inplace_inputs(self, specs, out):
+        return same_buffer_inputs(specs, out) if self.attrs["approximate"] else ()
+
+    def forward_inplace(self, j, x):
+        return blocked(_gelu_tanh, x, x)  # each block reads x before writing it
 
     def dfn(self, x, y, dy):
         if self.attrs["approximate"]:
-            t = np.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * x ** 3))
-            dinner = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
-            return dy * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner)
+            return blocked(_gelu_tanh_grad, np.empty_like(x), x, dy, scratch=2)
         cdf = 0.5 * (1.0 + erf(x * _INV_SQRT_2))
         pdf = _INV_SQRT_2PI * np.exp(-0.5 * x * x)
         return dy * (cdf + x * pdf)

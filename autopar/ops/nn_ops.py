@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import OpArgError
-from ..runtime.random import derive_key, region_indices, uniform
+from ..runtime.random import derive_key, keep_mask, region_indices
 from .primitive import Primitive, TensorSpec, check_float, normalize_axes, normalize_axis
 from .registry import register
 
@@ -138,6 +138,8 @@ class Softmax(Primitive):
     """exp(x - max) / sum, over ``axis`` (an int or a tuple of ints); attention probabilities
     ``(B, heads, S, S)`` over the last axis."""
 
+    fresh_output = fresh_grads = True  # new arrays, never views of the inputs
+
     save_inputs, save_output = "none", True
 
     def __init__(self, axis=-1):
@@ -166,6 +168,8 @@ class Softmax(Primitive):
 @register
 class LogSoftmax(Primitive):
     """x - logsumexp(x) over one ``axis``."""
+
+    fresh_output = fresh_grads = True  # new arrays, never views of the inputs
 
     save_inputs, save_output = "none", True
 
@@ -237,6 +241,8 @@ class LayerNorm(Primitive):
     MindSpore returns (y, mean, rstd); this returns y only, and the vjp recomputes mean and
     rstd from x (one extra pass) instead of keeping two more tensors alive."""
 
+    fresh_output = fresh_grads = True  # new arrays, never views of the inputs
+
     n_inputs = 3
     save_inputs = (0, 1)
 
@@ -293,6 +299,8 @@ class LayerNorm(Primitive):
 @register
 class RMSNorm(Primitive):
     """``y = x / sqrt(mean(x^2) + eps) * gamma`` over the last axis (Yuan 2.0), gamma: (H,)."""
+
+    fresh_output = fresh_grads = True  # new arrays, never views of the inputs
 
     n_inputs = 2
     save_inputs = (0, 1)
@@ -360,6 +368,8 @@ class Gather(Primitive):
     ``params.shape[:axis] + indices.shape + params.shape[axis+1:]``; word embedding:
     ``(V, H)[(B, S)] -> (B, S, H)``. Indices must lie in [0, params.shape[axis])."""
 
+    fresh_output = fresh_grads = True  # new arrays, never views of the inputs
+
     n_inputs = 2
     static_args = ("axis",)
     save_inputs = (1,)
@@ -415,6 +425,8 @@ class OneHot(Primitive):
     """``OneHot(axis)(indices, depth, on_value, off_value)``: a new dim of size depth at axis
     (-1: last). Indices outside [0, depth) give an all-off row (MindSpore's rule)."""
 
+    fresh_output = True
+
     static_args = ("depth", "on_value", "off_value")
     save_inputs = "none"
     nondiff_inputs = (0,)
@@ -454,9 +466,9 @@ class OneHot(Primitive):
 
 def dropout_mask(key: int, keep_prob: float, shape: tuple[int, ...], region=None) -> np.ndarray:
     """The keep mask of ``shape`` (or of its sub-``region``, a tuple of slices): element i
-    is kept iff uniform(key, i) < keep_prob, i its flat row-major index in the full shape.
+    is kept iff keep_mask(key, i) (a hash of i below keep_prob * 2**32), i its flat row-major index in the full shape.
     A shard generates its slice with the region and gets the serial model's values."""
-    return uniform(key, region_indices(shape, region)) < keep_prob
+    return keep_mask(key, region_indices(shape, region), keep_prob)
 
 
 @register
@@ -477,6 +489,11 @@ class Dropout(Primitive):
         check_float(x, "input 0")
         return x
 
+    def output_is_fresh(self) -> bool:
+        return self.attrs["keep_prob"] < 1.0   # keep_prob 1 hands back its input
+
+    grads_are_fresh = output_is_fresh
+
     def _key(self, key: int) -> int:
         """The runtime's per-node, per-step key, specialized by the op's seeds if set."""
         seeds = (self.attrs["seed0"], self.attrs["seed1"])
@@ -493,7 +510,7 @@ class Dropout(Primitive):
         scale = out.dtype.type(1.0 / p)
         for s in range(0, flat.size, _DROPOUT_CHUNK):
             e = min(s + _DROPOUT_CHUNK, flat.size)
-            keep = uniform(key, np.arange(s, e, dtype=np.uint64)) < p
+            keep = keep_mask(key, np.arange(s, e, dtype=np.uint32 if flat.size < 2 ** 32 else np.uint64), p)
             o = out[s:e]
             np.multiply(flat[s:e], keep, out=o)
             o *= scale
@@ -517,6 +534,8 @@ class SoftmaxCrossEntropyWithLogits(Primitive):
 
     MindSpore also returns d loss/d logits; here that is the vjp. Both inputs are
     differentiable (d labels = -log_softmax(logits))."""
+
+    fresh_output = fresh_grads = True  # new arrays, never views of the inputs
 
     n_inputs = 2
 
@@ -580,6 +599,8 @@ class SparseSoftmaxCrossEntropyWithLogits(Primitive):
     then writes ``(exp(logits - lse) - onehot) * dy`` block by block: one read and one
     write of (N, V). Below float32 the rounded loss is too coarse to recover lse from, so
     lse is recomputed (one more read)."""
+
+    fresh_output = fresh_grads = True  # new arrays, never views of the inputs
 
     n_inputs = 2
     save_output = True

@@ -132,6 +132,24 @@ class Primitive:
     def bytes_accessed(self, specs: Sequence[TensorSpec], out: TensorSpec) -> int:
         return sum(s.nbytes for s in specs) + out.nbytes
 
+    # ---- memory: what lowering may reuse ----------------------------------------------
+    fresh_output: ClassVar[bool] = False  # forward returns a new array that aliases no input
+    fresh_grads: ClassVar[bool] = False   # vjp returns new arrays that alias nothing
+
+    def output_is_fresh(self) -> bool:
+        return self.fresh_output
+
+    def grads_are_fresh(self) -> bool:
+        return self.fresh_grads
+
+    def inplace_inputs(self, specs: Sequence[TensorSpec], out: TensorSpec) -> tuple[int, ...]:
+        """Inputs whose buffer :meth:`forward_inplace` may overwrite with the output."""
+        return ()
+
+    def forward_inplace(self, j: int, *xs: np.ndarray) -> np.ndarray:
+        """Like forward, writing the result into ``xs[j]`` (lowering proved it dead)."""
+        raise NotImplementedError(f"{self.kind}.forward_inplace")
+
     # ---- helpers for rules ------------------------------------------------------------
     def saved_input_indices(self, n: int) -> tuple[int, ...]:
         if self.save_inputs == "all":

@@ -8,6 +8,7 @@ name look-ups: it is ``for fn, ins, outs, frees in instructions``.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -72,23 +73,61 @@ class Program:
         for k, node in enumerate(nodes):
             for v in node.inputs:
                 last_use[v] = k
-        pinned = set(self.outputs) | set(graph.consts) | set(graph.params)
+        pinned = set(self.outputs) | set(graph.consts) | set(graph.params) | set(graph.inputs)
+        for k, node in enumerate(nodes):  # outputs nobody reads die at once
+            for o in node.outputs:
+                last_use.setdefault(o, k)
+        donated = self._plan_donations(graph, nodes, last_use, pinned)
         frees_at: dict[int, list[int]] = {}
         for v, k in last_use.items():
             if v not in pinned:
                 frees_at.setdefault(k, []).append(v)
-        for k, node in enumerate(nodes):  # outputs nobody reads die at once
-            for o in node.outputs:
-                if o not in last_use and o not in pinned:
-                    frees_at.setdefault(k, []).append(o)
         out = []
         for k, node in enumerate(nodes):
             if node.phase == BACKWARD and node.forward_of is not None:
                 fn = _vjp_kernel(node, graph, graph.nodes[node.forward_of])
+            elif k in donated:
+                fn = functools.partial(node.prim.forward_inplace, donated[k])
             else:
                 fn = node.prim.forward
             out.append(Instruction(fn, node.inputs, node.outputs, tuple(frees_at.get(k, ())), node))
+        self.donations = len(donated)
         return out
+
+    @staticmethod
+    def _plan_donations(graph: Graph, nodes: list[Node], last_use: dict[int, int],
+                        pinned: set[int]) -> dict[int, int]:
+        """Instruction index -> input whose buffer the op may overwrite with its output.
+
+        A value's *roots* are the fresh buffers it may share memory with: a fresh output
+        (a new array) is its own root; any other output (a view, or an input handed back)
+        may alias every root of the node's inputs. An input may be overwritten at
+        instruction k when it is a fresh, unpinned buffer used once there, and every value
+        that may alias it is dead after k.
+        """
+        roots: dict[int, frozenset[int]] = {}
+        for node in nodes:
+            fwd = graph.nodes[node.forward_of].prim if node.forward_of is not None else None
+            fresh = fwd.grads_are_fresh() if fwd is not None else node.prim.output_is_fresh()
+            shared = frozenset().union(*(roots.get(v, frozenset()) for v in node.inputs))
+            for o in node.outputs:
+                roots[o] = frozenset((o,)) if fresh else shared
+        aliases: dict[int, list[int]] = {}
+        for v, rs in roots.items():
+            for r in rs:
+                aliases.setdefault(r, []).append(v)
+        donated: dict[int, int] = {}
+        for k, node in enumerate(nodes):
+            if node.forward_of is not None:
+                continue
+            specs = [graph.spec(v) for v in node.inputs]
+            for j in node.prim.inplace_inputs(specs, graph.spec(node.outputs[0])):
+                v = node.inputs[j]
+                if (v not in pinned and roots.get(v) == frozenset((v,)) and node.inputs.count(v) == 1
+                        and all(last_use[w] <= k and w not in pinned for w in aliases[v])):
+                    donated[k] = j
+                    break
+        return donated
 
     def rng_key(self, node: Node, step: int) -> int:
         name = node.name if node.forward_of is None else self.graph.nodes[node.forward_of].name

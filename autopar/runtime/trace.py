@@ -52,6 +52,8 @@ class Tracer:
         path = self.cell_paths.get(id(cell))
         if path is None:  # a cell created inside construct: name it after its class
             path = f"{outer.scope}.{type(cell).__name__}" if outer.scope else type(cell).__name__
+        elif not path:    # the root (or a transparent wrapper's child): its class names it
+            path = type(cell).__name__
         stage = cell.pipeline_stage if cell.pipeline_stage is not None else outer.stage
         self.frames.append(_Frame(path, stage, outer.recompute or cell.is_recompute))
         try:

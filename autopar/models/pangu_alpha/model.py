@@ -54,7 +54,7 @@ class Attention(Cell):
         q = self._heads(self.dense1(x_query)).transpose(0, 2, 1, 3)   # (B, N, S, D)
         k = self._heads(self.dense2(x_kv)).transpose(0, 2, 3, 1)      # (B, N, D, S)
         v = self._heads(self.dense3(x_kv)).transpose(0, 2, 1, 3)      # (B, N, S, D)
-        scores = self.scores(q, k) * self.scale + mask_add             # (B, N, S, S)
+        scores = self.scores(q * self.scale, k) + mask_add             # (B, N, S, S); scale the smaller q
         probs = self.prob_dropout(self.softmax(scores))
         ctx = self.context(probs, v)                                   # (B, N, S, D)
         ctx = ctx.transpose(0, 2, 1, 3).reshape(b, s, h)               # (B, S, N, D) -> (B, S, H)
