@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from .allocator import retain_freed_memory
 from .graph import BACKWARD, Graph, Node
 from .random import derive_key
 
@@ -49,6 +50,7 @@ class Program:
     """The instructions computing ``outputs`` of ``graph`` on one process."""
 
     def __init__(self, graph: Graph, outputs: Sequence[int], seed: int = 0):
+        retain_freed_memory()
         self.graph = graph
         self.outputs = tuple(outputs)
         self.seed = seed
