@@ -18,10 +18,11 @@ def _bind(prim, static):
     return prim.with_attrs(**static) if static else prim
 
 
-def check_op(prim, inputs, static=None, diff=None, eps=1e-6, rtol=1e-6, atol=1e-9, key=None, seed=0):
+def check_op(prim, inputs, static=None, diff=None, eps=1e-6, rtol=1e-6, atol=1e-7, key=None, seed=0):
     """Check one op on one set of inputs. ``static``: the op's static call arguments as a dict.
     ``diff``: which inputs to differentiate (default: every float input not in nondiff_inputs).
-    ``key``: random key for ops with ``needs_rng``. Returns the forward output."""
+    ``key``: random key for ops with ``needs_rng``. ``atol`` covers the rounding of the
+    difference quotient (about 1e-16 * |<y, w>| / eps). Returns the forward output."""
     prim = _bind(prim, static or {})
     xs = [np.asarray(x) for x in inputs]
     specs = tuple(spec_of(x) for x in xs)

@@ -4,7 +4,7 @@ Until the end-to-end data pipeline (jieba + SentencePiece on a real corpus) land
 trains on a synthetic learnable stream: documents that repeat a random motif, separated by
 EOD, so the loss visibly falls towards the motif's entropy.
 
-    python examples/pangu_alpha/train.py --steps 60
+    python examples/pangu_alpha/train.py --steps 300
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def motif_batches(config: PanguAlphaConfig, batch: int, seed: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
