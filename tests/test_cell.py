@@ -1,11 +1,9 @@
 """Cells and parameters: names, lazy data, deterministic and sliceable initialization."""
-import time
-import tracemalloc
 
 import numpy as np
 import pytest
 
-from autopar import nn, ops
+from autopar import nn
 from autopar.runtime.random import region_indices
 
 

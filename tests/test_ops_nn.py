@@ -1,11 +1,11 @@
-"""nn_ops: forward values against plain numpy formulas, every VJP against finite differences,
+"""Composite ops (softmax family, norms, embedding, one-hot, dropout, cross-entropies): forward values against plain numpy formulas, every VJP against finite differences,
 dropout's counter-based mask, and the errors bad inputs give."""
 import numpy as np
 import pytest
 
 import autopar
 from autopar import nn, ops
-from autopar.ops import nn_ops
+from autopar.ops import dropout as dropout_ops, rowwise
 from autopar.ops.primitive import TensorSpec
 from autopar.runtime import random
 from autopar.runtime.random import region_indices
@@ -26,12 +26,12 @@ def ref_log_softmax(x, axis=-1):
 @pytest.fixture
 def tiny_blocks(monkeypatch):
     """Row blocks of 7 elements, so every blocked kernel runs many blocks and a ragged last one."""
-    monkeypatch.setattr(nn_ops, "_BLOCK_ELEMS", 7)
+    monkeypatch.setattr(rowwise, "BLOCK_ELEMS", 7)
 
 
 @pytest.fixture
 def tiny_chunks(monkeypatch):
-    monkeypatch.setattr(nn_ops, "_DROPOUT_CHUNK", 5)
+    monkeypatch.setattr(dropout_ops, "_DROPOUT_CHUNK", 5)
 
 
 # ---- softmax family ----------------------------------------------------------------------------
@@ -189,9 +189,9 @@ def test_dropout_mask_is_uniform_of_logical_index(tiny_chunks):
 
 def test_dropout_mask_region_equals_slice_of_full_mask():
     shape = (6, 8, 10)
-    full = nn_ops.dropout_mask(5, 0.5, shape)
+    full = dropout_ops.dropout_mask(5, 0.5, shape)
     region = (slice(2, 5), slice(None), slice(4, 10, 2))
-    np.testing.assert_array_equal(nn_ops.dropout_mask(5, 0.5, shape, region), full[region])
+    np.testing.assert_array_equal(dropout_ops.dropout_mask(5, 0.5, shape, region), full[region])
     np.testing.assert_array_equal(keep_mask(ops.Dropout(0.5), np.ones(shape), 5)[region], full[region])
 
 

@@ -4,18 +4,21 @@
     y = ops.MatMul(transpose_b=True).shard(((dp, 1), (mp, 1)))(x, w)
 
 Families (one module each): elementwise (one broadcasting rule), contraction (einsum-style),
-reduction, movement (reshape/transpose/slice/concat), nn_ops (the composites PanGu-α needs).
+reduction, movement (reshape/transpose/slice/concat); the composites PanGu-α needs: softmax
+(with the cross-entropies), normalization, embedding, dropout.
 """
 from .primitive import Primitive, TensorSpec
 from .registry import all_ops, lookup, register
-from .elementwise import (Add, AddN, Cast, Equal, Exp, FastGeLU, GeLU, Greater, Less, Log, LogicalAnd,
-                          Maximum, Mul, Neg, NotEqual, Pow, RealDiv, ReLU, Rsqrt, Select, Sigmoid, SiLU,
-                          Sqrt, Square, Sub, Tanh)
+from .elementwise import (Add, AddN, Cast, Equal, Exp, Greater, Less, Log, LogicalAnd, Maximum, Mul, Neg,
+                          NotEqual, Pow, RealDiv, Rsqrt, Select, Sqrt, Square, Sub, Tanh)
+from .activation import FastGeLU, GeLU, ReLU, Sigmoid, SiLU
 from .contraction import BatchMatMul, MatMul
 from .reduction import ArgMax, Cumsum, ReduceMax, ReduceMean, ReduceMin, ReduceSum
 from .movement import (BroadcastTo, Concat, ExpandDims, Reshape, Slice, Squeeze, StridedSlice, Tile,
                        Transpose, getitem)
-from .nn_ops import (Dropout, Gather, LayerNorm, LogSoftmax, OneHot, RMSNorm, Softmax,
-                     SoftmaxCrossEntropyWithLogits, SparseSoftmaxCrossEntropyWithLogits)
+from .softmax import LogSoftmax, Softmax, SoftmaxCrossEntropyWithLogits, SparseSoftmaxCrossEntropyWithLogits
+from .normalization import LayerNorm, RMSNorm
+from .embedding import Gather, OneHot
+from .dropout import Dropout
 
 __all__ = [name for name in dir() if not name.startswith("_")]

