@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..dtype import as_dtype
+from ..ops.primitive import TensorSpec
 from ..runtime.random import derive_key
 from ..runtime.tensor import TensorOps
 from .initializer import Initializer, as_initializer
@@ -45,16 +46,20 @@ class Parameter(TensorOps):
 
     # ---- metadata --------------------------------------------------------------------
     @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.shape, self.dtype)
+
+    @property
     def ndim(self) -> int:
         return len(self.shape)
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return self.spec.size
 
     @property
     def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
+        return self.spec.nbytes
 
     @property
     def has_data(self) -> bool:

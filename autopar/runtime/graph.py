@@ -70,16 +70,9 @@ class Graph:
         return self.values[vid].spec
 
     def node_of(self, vid: int) -> Node | None:
+        """The node producing a value (node ids are their positions in ``nodes``)."""
         producer = self.values[vid].producer
-        return None if producer is None else self.nodes_by_id[producer]
-
-    @property
-    def nodes_by_id(self) -> dict[int, Node]:
-        cached = self.__dict__.get("_by_id")
-        if cached is None:
-            cached = {n.id: n for n in self.nodes}
-            object.__setattr__(self, "_by_id", cached)
-        return cached
+        return None if producer is None else self.nodes[producer]
 
     def param_names(self) -> tuple[str, ...]:
         return tuple(p.name for p in self.param_objs)
