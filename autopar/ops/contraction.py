@@ -42,6 +42,15 @@ class Contraction(Primitive):
                              "check the weight's shape or the transpose_a/transpose_b flags")
         return m, k, n
 
+    def indexing(self, specs, out):
+        from ..strategy.sharding import Indexing, broadcast_indexing
+        a, b = specs
+        ta, tb = self.attrs["transpose_a"], self.attrs["transpose_b"]
+        batch = broadcast_indexing([a.shape[:-2], b.shape[:-2]], len(out.shape) - 2)
+        mk = "xz" if not ta else "zx"   # x: rows, z: contracted, y: columns
+        kn = "zy" if not tb else "yz"
+        return Indexing((batch.inputs[0] + mk, batch.inputs[1] + kn), batch.output + "xy", batch.fixed)
+
     def forward(self, a, b):
         ta, tb = self.attrs["transpose_a"], self.attrs["transpose_b"]
         return np.matmul(_t(a) if ta else a, _t(b) if tb else b)

@@ -56,13 +56,31 @@ class Dropout(Primitive):
         flat = a.reshape(-1)
         out = np.empty_like(flat)
         scale = out.dtype.type(1.0 / p)
+        region = self.attrs.get("region")  # a shard: its elements' indices in the logical tensor
+        index = None if region is None else region_indices(self.attrs["global_shape"], region).reshape(-1)
         for s in range(0, flat.size, _DROPOUT_CHUNK):
             e = min(s + _DROPOUT_CHUNK, flat.size)
-            keep = keep_mask(key, np.arange(s, e, dtype=np.uint32 if flat.size < 2 ** 32 else np.uint64), p)
+            if index is not None:
+                idx = index[s:e]
+            else:
+                idx = np.arange(s, e, dtype=np.uint32 if flat.size < 2 ** 32 else np.uint64)
+            keep = keep_mask(key, idx, p)
             o = out[s:e]
             np.multiply(flat[s:e], keep, out=o)
             o *= scale
         return out.reshape(a.shape)
+
+    def indexing(self, specs, out):
+        from .elementwise import elementwise_indexing
+        return elementwise_indexing(specs, out)
+
+    def local(self, sharding, rank, specs, out):
+        """A shard masks with the logical tensor's element indices, so every plan drops the
+        units the serial model drops."""
+        layout = sharding.output_layout()
+        if not any(layout.dims):
+            return self
+        return self.with_attrs(region=layout.slices(rank, out.shape), global_shape=tuple(out.shape))
 
     def forward(self, x, key):
         return self._apply(x, key)

@@ -45,6 +45,11 @@ def same_buffer_inputs(specs, out) -> tuple[int, ...]:
     return tuple(i for i, s in enumerate(specs) if s.shape == out.shape and s.dtype == out.dtype)
 
 
+def elementwise_indexing(specs, out):
+    from ..strategy.sharding import broadcast_indexing
+    return broadcast_indexing([s.shape for s in specs], len(out.shape))
+
+
 class Unary(Primitive):
     n_inputs = 1
     fresh_output = fresh_grads = True
@@ -52,6 +57,8 @@ class Unary(Primitive):
 
     def inplace_inputs(self, specs, out):
         return same_buffer_inputs(specs, out) if self.ufunc is not None else ()
+
+    indexing = staticmethod(elementwise_indexing)
 
     def forward_inplace(self, j, x):
         return self.ufunc(x, out=x)
@@ -83,6 +90,8 @@ class Binary(Primitive):
 
     def forward_inplace(self, j, a, b):
         return self.ufunc(a, b, out=(a, b)[j])
+
+    indexing = staticmethod(elementwise_indexing)
 
     def infer(self, a: TensorSpec, b: TensorSpec) -> TensorSpec:
         return TensorSpec(broadcast_shape([a.shape, b.shape]), result_dtype([a, b]))
@@ -173,6 +182,8 @@ class Pow(Binary):
 class AddN(Primitive):
     """Sum of any number of same-shaped tensors (gradient accumulation)."""
 
+    indexing = staticmethod(elementwise_indexing)
+
     n_inputs = None
     save_inputs = "none"
     fresh_output = True
@@ -247,6 +258,8 @@ class LogicalAnd(Compare):
 class Select(Primitive):
     """``Select()(cond, x, y)``: x where cond else y (masked fill when y is a constant)."""
 
+    indexing = staticmethod(elementwise_indexing)
+
     n_inputs = 3
     fresh_output = True
     save_inputs = (0,)
@@ -271,6 +284,8 @@ class Select(Primitive):
 @register
 class Cast(Primitive):
     """``Cast()(x, dtype)``; the gradient is cast back to the input's dtype."""
+
+    indexing = staticmethod(elementwise_indexing)
 
     static_args = ("dtype",)
     save_inputs = "none"

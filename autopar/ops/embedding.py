@@ -53,8 +53,37 @@ class Gather(Primitive):
         axis = self._axis(params.ndim)
         return TensorSpec(params.shape[:axis] + indices.shape + params.shape[axis + 1:], params.dtype)
 
+    def indexing(self, specs, out):
+        """``vh,bs->bsh``: splitting the table's rows (the vocabulary) leaves each rank the
+        rows it holds and zeros elsewhere, a partial sum over that axis (Megatron's
+        vocabulary-parallel embedding: masked lookup, then all-reduce)."""
+        from ..strategy.sharding import LETTERS, Indexing
+        if self._axis(specs[0].ndim) != 0:
+            return None
+        ids = LETTERS[:specs[1].ndim]
+        rest = LETTERS[::-1][:specs[0].ndim - 1]   # letters the ids do not use
+        return Indexing(("V" + rest, ids), ids + rest)
+
+    def local(self, sharding, rank, specs, out):
+        table = sharding.input_layout(0)
+        if not table.dims[0]:
+            return self
+        rows = table.local_shape(specs[0].shape)[0]
+        return self.with_attrs(vocab_offset=table.block_index(rank)[0] * rows)
+
+    def _local_ids(self, indices, rows: int):
+        """Ids shifted into this shard's rows, and which of them it holds."""
+        local = indices - self.attrs["vocab_offset"]
+        inside = (local >= 0) & (local < rows)
+        return np.where(inside, local, 0), inside
+
     def forward(self, params, indices):
         axis = self._axis(params.ndim)
+        if "vocab_offset" in self.attrs:          # a vocabulary shard: masked lookup
+            local, inside = self._local_ids(indices, params.shape[0])
+            out = np.take(params, local, axis=0)
+            out[~inside] = 0
+            return out
         check_range(indices, params.shape[axis], "indices", self.kind)
         return np.take(params, indices, axis=axis)
 
@@ -66,7 +95,12 @@ class Gather(Primitive):
         axis = self._axis(len(shape))
         if axis == 0:                     # (n_idx, K) rows summed into (V, K)
             k = int(np.prod(shape[1:], dtype=np.int64))
-            g = _scatter_add_rows(shape[0], idx.reshape(-1), dy.reshape(idx.size, k).astype(dtype, copy=False))
+            rows = dy.reshape(idx.size, k).astype(dtype, copy=False)
+            idx = idx.reshape(-1)
+            if "vocab_offset" in self.attrs:
+                idx, inside = self._local_ids(idx, shape[0])
+                idx, rows = idx[inside], rows[inside]
+            g = _scatter_add_rows(shape[0], idx, rows)
             return g.reshape(shape), None
         g = np.zeros(shape, dtype)
         np.add.at(g, (slice(None),) * axis + (idx,), dy)

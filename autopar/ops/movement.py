@@ -59,6 +59,12 @@ class Reshape(Movement):
 
     static_args = ("shape",)
 
+    def indexing(self, specs, out):
+        return reshape_indexing(specs[0].shape, out.shape)
+
+    def local(self, sharding, rank, specs, out):
+        return self.with_attrs(shape=sharding.output_layout().local_shape(out.shape))
+
     def infer(self, x):
         shape = _ints(self.attrs["shape"], "shape")
         free = [i for i, d in enumerate(shape) if d == -1]
@@ -89,6 +95,11 @@ class Transpose(Movement):
 
     static_args = ("perm",)
 
+    def indexing(self, specs, out):
+        from ..strategy.sharding import Indexing, same_letters
+        letters, _ = same_letters(specs[0].ndim)
+        return Indexing((letters,), "".join(letters[p] for p in _ints(self.attrs["perm"], "perm")))
+
     def perm(self, shape) -> tuple[int, ...]:
         perm = _ints(self.attrs["perm"], "perm")
         if sorted(perm) != list(range(len(shape))):
@@ -113,6 +124,12 @@ class ExpandDims(Movement):
 
     static_args = ("axis",)
 
+    def indexing(self, specs, out):
+        from ..strategy.sharding import Indexing, same_letters
+        letters, _ = same_letters(specs[0].ndim)
+        axis = self.axis(specs[0].ndim)
+        return Indexing((letters,), letters[:axis] + "Z" + letters[axis:], frozenset("Z"))
+
     def axis(self, ndim: int) -> int:
         return normalize_axis(self.attrs["axis"], ndim + 1)
 
@@ -131,6 +148,12 @@ class ExpandDims(Movement):
 class Squeeze(Movement):
     """``Squeeze(axis=())(x)``: drop the named dims (each must have size 1), or every
     size-1 dim when ``axis`` is ``()``. ``(B, 1, S) -> (B, S)``."""
+
+    def indexing(self, specs, out):
+        from ..strategy.sharding import Indexing, same_letters
+        axes = self.axes(specs[0].shape)
+        letters, fixed = same_letters(specs[0].ndim, axes)
+        return Indexing((letters,), "".join(ch for i, ch in enumerate(letters) if i not in axes), fixed)
 
     def __init__(self, axis=()):
         super().__init__(axis=tuple(axis) if isinstance(axis, list) else axis)
@@ -237,6 +260,12 @@ class Concat(Movement):
 
     n_inputs = None
 
+    def indexing(self, specs, out):
+        from ..strategy.sharding import Indexing, same_letters
+        axis = normalize_axis(self.attrs["axis"], len(out.shape))
+        letters, fixed = same_letters(len(out.shape), (axis,))
+        return Indexing((letters,) * len(specs), letters, fixed)
+
     def __init__(self, axis: int = 0):
         super().__init__(axis=axis)
 
@@ -279,6 +308,14 @@ class Concat(Movement):
 
 class Slicing(Movement):
     """A box of the input picked by one slice per dim. Gradient: ``dy`` scattered into zeros."""
+
+    def indexing(self, specs, out):
+        """A dim cut by the slice cannot be split (its pieces would not line up)."""
+        from ..strategy.sharding import Indexing, same_letters
+        shape = specs[0].shape
+        cut = [d for d, (n, m) in enumerate(zip(shape, out.shape)) if n != m or self.slices(shape)[d].step not in (None, 1)]
+        letters, fixed = same_letters(len(shape), cut)
+        return Indexing((letters,), letters, fixed)
 
     def slices(self, shape) -> tuple[slice, ...]:
         raise NotImplementedError
@@ -428,3 +465,45 @@ def getitem(x, index):
     for a in new_axes:  # ascending: each lands where its None stood in the index
         y = ExpandDims()(y, a)
     return y
+
+
+def reshape_indexing(src: tuple[int, ...], dst: tuple[int, ...]):
+    """Letters for a reshape: dims are grouped where the running products of both shapes
+    meet; in each group the major input dim and the major output dim share a letter (a
+    split of it carries over when it divides the output dim), every other dim is fixed.
+    ``(B, S, H) -> (B*S, H)``: ``bSh -> bh``; ``(B, S, H) -> (B, S, N, D)``: ``bsh -> bshD``."""
+    from ..strategy.sharding import FRESH, LETTERS, Indexing
+    fresh = iter(FRESH)
+    letters = iter(LETTERS)
+    ins, outs, fixed = [], [], set()
+    i = j = 0
+    while i < len(src) or j < len(dst):
+        gi, gj = [i], [j]
+        pi = src[i] if i < len(src) else 1
+        pj = dst[j] if j < len(dst) else 1
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                pi *= src[i]
+                gi.append(i)
+                i += 1
+            else:
+                pj *= dst[j]
+                gj.append(j)
+                j += 1
+        shared = next(letters)
+        gi = [d for d in gi if d < len(src)]
+        gj = [d for d in gj if d < len(dst)]
+        major_i = next((d for d in gi if src[d] > 1), gi[0] if gi else None)
+        major_j = next((d for d in gj if dst[d] > 1), gj[0] if gj else None)
+        for d in gi:
+            ch = shared if d == major_i and major_j is not None else next(fresh)
+            ins.append(ch)
+            if ch != shared:
+                fixed.add(ch)
+        for d in gj:
+            ch = shared if d == major_j and major_i is not None else next(fresh)
+            outs.append(ch)
+            if ch != shared:
+                fixed.add(ch)
+    return Indexing(("".join(ins),), "".join(outs), frozenset(fixed))

@@ -56,6 +56,13 @@ class LayerNorm(Primitive):
     n_inputs = 3
     save_inputs = (0, 1)
 
+
+    def indexing(self, specs, out):
+        from ..strategy.sharding import Indexing, same_letters
+        bna, bpa = self._axes(specs[0].ndim)
+        letters, fixed = same_letters(specs[0].ndim, range(min(bna, bpa), specs[0].ndim))
+        return Indexing((letters, letters[bpa:], letters[bpa:]), letters, fixed)
+
     def __init__(self, begin_norm_axis: int = -1, begin_params_axis: int = -1, epsilon: float = 1e-5):
         super().__init__(begin_norm_axis=begin_norm_axis, begin_params_axis=begin_params_axis,
                          epsilon=epsilon)
@@ -114,6 +121,12 @@ class RMSNorm(Primitive):
 
     n_inputs = 2
     save_inputs = (0, 1)
+
+
+    def indexing(self, specs, out):
+        from ..strategy.sharding import Indexing, same_letters
+        letters, fixed = same_letters(specs[0].ndim, (specs[0].ndim - 1,))
+        return Indexing((letters, letters[-1:]), letters, fixed)
 
     def __init__(self, epsilon: float = 1e-6):
         super().__init__(epsilon=epsilon)

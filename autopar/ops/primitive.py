@@ -132,6 +132,17 @@ class Primitive:
     def bytes_accessed(self, specs: Sequence[TensorSpec], out: TensorSpec) -> int:
         return sum(s.nbytes for s in specs) + out.nbytes
 
+    # ---- sharding ---------------------------------------------------------------------
+    def indexing(self, specs: Sequence[TensorSpec], out: TensorSpec):
+        """Einsum-style letters of the op (``autopar.strategy.sharding.Indexing``) from
+        which every layout rule follows; None: no sharding rule (the op runs replicated)."""
+        return None
+
+    def local(self, sharding, rank: int, specs: Sequence[TensorSpec], out: TensorSpec) -> "Primitive":
+        """The primitive to run on ``rank``'s shards under ``sharding`` (global ``specs``):
+        static shapes localized, offsets bound. Default: the op itself."""
+        return self
+
     # ---- memory: what lowering may reuse ----------------------------------------------
     fresh_output: ClassVar[bool] = False  # forward returns a new array that aliases no input
     fresh_grads: ClassVar[bool] = False   # vjp returns new arrays that alias nothing

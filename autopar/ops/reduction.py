@@ -64,6 +64,17 @@ class Reduce(Primitive):
             raise OpArgError("axis", "() for a 0-d input", repr(axis))
         return normalize_axes(axis, ndim)
 
+    linear = False  # a sum: splitting a reduced dim leaves a partial sum; else it is fixed
+
+    def indexing(self, specs, out):
+        from ..strategy.sharding import FRESH, Indexing, same_letters
+        axes = self.axes(specs[0].ndim)
+        letters, fixed = same_letters(specs[0].ndim, () if self.linear else axes)
+        fresh = iter(FRESH)
+        kept = "".join(next(fresh) if i in axes else ch for i, ch in enumerate(letters)) \
+            if self.attrs["keep_dims"] else "".join(ch for i, ch in enumerate(letters) if i not in axes)
+        return Indexing((letters,), kept, fixed | frozenset(ch for ch in kept if ch.isupper()))
+
     def kept_shape(self, shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(1 if i in axes else d for i, d in enumerate(shape))
 
@@ -91,6 +102,8 @@ class Reduce(Primitive):
 @register
 class ReduceSum(Reduce):
     """Sum over ``axis``. Int inputs are summed in their own dtype (MindSpore keeps it)."""
+
+    linear = True
 
     save_inputs = "none"
 
@@ -185,6 +198,11 @@ class Cumsum(Primitive):
     static_args = ("axis",)
     save_inputs = "none"
 
+    def indexing(self, specs, out):
+        from ..strategy.sharding import Indexing, same_letters
+        letters, fixed = same_letters(specs[0].ndim, (self.axis(specs[0].ndim),))
+        return Indexing((letters,), letters, fixed)
+
     def __init__(self, exclusive: bool = False, reverse: bool = False):
         super().__init__(exclusive=bool(exclusive), reverse=bool(reverse))
 
@@ -215,6 +233,12 @@ class ArgMax(Primitive):
 
     save_inputs = "none"
     nondiff_inputs = (0,)
+
+    def indexing(self, specs, out):
+        from ..strategy.sharding import Indexing, same_letters
+        axis = normalize_axis(self.attrs["axis"], specs[0].ndim)
+        letters, fixed = same_letters(specs[0].ndim, (axis,))
+        return Indexing((letters,), letters[:axis] + letters[axis + 1:], fixed)
 
     def __init__(self, axis: int = -1, output_type=int32):
         super().__init__(axis=axis, output_type=output_type)

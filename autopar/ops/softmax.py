@@ -49,6 +49,12 @@ class Softmax(Primitive):
 
     save_inputs, save_output = "none", True
 
+
+    def indexing(self, specs, out):
+        from ..strategy.sharding import Indexing, same_letters
+        letters, fixed = same_letters(specs[0].ndim, self._axes(specs[0].ndim))
+        return Indexing((letters,), letters, fixed)
+
     def __init__(self, axis=-1):
         super().__init__(axis=axis)
 
@@ -79,6 +85,12 @@ class LogSoftmax(Primitive):
     fresh_output = fresh_grads = True  # new arrays, never views of the inputs
 
     save_inputs, save_output = "none", True
+
+
+    def indexing(self, specs, out):
+        from ..strategy.sharding import Indexing, same_letters
+        letters, fixed = same_letters(specs[0].ndim, self._axes(specs[0].ndim))
+        return Indexing((letters,), letters, fixed)
 
     def __init__(self, axis: int = -1):
         super().__init__(axis=axis)
@@ -113,6 +125,12 @@ class SoftmaxCrossEntropyWithLogits(Primitive):
     fresh_output = fresh_grads = True  # new arrays, never views of the inputs
 
     n_inputs = 2
+
+
+    def indexing(self, specs, out):
+        from ..strategy.sharding import Indexing, same_letters
+        letters, fixed = same_letters(specs[0].ndim, (specs[0].ndim - 1,))
+        return Indexing((letters, letters), letters[:-1], fixed)
 
     def infer(self, logits, labels):
         check_float(logits, "logits")
@@ -180,6 +198,12 @@ class SparseSoftmaxCrossEntropyWithLogits(Primitive):
     n_inputs = 2
     save_output = True
     nondiff_inputs = (1,)
+
+
+    def indexing(self, specs, out):
+        from ..strategy.sharding import Indexing, same_letters
+        letters, fixed = same_letters(specs[0].ndim, (specs[0].ndim - 1,))
+        return Indexing((letters, letters[:-1]), letters[:-1], fixed)
 
     def infer(self, logits, labels):
         check_float(logits, "logits")
