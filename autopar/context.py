@@ -1,0 +1,307 @@
+"""The parallel context: MindSpore's ``set_auto_parallel_context`` and ``init``, over one value.
+
+:class:`ParallelContext` is a frozen, validated, hashable value holding every setting
+MindSpore's auto-parallel context holds (mode, device count, rank, search mode, pipeline
+stages, optimizer parallel, dataset strategy, strategy files)::
+
+    ctx = ParallelContext(parallel_mode="semi_auto_parallel", device_num=8, pipeline_stages=2)
+    ctx.stage_device_num        # 4: ranks are stage-major, stage = rank // 4
+    ctx.replace(global_rank=5)  # a new validated value; ctx is unchanged
+
+The MindSpore API is process-wide by nature: a script calls ``init()`` and
+``set_auto_parallel_context(...)`` once and then builds its network. So this module keeps
+the one deliberate piece of process-wide state in autopar: ``_STATE``, a private holder
+of the current :class:`ParallelContext` and, once :func:`init` ran, the world
+communicator. Everything else in autopar receives the context as an argument: the runtime
+reads :func:`current_context` once, when it compiles a network, and passes the value
+down; no module reads it deep inside, and nothing else keeps process-wide settings.
+
+Semantics worth knowing:
+
+* Fields may be set one call at a time (``device_num=8`` then ``global_rank=5``);
+  cross-field rules (``global_rank < device_num``, ``pipeline_stages`` divides
+  ``device_num``) are checked on the merged value, so set ``device_num`` first.
+* Under ``mpiexec -n N`` (N > 1), :func:`init` sets ``device_num = N`` and ``global_rank``
+  to this process's world rank; a ``device_num`` the user set to something other than 1
+  or N is an error. Call ``init()`` before setting ``pipeline_stages`` or a rank-dependent
+  value, as MindSpore scripts do. Without ``mpiexec`` the world has one rank and ``init()``
+  leaves the context alone, so any ``device_num`` can be planned on one process.
+* :func:`reset_auto_parallel_context` restores the defaults, except that after ``init()``
+  on N > 1 ranks ``device_num`` and ``global_rank`` stay those of the world.
+* :func:`parallel_context` changes the process-wide value for a ``with`` block, for every
+  thread; in-process virtual ranks get their rank from their communicator, not from here.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from typing import Iterator
+
+import numpy as np
+
+from .errors import format_error
+
+
+class ParallelMode:
+    """MindSpore's ``context.ParallelMode``: the four values of ``parallel_mode``."""
+
+    STAND_ALONE = "stand_alone"
+    DATA_PARALLEL = "data_parallel"
+    SEMI_AUTO_PARALLEL = "semi_auto_parallel"
+    AUTO_PARALLEL = "auto_parallel"
+    MODES = (STAND_ALONE, DATA_PARALLEL, SEMI_AUTO_PARALLEL, AUTO_PARALLEL)
+
+
+SEARCH_MODES = ("dynamic_programming", "recursive_programming", "sharding_propagation")
+DATASET_STRATEGIES = ("data_parallel", "full_batch")
+BACKENDS = (None, "mpi", "hccl", "nccl", "mccl")  # MindSpore's names, all served by MPI here
+
+_WHERE = "ParallelContext"
+
+
+def _fail(arg: str, expected: str, value, fix: str = "") -> ValueError:
+    return ValueError(format_error(_WHERE, arg, expected, repr(value), fix))
+
+
+def _int(arg: str, value, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise _fail(arg, f"an int >= {minimum}", value)
+    return int(value)
+
+
+def _bool(arg: str, value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise _fail(arg, "True or False", value)
+    return bool(value)
+
+
+def _choice(arg: str, value, choices: tuple) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise _fail(arg, f"one of {choices}", value)
+    return value
+
+
+def _path(arg: str, value) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise _fail(arg, "a file path (str), '' for none", value)
+    return os.fspath(value)
+
+
+def _dataset_strategy(value) -> str | tuple[tuple[int, ...], ...]:
+    """``"data_parallel"``, ``"full_batch"``, or per-input split tuples like ((2, 1), (2, 1))."""
+    if isinstance(value, str):
+        return _choice("dataset_strategy", value, DATASET_STRATEGIES)
+    expected = (f"one of {DATASET_STRATEGIES}, or a non-empty tuple with one tuple of "
+                "split counts (ints >= 1) per input, like ((2, 1), (2, 1))")
+    if not isinstance(value, (tuple, list)) or not value:
+        raise _fail("dataset_strategy", expected, value)
+    splits = []
+    for item in value:
+        if (not isinstance(item, (tuple, list)) or not item
+                or any(isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or s < 1
+                       for s in item)):
+            raise _fail("dataset_strategy", expected, value,
+                        f"input {len(splits)} is {item!r}; give it a tuple of ints >= 1")
+        splits.append(tuple(int(s) for s in item))
+    return tuple(splits)
+
+
+@dataclass(frozen=True, repr=False)
+class ParallelContext:
+    """Every auto-parallel setting, as one validated value (MindSpore's names and defaults).
+
+    ``parallel_optimizer_threshold`` is in KB: weights smaller than this are not sharded by
+    the parallel optimizer. ``full_batch=True`` is MindSpore's older spelling of
+    ``dataset_strategy="full_batch"``; :attr:`loads_full_batch` reads either.
+    """
+
+    parallel_mode: str = ParallelMode.STAND_ALONE
+    device_num: int = 1
+    global_rank: int = 0
+    gradients_mean: bool = False
+    full_batch: bool = False
+    dataset_strategy: str | tuple[tuple[int, ...], ...] = "data_parallel"
+    search_mode: str = "dynamic_programming"
+    pipeline_stages: int = 1
+    enable_parallel_optimizer: bool = False
+    parallel_optimizer_threshold: int = 64
+    strategy_ckpt_save_file: str = ""
+    strategy_ckpt_load_file: str = ""
+
+    def __post_init__(self):
+        checked = {
+            "parallel_mode": _choice("parallel_mode", self.parallel_mode, ParallelMode.MODES),
+            "device_num": _int("device_num", self.device_num, 1),
+            "global_rank": _int("global_rank", self.global_rank, 0),
+            "gradients_mean": _bool("gradients_mean", self.gradients_mean),
+            "full_batch": _bool("full_batch", self.full_batch),
+            "dataset_strategy": _dataset_strategy(self.dataset_strategy),
+            "search_mode": _choice("search_mode", self.search_mode, SEARCH_MODES),
+            "pipeline_stages": _int("pipeline_stages", self.pipeline_stages, 1),
+            "enable_parallel_optimizer": _bool("enable_parallel_optimizer", self.enable_parallel_optimizer),
+            "parallel_optimizer_threshold": _int("parallel_optimizer_threshold",
+                                                 self.parallel_optimizer_threshold, 0),
+            "strategy_ckpt_save_file": _path("strategy_ckpt_save_file", self.strategy_ckpt_save_file),
+            "strategy_ckpt_load_file": _path("strategy_ckpt_load_file", self.strategy_ckpt_load_file),
+        }
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
+        n = self.device_num
+        if self.global_rank >= n:
+            raise _fail("global_rank", f"an int in [0, device_num) = [0, {n})", self.global_rank,
+                        "set device_num first, or pass a rank below it")
+        if n % self.pipeline_stages:
+            raise _fail("pipeline_stages", f"a divisor of device_num = {n}", self.pipeline_stages,
+                        "each stage needs the same number of devices; set device_num first")
+        if self.full_batch and isinstance(self.dataset_strategy, tuple):
+            raise _fail("full_batch", f"False when dataset_strategy is a tuple ({self.dataset_strategy})",
+                        self.full_batch, "use dataset_strategy alone; full_batch is its older spelling")
+
+    def __repr__(self) -> str:
+        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                   if getattr(self, f.name) != f.default]
+        return f"ParallelContext({', '.join(changed)})"
+
+    @property
+    def stage_device_num(self) -> int:
+        """Devices per pipeline stage; ranks are stage-major (stage = rank // stage_device_num)."""
+        return self.device_num // self.pipeline_stages
+
+    @property
+    def is_parallel(self) -> bool:
+        return self.parallel_mode != ParallelMode.STAND_ALONE and self.device_num > 1
+
+    @property
+    def loads_full_batch(self) -> bool:
+        """Whether every rank reads the whole batch (``full_batch`` or its newer spelling)."""
+        return self.full_batch or self.dataset_strategy == "full_batch"
+
+    def replace(self, **changes) -> ParallelContext:
+        """A new validated value with ``changes`` applied; unknown names are a ValueError."""
+        _check_names(changes, "ParallelContext.replace")
+        return ParallelContext(**{**self.as_dict(), **changes})
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+FIELD_NAMES = tuple(f.name for f in fields(ParallelContext))
+
+
+def _check_names(names, where: str) -> None:
+    unknown = sorted(set(names) - set(FIELD_NAMES))
+    if unknown:
+        raise ValueError(format_error(where, "name", f"one of {FIELD_NAMES}", ", ".join(map(repr, unknown))))
+
+
+# --- the one process-wide holder ----------------------------------------------------------
+
+class _State:
+    """The current context and, after :func:`init`, the world communicator."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.context = ParallelContext()
+        self.world = None
+
+    def defaults(self) -> ParallelContext:
+        if self.world is not None and self.world.size > 1:
+            return ParallelContext(device_num=self.world.size, global_rank=self.world.rank)
+        return ParallelContext()
+
+
+_STATE = _State()
+
+
+def current_context() -> ParallelContext:
+    """The context in force now; the runtime reads it once per compile and passes it down."""
+    return _STATE.context
+
+
+def set_auto_parallel_context(**kwargs) -> None:
+    """MindSpore's setter: merge ``kwargs`` into the current context and validate the result."""
+    _check_names(kwargs, "set_auto_parallel_context")
+    with _STATE.lock:
+        _STATE.context = _STATE.context.replace(**kwargs)
+
+
+def get_auto_parallel_context(name: str):
+    """The current value of one field, by its MindSpore name."""
+    _check_names([name], "get_auto_parallel_context")
+    return getattr(_STATE.context, name)
+
+
+def reset_auto_parallel_context() -> None:
+    """Back to the defaults (keeping the world's device_num and global_rank after init)."""
+    with _STATE.lock:
+        _STATE.context = _STATE.defaults()
+
+
+@contextmanager
+def parallel_context(**kwargs) -> Iterator[ParallelContext]:
+    """Set ``kwargs`` for a ``with`` block, then restore the previous value, even on error."""
+    _check_names(kwargs, "parallel_context")
+    with _STATE.lock:
+        previous = _STATE.context
+        _STATE.context = previous.replace(**kwargs)
+    try:
+        yield _STATE.context
+    finally:
+        with _STATE.lock:
+            _STATE.context = previous
+
+
+class _SingleRank:
+    """FALLBACK until ``autopar.comm.world`` exists: the one-process world. Delete with it."""
+
+    rank, size = 0, 1
+
+
+def _world():
+    from . import comm
+    world = getattr(comm, "world", None)
+    if world is None:  # FALLBACK: delete this branch once autopar.comm provides world()
+        return _SingleRank()
+    return world()
+
+
+def init(backend_name: str | None = None) -> None:
+    """Start communication (MindSpore's ``init``); idempotent.
+
+    Under ``mpiexec -n N`` (N > 1) sets ``device_num = N`` and ``global_rank`` to the world
+    rank. Without ``mpiexec`` the world is one rank and the context is left as it is.
+    ``backend_name`` may be MindSpore's ``"hccl"``/``"nccl"``/``"mccl"`` or ``"mpi"``;
+    all of them mean MPI here.
+    """
+    if backend_name not in BACKENDS:
+        raise ValueError(format_error("init", "backend_name", f"one of {BACKENDS}", repr(backend_name),
+                                      "autopar communicates over MPI; pass None"))
+    with _STATE.lock:
+        if _STATE.world is not None:
+            return
+        world = _world()
+        context = _STATE.context
+        if world.size > 1:
+            if context.device_num not in (1, world.size):
+                raise ValueError(format_error(
+                    "init", "device_num", f"{world.size} (the number of processes mpiexec started)",
+                    str(context.device_num), "do not set device_num, or set it to the process count"))
+            if context.global_rank not in (0, world.rank):
+                raise ValueError(format_error(
+                    "init", "global_rank", f"{world.rank} (this process's MPI rank)",
+                    str(context.global_rank), "do not set global_rank; init() sets it"))
+            context = context.replace(device_num=world.size, global_rank=world.rank)
+        _STATE.context = context
+        _STATE.world = world
+
+
+def get_rank() -> int:
+    """This process's world rank (0 before :func:`init`)."""
+    return 0 if _STATE.world is None else _STATE.world.rank
+
+
+def get_group_size() -> int:
+    """The number of world ranks (1 before :func:`init`)."""
+    return 1 if _STATE.world is None else _STATE.world.size
