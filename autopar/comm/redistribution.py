@@ -79,10 +79,12 @@ def plan(src: Layout, dst: Layout, shape: Sequence[int], itemsize: int) -> Redis
                          "need send/recv between stages, not a redistribution")
     src.check_shape(shape, arg="source")
     dst.check_shape(shape, arg="target")
-    pair = common_refinement(src.mesh.shape, dst.mesh.shape)
+    src_, dst_ = src.without_unit_axes(), dst.without_unit_axes()
+    pair = common_refinement(src_.mesh.shape, dst_.mesh.shape)
     if pair is None:
         return _general(src, dst, shape, itemsize)
-    a, b = src.refine(pair[0]), dst.refine(pair[1])
+    a, b = src_.refine(pair[0]), dst_.refine(pair[1])
+    b = Layout(a.mesh, b.dims, b.partial)  # same shape and ranks; one set of axis names
     steps = _structured(a, b, shape, itemsize)
     if steps is None:
         return _general(src, dst, shape, itemsize)

@@ -45,7 +45,9 @@ def differentiate(graph: Graph, loss: int, wrt: Sequence[int],
     on_path = _reaches(graph, loss)
     b = GraphBuilder(graph)
     loss_spec = graph.spec(loss)
-    contribs: dict[int, list[int]] = {loss: [b.const(np.full(loss_spec.shape, sens, dtype=loss_spec.dtype))]}
+    seed = b.const(np.full(loss_spec.shape, sens, dtype=loss_spec.dtype))
+    contribs: dict[int, list[int]] = {loss: [seed]}
+    grad_of: dict[int, int] = {seed: loss}
     add_n = AddN()
 
     def total(vid: int, near: Node | None) -> int | None:
@@ -58,6 +60,7 @@ def differentiate(graph: Graph, loss: int, wrt: Sequence[int],
         node = b.add_node(add_n, tuple(parts), (graph.spec(vid),), scope, phase=BACKWARD,
                           stage=near.stage if near else None, recompute=False)
         contribs[vid] = [node.outputs[0]]
+        grad_of[node.outputs[0]] = vid
         return node.outputs[0]
 
     for node in reversed(graph.nodes):
@@ -79,7 +82,9 @@ def differentiate(graph: Graph, loss: int, wrt: Sequence[int],
         grads = iter(grad_node.outputs)
         for v, n in zip(node.inputs, needs):
             if n:
-                contribs.setdefault(v, []).append(next(grads))
+                g = next(grads)
+                grad_of[g] = v
+                contribs.setdefault(v, []).append(g)
 
     grads = []
     for v in wrt:
@@ -87,6 +92,7 @@ def differentiate(graph: Graph, loss: int, wrt: Sequence[int],
         if g is None:  # the loss does not depend on it
             spec = graph.spec(v)
             g = b.const(np.zeros(spec.shape, dtype=spec.dtype))
+            grad_of[g] = v
         grads.append(g)
-    new = b.build(graph.inputs, graph.params, graph.param_objs, graph.outputs)
+    new = b.build(graph.inputs, graph.params, graph.param_objs, graph.outputs, grad_of)
     return new, tuple(grads)

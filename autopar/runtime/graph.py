@@ -65,6 +65,7 @@ class Graph:
     param_objs: tuple[Any, ...]             # the Parameter objects, aligned with params
     consts: dict[int, np.ndarray] = field(default_factory=dict)
     outputs: tuple[int, ...] = ()
+    grad_of: dict[int, int] = field(default_factory=dict)   # gradient value -> the value it differentiates
 
     def spec(self, vid: int) -> TensorSpec:
         return self.values[vid].spec
@@ -135,6 +136,6 @@ class GraphBuilder:
         self.nodes.append(node)
         return node
 
-    def build(self, inputs, params, param_objs, outputs) -> Graph:
+    def build(self, inputs, params, param_objs, outputs, grad_of=None) -> Graph:
         return Graph(tuple(self.values), tuple(self.nodes), tuple(inputs), tuple(params),
-                     tuple(param_objs), dict(self.consts), tuple(outputs))
+                     tuple(param_objs), dict(self.consts), tuple(outputs), dict(grad_of or {}))

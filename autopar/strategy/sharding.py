@@ -20,8 +20,10 @@ An :class:`OpSharding` maps letters to mesh axes. Every layout follows from it:
 * dy (what the VJP reads): the output's layout, nothing partial.
 
 A user strategy (``((dp, 1), (1, mp))``) becomes a sharding on a fresh device matrix made
-of the split counts in letter order, with a leading ``rep`` axis when the strategy uses
-fewer devices than the stage has (MindSpore's repeated calculation). An op without one
+of the split counts in letter order, with a trailing ``rep`` axis when the strategy uses
+fewer devices than the stage has (MindSpore's repeated calculation, whose repeated
+dimension goes on the right by default): ``((dp, 1),)`` on dp x mp devices keeps dp major,
+so it lines up with ops split ``(dp, mp)``. An op without one
 takes its inputs' axes (propagation): it runs on the mesh its first input is laid out on,
 so neighbouring ops agree without communication.
 """
@@ -157,11 +159,10 @@ def from_strategy(indexing: Indexing, strategy: Sequence[Sequence[int]], shapes:
         raise OpArgError("in_strategy", f"a product of splits dividing the {stage.size} devices of the stage",
                          f"{used} ({tuple(map(tuple, strategy))})", "use fewer or other splits", where=where)
     rep = stage.size // used
-    shape = ((rep,) if rep > 1 else ()) + tuple(counts[ch][0] for ch in letters)
-    names = (("rep",) if rep > 1 else ()) + tuple(letters)
+    shape = tuple(counts[ch][0] for ch in letters) + ((rep,) if rep > 1 else ())
+    names = tuple(letters) + (("rep",) if rep > 1 else ())
     mesh = Mesh(shape or (1,), names or ("rep",), stage.ranks)
-    first = 1 if rep > 1 else 0
-    return _make(indexing, mesh, {ch: (first + k,) for k, ch in enumerate(letters)})
+    return _make(indexing, mesh, {ch: (k,) for k, ch in enumerate(letters)})
 
 
 def propagate(indexing: Indexing, layouts: Sequence[Layout | None], shapes: Sequence[Sequence[int]],
