@@ -270,8 +270,11 @@ def lower(graph: Graph, outputs: Sequence[int], plan: ShardingPlan, rank: int, w
                              recompute=node.recompute)
             for g, lay, lg in zip(node.outputs, lays, new.outputs):
                 local[g] = (lay, lg)
-        else:  # gradient accumulation (AddN): every part in the value's settled layout
-            target = settled(local[graph.grad_of[node.outputs[0]]][0])
+        else:  # gradient accumulation (AddN): parts alike stay as they are (partial sums add
+            # up before one reduction); otherwise each settles into the value's layout first
+            parts = [local[v][0] for v in node.inputs]
+            target = parts[0] if all(p == parts[0] for p in parts) else \
+                settled(local[graph.grad_of[node.outputs[0]]][0])
             ins = [get(v, target, node.scope, BACKWARD) for v in node.inputs]
             new = b.add_node(node.prim, tuple(ins), (local_spec(node.outputs[0], target),), node.scope,
                              phase=BACKWARD)

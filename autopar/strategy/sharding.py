@@ -24,8 +24,8 @@ of the split counts in letter order, with a trailing ``rep`` axis when the strat
 fewer devices than the stage has (MindSpore's repeated calculation, whose repeated
 dimension goes on the right by default): ``((dp, 1),)`` on dp x mp devices keeps dp major,
 so it lines up with ops split ``(dp, mp)``. An op without one
-takes its inputs' axes (propagation): it runs on the mesh its first input is laid out on,
-so neighbouring ops agree without communication.
+takes its inputs' axes (propagation): it runs on the mesh of its most split input, so
+neighbouring ops agree without communication and whole inputs are only sliced.
 """
 from __future__ import annotations
 
@@ -170,9 +170,10 @@ def propagate(indexing: Indexing, layouts: Sequence[Layout | None], shapes: Sequ
     """A sharding for an op without a user strategy: each letter takes the mesh axes that
     the first input laid out on the reference mesh gives it, unless the letter is fixed or
     the split would not divide every dim the letter indexes (then it stays whole)."""
-    ref = next((lay for lay in layouts if lay is not None), None)
-    if ref is None:
+    known = [lay for lay in layouts if lay is not None]
+    if not known:
         return _make(indexing, stage, {})
+    ref = max(known, key=lambda lay: math.prod(lay.splits()))  # the most split input leads
     sizes: dict[str, list[int]] = {}
     for letters, shape in zip(indexing.inputs + (indexing.output,), list(shapes) + [out_shape]):
         for ch, n in zip(letters, shape):

@@ -49,8 +49,8 @@ class Attention(Cell):
         return x.reshape(b, s, self.n_heads, self.head_dim)            # (B, S, H) -> (B, S, N, D)
 
     def construct(self, x_query, x_kv, mask_add):
-        b, s, h = x_query.shape
-        q = self._heads(self.dense1(x_query)).transpose(0, 2, 1, 3)   # (B, N, S, D)
+        b, s, h = x_kv.shape                                           # the query may have batch 1
+        q = self._heads(self.dense1(x_query)).transpose(0, 2, 1, 3)   # (B or 1, N, S, D)
         k = self._heads(self.dense2(x_kv)).transpose(0, 2, 3, 1)      # (B, N, D, S)
         v = self._heads(self.dense3(x_kv)).transpose(0, 2, 1, 3)      # (B, N, S, D)
         scores = self.scores(q * self.scale, k) + mask_add             # (B, N, S, S); scale the smaller q
@@ -150,7 +150,7 @@ class PanguAlpha(Cell):
         self._check_ids(input_ids)
         b, s = input_ids.shape
         cdt = np.dtype(self.config.compute_dtype)
-        mask, pos = None, np.broadcast_to(np.arange(s, dtype=np.int32), (b, s))  # (B, S)
+        mask, pos = None, np.arange(s, dtype=np.int32)[None]  # (1, S), broadcast over the batch
         if self.config.eod_reset and (attention_mask is None or position_ids is None):
             mask, pos = self.masks(input_ids)
         if attention_mask is not None:
