@@ -10,7 +10,7 @@ from autopar.runtime.spmd import ShardedGradProgram
 
 
 class MLP(nn.Cell):
-    """Megatron's MLP: column-parallel then row-parallel, then a scalar loss."""
+    """A residual Megatron MLP: column-parallel then row-parallel, added back to its input."""
 
     def __init__(self, h=8, f=16, dp=1, mp=1):
         super().__init__()
@@ -23,11 +23,12 @@ class MLP(nn.Cell):
         self.add = ops.Add().shard(((dp, mp), (mp,)))
         self.gelu = ops.GeLU()
         self.mm2 = ops.MatMul().shard(((dp, mp), (mp, 1)))
+        self.residual = ops.Add().shard(((dp, 1), (dp, 1)))
 
     def construct(self, x):
         x = self.mul(x, self.scale)
         h = self.gelu(self.add(self.mm1(x, self.w1), self.b1))
-        y = self.mm2(h, self.w2)
+        y = self.residual(x, self.mm2(h, self.w2))
         return (y * y).sum() * 0.5
 
 

@@ -187,6 +187,26 @@ class _Comms:
         return out
 
 
+def _passable_partial(have: Layout, sh: OpSharding, f, needs, graph: Graph) -> tuple[int, ...]:
+    """Partial axes of a gradient that a VJP may take as they are.
+
+    Every VJP is linear in dy, so a dy that is a partial sum over axes the op's sharding
+    does not use gives input gradients partial over the same axes: the reduction moves
+    later and merges with others (three column-parallel layers reading one input reduce
+    its gradient once). Not done when the gradients are bigger than dy (a lookup table's
+    gradient), where reducing dy first is cheaper."""
+    want = sh.dy_layout()
+    same_grid = have.mesh.shape == want.mesh.shape and have.mesh.ranks == want.mesh.ranks
+    if not have.partial or not same_grid or have.dims != want.dims:
+        return ()
+    used = {a for _, axes in sh.axes for a in axes}
+    if used & set(have.partial):
+        return ()
+    dy_size = graph.spec(f.outputs[0]).size
+    grads_size = sum(graph.spec(v).size for v, n in zip(f.inputs, needs) if n)
+    return have.partial if grads_size <= dy_size else ()
+
+
 def lower(graph: Graph, outputs: Sequence[int], plan: ShardingPlan, rank: int, world,
           output_layouts: dict[int, Layout] | None = None) -> tuple[Graph, tuple[int, ...], dict[int, Layout]]:
     """The local graph of ``rank``: returns it, its output values, and the layout each
@@ -255,7 +275,9 @@ def lower(graph: Graph, outputs: Sequence[int], plan: ShardingPlan, rank: int, w
         elif node.forward_of is not None:
             f = graph.nodes[node.forward_of]
             sh = plan.shardings[f.id]
-            dy = get(node.inputs[0], sh.dy_layout(), node.scope, BACKWARD)
+            extra = _passable_partial(local[node.inputs[0]][0], sh, f, node.needs, graph)
+            want = sh.dy_layout()
+            dy = get(node.inputs[0], Layout(want.mesh, want.dims, extra), node.scope, BACKWARD)
             prim = b.nodes[fwd_node[f.id]].prim
             saved = [fwd_ins[f.id][i] for i in prim.saved_input_indices(len(f.inputs))]
             if prim.save_output:
@@ -263,7 +285,8 @@ def lower(graph: Graph, outputs: Sequence[int], plan: ShardingPlan, rank: int, w
             outs, lays = [], []
             for i, (v, need) in enumerate(zip(f.inputs, node.needs)):
                 if need:
-                    lays.append(sh.grad_layout(i))
+                    g = sh.grad_layout(i)
+                    lays.append(Layout(g.mesh, g.dims, tuple(sorted(g.partial + extra))))
                     outs.append(local_spec(v, lays[-1]))
             new = b.add_node(prim, (dy, *saved), tuple(outs), node.scope, phase=BACKWARD,
                              forward_of=fwd_node[f.id], needs=node.needs, stage=node.stage,

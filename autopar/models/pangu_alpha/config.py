@@ -28,6 +28,10 @@ class PanguAlphaConfig:
     # Released 2.6B/13B weights: blocks -> final LN -> query layer -> head. The 200B pipeline
     # model: blocks -> query layer -> final LN -> head.
     layer_order: str = "final_ln_then_query"
+    # Operator-level parallelism (semi_auto_parallel): the strategies of REFERENCE.md.
+    data_parallel: int = 1
+    model_parallel: int = 1
+    vocab_emb_dp: bool = True       # word table replicated (True) or split over vocabulary
 
     def __post_init__(self):
         def bad(field, expected, fix=""):
@@ -51,6 +55,16 @@ class PanguAlphaConfig:
                 bad(f, "a float dtype name such as 'float32'")
         if self.layer_order not in LAYER_ORDERS:
             bad("layer_order", f"one of {LAYER_ORDERS}")
+        for f in ("data_parallel", "model_parallel"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(f, "an int >= 1")
+        mp = self.model_parallel
+        if self.num_heads % mp or self.ffn_hidden_size % mp or self.hidden_size % mp:
+            bad("model_parallel", f"a divisor of num_heads={self.num_heads}, hidden_size={self.hidden_size} and "
+                f"ffn_hidden_size={self.ffn_hidden_size}")
+        if not self.vocab_emb_dp and self.vocab_size % mp:
+            bad("vocab_emb_dp", f"True, or a vocab_size divisible by model_parallel={mp}")
 
     @property
     def head_dim(self) -> int:

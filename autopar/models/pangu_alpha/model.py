@@ -43,6 +43,13 @@ class Attention(Cell):
         self.prob_dropout = Dropout(1.0 - config.dropout_rate)
         self.dropout = Dropout(1.0 - config.dropout_rate)
         self.scale = 1.0 / math.sqrt(config.head_dim)
+        dp, mp = config.data_parallel, config.model_parallel
+        for d in (self.dense1, self.dense2, self.dense3):
+            column_parallel(d, dp, mp)
+        row_parallel(self.projection, dp, mp)
+        self.scores.shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
+        self.context.shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
+        self.softmax.shard(((dp, mp, 1, 1),))
 
     def _heads(self, x):
         b, s, _ = x.shape
@@ -70,9 +77,25 @@ class FeedForward(Cell):
         self.projection = Dense(f, h, weight_init=Normal(std / math.sqrt(2.0 * config.num_layers)),
                                 **dense)                                                  # (B, S, F) -> (B, S, H)
         self.dropout = Dropout(1.0 - config.dropout_rate)
+        dp, mp = config.data_parallel, config.model_parallel
+        column_parallel(self.mapping, dp, mp)
+        self.gelu.shard(((dp, 1, mp),))
+        row_parallel(self.projection, dp, mp)
 
     def construct(self, x):
         return self.dropout(self.projection(self.gelu(self.mapping(x))))
+
+
+def column_parallel(dense: Dense, dp: int, mp: int) -> None:
+    """Weight (out, in) split on out: (B*S, H) -> (B*S, F/mp), no communication."""
+    dense.matmul.shard(((dp, 1), (mp, 1)))
+    dense.bias_add.shard(((dp, mp), (mp,)))
+
+
+def row_parallel(dense: Dense, dp: int, mp: int) -> None:
+    """Weight (out, in) split on in: partial sums, one all-reduce over mp."""
+    dense.matmul.shard(((dp, mp), (1, mp)))
+    dense.bias_add.shard(((dp, 1), (1,)))
 
 
 class Block(Cell):
@@ -85,6 +108,9 @@ class Block(Cell):
         self.attention = Attention(config)
         self.layernorm2 = LayerNorm(config.hidden_size, eps, dt)
         self.output = FeedForward(config)
+        dp = config.data_parallel
+        for ln in (self.layernorm1, self.layernorm2):
+            ln.layer_norm.shard(((dp, 1, 1), (1,), (1,)))
 
     def construct(self, x, mask_add):
         h = self.layernorm1(x)
@@ -125,6 +151,13 @@ class PanguAlpha(Cell):
         self.final_layernorm = LayerNorm(h, config.layernorm_epsilon, dt)
         self.query_layer = QueryLayer(config)
         self.head = ops.MatMul(transpose_b=True)
+        dp, mp = config.data_parallel, config.model_parallel
+        if config.vocab_emb_dp:
+            self.word_embedding.gather.shard(((1, 1), (dp, 1)))
+        else:  # vocabulary-split table: masked lookup, partial sums all-reduced over mp
+            self.word_embedding.gather.shard(((mp, 1), (dp, 1)))
+        self.final_layernorm.layer_norm.shard(((dp, 1, 1), (1,), (1,)))
+        self.head.shard(((dp, 1), (1, 1)))  # logits (B*S, V) split on the batch
 
     def _check_ids(self, input_ids):
         s = self.config.seq_length
@@ -150,7 +183,7 @@ class PanguAlpha(Cell):
         self._check_ids(input_ids)
         b, s = input_ids.shape
         cdt = np.dtype(self.config.compute_dtype)
-        mask, pos = None, np.arange(s, dtype=np.int32)[None]  # (1, S), broadcast over the batch
+        mask, pos = None, None
         if self.config.eod_reset and (attention_mask is None or position_ids is None):
             mask, pos = self.masks(input_ids)
         if attention_mask is not None:
@@ -160,7 +193,9 @@ class PanguAlpha(Cell):
         else:
             mask_add = ops.Select()(mask, np.zeros((), cdt), np.full((), MASK_VALUE, cdt))  # (B, S, S)
             mask_add = ops.ExpandDims()(mask_add, 1)                                    # (B, 1, S, S)
-        position_ids = pos if position_ids is None else position_ids
+        if position_ids is None:
+            # 0..S-1 per row, computed from the tokens so that it is laid out like them
+            position_ids = pos if pos is not None else ops.Cumsum(exclusive=True)(input_ids * 0 + 1, 1)
 
         x = self.word_embedding(input_ids) + self.position_embedding(position_ids)  # (B, S, H)
         x = self.embedding_dropout(x)
