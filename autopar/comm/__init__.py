@@ -1,4 +1,29 @@
-"""Collectives over MPI and an in-process backend (the only place that imports mpi4py).
+"""Collectives on numpy arrays: an MPI backend and an in-process one with the same interface.
 
-Filled in by the sharded-execution work; the serial runtime needs no communication.
+| collective (member i of n)                           | backward conjugate                          |
+|------------------------------------------------------|---------------------------------------------|
+| allreduce(x, op): sum/max/min over members, on all    | identity                                    |
+| allgather(x, axis): concat members' x along axis      | reduce_scatter along the same axis          |
+| reduce_scatter(x, axis): sum, keep block i along axis | allgather along the same axis               |
+| alltoall(x, s, c): block j along s to j, concat on c  | alltoall(dy, c, s): the axes swapped        |
+| broadcast(x, root): root's x to every member          | reduce (sum) to root                        |
+| send(x, dest) / recv(shape, dtype, source)            | recv / send the gradient the other way      |
+
+Every call takes numpy arrays and returns a new array; inputs are never modified. Groups are
+made once, at plan/lower time, with ``comm.split(groups)`` (MPI ``Comm.Split``), never per
+step. ``comm.stats`` counts every call and its bytes by kind, for a rank and all its
+sub-communicators together.
+
+* ``world()`` -- MPI's world communicator under ``mpiexec -n N`` (N > 1), else one rank;
+* ``run_in_process(n, fn, *args)`` -- n virtual ranks as threads, for tests and planning checks;
+* ``install_abort_handler()`` -- an uncaught exception on any rank ends the MPI job.
+
+This package is the only place in autopar that imports mpi4py, and only when MPI is used.
 """
+from .base import CommRecord, CommStats, Communicator
+from .inprocess import CollectiveMismatchError, DeadlockError, RankAborted, run_in_process
+from .mpi import install_abort_handler, world
+from .single import SelfCommunicator
+
+__all__ = ["Communicator", "CommStats", "CommRecord", "run_in_process", "world", "install_abort_handler",
+           "SelfCommunicator", "RankAborted", "CollectiveMismatchError", "DeadlockError"]

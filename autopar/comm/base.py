@@ -1,0 +1,284 @@
+"""The Communicator interface, its argument checks, and the statistics every backend keeps.
+
+A backend implements the underscored primitives (``_allreduce``, ``_allgather``, ...) on
+arguments already checked here: ``x`` a numpy array, axes normalised to ``0 <= axis < ndim``,
+divisibility verified. The public methods check, record the call in :class:`CommStats`, and
+delegate, so every backend validates and counts identically.
+
+Index convention for the blocked collectives, with ``n = size`` and member ``i``::
+
+    x (local input, shape (..., d, ...) with d at `axis`)
+    allgather:      out = concat_j x_j                   along axis   -> (..., n*d, ...)
+    reduce_scatter: out = (sum_j x_j)[i*d/n:(i+1)*d/n]   along axis   -> (..., d/n, ...)
+    alltoall:       out = concat_j block_i(x_j)          blocks along split_axis, concat along concat_axis
+
+e.g. n = 2, x_0 = [0, 1], x_1 = [2, 3] (axis 0): allgather -> [0, 1, 2, 3] on both;
+reduce_scatter -> [2] on member 0, [4] on member 1; alltoall(0, 0) -> [0, 2] and [1, 3].
+"""
+from __future__ import annotations
+
+import abc
+import operator
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import format_error
+
+KINDS = ("allreduce", "allgather", "reduce_scatter", "alltoall", "broadcast", "send", "recv")
+REDUCE_OPS = ("sum", "max", "min")
+MAX_TAG = 32767  # the least upper bound on tags that MPI guarantees
+
+
+@dataclass(frozen=True)
+class CommRecord:
+    """One logged call: its kind, the world ranks of the group, the local shape and dtype."""
+
+    kind: str
+    ranks: tuple[int, ...]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def __str__(self) -> str:
+        return f"{self.kind}{list(self.ranks)} {self.shape} {self.dtype}"
+
+
+class CommStats:
+    """Count and bytes, by kind, of every communication call one rank makes.
+
+    Shared by a rank's communicator and all its sub-communicators. Bytes are the local input
+    buffer's ``nbytes`` (for ``recv``, the received buffer's). Barriers and splits are not
+    counted. The ordered log keeps the last ``log_limit`` calls (``None``: all of them).
+    """
+
+    def __init__(self, log_limit: int | None = 100_000):
+        self._count = dict.fromkeys(KINDS, 0)
+        self._bytes = dict.fromkeys(KINDS, 0)
+        self._log: deque[CommRecord] = deque(maxlen=log_limit)
+
+    def record(self, kind: str, ranks: tuple[int, ...], x: np.ndarray) -> None:
+        self._count[kind] += 1
+        self._bytes[kind] += x.nbytes
+        self._log.append(CommRecord(kind, ranks, x.shape, x.dtype))
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """``{"count": {kind: calls}, "bytes": {kind: bytes}}``, kinds never called left out."""
+        return {"count": {k: v for k, v in self._count.items() if v},
+                "bytes": {k: self._bytes[k] for k, v in self._count.items() if v}}
+
+    @property
+    def log(self) -> tuple[CommRecord, ...]:
+        return tuple(self._log)
+
+    def reset(self) -> None:
+        for kind in KINDS:
+            self._count[kind] = self._bytes[kind] = 0
+        self._log.clear()
+
+    def __repr__(self) -> str:
+        calls = ", ".join(f"{k}={v}/{self._bytes[k]}B" for k, v in self._count.items() if v)
+        return f"CommStats({calls})"
+
+
+def block_index(ndim: int, axis: int, i: int, block: int) -> tuple[slice, ...]:
+    """Index of block ``i`` (of length ``block``) along ``axis`` of an ``ndim``-d array."""
+    return (slice(None),) * axis + (slice(i * block, (i + 1) * block),)
+
+
+class Communicator(abc.ABC):
+    """Collectives and point-to-point messages on numpy arrays among a group of ranks.
+
+    Every method takes numpy arrays and returns a NEW array (never a view of an input);
+    inputs are never modified. All members of a communicator make the same collective calls
+    in the same order with the same shapes, dtypes and arguments.
+    """
+
+    def __init__(self, stats: CommStats):
+        self._stats = stats
+
+    @property
+    @abc.abstractmethod
+    def rank(self) -> int:
+        """This member's position in the communicator."""
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Number of members."""
+
+    @property
+    @abc.abstractmethod
+    def ranks(self) -> tuple[int, ...]:
+        """World ranks of the members, in member order."""
+
+    @property
+    def stats(self) -> CommStats:
+        return self._stats
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rank={self.rank}, ranks={self.ranks})"
+
+    # ---- collectives: check, record, delegate ------------------------------------------
+
+    def allreduce(self, x, op: str = "sum") -> np.ndarray:
+        """forward: sum (max, min) over members, same result on all / backward: identity."""
+        x = self._buffer(x, "allreduce")
+        _check_reduce_op(x, op, self._where("allreduce"))
+        self._stats.record("allreduce", self.ranks, x)
+        return self._allreduce(x, op)
+
+    def allgather(self, x, axis: int = 0) -> np.ndarray:
+        """forward: concatenate members' blocks along axis / backward: reduce-scatter along axis."""
+        x = self._buffer(x, "allgather")
+        axis = self._axis(x, axis, "allgather", "axis")
+        self._stats.record("allgather", self.ranks, x)
+        return self._allgather(x, axis)
+
+    def reduce_scatter(self, x, axis: int = 0) -> np.ndarray:
+        """forward: sum over members, keep block i along axis / backward: all-gather along axis."""
+        x = self._buffer(x, "reduce_scatter")
+        _check_reduce_op(x, "sum", self._where("reduce_scatter"))
+        axis = self._axis(x, axis, "reduce_scatter", "axis", divisible=True)
+        self._stats.record("reduce_scatter", self.ranks, x)
+        return self._reduce_scatter(x, axis)
+
+    def alltoall(self, x, split_axis: int, concat_axis: int) -> np.ndarray:
+        """forward: block j along split_axis to member j, concat along concat_axis /
+        backward: all-to-all with the two axes swapped."""
+        x = self._buffer(x, "alltoall")
+        split_axis = self._axis(x, split_axis, "alltoall", "split_axis", divisible=True)
+        concat_axis = self._axis(x, concat_axis, "alltoall", "concat_axis")
+        self._stats.record("alltoall", self.ranks, x)
+        return self._alltoall(x, split_axis, concat_axis)
+
+    def broadcast(self, x, root: int = 0) -> np.ndarray:
+        """forward: root's x to every member (others pass x for shape and dtype) /
+        backward: sum to root."""
+        x = self._buffer(x, "broadcast")
+        root = self._member(root, "broadcast", "root", allow_self=True)
+        self._stats.record("broadcast", self.ranks, x)
+        return self._broadcast(x, root)
+
+    def send(self, x, dest: int, tag: int = 0) -> None:
+        """Send x to member dest. May block until the matching recv starts (MPI standard
+        mode); the in-process backend always does, so an order that works there is safe."""
+        x = self._buffer(x, "send")
+        dest, tag = self._member(dest, "send", "dest"), self._tag(tag, "send")
+        self._stats.record("send", self.ranks, x)
+        self._send(x, dest, tag)
+
+    def recv(self, shape, dtype, source: int, tag: int = 0) -> np.ndarray:
+        """Receive a (shape, dtype) array sent by member source with this tag."""
+        shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(d) for d in shape)
+        dtype = np.dtype(dtype)
+        source, tag = self._member(source, "recv", "source"), self._tag(tag, "recv")
+        out = self._recv(shape, dtype, source, tag)
+        self._stats.record("recv", self.ranks, out)
+        return out
+
+    def barrier(self) -> None:
+        """Wait until every member has called barrier (not counted in stats)."""
+        self._barrier()
+
+    def split(self, groups: Sequence[Sequence[int]]) -> Communicator:
+        """The sub-communicator of the group holding this rank; groups (of world ranks)
+        partition the members, member order = order given. Collective; plan time only."""
+        groups = self._check_partition(groups)
+        me = self.ranks[self.rank]
+        index = next(g for g, group in enumerate(groups) if me in group)
+        return self._split(groups, index)
+
+    # ---- the primitives a backend implements ------------------------------------------
+
+    @abc.abstractmethod
+    def _allreduce(self, x: np.ndarray, op: str) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _allgather(self, x: np.ndarray, axis: int) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _reduce_scatter(self, x: np.ndarray, axis: int) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _alltoall(self, x: np.ndarray, split_axis: int, concat_axis: int) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _broadcast(self, x: np.ndarray, root: int) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _send(self, x: np.ndarray, dest: int, tag: int) -> None: ...
+
+    @abc.abstractmethod
+    def _recv(self, shape: tuple[int, ...], dtype: np.dtype, source: int, tag: int) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def _barrier(self) -> None: ...
+
+    @abc.abstractmethod
+    def _split(self, groups: tuple[tuple[int, ...], ...], index: int) -> Communicator:
+        """This member's sub-communicator for ``groups[index]`` (already checked)."""
+
+    # ---- argument checks ---------------------------------------------------------------
+
+    def _where(self, method: str) -> str:
+        return f"{type(self).__name__}.{method} (rank {self.rank} of {list(self.ranks)})"
+
+    def _buffer(self, x, method: str) -> np.ndarray:
+        x = np.asarray(x)
+        if x.dtype.kind not in "biufc" or not x.dtype.isnative:
+            raise TypeError(format_error(self._where(method), "x", "a numeric or bool array in native byte order",
+                                         f"dtype {x.dtype}", "convert with x.astype(np.float32) or similar"))
+        return x
+
+    def _axis(self, x: np.ndarray, axis: int, method: str, arg: str, divisible: bool = False) -> int:
+        axis = self._int(axis, method, arg)
+        if not -x.ndim <= axis < x.ndim:
+            raise ValueError(format_error(self._where(method), arg, f"an axis of a {x.ndim}-d array",
+                                          f"{axis} (shape {x.shape})"))
+        axis %= x.ndim
+        if divisible and x.shape[axis] % self.size:
+            raise ValueError(format_error(self._where(method), arg, f"a dimension divisible by the group size "
+                                          f"{self.size}", f"axis {axis} of shape {x.shape}",
+                                          "pad the dimension or split along another axis"))
+        return axis
+
+    def _member(self, value: int, method: str, arg: str, allow_self: bool = False) -> int:
+        value = self._int(value, method, arg)
+        if not 0 <= value < self.size or (value == self.rank and not allow_self):
+            others = "" if allow_self else f", not this rank ({self.rank})"
+            raise ValueError(format_error(self._where(method), arg, f"a member in 0..{self.size - 1}{others}",
+                                          repr(value)))
+        return value
+
+    def _tag(self, tag: int, method: str) -> int:
+        tag = self._int(tag, method, "tag")
+        if not 0 <= tag <= MAX_TAG:
+            raise ValueError(format_error(self._where(method), "tag", f"an int in 0..{MAX_TAG}", repr(tag)))
+        return tag
+
+    def _int(self, value, method: str, arg: str) -> int:
+        try:
+            return operator.index(value)
+        except TypeError:
+            raise TypeError(format_error(self._where(method), arg, "an int", repr(value))) from None
+
+    def _check_partition(self, groups) -> tuple[tuple[int, ...], ...]:
+        groups = tuple(tuple(int(r) for r in g) for g in groups)
+        flat = [r for g in groups for r in g]
+        if any(not g for g in groups) or sorted(flat) != sorted(self.ranks):
+            raise ValueError(format_error(self._where("split"), "groups",
+                                          f"non-empty groups partitioning the members {list(self.ranks)} "
+                                          "(world ranks, each exactly once)", repr(groups),
+                                          "pass e.g. mesh.groups(axes) of this communicator's mesh"))
+        return groups
+
+
+def _check_reduce_op(x: np.ndarray, op: str, where: str) -> None:
+    if op not in REDUCE_OPS:
+        raise ValueError(format_error(where, "op", f"one of {REDUCE_OPS}", repr(op)))
+    kinds = "iuf" if op in ("max", "min") else "iufc"
+    if x.dtype.kind not in kinds:
+        raise TypeError(format_error(where, "x", f"a dtype MPI can {op}-reduce (kinds {kinds!r})",
+                                     f"dtype {x.dtype}", "reduce bool masks as int8"))

@@ -1,0 +1,356 @@
+"""N virtual ranks as threads of one process, behind the Communicator interface.
+
+``run_in_process(n, fn, *args)`` runs ``fn(comm, *args)`` on n threads, ``comm`` being that
+virtual rank's world communicator, and returns the results in rank order. numpy releases the
+GIL in its kernels, so big arrays really are processed in parallel.
+
+Rendezvous. Every group (a tuple of world ranks, in member order) has one ``_Rendezvous``: a
+``threading.Barrier`` over its members and one slot per member. A collective is
+
+    1. deposit  member i puts (kind, arguments, input) in slot i      (no copy: inputs are read only)
+    2. wait     every member has deposited
+    3. check    all slots name the same call, else CollectiveMismatchError on every member
+    4. compute  member i builds its own new result from all the slots (reading only)
+    5. wait     nobody still reads, so inputs may change and slots be reused
+
+Point-to-point messages go through mailboxes keyed by (group, source, dest, tag). ``send``
+waits until the receiver has copied the message (MPI's synchronous mode), so an order of
+sends and receives that works here cannot deadlock under MPI, whatever its buffering.
+
+Failure. An exception on a rank's thread marks the run failed, aborts every barrier and wakes
+every mailbox waiter: the other ranks raise RankAborted from the communication they are in
+(or their next one). ``run_in_process`` re-raises the first original exception, its message
+prefixed with ``[rank r of n]``.
+
+Deadlock. While it waits, the calling thread watches: when every unfinished rank has sat for
+STALL_S seconds in the same wait that nothing can satisfy any more (a barrier whose generation
+has not moved, an empty mailbox, a message nobody took), it aborts the run with DeadlockError
+saying where each rank waits. A run longer than ``timeout`` seconds raises TimeoutError.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import format_error
+from .base import CommStats, Communicator, block_index
+
+POLL_S = 0.05  # how often the calling thread looks for a deadlock
+STALL_S = 0.5  # how long every rank must sit in the same unsatisfiable wait to call it a deadlock
+GRACE_S = 2.0  # how long, after an abort, the calling thread waits for the rank threads to end
+_REDUCE = {"sum": np.add, "max": np.maximum, "min": np.minimum}
+
+
+class RankAborted(RuntimeError):
+    """Raised on a rank whose communication was cut short because the run was aborted."""
+
+
+class CollectiveMismatchError(RuntimeError):
+    """The members of a group called different collectives (or the same with other arguments)."""
+
+
+class DeadlockError(RuntimeError):
+    """Every unfinished rank waits for a communication that can no longer happen."""
+
+
+@dataclass(frozen=True)
+class _Wait:
+    """Where a rank is blocked, and whether that wait is still unsatisfied."""
+
+    what: str
+    stuck: Callable[[], bool]
+
+
+class _Message:
+    def __init__(self, buf: np.ndarray):
+        self.buf = buf
+        self.taken = False
+
+
+class _Rendezvous:
+    """Barrier and slots of one group of world ranks."""
+
+    def __init__(self, ranks: tuple[int, ...]):
+        self.ranks = ranks
+        self.slots: list = [None] * len(ranks)
+        self.generation = 0  # completed barrier rounds; advanced by the last member to arrive
+        self.barrier = threading.Barrier(len(ranks), action=self._advance)
+
+    def _advance(self) -> None:
+        self.generation += 1
+
+
+class _Universe:
+    """Everything the n rank threads of one run share."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.lock = threading.Lock()
+        self.groups: dict[tuple[int, ...], _Rendezvous] = {}
+        self.p2p = threading.Condition()  # guards mailboxes and Message.taken
+        self.mailboxes: dict[tuple, deque[_Message]] = {}
+        self.waits: list[_Wait | None] = [None] * n  # written by rank r's thread only
+        self.finished = [False] * n
+        self.failure: tuple[int | None, BaseException] | None = None
+        self.aborted = False
+        self.wake = threading.Event()  # set when a rank fails or the last one finishes
+
+    def rendezvous(self, ranks: tuple[int, ...]) -> _Rendezvous:
+        with self.lock:
+            rv = self.groups.get(ranks)
+            if rv is None:
+                rv = self.groups[ranks] = _Rendezvous(ranks)
+                if self.aborted:
+                    rv.barrier.abort()
+            return rv
+
+    def abort(self, rank: int | None, exc: BaseException) -> None:
+        """Record the first failure (rank None: the run itself) and stop every wait."""
+        with self.lock:
+            if self.failure is None:
+                self.failure = (rank, exc)
+            self.aborted = True
+            for rv in self.groups.values():
+                rv.barrier.abort()
+        with self.p2p:
+            self.p2p.notify_all()
+        self.wake.set()
+
+    def done(self, rank: int) -> None:
+        with self.lock:
+            self.finished[rank] = True
+            if all(self.finished):
+                self.wake.set()
+
+    def stalled(self) -> tuple[_Wait | None, ...] | None:
+        """Every rank's wait (None when finished) if each unfinished rank is stuck, else None."""
+        waits = tuple(None if self.finished[r] else self.waits[r] for r in range(self.n))
+        live = [w for r, w in enumerate(waits) if not self.finished[r]]
+        if live and all(w is not None and w.stuck() for w in live):
+            return waits
+        return None
+
+    def describe_waits(self) -> str:
+        lines = []
+        for r in range(self.n):
+            w = self.waits[r]
+            state = "finished" if self.finished[r] else (f"waits in {w.what}" if w else "running")
+            lines.append(f"rank {r}: {state}")
+        return "; ".join(lines)
+
+
+class InProcessCommunicator(Communicator):
+    """One virtual rank's view of one group; built by run_in_process and split."""
+
+    def __init__(self, universe: _Universe, rv: _Rendezvous, rank: int, stats: CommStats):
+        super().__init__(stats)
+        self._u, self._rv, self._rank = universe, rv, rank
+        self._world_rank = rv.ranks[rank]
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def size(self) -> int:
+        return len(self._rv.ranks)
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return self._rv.ranks
+
+    # ---- collectives -------------------------------------------------------------------
+
+    def _allreduce(self, x, op):
+        def compute(bufs):
+            out = bufs[0].copy()
+            for b in bufs[1:]:
+                _REDUCE[op](out, b, out=out)
+            return out
+        return self._collective("allreduce", _sig(x, op=op), x, compute)
+
+    def _allgather(self, x, axis):
+        return self._collective("allgather", _sig(x, axis=axis), x, lambda bufs: np.concatenate(bufs, axis))
+
+    def _reduce_scatter(self, x, axis):
+        index = block_index(x.ndim, axis, self._rank, x.shape[axis] // self.size)
+
+        def compute(bufs):
+            out = bufs[0][index].copy()
+            for b in bufs[1:]:
+                np.add(out, b[index], out=out)
+            return out
+        return self._collective("reduce_scatter", _sig(x, axis=axis), x, compute)
+
+    def _alltoall(self, x, split_axis, concat_axis):
+        index = block_index(x.ndim, split_axis, self._rank, x.shape[split_axis] // self.size)
+        return self._collective("alltoall", _sig(x, split_axis=split_axis, concat_axis=concat_axis), x,
+                                lambda bufs: np.concatenate([b[index] for b in bufs], concat_axis))
+
+    def _broadcast(self, x, root):
+        return self._collective("broadcast", _sig(x, root=root), x, lambda bufs: bufs[root].copy())
+
+    def _barrier(self):
+        self._collective("barrier", (), None, lambda bufs: None)
+
+    def _split(self, groups, index):
+        self._collective("split", (("groups", groups),), None, lambda bufs: None)  # all agree on groups
+        group = groups[index]
+        rv = self._u.rendezvous(group)
+        return InProcessCommunicator(self._u, rv, group.index(self._world_rank), self.stats)
+
+    def _collective(self, kind: str, sig: tuple, x, compute):
+        rv, i = self._rv, self._rank
+        rv.slots[i] = (kind, sig, x)
+        self._wait_all(kind)
+        error = result = None
+        try:
+            if any(s[:2] != (kind, sig) for s in rv.slots):
+                raise CollectiveMismatchError(self._mismatch(rv.slots))
+            result = compute([s[2] for s in rv.slots])
+        except Exception as exc:  # noqa: BLE001 - re-raised after the second wait: no member is left behind
+            error = exc
+        self._wait_all(kind)
+        rv.slots[i] = None
+        if error is not None:
+            raise error
+        return result
+
+    def _wait_all(self, kind: str) -> None:
+        rv, u = self._rv, self._u
+        generation = rv.generation  # cannot advance before this member arrives
+        u.waits[self._world_rank] = _Wait(f"{kind} on group {rv.ranks}", lambda: rv.generation == generation)
+        try:
+            rv.barrier.wait()
+        except threading.BrokenBarrierError:
+            raise self._aborted(f"{kind} on group {rv.ranks}") from None
+        finally:
+            u.waits[self._world_rank] = None
+
+    def _mismatch(self, slots) -> str:
+        calls = "; ".join(f"rank {r}: {kind}({', '.join(f'{k}={v}' for k, v in sig)})"
+                          for r, (kind, sig, _) in zip(self.ranks, slots))
+        return format_error(f"in-process group {self.ranks}", "collective calls", "the same call on every member",
+                            calls, "make every member of a group call the same collectives in the same order")
+
+    # ---- point to point ----------------------------------------------------------------
+
+    def _send(self, x, dest, tag):
+        u, msg = self._u, _Message(x)  # no copy: this rank waits until the receiver has copied it
+        with u.p2p:
+            u.mailboxes.setdefault((self.ranks, self._rank, dest, tag), deque()).append(msg)
+            u.p2p.notify_all()
+            self._block_until(lambda: msg.taken, f"send to member {dest} (tag {tag}) on group {self.ranks}")
+
+    def _recv(self, shape, dtype, source, tag):
+        u = self._u
+        with u.p2p:
+            box = u.mailboxes.setdefault((self.ranks, source, self._rank, tag), deque())
+            self._block_until(lambda: bool(box), f"recv from member {source} (tag {tag}) on group {self.ranks}")
+            msg = box.popleft()
+        try:
+            if msg.buf.shape != shape or msg.buf.dtype != dtype:
+                raise ValueError(format_error(self._where("recv"), "shape, dtype", f"{shape}, {dtype}",
+                                              f"a message of {msg.buf.shape}, {msg.buf.dtype} from member {source}",
+                                              "receive with the shape and dtype the sender sends"))
+            return msg.buf.copy()
+        finally:
+            with u.p2p:
+                msg.taken = True
+                u.p2p.notify_all()
+
+    def _block_until(self, ready: Callable[[], bool], what: str) -> None:
+        """Wait on the p2p condition (held by the caller) until ready() or the run aborts."""
+        u = self._u
+        u.waits[self._world_rank] = _Wait(what, lambda: not ready())
+        try:
+            while not ready():
+                if u.aborted:
+                    raise self._aborted(what)
+                u.p2p.wait()
+        finally:
+            u.waits[self._world_rank] = None
+
+    def _aborted(self, what: str) -> RankAborted:
+        return RankAborted(f"rank {self._world_rank}: {what} cut short because the run was aborted")
+
+
+def _sig(x: np.ndarray, **args) -> tuple:
+    """What every member of a collective must agree on."""
+    return tuple(args.items()) + (("shape", x.shape), ("dtype", x.dtype))
+
+
+def run_in_process(n: int, fn: Callable, *args, timeout: float = 60.0) -> list:
+    """Run ``fn(comm, *args)`` on n virtual ranks (threads); return their results in rank order.
+
+    An exception on any rank aborts the others and is re-raised here, its message naming the
+    rank. Raises DeadlockError when all unfinished ranks wait on each other, TimeoutError
+    after ``timeout`` seconds.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(format_error("run_in_process", "n", "an int >= 1 (the number of ranks)", repr(n)))
+    u = _Universe(n)
+    world = u.rendezvous(tuple(range(n)))
+    results: list = [None] * n
+
+    def body(rank: int) -> None:
+        try:
+            results[rank] = fn(InProcessCommunicator(u, world, rank, CommStats()), *args)
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the caller
+            u.abort(rank, exc)
+        finally:
+            u.done(rank)
+
+    threads = [threading.Thread(target=body, args=(r,), name=f"autopar-rank-{r}", daemon=True) for r in range(n)]
+    for t in threads:
+        t.start()
+    try:
+        _watch(u, time.monotonic() + timeout, timeout)
+    except BaseException as exc:  # KeyboardInterrupt included: stop the ranks before leaving
+        u.abort(None, exc)
+        raise
+    finally:
+        end = time.monotonic() + GRACE_S
+        for t in threads:
+            t.join(max(0.0, end - time.monotonic()))
+    if u.failure is not None:
+        rank, exc = u.failure
+        raise _with_rank(exc, rank, n)
+    return results
+
+
+def _watch(u: _Universe, deadline: float, timeout: float) -> None:
+    """Wait for the ranks; abort the run on failure, deadlock or timeout."""
+    previous, since = None, 0.0
+    while not u.wake.wait(POLL_S):
+        now = time.monotonic()
+        if now > deadline:
+            u.abort(None, TimeoutError(f"run_in_process: ranks still running after {timeout} s: "
+                                       f"{u.describe_waits()}"))
+            return
+        stalled = u.stalled()
+        same = stalled is not None and previous is not None and all(a is b for a, b in zip(stalled, previous))
+        if not same:
+            previous, since = stalled, now
+        elif now - since >= STALL_S:
+            u.abort(None, DeadlockError(f"run_in_process: deadlock, no rank can proceed: {u.describe_waits()}; "
+                                        "every member of a group must make the same calls in the same order, "
+                                        "and each send needs its recv"))
+            return
+
+
+def _with_rank(exc: BaseException, rank: int | None, n: int) -> BaseException:
+    """The original exception, its message prefixed with the rank it came from."""
+    if rank is None:
+        return exc
+    label = f"[rank {rank} of {n}]"
+    if exc.args and isinstance(exc.args[0], str):
+        exc.args = (f"{label} {exc.args[0]}",) + exc.args[1:]
+    else:
+        exc.add_note(f"raised on in-process {label}")
+    return exc

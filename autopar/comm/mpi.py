@@ -1,0 +1,189 @@
+"""The MPI backend: the Communicator interface over an mpi4py communicator.
+
+mpi4py is imported lazily, inside the functions here, so ``import autopar`` neither needs MPI
+nor initialises it. Buffers travel as numpy arrays through mpi4py's uppercase (buffer)
+methods, never pickled. An axis other than 0 is moved to the front into a contiguous buffer
+before the call and moved back after::
+
+    allgather(x (B, S/mp, H), axis=1): send (S/mp, B, H) -> recv (S, B, H) -> out (B, S, H)
+
+``world()`` is the entry point: the world communicator under ``mpiexec -n N`` (N > 1), a
+one-rank SelfCommunicator otherwise. Call it once per process and pass the result down; its
+CommStats is shared by every communicator split from it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import traceback
+import zlib
+
+import numpy as np
+
+from ..errors import format_error
+from .base import CommStats, Communicator
+from .single import SelfCommunicator
+
+# Variables the common launchers set in every process they start.
+_LAUNCHER_ENV = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
+
+
+def _mpi():
+    from mpi4py import MPI  # the one import of mpi4py in autopar; initialises MPI
+    return MPI
+
+
+def launched_under_mpi() -> bool:
+    """True when an MPI launcher started this process (or MPI is already initialised)."""
+    if any(v in os.environ for v in _LAUNCHER_ENV):
+        return True
+    mod = sys.modules.get("mpi4py.MPI")
+    return mod is not None and mod.Is_initialized()
+
+
+def world() -> Communicator:
+    """The world communicator: MPI's when launched with more than one rank, else one rank."""
+    if launched_under_mpi():
+        comm = _mpi().COMM_WORLD
+        if comm.Get_size() > 1:
+            return MPICommunicator(comm, CommStats())
+    return SelfCommunicator(CommStats())
+
+
+class MPICommunicator(Communicator):
+    """A Communicator over an ``mpi4py.MPI.Comm``."""
+
+    def __init__(self, comm, stats: CommStats, ranks: tuple[int, ...] | None = None):
+        super().__init__(stats)
+        MPI = _mpi()
+        self._comm = comm
+        self._rank, self._size = comm.Get_rank(), comm.Get_size()
+        if ranks is None:  # world ranks of the members, in member order
+            mine, everyone = comm.Get_group(), MPI.COMM_WORLD.Get_group()
+            ranks = mine.Translate_ranks(list(range(self._size)), everyone)
+            mine.Free()
+            everyone.Free()
+        self._ranks = tuple(int(r) for r in ranks)
+        self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+        self._status, self._byte = MPI.Status, MPI.BYTE
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def ranks(self) -> tuple[int, ...]:
+        return self._ranks
+
+    @property
+    def mpi_comm(self):
+        """The underlying mpi4py communicator."""
+        return self._comm
+
+    def _allreduce(self, x, op):
+        out = np.empty(x.shape, x.dtype)
+        self._comm.Allreduce(np.ascontiguousarray(x), out, op=self._ops[op])
+        return out
+
+    def _allgather(self, x, axis):
+        send = np.ascontiguousarray(np.moveaxis(x, axis, 0))  # (d, rest...)
+        out = np.empty((self._size * send.shape[0],) + send.shape[1:], x.dtype)  # (n*d, rest...)
+        self._comm.Allgather(send, out)
+        return np.moveaxis(out, 0, axis)
+
+    def _reduce_scatter(self, x, axis):
+        send = np.ascontiguousarray(np.moveaxis(x, axis, 0))  # (d, rest...)
+        out = np.empty((send.shape[0] // self._size,) + send.shape[1:], x.dtype)  # (d/n, rest...)
+        self._comm.Reduce_scatter_block(send, out, op=self._ops["sum"])
+        return np.moveaxis(out, 0, axis)
+
+    def _alltoall(self, x, split_axis, concat_axis):
+        send = np.stack(np.split(x, self._size, axis=split_axis))  # (n, *block), block j for member j
+        recv = np.empty_like(send)  # (n, *block), block j from member j
+        self._comm.Alltoall(send, recv)
+        return _concat_leading(recv, concat_axis)
+
+    def _broadcast(self, x, root):
+        buf = x.copy() if self._rank == root else np.empty(x.shape, x.dtype)
+        self._comm.Bcast(buf, root=root)
+        return buf
+
+    def _send(self, x, dest, tag):
+        self._comm.Send(np.ascontiguousarray(x), dest=dest, tag=tag)
+
+    def _recv(self, shape, dtype, source, tag):
+        out = np.empty(shape, dtype)
+        status = self._status()
+        self._comm.Recv(out, source=source, tag=tag, status=status)
+        got = status.Get_count(self._byte)
+        if got != out.nbytes:  # a longer message already failed in Recv (MPI_ERR_TRUNCATE)
+            raise ValueError(format_error(self._where("recv"), "shape, dtype", f"{shape}, {dtype} ({out.nbytes} bytes)",
+                                          f"a message of {got} bytes from member {source}",
+                                          "receive with the shape and dtype the sender sends"))
+        return out
+
+    def _barrier(self):
+        self._comm.Barrier()
+
+    def _split(self, groups, index):
+        self._check_same_groups(groups)
+        group = groups[index]
+        me = self._ranks[self._rank]
+        sub = self._comm.Split(color=index, key=group.index(me))
+        assert sub.Get_rank() == group.index(me) and sub.Get_size() == len(group)
+        return MPICommunicator(sub, self.stats, ranks=group)
+
+    def _check_same_groups(self, groups) -> None:
+        """Every member passed the same groups (else Split would pair ranks silently wrong)."""
+        digest = zlib.crc32(repr(groups).encode())
+        both = np.array([digest, -digest], dtype=np.int64)
+        agreed = np.empty_like(both)
+        self._comm.Allreduce(both, agreed, op=self._ops["max"])
+        if agreed[0] != -agreed[1]:
+            raise ValueError(format_error(self._where("split"), "groups", "the same groups on every member",
+                                          f"{groups} here and other groups elsewhere",
+                                          "compute the groups from the same mesh on every rank"))
+
+
+def _concat_leading(blocks: np.ndarray, axis: int) -> np.ndarray:
+    """Concatenate blocks[0], blocks[1], ... along ``axis`` of a block: (n, *b) -> b with b[axis] * n."""
+    moved = np.moveaxis(blocks, 0, axis)  # b[:axis] + (n,) + b[axis:]
+    shape = blocks.shape[1:]
+    return moved.reshape(shape[:axis] + (blocks.shape[0] * shape[axis],) + shape[axis + 1:])
+
+
+def install_abort_handler() -> None:
+    """Make an uncaught exception on any rank (main or other thread) end the whole MPI job.
+
+    The hook prints the rank and the traceback to stderr, then calls
+    ``MPI.COMM_WORLD.Abort(1)``; outside MPI it prints the traceback as Python would.
+    """
+    sys.excepthook = _abort_hook
+    threading.excepthook = _thread_abort_hook
+
+
+def _abort_hook(exc_type, exc, tb) -> None:
+    if not launched_under_mpi():
+        sys.__excepthook__(exc_type, exc, tb)
+        return
+    try:
+        MPI = _mpi()
+        rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+        text = "".join(traceback.format_exception(exc_type, exc, tb))
+        lines = [f"autopar: uncaught {exc_type.__name__} on rank {rank} of {size}; aborting the MPI job"]
+        lines += [f"[rank {rank}] {line}" for line in text.rstrip("\n").split("\n")]
+        sys.stderr.write("\n".join(lines) + "\n")
+        sys.stderr.flush()
+    finally:
+        _mpi().COMM_WORLD.Abort(1)
+
+
+def _thread_abort_hook(args) -> None:
+    if args.exc_type is SystemExit:
+        return
+    _abort_hook(args.exc_type, args.exc_value, args.exc_traceback)

@@ -1,0 +1,83 @@
+"""Launch real MPI jobs from the normal suite: tests/mpi on 2 ranks, and a failing rank's abort."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from autopar.comm.mpi import launched_under_mpi
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def find_mpiexec() -> str | None:
+    """mpiexec next to this Python (a venv's bin, the mpich wheel), else on PATH."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return str(beside)
+    return shutil.which("mpiexec")
+
+
+MPIEXEC = find_mpiexec()
+pytestmark = [
+    pytest.mark.skipif(MPIEXEC is None, reason=f"no mpiexec next to {sys.executable} or on PATH; "
+                                               "pip install mpich (or install an MPI) to run MPI tests"),
+    pytest.mark.skipif(launched_under_mpi(), reason="already running under an MPI launcher"),
+]
+
+
+def launch(args: list[str], timeout: float) -> tuple[int, str, str, float]:
+    """Run ``mpiexec -n 2 <args>`` in its own session; kill that session if it overruns."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    start = time.monotonic()
+    proc = subprocess.Popen([MPIEXEC, "-n", "2", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"mpiexec {' '.join(args)} did not finish in {timeout} s\nstdout:\n{out}\nstderr:\n{err}")
+    return proc.returncode, out, err, time.monotonic() - start
+
+
+def test_mpi_suite_passes_on_two_ranks():
+    rc, out, err, _ = launch([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/mpi"],
+                             timeout=120)
+    assert rc == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    passed = [int(k) for k in re.findall(r"(\d+) passed", out)]
+    assert passed and min(passed) > 0, f"no passed tests reported:\n{out}"
+    assert "skipped" not in out and "no tests ran" not in out, out
+
+
+ABORT_SCRIPT = """
+    import time
+    import numpy as np
+    from autopar.comm import install_abort_handler, world
+
+    install_abort_handler()
+    comm = world()
+    assert comm.size == 2, comm
+    comm.barrier()
+    if comm.rank == 1:
+        raise RuntimeError("deliberate failure on this rank")
+    comm.allreduce(np.ones(3))  # rank 0 would wait here forever without the abort
+    time.sleep(60)
+"""
+
+
+def test_failing_rank_aborts_the_job(tmp_path):
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(textwrap.dedent(ABORT_SCRIPT))
+    rc, out, err, elapsed = launch([sys.executable, str(script)], timeout=30)
+    assert rc != 0, f"job exited 0\nstdout:\n{out}\nstderr:\n{err}"
+    assert elapsed < 30
+    assert "on rank 1 of 2" in err and "[rank 1] RuntimeError: deliberate failure on this rank" in err, err
