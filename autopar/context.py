@@ -33,6 +33,8 @@ Semantics worth knowing:
 """
 from __future__ import annotations
 
+import contextvars
+
 import os
 import threading
 from contextlib import contextmanager
@@ -253,18 +255,35 @@ def parallel_context(**kwargs) -> Iterator[ParallelContext]:
             _STATE.context = previous
 
 
-class _SingleRank:
-    """FALLBACK until ``autopar.comm.world`` exists: the one-process world. Delete with it."""
-
-    rank, size = 0, 1
-
-
 def _world():
     from . import comm
-    world = getattr(comm, "world", None)
-    if world is None:  # FALLBACK: delete this branch once autopar.comm provides world()
-        return _SingleRank()
-    return world()
+    return comm.world()
+
+
+_BOUND_WORLD: contextvars.ContextVar = contextvars.ContextVar("autopar_world", default=None)
+
+
+@contextmanager
+def bound_world(comm) -> Iterator:
+    """Within the block (and thread), ``current_world()`` is ``comm``: how a virtual rank of
+    the in-process backend runs the same code an MPI rank runs."""
+    token = _BOUND_WORLD.set(comm)
+    try:
+        yield comm
+    finally:
+        _BOUND_WORLD.reset(token)
+
+
+def current_world():
+    """The communicator programs are compiled for: one bound by :func:`bound_world`, else
+    the world :func:`init` started, else a single-rank one."""
+    bound = _BOUND_WORLD.get()
+    if bound is not None:
+        return bound
+    if _STATE.world is not None:
+        return _STATE.world
+    from .comm import SelfCommunicator
+    return SelfCommunicator()
 
 
 def init(backend_name: str | None = None) -> None:

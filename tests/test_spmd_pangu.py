@@ -53,3 +53,32 @@ def test_sharded_pangu_equals_serial(serial, dp, mp, vocab_emb_dp, mode):
         assert held[name] * mp == sizes[name]
     if not vocab_emb_dp:
         assert held["word_embedding.embedding_table"] * mp == sizes["word_embedding.embedding_table"]
+
+
+def train_three_steps(net, ids):
+    from autopar import nn
+    from autopar.train import AdamWeightDecay
+    opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-2, weight_decay=0.01)
+    train = nn.TrainOneStepCell(net, opt, clip_norm=0.5)
+    losses = [float(train(ids)) for _ in range(3)]
+    return losses, {p.name: p.asnumpy() for p in net.trainable_params()}
+
+
+@pytest.mark.parametrize("dp, mp, mode", [(2, 2, "semi_auto_parallel"), (4, 1, "data_parallel")])
+def test_three_training_steps_through_the_public_api_equal_serial(dp, mp, mode):
+    from autopar.context import bound_world, parallel_context
+    cfg = CONFIG.replace(dropout_rate=0.1)
+    want_losses, want = train_three_steps(PanguAlphaWithLoss(cfg), IDS)
+    full = mode == "semi_auto_parallel"
+
+    def body(comm):
+        with bound_world(comm):
+            net = PanguAlphaWithLoss(cfg.replace(data_parallel=dp, model_parallel=mp))
+            ids = IDS if full else np.split(IDS, dp * mp)[comm.rank]
+            return train_three_steps(net, ids)
+    with parallel_context(parallel_mode=mode, device_num=dp * mp, full_batch=full):
+        res = run_in_process(dp * mp, body)
+    for losses, weights in res:
+        np.testing.assert_allclose(losses, want_losses, rtol=1e-10)
+        for name, w in want.items():
+            np.testing.assert_allclose(weights[name], w, rtol=1e-8, atol=1e-12, err_msg=name)

@@ -32,6 +32,7 @@ class Parameter(TensorOps):
         self.requires_grad = requires_grad
         self.init_seed = init_seed
         self._data: np.ndarray | None = None
+        self._shard = None    # set when a sharded program owns this rank's slice
         if isinstance(default_input, np.ndarray):
             self.shape = default_input.shape
             self.dtype = as_dtype(dtype if shape is not None else default_input.dtype)
@@ -80,10 +81,19 @@ class Parameter(TensorOps):
 
     @property
     def data(self) -> np.ndarray:
-        """The stored full array (materialized on first use). Runtime code reads this."""
-        if self._data is None:
+        """The full array (materialized on first use). Serial programs read this. When a
+        sharded program owns the parameter, its shards are gathered (a collective: every
+        rank must ask) so serial code sees the trained value."""
+        if self._shard is not None:
+            shard, world = self._shard
+            self._data = shard.gather(world)
+        elif self._data is None:
             self._data = self.init_data()
         return self._data
+
+    def attach_shard(self, shard, world) -> None:
+        """Let a sharded program own this rank's slice; reads gather from it."""
+        self._shard = (shard, world)
 
     def asnumpy(self) -> np.ndarray:
         """A copy of the full logical value."""
@@ -95,6 +105,9 @@ class Parameter(TensorOps):
             raise ValueError(f"Parameter {self.name!r}: set_data: expected shape {self.shape}, "
                              f"got {tuple(array.shape)}")
         self._data = np.array(array, dtype=self.dtype)
+        if self._shard is not None:  # the shard takes its slice of the new value
+            shard = self._shard[0]
+            shard._data = np.array(self._data[shard.region])
 
     def drop_data(self) -> None:
         """Forget the value; the next read regenerates it from the initializer."""

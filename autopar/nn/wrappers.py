@@ -39,16 +39,27 @@ class TrainOneStepCell(Cell):
         self.optimizer = optimizer
         self.sens = float(sens)
         self.clip_norm = clip_norm
+        self.params = list(optimizer.params)   # the Parameters (the optimizer may hold shards)
         self.last_grad_norm: float | None = None
         network.set_train(True)
 
     def __call__(self, *args, **kwargs):
-        from ..train.clip import clip_by_global_norm
+        from ..train.clip import clip_by_global_norm, scale_
         args, kwargs = _normalize(args, kwargs)
-        prog = grad_program(self.network, args, kwargs, self.optimizer.params, self.sens)
-        loss, grads = prog(args, kwargs, self.optimizer.step_count)
-        if self.clip_norm is not None:
-            grads, norm = clip_by_global_norm(grads, self.clip_norm)
-            self.last_grad_norm = float(norm)
+        prog = grad_program(self.network, args, kwargs, self.params, self.sens)
+        if hasattr(prog, "shards"):   # sharded: this rank updates its shards
+            if self.optimizer.params != prog.shards:
+                self.optimizer.bind_shards(prog.shards)
+            loss, grads = prog(args, self.optimizer.step_count)
+            if self.clip_norm is not None:
+                norm = prog.global_norm(grads)
+                if norm > self.clip_norm:
+                    scale_(grads, self.clip_norm / norm)
+                self.last_grad_norm = norm
+        else:
+            loss, grads = prog(args, kwargs, self.optimizer.step_count)
+            if self.clip_norm is not None:
+                grads, norm = clip_by_global_norm(grads, self.clip_norm)
+                self.last_grad_norm = float(norm)
         self.optimizer.step(grads)
         return np.asarray(loss)

@@ -68,11 +68,39 @@ class GradProgram:
         return loss, full
 
 
-def grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float = 1.0) -> GradProgram:
-    key = ("grad", cell.training, sens, tuple(id(p) for p in params)) + signature_key(args, kwargs)
+def parallel_setting():
+    """(mode, world, full_batch) when the context asks for sharded execution, else None.
+    Read once per compile, never in the step loop."""
+    from ..context import current_context, current_world
+    ctx, world = current_context(), current_world()
+    if ctx.parallel_mode == "stand_alone" or world.size == 1:
+        return None
+    if ctx.parallel_mode == "auto_parallel":
+        raise ValueError("parallel_mode: expected 'data_parallel' or 'semi_auto_parallel' (the strategy "
+                         "search of 'auto_parallel' is not built yet), got 'auto_parallel'")
+    if ctx.device_num not in (1, world.size):
+        raise ValueError(f"device_num: expected {world.size} (the ranks running), got {ctx.device_num}; "
+                         "call autopar.init() under mpiexec, or leave device_num unset")
+    return ctx.parallel_mode, world, ctx.loads_full_batch
+
+
+def grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float = 1.0):
+    """The compiled loss-and-gradients program for this signature: serial, or this rank's
+    sharded program when the parallel context says so."""
+    setting = parallel_setting()
+    key = ("grad", cell.training, sens, tuple(id(p) for p in params), setting and setting[0],
+           setting and id(setting[1])) + signature_key(args, kwargs)
     prog = cell._compiled.get(key)
     if prog is None:
-        prog = cell._compiled[key] = GradProgram(cell, args, kwargs, params, sens)
+        if setting is None:
+            prog = GradProgram(cell, args, kwargs, params, sens)
+        else:
+            from .spmd import ShardedGradProgram
+            if kwargs:
+                raise ValueError(f"{type(cell).__name__}: sharded programs take positional inputs only")
+            mode, world, full_batch = setting
+            prog = ShardedGradProgram(cell, args, params, mode, world, full_batch, sens)
+        cell._compiled[key] = prog
     return prog
 
 
@@ -86,6 +114,10 @@ def value_and_grad(cell, weights: Sequence | None = None, sens: float = 1.0):
         args, kwargs = _normalize(args, kwargs)
         params = list(weights) if weights is not None else cell.trainable_params()
         prog = grad_program(cell, args, kwargs, params, sens)
-        loss, grads = prog(args, kwargs)
+        if hasattr(prog, "gathered"):  # sharded: full gradients on every rank
+            loss, grads = prog(args)
+            grads = prog.gathered(grads)
+        else:
+            loss, grads = prog(args, kwargs)
         return loss, OrderedDict((p.name, g) for p, g in zip(params, grads))
     return fn

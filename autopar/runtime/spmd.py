@@ -19,6 +19,7 @@ is an ordinary :class:`~autopar.runtime.graph.Graph` on local shapes, compiled b
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -158,12 +159,26 @@ class ParamShard:
     def data(self) -> np.ndarray:
         if self._data is None:
             p = self.param
-            src = p.data[self.region] if p.has_data else p.init_data(self.region)
+            src = p._data[self.region] if p._data is not None else p.init_data(self.region)
             self._data = np.array(src, dtype=p.dtype)
         return self._data
 
+    def gather(self, world) -> np.ndarray:
+        """The full logical value on every rank (collective; for users and tests)."""
+        return gather(self.data, self.layout, self.param.shape, world)
+
     def __repr__(self) -> str:
         return f"ParamShard({self.name!r}, {self.layout}, rank {self.rank}, shape {self.shape})"
+
+
+def gather(local: np.ndarray, layout: Layout, shape: Sequence[int], world) -> np.ndarray:
+    """A sharded value made whole on every rank: one rank per block contributes its block
+    (partial ranks all contribute), one all-reduce over the world. Not for the hot path."""
+    full = np.zeros(tuple(shape), dtype=local.dtype)
+    coord = layout.mesh.coord(world.rank)
+    if not any(coord[a] for a in layout.replicated_axes()):
+        full[layout.slices(world.rank, shape)] = local
+    return world.allreduce(full) if world.size > 1 else full
 
 
 class _Comms:
@@ -349,8 +364,25 @@ class ShardedGradProgram:
         assert all(id(s) in order for s in self.shards)
         self.layouts = [self.out_layouts[g] for g in grads]
         self.world = world
+        for s in self.shards:             # the Parameter now reads through its shard
+            s.param.attach_shard(s, world)
 
     def __call__(self, args: tuple, step: int = 0):
         arrays = [a for a in args if isinstance(a, np.ndarray)]
         outs = self.program.run(arrays, step)
         return outs[0], outs[1:]
+
+    def gathered(self, grads: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Full gradients on every rank (collective)."""
+        return [gather(g, lay, s.param.shape, self.world) for g, lay, s in zip(grads, self.layouts, self.shards)]
+
+    def global_norm(self, grads: Sequence[np.ndarray]) -> float:
+        """The gradients' global L2 norm, each element counted once across ranks."""
+        total = 0.0
+        for g, lay in zip(grads, self.layouts):
+            copies = math.prod(lay.mesh.shape[a] for a in lay.replicated_axes())
+            flat = g.reshape(-1).astype(np.float64, copy=False)
+            total += float(np.dot(flat, flat)) / copies
+        if self.world.size > 1:
+            total = float(self.world.allreduce(np.array(total)))
+        return math.sqrt(total)

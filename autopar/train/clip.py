@@ -57,7 +57,11 @@ def clip_by_global_norm(grads, clip_norm: float = 1.0):
         raise ValueError(format_error("clip_by_global_norm", "clip_norm", "a finite float > 0", repr(clip_norm)))
     norm = global_norm(grads)
     if norm > clip_norm:
-        scale = clip_norm / norm
-        for g in grads:
-            np.multiply(g, scale, out=g)
+        scale_(grads, clip_norm / norm)
     return grads, norm
+
+
+def scale_(grads, factor: float) -> None:
+    """Multiply every gradient by ``factor`` in place."""
+    for g in grads:
+        np.multiply(g, factor, out=g)

@@ -78,6 +78,18 @@ class Optimizer:
         self._scratch: dict[tuple[np.dtype, int], np.ndarray] = {}
 
     # ---- the learning rate ---------------------------------------------------------------
+    def bind_shards(self, shards) -> None:
+        """Update these shards instead of the full parameters (same names, same order): a
+        sharded program hands each rank its slices. States follow on the next step."""
+        names = [p.name for p in self.params]
+        if [s.name for s in shards] != names:
+            raise ValueError(format_error(type(self).__name__, "shards", f"one per parameter, in order {names}",
+                                          str([s.name for s in shards])))
+        if any(self.states):
+            raise ValueError(format_error(type(self).__name__, "shards", "bound before the first step",
+                                          f"{self.step_count} steps taken"))
+        self.params = list(shards)
+
     def get_lr(self) -> float:
         """The learning rate the next ``step`` will use."""
         if not callable(self.learning_rate):
