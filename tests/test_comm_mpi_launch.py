@@ -34,11 +34,11 @@ pytestmark = [
 ]
 
 
-def launch(args: list[str], timeout: float) -> tuple[int, str, str, float]:
-    """Run ``mpiexec -n 2 <args>`` in its own session; kill that session if it overruns."""
+def launch(args: list[str], timeout: float, n: int = 2) -> tuple[int, str, str, float]:
+    """Run ``mpiexec -n <n> <args>`` in its own session; kill that session if it overruns."""
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
     start = time.monotonic()
-    proc = subprocess.Popen([MPIEXEC, "-n", "2", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([MPIEXEC, "-n", str(n), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -56,6 +56,15 @@ def test_mpi_suite_passes_on_two_ranks():
     passed = [int(k) for k in re.findall(r"(\d+) passed", out)]
     assert passed and min(passed) > 0, f"no passed tests reported:\n{out}"
     assert "skipped" not in out and "no tests ran" not in out, out
+
+
+def test_pangu_alpha_on_four_mpi_ranks_equals_serial():
+    """dp2 x mp2, dp4, mp4 and dp2 x mp2 with the vocabulary-split table, over real MPI."""
+    rc, out, err, _ = launch([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              "tests/mpi/test_pangu_mpi.py"], timeout=240, n=4)
+    assert rc == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    passed = [int(k) for k in re.findall(r"(\d+) passed", out)]
+    assert len(passed) == 4 and min(passed) == 4, f"expected 4 tests passed on each of 4 ranks:\n{out}"
 
 
 ABORT_SCRIPT = """
