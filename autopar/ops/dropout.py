@@ -74,7 +74,7 @@ class Dropout(Primitive):
         from .elementwise import elementwise_indexing
         return elementwise_indexing(specs, out)
 
-    def local(self, sharding, rank, specs, out):
+    def local(self, sharding, rank, specs, out, comm_for=None):
         """A shard masks with the logical tensor's element indices, so every plan drops the
         units the serial model drops."""
         layout = sharding.output_layout()

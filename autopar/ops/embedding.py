@@ -64,7 +64,7 @@ class Gather(Primitive):
         rest = LETTERS[::-1][:specs[0].ndim - 1]   # letters the ids do not use
         return Indexing(("V" + rest, ids), ids + rest)
 
-    def local(self, sharding, rank, specs, out):
+    def local(self, sharding, rank, specs, out, comm_for=None):
         table = sharding.input_layout(0)
         if not table.dims[0]:
             return self

@@ -62,7 +62,7 @@ class Reshape(Movement):
     def indexing(self, specs, out):
         return reshape_indexing(specs[0].shape, out.shape)
 
-    def local(self, sharding, rank, specs, out):
+    def local(self, sharding, rank, specs, out, comm_for=None):
         return self.with_attrs(shape=sharding.output_layout().local_shape(out.shape))
 
     def infer(self, x):

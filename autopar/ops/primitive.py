@@ -138,9 +138,12 @@ class Primitive:
         which every layout rule follows; None: no sharding rule (the op runs replicated)."""
         return None
 
-    def local(self, sharding, rank: int, specs: Sequence[TensorSpec], out: TensorSpec) -> "Primitive":
+    def local(self, sharding, rank: int, specs: Sequence[TensorSpec], out: TensorSpec,
+              comm_for=None) -> "Primitive":
         """The primitive to run on ``rank``'s shards under ``sharding`` (global ``specs``):
-        static shapes localized, offsets bound. Default: the op itself."""
+        static shapes localized, offsets bound, and for ops that reduce over a split dim
+        inside their kernel, ``comm_for(mesh, axes)``: this rank's communicator along those
+        mesh axes (made at lower time). Default: the op itself."""
         return self
 
     # ---- memory: what lowering may reuse ----------------------------------------------

@@ -173,6 +173,13 @@ class SoftmaxCrossEntropyWithLogits(Primitive):
         return 6 * specs[0].size
 
 
+def _exp_shifted_sum_kernel(out, x, m, axis):
+    """out[:, :1] = sum(exp(x - m)) per row (the rest of out is scratch)."""
+    np.subtract(x, m, out=out, dtype=out.dtype)
+    np.exp(out, out=out)
+    out[:, 0] = out.sum(axis=1)
+
+
 def _softmax_times_dy_kernel(out, x, lse, dy, axis):
     """out = exp(x - lse) * dy: the softmax part of d loss/d logits."""
     np.subtract(x, lse, out=out, dtype=out.dtype)
@@ -201,9 +208,29 @@ class SparseSoftmaxCrossEntropyWithLogits(Primitive):
 
 
     def indexing(self, specs, out):
+        """``nv,n->n``; splitting the vocabulary v runs the vocabulary-parallel kernel."""
         from ..strategy.sharding import Indexing, same_letters
-        letters, fixed = same_letters(specs[0].ndim, (specs[0].ndim - 1,))
-        return Indexing((letters, letters[:-1]), letters[:-1], fixed)
+        letters, _ = same_letters(specs[0].ndim)
+        return Indexing((letters, letters[:-1]), letters[:-1], internal=frozenset(letters[-1]))
+
+    def local(self, sharding, rank, specs, out, comm_for=None):
+        lay = sharding.input_layout(0)
+        axes = lay.dims[-1]
+        if not axes:
+            return self
+        v_local = lay.local_shape(specs[0].shape)[-1]
+        return self.with_attrs(vocab_comm=comm_for(lay.mesh, axes), vocab_offset=lay.block_index(rank)[-1] * v_local)
+
+    def _picked(self, x2, lab):
+        """logits[row, label] of every row, summed over the vocabulary shards."""
+        rows = np.arange(lab.size)
+        if "vocab_comm" not in self.attrs:
+            return x2[rows, lab], rows, lab, None
+        local = lab - self.attrs["vocab_offset"]
+        inside = (local >= 0) & (local < x2.shape[1])
+        local = np.where(inside, local, 0)
+        picked = np.where(inside, x2[rows, local], 0).astype(x2.dtype)
+        return self.attrs["vocab_comm"].allreduce(picked), rows[inside], local[inside], inside
 
     def infer(self, logits, labels):
         check_float(logits, "logits")
@@ -216,10 +243,17 @@ class SparseSoftmaxCrossEntropyWithLogits(Primitive):
 
     def forward(self, logits, labels):
         v = logits.shape[-1]
-        check_range(labels, v, "labels", self.kind)
-        x2, lab = logits.reshape(-1, v), labels.reshape(-1)          # (N, V), (N,)
-        lse = logsumexp(x2, compute_dtype(logits.dtype))
-        loss = lse - x2[np.arange(lab.size), lab]
+        x2, lab = logits.reshape(-1, v), labels.reshape(-1)          # (N, V) or local (N, V/mp), (N,)
+        ct = compute_dtype(logits.dtype)
+        if "vocab_comm" in self.attrs:   # vocabulary-parallel: max, sum and picked all-reduced over mp
+            comm = self.attrs["vocab_comm"]
+            m = comm.allreduce(x2.max(axis=1).astype(ct), op="max")[:, None]               # (N, 1)
+            s = comm.allreduce(rowwise(_exp_shifted_sum_kernel, (1,), ct, x2, m)[:, 0])    # (N,)
+            lse = np.log(s) + m[:, 0]
+        else:
+            check_range(labels, v, "labels", self.kind)
+            lse = logsumexp(x2, ct)
+        loss = lse - self._picked(x2, lab)[0]
         return loss.reshape(labels.shape).astype(logits.dtype, copy=False)
 
     def vjp(self, dy, xs, y, specs, needs):
@@ -227,14 +261,13 @@ class SparseSoftmaxCrossEntropyWithLogits(Primitive):
         ct = compute_dtype(logits.dtype)
         v = logits.shape[-1]
         x2, lab, dy1 = logits.reshape(-1, v), labels.reshape(-1), dy.reshape(-1)
-        rows = np.arange(lab.size)
-        picked = x2[rows, lab]
-        if y.dtype == ct:
-            lse = y.reshape(-1) + picked                 # (N,)
+        picked, rows, cols, inside = self._picked(x2, lab)
+        if y.dtype == ct or inside is not None:
+            lse = y.reshape(-1).astype(ct) + picked      # (N,)
         else:
             lse = logsumexp(x2, ct)
         d = rowwise(_softmax_times_dy_kernel, (1,), ct, x2, lse[:, None], dy1[:, None])  # (N, V)
-        d[rows, lab] -= dy1
+        d[rows, cols] -= dy1 if inside is None else dy1[inside]
         return d.reshape(logits.shape).astype(logits.dtype, copy=False), None
 
     def flops(self, specs, out):

@@ -189,16 +189,20 @@ class _Comms:
         self.world = world
         self._by_key: dict = {}
 
+    def along(self, mesh: Mesh, axes: Sequence[int]):
+        """This rank's communicator over the given axes of ``mesh``."""
+        key = (mesh.shape, mesh.ranks, tuple(axes))
+        if key not in self._by_key:
+            self._by_key[key] = self.world.split(mesh.groups(list(axes)))
+        return self._by_key[key]
+
     def for_redist(self, redist: rd.Redistribution) -> dict:
         """Mesh axis -> this rank's communicator along it, for the axes the steps use."""
         mesh, out = redist.src.mesh, {}
         for step in redist.steps:
             if step.axis is None:
                 continue
-            key = (mesh.shape, mesh.ranks, step.axis)
-            if key not in self._by_key:
-                self._by_key[key] = self.world.split(mesh.groups([step.axis]))
-            out[step.axis] = self._by_key[key]
+            out[step.axis] = self.along(mesh, (step.axis,))
         return out
 
 
@@ -282,7 +286,7 @@ def lower(graph: Graph, outputs: Sequence[int], plan: ShardingPlan, rank: int, w
             specs = [graph.spec(v) for v in node.inputs]
             out = graph.spec(node.outputs[0])
             lay = sh.output_layout()
-            new = b.add_node(node.prim.local(sh, rank, specs, out), tuple(ins),
+            new = b.add_node(node.prim.local(sh, rank, specs, out, comms.along), tuple(ins),
                              (local_spec(node.outputs[0], lay),), node.scope, phase=FORWARD,
                              stage=node.stage, recompute=node.recompute)
             local[node.outputs[0]] = (lay, new.outputs[0])

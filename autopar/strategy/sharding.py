@@ -8,7 +8,9 @@ Three kinds of letters:
 * output letters: splitting one splits the output the same way;
 * *sum* letters (absent from the output: a contraction, a sum): splitting one leaves the
   output a partial sum over that mesh axis;
-* *fixed* letters (a softmax axis, a normalized axis, a sliced dim): never split.
+* *fixed* letters (a softmax axis, a normalized axis, a sliced dim): never split;
+* *internal* letters: the kernel reduces over them itself, with collectives along their
+  axes (the vocabulary-parallel cross-entropy); the output is whole.
 
 An :class:`OpSharding` maps letters to mesh axes. Every layout follows from it:
 
@@ -43,6 +45,7 @@ class Indexing:
     inputs: tuple[str, ...]
     output: str
     fixed: frozenset[str] = frozenset()
+    internal: frozenset[str] = frozenset()  # reduced inside the kernel (with communication)
 
     @property
     def letters(self) -> tuple[str, ...]:
@@ -55,7 +58,7 @@ class Indexing:
 
     @property
     def sum_letters(self) -> frozenset[str]:
-        return frozenset(ch for s in self.inputs for ch in s if ch not in self.output) - self.fixed
+        return frozenset(ch for s in self.inputs for ch in s if ch not in self.output) - self.fixed - self.internal
 
 
 def broadcast_indexing(shapes: Sequence[Sequence[int]], out_ndim: int, fixed_out: Sequence[int] = ()) -> Indexing:

@@ -157,7 +157,7 @@ class PanguAlpha(Cell):
         else:  # vocabulary-split table: masked lookup, partial sums all-reduced over mp
             self.word_embedding.gather.shard(((mp, 1), (dp, 1)))
         self.final_layernorm.layer_norm.shard(((dp, 1, 1), (1,), (1,)))
-        self.head.shard(((dp, 1), (1, 1)))  # logits (B*S, V) split on the batch
+        self.head.shard(((dp, 1), (mp, 1)))  # logits (B*S, V/mp): vocabulary-parallel cross-entropy
 
     def _check_ids(self, input_ids):
         s = self.config.seq_length
