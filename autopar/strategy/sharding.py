@@ -195,3 +195,25 @@ def propagate(indexing: Indexing, layouts: Sequence[Layout | None], shapes: Sequ
             axes[ch] = dim_axes
             taken.update(dim_axes)
     return _make(indexing, ref.mesh, axes)
+
+
+def candidates(indexing: Indexing, shapes: Sequence[Sequence[int]], devices: int) -> list[tuple[tuple[int, ...], ...]]:
+    """Every strategy (split counts per input dim) on ``devices`` devices: each splittable
+    letter gets a count dividing every dim it indexes, the counts' product divides
+    ``devices`` (fewer devices than the stage = repeated calculation). Non-powers of two
+    included where the shapes allow."""
+    sizes: dict[str, int] = {}
+    for letters, shape in zip(indexing.inputs, shapes):
+        for ch, n in zip(letters, shape):
+            sizes[ch] = math.gcd(sizes.get(ch, 0), n)
+    free = [ch for ch in indexing.letters if ch in sizes and ch not in indexing.fixed]
+    found: list[dict[str, int]] = [{}]
+    for ch in free:
+        grown = []
+        for counts in found:
+            used = math.prod(counts.values())
+            for k in range(1, devices // used + 1):
+                if sizes[ch] % k == 0 and devices % (used * k) == 0:
+                    grown.append({**counts, ch: k})
+        found = grown
+    return [tuple(tuple(c.get(ch, 1) for ch in letters) for letters in indexing.inputs) for c in found]
