@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -120,16 +121,19 @@ class Redistribute(Primitive):
 
     save_inputs = "none"
 
-    def __init__(self, redist: rd.Redistribution, rank: int, comms: dict, world):
+    def __init__(self, redist: rd.Redistribution, rank: int, comms: dict, world, clock: list):
         super().__init__(redist=redist)
-        self.rank, self.comms, self.world = rank, comms, world
+        self.rank, self.comms, self.world, self.clock = rank, comms, world, clock
 
     def infer(self, x):
         r = self.attrs["redist"]
         return TensorSpec(r.dst.local_shape(r.shape), x.dtype)
 
     def forward(self, x):
-        return rd.run(self.attrs["redist"], x, self.rank, self.comms.__getitem__, self.world)
+        t0 = time.perf_counter()
+        y = rd.run(self.attrs["redist"], x, self.rank, self.comms.__getitem__, self.world)
+        self.clock[0] += time.perf_counter() - t0   # seconds spent redistributing, for reports
+        return y
 
     def flops(self, specs, out):
         return 0
@@ -227,12 +231,13 @@ def _passable_partial(have: Layout, sh: OpSharding, f, needs, graph: Graph) -> t
 
 
 def lower(graph: Graph, outputs: Sequence[int], plan: ShardingPlan, rank: int, world,
-          output_layouts: dict[int, Layout] | None = None) -> tuple[Graph, tuple[int, ...], dict[int, Layout]]:
-    """The local graph of ``rank``: returns it, its output values, and the layout each
+          output_layouts: dict[int, Layout] | None = None):
+    """The local graph of ``rank``: returns it, its output values, the layout each
     requested output is delivered in (the loss replicated, a parameter's gradient in the
-    parameter's layout)."""
+    parameter's layout), and a one-element list accumulating seconds spent redistributing."""
     b = GraphBuilder()
     comms = _Comms(world)
+    clock = [0.0]
     local: dict[int, tuple[Layout, int]] = {}           # global value -> (layout, local value)
     moved: dict[tuple[int, Layout], int] = {}           # (global value, layout) -> local value
 
@@ -252,7 +257,7 @@ def lower(graph: Graph, outputs: Sequence[int], plan: ShardingPlan, rank: int, w
         if not redist.steps:
             moved[(v, want)] = lv
             return lv
-        prim = Redistribute(redist, rank, comms.for_redist(redist), world)
+        prim = Redistribute(redist, rank, comms.for_redist(redist), world, clock)
         node = b.add_node(prim, (lv,), (local_spec(v, want),), scope, phase=phase)
         moved[(v, want)] = node.outputs[0]
         return node.outputs[0]
@@ -332,7 +337,7 @@ def lower(graph: Graph, outputs: Sequence[int], plan: ShardingPlan, rank: int, w
         delivered.append(get(v, want, "<outputs>", BACKWARD))
         out_layouts[v] = want
     local_graph = b.build(inputs, params, shards, delivered)
-    return local_graph, tuple(delivered), out_layouts
+    return local_graph, tuple(delivered), out_layouts, clock
 
 
 class ShardedGradProgram:
@@ -360,7 +365,8 @@ class ShardedGradProgram:
         wrt = [by_id[id(p)] for p in params]
         self.graph, grads = differentiate(graph, loss, wrt, sens)
         self.plan = plan_shardings(graph, mode, stage, feed_whole)
-        self.local_graph, _, self.out_layouts = lower(self.graph, (loss,) + grads, self.plan, world.rank, world)
+        self.local_graph, _, self.out_layouts, self.comm_clock = lower(
+            self.graph, (loss,) + grads, self.plan, world.rank, world)
         self.program = Program(self.local_graph, self.local_graph.outputs)
         order = {id(p): i for i, p in enumerate(self.local_graph.param_objs)}
         pos = {v: i for i, v in enumerate(graph.params)}
