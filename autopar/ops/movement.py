@@ -149,6 +149,11 @@ class Squeeze(Movement):
     """``Squeeze(axis=())(x)``: drop the named dims (each must have size 1), or every
     size-1 dim when ``axis`` is ``()``. ``(B, 1, S) -> (B, S)``."""
 
+    def local(self, sharding, rank, specs, out, comm_for=None):
+        """Name the squeezed dims from the logical shape: a dim split down to local size 1
+        must stay."""
+        return self.with_attrs(axis=self.axes(specs[0].shape))
+
     def indexing(self, specs, out):
         from ..strategy.sharding import Indexing, same_letters
         axes = self.axes(specs[0].shape)

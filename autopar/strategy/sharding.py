@@ -197,16 +197,19 @@ def propagate(indexing: Indexing, layouts: Sequence[Layout | None], shapes: Sequ
     return _make(indexing, ref.mesh, axes)
 
 
-def candidates(indexing: Indexing, shapes: Sequence[Sequence[int]], devices: int) -> list[tuple[tuple[int, ...], ...]]:
+def candidates(indexing: Indexing, shapes: Sequence[Sequence[int]], devices: int,
+               out_shape: Sequence[int] = ()) -> list[tuple[tuple[int, ...], ...]]:
     """Every strategy (split counts per input dim) on ``devices`` devices: each splittable
-    letter gets a count dividing every dim it indexes, the counts' product divides
-    ``devices`` (fewer devices than the stage = repeated calculation). Non-powers of two
-    included where the shapes allow."""
+    letter gets a count dividing every dim it indexes, inputs' and output's (a reshape ties
+    an input dim to a smaller output dim), the counts' product divides ``devices`` (fewer
+    devices than the stage = repeated calculation). Non-powers of two included where the
+    shapes allow."""
     sizes: dict[str, int] = {}
-    for letters, shape in zip(indexing.inputs, shapes):
+    for letters, shape in zip(indexing.inputs + (indexing.output,), list(shapes) + [out_shape]):
         for ch, n in zip(letters, shape):
             sizes[ch] = math.gcd(sizes.get(ch, 0), n)
-    free = [ch for ch in indexing.letters if ch in sizes and ch not in indexing.fixed]
+    in_letters = set("".join(indexing.inputs))
+    free = [ch for ch in indexing.letters if ch in in_letters and ch not in indexing.fixed]
     found: list[dict[str, int]] = [{}]
     for ch in free:
         grown = []
