@@ -95,6 +95,12 @@ class Parameter(TensorOps):
         """Let a sharded program own this rank's slice; reads gather from it."""
         self._shard = (shard, world)
 
+    def detach_shard(self) -> None:
+        """Gather the full value once (collective) and read it locally from now on."""
+        if self._shard is not None:
+            shard, world = self._shard
+            self._data, self._shard = shard.gather(world), None
+
     def asnumpy(self) -> np.ndarray:
         """A copy of the full logical value."""
         return self.data.copy()

@@ -50,7 +50,7 @@ class TrainOneStepCell(Cell):
         if hasattr(prog, "shards"):   # sharded: this rank updates its shards
             if self.optimizer.params != prog.shards:
                 self.optimizer.bind_shards(prog.shards)
-            loss, grads = prog(args, self.optimizer.step_count)
+            loss, grads = prog(args, kwargs, self.optimizer.step_count)
             if self.clip_norm is not None:
                 norm = prog.global_norm(grads)
                 if norm > self.clip_norm:

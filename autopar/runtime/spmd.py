@@ -377,7 +377,8 @@ class ShardedGradProgram:
         for s in self.shards:             # the Parameter now reads through its shard
             s.param.attach_shard(s, world)
 
-    def __call__(self, args: tuple, step: int = 0):
+    def __call__(self, args: tuple, kwargs: dict | None = None, step: int = 0):
+        """(loss, this rank's gradient shards); the same call as the serial GradProgram."""
         arrays = [a for a in args if isinstance(a, np.ndarray)]
         outs = self.program.run(arrays, step)
         return outs[0], outs[1:]
