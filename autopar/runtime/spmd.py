@@ -148,16 +148,9 @@ class ParamShard:
         self.param, self.layout, self.rank = param, layout, rank
         self.name, self.dtype, self.requires_grad = param.name, param.dtype, param.requires_grad
         self.region = layout.slices(rank, param.shape)
-        self.shape = layout.local_shape(param.shape)
+        self.spec = TensorSpec(layout.local_shape(param.shape), param.dtype)
+        self.shape, self.ndim, self.size = self.spec.shape, self.spec.ndim, self.spec.size
         self._data: np.ndarray | None = None
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
 
     @property
     def data(self) -> np.ndarray:
