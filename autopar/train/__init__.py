@@ -1,8 +1,9 @@
 """autopar.train: optimizers, learning-rate schedules and gradient clipping."""
 from .clip import clip_by_global_norm, global_norm
+from .dataset import Batch, LMDataset, LMLoader, TokenFile, eod_reset_masks
 from .lr_schedule import CosineDecayLR, PolynomialDecayLR, WarmUpCosineDecayLR, WarmUpLR
 from .optimizers import SGD, Adam, AdamWeightDecay, Optimizer, default_decay_filter
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamWeightDecay", "default_decay_filter",
            "WarmUpLR", "CosineDecayLR", "PolynomialDecayLR", "WarmUpCosineDecayLR",
-           "global_norm", "clip_by_global_norm"]
+           "global_norm", "clip_by_global_norm", "TokenFile", "LMDataset", "LMLoader", "Batch", "eod_reset_masks"]
