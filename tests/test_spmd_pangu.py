@@ -86,3 +86,34 @@ def test_three_training_steps_through_the_public_api_equal_serial(dp, mp, mode):
         np.testing.assert_allclose(losses, want_losses, rtol=1e-10)
         for name, w in want.items():
             np.testing.assert_allclose(weights[name], w, rtol=1e-8, atol=1e-12, err_msg=name)
+
+
+def test_evaluation_program_sees_the_weights_training_updates():
+    """Training and evaluation (dropout off) compile two sharded programs; they must share
+    the parameter shards the optimizer updates."""
+    from autopar import nn
+    from autopar.context import bound_world, parallel_context
+    from autopar.runtime.compiled import grad_program
+    from autopar.train import SGD
+
+    def body(comm):
+        with bound_world(comm):
+            net = PanguAlphaWithLoss(CONFIG.replace(dropout_rate=0.1, model_parallel=2))
+            train = nn.TrainOneStepCell(net, SGD(net.trainable_params(), 0.5))
+            net.set_train(False)
+            before = float(grad_program(net, (IDS,), {}, train.params)((IDS,), {}, 0)[0])
+            net.set_train(True)
+            for _ in range(3):
+                train(IDS)
+            net.set_train(False)
+            after = float(grad_program(net, (IDS,), {}, train.params)((IDS,), {}, 0)[0])
+            return before, after, {p.name: p.asnumpy() for p in net.trainable_params()}
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=2, full_batch=True):
+        res = run_in_process(2, body)
+    before, after, weights = res[0]
+    assert after < before - 0.1                       # the evaluation program saw the updates
+    # and it equals a serial evaluation with the trained weights
+    net = PanguAlphaWithLoss(CONFIG)
+    for p in net.trainable_params():
+        p.set_data(weights[p.name])
+    np.testing.assert_allclose(after, float(net(IDS)), rtol=1e-10)

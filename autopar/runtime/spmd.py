@@ -178,6 +178,19 @@ def gather(local: np.ndarray, layout: Layout, shape: Sequence[int], world) -> np
     return world.allreduce(full) if world.size > 1 else full
 
 
+def shard_of(param, layout: Layout, rank: int) -> ParamShard:
+    """The rank's shard of ``param`` in ``layout``: the one already in use when layouts
+    agree (programs for training and evaluation share the weights the optimizer updates),
+    else a new one cut from the current value (gathered first if another layout holds it:
+    a collective, reached in the same order on every rank)."""
+    attached = param._shard[0] if param._shard is not None else None
+    if attached is not None and attached.layout == layout and attached.rank == rank:
+        return attached
+    if attached is not None:
+        param.detach_shard()
+    return ParamShard(param, layout, rank)
+
+
 class _Comms:
     """Sub-communicators of one rank, one per (mesh, axis) group structure, made in
     lowering order -- the same on every rank, so the collective splits match."""
@@ -270,7 +283,7 @@ def lower(graph: Graph, outputs: Sequence[int], plan: ShardingPlan, rank: int, w
         lv = b.new_value(local_spec(v, lay))
         local[v] = (lay, lv)
         params.append(lv)
-        shards.append(ParamShard(p, lay, rank))
+        shards.append(shard_of(p, lay, rank))
     for v, array in graph.consts.items():
         lay = plan.layouts.get(v) or Layout.replicated(plan.stage, array.ndim)
         local[v] = (lay, b.const(lay.shard(array, rank) if any(lay.dims) else array))
@@ -368,7 +381,8 @@ class ShardedGradProgram:
         self.layouts = [self.out_layouts[g] for g in grads]
         self.world = world
         for s in self.shards:             # the Parameter now reads through its shard
-            s.param.attach_shard(s, world)
+            if s.param._shard is None or s.param._shard[0] is not s:
+                s.param.attach_shard(s, world)
 
     def __call__(self, args: tuple, kwargs: dict | None = None, step: int = 0):
         """(loss, this rank's gradient shards); the same call as the serial GradProgram."""

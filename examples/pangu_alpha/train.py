@@ -11,18 +11,20 @@ ends by generating from a Chinese prompt.
 """
 from __future__ import annotations
 
-import argparse
-import logging
 import os
-import sys
-import time
-from itertools import islice
-from pathlib import Path
 
-import numpy as np
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one BLAS thread per rank: set before numpy loads
+
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from itertools import islice  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one BLAS thread per rank
 
 import autopar  # noqa: E402
 from autopar import nn  # noqa: E402
