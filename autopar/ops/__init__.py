@@ -14,8 +14,8 @@ from .elementwise import (Add, AddN, Cast, Equal, Exp, Greater, Less, Log, Logic
 from .activation import FastGeLU, GeLU, ReLU, Sigmoid, SiLU
 from .contraction import BatchMatMul, MatMul
 from .reduction import ArgMax, Cumsum, ReduceMax, ReduceMean, ReduceMin, ReduceSum
-from .movement import (BroadcastTo, Concat, ExpandDims, Reshape, Slice, Squeeze, StridedSlice, Tile,
-                       Transpose, getitem)
+from .movement import BroadcastTo, ExpandDims, Reshape, Squeeze, Tile, Transpose
+from .slicing import Concat, Slice, StridedSlice, getitem
 from .softmax import LogSoftmax, Softmax, SoftmaxCrossEntropyWithLogits, SparseSoftmaxCrossEntropyWithLogits
 from .normalization import LayerNorm, RMSNorm
 from .embedding import Gather, OneHot
