@@ -6,7 +6,7 @@ import pytest
 import autopar
 from autopar import nn, ops
 from autopar.comm import run_in_process
-from autopar.runtime.spmd import ShardedGradProgram
+from autopar.runtime.sharded_program import ShardedGradProgram
 
 
 class MLP(nn.Cell):

@@ -38,7 +38,7 @@ import autopar
 from autopar import nn, ops
 from autopar.comm import run_in_process
 from autopar.ops.primitive import Primitive, spec_of
-from autopar.runtime.spmd import ShardedGradProgram
+from autopar.runtime.sharded_program import ShardedGradProgram
 from autopar.strategy.mesh import Mesh
 from autopar.strategy.sharding import candidates, from_strategy
 

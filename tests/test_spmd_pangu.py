@@ -5,7 +5,7 @@ import pytest
 import autopar
 from autopar.comm import run_in_process
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
-from autopar.runtime.spmd import ShardedGradProgram
+from autopar.runtime.sharded_program import ShardedGradProgram
 
 CONFIG = PanguAlphaConfig.preset("tiny", param_dtype="float64", compute_dtype="float64")
 IDS = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (4, CONFIG.seq_length + 1)).astype(np.int32)

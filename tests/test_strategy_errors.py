@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from autopar import nn, ops
-from autopar.runtime.spmd import plan_shardings
+from autopar.strategy.plan import plan_shardings
 from autopar.runtime.trace import trace
 from autopar.strategy.mesh import Mesh
 

@@ -95,7 +95,7 @@ def grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float 
         if setting is None:
             prog = GradProgram(cell, args, kwargs, params, sens)
         else:
-            from .spmd import ShardedGradProgram
+            from .sharded_program import ShardedGradProgram
             if kwargs:
                 raise ValueError(f"{type(cell).__name__}: sharded programs take positional inputs only")
             mode, world, full_batch = setting

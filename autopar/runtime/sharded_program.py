@@ -1,0 +1,74 @@
+"""The sharded counterpart of :class:`~autopar.runtime.compiled.GradProgram`: trace, plan,
+lower for this rank, compile; then loss and this rank's gradient shards per call."""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from ..ops.primitive import TensorSpec
+from ..strategy.mesh import Mesh
+from ..strategy.plan import plan_shardings
+from .shards import gather
+from .spmd import lower
+
+
+class ShardedGradProgram:
+    """Loss and local gradient shards of ``params`` on one rank of ``world``.
+
+    Inputs are what this rank is fed: its slice of the batch (``full_batch=False``) or the
+    whole batch. The loss comes back whole on every rank; gradients come back as this
+    rank's shards, aligned with :attr:`shards` (the ParamShards an optimizer updates)."""
+
+    def __init__(self, cell, args: tuple, params: Sequence, mode: str, world, full_batch: bool = False,
+                 sens: float = 1.0):
+        from .autodiff import differentiate
+        from .program import Program
+        from .trace import trace
+        stage = Mesh((world.size,), ("devices",), tuple(range(world.size)))
+        feed_whole = full_batch or mode == "stand_alone"
+        global_args = tuple(a if feed_whole or not isinstance(a, np.ndarray) or a.ndim == 0
+                            else TensorSpec((a.shape[0] * world.size,) + a.shape[1:], a.dtype) for a in args)
+        graph = trace(cell, global_args, {}).graph
+        loss = graph.outputs[0]
+        by_id = {id(p): v for v, p in zip(graph.params, graph.param_objs)}
+        missing = [p.name for p in params if id(p) not in by_id]
+        if missing:
+            raise ValueError(f"{type(cell).__name__}: parameters {missing} are not used by the loss")
+        wrt = [by_id[id(p)] for p in params]
+        self.graph, grads = differentiate(graph, loss, wrt, sens)
+        self.plan = plan_shardings(graph, mode, stage, feed_whole)
+        self.local_graph, _, self.out_layouts, self.comm_clock = lower(
+            self.graph, (loss,) + grads, self.plan, world.rank, world)
+        self.program = Program(self.local_graph, self.local_graph.outputs)
+        order = {id(p): i for i, p in enumerate(self.local_graph.param_objs)}
+        pos = {v: i for i, v in enumerate(graph.params)}
+        self.shards = [self.local_graph.param_objs[pos[by_id[id(p)]]] for p in params]
+        assert all(id(s) in order for s in self.shards)
+        self.layouts = [self.out_layouts[g] for g in grads]
+        self.world = world
+        for s in self.shards:             # the Parameter now reads through its shard
+            if s.param._shard is None or s.param._shard[0] is not s:
+                s.param.attach_shard(s, world)
+
+    def __call__(self, args: tuple, kwargs: dict | None = None, step: int = 0):
+        """(loss, this rank's gradient shards); the same call as the serial GradProgram."""
+        arrays = [a for a in args if isinstance(a, np.ndarray)]
+        outs = self.program.run(arrays, step)
+        return outs[0], outs[1:]
+
+    def gathered(self, grads: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Full gradients on every rank (collective)."""
+        return [gather(g, lay, s.param.shape, self.world) for g, lay, s in zip(grads, self.layouts, self.shards)]
+
+    def global_norm(self, grads: Sequence[np.ndarray]) -> float:
+        """The gradients' global L2 norm, each element counted once across ranks."""
+        total = 0.0
+        for g, lay in zip(grads, self.layouts):
+            copies = math.prod(lay.mesh.shape[a] for a in lay.replicated_axes())
+            flat = g.reshape(-1).astype(np.float64, copy=False)
+            total += float(np.dot(flat, flat)) / copies
+        if self.world.size > 1:
+            total = float(self.world.allreduce(np.array(total)))
+        return math.sqrt(total)

@@ -1,0 +1,61 @@
+"""Parameter shards: what one rank holds of each weight, and gathering it back whole."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from ..ops.primitive import TensorSpec
+from ..strategy.layout import Layout
+
+
+class ParamShard:
+    """A rank's shard of a Parameter, as the runtime and optimizers see it: ``name``,
+    local ``shape``, ``dtype`` and ``data`` (generated from the initializer for just this
+    region, or cut from data the user set)."""
+
+    def __init__(self, param, layout: Layout, rank: int):
+        self.param, self.layout, self.rank = param, layout, rank
+        self.name, self.dtype, self.requires_grad = param.name, param.dtype, param.requires_grad
+        self.region = layout.slices(rank, param.shape)
+        self.spec = TensorSpec(layout.local_shape(param.shape), param.dtype)
+        self.shape, self.ndim, self.size = self.spec.shape, self.spec.ndim, self.spec.size
+        self._data: np.ndarray | None = None
+
+    @property
+    def data(self) -> np.ndarray:
+        if self._data is None:
+            p = self.param
+            src = p._data[self.region] if p._data is not None else p.init_data(self.region)
+            self._data = np.array(src, dtype=p.dtype)
+        return self._data
+
+    def gather(self, world) -> np.ndarray:
+        """The full logical value on every rank (collective; for users and tests)."""
+        return gather(self.data, self.layout, self.param.shape, world)
+
+    def __repr__(self) -> str:
+        return f"ParamShard({self.name!r}, {self.layout}, rank {self.rank}, shape {self.shape})"
+
+
+def gather(local: np.ndarray, layout: Layout, shape: Sequence[int], world) -> np.ndarray:
+    """A sharded value made whole on every rank: one rank per block contributes its block
+    (partial ranks all contribute), one all-reduce over the world. Not for the hot path."""
+    full = np.zeros(tuple(shape), dtype=local.dtype)
+    coord = layout.mesh.coord(world.rank)
+    if not any(coord[a] for a in layout.replicated_axes()):
+        full[layout.slices(world.rank, shape)] = local
+    return world.allreduce(full) if world.size > 1 else full
+
+
+def shard_of(param, layout: Layout, rank: int) -> ParamShard:
+    """The rank's shard of ``param`` in ``layout``: the one already in use when layouts
+    agree (programs for training and evaluation share the weights the optimizer updates),
+    else a new one cut from the current value (gathered first if another layout holds it:
+    a collective, reached in the same order on every rank)."""
+    attached = param._shard[0] if param._shard is not None else None
+    if attached is not None and attached.layout == layout and attached.rank == rank:
+        return attached
+    if attached is not None:
+        param.detach_shard()
+    return ParamShard(param, layout, rank)

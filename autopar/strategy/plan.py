@@ -1,0 +1,100 @@
+"""Sharding plan: a sharding for every forward op and a home layout for every value.
+
+The same on every rank, with no communication, so any device count is planned in one
+process:
+
+* graph inputs: split on the batch dim over the stage (``full_batch=False``) or whole;
+* parameters: the layout their first consumer's sharding asks for;
+* op outputs: their sharding's output layout (possibly a partial sum).
+
+Ops with a user strategy (``semi_auto_parallel``) use it; the others take their inputs'
+axes (``autopar.strategy.sharding.propagate``); ops with no rule run replicated.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ..errors import OpArgError, OpTypeError, at_scope
+from ..ops.primitive import TensorSpec
+from ..runtime.graph import FORWARD, Graph
+from .layout import Layout
+from .mesh import Mesh
+from .sharding import Indexing, OpSharding, from_strategy, propagate
+
+log = logging.getLogger(__name__)
+
+
+MODES = ("stand_alone", "data_parallel", "semi_auto_parallel")
+
+
+@dataclass(frozen=True, eq=False)
+class ShardingPlan:
+    stage: Mesh
+    shardings: dict[int, OpSharding]   # forward node id -> its sharding
+    layouts: dict[int, Layout]         # forward value id -> home layout
+
+    def table(self, graph: Graph) -> str:
+        """One line per op: scope, strategy, output layout."""
+        rows = [f"{graph.nodes[n].name:48s} {str(s):24s} {s.output_layout()}" for n, s in self.shardings.items()]
+        return "\n".join(rows)
+
+
+def _replicated_sharding(n_inputs: int, specs, out: TensorSpec, stage: Mesh) -> OpSharding:
+    letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    ins = tuple("".join(next(letters) for _ in s.shape) for s in specs)
+    outl = "".join(next(letters) for _ in out.shape)
+    return OpSharding(Indexing(ins, outl, frozenset(ins) | frozenset(outl)), stage, ())
+
+
+def input_layout(spec: TensorSpec, stage: Mesh, full_batch: bool) -> Layout:
+    """Data-parallel datasets: each rank feeds its slice of the batch (dim 0)."""
+    if full_batch or not spec.shape or spec.shape[0] % stage.size:
+        return Layout.replicated(stage, len(spec.shape))
+    flat = Mesh((stage.size,), ("data",), stage.ranks)
+    return Layout(flat, ((0,),) + ((),) * (len(spec.shape) - 1))
+
+
+def plan_shardings(graph: Graph, mode: str, stage: Mesh, full_batch: bool = False) -> ShardingPlan:
+    """Shardings of the forward nodes and home layouts of the forward values."""
+    if mode not in MODES:
+        raise ValueError(f"parallel_mode: expected one of {MODES} here, got {mode!r}")
+    layouts: dict[int, Layout] = {}
+    for v in graph.inputs:
+        if v is not None:
+            layouts[v] = input_layout(graph.spec(v), stage, full_batch or mode == "stand_alone")
+    for v in graph.consts:
+        layouts[v] = Layout.replicated(stage, len(graph.spec(v).shape))
+    params = set(graph.params)
+    shardings: dict[int, OpSharding] = {}
+    warned: set[str] = set()
+    for node in graph.nodes:
+        if node.phase != FORWARD:
+            continue
+        specs = [graph.spec(v) for v in node.inputs]
+        out = graph.spec(node.outputs[0])
+        indexing = node.prim.indexing(specs, out)
+        where = f"{node.scope} ({node.prim.kind})"
+        if indexing is None:
+            if node.prim.kind not in warned and mode != "stand_alone":
+                log.warning("%s has no sharding rule; it runs replicated", node.prim.kind)
+                warned.add(node.prim.kind)
+            sharding = _replicated_sharding(len(specs), specs, out, stage)
+        elif mode == "stand_alone":
+            sharding = OpSharding(indexing, stage, ())
+        elif mode == "semi_auto_parallel" and node.prim.strategy is not None:
+            try:
+                sharding = from_strategy(indexing, node.prim.strategy.inputs, [s.shape for s in specs], stage,
+                                         where)
+                sharding.output_layout().check_shape(out.shape, where, "output")
+            except (OpArgError, OpTypeError) as err:
+                raise at_scope(err, where) from None
+        else:
+            known = [layouts.get(v) if v not in params or v in layouts else None for v in node.inputs]
+            sharding = propagate(indexing, known, [s.shape for s in specs], out.shape, stage)
+        for i, v in enumerate(node.inputs):
+            if v in params and v not in layouts:
+                layouts[v] = sharding.input_layout(i)
+        shardings[node.id] = sharding
+        layouts[node.outputs[0]] = sharding.output_layout()
+    return ShardingPlan(stage, shardings, layouts)
