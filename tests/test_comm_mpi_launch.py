@@ -90,3 +90,46 @@ def test_failing_rank_aborts_the_job(tmp_path):
     assert rc != 0, f"job exited 0\nstdout:\n{out}\nstderr:\n{err}"
     assert elapsed < 30
     assert "on rank 1 of 2" in err and "[rank 1] RuntimeError: deliberate failure on this rank" in err, err
+
+
+MID_STEP_SCRIPT = """
+import numpy as np
+from autopar import nn, ops
+from autopar.comm import install_abort_handler, world
+from autopar.context import bound_world, parallel_context
+from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
+from autopar.train import SGD
+
+install_abort_handler()
+comm = world()
+gelu = ops.GeLU.forward
+
+def failing_gelu(self, x):  # rank 2 fails inside the forward pass of its second step
+    if comm.rank == 2 and failing_gelu.calls == 1:
+        raise RuntimeError("deliberate failure inside a training step")
+    return gelu(self, x)
+failing_gelu.calls = 0
+
+cfg = PanguAlphaConfig.preset("tiny")
+ids = np.random.default_rng(0).integers(0, 96, (4, 17)).astype(np.int32)
+with bound_world(comm), parallel_context(parallel_mode="data_parallel", device_num=comm.size):
+    net = PanguAlphaWithLoss(cfg)
+    train = nn.TrainOneStepCell(net, SGD(net.trainable_params(), 0.1))
+    ops.GeLU.forward = failing_gelu
+    for step in range(3):
+        train(np.split(ids, comm.size)[comm.rank])
+        failing_gelu.calls += 1
+print("rank", comm.rank, "finished", flush=True)
+"""
+
+
+def test_exception_on_rank_2_mid_step_ends_all_four_ranks(tmp_path):
+    """The others are blocked in the step's all-reduces when rank 2 raises: the abort
+    handler must end them, not leave them waiting."""
+    script = tmp_path / "fail_mid_step.py"
+    script.write_text(textwrap.dedent(MID_STEP_SCRIPT))
+    rc, out, err, elapsed = launch([sys.executable, str(script)], timeout=60, n=4)
+    assert rc != 0, f"job exited 0\nstdout:\n{out}\nstderr:\n{err}"
+    assert elapsed < 30, elapsed
+    assert "RuntimeError: deliberate failure inside a training step" in err and "[rank 2]" in err, err
+    assert "finished" not in out, out
