@@ -43,13 +43,20 @@ class TrainOneStepCell(Cell):
         self.last_grad_norm: float | None = None
         network.set_train(True)
 
+    def build(self, *args, **kwargs):
+        """Compile the training program for these inputs and give the optimizer this rank's
+        shards, without taking a step (MindSpore's ``model.build``); returns the program."""
+        args, kwargs = _normalize(args, kwargs)
+        prog = grad_program(self.network, args, kwargs, self.params, self.sens)
+        if hasattr(prog, "shards") and self.optimizer.params != prog.shards:
+            self.optimizer.bind_shards(prog.shards)
+        return prog
+
     def __call__(self, *args, **kwargs):
         from ..train.clip import clip_by_global_norm, scale_
         args, kwargs = _normalize(args, kwargs)
-        prog = grad_program(self.network, args, kwargs, self.params, self.sens)
+        prog = self.build(*args, **kwargs)
         if hasattr(prog, "shards"):   # sharded: this rank updates its shards
-            if self.optimizer.params != prog.shards:
-                self.optimizer.bind_shards(prog.shards)
             loss, grads = prog(args, kwargs, self.optimizer.step_count)
             if self.clip_norm is not None:
                 norm = prog.global_norm(grads)

@@ -1,4 +1,12 @@
-"""autopar.train: optimizers, learning-rate schedules and gradient clipping."""
+"""autopar.train: optimizers, learning-rate schedules, gradient clipping and checkpoints."""
+from .checkpoint import (
+    ModelCheckpoint,
+    load_checkpoint,
+    load_distributed_checkpoint,
+    load_param_into_net,
+    merge,
+    save_checkpoint,
+)
 from .clip import clip_by_global_norm, global_norm
 from .dataset import Batch, LMDataset, LMLoader, TokenFile, eod_reset_masks
 from .lr_schedule import CosineDecayLR, PolynomialDecayLR, WarmUpCosineDecayLR, WarmUpLR
@@ -6,4 +14,6 @@ from .optimizers import SGD, Adam, AdamWeightDecay, Optimizer, default_decay_fil
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamWeightDecay", "default_decay_filter",
            "WarmUpLR", "CosineDecayLR", "PolynomialDecayLR", "WarmUpCosineDecayLR",
-           "global_norm", "clip_by_global_norm", "TokenFile", "LMDataset", "LMLoader", "Batch", "eod_reset_masks"]
+           "global_norm", "clip_by_global_norm", "TokenFile", "LMDataset", "LMLoader", "Batch", "eod_reset_masks",
+           "save_checkpoint", "load_checkpoint", "load_param_into_net", "load_distributed_checkpoint", "merge",
+           "ModelCheckpoint"]
