@@ -40,26 +40,23 @@ def _log_softmax_vjp_kernel(out, dy, y, axis):
     out += dy
 
 
-@register
-class Softmax(Primitive):
-    """exp(x - max) / sum, over ``axis`` (an int or a tuple of ints); attention probabilities
-    ``(B, heads, S, S)`` over the last axis."""
+class _RowNormalized(Primitive):
+    """Softmax and LogSoftmax: a kernel pair over the normalized axes, which stay whole."""
 
     fresh_output = fresh_grads = True  # new arrays, never views of the inputs
-
     save_inputs, save_output = "none", True
-
-
-    def indexing(self, specs, out):
-        from ..strategy.sharding import Indexing, same_letters
-        letters, fixed = same_letters(specs[0].ndim, self._axes(specs[0].ndim))
-        return Indexing((letters,), letters, fixed)
+    kernel = vjp_kernel = None  # set by the subclass
 
     def __init__(self, axis=-1):
         super().__init__(axis=axis)
 
     def _axes(self, ndim: int) -> tuple[int, ...]:
-        return normalize_axes(self.attrs["axis"], ndim)
+        raise NotImplementedError
+
+    def indexing(self, specs, out):
+        from ..strategy.sharding import Indexing, same_letters
+        letters, fixed = same_letters(specs[0].ndim, self._axes(specs[0].ndim))
+        return Indexing((letters,), letters, fixed)
 
     def infer(self, x):
         check_float(x, "input 0")
@@ -67,11 +64,11 @@ class Softmax(Primitive):
         return x
 
     def forward(self, x):
-        y = rowwise(_softmax_kernel, self._axes(x.ndim), compute_dtype(x.dtype), x)
+        y = rowwise(type(self).kernel, self._axes(x.ndim), compute_dtype(x.dtype), x)
         return y.astype(x.dtype, copy=False)
 
     def vjp(self, dy, xs, y, specs, needs):
-        dx = rowwise(_softmax_vjp_kernel, self._axes(y.ndim), compute_dtype(y.dtype), dy, y)
+        dx = rowwise(type(self).vjp_kernel, self._axes(y.ndim), compute_dtype(y.dtype), dy, y)
         return (dx.astype(specs[0].dtype, copy=False),)
 
     def flops(self, specs, out):
@@ -79,40 +76,27 @@ class Softmax(Primitive):
 
 
 @register
-class LogSoftmax(Primitive):
+class Softmax(_RowNormalized):
+    """exp(x - max) / sum, over ``axis`` (an int or a tuple of ints); attention probabilities
+    ``(B, heads, S, S)`` over the last axis."""
+
+    kernel, vjp_kernel = staticmethod(_softmax_kernel), staticmethod(_softmax_vjp_kernel)
+
+    def _axes(self, ndim: int) -> tuple[int, ...]:
+        return normalize_axes(self.attrs["axis"], ndim)
+
+
+@register
+class LogSoftmax(_RowNormalized):
     """x - logsumexp(x) over one ``axis``."""
 
-    fresh_output = fresh_grads = True  # new arrays, never views of the inputs
-
-    save_inputs, save_output = "none", True
-
-
-    def indexing(self, specs, out):
-        from ..strategy.sharding import Indexing, same_letters
-        letters, fixed = same_letters(specs[0].ndim, self._axes(specs[0].ndim))
-        return Indexing((letters,), letters, fixed)
+    kernel, vjp_kernel = staticmethod(_log_softmax_kernel), staticmethod(_log_softmax_vjp_kernel)
 
     def __init__(self, axis: int = -1):
         super().__init__(axis=axis)
 
     def _axes(self, ndim: int) -> tuple[int, ...]:
         return (normalize_axis(self.attrs["axis"], ndim),)
-
-    def infer(self, x):
-        check_float(x, "input 0")
-        self._axes(x.ndim)
-        return x
-
-    def forward(self, x):
-        y = rowwise(_log_softmax_kernel, self._axes(x.ndim), compute_dtype(x.dtype), x)
-        return y.astype(x.dtype, copy=False)
-
-    def vjp(self, dy, xs, y, specs, needs):
-        dx = rowwise(_log_softmax_vjp_kernel, self._axes(y.ndim), compute_dtype(y.dtype), dy, y)
-        return (dx.astype(specs[0].dtype, copy=False),)
-
-    def flops(self, specs, out):
-        return 5 * out.size
 
 
 @register
