@@ -16,6 +16,7 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one BLAS thread per rank: set before numpy loads
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -58,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompt", default="中国的经济")
     p.add_argument("--out", default="runs/pangu", help="loss curve and logs")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--losses-out", default=None, help="write the per-step losses here as JSON (rank 0)")
     return p.parse_args(argv)
 
 
@@ -170,6 +172,8 @@ def main(argv=None) -> None:
 
     for p in net.trainable_params():  # gather the trained weights once (collective)
         p.detach_shard()
+    if is_root and args.losses_out:
+        Path(args.losses_out).write_text(json.dumps({"losses": losses, "evals": evals}))
     if is_root:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
