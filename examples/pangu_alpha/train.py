@@ -32,7 +32,7 @@ from autopar import nn  # noqa: E402
 from autopar.comm import install_abort_handler  # noqa: E402
 from autopar.context import current_world  # noqa: E402
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss  # noqa: E402
-from autopar.models.pangu_alpha.generate import generate  # noqa: E402
+from autopar.models.pangu_alpha.generate import generate_cached  # noqa: E402
 from autopar.models.pangu_alpha.tokenizer import PanguTokenizer  # noqa: E402
 from autopar.runtime.compiled import grad_program  # noqa: E402
 from autopar.train import AdamWeightDecay, LMDataset, LMLoader, WarmUpCosineDecayLR  # noqa: E402
@@ -179,7 +179,7 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         plot(out / "loss.png", steps, losses, evals)
         log.info("loss curve: %s", out / "loss.png")
-        text = tok.decode(generate(net.backbone, [tok.encode(args.prompt)], 40, top_k=5, temperature=0.8,
+        text = tok.decode(generate_cached(net.backbone, [tok.encode(args.prompt)], 40, top_k=5, temperature=0.8,
                                    eod_id=tok.eod_id)[0])
         print(f"{args.prompt} -> {args.prompt}{text}", flush=True)
 

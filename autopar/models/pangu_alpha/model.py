@@ -55,16 +55,26 @@ class Attention(Cell):
         b, s, _ = x.shape
         return x.reshape(b, s, self.n_heads, self.head_dim)            # (B, S, H) -> (B, S, N, D)
 
-    def construct(self, x_query, x_kv, mask_add):
-        b, s, h = x_kv.shape                                           # the query may have batch 1
-        q = self._heads(self.dense1(x_query)).transpose(0, 2, 1, 3)   # (B or 1, N, S, D)
-        k = self._heads(self.dense2(x_kv)).transpose(0, 2, 3, 1)      # (B, N, D, S)
+    def construct(self, x_query, x_kv, mask_add, cache=None):
+        """Full sequence; or, with ``cache = (k, v, at)``, one new token per row (S = 1): its
+        key and value go into the (B, N, S_max, D) caches at the slots ``at`` marks
+        ((B, 1, S_max, 1) bool) and the updated caches are returned with the output
+        (MindSpore's ``use_past``)."""
+        b, s, h = x_query.shape
+        q = self._heads(self.dense1(x_query)).transpose(0, 2, 1, 3)   # (B, N, S, D)
+        k = self._heads(self.dense2(x_kv)).transpose(0, 2, 1, 3)      # (B, N, S, D)
         v = self._heads(self.dense3(x_kv)).transpose(0, 2, 1, 3)      # (B, N, S, D)
-        scores = self.scores(q * self.scale, k) + mask_add             # (B, N, S, S); scale the smaller q
+        if cache is not None:
+            k_cache, v_cache, at = cache
+            k = ops.Select()(at, k, k_cache)                           # (B, N, 1, D) into (B, N, S_max, D)
+            v = ops.Select()(at, v, v_cache)
+            cache = (k, v)
+        scores = self.scores(q * self.scale, k.transpose(0, 1, 3, 2)) + mask_add  # (B, N, S, S_kv)
         probs = self.prob_dropout(self.softmax(scores))
         ctx = self.context(probs, v)                                   # (B, N, S, D)
         ctx = ctx.transpose(0, 2, 1, 3).reshape(b, s, h)               # (B, S, N, D) -> (B, S, H)
-        return self.dropout(self.projection(ctx))
+        out = self.dropout(self.projection(ctx))
+        return out if cache is None else (out, cache)
 
 
 class FeedForward(Cell):
@@ -112,10 +122,13 @@ class Block(Cell):
         for ln in (self.layernorm1, self.layernorm2):
             ln.layer_norm.shard(((dp, 1, 1), (1,), (1,)))
 
-    def construct(self, x, mask_add):
+    def construct(self, x, mask_add, cache=None):
         h = self.layernorm1(x)
-        x = x + self.attention(h, h, mask_add)
-        return x + self.output(self.layernorm2(x))
+        a = self.attention(h, h, mask_add, cache)
+        a, cache = a if cache is not None else (a, None)
+        x = x + a
+        x = x + self.output(self.layernorm2(x))
+        return x if cache is None else (x, cache)
 
 
 class QueryLayer(Block):
@@ -126,10 +139,13 @@ class QueryLayer(Block):
         self.top_query_embedding = Embedding(config.seq_length, config.hidden_size,
                                              TruncatedNormal(config.init_std), config.param_dtype)
 
-    def construct(self, x, mask_add, position_ids):
+    def construct(self, x, mask_add, position_ids, cache=None):
         query = self.top_query_embedding(position_ids)                # (B, S) -> (B, S, H)
-        x = x + self.attention(query, self.layernorm1(x), mask_add)
-        return x + self.output(self.layernorm2(x))
+        a = self.attention(query, self.layernorm1(x), mask_add, cache)
+        a, cache = a if cache is not None else (a, None)
+        x = x + a
+        x = x + self.output(self.layernorm2(x))
+        return x if cache is None else (x, cache)
 
 
 class PanguAlpha(Cell):
