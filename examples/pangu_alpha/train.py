@@ -170,6 +170,10 @@ def main(argv=None) -> None:
              args.steps * tokens_per_step / elapsed, args.steps * flops_per_step / elapsed / 1e9)
     log.info("validation perplexity %.1f -> %.1f", np.exp(evals[0][1]), np.exp(evals[-1][1]))
 
+    ckpt = Path(args.out) / "checkpoint"
+    autopar.save_checkpoint(train, ckpt, extra={"config": {k: v for k, v in config.__dict__.items()},
+                                                "loader": loader.state_dict()})  # collective
+    log.info("checkpoint: %s", ckpt)
     for p in net.trainable_params():  # gather the trained weights once (collective)
         p.detach_shard()
     if is_root and args.losses_out:
