@@ -133,3 +133,14 @@ def test_exception_on_rank_2_mid_step_ends_all_four_ranks(tmp_path):
     assert elapsed < 30, elapsed
     assert "RuntimeError: deliberate failure inside a training step" in err and "[rank 2]" in err, err
     assert "finished" not in out, out
+
+
+def test_checkpoint_saved_on_dp2_mp2_resumes_on_mp4_and_dp4_over_four_mpi_ranks():
+    """Save after 2 steps under dp2 x mp2, resume under mp4 and dp4: the same losses as the
+    uninterrupted run, and a serial load on every rank equals the gathered values."""
+    rc, out, err, _ = launch([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              "tests/mpi/test_checkpoint_mpi.py"], timeout=240, n=4)
+    assert rc == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    passed = [int(k) for k in re.findall(r"(\d+) passed", out)]
+    assert len(passed) == 4 and min(passed) == 4, f"expected 4 tests passed on each of 4 ranks:\n{out}"
+    assert "skipped" not in out and "failed" not in out, out
