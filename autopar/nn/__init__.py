@@ -2,6 +2,7 @@
 from .cell import Cell, CellList, SequentialCell
 from .initializer import Constant, Initializer, Normal, One, TruncatedNormal, Uniform, Zero, as_initializer
 from .layers import GELU, Dense, Dropout, Embedding, LayerNorm, RMSNorm, causal_mask
+from .lm_loss import NextTokenLoss
 from .loss import SoftmaxCrossEntropyWithLogits
 from .parameter import Parameter
 from .wrappers import TrainOneStepCell, WithLossCell

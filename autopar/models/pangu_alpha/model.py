@@ -19,6 +19,7 @@ import numpy as np
 from ... import ops
 from ...errors import OpArgError
 from ...nn import (Cell, CellList, Dense, Dropout, Embedding, LayerNorm, Normal, TruncatedNormal, causal_mask)
+from ...nn.lm_loss import NextTokenLoss
 from .config import PanguAlphaConfig
 
 MASK_VALUE = -10000.0  # added to masked attention scores, as PanGu-α does
@@ -226,25 +227,13 @@ class PanguAlpha(Cell):
         return logits.reshape(b, s, -1)                                              # (B, S, V)
 
 
-class PanguAlphaWithLoss(Cell):
-    """Masked next-token cross-entropy. ``input_ids`` is (B, seq_length + 1): the model reads
-    ``[:, :-1]`` and predicts ``[:, 1:]``; labels equal to ``pad_id`` carry no loss."""
-
-    auto_prefix = False
+class PanguAlphaWithLoss(NextTokenLoss):
+    """Masked next-token cross-entropy of PanGu-α. ``input_ids`` is (B, seq_length + 1): the
+    model reads ``[:, :-1]`` and predicts ``[:, 1:]``; labels equal to ``pad_id`` carry no loss."""
 
     def __init__(self, config: PanguAlphaConfig):
-        super().__init__()
+        super().__init__(PanguAlpha(config), config.pad_id)
         self.config = config
-        self.backbone = PanguAlpha(config)
-        self.cross_entropy = ops.SparseSoftmaxCrossEntropyWithLogits()
 
     def construct(self, input_ids, position_ids=None, attention_mask=None):
-        if input_ids.ndim != 2 or input_ids.shape[1] < 2:
-            raise OpArgError("input_ids shape", "(batch, seq_length + 1)", str(input_ids.shape),
-                             where="PanguAlphaWithLoss")
-        tokens, labels = input_ids[:, :-1], input_ids[:, 1:]                         # (B, S) each
-        logits = self.backbone(tokens, position_ids, attention_mask)                 # (B, S, V)
-        b, s, v = logits.shape
-        per_token = self.cross_entropy(logits.reshape(b * s, v), labels.reshape(b * s))  # (B*S,)
-        keep = (labels.reshape(b * s) != self.config.pad_id).astype(per_token.dtype)
-        return (per_token * keep).sum() / keep.sum()
+        return super().construct(input_ids, position_ids, attention_mask)

@@ -19,6 +19,7 @@ import numpy as np
 from ... import ops
 from ...errors import OpArgError
 from ...nn import Cell, CellList, Dense, Embedding, Normal, RMSNorm, causal_mask
+from ...nn.lm_loss import NextTokenLoss
 from .config import YuanConfig
 
 MASK_VALUE = -10000.0  # added to masked attention scores
@@ -219,25 +220,9 @@ class Yuan(Cell):
         return logits.reshape(b, s, -1)                                    # (B, S, V)
 
 
-class YuanWithLoss(Cell):
-    """Masked next-token cross-entropy. ``input_ids`` is (B, seq_length + 1): the model reads
-    ``[:, :-1]`` and predicts ``[:, 1:]``; labels equal to ``pad_id`` carry no loss."""
-
-    auto_prefix = False
+class YuanWithLoss(NextTokenLoss):
+    """Masked next-token cross-entropy of Yuan 2.0. ``input_ids`` is (B, seq_length + 1)."""
 
     def __init__(self, config: YuanConfig):
-        super().__init__()
+        super().__init__(Yuan(config), config.pad_id)
         self.config = config
-        self.backbone = Yuan(config)
-        self.cross_entropy = ops.SparseSoftmaxCrossEntropyWithLogits()
-
-    def construct(self, input_ids):
-        if input_ids.ndim != 2 or input_ids.shape[1] < 2:
-            raise OpArgError("input_ids shape", "(batch, seq_length + 1)", str(input_ids.shape),
-                             where="YuanWithLoss")
-        tokens, labels = input_ids[:, :-1], input_ids[:, 1:]                # (B, S) each
-        logits = self.backbone(tokens)                                      # (B, S, V)
-        b, s, v = logits.shape
-        per_token = self.cross_entropy(logits.reshape(b * s, v), labels.reshape(b * s))  # (B*S,)
-        keep = (labels.reshape(b * s) != self.config.pad_id).astype(per_token.dtype)
-        return (per_token * keep).sum() / keep.sum()
