@@ -196,7 +196,10 @@ class PanguAlpha(Cell):
         position_ids = mask.astype(np.int32).sum(-1) - 1                            # tokens before, same doc
         return mask, position_ids
 
-    def construct(self, input_ids, position_ids=None, attention_mask=None):
+    def construct(self, input_ids, position_ids=None, attention_mask=None, query_position_ids=None):
+        """``query_position_ids`` (B, S): which query-embedding row each position uses (row i:
+        "predict the token after position i"); by default the position ids. Random-order
+        training (``random_order``) feeds a permutation and asks for the next position in it."""
         self._check_ids(input_ids)
         b, s = input_ids.shape
         cdt = np.dtype(self.config.compute_dtype)
@@ -218,10 +221,11 @@ class PanguAlpha(Cell):
         x = self.embedding_dropout(x)
         for block in self.blocks:
             x = block(x, mask_add)
+        query_ids = position_ids if query_position_ids is None else query_position_ids
         if self.config.layer_order == "final_ln_then_query":
-            x = self.query_layer(self.final_layernorm(x), mask_add, position_ids)
+            x = self.query_layer(self.final_layernorm(x), mask_add, query_ids)
         else:
-            x = self.final_layernorm(self.query_layer(x, mask_add, position_ids))
+            x = self.final_layernorm(self.query_layer(x, mask_add, query_ids))
         table = self.word_embedding.embedding_table                                  # (V, H)
         logits = self.head(x.reshape(b * s, -1), table)                              # (B*S, H) @ (V, H)^T
         return logits.reshape(b, s, -1)                                              # (B, S, V)
@@ -235,5 +239,30 @@ class PanguAlphaWithLoss(NextTokenLoss):
         super().__init__(PanguAlpha(config), config.pad_id)
         self.config = config
 
-    def construct(self, input_ids, position_ids=None, attention_mask=None):
-        return super().construct(input_ids, position_ids, attention_mask)
+    def construct(self, input_ids, position_ids=None, attention_mask=None, query_position_ids=None):
+        return super().construct(input_ids, position_ids, attention_mask, query_position_ids)
+
+
+def random_order(input_ids: np.ndarray, rng: np.random.Generator | None = None, order: np.ndarray | None = None):
+    """A random-order training sample (the PanGu-α articles' permuted pretraining): each row's
+    tokens after the first are fed in a random order with their original position ids, and the
+    query layer asks for the position of the token to predict next, so the model learns to
+    fill in any order. Returns ``(ids (B, S+1), position_ids (B, S), query_position_ids
+    (B, S))`` for ``PanguAlphaWithLoss``. ``order`` (B, S+1), a permutation per row keeping
+    position 0 first and position S last (so fed positions fit the S-row position table and
+    every target has a query row), may be given instead of ``rng``; the identity is standard
+    training."""
+    b, n = input_ids.shape                                                    # (B, S+1)
+    if order is None:
+        rng = rng or np.random.default_rng()
+        middle = 1 + np.argsort(rng.random((b, n - 2)), axis=1)              # positions 1..S-1 shuffled
+        order = np.concatenate([np.zeros((b, 1), np.int64), middle, np.full((b, 1), n - 1)], axis=1)
+    order = np.asarray(order)
+    if order.shape != (b, n) or (order[:, 0] != 0).any() or (order[:, -1] != n - 1).any() or \
+            (np.sort(order, axis=1) != np.arange(n)).any():
+        raise ValueError(f"random_order: order: expected a permutation of 0..{n - 1} per row starting "
+                         f"at 0 and ending at {n - 1}, shape {(b, n)}, got shape {order.shape}")
+    ids = np.take_along_axis(input_ids, order, axis=1).astype(np.int32)     # fed order
+    position_ids = order[:, :-1].astype(np.int32)                            # where each fed token sits
+    query_position_ids = (order[:, 1:] - 1).astype(np.int32)                 # the row for "predict next"
+    return ids, position_ids, query_position_ids
