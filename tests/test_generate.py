@@ -47,3 +47,14 @@ def test_cached_decoding_gives_the_tokens_of_recomputation():
     assert got == want and all(len(g) == 7 for g in got)
     # sampled decoding with the same seed draws the same tokens too
     assert generate_cached(model, prompts, 5, top_k=4, seed=3) == generate(model, prompts, 5, top_k=4, seed=3)
+
+
+def test_min_new_tokens_rules_out_an_early_eod():
+    from autopar.models.pangu_alpha.generate import generate_cached
+    config = PanguAlphaConfig.preset("tiny")
+    model = PanguAlpha(config)
+    logits = model(np.array([[11, 12, 13]], np.int32))[0, -1]
+    eod = int(np.argmax(logits))          # make the greedy next token the "EOD"
+    out = generate_cached(model, [[11, 12, 13]], 6, temperature=0, eod_id=eod, min_new_tokens=3)[0]
+    assert eod not in out[:3] and len(out) >= 3
+    assert generate_cached(model, [[11, 12, 13]], 6, temperature=0, eod_id=eod)[0] == [eod]

@@ -183,8 +183,9 @@ def main(argv=None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         plot(out / "loss.png", steps, losses, evals)
         log.info("loss curve: %s", out / "loss.png")
-        text = tok.decode(generate_cached(net.backbone, [tok.encode(args.prompt)], 40, top_k=5, temperature=0.8,
-                                   eod_id=tok.eod_id)[0])
+        new = generate_cached(net.backbone, [tok.encode(args.prompt)], 40, top_k=5, temperature=0.8,
+                              min_new_tokens=16, eod_id=tok.eod_id)[0]
+        text = tok.decode(new)
         print(f"{args.prompt} -> {args.prompt}{text}", flush=True)
 
 

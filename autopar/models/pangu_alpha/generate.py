@@ -37,9 +37,18 @@ def sample(logits: np.ndarray, rng: np.random.Generator, top_k: int = 0, top_p: 
     return int(rng.choice(p.size, p=p))
 
 
+def _no_early_eod(logits: np.ndarray, eod_id: int | None, produced: int, minimum: int) -> np.ndarray:
+    """The row's logits with EOD ruled out until ``minimum`` new tokens exist."""
+    if eod_id is None or produced >= minimum:
+        return logits
+    logits = logits.copy()
+    logits[eod_id] = -np.inf
+    return logits
+
+
 def generate(model: PanguAlpha, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, top_k: int = 0,
              top_p: float = 1.0, temperature: float = 1.0, eod_id: int | None = None,
-             seed: int = 0) -> list[list[int]]:
+             seed: int = 0, min_new_tokens: int = 0) -> list[list[int]]:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens, stopping
     a row at ``eod_id``. Returns the new tokens of each prompt."""
     s = model.config.seq_length
@@ -61,7 +70,8 @@ def generate(model: PanguAlpha, prompts: Sequence[Sequence[int]], max_new_tokens
             ids[i, :len(r)] = r[:s]
         logits = model(ids)                                          # (B, S, V)
         for i in live:
-            tok = sample(logits[i, len(rows[i]) - 1], rngs[i], top_k, top_p, temperature)
+            tok = sample(_no_early_eod(logits[i, len(rows[i]) - 1], eod_id, len(out[i]), min_new_tokens),
+                         rngs[i], top_k, top_p, temperature)
             rows[i].append(tok)
             out[i].append(tok)
             if eod_id is not None and tok == eod_id:
@@ -101,7 +111,7 @@ class PanguAlphaDecoder(Cell):
 
 def generate_cached(model: PanguAlpha, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                     top_k: int = 0, top_p: float = 1.0, temperature: float = 1.0, eod_id: int | None = None,
-                    seed: int = 0) -> list[list[int]]:
+                    seed: int = 0, min_new_tokens: int = 0) -> list[list[int]]:
     """Like :func:`generate`, with a key/value cache. Rows advance in lockstep: at time t
     each row feeds its token t (from its prompt, or the one it generated) and, once past its
     prompt, samples token t + 1."""
@@ -132,7 +142,8 @@ def generate_cached(model: PanguAlpha, prompts: Sequence[Sequence[int]], max_new
             if done[i] or t + 1 < len(rows[i]) or len(out[i]) >= max_new_tokens:
                 done[i] = done[i] or len(out[i]) >= max_new_tokens
                 continue
-            tok = sample(logits[i], rngs[i], top_k, top_p, temperature)
+            tok = sample(_no_early_eod(logits[i], eod_id, len(out[i]), min_new_tokens), rngs[i], top_k, top_p,
+                         temperature)
             rows[i].append(tok)
             out[i].append(tok)
             if (eod_id is not None and tok == eod_id) or len(out[i]) >= max_new_tokens:
