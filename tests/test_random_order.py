@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import autopar
-from autopar.models.pangu_alpha import PanguAlpha, PanguAlphaConfig, PanguAlphaWithLoss, random_order
+from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss, random_order
 
 CONFIG = PanguAlphaConfig.preset("tiny", param_dtype="float64", compute_dtype="float64")
 IDS = np.random.default_rng(0).integers(10, 96, (2, CONFIG.seq_length + 1)).astype(np.int32)

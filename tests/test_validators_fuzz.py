@@ -1,7 +1,6 @@
 """Property-based: random strategies, layouts, meshes and configs fed to the validators give
 a valid value or a ValueError/TypeError -- never another exception, never a hang."""
 import numpy as np
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
