@@ -20,6 +20,7 @@ from ... import ops
 from ...errors import OpArgError
 from ...nn import (Cell, CellList, Dense, Dropout, Embedding, LayerNorm, Normal, TruncatedNormal, causal_mask)
 from ...nn.lm_loss import NextTokenLoss
+from ..megatron import attention_core, column_parallel, row_parallel
 from .config import PanguAlphaConfig
 
 MASK_VALUE = -10000.0  # added to masked attention scores, as PanGu-α does
@@ -48,9 +49,7 @@ class Attention(Cell):
         for d in (self.dense1, self.dense2, self.dense3):
             column_parallel(d, dp, mp)
         row_parallel(self.projection, dp, mp)
-        self.scores.shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
-        self.context.shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
-        self.softmax.shard(((dp, mp, 1, 1),))
+        attention_core(self.scores, self.softmax, self.context, dp, mp)
 
     def _heads(self, x):
         b, s, _ = x.shape
@@ -95,18 +94,6 @@ class FeedForward(Cell):
 
     def construct(self, x):
         return self.dropout(self.projection(self.gelu(self.mapping(x))))
-
-
-def column_parallel(dense: Dense, dp: int, mp: int) -> None:
-    """Weight (out, in) split on out: (B*S, H) -> (B*S, F/mp), no communication."""
-    dense.matmul.shard(((dp, 1), (mp, 1)))
-    dense.bias_add.shard(((dp, mp), (mp,)))
-
-
-def row_parallel(dense: Dense, dp: int, mp: int) -> None:
-    """Weight (out, in) split on in: partial sums, one all-reduce over mp."""
-    dense.matmul.shard(((dp, mp), (1, mp)))
-    dense.bias_add.shard(((dp, 1), (1,)))
 
 
 class Block(Cell):

@@ -20,24 +20,10 @@ from ... import ops
 from ...errors import OpArgError
 from ...nn import Cell, CellList, Dense, Embedding, Normal, RMSNorm, causal_mask
 from ...nn.lm_loss import NextTokenLoss
+from ..megatron import attention_core, batch_only, column_parallel, row_parallel
 from .config import YuanConfig
 
 MASK_VALUE = -10000.0  # added to masked attention scores
-
-
-def column_parallel(dense: Dense, dp: int, mp: int) -> None:
-    """Weight (out, in) split on out: (B*S, H) -> (B*S, out/mp), no communication."""
-    dense.matmul.shard(((dp, 1), (mp, 1)))
-
-
-def row_parallel(dense: Dense, dp: int, mp: int) -> None:
-    """Weight (out, in) split on in: partial sums, one all-reduce over mp."""
-    dense.matmul.shard(((dp, mp), (1, mp)))
-
-
-def batch_only(dense: Dense, dp: int) -> None:
-    """Weight replicated; rows (B*S) split over dp."""
-    dense.matmul.shard(((dp, 1), (1, 1)))
 
 
 def _dense(config: YuanConfig, n_in: int, n_out: int, std: float) -> Dense:
@@ -120,9 +106,7 @@ class Attention(Cell):
         for d in (self.query, self.key, self.value):
             column_parallel(d, dp, mp)
         row_parallel(self.projection, dp, mp)
-        self.scores.shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
-        self.context.shard(((dp, mp, 1, 1), (dp, mp, 1, 1)))
-        self.softmax.shard(((dp, mp, 1, 1),))
+        attention_core(self.scores, self.softmax, self.context, dp, mp)
 
     def _heads(self, x):
         b, s, _ = x.shape
