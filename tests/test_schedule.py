@@ -1,0 +1,53 @@
+"""Pipeline schedules: every item once, dependencies respected, 1F1B's in-flight bound,
+and the bubble (p - 1) / (m + p - 1)."""
+import pytest
+
+from autopar.runtime.schedule import gpipe, one_f_one_b
+
+CASES = [(p, m) for p in (1, 2, 3, 4, 8) for m in (1, 2, 4, 7, 16) if m >= p or p <= 2]
+
+
+def clock_of(sched, stage, item):
+    return sched.table[stage].index(item)
+
+
+@pytest.mark.parametrize("make", [gpipe, one_f_one_b], ids=["gpipe", "1f1b"])
+@pytest.mark.parametrize("p, m", CASES)
+def test_every_item_once_and_dependencies_hold(make, p, m):
+    s = make(p, m)
+    for st in range(p):
+        items = [i for i in s.table[st] if i is not None]
+        assert sorted(items) == sorted([("F", k) for k in range(m)] + [("B", k) for k in range(m)])
+        for k in range(m):
+            f, b = clock_of(s, st, ("F", k)), clock_of(s, st, ("B", k))
+            assert f < b
+            if st > 0:
+                assert clock_of(s, st - 1, ("F", k)) < f
+            if st < p - 1:
+                assert clock_of(s, st + 1, ("B", k)) < b
+
+
+@pytest.mark.parametrize("p, m", [(p, m) for p, m in CASES if m >= p])
+def test_1f1b_holds_at_most_p_minus_s_and_gpipe_holds_all(p, m):
+    f, g = one_f_one_b(p, m), gpipe(p, m)
+    for st in range(p):
+        assert f.in_flight(st) == min(p - st, m)
+        assert g.in_flight(st) == m
+
+
+@pytest.mark.parametrize("make", [gpipe, one_f_one_b], ids=["gpipe", "1f1b"])
+@pytest.mark.parametrize("p, m", [(p, m) for p, m in CASES if m >= p])
+def test_bubble_matches_the_formula(make, p, m):
+    s = make(p, m)
+    assert s.clocks == 2 * (m + p - 1)
+    assert s.bubble() == pytest.approx((p - 1) / (m + p - 1))
+
+
+def test_table_prints():
+    text = str(one_f_one_b(2, 3))
+    assert text.splitlines()[1].split() == ["s0", "F0", "F1", ".", "B0", "F2", "B1", ".", "B2"]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"micro: expected an int >= 1, got 0"):
+        gpipe(2, 0)
