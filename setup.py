@@ -9,6 +9,7 @@ setup(
     version="0.1.0",
     description="MindSpore-like auto-parallel training in Python on numpy, networkx and MPI",
     packages=find_packages(include=["autopar", "autopar.*"]),
+    package_data={"autopar.strategy": ["profiles/*.json"]},   # machine profiles ship with the package
     python_requires=">=3.11",
     install_requires=[
         "numpy>=1.24",

@@ -1,0 +1,173 @@
+"""Cost formulas: one place for every closed form the cost model uses, with units.
+
+Every function is pure. Units are in the names: ``*_seconds`` (s), ``*_bytes`` (bytes),
+``*_flops`` (floating-point operations, a count, not a rate). Rates come from a
+:class:`~autopar.strategy.profile.MachineProfile` (FLOP/s, bytes/s, s).
+
+Symbols follow the one vocabulary of the project: B (global batch, sequences), b (micro-batch),
+s (sequence length, tokens), l (layers), h (hidden size), V (vocabulary size), a (attention
+heads), p (pipeline stages), m (micro-batches), v (interleaved chunks per stage), n (ranks in
+a collective), Ψ (parameters), N (data-parallel ranks).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from autopar.strategy.profile import MachineProfile
+
+# --- Collective algorithm factors (dimensionless): bytes each rank sends / buffer bytes. ---
+# Ring all-reduce = reduce-scatter + all-gather: each moves (n-1)/n of the buffer.
+COLLECTIVE_FACTORS: Mapping[str, str] = {
+    "all_reduce": "2(n-1)/n",
+    "all_gather": "(n-1)/n",
+    "reduce_scatter": "(n-1)/n",
+    "all_to_all": "(n-1)/n",
+    "broadcast": "1",
+}
+
+# --- Transformer FLOP constants (FLOPs per B·s·l·h², dimensionless counts). ---
+FORWARD_LAYER_FLOPS_PER_BSH2 = 24       # one layer's forward GEMMs: 24·B·s·h² FLOPs
+PASSES_WITH_RECOMPUTE = 4               # forward + recomputed forward + backward (2 passes)
+PASSES_WITHOUT_RECOMPUTE = 3            # forward + backward (2 passes)
+LOGIT_PASSES = 3                        # logits are never recomputed: forward + backward
+
+# --- Activation memory constants (bytes per s·b·h, 16-bit training, Korthikanti et al.). ---
+ACTIVATION_BYTES_PER_SBH = 34           # bytes per s·b·h of the non-attention-score tensors
+ACTIVATION_ATTENTION_BYTES_PER_AS2B = 5  # bytes per a·s²·b of attention scores/softmax/dropout
+
+# --- ZeRO memory constants (bytes per parameter, mixed-precision Adam). ---
+FP16_PARAM_BYTES = 2                    # 16-bit weights, bytes/parameter
+FP16_GRAD_BYTES = 2                     # 16-bit gradients, bytes/parameter
+ADAM_STATE_BYTES = 12                   # K: fp32 master weights, momentum, variance, bytes/param
+
+# --- Megatron tensor-parallel all-reduces per transformer layer (count). ---
+MEGATRON_ALLREDUCES_FORWARD = 2         # one after attention, one after the MLP
+MEGATRON_ALLREDUCES_BACKWARD = 2        # the conjugate ones in the backward pass
+
+
+def collective_factor(kind: str, n: int) -> float:
+    """Algorithm factor (dimensionless) of collective ``kind`` on ``n`` ranks: the fraction of
+    the buffer each rank sends. all_reduce 2(n-1)/n; all_gather, reduce_scatter, all_to_all
+    (n-1)/n; broadcast 1. ``n == 1`` moves nothing: 0."""
+    if kind not in COLLECTIVE_FACTORS:
+        raise ValueError(f"collective_factor: unknown collective kind {kind!r}; "
+                         f"expected one of {sorted(COLLECTIVE_FACTORS)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"collective_factor: n (ranks) must be an integer >= 1, got {n!r}")
+    if n == 1:
+        return 0.0
+    if kind == "all_reduce":
+        return 2.0 * (n - 1) / n
+    if kind == "broadcast":
+        return 1.0
+    return (n - 1) / n
+
+
+def collective_seconds(kind: str, nbytes: float, n: int, profile: MachineProfile,
+                       inter_node: bool) -> float:
+    """Time (s) of one collective on ``n`` ranks over a buffer of ``nbytes`` bytes (the full
+    buffer, per rank, as the caller holds it):
+
+        latency_s + collective_factor(kind, n) · nbytes / bandwidth_bytes_per_s
+
+    with the profile's inter-node or intra-node latency and bandwidth. One rank: 0 s."""
+    if nbytes < 0:
+        raise ValueError(f"collective_seconds: nbytes must be >= 0, got {nbytes!r}")
+    factor = collective_factor(kind, n)
+    if factor == 0.0:
+        return 0.0
+    if inter_node:
+        latency_s = profile.inter_node_latency_s
+        bandwidth_bytes_per_s = profile.inter_node_bandwidth_bytes_per_s
+    else:
+        latency_s = profile.intra_node_latency_s
+        bandwidth_bytes_per_s = profile.intra_node_bandwidth_bytes_per_s
+    return latency_s + factor * nbytes / bandwidth_bytes_per_s
+
+
+def compute_seconds(flops: float, bytes_touched: float, dtype: str,
+                    profile: MachineProfile) -> float:
+    """Time (s) of an op: flops / gemm_rate(dtype) [FLOP/s] + bytes_touched /
+    elementwise_bytes_per_s [bytes/s]."""
+    if flops < 0 or bytes_touched < 0:
+        raise ValueError(f"compute_seconds: flops and bytes_touched must be >= 0, "
+                         f"got {flops!r}, {bytes_touched!r}")
+    return flops / profile.gemm_rate(dtype) + bytes_touched / profile.elementwise_bytes_per_s
+
+
+def transformer_training_flops(B: int, s: int, l: int, h: int, V: int,
+                               recompute: bool) -> float:
+    """FLOPs (count) of one training iteration of a decoder LM (Narayanan et al. 2021).
+
+    Forward of one layer: 24·B·s·h² + 4·B·s²·h; forward of the logits: 2·B·s·h·V.
+    Backward costs two forwards; recompute adds one more forward of every layer (not the
+    logits). So with recompute (4 layer passes, 3 logit passes):
+
+        96·B·s·l·h²·(1 + s/(6h) + V/(16·l·h))
+
+    and without it (3 layer passes × 24 = 72, 3 logit passes):
+
+        72·B·s·l·h²·(1 + s/(6h) + V/(12·l·h))
+
+    which is 6 × parameters (12·l·h² + V·h) × tokens (B·s) plus the attention term
+    12·B·s²·l·h (a fraction s/(6h) of the layer FLOPs, ~3% for GPT-3)."""
+    for name, value in (("B", B), ("s", s), ("l", l), ("h", h), ("V", V)):
+        if value <= 0:
+            raise ValueError(f"transformer_training_flops: {name} must be > 0, got {value!r}")
+    passes = PASSES_WITH_RECOMPUTE if recompute else PASSES_WITHOUT_RECOMPUTE
+    per_pass = FORWARD_LAYER_FLOPS_PER_BSH2 * B * s * l * h * h
+    layers = passes * per_pass * (1 + s / (6 * h))      # 24·B·s·l·h²·s/(6h) = 4·B·s²·l·h
+    logits = LOGIT_PASSES * 2 * B * s * h * V
+    return float(layers + logits)
+
+
+def activation_bytes_per_layer(s: int, b: int, h: int, a: int) -> float:
+    """Activation memory (bytes) one transformer layer keeps for backward, no recompute, no
+    tensor/sequence parallelism, 16-bit training (Korthikanti et al. 2022):
+    s·b·h·(34 + 5·a·s/h)."""
+    return float(s * b * h * (ACTIVATION_BYTES_PER_SBH
+                              + ACTIVATION_ATTENTION_BYTES_PER_AS2B * a * s / h))
+
+
+def zero_memory_bytes(psi: float, n: int, stage: int, K: int = ADAM_STATE_BYTES) -> float:
+    """Model-state memory (bytes) per data-parallel rank with ZeRO (Rajbhandari et al. 2020),
+    Ψ = ``psi`` parameters, N = ``n`` ranks, K bytes of optimizer state per parameter:
+
+        stage 0 (plain): (2 + 2 + K)·Ψ         stage 1: 4Ψ + K·Ψ/N
+        stage 2: 2Ψ + (2 + K)·Ψ/N              stage 3: (2 + 2 + K)·Ψ/N"""
+    if psi < 0:
+        raise ValueError(f"zero_memory_bytes: psi must be >= 0, got {psi!r}")
+    if n < 1:
+        raise ValueError(f"zero_memory_bytes: n must be >= 1, got {n!r}")
+    weights, grads = FP16_PARAM_BYTES * psi, FP16_GRAD_BYTES * psi
+    states = K * psi
+    if stage == 0:
+        return float(weights + grads + states)
+    if stage == 1:
+        return float(weights + grads + states / n)
+    if stage == 2:
+        return float(weights + (grads + states) / n)
+    if stage == 3:
+        return float((weights + grads + states) / n)
+    raise ValueError(f"zero_memory_bytes: stage must be 0 (plain), 1, 2 or 3, got {stage!r}")
+
+
+def pipeline_bubble(p: int, m: int, v: int = 1) -> tuple[float, float]:
+    """Pipeline bubble for p stages, m micro-batches, v interleaved chunks per stage
+    (Narayanan et al. 2021). Returns (fraction of the ideal time, fraction of the total time):
+
+        bubble / ideal = (p − 1) / (v·m)
+        bubble / total = (p − 1) / (v·m + p − 1)      (= (p−1)/(m+p−1) for v = 1)"""
+    for name, value in (("p", p), ("m", m), ("v", v)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"pipeline_bubble: {name} must be an integer >= 1, got {value!r}")
+    of_ideal = (p - 1) / (v * m)
+    of_total = (p - 1) / (v * m + p - 1)
+    return of_ideal, of_total
+
+
+def megatron_tp_comm_bytes_per_layer(b: int, s: int, h: int, bytes_per_element: int = 2) -> float:
+    """Bytes all-reduced per transformer layer per micro-batch under Megatron tensor parallelism:
+    2 forward + 2 backward all-reduces, each of the (b, s, h) activations."""
+    return float((MEGATRON_ALLREDUCES_FORWARD + MEGATRON_ALLREDUCES_BACKWARD)
+                 * b * s * h * bytes_per_element)

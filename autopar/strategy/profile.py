@@ -1,0 +1,154 @@
+"""Machine profiles: the figures the cost model turns FLOPs and bytes into seconds with.
+
+A profile is a JSON data file (``autopar/strategy/profiles/<name>.json``) holding, with units:
+
+* ``devices_per_node``            — devices that share the fast intra-node link (count);
+* ``memory_bytes``                — memory per device (bytes);
+* ``gemm_flops``                  — dense matrix-multiply rate per dtype name (FLOP/s);
+* ``elementwise_bytes_per_s``     — memory bandwidth for elementwise ops (bytes/s);
+* ``intra_node_latency_s``        — collective start-up latency inside a node (s);
+* ``intra_node_bandwidth_bytes_per_s`` — collective bandwidth inside a node (bytes/s);
+* ``inter_node_latency_s``        — collective start-up latency between nodes (s);
+* ``inter_node_bandwidth_bytes_per_s`` — collective bandwidth between nodes (bytes/s);
+* ``sources``                     — for every figure above, where it comes from (measured how,
+  public document, or "assumed"). Keys are the field names; GEMM rates are keyed
+  ``gemm_flops.<dtype>``.
+
+``load_profile("a100-8")`` loads a shipped profile by name; ``load_profile("/path/x.json")``
+loads a file. ``PROFILES`` lists the shipped names.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+PROFILES: tuple[str, ...] = tuple(sorted(p.stem for p in PROFILE_DIR.glob("*.json")))
+
+# Figures that must each have a ``sources`` entry (besides one per ``gemm_flops`` dtype).
+SOURCED_FIELDS: tuple[str, ...] = (
+    "devices_per_node",
+    "memory_bytes",
+    "elementwise_bytes_per_s",
+    "intra_node_latency_s",
+    "intra_node_bandwidth_bytes_per_s",
+    "inter_node_latency_s",
+    "inter_node_bandwidth_bytes_per_s",
+)
+
+
+def _positive_number(name: str, value, *, allow_zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"MachineProfile.{name}: expected a number, got {value!r} "
+                         f"({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"MachineProfile.{name}: expected a finite number {bound}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class MachineProfile:
+    """One machine's rates, all in SI units (s, bytes, FLOP/s, bytes/s); see module docstring."""
+
+    name: str
+    devices_per_node: int
+    memory_bytes: int                               # per device, bytes
+    gemm_flops: Mapping[str, float]                 # dtype name -> FLOP/s
+    elementwise_bytes_per_s: float                  # bytes/s
+    intra_node_latency_s: float                     # s
+    intra_node_bandwidth_bytes_per_s: float         # bytes/s
+    inter_node_latency_s: float                     # s
+    inter_node_bandwidth_bytes_per_s: float         # bytes/s
+    sources: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"MachineProfile.name: expected a non-empty string, got {self.name!r}")
+        for int_field in ("devices_per_node", "memory_bytes"):
+            value = getattr(self, int_field)
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"MachineProfile.{int_field}: expected a positive integer, "
+                                 f"got {value!r} (profile {self.name!r})")
+            object.__setattr__(self, int_field, value)
+        if not isinstance(self.gemm_flops, Mapping) or not self.gemm_flops:
+            raise ValueError(f"MachineProfile.gemm_flops: expected a non-empty mapping dtype name "
+                             f"-> FLOP/s, got {self.gemm_flops!r} (profile {self.name!r})")
+        gemm = {}
+        for dtype, rate in self.gemm_flops.items():
+            if not isinstance(dtype, str) or not dtype:
+                raise ValueError(f"MachineProfile.gemm_flops: dtype names must be non-empty "
+                                 f"strings, got {dtype!r} (profile {self.name!r})")
+            gemm[dtype] = _positive_number(f"gemm_flops[{dtype!r}]", rate)
+        object.__setattr__(self, "gemm_flops", gemm)
+        for rate_field in ("elementwise_bytes_per_s", "intra_node_bandwidth_bytes_per_s",
+                           "inter_node_bandwidth_bytes_per_s"):
+            object.__setattr__(self, rate_field,
+                               _positive_number(rate_field, getattr(self, rate_field)))
+        for latency_field in ("intra_node_latency_s", "inter_node_latency_s"):
+            object.__setattr__(self, latency_field, _positive_number(
+                latency_field, getattr(self, latency_field), allow_zero=True))
+        if not isinstance(self.sources, Mapping):
+            raise ValueError(f"MachineProfile.sources: expected a mapping figure -> source, "
+                             f"got {type(self.sources).__name__} (profile {self.name!r})")
+        sources = dict(self.sources)
+        for key, text in sources.items():
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"MachineProfile.sources[{key!r}]: expected a non-empty string "
+                                 f"naming where the figure comes from, got {text!r}")
+        needed = list(SOURCED_FIELDS) + [f"gemm_flops.{d}" for d in gemm]
+        missing = [k for k in needed if k not in sources]
+        if missing:
+            raise ValueError(f"MachineProfile.sources: profile {self.name!r} names no source for "
+                             f"{missing}; add a 'sources' entry per figure (measured how, "
+                             f"public document, or 'assumed')")
+        object.__setattr__(self, "sources", sources)
+
+    def gemm_rate(self, dtype: str) -> float:
+        """GEMM rate for ``dtype`` in FLOP/s; ValueError naming the known dtypes otherwise."""
+        try:
+            return self.gemm_flops[dtype]
+        except KeyError:
+            raise ValueError(f"MachineProfile {self.name!r}: no gemm_flops for dtype {dtype!r}; "
+                             f"known: {sorted(self.gemm_flops)}") from None
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"gemm_flops": dict(self.gemm_flops), "sources": dict(self.sources)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> MachineProfile:
+        if not isinstance(data, Mapping):
+            raise ValueError(f"MachineProfile: expected a JSON object, got {type(data).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"MachineProfile: unknown fields {unknown}; known: {sorted(known)}")
+        missing = sorted(k for k in known - set(data) if k != "sources")
+        if missing:
+            raise ValueError(f"MachineProfile: missing fields {missing}")
+        return cls(**data)
+
+
+def load_profile(name_or_path: str | Path) -> MachineProfile:
+    """Load a shipped profile by name (see ``PROFILES``) or a JSON file by path."""
+    text = str(name_or_path)
+    path = Path(text)
+    if not (text.endswith(".json") or path.is_file()):
+        path = PROFILE_DIR / f"{text}.json"
+        if not path.is_file():
+            raise ValueError(f"load_profile: no profile named {text!r}; shipped profiles: "
+                             f"{list(PROFILES)}, or pass a path to a .json file")
+    if not path.is_file():
+        raise ValueError(f"load_profile: profile file {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"load_profile: {str(path)!r} is not valid JSON: {exc}") from None
+    return MachineProfile.from_dict(data)
