@@ -4,6 +4,7 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from lm_harness import repeated_pattern_losses
 
 import autopar
 from autopar import nn
@@ -105,12 +106,7 @@ def test_eod_reset_makes_documents_independent():
 
 def test_training_lowers_loss_on_a_repeated_pattern():
     config = PanguAlphaConfig.preset("tiny")
-    net = PanguAlphaWithLoss(config)
-    opt = AdamWeightDecay(net.trainable_params(), learning_rate=3e-3, weight_decay=0.01)
-    train = nn.TrainOneStepCell(net, opt, clip_norm=1.0)
-    pattern = np.array([11, 23, 5, 42, 17], dtype=np.int32)
-    ids = np.stack([np.roll(np.resize(pattern, config.seq_length + 1), -k) for k in range(4)])
-    losses = [float(train(ids)) for _ in range(40)]
+    losses = repeated_pattern_losses(PanguAlphaWithLoss(config), config.seq_length)
     assert losses[0] > 4.0            # about log(96) at initialization
     assert losses[-1] < 0.5 * losses[0] and losses[-1] < 1.0, losses[::5]
 

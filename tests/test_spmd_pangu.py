@@ -1,11 +1,11 @@
 """PanGu-α tiny under data and model parallelism on in-process ranks equals serial."""
 import numpy as np
 import pytest
+from lm_harness import run_sharded
 
 import autopar
 from autopar.comm import run_in_process
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
-from autopar.runtime.sharded_program import ShardedGradProgram
 
 CONFIG = PanguAlphaConfig.preset("tiny", param_dtype="float64", compute_dtype="float64")
 IDS = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (4, CONFIG.seq_length + 1)).astype(np.int32)
@@ -19,17 +19,8 @@ def serial():
 
 
 def run(dp, mp, vocab_emb_dp, mode):
-    n = dp * mp
-    full = mode == "semi_auto_parallel"
-
-    def body(comm):
-        net = PanguAlphaWithLoss(CONFIG.replace(data_parallel=dp, model_parallel=mp, vocab_emb_dp=vocab_emb_dp))
-        ids = IDS if full else np.split(IDS, n)[comm.rank]
-        prog = ShardedGradProgram(net, (ids,), net.trainable_params(), mode, comm, full_batch=full)
-        comm.stats.reset()
-        loss, grads = prog((ids,))
-        return loss, grads, prog.layouts, {s.name: s.size for s in prog.shards}, comm.stats.snapshot()
-    return run_in_process(n, body)
+    cfg = CONFIG.replace(data_parallel=dp, model_parallel=mp, vocab_emb_dp=vocab_emb_dp)
+    return run_sharded(lambda: PanguAlphaWithLoss(cfg), IDS, dp * mp, mode)
 
 
 @pytest.mark.parametrize("dp, mp, vocab_emb_dp, mode", [

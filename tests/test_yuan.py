@@ -4,14 +4,11 @@ import tracemalloc
 
 import numpy as np
 import pytest
+from lm_harness import repeated_pattern_losses, run_sharded
 
 import autopar
-from autopar import nn
-from autopar.comm import run_in_process
 from autopar.models.yuan import Yuan, YuanConfig, YuanWithLoss
 from autopar.models.yuan.model import LocalizedFiltering, apply_rotary, rotary_tables
-from autopar.runtime.sharded_program import ShardedGradProgram
-from autopar.train import AdamWeightDecay
 
 CONFIG = YuanConfig.preset("tiny", param_dtype="float64", compute_dtype="float64")
 IDS = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (4, CONFIG.seq_length + 1)).astype(np.int32)
@@ -154,18 +151,9 @@ def serial():
     return loss, grads, {p.name: p.size for p in net.trainable_params()}
 
 
-def run_sharded(dp, mp, mode):
-    n = dp * mp
-    full = mode == "semi_auto_parallel"
-
-    def body(comm):
-        net = YuanWithLoss(CONFIG.replace(data_parallel=dp, model_parallel=mp))
-        ids = IDS if full else np.split(IDS, n)[comm.rank]
-        prog = ShardedGradProgram(net, (ids,), net.trainable_params(), mode, comm, full_batch=full)
-        comm.stats.reset()
-        loss, grads = prog((ids,))
-        return loss, grads, prog.layouts, {s.name: s.size for s in prog.shards}, comm.stats.snapshot()
-    return run_in_process(n, body)
+def run_yuan(dp, mp, mode):
+    cfg = CONFIG.replace(data_parallel=dp, model_parallel=mp)
+    return run_sharded(lambda: YuanWithLoss(cfg), IDS, dp * mp, mode)
 
 
 @pytest.mark.parametrize("dp, mp, mode", [
@@ -175,7 +163,7 @@ def run_sharded(dp, mp, mode):
 ])
 def test_sharded_yuan_equals_serial(serial, dp, mp, mode):
     loss, grads, sizes = serial
-    res = run_sharded(dp, mp, mode)
+    res = run_yuan(dp, mp, mode)
     for r in res:
         np.testing.assert_allclose(r[0], loss, rtol=1e-12)
     for k, name in enumerate(grads):
@@ -197,13 +185,7 @@ def test_sharded_yuan_equals_serial(serial, dp, mp, mode):
 
 
 def test_training_lowers_loss_on_a_repeated_pattern():
-    config = YuanConfig.preset("tiny")
-    net = YuanWithLoss(config)
-    opt = AdamWeightDecay(net.trainable_params(), learning_rate=3e-3, weight_decay=0.01)
-    train = nn.TrainOneStepCell(net, opt, clip_norm=1.0)
-    pattern = np.array([11, 23, 5, 42, 17], dtype=np.int32)
-    ids = np.stack([np.roll(np.resize(pattern, config.seq_length + 1), -k) for k in range(4)])
-    losses = [float(train(ids)) for _ in range(40)]
+    losses = repeated_pattern_losses(YuanWithLoss(YuanConfig.preset("tiny")), YuanConfig.preset("tiny").seq_length)
     assert losses[0] > 4.0            # about log(96) at initialization
     assert losses[-1] < 0.5 * losses[0] and losses[-1] < 1.0, losses[::5]
 
