@@ -69,19 +69,16 @@ class GradProgram:
 
 
 def parallel_setting():
-    """(mode, world, full_batch) when the context asks for sharded execution, else None.
-    Read once per compile, never in the step loop."""
+    """(mode, world, full_batch, context) when the context asks for sharded execution, else
+    None. Read once per compile, never in the step loop."""
     from ..context import current_context, current_world
     ctx, world = current_context(), current_world()
     if ctx.parallel_mode == "stand_alone" or world.size == 1:
         return None
-    if ctx.parallel_mode == "auto_parallel":
-        raise ValueError("parallel_mode: expected 'data_parallel' or 'semi_auto_parallel' (the strategy "
-                         "search of 'auto_parallel' is not built yet), got 'auto_parallel'")
     if ctx.device_num not in (1, world.size):
         raise ValueError(f"device_num: expected {world.size} (the ranks running), got {ctx.device_num}; "
                          "call autopar.init() under mpiexec, or leave device_num unset")
-    return ctx.parallel_mode, world, ctx.loads_full_batch
+    return ctx.parallel_mode, world, ctx.loads_full_batch, ctx
 
 
 def grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float = 1.0):
@@ -98,8 +95,8 @@ def grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float 
             from .sharded_program import ShardedGradProgram
             if kwargs:
                 raise ValueError(f"{type(cell).__name__}: sharded programs take positional inputs only")
-            mode, world, full_batch = setting
-            prog = ShardedGradProgram(cell, args, params, mode, world, full_batch, sens)
+            mode, world, full_batch, ctx = setting
+            prog = ShardedGradProgram(cell, args, params, mode, world, full_batch, sens, ctx=ctx)
         cell._compiled[key] = prog
     return prog
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..ops.primitive import TensorSpec
 from ..strategy.mesh import Mesh
-from ..strategy.plan import plan_shardings
+from ..strategy.plan import make_plan
 from .shards import gather
 from .spmd import lower
 
@@ -22,7 +22,7 @@ class ShardedGradProgram:
     rank's shards, aligned with :attr:`shards` (the ParamShards an optimizer updates)."""
 
     def __init__(self, cell, args: tuple, params: Sequence, mode: str, world, full_batch: bool = False,
-                 sens: float = 1.0):
+                 sens: float = 1.0, ctx=None):
         from .autodiff import differentiate
         from .program import Program
         from .trace import trace
@@ -38,7 +38,7 @@ class ShardedGradProgram:
             raise ValueError(f"{type(cell).__name__}: parameters {missing} are not used by the loss")
         wrt = [by_id[id(p)] for p in params]
         self.graph, grads = differentiate(graph, loss, wrt, sens)
-        self.plan = plan_shardings(graph, mode, stage, feed_whole)
+        self.plan = make_plan(graph, mode, stage, feed_whole, ctx)
         self.local_graph, _, self.out_layouts, self.comm_clock = lower(
             self.graph, (loss,) + grads, self.plan, world.rank, world)
         self.program = Program(self.local_graph, self.local_graph.outputs)

@@ -98,3 +98,23 @@ def plan_shardings(graph: Graph, mode: str, stage: Mesh, full_batch: bool = Fals
         shardings[node.id] = sharding
         layouts[node.outputs[0]] = sharding.output_layout()
     return ShardingPlan(stage, shardings, layouts)
+
+
+def make_plan(graph: Graph, mode: str, stage: Mesh, full_batch: bool = False, ctx=None) -> ShardingPlan:
+    """The plan a compile uses: the strategy file named by ``strategy_ckpt_load_file`` if
+    any, else the search (``auto_parallel``) or the rules above; written to
+    ``strategy_ckpt_save_file`` when one is named."""
+    load = ctx.strategy_ckpt_load_file if ctx is not None else ""
+    if load:
+        from .strategy_file import load_strategy
+        plan = load_strategy(load, graph, stage)
+    elif mode == "auto_parallel":
+        from .search import search_plan
+        plan = search_plan(graph, stage, ctx.search_mode if ctx is not None else "dynamic_programming",
+                           full_batch)
+    else:
+        plan = plan_shardings(graph, mode, stage, full_batch)
+    if ctx is not None and ctx.strategy_ckpt_save_file:
+        from .strategy_file import save_strategy
+        save_strategy(ctx.strategy_ckpt_save_file, graph, plan)
+    return plan
