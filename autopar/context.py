@@ -131,6 +131,7 @@ class ParallelContext:
     parallel_optimizer_threshold: int = 64
     strategy_ckpt_save_file: str = ""
     strategy_ckpt_load_file: str = ""
+    cost_profile: str = ""    # machine profile the auto_parallel search costs plans with ('' = cpu-2core)
 
     def __post_init__(self):
         checked = {
@@ -147,6 +148,7 @@ class ParallelContext:
                                                  self.parallel_optimizer_threshold, 0),
             "strategy_ckpt_save_file": _path("strategy_ckpt_save_file", self.strategy_ckpt_save_file),
             "strategy_ckpt_load_file": _path("strategy_ckpt_load_file", self.strategy_ckpt_load_file),
+            "cost_profile": _path("cost_profile", self.cost_profile),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)

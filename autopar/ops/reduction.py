@@ -118,18 +118,31 @@ class ReduceSum(Reduce):
 
 @register
 class ReduceMean(Reduce):
+    """Mean over ``axis``. Sharded over a reduced dim, each rank divides its local sum by
+    the *global* count (bound by :meth:`local`), so the partial results add up to the mean."""
+
+    linear = True
     save_inputs = "none"
 
     def check_dtype(self, x):
         check_float(x, "input 0")
 
+    def local(self, sharding, rank, specs, out, comm_for=None):
+        shape = specs[0].shape
+        count = int(np.prod([shape[a] for a in self.axes(len(shape))], dtype=np.int64))
+        return self.with_attrs(count=count)
+
     def forward(self, x):
-        return np.mean(x, axis=self.axes(x.ndim), keepdims=self.attrs["keep_dims"])
+        axes = self.axes(x.ndim)
+        if "count" not in self.attrs:
+            return np.mean(x, axis=axes, keepdims=self.attrs["keep_dims"])
+        total = np.sum(x, axis=axes, keepdims=self.attrs["keep_dims"], dtype=x.dtype)
+        return np.asarray(total / max(self.attrs["count"], 1), dtype=x.dtype)
 
     def vjp(self, dy, xs, y, specs, needs):
         shape = specs[0].shape
         g, axes = self.dy_kept(dy, shape)
-        count = int(np.prod([shape[a] for a in axes], dtype=np.int64))
+        count = self.attrs.get("count", int(np.prod([shape[a] for a in axes], dtype=np.int64)))
         return (np.broadcast_to(g / max(count, 1), shape),)
 
 

@@ -189,6 +189,7 @@ class SparseSoftmaxCrossEntropyWithLogits(Primitive):
     n_inputs = 2
     save_output = True
     nondiff_inputs = (1,)
+    internal_allreduces = (3, 1)   # vocabulary-parallel: max, sum, picked logit; picked again in vjp
 
 
     def indexing(self, specs, out):

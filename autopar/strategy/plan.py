@@ -110,8 +110,11 @@ def make_plan(graph: Graph, mode: str, stage: Mesh, full_batch: bool = False, ct
         plan = load_strategy(load, graph, stage)
     elif mode == "auto_parallel":
         from .search import search_plan
-        plan = search_plan(graph, stage, ctx.search_mode if ctx is not None else "dynamic_programming",
-                           full_batch)
+        if ctx is None:
+            plan = search_plan(graph, stage, "dynamic_programming", full_batch)
+        else:
+            plan = search_plan(graph, stage, ctx.search_mode, full_batch, profile=ctx.cost_profile or None,
+                               optimizer_parallel=ctx.enable_parallel_optimizer)
     else:
         plan = plan_shardings(graph, mode, stage, full_batch)
     if ctx is not None and ctx.strategy_ckpt_save_file:

@@ -1,0 +1,313 @@
+"""The cost model: seconds and bytes of a plan, as pure functions of (graph, plan, profile).
+
+A training step of one stage is charged, per rank (every rank of a stage runs the same
+local program on same-sized shards, so rank 0 speaks for all):
+
+* **op**: forward + backward compute of its local shards,
+  ``flops / gemm_rate + bytes / elementwise_bandwidth + op_overhead`` (formulas in
+  :mod:`autopar.strategy.cost`), plus the collectives its kernel runs itself (the
+  vocabulary-parallel cross-entropy);
+* **edge** (a value from its producer to a consumer): the redistribution of the producer's
+  output layout into the layout the consumer reads, and in backward the redistribution of
+  the consumer's input gradient into the value's layout (partial sums reduced);
+* **parameter**: the reduction of its gradient into its layout (the data-parallel
+  all-reduce), the optimizer update, and its bytes: weight + gradient + optimizer states
+  (states divided by the optimizer-parallel degree when that is on);
+* **activations**: the bytes each op keeps for its backward (its saved inputs and output),
+  all alive at the end of forward, which is the peak of a step without pipelining.
+
+The search sees the same figures as a pairwise problem: one cost per (op, candidate)
+and one per (edge, producer candidate, consumer candidate), so a plan's predicted time is
+the sum the search minimised. :meth:`CostModel.evaluate` prices any plan, searched or
+hand-given, under the same formulas.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from ..comm import redistribution as rd
+from ..ops.primitive import TensorSpec
+from ..runtime.graph import FORWARD, Graph, Node
+from . import cost
+from .layout import Layout
+from .mesh import Mesh
+from .plan import ShardingPlan, input_layout
+from .profile import MachineProfile
+from .sharding import OpSharding
+
+# collective kind in cost.py for each redistribution step kind
+_STEP_KIND = {rd.ALLGATHER: "all_gather", rd.REDUCE_SCATTER: "reduce_scatter",
+              rd.ALLREDUCE: "all_reduce", rd.ALLTOALL: "all_to_all"}
+OPTIMIZER_BYTES_PER_ELEMENT = 8   # an Adam-style update reads w, g, m, v and writes w, m, v: ~7-8 passes
+
+
+@lru_cache(maxsize=65536)
+def canonical(layout: Layout) -> Layout:
+    """The same placement of blocks on ranks with the fewest mesh axes: unit axes dropped,
+    and neighbouring axes merged when they play one role (both replicating, or consecutive
+    in one dim's split list). Two layouts that put the same block on every rank and owe
+    the same reductions become equal, so their redistribution costs are computed once."""
+    lay = layout.without_unit_axes()
+    mesh = lay.mesh
+    role: dict[int, tuple] = {}
+    for d, axes in enumerate(lay.dims):
+        for k, a in enumerate(axes):
+            role[a] = ("dim", d, k)
+    for a in lay.partial:
+        role[a] = ("partial", a)
+    groups: list[list[int]] = []
+    for a in range(mesh.ndim):
+        prev = groups[-1][-1] if groups else None
+        r, rp = role.get(a, ("rep",)), role.get(prev, None) if prev is not None else None
+        joinable = prev is not None and (
+            (r == ("rep",) and rp == ("rep",))
+            or (r[0] == "dim" and rp is not None and rp[0] == "dim" and rp[1] == r[1] and rp[2] + 1 == r[2]))
+        if joinable:
+            groups[-1].append(a)
+        else:
+            groups.append([a])
+    new_of = {a: i for i, g in enumerate(groups) for a in g}
+    shape = tuple(math.prod(mesh.shape[a] for a in g) for g in groups)
+    dims = tuple(tuple(dict.fromkeys(new_of[a] for a in axes)) for axes in lay.dims)
+    partial = tuple(dict.fromkeys(new_of[a] for a in lay.partial))
+    return Layout(Mesh(shape or (1,), (), mesh.ranks), dims, partial)
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """One op under one sharding, per rank: seconds and bytes."""
+    compute_s: float           # forward + backward kernels
+    comm_s: float              # collectives inside the kernels + gradient reduction of its parameters
+    update_s: float            # optimizer update of the parameters it owns
+    param_bytes: int           # weights it owns (local)
+    grad_bytes: int
+    state_bytes: int           # optimizer states (local, after optimizer-parallel division)
+    activation_bytes: int      # kept for backward
+
+    @property
+    def seconds(self) -> float:
+        return self.compute_s + self.comm_s + self.update_s
+
+    @property
+    def bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.state_bytes + self.activation_bytes
+
+
+@dataclass(frozen=True)
+class PlanCost:
+    """Predicted step of a plan, per rank of the stage."""
+    compute_s: float
+    comm_s: float              # redistributions between ops + in-kernel collectives + gradient reductions
+    update_s: float
+    param_bytes: int
+    grad_bytes: int
+    state_bytes: int
+    activation_bytes: int
+    per_op: tuple = field(default=(), repr=False)   # (node name, strategy, layout, comm_s, seconds)
+
+    @property
+    def step_seconds(self) -> float:
+        return self.compute_s + self.comm_s + self.update_s
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.param_bytes + self.grad_bytes + self.state_bytes + self.activation_bytes
+
+    def summary(self) -> dict:
+        return {"step_seconds": self.step_seconds, "memory_bytes_per_rank": self.memory_bytes,
+                "breakdown": {"compute_s": self.compute_s, "comm_s": self.comm_s, "update_s": self.update_s,
+                              "param_bytes": self.param_bytes, "grad_bytes": self.grad_bytes,
+                              "state_bytes": self.state_bytes, "activation_bytes": self.activation_bytes}}
+
+
+def _local(spec: TensorSpec, layout: Layout) -> TensorSpec:
+    return TensorSpec(layout.local_shape(spec.shape), spec.dtype)
+
+
+class CostModel:
+    """Costs of the forward ops of ``graph`` on ``stage`` under ``profile``.
+
+    ``optimizer_states``: optimizer arrays per parameter element (2 for Adam's moments, 1
+    for momentum SGD); ``optimizer_parallel``: states are split over the ranks a weight is
+    replicated on (ZeRO-1), whose gradient is then reduce-scattered and the weight
+    all-gathered: the same bytes on a ring as the all-reduce, so only memory changes."""
+
+    def __init__(self, graph: Graph, stage: Mesh, profile: MachineProfile, full_batch: bool = False,
+                 optimizer_states: int = 2, optimizer_parallel: bool = False):
+        self.graph, self.stage, self.profile = graph, stage, profile
+        self.optimizer_states, self.optimizer_parallel = optimizer_states, optimizer_parallel
+        self.forward = [n for n in graph.nodes if n.phase == FORWARD]
+        self.params = set(graph.params)
+        self.input_layouts = {v: input_layout(graph.spec(v), stage, full_batch) for v in graph.inputs
+                              if v is not None}
+        self.needs_grad = self._needs_grad()
+        self.home: dict[int, tuple[int, int]] = {}       # parameter -> (first consumer node, input index)
+        self.consumers: dict[int, list[tuple[int, int]]] = {}
+        for n in self.forward:
+            for i, v in enumerate(n.inputs):
+                self.consumers.setdefault(v, []).append((n.id, i))
+                if v in self.params:
+                    self.home.setdefault(v, (n.id, i))
+        self._inter: dict = {}
+        self._redist = lru_cache(maxsize=None)(self._redist_seconds)
+
+    def _needs_grad(self) -> set[int]:
+        """Values that depend on a parameter: their gradients flow in backward."""
+        out = set(self.params)
+        for n in self.forward:
+            if any(v in out for v in n.inputs):
+                out.update(n.outputs)
+        return out
+
+    # ---- collectives ----------------------------------------------------------------------
+    def _crosses_nodes(self, mesh: Mesh, axis: int | None) -> bool:
+        key = (mesh.shape, mesh.ranks, axis)
+        if key not in self._inter:
+            per = self.profile.devices_per_node
+            group = mesh.ranks if axis is None else mesh.group(mesh.ranks[0], [axis])
+            self._inter[key] = len({r // per for r in group}) > 1
+        return self._inter[key]
+
+    def collective_seconds(self, kind: str, nbytes: float, mesh: Mesh, axes) -> float:
+        """One collective over the group along ``axes`` of ``mesh``; ``nbytes`` as in cost.py."""
+        n = math.prod(mesh.shape[a] for a in axes)
+        if n == 1:
+            return 0.0
+        inter = any(self._crosses_nodes(mesh, a) for a in axes)
+        return cost.collective_seconds(kind, nbytes, n, self.profile, inter)
+
+    def _redist_seconds(self, src: Layout, dst: Layout, shape: tuple, itemsize: int) -> float:
+        plan = rd.plan(src, dst, shape, itemsize)
+        mesh, total = plan.src.mesh, 0.0
+        for step in plan.steps:
+            if step.kind == rd.SLICE:
+                continue
+            if step.kind == rd.GENERAL:   # add into a zero tensor, all-reduce it over the mesh
+                total += self.collective_seconds("all_reduce", step.bytes, mesh, range(mesh.ndim))
+                continue
+            n = mesh.shape[step.axis]
+            nbytes = step.bytes * n if step.kind == rd.ALLGATHER else step.bytes   # gathered buffer
+            total += self.collective_seconds(_STEP_KIND[step.kind], nbytes, mesh, (step.axis,))
+        return total
+
+    def redistribution_seconds(self, src: Layout, dst: Layout, value: int) -> float:
+        if src == dst:
+            return 0.0
+        spec = self.graph.spec(value)
+        return self._redist(canonical(src), canonical(dst), spec.shape, np.dtype(spec.dtype).itemsize)
+
+    # ---- ops and edges --------------------------------------------------------------------
+    def node_cost(self, node: Node, sh: OpSharding) -> NodeCost:
+        g, prof = self.graph, self.profile
+        specs = [_local(g.spec(v), sh.input_layout(i)) for i, v in enumerate(node.inputs)]
+        out_lay = sh.output_layout()
+        out = _local(g.spec(node.outputs[0]), out_lay)
+        needs = [v in self.needs_grad and i not in getattr(node.prim, "nondiff_inputs", ())
+                 for i, v in enumerate(node.inputs)]
+        prim, dtype = node.prim, np.dtype(out.dtype).name
+        flops = prim.flops(specs, out)
+        nbytes = prim.bytes_accessed(specs, out)
+        backward = any(needs)
+        if backward:
+            flops += prim.vjp_flops(specs, out, needs)
+            nbytes += nbytes + out.nbytes          # backward reads what forward did, plus dy
+        launches = 2 if backward else 1
+        compute = cost.compute_seconds(flops, nbytes, dtype if dtype in prof.gemm_flops else "float32", prof) \
+            + launches * getattr(prof, "op_overhead_s", 0.0)
+        comm = self._internal_seconds(node, sh, out, backward)
+        update = 0.0
+        pbytes = gbytes = sbytes = 0
+        for i, v in enumerate(node.inputs):
+            if v not in self.params or self.home.get(v) != (node.id, i):
+                continue
+            lay, local_bytes = sh.input_layout(i), specs[i].nbytes
+            comm += self.redistribution_seconds(sh.grad_layout(i), lay, v)
+            pbytes += local_bytes
+            gbytes += local_bytes
+            states = self.optimizer_states * local_bytes
+            if self.optimizer_parallel:
+                states //= math.prod(lay.mesh.shape[a] for a in lay.replicated_axes())
+            sbytes += states
+            update += OPTIMIZER_BYTES_PER_ELEMENT * local_bytes / prof.elementwise_bytes_per_s
+        act = 0
+        if backward:
+            for i in prim.saved_input_indices(len(node.inputs)):
+                if node.inputs[i] not in self.params:
+                    act += specs[i].nbytes
+            if prim.save_output:
+                act += out.nbytes
+        return NodeCost(compute, comm, update, pbytes, gbytes, sbytes, act)
+
+    def _internal_seconds(self, node: Node, sh: OpSharding, out: TensorSpec, backward: bool) -> float:
+        """Collectives a kernel runs itself over its *internal* letters' axes: the
+        vocabulary-parallel cross-entropy all-reduces output-sized rows (max, sum, picked
+        logit) in forward and the picked logit again in backward."""
+        internal = sh.indexing.internal
+        axes = tuple(a for ch in sorted(internal) for a in sh.letter_axes(ch))
+        if not axes:
+            return 0.0
+        fwd, bwd = getattr(node.prim, "internal_allreduces", (0, 0))
+        calls = fwd + (bwd if backward else 0)
+        return calls * self.collective_seconds("all_reduce", out.nbytes, sh.mesh, axes)
+
+    def edge_seconds(self, value: int, src: Layout, consumer: Node, i: int, sh: OpSharding) -> float:
+        """Forward redistribution of ``value`` from ``src`` into what ``consumer`` reads as
+        input ``i``, plus the backward one of its gradient into ``value``'s layout."""
+        want = sh.input_layout(i)
+        t = self.redistribution_seconds(src, want, value)
+        if value in self.needs_grad and i not in getattr(consumer.prim, "nondiff_inputs", ()):
+            t += self.redistribution_seconds(sh.grad_layout(i), Layout(src.mesh, src.dims), value)
+        return t
+
+    def producer_layout(self, value: int, shardings: dict[int, OpSharding]) -> Layout | None:
+        """Where ``value`` lives before its consumers read it: an op's output layout, a
+        parameter's home (its first consumer's input layout), a data input's feed layout."""
+        node = self.graph.node_of(value)
+        if node is not None:
+            return shardings[node.id].output_layout()
+        if value in self.home:
+            n, i = self.home[value]
+            return shardings[n].input_layout(i)
+        return self.input_layouts.get(value)
+
+    # ---- whole plans ----------------------------------------------------------------------
+    def evaluate(self, plan: ShardingPlan) -> PlanCost:
+        """The predicted step of ``plan`` (any plan: searched, rule-made or loaded)."""
+        sh = plan.shardings
+        compute = comm = update = 0.0
+        pb = gb = sb = 0
+        kept: dict[tuple[int, Layout], int] = {}   # activations: each (value, layout) once
+        rows = []
+        for n in self.forward:
+            c = self.node_cost(n, sh[n.id])
+            edge = 0.0
+            for i, v in enumerate(n.inputs):
+                src = self.producer_layout(v, sh)
+                if src is None or (v in self.home and self.home[v] == (n.id, i)):
+                    continue
+                edge += self.edge_seconds(v, src, n, i, sh[n.id])
+            compute, comm, update = compute + c.compute_s, comm + c.comm_s + edge, update + c.update_s
+            pb, gb, sb = pb + c.param_bytes, gb + c.grad_bytes, sb + c.state_bytes
+            for key, nbytes in self._kept(n, sh[n.id]):
+                kept[key] = nbytes
+            rows.append((n.name, str(sh[n.id]), str(sh[n.id].output_layout()), c.comm_s + edge, c.seconds + edge))
+        return PlanCost(compute, comm, update, pb, gb, sb, sum(kept.values()), tuple(rows))
+
+    def _kept(self, node: Node, sh: OpSharding):
+        """(value, layout) -> local bytes of what ``node`` keeps for its backward."""
+        if not any(v in self.needs_grad for v in node.inputs):
+            return []
+        g, out = self.graph, []
+        for i in node.prim.saved_input_indices(len(node.inputs)):
+            v = node.inputs[i]
+            if v not in self.params:
+                lay = sh.input_layout(i)
+                out.append(((v, canonical(lay)), _local(g.spec(v), lay).nbytes))
+        if node.prim.save_output:
+            v, lay = node.outputs[0], sh.output_layout()
+            out.append(((v, canonical(Layout(lay.mesh, lay.dims))), _local(g.spec(v), lay).nbytes))
+        return out
