@@ -10,7 +10,7 @@ from autopar import (ParallelContext, ParallelMode, get_auto_parallel_context, g
 DEFAULTS = dict(parallel_mode="stand_alone", device_num=1, global_rank=0, gradients_mean=False,
                 full_batch=False, dataset_strategy="data_parallel", search_mode="dynamic_programming",
                 pipeline_stages=1, enable_parallel_optimizer=False, parallel_optimizer_threshold=64,
-                strategy_ckpt_save_file="", strategy_ckpt_load_file="")
+                strategy_ckpt_save_file="", strategy_ckpt_load_file="", cost_profile="")
 
 
 @pytest.fixture(autouse=True)
