@@ -44,7 +44,8 @@ def test_defaults():
 NON_DEFAULT = dict(parallel_mode="semi_auto_parallel", device_num=8, global_rank=5, gradients_mean=True,
                    full_batch=True, dataset_strategy="full_batch", search_mode="sharding_propagation",
                    pipeline_stages=2, enable_parallel_optimizer=True, parallel_optimizer_threshold=0,
-                   strategy_ckpt_save_file="out.json", strategy_ckpt_load_file="in.json")
+                   strategy_ckpt_save_file="out.json", strategy_ckpt_load_file="in.json",
+                   cost_profile="a100-8")
 
 
 @pytest.mark.parametrize("name", list(NON_DEFAULT))
