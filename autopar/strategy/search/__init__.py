@@ -15,6 +15,7 @@ which tensors dominate.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ...runtime.graph import Graph
@@ -23,8 +24,8 @@ from ..mesh import Mesh
 from ..plan import ShardingPlan
 from ..profile import MachineProfile, load_profile
 from .elimination import solve
-from .problem import Problem, build, plan_of
-from .recursive import recursive
+from .problem import Problem, build, plan_of, user_strategy
+from .recursive import _splittable, recursive
 from .simple import brute_force, propagate
 
 SEARCH_MODES = ("dynamic_programming", "recursive_programming", "sharding_propagation")
@@ -58,6 +59,7 @@ def search(graph: Graph, stage: Mesh, mode: str = "dynamic_programming", full_ba
     if not cap > 0:
         raise ValueError(f"memory_cap: expected bytes > 0, got {memory_cap!r}")
     model = CostModel(graph, stage, profile, full_batch, optimizer_states, optimizer_parallel)
+    _check_divisible(model)
     problem = None if mode == "recursive_programming" else build(model)
 
     def attempt(lam: float) -> tuple[ShardingPlan, PlanCost]:
@@ -91,6 +93,33 @@ def search_plan(graph: Graph, stage: Mesh, mode: str = "dynamic_programming", fu
     return search(graph, stage, mode, full_batch, profile, **kw).plan
 
 
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _check_divisible(model: CostModel) -> None:
+    """Some op must be able to split some dim over part of the devices, or the search has
+    nothing to choose: say so instead of silently running everything replicated."""
+    n = model.stage.size
+    if n == 1:
+        return
+    for node in model.forward:
+        spec = _splittable(node, model)
+        if spec is None:
+            if user_strategy(node) is not None:
+                return
+            continue
+        if any(math.gcd(size, n) > 1 for size in spec[2].values()):
+            return
+    dims = sorted({d for node in model.forward for v in node.inputs for d in model.graph.spec(v).shape})
+    raise ValueError(f"device_num: {n} devices: no strategy exists, as {n} divides no dim of any op "
+                     f"(their sizes: {dims[:12]}{'...' if len(dims) > 12 else ''}); use a device count "
+                     "sharing a factor with the batch or hidden size")
+
+
 def _does_not_fit(model: CostModel, plan: ShardingPlan, cost: PlanCost, cap: float) -> ValueError:
     """How far the leanest plan is over the cap, and the tensors that dominate it."""
     big = []
@@ -103,15 +132,14 @@ def _does_not_fit(model: CostModel, plan: ShardingPlan, cost: PlanCost, cap: flo
             big.append((c.param_bytes + c.grad_bytes + c.state_bytes,
                         f"parameter {', '.join(names)} (weight + gradient + optimizer states)"))
         if c.activation_bytes:
-            big.append((c.activation_bytes, f"activations kept by {n.scope} ({n.prim.kind})"))
+            big.append((c.activation_bytes, f"activations kept by {n.name}"))
     big.sort(key=lambda t: -t[0])
-    top = "; ".join(f"{what}: {b / 2**20:.1f} MiB" for b, what in big[:4])
-    gib = 2 ** 30
+    top = "; ".join(f"{what}: {human_bytes(b)}" for b, what in big[:4])
     return ValueError(
-        f"memory: no plan fits {cap / gib:.3g} GiB per device: the leanest plan found needs "
-        f"{cost.memory_bytes / gib:.3g} GiB (over by {(cost.memory_bytes - cap) / gib:.3g} GiB; "
-        f"parameters {cost.param_bytes / gib:.3g}, gradients {cost.grad_bytes / gib:.3g}, optimizer states "
-        f"{cost.state_bytes / gib:.3g}, activations {cost.activation_bytes / gib:.3g} GiB). Largest: {top}. "
+        f"memory: no plan fits {human_bytes(cap)} per device: the leanest plan found needs "
+        f"{human_bytes(cost.memory_bytes)} (over by {human_bytes(cost.memory_bytes - cap)}; parameters "
+        f"{human_bytes(cost.param_bytes)}, gradients {human_bytes(cost.grad_bytes)}, optimizer states "
+        f"{human_bytes(cost.state_bytes)}, activations {human_bytes(cost.activation_bytes)}). Largest: {top}. "
         "Use more devices, optimizer parallel, recompute or pipeline stages")
 
 

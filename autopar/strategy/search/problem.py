@@ -76,7 +76,7 @@ def plan_of(model: CostModel, shardings: dict[int, OpSharding]) -> ShardingPlan:
 
 def node_candidates(model: CostModel, node: Node, cache: dict | None = None) -> list[OpSharding]:
     """Every sharding the op may take on the stage: the user's strategy alone when it has
-    one, else one per strategy from :func:`~autopar.strategy.sharding.candidates`;
+    one (see :func:`user_strategy`), else one per strategy from :func:`~autopar.strategy.sharding.candidates`;
     replicated when the op has no sharding rule."""
     g, stage = model.graph, model.stage
     specs = [g.spec(v) for v in node.inputs]
@@ -86,7 +86,7 @@ def node_candidates(model: CostModel, node: Node, cache: dict | None = None) -> 
     if indexing is None:
         return [_replicated_sharding(len(specs), specs, out, stage)]
     shapes = [s.shape for s in specs]
-    user = node.prim.strategy
+    user = user_strategy(node)
     if user is not None:
         try:
             sh = from_strategy(indexing, user.inputs, shapes, stage, where)
@@ -108,6 +108,16 @@ def node_candidates(model: CostModel, node: Node, cache: dict | None = None) -> 
     if cache is not None:
         cache[key] = found
     return found
+
+
+def user_strategy(node: Node):
+    """The op's ``.shard()`` strategy as a search constraint, or None. A strategy splitting
+    nothing (all ones: what a model written for configurable parallelism sets when its
+    degrees are 1) states no preference and leaves the op to the search."""
+    user = node.prim.strategy
+    if user is None or all(k == 1 for split in user.inputs for k in split):
+        return None
+    return user
 
 
 def _prim_key(node: Node) -> tuple:

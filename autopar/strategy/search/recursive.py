@@ -15,7 +15,7 @@ from ...runtime.graph import Node
 from ..costmodel import CostModel
 from ..sharding import OpSharding, from_strategy
 from .elimination import solve
-from .problem import build, node_candidates
+from .problem import build, node_candidates, user_strategy
 
 
 def prime_factors(n: int) -> list[int]:
@@ -36,7 +36,7 @@ def _splittable(node: Node, model: CostModel):
     specs = [g.spec(v) for v in node.inputs]
     out = g.spec(node.outputs[0])
     indexing = node.prim.indexing(specs, out)
-    if indexing is None or node.prim.strategy is not None:
+    if indexing is None or user_strategy(node) is not None:
         return None
     sizes: dict[str, int] = {}
     for letters, shape in zip(indexing.inputs + (indexing.output,), [s.shape for s in specs] + [out.shape]):

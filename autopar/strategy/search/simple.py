@@ -3,8 +3,9 @@
 * :func:`brute_force` -- every assignment (the reference the tests hold the others to);
 * :func:`propagate` -- ``sharding_propagation``: ops with one candidate (the user's
   strategies) are fixed first; then, repeatedly, the op with the most fixed neighbours
-  (ties: the most compute) takes the candidate cheapest given what is fixed: its own cost
-  plus the edges to fixed neighbours. One pass, no backtracking: fast, not optimal.
+  (reading a data input counts as one; ties: the most compute) takes the candidate
+  cheapest given what is fixed: its own cost, the edges to fixed neighbours, and each free
+  neighbour's best reply. One pass, no backtracking: fast, not optimal.
 """
 from __future__ import annotations
 
@@ -51,13 +52,16 @@ def propagate(problem: Problem, lam: float = 0.0) -> dict[int, int]:
         nbrs[a].append((b, m))
         nbrs[b].append((a, m.T))
     choice: dict[int, int] = {n: 0 for n in problem.nodes if len(problem.cands[n]) == 1}
-    weight = {n: float(np.min(problem.unary[n])) for n in problem.nodes}
+    own = {n: problem.unary[n] + lam * problem.memory[n] for n in problem.nodes}
+    model = problem.model
+    fed = {n.id for n in model.forward if any(v in model.input_layouts for v in n.inputs)}
+    weight = {n: float(np.min(own[n])) for n in problem.nodes}
     while len(choice) < len(problem.nodes):
         free = [n for n in problem.nodes if n not in choice]
-        n = max(free, key=lambda v: (sum(u in choice for u, _ in nbrs[v]), weight[v]))
-        vec = problem.unary[n] + lam * problem.memory[n]
+        n = max(free, key=lambda v: (sum(u in choice for u, _ in nbrs[v]) + (v in fed), weight[v]))
+        vec = own[n]
         for u, m in nbrs[n]:
-            if u in choice:
-                vec = vec + m[:, choice[u]]
+            # fixed neighbours: the edge to their choice; free ones: their best reply
+            vec = vec + (m[:, choice[u]] if u in choice else np.min(m + own[u][None, :], axis=1))
         choice[n] = int(np.argmin(vec))
     return choice
