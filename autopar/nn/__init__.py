@@ -5,5 +5,6 @@ from .layers import GELU, Dense, Dropout, Embedding, LayerNorm, RMSNorm, causal_
 from .lm_loss import NextTokenLoss
 from .loss import SoftmaxCrossEntropyWithLogits
 from .parameter import Parameter
+from .pipeline import PipelineCell, set_pipeline_stages
 from .wrappers import TrainOneStepCell, WithLossCell
 from ..train.optimizers import SGD, Adam, AdamWeightDecay, Optimizer  # MindSpore keeps optimizers in nn

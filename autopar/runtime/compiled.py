@@ -82,14 +82,18 @@ def parallel_setting():
 
 
 def grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float = 1.0):
-    """The compiled loss-and-gradients program for this signature: serial, or this rank's
-    sharded program when the parallel context says so."""
+    """The compiled loss-and-gradients program for this signature: serial, this rank's
+    sharded program when the parallel context says so, or its pipeline program for a
+    PipelineCell or ``pipeline_stages > 1``."""
+    from .pipeline_program import pipeline_grad_program, pipelined
     setting = parallel_setting()
     key = ("grad", cell.training, sens, tuple(id(p) for p in params), setting and setting[0],
-           setting and id(setting[1])) + signature_key(args, kwargs)
+           setting and id(setting[1]), setting and setting[3].pipeline_stages) + signature_key(args, kwargs)
     prog = cell._compiled.get(key)
     if prog is None:
-        if setting is None:
+        if pipelined(cell, setting):   # micro-batches, stages: see autopar/runtime/pipeline_program.py
+            prog = pipeline_grad_program(cell, args, kwargs, params, sens, setting)
+        elif setting is None:
             prog = GradProgram(cell, args, kwargs, params, sens)
         else:
             from .sharded_program import ShardedGradProgram

@@ -16,12 +16,23 @@ GPipe runs every forward then every backward (flush): stage s holds all m micro-
 activations at its peak. 1F1B (PipeDream-flush) starts ``p - s - 1`` forwards, then
 alternates one forward and one backward, so stage s holds at most ``p - s``. Both have the
 bubble (p - 1) / (m + p - 1) of the ideal time (REFERENCE.md).
+
+A stage's row splits into named phases (:meth:`Schedule.phases`): *warm-up* (the clocks
+before its first backward), *steady* (from its first backward to its last forward: one
+forward, one backward) and *cool-down* (the backwards after its last forward). GPipe has
+no steady phase; ``make_schedule(name, stages, micro)`` builds a table by name.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 Item = tuple[str, int]  # ("F" | "B", micro-batch)
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str                  # "warm-up" | "steady" | "cool-down"
+    clocks: tuple[int, ...]    # consecutive clocks of the table
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,18 @@ class Schedule:
                 live += 1 if item[0] == "F" else -1
                 peak = max(peak, live)
         return peak
+
+    def phases(self, stage: int) -> tuple[Phase, ...]:
+        """The clocks of ``stage``'s row as warm-up, steady and cool-down (empty ones left
+        out); together they cover every clock once, in order."""
+        row = self.table[stage]
+        firsts_b = [t for t, i in enumerate(row) if i is not None and i[0] == "B"]
+        lasts_f = [t for t, i in enumerate(row) if i is not None and i[0] == "F"]
+        first_b = firsts_b[0] if firsts_b else self.clocks
+        last_f = lasts_f[-1] if lasts_f else -1
+        steady_end = max(first_b, last_f + 1)
+        spans = (("warm-up", 0, first_b), ("steady", first_b, steady_end), ("cool-down", steady_end, self.clocks))
+        return tuple(Phase(name, tuple(range(a, b))) for name, a, b in spans if b > a)
 
     def bubble(self) -> float:
         """Idle stage-clocks over all stage-clocks."""
@@ -113,3 +136,13 @@ def one_f_one_b(stages: int, micro: int) -> Schedule:
         order += [("B", m) for m in range(b, micro)]   # cool-down
         orders.append(order)
     return _simulate("1f1b", orders, micro)
+
+
+SCHEDULES = {"gpipe": gpipe, "1f1b": one_f_one_b}
+
+
+def make_schedule(name: str, stages: int, micro: int) -> Schedule:
+    """The table of the schedule called ``name`` (one of :data:`SCHEDULES`)."""
+    if name not in SCHEDULES:
+        raise ValueError(f"pipeline schedule: name: expected one of {sorted(SCHEDULES)}, got {name!r}")
+    return SCHEDULES[name](stages, micro)

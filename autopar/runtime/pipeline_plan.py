@@ -1,0 +1,91 @@
+"""The pipeline plan: every stage's graph and sharding plan, and the layouts that tie stages.
+
+Planning touches no communicator, so any rank (or a test) plans every stage:
+
+* stage s runs on the stage-major ranks ``s*n .. s*n + n - 1`` as a flat mesh of n;
+* each stage's forward graph is planned on its mesh exactly as the non-pipeline sharded
+  path plans a whole graph (:func:`~autopar.strategy.plan.make_plan`);
+* a value crossing from stage a to b travels in its *transfer layout*: its home layout on
+  a with partial sums settled, the same layout on b's ranks (rank i of a sends its block
+  to rank i of b). It is b's input layout, and the layout of its cotangent on a;
+* a parameter read on several stages keeps one layout everywhere, the one the earliest of
+  them plans, so the copies hold the same blocks at the same positions and their gradients
+  add up block for block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..strategy.layout import Layout
+from ..strategy.mesh import Mesh
+from ..strategy.plan import ShardingPlan, make_plan
+from .graph import Graph
+from .pipeline_graph import StageGraph, stage_graph
+from .pipeline_stages import StageAssignment
+from .spmd import settled
+
+
+def stage_mesh(stage: int, ranks_per_stage: int) -> Mesh:
+    """Stage ``stage``'s ranks, stage-major, as a flat mesh."""
+    first = stage * ranks_per_stage
+    return Mesh((ranks_per_stage,), ("devices",), tuple(range(first, first + ranks_per_stage)))
+
+
+def on_mesh(layout: Layout, mesh: Mesh) -> Layout:
+    """The same layout over another stage's ranks: the rank at each position replaced by
+    the rank at the same position of ``mesh``."""
+    src, dst = sorted(layout.mesh.ranks), sorted(mesh.ranks)
+    position = {r: i for i, r in enumerate(src)}
+    ranks = tuple(dst[position[r]] for r in layout.mesh.ranks)
+    return Layout(Mesh(layout.mesh.shape, layout.mesh.names, ranks), layout.dims, layout.partial)
+
+
+@dataclass(frozen=True, eq=False)
+class PipelinePlan:
+    assignment: StageAssignment
+    stages: tuple[StageGraph, ...]
+    plans: tuple[ShardingPlan, ...]           # per stage; crossing and shared-parameter layouts set
+    transfer: dict[int, Layout]               # crossing value -> layout on its sending stage
+    param_stages: dict[int, tuple[int, ...]]  # global parameter value -> stages reading it
+    param_home: dict[int, Layout]             # global parameter value -> layout on its first stage
+
+    def table(self, graph: Graph) -> str:
+        """Stages (ops, cells), crossings with their layouts, shared parameters."""
+        rows = [self.assignment.table(graph)]
+        rows += [f"  {c}  {self.transfer[c.value]}" for c in self.assignment.crossings]
+        names = dict(zip(graph.params, graph.param_names()))
+        rows += [f"  {names[v]} on stages {s}  {self.param_home[v]}" for v, s in self.param_stages.items()
+                 if len(s) > 1]
+        return "\n".join(rows)
+
+
+def plan_pipeline(graph: Graph, assign: StageAssignment, ranks_per_stage: int, mode: str, full_batch: bool,
+                  ctx=None) -> PipelinePlan:
+    """Plan every stage of ``graph`` (the forward graph on micro-batch shapes)."""
+    p = assign.stages
+    meshes = [stage_mesh(s, ranks_per_stage) for s in range(p)]
+    graphs = tuple(stage_graph(graph, assign, s) for s in range(p))
+    raw = [make_plan(sg.graph, mode, meshes[s], full_batch, ctx) for s, sg in enumerate(graphs)]
+    transfer = {c.value: settled(raw[c.src].layouts[graphs[c.src].value(c)]) for c in assign.crossings}
+    param_stages: dict[int, tuple[int, ...]] = {}
+    for s, sg in enumerate(graphs):
+        for v in graph.params:
+            if v in sg.local_of:
+                param_stages[v] = param_stages.get(v, ()) + (s,)
+    param_home = {}
+    for v, stages in param_stages.items():
+        first = stages[0]
+        lv = graphs[first].local_of[v]
+        param_home[v] = raw[first].layouts.get(lv) or Layout.replicated(meshes[first], len(graph.spec(v).shape))
+    plans = []
+    for s, sg in enumerate(graphs):
+        layouts = dict(raw[s].layouts)
+        for c in sg.received:
+            layouts[sg.value(c)] = on_mesh(transfer[c.value], meshes[s])
+        for (c, _), g in zip(sg.cotangents, sg.cotangent_inputs):
+            layouts[g] = transfer[c.value]
+        for v in graph.params:
+            if v in sg.local_of:
+                layouts[sg.local_of[v]] = on_mesh(param_home[v], meshes[s])
+        plans.append(ShardingPlan(raw[s].stage, raw[s].shardings, layouts))
+    return PipelinePlan(assign, graphs, tuple(plans), transfer, param_stages, param_home)

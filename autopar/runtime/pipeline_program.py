@@ -1,0 +1,354 @@
+"""Pipeline parallelism: loss and this rank's gradient shards, the interface of
+:class:`~autopar.runtime.sharded_program.ShardedGradProgram`.
+
+Built once per input signature, on every rank:
+
+1. split the world into stage communicators (stage-major ranks), and one communicator per
+   set of stages sharing a parameter (rank i of each of those stages together);
+2. trace the network twice on global shapes -- the whole batch (for dropout indices) and
+   one micro-batch (the programs' shapes) -- and give every op its stage
+   (:mod:`autopar.runtime.pipeline_stages`);
+3. plan every stage on its own mesh (:mod:`autopar.runtime.pipeline_plan`);
+4. for this rank's stage only: differentiate the stage graph, lower it on the stage
+   communicator (sub-communicator splits stay inside the stage), map its dropouts onto
+   whole-batch indices per micro-batch, and cut it into forward and backward halves
+   (:mod:`autopar.runtime.pipeline_split`).
+
+Per call: the fed batch is cut into ``micro`` micro-batches along dim 0, the schedule is
+walked (:mod:`autopar.runtime.pipeline_runner`), gradients summed over micro-batches and
+then over the copies of shared parameters, and the loss -- the mean of the micro-batch
+losses, computed on the last stage -- broadcast to every rank. A micro-batch's loss
+gradient is seeded with ``sens / micro``, so the gradients are those of that mean.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import format_error
+from ..ops.dropout import Dropout
+from ..ops.primitive import TensorSpec
+from .autodiff import differentiate
+from .graph import FORWARD, Graph
+from .pipeline_dropout import MicroBatchDropout, MicroFeed, whole_batch_coords
+from .pipeline_plan import PipelinePlan, plan_pipeline
+from .pipeline_runner import StageStep, run_step, transfers
+from .pipeline_shards import AbsentShard, StageShard, attach
+from .pipeline_split import split_halves
+from .pipeline_stages import assign_stages, differentiable_values
+from .program import Program
+from .schedule import make_schedule
+from .spmd import Redistribute, lower
+from .trace import trace
+
+WHERE = "PipelineCell"
+
+
+class PipelineGradProgram:
+    """Loss and local gradient shards of ``params`` on one rank of ``world`` under
+    ``stages`` pipeline stages and ``micro`` micro-batches (``schedule``: "1f1b" or "gpipe").
+
+    ``args`` are what this rank is fed: the whole batch (``full_batch``) or, data-parallel,
+    the slice ``rank % (world.size // stages)`` of the stage's ranks (ranks at the same
+    position of every stage are fed the same rows). :attr:`shards` has one entry per
+    parameter: this rank's :class:`StageShard` or an :class:`AbsentShard`."""
+
+    def __init__(self, network, args: tuple, params: Sequence, world, *, stages: int = 1, micro: int = 1,
+                 schedule: str = "1f1b", mode: str = "semi_auto_parallel", full_batch: bool = False,
+                 sens: float = 1.0, ctx=None):
+        if world.size % stages:
+            raise ValueError(format_error(WHERE, "pipeline_stages", f"a divisor of the {world.size} ranks",
+                                          str(stages), "each stage needs the same number of ranks"))
+        arrays = [a for a in args if isinstance(a, np.ndarray)]
+        self.rows = _batch_rows(arrays, micro)
+        self.world, self.stages, self.micro = world, stages, micro
+        self.schedule = make_schedule(schedule, stages, micro)
+        n = self.ranks_per_stage = world.size // stages
+        self.stage, self.position = divmod(world.rank, n)
+        self.stage_comm = world.split([tuple(range(s * n, (s + 1) * n)) for s in range(stages)])
+        feed_whole = full_batch or mode == "stand_alone"
+
+        scale = 1 if feed_whole else n
+        whole_args = tuple(_spec(a, scale, 1) for a in args)
+        micro_args = tuple(_spec(a, scale, micro) for a in args)
+        self.whole = trace(network, whole_args, {}).graph
+        graph = self.graph = trace(network, micro_args, {}).graph
+        _check_same_ops(graph, self.whole)
+        loss = graph.outputs[0]
+        if graph.spec(loss).size != 1:
+            raise ValueError(format_error(f"{type(network).__name__}", "output 0 (the loss)", "a scalar",
+                                          f"shape {graph.spec(loss).shape}", "reduce it with ops.ReduceMean"))
+        self.loss_dtype = graph.spec(loss).dtype
+        by_id = {id(p): v for v, p in zip(graph.params, graph.param_objs)}
+        missing = [p.name for p in params if id(p) not in by_id]
+        if missing:
+            raise ValueError(f"{type(network).__name__}: parameters {missing} are not used by the loss")
+        self.params = list(params)
+        wrt = [by_id[id(p)] for p in params]
+        assign = assign_stages(graph, stages, differentiable_values(graph, wrt))
+        self.plan: PipelinePlan = plan_pipeline(graph, assign, n, mode, feed_whole, ctx)
+        self._shared = self._shared_comms(wrt)
+        self.shards = self._attach(wrt)
+        self.layouts = [s.layout for s in self.shards]
+        feed = MicroFeed(micro, self.rows, self.rows * scale // micro)
+        self.step_plan = self._build_stage(wrt, sens, feed)
+        self.program = StagePrograms(self.step_plan.forward + self.step_plan.backward)
+        self.last_step = None
+
+    # ---- building ------------------------------------------------------------------------
+    def _shared_comms(self, wrt: list[int]) -> list[tuple[int, object]]:
+        """(parameter index, communicator over its copies) for this rank's shared parameters;
+        the splits are collective over the world, made in one order on every rank."""
+        n, by_stages = self.ranks_per_stage, {}
+        for i, v in enumerate(wrt):
+            owners = self.plan.param_stages[v]
+            if len(owners) > 1:
+                by_stages.setdefault(owners, []).append(i)
+        out = []
+        for owners in sorted(by_stages):
+            groups = [tuple(s * n + i for s in owners) for i in range(n)]
+            groups += [(r,) for r in range(self.world.size) if r // n not in owners]
+            comm = self.world.split(groups)
+            if self.stage in owners:
+                out += [(i, comm) for i in by_stages[owners]]
+        return sorted(out, key=lambda e: e[0])
+
+    def _attach(self, wrt: list[int]) -> list:
+        """One entry per parameter (collective when replacing shards already attached)."""
+        plan, me = self.plan, self.plan.stages[self.stage]
+        out = []
+        for p, v in zip(self.params, wrt):
+            if v in me.local_of:
+                layout = plan.plans[self.stage].layouts[me.local_of[v]]
+                out.append(attach(p, layout, self.world.rank, plan.param_stages[v][0] == self.stage, self.world))
+            else:
+                out.append(attach(p, None, self.world.rank, False, self.world))
+        return out
+
+    def _build_stage(self, wrt: list[int], sens: float, feed: MicroFeed) -> StageStep:
+        s, plan = self.stage, self.plan
+        sg, last = plan.stages[s], s == self.stages - 1
+        mine = [(i, sg.local_of[v]) for i, v in enumerate(wrt) if v in sg.local_of]
+        self._grad_index = {i: j for j, (i, _) in enumerate(mine)}
+        back = [c for c in sg.received if c.needs_grad]
+        train, grads = differentiate(sg.graph, sg.objective, [lv for _, lv in mine] + [sg.value(c) for c in back],
+                                     sens / self.micro if last else 1.0)
+        delivered = [sg.value(c) for c in sg.sent] + ([sg.loss] if last else [])
+        local, _, _, _ = lower(train, delivered + list(grads), plan.plans[s], self.world.rank, self.stage_comm,
+                               output_layouts={sg.value(c): plan.transfer[c.value] for c in sg.sent})
+        for i, _ in mine:
+            assert any(o is self.shards[i] for o in local.param_objs), "lowering did not take the stage shard"
+        cotangents = local.inputs[len(local.inputs) - len(sg.cotangent_inputs):]
+        variants = self._micro_variants(local, sg, feed)
+        halves = [split_halves(g, len(delivered), cotangents) for g in variants]
+        self.saved_per_micro = len(halves[0].saved)
+        wire = {c.value: (plan.transfer[c.value].local_shape(self.graph.spec(c.value).shape),
+                          self.graph.spec(c.value).dtype) for c in plan.assignment.crossings}
+        assignment = plan.assignment
+        mine_transfers = tuple(t for t in transfers(
+            self.schedule, lambda st: [(c.value, c.dsts) for c in assignment.sent_by(st)],
+            lambda st: [(c.value, c.src) for c in assignment.received_by(st) if c.needs_grad])
+            if s in (t.src, t.dst))
+        return StageStep(
+            stage=s, ranks_per_stage=self.ranks_per_stage, position=self.position, schedule=self.schedule,
+            forward=tuple(Program(h.forward, h.forward.outputs) for h in halves),
+            backward=tuple(Program(h.backward, h.backward.outputs) for h in halves),
+            batch_inputs=sg.batch_inputs, received=tuple(c.value for c in sg.received),
+            sent=tuple((c.value, c.dsts) for c in sg.sent), has_loss=last,
+            cotangents=tuple((c.value, d) for c, d in sg.cotangents), grads_back=tuple(c.value for c in back),
+            n_param_grads=len(mine), wire=wire, transfers=mine_transfers)
+
+    def _micro_variants(self, local: Graph, sg, feed: MicroFeed) -> list[Graph]:
+        """The local graph with its traced forward ops named as in the whole graph (dropout
+        keys come from names), once per micro-batch when it drops out (the masks differ)."""
+        traced = iter(sg.origin)
+        origin: dict[int, int] = {}                  # local node id -> global node id
+        for node in local.nodes:
+            if node.phase == FORWARD and not isinstance(node.prim, Redistribute):
+                gid = next(traced, None)
+                if gid is None:
+                    break                            # the objective's ops follow the traced ones
+                assert self.graph.nodes[gid].prim.kind == node.prim.kind
+                origin[node.id] = gid
+        drops = [nid for nid, gid in origin.items() if isinstance(local.nodes[nid].prim, Dropout)
+                 and local.nodes[nid].prim.attrs["keep_prob"] < 1.0]
+        micros = range(self.micro) if drops else [None]
+        return [_rewrite(local, origin, drops, self.graph, self.whole, feed, k) for k in micros]
+
+    # ---- running -------------------------------------------------------------------------
+    def __call__(self, args: tuple, kwargs: dict | None = None, step: int = 0):
+        """(loss, this rank's gradient shards): the same call as ShardedGradProgram."""
+        arrays = [a for a in args if isinstance(a, np.ndarray)]
+        per = self.rows // self.micro
+        micro_batches = [[a[k * per:(k + 1) * per] if a.ndim else a for a in arrays] for k in range(self.micro)]
+        result = run_step(self.step_plan, self.world, micro_batches, step)
+        self.last_step = result
+        grads = result.grads
+        for i, comm in self._shared:          # the copies of a shared parameter: one summed gradient
+            j = self._grad_index[i]
+            grads[j] = comm.allreduce(grads[j])
+        out = [grads[self._grad_index[i]] if i in self._grad_index else np.zeros(s.shape, s.dtype)
+               for i, s in enumerate(self.shards)]
+        return self._loss(result.losses), out
+
+    def _loss(self, losses: list) -> np.ndarray:
+        """The mean of the micro-batch losses, on every rank."""
+        if losses:
+            total = np.sum(np.stack([np.asarray(x, np.float64) for x in losses]), axis=0) / self.micro
+            loss = np.asarray(total, dtype=self.loss_dtype)
+        else:
+            loss = np.zeros((), dtype=self.loss_dtype)
+        if self.stages > 1:
+            loss = self.world.broadcast(loss, root=(self.stages - 1) * self.ranks_per_stage)
+        return loss
+
+    def gathered(self, grads: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Full gradients on every rank (collective over the world)."""
+        out = []
+        for g, s in zip(grads, self.shards):
+            full = np.zeros(s.param.shape, dtype=s.dtype)
+            if s.contributes():
+                full[s.region] = g
+            out.append(self.world.allreduce(full) if self.world.size > 1 else full)
+        return out
+
+    def global_norm(self, grads: Sequence[np.ndarray]) -> float:
+        """The gradients' global L2 norm, each element counted once (a shared parameter on
+        its first stage only)."""
+        total = 0.0
+        for g, s in zip(grads, self.shards):
+            if not isinstance(s, StageShard) or not s.owner:
+                continue
+            copies = math.prod(s.layout.mesh.shape[a] for a in s.layout.replicated_axes())
+            flat = g.reshape(-1).astype(np.float64, copy=False)
+            total += float(np.dot(flat, flat)) / copies
+        if self.world.size > 1:
+            total = float(self.world.allreduce(np.array(total)))
+        return math.sqrt(total)
+
+    @property
+    def in_flight(self) -> int:
+        """Micro-batches whose saved values were alive at once in the last step (measured)."""
+        return self.last_step.peak_in_flight if self.last_step is not None else 0
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+class StagePrograms:
+    """The stage's programs seen as one: setting ``meter`` (a MemoryMeter, as
+    TrainOneStepCell.measure_memory does) sets it on every half."""
+
+    def __init__(self, programs: tuple):
+        self.programs = programs
+
+    @property
+    def meter(self):
+        return self.programs[0].meter
+
+    @meter.setter
+    def meter(self, value) -> None:
+        for p in self.programs:
+            p.meter = value
+
+
+def _batch_rows(arrays: list[np.ndarray], micro: int) -> int:
+    """Rows along dim 0 shared by every array input with a dim, checked to split ``micro`` ways."""
+    if isinstance(micro, bool) or not isinstance(micro, int) or micro < 1:
+        raise ValueError(format_error(WHERE, "micro_size", "an int >= 1", repr(micro)))
+    batched = [(i, a) for i, a in enumerate(arrays) if a.ndim >= 1]
+    if not batched:
+        if micro > 1:
+            raise ValueError(format_error(WHERE, "inputs", "an array with a batch dim to split into micro-batches",
+                                          "only scalars", "feed a batch, or use micro_size=1"))
+        return 1
+    rows = batched[0][1].shape[0]
+    for i, a in batched:
+        if a.shape[0] != rows:
+            raise ValueError(format_error(WHERE, f"input {i} dim 0", f"{rows} rows like input {batched[0][0]} "
+                                          "(every array input is split into micro-batches along dim 0)",
+                                          str(a.shape[0])))
+    if rows % micro:
+        raise ValueError(format_error(WHERE, "micro_size", f"a divisor of the batch ({rows} rows fed to this "
+                                      "rank along dim 0)", str(micro), f"use a micro_size dividing {rows}"))
+    return rows
+
+
+def _spec(a, scale: int, micro: int):
+    """The global shape of one micro-batch of a fed argument (``scale`` ranks feed slices)."""
+    if not isinstance(a, np.ndarray):
+        return a
+    if a.ndim == 0:
+        return TensorSpec(a.shape, a.dtype)
+    return TensorSpec((a.shape[0] * scale // micro,) + a.shape[1:], a.dtype)
+
+
+def _check_same_ops(graph: Graph, whole: Graph) -> None:
+    """The micro-batch trace must be the whole-batch trace with other batch sizes."""
+    same = len(graph.nodes) == len(whole.nodes) and all(
+        a.name == b.name for a, b in zip(graph.nodes, whole.nodes))
+    if not same:
+        raise ValueError(format_error(WHERE, "network", "the same ops for a micro-batch as for the whole batch",
+                                      f"{len(graph.nodes)} ops vs {len(whole.nodes)}",
+                                      "do not branch on the batch size in construct"))
+
+
+def _rewrite(local: Graph, origin: dict[int, int], drops: list[int], graph: Graph, whole: Graph,
+             feed: MicroFeed, k: int | None) -> Graph:
+    """``local`` with traced forward ops renamed to their whole-graph names and, for
+    micro-batch ``k``, dropouts masked with whole-batch indices."""
+    drop_set = set(drops)
+    nodes = []
+    for node in local.nodes:
+        gid = origin.get(node.id)
+        if gid is None:
+            nodes.append(node)
+            continue
+        changes = {"name": graph.nodes[gid].name}
+        if k is not None and node.id in drop_set:
+            g = graph.nodes[gid]
+            micro_shape, whole_shape = graph.spec(g.outputs[0]).shape, whole.spec(whole.nodes[gid].outputs[0]).shape
+            coords = whole_batch_coords(micro_shape, whole_shape, node.prim.attrs.get("region"), feed, k,
+                                        f"{g.scope} (Dropout)")
+            changes["prim"] = MicroBatchDropout.of(node.prim, whole_shape, coords)
+        nodes.append(dataclasses.replace(node, **changes))
+    return dataclasses.replace(local, nodes=tuple(nodes))
+
+
+__all__ = ["PipelineGradProgram", "AbsentShard", "StageShard"]
+
+
+def pipelined(cell, setting) -> bool:
+    """Whether ``grad_program`` builds a pipeline program: for a PipelineCell (micro-batches,
+    also on one stage), or whenever the context asks for pipeline_stages > 1."""
+    from ..nn.pipeline import PipelineCell
+    return isinstance(cell, PipelineCell) or (setting is not None and setting[3].pipeline_stages > 1)
+
+
+def pipeline_grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float, setting):
+    """The pipeline program for ``cell`` (a PipelineCell, or a network taken as one
+    micro-batch) under ``setting`` (``compiled.parallel_setting()``; None: serial)."""
+    from ..context import current_world
+    from ..nn.pipeline import PipelineCell
+    if kwargs:
+        raise ValueError(format_error(WHERE, "inputs", "positional inputs only", f"keywords {sorted(kwargs)}"))
+    if isinstance(cell, PipelineCell):
+        network, micro, schedule = cell.network, cell.micro_size, cell.pipeline_schedule
+    else:
+        network, micro, schedule = cell, 1, "1f1b"
+    if setting is None:
+        return PipelineGradProgram(network, args, params, current_world(), stages=1, micro=micro,
+                                   schedule=schedule, mode="stand_alone", full_batch=True, sens=sens)
+    mode, world, full_batch, ctx = setting
+    if ctx.enable_parallel_optimizer and ctx.pipeline_stages > 1:
+        raise ValueError(format_error("ParallelContext", "enable_parallel_optimizer",
+                                      "False with pipeline_stages > 1 (not combined yet)", "True",
+                                      "turn one of them off"))
+    for name in ("strategy_ckpt_load_file", "strategy_ckpt_save_file"):
+        if getattr(ctx, name):
+            raise ValueError(format_error("ParallelContext", name, "'' with a pipeline (strategy files hold "
+                                          "one stage's plan; not supported yet)", repr(getattr(ctx, name))))
+    return PipelineGradProgram(network, args, params, world, stages=ctx.pipeline_stages, micro=micro,
+                               schedule=schedule, mode=mode, full_batch=full_batch, sens=sens, ctx=ctx)
