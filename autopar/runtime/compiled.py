@@ -27,15 +27,12 @@ def _normalize(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 
 def run_forward(cell, args: tuple, kwargs: dict):
+    """``cell(*args, **kwargs)`` outside tracing: the compiled forward program of this
+    signature, sharded by the plan under operator-level parallelism (see
+    :mod:`autopar.runtime.sharded_forward`; collective then: every rank calls it)."""
+    from .sharded_forward import forward_program
     args, kwargs = _normalize(args, kwargs)
-    key = ("forward", cell.training) + signature_key(args, kwargs)
-    entry = cell._compiled.get(key)
-    if entry is None:
-        traced = trace(cell, args, kwargs)
-        entry = cell._compiled[key] = (traced, Program(traced.graph, traced.graph.outputs))
-    traced, program = entry
-    outs = program.run(tensor_args(args, kwargs))
-    return tuple(outs) if traced.out_tuple else outs[0]
+    return forward_program(cell, args, kwargs)(args, kwargs)
 
 
 class GradProgram:

@@ -1,0 +1,187 @@
+"""Forward-only programs: serial, or one rank's share of a sharded forward pass.
+
+:func:`forward_program` is what ``cell(*inputs)`` runs (``compiled.run_forward``): under
+``semi_auto_parallel`` / ``auto_parallel`` on more than one rank, the traced forward graph
+is planned (``make_plan``, the same rules and strategies as training) and lowered for this
+rank (``spmd.lower``), so a model-parallel model runs model-parallel at inference too: each
+rank computes with its weight shards, and collectives appear only where layouts change.
+Otherwise (one rank, ``stand_alone``, ``data_parallel``: weights replicated) the graph runs
+as it is.
+
+What a call returns is what the serial call returns: every output whole on every rank
+with ``full_batch`` (every rank fed the whole batch); without it, each rank feeds its rows
+and gets its rows of every output whose leading dim is the batch (the others whole).
+
+**Carried state.** An incremental decoder threads state through calls: output ``o`` of
+call t is input ``i`` of call t + 1 (a key/value cache). ``carry={o: i}`` keeps that state
+in the layout the plan gives output ``o`` (the cache split over heads, as the attention
+that writes it is): input ``i`` is *fed* in that layout and output ``o`` *delivered* in
+it, so the state never crosses ranks between steps. :meth:`ShardedForwardProgram.run`
+takes and returns the local shards (allocate them with :meth:`local_zeros`); calling a
+program without carried state (``prog(args, kwargs)``) returns what ``cell(...)`` does::
+
+    carry={1: 4}   input 4 (B, N, S, D)  ->  local (B, N/mp, S, D)  ->  output 1, the same shard
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..ops.primitive import TensorSpec
+from ..strategy.layout import Layout
+from ..strategy.mesh import Mesh
+from ..strategy.plan import ShardingPlan, input_layout, make_plan
+from .compiled import parallel_setting, tensor_args
+from .program import Program
+from .spmd import lower, settled
+from .trace import Traced, signature_key, trace
+
+SHARDED_MODES = ("semi_auto_parallel", "auto_parallel")
+
+
+def _input_slots(traced: Traced) -> list[int | None]:
+    """Per argument (positional, then keywords by name): its index among the array inputs
+    the program is fed, or None (a None or static argument)."""
+    slots, k = [], 0
+    for kind in traced.arg_kinds:
+        slots.append(k if kind == "tensor" else None)
+        k += kind == "tensor"
+    return slots
+
+
+class ForwardProgram:
+    """The serial forward program of one signature (also the interface of the sharded one:
+    there, local values are whole)."""
+
+    def __init__(self, cell, args: tuple, kwargs: dict):
+        self.traced = trace(cell, args, kwargs)
+        self.program = Program(self.traced.graph, self.traced.graph.outputs)
+
+    def __call__(self, args: tuple, kwargs: dict):
+        outs = self.program.run(tensor_args(args, kwargs))
+        return tuple(outs) if self.traced.out_tuple else outs[0]
+
+    def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.program.run(list(arrays))
+
+    def local_zeros(self, arg: int) -> np.ndarray:
+        graph = self.traced.graph
+        spec = graph.spec(graph.inputs[_input_slots(self.traced)[arg]])
+        return np.zeros(spec.shape, spec.dtype)
+
+
+class ShardedForwardProgram:
+    """One rank's forward program of ``cell`` for one signature; see the module docstring.
+
+    ``args``/``kwargs`` are what this rank is fed: the whole batch (``full_batch``) or its
+    rows. ``carry`` maps an output index to the argument index (positional) it feeds next
+    call; those two are kept in the output's planned layout."""
+
+    def __init__(self, cell, args: tuple, kwargs: dict, mode: str, world, full_batch: bool, ctx=None,
+                 carry: dict[int, int] | None = None):
+        if mode not in SHARDED_MODES:
+            raise ValueError(f"ShardedForwardProgram: mode: expected one of {SHARDED_MODES}, got {mode!r}")
+        self.world, self.rank = world, world.rank
+        self.full_batch = full_batch
+        n = world.size
+        stage = Mesh((n,), ("devices",), tuple(range(n)))
+
+        def global_spec(a):   # this rank's rows -> the whole batch
+            if full_batch or not isinstance(a, (np.ndarray, TensorSpec)) or len(a.shape) == 0:
+                return a
+            return TensorSpec((a.shape[0] * n,) + a.shape[1:], a.dtype)
+        g_args = tuple(global_spec(a) for a in args)
+        g_kwargs = {k: global_spec(v) for k, v in kwargs.items()}
+        self.traced = trace(cell, g_args, g_kwargs)
+        graph = self.traced.graph
+        # The forward graph is not the training graph a strategy file describes: plan it by
+        # the rules (the ops' strategies), without reading or overwriting that file.
+        if ctx is not None:
+            ctx = ctx.replace(strategy_ckpt_load_file="", strategy_ckpt_save_file="")
+        plan = make_plan(graph, mode, stage, full_batch, ctx)
+        slots = _input_slots(self.traced)
+        self.carry = dict(carry or {})
+        self.carried_inputs: dict[int, Layout] = {}       # array input slot -> layout it is fed in
+        layouts, delivered = dict(plan.layouts), {}
+        batch = self._global_batch(g_args, g_kwargs)
+        for k, v in enumerate(graph.outputs):
+            spec = graph.spec(v)
+            if k in self.carry:
+                slot = self._carried_slot(k, slots, graph)
+                lay = settled(plan.layouts[v]) if v in plan.layouts else Layout.replicated(stage, spec.ndim)
+                layouts[graph.inputs[slots[self.carry[k]]]] = lay
+                self.carried_inputs[slot] = lay
+                delivered[v] = lay
+            elif not full_batch and spec.ndim and spec.shape[0] == batch:
+                delivered[v] = input_layout(spec, stage, False)    # this rank's rows
+            else:
+                delivered[v] = Layout.replicated(stage, spec.ndim)
+        self.plan = ShardingPlan(plan.stage, plan.shardings, layouts)
+        self.local_graph, _, self.out_layouts, self.comm_clock = lower(
+            graph, graph.outputs, self.plan, self.rank, world, delivered)
+        self.delivered = [self.out_layouts[v] for v in graph.outputs]
+        self.program = Program(self.local_graph, self.local_graph.outputs)
+        for s in self.local_graph.param_objs:   # the Parameter reads through its shard, as in training
+            if s.param._shard is None or s.param._shard[0] is not s:
+                s.param.attach_shard(s, world)
+
+    @staticmethod
+    def _global_batch(args: tuple, kwargs: dict) -> int | None:
+        for a in list(args) + [kwargs[k] for k in sorted(kwargs)]:
+            if isinstance(a, (np.ndarray, TensorSpec)) and len(a.shape):
+                return a.shape[0]
+        return None
+
+    def _carried_slot(self, out: int, slots: list, graph) -> int:
+        """The array input slot output ``out`` is carried into, checked."""
+        arg = self.carry[out]
+        where = "ShardedForwardProgram: carry"
+        if not 0 <= out < len(graph.outputs):
+            raise ValueError(f"{where}: output {out}: expected an index below {len(graph.outputs)} (the outputs)")
+        if not 0 <= arg < len(slots) or slots[arg] is None:
+            raise ValueError(f"{where}: output {out} -> argument {arg}: expected the index of an array argument")
+        o_spec, i_spec = graph.spec(graph.outputs[out]), graph.spec(graph.inputs[slots[arg]])
+        if (o_spec.shape, o_spec.dtype) != (i_spec.shape, i_spec.dtype):
+            raise ValueError(f"{where}: output {out} -> argument {arg}: expected the same shape and dtype, got "
+                             f"{o_spec.shape} {o_spec.dtype} and {i_spec.shape} {i_spec.dtype}")
+        return slots[arg]
+
+    def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Outputs from the array inputs as this rank holds them: carried ones as local shards."""
+        return self.program.run(list(arrays))
+
+    def local_zeros(self, arg: int) -> np.ndarray:
+        """Zeros in the local shape argument ``arg`` is fed in (a carried cache's shard)."""
+        slot = _input_slots(self.traced)[arg]
+        spec = self.traced.graph.spec(self.traced.graph.inputs[slot])
+        lay = self.carried_inputs.get(slot)
+        shape = lay.local_shape(spec.shape) if lay is not None else spec.shape
+        return np.zeros(shape, spec.dtype)
+
+    def __call__(self, args: tuple, kwargs: dict):
+        """The serial call's results (``cell(*args)``): whole values, or this rank's rows."""
+        if self.carry:
+            raise ValueError("ShardedForwardProgram: a program with carried state takes local shards: "
+                             "call run(arrays) with inputs from local_zeros()")
+        outs = self.run(tensor_args(args, kwargs))
+        return tuple(outs) if self.traced.out_tuple else outs[0]
+
+
+def forward_program(cell, args: tuple, kwargs: dict, carry: dict[int, int] | None = None):
+    """The compiled forward program of ``cell`` for this signature (cached on the cell):
+    :class:`ShardedForwardProgram` when the parallel context asks for operator-level
+    sharding on more than one rank, else :class:`ForwardProgram`."""
+    setting = parallel_setting()
+    sharded = setting is not None and setting[0] in SHARDED_MODES
+    carry_key = tuple(sorted((carry or {}).items()))
+    key = ("forward", cell.training, sharded and id(setting[1]), carry_key) + signature_key(args, kwargs)
+    prog = cell._compiled.get(key)
+    if prog is None:
+        if sharded:
+            mode, world, full_batch, ctx = setting
+            prog = ShardedForwardProgram(cell, args, kwargs, mode, world, full_batch, ctx, carry)
+        else:
+            prog = ForwardProgram(cell, args, kwargs)
+        cell._compiled[key] = prog
+    return prog
