@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..runtime.compiled import _normalize, grad_program
+from ..runtime.memory import MemoryMeter, training_memory
 from .cell import Cell
 
 
@@ -32,6 +33,7 @@ class TrainOneStepCell(Cell):
     """
 
     auto_prefix = False
+    _memory_meter = None   # a MemoryMeter while measure_memory() is on
 
     def __init__(self, network: Cell, optimizer, sens: float = 1.0, clip_norm: float | None = None):
         super().__init__()
@@ -48,6 +50,7 @@ class TrainOneStepCell(Cell):
         shards, without taking a step (MindSpore's ``model.build``); returns the program."""
         args, kwargs = _normalize(args, kwargs)
         prog = grad_program(self.network, args, kwargs, self.params, self.sens)
+        prog.program.meter = self._memory_meter
         if hasattr(prog, "shards") and self.optimizer.params != prog.shards:
             self.optimizer.bind_shards(prog.shards)
         return prog
@@ -70,3 +73,17 @@ class TrainOneStepCell(Cell):
                 self.last_grad_norm = float(norm)
         self.optimizer.step(grads)
         return np.asarray(loss)
+
+    def measure_memory(self, on: bool = True) -> TrainOneStepCell:
+        """Measure live bytes in the steps from now on (off, the default, costs nothing)."""
+        self._memory_meter = MemoryMeter() if on else None
+        return self
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes of the last measured step on this rank: parameters, gradients,
+        optimizer_states, inputs, activations_peak, total_peak (see
+        :func:`autopar.runtime.memory.training_memory`)."""
+        if self._memory_meter is None or self._memory_meter.last is None:
+            raise ValueError("TrainOneStepCell.memory_report: expected a step measured after measure_memory(), "
+                             "got none; call train.measure_memory() and run a step first")
+        return training_memory(self._memory_meter.last, self.optimizer)

@@ -5,6 +5,12 @@ requested outputs, the kernel each instruction calls (with its static arguments 
 the slots it reads and writes, and the slots that die after it (freed at once, so peak
 memory is the live set, not the whole graph). The step loop does no graph walking and no
 name look-ups: it is ``for fn, ins, outs, frees in instructions``.
+
+Recompute (``autopar/runtime/recompute.py``) is a graph pass applied here first, when any
+node is marked: clones of recomputed forward nodes go before their cell's backward, so the
+liveness and donation below see them as ordinary instructions (a buffer a clone still
+reads is alive until the clone has run). ``meter`` (a ``MemoryMeter``, off by default)
+measures live bytes per run (``autopar/runtime/memory.py``).
 """
 from __future__ import annotations
 
@@ -16,7 +22,9 @@ import numpy as np
 
 from .allocator import retain_freed_memory
 from .graph import BACKWARD, Graph, Node
+from .memory import MemoryMeter
 from .random import derive_key
+from .recompute import live_nodes, with_recompute
 
 
 @dataclass(frozen=True)
@@ -49,11 +57,15 @@ def _vjp_kernel(node: Node, graph: Graph, fwd: Node) -> Callable:
 class Program:
     """The instructions computing ``outputs`` of ``graph`` on one process."""
 
-    def __init__(self, graph: Graph, outputs: Sequence[int], seed: int = 0):
+    def __init__(self, graph: Graph, outputs: Sequence[int], seed: int = 0, measure_memory: bool = False):
         retain_freed_memory()
-        self.graph = graph
         self.outputs = tuple(outputs)
+        self.recomputed_from: dict[int, int] = {}   # clone node id -> the node it re-runs
+        if any(n.recompute for n in graph.nodes):
+            graph, self.recomputed_from = with_recompute(graph, self.outputs)
+        self.graph = graph
         self.seed = seed
+        self.meter: MemoryMeter | None = MemoryMeter() if measure_memory else None
         needed = self._needed_nodes(graph, self.outputs)
         self.instructions = self._lower(graph, needed)
         self.inputs = tuple(v for v in graph.inputs if v is not None)
@@ -62,13 +74,7 @@ class Program:
 
     @staticmethod
     def _needed_nodes(graph: Graph, outputs: Sequence[int]) -> list[Node]:
-        wanted, keep = set(outputs), []
-        for node in reversed(graph.nodes):
-            if any(o in wanted for o in node.outputs):
-                keep.append(node)
-                wanted.update(node.inputs)
-        keep.reverse()
-        return keep
+        return live_nodes(graph, outputs)
 
     def _lower(self, graph: Graph, nodes: list[Node]) -> list[Instruction]:
         last_use: dict[int, int] = {}
@@ -93,6 +99,7 @@ class Program:
             else:
                 fn = node.prim.forward
             out.append(Instruction(fn, node.inputs, node.outputs, tuple(frees_at.get(k, ())), node))
+        self.donated = donated            # instruction index -> input it overwrites
         self.donations = len(donated)
         return out
 
@@ -132,8 +139,12 @@ class Program:
         return donated
 
     def rng_key(self, node: Node, step: int) -> int:
-        name = node.name if node.forward_of is None else self.graph.nodes[node.forward_of].name
-        return derive_key(self.seed, name, step)
+        """The key of a node's random numbers at ``step``: its forward node's, and a
+        recomputed clone's is its original's (the same dropout mask)."""
+        if node.forward_of is not None:
+            node = self.graph.nodes[node.forward_of]
+        node = self.graph.nodes[self.recomputed_from.get(node.id, node.id)]
+        return derive_key(self.seed, node.name, step)
 
     def run(self, inputs: Sequence[np.ndarray], step: int = 0) -> list[np.ndarray]:
         slots: list = [None] * self.n_slots
@@ -145,7 +156,10 @@ class Program:
             slots[v] = p.data
         rng = self._rng_nodes
         try:
-            self._execute(slots, rng, step)
+            if self.meter is None:
+                self._execute(slots, rng, step)
+            else:
+                self._execute_metered(slots, rng, step, self.meter)
         except Exception as err:  # name the op; the step loop itself pays nothing for this
             node = self.instructions[self._pc].node
             err.add_note(f"autopar: raised by {node.name}{' (backward)' if node.forward_of is not None else ''}")
@@ -167,6 +181,25 @@ class Program:
                     slots[o] = r
             for f in ins.frees:
                 slots[f] = None
+
+    def _execute_metered(self, slots: list, rng: set, step: int, meter: MemoryMeter) -> None:
+        """``_execute``, telling the meter every slot written and freed."""
+        fixed = tuple(self.inputs) + tuple(self.graph.consts)
+        meter.begin(slots, self.graph.params, fixed, self.outputs)
+        for k, ins in enumerate(self.instructions):
+            self._pc = k
+            args = [slots[i] for i in ins.ins]
+            res = ins.fn(*args, key=self.rng_key(ins.node, step)) if k in rng else ins.fn(*args)
+            if len(ins.outs) == 1 and not isinstance(res, tuple):
+                res = (res,)
+            for o, r in zip(ins.outs, res):
+                slots[o] = r
+                meter.wrote(o, r)
+            meter.sample()               # inputs and outputs of the instruction both alive
+            for f in ins.frees:
+                meter.freed(f, slots[f])
+                slots[f] = None
+        meter.end(slots)
 
 
 def _root(a: np.ndarray) -> np.ndarray:

@@ -1,0 +1,202 @@
+"""Recompute: a recomputed cell's activations die after forward and are rebuilt before its backward.
+
+A graph pass, run by :class:`~autopar.runtime.program.Program` when a node is marked
+``recompute`` (``Cell.recompute()``), on the serial training graph or a rank's local graph.
+
+Regions. Every call of a recomputed cell is one *region*: its forward nodes, with any
+``Redistribute`` node lowering inserted for them (they carry the consumer's scope). Nodes
+record only a flag, so the marked cell is read back from scopes: a region's root is the
+shortest scope prefix under which every traced forward node is marked, descended through
+prefixes that hold no op of their own (a ``CellList`` of marked blocks gives one region per
+block, not one for the list). Consecutive nodes under one root form one region.
+
+Values. Inputs of a region (activations from outside, parameters, constants) stay saved, as
+does every value a region produces for a forward node outside it (the cell's output, which
+the next cell consumes): MindSpore keeps the cell's boundary and recomputes its inside. The
+other values of a region are *internal*. A backward node that reads an internal value reads
+a *clone* instead: the region's forward nodes needed for those values are copied and placed
+right before the first backward node that reads one, so the originals' last use falls in the
+forward pass and the program's liveness frees them there. Clones run the same (local)
+primitives, collectives included -- every rank repeats them in the same order -- and take
+their random keys from the original node, so dropout masks replay exactly.
+
+    forward:  x ─▶ [LN ─▶ dense ─▶ softmax ─▶ ... ─▶ add] ─▶ y        (internals freed)
+    backward:        ... dy ─▶ [LN' ─▶ dense' ─▶ ...] ─▶ vjps read the clones
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+from .graph import FORWARD, Graph, Node, Value
+from .memory import guess_buffers
+from .spmd import Redistribute
+
+CLONE_SUFFIX = "#recompute"
+
+
+def _prefixes(scope: str) -> list[str]:
+    parts = scope.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _inserted(node: Node) -> bool:
+    """Nodes lowering inserted (they take the scope of the op they feed)."""
+    return isinstance(node.prim, Redistribute)
+
+
+def _root_finder(forward: list[Node]):
+    """scope -> the scope of the recomputed cell it lies in, or None."""
+    marked = {n.scope for n in forward if n.recompute}            # scopes holding marked ops
+    blocked = {p for n in forward if not n.recompute and not _inserted(n) for p in _prefixes(n.scope)}
+    cache: dict[str, str | None] = {}
+
+    def root(scope: str) -> str | None:
+        if scope not in cache:
+            chain = _prefixes(scope)
+            i = next((k for k, p in enumerate(chain) if p not in blocked), None)
+            if i is not None:
+                while chain[i] not in marked and i + 1 < len(chain):
+                    i += 1                                         # no op of its own: descend
+            cache[scope] = None if i is None else chain[i]
+        return cache[scope]
+    return root
+
+
+def live_nodes(graph: Graph, outputs: Sequence[int]) -> list[Node]:
+    """Nodes the outputs depend on, in graph order."""
+    wanted, keep = set(outputs), []
+    for node in reversed(graph.nodes):
+        if any(o in wanted for o in node.outputs):
+            keep.append(node)
+            wanted.update(node.inputs)
+    keep.reverse()
+    return keep
+
+
+def regions(graph: Graph, nodes: Sequence[Node] | None = None) -> dict[int, int]:
+    """Forward node id -> region number, for the nodes of recomputed cells."""
+    forward = [n for n in (graph.nodes if nodes is None else nodes) if n.phase == FORWARD]
+    if not any(n.recompute for n in forward):
+        return {}
+    root = _root_finder(forward)
+    out: dict[int, int] = {}
+    rid, prev = -1, None
+    for n in forward:
+        key = root(n.scope)
+        if key is not None and key != prev:
+            rid += 1
+        if key is not None:
+            out[n.id] = rid
+        prev = key
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class RegionValues:
+    """What recompute does to a graph's values, before any rewriting."""
+
+    region: dict[int, int]          # forward node id -> region
+    internal: dict[int, int]        # value -> region: produced inside, not kept
+    read_back: dict[int, set[int]]  # region -> internal values backward nodes read
+    first_reader: dict[int, int]    # region -> position (in the node list) of its first such reader
+
+
+def classify(graph: Graph, outputs: Sequence[int], nodes: Sequence[Node] | None = None) -> RegionValues:
+    nodes = live_nodes(graph, outputs) if nodes is None else list(nodes)
+    region = regions(graph, nodes)
+    made_in = {o: region[n.id] for n in nodes if n.id in region for o in n.outputs}
+    kept = set(outputs)
+    for n in nodes:
+        if n.phase == FORWARD:
+            kept.update(v for v in n.inputs if v in made_in and made_in[v] != region.get(n.id))
+    internal = {v: r for v, r in made_in.items() if v not in kept}
+    read_back: dict[int, set[int]] = {}
+    first: dict[int, int] = {}
+    for k, n in enumerate(nodes):
+        if n.phase == FORWARD:
+            continue
+        for v in n.inputs:
+            if v in internal:
+                r = internal[v]
+                read_back.setdefault(r, set()).add(v)
+                first.setdefault(r, k)
+    return RegionValues(region, internal, read_back, first)
+
+
+def _clone_set(graph: Graph, rv: RegionValues, r: int) -> list[int]:
+    """Node ids of region ``r`` to re-run for the values its backward reads, in order."""
+    todo, picked = list(rv.read_back[r]), set()
+    while todo:
+        node = graph.node_of(todo.pop())
+        if node.id in picked:
+            continue
+        picked.add(node.id)
+        todo.extend(v for v in node.inputs if rv.internal.get(v) == r)
+    return sorted(picked)
+
+
+def with_recompute(graph: Graph, outputs: Sequence[int]) -> tuple[Graph, dict[int, int]]:
+    """The graph with recompute applied, and {clone node id: original node id}.
+
+    Node ids stay positions in the new node list (clones are inserted, so ids shift);
+    original values keep their ids, clones' outputs are new values at the end.
+    """
+    nodes = live_nodes(graph, outputs)
+    rv = classify(graph, outputs, nodes)
+    if not rv.read_back:
+        return graph, {}
+    before: dict[int, list[int]] = {}             # original node id -> regions whose clones precede it
+    for r, k in sorted(rv.first_reader.items()):
+        before.setdefault(nodes[k].id, []).append(r)
+
+    values = list(graph.values)
+    clone_value: dict[int, int] = {}              # internal value -> its clone
+    order: list[tuple[Node, int | None]] = []     # (node, original id for clones / None)
+    for node in graph.nodes:
+        for r in before.get(node.id, ()):
+            for nid in _clone_set(graph, rv, r):
+                orig = graph.nodes[nid]
+                outs = []
+                for o in orig.outputs:
+                    clone_value[o] = len(values)
+                    outs.append(len(values))
+                    values.append(Value(len(values), graph.spec(o), None))
+                ins = tuple(clone_value.get(v, v) if rv.internal.get(v) == r else v for v in orig.inputs)
+                clone = dataclasses.replace(orig, inputs=ins, outputs=tuple(outs),
+                                            name=orig.name + CLONE_SUFFIX, forward_of=None)
+                order.append((clone, orig.id))
+        if node.phase != FORWARD:
+            node = dataclasses.replace(node, inputs=tuple(clone_value.get(v, v) for v in node.inputs))
+        order.append((node, None))
+
+    new_id = {node.id: k for k, (node, orig) in enumerate(order) if orig is None}
+    rebuilt, origin = [], {}
+    for k, (node, orig) in enumerate(order):
+        fo = None if node.forward_of is None else new_id[node.forward_of]
+        rebuilt.append(dataclasses.replace(node, id=k, forward_of=fo))
+        if orig is not None:
+            origin[k] = new_id[orig]
+    for node in rebuilt:
+        for o in node.outputs:
+            values[o] = dataclasses.replace(values[o], producer=node.id)
+    new = Graph(tuple(values), tuple(rebuilt), graph.inputs, graph.params, graph.param_objs,
+                dict(graph.consts), graph.outputs, dict(graph.grad_of))
+    return new, origin
+
+
+def recompute_savings(graph: Graph, outputs: Sequence[int]) -> dict[int, int]:
+    """Region -> bytes of activations recompute stops keeping from forward to backward:
+    the buffers of the region's internal values its backward reads (local bytes on a
+    rank's graph; see :func:`~autopar.runtime.memory.saved_for_backward`, which gives the
+    same figure per forward node). The activation peak falls by their sum when it lies
+    outside the recomputed cells' backward (at the loss, the usual case); a cell's
+    rebuilt activations are alive again during its own backward, so a peak there falls
+    by less -- ``memory.predicted_activations`` follows the program step by step."""
+    rv = classify(graph, outputs)
+    buffers = guess_buffers(graph)
+    out = {}
+    for r, values in sorted(rv.read_back.items()):
+        held = set().union(*(buffers.get(v, frozenset()) for v in values))
+        out[r] = sum(graph.spec(b).nbytes for b in held if rv.internal.get(b) == r)
+    return out
