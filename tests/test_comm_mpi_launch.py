@@ -144,3 +144,15 @@ def test_checkpoint_saved_on_dp2_mp2_resumes_on_mp4_and_dp4_over_four_mpi_ranks(
     passed = [int(k) for k in re.findall(r"(\d+) passed", out)]
     assert len(passed) == 4 and min(passed) == 4, f"expected 4 tests passed on each of 4 ranks:\n{out}"
     assert "skipped" not in out and "failed" not in out, out
+
+
+def test_optimizer_parallel_on_four_mpi_ranks_equals_serial():
+    """dp2 x mp2 with optimizer parallel over real MPI: serial losses and weights, state
+    bytes cut, reduce-scatter + all-gather, and a checkpoint of sliced states that loads."""
+    rc, out, err, elapsed = launch([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                    "tests/mpi/test_optimizer_parallel_mpi.py"], timeout=60, n=4)
+    assert rc == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    passed = [int(k) for k in re.findall(r"(\d+) passed", out)]
+    assert len(passed) == 4 and min(passed) == 3, f"expected 3 tests passed on each of 4 ranks:\n{out}"
+    assert "skipped" not in out and "failed" not in out, out
+    assert elapsed < 60

@@ -29,7 +29,8 @@ class TrainOneStepCell(Cell):
     updates the parameters in place. ``clip_norm`` clips gradients by their global norm
     (PanGu-α uses 1.0) before the update. The optimizer's ``step_count`` (updates applied,
     restored with its state) also seeds dropout, so a given step drops the same units on
-    every run and after a resume.
+    every run and after a resume. Under optimizer parallel the optimizer updates this
+    rank's slices and the program then all-gathers them back into the weights.
     """
 
     auto_prefix = False
@@ -72,6 +73,8 @@ class TrainOneStepCell(Cell):
                 grads, norm = clip_by_global_norm(grads, self.clip_norm)
                 self.last_grad_norm = float(norm)
         self.optimizer.step(grads)
+        if hasattr(prog, "sync_weights"):   # optimizer parallel: all-gather the updated slices
+            prog.sync_weights()
         return np.asarray(loss)
 
     def measure_memory(self, on: bool = True) -> TrainOneStepCell:

@@ -21,6 +21,7 @@ class ParamShard:
         self.spec = TensorSpec(layout.local_shape(param.shape), param.dtype)
         self.shape, self.ndim, self.size = self.spec.shape, self.spec.ndim, self.spec.size
         self._data: np.ndarray | None = None
+        self.optimizer_slices: dict = {}   # slice layout -> SliceShard (optimizer_parallel.slice_of)
 
     @property
     def data(self) -> np.ndarray:

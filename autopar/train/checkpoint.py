@@ -18,6 +18,11 @@ axes; an unsharded tensor is one piece written by world rank 0. Worked example, 
     ranks 0 (dp=0, mp=0) and 1 (dp=0, mp=1) write [[0, 96], [0, 16]] and [[0, 96], [16, 32]];
     ranks 2 and 3 hold replicas of those blocks and write nothing for this tensor.
 
+Under optimizer parallel a state's holder is the slice of the weight its rank updates (a
+``SliceShard``, whose layout splits the replicated axes too), so every rank writes its own
+slice of each sliced state and a state tensor has one piece per slice; loading reads
+whatever region the loading rank holds, sliced or not, so either side may use it or not.
+
 Saving (collective): every rank writes its file into ``<path>.tmp-<step>``, rank 0 writes
 the manifest and swaps the directory in by renames -- ``path -> <path>.old``, ``tmp ->
 path``, delete ``<path>.old`` -- so at every instant a complete checkpoint sits at

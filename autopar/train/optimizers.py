@@ -11,7 +11,7 @@ dense.weight"``) and holds the update count under ``"step"``: numpy arrays only,
 safetensors.
 
 Speed: the arithmetic is in ``_update(p, g, state, lr, weight_decay)``, which works on
-arrays (a whole parameter, or any slice of it, as a ZeRO optimizer will pass) with in-place
+arrays (a whole parameter, or any slice of it, as optimizer parallel passes) with in-place
 ``out=`` ufuncs and at most two scratch buffers, never a temporary the size of ``p``.
 ``step`` feeds it blocks of ``BLOCK_BYTES`` so every pass over a block stays in cache:
 AdamWeightDecay on 10^8 float32 elements takes 0.3-0.4 s on one core, against about
@@ -80,7 +80,9 @@ class Optimizer:
     # ---- the learning rate ---------------------------------------------------------------
     def bind_shards(self, shards) -> None:
         """Update these shards instead of the full parameters (same names, same order): a
-        sharded program hands each rank its slices. States follow on the next step."""
+        sharded program hands each rank its shards -- under optimizer parallel, the slices
+        of them this rank updates (``SliceShard``), so states are allocated for the slice
+        only. States follow on the next step."""
         names = [p.name for p in self.params]
         if [s.name for s in shards] != names:
             raise ValueError(format_error(type(self).__name__, "shards", f"one per parameter, in order {names}",

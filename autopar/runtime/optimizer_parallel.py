@@ -1,0 +1,117 @@
+"""Optimizer parallel (ZeRO stage 1, MindSpore's ``enable_parallel_optimizer``).
+
+A weight whose layout replicates it over some mesh axes is held whole (its local block) by
+every rank of those axes. With optimizer parallel, each of them keeps optimizer state for,
+and updates, only a slice of that block:
+
+=======================  ==================================  =====================================
+per step and weight      without                             with optimizer parallel
+=======================  ==================================  =====================================
+gradient                 partial sum -> all-reduce           partial sum -> reduce-scatter into
+                                                             the slice layout
+update                   every replica, the whole block      each replica, its slice
+optimizer state / rank   the block                           the block / replicas
+weight                   --                                  all-gather of the new slices
+=======================  ==================================  =====================================
+
+The *slice layout* is the weight's layout with its replicated axes (size > 1, ascending)
+appended to the first dim whose local size they divide. Worked example: a (128, 32)
+weight in ``[S(y), R]`` on ``Mesh(x=2, y=2)`` is replicated over ``x``; its slice layout is
+``[S(y,x), R]``: rank (x=1, y=0) holds rows 0:64 of the weight and updates rows 32:64.
+The reduce-scatter is the lowering's redistribution of the gradient into that layout; the
+all-gather is one collective per weight over the group of ``x`` (members ordered
+row-major over the appended axes, which is the order of the sub-blocks). The replicated
+axes are all those the weight is not split over, model-parallel ones included: under
+dp2 x mp2 a LayerNorm gain is sliced 4 ways. A gradient computed whole on every replica
+(no partial sum) needs no reduce-scatter: each rank just takes its slice.
+
+A weight stays whole (updated redundantly, gradient all-reduced) when it is smaller than
+``parallel_optimizer_threshold`` KB (its full logical size), replicates over no axis, or
+has no dim whose local size the replica count divides.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..strategy.layout import Layout
+from .shards import ParamShard
+
+KB = 1024  # bytes per unit of parallel_optimizer_threshold
+
+
+def slice_layout(layout: Layout, shape: Sequence[int], itemsize: int, threshold_kb: int) -> Layout | None:
+    """The layout of the slice each replica updates, or None when the weight stays whole."""
+    if math.prod(shape) * itemsize < threshold_kb * KB:
+        return None
+    axes = tuple(a for a in layout.replicated_axes() if layout.mesh.shape[a] > 1)
+    count = math.prod(layout.mesh.shape[a] for a in axes)
+    if count == 1:
+        return None
+    local = layout.local_shape(shape)
+    dim = next((d for d, n in enumerate(local) if n % count == 0), None)
+    if dim is None:
+        return None
+    dims = tuple(d + axes if i == dim else d for i, d in enumerate(layout.dims))
+    return Layout(layout.mesh, dims, layout.partial)
+
+
+def slice_layouts(ctx, params: Sequence, layouts: Sequence[Layout]) -> list[Layout | None]:
+    """Per parameter, its slice layout under ``ctx`` (None: not sharded; all None when the
+    context is None or optimizer parallel is off)."""
+    if ctx is None or not ctx.enable_parallel_optimizer:
+        return [None] * len(params)
+    return [slice_layout(lay, p.shape, np.dtype(p.dtype).itemsize, ctx.parallel_optimizer_threshold)
+            for p, lay in zip(params, layouts)]
+
+
+class SliceShard(ParamShard):
+    """The slice of a rank's :class:`ParamShard` that its optimizer updates under optimizer
+    parallel: ``layout`` is the slice layout, ``region`` the slice's global region, and
+    ``data`` a view into the parameter shard's block, so an in-place update writes there."""
+
+    def __init__(self, base: ParamShard, layout: Layout):
+        super().__init__(base.param, layout, base.rank)
+        self.base = base
+        self.local = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(self.region, base.region))
+        self.dim = next(d for d, (a, b) in enumerate(zip(layout.dims, base.layout.dims)) if a != b)
+        self.axes = layout.dims[self.dim][len(base.layout.dims[self.dim]):]   # the replicated axes
+
+    @property
+    def data(self) -> np.ndarray:
+        return self.base.data[self.local]
+
+    def __repr__(self) -> str:
+        return f"SliceShard({self.name!r}, {self.layout}, rank {self.rank}, shape {self.shape})"
+
+
+def slice_of(base: ParamShard, layout: Layout) -> SliceShard:
+    """The slice of ``base`` in ``layout``; the same object for every program over this
+    shard (a training and an evaluation program share what the optimizer updates)."""
+    hit = base.optimizer_slices.get(layout)
+    if hit is None:
+        hit = base.optimizer_slices[layout] = SliceShard(base, layout)
+    return hit
+
+
+class WeightGather:
+    """After an update: each sliced weight's new slices all-gathered into its layout, one
+    all-gather per weight over the group of its replicated axes (communicators made here,
+    once, in the same order on every rank)."""
+
+    def __init__(self, slices: Sequence[SliceShard], world):
+        self.slices = list(slices)
+        comms: dict = {}
+        self.comms = []
+        for s in self.slices:
+            mesh = s.layout.mesh
+            key = (mesh.shape, mesh.ranks, s.axes)
+            if key not in comms:
+                comms[key] = world.split(mesh.groups(list(s.axes)))
+            self.comms.append(comms[key])
+
+    def __call__(self) -> None:
+        for s, comm in zip(self.slices, self.comms):
+            s.base.data[...] = comm.allgather(s.data, axis=s.dim)
