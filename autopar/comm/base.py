@@ -2,8 +2,10 @@
 
 A backend implements the underscored primitives (``_allreduce``, ``_allgather``, ...) on
 arguments already checked here: ``x`` a numpy array, axes normalised to ``0 <= axis < ndim``,
-divisibility verified. The public methods check, record the call in :class:`CommStats`, and
-delegate, so every backend validates and counts identically.
+divisibility verified. The public methods check, number the collective (``allreduce #3``:
+this member's third collective on this communicator), run the opt-in checks of
+``self.checks`` (checks.py: in debug mode the members compare fingerprints first), record the
+call in :class:`CommStats`, and delegate, so every backend validates and counts identically.
 
 Index convention for the blocked collectives, with ``n = size`` and member ``i``::
 
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import format_error
+from .checks import CollectiveMismatchError, CommChecks, call_site, divergence, fingerprint
 
 KINDS = ("allreduce", "allgather", "reduce_scatter", "alltoall", "broadcast", "send", "recv")
 REDUCE_OPS = ("sum", "max", "min")
@@ -95,8 +98,11 @@ class Communicator(abc.ABC):
     in the same order with the same shapes, dtypes and arguments.
     """
 
-    def __init__(self, stats: CommStats):
+    def __init__(self, stats: CommStats, checks: CommChecks | None = None):
         self._stats = stats
+        self._checks = checks if checks is not None else CommChecks()
+        self._seq = 0                              # collectives this member issued here
+        self._op: tuple[str, int] | None = None    # (kind, seq) of the latest one
 
     @property
     @abc.abstractmethod
@@ -117,6 +123,11 @@ class Communicator(abc.ABC):
     def stats(self) -> CommStats:
         return self._stats
 
+    @property
+    def checks(self) -> CommChecks:
+        """The run-time checks this communicator (and those split from it) make."""
+        return self._checks
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, ranks={self.ranks})"
 
@@ -126,6 +137,7 @@ class Communicator(abc.ABC):
         """forward: sum (max, min) over members, same result on all / backward: identity."""
         x = self._buffer(x, "allreduce")
         _check_reduce_op(x, op, self._where("allreduce"))
+        self._begin("allreduce", x, op=op)
         self._stats.record("allreduce", self.ranks, x)
         return self._allreduce(x, op)
 
@@ -133,6 +145,7 @@ class Communicator(abc.ABC):
         """forward: concatenate members' blocks along axis / backward: reduce-scatter along axis."""
         x = self._buffer(x, "allgather")
         axis = self._axis(x, axis, "allgather", "axis")
+        self._begin("allgather", x, axis=axis)
         self._stats.record("allgather", self.ranks, x)
         return self._allgather(x, axis)
 
@@ -141,6 +154,7 @@ class Communicator(abc.ABC):
         x = self._buffer(x, "reduce_scatter")
         _check_reduce_op(x, "sum", self._where("reduce_scatter"))
         axis = self._axis(x, axis, "reduce_scatter", "axis", divisible=True)
+        self._begin("reduce_scatter", x, axis=axis)
         self._stats.record("reduce_scatter", self.ranks, x)
         return self._reduce_scatter(x, axis)
 
@@ -150,6 +164,7 @@ class Communicator(abc.ABC):
         x = self._buffer(x, "alltoall")
         split_axis = self._axis(x, split_axis, "alltoall", "split_axis", divisible=True)
         concat_axis = self._axis(x, concat_axis, "alltoall", "concat_axis")
+        self._begin("alltoall", x, split_axis=split_axis, concat_axis=concat_axis)
         self._stats.record("alltoall", self.ranks, x)
         return self._alltoall(x, split_axis, concat_axis)
 
@@ -158,6 +173,7 @@ class Communicator(abc.ABC):
         backward: sum to root."""
         x = self._buffer(x, "broadcast")
         root = self._member(root, "broadcast", "root", allow_self=True)
+        self._begin("broadcast", x, root=root)
         self._stats.record("broadcast", self.ranks, x)
         return self._broadcast(x, root)
 
@@ -180,15 +196,35 @@ class Communicator(abc.ABC):
 
     def barrier(self) -> None:
         """Wait until every member has called barrier (not counted in stats)."""
+        self._begin("barrier", None)
         self._barrier()
 
     def split(self, groups: Sequence[Sequence[int]]) -> Communicator:
         """The sub-communicator of the group holding this rank; groups (of world ranks)
         partition the members, member order = order given. Collective; plan time only."""
         groups = self._check_partition(groups)
+        self._begin("split", None, groups=groups)
         me = self.ranks[self.rank]
         index = next(g for g, group in enumerate(groups) if me in group)
         return self._split(groups, index)
+
+    # ---- run-time checks (CommChecks) --------------------------------------------------
+
+    def _begin(self, kind: str, x: np.ndarray | None, **args) -> None:
+        """Number the collective; in debug mode, first check every member issues the same one."""
+        self._seq += 1
+        self._op = (kind, self._seq)
+        if self._checks.debug:
+            self._agree(kind, x, args)
+
+    def _agree(self, kind: str, x: np.ndarray | None, args: dict) -> None:
+        """All-gather the members' fingerprints (through the primitive: not counted) and raise
+        on every member when they differ, before the collective is issued."""
+        record = fingerprint(kind, args, x, call_site())
+        records = self._allgather(record, 0).reshape(self.size, record.size)   # (n, FINGERPRINT_BYTES)
+        message = divergence(records, self._seq, self.ranks)
+        if message is not None:
+            raise CollectiveMismatchError(message)
 
     # ---- the primitives a backend implements ------------------------------------------
 

@@ -26,6 +26,9 @@ Deadlock. While it waits, the calling thread watches: when every unfinished rank
 STALL_S seconds in the same wait that nothing can satisfy any more (a barrier whose generation
 has not moved, an empty mailbox, a message nobody took), it aborts the run with DeadlockError
 saying where each rank waits. A run longer than ``timeout`` seconds raises TimeoutError.
+With ``checks=CommChecks(watchdog_s=T)``, a rank that has waited T seconds in one communication
+aborts the run with CollectiveTimeoutError naming the members missing from it (the MPI
+watchdog's message); with ``debug=True`` the members compare fingerprints first (see checks).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ import numpy as np
 
 from ..errors import format_error
 from .base import CommStats, Communicator, block_index
+from .checks import CollectiveMismatchError, CollectiveTimeoutError, CommChecks, describe, timeout_report
 
 POLL_S = 0.05  # how often the calling thread looks for a deadlock
 STALL_S = 0.5  # how long every rank must sit in the same unsatisfiable wait to call it a deadlock
@@ -50,20 +54,21 @@ class RankAborted(RuntimeError):
     """Raised on a rank whose communication was cut short because the run was aborted."""
 
 
-class CollectiveMismatchError(RuntimeError):
-    """The members of a group called different collectives (or the same with other arguments)."""
-
-
 class DeadlockError(RuntimeError):
     """Every unfinished rank waits for a communication that can no longer happen."""
 
 
 @dataclass(frozen=True)
 class _Wait:
-    """Where a rank is blocked, and whether that wait is still unsatisfied."""
+    """Where a rank is blocked, since when, whether that wait is still unsatisfied, and the
+    world ranks whose arrival it waits for (a collective: those not in a wait with the same
+    ``token``, the rendezvous and its generation; a message: the peer)."""
 
     what: str
     stuck: Callable[[], bool]
+    since: float
+    peers: tuple[int, ...]
+    token: tuple | None = None
 
 
 class _Message:
@@ -88,8 +93,8 @@ class _Rendezvous:
 class _Universe:
     """Everything the n rank threads of one run share."""
 
-    def __init__(self, n: int):
-        self.n = n
+    def __init__(self, n: int, watchdog_s: float | None = None):
+        self.n, self.watchdog_s = n, watchdog_s
         self.lock = threading.Lock()
         self.groups: dict[tuple[int, ...], _Rendezvous] = {}
         self.p2p = threading.Condition()  # guards mailboxes and Message.taken
@@ -135,20 +140,32 @@ class _Universe:
             return waits
         return None
 
+    def state(self, r: int) -> str:
+        w = self.waits[r]
+        return "finished" if self.finished[r] else (f"waits in {w.what}" if w else "running")
+
     def describe_waits(self) -> str:
-        lines = []
+        return "; ".join(f"rank {r}: {self.state(r)}" for r in range(self.n))
+
+    def overdue(self, now: float) -> str | None:
+        """The watchdog's report on the first rank waiting longer than watchdog_s, if any."""
         for r in range(self.n):
             w = self.waits[r]
-            state = "finished" if self.finished[r] else (f"waits in {w.what}" if w else "running")
-            lines.append(f"rank {r}: {state}")
-        return "; ".join(lines)
+            if self.watchdog_s is None or w is None or now - w.since < self.watchdog_s or not w.stuck():
+                continue
+            arrived = sorted({r} | {m for m in w.peers if w.token is not None and self.waits[m] is not None
+                                    and self.waits[m].token == w.token})
+            missing = [f"rank {m} ({self.state(m)})" for m in w.peers if m not in arrived]
+            return timeout_report("run_in_process", r, now - w.since, w.what, missing, arrived)
+        return None
 
 
 class InProcessCommunicator(Communicator):
     """One virtual rank's view of one group; built by run_in_process and split."""
 
-    def __init__(self, universe: _Universe, rv: _Rendezvous, rank: int, stats: CommStats):
-        super().__init__(stats)
+    def __init__(self, universe: _Universe, rv: _Rendezvous, rank: int, stats: CommStats,
+                 checks: CommChecks | None = None):
+        super().__init__(stats, checks)
         self._u, self._rv, self._rank = universe, rv, rank
         self._world_rank = rv.ranks[rank]
 
@@ -202,7 +219,7 @@ class InProcessCommunicator(Communicator):
         self._collective("split", (("groups", groups),), None, lambda bufs: None)  # all agree on groups
         group = groups[index]
         rv = self._u.rendezvous(group)
-        return InProcessCommunicator(self._u, rv, group.index(self._world_rank), self.stats)
+        return InProcessCommunicator(self._u, rv, group.index(self._world_rank), self.stats, self.checks)
 
     def _collective(self, kind: str, sig: tuple, x, compute):
         rv, i = self._rv, self._rank
@@ -224,11 +241,13 @@ class InProcessCommunicator(Communicator):
     def _wait_all(self, kind: str) -> None:
         rv, u = self._rv, self._u
         generation = rv.generation  # cannot advance before this member arrives
-        u.waits[self._world_rank] = _Wait(f"{kind} on group {rv.ranks}", lambda: rv.generation == generation)
+        what = describe(*self._op, rv.ranks)   # the public collective (kind may be its debug exchange)
+        u.waits[self._world_rank] = _Wait(what, lambda: rv.generation == generation, time.monotonic(),
+                                          rv.ranks, (id(rv), generation))
         try:
             rv.barrier.wait()
         except threading.BrokenBarrierError:
-            raise self._aborted(f"{kind} on group {rv.ranks}") from None
+            raise self._aborted(what) from None
         finally:
             u.waits[self._world_rank] = None
 
@@ -245,13 +264,15 @@ class InProcessCommunicator(Communicator):
         with u.p2p:
             u.mailboxes.setdefault((self.ranks, self._rank, dest, tag), deque()).append(msg)
             u.p2p.notify_all()
-            self._block_until(lambda: msg.taken, f"send to member {dest} (tag {tag}) on group {self.ranks}")
+            self._block_until(lambda: msg.taken, f"send to member {dest} (tag {tag}) on group {self.ranks}",
+                              self.ranks[dest])
 
     def _recv(self, shape, dtype, source, tag):
         u = self._u
         with u.p2p:
             box = u.mailboxes.setdefault((self.ranks, source, self._rank, tag), deque())
-            self._block_until(lambda: bool(box), f"recv from member {source} (tag {tag}) on group {self.ranks}")
+            self._block_until(lambda: bool(box), f"recv from member {source} (tag {tag}) on group {self.ranks}",
+                              self.ranks[source])
             msg = box.popleft()
         try:
             if msg.buf.shape != shape or msg.buf.dtype != dtype:
@@ -264,10 +285,10 @@ class InProcessCommunicator(Communicator):
                 msg.taken = True
                 u.p2p.notify_all()
 
-    def _block_until(self, ready: Callable[[], bool], what: str) -> None:
+    def _block_until(self, ready: Callable[[], bool], what: str, peer: int) -> None:
         """Wait on the p2p condition (held by the caller) until ready() or the run aborts."""
         u = self._u
-        u.waits[self._world_rank] = _Wait(what, lambda: not ready())
+        u.waits[self._world_rank] = _Wait(what, lambda: not ready(), time.monotonic(), (peer,))
         try:
             while not ready():
                 if u.aborted:
@@ -285,22 +306,25 @@ def _sig(x: np.ndarray, **args) -> tuple:
     return tuple(args.items()) + (("shape", x.shape), ("dtype", x.dtype))
 
 
-def run_in_process(n: int, fn: Callable, *args, timeout: float = 60.0) -> list:
+def run_in_process(n: int, fn: Callable, *args, timeout: float = 60.0, checks: CommChecks | None = None) -> list:
     """Run ``fn(comm, *args)`` on n virtual ranks (threads); return their results in rank order.
 
     An exception on any rank aborts the others and is re-raised here, its message naming the
     rank. Raises DeadlockError when all unfinished ranks wait on each other, TimeoutError
-    after ``timeout`` seconds.
+    after ``timeout`` seconds, CollectiveTimeoutError when ``checks.watchdog_s`` is set and
+    a rank waits that long in one communication.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(format_error("run_in_process", "n", "an int >= 1 (the number of ranks)", repr(n)))
-    u = _Universe(n)
+    if checks is not None and not isinstance(checks, CommChecks):
+        raise TypeError(format_error("run_in_process", "checks", "a CommChecks or None", repr(checks)))
+    u = _Universe(n, checks.watchdog_s if checks is not None else None)
     world = u.rendezvous(tuple(range(n)))
     results: list = [None] * n
 
     def body(rank: int) -> None:
         try:
-            results[rank] = fn(InProcessCommunicator(u, world, rank, CommStats()), *args)
+            results[rank] = fn(InProcessCommunicator(u, world, rank, CommStats(), checks), *args)
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the caller
             u.abort(rank, exc)
         finally:
@@ -332,6 +356,10 @@ def _watch(u: _Universe, deadline: float, timeout: float) -> None:
         if now > deadline:
             u.abort(None, TimeoutError(f"run_in_process: ranks still running after {timeout} s: "
                                        f"{u.describe_waits()}"))
+            return
+        overdue = u.overdue(now)
+        if overdue is not None:
+            u.abort(None, CollectiveTimeoutError(overdue))
             return
         stalled = u.stalled()
         same = stalled is not None and previous is not None and all(a is b for a, b in zip(stalled, previous))

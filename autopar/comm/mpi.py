@@ -9,11 +9,15 @@ before the call and moved back after::
 
 ``world()`` is the entry point: the world communicator under ``mpiexec -n N`` (N > 1), a
 one-rank SelfCommunicator otherwise. Call it once per process and pass the result down; its
-CommStats is shared by every communicator split from it.
+CommStats and CommChecks are shared by every communicator split from it. With a watchdog
+(``CommChecks(watchdog_s=T)`` or ``AUTOPAR_COMM_WATCHDOG=T``) each call is issued
+non-blocking (``Iallreduce``, ``Isend``, ...) and polled by watchdog.MPIWatchdog; without,
+the blocking calls below run exactly as they are.
 """
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import traceback
@@ -23,7 +27,9 @@ import numpy as np
 
 from ..errors import format_error
 from .base import CommStats, Communicator
+from .checks import CommChecks
 from .single import SelfCommunicator
+from .watchdog import MPIWatchdog
 
 # Variables the common launchers set in every process they start.
 _LAUNCHER_ENV = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
@@ -42,20 +48,28 @@ def launched_under_mpi() -> bool:
     return mod is not None and mod.Is_initialized()
 
 
-def world() -> Communicator:
-    """The world communicator: MPI's when launched with more than one rank, else one rank."""
+def processor_name() -> str:
+    """This process's host: ``MPI.Get_processor_name()`` under a launcher, else the host name."""
+    return _mpi().Get_processor_name() if launched_under_mpi() else socket.gethostname()
+
+
+def world(checks: CommChecks | None = None) -> Communicator:
+    """The world communicator: MPI's when launched with more than one rank, else one rank.
+    ``checks`` default: what ``AUTOPAR_COMM_WATCHDOG`` and ``AUTOPAR_COMM_DEBUG`` ask for."""
+    checks = CommChecks.from_env() if checks is None else checks
     if launched_under_mpi():
         comm = _mpi().COMM_WORLD
         if comm.Get_size() > 1:
-            return MPICommunicator(comm, CommStats())
-    return SelfCommunicator(CommStats())
+            return MPICommunicator(comm, CommStats(), checks=checks)
+    return SelfCommunicator(CommStats(), checks)
 
 
 class MPICommunicator(Communicator):
     """A Communicator over an ``mpi4py.MPI.Comm``."""
 
-    def __init__(self, comm, stats: CommStats, ranks: tuple[int, ...] | None = None):
-        super().__init__(stats)
+    def __init__(self, comm, stats: CommStats, ranks: tuple[int, ...] | None = None,
+                 checks: CommChecks | None = None):
+        super().__init__(stats, checks)
         MPI = _mpi()
         self._comm = comm
         self._rank, self._size = comm.Get_rank(), comm.Get_size()
@@ -67,6 +81,8 @@ class MPICommunicator(Communicator):
         self._ranks = tuple(int(r) for r in ranks)
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
         self._status, self._byte = MPI.Status, MPI.BYTE
+        timeout = self.checks.watchdog_s   # None: the blocking calls, nothing added
+        self._watch = None if timeout is None else MPIWatchdog(MPI, comm, self._ranks, timeout)
 
     @property
     def rank(self) -> int:
@@ -85,41 +101,57 @@ class MPICommunicator(Communicator):
         """The underlying mpi4py communicator."""
         return self._comm
 
+    def _run(self, blocking: str, *args, **kwargs) -> None:
+        """``comm.<blocking>(*args)``, or with a watchdog its non-blocking ``I<name>`` polled."""
+        if self._watch is None:
+            getattr(self._comm, blocking)(*args, **kwargs)
+        else:
+            start = getattr(self._comm, "I" + blocking.lower())
+            self._watch.collective(lambda: start(*args, **kwargs), *self._op)
+
     def _allreduce(self, x, op):
         out = np.empty(x.shape, x.dtype)
-        self._comm.Allreduce(np.ascontiguousarray(x), out, op=self._ops[op])
+        self._run("Allreduce", np.ascontiguousarray(x), out, op=self._ops[op])
         return out
 
     def _allgather(self, x, axis):
         send = np.ascontiguousarray(np.moveaxis(x, axis, 0))  # (d, rest...)
         out = np.empty((self._size * send.shape[0],) + send.shape[1:], x.dtype)  # (n*d, rest...)
-        self._comm.Allgather(send, out)
+        self._run("Allgather", send, out)
         return np.moveaxis(out, 0, axis)
 
     def _reduce_scatter(self, x, axis):
         send = np.ascontiguousarray(np.moveaxis(x, axis, 0))  # (d, rest...)
         out = np.empty((send.shape[0] // self._size,) + send.shape[1:], x.dtype)  # (d/n, rest...)
-        self._comm.Reduce_scatter_block(send, out, op=self._ops["sum"])
+        self._run("Reduce_scatter_block", send, out, op=self._ops["sum"])
         return np.moveaxis(out, 0, axis)
 
     def _alltoall(self, x, split_axis, concat_axis):
         send = np.stack(np.split(x, self._size, axis=split_axis))  # (n, *block), block j for member j
         recv = np.empty_like(send)  # (n, *block), block j from member j
-        self._comm.Alltoall(send, recv)
+        self._run("Alltoall", send, recv)
         return _concat_leading(recv, concat_axis)
 
     def _broadcast(self, x, root):
         buf = x.copy() if self._rank == root else np.empty(x.shape, x.dtype)
-        self._comm.Bcast(buf, root=root)
+        self._run("Bcast", buf, root=root)
         return buf
 
     def _send(self, x, dest, tag):
-        self._comm.Send(np.ascontiguousarray(x), dest=dest, tag=tag)
+        if self._watch is None:
+            self._comm.Send(np.ascontiguousarray(x), dest=dest, tag=tag)
+            return
+        buf = np.ascontiguousarray(x)
+        self._watch.p2p(self._comm.Isend(buf, dest=dest, tag=tag), f"send to member {dest} (tag {tag})", dest)
 
     def _recv(self, shape, dtype, source, tag):
         out = np.empty(shape, dtype)
         status = self._status()
-        self._comm.Recv(out, source=source, tag=tag, status=status)
+        if self._watch is None:
+            self._comm.Recv(out, source=source, tag=tag, status=status)
+        else:
+            self._watch.p2p(self._comm.Irecv(out, source=source, tag=tag), f"recv from member {source} (tag {tag})",
+                            source, status)
         got = status.Get_count(self._byte)
         if got != out.nbytes:  # a longer message already failed in Recv (MPI_ERR_TRUNCATE)
             raise ValueError(format_error(self._where("recv"), "shape, dtype", f"{shape}, {dtype} ({out.nbytes} bytes)",
@@ -128,7 +160,7 @@ class MPICommunicator(Communicator):
         return out
 
     def _barrier(self):
-        self._comm.Barrier()
+        self._run("Barrier")
 
     def _split(self, groups, index):
         self._check_same_groups(groups)
@@ -136,14 +168,14 @@ class MPICommunicator(Communicator):
         me = self._ranks[self._rank]
         sub = self._comm.Split(color=index, key=group.index(me))
         assert sub.Get_rank() == group.index(me) and sub.Get_size() == len(group)
-        return MPICommunicator(sub, self.stats, ranks=group)
+        return MPICommunicator(sub, self.stats, ranks=group, checks=self.checks)
 
     def _check_same_groups(self, groups) -> None:
         """Every member passed the same groups (else Split would pair ranks silently wrong)."""
         digest = zlib.crc32(repr(groups).encode())
         both = np.array([digest, -digest], dtype=np.int64)
         agreed = np.empty_like(both)
-        self._comm.Allreduce(both, agreed, op=self._ops["max"])
+        self._run("Allreduce", both, agreed, op=self._ops["max"])
         if agreed[0] != -agreed[1]:
             raise ValueError(format_error(self._where("split"), "groups", "the same groups on every member",
                                           f"{groups} here and other groups elsewhere",

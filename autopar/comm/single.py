@@ -8,13 +8,14 @@ from __future__ import annotations
 import numpy as np
 
 from .base import CommStats, Communicator
+from .checks import CommChecks
 
 
 class SelfCommunicator(Communicator):
     """A group of one: rank 0 of size 1, world rank 0."""
 
-    def __init__(self, stats: CommStats | None = None):
-        super().__init__(stats if stats is not None else CommStats())
+    def __init__(self, stats: CommStats | None = None, checks: CommChecks | None = None):
+        super().__init__(stats if stats is not None else CommStats(), checks)
 
     @property
     def rank(self) -> int:
@@ -53,4 +54,4 @@ class SelfCommunicator(Communicator):
         pass
 
     def _split(self, groups, index):
-        return SelfCommunicator(self.stats)
+        return SelfCommunicator(self.stats, self.checks)

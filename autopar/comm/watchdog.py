@@ -1,0 +1,96 @@
+"""The MPI collective watchdog: non-blocking calls polled against a deadline, and a side
+channel through which each member learns who never arrived.
+
+With ``CommChecks(watchdog_s=T)`` every call on an MPICommunicator goes through here::
+
+    collective #k (kind)   1. Isend [k, kind] to every other member on a Dup of the communicator
+                           2. Irecv the others' [k, kind] from them
+                           3. start the non-blocking collective (Iallreduce, Ibcast, ...)
+                           4. poll all of them until done, or until T seconds have passed
+    send / recv            Isend / Irecv, polled the same way (no arrival messages)
+
+A member waits for every other member's arrival as well as for its own collective, so when
+collective #k completes here, every member has entered it (even a broadcast root, which MPI
+may let go early). On timeout the arrivals tell who never entered #k -- those members last
+entered #k-1 on this group -- and who entered something else; the report goes to stderr and
+the job is aborted (``MPI.COMM_WORLD.Abort``): the missing member may never come back.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+from .checks import COLLECTIVES, describe, timeout_report
+
+ARRIVAL_TAG = 1
+SPIN_S = 1e-2        # poll without sleeping this long (as MPI's blocking calls do), then sleep
+MIN_PAUSE_S = 5e-5   # between polls, starting at this pause and doubling up to
+MAX_PAUSE_S = 5e-3   # this one (the most latency a long watched wait may gain)
+
+
+class MPIWatchdog:
+    """Deadline-polled waits for one MPI communicator (group = world ranks, member order)."""
+
+    def __init__(self, MPI, comm, ranks: tuple[int, ...], timeout_s: float):
+        self._MPI, self._ranks, self._timeout = MPI, ranks, timeout_s
+        self._rank = comm.Get_rank()
+        self._side = comm.Dup()   # collective: made with the communicator, on every member
+        self._others = [m for m in range(len(ranks)) if m != self._rank]
+
+    def collective(self, start, kind: str, seq: int) -> None:
+        """Run ``start()`` (which issues the non-blocking collective #seq and returns its
+        request) and wait for it and for every member's arrival at it."""
+        mine = np.array([seq, COLLECTIVES.index(kind)], dtype=np.int64)
+        sends = [self._side.Isend(mine, dest=m, tag=ARRIVAL_TAG) for m in self._others]
+        theirs = {m: np.empty(2, dtype=np.int64) for m in self._others}
+        recvs = {m: self._side.Irecv(buf, source=m, tag=ARRIVAL_TAG) for m, buf in theirs.items()}
+        request = start()
+        began = time.monotonic()
+        if self._poll([request, *sends, *recvs.values()], began):
+            return
+        arrived, missing = [self._ranks[self._rank]], []
+        for m, req in recvs.items():
+            if not req.Test():
+                last = f"its last collective on this group was #{seq - 1}" if seq > 1 else \
+                    "it has issued no collective on this group"
+                missing.append(f"rank {self._ranks[m]} (never entered it; {last})")
+            elif tuple(theirs[m]) != tuple(mine):
+                k, code = (int(v) for v in theirs[m])
+                missing.append(f"rank {self._ranks[m]} (entered {COLLECTIVES[code]} #{k} instead)")
+            else:
+                arrived.append(self._ranks[m])
+        self._abort(timeout_report("autopar", self._ranks[self._rank], time.monotonic() - began,
+                                   describe(kind, seq, self._ranks), missing, sorted(arrived)))
+
+    def p2p(self, request, what: str, peer: int, status=None) -> None:
+        """Wait for a send or recv with member ``peer``; ``what`` names it."""
+        began = time.monotonic()
+        if self._poll([request], began, status):
+            return
+        self._abort(timeout_report("autopar", self._ranks[self._rank], time.monotonic() - began,
+                                   f"{what} on group {self._ranks}",
+                                   [f"rank {self._ranks[peer]} (has not made the matching call)"],
+                                   [self._ranks[self._rank]]))
+
+    def _poll(self, requests: list, began: float, status=None) -> bool:
+        """Test until all requests complete (True) or the deadline passes (False)."""
+        deadline, pause = began + self._timeout, 0.0
+        while True:
+            done = requests[0].Test(status) if status is not None else self._MPI.Request.Testall(requests)
+            if done:
+                return True
+            now = time.monotonic()
+            if now >= deadline:
+                return False
+            if now - began > SPIN_S:
+                time.sleep(pause)
+                pause = min(MAX_PAUSE_S, max(MIN_PAUSE_S, 2 * pause))
+
+    def _abort(self, report: str) -> None:
+        sys.stderr.write(f"{report}; aborting the MPI job\n")
+        sys.stderr.flush()
+        self._MPI.COMM_WORLD.Abort(1)
+        os._exit(1)   # MPICH's Abort may return before the launcher ends us: never resume the program
