@@ -1,0 +1,467 @@
+"""Strategy files: a :class:`ShardingPlan` as versioned, human-readable JSON.
+
+MindSpore's ``strategy_ckpt_save_file`` writes the plan a compile used;
+``strategy_ckpt_load_file`` makes a later compile use exactly that plan, whatever the
+network's ``.shard()`` annotations say (an unannotated network included). Version 1, on a
+4-device stage (``...`` elides entries)::
+
+    {
+      "format": "autopar-strategy",
+      "version": 1,
+      "device_num": 4,
+      "stage": {"shape": [4], "names": ["devices"], "ranks": [0, 1, 2, 3]},
+      "inputs": [{"shape": [4, 17], "layout": {...}}],       # one per graph input, null for None
+      "parameters": {
+        "blocks.0.attention.dense1.weight": {"shape": [32, 32], "layout": {
+          "device_matrix": {"shape": [2, 2], "names": ["x", "y"]}, "dims": [[1], []], "partial": [],
+          "mindspore": {"device_matrix": [2, 2], "tensor_map": [0, -1]}}}, ...},
+      "constants": [{"shape": [1, 1, 16, 16], "used_by": "blocks.0.attention/Add", "layout": {...}}, ...],
+      "ops": {
+        "blocks.0.attention.dense1/MatMul": {
+          "scope": "blocks.0.attention.dense1", "kind": "MatMul",
+          "strategy": [[2, 1], [2, 1]],                         # MindSpore's in_strategy
+          "device_matrix": {"shape": [2, 2], "names": ["x", "y"]},
+          "axes": {"x": [0], "y": [1]},                         # index letter -> mesh axes
+          "output_layout": {...}}, ...},
+      "predicted": {"step_seconds": 0.12, "memory_bytes_per_rank": 1.5e9, "breakdown": {...}}
+    }
+
+Ops are keyed by their unique node name (``scope/Kind``, ``-k`` when repeated), parameters
+by name, inputs and constants by position. The op's letters are those of its rule
+(``node.prim.indexing``), recomputed on load; a device matrix carries ``ranks`` only when
+they differ from the stage's. Layouts of op outputs follow from the shardings and are
+written to be read and checked, not trusted. Loading re-validates everything against the
+graph: a bad file, or one saved for another model or device count, is a ``ValueError``
+naming the file and the entry.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import format_error
+from ..runtime.graph import FORWARD, Graph, Node
+from .layout import Layout
+from .mesh import Mesh
+from .plan import ShardingPlan, _replicated_sharding
+from .sharding import Indexing, OpSharding, from_strategy
+
+FORMAT = "autopar-strategy"
+VERSION = 1
+RESAVE = "re-save it with strategy_ckpt_save_file for this model and device count"
+
+
+# ---- save ---------------------------------------------------------------------------------
+
+def save_strategy(path, graph: Graph, plan: ShardingPlan, predicted: dict | None = None) -> None:
+    """Write ``plan`` for ``graph`` to ``path`` atomically (every rank may write the same file)."""
+    path = _check_args(path, graph)
+    if not isinstance(plan, ShardingPlan):
+        raise TypeError(format_error("save_strategy", "plan", "a ShardingPlan", type(plan).__name__))
+    if predicted is not None:
+        if not isinstance(predicted, dict):
+            raise TypeError(format_error("save_strategy", "predicted", "a dict or None", type(predicted).__name__))
+        try:
+            json.dumps(predicted, default=_plain, allow_nan=False)
+        except ValueError as err:
+            raise ValueError(format_error("save_strategy", "predicted", "finite numbers", str(err))) from None
+    text = _dumps(plan_to_json(graph, plan, predicted)) + "\n"
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plan_to_json(graph: Graph, plan: ShardingPlan, predicted: dict | None = None) -> dict:
+    """The file's content as a JSON-ready dict."""
+    stage = plan.stage
+    names = graph.param_names()
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(format_error("save_strategy", "parameters", "unique parameter names",
+                                      f"duplicates {dup}", "give every Parameter its own name"))
+    forward = _forward(graph)
+    homes = set(graph.inputs) | set(graph.params) | set(graph.consts) | {n.outputs[0] for n in forward}
+    stray = sorted(set(plan.layouts) - homes)
+    if stray:
+        raise ValueError(format_error("save_strategy", "plan.layouts", "layouts of inputs, parameters, constants "
+                                      "and first op outputs only", f"value v{stray[0]} too"))
+    first_use = {}
+    for node in graph.nodes:
+        for v in node.inputs:
+            first_use.setdefault(v, node.name)
+    ops = {}
+    for node in forward:
+        sharding = plan.shardings.get(node.id)
+        if sharding is None:
+            raise ValueError(format_error("save_strategy", f"plan.shardings[{node.name}]",
+                                          "a sharding for every forward op", "none"))
+        out = plan.layouts.get(node.outputs[0])
+        if out is not None and out != sharding.output_layout():
+            raise ValueError(format_error("save_strategy", f"{node.name} output layout",
+                                          f"its sharding's {sharding.output_layout()} (what lowering uses)",
+                                          str(out)))
+        ops[node.name] = {
+            "scope": node.scope, "kind": node.prim.kind,
+            "strategy": [list(s) for s in sharding.splits()],
+            "device_matrix": _mesh_json(sharding.mesh, stage),
+            "axes": {ch: list(axes) for ch, axes in sharding.axes},
+            "output_layout": _maybe_layout(out, stage),
+        }
+    doc = {
+        "format": FORMAT, "version": VERSION, "device_num": stage.size,
+        "stage": {"shape": list(stage.shape), "names": list(stage.names), "ranks": list(stage.ranks)},
+        "inputs": [None if v is None else {"shape": list(graph.spec(v).shape),
+                                           "layout": _maybe_layout(plan.layouts.get(v), stage)}
+                   for v in graph.inputs],
+        "parameters": {p.name: {"shape": list(graph.spec(v).shape),
+                                "layout": _maybe_layout(plan.layouts.get(v), stage)}
+                       for v, p in zip(graph.params, graph.param_objs)},
+        "constants": [{"shape": list(graph.spec(v).shape), "used_by": first_use.get(v),
+                       "layout": _maybe_layout(plan.layouts.get(v), stage)} for v in graph.consts],
+        "ops": ops,
+    }
+    if predicted is not None:
+        doc["predicted"] = predicted
+    return doc
+
+
+def _mesh_json(mesh: Mesh, stage: Mesh) -> dict:
+    out = {"shape": list(mesh.shape), "names": list(mesh.names)}
+    if mesh.ranks != stage.ranks:
+        out["ranks"] = list(mesh.ranks)
+    return out
+
+
+def _maybe_layout(layout: Layout | None, stage: Mesh) -> dict | None:
+    if layout is None:
+        return None
+    return {"device_matrix": _mesh_json(layout.mesh, stage), "dims": [list(d) for d in layout.dims],
+            "partial": list(layout.partial), "mindspore": _mindspore_json(layout)}
+
+
+def _mindspore_json(layout: Layout) -> dict:
+    device_matrix, tensor_map = layout.to_mindspore()
+    return {"device_matrix": list(device_matrix),
+            "tensor_map": [list(e) if isinstance(e, tuple) else e for e in tensor_map]}
+
+
+def _plain(x):
+    """numpy scalars and arrays (in ``predicted``) as JSON values."""
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(format_error("save_strategy", "predicted", "JSON values (numbers, strings, lists, dicts)",
+                                 type(x).__name__))
+
+
+def _dumps(obj, depth: int = 0, width: int = 96) -> str:
+    """JSON with one entry per line down to what fits on a line (split tuples stay inline)."""
+    flat = json.dumps(obj, default=_plain, allow_nan=False)
+    nested = isinstance(obj, (dict, list)) and any(isinstance(x, (dict, list))
+                                                   for x in (obj.values() if isinstance(obj, dict) else obj))
+    if len(flat) + 2 * depth <= width or not obj or not nested:
+        return flat
+    pad, end = "  " * (depth + 1), "  " * depth
+    if isinstance(obj, dict):
+        items = [f"{pad}{json.dumps(k)}: {_dumps(v, depth + 1, width)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + f"\n{end}}}"
+    items = [pad + _dumps(v, depth + 1, width) for v in obj]
+    return "[\n" + ",\n".join(items) + f"\n{end}]"
+
+
+# ---- load ---------------------------------------------------------------------------------
+
+def load_strategy(path, graph: Graph, stage: Mesh) -> ShardingPlan:
+    """The plan saved in ``path``, checked against ``graph`` and ``stage``."""
+    path = _check_args(path, graph)
+    if not isinstance(stage, Mesh):
+        raise TypeError(format_error("load_strategy", "stage", "a Mesh", type(stage).__name__))
+    where = f"strategy file {path!r}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(format_error(where, "file", "a readable UTF-8 JSON file", str(err),
+                                      "check strategy_ckpt_load_file")) from None
+    try:
+        doc = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(format_error(where, "content", "JSON", f"a parse error ({err})",
+                                      "the file is damaged; " + RESAVE)) from None
+    return plan_from_json(doc, graph, stage, where)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def plan_from_json(doc, graph: Graph, stage: Mesh, where: str = "strategy") -> ShardingPlan:
+    """Rebuild and validate a plan from the file's content."""
+    r = _Reader(where)
+    r.keys(doc, "<top level>", ("format", "version", "device_num", "stage", "inputs", "parameters",
+                                "constants", "ops"), ("predicted",))
+    if doc["format"] != FORMAT:
+        raise r.fail("format", repr(FORMAT), repr(doc["format"]), "this is not an autopar strategy file")
+    if isinstance(doc["version"], bool) or doc["version"] != VERSION:
+        raise r.fail("version", str(VERSION), repr(doc["version"]), RESAVE + " with this autopar version")
+    devices = r.as_int(doc["device_num"], "device_num", 1)
+    if devices != stage.size:
+        raise r.fail("device_num", f"{stage.size} (the devices of this stage)", str(devices),
+                     "use the device count the file was saved for, or " + RESAVE)
+    saved = r.mesh(doc["stage"], "stage", stage, own_ranks=True)
+    if saved != stage:
+        raise r.fail("stage", str(stage) + f" ranks {stage.ranks}", str(saved) + f" ranks {saved.ranks}", RESAVE)
+    layouts: dict[int, Layout] = {}
+    _read_inputs(r, doc["inputs"], graph, stage, layouts)
+    _read_parameters(r, doc["parameters"], graph, stage, layouts)
+    _read_constants(r, doc["constants"], graph, stage, layouts)
+    ops = r.as_dict(doc["ops"], "ops")
+    forward = _forward(graph)
+    names = {n.name for n in forward}
+    missing = [n.name for n in forward if n.name not in ops]
+    extra = [name for name in ops if name not in names]
+    if missing or extra:
+        raise r.fail("ops", "one entry per op of the graph", f"{len(missing)} op(s) missing {missing[:3]} and "
+                     f"{len(extra)} not in the graph {extra[:3]}",
+                     "the model changed since the file was saved; " + RESAVE)
+    shardings: dict[int, OpSharding] = {}
+    for node in forward:
+        sharding, out = _read_op(r, ops[node.name], node, graph, stage)
+        shardings[node.id] = sharding
+        if out is not None:
+            layouts[node.outputs[0]] = out
+    if "predicted" in doc and doc["predicted"] is not None:
+        _read_predicted(r, doc["predicted"])
+    return ShardingPlan(stage, shardings, layouts)
+
+
+def _read_inputs(r: _Reader, entries, graph: Graph, stage: Mesh, layouts: dict) -> None:
+    entries = r.as_list(entries, "inputs")
+    if len(entries) != len(graph.inputs):
+        raise r.fail("inputs", f"{len(graph.inputs)} graph inputs", str(len(entries)), RESAVE)
+    for k, (v, entry) in enumerate(zip(graph.inputs, entries)):
+        arg = f"inputs[{k}]"
+        if v is None or entry is None:
+            if (v is None) != (entry is None):
+                raise r.fail(arg, "None" if v is None else "an entry", repr(entry), RESAVE)
+            continue
+        _read_value(r, entry, arg, v, graph, stage, layouts)
+
+
+def _read_parameters(r: _Reader, entries, graph: Graph, stage: Mesh, layouts: dict) -> None:
+    entries = r.as_dict(entries, "parameters")
+    names = graph.param_names()
+    for v, name in zip(graph.params, names):
+        if name not in entries:
+            raise r.fail(f"parameters[{name!r}]", "an entry for every parameter of the graph", "none", RESAVE)
+        _read_value(r, entries[name], f"parameters[{name!r}]", v, graph, stage, layouts)
+    extra = sorted(set(entries) - set(names))
+    if extra:
+        raise r.fail(f"parameters[{extra[0]!r}]", "a parameter of the graph", f"{len(extra)} unknown", RESAVE)
+
+
+def _read_constants(r: _Reader, entries, graph: Graph, stage: Mesh, layouts: dict) -> None:
+    entries = r.as_list(entries, "constants")
+    if len(entries) != len(graph.consts):
+        raise r.fail("constants", f"{len(graph.consts)} constants", str(len(entries)), RESAVE)
+    for k, (v, entry) in enumerate(zip(graph.consts, entries)):
+        _read_value(r, entry, f"constants[{k}]", v, graph, stage, layouts, optional=("used_by",))
+
+
+def _read_value(r: _Reader, entry, arg: str, v: int, graph: Graph, stage: Mesh, layouts: dict,
+                optional: tuple = ()) -> None:
+    r.keys(entry, arg, ("shape", "layout"), optional)
+    if not isinstance(entry.get("used_by", ""), (str, type(None))):
+        raise r.fail(f"{arg}.used_by", "an op name or null", _short(entry["used_by"]))
+    shape = tuple(r.as_ints(entry["shape"], f"{arg}.shape", 0))
+    if shape != graph.spec(v).shape:
+        raise r.fail(f"{arg}.shape", str(graph.spec(v).shape), str(shape), RESAVE)
+    if entry["layout"] is not None:
+        lay = r.layout(entry["layout"], f"{arg}.layout", stage)
+        lay.check_shape(shape, f"{r.where}: {arg}", "layout")
+        layouts[v] = lay
+
+
+def _read_op(r: _Reader, entry, node: Node, graph: Graph, stage: Mesh) -> tuple[OpSharding, Layout | None]:
+    """The node's exact sharding (strategy re-validated by the op's rule) and output layout."""
+    arg = f"ops[{node.name!r}]"
+    r.keys(entry, arg, ("scope", "kind", "strategy", "device_matrix", "axes", "output_layout"))
+    for key, want in (("kind", node.prim.kind), ("scope", node.scope)):
+        if entry[key] != want:
+            raise r.fail(f"{arg}.{key}", repr(want), repr(entry[key]), "the model changed; " + RESAVE)
+    specs = [graph.spec(v) for v in node.inputs]
+    out = graph.spec(node.outputs[0])
+    shapes = [s.shape for s in specs]
+    strategy = r.as_list(entry["strategy"], f"{arg}.strategy")
+    if len(strategy) != len(specs):
+        raise r.fail(f"{arg}.strategy", f"{len(specs)} split tuples, one per input", str(len(strategy)))
+    strategy = tuple(tuple(r.as_ints(s, f"{arg}.strategy[{i}]", 1, len(shapes[i]))) for i, s in enumerate(strategy))
+    indexing = node.prim.indexing(specs, out)
+    has_rule = indexing is not None
+    where = f"{r.where}: {arg} ({node.prim.kind})"
+    if has_rule:  # the op's own rule re-validates the split counts (divisibility, devices)
+        from_strategy(indexing, strategy, shapes, stage, where)
+    else:         # no sharding rule: the op runs replicated
+        indexing = _replicated_sharding(len(specs), specs, out, stage).indexing
+    mesh = r.mesh(entry["device_matrix"], f"{arg}.device_matrix", stage)
+    sharding = OpSharding(indexing, mesh, _read_axes(r, entry["axes"], f"{arg}.axes", indexing, mesh, has_rule))
+    if sharding.splits() != strategy:
+        raise r.fail(f"{arg}.strategy", f"{sharding.splits()} (what device_matrix and axes split)",
+                     str(strategy), "make strategy, device_matrix and axes agree, or " + RESAVE)
+    for i, shape in enumerate(shapes):
+        sharding.input_layout(i).check_shape(shape, where, f"input {i}")
+    sharding.output_layout().check_shape(out.shape, where, "output")
+    if entry["output_layout"] is None:
+        return sharding, None
+    lay = r.layout(entry["output_layout"], f"{arg}.output_layout", stage)
+    if lay != sharding.output_layout():
+        raise r.fail(f"{arg}.output_layout", f"{sharding.output_layout()} on {sharding.mesh} (what the sharding "
+                     "gives)", f"{lay} on {lay.mesh}", RESAVE)
+    return sharding, lay
+
+
+def _read_axes(r: _Reader, entry, arg: str, indexing: Indexing, mesh: Mesh, has_rule: bool):
+    """``{letter: [mesh axes]}`` as OpSharding's sorted ``(letter, axes)`` pairs."""
+    entry = r.as_dict(entry, arg)
+    used: dict[int, str] = {}
+    out = []
+    for ch, axes in entry.items():
+        if ch not in indexing.letters:
+            raise r.fail(f"{arg}[{ch!r}]", f"an index letter of the op ({''.join(indexing.letters)})", repr(ch))
+        axes = tuple(r.as_ints(axes, f"{arg}[{ch!r}]", 0))
+        if not axes:
+            continue
+        if ch in indexing.fixed or not has_rule:
+            raise r.fail(f"{arg}[{ch!r}]", "no mesh axes: the op cannot split this index", str(list(axes)))
+        for a in axes:
+            if a >= mesh.ndim:
+                raise r.fail(f"{arg}[{ch!r}]", f"mesh axes in [0, {mesh.ndim})", str(list(axes)))
+            if a in used:
+                raise r.fail(f"{arg}[{ch!r}]", f"mesh axes no other index uses (axis {a} splits {used[a]!r})",
+                             str(list(axes)))
+            used[a] = ch
+        out.append((ch, axes))
+    return tuple(sorted(out))
+
+
+def _read_predicted(r: _Reader, entry) -> None:
+    entry = r.as_dict(entry, "predicted")
+    for key in ("step_seconds", "memory_bytes_per_rank"):
+        x = entry.get(key)
+        if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0):
+            raise r.fail(f"predicted.{key}", "a number >= 0", repr(x))
+    if entry.get("breakdown") is not None:
+        r.as_dict(entry["breakdown"], "predicted.breakdown")
+
+
+def _forward(graph: Graph):
+    return [n for n in graph.nodes if n.phase == FORWARD]
+
+
+def _check_args(path, graph) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(format_error("strategy file", "path", "a str or os.PathLike", type(path).__name__))
+    if not isinstance(graph, Graph):
+        raise TypeError(format_error("strategy file", "graph", "a Graph", type(graph).__name__))
+    return os.fspath(path)
+
+
+@dataclass(frozen=True)
+class _Reader:
+    """Typed access to the parsed JSON: every malformed entry is a ValueError naming it."""
+
+    where: str
+
+    def fail(self, arg: str, expected: str, actual: str, fix: str = "") -> ValueError:
+        return ValueError(format_error(self.where, arg, expected, actual, fix))
+
+    def as_dict(self, x, arg: str) -> dict:
+        if not isinstance(x, dict):
+            raise self.fail(arg, "a JSON object", _short(x))
+        return x
+
+    def as_list(self, x, arg: str) -> list:
+        if not isinstance(x, list):
+            raise self.fail(arg, "a JSON list", _short(x))
+        return x
+
+    def keys(self, x, arg: str, required: tuple, optional: tuple = ()) -> None:
+        self.as_dict(x, arg)
+        missing = [k for k in required if k not in x]
+        if missing:
+            raise self.fail(arg, f"keys {list(required)}", f"no {missing[0]!r}", RESAVE)
+        unknown = [k for k in x if k not in required and k not in optional]
+        if unknown:
+            raise self.fail(arg, f"only keys {list(required + optional)}", f"{unknown[0]!r}")
+
+    def as_int(self, x, arg: str, minimum: int) -> int:
+        if isinstance(x, bool) or not isinstance(x, int) or x < minimum:
+            raise self.fail(arg, f"an int >= {minimum}", _short(x))
+        return x
+
+    def as_ints(self, x, arg: str, minimum: int, length: int | None = None) -> list[int]:
+        x = self.as_list(x, arg)
+        if length is not None and len(x) != length:
+            raise self.fail(arg, f"{length} entries, one per dim", _short(x))
+        return [self.as_int(v, f"{arg}[{k}]", minimum) for k, v in enumerate(x)]
+
+    def mesh(self, x, arg: str, stage: Mesh, own_ranks: bool = False) -> Mesh:
+        self.keys(x, arg, ("shape", "names") + (("ranks",) if own_ranks else ()), () if own_ranks else ("ranks",))
+        shape = self.as_ints(x["shape"], f"{arg}.shape", 1)
+        if math.prod(shape) != stage.size:
+            raise self.fail(f"{arg}.shape", f"a device matrix of the stage's {stage.size} devices", str(shape),
+                            RESAVE)
+        names = self.as_list(x["names"], f"{arg}.names")
+        if len(names) != len(shape) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+            raise self.fail(f"{arg}.names", f"{len(shape)} distinct axis names (strings)", _short(names))
+        ranks = self.as_ints(x["ranks"], f"{arg}.ranks", 0) if "ranks" in x else list(stage.ranks)
+        if not own_ranks and sorted(ranks) != sorted(stage.ranks):
+            raise self.fail(f"{arg}.ranks", f"the stage's ranks {stage.ranks} in some order", _short(ranks))
+        return self.check(lambda: Mesh(tuple(shape), tuple(names), tuple(ranks)), arg)
+
+    def layout(self, x, arg: str, stage: Mesh) -> Layout:
+        self.keys(x, arg, ("device_matrix", "dims", "partial"), ("mindspore",))
+        mesh = self.mesh(x["device_matrix"], f"{arg}.device_matrix", stage)
+        dims = self.as_list(x["dims"], f"{arg}.dims")
+        dims = tuple(tuple(self.as_ints(d, f"{arg}.dims[{k}]", 0)) for k, d in enumerate(dims))
+        partial = tuple(self.as_ints(x["partial"], f"{arg}.partial", 0))
+        lay = self.check(lambda: Layout(mesh, dims, partial), arg)
+        if "mindspore" in x:
+            ms = x["mindspore"]
+            self.keys(ms, f"{arg}.mindspore", ("device_matrix", "tensor_map"))
+            want = _mindspore_json(lay)
+            if json.dumps(ms, sort_keys=True) != json.dumps(want, sort_keys=True):
+                raise self.fail(f"{arg}.mindspore", f"{json.dumps(want)} (what dims give)", _short(ms),
+                                "make dims and the MindSpore form agree")
+        return lay
+
+    def check(self, build, arg: str):
+        """Run a constructor or check; its ValueError now names the file and entry."""
+        try:
+            return build()
+        except ValueError as err:
+            raise ValueError(f"{self.where}: {arg}: {err}") from None
+
+
+def _short(x) -> str:
+    try:
+        text = json.dumps(x)
+    except (TypeError, ValueError, RecursionError):
+        text = f"<{type(x).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
