@@ -1,6 +1,8 @@
-"""The main job gives the same losses serially and under mpiexec -n 2 (dp2 and mp2)."""
+"""The main job: the same losses serially and under mpiexec -n 2 (dp2 and mp2); a resumed
+run continues exactly; bad input fails early with one clear line and leaves no files."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,27 +12,151 @@ import pytest
 
 from test_comm_mpi_launch import MPIEXEC, ROOT
 
-pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec")
-SCRIPT = str(ROOT / "examples" / "pangu_alpha" / "train.py")
+EXAMPLES = ROOT / "examples" / "pangu_alpha"
+SCRIPT = str(EXAMPLES / "train.py")
+DATA_FLAGS = ["--vocab-size", "4000", "--max-docs", "1500"]
+needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec")
 
 
-def run(tmp: Path, name: str, launcher: list[str], extra: list[str]) -> dict:
-    out = tmp / f"{name}.json"
-    cmd = launcher + [sys.executable, SCRIPT, "--data", str(tmp / "data"), "--vocab-size", "4000",
-                      "--max-docs", "1500", "--steps", "3", "--batch", "4", "--eval-every", "100",
-                      "--eval-batches", "1", "--out", str(tmp / name), "--losses-out", str(out), *extra]
+def launch(cmd: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def run(out: Path, data: Path, launcher: list[str], extra: list[str]) -> dict:
+    """The job's losses JSON, after 3 small steps (unless ``extra`` says otherwise)."""
+    losses = out.with_suffix(".json")
+    cmd = launcher + [sys.executable, SCRIPT, "--data", str(data), *DATA_FLAGS, "--steps", "3", "--batch", "4",
+                      "--eval-every", "100", "--eval-batches", "1", "--out", str(out), "--losses-out", str(losses),
+                      *extra]
+    proc = launch(cmd)
     assert proc.returncode == 0, f"{cmd}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "->" in proc.stdout  # the generated continuation is printed
-    return json.loads(out.read_text())
+    return json.loads(losses.read_text())
 
 
-def test_job_losses_equal_serially_and_over_two_ranks(tmp_path):
-    serial = run(tmp_path, "serial", [], [])          # also prepares the corpus, once
-    dp2 = run(tmp_path, "dp2", [MPIEXEC, "-n", "2"], [])
-    mp2 = run(tmp_path, "mp2", [MPIEXEC, "-n", "2"], ["--mp", "2"])
+def fails(script: str, args: list[str]) -> str:
+    """stderr of a run that must stop at once with a one-line user error (status 2)."""
+    proc = launch([sys.executable, str(EXAMPLES / script), *args])
+    assert proc.returncode == 2, f"{args}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    sys.path.insert(0, str(EXAMPLES))
+    from prepare_data import prepare
+    folder = tmp_path_factory.mktemp("job") / "data"
+    prepare(folder, vocab_size=4000, max_docs=1500, log=lambda *_: None)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def serial(data) -> dict:
+    return run(data.parent / "serial", data, [], [])
+
+
+@needs_mpi
+def test_job_losses_equal_serially_and_over_two_ranks(data, serial):
+    dp2 = run(data.parent / "dp2", data, [MPIEXEC, "-n", "2"], [])
+    mp2 = run(data.parent / "mp2", data, [MPIEXEC, "-n", "2"], ["--mp", "2"])
     assert len(serial["losses"]) == 3 and serial["losses"][0] > 5.0
+    assert serial["mfu"] > 0 and serial["tokens_per_s"] > 0
     for other in (dp2, mp2):
         np.testing.assert_allclose(other["losses"], serial["losses"], rtol=1e-5)
         np.testing.assert_allclose([v for _, v in other["evals"]], [v for _, v in serial["evals"]], rtol=1e-5)
+
+
+@needs_mpi
+def test_a_resumed_run_continues_the_uninterrupted_one(data, serial):
+    """1 serial step, then resumed to step 3 under mp2: the steps, losses (dropout on, the lr
+    schedule, optimizer moments and data order restored) and final validation loss of the 3
+    uninterrupted serial steps."""
+    out = data.parent / "resumed"
+    first = run(out, data, [], ["--steps", "1", "--decay-steps", "3"])
+    rest = run(out, data, [MPIEXEC, "-n", "2"], ["--steps", "3", "--mp", "2", "--resume"])
+    assert first["steps"] + rest["steps"] == serial["steps"] == [1, 2, 3]
+    np.testing.assert_allclose(first["losses"] + rest["losses"], serial["losses"], rtol=1e-5)
+    np.testing.assert_allclose(rest["evals"][-1], serial["evals"][-1], rtol=1e-5)
+    manifest = json.loads((out / "checkpoint" / "manifest.json").read_text())
+    assert manifest["step"] == 3 and manifest["extra"]["loader"]["step"] == 3
+
+
+def test_resume_errors_name_the_checkpoint_and_the_mismatch(data, serial, tmp_path):
+    err = fails("train.py", ["--data", str(data), "--resume", str(tmp_path / "none"), "--out", str(tmp_path)])
+    assert "--resume" in err and "checkpoint" in err and "train without --resume first" in err
+    ckpt = str(data.parent / "serial" / "checkpoint")
+    err = fails("train.py", ["--data", str(data), "--resume", ckpt, "--steps", "3", "--out", str(tmp_path)])
+    assert "--steps: expected more than the checkpoint's 3 steps" in err
+    err = fails("train.py", ["--data", str(data), "--resume", ckpt, "--preset", "tiny", "--out", str(tmp_path)])
+    assert "model config" in err and "hidden_size=256 (now 32)" in err
+
+
+def test_an_unknown_preset_is_an_error_before_anything_is_made(tmp_path):
+    err = fails("train.py", ["--preset", "huge", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
+    assert "--preset: invalid choice: 'huge'" in err and "'tiny'" in err and "'200B'" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_prompt_longer_than_seq_length_is_an_error_before_training(data, tmp_path):
+    err = fails("train.py", ["--data", str(data), *DATA_FLAGS, "--prompt", "中国" * 200, "--out", str(tmp_path / "o")])
+    assert "train.py: error: --prompt: expected 1 to 127 tokens (seq_length=128 of --preset demo)" in err
+    assert not (tmp_path / "o").exists()
+    err = fails("generate.py", ["--data", str(data), "--checkpoint", str(data.parent / "serial" / "checkpoint"),
+                                "--prompt", "中国" * 200])
+    assert "generate.py: error: generate: prompt 0: expected 1 to 127 tokens (seq_length=128)" in err
+
+
+def copy_of(data: Path, tmp: Path) -> Path:
+    folder = tmp / "data"
+    shutil.copytree(data, folder)
+    return folder
+
+
+def test_a_missing_tokenizer_file_is_named(data, tmp_path):
+    folder = copy_of(data, tmp_path)
+    (folder / "tokenizer.model").unlink()
+    err = fails("train.py", ["--data", str(folder), "--out", str(tmp_path / "o")])
+    assert f"no {folder / 'tokenizer.model'}" in err and "prepare_data.py --out" in err and "--force" in err
+    err = fails("generate.py", ["--data", str(folder), "--checkpoint", str(data.parent / "serial" / "checkpoint")])
+    assert "PanguTokenizer: model_file" in err and str(folder / "tokenizer.model") in err
+    assert not (tmp_path / "o").exists() and not (folder / "tokenizer.model").exists()   # nothing rebuilt
+
+
+def test_a_corrupt_token_file_is_named(data, tmp_path):
+    folder = copy_of(data, tmp_path)
+    tokens = bytearray((folder / "train.bin").read_bytes())
+    tokens[1000:1004] = b"\xff\xff\xff\xff"                      # same size, other contents
+    (folder / "train.bin").write_bytes(bytes(tokens))
+    err = fails("train.py", ["--data", str(folder), "--out", str(tmp_path / "o")])
+    assert str(folder / "train.bin") in err and "different contents (corrupt or from another run)" in err
+    (folder / "train.bin").write_bytes((data / "train.bin").read_bytes())
+    with open(folder / "valid.bin", "r+b") as f:                # truncated
+        f.truncate(101)
+    err = fails("evaluate.py", ["--data", str(folder), "--checkpoint", str(data.parent / "serial" / "checkpoint")])
+    assert str(folder / "valid.bin") in err and "file size" in err and "101 bytes" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_prepare_leaves_no_partial_files_when_it_fails(data, tmp_path, monkeypatch):
+    """Token files are written under temporary names and renamed together, meta.json last: a
+    failure while writing them leaves no token file, no temporary file and no meta.json."""
+    import prepare_data
+    texts = ["中国的经济发展很快。", "今天的天气很好，我们去公园散步。"] * 20
+    monkeypatch.setattr(prepare_data, "load_corpus", lambda min_chars: texts)
+    monkeypatch.setattr(prepare_data, "train_tokenizer",
+                        lambda texts, prefix, *a, **k: shutil.copy(data / "tokenizer.model", f"{prefix}.model"))
+    real_write, calls = prepare_data.write_tokens, []
+
+    def write_then_fail(f, segmented, tokenizer, dtype):
+        calls.append(real_write(f, segmented, tokenizer, dtype))
+        if len(calls) == 2:                                      # valid.bin written, not yet renamed
+            raise OSError("No space left on device")
+        return calls[-1]
+    monkeypatch.setattr(prepare_data, "write_tokens", write_then_fail)
+    out = tmp_path / "new"
+    with pytest.raises(OSError, match="No space left"):
+        prepare_data.prepare(out, vocab_size=4000, log=lambda *_: None)
+    assert len(calls) == 2 and calls[0][0] > 0                   # it failed with both files written
+    assert sorted(p.name for p in out.iterdir()) == ["tokenizer.model"]   # complete; no meta.json commits it

