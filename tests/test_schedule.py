@@ -2,7 +2,7 @@
 and the bubble (p - 1) / (m + p - 1)."""
 import pytest
 
-from autopar.runtime.schedule import gpipe, one_f_one_b
+from autopar.runtime.schedule import gpipe, make_schedule, one_f_one_b
 
 CASES = [(p, m) for p in (1, 2, 3, 4, 8) for m in (1, 2, 4, 7, 16) if m >= p or p <= 2]
 
@@ -51,3 +51,33 @@ def test_table_prints():
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"micro: expected an int >= 1, got 0"):
         gpipe(2, 0)
+
+
+@pytest.mark.parametrize("make", [gpipe, one_f_one_b], ids=["gpipe", "1f1b"])
+@pytest.mark.parametrize("p, m", CASES)
+def test_phases_cover_every_clock_in_order(make, p, m):
+    s = make(p, m)
+    for st in range(p):
+        phases = s.phases(st)
+        assert [c for ph in phases for c in ph.clocks] == list(range(s.clocks))
+        row = s.table[st]
+        for ph in phases:
+            kinds = {row[t][0] for t in ph.clocks if row[t] is not None}
+            if ph.name == "warm-up":
+                assert kinds <= {"F"}
+            if ph.name == "cool-down":
+                assert kinds <= {"B"}
+
+
+def test_named_phases_of_1f1b_and_gpipe():
+    f = one_f_one_b(3, 4)      # stage 0: F0 F1 F2 . . B0 F3 B1 . B2 . B3
+    assert [(ph.name, ph.clocks) for ph in f.phases(0)] == [
+        ("warm-up", (0, 1, 2, 3, 4)), ("steady", (5, 6)), ("cool-down", (7, 8, 9, 10, 11))]
+    assert [ph.name for ph in gpipe(3, 4).phases(1)] == ["warm-up", "cool-down"]
+
+
+def test_schedule_by_name():
+    assert make_schedule("1f1b", 2, 3).table == one_f_one_b(2, 3).table
+    assert make_schedule("gpipe", 2, 3).table == gpipe(2, 3).table
+    with pytest.raises(ValueError, match=r"name: expected one of \['1f1b', 'gpipe'\], got 'pipedream'"):
+        make_schedule("pipedream", 2, 3)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .. import ops
 from ..errors import format_error
 from ..runtime.schedule import SCHEDULES
 from .cell import Cell
@@ -55,12 +56,11 @@ class PipelineCell(Cell):
             raise ValueError(format_error("PipelineCell", "micro_size", f"a divisor of the batch ({rows} rows "
                                           "along dim 0)", str(self.micro_size)))
         per = rows // self.micro_size
-        total = None
+        losses = []
         for k in range(self.micro_size):
             part = [x[k * per:(k + 1) * per] if hasattr(x, "shape") and len(x.shape) >= 1 else x for x in inputs]
-            loss = self.network(*part)
-            total = loss if total is None else total + loss
-        return total * (1.0 / self.micro_size)
+            losses.append(self.network(*part).reshape(1))                  # () -> (1,)
+        return ops.Concat(0)(tuple(losses)).mean()                          # (micro,) -> ()
 
 
 def set_pipeline_stages(layers: Sequence[Cell], layers_per_stage: Sequence[int] | None = None,

@@ -15,6 +15,7 @@ Planning touches no communicator, so any rank (or a test) plans every stage:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 from ..strategy.layout import Layout
 from ..strategy.mesh import Mesh
@@ -44,7 +45,8 @@ def on_mesh(layout: Layout, mesh: Mesh) -> Layout:
 class PipelinePlan:
     assignment: StageAssignment
     stages: tuple[StageGraph, ...]
-    plans: tuple[ShardingPlan, ...]           # per stage; crossing and shared-parameter layouts set
+    plans: tuple[ShardingPlan | None, ...]    # per stage asked for (else None); crossing and shared-
+                                              # parameter layouts set
     transfer: dict[int, Layout]               # crossing value -> layout on its sending stage
     param_stages: dict[int, tuple[int, ...]]  # global parameter value -> stages reading it
     param_home: dict[int, Layout]             # global parameter value -> layout on its first stage
@@ -52,34 +54,46 @@ class PipelinePlan:
     def table(self, graph: Graph) -> str:
         """Stages (ops, cells), crossings with their layouts, shared parameters."""
         rows = [self.assignment.table(graph)]
-        rows += [f"  {c}  {self.transfer[c.value]}" for c in self.assignment.crossings]
+        rows += [f"  {c}  {self.transfer[c.value]}" for c in self.assignment.crossings if c.value in self.transfer]
         names = dict(zip(graph.params, graph.param_names()))
         rows += [f"  {names[v]} on stages {s}  {self.param_home[v]}" for v, s in self.param_stages.items()
-                 if len(s) > 1]
+                 if len(s) > 1 and v in self.param_home]
         return "\n".join(rows)
 
 
 def plan_pipeline(graph: Graph, assign: StageAssignment, ranks_per_stage: int, mode: str, full_batch: bool,
-                  ctx=None) -> PipelinePlan:
-    """Plan every stage of ``graph`` (the forward graph on micro-batch shapes)."""
+                  ctx=None, stages: Sequence[int] | None = None) -> PipelinePlan:
+    """Plan ``stages`` (default: all) of ``graph``, the forward graph on micro-batch shapes.
+    Only the stages those depend on are planned too: the senders of what they receive and
+    the first stage of each parameter they share."""
     p = assign.stages
+    wanted = tuple(range(p)) if stages is None else tuple(stages)
     meshes = [stage_mesh(s, ranks_per_stage) for s in range(p)]
     graphs = tuple(stage_graph(graph, assign, s) for s in range(p))
-    raw = [make_plan(sg.graph, mode, meshes[s], full_batch, ctx) for s, sg in enumerate(graphs)]
-    transfer = {c.value: settled(raw[c.src].layouts[graphs[c.src].value(c)]) for c in assign.crossings}
+    raw: dict[int, ShardingPlan] = {}
+
+    def raw_plan(s: int) -> ShardingPlan:
+        if s not in raw:
+            raw[s] = make_plan(graphs[s].graph, mode, meshes[s], full_batch, ctx)
+        return raw[s]
+
     param_stages: dict[int, tuple[int, ...]] = {}
     for s, sg in enumerate(graphs):
         for v in graph.params:
             if v in sg.local_of:
                 param_stages[v] = param_stages.get(v, ()) + (s,)
+    transfer = {c.value: settled(raw_plan(c.src).layouts[graphs[c.src].value(c)]) for c in assign.crossings
+                if c.src in wanted or set(c.dsts) & set(wanted)}
     param_home = {}
-    for v, stages in param_stages.items():
-        first = stages[0]
-        lv = graphs[first].local_of[v]
-        param_home[v] = raw[first].layouts.get(lv) or Layout.replicated(meshes[first], len(graph.spec(v).shape))
-    plans = []
-    for s, sg in enumerate(graphs):
-        layouts = dict(raw[s].layouts)
+    for v, owners in param_stages.items():
+        if set(owners) & set(wanted):
+            first = owners[0]
+            lv = graphs[first].local_of[v]
+            param_home[v] = raw_plan(first).layouts.get(lv) or Layout.replicated(meshes[first], len(graph.spec(v).shape))
+    plans: list[ShardingPlan | None] = [None] * p
+    for s in wanted:
+        sg = graphs[s]
+        layouts = dict(raw_plan(s).layouts)
         for c in sg.received:
             layouts[sg.value(c)] = on_mesh(transfer[c.value], meshes[s])
         for (c, _), g in zip(sg.cotangents, sg.cotangent_inputs):
@@ -87,5 +101,5 @@ def plan_pipeline(graph: Graph, assign: StageAssignment, ranks_per_stage: int, m
         for v in graph.params:
             if v in sg.local_of:
                 layouts[sg.local_of[v]] = on_mesh(param_home[v], meshes[s])
-        plans.append(ShardingPlan(raw[s].stage, raw[s].shardings, layouts))
+        plans[s] = ShardingPlan(raw[s].stage, raw[s].shardings, layouts)
     return PipelinePlan(assign, graphs, tuple(plans), transfer, param_stages, param_home)

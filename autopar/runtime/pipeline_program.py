@@ -74,9 +74,11 @@ class PipelineGradProgram:
         scale = 1 if feed_whole else n
         whole_args = tuple(_spec(a, scale, 1) for a in args)
         micro_args = tuple(_spec(a, scale, micro) for a in args)
-        self.whole = trace(network, whole_args, {}).graph
         graph = self.graph = trace(network, micro_args, {}).graph
-        _check_same_ops(graph, self.whole)
+        self.whole = None       # the whole-batch trace, for dropout's whole-batch indices
+        if any(isinstance(n.prim, Dropout) and n.prim.attrs["keep_prob"] < 1.0 for n in graph.nodes):
+            self.whole = trace(network, whole_args, {}).graph
+            _check_same_ops(graph, self.whole)
         loss = graph.outputs[0]
         if graph.spec(loss).size != 1:
             raise ValueError(format_error(f"{type(network).__name__}", "output 0 (the loss)", "a scalar",
@@ -89,7 +91,7 @@ class PipelineGradProgram:
         self.params = list(params)
         wrt = [by_id[id(p)] for p in params]
         assign = assign_stages(graph, stages, differentiable_values(graph, wrt))
-        self.plan: PipelinePlan = plan_pipeline(graph, assign, n, mode, feed_whole, ctx)
+        self.plan: PipelinePlan = plan_pipeline(graph, assign, n, mode, feed_whole, ctx, stages=[self.stage])
         self._shared = self._shared_comms(wrt)
         self.shards = self._attach(wrt)
         self.layouts = [s.layout for s in self.shards]
@@ -145,8 +147,8 @@ class PipelineGradProgram:
         variants = self._micro_variants(local, sg, feed)
         halves = [split_halves(g, len(delivered), cotangents) for g in variants]
         self.saved_per_micro = len(halves[0].saved)
-        wire = {c.value: (plan.transfer[c.value].local_shape(self.graph.spec(c.value).shape),
-                          self.graph.spec(c.value).dtype) for c in plan.assignment.crossings}
+        wire = {v: (lay.local_shape(self.graph.spec(v).shape), self.graph.spec(v).dtype)
+                for v, lay in plan.transfer.items()}
         assignment = plan.assignment
         mine_transfers = tuple(t for t in transfers(
             self.schedule, lambda st: [(c.value, c.dsts) for c in assignment.sent_by(st)],
@@ -306,14 +308,14 @@ def _rewrite(local: Graph, origin: dict[int, int], drops: list[int], graph: Grap
         if gid is None:
             nodes.append(node)
             continue
-        changes = {"name": graph.nodes[gid].name}
+        changes = {"name": graph.nodes[gid].name} if node.name != graph.nodes[gid].name else {}
         if k is not None and node.id in drop_set:
             g = graph.nodes[gid]
             micro_shape, whole_shape = graph.spec(g.outputs[0]).shape, whole.spec(whole.nodes[gid].outputs[0]).shape
             coords = whole_batch_coords(micro_shape, whole_shape, node.prim.attrs.get("region"), feed, k,
                                         f"{g.scope} (Dropout)")
             changes["prim"] = MicroBatchDropout.of(node.prim, whole_shape, coords)
-        nodes.append(dataclasses.replace(node, **changes))
+        nodes.append(dataclasses.replace(node, **changes) if changes else node)
     return dataclasses.replace(local, nodes=tuple(nodes))
 
 

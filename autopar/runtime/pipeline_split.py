@@ -68,7 +68,7 @@ def split_halves(graph: Graph, n_delivered: int, cotangents: Sequence[int]) -> H
     static = set(graph.params) | set(graph.consts) | set(cotangents)
     saved = tuple(sorted(v for v in needed if v not in made_late and v not in static))
 
-    plain = tuple(dataclasses.replace(n, recompute=False) for n in graph.nodes)
+    plain = tuple(dataclasses.replace(n, recompute=False) if n.recompute else n for n in graph.nodes)
     fwd = Graph(graph.values, plain, tuple(v for v in graph.inputs if v is not None and v not in cotangents),
                 graph.params, graph.param_objs, graph.consts, tuple(delivered) + saved, graph.grad_of)
     late_nodes = tuple(n if n.id in backward | rerun else dataclasses.replace(n, outputs=()) for n in plain)
