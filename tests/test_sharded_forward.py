@@ -50,3 +50,28 @@ def test_data_parallel_forward_runs_locally():
     for r, (logits, count, _) in enumerate(res):
         np.testing.assert_allclose(logits, want[2 * r:2 * r + 2], rtol=1e-12)
         assert count == {}
+
+
+def test_carried_state_is_checked():
+    import pytest
+
+    from autopar.models.pangu_alpha.generate import PanguAlphaDecoder
+    from autopar.runtime.sharded_forward import ShardedForwardProgram
+
+    def body(comm):
+        decoder = PanguAlphaDecoder(PanguAlpha(CONFIG.replace(model_parallel=2)))
+        b, s, n, d = 1, CONFIG.seq_length, CONFIG.num_heads, CONFIG.head_dim
+        ints = np.zeros((b, 1), np.int32)
+        args = (ints, ints, ints, np.zeros((b, 1, 1, s)), np.zeros((b, 1, s, 1), bool)) + \
+            tuple(np.zeros((b, n, s, d)) for _ in range(2 * CONFIG.num_layers))
+        for carry, match in (({99: 5}, "output 99: expected an index below 7"),
+                             ({1: 0}, r"output 1 -> argument 0: expected the same shape and dtype"),
+                             ({1: 42}, "output 1 -> argument 42: expected the index of an array argument")):
+            with pytest.raises(ValueError, match=match):
+                ShardedForwardProgram(decoder, args, {}, "semi_auto_parallel", comm, True, None, carry)
+        prog = ShardedForwardProgram(decoder, args, {}, "semi_auto_parallel", comm, True, None, decoder.carry())
+        with pytest.raises(ValueError, match="a program with carried state takes local shards"):
+            prog(args, {})
+        return prog.local_zeros(5).shape, prog.local_zeros(0).shape
+    for cache, ids in run_in_process(2, body):
+        assert cache == (1, CONFIG.num_heads // 2, CONFIG.seq_length, CONFIG.head_dim) and ids == (1, 1)

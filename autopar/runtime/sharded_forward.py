@@ -41,12 +41,12 @@ SHARDED_MODES = ("semi_auto_parallel", "auto_parallel")
 
 
 def _input_slots(traced: Traced) -> list[int | None]:
-    """Per argument (positional, then keywords by name): its index among the array inputs
-    the program is fed, or None (a None or static argument)."""
+    """Per argument (positional, then keywords by name): its index in ``graph.inputs`` if it
+    is an array, else None (a None or static argument)."""
     slots, k = [], 0
     for kind in traced.arg_kinds:
         slots.append(k if kind == "tensor" else None)
-        k += kind == "tensor"
+        k += kind != "static"            # a None argument holds a (None) place in graph.inputs
     return slots
 
 
@@ -102,16 +102,16 @@ class ShardedForwardProgram:
         plan = make_plan(graph, mode, stage, full_batch, ctx)
         slots = _input_slots(self.traced)
         self.carry = dict(carry or {})
-        self.carried_inputs: dict[int, Layout] = {}       # array input slot -> layout it is fed in
+        into = {k: self._carried_slot(k, slots, graph) for k in self.carry}   # output -> graph input index
+        self.carried_inputs: dict[int, Layout] = {}       # graph input index -> layout it is fed in
         layouts, delivered = dict(plan.layouts), {}
         batch = self._global_batch(g_args, g_kwargs)
         for k, v in enumerate(graph.outputs):
             spec = graph.spec(v)
-            if k in self.carry:
-                slot = self._carried_slot(k, slots, graph)
+            if k in into:
                 lay = settled(plan.layouts[v]) if v in plan.layouts else Layout.replicated(stage, spec.ndim)
-                layouts[graph.inputs[slots[self.carry[k]]]] = lay
-                self.carried_inputs[slot] = lay
+                layouts[graph.inputs[into[k]]] = lay
+                self.carried_inputs[into[k]] = lay
                 delivered[v] = lay
             elif not full_batch and spec.ndim and spec.shape[0] == batch:
                 delivered[v] = input_layout(spec, stage, False)    # this rank's rows
@@ -134,7 +134,7 @@ class ShardedForwardProgram:
         return None
 
     def _carried_slot(self, out: int, slots: list, graph) -> int:
-        """The array input slot output ``out`` is carried into, checked."""
+        """The index in ``graph.inputs`` of the argument output ``out`` is carried into, checked."""
         arg = self.carry[out]
         where = "ShardedForwardProgram: carry"
         if not 0 <= out < len(graph.outputs):
