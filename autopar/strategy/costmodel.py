@@ -74,7 +74,7 @@ def canonical(layout: Layout) -> Layout:
     shape = tuple(math.prod(mesh.shape[a] for a in g) for g in groups)
     dims = tuple(tuple(dict.fromkeys(new_of[a] for a in axes)) for axes in lay.dims)
     partial = tuple(dict.fromkeys(new_of[a] for a in lay.partial))
-    return Layout(Mesh(shape or (1,), (), mesh.ranks), dims, partial)
+    return Layout(mesh.reshaped(shape or (1,)), dims, partial)
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,9 @@ class CostModel:
             flops += prim.vjp_flops(specs, out, needs)
             nbytes += nbytes + out.nbytes          # backward reads what forward did, plus dy
         launches = 2 if backward else 1
-        compute = cost.compute_seconds(flops, nbytes, dtype if dtype in prof.gemm_flops else "float32", prof) \
+        if dtype not in prof.gemm_flops:   # a dtype the profile lists no rate for: its slowest rate
+            dtype = min(prof.gemm_flops, key=prof.gemm_flops.get)
+        compute = cost.compute_seconds(flops, nbytes, dtype, prof) \
             + launches * getattr(prof, "op_overhead_s", 0.0)
         comm = self._internal_seconds(node, sh, out, backward)
         update = 0.0

@@ -173,8 +173,8 @@ class Layout:
         if len(keep) == self.mesh.ndim:
             return self
         index = {a: i for i, a in enumerate(keep)}
-        mesh = Mesh(tuple(self.mesh.shape[a] for a in keep), tuple(self.mesh.names[a] for a in keep),
-                    self.mesh.ranks)
+        mesh = self.mesh.reshaped(tuple(self.mesh.shape[a] for a in keep),
+                                  tuple(self.mesh.names[a] for a in keep))
         dims = tuple(tuple(index[a] for a in d if a in index) for d in self.dims)
         return Layout(mesh, dims, tuple(index[a] for a in self.partial if a in index))
 

@@ -41,6 +41,28 @@ class Mesh:
         object.__setattr__(self, "names", names)
         object.__setattr__(self, "ranks", ranks)
 
+    def reshaped(self, shape: Sequence[int], names: Sequence[str] = ()) -> "Mesh":
+        """The same ranks in the same order as another device matrix (its product must be
+        the size). The ranks are not re-validated: planning makes thousands of these."""
+        shape = tuple(int(s) for s in shape)
+        if math.prod(shape) != self.size or any(s < 1 for s in shape):
+            raise ValueError(f"{self}: reshaped: expected sizes >= 1 multiplying to {self.size}, got {shape}")
+        names = tuple(names) or tuple(f"d{i}" for i in range(len(shape)))
+        if len(names) != len(shape) or len(set(names)) != len(names):
+            raise ValueError(f"Mesh: names: expected {len(shape)} distinct names, got {names}")
+        new = object.__new__(Mesh)
+        object.__setattr__(new, "shape", shape)
+        object.__setattr__(new, "names", names)
+        object.__setattr__(new, "ranks", self.ranks)
+        return new
+
+    def __hash__(self) -> int:   # cached: a mesh of 2048 ranks is hashed often while planning
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash((self.shape, self.names, self.ranks))
+            object.__setattr__(self, "_hash", h)
+        return h
+
     @property
     def size(self) -> int:
         return len(self.ranks)
@@ -118,7 +140,7 @@ class Mesh:
                                  f"{self.shape[i]}")
             shape += fs
             names += [self.names[i]] if len(fs) == 1 else [f"{self.names[i]}.{k}" for k in range(len(fs))]
-        return Mesh(tuple(shape), tuple(names), self.ranks)
+        return self.reshaped(shape, names)
 
 
 def _row_major(sizes: Sequence[int]):

@@ -44,7 +44,7 @@ def _replicated_sharding(n_inputs: int, specs, out: TensorSpec, stage: Mesh) -> 
     letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
     ins = tuple("".join(next(letters) for _ in s.shape) for s in specs)
     outl = "".join(next(letters) for _ in out.shape)
-    return OpSharding(Indexing(ins, outl, frozenset(ins) | frozenset(outl)), stage, ())
+    return OpSharding(Indexing(ins, outl, frozenset("".join(ins)) | frozenset(outl)), stage, ())
 
 
 def input_layout(spec: TensorSpec, stage: Mesh, full_batch: bool) -> Layout:

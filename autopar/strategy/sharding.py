@@ -164,7 +164,7 @@ def from_strategy(indexing: Indexing, strategy: Sequence[Sequence[int]], shapes:
     rep = stage.size // used
     shape = tuple(counts[ch][0] for ch in letters) + ((rep,) if rep > 1 else ())
     names = tuple(letters) + (("rep",) if rep > 1 else ())
-    mesh = Mesh(shape or (1,), names or ("rep",), stage.ranks)
+    mesh = stage.reshaped(shape or (1,), names or ("rep",))
     return _make(indexing, mesh, {ch: (k,) for k, ch in enumerate(letters)})
 
 
