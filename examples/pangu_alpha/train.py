@@ -77,6 +77,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("steps", "batch", "mp", "eval_every", "eval_batches"):
         if getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')}: expected an int >= 1, got {getattr(args, flag)}")
+    if args.save_every < 0:
+        p.error(f"--save-every: expected an int >= 0 (0: at the end only), got {args.save_every}")
     return args
 
 
@@ -161,7 +163,9 @@ def main(argv=None) -> None:
         saved = autopar.load_distributed_checkpoint(train, resume.path, inputs=inputs(resume.step))
         loader.load_state_dict(saved["loader"])
         start = opt.step_count
-        assert start == loader.step == resume.step, (start, loader.step, resume.step)
+        if not start == loader.step == resume.step:
+            raise ValueError(f"--resume {resume.path}: expected one step count, got optimizer {start}, data loader "
+                             f"{loader.step}, manifest {resume.step}; resume from a checkpoint train.py wrote")
         log.info("resumed %s at step %d (%s)", resume.path, start, lr)
     log.info("PanGu-α %s: %.2fM parameters, vocab %d, seq %d; %d rank(s): dp %d x mp %d; %d train / %d valid "
              "samples%s", args.preset, config.parameter_count() / 1e6, config.vocab_size, config.seq_length, n, dp,
