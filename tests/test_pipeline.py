@@ -270,9 +270,9 @@ def test_stage_without_layers_is_an_error():
 
 
 def test_pipeline_stages_must_divide_device_num():
-    with pytest.raises(ValueError, match=r"pipeline_stages: expected a divisor of device_num = 4, got 3"):
-        with parallel_context(device_num=4, pipeline_stages=3):
-            pass
+    with pytest.raises(ValueError, match=r"pipeline_stages: expected a divisor of device_num = 4, got 3"), \
+            parallel_context(device_num=4, pipeline_stages=3):
+        pass
 
 
 def test_micro_size_must_divide_the_batch():
@@ -292,9 +292,9 @@ def test_errors_reach_the_user_through_training_on_ranks():
             net.backbone.query_layer.pipeline_stage = 0      # after blocks on stage 1: decreasing
             train = nn.TrainOneStepCell(nn.PipelineCell(net, 2), AdamWeightDecay(net.trainable_params(), 1e-3))
             train(IDS)
-    with parallel_context(parallel_mode="semi_auto_parallel", device_num=2, pipeline_stages=2, full_batch=True):
-        with pytest.raises(ValueError, match=r"query_layer.*stages must not decrease"):
-            run_in_process(2, body)
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=2, pipeline_stages=2, full_batch=True), \
+            pytest.raises(ValueError, match=r"query_layer.*stages must not decrease"):
+        run_in_process(2, body)
 
 
 # ---- real MPI -------------------------------------------------------------------------------

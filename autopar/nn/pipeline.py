@@ -18,7 +18,7 @@ Ops of cells without ``pipeline_stage`` follow their data (see
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from .. import ops
 from ..errors import format_error

@@ -15,8 +15,8 @@ Which whole-batch rows micro-batch k holds depends on the feed (:class:`MicroFee
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -74,7 +74,7 @@ class MicroBatchDropout(Dropout):
     """Dropout of one rank's block of one micro-batch, masked with whole-batch indices."""
 
     @classmethod
-    def of(cls, prim: Dropout, whole_shape: tuple[int, ...], coords: tuple[np.ndarray, ...]) -> "MicroBatchDropout":
+    def of(cls, prim: Dropout, whole_shape: tuple[int, ...], coords: tuple[np.ndarray, ...]) -> MicroBatchDropout:
         new = object.__new__(cls)
         new.attrs = {**prim.attrs, "whole_shape": tuple(whole_shape), "coords": coords}
         new.strategy = prim.strategy

@@ -14,8 +14,8 @@ Planning touches no communicator, so any rank (or a test) plans every stage:
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from ..strategy.layout import Layout
 from ..strategy.mesh import Mesh

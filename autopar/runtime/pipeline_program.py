@@ -5,10 +5,11 @@ Built once per input signature, on every rank:
 
 1. split the world into stage communicators (stage-major ranks), and one communicator per
    set of stages sharing a parameter (rank i of each of those stages together);
-2. trace the network twice on global shapes -- the whole batch (for dropout indices) and
-   one micro-batch (the programs' shapes) -- and give every op its stage
-   (:mod:`autopar.runtime.pipeline_stages`);
-3. plan every stage on its own mesh (:mod:`autopar.runtime.pipeline_plan`);
+2. trace the network on global shapes: one micro-batch (the programs' shapes) and, when it
+   drops out, the whole batch too (for whole-batch dropout indices); give every op its
+   stage (:mod:`autopar.runtime.pipeline_stages`);
+3. plan its stage, and the stages it depends on, each on its own mesh
+   (:mod:`autopar.runtime.pipeline_plan`);
 4. for this rank's stage only: differentiate the stage graph, lower it on the stage
    communicator (sub-communicator splits stay inside the stage), map its dropouts onto
    whole-batch indices per micro-batch, and cut it into forward and backward halves
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -76,7 +77,7 @@ class PipelineGradProgram:
         micro_args = tuple(_spec(a, scale, micro) for a in args)
         graph = self.graph = trace(network, micro_args, {}).graph
         self.whole = None       # the whole-batch trace, for dropout's whole-batch indices
-        if any(isinstance(n.prim, Dropout) and n.prim.attrs["keep_prob"] < 1.0 for n in graph.nodes):
+        if any(isinstance(node.prim, Dropout) and node.prim.attrs["keep_prob"] < 1.0 for node in graph.nodes):
             self.whole = trace(network, whole_args, {}).graph
             _check_same_ops(graph, self.whole)
         loss = graph.outputs[0]
@@ -319,7 +320,7 @@ def _rewrite(local: Graph, origin: dict[int, int], drops: list[int], graph: Grap
     return dataclasses.replace(local, nodes=tuple(nodes))
 
 
-__all__ = ["PipelineGradProgram", "AbsentShard", "StageShard"]
+__all__ = ["AbsentShard", "PipelineGradProgram", "StageShard"]
 
 
 def pipelined(cell, setting) -> bool:

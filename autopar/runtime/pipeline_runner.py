@@ -22,8 +22,8 @@ checked against :meth:`Schedule.in_flight`.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -22,8 +22,8 @@ with the marks cleared: this split already decided what is recomputed.)
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from .graph import BACKWARD, FORWARD, Graph
 from .spmd import Redistribute
