@@ -71,20 +71,22 @@ class Redistribution:
         return f"{self.src} -> {self.dst}: " + (", ".join(map(str, self.steps)) or "nothing")
 
 
-def plan(src: Layout, dst: Layout, shape: Sequence[int], itemsize: int) -> Redistribution:
-    """The steps turning ``src`` into ``dst`` for a tensor of global ``shape``."""
+def plan(src: Layout, dst: Layout, shape: Sequence[int], itemsize: int, checked: bool = False) -> Redistribution:
+    """The steps turning ``src`` into ``dst`` for a tensor of global ``shape``
+    (``checked``: the caller already knows both layouts fit the shape)."""
     shape = tuple(shape)
     if src.mesh.ranks != dst.mesh.ranks:
         raise ValueError(f"redistribution: layouts on different ranks ({src.mesh} vs {dst.mesh}) "
                          "need send/recv between stages, not a redistribution")
-    src.check_shape(shape, arg="source")
-    dst.check_shape(shape, arg="target")
+    if not checked:
+        src.check_shape(shape, arg="source")
+        dst.check_shape(shape, arg="target")
     src_, dst_ = src.without_unit_axes(), dst.without_unit_axes()
     pair = common_refinement(src_.mesh.shape, dst_.mesh.shape)
     if pair is None:
         return _general(src, dst, shape, itemsize)
     a, b = src_.refine(pair[0]), dst_.refine(pair[1])
-    b = Layout(a.mesh, b.dims, b.partial)  # same shape and ranks; one set of axis names
+    b = Layout.derived(a.mesh, b.dims, b.partial)  # same shape and ranks; one set of axis names
     steps = _structured(a, b, shape, itemsize)
     if steps is None:
         return _general(src, dst, shape, itemsize)
@@ -161,7 +163,7 @@ def _structured(cur: Layout, dst: Layout, shape, itemsize) -> list[Step] | None:
                     break
         if step is None:
             return None  # e.g. replicate -> partial: nothing structured applies
-        new = Layout(mesh, tuple(tuple(d) for d in dims), tuple(partial))
+        new = Layout.derived(mesh, tuple(tuple(d) for d in dims), tuple(sorted(partial)))
         steps.append(step)
         cur = new
     return None

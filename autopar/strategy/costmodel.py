@@ -74,7 +74,7 @@ def canonical(layout: Layout) -> Layout:
     shape = tuple(math.prod(mesh.shape[a] for a in g) for g in groups)
     dims = tuple(tuple(dict.fromkeys(new_of[a] for a in axes)) for axes in lay.dims)
     partial = tuple(dict.fromkeys(new_of[a] for a in lay.partial))
-    return Layout(mesh.reshaped(shape or (1,)), dims, partial)
+    return Layout.derived(mesh.reshaped(shape or (1,)), dims, tuple(sorted(partial)))
 
 
 @dataclass(frozen=True)
@@ -181,7 +181,7 @@ class CostModel:
         return cost.collective_seconds(kind, nbytes, n, self.profile, inter)
 
     def _redist_seconds(self, src: Layout, dst: Layout, shape: tuple, itemsize: int) -> float:
-        plan = rd.plan(src, dst, shape, itemsize)
+        plan = rd.plan(src, dst, shape, itemsize, checked=True)
         mesh, total = plan.src.mesh, 0.0
         for step in plan.steps:
             if step.kind == rd.SLICE:

@@ -49,6 +49,16 @@ class Layout:
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
+    def derived(cls, mesh: Mesh, dims: tuple[tuple[int, ...], ...], partial: tuple[int, ...] = ()) -> "Layout":
+        """A layout computed from valid ones (int tuples, each axis used once, ``partial``
+        sorted): built without re-validation, as planning makes them by the thousand."""
+        new = object.__new__(cls)
+        object.__setattr__(new, "mesh", mesh)
+        object.__setattr__(new, "dims", dims)
+        object.__setattr__(new, "partial", partial)
+        return new
+
+    @classmethod
     def replicated(cls, mesh: Mesh, ndim: int) -> "Layout":
         return cls(mesh, ((),) * ndim)
 
@@ -165,7 +175,7 @@ class Layout:
             k += len(fs)
         dims = tuple(tuple(b for a in d for b in new_axes[a]) for d in self.dims)
         partial = tuple(b for a in self.partial for b in new_axes[a])
-        return Layout(self.mesh.refine(factors), dims, partial)
+        return Layout.derived(self.mesh.refine(factors), dims, partial)
 
     def without_unit_axes(self) -> "Layout":
         """Drop size-1 mesh axes (they split nothing); same ranks."""
@@ -176,7 +186,7 @@ class Layout:
         mesh = self.mesh.reshaped(tuple(self.mesh.shape[a] for a in keep),
                                   tuple(self.mesh.names[a] for a in keep))
         dims = tuple(tuple(index[a] for a in d if a in index) for d in self.dims)
-        return Layout(mesh, dims, tuple(index[a] for a in self.partial if a in index))
+        return Layout.derived(mesh, dims, tuple(index[a] for a in self.partial if a in index))
 
 
 def all_layouts(mesh: Mesh, ndim: int, with_partial: bool = True):
