@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from ..comm import redistribution as rd
@@ -81,7 +81,8 @@ def canonical(layout: Layout) -> Layout:
 class NodeCost:
     """One op under one sharding, per rank: seconds and bytes."""
     compute_s: float           # forward + backward kernels
-    comm_s: float              # collectives inside the kernels + gradient reduction of its parameters
+    comm_s: float              # collectives inside the kernels
+    grad_s: float              # reduction of its parameters' gradients into their layouts
     update_s: float            # optimizer update of the parameters it owns
     param_bytes: int           # weights it owns (local)
     grad_bytes: int
@@ -90,7 +91,7 @@ class NodeCost:
 
     @property
     def seconds(self) -> float:
-        return self.compute_s + self.comm_s + self.update_s
+        return self.compute_s + self.comm_s + self.grad_s + self.update_s
 
     @property
     def bytes(self) -> int:
@@ -145,6 +146,7 @@ class CostModel:
         self.input_layouts = {v: input_layout(graph.spec(v), stage, full_batch) for v in graph.inputs
                               if v is not None}
         self.needs_grad = self._needs_grad()
+        self.weight_values = self._weight_values()
         self.home: dict[int, tuple[int, int]] = {}       # parameter -> (first consumer node, input index)
         self.consumers: dict[int, list[tuple[int, int]]] = {}
         for n in self.forward:
@@ -221,19 +223,16 @@ class CostModel:
         compute = cost.compute_seconds(flops, nbytes, dtype, prof) \
             + launches * getattr(prof, "op_overhead_s", 0.0)
         comm = self._internal_seconds(node, sh, out, backward)
-        update = 0.0
+        grad = update = 0.0
         pbytes = gbytes = sbytes = 0
         for i, v in enumerate(node.inputs):
             if v not in self.params or self.home.get(v) != (node.id, i):
                 continue
             lay, local_bytes = sh.input_layout(i), specs[i].nbytes
-            comm += self.redistribution_seconds(sh.grad_layout(i), lay, v)
+            grad += self.redistribution_seconds(sh.grad_layout(i), lay, v)
             pbytes += local_bytes
             gbytes += local_bytes
-            states = self.optimizer_states * local_bytes
-            if self.optimizer_parallel:
-                states //= math.prod(lay.mesh.shape[a] for a in lay.replicated_axes())
-            sbytes += states
+            sbytes += self.state_bytes(local_bytes, lay)
             update += OPTIMIZER_BYTES_PER_ELEMENT * local_bytes / prof.elementwise_bytes_per_s
         act = 0
         if backward:
@@ -242,7 +241,21 @@ class CostModel:
                     act += specs[i].nbytes
             if prim.save_output:
                 act += out.nbytes
-        return NodeCost(compute, comm, update, pbytes, gbytes, sbytes, act)
+        return NodeCost(compute, comm, grad, update, pbytes, gbytes, sbytes, act)
+
+    def state_bytes(self, local_bytes: int, layout: Layout) -> int:
+        """Optimizer-state bytes of a weight of ``local_bytes`` per rank in ``layout``:
+        split over its data-parallel copies with optimizer parallel."""
+        states = self.optimizer_states * local_bytes
+        if self.optimizer_parallel:
+            states //= math.prod(layout.mesh.shape[a] for a in layout.replicated_axes())
+        return states
+
+    def param_memory(self, value: int, layout: Layout) -> tuple[int, int]:
+        """(weight + gradient + states, states) bytes per rank of a parameter in ``layout``."""
+        local = _local(self.graph.spec(value), layout).nbytes
+        states = self.state_bytes(local, layout)
+        return 2 * local + states, states
 
     def _internal_seconds(self, node: Node, sh: OpSharding, out: TensorSpec, backward: bool) -> float:
         """Collectives a kernel runs itself over its *internal* letters' axes: the
@@ -259,11 +272,30 @@ class CostModel:
     def edge_seconds(self, value: int, src: Layout, consumer: Node, i: int, sh: OpSharding) -> float:
         """Forward redistribution of ``value`` from ``src`` into what ``consumer`` reads as
         input ``i``, plus the backward one of its gradient into ``value``'s layout."""
-        want = sh.input_layout(i)
-        t = self.redistribution_seconds(src, want, value)
-        if value in self.needs_grad and i not in getattr(consumer.prim, "nondiff_inputs", ()):
-            t += self.redistribution_seconds(sh.grad_layout(i), Layout(src.mesh, src.dims), value)
-        return t
+        return sum(self.edge_parts(value, src, consumer, i, sh))
+
+    def edge_parts(self, value: int, src: Layout, consumer: Node, i: int, sh: OpSharding) -> tuple[float, float]:
+        """(activation seconds, gradient-reduction seconds) of an edge. The backward of a
+        weight's value (the weight cast to the compute dtype) is the weight's gradient
+        reduction: the runtime passes the partial sum through the cast to the weight, so
+        it happens once per step, not once per micro-batch."""
+        t = self.redistribution_seconds(src, sh.input_layout(i), value)
+        if value not in self.needs_grad or i in getattr(consumer.prim, "nondiff_inputs", ()):
+            return t, 0.0
+        back = self.redistribution_seconds(sh.grad_layout(i), Layout(src.mesh, src.dims), value)
+        return (t, back) if value in self.weight_values else (t + back, 0.0)
+
+    def _weight_values(self) -> set[int]:
+        """Parameters and what elementwise ops make of them alone (casts)."""
+        out = set(self.params)
+        for n in self.forward:
+            tensors = [v for v in n.inputs if v not in self.graph.consts]
+            if len(tensors) == 1 and tensors[0] in out:
+                specs = [self.graph.spec(v) for v in n.inputs]
+                ix = n.prim.indexing(specs, self.graph.spec(n.outputs[0]))
+                if ix is not None and ix.inputs[n.inputs.index(tensors[0])] == ix.output:
+                    out.add(n.outputs[0])
+        return out
 
     def producer_layout(self, value: int, shardings: dict[int, OpSharding]) -> Layout | None:
         """Where ``value`` lives before its consumers read it: an op's output layout, a
@@ -277,6 +309,22 @@ class CostModel:
         return self.input_layouts.get(value)
 
     # ---- whole plans ----------------------------------------------------------------------
+    def op_costs(self, plan: ShardingPlan) -> list[tuple[Node, NodeCost, float]]:
+        """Per forward op: its cost under ``plan`` (edge gradient reductions of its weight
+        inputs included in ``grad_s``) and the activation seconds of the edges into it."""
+        sh, out = plan.shardings, []
+        for n in self.forward:
+            act = grad = 0.0
+            for i, v in enumerate(n.inputs):
+                src = self.producer_layout(v, sh)
+                if src is None or (v in self.home and self.home[v] == (n.id, i)):
+                    continue
+                a, g = self.edge_parts(v, src, n, i, sh[n.id])
+                act, grad = act + a, grad + g
+            c = self.node_cost(n, sh[n.id])
+            out.append((n, replace(c, grad_s=c.grad_s + grad), act))
+        return out
+
     def evaluate(self, plan: ShardingPlan) -> PlanCost:
         """The predicted step of ``plan`` (any plan: searched, rule-made or loaded)."""
         sh = plan.shardings
@@ -284,19 +332,13 @@ class CostModel:
         pb = gb = sb = 0
         kept: dict[tuple[int, Layout], int] = {}   # activations: each (value, layout) once
         rows = []
-        for n in self.forward:
-            c = self.node_cost(n, sh[n.id])
-            edge = 0.0
-            for i, v in enumerate(n.inputs):
-                src = self.producer_layout(v, sh)
-                if src is None or (v in self.home and self.home[v] == (n.id, i)):
-                    continue
-                edge += self.edge_seconds(v, src, n, i, sh[n.id])
-            compute, comm, update = compute + c.compute_s, comm + c.comm_s + edge, update + c.update_s
+        for n, c, edge in self.op_costs(plan):
+            compute, comm, update = compute + c.compute_s, comm + c.comm_s + c.grad_s + edge, update + c.update_s
             pb, gb, sb = pb + c.param_bytes, gb + c.grad_bytes, sb + c.state_bytes
             for key, nbytes in self._kept(n, sh[n.id]):
                 kept[key] = nbytes
-            rows.append((n.name, str(sh[n.id]), str(sh[n.id].output_layout()), c.comm_s + edge, c.seconds + edge))
+            rows.append((n.name, str(sh[n.id]), str(sh[n.id].output_layout()), c.comm_s + c.grad_s + edge,
+                         c.seconds + edge))
         return PlanCost(compute, comm, update, pb, gb, sb, sum(kept.values()), tuple(rows))
 
     def _kept(self, node: Node, sh: OpSharding):

@@ -68,6 +68,8 @@ def plan_shardings(graph: Graph, mode: str, stage: Mesh, full_batch: bool = Fals
     params = set(graph.params)
     shardings: dict[int, OpSharding] = {}
     warned: set[str] = set()
+    weight_side: list = []          # ops on weights alone (a Cast to the compute dtype): laid out last
+    wanted: dict[int, Layout] = {}  # their outputs -> what the first consumer reads
     for node in graph.nodes:
         if node.phase != FORWARD:
             continue
@@ -75,6 +77,10 @@ def plan_shardings(graph: Graph, mode: str, stage: Mesh, full_batch: bool = Fals
         out = graph.spec(node.outputs[0])
         indexing = node.prim.indexing(specs, out)
         where = f"{node.scope} ({node.prim.kind})"
+        if mode != "stand_alone" and _on_weights_alone(node, indexing, params, layouts, wanted, graph):
+            weight_side.append((node, indexing))
+            wanted.setdefault(node.outputs[0], None)
+            continue
         if indexing is None:
             if node.prim.kind not in warned and mode != "stand_alone":
                 log.warning("%s has no sharding rule; it runs replicated", node.prim.kind)
@@ -95,9 +101,37 @@ def plan_shardings(graph: Graph, mode: str, stage: Mesh, full_batch: bool = Fals
         for i, v in enumerate(node.inputs):
             if v in params and v not in layouts:
                 layouts[v] = sharding.input_layout(i)
+            elif v in wanted and wanted[v] is None:
+                wanted[v] = sharding.input_layout(i)
         shardings[node.id] = sharding
         layouts[node.outputs[0]] = sharding.output_layout()
-    return ShardingPlan(stage, shardings, layouts)
+    for node, indexing in reversed(weight_side):   # in the layout their consumer reads: no gather
+        want = wanted.get(node.outputs[0]) or Layout.replicated(stage, len(graph.spec(node.outputs[0]).shape))
+        sharding = OpSharding(indexing, want.mesh, tuple(sorted(
+            (ch, axes) for ch, axes in zip(indexing.output, want.dims) if axes)))
+        for i, v in enumerate(node.inputs):
+            if v in params and v not in layouts:
+                layouts[v] = sharding.input_layout(i)
+            elif v in wanted and wanted[v] is None:
+                wanted[v] = sharding.input_layout(i)
+        shardings[node.id] = sharding
+        layouts[node.outputs[0]] = sharding.output_layout()
+    return ShardingPlan(stage, dict(sorted(shardings.items())), layouts)
+
+
+def _on_weights_alone(node, indexing, params, layouts, wanted, graph) -> bool:
+    """An op with no strategy, reading only weights not yet laid out (or such ops'
+    outputs) and constants, elementwise (its tensor input's letters are its output's):
+    it takes the layout its consumer reads, so a weight cast to the compute dtype is split
+    like the weight, not replicated and then sliced."""
+    if indexing is None or node.prim.strategy is not None or indexing.fixed or indexing.internal:
+        return False
+    tensors = [(i, v) for i, v in enumerate(node.inputs) if v not in graph.consts]
+    if len(tensors) != 1:
+        return False
+    i, v = tensors[0]
+    fresh_param = v in params and v not in layouts
+    return (fresh_param or v in wanted) and indexing.inputs[i] == indexing.output
 
 
 def make_plan(graph: Graph, mode: str, stage: Mesh, full_batch: bool = False, ctx=None) -> ShardingPlan:

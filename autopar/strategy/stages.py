@@ -1,0 +1,299 @@
+"""Stage search: pipeline stages, layer split, data/model degrees, micro-batches, recompute
+and optimizer parallel, chosen jointly to minimise predicted step time under a memory cap.
+
+A decoder is a stack of identical layers between a head and a tail: the first stage also
+runs the embeddings, the last also the query layer, head and loss. So one stage setting --
+(devices per stage, data x model degrees, micro-batch size) -- is priced once, on a graph
+of ONE layer with its extras, by :class:`~autopar.strategy.costmodel.CostModel`; a
+pipeline of any depth is then arithmetic on those parts (seconds per micro-batch, bytes):
+
+* stage time per micro-batch ``T_s = n_s x layer + extras_s (+ a forward again with
+  recompute) + send/recv of the boundary activation``;
+* step = ``(m + p - 1) x max_s T_s`` (the bubble is the ``p - 1``) + the gradient
+  reduction and optimizer update, once per step;
+* memory of stage s = its weights, gradients and optimizer states (divided over the
+  data-parallel copies with optimizer parallel) + activations of the micro-batches in
+  flight, ``min(p - s, m)`` under 1F1B: all of a layer's with no recompute; with recompute
+  only each layer's input, plus one layer's activations while it is rebuilt.
+
+Early stages hold more micro-batches, so when the uniform split overflows the first stage
+the split moves layers back (Yuan 2.0's non-uniform lists).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..ops.primitive import TensorSpec
+from ..runtime.graph import Graph
+from ..runtime.trace import trace
+from .costmodel import CostModel
+from .mesh import Mesh
+from .plan import plan_shardings
+from .profile import MachineProfile
+
+RECOMPUTE_EXTRA = 1 / 3    # recompute re-runs the forward: a third of forward + backward compute
+
+
+@dataclass(frozen=True)
+class Part:
+    """Costs of a group of ops for one micro-batch on one rank of a stage."""
+    compute_s: float = 0.0
+    comm_s: float = 0.0          # activation redistributions and in-kernel collectives
+    grad_s: float = 0.0          # gradient reductions (once per step)
+    update_s: float = 0.0
+    model_bytes: int = 0         # weights + gradients + optimizer states
+    state_bytes: int = 0         # of which optimizer states
+    activation_bytes: int = 0    # kept for backward, one micro-batch
+    boundary_bytes: int = 0      # the activation entering the group (what recompute keeps)
+
+
+@dataclass(frozen=True)
+class Family:
+    """How to build a model of this family with a given number of layers and degrees."""
+    name: str
+    config: object
+    layers: int                                   # pipelined identical layers
+    build: Callable[[object], object]             # config -> loss cell
+    one_layer: Callable[[object], object]         # config -> config with one pipelined layer
+    input_specs: Callable[[object, int], tuple]   # (config, batch) -> input TensorSpecs
+    layer_scope: str = "blocks.0."
+
+
+def pangu_family(preset: str, **overrides) -> Family:
+    from ..models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
+    cfg = PanguAlphaConfig.preset(preset, **overrides)
+    return Family("pangu_alpha", cfg, cfg.num_layers - 1, PanguAlphaWithLoss,
+                  lambda c: c.replace(num_layers=2),
+                  lambda c, b: (TensorSpec((b, c.seq_length + 1), np.dtype(np.int32)),))
+
+
+def yuan_family(preset: str, **overrides) -> Family:
+    from ..models.yuan import YuanConfig, YuanWithLoss
+    cfg = YuanConfig.preset(preset, **overrides)
+    return Family("yuan", cfg, cfg.num_layers, YuanWithLoss,
+                  lambda c: c.replace(num_layers=1, layers_per_stage=None),
+                  lambda c, b: (TensorSpec((b, c.seq_length + 1), np.dtype(np.int32)),))
+
+
+FAMILIES = {"pangu_alpha": pangu_family, "yuan": yuan_family}
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One pipeline plan and its prediction."""
+    pp: int
+    dp: int
+    mp: int
+    micro_batches: int
+    micro_batch_size: int
+    layers_per_stage: tuple[int, ...]
+    recompute: bool
+    optimizer_parallel: bool
+    step_seconds: float
+    compute_s: float             # m x the slowest stage's compute per micro-batch
+    comm_s: float                # m x its communication, + gradient reduction
+    bubble_s: float              # (p - 1) x the slowest stage's micro-batch time
+    update_s: float
+    memory_bytes: tuple[int, ...]   # per stage (the most loaded rank of each)
+    parts: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        return max(self.memory_bytes)
+
+    def describe(self) -> str:
+        split = ",".join(map(str, self.layers_per_stage))
+        return (f"pp{self.pp} x dp{self.dp} x mp{self.mp}, {self.micro_batches} micro-batches of "
+                f"{self.micro_batch_size}, layers {split}, recompute {'on' if self.recompute else 'off'}, "
+                f"optimizer parallel {'on' if self.optimizer_parallel else 'off'}")
+
+
+class StageCoster:
+    """Prices stage settings of one model family on one machine, caching each setting."""
+
+    def __init__(self, family: Family, devices: int, profile: MachineProfile):
+        self.family, self.devices, self.profile = family, devices, profile
+        self._parts: dict = {}
+
+    def parts(self, stage_devices: int, dp: int, mp: int, mb: int, zero: bool) -> tuple[Part, Part, Part]:
+        """(first-stage extras, one layer, last-stage extras) for one micro-batch."""
+        key = (stage_devices, dp, mp, mb, zero)
+        if key not in self._parts:
+            self._parts[key] = self._price(stage_devices, dp, mp, mb, zero)
+        return self._parts[key]
+
+    def _price(self, stage_devices, dp, mp, mb, zero):
+        fam = self.family
+        cfg = fam.one_layer(fam.config).replace(data_parallel=dp, model_parallel=mp)
+        graph = trace(fam.build(cfg), fam.input_specs(cfg, mb), {}).graph
+        stage = Mesh((stage_devices,), ("devices",))
+        plan = plan_shardings(graph, "semi_auto_parallel", stage, True)
+        model = CostModel(graph, stage, self.profile, True, optimizer_parallel=zero)
+        return split_parts(model, plan, fam.layer_scope)
+
+
+def split_parts(model: CostModel, plan, layer_scope: str) -> tuple[Part, Part, Part]:
+    """Group a one-layer plan's op costs: before the layer, the layer, after it."""
+    graph: Graph = model.graph
+    groups = {"first": [], "layer": [], "last": []}
+    seen_layer = False
+    for n, c, edge in model.op_costs(plan):
+        if n.scope.startswith(layer_scope) or n.scope == layer_scope.rstrip("."):
+            seen_layer = True
+            groups["layer"].append((n, c, edge))
+        else:
+            groups["last" if seen_layer else "first"].append((n, c, edge))
+    parts = []
+    layer_ops = {n.id for n, _, _ in groups["layer"]}
+    for name in ("first", "layer", "last"):
+        rows = groups[name]
+        kept: dict = {}
+        for n, _, _ in rows:
+            for key, nbytes in model._kept(n, plan.shardings[n.id]):
+                kept[key] = nbytes
+        model_bytes = state = 0
+        for v in {v for n, _, _ in rows for v in n.inputs if v in model.params}:   # every weight it reads
+            both, states = model.param_memory(v, plan.layouts[v])
+            model_bytes, state = model_bytes + both, state + states
+        boundary = 0
+        if name == "layer":
+            for n, _, _ in rows:
+                for v in n.inputs:
+                    src = graph.node_of(v)
+                    if src is not None and src.id not in layer_ops and v not in model.params:
+                        lay = model.producer_layout(v, plan.shardings)
+                        boundary = max(boundary, math.prod(lay.local_shape(graph.spec(v).shape))
+                                       * np.dtype(graph.spec(v).dtype).itemsize)
+        parts.append(Part(sum(c.compute_s for _, c, _ in rows),
+                          sum(c.comm_s + e for _, c, e in rows),
+                          sum(c.grad_s for _, c, _ in rows),
+                          sum(c.update_s for _, c, _ in rows),
+                          model_bytes, state, sum(kept.values()), boundary))
+    return tuple(parts)
+
+
+def in_flight(pp: int, s: int, m: int, schedule: str = "1f1b") -> int:
+    """Micro-batches whose activations stage s holds at its peak."""
+    return m if schedule == "gpipe" else min(pp - s, m)
+
+
+def stage_memory(first: Part, layer: Part, last: Part, pp: int, s: int, n: int, m: int,
+                 recompute: bool) -> int:
+    """Bytes on a rank of stage s holding n layers."""
+    extras = ([first] if s == 0 else []) + ([last] if s == pp - 1 else [])
+    model = n * layer.model_bytes + sum(p.model_bytes for p in extras)
+    per_mb = n * (layer.boundary_bytes if recompute else layer.activation_bytes)
+    per_mb += sum(p.activation_bytes for p in extras)
+    working = layer.activation_bytes if recompute and n else 0    # one layer rebuilt at a time
+    return int(model + in_flight(pp, s, m) * per_mb + working)
+
+
+def split_layers(layers: int, pp: int, fits: Callable[[int, int], bool]) -> tuple[int, ...] | None:
+    """Layers per stage: as even as the memory allows (``fits(stage, n)``), moving layers
+    off the stages that overflow; None when no split fits."""
+    cap = []
+    for s in range(pp):
+        n = 0
+        while n < layers and fits(s, n + 1):
+            n += 1
+        cap.append(n)
+    if sum(cap) < layers or min(cap) < 1:
+        return None
+    for most in range(math.ceil(layers / pp), layers + 1):
+        split = [min(c, most) for c in cap]
+        if sum(split) >= layers:
+            extra = sum(split) - layers
+            for s in range(pp):          # give back the surplus from the first (most loaded) stages
+                take = min(extra, split[s] - 1)
+                split[s] -= take
+                extra -= take
+            return tuple(split)
+    return None
+
+
+def evaluate(coster: StageCoster, batch: int, pp: int, dp: int, mp: int, m: int, recompute: bool, zero: bool,
+             layers_per_stage: tuple[int, ...] | None = None, memory_cap: float | None = None) -> StagePlan | None:
+    """The predicted step of one pipeline plan; None if its shapes don't divide. With no
+    ``layers_per_stage`` the split is the most even one that fits ``memory_cap``."""
+    prof, fam = coster.profile, coster.family
+    if coster.devices % pp or (coster.devices // pp) != dp * mp or batch % m or (batch // m) % dp:
+        return None
+    mb = batch // m
+    try:
+        first, layer, last = coster.parts(coster.devices // pp, dp, mp, mb, zero)
+    except ValueError:
+        return None       # the config refuses these degrees (heads not divisible, ...)
+    cap = float(prof.memory_bytes if memory_cap is None else memory_cap)
+    if layers_per_stage is None:
+        split = split_layers(fam.layers, pp, lambda s, n: stage_memory(first, layer, last, pp, s, n, m,
+                                                                        recompute) <= cap)
+        if split is None:
+            split = tuple(np.diff(np.linspace(0, fam.layers, pp + 1).round().astype(int)))
+    else:
+        split = tuple(layers_per_stage)
+        if len(split) != pp or sum(split) != fam.layers:
+            raise ValueError(f"layers_per_stage: expected {pp} counts summing to {fam.layers}, got {split}")
+    stage_dev = coster.devices // pp
+    inter = stage_dev >= prof.devices_per_node
+    p2p = 0.0
+    if pp > 1:
+        lat = prof.inter_node_latency_s if inter else prof.intra_node_latency_s
+        bw = prof.inter_node_bandwidth_bytes_per_s if inter else prof.intra_node_bandwidth_bytes_per_s
+        p2p = 2 * (lat + layer.boundary_bytes / bw)        # activation out, its gradient back
+    times, comms, memories, grads, updates = [], [], [], [], []
+    for s, n in enumerate(split):
+        extras = ([first] if s == 0 else []) + ([last] if s == pp - 1 else [])
+        compute = n * layer.compute_s + sum(p.compute_s for p in extras)
+        if recompute:
+            compute += RECOMPUTE_EXTRA * n * layer.compute_s
+        comm = n * layer.comm_s + sum(p.comm_s for p in extras) + (p2p if pp > 1 else 0.0)
+        times.append((compute, comm))
+        grads.append(n * layer.grad_s + sum(p.grad_s for p in extras))
+        updates.append(n * layer.update_s + sum(p.update_s for p in extras))
+        memories.append(stage_memory(first, layer, last, pp, s, n, m, recompute))
+        comms.append(comm)
+    slow = max(range(pp), key=lambda s: sum(times[s]))
+    per_mb = sum(times[slow])
+    compute_s, comm_s = m * times[slow][0], m * times[slow][1] + max(grads)
+    bubble = (pp - 1) * per_mb
+    step = compute_s + comm_s + bubble + max(updates)
+    return StagePlan(pp, dp, mp, m, mb, split, recompute, zero, step, compute_s, comm_s, bubble, max(updates),
+                     tuple(memories))
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def search_stages(coster: StageCoster, batch: int, memory_cap: float | None = None,
+                  max_mp: int | None = None) -> tuple[StagePlan | None, list[StagePlan]]:
+    """The fastest plan fitting the memory cap over stages, degrees, micro-batches,
+    recompute and optimizer parallel; and every plan priced (for reports)."""
+    prof, fam = coster.profile, coster.family
+    cap = float(prof.memory_bytes if memory_cap is None else memory_cap)
+    max_mp = max_mp or prof.devices_per_node        # model parallel inside a node, as PanGu-α did
+    tried: list[StagePlan] = []
+    for pp in divisors(coster.devices):
+        if pp > fam.layers:
+            break
+        stage_dev = coster.devices // pp
+        for mp in [d for d in divisors(stage_dev) if d <= max_mp]:
+            dp = stage_dev // mp
+            ms = sorted({m for m in (pp, 2 * pp, 4 * pp) if batch % m == 0 and (batch // m) % dp == 0})
+            for m in ms:
+                for recompute in (False, True):
+                    for zero in (False, True):
+                        plan = evaluate(coster, batch, pp, dp, mp, m, recompute, zero, memory_cap=cap)
+                        if plan is not None:
+                            tried.append(plan)
+    fitting = [p for p in tried if p.peak_memory_bytes <= cap]
+    best = min(fitting, key=lambda p: p.step_seconds) if fitting else None
+    return best, tried
+
+
+__all__ = ["Family", "FAMILIES", "Part", "StagePlan", "StageCoster", "evaluate", "search_stages",
+           "split_layers", "in_flight"]
