@@ -112,7 +112,9 @@ class Program:
         (a new array) is its own root; any other output (a view, or an input handed back)
         may alias every root of the node's inputs. An input may be overwritten at
         instruction k when it is a fresh, unpinned buffer used once there, and every value
-        that may alias it is dead after k.
+        that may alias it is dead after k. A 0-d value is never overwritten: numpy hands
+        back arithmetic on 0-d arrays as immutable scalars (``np.add(a, b)`` is an
+        ``np.float32``), which no ``out=`` can take, and there is no memory to save.
         """
         roots: dict[int, frozenset[int]] = {}
         for node in nodes:
@@ -132,7 +134,7 @@ class Program:
             specs = [graph.spec(v) for v in node.inputs]
             for j in node.prim.inplace_inputs(specs, graph.spec(node.outputs[0])):
                 v = node.inputs[j]
-                if (v not in pinned and roots.get(v) == frozenset((v,)) and node.inputs.count(v) == 1
+                if (graph.spec(v).shape and v not in pinned and roots.get(v) == frozenset((v,)) and node.inputs.count(v) == 1
                         and all(last_use[w] <= k and w not in pinned for w in aliases[v])):
                     donated[k] = j
                     break
