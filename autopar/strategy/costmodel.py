@@ -88,6 +88,7 @@ class NodeCost:
     grad_bytes: int
     state_bytes: int           # optimizer states (local, after optimizer-parallel division)
     activation_bytes: int      # kept for backward
+    flops: float = 0.0         # forward + backward, local
 
     @property
     def seconds(self) -> float:
@@ -241,7 +242,7 @@ class CostModel:
                     act += specs[i].nbytes
             if prim.save_output:
                 act += out.nbytes
-        return NodeCost(compute, comm, grad, update, pbytes, gbytes, sbytes, act)
+        return NodeCost(compute, comm, grad, update, pbytes, gbytes, sbytes, act, float(flops))
 
     def state_bytes(self, local_bytes: int, layout: Layout) -> int:
         """Optimizer-state bytes of a weight of ``local_bytes`` per rank in ``layout``:

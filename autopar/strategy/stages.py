@@ -207,11 +207,12 @@ def split_layers(layers: int, pp: int, fits: Callable[[int, int], bool]) -> tupl
         split = [min(c, most) for c in cap]
         if sum(split) >= layers:
             extra = sum(split) - layers
-            for s in range(pp):          # give back the surplus from the first (most loaded) stages
-                take = min(extra, split[s] - 1)
-                split[s] -= take
-                extra -= take
-            return tuple(split)
+            while extra:                 # give the surplus back one layer at a time, first stages first
+                for s in range(pp):
+                    if extra and split[s] > 1 and split[s] == max(split):
+                        split[s] -= 1
+                        extra -= 1
+            return tuple(int(n) for n in split)
     return None
 
 
@@ -232,7 +233,7 @@ def evaluate(coster: StageCoster, batch: int, pp: int, dp: int, mp: int, m: int,
         split = split_layers(fam.layers, pp, lambda s, n: stage_memory(first, layer, last, pp, s, n, m,
                                                                         recompute) <= cap)
         if split is None:
-            split = tuple(np.diff(np.linspace(0, fam.layers, pp + 1).round().astype(int)))
+            split = tuple(int(n) for n in np.diff(np.linspace(0, fam.layers, pp + 1).round().astype(int)))
     else:
         split = tuple(layers_per_stage)
         if len(split) != pp or sum(split) != fam.layers:

@@ -1,0 +1,125 @@
+"""The graph cost model against closed forms (REFERENCE.md): training FLOPs 6 x parameters x
+tokens, Megatron's per-layer tensor-parallel all-reduce volume on a ring, ZeRO-1 state
+memory, and the data-parallel gradient all-reduce."""
+import json
+
+import numpy as np
+import pytest
+
+from autopar import nn, ops
+from autopar.ops.primitive import TensorSpec
+from autopar.runtime.trace import trace
+from autopar.strategy import cost
+from autopar.strategy.costmodel import CostModel
+from autopar.strategy.mesh import Mesh
+from autopar.strategy.plan import plan_shardings
+from autopar.strategy.profile import PROFILE_DIR, load_profile
+
+
+@pytest.fixture(scope="module")
+def link_only(tmp_path_factory):
+    """No latency, 1 GB/s links, infinitely fast compute: seconds are bytes on the wire / 1e9."""
+    base = json.loads((PROFILE_DIR / "cpu-2core.json").read_text())
+    base.update(name="links", gemm_flops={"float32": 1e30}, elementwise_bytes_per_s=1e30, op_overhead_s=0.0,
+                intra_node_latency_s=0.0, inter_node_latency_s=0.0, intra_node_bandwidth_bytes_per_s=1e9,
+                inter_node_bandwidth_bytes_per_s=1e9, devices_per_node=64)
+    base["sources"].setdefault("op_overhead_s", "assumed, for this test")
+    path = tmp_path_factory.mktemp("p") / "links.json"
+    path.write_text(json.dumps(base))
+    return load_profile(str(path))
+
+
+class MegatronLayer(nn.Cell):
+    """Attention-like and MLP-like halves, each column-parallel then row-parallel (weights
+    [in, out]): the layer Megatron shards with one all-reduce per half per direction."""
+
+    def __init__(self, h, mp):
+        super().__init__()
+        self.w = [nn.Parameter(np.zeros(s, np.float32), name=f"w{k}")
+                  for k, s in enumerate([(h, 4 * h), (4 * h, h), (h, 4 * h), (4 * h, h)])]
+        for k, w in enumerate(self.w):
+            setattr(self, f"w{k}", w)
+        col, row = ((1, 1), (1, mp)), ((1, mp), (mp, 1))
+        self.mm = [ops.MatMul().shard(col), ops.MatMul().shard(row), ops.MatMul().shard(col), ops.MatMul().shard(row)]
+        for k, m in enumerate(self.mm):
+            setattr(self, f"mm{k}", m)
+        self.gelu = ops.GeLU().shard(((1, mp),))
+        self.add, self.scale = ops.Add(), ops.Mul()
+        self.g = nn.Parameter(np.ones((h,), np.float32), name="g")   # so x's gradient flows, as a layer's does
+        self.mean = ops.ReduceMean()
+
+    def construct(self, x):
+        x = self.scale(x, self.g)
+        a = self.add(x, self.mm1(self.mm0(x, self.w0), self.w1))
+        b = self.add(a, self.mm3(self.gelu(self.mm2(a, self.w2)), self.w3))
+        return self.mean(b)
+
+
+@pytest.mark.parametrize("mp", [2, 4, 8])
+def test_megatron_layer_moves_four_ring_all_reduces_of_the_activations(link_only, mp):
+    b_s, h = 64, 32                      # b*s tokens of width h
+    g = trace(MegatronLayer(h, mp), (TensorSpec((b_s, h), np.dtype(np.float32)),), {}).graph
+    stage = Mesh((mp,), ("devices",))
+    plan = plan_shardings(g, "semi_auto_parallel", stage, True)
+    got = CostModel(g, stage, link_only, True).evaluate(plan).comm_s
+    volume = cost.megatron_tp_comm_bytes_per_layer(1, b_s, h, bytes_per_element=4)   # 4 all-reduces of (b, s, h)
+    assert got == pytest.approx(volume * cost.collective_factor("all_reduce", mp) / 1e9, rel=1e-12)
+
+
+def test_training_flops_are_six_times_parameters_times_tokens_plus_attention():
+    from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
+    cfg = PanguAlphaConfig.preset("tiny", hidden_size=256, ffn_hidden_size=1024, num_heads=8, num_layers=3,
+                                  seq_length=64, vocab_size=512)
+    B = 4
+    g = trace(PanguAlphaWithLoss(cfg), (TensorSpec((B, cfg.seq_length + 1), np.dtype(np.int32)),), {}).graph
+    stage = Mesh((1,), ("devices",))
+    model = CostModel(g, stage, load_profile("cpu-2core"), True)
+    plan = plan_shardings(g, "stand_alone", stage, True)
+    matmul_flops = sum(c.flops for n, c, _ in model.op_costs(plan) if n.prim.kind in ("MatMul", "BatchMatMul"))
+    # every layer (blocks and the query layer) and the tied head; recompute off
+    expected = cost.transformer_training_flops(B, cfg.seq_length, cfg.num_layers, cfg.hidden_size,
+                                               cfg.vocab_size, recompute=False)
+    # the head is tied, the embedding lookup is no GEMM: the 6 x params x tokens count with
+    # the embedding counted once, as the closed form does
+    assert matmul_flops == pytest.approx(expected, rel=0.02)
+
+
+@pytest.mark.parametrize("dp", [2, 4, 8])
+def test_optimizer_parallel_cuts_states_by_the_data_parallel_degree_as_zero_1(dp):
+    h = 64
+    net = nn.Dense(h, h, has_bias=False)
+
+    class Loss(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.net, self.mean = net, ops.ReduceMean()
+
+        def construct(self, x):
+            return self.mean(self.net(x))
+
+    g = trace(Loss(), (TensorSpec((8 * dp, h), np.dtype(np.float32)),), {}).graph
+    stage = Mesh((dp,), ("devices",))
+    plan = plan_shardings(g, "data_parallel", stage, False)
+    plain = CostModel(g, stage, load_profile("cpu-2core"), optimizer_states=3).evaluate(plan)
+    zero = CostModel(g, stage, load_profile("cpu-2core"), optimizer_states=3, optimizer_parallel=True).evaluate(plan)
+    psi = h * h
+    # ZeRO-1 (Rajbhandari et al.): weights and gradients stay, K bytes of states per parameter
+    # are split N ways. Here fp32 weights and gradients (4 + 4 bytes) and 3 fp32 states (K = 12):
+    # 20 psi plain, 8 psi + 12 psi / N with optimizer parallel -- the closed form's stage 0 and
+    # stage 1 shifted by the 4 psi that fp32 weights and gradients add over fp16 ones.
+    fp32_extra = 4 * psi
+    assert plain.param_bytes + plain.grad_bytes + plain.state_bytes == \
+        cost.zero_memory_bytes(psi, dp, 0, K=12) + fp32_extra == 20 * psi
+    assert zero.param_bytes + zero.grad_bytes + zero.state_bytes == \
+        cost.zero_memory_bytes(psi, dp, 1, K=12) + fp32_extra == 8 * psi + 12 * psi / dp
+
+
+@pytest.mark.parametrize("dp", [2, 4, 8])
+def test_data_parallel_gradient_all_reduce_is_one_ring_all_reduce_per_weight(link_only, dp):
+    h = 48
+    g = trace(MegatronLayer(h, 1), (TensorSpec((16 * dp, h), np.dtype(np.float32)),), {}).graph
+    stage = Mesh((dp,), ("devices",))
+    plan = plan_shardings(g, "data_parallel", stage, False)
+    got = CostModel(g, stage, link_only).evaluate(plan).comm_s
+    weights = (4 * (h * 4 * h) + h) * 4
+    assert got == pytest.approx(weights * 2 * (dp - 1) / dp / 1e9, rel=1e-12)
