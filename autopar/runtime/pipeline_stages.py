@@ -10,7 +10,9 @@ Rules, in order:
   stage when nothing does.
 
 Stages never decrease along the data flow, every stage gets at least one node, and the loss
-is made on the last stage; anything else is a ValueError naming the ops. A value made on
+is made on the last stage; anything else is a ValueError naming the ops. On one stage (a
+serial run of a script written for a pipeline, or ``pipeline_stages=1``) the annotations
+are ignored, as MindSpore ignores them: every node runs on stage 0. A value made on
 stage a and read on later stages b is a :class:`Crossing`: sent a -> b after each forward,
 its gradient sent back b -> a after each backward (when it has one).
 
@@ -69,6 +71,8 @@ def assign_stages(graph: Graph, stages: int, differentiable: set[int] | None = N
     """The stage of every forward node of ``graph`` on ``stages`` stages. ``differentiable``:
     the values that get a gradient (crossings outside it send none back)."""
     forward = [n for n in graph.nodes if n.phase == FORWARD]
+    if stages == 1:
+        return StageAssignment(1, {n.id: 0 for n in forward}, ())
     made_by = {o: n for n in forward for o in n.outputs}
     readers: dict[int, list] = {}
     for n in forward:

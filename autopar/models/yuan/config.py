@@ -28,8 +28,8 @@ class YuanConfig:
     # Operator-level parallelism (semi_auto_parallel), Megatron-style like PanGu-α.
     data_parallel: int = 1
     model_parallel: int = 1
-    # Non-uniform pipeline: layers per stage, summing to num_layers. Stored and validated only;
-    # nothing in this package assigns pipeline stages yet.
+    # Non-uniform pipeline: layers per stage, summing to num_layers; Yuan(config) sets the
+    # blocks' pipeline_stage from it (autopar.nn.set_pipeline_stages).
     layers_per_stage: tuple[int, ...] | None = None
 
     def __post_init__(self):

@@ -18,7 +18,7 @@ import numpy as np
 
 from ... import ops
 from ...errors import OpArgError
-from ...nn import Cell, CellList, Dense, Embedding, Normal, RMSNorm, causal_mask
+from ...nn import Cell, CellList, Dense, Embedding, Normal, RMSNorm, causal_mask, set_pipeline_stages
 from ...nn.lm_loss import NextTokenLoss
 from ..megatron import attention_core, batch_only, column_parallel, row_parallel
 from .config import YuanConfig
@@ -166,7 +166,13 @@ class Block(Cell):
 
 
 class Yuan(Cell):
-    """``Yuan(config)(input_ids (B, S))`` -> logits (B, S, V); causal, rotary positions 0..S-1."""
+    """``Yuan(config)(input_ids (B, S))`` -> logits (B, S, V); causal, rotary positions 0..S-1.
+
+    With ``config.layers_per_stage`` the blocks carry their ``pipeline_stage`` (block i on the
+    stage whose count covers it); the embedding follows its readers onto stage 0, the final
+    norm, the tied head and the loss follow the data onto the last stage. Train it under
+    ``pipeline_stages = len(layers_per_stage)`` with ``nn.PipelineCell``; serially the
+    stages are ignored."""
 
     def __init__(self, config: YuanConfig):
         super().__init__()
@@ -174,6 +180,8 @@ class Yuan(Cell):
         h, dt = config.hidden_size, config.param_dtype
         self.word_embedding = Embedding(config.vocab_size, h, Normal(config.init_std), dt)
         self.blocks = CellList([Block(config) for _ in range(config.num_layers)])
+        if config.layers_per_stage is not None:   # Yuan 2.0's non-uniform split, e.g. (2, 2, 3, 3, ...)
+            set_pipeline_stages(list(self.blocks), config.layers_per_stage)
         self.final_norm = RMSNorm(h, config.rms_eps, dt)
         self.head = ops.MatMul(transpose_b=True)
         dp, mp = config.data_parallel, config.model_parallel
