@@ -194,3 +194,15 @@ def test_plan_of_gives_parameters_their_first_consumers_layout():
     for v, (n, i) in model.home.items():
         assert plan.layouts[v] == plan.shardings[n].input_layout(i)
     assert plan_of(model, plan.shardings).layouts == plan.layouts
+
+
+def test_candidates_include_non_power_of_two_splits_and_the_search_uses_them():
+    g = graph_of(TwoMatMuls(24), (96, 24))
+    stage = Mesh((6,), ("devices",))
+    model = CostModel(g, stage, PROFILE)
+    problem = build(model)
+    mm = [n for n in g.nodes if n.prim.kind == "MatMul"][0]
+    splits = {str(sh) for sh in problem.cands[mm.id]}
+    assert {"((6,1),(1,1))", "((3,1),(1,2))", "((1,3),(3,2))"} <= splits
+    res = search(g, stage, profile=PROFILE)          # 6 ranks, large batch: a 6-way data split
+    assert str(res.plan.shardings[mm.id]) == "((6,1),(1,1))"
