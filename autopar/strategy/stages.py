@@ -121,23 +121,29 @@ class StageCoster:
 
     def parts(self, stage_devices: int, dp: int, mp: int, mb: int, zero: bool) -> tuple[Part, Part, Part]:
         """(first-stage extras, one layer, last-stage extras) for one micro-batch."""
-        key = (stage_devices, dp, mp, mb, zero)
+        key = (stage_devices, dp, mp, mb)
         if key not in self._parts:
-            self._parts[key] = self._price(stage_devices, dp, mp, mb, zero)
-        return self._parts[key]
+            self._parts[key] = self._price(stage_devices, dp, mp, mb)
+        return self._parts[key][zero]
 
-    def _price(self, stage_devices, dp, mp, mb, zero):
+    def _price(self, stage_devices, dp, mp, mb):
+        """Both optimizer-parallel settings from one pricing (they differ in state bytes only)."""
         fam = self.family
         cfg = fam.one_layer(fam.config).replace(data_parallel=dp, model_parallel=mp)
         graph = trace(fam.build(cfg), fam.input_specs(cfg, mb), {}).graph
         stage = Mesh((stage_devices,), ("devices",))
         plan = plan_shardings(graph, "semi_auto_parallel", stage, True)
-        model = CostModel(graph, stage, self.profile, True, optimizer_parallel=zero)
-        return split_parts(model, plan, fam.layer_scope)
+        model = CostModel(graph, stage, self.profile, True)
+        zero = CostModel(graph, stage, self.profile, True, optimizer_parallel=True)
+        return {False: split_parts(model, plan, fam.layer_scope),
+                True: split_parts(model, plan, fam.layer_scope, memory_model=zero)}
 
 
-def split_parts(model: CostModel, plan, layer_scope: str) -> tuple[Part, Part, Part]:
-    """Group a one-layer plan's op costs: before the layer, the layer, after it."""
+def split_parts(model: CostModel, plan, layer_scope: str, memory_model: CostModel | None = None
+                ) -> tuple[Part, Part, Part]:
+    """Group a one-layer plan's op costs: before the layer, the layer, after it (weights'
+    bytes priced by ``memory_model``, e.g. the optimizer-parallel one)."""
+    memory_model = memory_model or model
     graph: Graph = model.graph
     groups = {"first": [], "layer": [], "last": []}
     seen_layer = False
@@ -157,7 +163,7 @@ def split_parts(model: CostModel, plan, layer_scope: str) -> tuple[Part, Part, P
                 kept[key] = nbytes
         model_bytes = state = 0
         for v in {v for n, _, _ in rows for v in n.inputs if v in model.params}:   # every weight it reads
-            both, states = model.param_memory(v, plan.layouts[v])
+            both, states = memory_model.param_memory(v, plan.layouts[v])
             model_bytes, state = model_bytes + both, state + states
         boundary = 0
         if name == "layer":
@@ -181,6 +187,14 @@ def in_flight(pp: int, s: int, m: int, schedule: str = "1f1b") -> int:
     return m if schedule == "gpipe" else min(pp - s, m)
 
 
+def stage_time(first: Part, layer: Part, last: Part, pp: int, s: int, n: int, recompute: bool
+               ) -> tuple[float, float]:
+    """(compute, communication) seconds of one micro-batch on stage s holding n layers."""
+    extras = ([first] if s == 0 else []) + ([last] if s == pp - 1 else [])
+    compute = n * layer.compute_s * (1 + (RECOMPUTE_EXTRA if recompute else 0)) + sum(p.compute_s for p in extras)
+    return compute, n * layer.comm_s + sum(p.comm_s for p in extras)
+
+
 def stage_memory(first: Part, layer: Part, last: Part, pp: int, s: int, n: int, m: int,
                  recompute: bool) -> int:
     """Bytes on a rank of stage s holding n layers."""
@@ -192,27 +206,30 @@ def stage_memory(first: Part, layer: Part, last: Part, pp: int, s: int, n: int, 
     return int(model + in_flight(pp, s, m) * per_mb + working)
 
 
-def split_layers(layers: int, pp: int, fits: Callable[[int, int], bool]) -> tuple[int, ...] | None:
-    """Layers per stage: as even as the memory allows (``fits(stage, n)``), moving layers
-    off the stages that overflow; None when no split fits."""
-    cap = []
+def split_layers(layers: int, pp: int, fits: Callable[[int, int], bool],
+                 time: Callable[[int, int], float] | None = None) -> tuple[int, ...] | None:
+    """Layers per stage minimising the slowest stage's ``time(stage, n)`` (default: n)
+    among splits where every stage ``fits(stage, n)`` in memory; None when none does.
+    Stages with extra work (embeddings, head) or more micro-batches in flight get fewer."""
+    time = time or (lambda s, n: float(n))
+    most = []
     for s in range(pp):
         n = 0
         while n < layers and fits(s, n + 1):
             n += 1
-        cap.append(n)
-    if sum(cap) < layers or min(cap) < 1:
+        most.append(n)
+    if sum(most) < layers or min(most) < 1:
         return None
-    for most in range(math.ceil(layers / pp), layers + 1):
-        split = [min(c, most) for c in cap]
-        if sum(split) >= layers:
+    levels = sorted({time(s, n) for s in range(pp) for n in range(1, most[s] + 1)})
+    for bound in levels:                 # the smallest bound on stage time that holds every layer
+        split = [max((n for n in range(1, most[s] + 1) if time(s, n) <= bound), default=0) for s in range(pp)]
+        if min(split) >= 1 and sum(split) >= layers:
             extra = sum(split) - layers
-            while extra:                 # give the surplus back one layer at a time, first stages first
-                for s in range(pp):
-                    if extra and split[s] > 1 and split[s] == max(split):
-                        split[s] -= 1
-                        extra -= 1
-            return tuple(int(n) for n in split)
+            while extra:                 # give the surplus back from the slowest stages
+                s = max((s for s in range(pp) if split[s] > 1), key=lambda s: (time(s, split[s]), -s))
+                split[s] -= 1
+                extra -= 1
+            return tuple(split)
     return None
 
 
@@ -230,8 +247,9 @@ def evaluate(coster: StageCoster, batch: int, pp: int, dp: int, mp: int, m: int,
         return None       # the config refuses these degrees (heads not divisible, ...)
     cap = float(prof.memory_bytes if memory_cap is None else memory_cap)
     if layers_per_stage is None:
-        split = split_layers(fam.layers, pp, lambda s, n: stage_memory(first, layer, last, pp, s, n, m,
-                                                                        recompute) <= cap)
+        split = split_layers(fam.layers, pp,
+                             lambda s, n: stage_memory(first, layer, last, pp, s, n, m, recompute) <= cap,
+                             lambda s, n: sum(stage_time(first, layer, last, pp, s, n, recompute)))
         if split is None:
             split = tuple(int(n) for n in np.diff(np.linspace(0, fam.layers, pp + 1).round().astype(int)))
     else:
@@ -248,10 +266,8 @@ def evaluate(coster: StageCoster, batch: int, pp: int, dp: int, mp: int, m: int,
     times, comms, memories, grads, updates = [], [], [], [], []
     for s, n in enumerate(split):
         extras = ([first] if s == 0 else []) + ([last] if s == pp - 1 else [])
-        compute = n * layer.compute_s + sum(p.compute_s for p in extras)
-        if recompute:
-            compute += RECOMPUTE_EXTRA * n * layer.compute_s
-        comm = n * layer.comm_s + sum(p.comm_s for p in extras) + (p2p if pp > 1 else 0.0)
+        compute, comm = stage_time(first, layer, last, pp, s, n, recompute)
+        comm += p2p
         times.append((compute, comm))
         grads.append(n * layer.grad_s + sum(p.grad_s for p in extras))
         updates.append(n * layer.update_s + sum(p.update_s for p in extras))
