@@ -16,15 +16,16 @@ Built once per input signature, on every rank:
    (:mod:`autopar.runtime.pipeline_split`).
 
 Per call: the fed batch is cut into ``micro`` micro-batches along dim 0, the schedule is
-walked (:mod:`autopar.runtime.pipeline_runner`), gradients summed over micro-batches and
-then over the copies of shared parameters, and the loss -- the mean of the micro-batch
-losses, computed on the last stage -- broadcast to every rank. A micro-batch's loss
-gradient is seeded with ``sens / micro``, so the gradients are those of that mean.
+walked (:mod:`autopar.runtime.pipeline_runner`), gradients summed over micro-batches, then
+reduced over the stage's replicas once and summed over the copies of shared parameters
+(:mod:`autopar.runtime.pipeline_grads`, which also slices them for optimizer parallel),
+and the loss -- the mean of the micro-batch losses, computed on the last stage --
+broadcast to every rank. A micro-batch's loss gradient is seeded with ``sens / micro``,
+so the gradients are those of that mean.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,6 +36,7 @@ from ..ops.primitive import TensorSpec
 from .autodiff import differentiate
 from .graph import FORWARD, Graph
 from .pipeline_dropout import MicroBatchDropout, MicroFeed, whole_batch_coords
+from .pipeline_grads import StageGradients, defer_reductions
 from .pipeline_plan import PipelinePlan, plan_pipeline
 from .pipeline_runner import StageStep, run_step, transfers
 from .pipeline_shards import AbsentShard, StageShard, attach
@@ -54,8 +56,10 @@ class PipelineGradProgram:
 
     ``args`` are what this rank is fed: the whole batch (``full_batch``) or, data-parallel,
     the slice ``rank % (world.size // stages)`` of the stage's ranks (ranks at the same
-    position of every stage are fed the same rows). :attr:`shards` has one entry per
-    parameter: this rank's :class:`StageShard` or an :class:`AbsentShard`."""
+    position of every stage are fed the same rows). :attr:`param_shards` has one entry per
+    parameter: this rank's :class:`StageShard` or an :class:`AbsentShard`; :attr:`shards`
+    is what the optimizer updates (the same, or under optimizer parallel the
+    :class:`~autopar.runtime.optimizer_parallel.SliceShard` of a StageShard)."""
 
     def __init__(self, network, args: tuple, params: Sequence, world, *, stages: int = 1, micro: int = 1,
                  schedule: str = "1f1b", mode: str = "semi_auto_parallel", full_batch: bool = False,
@@ -93,9 +97,10 @@ class PipelineGradProgram:
         wrt = [by_id[id(p)] for p in params]
         assign = assign_stages(graph, stages, differentiable_values(graph, wrt))
         self.plan: PipelinePlan = plan_pipeline(graph, assign, n, mode, feed_whole, ctx, stages=[self.stage])
-        self._shared = self._shared_comms(wrt)
-        self.shards = self._attach(wrt)
-        self.layouts = [s.layout for s in self.shards]
+        shared = self._shared_comms(wrt)
+        self.grads = StageGradients(self._attach(wrt), ctx, self.stage_comm, world)
+        self.grads.shared = shared
+        self.param_shards, self.shards, self.layouts = self.grads.param_shards, self.grads.shards, self.grads.layouts
         feed = MicroFeed(micro, self.rows, self.rows * scale // micro)
         self.step_plan = self._build_stage(wrt, sens, feed)
         self.program = StagePrograms(self.step_plan.forward + self.step_plan.backward)
@@ -140,10 +145,14 @@ class PipelineGradProgram:
         train, grads = differentiate(sg.graph, sg.objective, [lv for _, lv in mine] + [sg.value(c) for c in back],
                                      sens / self.micro if last else 1.0)
         delivered = [sg.value(c) for c in sg.sent] + ([sg.loss] if last else [])
+        wanted = {sg.value(c): plan.transfer[c.value] for c in sg.sent}
+        wanted.update({g: self.grads.sliced[i] for (i, _), g in zip(mine, grads) if self.grads.sliced[i]})
         local, _, _, _ = lower(train, delivered + list(grads), plan.plans[s], self.world.rank, self.stage_comm,
-                               output_layouts={sg.value(c): plan.transfer[c.value] for c in sg.sent})
+                               output_layouts=wanted)
         for i, _ in mine:
-            assert any(o is self.shards[i] for o in local.param_objs), "lowering did not take the stage shard"
+            assert any(o is self.param_shards[i] for o in local.param_objs), "lowering did not take the stage shard"
+        local, deferred = defer_reductions(local, len(delivered), len(mine))   # reduced once per step
+        self.grads.deferred = {i: r for (i, _), r in zip(mine, deferred) if r is not None}
         cotangents = local.inputs[len(local.inputs) - len(sg.cotangent_inputs):]
         variants = self._micro_variants(local, sg, feed)
         halves = [split_halves(g, len(delivered), cotangents) for g in variants]
@@ -189,13 +198,7 @@ class PipelineGradProgram:
         micro_batches = [[a[k * per:(k + 1) * per] if a.ndim else a for a in arrays] for k in range(self.micro)]
         result = run_step(self.step_plan, self.world, micro_batches, step)
         self.last_step = result
-        grads = result.grads
-        for i, comm in self._shared:          # the copies of a shared parameter: one summed gradient
-            j = self._grad_index[i]
-            grads[j] = comm.allreduce(grads[j])
-        out = [grads[self._grad_index[i]] if i in self._grad_index else np.zeros(s.shape, s.dtype)
-               for i, s in enumerate(self.shards)]
-        return self._loss(result.losses), out
+        return self._loss(result.losses), self.grads.finish(result.grads, self._grad_index)
 
     def _loss(self, losses: list) -> np.ndarray:
         """The mean of the micro-batch losses, on every rank."""
@@ -210,27 +213,15 @@ class PipelineGradProgram:
 
     def gathered(self, grads: Sequence[np.ndarray]) -> list[np.ndarray]:
         """Full gradients on every rank (collective over the world)."""
-        out = []
-        for g, s in zip(grads, self.shards):
-            full = np.zeros(s.param.shape, dtype=s.dtype)
-            if s.contributes():
-                full[s.region] = g
-            out.append(self.world.allreduce(full) if self.world.size > 1 else full)
-        return out
+        return self.grads.gathered(grads)
 
     def global_norm(self, grads: Sequence[np.ndarray]) -> float:
-        """The gradients' global L2 norm, each element counted once (a shared parameter on
-        its first stage only)."""
-        total = 0.0
-        for g, s in zip(grads, self.shards):
-            if not isinstance(s, StageShard) or not s.owner:
-                continue
-            copies = math.prod(s.layout.mesh.shape[a] for a in s.layout.replicated_axes())
-            flat = g.reshape(-1).astype(np.float64, copy=False)
-            total += float(np.dot(flat, flat)) / copies
-        if self.world.size > 1:
-            total = float(self.world.allreduce(np.array(total)))
-        return math.sqrt(total)
+        """The gradients' global L2 norm, each element counted once."""
+        return self.grads.global_norm(grads)
+
+    def sync_weights(self) -> None:
+        """After the optimizer step: all-gather optimizer-parallel slices (collective)."""
+        self.grads.sync_weights()
 
     @property
     def in_flight(self) -> int:
@@ -345,10 +336,6 @@ def pipeline_grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sen
         return PipelineGradProgram(network, args, params, current_world(), stages=1, micro=micro,
                                    schedule=schedule, mode="stand_alone", full_batch=True, sens=sens)
     mode, world, full_batch, ctx = setting
-    if ctx.enable_parallel_optimizer and ctx.pipeline_stages > 1:
-        raise ValueError(format_error("ParallelContext", "enable_parallel_optimizer",
-                                      "False with pipeline_stages > 1 (not combined yet)", "True",
-                                      "turn one of them off"))
     for name in ("strategy_ckpt_load_file", "strategy_ckpt_save_file"):
         if getattr(ctx, name):
             raise ValueError(format_error("ParallelContext", name, "'' with a pipeline (strategy files hold "
