@@ -23,6 +23,15 @@ Under optimizer parallel a state's holder is the slice of the weight its rank up
 slice of each sliced state and a state tensor has one piece per slice; loading reads
 whatever region the loading rank holds, sliced or not, so either side may use it or not.
 
+Under a pipeline a rank holds the parameters of its stage only: another stage's parameter
+is an ``AbsentShard`` (an empty array), which it neither writes nor reads. A parameter read
+on two stages (PanGu-α's tied word table) has a copy, with its own optimizer states, on
+each; the copies are identical, so only the first stage's (the ``owner``) is written and
+the tensor is saved once, as one logical value. Layouts name world ranks, so a stage's
+blocks are written by that stage's ranks; loading reads regions, so a pipeline checkpoint
+loads serially or onto any plan, and any checkpoint onto a pipeline (every copy of a
+shared parameter reads the same value).
+
 Saving (collective): every rank writes its file into ``<path>.tmp-<step>``, rank 0 writes
 the manifest and swaps the directory in by renames -- ``path -> <path>.old``, ``tmp ->
 path``, delete ``<path>.old`` -- so at every instant a complete checkpoint sits at
@@ -42,6 +51,7 @@ import numpy as np
 from safetensors.numpy import save as _st_bytes
 
 from ..errors import format_error
+from ..runtime.pipeline_shards import AbsentShard
 from ..runtime.shards import ParamShard
 from .checkpoint_format import (_FILE_NAME, BACKUP_SUFFIX, DTYPES, FORMAT, MANIFEST, VERSION, Region, _fail,
                                 _full, _is_int, _Reader, _region, _sha256, _validate, is_checkpoint,
@@ -66,6 +76,12 @@ def _layout_json(layout) -> dict:
     return {"device_matrix": list(matrix), "tensor_map": tensor_map, "ranks": list(layout.mesh.ranks)}
 
 
+def _first_copy(holder) -> bool:
+    """False for the copy of a shared parameter on a later pipeline stage (a StageShard
+    that is not the owner, or a SliceShard of one): the first stage's copy is saved."""
+    return getattr(getattr(holder, "base", holder), "owner", True)
+
+
 def _block(name: str, holder, array: np.ndarray, world_rank: int) -> dict:
     """One tensor as this rank holds it; ``holder`` is a Parameter or a ParamShard."""
     sharded = isinstance(holder, ParamShard)
@@ -81,20 +97,24 @@ def _block(name: str, holder, array: np.ndarray, world_rank: int) -> dict:
                         "reduce the value before saving")
         coord = layout.mesh.coord(holder.rank)   # one writer per block: coordinate 0 on the replicas
         entry.update(region=_region(holder.region), layout=_layout_json(layout),
-                     writer=all(coord[a] == 0 for a in layout.replicated_axes()))
+                     writer=_first_copy(holder) and all(coord[a] == 0 for a in layout.replicated_axes()))
     else:
         entry.update(region=_full(shape), layout=None, writer=world_rank == 0)
     return entry
 
 
 def _held(network, optimizer, world_rank: int) -> list[dict]:
-    """Every tensor this rank holds: parameters, then optimizer states."""
+    """Every tensor this rank holds: parameters, then optimizer states (none of another
+    pipeline stage's parameters)."""
     out = []
     for name, p in network.parameters_dict().items():
         holder = p._shard[0] if p._shard is not None else p
-        out.append(_block(name, holder, holder.data, world_rank) | {"kind": "parameter"})
+        if not isinstance(holder, AbsentShard):
+            out.append(_block(name, holder, holder.data, world_rank) | {"kind": "parameter"})
     if optimizer is not None:
         for target, states in zip(optimizer.params, optimizer.states):
+            if isinstance(target, AbsentShard):
+                continue
             for s, array in states.items():
                 out.append(_block(f"{s}.{target.name}", target, array, world_rank) | {"kind": "state"})
     return out
@@ -267,7 +287,9 @@ def _bind(trainer, inputs: tuple) -> None:
 
 
 def _holder_region(holder) -> Region:
-    return _region(holder.region) if isinstance(holder, ParamShard) else _full(holder.shape)
+    """The global region a holder keeps: a shard's (empty for another pipeline stage's
+    parameter), else all of the tensor."""
+    return _region(holder.region) if isinstance(holder, (ParamShard, AbsentShard)) else _full(holder.shape)
 
 
 def load_distributed_checkpoint(obj, path, *, inputs: tuple | None = None, strict: bool = True,
@@ -297,7 +319,8 @@ def load_distributed_checkpoint(obj, path, *, inputs: tuple | None = None, stric
                 continue
             if p._shard is not None:
                 shard = p._shard[0]
-                shard._data = reader.read(name, _holder_region(shard)).astype(p.dtype, copy=False)
+                if not isinstance(shard, AbsentShard):   # another pipeline stage's: nothing to read
+                    shard._data = reader.read(name, _holder_region(shard)).astype(p.dtype, copy=False)
             else:
                 p.set_data(reader.read(name))
         if optimizer is not None:
