@@ -10,9 +10,13 @@ A profile is a JSON data file (``autopar/strategy/profiles/<name>.json``) holdin
 * ``intra_node_bandwidth_bytes_per_s`` — collective bandwidth inside a node (bytes/s);
 * ``inter_node_latency_s``        — collective start-up latency between nodes (s);
 * ``inter_node_bandwidth_bytes_per_s`` — collective bandwidth between nodes (bytes/s);
+* ``op_overhead_s``               — fixed cost of every executed op: dispatch + kernel launch (s);
+  optional, 0 when a file omits it (files written before it existed);
 * ``sources``                     — for every figure above, where it comes from (measured how,
   public document, or "assumed"). Keys are the field names; GEMM rates are keyed
-  ``gemm_flops.<dtype>``.
+  ``gemm_flops.<dtype>``. An optional figure left at its default gets a source saying so.
+
+``python -m autopar.calibrate`` measures the running machine and writes such a file.
 
 ``load_profile("a100-8")`` loads a shipped profile by name; ``load_profile("/path/x.json")``
 loads a file. ``PROFILES`` lists the shipped names.
@@ -40,6 +44,11 @@ SOURCED_FIELDS: tuple[str, ...] = (
     "inter_node_bandwidth_bytes_per_s",
 )
 
+# Optional figures: name -> default. A profile that gives one needs a source for it; one left
+# at its default without a source is given the source DEFAULTED_SOURCE.
+OPTIONAL_FIELDS: Mapping[str, float] = {"op_overhead_s": 0.0}
+DEFAULTED_SOURCE = "left at its default, 0 s, with no source: no per-op overhead charged"
+
 
 def _positive_number(name: str, value, *, allow_zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -66,6 +75,7 @@ class MachineProfile:
     inter_node_latency_s: float                     # s
     inter_node_bandwidth_bytes_per_s: float         # bytes/s
     sources: Mapping[str, str] = field(default_factory=dict)
+    op_overhead_s: float = OPTIONAL_FIELDS["op_overhead_s"]   # s per executed op
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -92,7 +102,7 @@ class MachineProfile:
                            "inter_node_bandwidth_bytes_per_s"):
             object.__setattr__(self, rate_field,
                                _positive_number(rate_field, getattr(self, rate_field)))
-        for latency_field in ("intra_node_latency_s", "inter_node_latency_s"):
+        for latency_field in ("intra_node_latency_s", "inter_node_latency_s", "op_overhead_s"):
             object.__setattr__(self, latency_field, _positive_number(
                 latency_field, getattr(self, latency_field), allow_zero=True))
         if not isinstance(self.sources, Mapping):
@@ -103,7 +113,10 @@ class MachineProfile:
             if not isinstance(text, str) or not text.strip():
                 raise ValueError(f"MachineProfile.sources[{key!r}]: expected a non-empty string "
                                  f"naming where the figure comes from, got {text!r}")
-        needed = list(SOURCED_FIELDS) + [f"gemm_flops.{d}" for d in gemm]
+        for name, default in OPTIONAL_FIELDS.items():
+            if name not in sources and getattr(self, name) == default:
+                sources[name] = DEFAULTED_SOURCE
+        needed = list(SOURCED_FIELDS) + list(OPTIONAL_FIELDS) + [f"gemm_flops.{d}" for d in gemm]
         missing = [k for k in needed if k not in sources]
         if missing:
             raise ValueError(f"MachineProfile.sources: profile {self.name!r} names no source for "
@@ -130,7 +143,7 @@ class MachineProfile:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"MachineProfile: unknown fields {unknown}; known: {sorted(known)}")
-        missing = sorted(k for k in known - set(data) if k != "sources")
+        missing = sorted(k for k in known - set(data) if k != "sources" and k not in OPTIONAL_FIELDS)
         if missing:
             raise ValueError(f"MachineProfile: missing fields {missing}")
         return cls(**data)
