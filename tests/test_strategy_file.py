@@ -284,6 +284,14 @@ def other_output_layout(doc, graph):
     del layout["mindspore"]  # optional; when present it must agree with dims
 
 
+def two_stages(doc, count=2, **changes):
+    """``doc`` made a version-2 file of ``count`` copies of its plan (``changes`` to each)."""
+    body = {k: v for k, v in doc.items() if k not in ("format", "version")} | changes
+    doc.clear()
+    doc.update(format="autopar-strategy", version=2, device_num=4 * count, pipeline_stages=count,
+               stages=[body] * count)
+
+
 def param_layout(key, value):
     def edit(doc, graph):
         doc["parameters"][WEIGHT]["layout"][key] = value
@@ -297,7 +305,11 @@ CASES = {
     "NaN": (lambda doc, graph: json.dumps(doc).replace('"version": 1', '"version": NaN'), "JSON"),
     "a list": (lambda doc, graph: [doc], "a JSON object"),
     "other format": (lambda doc, graph: doc.update(format="mindspore"), "format"),
-    "version 2": (lambda doc, graph: doc.update(version=2), "version"),
+    "version 3": (lambda doc, graph: doc.update(version=3), "version: expected 1 or 2, got 3"),
+    "version 2 without stages": (lambda doc, graph: doc.update(version=2), "got no 'pipeline_stages'"),
+    "version 2 of two stages": (lambda doc, graph: two_stages(doc), "pipeline_stages: expected 1 (this compile "
+                                "has no pipeline), got 2; set pipeline_stages=2"),
+    "version 2 stage entry": (lambda doc, graph: two_stages(doc, 1, ops=None), "stages[0]: ops: expected a JSON"),
     "version true": (lambda doc, graph: doc.update(version=True), "version"),
     "no version": (lambda doc, graph: doc.pop("version"), "no 'version'"),
     "unknown key": (lambda doc, graph: doc.update(strategies={}), "only keys"),

@@ -11,6 +11,11 @@ Planning touches no communicator, so any rank (or a test) plans every stage:
 * a parameter read on several stages keeps one layout everywhere, the one the earliest of
   them plans, so the copies hold the same blocks at the same positions and their gradients
   add up block for block.
+
+Strategy files: ``strategy_ckpt_load_file`` gives every stage its plan from one version-2
+file (a list of stage plans, :mod:`autopar.strategy.strategy_file`); ``strategy_ckpt_save_file``
+is written by :func:`save_pipeline_plan` with every stage's plan, as used (crossing and
+shared-parameter layouts set: planning them again from the file gives the same plan).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from dataclasses import dataclass
 from ..strategy.layout import Layout
 from ..strategy.mesh import Mesh
 from ..strategy.plan import ShardingPlan, make_plan
+from ..strategy.strategy_file import load_pipeline_strategy, save_pipeline_strategy
 from .graph import Graph
 from .pipeline_graph import StageGraph, stage_graph
 from .pipeline_stages import StageAssignment
@@ -71,10 +77,15 @@ def plan_pipeline(graph: Graph, assign: StageAssignment, ranks_per_stage: int, m
     meshes = [stage_mesh(s, ranks_per_stage) for s in range(p)]
     graphs = tuple(stage_graph(graph, assign, s) for s in range(p))
     raw: dict[int, ShardingPlan] = {}
+    load = ctx.strategy_ckpt_load_file if ctx is not None else ""
+    saved = load_pipeline_strategy(load, p, p * ranks_per_stage) if load else None
+    if ctx is not None and (load or ctx.strategy_ckpt_save_file):   # files are the pipeline's, not a stage's
+        ctx = ctx.replace(strategy_ckpt_load_file="", strategy_ckpt_save_file="")
 
     def raw_plan(s: int) -> ShardingPlan:
         if s not in raw:
-            raw[s] = make_plan(graphs[s].graph, mode, meshes[s], full_batch, ctx)
+            raw[s] = (saved.plan(s, graphs[s].graph, meshes[s]) if saved is not None
+                      else make_plan(graphs[s].graph, mode, meshes[s], full_batch, ctx))
         return raw[s]
 
     param_stages: dict[int, tuple[int, ...]] = {}
@@ -103,3 +114,16 @@ def plan_pipeline(graph: Graph, assign: StageAssignment, ranks_per_stage: int, m
                 layouts[sg.local_of[v]] = on_mesh(param_home[v], meshes[s])
         plans[s] = ShardingPlan(raw[s].stage, raw[s].shardings, layouts)
     return PipelinePlan(assign, graphs, tuple(plans), transfer, param_stages, param_home)
+
+
+def save_pipeline_plan(path, plan: PipelinePlan, full_batch: bool, ctx) -> None:
+    """Write every stage's plan of ``plan`` (all planned) to the strategy file ``path``, each
+    with the cost model's prediction for one micro-batch through that stage."""
+    from ..strategy.costmodel import CostModel
+    from ..strategy.profile import load_profile
+    profile = load_profile((ctx.cost_profile if ctx is not None else "") or "cpu-2core")
+    zero = bool(ctx is not None and ctx.enable_parallel_optimizer)
+    assert all(pl is not None for pl in plan.plans), "save_pipeline_plan: plan every stage first"
+    predicted = [CostModel(sg.graph, pl.stage, profile, full_batch, optimizer_parallel=zero).evaluate(pl).summary()
+                 for sg, pl in zip(plan.stages, plan.plans)]
+    save_pipeline_strategy(path, [sg.graph for sg in plan.stages], plan.plans, predicted)

@@ -37,7 +37,7 @@ from .autodiff import differentiate
 from .graph import FORWARD, Graph
 from .pipeline_dropout import MicroBatchDropout, MicroFeed, whole_batch_coords
 from .pipeline_grads import StageGradients, defer_reductions
-from .pipeline_plan import PipelinePlan, plan_pipeline
+from .pipeline_plan import PipelinePlan, plan_pipeline, save_pipeline_plan
 from .pipeline_runner import StageStep, run_step, transfers
 from .pipeline_shards import AbsentShard, StageShard, attach
 from .pipeline_split import split_halves
@@ -96,7 +96,14 @@ class PipelineGradProgram:
         self.params = list(params)
         wrt = [by_id[id(p)] for p in params]
         assign = assign_stages(graph, stages, differentiable_values(graph, wrt))
-        self.plan: PipelinePlan = plan_pipeline(graph, assign, n, mode, feed_whole, ctx, stages=[self.stage])
+        saving = ctx is not None and bool(ctx.strategy_ckpt_save_file)
+        writer = saving and world.rank == 0           # plans every stage, to write them all
+        self.plan: PipelinePlan = plan_pipeline(graph, assign, n, mode, feed_whole, ctx,
+                                                stages=None if writer else [self.stage])
+        if writer:
+            save_pipeline_plan(ctx.strategy_ckpt_save_file, self.plan, feed_whole, ctx)
+        if saving and world.size > 1:
+            world.barrier()                           # the file is complete when compiling returns
         shared = self._shared_comms(wrt)
         self.grads = StageGradients(self._attach(wrt), ctx, self.stage_comm, world)
         self.grads.shared = shared
@@ -336,9 +343,5 @@ def pipeline_grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sen
         return PipelineGradProgram(network, args, params, current_world(), stages=1, micro=micro,
                                    schedule=schedule, mode="stand_alone", full_batch=True, sens=sens)
     mode, world, full_batch, ctx = setting
-    for name in ("strategy_ckpt_load_file", "strategy_ckpt_save_file"):
-        if getattr(ctx, name):
-            raise ValueError(format_error("ParallelContext", name, "'' with a pipeline (strategy files hold "
-                                          "one stage's plan; not supported yet)", repr(getattr(ctx, name))))
     return PipelineGradProgram(network, args, params, world, stages=ctx.pipeline_stages, micro=micro,
                                schedule=schedule, mode=mode, full_batch=full_batch, sens=sens, ctx=ctx)

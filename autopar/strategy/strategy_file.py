@@ -26,6 +26,25 @@ network's ``.shard()`` annotations say (an unannotated network included). Versio
       "predicted": {"step_seconds": 0.12, "memory_bytes_per_rank": 1.5e9, "breakdown": {...}}
     }
 
+Version 2 holds a pipeline: one such plan per stage, each planned on its stage's ranks
+(stage-major: stage k holds ranks ``k*n .. k*n + n - 1``) for the graph of that stage's
+ops (:mod:`autopar.runtime.pipeline_graph`)::
+
+    {
+      "format": "autopar-strategy",
+      "version": 2,
+      "device_num": 8,                      # all ranks
+      "pipeline_stages": 2,
+      "stages": [
+        {"device_num": 4, "stage": {..., "ranks": [0, 1, 2, 3]}, "inputs": [...], "parameters": {...},
+         "constants": [...], "ops": {...}, "predicted": {...}},     # stage 0: version 1's keys
+        {"device_num": 4, "stage": {..., "ranks": [4, 5, 6, 7]}, ...}
+      ]
+    }
+
+A plan without a pipeline is still written as version 1; both versions load (a version-1
+file as a one-stage pipeline, a one-stage version-2 file as a plain plan).
+
 Ops are keyed by their unique node name (``scope/Kind``, ``-k`` when repeated), parameters
 by name, inputs and constants by position. The op's letters are those of its rule
 (``node.prim.indexing``), recomputed on load; a device matrix carries ``ranks`` only when
@@ -37,7 +56,6 @@ naming the file and the entry.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -50,10 +68,11 @@ from .layout import Layout
 from .mesh import Mesh
 from .plan import ShardingPlan, _replicated_sharding
 from .sharding import Indexing, OpSharding, from_strategy
+from .strategy_json import RESAVE, _mindspore_json, _Reader, _short
 
 FORMAT = "autopar-strategy"
-VERSION = 1
-RESAVE = "re-save it with strategy_ckpt_save_file for this model and device count"
+VERSION = 1              # one plan
+PIPELINE_VERSION = 2     # one plan per pipeline stage
 
 
 # ---- save ---------------------------------------------------------------------------------
@@ -61,6 +80,30 @@ RESAVE = "re-save it with strategy_ckpt_save_file for this model and device coun
 def save_strategy(path, graph: Graph, plan: ShardingPlan, predicted: dict | None = None) -> None:
     """Write ``plan`` for ``graph`` to ``path`` atomically (every rank may write the same file)."""
     path = _check_args(path, graph)
+    _check_plan_args(plan, predicted)
+    _write_atomic(path, _dumps(plan_to_json(graph, plan, predicted)) + "\n")
+
+
+def save_pipeline_strategy(path, graphs, plans, predicted=None) -> None:
+    """Write a pipeline's plans, ``plans[k]`` for the stage graph ``graphs[k]``, to ``path``
+    as one version-2 file, atomically. ``predicted``: one dict (or None) per stage."""
+    graphs, plans = list(graphs), list(plans)
+    predicted = list(predicted) if predicted is not None else [None] * len(plans)
+    if not graphs or not len(graphs) == len(plans) == len(predicted):
+        raise ValueError(format_error("save_pipeline_strategy", "graphs, plans, predicted",
+                                      "one of each per stage (at least one stage)",
+                                      f"{len(graphs)}, {len(plans)}, {len(predicted)}"))
+    stages = []
+    for graph, plan, pred in zip(graphs, plans, predicted):
+        path = _check_args(path, graph)
+        _check_plan_args(plan, pred)
+        stages.append(_plan_body(graph, plan, pred))
+    doc = {"format": FORMAT, "version": PIPELINE_VERSION, "device_num": sum(p.stage.size for p in plans),
+           "pipeline_stages": len(plans), "stages": stages}
+    _write_atomic(path, _dumps(doc) + "\n")
+
+
+def _check_plan_args(plan, predicted) -> None:
     if not isinstance(plan, ShardingPlan):
         raise TypeError(format_error("save_strategy", "plan", "a ShardingPlan", type(plan).__name__))
     if predicted is not None:
@@ -70,7 +113,10 @@ def save_strategy(path, graph: Graph, plan: ShardingPlan, predicted: dict | None
             json.dumps(predicted, default=_plain, allow_nan=False)
         except ValueError as err:
             raise ValueError(format_error("save_strategy", "predicted", "finite numbers", str(err))) from None
-    text = _dumps(plan_to_json(graph, plan, predicted)) + "\n"
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
@@ -87,7 +133,12 @@ def save_strategy(path, graph: Graph, plan: ShardingPlan, predicted: dict | None
 
 
 def plan_to_json(graph: Graph, plan: ShardingPlan, predicted: dict | None = None) -> dict:
-    """The file's content as a JSON-ready dict."""
+    """The file's content as a JSON-ready dict (version 1)."""
+    return {"format": FORMAT, "version": VERSION} | _plan_body(graph, plan, predicted)
+
+
+def _plan_body(graph: Graph, plan: ShardingPlan, predicted: dict | None) -> dict:
+    """One plan's entries: version 1 without its format and version (a version-2 stage)."""
     stage = plan.stage
     names = graph.param_names()
     if len(set(names)) != len(names):
@@ -123,7 +174,7 @@ def plan_to_json(graph: Graph, plan: ShardingPlan, predicted: dict | None = None
             "output_layout": _maybe_layout(out, stage),
         }
     doc = {
-        "format": FORMAT, "version": VERSION, "device_num": stage.size,
+        "device_num": stage.size,
         "stage": {"shape": list(stage.shape), "names": list(stage.names), "ranks": list(stage.ranks)},
         "inputs": [None if v is None else {"shape": list(graph.spec(v).shape),
                                            "layout": _maybe_layout(plan.layouts.get(v), stage)}
@@ -152,12 +203,6 @@ def _maybe_layout(layout: Layout | None, stage: Mesh) -> dict | None:
         return None
     return {"device_matrix": _mesh_json(layout.mesh, stage), "dims": [list(d) for d in layout.dims],
             "partial": list(layout.partial), "mindspore": _mindspore_json(layout)}
-
-
-def _mindspore_json(layout: Layout) -> dict:
-    device_matrix, tensor_map = layout.to_mindspore()
-    return {"device_matrix": list(device_matrix),
-            "tensor_map": [list(e) if isinstance(e, tuple) else e for e in tensor_map]}
 
 
 def _plain(x):
@@ -192,6 +237,11 @@ def load_strategy(path, graph: Graph, stage: Mesh) -> ShardingPlan:
     path = _check_args(path, graph)
     if not isinstance(stage, Mesh):
         raise TypeError(format_error("load_strategy", "stage", "a Mesh", type(stage).__name__))
+    doc, where = _read_json(path)
+    return plan_from_json(doc, graph, stage, where)
+
+
+def _read_json(path: str) -> tuple[object, str]:
     where = f"strategy file {path!r}"
     try:
         with open(path, encoding="utf-8") as f:
@@ -200,11 +250,10 @@ def load_strategy(path, graph: Graph, stage: Mesh) -> ShardingPlan:
         raise ValueError(format_error(where, "file", "a readable UTF-8 JSON file", str(err),
                                       "check strategy_ckpt_load_file")) from None
     try:
-        doc = json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant), where
     except (ValueError, RecursionError) as err:
         raise ValueError(format_error(where, "content", "JSON", f"a parse error ({err})",
                                       "the file is damaged; " + RESAVE)) from None
-    return plan_from_json(doc, graph, stage, where)
 
 
 def _no_constant(name: str):
@@ -212,14 +261,79 @@ def _no_constant(name: str):
 
 
 def plan_from_json(doc, graph: Graph, stage: Mesh, where: str = "strategy") -> ShardingPlan:
-    """Rebuild and validate a plan from the file's content."""
+    """Rebuild and validate a plan from the file's content (version 1, or a version-2
+    file of one stage)."""
     r = _Reader(where)
-    r.keys(doc, "<top level>", ("format", "version", "device_num", "stage", "inputs", "parameters",
-                                "constants", "ops"), ("predicted",))
+    if _version(r, doc) == PIPELINE_VERSION:
+        bodies = _stage_bodies(r, doc)
+        if len(bodies) != 1:
+            raise r.fail("pipeline_stages", "1 (this compile has no pipeline)", str(len(bodies)),
+                         f"set pipeline_stages={len(bodies)} to use it, or " + RESAVE)
+        return _plan_from_body(_Reader(f"{where}: stages[0]"), bodies[0], graph, stage)
+    return _plan_from_body(r, doc, graph, stage, header=("format", "version"))
+
+
+@dataclass(frozen=True)
+class PipelineStrategy:
+    """A strategy file read for a pipeline: one unchecked plan body per stage, each checked
+    against its stage graph when :meth:`plan` rebuilds it (a rank plans the stages it needs)."""
+
+    where: str
+    version: int
+    bodies: tuple          # version 2: the stage entries; version 1: the file's one plan
+
+    def plan(self, k: int, graph: Graph, stage: Mesh) -> ShardingPlan:
+        if self.version == VERSION:
+            return _plan_from_body(_Reader(self.where), self.bodies[k], graph, stage, header=("format", "version"))
+        return _plan_from_body(_Reader(f"{self.where}: stages[{k}]"), self.bodies[k], graph, stage)
+
+
+def load_pipeline_strategy(path, stages: int, device_num: int) -> PipelineStrategy:
+    """The stage plans of ``path`` for ``stages`` pipeline stages on ``device_num`` ranks: a
+    version-2 file, or a version-1 file for one stage."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(format_error("strategy file", "path", "a str or os.PathLike", type(path).__name__))
+    doc, where = _read_json(os.fspath(path))
+    r = _Reader(where)
+    version = _version(r, doc)
+    bodies = (doc,) if version == VERSION else _stage_bodies(r, doc)
+    if len(bodies) != stages:
+        raise r.fail("pipeline_stages", f"{stages} (the context's pipeline_stages)", str(len(bodies)),
+                     f"set pipeline_stages={len(bodies)}, or " + RESAVE)
+    if version == PIPELINE_VERSION and r.as_int(doc["device_num"], "device_num", 1) != device_num:
+        raise r.fail("device_num", f"{device_num} (the ranks of this pipeline)", str(doc["device_num"]),
+                     "use the device count the file was saved for, or " + RESAVE)
+    return PipelineStrategy(where, version, bodies)
+
+
+def _version(r: _Reader, doc) -> int:
+    """The file's version, after checking the format (1 or 2, else a ValueError)."""
+    r.as_dict(doc, "<top level>")
+    for key in ("format", "version"):
+        if key not in doc:
+            raise r.fail("<top level>", "keys ['format', 'version', ...]", f"no {key!r}", RESAVE)
     if doc["format"] != FORMAT:
         raise r.fail("format", repr(FORMAT), repr(doc["format"]), "this is not an autopar strategy file")
-    if isinstance(doc["version"], bool) or doc["version"] != VERSION:
-        raise r.fail("version", str(VERSION), repr(doc["version"]), RESAVE + " with this autopar version")
+    if isinstance(doc["version"], bool) or doc["version"] not in (VERSION, PIPELINE_VERSION):
+        raise r.fail("version", f"{VERSION} or {PIPELINE_VERSION}", repr(doc["version"]),
+                     RESAVE + " with this autopar version")
+    return doc["version"]
+
+
+def _stage_bodies(r: _Reader, doc) -> tuple:
+    """A version-2 file's stage entries, checked for shape only."""
+    r.keys(doc, "<top level>", ("format", "version", "device_num", "pipeline_stages", "stages"))
+    count = r.as_int(doc["pipeline_stages"], "pipeline_stages", 1)
+    bodies = r.as_list(doc["stages"], "stages")
+    if len(bodies) != count:
+        raise r.fail("stages", f"{count} entries (pipeline_stages)", str(len(bodies)), RESAVE)
+    return tuple(bodies)
+
+
+def _plan_from_body(r: _Reader, doc, graph: Graph, stage: Mesh, header: tuple = ()) -> ShardingPlan:
+    """One plan's entries (``header``: the keys a version-1 file has besides them)."""
+    r.keys(doc, "<top level>" if header else "stage entry", header + (
+        "device_num", "stage", "inputs", "parameters", "constants", "ops"), ("predicted",))
     devices = r.as_int(doc["device_num"], "device_num", 1)
     if devices != stage.size:
         raise r.fail("device_num", f"{stage.size} (the devices of this stage)", str(devices),
@@ -380,88 +494,3 @@ def _check_args(path, graph) -> str:
     if not isinstance(graph, Graph):
         raise TypeError(format_error("strategy file", "graph", "a Graph", type(graph).__name__))
     return os.fspath(path)
-
-
-@dataclass(frozen=True)
-class _Reader:
-    """Typed access to the parsed JSON: every malformed entry is a ValueError naming it."""
-
-    where: str
-
-    def fail(self, arg: str, expected: str, actual: str, fix: str = "") -> ValueError:
-        return ValueError(format_error(self.where, arg, expected, actual, fix))
-
-    def as_dict(self, x, arg: str) -> dict:
-        if not isinstance(x, dict):
-            raise self.fail(arg, "a JSON object", _short(x))
-        return x
-
-    def as_list(self, x, arg: str) -> list:
-        if not isinstance(x, list):
-            raise self.fail(arg, "a JSON list", _short(x))
-        return x
-
-    def keys(self, x, arg: str, required: tuple, optional: tuple = ()) -> None:
-        self.as_dict(x, arg)
-        missing = [k for k in required if k not in x]
-        if missing:
-            raise self.fail(arg, f"keys {list(required)}", f"no {missing[0]!r}", RESAVE)
-        unknown = [k for k in x if k not in required and k not in optional]
-        if unknown:
-            raise self.fail(arg, f"only keys {list(required + optional)}", f"{unknown[0]!r}")
-
-    def as_int(self, x, arg: str, minimum: int) -> int:
-        if isinstance(x, bool) or not isinstance(x, int) or x < minimum:
-            raise self.fail(arg, f"an int >= {minimum}", _short(x))
-        return x
-
-    def as_ints(self, x, arg: str, minimum: int, length: int | None = None) -> list[int]:
-        x = self.as_list(x, arg)
-        if length is not None and len(x) != length:
-            raise self.fail(arg, f"{length} entries, one per dim", _short(x))
-        return [self.as_int(v, f"{arg}[{k}]", minimum) for k, v in enumerate(x)]
-
-    def mesh(self, x, arg: str, stage: Mesh, own_ranks: bool = False) -> Mesh:
-        self.keys(x, arg, ("shape", "names") + (("ranks",) if own_ranks else ()), () if own_ranks else ("ranks",))
-        shape = self.as_ints(x["shape"], f"{arg}.shape", 1)
-        if math.prod(shape) != stage.size:
-            raise self.fail(f"{arg}.shape", f"a device matrix of the stage's {stage.size} devices", str(shape),
-                            RESAVE)
-        names = self.as_list(x["names"], f"{arg}.names")
-        if len(names) != len(shape) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
-            raise self.fail(f"{arg}.names", f"{len(shape)} distinct axis names (strings)", _short(names))
-        ranks = self.as_ints(x["ranks"], f"{arg}.ranks", 0) if "ranks" in x else list(stage.ranks)
-        if not own_ranks and sorted(ranks) != sorted(stage.ranks):
-            raise self.fail(f"{arg}.ranks", f"the stage's ranks {stage.ranks} in some order", _short(ranks))
-        return self.check(lambda: Mesh(tuple(shape), tuple(names), tuple(ranks)), arg)
-
-    def layout(self, x, arg: str, stage: Mesh) -> Layout:
-        self.keys(x, arg, ("device_matrix", "dims", "partial"), ("mindspore",))
-        mesh = self.mesh(x["device_matrix"], f"{arg}.device_matrix", stage)
-        dims = self.as_list(x["dims"], f"{arg}.dims")
-        dims = tuple(tuple(self.as_ints(d, f"{arg}.dims[{k}]", 0)) for k, d in enumerate(dims))
-        partial = tuple(self.as_ints(x["partial"], f"{arg}.partial", 0))
-        lay = self.check(lambda: Layout(mesh, dims, partial), arg)
-        if "mindspore" in x:
-            ms = x["mindspore"]
-            self.keys(ms, f"{arg}.mindspore", ("device_matrix", "tensor_map"))
-            want = _mindspore_json(lay)
-            if json.dumps(ms, sort_keys=True) != json.dumps(want, sort_keys=True):
-                raise self.fail(f"{arg}.mindspore", f"{json.dumps(want)} (what dims give)", _short(ms),
-                                "make dims and the MindSpore form agree")
-        return lay
-
-    def check(self, build, arg: str):
-        """Run a constructor or check; its ValueError now names the file and entry."""
-        try:
-            return build()
-        except ValueError as err:
-            raise ValueError(f"{self.where}: {arg}: {err}") from None
-
-
-def _short(x) -> str:
-    try:
-        text = json.dumps(x)
-    except (TypeError, ValueError, RecursionError):
-        text = f"<{type(x).__name__}>"
-    return text if len(text) <= 60 else text[:57] + "..."
