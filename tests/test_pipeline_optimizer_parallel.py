@@ -14,7 +14,6 @@ from autopar import nn
 from autopar.comm import run_in_process
 from autopar.context import bound_world, parallel_context
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
-from autopar.runtime.optimizer_parallel import SliceShard
 from autopar.runtime.pipeline_shards import AbsentShard, StageShard
 from autopar.train import AdamWeightDecay
 

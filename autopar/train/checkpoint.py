@@ -53,10 +53,24 @@ from safetensors.numpy import save as _st_bytes
 from ..errors import format_error
 from ..runtime.pipeline_shards import AbsentShard
 from ..runtime.shards import ParamShard
-from .checkpoint_format import (_FILE_NAME, BACKUP_SUFFIX, DTYPES, FORMAT, MANIFEST, VERSION, Region, _fail,
-                                _full, _is_int, _Reader, _region, _sha256, _validate, is_checkpoint,
-                                read_manifest)
-
+from .checkpoint_format import (
+    _FILE_NAME,
+    BACKUP_SUFFIX,
+    DTYPES,
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    Region,
+    _fail,
+    _full,
+    _is_int,
+    _Reader,
+    _region,
+    _sha256,
+    _validate,
+    is_checkpoint,
+    read_manifest,
+)
 
 # ---- what this rank holds -------------------------------------------------------------------
 

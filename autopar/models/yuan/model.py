@@ -18,7 +18,16 @@ import numpy as np
 
 from ... import ops
 from ...errors import OpArgError
-from ...nn import Cell, CellList, Dense, Embedding, Normal, RMSNorm, causal_mask, set_pipeline_stages
+from ...nn import (
+    Cell,
+    CellList,
+    Dense,
+    Embedding,
+    Normal,
+    RMSNorm,
+    causal_mask,
+    set_pipeline_stages,
+)
 from ...nn.lm_loss import NextTokenLoss
 from ..megatron import attention_core, batch_only, column_parallel, row_parallel
 from .config import YuanConfig
