@@ -13,6 +13,12 @@ alive, before the dead are freed -- it samples:
 Temporaries inside a kernel are not seen; the copies ``Program.run`` makes to hand outputs
 back are not counted. A program without a meter pays one ``is None`` test per run.
 
+A run that is one part of a larger step (a pipeline stage's forward or backward half of
+one micro-batch) tells its meter what stays alive around it: ``held_activations`` and
+``held_other`` bytes are added to every sample, and ``activation_outputs`` are output slots
+counted as activations (a forward half's outputs are activations saved for, or sent to,
+a later half). :mod:`autopar.runtime.pipeline_memory` builds such meters.
+
 Predicted, from shapes alone (a rank's local graph gives local bytes):
 
 * :func:`saved_for_backward` -- per forward node, the bytes of the buffers it made that
@@ -28,7 +34,7 @@ PanGu-α uses, except a reshape that has to copy (a transposed tensor), counted 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -70,10 +76,16 @@ def _unique_bytes(arrays) -> tuple[int, set[int]]:
 
 
 class MemoryMeter:
-    """Live bytes of program runs; :attr:`last` is the latest run's :class:`MemoryUsage`."""
+    """Live bytes of program runs; :attr:`last` is the latest run's :class:`MemoryUsage`.
 
-    def __init__(self):
+    ``held_activations`` / ``held_other``: bytes alive outside the run throughout it,
+    counted in every sample as activations / as outputs (gradients); ``activation_outputs``:
+    output slots counted as activations, not outputs."""
+
+    def __init__(self, held_activations: int = 0, held_other: int = 0, activation_outputs=frozenset()):
         self.last: MemoryUsage | None = None
+        self.held_activations, self.held_other = held_activations, held_other
+        self.activation_outputs = frozenset(activation_outputs)
 
     # ---- one run ------------------------------------------------------------------------
     def begin(self, slots: list, params: Sequence[int], fixed: Sequence[int], outputs: Sequence[int]) -> None:
@@ -81,11 +93,12 @@ class MemoryMeter:
         self._params, param_ids = _unique_bytes(slots[v] for v in params)
         self._inputs, input_ids = _unique_bytes(slots[v] for v in fixed if id(_root(slots[v])) not in param_ids)
         self._fixed = param_ids | input_ids
-        self._is_output = set(outputs)
-        self._outputs = tuple(outputs)
+        self._is_output = set(outputs) - self.activation_outputs
+        self._outputs = tuple(v for v in outputs if v in self._is_output)
         self._live: dict[int, list] = {}      # id(base) -> [base, slot refs, output-slot refs]
         self.activations = self.outputs = 0
         self._peak_act = self._peak_dyn = 0
+        self.sample()                         # what is held around the run, before it starts
 
     def _charge(self, entry: list, sign: int) -> None:
         """Add (+1) or remove (-1) a buffer's bytes from the category it is in now."""
@@ -122,8 +135,9 @@ class MemoryMeter:
             del self._live[id(base)]
 
     def sample(self) -> None:
-        self._peak_act = max(self._peak_act, self.activations)
-        self._peak_dyn = max(self._peak_dyn, self.activations + self.outputs)
+        activations = self.held_activations + self.activations
+        self._peak_act = max(self._peak_act, activations)
+        self._peak_dyn = max(self._peak_dyn, activations + self.held_other + self.outputs)
 
     def end(self, slots: list) -> MemoryUsage:
         each = tuple(int(getattr(slots[v], "nbytes", 0)) for v in self._outputs)

@@ -37,6 +37,7 @@ from .autodiff import differentiate
 from .graph import FORWARD, Graph
 from .pipeline_dropout import MicroBatchDropout, MicroFeed, whole_batch_coords
 from .pipeline_grads import StageGradients, defer_reductions
+from .pipeline_memory import StepMemory
 from .pipeline_plan import PipelinePlan, plan_pipeline, save_pipeline_plan
 from .pipeline_runner import StageStep, run_step, transfers
 from .pipeline_shards import AbsentShard, StageShard, attach
@@ -112,6 +113,7 @@ class PipelineGradProgram:
         self.step_plan = self._build_stage(wrt, sens, feed)
         self.program = StagePrograms(self.step_plan.forward + self.step_plan.backward)
         self.last_step = None
+        self.last_memory: StepMemory | None = None   # the last measured step's
 
     # ---- building ------------------------------------------------------------------------
     def _shared_comms(self, wrt: list[int]) -> list[tuple[int, object]]:
@@ -203,8 +205,13 @@ class PipelineGradProgram:
         arrays = [a for a in args if isinstance(a, np.ndarray)]
         per = self.rows // self.micro
         micro_batches = [[a[k * per:(k + 1) * per] if a.ndim else a for a in arrays] for k in range(self.micro)]
-        result = run_step(self.step_plan, self.world, micro_batches, step)
+        meter = self.program.meter
+        memory = StepMemory(micro_batches) if meter is not None else None
+        result = run_step(self.step_plan, self.world, micro_batches, step, memory)
         self.last_step = result
+        if memory is not None:   # the whole step, as TrainOneStepCell.memory_report reads it
+            meter.last = memory.usage(result.losses[0] if result.losses else None, result.grads)
+            self.last_memory = memory
         return self._loss(result.losses), self.grads.finish(result.grads, self._grad_index)
 
     def _loss(self, losses: list) -> np.ndarray:
@@ -239,20 +246,14 @@ class PipelineGradProgram:
 # ---- helpers ---------------------------------------------------------------------------------
 
 class StagePrograms:
-    """The stage's programs seen as one: setting ``meter`` (a MemoryMeter, as
-    TrainOneStepCell.measure_memory does) sets it on every half."""
+    """The stage's programs (forward and backward halves) seen as one. ``meter`` (a
+    MemoryMeter, as TrainOneStepCell.measure_memory sets it) measures whole steps: each
+    half runs under its own meter (:mod:`autopar.runtime.pipeline_memory`) and the step's
+    usage lands in ``meter.last``."""
 
     def __init__(self, programs: tuple):
         self.programs = programs
-
-    @property
-    def meter(self):
-        return self.programs[0].meter
-
-    @meter.setter
-    def meter(self, value) -> None:
-        for p in self.programs:
-            p.meter = value
+        self.meter = None
 
 
 def _batch_rows(arrays: list[np.ndarray], micro: int) -> int:

@@ -18,12 +18,15 @@ held until its consumer's item.
 
 Memory. ``saved[k]`` holds micro-batch k's saved values from its forward to its backward;
 ``live`` counts them after every clock, so the measured in-flight micro-batches can be
-checked against :meth:`Schedule.in_flight`.
+checked against :meth:`Schedule.in_flight`. Given a
+:class:`~autopar.runtime.pipeline_memory.StepMemory`, every half runs under a meter told
+what the runner holds around it, so the step's peak live bytes are measured.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -96,8 +99,10 @@ class StepResult:
         return max(self.live, default=0)
 
 
-def run_step(plan: StageStep, world, micro_batches: Sequence[Sequence[np.ndarray]], step: int) -> StepResult:
-    """Walk the schedule once: ``micro_batches[k]`` are micro-batch k's fed arrays."""
+def run_step(plan: StageStep, world, micro_batches: Sequence[Sequence[np.ndarray]], step: int,
+             memory=None) -> StepResult:
+    """Walk the schedule once: ``micro_batches[k]`` are micro-batch k's fed arrays;
+    ``memory`` (a StepMemory, or None) measures live bytes."""
     by_clock: dict[int, list[Transfer]] = {}
     for tr in plan.transfers:
         by_clock.setdefault(tr.clock, []).append(tr)
@@ -111,9 +116,13 @@ def run_step(plan: StageStep, world, micro_batches: Sequence[Sequence[np.ndarray
             item = row[t]
             if item is not None and item[0] == "F":
                 k = item[1]
-                ins = [micro_batches[k][i] for i in plan.batch_inputs]
-                ins += [inbox.pop((ACTIVATION, v, k)) for v in plan.received]
-                outs = plan.forward[k % len(plan.forward)].run(ins, step)
+                received = [inbox.pop((ACTIVATION, v, k)) for v in plan.received]
+                ins = [micro_batches[k][i] for i in plan.batch_inputs] + received
+                prog = plan.forward[k % len(plan.forward)]
+                if memory is None:
+                    outs = prog.run(ins, step)
+                else:   # every output of a forward half is an activation
+                    outs = memory.run(prog, ins, step, _held(saved, inbox, outbox, received), grads, prog.outputs)
                 for j, (v, dsts) in enumerate(plan.sent):
                     outbox[(ACTIVATION, v, k)] = [outs[j], len(dsts)]
                 n = len(plan.sent)
@@ -121,10 +130,17 @@ def run_step(plan: StageStep, world, micro_batches: Sequence[Sequence[np.ndarray
                     losses.append(outs[n])
                     n += 1
                 saved[k] = outs[n:]
+                if memory is not None:
+                    memory.saved(k, saved[k])
             elif item is not None:
                 k = item[1]
                 ins = saved.pop(k) + [inbox.pop((GRADIENT, v, src, k)) for v, src in plan.cotangents]
-                outs = plan.backward[k % len(plan.backward)].run(ins, step)
+                prog = plan.backward[k % len(plan.backward)]
+                if memory is None:
+                    outs = prog.run(ins, step)
+                else:   # the gradients it sends back are activations' too
+                    outs = memory.run(prog, ins, step, _held(saved, inbox, outbox, ins), grads,
+                                      prog.outputs[plan.n_param_grads:])
                 for j in range(plan.n_param_grads):
                     grads[j] = outs[j].copy() if grads[j] is None else np.add(grads[j], outs[j], out=grads[j])
                 for v, g in zip(plan.grads_back, outs[plan.n_param_grads:]):
@@ -133,6 +149,11 @@ def run_step(plan: StageStep, world, micro_batches: Sequence[Sequence[np.ndarray
             live.append(len(saved))
     assert not saved and not inbox and not outbox, "pipeline: the schedule left work undone"
     return StepResult(losses, grads, live)
+
+
+def _held(saved: dict, inbox: dict, outbox: dict, running: list):
+    """The activation arrays the runner holds (and ``running``, the half's activation inputs)."""
+    return chain(chain.from_iterable(saved.values()), inbox.values(), (e[0] for e in outbox.values()), running)
 
 
 def _exchange(plan: StageStep, world, todo: Sequence[Transfer], inbox: dict, outbox: dict) -> None:
