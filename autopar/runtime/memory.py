@@ -33,8 +33,8 @@ PanGu-α uses, except a reshape that has to copy (a transposed tensor), counted 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
