@@ -1,0 +1,48 @@
+"""Helpers the benchmark scripts share: launching MPI workers, tracing PanGu-α on abstract
+inputs, and printing tables."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ONE_BLAS_THREAD = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def default_mpiexec() -> str | None:
+    """The ``mpiexec`` beside this Python (a virtual environment's), else the one on PATH."""
+    return shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
+
+
+def worker_env() -> dict[str, str]:
+    """The environment of a worker: one BLAS thread per rank, as every rank owns one core."""
+    return dict(os.environ, **ONE_BLAS_THREAD)
+
+
+def pangu_graph(cfg, batch: int):
+    """The traced forward graph of ``PanguAlphaWithLoss(cfg)`` on a (batch, S + 1) int32
+    TensorSpec: shapes only, so no parameter data is ever allocated."""
+    from autopar.models.pangu_alpha import PanguAlphaWithLoss
+    from autopar.ops.primitive import TensorSpec
+    from autopar.runtime.trace import trace
+    spec = TensorSpec((batch, cfg.seq_length + 1), np.dtype(np.int32))
+    return trace(PanguAlphaWithLoss(cfg), (spec,), {}).graph
+
+
+def table(headers: list[str], rows: list[list], aligns: str | None = None) -> str:
+    """A plain-text table: columns as wide as their widest cell; ``aligns`` one 'l' or 'r'
+    per column (default: first left, the rest right)."""
+    aligns = aligns or "l" + "r" * (len(headers) - 1)
+    cells = [[str(c) for c in row] for row in [headers, *rows]]
+    width = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row):
+        return "  ".join(c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in zip(row, width, aligns)).rstrip()
+    return "\n".join([line(cells[0]), line(["-" * w for w in width])] + [line(r) for r in cells[1:]])
+
+
+def mib(nbytes: float) -> str:
+    return f"{nbytes / 2 ** 20:.1f}"
