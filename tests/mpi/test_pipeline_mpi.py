@@ -1,5 +1,5 @@
 """Pipeline parallelism under real MPI equals serial: run by tests/test_pipeline.py as
-``mpiexec -n 4`` (pp2 x dp2, pp4) and by tests/test_comm_mpi_launch.py's ``mpiexec -n 2``
+``mpiexec -n 4`` (pp2 x dp2, with and without optimizer parallel, and pp4) and by tests/test_comm_mpi_launch.py's ``mpiexec -n 2``
 suite run (pp2); skipped when not under mpiexec."""
 import numpy as np
 import pytest
@@ -17,8 +17,8 @@ CONFIG = PanguAlphaConfig.preset("tiny", num_layers=4, dropout_rate=0.1)    # fl
 IDS = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (8, CONFIG.seq_length + 1)).astype(np.int32)
 IDS[IDS == CONFIG.pad_id] = CONFIG.pad_id + 1     # no padding: the micro-batch mean is the whole-batch loss
 
-CASES = {2: [(2, 1, 2, "1f1b")],                  # (stages, dp, micro, schedule)
-         4: [(2, 2, 4, "1f1b"), (4, 1, 4, "gpipe")]}
+CASES = {2: [(2, 1, 2, "1f1b", False)],           # (stages, dp, micro, schedule, optimizer parallel)
+         4: [(2, 2, 4, "1f1b", False), (2, 2, 2, "gpipe", True), (4, 1, 4, "gpipe", False)]}
 
 
 def pangu(cfg, stages):
@@ -42,13 +42,14 @@ def serial():
     return loss, grads, train(net, net, IDS)
 
 
-@pytest.mark.parametrize("stages, dp, micro, schedule", CASES.get(WORLD.size, []))
-def test_pipeline_equals_serial(serial, stages, dp, micro, schedule):
+@pytest.mark.parametrize("stages, dp, micro, schedule, zero", CASES.get(WORLD.size, []))
+def test_pipeline_equals_serial(serial, stages, dp, micro, schedule, zero):
     loss, grads, (losses, weights) = serial
     full = dp == 1                                 # dp > 1: each rank is fed its slice of the batch
     ids = IDS if full else np.split(IDS, dp)[WORLD.rank % dp]
     with bound_world(WORLD), parallel_context(parallel_mode="semi_auto_parallel", device_num=WORLD.size,
-                                              pipeline_stages=stages, full_batch=full):
+                                              pipeline_stages=stages, full_batch=full,
+                                              enable_parallel_optimizer=zero, parallel_optimizer_threshold=0):
         net = pangu(CONFIG.replace(data_parallel=dp), stages).set_train(True)
         cell = nn.PipelineCell(net, micro, schedule)
         got_loss, got_grads = autopar.value_and_grad(cell, net.trainable_params())(ids)
