@@ -178,3 +178,19 @@ def test_a_dp2xmp2_checkpoint_resumes_on_a_pipeline(saved, serial_run, plan):
     # the table's copies on both stages loaded the one saved value
     assert math.prod(res[2][1][TABLE][0].shape) > 0
     np.testing.assert_array_equal(res[0][1][TABLE][0], res[2][1][TABLE][0])
+
+
+def test_a_one_process_pipeline_cell_resumes_given_inputs(tmp_path, serial_run):
+    """Serially a PipelineCell accumulates micro-batches; its optimizer is bound to the
+    program's shards, so resuming builds the program first (``inputs=``), else a clear error."""
+    path = str(tmp_path / "ck")
+    net = pangu(CONFIG)
+    train = trainer(net, nn.PipelineCell(net, 2))
+    np.testing.assert_allclose(steps(train, 0, 2), serial_run[0][:2], rtol=RTOL)
+    ckpt.save_checkpoint(train, path)
+    net = pangu(CONFIG)
+    with pytest.raises(ValueError, match=r"optimizer: expected bound to this rank's shards.*pass inputs="):
+        ckpt.load_distributed_checkpoint(trainer(net, nn.PipelineCell(net, 2)), path)
+    resumed = trainer(net, nn.PipelineCell(net, 2))
+    ckpt.load_distributed_checkpoint(resumed, path, inputs=(BATCHES[2],))
+    np.testing.assert_allclose(steps(resumed, 2, 4), serial_run[0][2:], rtol=RTOL)

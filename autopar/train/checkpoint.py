@@ -338,14 +338,15 @@ def load_distributed_checkpoint(obj, path, *, inputs: tuple | None = None, stric
             else:
                 p.set_data(reader.read(name))
         if optimizer is not None:
-            _load_states(optimizer, reader, manifest, directory, strict)
+            _load_states(optimizer, network, reader, manifest, directory, strict)
     finally:
         reader.close()
     return dict(manifest["extra"])
 
 
-def _load_states(optimizer, reader: _Reader, manifest: dict, directory: str, strict: bool) -> None:
+def _load_states(optimizer, network, reader: _Reader, manifest: dict, directory: str, strict: bool) -> None:
     from ..runtime.compiled import parallel_setting
+    from ..runtime.pipeline_program import pipelined
     tensors = manifest["tensors"]
     stored = {n for n, e in tensors.items() if e.get("kind") == "state"}
     where = f"load_distributed_checkpoint({directory!r})"
@@ -353,7 +354,8 @@ def _load_states(optimizer, reader: _Reader, manifest: dict, directory: str, str
         expected = {f"{s}.{t.name}" for t in optimizer.params for s in optimizer.state_names}
         _check_names(where, expected, stored, strict)
         bound = any(isinstance(t, ParamShard) for t in optimizer.params)
-        if not bound and parallel_setting() is not None:
+        setting = parallel_setting()
+        if not bound and (setting is not None or pipelined(network, setting)):   # a PipelineCell binds shards
             raise _fail(where, "optimizer", "bound to this rank's shards before its states load",
                         "an optimizer over whole parameters", "pass inputs=(example batch,) to build the program")
     states = []
