@@ -70,12 +70,13 @@ def defer_reductions(local: Graph, first: int, count: int) -> tuple[Graph, tuple
 class StageGradients:
     """One pipeline rank's view of the parameters' gradients and optimizer shards.
 
-    ``param_shards[i]``: the rank's :class:`StageShard` of parameter i, or an AbsentShard.
+    ``shared``: (parameter index, communicator over its copies) for parameters on several
+    stages. ``param_shards[i]``: the rank's :class:`StageShard` of parameter i, or an AbsentShard.
     ``shards[i]``: what the optimizer updates -- the StageShard, its :class:`SliceShard`
     under optimizer parallel, or the AbsentShard. ``layouts[i]``: the layout of the gradient
     handed over (the shard's; None when absent)."""
 
-    def __init__(self, param_shards: Sequence, ctx, stage_comm, world):
+    def __init__(self, param_shards: Sequence, ctx, stage_comm, world, shared: Sequence = ()):
         self.param_shards = list(param_shards)
         self.world, self.stage_comm = world, stage_comm
         zero = ctx is not None and ctx.enable_parallel_optimizer
@@ -85,8 +86,9 @@ class StageGradients:
         self.shards = [s if lay is None else slice_of(s, lay) for s, lay in zip(self.param_shards, self.sliced)]
         self.layouts = [lay or getattr(s, "layout", None) for s, lay in zip(self.param_shards, self.sliced)]
         self._weight_gather = WeightGather([s for s in self.shards if isinstance(s, SliceShard)], stage_comm)
-        self.deferred: dict[int, Redistribute] = {}     # parameter index -> its once-per-step reduction
-        self.shared: list[tuple[int, object]] = []      # (parameter index, communicator over its copies)
+        self.shared = list(shared)                       # (parameter index, communicator over its copies)
+        self.deferred: dict[int, Redistribute] = {}     # parameter index -> its once-per-step reduction,
+                                                         # set once the stage program is lowered
 
     def finish(self, stage_grads: list, grad_index: dict[int, int]) -> list[np.ndarray]:
         """The summed stage gradients (``stage_grads[grad_index[i]]`` for parameter i) made

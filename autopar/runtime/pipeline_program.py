@@ -106,8 +106,7 @@ class PipelineGradProgram:
         if saving and world.size > 1:
             world.barrier()                           # the file is complete when compiling returns
         shared = self._shared_comms(wrt)
-        self.grads = StageGradients(self._attach(wrt), ctx, self.stage_comm, world)
-        self.grads.shared = shared
+        self.grads = StageGradients(self._attach(wrt), ctx, self.stage_comm, world, shared)
         self.param_shards, self.shards, self.layouts = self.grads.param_shards, self.grads.shards, self.grads.layouts
         feed = MicroFeed(micro, self.rows, self.rows * scale // micro)
         self.step_plan = self._build_stage(wrt, sens, feed)
