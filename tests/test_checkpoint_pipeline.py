@@ -5,12 +5,16 @@ written once -- the table as one logical value -- and the checkpoint loads seria
 onto dp2 x mp2; saved under dp2 x mp2, it loads onto pp2 x dp2. Every resumed run's next
 two losses are those of the uninterrupted serial run (rtol 1e-5, float32, dropout on)."""
 import math
+import re
+import sys
 
 import numpy as np
 import pytest
+from test_comm_mpi_launch import MPIEXEC, launch
 
 from autopar import nn
 from autopar.comm import run_in_process
+from autopar.comm.mpi import launched_under_mpi
 from autopar.context import bound_world, parallel_context
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.runtime.pipeline_shards import AbsentShard
@@ -194,3 +198,16 @@ def test_a_one_process_pipeline_cell_resumes_given_inputs(tmp_path, serial_run):
     resumed = trainer(net, nn.PipelineCell(net, 2))
     ckpt.load_distributed_checkpoint(resumed, path, inputs=(BATCHES[2],))
     np.testing.assert_allclose(steps(resumed, 2, 4), serial_run[0][2:], rtol=RTOL)
+
+
+@pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec: pip install mpich (or install an MPI)")
+@pytest.mark.skipif(launched_under_mpi(), reason="already running under an MPI launcher")
+def test_pipeline_and_data_parallel_checkpoints_swap_over_four_mpi_ranks():
+    """pp2 x dp2 with optimizer parallel -> dp4 and back, over real MPI
+    (tests/mpi/test_checkpoint_pipeline_mpi.py)."""
+    rc, out, err, _ = launch([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              "tests/mpi/test_checkpoint_pipeline_mpi.py"], timeout=180, n=4)
+    assert rc == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    passed = [int(k) for k in re.findall(r"(\d+) passed", out)]
+    assert len(passed) == 4 and min(passed) == 2, f"expected 2 tests passed on each of 4 ranks:\n{out}"
+    assert "skipped" not in out and "failed" not in out, out
