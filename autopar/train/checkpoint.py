@@ -148,6 +148,12 @@ def _rename(src: str, dst: str) -> None:
 
 
 def _remove_tree(path: str) -> None:
+    """Delete a checkpoint directory manifest first, so a crash mid-delete never leaves a
+    directory that still claims to be complete while missing shard files."""
+    manifest = os.path.join(path, MANIFEST)
+    if os.path.exists(manifest):
+        os.remove(manifest)
+        _fsync_dir(path)
     shutil.rmtree(path)
 
 
