@@ -111,37 +111,37 @@ class MPICommunicator(Communicator):
 
     def _allreduce(self, x, op):
         out = np.empty(x.shape, x.dtype)
-        self._run("Allreduce", np.ascontiguousarray(x), out, op=self._ops[op])
+        self._run("Allreduce", _contiguous(x), out, op=self._ops[op])
         return out
 
     def _allgather(self, x, axis):
-        send = np.ascontiguousarray(np.moveaxis(x, axis, 0))  # (d, rest...)
+        send = _contiguous(np.moveaxis(x, axis, 0))  # (d, rest...)
         out = np.empty((self._size * send.shape[0],) + send.shape[1:], x.dtype)  # (n*d, rest...)
         self._run("Allgather", send, out)
         return np.moveaxis(out, 0, axis)
 
     def _reduce_scatter(self, x, axis):
-        send = np.ascontiguousarray(np.moveaxis(x, axis, 0))  # (d, rest...)
+        send = _contiguous(np.moveaxis(x, axis, 0))  # (d, rest...)
         out = np.empty((send.shape[0] // self._size,) + send.shape[1:], x.dtype)  # (d/n, rest...)
         self._run("Reduce_scatter_block", send, out, op=self._ops["sum"])
         return np.moveaxis(out, 0, axis)
 
     def _alltoall(self, x, split_axis, concat_axis):
-        send = np.stack(np.split(x, self._size, axis=split_axis))  # (n, *block), block j for member j
+        send = _contiguous(np.stack(np.split(x, self._size, axis=split_axis)))  # (n, *block), block j for member j
         recv = np.empty_like(send)  # (n, *block), block j from member j
         self._run("Alltoall", send, recv)
         return _concat_leading(recv, concat_axis)
 
     def _broadcast(self, x, root):
-        buf = x.copy() if self._rank == root else np.empty(x.shape, x.dtype)
+        buf = np.array(x, order="C") if self._rank == root else np.empty(x.shape, x.dtype)
         self._run("Bcast", buf, root=root)
         return buf
 
     def _send(self, x, dest, tag):
         if self._watch is None:
-            self._comm.Send(np.ascontiguousarray(x), dest=dest, tag=tag)
+            self._comm.Send(_contiguous(x), dest=dest, tag=tag)
             return
-        buf = np.ascontiguousarray(x)
+        buf = _contiguous(x)
         self._watch.p2p(self._comm.Isend(buf, dest=dest, tag=tag), f"send to member {dest} (tag {tag})", dest)
 
     def _recv(self, shape, dtype, source, tag):
@@ -219,3 +219,17 @@ def _thread_abort_hook(args) -> None:
     if args.exc_type is SystemExit:
         return
     _abort_hook(args.exc_type, args.exc_value, args.exc_traceback)
+
+
+def _contiguous(x: np.ndarray) -> np.ndarray:
+    """``x`` with C-order strides exactly (a copy if needed). numpy calls an array with a
+    size-1 dim of any stride contiguous, and ``np.ascontiguousarray`` returns it as is, but
+    mpi4py's DLPack path checks the strides themselves and refuses it."""
+    x = np.asarray(x)
+    expected, step = [], x.itemsize
+    for n in reversed(x.shape):
+        expected.append(step)
+        step *= n
+    if x.flags.c_contiguous and tuple(reversed(expected)) == x.strides:
+        return x
+    return np.array(x, order="C", copy=True)
