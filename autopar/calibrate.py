@@ -287,6 +287,12 @@ def calibrate(comm: Communicator, host: str, name: str, sizes: Sizes = FULL,
     figures.update(collective)
     sources.update(collective_sources)
 
+    with threadpool_limits(limits=1, user_api="blas"):
+        rates = _op_rates(comm, figures, sources, sizes)
+    figures["op_bytes_per_s"] = {k: r for k, (r, _) in rates.items()}
+    for kind, (_, how) in rates.items():
+        sources[f"op_bytes_per_s.{kind}"] = f"measured {said}: {how}; {ranks} and the slowest rank's time"
+
     figures["devices_per_node"] = len(on_my_host)
     per_host = {hosts[g[0]]: len(g) for g in by_host}
     sources["devices_per_node"] = f"measured {said}: ranks per host as launched: {per_host}"
@@ -294,6 +300,23 @@ def calibrate(comm: Communicator, host: str, name: str, sizes: Sizes = FULL,
     sources["memory_bytes"] = (f"measured {said}: /proc/meminfo MemTotal / {len(on_my_host)} "
                                f"rank{'s' if len(on_my_host) > 1 else ''} on the host")
     return MachineProfile(name=name, sources=sources, **figures)
+
+
+def _op_rates(comm: Communicator, figures: dict, sources: dict, sizes: Sizes) -> dict:
+    """Per-op-kind throughputs (autopar.strategy.op_rates), every rank at once, the slowest
+    rank's time per kind."""
+    from .strategy.op_rates import QUICK_WORKLOAD, measure_op_rates
+    provisional = MachineProfile(name="provisional", devices_per_node=1, memory_bytes=1,
+                                 sources={k: "provisional" for k in list(sources) + [
+                                     "devices_per_node", "memory_bytes", "intra_node_latency_s",
+                                     "intra_node_bandwidth_bytes_per_s", "inter_node_latency_s",
+                                     "inter_node_bandwidth_bytes_per_s"]},
+                                 intra_node_latency_s=1e-6, intra_node_bandwidth_bytes_per_s=1e9,
+                                 inter_node_latency_s=1e-6, inter_node_bandwidth_bytes_per_s=1e9,
+                                 **{k: figures[k] for k in ("gemm_flops", "elementwise_bytes_per_s", "op_overhead_s")})
+    quick = sizes is QUICK
+    return measure_op_rates(provisional, repeats=2 if quick else 5, workload=QUICK_WORKLOAD if quick else None,
+                            agree=lambda secs: comm.allreduce(secs, op="max"))
 
 
 def _collective_figures(comm: Communicator, by_host: tuple[tuple[int, ...], ...], sizes: Sizes, said: str,

@@ -89,6 +89,7 @@ class NodeCost:
     state_bytes: int           # optimizer states (local, after optimizer-parallel division)
     activation_bytes: int      # kept for backward
     flops: float = 0.0         # forward + backward, local
+    bytes_moved: float = 0.0   # forward + backward, local (what op_rate divides)
 
     @property
     def seconds(self) -> float:
@@ -221,7 +222,7 @@ class CostModel:
         launches = 2 if backward else 1
         if dtype not in prof.gemm_flops:   # a dtype the profile lists no rate for: its slowest rate
             dtype = min(prof.gemm_flops, key=prof.gemm_flops.get)
-        compute = cost.compute_seconds(flops, nbytes, dtype, prof) \
+        compute = cost.compute_seconds(flops, 0, dtype, prof) + nbytes / prof.op_rate(prim.kind) \
             + launches * getattr(prof, "op_overhead_s", 0.0)
         comm = self._internal_seconds(node, sh, out, backward)
         grad = update = 0.0
@@ -242,7 +243,7 @@ class CostModel:
                     act += specs[i].nbytes
             if prim.save_output:
                 act += out.nbytes
-        return NodeCost(compute, comm, grad, update, pbytes, gbytes, sbytes, act, float(flops))
+        return NodeCost(compute, comm, grad, update, pbytes, gbytes, sbytes, act, float(flops), float(nbytes))
 
     def state_bytes(self, local_bytes: int, layout: Layout) -> int:
         """Optimizer-state bytes of a weight of ``local_bytes`` per rank in ``layout``:

@@ -76,6 +76,10 @@ class MachineProfile:
     inter_node_bandwidth_bytes_per_s: float         # bytes/s
     sources: Mapping[str, str] = field(default_factory=dict)
     op_overhead_s: float = OPTIONAL_FIELDS["op_overhead_s"]   # s per executed op
+    # op kind -> bytes/s its kernels (forward + backward) move, where they run below the
+    # elementwise bandwidth (masks hashed, erf, exp, row reductions); each sourced as
+    # "op_bytes_per_s.<kind>"
+    op_bytes_per_s: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -105,6 +109,11 @@ class MachineProfile:
         for latency_field in ("intra_node_latency_s", "inter_node_latency_s", "op_overhead_s"):
             object.__setattr__(self, latency_field, _positive_number(
                 latency_field, getattr(self, latency_field), allow_zero=True))
+        if not isinstance(self.op_bytes_per_s, Mapping):
+            raise ValueError(f"MachineProfile.op_bytes_per_s: expected a mapping op kind -> bytes/s, "
+                             f"got {self.op_bytes_per_s!r} (profile {self.name!r})")
+        object.__setattr__(self, "op_bytes_per_s", {
+            str(k): _positive_number(f"op_bytes_per_s[{k!r}]", v) for k, v in self.op_bytes_per_s.items()})
         if not isinstance(self.sources, Mapping):
             raise ValueError(f"MachineProfile.sources: expected a mapping figure -> source, "
                              f"got {type(self.sources).__name__} (profile {self.name!r})")
@@ -116,7 +125,8 @@ class MachineProfile:
         for name, default in OPTIONAL_FIELDS.items():
             if name not in sources and getattr(self, name) == default:
                 sources[name] = DEFAULTED_SOURCE
-        needed = list(SOURCED_FIELDS) + list(OPTIONAL_FIELDS) + [f"gemm_flops.{d}" for d in gemm]
+        needed = list(SOURCED_FIELDS) + list(OPTIONAL_FIELDS) + [f"gemm_flops.{d}" for d in gemm] + \
+            [f"op_bytes_per_s.{k}" for k in self.op_bytes_per_s]
         missing = [k for k in needed if k not in sources]
         if missing:
             raise ValueError(f"MachineProfile.sources: profile {self.name!r} names no source for "
@@ -132,8 +142,13 @@ class MachineProfile:
             raise ValueError(f"MachineProfile {self.name!r}: no gemm_flops for dtype {dtype!r}; "
                              f"known: {sorted(self.gemm_flops)}") from None
 
+    def op_rate(self, kind: str) -> float:
+        """Bytes/s an op of ``kind`` moves: its measured rate, else the elementwise bandwidth."""
+        return self.op_bytes_per_s.get(kind, self.elementwise_bytes_per_s)
+
     def to_dict(self) -> dict:
-        return asdict(self) | {"gemm_flops": dict(self.gemm_flops), "sources": dict(self.sources)}
+        return asdict(self) | {"gemm_flops": dict(self.gemm_flops), "sources": dict(self.sources),
+                               "op_bytes_per_s": dict(self.op_bytes_per_s)}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> MachineProfile:
@@ -143,7 +158,8 @@ class MachineProfile:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"MachineProfile: unknown fields {unknown}; known: {sorted(known)}")
-        missing = sorted(k for k in known - set(data) if k != "sources" and k not in OPTIONAL_FIELDS)
+        missing = sorted(k for k in known - set(data)
+                         if k not in ("sources", "op_bytes_per_s") and k not in OPTIONAL_FIELDS)
         if missing:
             raise ValueError(f"MachineProfile: missing fields {missing}")
         return cls(**data)

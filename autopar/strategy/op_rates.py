@@ -1,0 +1,81 @@
+"""Per-op-kind throughputs: what each non-GEMM kernel really moves per second.
+
+Elementwise bandwidth alone predicts a dropout (a hashed mask), a GeLU (erf), a softmax or
+a LayerNorm (row reductions, exp) several times too fast. So calibration trains a small
+PanGu-α serially, times every instruction (forward and backward charged to the forward
+op's kind, :mod:`autopar.runtime.op_timer`), and divides the bytes the cost model counts
+for that kind by the seconds measured, less the per-op overhead:
+
+    rate(kind) = sum of bytes_moved(op) / (seconds(kind) - instructions(kind) x op_overhead_s)
+
+The workload's shapes differ from the accuracy benchmark's on purpose, so that benchmark
+tests the calibration rather than repeating it. GEMMs are priced by FLOPs and left out.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from .profile import MachineProfile
+
+# The calibration workload: a small PanGu-α, fp32, dropout on, one serial training step.
+WORKLOAD = dict(vocab_size=3000, seq_length=96, hidden_size=192, num_layers=3, num_heads=6,
+                ffn_hidden_size=768, dropout_rate=0.1)
+BATCH = 8
+GEMM_KINDS = ("MatMul", "BatchMatMul")
+MIN_SECONDS = 2e-4        # kinds cheaper than this per step are too noisy to rate
+
+
+QUICK_WORKLOAD = dict(vocab_size=500, seq_length=32, hidden_size=64, num_layers=2, num_heads=4,
+                      ffn_hidden_size=256, dropout_rate=0.1)
+
+
+def measure_op_rates(profile: MachineProfile, repeats: int = 5, clock=time.thread_time,
+                     workload: dict | None = None, batch: int = BATCH,
+                     agree=lambda seconds: seconds) -> dict[str, tuple[float, str]]:
+    """{kind: (bytes/s, how it was measured)} under ``profile``'s ``op_overhead_s``; the
+    fastest of ``repeats`` runs per kind, then ``agree`` (e.g. the slowest rank's: a max
+    all-reduce over the kinds' seconds in sorted order)."""
+    from ..models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
+    from ..runtime.compiled import GradProgram
+    from ..runtime.op_timer import time_ops
+    from .costmodel import CostModel
+    from .mesh import Mesh
+    from .plan import plan_shardings
+
+    cfg = PanguAlphaConfig(**(workload or WORKLOAD))
+    net = PanguAlphaWithLoss(cfg)
+    net.set_train(True)                          # dropout on, as in training
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, cfg.seq_length + 1)).astype(np.int32)
+    prog = GradProgram(net, (ids,), {}, net.trainable_params())
+    graph = prog.traced.graph
+    stage = Mesh((1,), ("devices",))
+    model = CostModel(graph, stage, replace(profile, op_bytes_per_s={}), True)
+    moved: dict[str, float] = {}
+    for n, c, _ in model.op_costs(plan_shardings(graph, "stand_alone", stage, True)):
+        moved[n.prim.kind] = moved.get(n.prim.kind, 0.0) + c.bytes_moved
+    prog.program.run([ids])                      # warm up: first-touch allocations
+    best: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for step in range(repeats):
+        seconds, counts = time_ops(prog.program, [ids], step, clock)
+        for kind, s in seconds.items():
+            best[kind] = min(best.get(kind, s), s)
+    kinds = sorted(best)
+    agreed = agree(np.array([best[k] for k in kinds]))
+    best = dict(zip(kinds, (float(x) for x in agreed)))
+    out = {}
+    for kind, s in sorted(best.items()):
+        if kind in GEMM_KINDS or kind not in moved or moved[kind] <= 0 or s < MIN_SECONDS:
+            continue
+        busy = s - counts[kind] * profile.op_overhead_s
+        if busy <= 0:
+            continue
+        out[kind] = (moved[kind] / busy,
+                     f"{moved[kind]:.3g} bytes the cost model counts for {counts[kind]} {kind} instructions "
+                     f"(forward + backward) / {busy:.3g} s measured (best of {repeats}, per-op overhead "
+                     f"subtracted) in a serial step of PanGu-α {cfg.hidden_size}h x {cfg.num_layers} layers, "
+                     f"batch {batch} x {cfg.seq_length}")
+    return out

@@ -1,0 +1,70 @@
+"""Per-op-kind rates: the profile field's validation, the instruction timer's bookkeeping,
+and the rates' arithmetic (bytes the cost model counts / seconds less the overhead)."""
+import json
+
+import numpy as np
+import pytest
+
+from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
+from autopar.runtime.compiled import GradProgram
+from autopar.runtime.op_timer import kind_of, time_ops
+from autopar.strategy.op_rates import QUICK_WORKLOAD, measure_op_rates
+from autopar.strategy.profile import PROFILE_DIR, MachineProfile, load_profile
+
+
+def base():
+    return json.loads((PROFILE_DIR / "cpu-2core.json").read_text())
+
+
+def test_a_rate_needs_a_source_and_a_positive_value():
+    data = base()
+    data["op_bytes_per_s"] = {"GeLU": 1e9}
+    data["sources"].pop("op_bytes_per_s.GeLU", None)
+    with pytest.raises(ValueError, match=r"op_bytes_per_s.GeLU"):
+        MachineProfile.from_dict(data)
+    data["sources"]["op_bytes_per_s.GeLU"] = "assumed, for this test"
+    data["op_bytes_per_s"] = {"GeLU": -1}
+    with pytest.raises(ValueError, match=r"op_bytes_per_s\['GeLU'\]: expected a finite number > 0"):
+        MachineProfile.from_dict(data)
+    data["op_bytes_per_s"] = {"GeLU": 2e9}
+    p = MachineProfile.from_dict(data)
+    assert p.op_rate("GeLU") == 2e9 and p.op_rate("Tanh") == p.elementwise_bytes_per_s
+
+
+def test_the_shipped_cpu_profile_rates_every_slow_kernel_below_the_elementwise_bandwidth():
+    p = load_profile("cpu-2core")
+    for kind in ("Dropout", "GeLU", "LayerNorm", "Softmax", "SparseSoftmaxCrossEntropyWithLogits"):
+        assert p.op_rate(kind) < p.elementwise_bytes_per_s, kind
+
+
+def test_the_timed_run_executes_the_program_and_counts_every_instruction():
+    cfg = PanguAlphaConfig(**QUICK_WORKLOAD)
+    net = PanguAlphaWithLoss(cfg)
+    net.set_train(True)
+    ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (2, cfg.seq_length + 1)).astype(np.int32)
+    prog = GradProgram(net, (ids,), {}, net.trainable_params())
+    seconds, counts = time_ops(prog.program, [ids], step=3)
+    assert sum(counts.values()) == len(prog.program.instructions)
+    assert counts == {k: sum(kind_of(prog.program, ins.node) == k for ins in prog.program.instructions)
+                      for k in counts}
+    assert counts["Dropout"] > 0 and all(s >= 0 for s in seconds.values())
+    loss, _ = prog((ids,), {}, step=3)            # the timed run changed nothing: same loss twice
+    again, _ = prog((ids,), {}, step=3)
+    assert float(loss) == float(again)
+
+
+def test_rates_are_the_model_bytes_over_the_measured_seconds(monkeypatch):
+    import autopar.strategy.op_rates as op_rates
+    fake = {"GeLU": 0.010, "Dropout": 0.020, "MatMul": 1.0, "Reshape": 1e-6}
+
+    def timed(program, inputs, step, clock):
+        counts = {}
+        for ins in program.instructions:
+            k = kind_of(program, ins.node)
+            counts[k] = counts.get(k, 0) + 1
+        return {k: fake.get(k, 0.0) for k in counts}, counts
+    monkeypatch.setattr("autopar.runtime.op_timer.time_ops", timed)
+    profile = load_profile("cpu-2core")
+    rates = op_rates.measure_op_rates(profile, repeats=1, workload=QUICK_WORKLOAD, batch=2)
+    assert set(rates) == {"GeLU", "Dropout"}          # GEMMs and sub-noise kinds are not rated
+    assert rates["GeLU"][0] > rates["Dropout"][0] > 0
