@@ -1,6 +1,6 @@
 """The graph cost model against closed forms (REFERENCE.md): training FLOPs 6 x parameters x
-tokens, Megatron's per-layer tensor-parallel all-reduce volume on a ring, ZeRO-1 state
-memory, and the data-parallel gradient all-reduce."""
+tokens, Megatron's per-layer tensor-parallel all-reduce volume on a ring, ZeRO memory
+(the runtime's optimizer parallel keeps gradient and state slices: stage 2's form), and the data-parallel gradient all-reduce."""
 import json
 
 import numpy as np
@@ -85,7 +85,7 @@ def test_training_flops_are_six_times_parameters_times_tokens_plus_attention():
 
 
 @pytest.mark.parametrize("dp", [2, 4, 8])
-def test_optimizer_parallel_cuts_states_by_the_data_parallel_degree_as_zero_1(dp):
+def test_optimizer_parallel_splits_states_and_gradients_by_the_data_parallel_degree(dp):
     h = 64
     net = nn.Dense(h, h, has_bias=False)
 
@@ -103,15 +103,14 @@ def test_optimizer_parallel_cuts_states_by_the_data_parallel_degree_as_zero_1(dp
     plain = CostModel(g, stage, load_profile("cpu-2core"), optimizer_states=3).evaluate(plan)
     zero = CostModel(g, stage, load_profile("cpu-2core"), optimizer_states=3, optimizer_parallel=True).evaluate(plan)
     psi = h * h
-    # ZeRO-1 (Rajbhandari et al.): weights and gradients stay, K bytes of states per parameter
-    # are split N ways. Here fp32 weights and gradients (4 + 4 bytes) and 3 fp32 states (K = 12):
-    # 20 psi plain, 8 psi + 12 psi / N with optimizer parallel -- the closed form's stage 0 and
-    # stage 1 shifted by the 4 psi that fp32 weights and gradients add over fp16 ones.
-    fp32_extra = 4 * psi
+    # Rajbhandari et al.: plain (2 + 2 + K) psi; the runtime reduce-scatters gradients and keeps
+    # states for its slice, so gradients and states are split N ways: ZeRO stage 2's
+    # 2 psi + (2 + K) psi / N. Here fp32 weights and gradients (4 + 4 bytes, 2 + 2 over fp16)
+    # and 3 fp32 states (K = 12).
     assert plain.param_bytes + plain.grad_bytes + plain.state_bytes == \
-        cost.zero_memory_bytes(psi, dp, 0, K=12) + fp32_extra == 20 * psi
+        cost.zero_memory_bytes(psi, dp, 0, K=12) + 4 * psi == 20 * psi
     assert zero.param_bytes + zero.grad_bytes + zero.state_bytes == \
-        cost.zero_memory_bytes(psi, dp, 1, K=12) + fp32_extra == 8 * psi + 12 * psi / dp
+        cost.zero_memory_bytes(psi, dp, 2, K=12) + 2 * psi + 2 * psi / dp == 4 * psi + 16 * psi / dp
 
 
 @pytest.mark.parametrize("dp", [2, 4, 8])

@@ -233,7 +233,7 @@ class CostModel:
             lay, local_bytes = sh.input_layout(i), specs[i].nbytes
             grad += self.redistribution_seconds(sh.grad_layout(i), lay, v)
             pbytes += local_bytes
-            gbytes += local_bytes
+            gbytes += local_bytes // self._copies(lay)   # optimizer parallel: a reduce-scattered slice
             sbytes += self.state_bytes(local_bytes, lay)
             update += OPTIMIZER_BYTES_PER_ELEMENT * local_bytes / prof.elementwise_bytes_per_s
         act = 0
@@ -248,16 +248,22 @@ class CostModel:
     def state_bytes(self, local_bytes: int, layout: Layout) -> int:
         """Optimizer-state bytes of a weight of ``local_bytes`` per rank in ``layout``:
         split over its data-parallel copies with optimizer parallel."""
-        states = self.optimizer_states * local_bytes
-        if self.optimizer_parallel:
-            states //= math.prod(layout.mesh.shape[a] for a in layout.replicated_axes())
-        return states
+        return self.optimizer_states * local_bytes // self._copies(layout)
+
+    def _copies(self, layout: Layout) -> int:
+        """Ranks a weight's optimizer state and gradient are split over: its data-parallel
+        copies with optimizer parallel, else 1."""
+        if not self.optimizer_parallel:
+            return 1
+        return math.prod(layout.mesh.shape[a] for a in layout.replicated_axes())
 
     def param_memory(self, value: int, layout: Layout) -> tuple[int, int]:
-        """(weight + gradient + states, states) bytes per rank of a parameter in ``layout``."""
+        """(weight + gradient + states, states) bytes per rank of a parameter in ``layout``.
+        With optimizer parallel the runtime reduce-scatters the gradient, so it is kept as a
+        slice like the states (ZeRO-2's memory for gradients)."""
         local = _local(self.graph.spec(value), layout).nbytes
         states = self.state_bytes(local, layout)
-        return 2 * local + states, states
+        return local + local // self._copies(layout) + states, states
 
     def _internal_seconds(self, node: Node, sh: OpSharding, out: TensorSpec, backward: bool) -> float:
         """Collectives a kernel runs itself over its *internal* letters' axes: the
