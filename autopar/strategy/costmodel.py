@@ -43,6 +43,7 @@ from .sharding import OpSharding
 _STEP_KIND = {rd.ALLGATHER: "all_gather", rd.REDUCE_SCATTER: "reduce_scatter",
               rd.ALLREDUCE: "all_reduce", rd.ALLTOALL: "all_to_all"}
 OPTIMIZER_BYTES_PER_ELEMENT = 8   # an Adam-style update reads w, g, m, v and writes w, m, v: ~7-8 passes
+OPTIMIZER_KIND = "optimizer_update"   # the profile's rate for it (clipping included), if calibrated
 
 
 @lru_cache(maxsize=65536)
@@ -235,7 +236,7 @@ class CostModel:
             pbytes += local_bytes
             gbytes += local_bytes // self._copies(lay)   # optimizer parallel: a reduce-scattered slice
             sbytes += self.state_bytes(local_bytes, lay)
-            update += OPTIMIZER_BYTES_PER_ELEMENT * local_bytes / prof.elementwise_bytes_per_s
+            update += OPTIMIZER_BYTES_PER_ELEMENT * local_bytes / prof.op_rate(OPTIMIZER_KIND)
         act = 0
         if backward:
             for i in prim.saved_input_indices(len(node.inputs)):
