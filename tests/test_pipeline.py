@@ -54,7 +54,7 @@ def serial():
     return loss, grads, losses, weights
 
 
-def run_pipeline(stages, dp, mp, micro, schedule, mode="semi_auto_parallel", full_batch=True):
+def run_pipeline(stages, dp, mp, micro, schedule, mode="semi_auto_parallel", full_batch=True, recompute=False):
     """Per rank: loss and full gradients, three steps' losses and weights, the rank's block
     of the tied table, the measured live micro-batches per clock."""
     n = stages * dp * mp
@@ -63,6 +63,9 @@ def run_pipeline(stages, dp, mp, micro, schedule, mode="semi_auto_parallel", ful
     def body(comm):
         with bound_world(comm):
             net = pangu(CONFIG.replace(data_parallel=dp, model_parallel=mp), stages).set_train(True)
+            if recompute:
+                for layer in list(net.backbone.blocks) + [net.backbone.query_layer]:
+                    layer.recompute()
             cell = nn.PipelineCell(net, micro, schedule)
             ids = IDS if full_batch else np.split(IDS, per_stage)[comm.rank % per_stage]
             loss, grads = autopar.value_and_grad(cell, net.trainable_params())(ids)
@@ -205,6 +208,16 @@ def run_grads(make_net, stages, micro, n=None):
             return loss, grads, next(iter(cell._compiled.values())).saved_per_micro
     with parallel_context(parallel_mode="semi_auto_parallel", device_num=n, pipeline_stages=stages, full_batch=True):
         return run_in_process(n, body)
+
+
+RECOMPUTE_CASES = [c for c in CASES if c[0] * c[1] * c[2] >= 4]   # every 4- and 8-rank layout
+
+
+@pytest.mark.parametrize("stages, dp, mp, micro, schedule, mode, full_batch", RECOMPUTE_CASES,
+                         ids=[f"pp{c[0]}-dp{c[1]}-mp{c[2]}-m{c[3]}-{c[4]}" for c in RECOMPUTE_CASES])
+def test_pipeline_with_every_layer_recomputed_equals_serial(serial, stages, dp, mp, micro, schedule, mode,
+                                                            full_batch):
+    assert_equals_serial(run_pipeline(stages, dp, mp, micro, schedule, mode, full_batch, recompute=True), serial)
 
 
 def test_recomputed_blocks_save_only_their_inputs_and_equal_serial(serial):
