@@ -306,3 +306,24 @@ def test_slice_layout_leaves_weights_whole_when_it_must():
     assert str(slice_layout(rep, (16, 16), 4, 1)) == "[S(dp), R]"     # 1024 B: at the threshold
     assert slice_layout(rep, (16, 15), 4, 1) is None                  # 960 B < 1 KB
     assert slice_layout(Layout(dp4, ((0,), ())), (8, 8), 4, 0) is None  # split, not replicated
+
+
+def test_dp2_mp2_optimizer_parallel_with_every_layer_recomputed_equals_serial():
+    """ZeRO-1 slices and recompute together (dropout on: the rebuilt masks must match)."""
+    serial = train_steps(PanguAlphaWithLoss(CONFIG), "adamw", BATCHES[:3])
+
+    def body(comm):
+        with bound_world(comm):
+            net = PanguAlphaWithLoss(CONFIG.replace(data_parallel=2, model_parallel=2))
+            for layer in list(net.backbone.blocks) + [net.backbone.query_layer]:
+                layer.recompute()
+            out = train_steps(net, "adamw", BATCHES[:3], comm, True)
+            return out["losses"], out["weights"], out["state_bytes"]
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=4, full_batch=True,
+                          enable_parallel_optimizer=True, parallel_optimizer_threshold=0):
+        res = run_in_process(4, body)
+    for losses, weights, nbytes in res:
+        np.testing.assert_allclose(losses, serial["losses"], rtol=RTOL)
+        for name, w in serial["weights"].items():
+            np.testing.assert_allclose(weights[name], w, rtol=RTOL, atol=WEIGHT_ATOL["adamw"], err_msg=name)
+        assert nbytes < serial["state_bytes"] / 2       # states sliced: mp halves, dp halves again where replicated
