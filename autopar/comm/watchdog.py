@@ -31,6 +31,9 @@ MIN_PAUSE_S = 5e-5   # between polls, starting at this pause and doubling up to
 MAX_PAUSE_S = 5e-3   # this one (the most latency a long watched wait may gain)
 
 
+ABORT_GRACE_S = 0.5   # seconds between printing the report and aborting
+
+
 class MPIWatchdog:
     """Deadline-polled waits for one MPI communicator (group = world ranks, member order)."""
 
@@ -92,5 +95,6 @@ class MPIWatchdog:
     def _abort(self, report: str) -> None:
         sys.stderr.write(f"{report}; aborting the MPI job\n")
         sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)   # let the launcher forward the report before Abort tears the job down
         self._MPI.COMM_WORLD.Abort(1)
         os._exit(1)   # MPICH's Abort may return before the launcher ends us: never resume the program
