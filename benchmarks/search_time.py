@@ -14,12 +14,14 @@ step time of each plan found, so speed can be weighed against quality::
 
     python benchmarks/search_time.py                 # the whole table (long: the limit bounds it)
     python benchmarks/search_time.py --quick         # tiny and 350M on 8 and 64 devices
+    python benchmarks/search_time.py --memory-cap none --clock cpu   # the search alone, shared machine
     python benchmarks/search_time.py --presets 2.6B 200B --devices 2048 --modes recursive_programming
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -38,7 +40,8 @@ CLOCKS = {"wall": (time.perf_counter, "ITIMER_REAL", "SIGALRM"),
           "cpu": (time.process_time, "ITIMER_PROF", "SIGPROF")}
 
 
-def cell(preset: str, devices: int, mode: str, profile: str, limit_s: float, clock_name: str) -> dict:
+def cell(preset: str, devices: int, mode: str, profile: str, limit_s: float, clock_name: str,
+         capped: bool = True) -> dict:
     """Trace, then time one search under a ``limit_s`` alarm; in the worker process."""
     import signal
 
@@ -59,7 +62,7 @@ def cell(preset: str, devices: int, mode: str, profile: str, limit_s: float, clo
     signal.setitimer(getattr(signal, timer), limit_s)
     t0 = clock()
     try:
-        res = search(graph, stage, mode, profile=profile)
+        res = search(graph, stage, mode, profile=profile, memory_cap=None if capped else math.inf)
     except TimeoutError:
         return dict(timeout=True, **seen)
     except (ValueError, MemoryError) as err:
@@ -82,7 +85,8 @@ def short(error: str) -> str:
 
 def run_cell(preset: str, devices: int, mode: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", preset, str(devices), mode, "--profile", args.profile,
-           "--limit", str(args.limit), "--memory-limit-gb", str(args.memory_limit_gb), "--clock", args.clock]
+           "--limit", str(args.limit), "--memory-limit-gb", str(args.memory_limit_gb), "--clock", args.clock,
+           "--memory-cap", args.memory_cap]
     try:
         out = subprocess.run(cmd, env=worker_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
                              timeout=6 * args.limit + 300)   # a backstop: the search has its own alarm
@@ -96,11 +100,11 @@ def run_cell(preset: str, devices: int, mode: str, args) -> dict:
 
 
 def worker(preset: str, devices: int, mode: str, profile: str, limit_s: float, memory_gb: float,
-           clock_name: str) -> None:
+           clock_name: str, capped: bool) -> None:
     if memory_gb > 0:
         cap = int(memory_gb * 2 ** 30)
         resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-    print(json.dumps(cell(preset, devices, mode, profile, limit_s, clock_name)), flush=True)
+    print(json.dumps(cell(preset, devices, mode, profile, limit_s, clock_name, capped)), flush=True)
 
 
 def main() -> None:
@@ -113,6 +117,9 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall clock (default), or CPU time on a machine shared with other work")
     parser.add_argument("--memory-limit-gb", type=float, default=8.0, help="address space of one search process")
+    parser.add_argument("--memory-cap", choices=("profile", "none"), default="profile",
+                        help="search under the profile's memory per device (default, as users do), or "
+                             "uncapped: the search alone, without re-solving under a rising memory price")
     parser.add_argument("--no-skip", action="store_true", help="run every cell, even past a smaller model's limit")
     parser.add_argument("--quick", action="store_true", help=f"presets {QUICK_PRESETS} on {QUICK_DEVICES} devices")
     parser.add_argument("--json", default="", help="write every cell here")
@@ -120,7 +127,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         preset, devices, mode = args.worker
-        worker(preset, int(devices), mode, args.profile, args.limit, args.memory_limit_gb, args.clock)
+        worker(preset, int(devices), mode, args.profile, args.limit, args.memory_limit_gb, args.clock,
+               args.memory_cap == "profile")
         return
     from autopar.strategy.search import SEARCH_MODES
     modes = args.modes or list(SEARCH_MODES)
@@ -163,7 +171,8 @@ def _cell_text(r: dict, limit: float) -> str:
 def report(results, presets, devices, modes, args) -> None:
     from autopar.models.pangu_alpha import PanguAlphaConfig
     what = "wall time" if args.clock == "wall" else "CPU time"
-    print(f"Search {what} per mode (s), one stage of N devices, profile {args.profile}, global batch = N "
+    cap = "under its memory cap" if args.memory_cap == "profile" else "no memory cap"
+    print(f"Search {what} per mode (s), one stage of N devices, profile {args.profile} ({cap}), global batch = N "
           f"sequences; limit {args.limit:.0f} s per search ('skipped': the mode passed the limit on a smaller "
           "model on as many devices)\n")
     rows, quality, errors = [], [], {}
