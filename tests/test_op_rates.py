@@ -68,3 +68,9 @@ def test_rates_are_the_model_bytes_over_the_measured_seconds(monkeypatch):
     rates = op_rates.measure_op_rates(profile, repeats=1, workload=QUICK_WORKLOAD, batch=2)
     assert set(rates) == {"GeLU", "Dropout", "optimizer_update"}   # GEMMs and sub-noise kinds are not rated
     assert rates["GeLU"][0] > rates["Dropout"][0] > 0
+
+
+def test_a_profile_is_found_by_the_name_before_its_size():
+    assert load_profile("ascend910").name == load_profile("ascend910-2048").name
+    with pytest.raises(ValueError, match="no profile named 'ascend'"):
+        load_profile("ascend")

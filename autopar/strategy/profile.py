@@ -18,7 +18,8 @@ A profile is a JSON data file (``autopar/strategy/profiles/<name>.json``) holdin
 
 ``python -m autopar.calibrate`` measures the running machine and writes such a file.
 
-``load_profile("a100-8")`` loads a shipped profile by name; ``load_profile("/path/x.json")``
+``load_profile("a100-8")`` loads a shipped profile by name (or by the part before its size,
+when one profile has it: ``"ascend910"``); ``load_profile("/path/x.json")``
 loads a file. ``PROFILES`` lists the shipped names.
 """
 from __future__ import annotations
@@ -171,6 +172,9 @@ def load_profile(name_or_path: str | Path) -> MachineProfile:
     path = Path(text)
     if not (text.endswith(".json") or path.is_file()):
         path = PROFILE_DIR / f"{text}.json"
+        prefixed = [name for name in PROFILES if name.startswith(text + "-")]
+        if not path.is_file() and len(prefixed) == 1:   # "ascend910" names "ascend910-2048"
+            path = PROFILE_DIR / f"{prefixed[0]}.json"
         if not path.is_file():
             raise ValueError(f"load_profile: no profile named {text!r}; shipped profiles: "
                              f"{list(PROFILES)}, or pass a path to a .json file")
