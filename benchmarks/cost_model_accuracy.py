@@ -191,47 +191,13 @@ def predicted_by_kind(model, plan) -> dict[str, float]:
     return out
 
 
-def _kind(ins, graph) -> str:
-    node = ins.node
-    if node.forward_of is not None:
-        node = graph.nodes[node.forward_of]
-    return "comm" if node.prim.kind == "Redistribute" else node.prim.kind
-
-
 def profiled_run(program, inputs, step: int, clock, sync) -> dict[str, float]:
-    """One run of ``program`` (a runtime Program) timing every instruction: seconds per op
-    family, backward charged to its forward op's kind, redistributions as 'comm'. The same
-    loop as ``Program._execute`` with a clock read around each instruction, and a barrier
-    (``sync``) before each redistribution, timed apart as 'comm wait': the time ranks wait
-    for each other, which the step pays inside its collectives and no cost formula has."""
-    slots = [None] * program.n_slots
-    for v, a in zip(program.inputs, inputs):
-        slots[v] = a
-    for v, a in program.graph.consts.items():
-        slots[v] = a
-    for v, p in zip(program.graph.params, program.graph.param_objs):
-        slots[v] = p.data
-    out: dict[str, float] = {}
-    for k, ins in enumerate(program.instructions):
-        args = [slots[i] for i in ins.ins]
-        kind = _kind(ins, program.graph)
-        if kind == "comm":
-            t0 = clock()
-            sync()
-            out["comm wait"] = out.get("comm wait", 0.0) + clock() - t0
-        t0 = clock()
-        if k in program._rng_nodes:
-            res = ins.fn(*args, key=program.rng_key(ins.node, step))
-        else:
-            res = ins.fn(*args)
-        out[kind] = out.get(kind, 0.0) + clock() - t0
-        if len(ins.outs) == 1 and not isinstance(res, tuple):
-            res = (res,)
-        for o, r in zip(ins.outs, res):
-            slots[o] = r
-        for f in ins.frees:
-            slots[f] = None
-    return out
+    """One run of ``program`` timing every instruction (``autopar.runtime.op_timer``):
+    seconds per op family, backward charged to its forward op's kind, redistributions as
+    'comm', and a barrier (``sync``) before each, timed apart as 'comm wait': the time ranks
+    wait for each other, which the step pays inside its collectives and no cost formula has."""
+    from autopar.runtime.op_timer import time_ops
+    return time_ops(program, inputs, step, clock, before_comm=sync)[0]
 
 
 def _time_calls(program) -> list[float]:

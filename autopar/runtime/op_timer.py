@@ -19,25 +19,25 @@ def kind_of(program: Program, node) -> str:
 
 
 def time_ops(program: Program, inputs: Sequence[np.ndarray], step: int = 0,
-             clock: Callable[[], float] = time.perf_counter) -> tuple[dict[str, float], dict[str, int]]:
+             clock: Callable[[], float] = time.perf_counter,
+             before_comm: Callable[[], None] | None = None) -> tuple[dict[str, float], dict[str, int]]:
     """({kind: seconds}, {kind: instructions}) of one run, executed exactly as
-    ``Program.run`` executes it (same slots, frees and random keys)."""
-    slots: list = [None] * program.n_slots
-    for v, a in zip(program.inputs, inputs):
-        slots[v] = a
-    for v, a in program.graph.consts.items():
-        slots[v] = a
-    for v, p in zip(program.graph.params, program.graph.param_objs):
-        slots[v] = p.data
+    ``Program.run`` executes it (same slots, frees and random keys). ``before_comm`` (e.g.
+    a barrier) runs before each redistribution, timed apart as ``comm wait``: the time
+    ranks wait for each other inside collectives."""
+    slots = program.initial_slots(inputs)
     seconds: dict[str, float] = {}
     counts: dict[str, int] = {}
     for k, ins in enumerate(program.instructions):
         args = [slots[i] for i in ins.ins]
+        kind = kind_of(program, ins.node)
+        if before_comm is not None and kind == "comm":
+            t0 = clock()
+            before_comm()
+            seconds["comm wait"] = seconds.get("comm wait", 0.0) + clock() - t0
         t0 = clock()
         res = ins.fn(*args, key=program.rng_key(ins.node, step)) if k in program._rng_nodes else ins.fn(*args)
-        dt = clock() - t0
-        kind = kind_of(program, ins.node)
-        seconds[kind] = seconds.get(kind, 0.0) + dt
+        seconds[kind] = seconds.get(kind, 0.0) + clock() - t0
         counts[kind] = counts.get(kind, 0) + 1
         if len(ins.outs) == 1 and not isinstance(res, tuple):
             res = (res,)

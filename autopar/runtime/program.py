@@ -148,7 +148,8 @@ class Program:
         node = self.graph.nodes[self.recomputed_from.get(node.id, node.id)]
         return derive_key(self.seed, node.name, step)
 
-    def run(self, inputs: Sequence[np.ndarray], step: int = 0) -> list[np.ndarray]:
+    def initial_slots(self, inputs: Sequence[np.ndarray]) -> list:
+        """The value slots before the first instruction: inputs, constants, parameters."""
         slots: list = [None] * self.n_slots
         for v, a in zip(self.inputs, inputs):
             slots[v] = a
@@ -156,6 +157,10 @@ class Program:
             slots[v] = a
         for v, p in zip(self.graph.params, self.graph.param_objs):
             slots[v] = p.data
+        return slots
+
+    def run(self, inputs: Sequence[np.ndarray], step: int = 0) -> list[np.ndarray]:
+        slots = self.initial_slots(inputs)
         rng = self._rng_nodes
         try:
             if self.meter is None:
