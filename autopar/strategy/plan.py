@@ -98,25 +98,25 @@ def plan_shardings(graph: Graph, mode: str, stage: Mesh, full_batch: bool = Fals
         else:
             known = [layouts.get(v) if v not in params or v in layouts else None for v in node.inputs]
             sharding = propagate(indexing, known, [s.shape for s in specs], out.shape, stage)
-        for i, v in enumerate(node.inputs):
-            if v in params and v not in layouts:
-                layouts[v] = sharding.input_layout(i)
-            elif v in wanted and wanted[v] is None:
-                wanted[v] = sharding.input_layout(i)
-        shardings[node.id] = sharding
-        layouts[node.outputs[0]] = sharding.output_layout()
+        _place(node, sharding, params, layouts, wanted, shardings)
     for node, indexing in reversed(weight_side):   # in the layout their consumer reads: no gather
         want = wanted.get(node.outputs[0]) or Layout.replicated(stage, len(graph.spec(node.outputs[0]).shape))
         sharding = OpSharding(indexing, want.mesh, tuple(sorted(
             (ch, axes) for ch, axes in zip(indexing.output, want.dims) if axes)))
-        for i, v in enumerate(node.inputs):
-            if v in params and v not in layouts:
-                layouts[v] = sharding.input_layout(i)
-            elif v in wanted and wanted[v] is None:
-                wanted[v] = sharding.input_layout(i)
-        shardings[node.id] = sharding
-        layouts[node.outputs[0]] = sharding.output_layout()
+        _place(node, sharding, params, layouts, wanted, shardings)
     return ShardingPlan(stage, dict(sorted(shardings.items())), layouts)
+
+
+def _place(node, sharding: OpSharding, params, layouts: dict, wanted: dict, shardings: dict) -> None:
+    """Record ``node``'s sharding and output layout; weights it reads first take the layout
+    it reads them in, and so do weight-side outputs (casts) still waiting for a consumer."""
+    for i, v in enumerate(node.inputs):
+        if v in params and v not in layouts:
+            layouts[v] = sharding.input_layout(i)
+        elif v in wanted and wanted[v] is None:
+            wanted[v] = sharding.input_layout(i)
+    shardings[node.id] = sharding
+    layouts[node.outputs[0]] = sharding.output_layout()
 
 
 def _on_weights_alone(node, indexing, params, layouts, wanted, graph) -> bool:
