@@ -255,7 +255,11 @@ def save_checkpoint(obj, path, *, extra: dict | None = None, world=None) -> str:
                     {"type": type(optimizer).__name__, "state_names": list(optimizer.state_names)},
                     "extra": extra, "tensors": _merge_entries(per_rank)}
         _validate(manifest, tmp)   # the manifest we are about to publish covers every tensor once
-        _write_bytes(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1).encode())
+        # the manifest appears whole or not at all: a kill mid-write must not leave a
+        # directory with a truncated manifest (it would claim to be complete)
+        part = os.path.join(tmp, MANIFEST + ".part")
+        _write_bytes(part, json.dumps(manifest, indent=1).encode())
+        _rename(part, os.path.join(tmp, MANIFEST))
         _swap_in(tmp, path)
     world.barrier()
     return path
