@@ -46,3 +46,14 @@ def table(headers: list[str], rows: list[list], aligns: str | None = None) -> st
 
 def mib(nbytes: float) -> str:
     return f"{nbytes / 2 ** 20:.1f}"
+
+
+def unique_nbytes(arrays) -> int:
+    """Bytes of the distinct base buffers under ``arrays`` (views count once)."""
+    seen: dict[int, int] = {}
+    for a in arrays:
+        a = np.asarray(a)
+        while isinstance(a.base, np.ndarray):
+            a = a.base
+        seen[id(a)] = a.nbytes
+    return sum(seen.values())

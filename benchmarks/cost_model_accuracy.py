@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from _common import default_mpiexec, mib, table, worker_env
+from _common import default_mpiexec, mib, table, worker_env, unique_nbytes
 
 # One step of this takes ~0.2-1 s of one core here: long enough to time, short enough for
 # a dozen strategies in a few minutes.
@@ -217,14 +217,6 @@ def _time_calls(program) -> list[float]:
     return spent
 
 
-def _nbytes_unique(arrays) -> int:
-    seen: dict[int, int] = {}
-    for a in arrays:
-        a = np.asarray(a)
-        while isinstance(a.base, np.ndarray):
-            a = a.base
-        seen[id(a)] = a.nbytes
-    return sum(seen.values())
 
 
 def worker(name: str, ranks: int, steps: int, warmup: int, profile_name: str, clock_name: str) -> None:
@@ -279,8 +271,8 @@ def worker(name: str, ranks: int, steps: int, warmup: int, profile_name: str, cl
         states = [a for s in train.optimizer.states for a in s.values()]
         shards = [s.data for s in getattr(prog, "param_shards", [])] or [p.data for p in train.params]
         program = prog.program
-        before = _nbytes_unique(shards) + _nbytes_unique(states) + feed.nbytes \
-            + _nbytes_unique(program.graph.consts.values())
+        before = unique_nbytes(shards) + unique_nbytes(states) + feed.nbytes \
+            + unique_nbytes(program.graph.consts.values())
         sync()
         tracemalloc.start()
         train(feed)

@@ -66,7 +66,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-from _common import default_mpiexec, mib, table, worker_env
+from _common import default_mpiexec, mib, table, worker_env, unique_nbytes
 
 # A forward of one layer on one 256-token sequence takes ~0.1 s of one core here, a backward
 # ~0.2 s: the runner's Python between items is under 1% of that. 7 blocks + the query layer:
@@ -191,15 +191,6 @@ def bubble_worker(comm, cfg_kw: dict, micros: list[int], schedules: list[str], s
 
 # ---- memory: one rank of the data-parallel job ------------------------------------------------
 
-def _unique_nbytes(arrays) -> int:
-    """Bytes of the distinct base buffers under ``arrays``."""
-    seen: dict[int, int] = {}
-    for a in arrays:
-        a = np.asarray(a)
-        while isinstance(a.base, np.ndarray):
-            a = a.base
-        seen[id(a)] = a.nbytes
-    return sum(seen.values())
 
 
 def gradients_waiting(program, k: int) -> int:
@@ -267,8 +258,8 @@ def memory_case(comm, cfg_kw: dict, recompute: bool, optimizer_parallel: bool) -
         train.measure_memory(False)
         train.build(feed)
         states = [a for s in train.optimizer.states for a in s.values()]
-        before = _unique_nbytes([s.data for s in prog.param_shards]) + _unique_nbytes(states) + feed.nbytes \
-            + _unique_nbytes(prog.program.graph.consts.values())
+        before = unique_nbytes([s.data for s in prog.param_shards]) + unique_nbytes(states) + feed.nbytes \
+            + unique_nbytes(prog.program.graph.consts.values())
         comm.barrier()
         tracemalloc.start()
         train(feed)

@@ -35,7 +35,6 @@ stage mesh), so optimizer state per rank falls by the stage's data-parallel degr
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,6 +42,7 @@ import numpy as np
 from .graph import Graph
 from .optimizer_parallel import SliceShard, WeightGather, slice_layout, slice_of
 from .pipeline_shards import StageShard
+from .shards import global_norm
 from .spmd import Redistribute
 
 
@@ -129,14 +129,6 @@ class StageGradients:
     def global_norm(self, grads: Sequence[np.ndarray]) -> float:
         """The gradients' global L2 norm, each element counted once (a shared parameter on
         its first stage only)."""
-        total = 0.0
-        for i, (g, s) in enumerate(zip(grads, self.param_shards)):
-            if not isinstance(s, StageShard) or not s.owner:
-                continue
-            lay = self.layouts[i]
-            copies = math.prod(lay.mesh.shape[a] for a in lay.replicated_axes())
-            flat = g.reshape(-1).astype(np.float64, copy=False)
-            total += float(np.dot(flat, flat)) / copies
-        if self.world.size > 1:
-            total = float(self.world.allreduce(np.array(total)))
-        return math.sqrt(total)
+        owned = ((g, self.layouts[i]) for i, (g, s) in enumerate(zip(grads, self.param_shards))
+                 if isinstance(s, StageShard) and s.owner)
+        return global_norm(owned, self.world)

@@ -7,7 +7,6 @@ that slice, and :meth:`ShardedGradProgram.sync_weights` all-gathers the new slic
 (see :mod:`autopar.runtime.optimizer_parallel`)."""
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,7 +16,7 @@ from ..strategy.layout import Layout
 from ..strategy.mesh import Mesh
 from ..strategy.plan import make_plan
 from .optimizer_parallel import SliceShard, WeightGather, slice_layouts, slice_of
-from .shards import gather
+from .shards import global_norm, gather
 from .spmd import lower
 
 
@@ -85,11 +84,4 @@ class ShardedGradProgram:
 
     def global_norm(self, grads: Sequence[np.ndarray]) -> float:
         """The gradients' global L2 norm, each element counted once across ranks."""
-        total = 0.0
-        for g, lay in zip(grads, self.layouts):
-            copies = math.prod(lay.mesh.shape[a] for a in lay.replicated_axes())
-            flat = g.reshape(-1).astype(np.float64, copy=False)
-            total += float(np.dot(flat, flat)) / copies
-        if self.world.size > 1:
-            total = float(self.world.allreduce(np.array(total)))
-        return math.sqrt(total)
+        return global_norm(zip(grads, self.layouts), self.world)

@@ -60,3 +60,17 @@ def shard_of(param, layout: Layout, rank: int) -> ParamShard:
     if attached is not None:
         param.detach_shard()
     return ParamShard(param, layout, rank)
+
+
+def global_norm(grads_and_layouts, world) -> float:
+    """Global L2 norm of gradient shards, each element counted once across ranks: a shard
+    held by r replicas adds its squared norm / r; one all-reduce sums the ranks."""
+    import math
+    total = 0.0
+    for g, lay in grads_and_layouts:
+        copies = math.prod(lay.mesh.shape[a] for a in lay.replicated_axes())
+        flat = g.reshape(-1).astype(np.float64, copy=False)
+        total += float(np.dot(flat, flat)) / copies
+    if world.size > 1:
+        total = float(world.allreduce(np.array(total)))
+    return math.sqrt(total)
