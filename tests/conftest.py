@@ -1,5 +1,19 @@
+"""Test-session setup: the tests' helpers on the path, and one BLAS thread per process.
+
+Sharded results are compared with serial ones to ~1e-10; a multi-threaded BLAS sums a
+GEMM in an order that depends on the thread count and the matrix shape, so a test's
+tolerance would have to hold under every threading. We pin BLAS to one thread instead
+(environment and threadpoolctl, so it holds even when numpy was loaded first or the
+environment asked for more), which also keeps in-process ranks (threads) from
+oversubscribing the cores. Subprocesses (mpiexec tests) inherit the variables.
+"""
 import os
 import sys
 
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+from threadpoolctl import threadpool_limits  # noqa: E402
+
 sys.path.insert(0, os.path.dirname(__file__))
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+_BLAS_LIMIT = threadpool_limits(limits=1)   # held for the whole session
