@@ -6,6 +6,8 @@ The savers (tests/mpi/kill_saver.py) save v = 1, 2, 3, ... to one path in a loop
 each finished save; the test waits for save 1, sleeps a seeded random fraction of a few
 saves' duration, and kills: a serial saver (forked from a zygote that imported autopar once),
 or one rank or all of a 2-rank mpiexec job. Nothing in autopar cooperates with the kill.
+After every kill a save of another step (the savers' is 0) recovers: it takes over the
+dead saver's lock, removes its temporary directory, and leaves only the checkpoint.
 """
 from __future__ import annotations
 
@@ -22,7 +24,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from autopar import nn
 from autopar.comm.mpi import launched_under_mpi
+from autopar.train import SGD
 from autopar.train import checkpoint as ckpt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "mpi"))
@@ -102,7 +106,18 @@ def check_after_kill(path: str, finished: int) -> str:
             with pytest.raises(ValueError, match="without one"):
                 ckpt.load_checkpoint(full)
     state = "new" if v == finished + 1 else "previous"
-    return f"{state}+{','.join(e.replace(os.path.basename(path), '') for e in leftovers) or 'clean'}"
+    return f"{state}+{','.join(e[len(os.path.basename(path)):] for e in leftovers) or 'clean'}"
+
+
+def recover(path: str) -> None:
+    """The next save, of step 7 (the killed saver's was step 0), succeeds and leaves only
+    the checkpoint: no lock, no temporary directory, no backup."""
+    net = _net_of(99)
+    opt = SGD(net.trainable_params(), learning_rate=0.1)
+    opt.step_count = 7
+    ckpt.save_checkpoint(nn.TrainOneStepCell(net, opt), path, extra={"v": 99})
+    assert assert_equals_save(path, {99}) == 99 and ckpt.read_manifest(path)[1]["step"] == 7
+    assert sorted(os.listdir(os.path.dirname(path))) == ["ck"]
 
 
 def test_serial_saver_killed_at_random_points(tmp_path):
@@ -129,10 +144,7 @@ def test_serial_saver_killed_at_random_points(tmp_path):
             exit_line, after = lines.until("exit")
             assert exit_line[1:] == [str(pid), str(-signal.SIGKILL)], f"the saver was not killed: {exit_line}"
             seen.append(check_after_kill(path, last_saved(got + after)))
-            if trial % 4 == 0:   # the next save recovers from whatever the kill left
-                ckpt.save_checkpoint(_net_of(99), path, extra={"v": 99})
-                assert assert_equals_save(path, {99}) == 99
-                assert sorted(os.listdir(os.path.dirname(path))) == ["ck"]
+            recover(path)
     finally:
         zygote.stdin.close()
         zygote.wait(timeout=10)
@@ -181,4 +193,5 @@ def test_two_rank_saver_killed_at_random_points(tmp_path):
                 job.wait()
         assert job.returncode != 0, "the job ended normally: the kill missed it"
         seen.append(f"{victim}: " + check_after_kill(path, last_saved([first] + rest)))
+        recover(path)
     print("2-rank kills left:", seen)

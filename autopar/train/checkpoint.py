@@ -32,20 +32,37 @@ blocks are written by that stage's ranks; loading reads regions, so a pipeline c
 loads serially or onto any plan, and any checkpoint onto a pipeline (every copy of a
 shared parameter reads the same value).
 
-Saving (collective): every rank writes its file into ``<path>.tmp-<step>``, rank 0 writes
-the manifest and swaps the directory in by renames -- ``path -> <path>.old``, ``tmp ->
-path``, delete ``<path>.old`` -- so at every instant a complete checkpoint sits at
-``path`` or at ``<path>.old``; loading looks at the backup when ``path`` is missing or has
-no manifest. Loading validates the manifest before reading a byte of data (file names
-inside the directory, dtype allowlist, regions inside the shape covering it exactly once),
-and checks every piece's shape, dtype and checksum. No pickle: loading executes nothing.
+Saving (collective) never replaces good data with bad, and every rank reaches the same
+decision at each step (one small allgather each), so a failure raises on every rank instead
+of leaving the others waiting:
+
+    1. check   every rank checks its values are finite (unless allow_non_finite) and
+               counts the bytes it will write
+    2. prepare rank 0 locks ``<path>.lock`` (a second saver gets an error naming the holder),
+               removes temporaries a killed save left, checks the free space, makes
+               ``<path>.tmp-<step>``
+    3. write   every rank writes its file into it
+    4. publish rank 0 writes the manifest and swaps the directory in by renames -- ``path ->
+               <path>.old``, ``tmp -> path``, delete ``<path>.old`` (checkpoint_format.py)
+
+A failure after step 2 removes the temporary directory. The manifest also records the
+model's config (a ``config`` dataclass on the network or a cell inside it: ``read_config``
+gives it back) and what wrote it.
+
+Loading validates the manifest before reading a byte of data (file names inside the
+directory, dtype allowlist, regions inside the shape covering it exactly once), checks
+every tensor's global shape and dtype against the model before touching it, reads
+everything this rank needs (every piece's shape, dtype and checksum checked) and only then
+assigns: a failed load leaves the model as it was. No pickle: loading executes nothing.
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata
 import json
 import os
 import re
-import shutil
+import sys
 
 import numpy as np
 from safetensors.numpy import save as _st_bytes
@@ -55,22 +72,38 @@ from ..runtime.pipeline_shards import AbsentShard
 from ..runtime.shards import ParamShard
 from .checkpoint_format import (
     _FILE_NAME,
-    BACKUP_SUFFIX,
+    DISK_FULL,
     DTYPES,
     FORMAT,
-    MANIFEST,
     VERSION,
+    NoSpaceError,
     Region,
     _fail,
     _full,
     _is_int,
+    _check_names,
+    _check_shapes,
+    _listed,
     _Reader,
     _region,
+    _remove_tree,
     _sha256,
     _validate,
+    _write_bytes,
+    abandon,
     is_checkpoint,
+    no_space_error,
+    prepare_save,
+    publish,
+    read_config,
     read_manifest,
+    release_lock,
+    temp_dir,
+    write_file,
 )
+
+BLOCK_OVERHEAD_BYTES = 1024     # a block's safetensors header and manifest entry, at most (estimate)
+MANIFEST_BASE_BYTES = 64 * 1024  # the manifest's other fields and the directory entries (estimate)
 
 # ---- what this rank holds -------------------------------------------------------------------
 
@@ -134,58 +167,11 @@ def _held(network, optimizer, world_rank: int) -> list[dict]:
     return out
 
 
-# ---- filesystem steps (each a crash point; tests break them one at a time) ----------------
+# ---- agreeing across ranks ------------------------------------------------------------------
 
-def _write_bytes(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _rename(src: str, dst: str) -> None:
-    os.rename(src, dst)
-
-
-def _remove_tree(path: str) -> None:
-    """Delete a checkpoint directory manifest first, so a crash mid-delete never leaves a
-    directory that still claims to be complete while missing shard files."""
-    manifest = os.path.join(path, MANIFEST)
-    if os.path.exists(manifest):
-        os.remove(manifest)
-        _fsync_dir(path)
-    shutil.rmtree(path)
-
-
-def _make_dir(path: str) -> None:
-    os.makedirs(path)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-# ---- save ---------------------------------------------------------------------------------
-
-def _write_rank(tmp: str, rank: int, held: list[dict]) -> dict:
-    """Write this rank's blocks; return {name: tensor entry with this rank's pieces}."""
-    file = f"rank{rank}.safetensors"
-    mine = [h for h in held if h["writer"]]
-    if mine:
-        _write_bytes(os.path.join(tmp, file), _st_bytes({h["name"]: h["array"] for h in mine}))
-    return {h["name"]: {"kind": h["kind"], "shape": list(h["shape"]), "dtype": h["dtype"], "layout": h["layout"],
-                        "pieces": [{"file": file, "key": h["name"], "region": [list(r) for r in h["region"]],
-                                    "sha256": _sha256(h["array"])}]}
-            for h in mine}
-
-
-def _exchange(world, entries: dict) -> list[dict]:
-    """Every rank's piece lists, on every rank (JSON through an allgather of bytes)."""
-    if world.size == 1:
+def _exchange(world, entries) -> list:
+    """Every rank's JSON-able value, on every rank (JSON through an allgather of bytes)."""
+    if world is None or world.size == 1:
         return [entries]
     data = np.frombuffer(json.dumps(entries).encode(), dtype=np.uint8)
     lengths = world.allgather(np.array([data.size], dtype=np.int64))
@@ -193,6 +179,69 @@ def _exchange(world, entries: dict) -> list[dict]:
     padded[:data.size] = data
     gathered = world.allgather(padded[None, :])
     return [json.loads(gathered[r, :int(n)].tobytes()) for r, n in enumerate(lengths)]
+
+
+_AGREED_ERRORS = {cls.__name__: cls for cls in (ValueError, TypeError, OSError, FileExistsError,
+                                                 FileNotFoundError, PermissionError, NoSpaceError)}
+
+
+def _agree(world, where: str, error: Exception | None, payload=None) -> list:
+    """Every rank's payload, on every rank; or, when any rank failed, an error on every rank
+    (its own on the failing rank; on the others one of the same kind naming that rank), so
+    that all ranks take the same branch and none waits for the others in a collective."""
+    everyone = _exchange(world, {"error": None if error is None else [type(error).__name__, str(error)],
+                                 "payload": payload})
+    if error is not None:
+        raise error
+    for rank, report in enumerate(everyone):
+        if report["error"] is not None:
+            kind, message = report["error"]
+            raise _AGREED_ERRORS.get(kind, RuntimeError)(f"{where}: rank {rank} failed: {kind}: {message}")
+    return [report["payload"] for report in everyone]
+
+
+def _attempt(path: str, needed: int, step, *args):
+    """(step(*args), None), or (None, the exception): a full disk becomes an error naming
+    the path and the space needed."""
+    try:
+        return step(*args), None
+    except NoSpaceError as err:
+        return None, err
+    except OSError as err:
+        return None, no_space_error(path, needed, err) if err.errno in DISK_FULL else err
+    except Exception as err:   # noqa: BLE001 - every rank must hear of any failure
+        return None, err
+
+
+# ---- save ---------------------------------------------------------------------------------
+
+def _non_finite(held: list[dict]) -> list[str]:
+    return [h["name"] for h in held if h["array"].dtype.kind == "f" and not np.isfinite(h["array"]).all()]
+
+
+def _check_values(world, where: str, held: list[dict], allow_non_finite: bool) -> int:
+    """Collective: refuse NaN/inf held on any rank (every rank decides alike, so none is
+    left waiting); returns the bytes the save will write, all ranks together."""
+    mine = {"non_finite": [] if allow_non_finite else _non_finite(held),
+            "bytes": sum(h["array"].nbytes + BLOCK_OVERHEAD_BYTES for h in held if h["writer"])}
+    everyone = _agree(world, where, None, mine)
+    bad = sorted({name for r in everyone for name in r["non_finite"]})
+    if bad:
+        raise _fail(where, "values", "finite parameters and optimizer states", f"NaN or inf in {_listed(bad)}",
+                    "resume from an earlier checkpoint, or pass allow_non_finite=True to save them anyway")
+    return MANIFEST_BASE_BYTES + sum(r["bytes"] for r in everyone)
+
+
+def _write_rank(tmp: str, rank: int, held: list[dict]) -> dict:
+    """Write this rank's blocks; return {name: tensor entry with this rank's pieces}."""
+    file = f"rank{rank}.safetensors"
+    mine = [h for h in held if h["writer"]]
+    if mine:
+        write_file(tmp, file, _st_bytes({h["name"]: h["array"] for h in mine}))
+    return {h["name"]: {"kind": h["kind"], "shape": list(h["shape"]), "dtype": h["dtype"], "layout": h["layout"],
+                        "pieces": [{"file": file, "key": h["name"], "region": [list(r) for r in h["region"]],
+                                    "sha256": _sha256(h["array"])}]}
+            for h in mine}
 
 
 def _merge_entries(per_rank: list[dict]) -> dict:
@@ -207,62 +256,84 @@ def _merge_entries(per_rank: list[dict]) -> dict:
     return dict(sorted(tensors.items()))
 
 
-def _swap_in(tmp: str, path: str) -> None:
-    """Move the complete ``tmp`` to ``path``; a complete checkpoint exists throughout at
-    ``path`` or its backup."""
-    backup = path + BACKUP_SUFFIX
-    if is_checkpoint(path):
-        if os.path.exists(backup):
-            _remove_tree(backup)
-        _rename(path, backup)
-    _rename(tmp, path)
-    _fsync_dir(os.path.dirname(path))
-    if os.path.exists(backup):
-        _remove_tree(backup)
+def _config_of(network) -> dict | None:
+    """The first ``config`` dataclass on the network or a cell inside it (PanguAlpha's),
+    stored generically -- class name and fields -- so that this layer imports no model."""
+    for _, cell in network.named_cells():
+        config = getattr(cell, "config", None)   # the attribute models agree on; most cells lack it
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+            fields = dataclasses.asdict(config)
+            try:
+                json.dumps(fields)
+            except TypeError as err:
+                raise TypeError(format_error("save_checkpoint", f"{type(cell).__name__}.config",
+                                             "a dataclass of JSON-able fields (it is saved in the manifest)",
+                                             str(err))) from None
+            return {"class": type(config).__name__, "fields": fields}
+    return None
 
 
-def save_checkpoint(obj, path, *, extra: dict | None = None, world=None) -> str:
-    """Save parameters (and, for a TrainOneStepCell, optimizer states and step) to the
-    directory ``path``; collective when the network is sharded: every rank calls it.
+def _manifest_head(network, optimizer, step: int, world, extra: dict) -> dict:
+    return {"format": FORMAT, "version": VERSION, "step": int(step), "world_size": world.size,
+            "optimizer": None if optimizer is None else
+            {"type": type(optimizer).__name__, "state_names": list(optimizer.state_names)},
+            "extra": extra, "config": _config_of(network),
+            "writer": {"autopar": importlib.metadata.version("autopar"),
+                       "program": os.path.basename(sys.argv[0]) or "python", "network": type(network).__name__}}
 
-    ``extra``: small JSON-able data (data-loader position, seeds) returned by
-    :func:`load_distributed_checkpoint`. Returns ``path``.
-    """
-    from ..context import current_world
-    world = world if world is not None else current_world()
-    network, optimizer = _split_obj(obj)
-    step = optimizer.step_count if optimizer is not None else 0
+
+def _checked_extra(extra: dict | None) -> dict:
     extra = {} if extra is None else extra
     try:
         json.dumps(extra, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise TypeError(format_error("save_checkpoint", "extra", "a JSON-able dict", f"{err}")) from None
+    return extra
+
+
+def save_checkpoint(obj, path, *, extra: dict | None = None, world=None, allow_non_finite: bool = False) -> str:
+    """Save parameters (and, for a TrainOneStepCell, optimizer states and step) to the
+    directory ``path``; collective when the network is sharded: every rank calls it.
+
+    ``extra``: small JSON-able data (data-loader position, seeds) returned by
+    :func:`load_distributed_checkpoint`. Refuses NaN/inf values unless
+    ``allow_non_finite``; raises FileExistsError while another process saves to ``path``,
+    NoSpaceError when the disk cannot hold it. On any failure the previous checkpoint at
+    ``path`` is kept and nothing new is left behind. Returns ``path``.
+    """
+    from ..context import current_world
+    world = world if world is not None else current_world()
+    network, optimizer = _split_obj(obj)
+    step = optimizer.step_count if optimizer is not None else 0
     path = os.path.abspath(os.fspath(path))
-    if os.path.exists(path) and not is_checkpoint(path):
-        raise _fail("save_checkpoint", "path", "a new path or an existing checkpoint",
-                    f"{path!r}, which exists without a {MANIFEST}", "remove it or save elsewhere")
-    tmp = f"{path}.tmp-{step}"
+    where = f"save_checkpoint({path!r})"
+    head = _manifest_head(network, optimizer, step, world, _checked_extra(extra))
     held = _held(network, optimizer, world.rank)
+    needed = _check_values(world, where, held, allow_non_finite)
+    tmp, lock, error = temp_dir(path, step), None, None
     if world.rank == 0:
-        if os.path.exists(tmp):   # left by an interrupted save
-            _remove_tree(tmp)
-        _make_dir(tmp)
-    world.barrier()
-    per_rank = _exchange(world, _write_rank(tmp, world.rank, held))   # collective: all files written
-    if world.rank == 0:
-        manifest = {"format": FORMAT, "version": VERSION, "step": int(step), "world_size": world.size,
-                    "optimizer": None if optimizer is None else
-                    {"type": type(optimizer).__name__, "state_names": list(optimizer.state_names)},
-                    "extra": extra, "tensors": _merge_entries(per_rank)}
-        _validate(manifest, tmp)   # the manifest we are about to publish covers every tensor once
-        # the manifest appears whole or not at all: a kill mid-write must not leave a
-        # directory with a truncated manifest (it would claim to be complete)
-        part = os.path.join(tmp, MANIFEST + ".part")
-        _write_bytes(part, json.dumps(manifest, indent=1).encode())
-        _rename(part, os.path.join(tmp, MANIFEST))
-        _swap_in(tmp, path)
-    world.barrier()
+        lock, error = _attempt(path, needed, prepare_save, path, step, needed)
+    _agree(world, where, error)
+    try:
+        entries, error = _attempt(path, needed, _write_rank, tmp, world.rank, held)
+        per_rank = _agree(world, where, error, entries)   # collective: all files written
+        if world.rank == 0:
+            manifest = head | {"tensors": _merge_entries(per_rank)}
+            _, error = _attempt(path, needed, _publish_checked, tmp, path, manifest)
+        _agree(world, where, error)
+    except BaseException:
+        if world.rank == 0:
+            abandon(tmp)
+        raise
+    finally:
+        if lock is not None:
+            release_lock(path, lock)
     return path
+
+
+def _publish_checked(tmp: str, path: str, manifest: dict) -> None:
+    _validate(manifest, tmp)   # the manifest we are about to publish covers every tensor once
+    publish(tmp, path, manifest)
 
 
 # ---- load ---------------------------------------------------------------------------------
@@ -271,6 +342,10 @@ def load_checkpoint(path) -> dict[str, np.ndarray]:
     """Every tensor of the checkpoint (parameters and optimizer states), assembled whole,
     every piece's checksum verified."""
     directory, manifest = read_manifest(path)
+    return _read_all(directory, manifest)
+
+
+def _read_all(directory: str, manifest: dict) -> dict[str, np.ndarray]:
     reader = _Reader(directory, manifest)
     try:
         return {name: reader.read(name) for name in manifest["tensors"]}
@@ -278,23 +353,43 @@ def load_checkpoint(path) -> dict[str, np.ndarray]:
         reader.close()
 
 
-def _check_names(where: str, expected: set[str], given: set[str], strict: bool) -> list[str]:
-    missing, unexpected = sorted(expected - given), sorted(given - expected)
-    if strict and (missing or unexpected):
-        raise _fail(where, "parameter names", "the network's parameters exactly",
-                    f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                    f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}",
-                    "load a checkpoint of the same network, or pass strict=False")
-    return missing
+def _global_param(target):
+    """The Parameter behind an optimizer target (itself, or the parameter of a shard)."""
+    return target.param if isinstance(target, (ParamShard, AbsentShard)) else target
+
+
+def _model_tensors(network, optimizer) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{name: (global shape, dtype)} of every tensor the model would load: parameters and,
+    for a trainer, ``"{state}.{param}"`` optimizer states (in the parameter's dtype)."""
+    out = {name: (tuple(p.shape), np.dtype(p.dtype).name) for name, p in network.parameters_dict().items()}
+    if optimizer is not None:
+        for t in optimizer.params:
+            p = _global_param(t)
+            out |= {f"{s}.{p.name}": (tuple(p.shape), np.dtype(p.dtype).name) for s in optimizer.state_names}
+    return out
+
+
+def _check_manifest_shapes(directory: str, manifest: dict, model: dict) -> None:
+    given = {n: (tuple(e["shape"]), e["dtype"]) for n, e in manifest["tensors"].items()}
+    _check_shapes(f"load checkpoint {directory!r}", "the checkpoint", model, given)
 
 
 def load_param_into_net(net, path_or_dict, strict: bool = True) -> list[str]:
     """Set every parameter of ``net`` from a checkpoint path or a ``{name: array}`` dict
-    (optimizer states, ``"{state}.{param}"``, are skipped). Returns the names of parameters
-    not found (only possible with ``strict=False``)."""
+    (optimizer states, ``"{state}.{param}"``, are skipped). Every shape is checked before
+    any parameter is set. Returns the names of parameters not found (only possible with
+    ``strict=False``)."""
     network, _ = _split_obj(net)
-    values = path_or_dict if isinstance(path_or_dict, dict) else load_checkpoint(path_or_dict)
     params = network.parameters_dict()
+    model = _model_tensors(network, None)
+    if isinstance(path_or_dict, dict):
+        values = path_or_dict
+        _check_shapes("load_param_into_net", "the given dict", model,
+                      {n: (tuple(np.shape(v)), None) for n, v in values.items()})
+    else:
+        directory, manifest = read_manifest(path_or_dict)
+        _check_manifest_shapes(directory, manifest, model)
+        values = _read_all(directory, manifest)
     states = {k for k in values if k not in params and k.partition(".")[2] in params}
     missing = _check_names("load_param_into_net", set(params), set(values) - states, strict)
     for name, p in params.items():
@@ -316,12 +411,21 @@ def _holder_region(holder) -> Region:
     return _region(holder.region) if isinstance(holder, (ParamShard, AbsentShard)) else _full(holder.shape)
 
 
+def _shard_world(params: dict):
+    """The communicator of a sharded network's shards (its ranks load together), else None."""
+    return next((p._shard[1] for p in params.values() if p._shard is not None), None)
+
+
 def load_distributed_checkpoint(obj, path, *, inputs: tuple | None = None, strict: bool = True,
                                 verify: bool = True) -> dict:
     """Load ``path`` onto ``obj`` (a Cell or TrainOneStepCell) under the current plan: each
     rank reads only the regions it holds (a ParamShard's ``region``, else whole tensors),
     so any device count or strategy (or serial) loads any checkpoint. For a trainer, the
     optimizer states are read the same way and ``step_count`` restored. Returns ``extra``.
+
+    Every tensor's global shape and dtype is checked against the model first, and nothing
+    is assigned until everything this rank needs has been read: a failed load leaves the
+    model as it was (on a sharded network, on every rank: they agree before assigning).
 
     ``inputs``: example inputs of a sharded trainer not yet run, to build its program first
     (its optimizer must hold its shards before states can be placed). ``verify=False``
@@ -330,51 +434,82 @@ def load_distributed_checkpoint(obj, path, *, inputs: tuple | None = None, stric
     """
     network, optimizer = _split_obj(obj)
     directory, manifest = read_manifest(path)
+    where = f"load_distributed_checkpoint({directory!r})"
     tensors = manifest["tensors"]
-    if inputs is not None and optimizer is not None:
-        _bind(obj, inputs)
     params = network.parameters_dict()
     stored = {n for n, e in tensors.items() if e.get("kind", "parameter") == "parameter"}
-    _check_names(f"load_distributed_checkpoint({directory!r})", set(params), stored, strict)
+    _check_names(where, set(params), stored, strict)
+    _check_manifest_shapes(directory, manifest, _model_tensors(network, optimizer))
+    if optimizer is not None:
+        _check_state_names(where, optimizer, tensors, strict)
+    if inputs is not None and optimizer is not None:
+        _bind(obj, inputs)
+    if optimizer is not None:
+        _check_bound(where, optimizer, network, tensors)
     reader = _Reader(directory, manifest, verify)
     try:
-        for name, p in params.items():
-            if name not in tensors:
-                continue
-            if p._shard is not None:
-                shard = p._shard[0]
-                if not isinstance(shard, AbsentShard):   # another pipeline stage's: nothing to read
-                    shard._data = reader.read(name, _holder_region(shard)).astype(p.dtype, copy=False)
-            else:
-                p.set_data(reader.read(name))
-        if optimizer is not None:
-            _load_states(optimizer, network, reader, manifest, directory, strict)
+        read, error = _read_mine(reader, tensors, params, optimizer), None
+    except Exception as err:   # noqa: BLE001 - the ranks agree before any assigns
+        read, error = None, err
     finally:
         reader.close()
+    _agree(_shard_world(params), where, error)
+    values, states = read
+    for p, shard, value in values:
+        if shard is None:
+            p.set_data(value)
+        else:
+            shard._data = value
+    if optimizer is not None:
+        optimizer.states, optimizer.step_count = states, manifest["step"]
     return dict(manifest["extra"])
 
 
-def _load_states(optimizer, network, reader: _Reader, manifest: dict, directory: str, strict: bool) -> None:
-    from ..runtime.compiled import parallel_setting
-    from ..runtime.pipeline_program import pipelined
-    tensors = manifest["tensors"]
+def _check_state_names(where: str, optimizer, tensors: dict, strict: bool) -> None:
     stored = {n for n, e in tensors.items() if e.get("kind") == "state"}
-    where = f"load_distributed_checkpoint({directory!r})"
     if stored:
         expected = {f"{s}.{t.name}" for t in optimizer.params for s in optimizer.state_names}
         _check_names(where, expected, stored, strict)
-        bound = any(isinstance(t, ParamShard) for t in optimizer.params)
-        setting = parallel_setting()
-        if not bound and (setting is not None or pipelined(network, setting)):   # a PipelineCell binds shards
-            raise _fail(where, "optimizer", "bound to this rank's shards before its states load",
-                        "an optimizer over whole parameters", "pass inputs=(example batch,) to build the program")
+
+
+def _check_bound(where: str, optimizer, network, tensors: dict) -> None:
+    """States are placed by the shards the optimizer holds: a sharded or pipelined trainer
+    must have built its program first."""
+    from ..runtime.compiled import parallel_setting
+    from ..runtime.pipeline_program import pipelined
+    if not any(e.get("kind") == "state" for e in tensors.values()):
+        return
+    bound = any(isinstance(t, ParamShard) for t in optimizer.params)
+    setting = parallel_setting()
+    if not bound and (setting is not None or pipelined(network, setting)):   # a PipelineCell binds shards
+        raise _fail(where, "optimizer", "bound to this rank's shards before its states load",
+                    "an optimizer over whole parameters", "pass inputs=(example batch,) to build the program")
+
+
+def _read_mine(reader: _Reader, tensors: dict, params: dict, optimizer):
+    """Everything this rank loads, read and verified but not yet assigned:
+    [(parameter, its shard or None, value)] and the optimizer's new states (or None)."""
+    values = []
+    for name, p in params.items():
+        shard = p._shard[0] if p._shard is not None else None
+        if name not in tensors or isinstance(shard, AbsentShard):   # another pipeline stage's: nothing to read
+            continue
+        if shard is None:
+            values.append((p, None, reader.read(name)))
+        else:
+            values.append((p, shard, reader.read(name, _holder_region(shard)).astype(p.dtype, copy=False)))
+    return values, None if optimizer is None else _read_states(optimizer, reader, tensors)
+
+
+def _read_states(optimizer, reader: _Reader, tensors: dict) -> list[dict]:
+    stored = any(e.get("kind") == "state" for e in tensors.values())
     states = []
     for t in optimizer.params:   # a parameter with any state missing (strict=False) starts afresh
         names = [f"{s}.{t.name}" for s in optimizer.state_names]
         have = stored and all(n in tensors for n in names)
         states.append({s: reader.read(n, _holder_region(t)).astype(t.dtype)
                        for s, n in zip(optimizer.state_names, names)} if have else {})
-    optimizer.states, optimizer.step_count = states, manifest["step"]
+    return states
 
 
 def merge(path, out_file) -> str:

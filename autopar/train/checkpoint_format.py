@@ -1,16 +1,38 @@
-"""The checkpoint format and its checks: manifest constants, regions, validation of a
-manifest against its directory, and reading pieces with their checksums verified. A
-manifest is data from disk: every field is checked before it is used, so a crafted one
-is rejected with a clear error instead of reading outside the directory or allocating
-absurd shapes."""
+"""A checkpoint directory on disk: its format, reading it back with every field checked,
+and the filesystem steps that publish a new one without ever losing the old.
+
+Reading: a manifest is data from disk, so every field is checked before it is used (a
+crafted one is rejected with a clear error instead of reading outside the directory or
+allocating absurd shapes), its tensors' names, global shapes and dtypes are checked against
+the model's before anything is loaded, and every piece read is checked against its checksum.
+
+Writing, for a checkpoint at ``path`` (``<path>.*`` are its siblings)::
+
+    <path>.lock          one saver at a time: an flock on this file, which also names the
+                         holder (pid, host, step); the kernel drops a dead saver's lock, so a
+                         lock left by a killed process is simply taken over
+    <path>.tmp-<step>/   the new checkpoint being written (removed when a save fails; any
+                         left by a killed saver are removed by the next save, under the lock)
+    <path>.old/          the previous checkpoint while the new one is renamed in
+
+Every step below is a crash point (tests break them one at a time); at every instant a
+complete checkpoint sits at ``path`` or at ``<path>.old``, and loading takes the backup when
+``path`` has none.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
 import re
+import shutil
+import socket
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -22,6 +44,10 @@ FORMAT = "autopar-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
 BACKUP_SUFFIX = ".old"
+LOCK_SUFFIX = ".lock"
+TMP_MARK = ".tmp-"
+WRITE_CHUNK = 1 << 20          # bytes per write() call: a full disk is met at any of them
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 DTYPES = ("float16", "float32", "float64", "int32", "int64", "uint8", "uint16", "bool")
 _ST_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "I32": "int32", "I64": "int64",
               "U8": "uint8", "U16": "uint16", "BOOL": "bool"}   # safetensors' names
@@ -131,11 +157,52 @@ def _validate(manifest, directory: str) -> None:
         raise _fail(where, "step", "an int >= 0", repr(manifest.get("step")))
     if not isinstance(manifest.get("extra"), dict):
         raise _fail(where, "extra", "an object", repr(manifest.get("extra")))
+    config = manifest.get("config")
+    if config is not None and not (isinstance(config, dict) and isinstance(config.get("class"), str)
+                                   and isinstance(config.get("fields"), dict)):
+        raise _fail(where, "config", 'null or {"class": name, "fields": {...}}', repr(config)[:80])
+    if not isinstance(manifest.get("writer", {}), dict):
+        raise _fail(where, "writer", "an object", repr(manifest.get("writer"))[:80])
     tensors = manifest.get("tensors")
     if not isinstance(tensors, dict):
         raise _fail(where, "tensors", "an object", type(tensors).__name__)
     for name, entry in tensors.items():
         _check_tensor(directory, name, entry)
+
+
+# ---- a checkpoint against a model ---------------------------------------------------------
+
+def _listed(names: list[str], first: int = 5) -> str:
+    return f"{names[:first]}{f' and {len(names) - first} more' if len(names) > first else ''}"
+
+
+def _check_names(where: str, expected: set[str], given: set[str], strict: bool) -> list[str]:
+    missing, unexpected = sorted(expected - given), sorted(given - expected)
+    if strict and (missing or unexpected):
+        raise _fail(where, "parameter names", "the network's parameters exactly",
+                    f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                    f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}",
+                    "load a checkpoint of the same network, or pass strict=False")
+    return missing
+
+
+def _check_shapes(where: str, source: str, model: dict, given: dict) -> None:
+    """Every tensor found in both agrees in global shape (and dtype, where ``given`` has
+    one) -- checked for all before any is loaded, on every load path alike."""
+    def spec(shape, dtype):
+        return f"{shape} {dtype}" if dtype else str(shape)
+
+    def agrees(name):
+        (shape, dtype), (want_shape, want_dtype) = given[name], model[name]
+        return shape == want_shape and dtype in (None, want_dtype)
+    wrong = [n for n in sorted(set(model) & set(given)) if not agrees(n)]
+    if wrong:
+        (shape, dtype), (want_shape, want_dtype) = given[wrong[0]], model[wrong[0]]
+        more = f" (and {len(wrong) - 1} more: {_listed(wrong[1:], 3)})" if len(wrong) > 1 else ""
+        raise _fail(where, f"tensor {wrong[0]!r}", f"{spec(want_shape, dtype and want_dtype)} (the model's)",
+                    f"{spec(shape, dtype)} in {source}{more}",
+                    "build the model with the checkpoint's config (autopar.train.checkpoint.read_config) "
+                    "or load the checkpoint of this model")
 
 
 def _resolve(path) -> str:
@@ -162,6 +229,49 @@ def read_manifest(path) -> tuple[str, dict]:
         raise _fail(file, "contents", "JSON", f"unreadable text ({err})") from None
     _validate(manifest, directory)
     return directory, manifest
+
+
+def _writer(manifest: dict) -> str:
+    """Who wrote a checkpoint, for errors about what it lacks."""
+    w = manifest.get("writer")
+    if not w:
+        return "an autopar older than 0.1.0's model configs in checkpoints"
+    return (f"autopar {w.get('autopar', '?')} ({w.get('program', '?')}) from a {w.get('network', '?')}, "
+            "which has no `config` dataclass attribute")
+
+
+def _tuples(value):
+    """JSON lists back to tuples: configs are frozen, hashable values."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def read_config(path, cls=None, *, fix: str = "build the model's config by hand"):
+    """The model config saved in the checkpoint at ``path``: with ``cls`` (a dataclass such
+    as PanguAlphaConfig) an instance of it, else ``{"class": name, "fields": {...}}``.
+
+    Raises ValueError when the checkpoint has none (naming what wrote it; ``fix`` says
+    what the caller's user should do instead, e.g. "pass --config FILE"), when it holds
+    another class, or when its fields do not make a valid ``cls``.
+    """
+    directory, manifest = read_manifest(path)
+    where, saved = f"checkpoint {directory!r}", manifest.get("config")
+    if saved is None:
+        raise _fail(where, "model config", "one saved with the weights", f"none (it was written by {_writer(manifest)})",
+                    fix)
+    if cls is None:
+        return {"class": saved["class"], "fields": dict(saved["fields"])}
+    if saved["class"] != cls.__name__:
+        raise _fail(where, "model config", f"a {cls.__name__}", f"a {saved['class']}",
+                    "load it with the model it was saved from")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(saved["fields"]) - known)
+    if unknown:
+        raise _fail(where, "model config fields", f"fields of {cls.__name__}", f"unknown {unknown}",
+                    "load it with the autopar that wrote it")
+    try:
+        return cls(**{k: _tuples(v) for k, v in saved["fields"].items()})
+    except (TypeError, ValueError) as err:
+        raise _fail(where, "model config", f"valid {cls.__name__} fields", str(err)) from None
 
 
 # ---- reading pieces -------------------------------------------------------------------------
@@ -231,3 +341,207 @@ class _Reader:
                 block = sl[inner]
             out[tuple(slice(a - s, b - s) for (a, b), (s, _) in zip(part, region))] = block
         return out
+
+
+# ---- writing: one saver per path, a temporary directory, a swap ---------------------------
+
+def _write_chunk(fd: int, data: memoryview) -> int:
+    return os.write(fd, data)
+
+
+def _write_bytes(path: str, data: bytes) -> None:
+    """Write and fsync a whole file, in chunks of WRITE_CHUNK bytes."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[_write_chunk(fd, view[:WRITE_CHUNK]):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rename(src: str, dst: str) -> None:
+    os.rename(src, dst)
+
+
+def _remove_tree(path: str) -> None:
+    """Delete a checkpoint directory manifest first, so a crash mid-delete never leaves a
+    directory that still claims to be complete while missing shard files."""
+    manifest = os.path.join(path, MANIFEST)
+    if os.path.exists(manifest):
+        os.remove(manifest)
+        _fsync_dir(path)
+    shutil.rmtree(path)
+
+
+def _make_dir(path: str) -> None:
+    os.makedirs(path)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_dir(path: str, step: int) -> str:
+    return f"{path}{TMP_MARK}{step}"
+
+
+def _holder(fd: int) -> str:
+    """Who holds a lock, from its file; the holder writes it just after locking, so an
+    empty file is read again for a moment."""
+    for _ in range(50):
+        text = os.pread(fd, 4096, 0)
+        if text:
+            break
+        time.sleep(0.002)
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on host {h['host']} (saving step {h['step']} since {h['since']})"
+    except (ValueError, TypeError, KeyError):
+        return "a process that has not written its id"
+
+
+def _still_there(fd: int, file: str) -> bool:
+    """Whether ``file`` is the file ``fd`` has open (a finished saver unlinks its lock)."""
+    try:
+        return os.stat(file).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def acquire_lock(path: str, step: int) -> int:
+    """Lock ``<path>.lock`` for this process (its open descriptor), or raise
+    FileExistsError naming the holder when another process is saving to ``path``."""
+    file = path + LOCK_SUFFIX
+    while True:
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(fd)
+            os.close(fd)
+            raise FileExistsError(format_error(
+                f"save_checkpoint({path!r})", "lock", "no other process saving to this path",
+                f"{file} held by {holder}",
+                "under mpiexec call autopar.init() so that the ranks save together; otherwise wait for "
+                "that save or save elsewhere")) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _still_there(fd, file):
+            break
+        os.close(fd)
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "step": step,
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(me).encode(), 0)
+    return fd
+
+
+def release_lock(path: str, fd: int) -> None:
+    """Remove the lock file, then unlock (a saver that opened it meanwhile sees it gone)."""
+    try:
+        os.unlink(path + LOCK_SUFFIX)
+    finally:
+        os.close(fd)
+
+
+def free_bytes(path: str) -> int:
+    """Bytes available to this user on the filesystem that will hold ``path``."""
+    parent = os.path.dirname(path)
+    while not os.path.isdir(parent):
+        parent = os.path.dirname(parent)
+    return shutil.disk_usage(parent).free
+
+
+class NoSpaceError(OSError):
+    """The filesystem cannot hold a new checkpoint (errno ENOSPC or EDQUOT); the message
+    names the path and the space needed and available."""
+
+
+def no_space_error(path: str, needed: int, err: OSError | None = None) -> NoSpaceError:
+    """An error naming the path and the space needed: before writing (``err`` None) when
+    the estimate does not fit, or for a full disk or quota met while writing."""
+    code = errno.ENOSPC if err is None else err.errno
+    detail = "" if err is None else f" ({os.strerror(code)}{f' writing {err.filename}' if err.filename else ''})"
+    return NoSpaceError(code, format_error(
+        f"save_checkpoint({path!r})", "free space", f"about {needed / 2**20:.2f} MiB for the new checkpoint",
+        f"{free_bytes(path) / 2**20:.2f} MiB available{detail}",
+        "free space on that filesystem or save elsewhere; the previous checkpoint is kept"))
+
+
+def _remove_leftovers(path: str) -> None:
+    """Temporary directories of earlier saves to ``path`` (a killed saver's): with the lock
+    held, no live saver is writing any of them."""
+    parent, base = os.path.split(path)
+    for entry in sorted(os.listdir(parent)):
+        if entry.startswith(base + TMP_MARK):
+            _remove_tree(os.path.join(parent, entry))
+
+
+def prepare_save(path: str, step: int, needed: int) -> int:
+    """Lock ``path``, clear what earlier saves left, check the free space and make the
+    temporary directory; returns the lock (release it with :func:`release_lock`)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    lock = acquire_lock(path, step)
+    try:
+        if os.path.exists(path) and not is_checkpoint(path):
+            raise _fail(f"save_checkpoint({path!r})", "path", "a new path or an existing checkpoint",
+                        f"{path!r}, which exists without a {MANIFEST}", "remove it or save elsewhere")
+        _remove_leftovers(path)
+        if needed > free_bytes(path):
+            raise no_space_error(path, needed)
+        _make_dir(temp_dir(path, step))
+    except BaseException:
+        abandon(temp_dir(path, step))   # ours: we hold the lock
+        release_lock(path, lock)
+        raise
+    return lock
+
+
+def write_file(directory: str, file: str, data: bytes) -> None:
+    """One rank's file of the new checkpoint, or an error naming it."""
+    full = os.path.join(directory, file)
+    try:
+        _write_bytes(full, data)
+    except OSError as err:
+        err.filename = err.filename or full   # os.write() errors name no file
+        raise
+
+
+def _swap_in(tmp: str, path: str) -> None:
+    """Move the complete ``tmp`` to ``path``; a complete checkpoint exists throughout at
+    ``path`` or its backup."""
+    backup = path + BACKUP_SUFFIX
+    if is_checkpoint(path):
+        if os.path.exists(backup):
+            _remove_tree(backup)
+        _rename(path, backup)
+    _rename(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+    if os.path.exists(backup):
+        _remove_tree(backup)
+
+
+def publish(tmp: str, path: str, manifest: dict) -> None:
+    """Write the manifest (whole or not at all: a kill mid-write must not leave a
+    directory claiming to be complete) and swap the directory in."""
+    part = MANIFEST + ".part"
+    write_file(tmp, part, json.dumps(manifest, indent=1).encode())
+    _rename(os.path.join(tmp, part), os.path.join(tmp, MANIFEST))
+    _swap_in(tmp, path)
+
+
+def abandon(tmp: str) -> None:
+    """Remove the temporary directory of a failed save (best effort: the next save removes
+    whatever is left)."""
+    try:
+        if os.path.exists(tmp):
+            _remove_tree(tmp)
+    except OSError:
+        pass
