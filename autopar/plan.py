@@ -11,87 +11,261 @@ data x model degrees, micro-batches, recompute and optimizer parallel; a hand-gi
 ``--op-search MODE`` instead searches every op's strategy of the whole model on all devices
 (no pipeline; ``dynamic_programming``, ``recursive_programming`` or
 ``sharding_propagation``), as ``parallel_mode="auto_parallel"`` does at run time.
+
+Every flag is checked before any work, alone and against the others and the model (a hand
+plan's pp x dp x mp against --devices, pp against the layers, micro-batches against the
+batch, mp against the heads; --json/--png opened for writing). Exit status: 0, a plan;
+1, the search found none (one line on stderr says why); 2, a bad command line (one line,
+``python -m autopar.plan: error: ...``, naming the flag, the expected and the given).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 
+from .errors import format_error
 from .strategy.costmodel import CostModel
 from .strategy.mesh import Mesh
 from .strategy.plan import plan_shardings
-from .strategy.profile import load_profile
-from .strategy.report import draw, op_table, side_by_side
+from .strategy.profile import MachineProfile, load_profile
+from .strategy.report import draw, op_table, picture_formats, side_by_side
 from .strategy.search import SEARCH_MODES, human_bytes, search
-from .strategy.stages import FAMILIES, StageCoster, evaluate, search_stages
+from .strategy.stages import FAMILIES, Family, StageCoster, evaluate, search_stages
+
+PROG = "python -m autopar.plan"
+# The stage search enumerates every divisor of --devices one by one: 2^20 takes a tenth of
+# a second, 2^30 would take minutes. No machine built has more than 2^20 devices.
+MAX_DEVICES = 2 ** 20
+# Far above any published global batch (GPT-3: 1536 sequences); larger batches overflow the
+# 64-bit shapes and FLOP counts of the cost model on the big presets.
+MAX_BATCH = 2 ** 20
+HAND_FLAGS = ("--pp", "--dp", "--mp", "--micro-batches")
 
 
-def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m autopar.plan", description=__doc__.split("\n\n")[0])
+class _Parser(argparse.ArgumentParser):
+    """Ends a bad command line with ONE line on stderr, ``<prog>: error: <message>``, and exit
+    status 2 (argparse's status for bad usage), without the usage block: every message names
+    its flag, what was expected and what was given."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _integer(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high] (no upper bound when high is None)."""
+    bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected an integer {bound}, got {text!r}")
+        return value
+    return parse
+
+
+def _gib(text: str) -> float:
+    """An argparse type: a finite number of GiB > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number of GiB > 0, got {text!r}")
+    return value
+
+
+def _layer_counts(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated layer counts, each >= 1 (e.g. ``2,2,3,3``)."""
+    try:
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected layer counts >= 1 separated by commas, one per stage, "
+                                         f"such as 2,2,3,3, got {text!r}")
+    return counts
+
+
+def _profile(text: str) -> MachineProfile:
+    """An argparse type: a shipped profile name or a profile JSON file, loaded (and validated)."""
+    try:
+        return load_profile(text)
+    except (ValueError, TypeError, OSError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=sorted(FAMILIES), default="pangu_alpha")
     p.add_argument("--preset", required=True, help="a preset of the model's config, e.g. 200B, 2.6B, tiny")
-    p.add_argument("--devices", type=int, required=True)
-    p.add_argument("--profile", default="cpu-2core", help="a shipped profile name or a profile JSON file")
-    p.add_argument("--batch", type=int, default=512, help="global batch (sequences per step)")
+    p.add_argument("--devices", type=_integer(1, MAX_DEVICES), required=True)
+    p.add_argument("--profile", type=_profile, default="cpu-2core",
+                   help="a shipped profile name or a profile JSON file")
+    p.add_argument("--batch", type=_integer(1, MAX_BATCH), default=512, help="global batch (sequences per step)")
     p.add_argument("--compute-dtype", default=None, help="default: float16 where the profile lists no float32 rate")
-    p.add_argument("--memory-cap", type=float, default=None, help="GiB per device (default: the profile's)")
-    p.add_argument("--max-mp", type=int, default=None, help="largest model-parallel degree (default: devices per node)")
+    p.add_argument("--memory-cap", type=_gib, default=None, help="GiB per device (default: the profile's)")
+    p.add_argument("--max-mp", type=_integer(1), default=None,
+                   help="largest model-parallel degree (default: devices per node)")
     hand = p.add_argument_group("a hand-given plan, priced beside the searched one")
-    hand.add_argument("--pp", type=int)
-    hand.add_argument("--dp", type=int)
-    hand.add_argument("--mp", type=int)
-    hand.add_argument("--micro-batches", type=int)
-    hand.add_argument("--layers-per-stage", default=None, help="e.g. 2,2,3,3 (default: the most even that fits)")
+    for flag in HAND_FLAGS:
+        hand.add_argument(flag, type=_integer(1))
+    hand.add_argument("--layers-per-stage", type=_layer_counts, default=None,
+                      help="e.g. 2,2,3,3 (default: the most even that fits)")
     hand.add_argument("--recompute", action="store_true")
     hand.add_argument("--optimizer-parallel", action="store_true")
     p.add_argument("--op-search", choices=SEARCH_MODES, default=None)
-    p.add_argument("--ops", type=int, default=40, help="op rows to print (0: all)")
+    p.add_argument("--ops", type=_integer(0), default=40, help="op rows to print (0: all)")
     p.add_argument("--json", default=None, help="write the plan (and, without a pipeline, the strategy file)")
     p.add_argument("--png", default=None, help="draw memory per stage and one layer's strategies")
-    args = p.parse_args(argv)
-    if args.devices < 1 or args.batch < 1:
-        p.error(f"--devices and --batch: expected integers >= 1, got {args.devices} and {args.batch}")
+    return p
+
+
+def _check_flag_combinations(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flags that need other flags, or that the chosen mode would silently ignore."""
     given = [args.pp, args.dp, args.mp, args.micro_batches]
     if any(g is not None for g in given) and None in given:
-        p.error("a hand plan needs all of --pp --dp --mp --micro-batches")
-    return args
+        missing = [f for f, g in zip(HAND_FLAGS, given) if g is None]
+        p.error(f"a hand plan needs all of {' '.join(HAND_FLAGS)}; missing {' '.join(missing)}")
+    hand = args.pp is not None
+    only_hand = [("--layers-per-stage", args.layers_per_stage is not None), ("--recompute", args.recompute)]
+    if not args.op_search:
+        only_hand.append(("--optimizer-parallel", args.optimizer_parallel))
+    for flag, used in only_hand:
+        if used and not hand:
+            p.error(f"argument {flag}: applies to the hand-given plan; give {' '.join(HAND_FLAGS)} too")
+    if args.op_search:
+        for flag, used in (("--layers-per-stage", args.layers_per_stage is not None),
+                           ("--recompute", args.recompute), ("--png", args.png is not None),
+                           ("--max-mp", args.max_mp is not None)):
+            if used:
+                p.error(f"argument {flag}: applies to the stage search, not --op-search (one stage, no pipeline)")
+        if hand and (args.pp, args.micro_batches) != (1, 1):
+            p.error(f"argument --pp/--micro-batches: --op-search plans one stage without a pipeline: expected "
+                    f"--pp 1 --micro-batches 1, got --pp {args.pp} --micro-batches {args.micro_batches}")
+
+
+def _check_outputs(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--json and --png must be writable before the search, not found unwritable after it."""
+    if args.png is not None:
+        formats = picture_formats()
+        if not formats:
+            p.error("argument --png: needs matplotlib, which is not installed; pip install matplotlib")
+        ext = os.path.splitext(args.png)[1].lstrip(".").lower()
+        if ext not in formats:
+            p.error(f"argument --png: expected a file name ending in one of "
+                    f"{', '.join('.' + f for f in formats)}, got {args.png!r}")
+    for flag, path in (("--json", args.json), ("--png", args.png)):
+        if path is not None:
+            problem = _unwritable(path)
+            if problem:
+                p.error(format_error(f"argument {flag}", repr(path), "a file this process can write",
+                                     problem, "give a path in an existing, writable directory"))
+
+
+def _unwritable(path: str) -> str | None:
+    """Why ``path`` cannot be written, or None: tried by opening it for append (which keeps an
+    existing file's contents) and removing it again if it did not exist."""
+    existed = os.path.lexists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        return err.strerror or str(err)
+    except ValueError as err:          # e.g. an embedded NUL byte
+        return str(err)
+    if not existed:
+        os.remove(path)
+    return None
+
+
+def model_of(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Family, str]:
+    """The model family at --preset, computing in --compute-dtype (or the profile's best)."""
+    profile = args.profile
+    try:
+        FAMILIES[args.model](args.preset)
+    except (ValueError, TypeError) as err:
+        p.error(f"argument --preset: {err} (for --model {args.model})")
+    dtype = args.compute_dtype or ("float32" if "float32" in profile.gemm_flops else min(
+        profile.gemm_flops, key=lambda d: -profile.gemm_flops[d]))
+    try:
+        return FAMILIES[args.model](args.preset, compute_dtype=dtype), dtype
+    except (ValueError, TypeError) as err:
+        p.error(f"argument --compute-dtype: {err}")
+
+
+def _dtype_note(profile: MachineProfile, dtype: str) -> str:
+    """How the cost model prices ``dtype`` on ``profile`` when the profile has no rate for it."""
+    if dtype in profile.gemm_flops:
+        return ""
+    slowest = min(profile.gemm_flops, key=profile.gemm_flops.get)
+    return f" (profile {profile.name} lists no {dtype} GEMM rate: priced at its slowest, {slowest})"
+
+
+def check_hand_plan(p: argparse.ArgumentParser, args: argparse.Namespace, family: Family) -> None:
+    """Say which of pp / dp / mp / micro-batches does not fit what, before any pricing."""
+    pp, dp, mp, m = args.pp, args.dp, args.mp, args.micro_batches
+    where = f"hand plan --pp {pp} --dp {dp} --mp {mp} --micro-batches {m}"
+    if pp * dp * mp != args.devices:
+        p.error(format_error(where, "--pp x --dp x --mp", f"--devices {args.devices}",
+                             f"{pp} x {dp} x {mp} = {pp * dp * mp}",
+                             f"choose degrees whose product is {args.devices}"))
+    if pp > family.layers:
+        p.error(format_error(where, "--pp", f"at most {family.layers} (the pipelined layers of "
+                             f"{args.model} {args.preset}; every stage needs one)", str(pp), "use fewer stages"))
+    if args.batch % m:
+        p.error(format_error(where, "--micro-batches", f"a divisor of --batch {args.batch}", str(m),
+                             "each micro-batch holds --batch / --micro-batches whole sequences"))
+    if (args.batch // m) % dp:
+        p.error(format_error(where, "--dp", f"a divisor of the micro-batch size --batch {args.batch} / "
+                             f"--micro-batches {m} = {args.batch // m}", str(dp),
+                             "each data-parallel rank takes an equal share of every micro-batch"))
+    split = args.layers_per_stage
+    if split is not None and (len(split) != pp or sum(split) != family.layers):
+        p.error(format_error(where, "--layers-per-stage", f"{pp} counts (one per --pp stage) summing to "
+                             f"{family.layers} (the pipelined layers of {args.model} {args.preset})",
+                             f"{len(split)} counts summing to {sum(split)}", ""))
+    try:
+        family.config.replace(data_parallel=dp, model_parallel=mp)
+    except ValueError as err:
+        p.error(f"{where}: --dp/--mp do not fit the model: {err}")
 
 
 def main(argv=None) -> int:
-    args = parse(argv)
+    """Exit status 0: a plan; 1: the search found none (one line on stderr says why);
+    2: a bad command line, refused before any work (one line naming the flag)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    _check_flag_combinations(p, args)
+    _check_outputs(p, args)
+    family, dtype = model_of(p, args)
+    if args.pp is not None:
+        check_hand_plan(p, args, family)
     t0 = time.perf_counter()
-    profile = load_profile(args.profile)
-    dtype = args.compute_dtype or ("float32" if "float32" in profile.gemm_flops else min(
-        profile.gemm_flops, key=lambda d: -profile.gemm_flops[d]))
-    family = FAMILIES[args.model](args.preset, compute_dtype=dtype)
+    profile = args.profile
     cap = profile.memory_bytes if args.memory_cap is None else args.memory_cap * 2 ** 30
     print(f"{args.model} {args.preset}: {family.layers} layers, {args.devices} devices, profile {profile.name} "
           f"(memory {human_bytes(profile.memory_bytes)} per device, {profile.devices_per_node} per node), "
-          f"global batch {args.batch}, compute {dtype}")
+          f"global batch {args.batch}, compute {dtype}{_dtype_note(profile, dtype)}")
     if args.op_search:
-        return _op_search(args, family, profile, cap, t0)
+        return _op_search(p, args, family, profile, cap, t0)
     coster = StageCoster(family, args.devices, profile)
+    plans = {"searched": None}
+    if args.pp is not None:        # priced first: a plan the model refuses fails before the search
+        plans["hand-given"] = _price_hand_plan(p, args, coster, cap)
     best, tried = search_stages(coster, args.batch, cap, args.max_mp)
+    plans["searched"] = best
     searched_s = time.perf_counter() - t0
-    plans = {"searched": best}
-    if args.pp is not None:
-        split = tuple(int(x) for x in args.layers_per_stage.split(",")) if args.layers_per_stage else None
-        hand = evaluate(coster, args.batch, args.pp, args.dp, args.mp, args.micro_batches, args.recompute,
-                        args.optimizer_parallel, split, cap)
-        if hand is None:
-            print(f"hand plan pp{args.pp} x dp{args.dp} x mp{args.mp} with {args.micro_batches} micro-batches: "
-                  f"does not fit {args.devices} devices / batch {args.batch} / the model's shapes", file=sys.stderr)
-            return 2
-        plans["hand-given"] = hand
     print(f"\nsearched {len(tried)} plans in {searched_s:.2f} s; memory cap {human_bytes(cap)} per device\n")
     print(side_by_side(plans))
     if best is None:
-        lean = min(tried, key=lambda p: p.peak_memory_bytes) if tried else None
-        print(f"\nno plan fits {human_bytes(cap)} per device" + (
-            f": the leanest needs {human_bytes(lean.peak_memory_bytes)} ({lean.describe()})" if lean else ""),
-            file=sys.stderr)
+        _no_plan(args, cap, tried)
         return 1
     if "hand-given" in plans:
         h = plans["hand-given"]
@@ -107,6 +281,32 @@ def main(argv=None) -> int:
         draw(args.png, best, model, op_plan, cap, f"{args.model} {args.preset} on {args.devices} x {profile.name}")
         print(f"picture written to {args.png}")
     return 0
+
+
+def _price_hand_plan(p: argparse.ArgumentParser, args: argparse.Namespace, coster: StageCoster, cap: float):
+    """The hand plan's prediction; a one-line error when the model's ops refuse its degrees."""
+    pp, dp, mp, m = args.pp, args.dp, args.mp, args.micro_batches
+    try:
+        coster.parts(args.devices // pp, dp, mp, args.batch // m, args.optimizer_parallel)
+    except ValueError as err:
+        p.error(f"hand plan --pp {pp} --dp {dp} --mp {mp} --micro-batches {m}: the model's ops refuse "
+                f"these degrees: {err}")
+    return evaluate(coster, args.batch, pp, dp, mp, m, args.recompute, args.optimizer_parallel,
+                    args.layers_per_stage, cap)
+
+
+def _no_plan(args: argparse.Namespace, cap: float, tried: list) -> None:
+    """One line on stderr: why the search found nothing (exit status 1: the question was
+    valid, its answer is that no plan exists)."""
+    if not tried:
+        why = (f"no plan exists: no pipeline x data x model split of {args.devices} devices fits global batch "
+               f"{args.batch} and the model's shapes; use a --batch with more factors in common with --devices")
+    else:
+        lean = min(tried, key=lambda plan: plan.peak_memory_bytes)
+        why = (f"no plan fits {human_bytes(cap)} per device: the leanest needs "
+               f"{human_bytes(lean.peak_memory_bytes)} ({lean.describe()}); use more --devices or a larger "
+               f"--memory-cap")
+    print(f"{PROG}: {why}", file=sys.stderr)
 
 
 def _stage_plan(coster: StageCoster, plan):
@@ -132,14 +332,27 @@ def _write_json(path: str, best, plans, family) -> None:
         json.dump(doc, f, indent=1)
 
 
-def _op_search(args, family, profile, cap, t0) -> int:
+def _op_search(p: argparse.ArgumentParser, args, family, profile, cap, t0) -> int:
     """Every op's strategy of the whole model on all devices (no pipeline)."""
     from .runtime.trace import trace
     cfg = family.config
     graph = trace(family.build(cfg), family.input_specs(cfg, args.batch), {}).graph
     stage = Mesh((args.devices,), ("devices",))
-    res = search(graph, stage, args.op_search, full_batch=True, profile=profile, memory_cap=cap,
-                 optimizer_parallel=args.optimizer_parallel)
+    hand = None
+    if args.pp is not None:     # checked: --pp 1 --micro-batches 1; priced first, so it fails before the search
+        try:
+            hand_cfg = cfg.replace(data_parallel=args.dp, model_parallel=args.mp)
+            hg = trace(family.build(hand_cfg), family.input_specs(hand_cfg, args.batch), {}).graph
+            hand = CostModel(hg, stage, profile, True, optimizer_parallel=args.optimizer_parallel).evaluate(
+                plan_shardings(hg, "semi_auto_parallel", stage, True))
+        except ValueError as err:
+            p.error(f"hand plan --dp {args.dp} --mp {args.mp}: the model's ops refuse these degrees: {err}")
+    try:
+        res = search(graph, stage, args.op_search, full_batch=True, profile=profile, memory_cap=cap,
+                     optimizer_parallel=args.optimizer_parallel)
+    except ValueError as err:      # no strategy divides the shapes, or none fits the memory cap
+        print(f"{PROG}: --op-search {args.op_search} found no plan: {err}", file=sys.stderr)
+        return 1
     took = time.perf_counter() - t0
     model = CostModel(graph, stage, profile, True, optimizer_parallel=args.optimizer_parallel)
     print(f"\n{args.op_search}: {len(model.forward)} ops planned in {took:.2f} s\n")
@@ -149,13 +362,9 @@ def _op_search(args, family, profile, cap, t0) -> int:
           f"optimizer {c.update_s:.4f}; no pipeline, bubble 0); memory per device {human_bytes(c.memory_bytes)} "
           f"(weights {human_bytes(c.param_bytes)}, gradients {human_bytes(c.grad_bytes)}, optimizer states "
           f"{human_bytes(c.state_bytes)}, activations {human_bytes(c.activation_bytes)})")
-    if args.pp is not None and args.pp == 1:
-        hand_cfg = cfg.replace(data_parallel=args.dp, model_parallel=args.mp)
-        hg = trace(family.build(hand_cfg), family.input_specs(hand_cfg, args.batch), {}).graph
-        hc = CostModel(hg, stage, profile, True, optimizer_parallel=args.optimizer_parallel).evaluate(
-            plan_shardings(hg, "semi_auto_parallel", stage, True))
-        print(f"hand-given dp{args.dp} x mp{args.mp}: predicted step {hc.step_seconds:.4f} s, memory "
-              f"{human_bytes(hc.memory_bytes)}; searched / hand-given: {c.step_seconds / hc.step_seconds:.3f}")
+    if hand is not None:
+        print(f"hand-given dp{args.dp} x mp{args.mp}: predicted step {hand.step_seconds:.4f} s, memory "
+              f"{human_bytes(hand.memory_bytes)}; searched / hand-given: {c.step_seconds / hand.step_seconds:.3f}")
     if args.json:
         from .strategy.strategy_file import save_strategy
         save_strategy(args.json, graph, res.plan, predicted=c.summary())

@@ -50,6 +50,17 @@ def _short(text: str, n: int = 22) -> str:
     return text if len(text) <= n else text[:n - 3] + "..."
 
 
+def picture_formats() -> tuple[str, ...]:
+    """File extensions :func:`draw` can write (those of matplotlib's Agg canvas, which it
+    uses); empty when matplotlib is not installed. Lets a caller refuse a bad path before
+    a long search instead of after it."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        return ()
+    return tuple(sorted(FigureCanvasAgg.get_supported_filetypes()))
+
+
 def draw(path: str, plan: StagePlan, model: CostModel, op_plan: ShardingPlan, cap: float, title: str) -> None:
     """Two panels: memory and layers per stage against the cap; each op of one layer with
     how many ways it splits each of its inputs' dims (the per-layer strategy picture)."""
