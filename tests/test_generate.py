@@ -37,6 +37,23 @@ def test_prompt_longer_than_the_context_is_an_error():
         generate(PanguAlpha(config), [list(range(16))], 3)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"top_p": 2}, r"generate: top_p: expected a number in \(0, 1\] \(1: no nucleus cut\), got 2"),
+    ({"top_p": 0.0}, r"generate: top_p: expected a number in \(0, 1\] \(1: no nucleus cut\), got 0.0"),
+    ({"top_k": 97}, r"generate: top_k: expected an int in \[0, 96\], got 97"),
+    ({"temperature": float("nan")}, r"generate: temperature: expected a finite number >= 0 \(0: greedy\), got nan"),
+    ({"min_new_tokens": -1}, r"generate: min_new_tokens: expected an int >= 0, got -1"),
+    ({"max_new_tokens": -1}, r"generate: max_new_tokens: expected an int >= 0, got -1"),
+])
+@pytest.mark.parametrize("decode", ["generate", "generate_cached"])
+def test_sampling_arguments_out_of_range_are_errors(decode, kwargs, message):
+    from autopar.models.pangu_alpha import generate as module
+    model = PanguAlpha(PanguAlphaConfig.preset("tiny"))
+    kwargs = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        getattr(module, decode)(model, [[11, 12]], **kwargs)
+
+
 def test_cached_decoding_gives_the_tokens_of_recomputation():
     from autopar.models.pangu_alpha.generate import generate_cached
     config = PanguAlphaConfig.preset("tiny", param_dtype="float64", compute_dtype="float64")

@@ -42,46 +42,119 @@ from autopar.models.pangu_alpha import PanguAlpha, PanguAlphaConfig  # noqa: E40
 from autopar.models.pangu_alpha.generate import fill_middle, generate, generate_cached  # noqa: E402
 from autopar.models.pangu_alpha.tokenizer import PanguTokenizer  # noqa: E402
 from autopar.train.checkpoint import read_manifest  # noqa: E402
+from cli import ArgumentParser, checkpoint_config, integer, number, text  # noqa: E402
 
 log = logging.getLogger("pangu_alpha.generate")
 
+# Flags of --order mode (filling a middle span) and their defaults; None in the parsed
+# arguments means "not given", so that giving one without --order is an error, not ignored.
+ORDER_DEFAULTS = {"middle": 8, "doc": 0, "context": 12}
+ORDER_FLAGS = ("middle", "prefix", "suffix", "doc", "context")
+
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """The command line, every flag checked alone and against the others (exit 2, one line)."""
+    p = ArgumentParser(prog="generate.py", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default="runs/pangu/checkpoint")
     p.add_argument("--data", default="data/pangu", help="folder with tokenizer.model (and valid.bin for --order)")
-    p.add_argument("--prompt", action="append", help="repeat for a batch of prompts")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--min-new-tokens", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--prompt", action="append", type=text, help="repeat for a batch of prompts")
+    p.add_argument("--max-new-tokens", type=integer(1), default=40)
+    p.add_argument("--min-new-tokens", type=integer(0), default=8)
+    p.add_argument("--top-k", type=integer(0), default=5, help="0: no top-k cut")
+    p.add_argument("--top-p", type=number(0, 1), default=1.0, help="in (0, 1]; 1: no nucleus cut")
+    p.add_argument("--temperature", type=number(0), default=0.8, help="> 0 (--greedy for the argmax)")
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step")
-    p.add_argument("--mp", type=int, default=1, help="model-parallel degree (under mpiexec)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mp", type=integer(1), default=1, help="model-parallel degree (under mpiexec)")
+    p.add_argument("--seed", type=integer(0), default=0)
     p.add_argument("--order", default=None, help="fill a middle span in this order: left, right, random, or gap "
                    "offsets such as 3,0,2,1 (a model trained with train.py --random-order)")
-    p.add_argument("--middle", type=int, default=8, help="--order: tokens to fill")
-    p.add_argument("--prefix", default=None, help="--order: the text before the span")
+    p.add_argument("--middle", type=integer(1), default=None, help="--order: tokens to fill (default 8)")
+    p.add_argument("--prefix", type=text, default=None, help="--order: the text before the span")
     p.add_argument("--suffix", default=None, help="--order: the text after the span")
-    p.add_argument("--doc", type=int, default=0, help="--order without --prefix/--suffix: validation document")
-    p.add_argument("--context", type=int, default=12, help="--order with --doc: prefix and suffix tokens")
-    return p.parse_args(argv)
+    p.add_argument("--doc", type=integer(0), default=None,
+                   help="--order without --prefix/--suffix: validation document (default 0)")
+    p.add_argument("--context", type=integer(1), default=None,
+                   help="--order with --doc: prefix and suffix tokens (default 12)")
+    args = p.parse_args(argv)
+    _check_combinations(p, args)
+    for name, default in ORDER_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.order is not None:
+        try:
+            middle_order(args.order, args.middle, args.seed)
+        except ValueError as err:
+            p.error(str(err))
+    return args
 
 
-def load_model(args, world) -> tuple[PanguAlpha, dict]:
+def _check_combinations(p: ArgumentParser, args: argparse.Namespace) -> None:
+    """Flags that the chosen mode would silently ignore, or that contradict each other."""
+    if args.min_new_tokens > args.max_new_tokens:
+        p.error(f"argument --min-new-tokens: expected at most --max-new-tokens {args.max_new_tokens}, "
+                f"got {args.min_new_tokens}")
+    if args.order is None:
+        given = [f"--{name}" for name in ORDER_FLAGS if getattr(args, name) is not None]
+        if given:
+            p.error(f"argument {given[0]}: applies only to filling a middle span; give --order too")
+        return
+    if args.prompt:
+        p.error("argument --prompt: --order fills a span between --prefix and --suffix (or of --doc); "
+                "drop --prompt or --order")
+    if args.no_cache:
+        p.error("argument --no-cache: --order always decodes with the key/value cache; drop --no-cache")
+    if args.prefix is None and args.suffix is None:
+        return
+    if args.prefix is None:
+        p.error("argument --suffix: needs --prefix too (the model is always fed position 0 first)")
+    doc_flags = [f"--{name}" for name in ("doc", "context") if getattr(args, name) is not None]
+    if doc_flags:
+        p.error(f"argument {doc_flags[0]}: cuts the span from a validation document, which --prefix/--suffix "
+                "replace; drop one of them")
+
+
+def check_against_model(args: argparse.Namespace, config: PanguAlphaConfig) -> None:
+    """Flags that must fit the checkpoint's model: --mp dividing its heads, --top-k within the
+    vocabulary, a --doc span within the sequence."""
+    model = f"the model in checkpoint {args.checkpoint}"
+    try:
+        config.replace(model_parallel=args.mp)
+    except ValueError as err:
+        raise ValueError(f"argument --mp: {err}") from None
+    if args.top_k > config.vocab_size:
+        raise ValueError(f"argument --top-k: expected at most the vocab_size {config.vocab_size} of {model}, "
+                         f"got {args.top_k}")
+    if args.order is not None and args.prefix is None and args.suffix is None:
+        need = 2 * args.context + args.middle
+        if need > config.seq_length:
+            raise ValueError(f"argument --context/--middle: 2 x --context + --middle: expected at most the "
+                             f"seq_length {config.seq_length} of {model}, got 2 x {args.context} + {args.middle} "
+                             f"= {need}; lower --context or --middle")
+
+
+def check_tokenizer(args: argparse.Namespace, tok: PanguTokenizer, config: PanguAlphaConfig) -> None:
+    """The tokenizer's ids must index the model's embedding table."""
+    if tok.vocab_size > config.vocab_size:
+        raise ValueError(f"argument --data: {Path(args.data) / 'tokenizer.model'}: expected at most "
+                         f"{config.vocab_size} pieces (the vocab_size of the model in checkpoint {args.checkpoint}), "
+                         f"got {tok.vocab_size}; use the --data folder the checkpoint was trained on")
+
+
+def check_ranks(args: argparse.Namespace, world) -> None:
+    """--mp splits the model over the ranks running: it must count them."""
+    if args.mp != world.size:
+        raise ValueError(f"argument --mp: expected {world.size} (the ranks running), got {args.mp}; "
+                         f"run under mpiexec -n {args.mp}")
+
+
+def load_model(args, config: PanguAlphaConfig) -> tuple[PanguAlpha, dict]:
     """The checkpoint's model, split --mp ways (the weights are read whole, each rank keeps its shards)."""
-    extra = read_manifest(args.checkpoint)[1]["extra"]
-    if args.mp > 1 or world.size > 1:
-        if args.mp != world.size:
-            raise ValueError(f"--mp: expected {world.size} (the ranks running), got {args.mp}")
+    if args.mp > 1:
         autopar.set_auto_parallel_context(parallel_mode="semi_auto_parallel", full_batch=True)
-    config = PanguAlphaConfig(**{**extra["config"], "data_parallel": 1, "model_parallel": args.mp,
-                                 "dropout_rate": 0.0})
-    model = PanguAlpha(config)
+    model = PanguAlpha(config.replace(data_parallel=1, model_parallel=args.mp, dropout_rate=0.0))
     autopar.load_param_into_net(model, autopar.load_checkpoint(args.checkpoint), strict=False)
-    return model, extra
+    return model, read_manifest(args.checkpoint)[1]["extra"]
 
 
 def middle_order(spec: str, m: int, seed: int) -> list[int]:
@@ -95,8 +168,8 @@ def middle_order(spec: str, m: int, seed: int) -> list[int]:
     except ValueError:
         order = None
     if order is None or sorted(order) != list(range(m)):
-        raise ValueError(f"--order: expected left, right, random or a permutation of 0..{m - 1} (--middle {m}) "
-                         f"such as {','.join(map(str, named['right']))}, got {spec!r}")
+        raise ValueError(f"argument --order: expected left, right, random or a permutation of 0..{m - 1} "
+                         f"(--middle {m}) such as {','.join(map(str, named['right']))}, got {spec!r}")
     return order
 
 
@@ -108,8 +181,8 @@ def span_from_doc(args, tok: PanguTokenizer) -> tuple[list[int], list[int], list
     need = 2 * args.context + args.middle
     docs = [d for d in documents(valid, tok.eod_id) if len(d) >= need]
     if not 0 <= args.doc < len(docs):
-        raise ValueError(f"--doc: expected an index below {len(docs)} (validation documents of >= {need} tokens), "
-                         f"got {args.doc}")
+        raise ValueError(f"argument --doc: expected an index below {len(docs)} (validation documents of >= {need} "
+                         f"tokens), got {args.doc}")
     d = [int(x) for x in docs[args.doc][:need]]
     c, m = args.context, args.middle
     return d[:c], d[c:c + m], d[c + m:]
@@ -119,7 +192,7 @@ def fill(args, model: PanguAlpha, tok: PanguTokenizer, extra: dict, is_root: boo
     if not extra.get("random_order"):
         log.warning("%s was trained left to right (no --random-order): expect a poor fill", args.checkpoint)
     if args.prefix is not None or args.suffix is not None:
-        prefix, real, suffix = tok.encode(args.prefix or ""), None, tok.encode(args.suffix or "")
+        prefix, real, suffix = tok.encode(args.prefix), None, tok.encode(args.suffix or "")
     else:
         prefix, real, suffix = span_from_doc(args, tok)
     order = middle_order(args.order, args.middle, args.seed)
@@ -135,12 +208,16 @@ def fill(args, model: PanguAlpha, tok: PanguTokenizer, extra: dict, is_root: boo
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    config = checkpoint_config(args.checkpoint)      # a checkpoint without one fails here, before any work
+    check_against_model(args, config)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     install_abort_handler()
     autopar.init()
     world = current_world()
+    check_ranks(args, world)
     tok = PanguTokenizer(Path(args.data) / "tokenizer.model")
-    model, extra = load_model(args, world)
+    check_tokenizer(args, tok, config)
+    model, extra = load_model(args, config)
     is_root = world.rank == 0
     if args.order is not None:
         fill(args, model, tok, extra, is_root)

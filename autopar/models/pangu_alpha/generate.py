@@ -8,10 +8,12 @@ of the earlier ones, O(S) per token instead of O(S^2); it must give the same tok
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 
+from ...errors import format_error
 from ...nn import Cell
 from .model import MASK_VALUE, PanguAlpha
 
@@ -37,6 +39,31 @@ def sample(logits: np.ndarray, rng: np.random.Generator, top_k: int = 0, top_p: 
     return int(rng.choice(p.size, p=p))
 
 
+def check_sampling(where: str, vocab_size: int, top_k, top_p, temperature, min_new_tokens,
+                   max_new_tokens=None) -> None:
+    """The sampling arguments of one call, checked once (not per token): ``top_k`` an int in
+    [0, vocab_size] (0: no cut), ``top_p`` in (0, 1] (1: no cut), ``temperature`` finite and
+    >= 0 (0: greedy), token counts ints >= 0. Out of range, they used to fail deep in numpy
+    (top_k > V) or pass silently (top_p = 2, max_new_tokens = -1)."""
+    def count(arg, value, low, high=None):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or \
+                (high is not None and value > high):
+            bound = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+            raise ValueError(format_error(where, arg, bound, repr(value)))
+
+    def real(arg, value, ok, expected):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or \
+                not math.isfinite(value) or not ok(value):
+            raise ValueError(format_error(where, arg, expected, repr(value)))
+
+    count("top_k", top_k, 0, vocab_size)
+    real("top_p", top_p, lambda v: 0 < v <= 1, "a number in (0, 1] (1: no nucleus cut)")
+    real("temperature", temperature, lambda v: v >= 0, "a finite number >= 0 (0: greedy)")
+    count("min_new_tokens", min_new_tokens, 0)
+    if max_new_tokens is not None:
+        count("max_new_tokens", max_new_tokens, 0)
+
+
 def _no_early_eod(logits: np.ndarray, eod_id: int | None, produced: int, minimum: int) -> np.ndarray:
     """The row's logits with EOD ruled out until ``minimum`` new tokens exist."""
     if eod_id is None or produced >= minimum:
@@ -52,6 +79,7 @@ def generate(model: PanguAlpha, prompts: Sequence[Sequence[int]], max_new_tokens
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens, stopping
     a row at ``eod_id``. Returns the new tokens of each prompt."""
     s = model.config.seq_length
+    check_sampling("generate", model.config.vocab_size, top_k, top_p, temperature, min_new_tokens, max_new_tokens)
     for i, p in enumerate(prompts):
         if not 0 < len(p) < s:
             raise ValueError(f"generate: prompt {i}: expected 1 to {s - 1} tokens (seq_length={s}), "
@@ -176,6 +204,7 @@ def decode_in_order(model: PanguAlpha, tokens: Sequence[Sequence[int]], order: S
     from ...runtime.sharded_forward import forward_program
     cfg = model.config
     s, b, dt = cfg.seq_length, len(tokens), np.dtype(cfg.compute_dtype)
+    check_sampling("decode_in_order", cfg.vocab_size, top_k, top_p, temperature, min_new_tokens)
     if len(order) != b:
         raise ValueError(f"decode_in_order: order: expected one position list per row ({b}), got {len(order)}")
     _check_rows("decode_in_order", s, tokens, order)
@@ -221,6 +250,7 @@ def generate_cached(model: PanguAlpha, prompts: Sequence[Sequence[int]], max_new
     at time t each row feeds its token t (from its prompt, or the one it generated) and, once
     past its prompt, samples token t + 1."""
     s = model.config.seq_length
+    check_sampling("generate", model.config.vocab_size, top_k, top_p, temperature, min_new_tokens, max_new_tokens)
     for i, p in enumerate(prompts):
         if not 0 < len(p) < s:
             raise ValueError(f"generate: prompt {i}: expected 1 to {s - 1} tokens (seq_length={s}), "
