@@ -278,8 +278,22 @@ def _manifest_head(network, optimizer, step: int, world, extra: dict) -> dict:
             "optimizer": None if optimizer is None else
             {"type": type(optimizer).__name__, "state_names": list(optimizer.state_names)},
             "extra": extra, "config": _config_of(network),
-            "writer": {"autopar": importlib.metadata.version("autopar"),
-                       "program": os.path.basename(sys.argv[0]) or "python", "network": type(network).__name__}}
+            "writer": {"autopar": _version(),
+                       "program": _program(), "network": type(network).__name__}}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("autopar")
+    except importlib.metadata.PackageNotFoundError:   # run from a source tree
+        return "(not installed)"
+
+
+def _program() -> str:
+    """The script that saved ("train.py"; "pytest" for ``python -m pytest``)."""
+    path = sys.argv[0] if sys.argv and sys.argv[0] else "python"
+    name = os.path.basename(path)
+    return os.path.basename(os.path.dirname(path)) if name == "__main__.py" else name
 
 
 def _checked_extra(extra: dict | None) -> dict:
@@ -301,8 +315,7 @@ def save_checkpoint(obj, path, *, extra: dict | None = None, world=None, allow_n
     NoSpaceError when the disk cannot hold it. On any failure the previous checkpoint at
     ``path`` is kept and nothing new is left behind. Returns ``path``.
     """
-    from ..context import current_world
-    world = world if world is not None else current_world()
+    world = world if world is not None else _context_world("save_checkpoint")
     network, optimizer = _split_obj(obj)
     step = optimizer.step_count if optimizer is not None else 0
     path = os.path.abspath(os.fspath(path))
@@ -329,6 +342,14 @@ def save_checkpoint(obj, path, *, extra: dict | None = None, world=None, allow_n
         if lock is not None:
             release_lock(path, lock)
     return path
+
+
+def _context_world(where: str):
+    """The world of the parallel context; under an MPI launcher, only after autopar.init():
+    without it every rank would save alone as rank 0, all to the same files."""
+    from ..context import current_world, require_init
+    require_init(where)
+    return current_world()
 
 
 def _publish_checked(tmp: str, path: str, manifest: dict) -> None:
@@ -551,8 +572,7 @@ class ModelCheckpoint:
         return saved[-1][1] if saved else None
 
     def __call__(self, trainer, extra: dict | None = None, world=None) -> str | None:
-        from ..context import current_world
-        world = world if world is not None else current_world()
+        world = world if world is not None else _context_world("ModelCheckpoint")
         step = trainer.optimizer.step_count
         if step % self.every:
             return None

@@ -195,10 +195,10 @@ def _check_shapes(where: str, source: str, model: dict, given: dict) -> None:
     def agrees(name):
         (shape, dtype), (want_shape, want_dtype) = given[name], model[name]
         return shape == want_shape and dtype in (None, want_dtype)
-    wrong = [n for n in sorted(set(model) & set(given)) if not agrees(n)]
+    wrong = [n for n in model if n in given and not agrees(n)]   # in the model's order
     if wrong:
         (shape, dtype), (want_shape, want_dtype) = given[wrong[0]], model[wrong[0]]
-        more = f" (and {len(wrong) - 1} more: {_listed(wrong[1:], 3)})" if len(wrong) > 1 else ""
+        more = f" (and {len(wrong) - 1} more tensors, e.g. {wrong[1:4]})" if len(wrong) > 1 else ""
         raise _fail(where, f"tensor {wrong[0]!r}", f"{spec(want_shape, dtype and want_dtype)} (the model's)",
                     f"{spec(shape, dtype)} in {source}{more}",
                     "build the model with the checkpoint's config (autopar.train.checkpoint.read_config) "
@@ -430,9 +430,11 @@ def acquire_lock(path: str, step: int) -> int:
                 f"{file} held by {holder}",
                 "under mpiexec call autopar.init() so that the ranks save together; otherwise wait for "
                 "that save or save elsewhere")) from None
-        except BaseException:
+        except OSError as err:   # e.g. ENOLCK: a filesystem without locks
             os.close(fd)
-            raise
+            raise OSError(err.errno, format_error(
+                f"save_checkpoint({path!r})", "lock", "a filesystem that supports flock (one saver at a time)",
+                f"{file}: {err.strerror}", "save to a local or lock-capable filesystem")) from None
         if _still_there(fd, file):
             break
         os.close(fd)
