@@ -268,7 +268,8 @@ def _config_of(network) -> dict | None:
             except TypeError as err:
                 raise TypeError(format_error("save_checkpoint", f"{type(cell).__name__}.config",
                                              "a dataclass of JSON-able fields (it is saved in the manifest)",
-                                             str(err))) from None
+                                             str(err), "give the config plain fields: numbers, strings, "
+                                             "lists, dicts")) from None
             return {"class": type(config).__name__, "fields": fields}
     return None
 
