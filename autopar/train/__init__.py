@@ -7,6 +7,7 @@ from .checkpoint import (
     merge,
     save_checkpoint,
 )
+from .checkpoint_format import NoSpaceError, read_config
 from .clip import clip_by_global_norm, global_norm
 from .dataset import Batch, LMDataset, LMLoader, TokenFile, eod_reset_masks
 from .lr_schedule import CosineDecayLR, PolynomialDecayLR, WarmUpCosineDecayLR, WarmUpLR
@@ -16,4 +17,4 @@ __all__ = ["Optimizer", "SGD", "Adam", "AdamWeightDecay", "default_decay_filter"
            "WarmUpLR", "CosineDecayLR", "PolynomialDecayLR", "WarmUpCosineDecayLR",
            "global_norm", "clip_by_global_norm", "TokenFile", "LMDataset", "LMLoader", "Batch", "eod_reset_masks",
            "save_checkpoint", "load_checkpoint", "load_param_into_net", "load_distributed_checkpoint", "merge",
-           "ModelCheckpoint"]
+           "ModelCheckpoint", "read_config", "NoSpaceError"]
