@@ -27,11 +27,15 @@ WATCHDOG_S = 2.0
 
 # ---- the CommChecks value -------------------------------------------------------------------
 
-def test_checks_are_off_unless_asked_for():
-    assert CommChecks() == CommChecks.from_env({}) == CommChecks.from_env({"AUTOPAR_COMM_WATCHDOG": "0"})
-    assert SelfCommunicator().checks == CommChecks() and str(CommChecks()) == "CommChecks(watchdog=off, debug=off)"
-    env = {"AUTOPAR_COMM_WATCHDOG": "2.5", "AUTOPAR_COMM_DEBUG": "1"}
-    assert CommChecks.from_env(env) == CommChecks(watchdog_s=2.5, debug=True)
+def test_an_mpi_job_is_watched_by_default_and_off_only_when_asked():
+    assert CommChecks.from_env({}) == CommChecks(watchdog_s=300.0, debug=False, check_every=100)
+    assert CommChecks.from_env({"AUTOPAR_COMM_WATCHDOG": "0"}) == CommChecks() == CommChecks(watchdog_s=None)
+    assert SelfCommunicator().checks == CommChecks()
+    assert str(CommChecks()) == "CommChecks(watchdog=off, debug=off, consistency=every 100 calls)"
+    env = {"AUTOPAR_COMM_WATCHDOG": "2.5", "AUTOPAR_COMM_DEBUG": "1", "AUTOPAR_CHECK_EVERY": "0"}
+    assert CommChecks.from_env(env) == CommChecks(watchdog_s=2.5, debug=True, check_every=0)
+    assert CommChecks.from_env(env).check_interval == 1   # debug mode checks every call
+    assert CommChecks(check_every=0).check_interval == 0 and CommChecks(check_every=7).check_interval == 7
 
 
 @pytest.mark.parametrize("env, match", [
@@ -39,6 +43,8 @@ def test_checks_are_off_unless_asked_for():
     ({"AUTOPAR_COMM_WATCHDOG": "-3"}, r"AUTOPAR_COMM_WATCHDOG: expected a number of seconds.*got '-3'"),
     ({"AUTOPAR_COMM_WATCHDOG": "inf"}, "AUTOPAR_COMM_WATCHDOG"),
     ({"AUTOPAR_COMM_DEBUG": "yes"}, r"AUTOPAR_COMM_DEBUG: expected '1' \(on\) or '0' \(off\), got 'yes'"),
+    ({"AUTOPAR_CHECK_EVERY": "2.5"}, r"AUTOPAR_CHECK_EVERY: expected a whole number of calls \(0: off\), got '2.5'"),
+    ({"AUTOPAR_CHECK_EVERY": "-1"}, r"AUTOPAR_CHECK_EVERY: expected a whole number of calls \(0: off\), got '-1'"),
 ])
 def test_bad_environment_values_are_named(env, match):
     with pytest.raises(ValueError, match=match):

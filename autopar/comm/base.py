@@ -54,9 +54,12 @@ class CommStats:
     Shared by a rank's communicator and all its sub-communicators. Bytes are the local input
     buffer's ``nbytes`` (for ``recv``, the received buffer's). Barriers and splits are not
     counted. The ordered log keeps the last ``log_limit`` calls (``None``: all of them).
+    ``doing`` is what this rank last started (a program sets ``"ShardedGradProgram at step
+    3"``), which the watchdog's report names beside the collective it timed out in.
     """
 
     def __init__(self, log_limit: int | None = 100_000):
+        self.doing = ""
         self._count = dict.fromkeys(KINDS, 0)
         self._bytes = dict.fromkeys(KINDS, 0)
         self._log: deque[CommRecord] = deque(maxlen=log_limit)
@@ -198,6 +201,18 @@ class Communicator(abc.ABC):
         """Wait until every member has called barrier (not counted in stats)."""
         self._begin("barrier", None)
         self._barrier()
+
+    def compare(self, record) -> np.ndarray:
+        """Every member's ``record`` (a 1-d int64 array, the same length on every member),
+        stacked in member order: (size, len). For consistency checks: numbered (``check #k``)
+        and watched like any collective, but not counted in :attr:`stats`, which count the
+        program's own communication."""
+        record = np.ascontiguousarray(record, dtype=np.int64)
+        if record.ndim != 1:
+            raise ValueError(format_error(self._where("compare"), "record", "a 1-d int64 array",
+                                          f"shape {record.shape}"))
+        self._begin("check", record)
+        return self._allgather(record, 0).reshape(self.size, record.size)
 
     def split(self, groups: Sequence[Sequence[int]]) -> Communicator:
         """The sub-communicator of the group holding this rank; groups (of world ranks)

@@ -69,6 +69,7 @@ class _Wait:
     since: float
     peers: tuple[int, ...]
     token: tuple | None = None
+    doing: str = ""          # what the rank last started (CommStats.doing)
 
 
 class _Message:
@@ -156,7 +157,7 @@ class _Universe:
             arrived = sorted({r} | {m for m in w.peers if w.token is not None and self.waits[m] is not None
                                     and self.waits[m].token == w.token})
             missing = [f"rank {m} ({self.state(m)})" for m in w.peers if m not in arrived]
-            return timeout_report("run_in_process", r, now - w.since, w.what, missing, arrived)
+            return timeout_report("run_in_process", r, now - w.since, w.what, missing, arrived, w.doing)
         return None
 
 
@@ -243,7 +244,7 @@ class InProcessCommunicator(Communicator):
         generation = rv.generation  # cannot advance before this member arrives
         what = describe(*self._op, rv.ranks)   # the public collective (kind may be its debug exchange)
         u.waits[self._world_rank] = _Wait(what, lambda: rv.generation == generation, time.monotonic(),
-                                          rv.ranks, (id(rv), generation))
+                                          rv.ranks, (id(rv), generation), self.stats.doing)
         try:
             rv.barrier.wait()
         except threading.BrokenBarrierError:
@@ -288,7 +289,8 @@ class InProcessCommunicator(Communicator):
     def _block_until(self, ready: Callable[[], bool], what: str, peer: int) -> None:
         """Wait on the p2p condition (held by the caller) until ready() or the run aborts."""
         u = self._u
-        u.waits[self._world_rank] = _Wait(what, lambda: not ready(), time.monotonic(), (peer,))
+        u.waits[self._world_rank] = _Wait(what, lambda: not ready(), time.monotonic(), (peer,),
+                                          doing=self.stats.doing)
         try:
             while not ready():
                 if u.aborted:

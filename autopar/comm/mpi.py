@@ -10,18 +10,21 @@ before the call and moved back after::
 ``world()`` is the entry point: the world communicator under ``mpiexec -n N`` (N > 1), a
 one-rank SelfCommunicator otherwise. Call it once per process and pass the result down; its
 CommStats and CommChecks are shared by every communicator split from it. With a watchdog
-(``CommChecks(watchdog_s=T)`` or ``AUTOPAR_COMM_WATCHDOG=T``) each call is issued
-non-blocking (``Iallreduce``, ``Isend``, ...) and polled by watchdog.MPIWatchdog; without,
-the blocking calls below run exactly as they are.
+(on by default: ``CommChecks.from_env``, ``AUTOPAR_COMM_WATCHDOG=T`` seconds, 0 for off)
+each call is issued non-blocking (``Iallreduce``, ``Isend``, ...) and polled by
+watchdog.MPIWatchdog; without, the blocking calls below run exactly as they are.
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import sys
 import threading
+import time
 import traceback
 import zlib
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -31,8 +34,11 @@ from .checks import CommChecks
 from .single import SelfCommunicator
 from .watchdog import MPIWatchdog
 
-# Variables the common launchers set in every process they start.
-_LAUNCHER_ENV = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
+# Variables the common launchers set in every process they start: MPICH's and Intel MPI's
+# Hydra (PMI_*), Open MPI (OMPI_COMM_WORLD_*), PMIx launchers (PMIX_RANK), MVAPICH (MV2_*).
+_SIZE_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+_RANK_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
+ABORT_GRACE_S = 0.5   # between printing a failing rank's traceback and aborting: the launcher forwards it
 
 
 def _mpi():
@@ -40,12 +46,57 @@ def _mpi():
     return MPI
 
 
+def _initialised_mpi():
+    """mpi4py's MPI module if this process imported it and MPI is running, else None
+    (never imports it: importing initialises MPI)."""
+    mod = sys.modules.get("mpi4py.MPI")
+    return mod if mod is not None and mod.Is_initialized() and not mod.Is_finalized() else None
+
+
+def start_mpi_or_exit(timeout_s: float | None):
+    """mpi4py's MPI module, initialising MPI. MPI_Init waits for every rank the launcher
+    started (MPICH's PMI barrier), so a rank that exited before it -- before
+    ``autopar.init()`` -- leaves this one waiting forever, holding the GIL. With a timeout,
+    faulthandler's C-level timer ends this process if MPI_Init has not returned by then,
+    dumping the stack (it ends in this function) to stderr; the launcher then ends the job."""
+    if timeout_s is None or _initialised_mpi() is not None:
+        return _mpi()
+    faulthandler.dump_traceback_later(timeout_s, exit=True)
+    try:
+        return _mpi()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
 def launched_under_mpi() -> bool:
     """True when an MPI launcher started this process (or MPI is already initialised)."""
-    if any(v in os.environ for v in _LAUNCHER_ENV):
+    if any(v in os.environ for v in _SIZE_ENV + _RANK_ENV):
         return True
-    mod = sys.modules.get("mpi4py.MPI")
-    return mod is not None and mod.Is_initialized()
+    return _initialised_mpi() is not None
+
+
+def launcher_size(environ: Mapping[str, str] | None = None) -> int | None:
+    """How many processes the MPI launcher started, without initialising MPI: MPI's own
+    count once it runs, else the launcher's environment (``environ``, default os.environ).
+    None when no launcher started this process, or it does not say."""
+    if environ is None:
+        running = _initialised_mpi()
+        if running is not None:
+            return running.COMM_WORLD.Get_size()
+        environ = os.environ
+    for name in _SIZE_ENV:
+        value = environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return None
+
+
+def _launcher_rank() -> str:
+    """This process's world rank as MPI or the launcher's environment says ('?' if neither)."""
+    running = _initialised_mpi()
+    if running is not None:
+        return str(running.COMM_WORLD.Get_rank())
+    return next((os.environ[v].strip() for v in _RANK_ENV if os.environ.get(v, "").strip().isdigit()), "?")
 
 
 def processor_name() -> str:
@@ -55,10 +106,11 @@ def processor_name() -> str:
 
 def world(checks: CommChecks | None = None) -> Communicator:
     """The world communicator: MPI's when launched with more than one rank, else one rank.
-    ``checks`` default: what ``AUTOPAR_COMM_WATCHDOG`` and ``AUTOPAR_COMM_DEBUG`` ask for."""
+    ``checks`` default: ``CommChecks.from_env()`` (the watchdog on, at DEFAULT_WATCHDOG_S
+    unless ``AUTOPAR_COMM_WATCHDOG`` says otherwise)."""
     checks = CommChecks.from_env() if checks is None else checks
     if launched_under_mpi():
-        comm = _mpi().COMM_WORLD
+        comm = start_mpi_or_exit(checks.watchdog_s).COMM_WORLD
         if comm.Get_size() > 1:
             return MPICommunicator(comm, CommStats(), checks=checks)
     return SelfCommunicator(CommStats(), checks)
@@ -107,7 +159,7 @@ class MPICommunicator(Communicator):
             getattr(self._comm, blocking)(*args, **kwargs)
         else:
             start = getattr(self._comm, "I" + blocking.lower())
-            self._watch.collective(lambda: start(*args, **kwargs), *self._op)
+            self._watch.collective(lambda: start(*args, **kwargs), *self._op, self.stats.doing)
 
     def _allreduce(self, x, op):
         out = np.empty(x.shape, x.dtype)
@@ -142,7 +194,8 @@ class MPICommunicator(Communicator):
             self._comm.Send(_contiguous(x), dest=dest, tag=tag)
             return
         buf = _contiguous(x)
-        self._watch.p2p(self._comm.Isend(buf, dest=dest, tag=tag), f"send to member {dest} (tag {tag})", dest)
+        self._watch.p2p(self._comm.Isend(buf, dest=dest, tag=tag), f"send to member {dest} (tag {tag})", dest,
+                        doing=self.stats.doing)
 
     def _recv(self, shape, dtype, source, tag):
         out = np.empty(shape, dtype)
@@ -151,7 +204,7 @@ class MPICommunicator(Communicator):
             self._comm.Recv(out, source=source, tag=tag, status=status)
         else:
             self._watch.p2p(self._comm.Irecv(out, source=source, tag=tag), f"recv from member {source} (tag {tag})",
-                            source, status)
+                            source, status, self.stats.doing)
         got = status.Get_count(self._byte)
         if got != out.nbytes:  # a longer message already failed in Recv (MPI_ERR_TRUNCATE)
             raise ValueError(format_error(self._where("recv"), "shape, dtype", f"{shape}, {dtype} ({out.nbytes} bytes)",
@@ -192,8 +245,12 @@ def _concat_leading(blocks: np.ndarray, axis: int) -> np.ndarray:
 def install_abort_handler() -> None:
     """Make an uncaught exception on any rank (main or other thread) end the whole MPI job.
 
-    The hook prints the rank and the traceback to stderr, then calls
-    ``MPI.COMM_WORLD.Abort(1)``; outside MPI it prints the traceback as Python would.
+    ``autopar.init()`` installs it under a launcher. The hook first prints the rank and the
+    traceback to stderr (the rank from the launcher's environment when MPI is not running
+    yet, so nothing can stop the print), waits ABORT_GRACE_S for the launcher to forward
+    it, then calls ``MPI.COMM_WORLD.Abort(1)``, initialising MPI if this rank failed before
+    it did (a rank that dies without MPI leaves the others waiting). Outside MPI it prints
+    the traceback as Python would.
     """
     sys.excepthook = _abort_hook
     threading.excepthook = _thread_abort_hook
@@ -204,15 +261,16 @@ def _abort_hook(exc_type, exc, tb) -> None:
         sys.__excepthook__(exc_type, exc, tb)
         return
     try:
-        MPI = _mpi()
-        rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+        rank, size = _launcher_rank(), launcher_size() or "?"
         text = "".join(traceback.format_exception(exc_type, exc, tb))
         lines = [f"autopar: uncaught {exc_type.__name__} on rank {rank} of {size}; aborting the MPI job"]
         lines += [f"[rank {rank}] {line}" for line in text.rstrip("\n").split("\n")]
         sys.stderr.write("\n".join(lines) + "\n")
         sys.stderr.flush()
-    finally:
+        time.sleep(ABORT_GRACE_S)
         _mpi().COMM_WORLD.Abort(1)
+    finally:
+        os._exit(1)   # MPICH's Abort may return before the launcher ends us: never resume the program
 
 
 def _thread_abort_hook(args) -> None:

@@ -3,7 +3,8 @@ channel through which each member learns who never arrived.
 
 With ``CommChecks(watchdog_s=T)`` every call on an MPICommunicator goes through here::
 
-    collective #k (kind)   1. Isend [k, kind] to every other member on a Dup of the communicator
+    (made once)            an Idup of the communicator, polled like the calls below
+    collective #k (kind)   1. Isend [k, kind] to every other member on that duplicate
                            2. Irecv the others' [k, kind] from them
                            3. start the non-blocking collective (Iallreduce, Ibcast, ...)
                            4. poll all of them until done, or until T seconds have passed
@@ -40,12 +41,26 @@ class MPIWatchdog:
     def __init__(self, MPI, comm, ranks: tuple[int, ...], timeout_s: float):
         self._MPI, self._ranks, self._timeout = MPI, ranks, timeout_s
         self._rank = comm.Get_rank()
-        self._side = comm.Dup()   # collective: made with the communicator, on every member
         self._others = [m for m in range(len(ranks)) if m != self._rank]
+        self._side = self._duplicate(comm)
 
-    def collective(self, start, kind: str, seq: int) -> None:
+    def _duplicate(self, comm):
+        """The side channel: a duplicate of ``comm``, made on every member (non-blocking and
+        polled, so that a member that never gets here -- died before ``autopar.init()`` --
+        stops the job instead of hanging it)."""
+        side, request = comm.Idup()
+        began = time.monotonic()
+        if not self._poll([request], began):
+            self._abort(timeout_report("autopar", self._ranks[self._rank], time.monotonic() - began,
+                                       f"creating the communicator of group {self._ranks} (MPI_Comm_idup)",
+                                       ["the members that never created it (exited, or stuck before "
+                                        "autopar.init() or the same split)"], [self._ranks[self._rank]]))
+        return side
+
+    def collective(self, start, kind: str, seq: int, doing: str = "") -> None:
         """Run ``start()`` (which issues the non-blocking collective #seq and returns its
-        request) and wait for it and for every member's arrival at it."""
+        request) and wait for it and for every member's arrival at it; ``doing`` (what this
+        rank last started) goes into the report."""
         mine = np.array([seq, COLLECTIVES.index(kind)], dtype=np.int64)
         sends = [self._side.Isend(mine, dest=m, tag=ARRIVAL_TAG) for m in self._others]
         theirs = {m: np.empty(2, dtype=np.int64) for m in self._others}
@@ -66,9 +81,9 @@ class MPIWatchdog:
             else:
                 arrived.append(self._ranks[m])
         self._abort(timeout_report("autopar", self._ranks[self._rank], time.monotonic() - began,
-                                   describe(kind, seq, self._ranks), missing, sorted(arrived)))
+                                   describe(kind, seq, self._ranks), missing, sorted(arrived), doing))
 
-    def p2p(self, request, what: str, peer: int, status=None) -> None:
+    def p2p(self, request, what: str, peer: int, status=None, doing: str = "") -> None:
         """Wait for a send or recv with member ``peer``; ``what`` names it."""
         began = time.monotonic()
         if self._poll([request], began, status):
@@ -76,7 +91,7 @@ class MPIWatchdog:
         self._abort(timeout_report("autopar", self._ranks[self._rank], time.monotonic() - began,
                                    f"{what} on group {self._ranks}",
                                    [f"rank {self._ranks[peer]} (has not made the matching call)"],
-                                   [self._ranks[self._rank]]))
+                                   [self._ranks[self._rank]], doing))
 
     def _poll(self, requests: list, began: float, status=None) -> bool:
         """Test until all requests complete (True) or the deadline passes (False)."""
