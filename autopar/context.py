@@ -30,11 +30,17 @@ Semantics worth knowing:
   on N > 1 ranks ``device_num`` and ``global_rank`` stay those of the world.
 * :func:`parallel_context` changes the process-wide value for a ``with`` block, for every
   thread; in-process virtual ranks get their rank from their communicator, not from here.
+* Safe by default under MPI: :func:`init` makes the world with the collective watchdog on
+  (``watchdog_s``, else ``AUTOPAR_COMM_WATCHDOG``, else 300 s; 0 turns it off) and installs
+  the abort handler (a rank's uncaught exception prints its traceback and ends the job).
+  A process an MPI launcher started among several that compiles a parallel program, or
+  saves a checkpoint, without :func:`init` is an error (:func:`require_init`): it would run
+  alone as rank 0.
 """
 from __future__ import annotations
 
 import contextvars
-
+import dataclasses
 import os
 import threading
 from contextlib import contextmanager
@@ -43,6 +49,8 @@ from typing import Iterator
 
 import numpy as np
 
+from . import comm
+from .comm.mpi import install_abort_handler, launcher_size
 from .errors import format_error
 
 
@@ -257,9 +265,8 @@ def parallel_context(**kwargs) -> Iterator[ParallelContext]:
             _STATE.context = previous
 
 
-def _world():
-    from . import comm
-    return comm.world()
+def _world(checks: comm.CommChecks):
+    return comm.world(checks)
 
 
 _BOUND_WORLD: contextvars.ContextVar = contextvars.ContextVar("autopar_world", default=None)
@@ -284,25 +291,45 @@ def current_world():
         return bound
     if _STATE.world is not None:
         return _STATE.world
-    from .comm import SelfCommunicator
-    return SelfCommunicator()
+    return comm.SelfCommunicator()
 
 
-def init(backend_name: str | None = None) -> None:
+def require_init(where: str) -> None:
+    """Raise when an MPI launcher started this process among several and it has neither
+    called :func:`init` nor been bound to a world (:func:`bound_world`, as in-process ranks
+    are): it would run alone as rank 0 -- no gradient sync, every rank writing rank 0's
+    files. Reads the launcher's environment; never initialises MPI. ``where`` names the
+    caller (``"save_checkpoint"``)."""
+    if _BOUND_WORLD.get() is not None or _STATE.world is not None:
+        return
+    n = launcher_size()
+    if n is not None and n > 1:
+        raise RuntimeError(format_error(
+            where, "autopar.init()", f"a call first (this process is one of the {n} that an MPI launcher such "
+            "as mpiexec started)", "none: this process would run alone as rank 0 of 1 (no gradient sync; "
+            "every rank writing rank 0's files)",
+            "call autopar.init() at the top of the script, before building and training the network"))
+
+
+def init(backend_name: str | None = None, *, watchdog_s: float | None = None) -> None:
     """Start communication (MindSpore's ``init``); idempotent.
 
     Under ``mpiexec -n N`` (N > 1) sets ``device_num = N`` and ``global_rank`` to the world
-    rank. Without ``mpiexec`` the world is one rank and the context is left as it is.
-    ``backend_name`` may be MindSpore's ``"hccl"``/``"nccl"``/``"mccl"`` or ``"mpi"``;
-    all of them mean MPI here.
+    rank, installs the abort handler (an uncaught exception on a rank prints its rank and
+    traceback and ends the job) and watches every collective: a rank that waits longer than
+    ``watchdog_s`` seconds (None: ``AUTOPAR_COMM_WATCHDOG``, else 300; 0: off) stops the
+    job, naming the ranks missing from the collective. Without ``mpiexec`` the world is one
+    rank and the context is left as it is. ``backend_name`` may be MindSpore's
+    ``"hccl"``/``"nccl"``/``"mccl"`` or ``"mpi"``; all of them mean MPI here.
     """
     if backend_name not in BACKENDS:
         raise ValueError(format_error("init", "backend_name", f"one of {BACKENDS}", repr(backend_name),
                                       "autopar communicates over MPI; pass None"))
+    checks = _checks(watchdog_s)
     with _STATE.lock:
         if _STATE.world is not None:
             return
-        world = _world()
+        world = _world(checks)
         context = _STATE.context
         if world.size > 1:
             if context.device_num not in (1, world.size):
@@ -314,8 +341,21 @@ def init(backend_name: str | None = None) -> None:
                     "init", "global_rank", f"{world.rank} (this process's MPI rank)",
                     str(context.global_rank), "do not set global_rank; init() sets it"))
             context = context.replace(device_num=world.size, global_rank=world.rank)
+            install_abort_handler()
         _STATE.context = context
         _STATE.world = world
+
+
+def _checks(watchdog_s) -> comm.CommChecks:
+    """The world's run-time checks: the environment's (comm.CommChecks.from_env), with
+    ``watchdog_s`` (seconds, 0: off) instead of AUTOPAR_COMM_WATCHDOG when given."""
+    checks = comm.CommChecks.from_env()
+    if watchdog_s is None:
+        return checks
+    if isinstance(watchdog_s, bool) or not isinstance(watchdog_s, (int, float)) or not 0 <= watchdog_s < float("inf"):
+        raise ValueError(format_error("init", "watchdog_s", "a finite number of seconds >= 0 (0: off), or None "
+                                      "for AUTOPAR_COMM_WATCHDOG or the default", repr(watchdog_s)))
+    return dataclasses.replace(checks, watchdog_s=watchdog_s or None)
 
 
 def get_rank() -> int:

@@ -26,9 +26,11 @@ class FakeWorld:
 
 
 def fake_mpiexec(monkeypatch, rank, size):
-    """Pretend mpiexec started ``size`` processes; returns the list of worlds init() made."""
+    """Pretend mpiexec started ``size`` processes; returns the list of worlds init() made.
+    (init() would install the abort handler over pytest's hooks: it is recorded instead.)"""
     made = []
-    monkeypatch.setattr(ctx_module, "_world", lambda: made.append(FakeWorld(rank, size)) or made[-1])
+    monkeypatch.setattr(ctx_module, "_world", lambda checks: made.append(FakeWorld(rank, size)) or made[-1])
+    monkeypatch.setattr(ctx_module, "install_abort_handler", lambda: None)
     return made
 
 
