@@ -10,6 +10,9 @@ from typing import Sequence
 
 import numpy as np
 
+from ..comm.consistency import MAX_FACTS, Fact, agree, digest
+from ..context import current_context, current_world, require_init
+from ..errors import format_error
 from .autodiff import differentiate
 from .program import Program
 from .trace import Traced, signature_key, trace
@@ -67,15 +70,72 @@ class GradProgram:
 
 def parallel_setting():
     """(mode, world, full_batch, context) when the context asks for sharded execution, else
-    None. Read once per compile, never in the step loop."""
-    from ..context import current_context, current_world
-    ctx, world = current_context(), current_world()
-    if ctx.parallel_mode == "stand_alone" or world.size == 1:
+    None. Read once per compile, never in the step loop.
+
+    A parallel mode is checked against the ranks running: under an MPI launcher without
+    ``autopar.init()`` it is an error (each process would train alone), and so is a
+    ``device_num`` other than the number of ranks (one process planning 4 devices would
+    train serially). Planning on paper needs no program (``python -m autopar.plan``)."""
+    ctx = current_context()
+    if ctx.parallel_mode == "stand_alone":
         return None
+    require_init(f"compiling a {ctx.parallel_mode} program")
+    world = current_world()
     if ctx.device_num not in (1, world.size):
-        raise ValueError(f"device_num: expected {world.size} (the ranks running), got {ctx.device_num}; "
-                         "call autopar.init() under mpiexec, or leave device_num unset")
+        n = ctx.device_num
+        raise ValueError(format_error(
+            "ParallelContext", "device_num", f"the number of ranks running ({world.size}, or 1 for 'as many as run')",
+            f"{n} with parallel_mode={ctx.parallel_mode!r}",
+            f"launch {n} processes (mpiexec -n {n} python script.py, calling autopar.init()), run {n} in-process "
+            f"ranks (autopar.comm.run_in_process({n}, fn) with autopar.context.bound_world), or set "
+            "parallel_mode='stand_alone' to train on one process; to plan without running, use "
+            "python -m autopar.plan"))
+    if world.size == 1:
+        return None
     return ctx.parallel_mode, world, ctx.loads_full_batch, ctx
+
+
+class ConsistencyCheck:
+    """The cross-rank agreement checks of one sharded or pipeline program
+    (:mod:`autopar.comm.consistency`), on every rank of ``world``.
+
+    At compile (construction): the model -- parameter names, shapes, dtypes -- and the
+    shapes of the fed arrays, on every rank. Then, at the first call and every
+    ``world.checks.check_interval``-th (every call in debug mode, never at 0): the step
+    counter on every rank, and each input among the ranks fed the same data of it
+    (``groups[k]``: ranks with the same group >= 0 must hold the same input k). Calls are
+    counted, not steps, so that every rank checks at the same call even when the step
+    counters differ. One all-gather of a few int64 per check."""
+
+    def __init__(self, program: str, world, params: Sequence, arrays: Sequence[np.ndarray]):
+        self.program, self.world = program, world
+        self.interval = world.checks.check_interval if world.size > 1 else 0
+        self.calls = 0
+        if not self.interval:
+            return
+        model = tuple(f"parameter {p.name} shape {tuple(p.shape)} {np.dtype(p.dtype)}" for p in params)
+        shapes = tuple(f"input {k} shape {a.shape} {a.dtype}" for k, a in enumerate(arrays))
+        agree(world, [
+            Fact("model", digest(*model), "the same parameters (names, shapes, dtypes) on every rank",
+                 "build the same network with the same config on every rank", items=model),
+            Fact("inputs", digest(*shapes), "the same number of arrays, shapes and dtypes fed to every rank",
+                 "feed every rank a batch of the same shape (its slice under data parallelism)", items=shapes),
+        ], f"{program} (consistency check at compile)")
+
+    def __call__(self, arrays: Sequence[np.ndarray], groups: Sequence[int], step: int) -> None:
+        calls, self.calls = self.calls, self.calls + 1
+        if not self.interval or calls % self.interval:
+            return
+        facts = [Fact("step counter", int(step), "the same step on every rank",
+                      "every rank must run the same steps: one ran more, or resumed from another checkpoint",
+                      literal=True)]
+        for k, (a, group) in enumerate(zip(arrays, groups)):
+            if len(facts) == MAX_FACTS:
+                break
+            facts.append(Fact(f"input {k}", digest(a), "the same data on the ranks that are fed the same batch "
+                              "(model-parallel peers, full_batch, pipeline stages of one replica)",
+                              "feed each rank its data from the same source, order and seed", group=group))
+        agree(self.world, facts, f"{self.program} (consistency check at call {calls})")
 
 
 def grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float = 1.0):

@@ -30,10 +30,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..comm.consistency import NO_GROUP
 from ..errors import format_error
 from ..ops.dropout import Dropout
 from ..ops.primitive import TensorSpec
 from .autodiff import differentiate
+from .compiled import ConsistencyCheck
 from .graph import FORWARD, Graph
 from .pipeline_dropout import MicroBatchDropout, MicroFeed, whole_batch_coords
 from .pipeline_grads import StageGradients, defer_reductions
@@ -70,6 +72,9 @@ class PipelineGradProgram:
                                           str(stages), "each stage needs the same number of ranks"))
         arrays = [a for a in args if isinstance(a, np.ndarray)]
         self.rows = _batch_rows(arrays, micro)
+        world.stats.doing = f"compiling {type(self).__name__}"     # named by the watchdog's reports
+        # before any collective: a rank with another model or batch shape would pair them wrongly
+        self.check = ConsistencyCheck(type(self).__name__, world, params, arrays)
         self.world, self.stages, self.micro = world, stages, micro
         self.schedule = make_schedule(schedule, stages, micro)
         n = self.ranks_per_stage = world.size // stages
@@ -111,6 +116,8 @@ class PipelineGradProgram:
         feed = MicroFeed(micro, self.rows, self.rows * scale // micro)
         self.step_plan = self._build_stage(wrt, sens, feed)
         self.program = StagePrograms(self.step_plan.forward + self.step_plan.backward)
+        self.input_groups = _feed_groups(len(arrays), self.step_plan.batch_inputs,
+                                         None if mode == "stand_alone" else 0 if feed_whole else self.position)
         self.last_step = None
         self.last_memory: StepMemory | None = None   # the last measured step's
 
@@ -202,6 +209,8 @@ class PipelineGradProgram:
     def __call__(self, args: tuple, kwargs: dict | None = None, step: int = 0):
         """(loss, this rank's gradient shards): the same call as ShardedGradProgram."""
         arrays = [a for a in args if isinstance(a, np.ndarray)]
+        self.world.stats.doing = f"{type(self).__name__} at step {step}"
+        self.check(arrays, self.input_groups, step)
         per = self.rows // self.micro
         micro_batches = [[a[k * per:(k + 1) * per] if a.ndim else a for a in arrays] for k in range(self.micro)]
         meter = self.program.meter
@@ -275,6 +284,15 @@ def _batch_rows(arrays: list[np.ndarray], micro: int) -> int:
         raise ValueError(format_error(WHERE, "micro_size", f"a divisor of the batch ({rows} rows fed to this "
                                       "rank along dim 0)", str(micro), f"use a micro_size dividing {rows}"))
     return rows
+
+
+def _feed_groups(n: int, read: Sequence[int], group: int | None) -> list[int]:
+    """Per fed array: the group of ranks that must hold the same data of it -- ``group`` (0:
+    every rank is fed the whole batch; the position in the stage: the replicas' slices) for
+    the arrays this stage reads, NO_GROUP (compared with no rank) for the others, and for
+    all when ``group`` is None (stand-alone: each rank trains on its own)."""
+    mine = set(read)
+    return [group if group is not None and k in mine else NO_GROUP for k in range(n)]
 
 
 def _spec(a, scale: int, micro: int):

@@ -11,10 +11,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..comm.consistency import NO_GROUP, digest
 from ..ops.primitive import TensorSpec
 from ..strategy.layout import Layout
 from ..strategy.mesh import Mesh
 from ..strategy.plan import make_plan
+from .compiled import ConsistencyCheck
 from .optimizer_parallel import SliceShard, WeightGather, slice_layouts, slice_of
 from .shards import global_norm, gather
 from .spmd import lower
@@ -34,6 +36,10 @@ class ShardedGradProgram:
         from .autodiff import differentiate
         from .program import Program
         from .trace import trace
+        world.stats.doing = f"compiling {type(self).__name__}"     # named by the watchdog's reports
+        # before any collective: a rank with another model or batch shape would pair them wrongly
+        self.check = ConsistencyCheck(type(self).__name__, world, params,
+                                      [a for a in args if isinstance(a, np.ndarray)])
         stage = Mesh((world.size,), ("devices",), tuple(range(world.size)))
         feed_whole = full_batch or mode == "stand_alone"
         global_args = tuple(a if feed_whole or not isinstance(a, np.ndarray) or a.ndim == 0
@@ -62,6 +68,7 @@ class ShardedGradProgram:
         self.shards = [s if lay is None else slice_of(s, lay) for s, lay in zip(self.param_shards, sliced)]
         self.layouts = [self.out_layouts[g] for g in grads]
         self.world = world
+        self.input_groups = [_feed_group(self.plan.layouts.get(v), world.rank) for v in graph.inputs if v is not None]
         for s in self.param_shards:       # the Parameter now reads through its shard
             if s.param._shard is None or s.param._shard[0] is not s:
                 s.param.attach_shard(s, world)
@@ -70,6 +77,8 @@ class ShardedGradProgram:
     def __call__(self, args: tuple, kwargs: dict | None = None, step: int = 0):
         """(loss, this rank's gradient shards); the same call as the serial GradProgram."""
         arrays = [a for a in args if isinstance(a, np.ndarray)]
+        self.world.stats.doing = f"{type(self).__name__} at step {step}"
+        self.check(arrays, self.input_groups, step)
         outs = self.program.run(arrays, step)
         return outs[0], outs[1:]
 
@@ -85,3 +94,9 @@ class ShardedGradProgram:
     def global_norm(self, grads: Sequence[np.ndarray]) -> float:
         """The gradients' global L2 norm, each element counted once across ranks."""
         return global_norm(zip(grads, self.layouts), self.world)
+
+
+def _feed_group(layout: Layout | None, rank: int) -> int:
+    """Ranks fed the same block of an input (the same group) must hold the same data; an
+    input the plan gives no layout is compared with no other rank."""
+    return NO_GROUP if layout is None else digest(layout.block_index(rank))
