@@ -359,10 +359,14 @@ def _checks(watchdog_s) -> comm.CommChecks:
 
 
 def get_rank() -> int:
-    """This process's world rank (0 before :func:`init`)."""
+    """This process's world rank (0 before :func:`init`; an error before it under a launcher
+    of several processes, where every rank would call itself 0)."""
+    require_init("get_rank")
     return 0 if _STATE.world is None else _STATE.world.rank
 
 
 def get_group_size() -> int:
-    """The number of world ranks (1 before :func:`init`)."""
+    """The number of world ranks (1 before :func:`init`; an error before it under a launcher
+    of several processes)."""
+    require_init("get_group_size")
     return 1 if _STATE.world is None else _STATE.world.size

@@ -168,6 +168,14 @@ def test_require_init_names_its_caller_and_passes_where_a_world_is_known(monkeyp
     require_init("save_checkpoint")
 
 
+def test_get_rank_under_a_launcher_without_init_is_an_error_not_rank_0(monkeypatch):
+    assert (autopar.get_rank(), autopar.get_group_size()) == (0, 1)    # no launcher: one process
+    monkeypatch.setenv("PMI_SIZE", "2")
+    for get in (autopar.get_rank, autopar.get_group_size):
+        with pytest.raises(RuntimeError, match=rf"^{get.__name__}: autopar.init\(\): expected a call first"):
+            get()
+
+
 def test_a_stand_alone_step_under_a_launcher_trains_as_asked(monkeypatch):
     monkeypatch.setenv("PMI_SIZE", "2")
     serial = float(trainer()(IDS))
@@ -366,6 +374,8 @@ CASES = {   # case: (stderr must match, most seconds from rank 1's fault to the 
     "raise": (TRACEBACK + r"(.|\n)*\[rank 1\] RuntimeError: deliberate failure on rank 1\n", 5),
     "raise_before_init": (TRACEBACK + r"(.|\n)*\[rank 1\] RuntimeError: deliberate failure on rank 1 before init\n",
                           5),
+    "raise_after_rank_0_left": (TRACEBACK + r"(.|\n)*\[rank 1\] RuntimeError: deliberate failure on rank 1 "
+                                r"before init\nTimeout \(0:00:03\)!\n(.|\n)*in _abort_hook", WATCHDOG_S + 5),
     "exit": (WATCHED, WATCHDOG_S + 5),
     "sleep": (WATCHED, WATCHDOG_S + 5),
     "os_exit": (r"", 5),     # the launcher kills every rank at once: nothing can print, the status is the rank's

@@ -16,19 +16,23 @@ sub-communicators together.
 
 * ``world()`` -- MPI's world communicator under ``mpiexec -n N`` (N > 1), else one rank;
 * ``run_in_process(n, fn, *args)`` -- n virtual ranks as threads, for tests and planning checks;
-* ``install_abort_handler()`` -- an uncaught exception on any rank ends the MPI job;
-* ``CommChecks(watchdog_s=..., debug=...)`` -- opt-in checks carried by a communicator: a
-  collective watchdog, and a debug mode comparing the collectives the members issue
-  (``world()`` reads ``AUTOPAR_COMM_WATCHDOG`` / ``AUTOPAR_COMM_DEBUG``); see checks.py.
+* ``install_abort_handler()`` -- an uncaught exception on any rank ends the MPI job
+  (``autopar.init()`` installs it under a launcher);
+* ``CommChecks(watchdog_s=..., debug=..., check_every=...)`` -- checks carried by a
+  communicator: a collective watchdog (on by default in an MPI world), a debug mode
+  comparing the collectives the members issue, and how often programs compare inputs and
+  step counters across ranks (``world()`` reads ``AUTOPAR_COMM_WATCHDOG``,
+  ``AUTOPAR_COMM_DEBUG``, ``AUTOPAR_CHECK_EVERY``); see checks.py and consistency.py.
 
 This package is the only place in autopar that imports mpi4py, and only when MPI is used.
 """
 from .base import CommRecord, CommStats, Communicator
 from .checks import CollectiveMismatchError, CollectiveTimeoutError, CommChecks
+from .consistency import RankDivergenceError
 from .inprocess import DeadlockError, RankAborted, run_in_process
 from .mpi import install_abort_handler, world
 from .single import SelfCommunicator
 
 __all__ = ["Communicator", "CommStats", "CommRecord", "run_in_process", "world", "install_abort_handler",
            "SelfCommunicator", "RankAborted", "CollectiveMismatchError", "DeadlockError", "CommChecks",
-           "CollectiveTimeoutError"]
+           "CollectiveTimeoutError", "RankDivergenceError"]

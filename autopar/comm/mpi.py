@@ -39,6 +39,7 @@ from .watchdog import MPIWatchdog
 _SIZE_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _RANK_ENV = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 ABORT_GRACE_S = 0.5   # between printing a failing rank's traceback and aborting: the launcher forwards it
+ABORT_INIT_S = 10.0   # the most a failing rank that had not started MPI waits in MPI_Init to abort the job
 
 
 def _mpi():
@@ -61,7 +62,10 @@ def start_mpi_or_exit(timeout_s: float | None):
     dumping the stack (it ends in this function) to stderr; the launcher then ends the job."""
     if timeout_s is None or _initialised_mpi() is not None:
         return _mpi()
-    faulthandler.dump_traceback_later(timeout_s, exit=True)
+    try:
+        faulthandler.dump_traceback_later(timeout_s, exit=True, file=sys.__stderr__)
+    except (OSError, ValueError, RuntimeError):   # no real stderr to dump to: start MPI unguarded
+        return _mpi()
     try:
         return _mpi()
     finally:
@@ -249,8 +253,10 @@ def install_abort_handler() -> None:
     traceback to stderr (the rank from the launcher's environment when MPI is not running
     yet, so nothing can stop the print), waits ABORT_GRACE_S for the launcher to forward
     it, then calls ``MPI.COMM_WORLD.Abort(1)``, initialising MPI if this rank failed before
-    it did (a rank that dies without MPI leaves the others waiting). Outside MPI it prints
-    the traceback as Python would.
+    it did (a rank that dies without MPI leaves the others waiting in MPI_Init; if one of
+    them already exited, MPI_Init cannot finish and the process ends after ABORT_INIT_S, or
+    the watchdog's timeout if shorter).
+    Outside MPI it prints the traceback as Python would.
     """
     sys.excepthook = _abort_hook
     threading.excepthook = _thread_abort_hook
@@ -268,9 +274,18 @@ def _abort_hook(exc_type, exc, tb) -> None:
         sys.stderr.write("\n".join(lines) + "\n")
         sys.stderr.flush()
         time.sleep(ABORT_GRACE_S)
-        _mpi().COMM_WORLD.Abort(1)
+        start_mpi_or_exit(_abort_init_timeout()).COMM_WORLD.Abort(1)
     finally:
         os._exit(1)   # MPICH's Abort may return before the launcher ends us: never resume the program
+
+
+def _abort_init_timeout() -> float:
+    """ABORT_INIT_S, or the watchdog's timeout (AUTOPAR_COMM_WATCHDOG) when shorter."""
+    try:
+        watchdog = CommChecks.from_env().watchdog_s
+    except ValueError:
+        watchdog = None
+    return min(ABORT_INIT_S, watchdog or ABORT_INIT_S)
 
 
 def _thread_abort_hook(args) -> None:

@@ -46,9 +46,11 @@ def fault(step: int) -> None:
 
 
 def main():
-    if CASE == "raise_before_init":     # the handler first, as the examples do, and a failure before init()
+    if CASE in ("raise_before_init", "raise_after_rank_0_left"):   # the handler first, as the examples do
         install_abort_handler()
-        if RANK == 1:
+        if RANK == 0 and CASE == "raise_after_rank_0_left":
+            sys.exit(0)                 # gone before MPI started: rank 1's MPI_Init can never finish
+        if RANK == 1:                   # a failure before init()
             print("armed", time.time(), flush=True)
             raise RuntimeError("deliberate failure on rank 1 before init")
     if CASE == "exit_before_init" and RANK == 1:   # no handler yet: a plain exit, MPI never started
