@@ -311,6 +311,22 @@ def test_a_different_model_size_is_named_by_its_first_differing_parameter():
                      r"float32 on rank 1; build the same network", texts[0]), texts[0]
 
 
+def test_a_batch_of_another_shape_is_named_at_compile_before_any_collective():
+    def body(comm):
+        with bound_world(comm), parallel_context(parallel_mode="semi_auto_parallel", device_num=2, full_batch=True):
+            train = trainer(CONFIG.replace(model_parallel=2))
+            try:
+                train(IDS[:3] if comm.rank == 1 else IDS)
+            except RankDivergenceError as err:
+                return str(err), comm.stats.snapshot()
+    (text, stats), other = run_in_process(2, body)
+    assert other == (text, stats) and stats == {"count": {}, "bytes": {}}   # none of the program's was issued
+    assert text == ("ShardedGradProgram (consistency check at compile): inputs: expected the same number of arrays, "
+                    "shapes and dtypes fed to every rank, got input 0 shape (4, 17) int32 on rank 0; input 0 shape "
+                    "(3, 17) int32 on rank 1; feed every rank a batch of the same shape (its slice under data "
+                    "parallelism)")
+
+
 @pytest.mark.parametrize("checks, caught_at", [
     (CommChecks(check_every=2), "call 2"),           # calls 0, 2, 4, ...: the change at call 1 goes unseen
     (CommChecks(check_every=2, debug=True), "call 1"),   # debug mode: every call
