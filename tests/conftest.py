@@ -17,3 +17,19 @@ from threadpoolctl import threadpool_limits  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 _BLAS_LIMIT = threadpool_limits(limits=1)   # held for the whole session
+
+
+import pytest  # noqa: E402
+
+from autopar import context as _context  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_parallel_context():
+    """Each test starts from the parallel context the previous one started from: a test that
+    enters ``parallel_context`` inside in-process ranks (threads) can leave the value of the
+    last rank to leave, which would change the next test's programs."""
+    before = _context.current_context()
+    yield
+    with _context._STATE.lock:
+        _context._STATE.context = before

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..comm.consistency import MAX_FACTS, Fact, agree, digest
+from ..comm.consistency import MAX_FACTS, NO_GROUP, Fact, agree, digest
 from ..context import current_context, current_world, require_init
 from ..errors import format_error
 from .autodiff import differentiate
@@ -24,9 +24,26 @@ def tensor_args(args: tuple, kwargs: dict) -> list[np.ndarray]:
     return [a for a in every if isinstance(a, np.ndarray)]
 
 
-def _normalize(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _normalize(args: tuple, kwargs: dict, where: str = "call") -> tuple[tuple, dict]:
+    """The call's arguments checked and with numpy scalars as 0-d arrays. An argument is an
+    array (a tensor input) or a static value the program is specialised on (None, a bool,
+    a number, a string); a list of ids or an empty batch is refused here, naming the
+    argument, rather than failing deep inside an op."""
+    named = [(f"argument {k}", a) for k, a in enumerate(args)] + [(f"argument {k!r}", v) for k, v in kwargs.items()]
+    for name, a in named:
+        _check_argument(where, name, a)
     conv = lambda a: np.asarray(a) if isinstance(a, np.generic) else a  # noqa: E731
     return tuple(conv(a) for a in args), {k: conv(v) for k, v in kwargs.items()}
+
+
+def _check_argument(where: str, name: str, a) -> None:
+    if isinstance(a, (list, tuple)):
+        raise TypeError(format_error(where, name, "a numpy array (or a static None/bool/number/str)",
+                                     f"a {type(a).__name__} of length {len(a)}",
+                                     "convert it first, e.g. np.asarray(ids, dtype=np.int32)"))
+    if isinstance(a, np.ndarray) and a.ndim and a.shape[0] == 0:
+        raise ValueError(format_error(where, name, "a batch of at least one row", f"shape {a.shape}",
+                                      "skip empty batches before calling the network"))
 
 
 def run_forward(cell, args: tuple, kwargs: dict):
@@ -34,7 +51,7 @@ def run_forward(cell, args: tuple, kwargs: dict):
     signature, sharded by the plan under operator-level parallelism (see
     :mod:`autopar.runtime.sharded_forward`; collective then: every rank calls it)."""
     from .sharded_forward import forward_program
-    args, kwargs = _normalize(args, kwargs)
+    args, kwargs = _normalize(args, kwargs, type(cell).__name__)
     return forward_program(cell, args, kwargs)(args, kwargs)
 
 
@@ -93,6 +110,12 @@ def parallel_setting():
     if world.size == 1:
         return None
     return ctx.parallel_mode, world, ctx.loads_full_batch, ctx
+
+
+def feed_group(layout, rank: int) -> int:
+    """Ranks fed the same block of an input (the same group) must hold the same data; an
+    input the plan gives no layout (None) is compared with no other rank."""
+    return NO_GROUP if layout is None else digest(layout.block_index(rank))
 
 
 class ConsistencyCheck:
@@ -169,7 +192,7 @@ def value_and_grad(cell, weights: Sequence | None = None, sens: float = 1.0):
     parameters of ``cell``.
     """
     def fn(*args, **kwargs):
-        args, kwargs = _normalize(args, kwargs)
+        args, kwargs = _normalize(args, kwargs, type(cell).__name__)
         params = list(weights) if weights is not None else cell.trainable_params()
         prog = grad_program(cell, args, kwargs, params, sens)
         if hasattr(prog, "gathered"):  # sharded: full gradients on every rank

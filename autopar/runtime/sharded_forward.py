@@ -28,11 +28,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..comm.consistency import NO_GROUP
 from ..ops.primitive import TensorSpec
 from ..strategy.layout import Layout
 from ..strategy.mesh import Mesh
 from ..strategy.plan import ShardingPlan, input_layout, make_plan
-from .compiled import parallel_setting, tensor_args
+from .compiled import ConsistencyCheck, feed_group, parallel_setting, tensor_args
 from .program import Program
 from .spmd import lower, settled
 from .trace import Traced, signature_key, trace
@@ -84,6 +85,9 @@ class ShardedForwardProgram:
             raise ValueError(f"ShardedForwardProgram: mode: expected one of {SHARDED_MODES}, got {mode!r}")
         self.world, self.rank = world, world.rank
         self.full_batch = full_batch
+        # before any collective: a rank with another model or batch shape would pair them wrongly
+        self.check = ConsistencyCheck(type(self).__name__, world, cell.trainable_params(),
+                                      tensor_args(args, kwargs))
         n = world.size
         stage = Mesh((n,), ("devices",), tuple(range(n)))
 
@@ -122,6 +126,10 @@ class ShardedForwardProgram:
             graph, graph.outputs, self.plan, self.rank, world, delivered)
         self.delivered = [self.out_layouts[v] for v in graph.outputs]
         self.program = Program(self.local_graph, self.local_graph.outputs)
+        # carried state (a KV cache) is this rank's own shard; every other input is compared
+        # among the ranks fed the same block of it (e.g. the prompt under model parallelism)
+        self.input_groups = [NO_GROUP if k in self.carried_inputs else feed_group(layouts.get(v), self.rank)
+                             for k, v in enumerate(graph.inputs) if v is not None]
         for s in self.local_graph.param_objs:   # the Parameter reads through its shard, as in training
             if s.param._shard is None or s.param._shard[0] is not s:
                 s.param.attach_shard(s, world)
@@ -148,7 +156,9 @@ class ShardedForwardProgram:
         return slots[arg]
 
     def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Outputs from the array inputs as this rank holds them: carried ones as local shards."""
+        """Outputs from the array inputs as this rank holds them: carried ones as local shards.
+        Checked across ranks at the first call and every few (``ConsistencyCheck``)."""
+        self.check(arrays, self.input_groups, 0)
         return self.program.run(list(arrays))
 
     def local_zeros(self, arg: int) -> np.ndarray:

@@ -11,14 +11,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..comm.consistency import NO_GROUP, digest
 from ..ops.primitive import TensorSpec
 from ..strategy.layout import Layout
 from ..strategy.mesh import Mesh
 from ..strategy.plan import make_plan
-from .compiled import ConsistencyCheck
+from .compiled import ConsistencyCheck, feed_group
 from .optimizer_parallel import SliceShard, WeightGather, slice_layouts, slice_of
-from .shards import global_norm, gather
+from .shards import gather, global_norm
 from .spmd import lower
 
 
@@ -68,7 +67,7 @@ class ShardedGradProgram:
         self.shards = [s if lay is None else slice_of(s, lay) for s, lay in zip(self.param_shards, sliced)]
         self.layouts = [self.out_layouts[g] for g in grads]
         self.world = world
-        self.input_groups = [_feed_group(self.plan.layouts.get(v), world.rank) for v in graph.inputs if v is not None]
+        self.input_groups = [feed_group(self.plan.layouts.get(v), world.rank) for v in graph.inputs if v is not None]
         for s in self.param_shards:       # the Parameter now reads through its shard
             if s.param._shard is None or s.param._shard[0] is not s:
                 s.param.attach_shard(s, world)
@@ -94,9 +93,3 @@ class ShardedGradProgram:
     def global_norm(self, grads: Sequence[np.ndarray]) -> float:
         """The gradients' global L2 norm, each element counted once across ranks."""
         return global_norm(zip(grads, self.layouts), self.world)
-
-
-def _feed_group(layout: Layout | None, rank: int) -> int:
-    """Ranks fed the same block of an input (the same group) must hold the same data; an
-    input the plan gives no layout is compared with no other rank."""
-    return NO_GROUP if layout is None else digest(layout.block_index(rank))
