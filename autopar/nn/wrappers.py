@@ -1,10 +1,15 @@
 """Training wrappers: a network with its loss, and one training step with an optimizer."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from ..errors import format_error
 from ..runtime.compiled import _normalize, grad_program
 from ..runtime.memory import MemoryMeter, training_memory
+from ..train.clip import global_norm, scale_
+from ..train.optimizers import Optimizer
 from .cell import Cell
 
 
@@ -22,6 +27,57 @@ class WithLossCell(Cell):
         return self._loss_fn(self._backbone(data), label)
 
 
+ON_NON_FINITE = ("skip", "raise")
+
+
+class TrainingDivergedError(FloatingPointError):
+    """Training cannot go on: the loss or the gradient norm was not finite for
+    ``max_consecutive_skips`` steps in a row (or once, with ``on_non_finite="raise"``)."""
+
+
+def overflow(loss, grad_norm: float) -> bool:
+    """True when the loss or the gradients' global norm is NaN or infinite: the step must
+    not update. One test for divergence and for the mixed-precision loss scale (a NaN or an
+    inf in any gradient makes the global norm non-finite)."""
+    return not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm)))
+
+
+def _check_args(optimizer, sens, clip_norm, on_non_finite, max_consecutive_skips) -> None:
+    where = "TrainOneStepCell"
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(format_error(where, "optimizer", "an autopar Optimizer (SGD, Adam, AdamWeightDecay, ...)",
+                                     type(optimizer).__name__,
+                                     "pass e.g. AdamWeightDecay(net.trainable_params(), 1e-4)"))
+    if isinstance(sens, bool) or not isinstance(sens, (int, float)) or not (math.isfinite(sens) and sens > 0):
+        raise ValueError(format_error(where, "sens", "a finite float > 0 (the loss gradient's seed)", repr(sens)))
+    if clip_norm is not None and (isinstance(clip_norm, bool) or not isinstance(clip_norm, (int, float))
+                                  or not (math.isfinite(clip_norm) and clip_norm > 0)):
+        raise ValueError(format_error(where, "clip_norm", "None or a finite float > 0", repr(clip_norm),
+                                      "PanGu-alpha clips at 1.0"))
+    if on_non_finite not in ON_NON_FINITE:
+        raise ValueError(format_error(where, "on_non_finite", f"one of {ON_NON_FINITE}", repr(on_non_finite)))
+    if (isinstance(max_consecutive_skips, bool) or not isinstance(max_consecutive_skips, int)
+            or max_consecutive_skips < 1):
+        raise ValueError(format_error(where, "max_consecutive_skips", "an int >= 1", repr(max_consecutive_skips)))
+
+
+def _check_params_of(network: Cell, params) -> None:
+    """Every parameter the optimizer updates must be a trainable parameter of ``network``
+    (the same object): the gradients are taken of the network's loss, so an optimizer built
+    over another network (even one with the same names) would train nothing."""
+    own = {id(p) for p in network.trainable_params()}
+    foreign = [p.name for p in params if id(p) not in own]
+    if foreign:
+        names = {p.name for p in network.trainable_params()}
+        same = " (same names, other Parameter objects: another instance of the model)" if all(
+            n in names for n in foreign) else ""
+        raise ValueError(format_error(
+            "TrainOneStepCell", "optimizer.params",
+            f"trainable parameters of the network ({type(network).__name__})",
+            f"{len(foreign)} that are not{same}: {foreign[:5]}{' ...' if len(foreign) > 5 else ''}",
+            "build the optimizer from this network: Optimizer(network.trainable_params(), ...)"))
+
+
 class TrainOneStepCell(Cell):
     """Calling it runs forward, backward and the optimizer; returns the loss.
 
@@ -31,19 +87,44 @@ class TrainOneStepCell(Cell):
     restored with its state) also seeds dropout, so a given step drops the same units on
     every run and after a resume. Under optimizer parallel the optimizer updates this
     rank's slices and the program then all-gathers them back into the weights.
+
+    Divergence (MindSpore's overflow check): every step computes the gradients' global norm
+    (collective and identical on every rank under a sharded or pipeline program, as is the
+    loss, which every rank receives whole). When the loss or the norm is NaN or infinite
+    (:func:`overflow`), the update is skipped: parameters, optimizer states and
+    ``step_count`` stay bit-for-bit as they were, as when MindSpore's loss-scale cell skips
+    the optimizer on overflow -- the learning-rate schedule and the dropout seed count
+    updates applied, so the next step retries the same step number on the next batch.
+    ``skipped_steps`` counts such steps, ``consecutive_skips`` those since the last update;
+    after ``max_consecutive_skips`` in a row (or at the first, with
+    ``on_non_finite="raise"``) a :class:`TrainingDivergedError` stops the job. A step whose
+    gradients are all exactly zero (a batch where every label is padding: loss 0) updates
+    nothing either (weight decay and momentum would otherwise move the weights on no data);
+    ``empty_steps`` counts those. ``last_step_skipped`` says whether the last call updated,
+    ``last_overflow`` whether it was for a non-finite value.
     """
 
     auto_prefix = False
     _memory_meter = None   # a MemoryMeter while measure_memory() is on
 
-    def __init__(self, network: Cell, optimizer, sens: float = 1.0, clip_norm: float | None = None):
+    def __init__(self, network: Cell, optimizer, sens: float = 1.0, clip_norm: float | None = None,
+                 on_non_finite: str = "skip", max_consecutive_skips: int = 10):
         super().__init__()
+        _check_args(optimizer, sens, clip_norm, on_non_finite, max_consecutive_skips)
+        _check_params_of(network, optimizer.params)
         self.network = network
         self.optimizer = optimizer
         self.sens = float(sens)
         self.clip_norm = clip_norm
+        self.on_non_finite = on_non_finite
+        self.max_consecutive_skips = max_consecutive_skips
         self.params = list(optimizer.params)   # the Parameters (the optimizer may hold shards)
         self.last_grad_norm: float | None = None
+        self.last_step_skipped = False
+        self.last_overflow = False
+        self.skipped_steps = 0       # non-finite steps skipped, in all
+        self.consecutive_skips = 0   # non-finite steps skipped since the last update
+        self.empty_steps = 0         # steps with all-zero gradients (no update)
         network.set_train(True)
 
     def build(self, *args, **kwargs):
@@ -57,25 +138,49 @@ class TrainOneStepCell(Cell):
         return prog
 
     def __call__(self, *args, **kwargs):
-        from ..train.clip import clip_by_global_norm, scale_
         args, kwargs = _normalize(args, kwargs)
         prog = self.build(*args, **kwargs)
-        if hasattr(prog, "shards"):   # sharded: this rank updates its shards
-            loss, grads = prog(args, kwargs, self.optimizer.step_count)
-            if self.clip_norm is not None:
-                norm = prog.global_norm(grads)
-                if norm > self.clip_norm:
-                    scale_(grads, self.clip_norm / norm)
-                self.last_grad_norm = norm
+        loss, grads = prog(args, kwargs, self.optimizer.step_count)
+        if hasattr(prog, "shards"):   # sharded: the norm over every rank's shards (collective)
+            norm = float(prog.global_norm(grads))
         else:
-            loss, grads = prog(args, kwargs, self.optimizer.step_count)
-            if self.clip_norm is not None:
-                grads, norm = clip_by_global_norm(grads, self.clip_norm)
-                self.last_grad_norm = float(norm)
-        self.optimizer.step(grads)
-        if hasattr(prog, "sync_weights"):   # optimizer parallel: all-gather the updated slices
-            prog.sync_weights()
+            norm = global_norm(grads)
+        self.last_grad_norm = norm
+        self.last_overflow = overflow(loss, norm)
+        self.last_step_skipped = self.last_overflow or norm == 0.0
+        if self.last_overflow:
+            self._skip(float(loss), norm)
+        elif norm == 0.0:
+            self.empty_steps += 1
+        else:
+            if self.clip_norm is not None and norm > self.clip_norm:
+                scale_(grads, self.clip_norm / norm)
+            self.optimizer.step(grads)
+            if hasattr(prog, "sync_weights"):   # optimizer parallel: all-gather the updated slices
+                prog.sync_weights()
+            self.consecutive_skips = 0
         return np.asarray(loss)
+
+    def _skip(self, loss: float, norm: float) -> None:
+        """Count a non-finite step (no update); stop the job when the limit is reached."""
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        if self.on_non_finite == "skip" and self.consecutive_skips < self.max_consecutive_skips:
+            return
+        step = self.optimizer.step_count
+        bad = [p.name for p in self.optimizer.params if not np.isfinite(p.data).all()]
+        weights = (f"non-finite weights on this rank: {bad[:5]}{' ...' if len(bad) > 5 else ''}" if bad
+                   else "every weight of this rank is finite")
+        if self.on_non_finite == "raise":
+            actual = f"loss {loss} and gradient norm {norm} (updates applied so far: {step}; {weights})"
+        else:
+            actual = (f"{self.consecutive_skips} consecutive steps with a non-finite loss or gradient norm, "
+                      f"updates skipped (last: loss {loss}, gradient norm {norm}; updates applied so far: {step}; "
+                      f"{weights})")
+        raise TrainingDivergedError(format_error(
+            "TrainOneStepCell", "loss and gradient norm", "finite values", actual,
+            "lower the learning rate, check the data (and the weights you loaded), or resume from the "
+            "last checkpoint"))
 
     def measure_memory(self, on: bool = True) -> TrainOneStepCell:
         """Measure live bytes in the steps from now on (off, the default, costs nothing)."""
