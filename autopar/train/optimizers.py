@@ -31,17 +31,29 @@ BLOCK_BYTES = 512 * 1024  # bytes of one parameter handed to _update at a time (
 
 
 def _check_float(where: str, arg: str, value, lo: float, hi: float | None = None,
-                 hi_open: bool = True) -> float:
-    """``value`` as a float in [lo, hi) (or [lo, hi] with ``hi_open=False``)."""
+                 hi_open: bool = True, lo_open: bool = False) -> float:
+    """``value`` as a float in [lo, hi) (``(lo`` with ``lo_open``, ``hi]`` with ``hi_open=False``)."""
     ok = isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and value >= lo
+    ok = ok and math.isfinite(value) and (value > lo if lo_open else value >= lo)
     if ok and hi is not None:
         ok = value < hi if hi_open else value <= hi
     if not ok:
-        expected = (f"a finite float >= {lo:g}" if hi is None
-                    else f"a float in [{lo:g}, {hi:g}{')' if hi_open else ']'}")
+        expected = (f"a finite float {'>' if lo_open else '>='} {lo:g}" if hi is None
+                    else f"a float in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}")
         raise ValueError(format_error(where, arg, expected, repr(value)))
     return float(value)
+
+
+def _param_list(where: str, params) -> list:
+    """``params`` as a non-empty list (a Cell or a bound method is a common slip)."""
+    if callable(params) or isinstance(params, (str, bytes)) or not hasattr(params, "__iter__"):
+        raise TypeError(format_error(where, "params", "an iterable of Parameters", type(params).__name__,
+                                     "pass net.trainable_params()"))
+    out = list(params)
+    if not out:
+        raise ValueError(format_error(where, "params", "at least one Parameter", "an empty list",
+                                      "pass net.trainable_params() of a network that has parameters"))
+    return out
 
 
 class Optimizer:
@@ -56,7 +68,7 @@ class Optimizer:
     def __init__(self, params, learning_rate, weight_decay: float = 0.0,
                  decay_filter: Callable[[Parameter], bool] | None = None):
         where = type(self).__name__
-        self.params: list[Parameter] = list(params)
+        self.params: list[Parameter] = _param_list(where, params)
         names: set[str] = set()
         for i, p in enumerate(self.params):
             if not isinstance(p, Parameter):
@@ -71,6 +83,9 @@ class Optimizer:
         else:
             self.learning_rate = _check_float(where, "learning_rate", learning_rate, 0.0)
         self.weight_decay = _check_float(where, "weight_decay", weight_decay, 0.0)
+        if decay_filter is not None and not callable(decay_filter):
+            raise TypeError(format_error(where, "decay_filter", "None or a function Parameter -> bool",
+                                         type(decay_filter).__name__))
         self.decay_flags: tuple[bool, ...] = tuple(
             True if decay_filter is None else bool(decay_filter(p)) for p in self.params)
         self.step_count = 0
@@ -245,9 +260,7 @@ class _AdamBase(Optimizer):
         where = type(self).__name__
         self.beta1 = _check_float(where, "beta1", beta1, 0.0, 1.0)
         self.beta2 = _check_float(where, "beta2", beta2, 0.0, 1.0)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
-            raise ValueError(format_error(where, "eps", "a finite float > 0", repr(eps)))
-        self.eps = float(eps)
+        self.eps = _check_float(where, "eps", eps, 0.0, lo_open=True)
 
     def _moments(self, g: np.ndarray, m: np.ndarray, v: np.ndarray, s: np.ndarray) -> None:
         """m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2   (``s`` is scratch)."""
