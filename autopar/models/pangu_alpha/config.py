@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
+from ..config_checks import (check_bool, check_choice, check_float, check_float_dtype, check_int,
+                             check_model_parallel, check_norm_epsilon, fail)
 
 LAYER_ORDERS = ("final_ln_then_query", "query_then_final_ln")
 
@@ -34,37 +35,32 @@ class PanguAlphaConfig:
     vocab_emb_dp: bool = True       # word table replicated (True) or split over vocabulary
 
     def __post_init__(self):
-        def bad(field, expected, fix=""):
-            msg = f"PanguAlphaConfig: {field}: expected {expected}, got {getattr(self, field)!r}"
-            raise ValueError(msg + (f"; {fix}" if fix else ""))
-        for f in ("vocab_size", "seq_length", "hidden_size", "num_heads", "ffn_hidden_size"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                bad(f, "a positive int")
-        if isinstance(self.num_layers, bool) or not isinstance(self.num_layers, int) or self.num_layers < 1:
-            bad("num_layers", "an int >= 1 (it counts the query layer)")
-        if self.hidden_size % self.num_heads:
-            bad("hidden_size", f"a multiple of num_heads={self.num_heads}")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            bad("dropout_rate", "a value in [0, 1)")
+        """Check every field (type, then range), then what the model assumes between them;
+        errors name the field (:mod:`autopar.models.config_checks`)."""
+        for f in ("vocab_size", "seq_length", "hidden_size", "num_heads", "ffn_hidden_size",
+                  "data_parallel", "model_parallel"):
+            check_int(self, f)
+        check_int(self, "num_layers", expected="an int >= 1 (it counts the query layer)")
         for f in ("eod_id", "pad_id"):
-            if not 0 <= getattr(self, f) < self.vocab_size:
-                bad(f, f"a token id in [0, {self.vocab_size})")
-        for f in ("compute_dtype", "param_dtype"):
-            if np.dtype(getattr(self, f)).kind != "f":
-                bad(f, "a float dtype name such as 'float32'")
-        if self.layer_order not in LAYER_ORDERS:
-            bad("layer_order", f"one of {LAYER_ORDERS}")
-        for f in ("data_parallel", "model_parallel"):
-            v = getattr(self, f)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                bad(f, "an int >= 1")
-        mp = self.model_parallel
-        if self.num_heads % mp or self.ffn_hidden_size % mp or self.hidden_size % mp:
-            bad("model_parallel", f"a divisor of num_heads={self.num_heads}, hidden_size={self.hidden_size} and "
-                f"ffn_hidden_size={self.ffn_hidden_size}")
-        if not self.vocab_emb_dp and self.vocab_size % mp:
-            bad("vocab_emb_dp", f"True, or a vocab_size divisible by model_parallel={mp}")
+            check_int(self, f, lo=0)
+        check_float(self, "dropout_rate", 0.0, 1.0)
+        check_float(self, "layernorm_epsilon", 0.0, lo_open=True)
+        check_float(self, "init_std", 0.0, lo_open=True)
+        check_bool(self, "eod_reset")
+        check_bool(self, "vocab_emb_dp")
+        check_float_dtype(self, "compute_dtype")
+        check_float_dtype(self, "param_dtype")
+        check_norm_epsilon(self, "layernorm_epsilon")
+        check_choice(self, "layer_order", LAYER_ORDERS)
+        if self.hidden_size % self.num_heads:
+            fail(self, "hidden_size", f"a multiple of num_heads={self.num_heads}")
+        for f in ("eod_id", "pad_id"):
+            if getattr(self, f) >= self.vocab_size:
+                fail(self, f, f"a token id in [0, {self.vocab_size}) (vocab_size={self.vocab_size})")
+        check_model_parallel(self, {"num_heads": self.num_heads, "hidden_size": self.hidden_size,
+                                    "ffn_hidden_size": self.ffn_hidden_size})
+        if not self.vocab_emb_dp and self.vocab_size % self.model_parallel:
+            fail(self, "vocab_emb_dp", f"True, or a vocab_size divisible by model_parallel={self.model_parallel}")
 
     @property
     def head_dim(self) -> int:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-import numpy as np
+from ..config_checks import (check_float, check_float_dtype, check_int, check_model_parallel, check_norm_epsilon,
+                             fail)
 
 # Yuan 2.0's released tokenizer has 135040 entries (the ``vocab_size`` of the public
 # Yuan2-2B/51B/102B configs, as far as we know; REFERENCE.md does not state it).
@@ -33,47 +34,46 @@ class YuanConfig:
     layers_per_stage: tuple[int, ...] | None = None
 
     def __post_init__(self):
-        def bad(field, expected, fix=""):
-            msg = f"YuanConfig: {field}: expected {expected}, got {getattr(self, field)!r}"
-            raise ValueError(msg + (f"; {fix}" if fix else ""))
-
-        def positive_int(v):
-            return not isinstance(v, bool) and isinstance(v, int) and v >= 1
-
+        """Check every field (type, then range), then what the model assumes between them;
+        errors name the field (:mod:`autopar.models.config_checks`)."""
+        for f in ("vocab_size", "seq_length", "hidden_size", "num_layers", "num_heads", "data_parallel",
+                  "model_parallel"):
+            check_int(self, f)
         if self.ffn_hidden_size is None:
             object.__setattr__(self, "ffn_hidden_size", 4 * self.hidden_size)
-        for f in ("vocab_size", "seq_length", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size",
-                  "data_parallel", "model_parallel"):
-            if not positive_int(getattr(self, f)):
-                bad(f, "a positive int")
+        check_int(self, "ffn_hidden_size", expected="a positive int, or None for 4 * hidden_size")
+        check_int(self, "pad_id", lo=0)
+        check_float(self, "rms_eps", 0.0, lo_open=True)
+        check_float(self, "rotary_base", 1.0, lo_open=True,
+                    expected="a finite float > 1 (RoPE's base; Yuan 2.0 uses 10000)")
+        check_float(self, "init_std", 0.0, lo_open=True)
+        check_float_dtype(self, "compute_dtype")
+        check_float_dtype(self, "param_dtype")
+        check_norm_epsilon(self, "rms_eps")
         if self.hidden_size % self.num_heads:
-            bad("hidden_size", f"a multiple of num_heads={self.num_heads}")
+            fail(self, "hidden_size", f"a multiple of num_heads={self.num_heads}")
         if self.hidden_size % 2:
-            bad("hidden_size", "an even number (the LFA convolutions go H -> H/2 -> H)")
+            fail(self, "hidden_size", "an even number (the LFA convolutions go H -> H/2 -> H)")
         if self.head_dim % 2:
-            bad("num_heads", f"a divisor of hidden_size={self.hidden_size} leaving an even head_dim "
-                "(rotary embeddings rotate pairs)")
-        if not self.rms_eps > 0:
-            bad("rms_eps", "a positive float")
-        if not self.rotary_base > 0:
-            bad("rotary_base", "a positive float")
-        if not 0 <= self.pad_id < self.vocab_size:
-            bad("pad_id", f"a token id in [0, {self.vocab_size})")
-        for f in ("compute_dtype", "param_dtype"):
-            if np.dtype(getattr(self, f)).kind != "f":
-                bad(f, "a float dtype name such as 'float32'")
-        mp = self.model_parallel
-        if self.num_heads % mp or self.ffn_hidden_size % mp or self.vocab_size % mp:
-            bad("model_parallel", f"a divisor of num_heads={self.num_heads}, ffn_hidden_size="
-                f"{self.ffn_hidden_size} and vocab_size={self.vocab_size}")
-        if self.layers_per_stage is not None:
-            stages = self.layers_per_stage
-            if not isinstance(stages, tuple) or not stages or not all(positive_int(n) for n in stages):
-                bad("layers_per_stage", "None or a non-empty tuple of positive ints",
-                    "pass e.g. layers_per_stage=(2, 3, 3, 2)")
-            if sum(stages) != self.num_layers:
-                bad("layers_per_stage", f"layer counts summing to num_layers={self.num_layers} "
-                    f"(they sum to {sum(stages)})")
+            fail(self, "num_heads", f"a divisor of hidden_size={self.hidden_size} leaving an even head_dim "
+                 "(rotary embeddings rotate pairs)")
+        if self.pad_id >= self.vocab_size:
+            fail(self, "pad_id", f"a token id in [0, {self.vocab_size}) (vocab_size={self.vocab_size})")
+        check_model_parallel(self, {"num_heads": self.num_heads, "ffn_hidden_size": self.ffn_hidden_size,
+                                    "vocab_size": self.vocab_size})
+        self._check_stages()
+
+    def _check_stages(self) -> None:
+        stages = self.layers_per_stage
+        if stages is None:
+            return
+        if not isinstance(stages, tuple) or not stages or not all(
+                not isinstance(n, bool) and isinstance(n, int) and n >= 1 for n in stages):
+            fail(self, "layers_per_stage", "None or a non-empty tuple of positive ints",
+                 "pass e.g. layers_per_stage=(2, 3, 3, 2)")
+        if sum(stages) != self.num_layers:
+            fail(self, "layers_per_stage", f"layer counts summing to num_layers={self.num_layers} "
+                 f"(they sum to {sum(stages)})")
 
     @property
     def head_dim(self) -> int:
