@@ -5,11 +5,16 @@ clear error; an all-padding batch has loss 0 and updates nothing (serial, dp2, p
 an optimizer over another network's parameters is an error."""
 from __future__ import annotations
 
+import re
+import sys
+
 import numpy as np
 import pytest
+from test_comm_mpi_launch import MPIEXEC, launch
 
 from autopar import nn
 from autopar.comm import run_in_process
+from autopar.comm.mpi import launched_under_mpi
 from autopar.context import bound_world, parallel_context
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.nn.wrappers import TrainingDivergedError, overflow
@@ -290,3 +295,53 @@ def test_the_optimizer_must_be_an_optimizer():
     net = nn.WithLossCell(nn.Dense(2, 2), nn.SoftmaxCrossEntropyWithLogits())
     with pytest.raises(TypeError, match=r"TrainOneStepCell: optimizer: expected an autopar Optimizer .*got list"):
         nn.TrainOneStepCell(net, net.trainable_params())
+
+
+MPI_SCRIPT = """
+import hashlib
+import numpy as np
+from autopar import nn
+from autopar.comm import world
+from autopar.context import bound_world, parallel_context
+from autopar.nn.wrappers import TrainingDivergedError
+from autopar.train import Adam
+
+comm = world()
+x = np.random.default_rng(0).standard_normal((4, 4))
+y = np.array([0, 3, 5, 7], np.int32)
+rows = slice(2 * comm.rank, 2 * comm.rank + 2)
+with bound_world(comm), parallel_context(parallel_mode="data_parallel", device_num=2,
+                                         enable_parallel_optimizer=True, parallel_optimizer_threshold=0):
+    net = nn.WithLossCell(nn.Dense(4, 8, param_dtype="float64"), nn.SoftmaxCrossEntropyWithLogits())
+    train = nn.TrainOneStepCell(net, Adam(net.trainable_params(), 0.1), max_consecutive_skips=3)
+    train(x[rows], y[rows])
+    bad = x[rows].copy()
+    if comm.rank == 0:
+        bad[0, 0] = np.nan          # rank 0's rows only
+    calls = 0
+    try:
+        for calls in range(1, 10):
+            train(bad, y[rows])
+    except TrainingDivergedError as err:
+        message = str(err)
+    digest = hashlib.sha256(b"".join(p.asnumpy().tobytes() for p in net.trainable_params())).hexdigest()[:16]
+    print(f"rank {comm.rank}: stopped at call {calls}, skipped {train.skipped_steps}, "
+          f"steps {train.optimizer.step_count}, weights {digest}", flush=True)
+    if comm.rank == 1:
+        print(message, flush=True)
+"""
+
+
+@pytest.mark.skipif(MPIEXEC is None or launched_under_mpi(), reason="needs mpiexec (and not to run under it)")
+def test_nan_on_one_mpi_rank_skips_on_both_and_stops_both_after_k(tmp_path):
+    """Real mpiexec -n 2, dp2 with optimizer parallel: both ranks skip the same steps (no
+    rank left waiting in the weight all-gather) and stop at the same call, weights equal."""
+    script = tmp_path / "diverge.py"
+    script.write_text(MPI_SCRIPT)
+    rc, out, err, elapsed = launch([sys.executable, str(script)], timeout=60)
+    assert rc == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    lines = sorted(re.findall(r"rank (\d): (stopped at call 3, skipped 3, steps 1, weights \w+)", out))
+    assert [r for r, _ in lines] == ["0", "1"], out
+    assert lines[0][1] == lines[1][1], out                  # the same weights on both ranks
+    assert "3 consecutive steps with a non-finite loss or gradient norm" in out, out
+    assert elapsed < 30, elapsed
