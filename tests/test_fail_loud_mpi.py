@@ -141,8 +141,8 @@ def test_launcher_size_is_read_without_starting_mpi():
     assert mpi_module.launcher_size({"MV2_COMM_WORLD_SIZE": "8"}) == 8
 
 
-@pytest.mark.parametrize("mode", ["data_parallel", "semi_auto_parallel", "auto_parallel"])
-def test_a_parallel_step_under_a_launcher_without_init_says_to_call_it(monkeypatch, mode):
+@pytest.mark.parametrize("mode", ["stand_alone", "data_parallel", "semi_auto_parallel", "auto_parallel"])
+def test_a_step_under_a_launcher_without_init_says_to_call_it(monkeypatch, mode):
     monkeypatch.setenv("PMI_SIZE", "2")
     monkeypatch.setenv("PMI_RANK", "0")
     train = trainer()
@@ -176,11 +176,13 @@ def test_get_rank_under_a_launcher_without_init_is_an_error_not_rank_0(monkeypat
             get()
 
 
-def test_a_stand_alone_step_under_a_launcher_trains_as_asked(monkeypatch):
+def test_a_script_that_binds_a_one_rank_world_under_a_launcher_trains_serially(monkeypatch):
+    """Each rank training alone on purpose (a serial reference under mpiexec) says so."""
     monkeypatch.setenv("PMI_SIZE", "2")
-    serial = float(trainer()(IDS))
+    with bound_world(SelfCommunicator()):
+        alone = float(trainer()(IDS))
     monkeypatch.delenv("PMI_SIZE")
-    assert serial == float(trainer()(IDS))
+    assert alone == float(trainer()(IDS))
 
 
 # ---- 3. device_num and strategies checked against the ranks running --------------------------

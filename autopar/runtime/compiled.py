@@ -89,14 +89,15 @@ def parallel_setting():
     """(mode, world, full_batch, context) when the context asks for sharded execution, else
     None. Read once per compile, never in the step loop.
 
-    A parallel mode is checked against the ranks running: under an MPI launcher without
-    ``autopar.init()`` it is an error (each process would train alone), and so is a
-    ``device_num`` other than the number of ranks (one process planning 4 devices would
-    train serially). Planning on paper needs no program (``python -m autopar.plan``)."""
+    Under an MPI launcher without ``autopar.init()`` any program is an error, stand-alone
+    too (each process would train alone, silently; a script that means it binds a one-rank
+    world: ``bound_world(SelfCommunicator())``). A parallel mode is checked against the
+    ranks running: a ``device_num`` other than the number of ranks is an error too (one
+    process planning 4 devices would train serially). Planning on paper needs no program (``python -m autopar.plan``)."""
     ctx = current_context()
+    require_init(f"compiling a {ctx.parallel_mode} program")
     if ctx.parallel_mode == "stand_alone":
         return None
-    require_init(f"compiling a {ctx.parallel_mode} program")
     world = current_world()
     if ctx.device_num not in (1, world.size):
         n = ctx.device_num
