@@ -6,5 +6,5 @@ from .lm_loss import NextTokenLoss
 from .loss import SoftmaxCrossEntropyWithLogits
 from .parameter import Parameter
 from .pipeline import PipelineCell, set_pipeline_stages
-from .wrappers import TrainOneStepCell, WithLossCell
+from .wrappers import TrainingDivergedError, TrainOneStepCell, WithLossCell, overflow
 from ..train.optimizers import SGD, Adam, AdamWeightDecay, Optimizer  # MindSpore keeps optimizers in nn

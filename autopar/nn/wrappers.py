@@ -130,7 +130,7 @@ class TrainOneStepCell(Cell):
     def build(self, *args, **kwargs):
         """Compile the training program for these inputs and give the optimizer this rank's
         shards, without taking a step (MindSpore's ``model.build``); returns the program."""
-        args, kwargs = _normalize(args, kwargs)
+        args, kwargs = _normalize(args, kwargs, type(self.network).__name__)
         prog = grad_program(self.network, args, kwargs, self.params, self.sens)
         prog.program.meter = self._memory_meter
         if hasattr(prog, "shards") and self.optimizer.params != prog.shards:
@@ -138,7 +138,7 @@ class TrainOneStepCell(Cell):
         return prog
 
     def __call__(self, *args, **kwargs):
-        args, kwargs = _normalize(args, kwargs)
+        args, kwargs = _normalize(args, kwargs, type(self.network).__name__)
         prog = self.build(*args, **kwargs)
         loss, grads = prog(args, kwargs, self.optimizer.step_count)
         if hasattr(prog, "shards"):   # sharded: the norm over every rank's shards (collective)
