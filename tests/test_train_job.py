@@ -10,11 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from autopar.models.pangu_alpha import PanguAlphaConfig
 from test_comm_mpi_launch import MPIEXEC, ROOT
 
 EXAMPLES = ROOT / "examples" / "pangu_alpha"
 SCRIPT = str(EXAMPLES / "train.py")
 DATA_FLAGS = ["--vocab-size", "4000", "--max-docs", "1500"]
+DROPOUT = ["--dropout", "0.1"]          # on, so that equal losses show each step's dropout is the same
 needs_mpi = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec")
 
 
@@ -28,7 +30,7 @@ def run(out: Path, data: Path, launcher: list[str], extra: list[str]) -> dict:
     losses = out.with_suffix(".json")
     cmd = launcher + [sys.executable, SCRIPT, "--data", str(data), *DATA_FLAGS, "--steps", "3", "--batch", "4",
                       "--eval-every", "100", "--eval-batches", "1", "--out", str(out), "--losses-out", str(losses),
-                      *extra]
+                      *DROPOUT, *extra]
     proc = launch(cmd)
     assert proc.returncode == 0, f"{cmd}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     assert "->" in proc.stdout  # the generated continuation is printed
@@ -62,7 +64,9 @@ def test_job_losses_equal_serially_and_over_two_ranks(data, serial):
     dp2 = run(data.parent / "dp2", data, [MPIEXEC, "-n", "2"], [])
     mp2 = run(data.parent / "mp2", data, [MPIEXEC, "-n", "2"], ["--mp", "2"])
     assert len(serial["losses"]) == 3 and serial["losses"][0] > 5.0
-    assert serial["mfu"] > 0 and serial["tokens_per_s"] > 0
+    assert 0 < serial["mfu"] <= 1 and serial["mfu_valid"] and serial["tokens_per_s"] > 0
+    assert serial["peak_source"].startswith("float32 GEMM measured at start: 512x96x384, 512x96x4000, 2048x2048x2048")
+    assert serial["skipped_steps"] == serial["empty_steps"] == 0
     for other in (dp2, mp2):
         np.testing.assert_allclose(other["losses"], serial["losses"], rtol=1e-5)
         np.testing.assert_allclose([v for _, v in other["evals"]], [v for _, v in serial["evals"]], rtol=1e-5)
@@ -87,10 +91,40 @@ def test_resume_errors_name_the_checkpoint_and_the_mismatch(data, serial, tmp_pa
     err = fails("train.py", ["--data", str(data), "--resume", str(tmp_path / "none"), "--out", str(tmp_path)])
     assert "--resume" in err and "checkpoint" in err and "train without --resume first" in err
     ckpt = str(data.parent / "serial" / "checkpoint")
-    err = fails("train.py", ["--data", str(data), "--resume", ckpt, "--steps", "3", "--out", str(tmp_path)])
+    err = fails("train.py", ["--data", str(data), "--resume", ckpt, "--steps", "3", "--out", str(tmp_path),
+                             *DROPOUT])
     assert "--steps: expected more than the checkpoint's 3 steps" in err
     err = fails("train.py", ["--data", str(data), "--resume", ckpt, "--preset", "tiny", "--out", str(tmp_path)])
-    assert "model config" in err and "hidden_size=256 (now 32)" in err
+    assert "model config" in err and "hidden_size=96 (now 32)" in err
+
+
+def test_overwrite_replaces_the_checkpoint_in_out(data, serial, tmp_path):
+    """A finished run's folder (3 steps) trained again with --overwrite: the checkpoint is the
+    new run's (1 step), not refused and not mixed with the old one."""
+    out = tmp_path / "again"
+    shutil.copytree(data.parent / "serial", out)
+    run(out, data, [], ["--steps", "1", "--overwrite"])
+    manifest = json.loads((out / "checkpoint" / "manifest.json").read_text())
+    assert manifest["step"] == 1 and manifest["extra"]["loader"]["step"] == 1
+
+
+def test_a_diverging_run_stops_naming_the_skips_and_the_last_checkpoint(data, tmp_path):
+    """lr 1e30: after two updates the weights are so large that every later step's loss is
+    non-finite; the trainer skips 10 updates in a row and stops, and the job names the last
+    checkpoint: saved at step 11, it holds the 2 updates and counts the 9 skips, so a resume
+    continues at step 11 with 2 updates applied."""
+    out = tmp_path / "diverged"
+    proc = launch([sys.executable, SCRIPT, "--data", str(data), *DATA_FLAGS, "--steps", "30", "--batch", "4",
+                   "--lr", "1e30", "--eval-every", "100", "--eval-batches", "1", "--save-every", "1",
+                   "--out", str(out)])
+    assert proc.returncode != 0
+    assert (f"training diverged (below); the last checkpoint (weights from before the skipped steps) is "
+            f"{out / 'checkpoint'}") in proc.stderr
+    assert "10 consecutive steps with a non-finite loss or gradient norm, updates skipped" in proc.stderr
+    manifest = json.loads((out / "checkpoint" / "manifest.json").read_text())
+    from job import Resume
+    resume = Resume.read(out / "checkpoint", PanguAlphaConfig(**manifest["extra"]["config"]))
+    assert (resume.step, resume.updates, resume.skipped_steps, resume.empty_steps) == (11, 2, 9, 0)
 
 
 def test_an_unknown_preset_is_an_error_before_anything_is_made(tmp_path):

