@@ -5,6 +5,7 @@ with the same shapes only run the program.
 """
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from typing import Sequence
 
@@ -113,6 +114,26 @@ def parallel_setting():
     return ctx.parallel_mode, world, ctx.loads_full_batch, ctx
 
 
+def setting_key(setting) -> tuple | None:
+    """What of the parallel setting a compiled program depends on, as a hashable value for
+    the compile cache: the whole context (every field may change the plan: search mode,
+    optimizer parallel, dataset strategy, strategy files, ...), the world it runs on, and
+    the loaded strategy file's size and modification time (a file rewritten under the same
+    name is another plan). None for a serial program."""
+    if setting is None:
+        return None
+    _, world, _, ctx = setting
+    return ctx, id(world), _file_stamp(ctx.strategy_ckpt_load_file)
+
+
+def _file_stamp(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path) if path else None
+    except FileNotFoundError:
+        return None
+    return st and (st.st_size, st.st_mtime_ns)
+
+
 def feed_group(layout, rank: int) -> int:
     """Ranks fed the same block of an input (the same group) must hold the same data; an
     input the plan gives no layout (None) is compared with no other rank."""
@@ -168,8 +189,7 @@ def grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float 
     PipelineCell or ``pipeline_stages > 1``."""
     from .pipeline_program import pipeline_grad_program, pipelined
     setting = parallel_setting()
-    key = ("grad", cell.training, sens, tuple(id(p) for p in params), setting and setting[0],
-           setting and id(setting[1]), setting and setting[3].pipeline_stages) + signature_key(args, kwargs)
+    key = ("grad", cell.training, sens, tuple(id(p) for p in params), setting_key(setting)) + signature_key(args, kwargs)
     prog = cell._compiled.get(key)
     if prog is None:
         if pipelined(cell, setting):   # micro-batches, stages: see autopar/runtime/pipeline_program.py

@@ -33,7 +33,7 @@ from ..ops.primitive import TensorSpec
 from ..strategy.layout import Layout
 from ..strategy.mesh import Mesh
 from ..strategy.plan import ShardingPlan, input_layout, make_plan
-from .compiled import ConsistencyCheck, feed_group, parallel_setting, tensor_args
+from .compiled import ConsistencyCheck, feed_group, parallel_setting, setting_key, tensor_args
 from .program import Program
 from .spmd import lower, settled
 from .trace import Traced, signature_key, trace
@@ -185,7 +185,7 @@ def forward_program(cell, args: tuple, kwargs: dict, carry: dict[int, int] | Non
     setting = parallel_setting()
     sharded = setting is not None and setting[0] in SHARDED_MODES
     carry_key = tuple(sorted((carry or {}).items()))
-    key = ("forward", cell.training, sharded and id(setting[1]), carry_key) + signature_key(args, kwargs)
+    key = ("forward", cell.training, sharded and setting_key(setting), carry_key) + signature_key(args, kwargs)
     prog = cell._compiled.get(key)
     if prog is None:
         if sharded:
