@@ -96,7 +96,7 @@ def test_the_probe_times_the_models_own_gemms_and_a_large_square_one():
 
 
 def test_a_named_profile_gives_its_calibrated_rate():
-    peak = profile_peak("cpu-2core", "float32")
+    peak = profile_peak(load_profile("cpu-2core"), "float32")
     assert peak.flops == load_profile("cpu-2core").gemm_rate("float32")
     assert peak.source.startswith("machine profile cpu-2core: measured by autopar.calibrate")
 
@@ -107,3 +107,13 @@ def test_an_mfu_above_100_percent_is_reported_as_invalid_not_as_a_utilisation():
     text, ok = mfu_report(1.094, 2, peak)
     assert not ok and text.startswith("MFU INVALID: 109.4% of 2 x 100 GFLOP/s (probe) is above 100%")
     assert "python -m autopar.calibrate" in text and "--profile" in text
+
+
+def test_an_unknown_profile_is_an_error_before_any_work(tmp_path):
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "train.py"), "--profile", "nosuch", "--out",
+                           str(tmp_path / "run"), "--data", str(tmp_path / "data")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("train.py: error: load_profile: no profile named 'nosuch'; shipped profiles: [")
+    assert list(tmp_path.iterdir()) == []                               # no data prepared, nothing written

@@ -28,7 +28,7 @@ from autopar.models.pangu_alpha import PanguAlphaConfig, random_order
 from autopar.models.pangu_alpha.config import PRESETS
 from autopar.models.pangu_alpha.tokenizer import PanguTokenizer
 from autopar.strategy.cost import transformer_training_flops
-from autopar.strategy.profile import load_profile
+from autopar.strategy.profile import MachineProfile
 from autopar.train import WarmUpCosineDecayLR
 from autopar.train.checkpoint import read_manifest
 
@@ -217,10 +217,9 @@ def measure_peak(world, shapes, dtype: str = "float32", repeats: int = PROBE_REP
                 f"(min {rates.min() / 1e9:.3g}, max {rates.max() / 1e9:.3g} GFLOP/s)")
 
 
-def profile_peak(name: str, dtype: str) -> Peak:
+def profile_peak(profile: MachineProfile, dtype: str) -> Peak:
     """The GEMM rate of a calibrated machine profile (``python -m autopar.calibrate``)."""
-    profile = load_profile(name)
-    return Peak(profile.gemm_rate(dtype), f"machine profile {name}: "
+    return Peak(profile.gemm_rate(dtype), f"machine profile {profile.name}: "
                 f"{profile.sources.get(f'gemm_flops.{dtype}', 'no source recorded')}")
 
 

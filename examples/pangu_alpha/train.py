@@ -46,6 +46,7 @@ from autopar.context import current_world  # noqa: E402
 from autopar.models.pangu_alpha import PanguAlphaWithLoss  # noqa: E402
 from autopar.models.pangu_alpha.generate import generate_cached  # noqa: E402
 from autopar.runtime.compiled import grad_program  # noqa: E402
+from autopar.strategy.profile import load_profile  # noqa: E402
 from autopar.train import AdamWeightDecay, LMDataset, LMLoader  # noqa: E402
 from job import (  # noqa: E402
     CHECKPOINT,
@@ -145,6 +146,7 @@ def main(argv=None) -> None:
     problem = check_out(args.out, args.resume, args.overwrite)     # before any work: nothing is replaced
     if problem:
         raise ValueError(problem)
+    profile = load_profile(args.profile) if args.profile else None     # an unknown name fails here
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     install_abort_handler()
     autopar.init()
@@ -209,7 +211,7 @@ def main(argv=None) -> None:
 
     tokens_per_step = args.batch * config.seq_length
     flops_per_step = model_flops(config, args.batch)
-    rank_peak = (profile_peak(args.profile, config.compute_dtype) if args.profile else
+    rank_peak = (profile_peak(profile, config.compute_dtype) if profile else
                  measure_peak(world, probe_shapes(config, args.batch, dp), config.compute_dtype))
     peak = n * rank_peak.flops                                               # FLOP/s of all ranks
     log.info("peak: %d x %.3g GFLOP/s (%s)", n, rank_peak.flops / 1e9, rank_peak.source)
