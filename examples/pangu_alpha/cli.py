@@ -7,8 +7,9 @@ without its config raise ValueError or FileNotFoundError (or an argparse error) 
 message naming the flag or file and the fix. Run by one process, the script prints
 ``<script>: error: <message>`` and exits with status 2 (argparse's status for bad usage).
 A run that completes with a result that is not a number (a diverged checkpoint's NaN
-perplexity) raises :class:`NonFiniteResult`: the same one line, status 1 -- the command
-line was fine, the model is not. Under ``mpiexec`` with several ranks the error is
+perplexity) raises :class:`NonFiniteResult`, and training that diverged (K consecutive
+non-finite steps) raises autopar's ``TrainingDivergedError``: the same one line, status 1
+-- the command line was fine, the model is not. Under ``mpiexec`` with several ranks the error is
 re-raised so that autopar's abort handler ends every rank (a rank left waiting in a
 collective would hang the job).
 """
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from autopar.errors import format_error
+from autopar.nn import TrainingDivergedError
 from autopar.models.pangu_alpha import PanguAlphaConfig
 from autopar.train.checkpoint import read_config, read_manifest
 
@@ -104,7 +106,7 @@ def run(main: Callable[[], None], script: str) -> None:
         if launched_under_mpi():
             raise
         _stop(script, err, 2)
-    except NonFiniteResult as err:
+    except (NonFiniteResult, TrainingDivergedError) as err:
         if launched_under_mpi():
             raise
         _stop(script, err, 1)
