@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import OpArgError
+from ..errors import OpArgError, is_int
 from .primitive import Primitive, TensorSpec, normalize_axis
 from .registry import register
 from .rowwise import check_int, check_range
@@ -138,14 +138,14 @@ class OneHot(Primitive):
 
     def _axis(self, ndim: int) -> int:
         axis = self.attrs["axis"]
-        if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool) or not -1 <= axis <= ndim:
+        if not is_int(axis) or not -1 <= axis <= ndim:
             raise OpArgError("axis", f"an int in [-1, {ndim}]", repr(axis))
         return ndim if axis == -1 else int(axis)
 
     def infer(self, indices):
         check_int(indices, "indices")
         depth = self.attrs["depth"]
-        if not isinstance(depth, (int, np.integer)) or isinstance(depth, bool) or depth < 0:
+        if not is_int(depth) or depth < 0:
             raise OpArgError("depth", "an int >= 0", repr(depth))
         dtype = np.result_type(_scalar_dtype(self.attrs["on_value"], "on_value"),
                                _scalar_dtype(self.attrs["off_value"], "off_value"))

@@ -23,19 +23,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import OpArgError, OpTypeError
+from ..errors import OpArgError, OpTypeError, is_int
 from .elementwise import sum_to
 from .primitive import Primitive, TensorSpec, normalize_axes, normalize_axis
 from .registry import register
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
 def _ints(value, arg: str, what: str = "a tuple of ints") -> tuple[int, ...]:
     """A static tuple argument (shape, perm, begin, ...) as plain ints."""
-    if not isinstance(value, (tuple, list)) or not all(_is_int(v) for v in value):
+    if not isinstance(value, (tuple, list)) or not all(is_int(v) for v in value):
         raise OpTypeError(arg, what, repr(value))
     return tuple(int(v) for v in value)
 
@@ -169,7 +165,7 @@ class Squeeze(Movement):
         axis = self.attrs["axis"]
         if axis == ():
             return tuple(i for i, d in enumerate(shape) if d == 1)
-        if not (_is_int(axis) or isinstance(axis, tuple)):
+        if not (is_int(axis) or isinstance(axis, tuple)):
             raise OpTypeError("axis", "an int, a tuple of ints, or ()", repr(axis))
         if len(shape) == 0:
             raise OpArgError("axis", "() for a 0-d input", repr(axis))

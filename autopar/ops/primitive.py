@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
-from ..errors import OpArgError, OpTypeError, at_scope
+from ..errors import OpArgError, OpTypeError, at_scope, is_int
 from ..strategy.strategy import Strategy, normalize_strategy
 
 
@@ -184,7 +184,7 @@ def check_float(spec: TensorSpec, arg: str) -> None:
 
 
 def normalize_axis(axis: int, ndim: int, arg: str = "axis") -> int:
-    if not isinstance(axis, (int, np.integer)) or isinstance(axis, bool):
+    if not is_int(axis):
         raise OpArgError(arg, "an int", repr(axis))
     if not -ndim <= axis < max(ndim, 1):
         raise OpArgError(arg, f"an axis in [{-ndim}, {ndim})", str(axis))

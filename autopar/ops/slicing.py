@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import OpArgError, OpTypeError, at_scope
-from .movement import ExpandDims, Movement, Squeeze, _ints, _is_int
+from ..errors import OpArgError, OpTypeError, at_scope, is_int
+from .movement import ExpandDims, Movement, Squeeze, _ints
 from .primitive import TensorSpec, normalize_axis
 from .registry import register
 
@@ -146,7 +146,7 @@ def _index_items(index, ndim: int) -> list:
     """The index as a list with the Ellipsis expanded, one entry per input dim plus Nones."""
     items = list(index) if isinstance(index, tuple) else [index]
     for it in items:
-        ok = it is None or it is Ellipsis or _is_int(it) or isinstance(it, slice)
+        ok = it is None or it is Ellipsis or is_int(it) or isinstance(it, slice)
         if not ok:
             raise OpTypeError("index", "ints, slices, ... or None", f"{it!r} ({type(it).__name__})",
                               "use ops.Gather for tensor indices")
@@ -183,7 +183,7 @@ def _index_plan(shape: tuple[int, ...], index):
         n = shape[dim]
         if isinstance(it, slice):
             for bound in (it.start, it.stop, it.step):
-                if bound is not None and not _is_int(bound):
+                if bound is not None and not is_int(bound):
                     raise OpTypeError("index", "slice bounds that are ints or None", repr(it))
             if it.step is not None and it.step < 1:
                 raise OpArgError("index", "slice steps >= 1", repr(it), "negative steps are not supported")
