@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from ..errors import format_error
+from ..errors import check_int, format_error, is_int
 
 FORMAT = "autopar-checkpoint"
 VERSION = 1
@@ -54,6 +54,9 @@ _ST_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "I32": "int3
 _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 Region = tuple[tuple[int, int], ...]   # [start, stop) per dim, in global coordinates
+
+
+_is_int = is_int  # the name train/checkpoint.py imports; it may import errors.is_int directly
 
 
 def _fail(where: str, arg: str, expected: str, actual: str, fix: str = "") -> ValueError:
@@ -79,10 +82,6 @@ def is_checkpoint(path) -> bool:
 
 # ---- manifest validation ------------------------------------------------------------------
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def _check_file(directory: str, name: str, file) -> None:
     where = f"{os.path.join(directory, MANIFEST)}: tensor {name!r}"
     if (not isinstance(file, str) or not _FILE_NAME.match(file) or os.path.isabs(file)
@@ -96,7 +95,7 @@ def _check_file(directory: str, name: str, file) -> None:
 
 def _check_region(where: str, region, shape: list[int]) -> Region:
     ok = isinstance(region, list) and len(region) == len(shape)
-    ok = ok and all(isinstance(r, list) and len(r) == 2 and all(_is_int(v) for v in r) for r in region)
+    ok = ok and all(isinstance(r, list) and len(r) == 2 and all(is_int(v) for v in r) for r in region)
     if not ok:
         raise _fail(where, "region", f"[[start, stop]] for each of {len(shape)} dims", repr(region))
     for d, ((a, b), n) in enumerate(zip(region, shape)):
@@ -120,7 +119,7 @@ def _check_tensor(directory: str, name: str, entry) -> None:
     if not isinstance(entry, dict):
         raise _fail(where, "entry", "an object", type(entry).__name__)
     shape, dtype, pieces = entry.get("shape"), entry.get("dtype"), entry.get("pieces")
-    if not isinstance(shape, list) or not all(_is_int(n) and n >= 0 for n in shape):
+    if not isinstance(shape, list) or not all(is_int(n) and n >= 0 for n in shape):
         raise _fail(where, "shape", "a list of ints >= 0", repr(shape))
     if dtype not in DTYPES:
         raise _fail(where, "dtype", f"one of {DTYPES}", repr(dtype))
@@ -153,8 +152,7 @@ def _validate(manifest, directory: str) -> None:
     if manifest.get("version") != VERSION:
         raise _fail(where, "version", f"{VERSION} (the versions this autopar reads)", repr(manifest.get("version")),
                     "load it with the autopar that wrote it")
-    if not _is_int(manifest.get("step")) or manifest["step"] < 0:
-        raise _fail(where, "step", "an int >= 0", repr(manifest.get("step")))
+    check_int(where, "step", manifest.get("step"), 0)
     if not isinstance(manifest.get("extra"), dict):
         raise _fail(where, "extra", "an object", repr(manifest.get("extra")))
     config = manifest.get("config")

@@ -34,18 +34,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..errors import format_error
+from ..errors import check_int, format_error
 
 STATE_KEYS = ("seed", "step", "epoch", "step_in_epoch", "global_batch", "num_samples", "shuffle", "drop_last")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_int(where: str, arg: str, value, minimum: int) -> None:
-    if not _is_int(value) or value < minimum:
-        raise ValueError(format_error(where, arg, f"an int >= {minimum}", repr(value)))
 
 
 class TokenFile:
@@ -94,7 +85,7 @@ class LMDataset:
 
     def __init__(self, tokens, seq_length: int):
         where = "LMDataset"
-        _check_int(where, "seq_length", seq_length, 1)
+        check_int(where, "seq_length", seq_length, 1)
         array = tokens.array if isinstance(tokens, TokenFile) else tokens
         if not isinstance(array, np.ndarray) or array.ndim != 1 or array.dtype.kind not in "iu":
             desc = f"{type(array).__name__} {getattr(array, 'shape', '')} {getattr(array, 'dtype', '')}"
@@ -113,9 +104,8 @@ class LMDataset:
         return self._len
 
     def _check_index(self, i) -> int:
-        if not _is_int(i) or not 0 <= i < self._len:
-            raise IndexError(format_error("LMDataset", "sample index", f"an int in [0, {self._len})", repr(i)))
-        return int(i)
+        return check_int("LMDataset", "sample index", i, 0, self._len - 1,
+                         expected=f"an int in [0, {self._len})", error=IndexError)
 
     def __getitem__(self, i) -> np.ndarray:
         start = self._check_index(i) * self.window
@@ -192,12 +182,11 @@ class LMLoader:
         where = "LMLoader"
         if not isinstance(dataset, LMDataset):
             raise TypeError(format_error(where, "dataset", "an LMDataset", type(dataset).__name__))
-        _check_int(where, "global_batch", global_batch, 1)
-        _check_int(where, "seed", seed, 0)
-        _check_int(where, "dp_size", dp_size, 1)
-        _check_int(where, "eod_id", eod_id, 0)
-        if not _is_int(dp_rank) or not 0 <= dp_rank < dp_size:
-            raise ValueError(format_error(where, "dp_rank", f"an int in [0, dp_size={dp_size})", repr(dp_rank)))
+        check_int(where, "global_batch", global_batch, 1)
+        check_int(where, "seed", seed, 0)
+        check_int(where, "dp_size", dp_size, 1)
+        check_int(where, "eod_id", eod_id, 0)
+        check_int(where, "dp_rank", dp_rank, 0, dp_size - 1, expected=f"an int in [0, dp_size={dp_size})")
         n = len(dataset)
         if drop_last and n < global_batch:
             raise ValueError(format_error(where, "global_batch", f"<= the number of samples ({n})",
@@ -227,7 +216,7 @@ class LMLoader:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The sample order of ``epoch``: (N,) int64, a permutation of range(N)."""
-        _check_int("LMLoader.epoch_order", "epoch", epoch, 0)
+        check_int("LMLoader.epoch_order", "epoch", epoch, 0)
         if self._order_cache is not None and self._order_cache[0] == epoch:
             return self._order_cache[1]
         if self.shuffle:
@@ -240,7 +229,7 @@ class LMLoader:
 
     def global_sample_ids(self, step: int) -> np.ndarray:
         """Dataset indices of global batch ``step``: (B,) (shorter at an epoch's end without drop_last)."""
-        _check_int("LMLoader.batch", "step", step, 0)
+        check_int("LMLoader.batch", "step", step, 0)
         epoch, k = divmod(int(step), self.steps_per_epoch)
         b = self.global_batch
         return self.epoch_order(epoch)[k * b:(k + 1) * b].copy()
@@ -266,7 +255,7 @@ class LMLoader:
 
     def from_step(self, step: int) -> "LMLoader":
         """A copy of this loader whose iteration starts at ``step``."""
-        _check_int("LMLoader.from_step", "step", step, 0)
+        check_int("LMLoader.from_step", "step", step, 0)
         other = object.__new__(LMLoader)
         other.__dict__.update(self.__dict__)
         other.step = int(step)
@@ -297,7 +286,7 @@ class LMLoader:
         if missing:
             raise ValueError(format_error(where, "state", f"keys {list(STATE_KEYS)}", f"missing {missing}"))
         for key in STATE_KEYS:
-            _check_int(where, key, state[key], 0)
+            check_int(where, key, state[key], 0)
         for key in ("global_batch", "num_samples", "shuffle", "drop_last"):
             mine = self.state_dict()[key]
             if state[key] != mine:

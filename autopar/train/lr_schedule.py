@@ -21,9 +21,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 
-from ..errors import format_error
+from ..errors import check_int, format_error
 
 
 def _check_rate(where: str, arg: str, value) -> None:
@@ -31,18 +30,8 @@ def _check_rate(where: str, arg: str, value) -> None:
         raise ValueError(format_error(where, arg, "a finite float >= 0", repr(value)))
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _check_steps(where: str, arg: str, value, minimum: int) -> None:
-    if not _is_int(value) or value < minimum:
-        raise ValueError(format_error(where, arg, f"an int >= {minimum}", repr(value)))
-
-
 def _check_step(where: str, step) -> None:
-    if not _is_int(step) or step < 0:
-        raise ValueError(format_error(where, "step", "an int >= 0 (updates already applied)", repr(step)))
+    check_int(where, "step", step, 0, expected="an int >= 0 (updates already applied)")
 
 
 def _cosine(min_lr: float, max_lr: float, decay_steps: int, step: int) -> float:
@@ -58,7 +47,7 @@ class WarmUpLR:
 
     def __post_init__(self):
         _check_rate("WarmUpLR", "learning_rate", self.learning_rate)
-        _check_steps("WarmUpLR", "warmup_steps", self.warmup_steps, 1)
+        check_int("WarmUpLR", "warmup_steps", self.warmup_steps, 1)
 
     def __call__(self, step: int) -> float:
         _check_step("WarmUpLR", step)
@@ -75,7 +64,7 @@ class CosineDecayLR:
     def __post_init__(self):
         _check_rate("CosineDecayLR", "min_lr", self.min_lr)
         _check_rate("CosineDecayLR", "max_lr", self.max_lr)
-        _check_steps("CosineDecayLR", "decay_steps", self.decay_steps, 1)
+        check_int("CosineDecayLR", "decay_steps", self.decay_steps, 1)
         if self.min_lr > self.max_lr:
             raise ValueError(format_error("CosineDecayLR", "min_lr", f"<= max_lr = {self.max_lr}",
                                           repr(self.min_lr), "swap min_lr and max_lr"))
@@ -102,7 +91,7 @@ class PolynomialDecayLR:
     def __post_init__(self):
         _check_rate("PolynomialDecayLR", "learning_rate", self.learning_rate)
         _check_rate("PolynomialDecayLR", "end_learning_rate", self.end_learning_rate)
-        _check_steps("PolynomialDecayLR", "decay_steps", self.decay_steps, 1)
+        check_int("PolynomialDecayLR", "decay_steps", self.decay_steps, 1)
         if isinstance(self.power, bool) or not isinstance(self.power, (int, float)) or not self.power > 0:
             raise ValueError(format_error("PolynomialDecayLR", "power", "a float > 0", repr(self.power)))
 
@@ -134,8 +123,8 @@ class WarmUpCosineDecayLR:
         where = "WarmUpCosineDecayLR"
         _check_rate(where, "learning_rate", self.learning_rate)
         _check_rate(where, "end_learning_rate", self.end_learning_rate)
-        _check_steps(where, "warmup_steps", self.warmup_steps, 0)
-        _check_steps(where, "decay_steps", self.decay_steps, 1)
+        check_int(where, "warmup_steps", self.warmup_steps, 0)
+        check_int(where, "decay_steps", self.decay_steps, 1)
         if self.end_learning_rate > self.learning_rate:
             raise ValueError(format_error(where, "end_learning_rate", f"<= learning_rate = {self.learning_rate}",
                                           repr(self.end_learning_rate)))
