@@ -51,7 +51,8 @@ import numpy as np
 
 from . import comm
 from .comm.mpi import install_abort_handler, launcher_size
-from .errors import format_error
+from .errors import check_int, format_error, is_int
+from .strategy.search import SEARCH_MODES
 
 
 class ParallelMode:
@@ -64,7 +65,6 @@ class ParallelMode:
     MODES = (STAND_ALONE, DATA_PARALLEL, SEMI_AUTO_PARALLEL, AUTO_PARALLEL)
 
 
-SEARCH_MODES = ("dynamic_programming", "recursive_programming", "sharding_propagation")
 DATASET_STRATEGIES = ("data_parallel", "full_batch")
 BACKENDS = (None, "mpi", "hccl", "nccl", "mccl")  # MindSpore's names, all served by MPI here
 
@@ -73,12 +73,6 @@ _WHERE = "ParallelContext"
 
 def _fail(arg: str, expected: str, value, fix: str = "") -> ValueError:
     return ValueError(format_error(_WHERE, arg, expected, repr(value), fix))
-
-
-def _int(arg: str, value, minimum: int) -> int:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise _fail(arg, f"an int >= {minimum}", value)
-    return int(value)
 
 
 def _bool(arg: str, value) -> bool:
@@ -110,8 +104,7 @@ def _dataset_strategy(value) -> str | tuple[tuple[int, ...], ...]:
     splits = []
     for item in value:
         if (not isinstance(item, (tuple, list)) or not item
-                or any(isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or s < 1
-                       for s in item)):
+                or any(not is_int(s) or s < 1 for s in item)):
             raise _fail("dataset_strategy", expected, value,
                         f"input {len(splits)} is {item!r}; give it a tuple of ints >= 1")
         splits.append(tuple(int(s) for s in item))
@@ -144,16 +137,16 @@ class ParallelContext:
     def __post_init__(self):
         checked = {
             "parallel_mode": _choice("parallel_mode", self.parallel_mode, ParallelMode.MODES),
-            "device_num": _int("device_num", self.device_num, 1),
-            "global_rank": _int("global_rank", self.global_rank, 0),
+            "device_num": check_int(_WHERE, "device_num", self.device_num, 1),
+            "global_rank": check_int(_WHERE, "global_rank", self.global_rank, 0),
             "gradients_mean": _bool("gradients_mean", self.gradients_mean),
             "full_batch": _bool("full_batch", self.full_batch),
             "dataset_strategy": _dataset_strategy(self.dataset_strategy),
             "search_mode": _choice("search_mode", self.search_mode, SEARCH_MODES),
-            "pipeline_stages": _int("pipeline_stages", self.pipeline_stages, 1),
+            "pipeline_stages": check_int(_WHERE, "pipeline_stages", self.pipeline_stages, 1),
             "enable_parallel_optimizer": _bool("enable_parallel_optimizer", self.enable_parallel_optimizer),
-            "parallel_optimizer_threshold": _int("parallel_optimizer_threshold",
-                                                 self.parallel_optimizer_threshold, 0),
+            "parallel_optimizer_threshold": check_int(_WHERE, "parallel_optimizer_threshold",
+                                                      self.parallel_optimizer_threshold, 0),
             "strategy_ckpt_save_file": _path("strategy_ckpt_save_file", self.strategy_ckpt_save_file),
             "strategy_ckpt_load_file": _path("strategy_ckpt_load_file", self.strategy_ckpt_load_file),
             "cost_profile": _path("cost_profile", self.cost_profile),

@@ -14,7 +14,7 @@ import numbers
 import numpy as np
 
 from ..dtype import float_dtype
-from ..errors import format_error
+from ..errors import check_int as _check_int, format_error
 
 
 def fail(config, field: str, expected: str, fix: str = "", error: type = ValueError):
@@ -24,14 +24,11 @@ def fail(config, field: str, expected: str, fix: str = "", error: type = ValueEr
 
 def check_int(config, field: str, lo: int = 1, expected: str = "") -> int:
     """The field as a Python int >= ``lo`` (bools and floats are not ints)."""
-    v = getattr(config, field)
     expected = expected or ("a positive int" if lo == 1 else f"an int >= {lo}")
-    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-        fail(config, field, expected, error=TypeError)
-    if v < lo:
-        fail(config, field, expected)
-    object.__setattr__(config, field, int(v))
-    return int(v)
+    v = _check_int(type(config).__name__, field, getattr(config, field), lo, expected=expected,
+                   type_error=TypeError)
+    object.__setattr__(config, field, v)
+    return v
 
 
 def check_float(config, field: str, lo: float, hi: float = math.inf, lo_open: bool = False,

@@ -28,6 +28,8 @@ from .problem import Problem, build, plan_of, user_strategy
 from .recursive import _splittable, recursive
 from .simple import brute_force, propagate
 
+# The one list of search modes: ParallelContext validates search_mode against it and the
+# plan CLI offers it; a new mode is added here and dispatched in _solve.
 SEARCH_MODES = ("dynamic_programming", "recursive_programming", "sharding_propagation")
 DEFAULT_PROFILE = "cpu-2core"
 
