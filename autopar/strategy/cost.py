@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from autopar.strategy.profile import MachineProfile
+from ..errors import check_int
+from .profile import MachineProfile
 
 # --- Collective algorithm factors (dimensionless): bytes each rank sends / buffer bytes. ---
 # Ring all-reduce = reduce-scatter + all-gather: each moves (n-1)/n of the buffer.
@@ -52,8 +53,7 @@ def collective_factor(kind: str, n: int) -> float:
     if kind not in COLLECTIVE_FACTORS:
         raise ValueError(f"collective_factor: unknown collective kind {kind!r}; "
                          f"expected one of {sorted(COLLECTIVE_FACTORS)}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"collective_factor: n (ranks) must be an integer >= 1, got {n!r}")
+    check_int("collective_factor", "n (ranks)", n, 1)
     if n == 1:
         return 0.0
     if kind == "all_reduce":
@@ -159,8 +159,7 @@ def pipeline_bubble(p: int, m: int, v: int = 1) -> tuple[float, float]:
         bubble / ideal = (p − 1) / (v·m)
         bubble / total = (p − 1) / (v·m + p − 1)      (= (p−1)/(m+p−1) for v = 1)"""
     for name, value in (("p", p), ("m", m), ("v", v)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"pipeline_bubble: {name} must be an integer >= 1, got {value!r}")
+        check_int("pipeline_bubble", name, value, 1)
     of_ideal = (p - 1) / (v * m)
     of_total = (p - 1) / (v * m + p - 1)
     return of_ideal, of_total

@@ -30,6 +30,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..errors import is_int
+
 PROFILE_DIR = Path(__file__).parent / "profiles"
 
 PROFILES: tuple[str, ...] = tuple(sorted(p.stem for p in PROFILE_DIR.glob("*.json")))
@@ -89,7 +91,7 @@ class MachineProfile:
             value = getattr(self, int_field)
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"MachineProfile.{int_field}: expected a positive integer, "
                                  f"got {value!r} (profile {self.name!r})")
             object.__setattr__(self, int_field, value)

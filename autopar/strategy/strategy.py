@@ -10,10 +10,9 @@ plan time when shapes are known.
 """
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
-from ..errors import OpArgError, OpTypeError
+from ..errors import OpArgError, OpTypeError, is_int
 
 Splits = tuple[tuple[int, ...], ...]
 
@@ -41,7 +40,7 @@ def _normalize_splits(value, arg: str) -> Splits:
                               "wrap a single input's counts in a tuple: ((4, 1),)")
         row = []
         for d, n in enumerate(dims):
-            if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            if not is_int(n):
                 raise OpTypeError(f"{arg}[{i}][{d}]", "an int split count", f"{n!r} ({type(n).__name__})",
                                   "use whole numbers such as 1, 2, 4")
             if n < 1:

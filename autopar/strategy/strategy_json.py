@@ -7,7 +7,7 @@ import json
 import math
 from dataclasses import dataclass
 
-from ..errors import format_error
+from ..errors import format_error, is_int
 from .layout import Layout
 from .mesh import Mesh
 
@@ -49,7 +49,7 @@ class _Reader:
             raise self.fail(arg, f"only keys {list(required + optional)}", f"{unknown[0]!r}")
 
     def as_int(self, x, arg: str, minimum: int) -> int:
-        if isinstance(x, bool) or not isinstance(x, int) or x < minimum:
+        if not is_int(x) or x < minimum:
             raise self.fail(arg, f"an int >= {minimum}", _short(x))
         return x
 
