@@ -152,13 +152,8 @@ def build(case: Case):
 def predicted(prog, case: Case, profile):
     """CostModel.evaluate of the plan ``prog`` compiled, and the model that priced it."""
     from autopar.strategy.costmodel import CostModel
-    from autopar.strategy.mesh import Mesh
-    from autopar.strategy.plan import plan_shardings
-    if hasattr(prog, "plan"):
-        plan, full = prog.plan, case.full_batch
-    else:                                    # serial GradProgram: a one-device stage
-        full = True
-        plan = plan_shardings(prog.graph, "stand_alone", Mesh((1,), ("devices",), (0,)), full)
+    plan = prog.plan                         # serial: a one-device stand-alone plan
+    full = case.full_batch or plan.stage.size == 1
     model = CostModel(prog.graph, plan.stage, profile, full, optimizer_states=2,
                       optimizer_parallel=case.optimizer_parallel)
     return model, plan, model.evaluate(plan)
@@ -244,7 +239,7 @@ def worker(name: str, ranks: int, steps: int, warmup: int, profile_name: str, cl
         model, plan, cost = predicted(prog, case, profile)
         for _ in range(warmup):
             train(feed)
-        in_comm = getattr(prog, "comm_clock", [0.0])    # seconds spent in redistributions (wall)
+        in_comm = prog.comm_clock                       # seconds spent in redistributions (wall)
         in_program = _time_calls(prog.program)          # seconds spent running the program (wall, cpu)
         wall, cpu, comm_s, outside = [], [], [], []
         calls0 = comm.stats.snapshot()["count"]
@@ -269,7 +264,7 @@ def worker(name: str, ranks: int, steps: int, warmup: int, profile_name: str, cl
         train.measure_memory(False)
         train.build(feed)
         states = [a for s in train.optimizer.states for a in s.values()]
-        shards = [s.data for s in getattr(prog, "param_shards", [])] or [p.data for p in train.params]
+        shards = [s.data for s in prog.param_shards]     # serially: the Parameters
         program = prog.program
         before = unique_nbytes(shards) + unique_nbytes(states) + feed.nbytes \
             + unique_nbytes(program.graph.consts.values())

@@ -63,11 +63,11 @@ def worker(dp: int, mp: int, mode: str, batch: int, steps: int) -> None:
         times, comm_s = [], []
         for _ in range(steps):
             comm.barrier() if n > 1 else None
-            c0 = prog.comm_clock[0] if hasattr(prog, "comm_clock") else 0.0
+            c0 = prog.comm_clock[0]
             t0 = time.perf_counter()
             train(local_ids)
             times.append(time.perf_counter() - t0)
-            comm_s.append((prog.comm_clock[0] if hasattr(prog, "comm_clock") else 0.0) - c0)
+            comm_s.append(prog.comm_clock[0] - c0)
     best = int(np.argmin(times))
     if comm.rank == 0:
         print(json.dumps(dict(n=n, dp=dp, mp=mp, mode=mode, step=times[best], comm=comm_s[best])), flush=True)

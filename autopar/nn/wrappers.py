@@ -8,7 +8,6 @@ import numpy as np
 from ..errors import format_error
 from ..runtime.compiled import _normalize, grad_program
 from ..runtime.memory import MemoryMeter, training_memory
-from ..train.clip import global_norm, scale_
 from ..train.optimizers import Optimizer
 from .cell import Cell
 
@@ -40,6 +39,12 @@ def overflow(loss, grad_norm: float) -> bool:
     not update. One test for divergence and for the mixed-precision loss scale (a NaN or an
     inf in any gradient makes the global norm non-finite)."""
     return not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm)))
+
+
+def _scale(grads, factor: float) -> None:
+    """Multiply every gradient by ``factor`` in place (clipping)."""
+    for g in grads:
+        np.multiply(g, factor, out=g)
 
 
 def _check_args(optimizer, sens, clip_norm, on_non_finite, max_consecutive_skips) -> None:
@@ -132,8 +137,8 @@ class TrainOneStepCell(Cell):
         shards, without taking a step (MindSpore's ``model.build``); returns the program."""
         args, kwargs = _normalize(args, kwargs, type(self.network).__name__)
         prog = grad_program(self.network, args, kwargs, self.params, self.sens)
-        prog.program.meter = self._memory_meter
-        if hasattr(prog, "shards") and self.optimizer.params != prog.shards:
+        prog.measure(self._memory_meter)
+        if self.optimizer.params != prog.shards:   # a sharded program's: this rank's shards or slices
             self.optimizer.bind_shards(prog.shards)
         return prog
 
@@ -141,10 +146,7 @@ class TrainOneStepCell(Cell):
         args, kwargs = _normalize(args, kwargs, type(self.network).__name__)
         prog = self.build(*args, **kwargs)
         loss, grads = prog(args, kwargs, self.optimizer.step_count)
-        if hasattr(prog, "shards"):   # sharded: the norm over every rank's shards (collective)
-            norm = float(prog.global_norm(grads))
-        else:
-            norm = global_norm(grads)
+        norm = float(prog.global_norm(grads))   # over every rank's shards (collective when sharded)
         self.last_grad_norm = norm
         self.last_overflow = overflow(loss, norm)
         self.last_step_skipped = self.last_overflow or norm == 0.0
@@ -154,10 +156,9 @@ class TrainOneStepCell(Cell):
             self.empty_steps += 1
         else:
             if self.clip_norm is not None and norm > self.clip_norm:
-                scale_(grads, self.clip_norm / norm)
+                _scale(grads, self.clip_norm / norm)
             self.optimizer.step(grads)
-            if hasattr(prog, "sync_weights"):   # optimizer parallel: all-gather the updated slices
-                prog.sync_weights()
+            prog.sync_weights()   # optimizer parallel: all-gather the updated slices
             self.consecutive_skips = 0
         return np.asarray(loss)
 

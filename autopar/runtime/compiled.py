@@ -5,6 +5,7 @@ with the same shapes only run the program.
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections import OrderedDict
 from typing import Sequence
@@ -14,8 +15,12 @@ import numpy as np
 from ..comm.consistency import MAX_FACTS, NO_GROUP, Fact, agree, digest
 from ..context import current_context, current_world, require_init
 from ..errors import format_error
+from ..strategy.mesh import Mesh
+from ..strategy.plan import ShardingPlan, plan_shardings
 from .autodiff import differentiate
 from .program import Program
+from .protocol import TrainingProgram, loss_targets, with_zeros
+from .shards import local_norm
 from .trace import Traced, signature_key, trace
 
 
@@ -56,34 +61,36 @@ def run_forward(cell, args: tuple, kwargs: dict):
     return forward_program(cell, args, kwargs)(args, kwargs)
 
 
-class GradProgram:
-    """Loss and gradients of ``params`` for one input signature."""
+class GradProgram(TrainingProgram):
+    """Loss and gradients of ``params`` for one input signature: the one-rank
+    :class:`~autopar.runtime.protocol.TrainingProgram` (its shards are the Parameters)."""
 
     def __init__(self, cell, args: tuple, kwargs: dict, params: Sequence, sens: float = 1.0, seed: int = 0):
         self.traced: Traced = trace(cell, args, kwargs)
         graph = self.traced.graph
-        loss = graph.outputs[0]
-        if graph.spec(loss).size != 1:
-            raise ValueError(f"{type(cell).__name__}: output 0 (the loss): expected a scalar, "
-                             f"got shape {graph.spec(loss).shape}; reduce it with ops.ReduceMean")
-        self.params = list(params)
-        by_id = {id(p): v for v, p in zip(graph.params, graph.param_objs)}
-        wrt, unused = [], []
-        for p in self.params:
-            if id(p) in by_id:
-                wrt.append(by_id[id(p)])
-            else:
-                unused.append(p)
-        self.graph, grads = differentiate(graph, loss, wrt, sens)
-        self.unused = unused
-        self.program = Program(self.graph, (loss,) + grads, seed=seed)
+        self.params = self.shards = self.param_shards = list(params)
+        self.targets = loss_targets(graph, self.params, type(cell).__name__)
+        self.graph, grads = differentiate(graph, self.targets.loss, self.targets.used, sens)
+        self.program = Program(self.graph, (self.targets.loss,) + grads, seed=seed)
+        self.comm_clock = [0.0]        # one rank: no redistributions
 
-    def __call__(self, args: tuple, kwargs: dict, step: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
-        outs = self.program.run(tensor_args(args, kwargs), step)
-        loss, grads = outs[0], iter(outs[1:])
-        unused = {id(p) for p in self.unused}
-        full = [np.zeros(p.shape, p.dtype) if id(p) in unused else next(grads) for p in self.params]
-        return loss, full
+    @functools.cached_property
+    def plan(self) -> ShardingPlan:
+        """The one-device stand-alone plan of :attr:`graph` (what the serial program runs),
+        as a sharded program's ``plan``, for cost-model reports."""
+        return plan_shardings(self.graph, "stand_alone", Mesh((1,), ("devices",), (0,)), True)
+
+    def __call__(self, args: tuple, kwargs: dict | None = None, step: int = 0) -> tuple[np.ndarray, list]:
+        outs = self.program.run(tensor_args(args, kwargs or {}), step)
+        return outs[0], with_zeros(outs[1:], self.targets, self.shards)
+
+    def global_norm(self, grads: Sequence[np.ndarray]) -> float:
+        """The gradients' L2 norm (float64 sum)."""
+        return local_norm(grads)
+
+    def gathered(self, grads: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The gradients: already whole."""
+        return list(grads)
 
 
 def parallel_setting():
@@ -216,10 +223,7 @@ def value_and_grad(cell, weights: Sequence | None = None, sens: float = 1.0):
         args, kwargs = _normalize(args, kwargs, type(cell).__name__)
         params = list(weights) if weights is not None else cell.trainable_params()
         prog = grad_program(cell, args, kwargs, params, sens)
-        if hasattr(prog, "gathered"):  # sharded: full gradients on every rank
-            loss, grads = prog(args)
-            grads = prog.gathered(grads)
-        else:
-            loss, grads = prog(args, kwargs)
+        loss, grads = prog(args, kwargs)
+        grads = prog.gathered(grads)          # full gradients on every rank
         return loss, OrderedDict((p.name, g) for p, g in zip(params, grads))
     return fn

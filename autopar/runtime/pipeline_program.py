@@ -34,6 +34,7 @@ from ..comm.consistency import NO_GROUP
 from ..errors import format_error
 from ..ops.dropout import Dropout
 from ..ops.primitive import TensorSpec
+from ..strategy.layout import Layout
 from .autodiff import differentiate
 from .compiled import ConsistencyCheck
 from .graph import FORWARD, Graph
@@ -46,6 +47,7 @@ from .pipeline_shards import AbsentShard, StageShard, attach
 from .pipeline_split import split_halves
 from .pipeline_stages import assign_stages, differentiable_values
 from .program import Program
+from .protocol import TrainingProgram, loss_targets
 from .schedule import make_schedule
 from .spmd import Redistribute, lower
 from .trace import trace
@@ -53,7 +55,7 @@ from .trace import trace
 WHERE = "PipelineCell"
 
 
-class PipelineGradProgram:
+class PipelineGradProgram(TrainingProgram):
     """Loss and local gradient shards of ``params`` on one rank of ``world`` under
     ``stages`` pipeline stages and ``micro`` micro-batches (``schedule``: "1f1b" or "gpipe").
 
@@ -90,18 +92,11 @@ class PipelineGradProgram:
         if any(isinstance(node.prim, Dropout) and node.prim.attrs["keep_prob"] < 1.0 for node in graph.nodes):
             self.whole = trace(network, whole_args, {}).graph
             _check_same_ops(graph, self.whole)
-        loss = graph.outputs[0]
-        if graph.spec(loss).size != 1:
-            raise ValueError(format_error(f"{type(network).__name__}", "output 0 (the loss)", "a scalar",
-                                          f"shape {graph.spec(loss).shape}", "reduce it with ops.ReduceMean"))
-        self.loss_dtype = graph.spec(loss).dtype
-        by_id = {id(p): v for v, p in zip(graph.params, graph.param_objs)}
-        missing = [p.name for p in params if id(p) not in by_id]
-        if missing:
-            raise ValueError(f"{type(network).__name__}: parameters {missing} are not used by the loss")
+        self.targets = loss_targets(graph, params, type(network).__name__)
+        self.loss_dtype = graph.spec(self.targets.loss).dtype
         self.params = list(params)
-        wrt = [by_id[id(p)] for p in params]
-        assign = assign_stages(graph, stages, differentiable_values(graph, wrt))
+        wrt = list(self.targets.wrt)        # None: a parameter the loss does not use (zero gradients)
+        assign = assign_stages(graph, stages, differentiable_values(graph, self.targets.used))
         saving = ctx is not None and bool(ctx.strategy_ckpt_save_file)
         writer = saving and world.rank == 0           # plans every stage, to write them all
         self.plan: PipelinePlan = plan_pipeline(graph, assign, n, mode, feed_whole, ctx,
@@ -127,7 +122,7 @@ class PipelineGradProgram:
         the splits are collective over the world, made in one order on every rank."""
         n, by_stages = self.ranks_per_stage, {}
         for i, v in enumerate(wrt):
-            owners = self.plan.param_stages[v]
+            owners = self.plan.param_stages.get(v, ())
             if len(owners) > 1:
                 by_stages.setdefault(owners, []).append(i)
         out = []
@@ -139,14 +134,19 @@ class PipelineGradProgram:
                 out += [(i, comm) for i in by_stages[owners]]
         return sorted(out, key=lambda e: e[0])
 
-    def _attach(self, wrt: list[int]) -> list:
-        """One entry per parameter (collective when replacing shards already attached)."""
+    def _attach(self, wrt: list[int | None]) -> list:
+        """One entry per parameter (collective when replacing shards already attached). A
+        parameter the loss does not use is held whole by the first stage (zero gradients),
+        absent on the others."""
         plan, me = self.plan, self.plan.stages[self.stage]
         out = []
         for p, v in zip(self.params, wrt):
             if v in me.local_of:
                 layout = plan.plans[self.stage].layouts[me.local_of[v]]
                 out.append(attach(p, layout, self.world.rank, plan.param_stages[v][0] == self.stage, self.world))
+            elif v is None and self.stage == 0:
+                layout = Layout.replicated(plan.plans[0].stage, len(p.shape))
+                out.append(attach(p, layout, self.world.rank, True, self.world))
             else:
                 out.append(attach(p, None, self.world.rank, False, self.world))
         return out
@@ -162,8 +162,8 @@ class PipelineGradProgram:
         delivered = [sg.value(c) for c in sg.sent] + ([sg.loss] if last else [])
         wanted = {sg.value(c): plan.transfer[c.value] for c in sg.sent}
         wanted.update({g: self.grads.sliced[i] for (i, _), g in zip(mine, grads) if self.grads.sliced[i]})
-        local, _, _, _ = lower(train, delivered + list(grads), plan.plans[s], self.world.rank, self.stage_comm,
-                               output_layouts=wanted)
+        local, _, _, self.comm_clock = lower(train, delivered + list(grads), plan.plans[s], self.world.rank,
+                                             self.stage_comm, output_layouts=wanted)
         for i, _ in mine:
             assert any(o is self.param_shards[i] for o in local.param_objs), "lowering did not take the stage shard"
         local, deferred = defer_reductions(local, len(delivered), len(mine))   # reduced once per step

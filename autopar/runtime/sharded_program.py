@@ -15,13 +15,17 @@ from ..ops.primitive import TensorSpec
 from ..strategy.layout import Layout
 from ..strategy.mesh import Mesh
 from ..strategy.plan import make_plan
+from .autodiff import differentiate
 from .compiled import ConsistencyCheck, feed_group
 from .optimizer_parallel import SliceShard, WeightGather, slice_layouts, slice_of
-from .shards import gather, global_norm
+from .program import Program
+from .protocol import TrainingProgram, loss_targets, with_zeros
+from .shards import ParamShard, gather, global_norm, shard_of
 from .spmd import lower
+from .trace import trace
 
 
-class ShardedGradProgram:
+class ShardedGradProgram(TrainingProgram):
     """Loss and local gradient shards of ``params`` on one rank of ``world``.
 
     Inputs are what this rank is fed: its slice of the batch (``full_batch=False``) or the
@@ -32,9 +36,6 @@ class ShardedGradProgram:
 
     def __init__(self, cell, args: tuple, params: Sequence, mode: str, world, full_batch: bool = False,
                  sens: float = 1.0, ctx=None):
-        from .autodiff import differentiate
-        from .program import Program
-        from .trace import trace
         world.stats.doing = f"compiling {type(self).__name__}"     # named by the watchdog's reports
         # before any collective: a rank with another model or batch shape would pair them wrongly
         self.check = ConsistencyCheck(type(self).__name__, world, params,
@@ -44,28 +45,23 @@ class ShardedGradProgram:
         global_args = tuple(a if feed_whole or not isinstance(a, np.ndarray) or a.ndim == 0
                             else TensorSpec((a.shape[0] * world.size,) + a.shape[1:], a.dtype) for a in args)
         graph = trace(cell, global_args, {}).graph
-        loss = graph.outputs[0]
-        by_id = {id(p): v for v, p in zip(graph.params, graph.param_objs)}
-        missing = [p.name for p in params if id(p) not in by_id]
-        if missing:
-            raise ValueError(f"{type(cell).__name__}: parameters {missing} are not used by the loss")
-        wrt = [by_id[id(p)] for p in params]
-        self.graph, grads = differentiate(graph, loss, wrt, sens)
+        self.targets = loss_targets(graph, params, type(cell).__name__)
+        self.graph, grads = differentiate(graph, self.targets.loss, self.targets.used, sens)
         self.plan = make_plan(graph, mode, stage, feed_whole, ctx)
+        # the layouts lower gives the parameters; one the loss does not use is held whole
         homes = [self.plan.layouts.get(v) or Layout.replicated(self.plan.stage, len(p.shape))
-                 for v, p in zip(wrt, params)]    # the layouts lower gives the parameters
+                 for v, p in zip(self.targets.wrt, params)]
         sliced = slice_layouts(ctx, params, homes)
+        used_sliced = [lay for v, lay in zip(self.targets.wrt, sliced) if v is not None]
+        wanted = {g: lay for g, lay in zip(grads, used_sliced) if lay is not None}
         self.local_graph, _, self.out_layouts, self.comm_clock = lower(
-            self.graph, (loss,) + grads, self.plan, world.rank, world,
-            output_layouts={g: lay for g, lay in zip(grads, sliced) if lay is not None})
+            self.graph, (self.targets.loss,) + grads, self.plan, world.rank, world, output_layouts=wanted)
         self.program = Program(self.local_graph, self.local_graph.outputs)
-        order = {id(p): i for i, p in enumerate(self.local_graph.param_objs)}
-        pos = {v: i for i, v in enumerate(graph.params)}
-        self.param_shards = [self.local_graph.param_objs[pos[by_id[id(p)]]] for p in params]
-        assert all(id(s) in order for s in self.param_shards)
-        assert all(s.layout == h for s, h in zip(self.param_shards, homes))
+        self.param_shards = self._param_shards(graph, params, homes, world)
         self.shards = [s if lay is None else slice_of(s, lay) for s, lay in zip(self.param_shards, sliced)]
-        self.layouts = [self.out_layouts[g] for g in grads]
+        out = iter(self.out_layouts[g] for g in grads)      # the layouts the gradients come out in
+        self.layouts = [next(out) if v is not None else lay or home
+                        for v, lay, home in zip(self.targets.wrt, sliced, homes)]
         self.world = world
         self.input_groups = [feed_group(self.plan.layouts.get(v), world.rank) for v in graph.inputs if v is not None]
         for s in self.param_shards:       # the Parameter now reads through its shard
@@ -73,13 +69,24 @@ class ShardedGradProgram:
                 s.param.attach_shard(s, world)
         self._weight_gather = WeightGather([s for s in self.shards if isinstance(s, SliceShard)], world)
 
+    def _param_shards(self, graph, params: Sequence, homes: Sequence[Layout], world) -> list[ParamShard]:
+        """This rank's shard of each parameter: the one lowering made (in its home layout),
+        or for a parameter the loss does not use, its whole value (replicated)."""
+        pos = {v: i for i, v in enumerate(graph.params)}
+        out = []
+        for p, v, home in zip(params, self.targets.wrt, homes):
+            s = self.local_graph.param_objs[pos[v]] if v is not None else shard_of(p, home, world.rank)
+            assert s.layout == home
+            out.append(s)
+        return out
+
     def __call__(self, args: tuple, kwargs: dict | None = None, step: int = 0):
         """(loss, this rank's gradient shards); the same call as the serial GradProgram."""
         arrays = [a for a in args if isinstance(a, np.ndarray)]
         self.world.stats.doing = f"{type(self).__name__} at step {step}"
         self.check(arrays, self.input_groups, step)
         outs = self.program.run(arrays, step)
-        return outs[0], outs[1:]
+        return outs[0], with_zeros(outs[1:], self.targets, self.shards)
 
     def sync_weights(self) -> None:
         """After the optimizer updated :attr:`shards`: all-gather the slices it updated back

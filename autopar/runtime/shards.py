@@ -1,10 +1,13 @@
-"""Parameter shards: what one rank holds of each weight, and gathering it back whole."""
+"""Parameter shards: what one rank holds of each weight, gathering it back whole, and the
+gradients' global norm (over ranks, or of one rank's whole gradients)."""
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..errors import format_error
 from ..ops.primitive import TensorSpec
 from ..strategy.layout import Layout
 
@@ -65,7 +68,6 @@ def shard_of(param, layout: Layout, rank: int) -> ParamShard:
 def global_norm(grads_and_layouts, world) -> float:
     """Global L2 norm of gradient shards, each element counted once across ranks: a shard
     held by r replicas adds its squared norm / r; one all-reduce sums the ranks."""
-    import math
     total = 0.0
     for g, lay in grads_and_layouts:
         copies = math.prod(lay.mesh.shape[a] for a in lay.replicated_axes())
@@ -73,4 +75,28 @@ def global_norm(grads_and_layouts, world) -> float:
         total += float(np.dot(flat, flat)) / copies
     if world.size > 1:
         total = float(world.allreduce(np.array(total)))
+    return math.sqrt(total)
+
+
+BLOCK_ELEMENTS = 1 << 16  # elements converted to float64 at a time (512 KiB of float64)
+
+
+def local_norm(grads: Iterable[np.ndarray]) -> float:
+    """sqrt of the sum of squares of every element of ``grads``, summed in float64 blocks
+    (as accurate as a float64 sum, without a float64 copy of the model)."""
+    block = np.empty(BLOCK_ELEMENTS, np.float64)
+    total = 0.0
+    for i, g in enumerate(grads):
+        g = np.asarray(g)
+        if g.dtype.kind not in "fiu":
+            raise ValueError(format_error("global_norm", f"grads[{i}] dtype", "a numeric array", str(g.dtype)))
+        flat = np.ravel(g)
+        if flat.dtype == np.float64:
+            total += float(np.dot(flat, flat))
+            continue
+        for start in range(0, flat.size, block.size):
+            part = flat[start:start + block.size]
+            b = block[:part.size]
+            b[...] = part
+            total += float(np.dot(b, b))
     return math.sqrt(total)
