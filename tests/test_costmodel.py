@@ -14,6 +14,7 @@ from autopar.strategy.costmodel import CostModel
 from autopar.strategy.mesh import Mesh
 from autopar.strategy.plan import plan_shardings
 from autopar.strategy.profile import PROFILE_DIR, load_profile
+from reference_formulas import megatron_tp_comm_bytes_per_layer, zero_memory_bytes
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_megatron_layer_moves_four_ring_all_reduces_of_the_activations(link_only
     stage = Mesh((mp,), ("devices",))
     plan = plan_shardings(g, "semi_auto_parallel", stage, True)
     got = CostModel(g, stage, link_only, True).evaluate(plan).comm_s
-    volume = cost.megatron_tp_comm_bytes_per_layer(1, b_s, h, bytes_per_element=4)   # 4 all-reduces of (b, s, h)
+    volume = megatron_tp_comm_bytes_per_layer(1, b_s, h, bytes_per_element=4)   # 4 all-reduces of (b, s, h)
     assert got == pytest.approx(volume * cost.collective_factor("all_reduce", mp) / 1e9, rel=1e-12)
 
 
@@ -108,9 +109,9 @@ def test_optimizer_parallel_splits_states_and_gradients_by_the_data_parallel_deg
     # 2 psi + (2 + K) psi / N. Here fp32 weights and gradients (4 + 4 bytes, 2 + 2 over fp16)
     # and 3 fp32 states (K = 12).
     assert plain.param_bytes + plain.grad_bytes + plain.state_bytes == \
-        cost.zero_memory_bytes(psi, dp, 0, K=12) + 4 * psi == 20 * psi
+        zero_memory_bytes(psi, dp, 0, K=12) + 4 * psi == 20 * psi
     assert zero.param_bytes + zero.grad_bytes + zero.state_bytes == \
-        cost.zero_memory_bytes(psi, dp, 2, K=12) + 2 * psi + 2 * psi / dp == 4 * psi + 16 * psi / dp
+        zero_memory_bytes(psi, dp, 2, K=12) + 2 * psi + 2 * psi / dp == 4 * psi + 16 * psi / dp
 
 
 @pytest.mark.parametrize("dp", [2, 4, 8])
