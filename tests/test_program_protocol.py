@@ -11,7 +11,8 @@ import autopar
 from autopar import nn, ops
 from autopar.comm import run_in_process
 from autopar.context import bound_world, parallel_context
-from autopar.runtime.protocol import TrainingProgram
+from autopar.runtime.protocol import ForwardStep, TrainingProgram
+from autopar.runtime.sharded_forward import forward_program
 from autopar.train import SGD
 
 X = np.arange(32, dtype=np.float64).reshape(4, 8) / 32.0
@@ -124,3 +125,21 @@ def test_every_program_is_a_training_program(serial):
         assert isinstance(prog, TrainingProgram)
         assert len(prog.shards) == len(prog.param_shards) == 3
         assert prog.comm_clock[0] >= 0.0
+
+
+def test_every_forward_program_is_a_forward_step():
+    """Serial and sharded forward programs answer the same calls, with the serial result."""
+    expected = Net(scalar=False)(X)
+
+    def body(comm):
+        with bound_world(comm):
+            net = Net(mp=2, scalar=False)
+            return forward_program(net, (X,), {}), net(X)
+    serial = forward_program(Net(scalar=False), (X,), {})
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=2, full_batch=True):
+        sharded = run_in_process(2, body)
+    assert [type(p).__name__ for p in [serial] + [r[0] for r in sharded]] == [
+        "ForwardProgram", "ShardedForwardProgram", "ShardedForwardProgram"]
+    for prog, out in [(serial, serial((X,), {}))] + sharded:
+        assert isinstance(prog, ForwardStep)
+        np.testing.assert_allclose(out, expected, rtol=1e-12)

@@ -1,5 +1,5 @@
-"""Pipeline parallelism: loss and this rank's gradient shards, the interface of
-:class:`~autopar.runtime.sharded_program.ShardedGradProgram`.
+"""Pipeline parallelism: loss and this rank's gradient shards, a
+:class:`~autopar.runtime.protocol.TrainingProgram` like the serial and sharded programs.
 
 Built once per input signature, on every rank:
 

@@ -12,6 +12,8 @@ them the same way and never asks which one it holds::
     prog.sync_weights()                      # bring updated slices back (no-op when none)
     full = prog.gathered(grads)              # whole gradients on every rank
 
+A forward pass (``cell(*inputs)``, generation) is a :class:`ForwardStep`, serial or sharded.
+
 The serial program is the one-rank case: its shards are the Parameters, its norm is local,
 ``gathered`` returns the gradients as they are and ``sync_weights`` does nothing.
 
@@ -67,6 +69,24 @@ class TrainingProgram(ABC):
     def measure(self, meter) -> None:
         """Measure live bytes of the steps from now on into ``meter`` (None: off)."""
         self.program.meter = meter
+
+
+class ForwardStep(ABC):
+    """A compiled forward pass of a cell for one input signature on this rank: the serial
+    :class:`~autopar.runtime.sharded_forward.ForwardProgram` and its sharded counterpart
+    answer the same three calls (serially, local values are whole)."""
+
+    @abstractmethod
+    def __call__(self, args: tuple, kwargs: dict):
+        """What ``cell(*args, **kwargs)`` returns (sharded: whole values, or this rank's rows)."""
+
+    @abstractmethod
+    def run(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Outputs from the array inputs as this rank holds them (carried state: local shards)."""
+
+    @abstractmethod
+    def local_zeros(self, arg: int) -> np.ndarray:
+        """Zeros in the local shape argument ``arg`` is fed in (a carried cache's shard)."""
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from ..strategy.mesh import Mesh
 from ..strategy.plan import ShardingPlan, input_layout, make_plan
 from .compiled import ConsistencyCheck, feed_group, parallel_setting, setting_key, tensor_args
 from .program import Program
+from .protocol import ForwardStep
 from .spmd import lower, settled
 from .trace import Traced, signature_key, trace
 
@@ -51,7 +52,7 @@ def _input_slots(traced: Traced) -> list[int | None]:
     return slots
 
 
-class ForwardProgram:
+class ForwardProgram(ForwardStep):
     """The serial forward program of one signature (also the interface of the sharded one:
     there, local values are whole)."""
 
@@ -72,7 +73,7 @@ class ForwardProgram:
         return np.zeros(spec.shape, spec.dtype)
 
 
-class ShardedForwardProgram:
+class ShardedForwardProgram(ForwardStep):
     """One rank's forward program of ``cell`` for one signature; see the module docstring.
 
     ``args``/``kwargs`` are what this rank is fed: the whole batch (``full_batch``) or its
