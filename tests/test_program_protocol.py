@@ -88,7 +88,7 @@ def serial():
 
 @pytest.mark.parametrize("layout", ["dp", "mp", "pipeline"])
 def test_unused_parameter_gets_zero_gradients_everywhere(serial, layout):
-    loss, grads, prog, weights = serial
+    loss, grads, _, weights = serial
     assert np.array_equal(grads["spare"], np.zeros((3, 2)))
     assert np.array_equal(weights["spare"], np.full((3, 2), 7.0))   # no update from a zero gradient
     for got_loss, got_grads, got_prog, got_weights in on_two_ranks(layout):

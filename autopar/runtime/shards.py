@@ -3,7 +3,7 @@ gradients' global norm (over ranks, or of one rank's whole gradients)."""
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
