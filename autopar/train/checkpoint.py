@@ -67,7 +67,7 @@ import sys
 import numpy as np
 from safetensors.numpy import save as _st_bytes
 
-from ..errors import format_error
+from ..errors import check_int, format_error
 from ..runtime.pipeline_shards import AbsentShard
 from ..runtime.shards import ParamShard
 from .checkpoint_format import (
@@ -78,11 +78,10 @@ from .checkpoint_format import (
     VERSION,
     NoSpaceError,
     Region,
-    _fail,
-    _full,
-    _is_int,
     _check_names,
     _check_shapes,
+    _fail,
+    _full,
     _listed,
     _Reader,
     _region,
@@ -551,9 +550,7 @@ class ModelCheckpoint:
     Call it after each step on every rank: ``ckpt_cb(train, extra={...})``."""
 
     def __init__(self, directory, prefix: str = "ckpt", every: int = 1, keep: int = 5):
-        for arg, value in (("every", every), ("keep", keep)):
-            if not _is_int(value) or value < 1:
-                raise _fail("ModelCheckpoint", arg, "an int >= 1", repr(value))
+        every, keep = (check_int("ModelCheckpoint", arg, value, 1) for arg, value in (("every", every), ("keep", keep)))
         if not isinstance(prefix, str) or not _FILE_NAME.match(prefix):
             raise _fail("ModelCheckpoint", "prefix", "a plain file name", repr(prefix))
         self.directory, self.prefix, self.every, self.keep = os.fspath(directory), prefix, every, keep

@@ -56,7 +56,6 @@ _FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 Region = tuple[tuple[int, int], ...]   # [start, stop) per dim, in global coordinates
 
 
-_is_int = is_int  # the name train/checkpoint.py imports; it may import errors.is_int directly
 
 
 def _fail(where: str, arg: str, expected: str, actual: str, fix: str = "") -> ValueError:
