@@ -15,33 +15,9 @@ import math
 import numpy as np
 
 from ..errors import format_error
+from ..runtime.shards import local_norm
 
-BLOCK_ELEMENTS = 1 << 16  # elements converted to float64 at a time (512 KiB of float64)
-
-
-def _sum_of_squares(g: np.ndarray, block: np.ndarray) -> float:
-    flat = np.ravel(g)  # a view when g is contiguous
-    if flat.dtype == np.float64:
-        return float(np.dot(flat, flat))
-    total = 0.0
-    for start in range(0, flat.size, block.size):
-        part = flat[start:start + block.size]
-        b = block[:part.size]
-        b[...] = part
-        total += float(np.dot(b, b))
-    return total
-
-
-def global_norm(grads) -> float:
-    """sqrt of the sum of squares of every element of every array in ``grads`` (float64 sum)."""
-    block = np.empty(BLOCK_ELEMENTS, np.float64)
-    total = 0.0
-    for i, g in enumerate(grads):
-        g = np.asarray(g)
-        if g.dtype.kind not in "fiu":
-            raise ValueError(format_error("global_norm", f"grads[{i}] dtype", "a numeric array", str(g.dtype)))
-        total += _sum_of_squares(g, block)
-    return math.sqrt(total)
+global_norm = local_norm   # one float64-block norm for the trainer and for users
 
 
 def clip_by_global_norm(grads, clip_norm: float = 1.0):
