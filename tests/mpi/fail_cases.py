@@ -1,5 +1,5 @@
 """One faulty rank in a tiny 2-rank training job, as a user would write it: run by
-tests/test_fail_loud_mpi.py as ``mpiexec -n 2 python tests/mpi/fail_cases.py <case>``.
+tests/test_fail_loud.py as ``mpiexec -n 2 python tests/mpi/fail_cases.py <case>``.
 
 Rank 1 prints ``armed <time>`` just before its fault, so the test can time how long the
 job takes to end after it. Rank 0 prints ``finished`` (to stderr) if it ever gets through.

@@ -129,7 +129,7 @@ def test_abort_hook_prints_the_rank_and_traceback_before_aborting(monkeypatch, c
     (code, err), = printed_at_abort
     assert code == 1
     assert err.startswith("autopar: uncaught KeyError on rank 1 of 2; aborting the MPI job\n[rank 1] Traceback")
-    assert "[rank 1] KeyError: 'deliberate'" in err and "test_fail_loud_mpi.py" in err
+    assert "[rank 1] KeyError: 'deliberate'" in err and "test_fail_loud.py" in err
 
 
 # ---- 2. a launcher without init() -----------------------------------------------------------------
