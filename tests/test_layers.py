@@ -1,0 +1,126 @@
+"""Layers point down (../shared/DESIGN.md, "Layers"): a module of autopar imports only its
+own layer and the layers below it, at module level and inside functions alike.
+
+    errors, dtype  <  ir  <  backend  <  ops  <  comm  <  strategy  <  context  <  runtime
+                   <  nn  <  train  <  models  <  calibrate, plan (the CLIs)  <  autopar/__init__
+
+The test parses every module's imports (nothing is imported). ``KNOWN_UPWARD`` lists the
+upward imports the tree still has, each one a debt of the redesign (issue 12: the core
+values -- Mesh, Layout, Strategy, Graph, the RNG, the tracing context -- still live in upper
+layers). A new upward import fails the test; so does a listed one that is gone, so the list
+only shrinks.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent / "autopar"
+LAYERS = ("errors", "dtype", "ir", "backend", "ops", "comm", "strategy", "context", "runtime", "nn", "train",
+          "models", "calibrate", "plan", "__init__")
+
+KNOWN_UPWARD = {
+    # ops on values that live above them: Strategy, the sharding rules, the RNG, the tracing context
+    ("autopar.ops.primitive", "autopar.strategy.strategy"),
+    ("autopar.ops.primitive", "autopar.runtime.trace"),
+    ("autopar.ops.dropout", "autopar.runtime.random"),
+    ("autopar.ops.slicing", "autopar.runtime.trace"),
+    *((f"autopar.ops.{m}", "autopar.strategy.sharding") for m in (
+        "contraction", "elementwise", "embedding", "movement", "normalization", "reduction", "slicing", "softmax")),
+    # comm's redistribution on Mesh and Layout, which live in strategy/
+    ("autopar.comm.redistribution", "autopar.strategy.layout"),
+    ("autopar.comm.redistribution", "autopar.strategy.mesh"),
+    # planning on the Graph and the tracer, which live in runtime/; model-specific pricing
+    *((f"autopar.strategy.{m}", "autopar.runtime.graph") for m in (
+        "costmodel", "plan", "search", "search.problem", "search.recursive", "stages", "strategy_file")),
+    ("autopar.strategy.stages", "autopar.runtime.trace"),
+    ("autopar.strategy.stages", "autopar.models.pangu_alpha"),
+    ("autopar.strategy.stages", "autopar.models.yuan"),
+    ("autopar.strategy.op_rates", "autopar.models.pangu_alpha"),
+    ("autopar.strategy.op_rates", "autopar.runtime.compiled"),
+    ("autopar.strategy.op_rates", "autopar.runtime.op_timer"),
+    ("autopar.strategy.op_rates", "autopar.train"),
+    ("autopar.strategy.op_rates", "autopar.train.clip"),
+    # the runtime asking nn what a Parameter or a PipelineCell is
+    ("autopar.runtime.trace", "autopar.nn.parameter"),
+    ("autopar.runtime.pipeline_program", "autopar.nn.pipeline"),
+    # MindSpore keeps optimizers in nn; the trainer checks its optimizer's type
+    ("autopar.nn", "autopar.train.optimizers"),
+    ("autopar.nn.wrappers", "autopar.train.optimizers"),
+}
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def imported_modules(path: Path, root: Path) -> set[str]:
+    """Every autopar module ``path`` imports, anywhere in it (``from .. import ops`` names
+    ``autopar.ops``; ``from ..ops import X`` names ``autopar.ops``)."""
+    module = module_name(path, root)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:      # a submodule imported by name is what is imported
+                sub = f"{target}.{alias.name}"
+                is_module = (root.parent / Path(*sub.split("."))).with_suffix(".py").is_file() or \
+                    (root.parent / Path(*sub.split("."))).is_dir()
+                found.add(sub if is_module else target)
+    return {m for m in found if m == root.name or m.startswith(root.name + ".")}
+
+
+def upward_imports(root: Path = ROOT) -> set[tuple[str, str]]:
+    """(importer, imported) for every import that points up the layer order."""
+    pairs = set()
+    for path in sorted(root.rglob("*.py")):
+        module = module_name(path, root)
+        for target in imported_modules(path, root):
+            if LAYERS.index(layer(target)) > LAYERS.index(layer(module)):
+                pairs.add((module, target))
+    return pairs
+
+
+def test_every_module_is_in_a_known_layer():
+    unknown = sorted({layer(module_name(p, ROOT)) for p in ROOT.rglob("*.py")} - set(LAYERS))
+    assert not unknown, f"add these to LAYERS (and to DESIGN.md's layer list): {unknown}"
+
+
+def test_no_new_upward_import_and_the_known_ones_only_shrink():
+    found = upward_imports()
+    assert not found - KNOWN_UPWARD, f"upward imports (fix them, do not list them): {sorted(found - KNOWN_UPWARD)}"
+    assert not KNOWN_UPWARD - found, f"gone, remove from KNOWN_UPWARD: {sorted(KNOWN_UPWARD - found)}"
+
+
+@pytest.mark.parametrize("line, caught", [
+    ("from ..runtime.graph import Graph", True),          # module level, upward
+    ("def f():\n    from ..nn import Cell\n", True),      # inside a function: counted too
+    ("from .. import models", True),                      # a package named in the import list
+    ("from ..errors import format_error", False),         # downward
+    ("import numpy as np", False),                        # not autopar
+])
+def test_the_check_sees_an_upward_import_wherever_it_is(tmp_path, line, caught):
+    root = tmp_path / "autopar"
+    for sub in ("ops", "runtime", "nn", "models"):
+        (root / sub).mkdir(parents=True)
+        (root / sub / "__init__.py").write_text("")
+    (root / "__init__.py").write_text("")
+    (root / "errors.py").write_text("")
+    (root / "runtime" / "graph.py").write_text("")
+    (root / "ops" / "rule.py").write_text(line + "\n")
+    assert bool(upward_imports(root)) is caught
