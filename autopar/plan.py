@@ -27,6 +27,7 @@ import os
 import sys
 import time
 
+from . import models  # noqa: F401  (importing the models registers their families with the planner)
 from .errors import format_error
 from .strategy.costmodel import CostModel
 from .strategy.mesh import Mesh
@@ -34,7 +35,9 @@ from .strategy.plan import plan_shardings
 from .strategy.profile import MachineProfile, load_profile
 from .strategy.report import draw, op_table, picture_formats, side_by_side
 from .strategy.search import SEARCH_MODES, human_bytes, search
-from .strategy.stages import FAMILIES, Family, StageCoster, evaluate, search_stages
+from .strategy.pipeline.registry import ModelFamily, model_family, registered_models
+from .strategy.pipeline.stage_search import StageCoster, evaluate, search_stages
+from .strategy.strategy_file import save_strategy
 
 PROG = "python -m autopar.plan"
 # The stage search enumerates every divisor of --devices one by one: 2^20 takes a tenth of
@@ -103,7 +106,7 @@ def _profile(text: str) -> MachineProfile:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", choices=sorted(FAMILIES), default="pangu_alpha")
+    p.add_argument("--model", choices=registered_models(), default="pangu_alpha")
     p.add_argument("--preset", required=True, help="a preset of the model's config, e.g. 200B, 2.6B, tiny")
     p.add_argument("--devices", type=_integer(1, MAX_DEVICES), required=True)
     p.add_argument("--profile", type=_profile, default="cpu-2core",
@@ -185,17 +188,17 @@ def _unwritable(path: str) -> str | None:
     return None
 
 
-def model_of(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[Family, str]:
+def model_of(p: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[ModelFamily, str]:
     """The model family at --preset, computing in --compute-dtype (or the profile's best)."""
     profile = args.profile
     try:
-        FAMILIES[args.model](args.preset)
+        model_family(args.model, args.preset)
     except (ValueError, TypeError) as err:
         p.error(f"argument --preset: {err} (for --model {args.model})")
     dtype = args.compute_dtype or ("float32" if "float32" in profile.gemm_flops else min(
         profile.gemm_flops, key=lambda d: -profile.gemm_flops[d]))
     try:
-        return FAMILIES[args.model](args.preset, compute_dtype=dtype), dtype
+        return model_family(args.model, args.preset, compute_dtype=dtype), dtype
     except (ValueError, TypeError) as err:
         p.error(f"argument --compute-dtype: {err}")
 
@@ -208,7 +211,7 @@ def _dtype_note(profile: MachineProfile, dtype: str) -> str:
     return f" (profile {profile.name} lists no {dtype} GEMM rate: priced at its slowest, {slowest})"
 
 
-def check_hand_plan(p: argparse.ArgumentParser, args: argparse.Namespace, family: Family) -> None:
+def check_hand_plan(p: argparse.ArgumentParser, args: argparse.Namespace, family: ModelFamily) -> None:
     """Say which of pp / dp / mp / micro-batches does not fit what, before any pricing."""
     pp, dp, mp, m = args.pp, args.dp, args.mp, args.micro_batches
     where = f"hand plan --pp {pp} --dp {dp} --mp {mp} --micro-batches {m}"
@@ -232,7 +235,7 @@ def check_hand_plan(p: argparse.ArgumentParser, args: argparse.Namespace, family
                              f"{family.layers} (the pipelined layers of {args.model} {args.preset})",
                              f"{len(split)} counts summing to {sum(split)}", ""))
     try:
-        family.config.replace(data_parallel=dp, model_parallel=mp)
+        family.check_degrees(dp, mp)
     except ValueError as err:
         p.error(f"{where}: --dp/--mp do not fit the model: {err}")
 
@@ -311,10 +314,7 @@ def _no_plan(args: argparse.Namespace, cap: float, tried: list) -> None:
 
 def _stage_plan(coster: StageCoster, plan):
     """The cost model and op plan of one stage of ``plan`` (its one-layer graph)."""
-    from .runtime.trace import trace
-    fam = coster.family
-    cfg = fam.one_layer(fam.config).replace(data_parallel=plan.dp, model_parallel=plan.mp)
-    graph = trace(fam.build(cfg), fam.input_specs(cfg, plan.micro_batch_size), {}).graph
+    graph = coster.family.graph(plan.micro_batch_size, plan.dp, plan.mp, one_layer=True)
     stage = Mesh((coster.devices // plan.pp,), ("devices",))
     return (CostModel(graph, stage, coster.profile, True, optimizer_parallel=plan.optimizer_parallel),
             plan_shardings(graph, "semi_auto_parallel", stage, True))
@@ -334,15 +334,12 @@ def _write_json(path: str, best, plans, family) -> None:
 
 def _op_search(p: argparse.ArgumentParser, args, family, profile, cap, t0) -> int:
     """Every op's strategy of the whole model on all devices (no pipeline)."""
-    from .runtime.trace import trace
-    cfg = family.config
-    graph = trace(family.build(cfg), family.input_specs(cfg, args.batch), {}).graph
+    graph = family.graph(args.batch)
     stage = Mesh((args.devices,), ("devices",))
     hand = None
     if args.pp is not None:     # checked: --pp 1 --micro-batches 1; priced first, so it fails before the search
         try:
-            hand_cfg = cfg.replace(data_parallel=args.dp, model_parallel=args.mp)
-            hg = trace(family.build(hand_cfg), family.input_specs(hand_cfg, args.batch), {}).graph
+            hg = family.graph(args.batch, args.dp, args.mp)
             hand = CostModel(hg, stage, profile, True, optimizer_parallel=args.optimizer_parallel).evaluate(
                 plan_shardings(hg, "semi_auto_parallel", stage, True))
         except ValueError as err:
@@ -366,7 +363,6 @@ def _op_search(p: argparse.ArgumentParser, args, family, profile, cap, t0) -> in
         print(f"hand-given dp{args.dp} x mp{args.mp}: predicted step {hand.step_seconds:.4f} s, memory "
               f"{human_bytes(hand.memory_bytes)}; searched / hand-given: {c.step_seconds / hand.step_seconds:.3f}")
     if args.json:
-        from .strategy.strategy_file import save_strategy
         save_strategy(args.json, graph, res.plan, predicted=c.summary())
         print(f"\nstrategy file written to {args.json}")
     return 0

@@ -149,7 +149,7 @@ def bubble_case(comm, cfg_kw: dict, stages: int, micro: int, schedule: str, step
     from autopar import nn
     from autopar.context import bound_world, parallel_context
     from autopar.runtime.compiled import grad_program
-    from autopar.runtime.pipeline_runner import run_step
+    from autopar.runtime.pipeline.runner import run_step
     cfg, net, layers = pangu(cfg_kw)
     ids = token_batch(cfg, micro * MICRO_ROWS)                       # (m·rows, S + 1)
     with bound_world(comm), parallel_context(parallel_mode="semi_auto_parallel", device_num=comm.size,

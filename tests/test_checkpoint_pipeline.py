@@ -17,7 +17,7 @@ from autopar.comm import run_in_process
 from autopar.comm.mpi import launched_under_mpi
 from autopar.context import bound_world, parallel_context
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
-from autopar.runtime.pipeline_shards import AbsentShard
+from autopar.runtime.pipeline.shards import AbsentShard
 from autopar.train import AdamWeightDecay
 from autopar.train import checkpoint as ckpt
 

@@ -34,10 +34,9 @@ KNOWN_UPWARD = {
     ("autopar.comm.redistribution", "autopar.strategy.mesh"),
     # planning on the Graph and the tracer, which live in runtime/; model-specific pricing
     *((f"autopar.strategy.{m}", "autopar.runtime.graph") for m in (
-        "costmodel", "plan", "search", "search.problem", "search.recursive", "stages", "strategy_file")),
-    ("autopar.strategy.stages", "autopar.runtime.trace"),
-    ("autopar.strategy.stages", "autopar.models.pangu_alpha"),
-    ("autopar.strategy.stages", "autopar.models.yuan"),
+        "costmodel", "plan", "search", "search.problem", "search.recursive", "strategy_file",
+        "pipeline.assignment", "pipeline.planner", "pipeline.registry", "pipeline.stage_graph",
+        "pipeline.stage_search")),
     ("autopar.strategy.op_rates", "autopar.models.pangu_alpha"),
     ("autopar.strategy.op_rates", "autopar.runtime.compiled"),
     ("autopar.strategy.op_rates", "autopar.runtime.op_timer"),
@@ -45,7 +44,7 @@ KNOWN_UPWARD = {
     ("autopar.strategy.op_rates", "autopar.train.clip"),
     # the runtime asking nn what a Parameter or a PipelineCell is
     ("autopar.runtime.trace", "autopar.nn.parameter"),
-    ("autopar.runtime.pipeline_program", "autopar.nn.pipeline"),
+    ("autopar.runtime.pipeline.program", "autopar.nn.pipeline"),
     # MindSpore keeps optimizers in nn; the trainer checks its optimizer's type
     ("autopar.nn", "autopar.train.optimizers"),
     ("autopar.nn.wrappers", "autopar.train.optimizers"),

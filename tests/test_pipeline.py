@@ -17,9 +17,9 @@ from autopar.comm import run_in_process
 from autopar.comm.mpi import launched_under_mpi
 from autopar.context import bound_world, parallel_context
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
-from autopar.runtime.pipeline_program import StageShard
-from autopar.runtime.pipeline_stages import assign_stages, differentiable_values
-from autopar.runtime.schedule import gpipe, one_f_one_b
+from autopar.runtime.pipeline.program import StageShard
+from autopar.strategy.pipeline.assignment import assign_stages, differentiable_values
+from autopar.runtime.pipeline.schedule import gpipe, one_f_one_b
 from autopar.runtime.trace import trace
 from autopar.train import AdamWeightDecay
 

@@ -2,7 +2,7 @@
 and the bubble (p - 1) / (m + p - 1)."""
 import pytest
 
-from autopar.runtime.schedule import gpipe, make_schedule, one_f_one_b
+from autopar.runtime.pipeline.schedule import gpipe, make_schedule, one_f_one_b
 
 CASES = [(p, m) for p in (1, 2, 3, 4, 8) for m in (1, 2, 4, 7, 16) if m >= p or p <= 2]
 

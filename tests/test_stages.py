@@ -12,14 +12,16 @@ from autopar.strategy.costmodel import CostModel
 from autopar.strategy.mesh import Mesh
 from autopar.strategy.plan import plan_shardings
 from autopar.strategy.profile import load_profile
-from autopar.strategy.stages import StageCoster, evaluate, pangu_family, split_layers, stage_memory
+from autopar.strategy.pipeline.registry import model_family
+from autopar.strategy.pipeline.stage_search import StageCoster, evaluate, split_layers, stage_memory
 
 PROFILE = load_profile("cpu-2core")
 
 
 @pytest.fixture(scope="module")
 def small():
-    fam = pangu_family("tiny", hidden_size=64, ffn_hidden_size=256, num_layers=9, seq_length=32, vocab_size=256)
+    fam = model_family("pangu_alpha", "tiny", hidden_size=64, ffn_hidden_size=256, num_layers=9, seq_length=32,
+                       vocab_size=256)
     return StageCoster(fam, 8, PROFILE)
 
 
@@ -27,8 +29,7 @@ def test_one_stage_from_one_layer_equals_the_full_graph(small):
     """pp1: layers x one layer + extras is the whole model's predicted step and memory."""
     fam = small.family
     got = evaluate(small, 16, 1, 4, 2, 1, False, False)
-    cfg = fam.config.replace(data_parallel=4, model_parallel=2)
-    g = trace(fam.build(cfg), fam.input_specs(cfg, 16), {}).graph
+    g = fam.graph(16, 4, 2)
     stage = Mesh((8,), ("devices",))
     full = CostModel(g, stage, PROFILE, True).evaluate(plan_shardings(g, "semi_auto_parallel", stage, True))
     assert got.step_seconds == pytest.approx(full.step_seconds, rel=0.02)

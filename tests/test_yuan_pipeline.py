@@ -9,7 +9,7 @@ from autopar import nn
 from autopar.comm import run_in_process
 from autopar.context import bound_world, parallel_context
 from autopar.models.yuan import YuanConfig, YuanWithLoss
-from autopar.runtime.pipeline_stages import assign_stages
+from autopar.strategy.pipeline.assignment import assign_stages
 from autopar.runtime.trace import trace
 from autopar.train import AdamWeightDecay
 

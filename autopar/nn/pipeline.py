@@ -14,7 +14,7 @@ each micro-batch drops the units the whole batch drops. ``pipeline_schedule`` is
 "gpipe" (all forwards, then all backwards).
 
 Ops of cells without ``pipeline_stage`` follow their data (see
-:mod:`autopar.runtime.pipeline_stages`): PanGu-α needs only its layers annotated.
+:mod:`autopar.strategy.pipeline.assignment`): PanGu-α needs only its layers annotated.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from .. import ops
 from ..errors import format_error
-from ..runtime.schedule import SCHEDULES
+from ..runtime.pipeline.schedule import SCHEDULES
 from .cell import Cell
 
 

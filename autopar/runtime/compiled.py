@@ -194,7 +194,7 @@ def grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float 
     """The compiled loss-and-gradients program for this signature: serial, this rank's
     sharded program when the parallel context says so, or its pipeline program for a
     PipelineCell or ``pipeline_stages > 1``."""
-    from .pipeline_program import pipeline_grad_program, pipelined
+    from .pipeline.program import pipeline_grad_program, pipelined
     setting = parallel_setting()
     key = ("grad", cell.training, sens, tuple(id(p) for p in params), setting_key(setting)) + signature_key(args, kwargs)
     prog = cell._compiled.get(key)

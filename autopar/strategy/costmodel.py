@@ -344,14 +344,15 @@ class CostModel:
         for n, c, edge in self.op_costs(plan):
             compute, comm, update = compute + c.compute_s, comm + c.comm_s + c.grad_s + edge, update + c.update_s
             pb, gb, sb = pb + c.param_bytes, gb + c.grad_bytes, sb + c.state_bytes
-            for key, nbytes in self._kept(n, sh[n.id]):
+            for key, nbytes in self.kept_for_backward(n, sh[n.id]):
                 kept[key] = nbytes
             rows.append((n.name, str(sh[n.id]), str(sh[n.id].output_layout()), c.comm_s + c.grad_s + edge,
                          c.seconds + edge))
         return PlanCost(compute, comm, update, pb, gb, sb, sum(kept.values()), tuple(rows))
 
-    def _kept(self, node: Node, sh: OpSharding):
-        """(value, layout) -> local bytes of what ``node`` keeps for its backward."""
+    def kept_for_backward(self, node: Node, sh: OpSharding):
+        """((value, layout), local bytes) of each activation ``node`` keeps for its backward: a
+        plan's activations are these summed over its ops, each (value, layout) once."""
         if not any(v in self.needs_grad for v in node.inputs):
             return []
         g, out = self.graph, []

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from .costmodel import CostModel
+from .pipeline.stage_search import StagePlan
 from .plan import ShardingPlan
 from .search import human_bytes
-from .stages import StagePlan
 
 
 def op_table(model: CostModel, plan: ShardingPlan, limit: int | None = None) -> str:

@@ -68,7 +68,7 @@ import numpy as np
 from safetensors.numpy import save as _st_bytes
 
 from ..errors import check_int, format_error
-from ..runtime.pipeline_shards import AbsentShard
+from ..runtime.pipeline.shards import AbsentShard
 from ..runtime.shards import ParamShard
 from .checkpoint_format import (
     _FILE_NAME,
@@ -497,7 +497,7 @@ def _check_bound(where: str, optimizer, network, tensors: dict) -> None:
     """States are placed by the shards the optimizer holds: a sharded or pipelined trainer
     must have built its program first."""
     from ..runtime.compiled import parallel_setting
-    from ..runtime.pipeline_program import pipelined
+    from ..runtime.pipeline.program import pipelined
     if not any(e.get("kind") == "state" for e in tensors.values()):
         return
     bound = any(isinstance(t, ParamShard) for t in optimizer.params)

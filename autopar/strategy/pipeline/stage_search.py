@@ -4,8 +4,9 @@ and optimizer parallel, chosen jointly to minimise predicted step time under a m
 A decoder is a stack of identical layers between a head and a tail: the first stage also
 runs the embeddings, the last also the query layer, head and loss. So one stage setting --
 (devices per stage, data x model degrees, micro-batch size) -- is priced once, on a graph
-of ONE layer with its extras, by :class:`~autopar.strategy.costmodel.CostModel`; a
-pipeline of any depth is then arithmetic on those parts (seconds per micro-batch, bytes):
+of ONE layer with its extras (the graph its family registered, :mod:`.registry`), by
+:class:`~autopar.strategy.costmodel.CostModel`; a pipeline of any depth is then arithmetic
+on those parts (seconds per micro-batch, bytes):
 
 * stage time per micro-batch ``T_s = n_s x layer + extras_s (+ a forward again with
   recompute) + send/recv of the boundary activation``;
@@ -22,18 +23,17 @@ the split moves layers back (Yuan 2.0's non-uniform lists).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from ..ops.primitive import TensorSpec
-from ..runtime.graph import Graph
-from ..runtime.trace import trace
-from .costmodel import CostModel
-from .mesh import Mesh
-from .plan import plan_shardings
-from .profile import MachineProfile
+from ...runtime.graph import Graph
+from ..costmodel import CostModel
+from ..mesh import Mesh
+from ..plan import plan_shardings
+from ..profile import MachineProfile
+from .registry import ModelFamily
 
 RECOMPUTE_EXTRA = 1 / 3    # recompute re-runs the forward: a third of forward + backward compute
 
@@ -49,37 +49,6 @@ class Part:
     state_bytes: int = 0         # of which optimizer states
     activation_bytes: int = 0    # kept for backward, one micro-batch
     boundary_bytes: int = 0      # the activation entering the group (what recompute keeps)
-
-
-@dataclass(frozen=True)
-class Family:
-    """How to build a model of this family with a given number of layers and degrees."""
-    name: str
-    config: object
-    layers: int                                   # pipelined identical layers
-    build: Callable[[object], object]             # config -> loss cell
-    one_layer: Callable[[object], object]         # config -> config with one pipelined layer
-    input_specs: Callable[[object, int], tuple]   # (config, batch) -> input TensorSpecs
-    layer_scope: str = "blocks.0."
-
-
-def pangu_family(preset: str, **overrides) -> Family:
-    from ..models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
-    cfg = PanguAlphaConfig.preset(preset, **overrides)
-    return Family("pangu_alpha", cfg, cfg.num_layers - 1, PanguAlphaWithLoss,
-                  lambda c: c.replace(num_layers=2),
-                  lambda c, b: (TensorSpec((b, c.seq_length + 1), np.dtype(np.int32)),))
-
-
-def yuan_family(preset: str, **overrides) -> Family:
-    from ..models.yuan import YuanConfig, YuanWithLoss
-    cfg = YuanConfig.preset(preset, **overrides)
-    return Family("yuan", cfg, cfg.num_layers, YuanWithLoss,
-                  lambda c: c.replace(num_layers=1, layers_per_stage=None),
-                  lambda c, b: (TensorSpec((b, c.seq_length + 1), np.dtype(np.int32)),))
-
-
-FAMILIES = {"pangu_alpha": pangu_family, "yuan": yuan_family}
 
 
 @dataclass(frozen=True)
@@ -115,7 +84,7 @@ class StagePlan:
 class StageCoster:
     """Prices stage settings of one model family on one machine, caching each setting."""
 
-    def __init__(self, family: Family, devices: int, profile: MachineProfile):
+    def __init__(self, family: ModelFamily, devices: int, profile: MachineProfile):
         self.family, self.devices, self.profile = family, devices, profile
         self._parts: dict = {}
 
@@ -129,8 +98,7 @@ class StageCoster:
     def _price(self, stage_devices, dp, mp, mb):
         """Both optimizer-parallel settings from one pricing (they differ in state bytes only)."""
         fam = self.family
-        cfg = fam.one_layer(fam.config).replace(data_parallel=dp, model_parallel=mp)
-        graph = trace(fam.build(cfg), fam.input_specs(cfg, mb), {}).graph
+        graph = fam.graph(mb, dp, mp, one_layer=True)
         stage = Mesh((stage_devices,), ("devices",))
         plan = plan_shardings(graph, "semi_auto_parallel", stage, True)
         model = CostModel(graph, stage, self.profile, True)
@@ -159,7 +127,7 @@ def split_parts(model: CostModel, plan, layer_scope: str, memory_model: CostMode
         rows = groups[name]
         kept: dict = {}
         for n, _, _ in rows:
-            for key, nbytes in model._kept(n, plan.shardings[n.id]):
+            for key, nbytes in model.kept_for_backward(n, plan.shardings[n.id]):
                 kept[key] = nbytes
         model_bytes = state = 0
         for v in {v for n, _, _ in rows for v in n.inputs if v in model.params}:   # every weight it reads
@@ -312,5 +280,5 @@ def search_stages(coster: StageCoster, batch: int, memory_cap: float | None = No
     return best, tried
 
 
-__all__ = ["Family", "FAMILIES", "Part", "StagePlan", "StageCoster", "evaluate", "search_stages",
+__all__ = ["Part", "StagePlan", "StageCoster", "evaluate", "search_stages",
            "split_layers", "in_flight"]

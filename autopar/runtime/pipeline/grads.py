@@ -39,11 +39,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .graph import Graph
-from .optimizer_parallel import SliceShard, WeightGather, slice_layout, slice_of
-from .pipeline_shards import StageShard
-from .shards import global_norm
-from .spmd import Redistribute
+from ..graph import Graph
+from ..optimizer_parallel import SliceShard, WeightGather, slice_layout, slice_of
+from ..shards import global_norm
+from ..spmd import Redistribute
+from .shards import StageShard
 
 
 def defer_reductions(local: Graph, first: int, count: int) -> tuple[Graph, tuple]:

@@ -1,7 +1,7 @@
 """Walking a pipeline schedule on one rank: forward and backward halves per micro-batch,
 activations and their gradients sent between stages, gradients accumulated.
 
-Order. Every rank walks the same clock x stage table (:mod:`autopar.runtime.schedule`)
+Order. Every rank walks the same clock x stage table (:mod:`autopar.runtime.pipeline.schedule`)
 phase by phase, clock by clock: at clock t it runs its stage's item, if any, then takes
 part in the *transfers* of clock t -- every activation made by a forward at t and every
 gradient made by a backward at t, in one global order (clock, stage, value, destination).
@@ -19,7 +19,7 @@ held until its consumer's item.
 Memory. ``saved[k]`` holds micro-batch k's saved values from its forward to its backward;
 ``live`` counts them after every clock, so the measured in-flight micro-batches can be
 checked against :meth:`Schedule.in_flight`. Given a
-:class:`~autopar.runtime.pipeline_memory.StepMemory`, every half runs under a meter told
+:class:`~autopar.runtime.pipeline.memory.StepMemory`, every half runs under a meter told
 what the runner holds around it, so the step's peak live bytes are measured.
 """
 from __future__ import annotations

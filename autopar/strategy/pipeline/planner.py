@@ -14,7 +14,8 @@ Planning touches no communicator, so any rank (or a test) plans every stage:
 
 Strategy files: ``strategy_ckpt_load_file`` gives every stage its plan from one version-2
 file (a list of stage plans, :mod:`autopar.strategy.strategy_file`); ``strategy_ckpt_save_file``
-is written by :func:`save_pipeline_plan` with every stage's plan, as used (crossing and
+is written, as a separate step after planning, by
+:func:`~autopar.strategy.pipeline.files.save_pipeline_plan` with every stage's plan, as used (crossing and
 shared-parameter layouts set: planning them again from the file gives the same plan).
 """
 from __future__ import annotations
@@ -22,14 +23,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..strategy.layout import Layout
-from ..strategy.mesh import Mesh
-from ..strategy.plan import ShardingPlan, make_plan
-from ..strategy.strategy_file import load_pipeline_strategy, save_pipeline_strategy
-from .graph import Graph
-from .pipeline_graph import StageGraph, stage_graph
-from .pipeline_stages import StageAssignment
-from .spmd import settled
+from ...runtime.graph import Graph
+from ..layout import Layout
+from ..mesh import Mesh
+from ..plan import ShardingPlan, make_plan
+from ..strategy_file import load_pipeline_strategy
+from .assignment import StageAssignment
+from .stage_graph import StageGraph, stage_graph
+
+
+def settled(layout: Layout) -> Layout:
+    """A crossing's transfer layout: the value's own, with partial sums reduced (what its
+    gradient ends in too, as :func:`autopar.runtime.spmd.settled` says)."""
+    return Layout(layout.mesh, layout.dims) if layout.partial else layout
 
 
 def stage_mesh(stage: int, ranks_per_stage: int) -> Mesh:
@@ -114,16 +120,3 @@ def plan_pipeline(graph: Graph, assign: StageAssignment, ranks_per_stage: int, m
                 layouts[sg.local_of[v]] = on_mesh(param_home[v], meshes[s])
         plans[s] = ShardingPlan(raw[s].stage, raw[s].shardings, layouts)
     return PipelinePlan(assign, graphs, tuple(plans), transfer, param_stages, param_home)
-
-
-def save_pipeline_plan(path, plan: PipelinePlan, full_batch: bool, ctx) -> None:
-    """Write every stage's plan of ``plan`` (all planned) to the strategy file ``path``, each
-    with the cost model's prediction for one micro-batch through that stage."""
-    from ..strategy.costmodel import CostModel
-    from ..strategy.profile import load_profile
-    profile = load_profile((ctx.cost_profile if ctx is not None else "") or "cpu-2core")
-    zero = bool(ctx is not None and ctx.enable_parallel_optimizer)
-    assert all(pl is not None for pl in plan.plans), "save_pipeline_plan: plan every stage first"
-    predicted = [CostModel(sg.graph, pl.stage, profile, full_batch, optimizer_parallel=zero).evaluate(pl).summary()
-                 for sg, pl in zip(plan.stages, plan.plans)]
-    save_pipeline_strategy(path, [sg.graph for sg in plan.stages], plan.plans, predicted)

@@ -25,8 +25,8 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .graph import BACKWARD, FORWARD, Graph
-from .spmd import Redistribute
+from ..graph import BACKWARD, FORWARD, Graph
+from ..spmd import Redistribute
 
 
 @dataclass(frozen=True, eq=False)

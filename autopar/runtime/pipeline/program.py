@@ -7,18 +7,18 @@ Built once per input signature, on every rank:
    set of stages sharing a parameter (rank i of each of those stages together);
 2. trace the network on global shapes: one micro-batch (the programs' shapes) and, when it
    drops out, the whole batch too (for whole-batch dropout indices); give every op its
-   stage (:mod:`autopar.runtime.pipeline_stages`);
+   stage (:mod:`autopar.strategy.pipeline.assignment`);
 3. plan its stage, and the stages it depends on, each on its own mesh
-   (:mod:`autopar.runtime.pipeline_plan`);
+   (:mod:`autopar.strategy.pipeline.planner`);
 4. for this rank's stage only: differentiate the stage graph, lower it on the stage
    communicator (sub-communicator splits stay inside the stage), map its dropouts onto
    whole-batch indices per micro-batch, and cut it into forward and backward halves
-   (:mod:`autopar.runtime.pipeline_split`).
+   (:mod:`autopar.runtime.pipeline.split`).
 
 Per call: the fed batch is cut into ``micro`` micro-batches along dim 0, the schedule is
-walked (:mod:`autopar.runtime.pipeline_runner`), gradients summed over micro-batches, then
+walked (:mod:`autopar.runtime.pipeline.runner`), gradients summed over micro-batches, then
 reduced over the stage's replicas once and summed over the copies of shared parameters
-(:mod:`autopar.runtime.pipeline_grads`, which also slices them for optimizer parallel),
+(:mod:`autopar.runtime.pipeline.grads`, which also slices them for optimizer parallel),
 and the loss -- the mean of the micro-batch losses, computed on the last stage --
 broadcast to every rank. A micro-batch's loss gradient is seeded with ``sens / micro``,
 so the gradients are those of that mean.
@@ -30,27 +30,28 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..comm.consistency import NO_GROUP
-from ..errors import format_error
-from ..ops.dropout import Dropout
-from ..ops.primitive import TensorSpec
-from ..strategy.layout import Layout
-from .autodiff import differentiate
-from .compiled import ConsistencyCheck
-from .graph import FORWARD, Graph
-from .pipeline_dropout import MicroBatchDropout, MicroFeed, whole_batch_coords
-from .pipeline_grads import StageGradients, defer_reductions
-from .pipeline_memory import StepMemory
-from .pipeline_plan import PipelinePlan, plan_pipeline, save_pipeline_plan
-from .pipeline_runner import StageStep, run_step, transfers
-from .pipeline_shards import AbsentShard, StageShard, attach
-from .pipeline_split import split_halves
-from .pipeline_stages import assign_stages, differentiable_values
-from .program import Program
-from .protocol import TrainingProgram, loss_targets
+from ...comm.consistency import NO_GROUP
+from ...errors import format_error
+from ...ops.dropout import Dropout
+from ...ops.primitive import TensorSpec
+from ...strategy.layout import Layout
+from ...strategy.pipeline.assignment import assign_stages, differentiable_values
+from ...strategy.pipeline.files import save_pipeline_plan
+from ...strategy.pipeline.planner import PipelinePlan, plan_pipeline
+from ..autodiff import differentiate
+from ..compiled import ConsistencyCheck
+from ..graph import FORWARD, Graph
+from ..program import Program
+from ..protocol import TrainingProgram, loss_targets
+from ..spmd import Redistribute, lower
+from ..trace import trace
+from .dropout import MicroBatchDropout, MicroFeed, whole_batch_coords
+from .grads import StageGradients, defer_reductions
+from .memory import StepMemory
+from .runner import StageStep, run_step, transfers
 from .schedule import make_schedule
-from .spmd import Redistribute, lower
-from .trace import trace
+from .shards import AbsentShard, StageShard, attach
+from .split import split_halves
 
 WHERE = "PipelineCell"
 
@@ -256,7 +257,7 @@ class PipelineGradProgram(TrainingProgram):
 class StagePrograms:
     """The stage's programs (forward and backward halves) seen as one. ``meter`` (a
     MemoryMeter, as TrainOneStepCell.measure_memory sets it) measures whole steps: each
-    half runs under its own meter (:mod:`autopar.runtime.pipeline_memory`) and the step's
+    half runs under its own meter (:mod:`autopar.runtime.pipeline.memory`) and the step's
     usage lands in ``meter.last``."""
 
     def __init__(self, programs: tuple):
@@ -342,15 +343,15 @@ __all__ = ["AbsentShard", "PipelineGradProgram", "StageShard"]
 def pipelined(cell, setting) -> bool:
     """Whether ``grad_program`` builds a pipeline program: for a PipelineCell (micro-batches,
     also on one stage), or whenever the context asks for pipeline_stages > 1."""
-    from ..nn.pipeline import PipelineCell
+    from ...nn.pipeline import PipelineCell
     return isinstance(cell, PipelineCell) or (setting is not None and setting[3].pipeline_stages > 1)
 
 
 def pipeline_grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float, setting):
     """The pipeline program for ``cell`` (a PipelineCell, or a network taken as one
     micro-batch) under ``setting`` (``compiled.parallel_setting()``; None: serial)."""
-    from ..context import current_world
-    from ..nn.pipeline import PipelineCell
+    from ...context import current_world
+    from ...nn.pipeline import PipelineCell
     if kwargs:
         raise ValueError(format_error(WHERE, "inputs", "positional inputs only", f"keywords {sorted(kwargs)}"))
     if isinstance(cell, PipelineCell):

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import format_error
-from ..ops.dropout import Dropout
-from .random import keep_mask
+from ...errors import format_error
+from ...ops.dropout import Dropout
+from ..random import keep_mask
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..ops import Add, Mul, ReduceSum
-from .graph import FORWARD, Graph, GraphBuilder
-from .pipeline_stages import Crossing, StageAssignment
+from ...ops import Add, Mul, ReduceSum
+from ...runtime.graph import FORWARD, Graph, GraphBuilder
+from .assignment import Crossing, StageAssignment
 
 OBJECTIVE_SCOPE = "pipeline.objective"
 

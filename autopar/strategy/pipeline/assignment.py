@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..dtype import is_float
-from ..errors import format_error
-from .graph import FORWARD, Graph
+from ...dtype import is_float
+from ...errors import format_error
+from ...runtime.graph import FORWARD, Graph
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Live bytes of one pipeline step on one rank: every half it runs, every micro-batch in flight.
 
-A stage runs a forward and a backward half per micro-batch (:mod:`autopar.runtime.pipeline_split`),
+A stage runs a forward and a backward half per micro-batch (:mod:`autopar.runtime.pipeline.split`),
 and between them the runner holds arrays no program sees: the *saved* values of every
 micro-batch in flight, activations and gradients received or waiting to be sent, and the
 gradients accumulated so far. Each half runs with a
@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .memory import MemoryMeter, MemoryUsage, _root
+from ..memory import MemoryMeter, MemoryUsage, _root
 
 
 def _bytes(arrays: Iterable, skip: set[int]) -> tuple[int, set[int]]:

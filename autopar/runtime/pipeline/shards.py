@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..strategy.layout import Layout
-from .shards import ParamShard
+from ...strategy.layout import Layout
+from ..shards import ParamShard
 
 
 class StageShard(ParamShard):
