@@ -303,9 +303,9 @@ def calibrate(comm: Communicator, host: str, name: str, sizes: Sizes = FULL,
 
 
 def _op_rates(comm: Communicator, figures: dict, sources: dict, sizes: Sizes) -> dict:
-    """Per-op-kind throughputs (autopar.strategy.op_rates), every rank at once, the slowest
+    """Per-op-kind throughputs (autopar.models.op_rates), every rank at once, the slowest
     rank's time per kind."""
-    from .strategy.op_rates import QUICK_WORKLOAD, measure_op_rates
+    from .models.op_rates import QUICK_WORKLOAD, measure_op_rates
     provisional = MachineProfile(name="provisional", devices_per_node=1, memory_bytes=1,
                                  sources={k: "provisional" for k in list(sources) + [
                                      "devices_per_node", "memory_bytes", "intra_node_latency_s",

@@ -32,16 +32,11 @@ KNOWN_UPWARD = {
     # comm's redistribution on Mesh and Layout, which live in strategy/
     ("autopar.comm.redistribution", "autopar.strategy.layout"),
     ("autopar.comm.redistribution", "autopar.strategy.mesh"),
-    # planning on the Graph and the tracer, which live in runtime/; model-specific pricing
+    # planning on the Graph, which lives in runtime/
     *((f"autopar.strategy.{m}", "autopar.runtime.graph") for m in (
         "costmodel", "plan", "search", "search.problem", "search.recursive", "strategy_file",
         "pipeline.assignment", "pipeline.planner", "pipeline.registry", "pipeline.stage_graph",
         "pipeline.stage_search")),
-    ("autopar.strategy.op_rates", "autopar.models.pangu_alpha"),
-    ("autopar.strategy.op_rates", "autopar.runtime.compiled"),
-    ("autopar.strategy.op_rates", "autopar.runtime.op_timer"),
-    ("autopar.strategy.op_rates", "autopar.train"),
-    ("autopar.strategy.op_rates", "autopar.train.clip"),
     # the runtime asking nn what a Parameter or a PipelineCell is
     ("autopar.runtime.trace", "autopar.nn.parameter"),
     ("autopar.runtime.pipeline.program", "autopar.nn.pipeline"),

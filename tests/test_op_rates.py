@@ -8,7 +8,7 @@ import pytest
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.runtime.compiled import GradProgram
 from autopar.runtime.op_timer import kind_of, time_ops
-from autopar.strategy.op_rates import QUICK_WORKLOAD, measure_op_rates
+from autopar.models.op_rates import QUICK_WORKLOAD, measure_op_rates
 from autopar.strategy.profile import PROFILE_DIR, MachineProfile, load_profile
 
 
@@ -54,7 +54,7 @@ def test_the_timed_run_executes_the_program_and_counts_every_instruction():
 
 
 def test_rates_are_the_model_bytes_over_the_measured_seconds(monkeypatch):
-    import autopar.strategy.op_rates as op_rates
+    import autopar.models.op_rates as op_rates
     fake = {"GeLU": 0.010, "Dropout": 0.020, "MatMul": 1.0, "Reshape": 1e-6}
 
     def timed(program, inputs, step, clock):

@@ -12,6 +12,9 @@ The workload's shapes differ from the accuracy benchmark's on purpose, so that b
 tests the calibration rather than repeating it. GEMMs are priced by FLOPs and left out.
 The optimizer update (AdamWeightDecay with global-norm clipping) is rated the same way as
 ``optimizer_update``: the bytes the cost model counts for it over the seconds it takes.
+
+It lives in models/ because it trains a model: the planner (strategy/) only reads the
+rates it writes into a machine profile; ``python -m autopar.calibrate`` runs it.
 """
 from __future__ import annotations
 
@@ -20,8 +23,15 @@ from dataclasses import replace
 
 import numpy as np
 
-from .costmodel import OPTIMIZER_BYTES_PER_ELEMENT, OPTIMIZER_KIND
-from .profile import MachineProfile
+from ..runtime import op_timer
+from ..runtime.compiled import GradProgram
+from ..strategy.costmodel import OPTIMIZER_BYTES_PER_ELEMENT, OPTIMIZER_KIND, CostModel
+from ..strategy.mesh import Mesh
+from ..strategy.plan import plan_shardings
+from ..strategy.profile import MachineProfile
+from ..train import AdamWeightDecay
+from ..train.clip import clip_by_global_norm
+from .pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 
 # The calibration workload: a small PanGu-α, fp32, dropout on, one serial training step.
 WORKLOAD = dict(vocab_size=3000, seq_length=96, hidden_size=192, num_layers=3, num_heads=6,
@@ -41,13 +51,6 @@ def measure_op_rates(profile: MachineProfile, repeats: int = 5, clock=time.threa
     """{kind: (bytes/s, how it was measured)} under ``profile``'s ``op_overhead_s``; the
     fastest of ``repeats`` runs per kind, then ``agree`` (e.g. the slowest rank's: a max
     all-reduce over the kinds' seconds in sorted order)."""
-    from ..models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
-    from ..runtime.compiled import GradProgram
-    from ..runtime.op_timer import time_ops
-    from .costmodel import CostModel
-    from .mesh import Mesh
-    from .plan import plan_shardings
-
     cfg = PanguAlphaConfig(**(workload or WORKLOAD))
     net = PanguAlphaWithLoss(cfg)
     net.set_train(True)                          # dropout on, as in training
@@ -63,7 +66,7 @@ def measure_op_rates(profile: MachineProfile, repeats: int = 5, clock=time.threa
     best: dict[str, float] = {}
     counts: dict[str, int] = {}
     for step in range(repeats):
-        seconds, counts = time_ops(prog.program, [ids], step, clock)
+        seconds, counts = op_timer.time_ops(prog.program, [ids], step, clock)
         for kind, s in seconds.items():
             best[kind] = min(best.get(kind, s), s)
     best[OPTIMIZER_KIND], counts[OPTIMIZER_KIND] = _time_update(net, prog, ids, repeats, clock), 0
@@ -88,8 +91,6 @@ def measure_op_rates(profile: MachineProfile, repeats: int = 5, clock=time.threa
 
 def _time_update(net, prog, ids, repeats: int, clock) -> float:
     """Seconds of one AdamWeightDecay update with global-norm clipping of every weight."""
-    from ..train import AdamWeightDecay
-    from ..train.clip import clip_by_global_norm
     _, grads = prog((ids,), {})
     opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.01)
     opt.step(grads)                              # states allocated
