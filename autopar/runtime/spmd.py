@@ -104,106 +104,168 @@ def lower(graph: Graph, outputs: Sequence[int], plan: ShardingPlan, rank: int, w
     """The local graph of ``rank``: returns it, its output values, the layout each
     requested output is delivered in (the loss replicated, a parameter's gradient in the
     parameter's layout), and a one-element list accumulating seconds spent redistributing."""
-    b = GraphBuilder()
-    comms = _Comms(world)
-    clock = [0.0]
-    local: dict[int, tuple[Layout, int]] = {}           # global value -> (layout, local value)
-    moved: dict[tuple[int, Layout], int] = {}           # (global value, layout) -> local value
+    low = Lowering(graph, plan, rank, world)
+    inputs = low.place_inputs()
+    params, shards = low.place_params()
+    low.place_consts()
+    for node in graph.nodes:
+        low.lower_node(node)
+    delivered, out_layouts = low.deliver(outputs, output_layouts or {})
+    return low.builder.build(inputs, params, shards, delivered), tuple(delivered), out_layouts, low.clock
 
-    def local_spec(v: int, layout: Layout) -> TensorSpec:
-        spec = graph.spec(v)
+
+class Lowering:
+    """The lowering of one graph for one rank, in the phases :func:`lower` runs in order:
+    place the inputs, parameters and constants in their planned layouts; lower each node
+    (forward op, its VJP, or a gradient accumulation) on local shards, redistributing what
+    it reads; deliver the outputs in the layouts asked for.
+
+    Sub-communicators are made as the phases first need them, so the order of these calls
+    is the order of the collective splits and must be the same on every rank."""
+
+    def __init__(self, graph: Graph, plan: ShardingPlan, rank: int, world):
+        self.graph, self.plan, self.rank, self.world = graph, plan, rank, world
+        self.builder = GraphBuilder()
+        self.comms = _Comms(world)
+        self.clock = [0.0]                                   # seconds spent redistributing
+        self.local: dict[int, tuple[Layout, int]] = {}       # global value -> (layout, local value)
+        self.moved: dict[tuple[int, Layout], int] = {}       # (global value, layout) -> local value
+        self.fwd_ins: dict[int, list[int]] = {}              # forward node -> local inputs it ran on
+        self.fwd_node: dict[int, int] = {}                   # forward node -> local node id
+
+    def local_spec(self, v: int, layout: Layout) -> TensorSpec:
+        """Global value ``v``'s spec as this rank holds it in ``layout``."""
+        spec = self.graph.spec(v)
         return TensorSpec(layout.local_shape(spec.shape), spec.dtype)
 
-    def get(v: int, want: Layout, scope: str, phase: str) -> int:
-        have, lv = local[v]
+    def get(self, v: int, want: Layout, scope: str, phase: str) -> int:
+        """The local value of ``v`` in layout ``want``: as it is, or redistributed by an
+        inserted :class:`Redistribute` planned once per (value, layout) and shared."""
+        have, lv = self.local[v]
         if have == want:
             return lv
-        hit = moved.get((v, want))
+        hit = self.moved.get((v, want))
         if hit is not None:
             return hit
-        spec = graph.spec(v)
+        spec = self.graph.spec(v)
         redist = rd.plan(have, want, spec.shape, spec.dtype.itemsize)
         if not redist.steps:
-            moved[(v, want)] = lv
+            self.moved[(v, want)] = lv
             return lv
-        prim = Redistribute(redist, rank, comms.for_redist(redist), world, clock)
-        node = b.add_node(prim, (lv,), (local_spec(v, want),), scope, phase=phase)
-        moved[(v, want)] = node.outputs[0]
+        prim = Redistribute(redist, self.rank, self.comms.for_redist(redist), self.world, self.clock)
+        node = self.builder.add_node(prim, (lv,), (self.local_spec(v, want),), scope, phase=phase)
+        self.moved[(v, want)] = node.outputs[0]
         return node.outputs[0]
 
-    inputs = []
-    for v in graph.inputs:
-        if v is None:
-            inputs.append(None)
-            continue
-        lay = plan.layouts[v]
-        lv = b.new_value(local_spec(v, lay))
-        local[v] = (lay, lv)
-        inputs.append(lv)
-    params, shards = [], []
-    for v, p in zip(graph.params, graph.param_objs):
-        lay = plan.layouts.get(v) or Layout.replicated(plan.stage, len(p.shape))
-        lv = b.new_value(local_spec(v, lay))
-        local[v] = (lay, lv)
-        params.append(lv)
-        shards.append(shard_of(p, lay, rank))
-    for v, array in graph.consts.items():
-        lay = plan.layouts.get(v) or Layout.replicated(plan.stage, array.ndim)
-        local[v] = (lay, b.const(lay.shard(array, rank) if any(lay.dims) else array))
+    # -- phase 1: place what the graph starts from -------------------------------------
 
-    fwd_ins: dict[int, list[int]] = {}     # forward node -> local inputs it ran on
-    fwd_node: dict[int, int] = {}          # forward node -> local node id
-    for node in graph.nodes:
+    def place_inputs(self) -> list[int | None]:
+        """A local input per graph input, in its planned layout (None keeps its place)."""
+        inputs = []
+        for v in self.graph.inputs:
+            if v is None:
+                inputs.append(None)
+                continue
+            lay = self.plan.layouts[v]
+            lv = self.builder.new_value(self.local_spec(v, lay))
+            self.local[v] = (lay, lv)
+            inputs.append(lv)
+        return inputs
+
+    def place_params(self) -> tuple[list[int], list]:
+        """A local value and this rank's shard per parameter, in its planned layout (one
+        the plan does not lay out is held whole)."""
+        params, shards = [], []
+        for v, p in zip(self.graph.params, self.graph.param_objs):
+            lay = self.plan.layouts.get(v) or Layout.replicated(self.plan.stage, len(p.shape))
+            lv = self.builder.new_value(self.local_spec(v, lay))
+            self.local[v] = (lay, lv)
+            params.append(lv)
+            shards.append(shard_of(p, lay, self.rank))
+        return params, shards
+
+    def place_consts(self) -> None:
+        """Each constant as this rank's block of it."""
+        for v, array in self.graph.consts.items():
+            lay = self.plan.layouts.get(v) or Layout.replicated(self.plan.stage, array.ndim)
+            self.local[v] = (lay, self.builder.const(lay.shard(array, self.rank) if any(lay.dims) else array))
+
+    # -- phase 2: lower each node --------------------------------------------------------
+
+    def lower_node(self, node) -> None:
+        """One node of the global graph on local shards."""
         if node.phase == FORWARD:
-            sh = plan.shardings[node.id]
-            ins = [get(v, sh.input_layout(i), node.scope, FORWARD) for i, v in enumerate(node.inputs)]
-            specs = [graph.spec(v) for v in node.inputs]
-            out = graph.spec(node.outputs[0])
-            lay = sh.output_layout()
-            new = b.add_node(node.prim.local(sh, rank, specs, out, comms.along), tuple(ins),
-                             (local_spec(node.outputs[0], lay),), node.scope, phase=FORWARD,
-                             stage=node.stage, recompute=node.recompute)
-            local[node.outputs[0]] = (lay, new.outputs[0])
-            fwd_ins[node.id], fwd_node[node.id] = ins, new.id
+            self.forward(node)
         elif node.forward_of is not None:
-            f = graph.nodes[node.forward_of]
-            sh = plan.shardings[f.id]
-            extra = _passable_partial(local[node.inputs[0]][0], sh, f, node.needs, graph)
-            want = sh.dy_layout()
-            dy = get(node.inputs[0], Layout(want.mesh, want.dims, extra), node.scope, BACKWARD)
-            prim = b.nodes[fwd_node[f.id]].prim
-            saved = [fwd_ins[f.id][i] for i in prim.saved_input_indices(len(f.inputs))]
-            if prim.save_output:
-                saved.append(get(f.outputs[0], settled(sh.output_layout()), node.scope, BACKWARD))
-            outs, lays = [], []
-            for i, (v, need) in enumerate(zip(f.inputs, node.needs)):
-                if need:
-                    g = sh.grad_layout(i)
-                    lays.append(Layout(g.mesh, g.dims, tuple(sorted(g.partial + extra))))
-                    outs.append(local_spec(v, lays[-1]))
-            new = b.add_node(prim, (dy, *saved), tuple(outs), node.scope, phase=BACKWARD,
-                             forward_of=fwd_node[f.id], needs=node.needs, stage=node.stage,
-                             recompute=node.recompute)
-            for g, lay, lg in zip(node.outputs, lays, new.outputs):
-                local[g] = (lay, lg)
-        else:  # gradient accumulation (AddN): parts alike stay as they are (partial sums add
-            # up before one reduction); otherwise each settles into the value's layout first
-            parts = [local[v][0] for v in node.inputs]
-            target = parts[0] if all(p == parts[0] for p in parts) else \
-                settled(local[graph.grad_of[node.outputs[0]]][0])
-            ins = [get(v, target, node.scope, BACKWARD) for v in node.inputs]
-            new = b.add_node(node.prim, tuple(ins), (local_spec(node.outputs[0], target),), node.scope,
-                             phase=BACKWARD)
-            local[node.outputs[0]] = (target, new.outputs[0])
+            self.backward(node)
+        else:
+            self.accumulate(node)
 
-    delivered, out_layouts = [], {}
-    for v in outputs:
-        want = (output_layouts or {}).get(v)
-        if want is None:
-            base = graph.grad_of.get(v)
-            want = settled(local[base][0]) if base is not None and base in local else \
-                Layout.replicated(plan.stage, len(graph.spec(v).shape))
-        delivered.append(get(v, want, "<outputs>", BACKWARD))
-        out_layouts[v] = want
-    local_graph = b.build(inputs, params, shards, delivered)
-    return local_graph, tuple(delivered), out_layouts, clock
+    def forward(self, node) -> None:
+        """A forward op as its sharding's local op, on its inputs in the layouts it reads."""
+        graph = self.graph
+        sh = self.plan.shardings[node.id]
+        ins = [self.get(v, sh.input_layout(i), node.scope, FORWARD) for i, v in enumerate(node.inputs)]
+        specs = [graph.spec(v) for v in node.inputs]
+        out = graph.spec(node.outputs[0])
+        lay = sh.output_layout()
+        new = self.builder.add_node(node.prim.local(sh, self.rank, specs, out, self.comms.along), tuple(ins),
+                                    (self.local_spec(node.outputs[0], lay),), node.scope, phase=FORWARD,
+                                    stage=node.stage, recompute=node.recompute)
+        self.local[node.outputs[0]] = (lay, new.outputs[0])
+        self.fwd_ins[node.id], self.fwd_node[node.id] = ins, new.id
+
+    def backward(self, node) -> None:
+        """A VJP with the local op of its forward node: dy in the layout the sharding asks
+        (partial sums it may take as they are kept, :func:`_passable_partial`), gradients
+        out in their grad layouts."""
+        graph, b = self.graph, self.builder
+        f = graph.nodes[node.forward_of]
+        sh = self.plan.shardings[f.id]
+        extra = _passable_partial(self.local[node.inputs[0]][0], sh, f, node.needs, graph)
+        want = sh.dy_layout()
+        dy = self.get(node.inputs[0], Layout(want.mesh, want.dims, extra), node.scope, BACKWARD)
+        prim = b.nodes[self.fwd_node[f.id]].prim
+        saved = [self.fwd_ins[f.id][i] for i in prim.saved_input_indices(len(f.inputs))]
+        if prim.save_output:
+            saved.append(self.get(f.outputs[0], settled(sh.output_layout()), node.scope, BACKWARD))
+        outs, lays = [], []
+        for i, (v, need) in enumerate(zip(f.inputs, node.needs)):
+            if need:
+                g = sh.grad_layout(i)
+                lays.append(Layout(g.mesh, g.dims, tuple(sorted(g.partial + extra))))
+                outs.append(self.local_spec(v, lays[-1]))
+        new = b.add_node(prim, (dy, *saved), tuple(outs), node.scope, phase=BACKWARD,
+                         forward_of=self.fwd_node[f.id], needs=node.needs, stage=node.stage,
+                         recompute=node.recompute)
+        for g, lay, lg in zip(node.outputs, lays, new.outputs):
+            self.local[g] = (lay, lg)
+
+    def accumulate(self, node) -> None:
+        """Gradient accumulation (AddN): parts alike stay as they are (partial sums add up
+        before one reduction); otherwise each settles into the value's layout first."""
+        graph = self.graph
+        parts = [self.local[v][0] for v in node.inputs]
+        target = parts[0] if all(p == parts[0] for p in parts) else \
+            settled(self.local[graph.grad_of[node.outputs[0]]][0])
+        ins = [self.get(v, target, node.scope, BACKWARD) for v in node.inputs]
+        new = self.builder.add_node(node.prim, tuple(ins), (self.local_spec(node.outputs[0], target),),
+                                    node.scope, phase=BACKWARD)
+        self.local[node.outputs[0]] = (target, new.outputs[0])
+
+    # -- phase 3: deliver the outputs ---------------------------------------------------
+
+    def deliver(self, outputs: Sequence[int], wanted: dict[int, Layout]) -> tuple[list[int], dict[int, Layout]]:
+        """Each output in the layout asked for, else a gradient in its value's settled
+        layout and anything else replicated: (local values, global value -> layout)."""
+        graph = self.graph
+        delivered, out_layouts = [], {}
+        for v in outputs:
+            want = wanted.get(v)
+            if want is None:
+                base = graph.grad_of.get(v)
+                want = settled(self.local[base][0]) if base is not None and base in self.local else \
+                    Layout.replicated(self.plan.stage, len(graph.spec(v).shape))
+            delivered.append(self.get(v, want, "<outputs>", BACKWARD))
+            out_layouts[v] = want
+        return delivered, out_layouts
