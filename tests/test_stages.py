@@ -7,13 +7,16 @@ import numpy as np
 import pytest
 
 from autopar import plan as cli
+from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
+from autopar.models.yuan import YuanConfig
+from autopar.ops.primitive import TensorSpec
 from autopar.runtime.trace import trace
 from autopar.strategy.costmodel import CostModel
 from autopar.strategy.mesh import Mesh
+from autopar.strategy.pipeline.registry import model_family, register_model, registered_models
+from autopar.strategy.pipeline.stage_search import StageCoster, evaluate, split_layers, stage_memory
 from autopar.strategy.plan import plan_shardings
 from autopar.strategy.profile import load_profile
-from autopar.strategy.pipeline.registry import model_family
-from autopar.strategy.pipeline.stage_search import StageCoster, evaluate, split_layers, stage_memory
 
 PROFILE = load_profile("cpu-2core")
 
@@ -87,8 +90,6 @@ def test_pangu_200b_on_2048_ascend_beats_or_matches_the_paper_hand_plan(capsys, 
 
 
 def test_op_search_through_the_command_writes_a_loadable_strategy_file(tmp_path, capsys):
-    from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
-    from autopar.ops.primitive import TensorSpec
     from autopar.strategy.strategy_file import load_strategy
     path = tmp_path / "tiny.json"
     rc = cli.main(["--preset", "tiny", "--devices", "4", "--batch", "8", "--op-search", "dynamic_programming",
@@ -112,3 +113,38 @@ def test_bad_command_lines_are_clear_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as err:
         cli.main(argv)
     assert err.value.code == 2 and message in capsys.readouterr().err
+
+
+def _user_strategies(graph):
+    return [(n.name, str(n.prim.strategy)) for n in graph.nodes if n.prim.strategy is not None]
+
+
+def test_a_registered_family_takes_degrees_as_values_and_traces_the_model_at_them():
+    """The planner passes dp x mp as integers; the graph it gets carries the model's own
+    strategies at those degrees, exactly as the model built at those degrees traces."""
+    fam = model_family("pangu_alpha", "tiny", compute_dtype="float32")
+    cfg = PanguAlphaConfig.preset("tiny", compute_dtype="float32", data_parallel=2, model_parallel=2)
+    expected = trace(PanguAlphaWithLoss(cfg), (TensorSpec((8, cfg.seq_length + 1), np.dtype(np.int32)),), {}).graph
+    got = fam.graph(8, 2, 2)
+    assert _user_strategies(got) == _user_strategies(expected)
+    assert _user_strategies(got) != _user_strategies(fam.graph(8))      # the degrees changed the strategies
+    assert fam.layers == cfg.num_layers - 1
+    one = fam.graph(8, 2, 2, one_layer=True)
+    assert {n.scope.split(".")[1] for n in one.nodes if n.scope.startswith("blocks.")} == {"0"}
+    with pytest.raises(ValueError, match="model_parallel"):
+        fam.check_degrees(1, 3)                    # 3 does not divide the heads
+
+
+def test_the_planner_knows_the_families_the_models_register_and_names_them_when_asked_for_another():
+    assert {"pangu_alpha", "yuan"} <= set(registered_models())
+    assert model_family("yuan", "tiny").layers == YuanConfig.preset("tiny").num_layers
+    with pytest.raises(ValueError, match=r"model_family: name: expected one of \[.*'pangu_alpha'.*'yuan'.*\], "
+                                         r"got 'gpt'"):
+        model_family("gpt", "tiny")
+
+
+def test_a_second_family_under_a_registered_name_is_refused_naming_the_first():
+    with pytest.raises(ValueError, match=r"register_model: name: .*'pangu_alpha', already registered by "
+                                         r"autopar.models.planning"):
+        register_model("pangu_alpha", lambda preset, **overrides: None)
+    assert model_family("pangu_alpha", "tiny").name == "pangu_alpha"     # the first one still answers
