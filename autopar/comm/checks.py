@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import format_error
+from ..errors import check_int, format_error
 
 WATCHDOG_ENV = "AUTOPAR_COMM_WATCHDOG"   # seconds; unset or "": DEFAULT_WATCHDOG_S; "0": off
 DEBUG_ENV = "AUTOPAR_COMM_DEBUG"         # "1": on; unset, "" or "0": off
@@ -78,9 +78,7 @@ class CommChecks:
         if not isinstance(self.debug, bool):
             raise TypeError(format_error("CommChecks", "debug", "True or False", repr(self.debug)))
         every = self.check_every
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise ValueError(format_error("CommChecks", "check_every", "an int >= 0 (0: no consistency check)",
-                                          repr(every)))
+        check_int("CommChecks", "check_every", every, 0, expected="an int >= 0 (0: no consistency check)")
         object.__setattr__(self, "watchdog_s", None if w is None else float(w))
 
     @classmethod

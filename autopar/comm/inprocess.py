@@ -40,9 +40,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import format_error
+from ..errors import check_int, format_error
 from .base import CommStats, Communicator, block_index
-from .checks import CollectiveMismatchError, CollectiveTimeoutError, CommChecks, describe, timeout_report
+from .checks import (
+    CollectiveMismatchError,
+    CollectiveTimeoutError,
+    CommChecks,
+    describe,
+    timeout_report,
+)
 
 POLL_S = 0.05  # how often the calling thread looks for a deadlock
 STALL_S = 0.5  # how long every rank must sit in the same unsatisfiable wait to call it a deadlock
@@ -316,8 +322,7 @@ def run_in_process(n: int, fn: Callable, *args, timeout: float = 60.0, checks: C
     after ``timeout`` seconds, CollectiveTimeoutError when ``checks.watchdog_s`` is set and
     a rank waits that long in one communication.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(format_error("run_in_process", "n", "an int >= 1 (the number of ranks)", repr(n)))
+    n = check_int("run_in_process", "n", n, 1, expected="an int >= 1 (the number of ranks)")
     if checks is not None and not isinstance(checks, CommChecks):
         raise TypeError(format_error("run_in_process", "checks", "a CommChecks or None", repr(checks)))
     u = _Universe(n, checks.watchdog_s if checks is not None else None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Iterator
 
+from ..errors import check_int
 from .parameter import Parameter
 
 
@@ -130,8 +131,7 @@ class Cell:
 
     @pipeline_stage.setter
     def pipeline_stage(self, stage: int) -> None:
-        if isinstance(stage, bool) or not isinstance(stage, int) or stage < 0:
-            raise ValueError(f"{type(self).__name__}.pipeline_stage: expected an int >= 0, got {stage!r}")
+        stage = check_int(f"{type(self).__name__}", "pipeline_stage", stage, 0)
         object.__setattr__(self, "_pipeline_stage", stage)
 
     # ---- calling ---------------------------------------------------------------------

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ...errors import format_error
+from ...errors import check_int, format_error
 from ...nn import Cell
 from .model import MASK_VALUE, PanguAlpha
 
@@ -46,10 +46,7 @@ def check_sampling(where: str, vocab_size: int, top_k, top_p, temperature, min_n
     >= 0 (0: greedy), token counts ints >= 0. Out of range, they used to fail deep in numpy
     (top_k > V) or pass silently (top_p = 2, max_new_tokens = -1)."""
     def count(arg, value, low, high=None):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or \
-                (high is not None and value > high):
-            bound = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
-            raise ValueError(format_error(where, arg, bound, repr(value)))
+        check_int(where, arg, value, low, high)
 
     def real(arg, value, ok, expected):
         if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or \

@@ -48,7 +48,7 @@ from pathlib import Path
 import jieba
 import sentencepiece as spm
 
-from autopar.errors import format_error
+from autopar.errors import check_int, format_error
 
 jieba.setLogLevel(logging.WARNING)  # no "Building prefix dict..." chatter on first use
 
@@ -193,9 +193,8 @@ def train_tokenizer(texts: Iterable[str], model_prefix: str | os.PathLike, vocab
     SentencePiece also needs one piece per character covering ``character_coverage`` (at
     least 0.98) of the text, so small vocabularies need small character sets.
     """
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= len(SPECIAL_PIECES):
-        raise ValueError(format_error("train_tokenizer", "vocab_size",
-                                      f"an int > {len(SPECIAL_PIECES)}", repr(vocab_size)))
+    check_int("train_tokenizer", "vocab_size", vocab_size, len(SPECIAL_PIECES) + 1,
+              expected=f"an int > {len(SPECIAL_PIECES)}")
     prefix = Path(model_prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=prefix.parent, prefix=f".{prefix.name}.train-") as tmp:
