@@ -13,10 +13,11 @@ Planning touches no communicator, so any rank (or a test) plans every stage:
   add up block for block.
 
 Strategy files: ``strategy_ckpt_load_file`` gives every stage its plan from one version-2
-file (a list of stage plans, :mod:`autopar.strategy.strategy_file`); ``strategy_ckpt_save_file``
-is written, as a separate step after planning, by
-:func:`~autopar.strategy.pipeline.files.save_pipeline_plan` with every stage's plan, as used (crossing and
-shared-parameter layouts set: planning them again from the file gives the same plan).
+file (a list of stage plans, :mod:`autopar.strategy.strategy_file`). Planning writes no file:
+``strategy_ckpt_save_file`` is written as a separate step, by
+:func:`~autopar.strategy.pipeline.files.save_pipeline_plan`, with every stage's plan as used
+(crossing and shared-parameter layouts set: planning them again from the file gives the
+same plan).
 """
 from __future__ import annotations
 
