@@ -29,13 +29,16 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..comm.consistency import NO_GROUP
+from ..context import ParallelContext
 from ..ops.primitive import TensorSpec
 from ..strategy.layout import Layout
 from ..strategy.mesh import Mesh
 from ..strategy.plan import ShardingPlan, input_layout, make_plan
-from .compiled import ConsistencyCheck, feed_group, parallel_setting, setting_key, tensor_args
+from .arguments import tensor_args
+from .consistency import ConsistencyCheck, feed_group
 from .program import Program
 from .protocol import ForwardStep
+from .setting import DEFAULT_CONTEXT, parallel_setting, setting_key
 from .spmd import lower, settled
 from .trace import Traced, signature_key, trace
 
@@ -78,10 +81,11 @@ class ShardedForwardProgram(ForwardStep):
 
     ``args``/``kwargs`` are what this rank is fed: the whole batch (``full_batch``) or its
     rows. ``carry`` maps an output index to the argument index (positional) it feeds next
-    call; those two are kept in the output's planned layout."""
+    call; those two are kept in the output's planned layout. ``ctx`` None plans under the
+    default :class:`~autopar.context.ParallelContext`."""
 
-    def __init__(self, cell, args: tuple, kwargs: dict, mode: str, world, full_batch: bool, ctx=None,
-                 carry: dict[int, int] | None = None):
+    def __init__(self, cell, args: tuple, kwargs: dict, mode: str, world, full_batch: bool,
+                 ctx: ParallelContext | None = None, carry: dict[int, int] | None = None):
         if mode not in SHARDED_MODES:
             raise ValueError(f"ShardedForwardProgram: mode: expected one of {SHARDED_MODES}, got {mode!r}")
         self.world, self.rank = world, world.rank
@@ -102,9 +106,8 @@ class ShardedForwardProgram(ForwardStep):
         graph = self.traced.graph
         # The forward graph is not the training graph a strategy file describes: plan it by
         # the rules (the ops' strategies), without reading or overwriting that file.
-        if ctx is not None:
-            ctx = ctx.replace(strategy_ckpt_load_file="", strategy_ckpt_save_file="")
-        plan = make_plan(graph, mode, stage, full_batch, ctx)
+        rules = (ctx or DEFAULT_CONTEXT).replace(strategy_ckpt_load_file="", strategy_ckpt_save_file="")
+        plan = make_plan(graph, mode, stage, full_batch, rules)
         slots = _input_slots(self.traced)
         self.carry = dict(carry or {})
         into = {k: self._carried_slot(k, slots, graph) for k in self.carry}   # output -> graph input index
@@ -184,14 +187,14 @@ def forward_program(cell, args: tuple, kwargs: dict, carry: dict[int, int] | Non
     :class:`ShardedForwardProgram` when the parallel context asks for operator-level
     sharding on more than one rank, else :class:`ForwardProgram`."""
     setting = parallel_setting()
-    sharded = setting is not None and setting[0] in SHARDED_MODES
+    sharded = setting is not None and setting.mode in SHARDED_MODES
     carry_key = tuple(sorted((carry or {}).items()))
     key = ("forward", cell.training, sharded and setting_key(setting), carry_key) + signature_key(args, kwargs)
     prog = cell._compiled.get(key)
     if prog is None:
         if sharded:
-            mode, world, full_batch, ctx = setting
-            prog = ShardedForwardProgram(cell, args, kwargs, mode, world, full_batch, ctx, carry)
+            prog = ShardedForwardProgram(cell, args, kwargs, setting.mode, setting.world, setting.full_batch,
+                                         setting.ctx, carry)
         else:
             prog = ForwardProgram(cell, args, kwargs)
         cell._compiled[key] = prog

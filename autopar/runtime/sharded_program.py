@@ -11,18 +11,32 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..context import ParallelContext
 from ..ops.primitive import TensorSpec
+from ..strategy.costmodel import CostModel
 from ..strategy.layout import Layout
 from ..strategy.mesh import Mesh
-from ..strategy.plan import make_plan
+from ..strategy.plan import ShardingPlan, make_plan
+from ..strategy.profile import load_profile
+from ..strategy.strategy_file import save_strategy
 from .autodiff import differentiate
-from .compiled import ConsistencyCheck, feed_group
+from .consistency import ConsistencyCheck, feed_group
 from .optimizer_parallel import SliceShard, WeightGather, slice_layouts, slice_of
 from .program import Program
 from .protocol import TrainingProgram, loss_targets, with_zeros
+from .setting import DEFAULT_CONTEXT
 from .shards import ParamShard, gather, global_norm, shard_of
 from .spmd import lower
 from .trace import trace
+
+
+def save_plan(path: str, graph, plan: ShardingPlan, full_batch: bool, ctx: ParallelContext) -> None:
+    """Write ``plan`` of the forward ``graph`` to the strategy file ``path``, with the cost
+    model's prediction under the context's machine profile and optimizer parallel: the
+    step after planning when ``strategy_ckpt_save_file`` names a file."""
+    model = CostModel(graph, plan.stage, load_profile(ctx.cost_profile or "cpu-2core"), full_batch,
+                      optimizer_parallel=ctx.enable_parallel_optimizer)
+    save_strategy(path, graph, plan, predicted=model.evaluate(plan).summary())
 
 
 class ShardedGradProgram(TrainingProgram):
@@ -35,7 +49,7 @@ class ShardedGradProgram(TrainingProgram):
     of it that this rank updates; :attr:`param_shards` are always the ParamShards)."""
 
     def __init__(self, cell, args: tuple, params: Sequence, mode: str, world, full_batch: bool = False,
-                 sens: float = 1.0, ctx=None):
+                 sens: float = 1.0, ctx: ParallelContext = DEFAULT_CONTEXT):
         world.stats.doing = f"compiling {type(self).__name__}"     # named by the watchdog's reports
         # before any collective: a rank with another model or batch shape would pair them wrongly
         self.check = ConsistencyCheck(type(self).__name__, world, params,
@@ -48,6 +62,8 @@ class ShardedGradProgram(TrainingProgram):
         self.targets = loss_targets(graph, params, type(cell).__name__)
         self.graph, grads = differentiate(graph, self.targets.loss, self.targets.used, sens)
         self.plan = make_plan(graph, mode, stage, feed_whole, ctx)
+        if ctx.strategy_ckpt_save_file:
+            save_plan(ctx.strategy_ckpt_save_file, graph, self.plan, feed_whole, ctx)
         # the layouts lower gives the parameters; one the loss does not use is held whole
         homes = [self.plan.layouts.get(v) or Layout.replicated(self.plan.stage, len(p.shape))
                  for v, p in zip(self.targets.wrt, params)]

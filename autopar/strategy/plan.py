@@ -136,24 +136,17 @@ def _on_weights_alone(node, indexing, params, layouts, wanted, graph) -> bool:
 
 def make_plan(graph: Graph, mode: str, stage: Mesh, full_batch: bool = False, ctx=None) -> ShardingPlan:
     """The plan a compile uses: the strategy file named by ``strategy_ckpt_load_file`` if
-    any, else the search (``auto_parallel``) or the rules above; written to
-    ``strategy_ckpt_save_file`` when one is named, with the cost model's prediction."""
+    any, else the search (``auto_parallel``) or the rules above. Planning only: saving the
+    plan to ``strategy_ckpt_save_file`` is the caller's next step. ``ctx`` None plans with
+    the context's defaults (strategy sits below the context and does not build one)."""
     load = ctx.strategy_ckpt_load_file if ctx is not None else ""
-    profile = (ctx.cost_profile if ctx is not None else "") or None
-    zero = bool(ctx is not None and ctx.enable_parallel_optimizer)
     if load:
         from .strategy_file import load_strategy
-        plan = load_strategy(load, graph, stage)
-    elif mode == "auto_parallel":
+        return load_strategy(load, graph, stage)
+    if mode == "auto_parallel":
         from .search import search_plan
-        plan = search_plan(graph, stage, ctx.search_mode if ctx is not None else "dynamic_programming",
+        profile = (ctx.cost_profile if ctx is not None else "") or None
+        zero = bool(ctx is not None and ctx.enable_parallel_optimizer)
+        return search_plan(graph, stage, ctx.search_mode if ctx is not None else "dynamic_programming",
                            full_batch, profile=profile, optimizer_parallel=zero)
-    else:
-        plan = plan_shardings(graph, mode, stage, full_batch)
-    if ctx is not None and ctx.strategy_ckpt_save_file:
-        from .costmodel import CostModel
-        from .profile import load_profile
-        from .strategy_file import save_strategy
-        model = CostModel(graph, stage, load_profile(profile or "cpu-2core"), full_batch, optimizer_parallel=zero)
-        save_strategy(ctx.strategy_ckpt_save_file, graph, plan, predicted=model.evaluate(plan).summary())
-    return plan
+    return plan_shardings(graph, mode, stage, full_batch)
