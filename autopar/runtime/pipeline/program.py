@@ -39,7 +39,7 @@ from ...strategy.pipeline.assignment import assign_stages, differentiable_values
 from ...strategy.pipeline.files import save_pipeline_plan
 from ...strategy.pipeline.planner import PipelinePlan, plan_pipeline
 from ..autodiff import differentiate
-from ..compiled import ConsistencyCheck
+from ..consistency import ConsistencyCheck
 from ..graph import FORWARD, Graph
 from ..program import Program
 from ..protocol import TrainingProgram, loss_targets
