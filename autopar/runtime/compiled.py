@@ -15,7 +15,7 @@ from ..strategy.mesh import Mesh
 from ..strategy.plan import ShardingPlan, plan_shardings
 from .arguments import normalize, tensor_args
 from .autodiff import differentiate
-from .consistency import ConsistencyCheck  # noqa: F401  (the name pipeline/program.py imports from here)
+from .pipeline.program import pipeline_grad_program, pipelined
 from .program import Program
 from .protocol import TrainingProgram, loss_targets, with_zeros
 from .setting import parallel_setting, setting_key
@@ -71,8 +71,6 @@ def grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float 
     """The compiled loss-and-gradients program for this signature: serial, this rank's
     sharded program when the parallel context says so, or its pipeline program for a
     PipelineCell or ``pipeline_stages > 1``."""
-    # cycle until pipeline/program.py imports ConsistencyCheck from .consistency, not from here
-    from .pipeline.program import pipeline_grad_program, pipelined
     setting = parallel_setting()
     key = ("grad", cell.training, sens, tuple(id(p) for p in params), setting_key(setting)) + signature_key(args, kwargs)
     prog = cell._compiled.get(key)
