@@ -12,7 +12,7 @@ Every rank uses one BLAS thread.
 evenly (:func:`autopar.nn.set_pipeline_stages`), fed ``m`` micro-batches of ``MICRO_ROWS``
 sequences (the micro-batch, hence the work per item, is the same for every m). For each
 schedule (GPipe, 1F1B) and m, one step is the walk of the schedule
-(``pipeline_runner.run_step`` on the compiled program's ``step_plan``: every forward and
+(``autopar.runtime.pipeline.runner.run_step`` on the compiled program's ``step_plan``: every forward and
 backward item and the send/recv between stages; the optimizer, the tied word table's
 cross-stage all-reduce and the loss broadcast are left out). Each step starts behind a
 barrier; its wall time is the slowest rank's. Two measured figures:

@@ -193,7 +193,7 @@ class TrainOneStepCell(Cell):
         optimizer_states, inputs, activations_peak, total_peak (see
         :func:`autopar.runtime.memory.training_memory`). Under a pipeline: this rank's
         stage over the whole step -- every forward and backward half, with the saved values
-        of every micro-batch in flight (:mod:`autopar.runtime.pipeline_memory`)."""
+        of every micro-batch in flight (:mod:`autopar.runtime.pipeline.memory`)."""
         if self._memory_meter is None or self._memory_meter.last is None:
             raise ValueError("TrainOneStepCell.memory_report: expected a step measured after measure_memory(), "
                              "got none; call train.measure_memory() and run a step first")

@@ -17,7 +17,7 @@ A run that is one part of a larger step (a pipeline stage's forward or backward 
 one micro-batch) tells its meter what stays alive around it: ``held_activations`` and
 ``held_other`` bytes are added to every sample, and ``activation_outputs`` are output slots
 counted as activations (a forward half's outputs are activations saved for, or sent to,
-a later half). :mod:`autopar.runtime.pipeline_memory` builds such meters.
+a later half). :mod:`autopar.runtime.pipeline.memory` builds such meters.
 
 Predicted, from shapes alone (a rank's local graph gives local bytes):
 

@@ -2,7 +2,7 @@
 
 The serial (:class:`~autopar.runtime.compiled.GradProgram`), sharded
 (:class:`~autopar.runtime.sharded_program.ShardedGradProgram`) and pipeline
-(:class:`~autopar.runtime.pipeline_program.PipelineGradProgram`) programs are all a
+(:class:`~autopar.runtime.pipeline.program.PipelineGradProgram`) programs are all a
 :class:`TrainingProgram`, so a caller (``TrainOneStepCell``, ``value_and_grad``) runs any of
 them the same way and never asks which one it holds::
 

@@ -28,7 +28,7 @@ network's ``.shard()`` annotations say (an unannotated network included). Versio
 
 Version 2 holds a pipeline: one such plan per stage, each planned on its stage's ranks
 (stage-major: stage k holds ranks ``k*n .. k*n + n - 1``) for the graph of that stage's
-ops (:mod:`autopar.runtime.pipeline_graph`)::
+ops (:mod:`autopar.strategy.pipeline.stage_graph`)::
 
     {
       "format": "autopar-strategy",
