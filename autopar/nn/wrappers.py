@@ -6,7 +6,8 @@ import math
 import numpy as np
 
 from ..errors import format_error
-from ..runtime.compiled import _normalize, grad_program
+from ..runtime.arguments import normalize
+from ..runtime.compiled import grad_program
 from ..runtime.memory import MemoryMeter, training_memory
 from ..train.optimizers import Optimizer
 from .cell import Cell
@@ -135,7 +136,7 @@ class TrainOneStepCell(Cell):
     def build(self, *args, **kwargs):
         """Compile the training program for these inputs and give the optimizer this rank's
         shards, without taking a step (MindSpore's ``model.build``); returns the program."""
-        args, kwargs = _normalize(args, kwargs, type(self.network).__name__)
+        args, kwargs = normalize(args, kwargs, type(self.network).__name__)
         prog = grad_program(self.network, args, kwargs, self.params, self.sens)
         prog.measure(self._memory_meter)
         if self.optimizer.params != prog.shards:   # a sharded program's: this rank's shards or slices
@@ -143,7 +144,7 @@ class TrainOneStepCell(Cell):
         return prog
 
     def __call__(self, *args, **kwargs):
-        args, kwargs = _normalize(args, kwargs, type(self.network).__name__)
+        args, kwargs = normalize(args, kwargs, type(self.network).__name__)
         prog = self.build(*args, **kwargs)
         loss, grads = prog(args, kwargs, self.optimizer.step_count)
         norm = float(prog.global_norm(grads))   # over every rank's shards (collective when sharded)

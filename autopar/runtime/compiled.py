@@ -24,7 +24,6 @@ from .sharded_program import ShardedGradProgram
 from .shards import local_norm
 from .trace import Traced, signature_key, trace
 
-_normalize = normalize   # the name nn/wrappers.py imports from here
 
 
 def run_forward(cell, args: tuple, kwargs: dict):

@@ -69,6 +69,8 @@ from safetensors.numpy import save as _st_bytes
 
 from ..errors import check_int, format_error
 from ..runtime.pipeline.shards import AbsentShard
+from ..runtime.pipeline.program import pipelined
+from ..runtime.setting import parallel_setting
 from ..runtime.shards import ParamShard
 from .checkpoint_format import (
     _FILE_NAME,
@@ -496,8 +498,6 @@ def _check_state_names(where: str, optimizer, tensors: dict, strict: bool) -> No
 def _check_bound(where: str, optimizer, network, tensors: dict) -> None:
     """States are placed by the shards the optimizer holds: a sharded or pipelined trainer
     must have built its program first."""
-    from ..runtime.compiled import parallel_setting
-    from ..runtime.pipeline.program import pipelined
     if not any(e.get("kind") == "state" for e in tensors.values()):
         return
     bound = any(isinstance(t, ParamShard) for t in optimizer.params)

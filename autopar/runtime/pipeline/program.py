@@ -349,7 +349,7 @@ def pipelined(cell, setting) -> bool:
 
 def pipeline_grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float, setting):
     """The pipeline program for ``cell`` (a PipelineCell, or a network taken as one
-    micro-batch) under ``setting`` (``compiled.parallel_setting()``; None: serial)."""
+    micro-batch) under ``setting`` (``setting.parallel_setting()``; None: serial)."""
     from ...context import current_world
     from ...nn.pipeline import PipelineCell
     if kwargs:
