@@ -29,14 +29,14 @@ import time
 
 from . import models  # noqa: F401  (importing the models registers their families with the planner)
 from .errors import format_error
+from .ir.mesh import Mesh
 from .strategy.costmodel import CostModel
-from .strategy.mesh import Mesh
+from .strategy.pipeline.registry import ModelFamily, model_family, registered_models
+from .strategy.pipeline.stage_search import StageCoster, evaluate, search_stages
 from .strategy.plan import plan_shardings
 from .strategy.profile import MachineProfile, load_profile
 from .strategy.report import draw, op_table, picture_formats, side_by_side
 from .strategy.search import SEARCH_MODES, human_bytes, search
-from .strategy.pipeline.registry import ModelFamily, model_family, registered_models
-from .strategy.pipeline.stage_search import StageCoster, evaluate, search_stages
 from .strategy.strategy_file import save_strategy
 
 PROG = "python -m autopar.plan"

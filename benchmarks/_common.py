@@ -25,8 +25,8 @@ def worker_env() -> dict[str, str]:
 def pangu_graph(cfg, batch: int):
     """The traced forward graph of ``PanguAlphaWithLoss(cfg)`` on a (batch, S + 1) int32
     TensorSpec: shapes only, so no parameter data is ever allocated."""
+    from autopar.ir.spec import TensorSpec
     from autopar.models.pangu_alpha import PanguAlphaWithLoss
-    from autopar.ops.primitive import TensorSpec
     from autopar.runtime.trace import trace
     spec = TensorSpec((batch, cfg.seq_length + 1), np.dtype(np.int32))
     return trace(PanguAlphaWithLoss(cfg), (spec,), {}).graph

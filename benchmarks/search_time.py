@@ -45,9 +45,9 @@ def cell(preset: str, devices: int, mode: str, profile: str, limit_s: float, clo
     """Trace, then time one search under a ``limit_s`` alarm; in the worker process."""
     import signal
 
+    from autopar.ir.graph import FORWARD
+    from autopar.ir.mesh import Mesh
     from autopar.models.pangu_alpha import PanguAlphaConfig
-    from autopar.runtime.graph import FORWARD
-    from autopar.strategy.mesh import Mesh
     from autopar.strategy.search import search
     cfg = PanguAlphaConfig.preset(preset)
     t0 = time.perf_counter()

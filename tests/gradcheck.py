@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from autopar.ops.primitive import spec_of
+from autopar.ir.spec import spec_of
 
 
 def _bind(prim, static):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from autopar import nn
-from autopar.runtime.random import region_indices
+from autopar.ir.random import region_indices
 
 
 class Inner(nn.Cell):

@@ -9,11 +9,11 @@ import pytest
 
 from autopar.comm import SelfCommunicator, run_in_process
 from autopar.context import ParallelContext, bound_world, parallel_context
+from autopar.ir.mesh import Mesh
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.runtime.setting import CompileSetting, parallel_setting
 from autopar.runtime.sharded_program import save_plan
 from autopar.runtime.trace import trace
-from autopar.strategy.mesh import Mesh
 from autopar.strategy.plan import make_plan
 from autopar.strategy.strategy_file import load_strategy
 

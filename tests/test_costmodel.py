@@ -5,16 +5,16 @@ import json
 
 import numpy as np
 import pytest
+from reference_formulas import megatron_tp_comm_bytes_per_layer, zero_memory_bytes
 
 from autopar import nn, ops
-from autopar.ops.primitive import TensorSpec
+from autopar.ir.mesh import Mesh
+from autopar.ir.spec import TensorSpec
 from autopar.runtime.trace import trace
 from autopar.strategy import cost
 from autopar.strategy.costmodel import CostModel
-from autopar.strategy.mesh import Mesh
 from autopar.strategy.plan import plan_shardings
 from autopar.strategy.profile import PROFILE_DIR, load_profile
-from reference_formulas import megatron_tp_comm_bytes_per_layer, zero_memory_bytes
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,10 @@ from autopar.comm import CollectiveTimeoutError, CommChecks, SelfCommunicator, r
 from autopar.comm import mpi as mpi_module
 from autopar.comm.consistency import RankDivergenceError
 from autopar.context import ParallelContext, bound_world, parallel_context, require_init
+from autopar.ir.mesh import Mesh
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
-from autopar.strategy.mesh import Mesh
-from autopar.strategy.plan import plan_shardings
 from autopar.runtime.trace import trace
+from autopar.strategy.plan import plan_shardings
 from autopar.train import SGD
 
 ROOT = Path(__file__).resolve().parent.parent

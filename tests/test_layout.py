@@ -1,8 +1,9 @@
 """Mesh and Layout: coordinates, groups, conversions, shards, refinement."""
 import numpy as np
 import pytest
-from autopar.strategy.layout import Layout, all_layouts
-from autopar.strategy.mesh import Mesh, common_refinement
+
+from autopar.ir.layout import Layout, all_layouts
+from autopar.ir.mesh import Mesh, common_refinement
 
 MESH = Mesh((2, 4), ("dp", "mp"))
 

@@ -5,7 +5,7 @@ import numpy as np
 from test_spmd import MLP
 
 from autopar.comm import run_in_process
-from autopar.runtime.graph import FORWARD
+from autopar.ir.graph import FORWARD
 from autopar.runtime.sharded_program import ShardedGradProgram
 from autopar.runtime.spmd import Lowering, Redistribute, lower
 

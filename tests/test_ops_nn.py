@@ -2,14 +2,15 @@
 dropout's counter-based mask, and the errors bad inputs give."""
 import numpy as np
 import pytest
+from gradcheck import check_op
 
 import autopar
 from autopar import nn, ops
-from autopar.ops import dropout as dropout_ops, rowwise
-from autopar.ops.primitive import TensorSpec
-from autopar.runtime import random
-from autopar.runtime.random import region_indices
-from gradcheck import check_op
+from autopar.ir import random
+from autopar.ir.random import region_indices
+from autopar.ir.spec import TensorSpec
+from autopar.ops import dropout as dropout_ops
+from autopar.ops import rowwise
 
 rng = np.random.default_rng(0)
 

@@ -12,11 +12,11 @@ import pytest
 from autopar import nn
 from autopar.comm import run_in_process
 from autopar.context import bound_world, parallel_context
+from autopar.ir.layout import Layout
+from autopar.ir.mesh import Mesh
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.runtime.optimizer_parallel import slice_layout
 from autopar.runtime.shards import gather
-from autopar.strategy.layout import Layout
-from autopar.strategy.mesh import Mesh
 from autopar.train import SGD, Adam, AdamWeightDecay
 from autopar.train import checkpoint as ckpt
 

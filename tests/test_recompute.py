@@ -6,9 +6,9 @@ import pytest
 import autopar
 from autopar import nn, ops
 from autopar.comm import run_in_process
+from autopar.ir.graph import BACKWARD
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.runtime.compiled import GradProgram
-from autopar.runtime.graph import BACKWARD
 from autopar.runtime.memory import MemoryMeter, predicted_activations
 from autopar.runtime.recompute import classify, recompute_savings
 from autopar.runtime.sharded_program import ShardedGradProgram

@@ -5,8 +5,8 @@ import pytest
 
 from autopar.comm import redistribution as rd
 from autopar.comm import run_in_process
-from autopar.strategy.layout import Layout, all_layouts
-from autopar.strategy.mesh import Mesh
+from autopar.ir.layout import Layout, all_layouts
+from autopar.ir.mesh import Mesh
 
 SHAPE = (8, 16)
 

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 
 from autopar import nn, ops
-from autopar.ops.primitive import TensorSpec
+from autopar.ir.mesh import Mesh
+from autopar.ir.spec import TensorSpec
 from autopar.runtime.trace import trace
 from autopar.strategy.costmodel import CostModel
-from autopar.strategy.mesh import Mesh
 from autopar.strategy.profile import load_profile
 from autopar.strategy.search import SEARCH_MODES, brute_force, build, search, solve
 from autopar.strategy.search.problem import plan_of

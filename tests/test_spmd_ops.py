@@ -37,10 +37,11 @@ import pytest
 import autopar
 from autopar import nn, ops
 from autopar.comm import run_in_process
-from autopar.ops.primitive import Primitive, spec_of
+from autopar.ir.mesh import Mesh
+from autopar.ir.spec import spec_of
+from autopar.ops.primitive import Primitive
+from autopar.ops.sharding import candidates, from_strategy
 from autopar.runtime.sharded_program import ShardedGradProgram
-from autopar.strategy.mesh import Mesh
-from autopar.strategy.sharding import candidates, from_strategy
 
 RANKS = (1, 2, 4, 8)
 MAX_STRATEGIES = 6

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from autopar import plan as cli
+from autopar.ir.mesh import Mesh
+from autopar.ir.spec import TensorSpec
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.models.yuan import YuanConfig
-from autopar.ops.primitive import TensorSpec
 from autopar.runtime.trace import trace
 from autopar.strategy.costmodel import CostModel
-from autopar.strategy.mesh import Mesh
 from autopar.strategy.pipeline.registry import model_family, register_model, registered_models
 from autopar.strategy.pipeline.stage_search import StageCoster, evaluate, split_layers, stage_memory
 from autopar.strategy.plan import plan_shardings

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from autopar import nn, ops
-from autopar.strategy.plan import plan_shardings
+from autopar.ir.mesh import Mesh
 from autopar.runtime.trace import trace
-from autopar.strategy.mesh import Mesh
+from autopar.strategy.plan import plan_shardings
 
 STAGE = Mesh((4,))
 

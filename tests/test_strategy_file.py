@@ -14,11 +14,11 @@ import autopar
 from autopar import nn, ops
 from autopar.comm import run_in_process
 from autopar.context import ParallelContext, bound_world, parallel_context
+from autopar.ir.mesh import Mesh
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.ops.primitive import Primitive
 from autopar.runtime.sharded_program import ShardedGradProgram
 from autopar.runtime.trace import trace
-from autopar.strategy.mesh import Mesh
 from autopar.strategy.plan import ShardingPlan, plan_shardings
 from autopar.strategy.strategy_file import load_strategy, save_strategy
 from autopar.train import AdamWeightDecay

@@ -6,10 +6,10 @@ from hypothesis import strategies as st
 
 from autopar import ops
 from autopar.context import ParallelContext
+from autopar.ir.layout import Layout
+from autopar.ir.mesh import Mesh
 from autopar.models.pangu_alpha import PanguAlphaConfig
-from autopar.strategy.layout import Layout
-from autopar.strategy.mesh import Mesh
-from autopar.strategy.sharding import from_strategy
+from autopar.ops.sharding import from_strategy
 
 ANY = st.one_of(st.none(), st.booleans(), st.integers(-3, 9), st.floats(-2, 9), st.just(float("nan")),
                 st.text(max_size=3), st.lists(st.integers(-2, 5), max_size=3))

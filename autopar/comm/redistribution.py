@@ -32,8 +32,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..strategy.layout import Layout
-from ..strategy.mesh import common_refinement
+from ..ir.layout import Layout
+from ..ir.mesh import common_refinement
 
 SLICE, ALLGATHER, REDUCE_SCATTER, ALLREDUCE, ALLTOALL, GENERAL = (
     "slice", "allgather", "reduce_scatter", "allreduce", "alltoall", "general")

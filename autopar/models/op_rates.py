@@ -23,10 +23,10 @@ from dataclasses import replace
 
 import numpy as np
 
+from ..ir.mesh import Mesh
 from ..runtime import op_timer
 from ..runtime.compiled import GradProgram
 from ..strategy.costmodel import OPTIMIZER_BYTES_PER_ELEMENT, OPTIMIZER_KIND, CostModel
-from ..strategy.mesh import Mesh
 from ..strategy.plan import plan_shardings
 from ..strategy.profile import MachineProfile
 from ..train import AdamWeightDecay

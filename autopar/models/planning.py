@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..ops.primitive import TensorSpec
+from ..ir.spec import TensorSpec
 from ..runtime.trace import trace
 from ..strategy.pipeline.registry import ModelFamily
 

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from typing import Iterator
 
 from ..errors import check_int
+from ..ir.tracing import current_tracer
 from .parameter import Parameter
 
 
@@ -139,7 +140,6 @@ class Cell:
         raise NotImplementedError(f"{type(self).__name__}.construct")
 
     def __call__(self, *args, **kwargs):
-        from ..runtime.trace import current_tracer
         tracer = current_tracer()
         if tracer is not None:
             with tracer.cell_scope(self):

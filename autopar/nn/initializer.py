@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..runtime import random as rnd
+from ..ir import random as rnd
 
 
 @dataclass(frozen=True)

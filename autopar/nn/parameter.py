@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..dtype import as_dtype
-from ..ops.primitive import TensorSpec
-from ..runtime.random import derive_key
+from ..ir.random import derive_key
+from ..ir.spec import TensorSpec
 from ..runtime.tensor import TensorOps
 from .initializer import Initializer, as_initializer
 
@@ -100,6 +100,10 @@ class Parameter(TensorOps):
         if self._shard is not None:
             shard, world = self._shard
             self._data, self._shard = shard.gather(world), None
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        """``np.asarray(param)``: the value (how an op called on arrays reads a Parameter)."""
+        return np.asarray(self.asnumpy(), dtype=dtype)
 
     def asnumpy(self) -> np.ndarray:
         """A copy of the full logical value."""

@@ -15,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import OpArgError
+from ..ir.spec import TensorSpec
 from .elementwise import result_dtype, sum_to
-from .primitive import Primitive, TensorSpec, check_float
+from .primitive import Primitive, check_float
 from .registry import register
 
 
@@ -43,7 +44,7 @@ class Contraction(Primitive):
         return m, k, n
 
     def indexing(self, specs, out):
-        from ..strategy.sharding import Indexing, broadcast_indexing
+        from .sharding import Indexing, broadcast_indexing
         a, b = specs
         ta, tb = self.attrs["transpose_a"], self.attrs["transpose_b"]
         batch = broadcast_indexing([a.shape[:-2], b.shape[:-2]], len(out.shape) - 2)

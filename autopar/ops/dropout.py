@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import OpArgError
-from ..runtime.random import derive_key, keep_mask, region_indices
+from ..ir.random import derive_key, keep_mask, region_indices
 from .primitive import Primitive, check_float
 from .registry import register
 

@@ -6,11 +6,11 @@ gradient back to its input's shape (``sum_to``). Comparisons give bool and no gr
 """
 from __future__ import annotations
 
-
 import numpy as np
 
 from ..errors import OpArgError
-from .primitive import Primitive, TensorSpec, check_float
+from ..ir.spec import TensorSpec
+from .primitive import Primitive, check_float
 from .registry import register
 
 # ---- shared rules ------------------------------------------------------------------------
@@ -46,7 +46,7 @@ def same_buffer_inputs(specs, out) -> tuple[int, ...]:
 
 
 def elementwise_indexing(specs, out):
-    from ..strategy.sharding import broadcast_indexing
+    from .sharding import broadcast_indexing
     return broadcast_indexing([s.shape for s in specs], len(out.shape))
 
 

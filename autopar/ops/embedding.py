@@ -4,9 +4,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import OpArgError, is_int
-from .primitive import Primitive, TensorSpec, normalize_axis
+from ..ir.spec import TensorSpec
+from .primitive import Primitive, normalize_axis
 from .registry import register
 from .rowwise import check_int, check_range
+
 
 def _scatter_add_rows(n_rows: int, idx: np.ndarray, g2: np.ndarray) -> np.ndarray:
     """(n_rows, K) array whose row i is the sum of the rows g2[j] with idx[j] == i.
@@ -57,7 +59,7 @@ class Gather(Primitive):
         """``vh,bs->bsh``: splitting the table's rows (the vocabulary) leaves each rank the
         rows it holds and zeros elsewhere, a partial sum over that axis (Megatron's
         vocabulary-parallel embedding: masked lookup, then all-reduce)."""
-        from ..strategy.sharding import LETTERS, Indexing
+        from .sharding import LETTERS, Indexing
         if self._axis(specs[0].ndim) != 0:
             return None
         ids = LETTERS[:specs[1].ndim]

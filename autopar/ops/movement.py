@@ -24,8 +24,9 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import OpArgError, OpTypeError, is_int
+from ..ir.spec import TensorSpec
 from .elementwise import sum_to
-from .primitive import Primitive, TensorSpec, normalize_axes, normalize_axis
+from .primitive import Primitive, normalize_axes, normalize_axis
 from .registry import register
 
 
@@ -94,7 +95,7 @@ class Transpose(Movement):
     static_args = ("perm",)
 
     def indexing(self, specs, out):
-        from ..strategy.sharding import Indexing, same_letters
+        from .sharding import Indexing, same_letters
         letters, _ = same_letters(specs[0].ndim)
         return Indexing((letters,), "".join(letters[p] for p in _ints(self.attrs["perm"], "perm")))
 
@@ -123,7 +124,7 @@ class ExpandDims(Movement):
     static_args = ("axis",)
 
     def indexing(self, specs, out):
-        from ..strategy.sharding import Indexing, same_letters
+        from .sharding import Indexing, same_letters
         letters, _ = same_letters(specs[0].ndim)
         axis = self.axis(specs[0].ndim)
         return Indexing((letters,), letters[:axis] + "Z" + letters[axis:], frozenset("Z"))
@@ -153,7 +154,7 @@ class Squeeze(Movement):
         return self.with_attrs(axis=self.axes(specs[0].shape))
 
     def indexing(self, specs, out):
-        from ..strategy.sharding import Indexing, same_letters
+        from .sharding import Indexing, same_letters
         axes = self.axes(specs[0].shape)
         letters, fixed = same_letters(specs[0].ndim, axes)
         return Indexing((letters,), "".join(ch for i, ch in enumerate(letters) if i not in axes), fixed)
@@ -259,7 +260,7 @@ def reshape_indexing(src: tuple[int, ...], dst: tuple[int, ...]):
     meet; in each group the major input dim and the major output dim share a letter (a
     split of it carries over when it divides the output dim), every other dim is fixed.
     ``(B, S, H) -> (B*S, H)``: ``bSh -> bh``; ``(B, S, H) -> (B, S, N, D)``: ``bsh -> bshD``."""
-    from ..strategy.sharding import FRESH, LETTERS, Indexing
+    from .sharding import FRESH, LETTERS, Indexing
     fresh = iter(FRESH)
     letters = iter(LETTERS)
     ins, outs, fixed = [], [], set()

@@ -8,6 +8,7 @@ from .primitive import Primitive, check_float, normalize_axis
 from .registry import register
 from .rowwise import compute_dtype
 
+
 def _standardize(x2: np.ndarray, eps: float, ct: np.dtype, center: bool):
     """Rows of (R, C) ``x2`` -> (xhat, rstd): xhat = (x - mean) * rstd, or x * rstd when not
     ``center`` (RMS); rstd = 1 / sqrt(var + eps) per row. xhat is a new (R, C) array."""
@@ -58,7 +59,7 @@ class LayerNorm(Primitive):
 
 
     def indexing(self, specs, out):
-        from ..strategy.sharding import Indexing, same_letters
+        from .sharding import Indexing, same_letters
         bna, bpa = self._axes(specs[0].ndim)
         letters, fixed = same_letters(specs[0].ndim, range(min(bna, bpa), specs[0].ndim))
         return Indexing((letters, letters[bpa:], letters[bpa:]), letters, fixed)
@@ -124,7 +125,7 @@ class RMSNorm(Primitive):
 
 
     def indexing(self, specs, out):
-        from ..strategy.sharding import Indexing, same_letters
+        from .sharding import Indexing, same_letters
         letters, fixed = same_letters(specs[0].ndim, (specs[0].ndim - 1,))
         return Indexing((letters, letters[-1:]), letters, fixed)
 

@@ -20,40 +20,14 @@ arrays otherwise. Trailing *static* arguments (``Reshape()(x, shape)``) are name
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
 from ..errors import OpArgError, OpTypeError, at_scope, is_int
-from ..strategy.strategy import Strategy, normalize_strategy
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """Shape and dtype of a value, no data."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * np.dtype(self.dtype).itemsize
-
-    def __str__(self) -> str:
-        return f"{np.dtype(self.dtype).name}{list(self.shape)}"
-
-
-def spec_of(x) -> TensorSpec:
-    return TensorSpec(tuple(int(d) for d in np.shape(x)), np.asarray(x).dtype)
+from ..ir.spec import TensorSpec
+from ..ir.strategy import Strategy, normalize_strategy
+from .call import apply
 
 
 class Primitive:
@@ -97,7 +71,6 @@ class Primitive:
         return self
 
     def __call__(self, *args):
-        from ..runtime.trace import apply  # runtime depends on ops, not the other way round
         return apply(self, args)
 
     def bind(self, args: Sequence) -> tuple[tuple, dict[str, Any]]:
@@ -134,7 +107,7 @@ class Primitive:
 
     # ---- sharding ---------------------------------------------------------------------
     def indexing(self, specs: Sequence[TensorSpec], out: TensorSpec):
-        """Einsum-style letters of the op (``autopar.strategy.sharding.Indexing``) from
+        """Einsum-style letters of the op (``autopar.ops.sharding.Indexing``) from
         which every layout rule follows; None: no sharding rule (the op runs replicated)."""
         return None
 

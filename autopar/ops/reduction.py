@@ -24,7 +24,8 @@ import numpy as np
 
 from ..dtype import int32, int64
 from ..errors import OpArgError, OpTypeError
-from .primitive import Primitive, TensorSpec, check_float, normalize_axes, normalize_axis
+from ..ir.spec import TensorSpec
+from .primitive import Primitive, check_float, normalize_axes, normalize_axis
 from .registry import register
 
 
@@ -67,7 +68,7 @@ class Reduce(Primitive):
     linear = False  # a sum: splitting a reduced dim leaves a partial sum; else it is fixed
 
     def indexing(self, specs, out):
-        from ..strategy.sharding import FRESH, Indexing, same_letters
+        from .sharding import FRESH, Indexing, same_letters
         axes = self.axes(specs[0].ndim)
         letters, fixed = same_letters(specs[0].ndim, () if self.linear else axes)
         fresh = iter(FRESH)
@@ -212,7 +213,7 @@ class Cumsum(Primitive):
     save_inputs = "none"
 
     def indexing(self, specs, out):
-        from ..strategy.sharding import Indexing, same_letters
+        from .sharding import Indexing, same_letters
         letters, fixed = same_letters(specs[0].ndim, (self.axis(specs[0].ndim),))
         return Indexing((letters,), letters, fixed)
 
@@ -248,7 +249,7 @@ class ArgMax(Primitive):
     nondiff_inputs = (0,)
 
     def indexing(self, specs, out):
-        from ..strategy.sharding import Indexing, same_letters
+        from .sharding import Indexing, same_letters
         axis = normalize_axis(self.attrs["axis"], specs[0].ndim)
         letters, fixed = same_letters(specs[0].ndim, (axis,))
         return Indexing((letters,), letters[:axis] + letters[axis + 1:], fixed)

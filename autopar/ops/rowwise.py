@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import OpArgError
-from .primitive import TensorSpec
+from ..ir.spec import TensorSpec
 
 BLOCK_ELEMS = 1 << 18   # elements per row block (1 MiB of float32); 2^14..2^19 all measured
                          # alike, 1.3-2x faster than whole-array passes on (N, 40000)

@@ -6,10 +6,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import OpArgError, OpTypeError, at_scope, is_int
+from ..ir.spec import TensorSpec
+from ..ir.tracing import current_tracer
 from .movement import ExpandDims, Movement, Squeeze, _ints
-from .primitive import TensorSpec, normalize_axis
+from .primitive import normalize_axis
 from .registry import register
-
 
 # ---- joining -----------------------------------------------------------------------------
 
@@ -21,7 +22,7 @@ class Concat(Movement):
     n_inputs = None
 
     def indexing(self, specs, out):
-        from ..strategy.sharding import Indexing, same_letters
+        from .sharding import Indexing, same_letters
         axis = normalize_axis(self.attrs["axis"], len(out.shape))
         letters, fixed = same_letters(len(out.shape), (axis,))
         return Indexing((letters,) * len(specs), letters, fixed)
@@ -71,7 +72,7 @@ class Slicing(Movement):
 
     def indexing(self, specs, out):
         """A dim cut by the slice cannot be split (its pieces would not line up)."""
-        from ..strategy.sharding import Indexing, same_letters
+        from .sharding import Indexing, same_letters
         shape = specs[0].shape
         cut = [d for d, (n, m) in enumerate(zip(shape, out.shape)) if n != m or self.slices(shape)[d].step not in (None, 1)]
         letters, fixed = same_letters(len(shape), cut)
@@ -163,7 +164,6 @@ def _index_items(index, ndim: int) -> list:
 
 
 def _getitem_where() -> str:
-    from ..runtime.trace import current_tracer  # runtime depends on ops, not the other way round
     tracer = current_tracer()
     if tracer is None:
         return "getitem"

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import OpArgError
-from .primitive import Primitive, TensorSpec, check_float, normalize_axes, normalize_axis
+from ..ir.spec import TensorSpec
+from .primitive import Primitive, check_float, normalize_axes, normalize_axis
 from .registry import register
 from .rowwise import check_class_axis, check_int, check_range, compute_dtype, logsumexp, rowwise
 
@@ -54,7 +55,7 @@ class _RowNormalized(Primitive):
         raise NotImplementedError
 
     def indexing(self, specs, out):
-        from ..strategy.sharding import Indexing, same_letters
+        from .sharding import Indexing, same_letters
         letters, fixed = same_letters(specs[0].ndim, self._axes(specs[0].ndim))
         return Indexing((letters,), letters, fixed)
 
@@ -112,7 +113,7 @@ class SoftmaxCrossEntropyWithLogits(Primitive):
 
 
     def indexing(self, specs, out):
-        from ..strategy.sharding import Indexing, same_letters
+        from .sharding import Indexing, same_letters
         letters, fixed = same_letters(specs[0].ndim, (specs[0].ndim - 1,))
         return Indexing((letters, letters), letters[:-1], fixed)
 
@@ -194,7 +195,7 @@ class SparseSoftmaxCrossEntropyWithLogits(Primitive):
 
     def indexing(self, specs, out):
         """``nv,n->n``; splitting the vocabulary v runs the vocabulary-parallel kernel."""
-        from ..strategy.sharding import Indexing, same_letters
+        from .sharding import Indexing, same_letters
         letters, _ = same_letters(specs[0].ndim)
         return Indexing((letters, letters[:-1]), letters[:-1], internal=frozenset(letters[-1]))
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from ..dtype import is_float
-from .graph import BACKWARD, Graph, GraphBuilder, Node
+from ..ir.graph import BACKWARD, Graph, GraphBuilder, Node
 
 
 def _requires_grad(graph: Graph, wrt: Sequence[int]) -> set[int]:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..strategy.mesh import Mesh
+from ..ir.mesh import Mesh
 from ..strategy.plan import ShardingPlan, plan_shardings
 from .arguments import normalize, tensor_args
 from .autodiff import differentiate
@@ -23,7 +23,6 @@ from .sharded_forward import forward_program
 from .sharded_program import ShardedGradProgram
 from .shards import local_norm
 from .trace import Traced, signature_key, trace
-
 
 
 def run_forward(cell, args: tuple, kwargs: dict):

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..ir.graph import FORWARD, Graph, Node
 from ..ops.slicing import Slicing
-from .graph import FORWARD, Graph, Node
 
 
 @dataclass(frozen=True)

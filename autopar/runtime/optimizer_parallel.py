@@ -36,7 +36,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..strategy.layout import Layout
+from ..ir.layout import Layout
 from .shards import ParamShard
 
 KB = 1024  # bytes per unit of parallel_optimizer_threshold

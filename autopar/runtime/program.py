@@ -20,10 +20,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..ir.graph import BACKWARD, Graph, Node
+from ..ir.random import derive_key
 from .allocator import retain_freed_memory
-from .graph import BACKWARD, Graph, Node
 from .memory import MemoryMeter
-from .random import derive_key
 from .recompute import live_nodes, with_recompute
 
 

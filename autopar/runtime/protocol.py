@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import format_error
-from .graph import Graph
+from ..ir.graph import Graph
 
 
 class TrainingProgram(ABC):

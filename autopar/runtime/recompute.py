@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-from .graph import FORWARD, Graph, Node, Value
+from ..ir.graph import FORWARD, Graph, Node, Value
 from .memory import guess_buffers
 from .spmd import Redistribute
 

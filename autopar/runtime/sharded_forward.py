@@ -30,9 +30,9 @@ import numpy as np
 
 from ..comm.consistency import NO_GROUP
 from ..context import ParallelContext
-from ..ops.primitive import TensorSpec
-from ..strategy.layout import Layout
-from ..strategy.mesh import Mesh
+from ..ir.layout import Layout
+from ..ir.mesh import Mesh
+from ..ir.spec import TensorSpec
 from ..strategy.plan import ShardingPlan, input_layout, make_plan
 from .arguments import tensor_args
 from .consistency import ConsistencyCheck, feed_group

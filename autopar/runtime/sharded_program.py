@@ -12,10 +12,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..context import ParallelContext
-from ..ops.primitive import TensorSpec
+from ..ir.layout import Layout
+from ..ir.mesh import Mesh
+from ..ir.spec import TensorSpec
 from ..strategy.costmodel import CostModel
-from ..strategy.layout import Layout
-from ..strategy.mesh import Mesh
 from ..strategy.plan import ShardingPlan, make_plan
 from ..strategy.profile import load_profile
 from ..strategy.strategy_file import save_strategy

@@ -8,8 +8,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from ..errors import format_error
-from ..ops.primitive import TensorSpec
-from ..strategy.layout import Layout
+from ..ir.layout import Layout
+from ..ir.spec import TensorSpec
 
 
 class ParamShard:

@@ -1,14 +1,14 @@
 """SPMD lowering: one local program per rank from the traced training graph.
 
 Planning (``autopar/strategy/plan.py``) gives every forward op an
-:class:`~autopar.strategy.sharding.OpSharding` and every forward value a *home* layout.
+:class:`~autopar.ops.sharding.OpSharding` and every forward value a *home* layout.
 Lowering, for one rank, rewrites each node to run on local shards (``prim.local``) and
 inserts a ``Redistribute`` instruction wherever a value's layout differs from the layout
 its consumer needs; a redistribution is planned once per (value, layout) and shared. The
 backward pass obeys one invariant: the gradient of a value ends in that value's layout
 (partial sums reduced), so the data-parallel all-reduce of a replicated weight's gradient
 is simply the redistribution of a gradient partial over the data-parallel axis. The result
-is an ordinary :class:`~autopar.runtime.graph.Graph` on local shapes, compiled by
+is an ordinary :class:`~autopar.ir.graph.Graph` on local shapes, compiled by
 :class:`~autopar.runtime.program.Program` like a serial one.
 """
 from __future__ import annotations
@@ -17,12 +17,13 @@ import time
 from typing import Sequence
 
 from ..comm import redistribution as rd
-from ..ops.primitive import Primitive, TensorSpec
-from ..strategy.layout import Layout
-from ..strategy.mesh import Mesh
+from ..ir.graph import BACKWARD, FORWARD, Graph, GraphBuilder
+from ..ir.layout import Layout
+from ..ir.mesh import Mesh
+from ..ir.spec import TensorSpec
+from ..ops.primitive import Primitive
+from ..ops.sharding import OpSharding
 from ..strategy.plan import ShardingPlan
-from ..strategy.sharding import OpSharding
-from .graph import BACKWARD, FORWARD, Graph, GraphBuilder
 from .shards import shard_of
 
 

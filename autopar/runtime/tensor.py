@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ops.primitive import TensorSpec
+from ..ir.spec import TensorSpec
 
 
 def _ops():

@@ -8,22 +8,17 @@ other mutable module state.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import OpArgError, OpTypeError, at_scope
-from ..ops.primitive import Primitive, TensorSpec, spec_of
-from ..strategy.strategy import check_strategy_ranks
-from .graph import FORWARD, Graph, GraphBuilder
+from ..ir.graph import FORWARD, Graph, GraphBuilder
+from ..ir.spec import TensorSpec, spec_of
+from ..ir.strategy import check_strategy_ranks
+from ..ir.tracing import tracing
+from ..ops.primitive import Primitive
 from .tensor import Tensor, TensorOps
-
-_TRACER: contextvars.ContextVar["Tracer | None"] = contextvars.ContextVar("autopar_tracer", default=None)
-
-
-def current_tracer() -> "Tracer | None":
-    return _TRACER.get()
 
 
 @dataclass(frozen=True)
@@ -110,49 +105,6 @@ class Tracer:
         return Tensor(node.outputs[0], out, self)
 
 
-def apply(prim: Primitive, args: tuple):
-    """Call a primitive: record it when tracing, run it on numpy arrays otherwise."""
-    try:
-        tensors, static = prim.bind(args)
-    except (OpArgError, OpTypeError) as err:
-        raise at_scope(err, f"{prim.kind}") from None
-    if static:
-        prim = prim.with_attrs(**static)
-    tensors = _weak_scalars(tensors)
-    tracer = current_tracer()
-    if tracer is not None:
-        return tracer.add(prim, tensors)
-    return _eager(prim, tensors)
-
-
-def _weak_scalars(args: tuple) -> tuple:
-    """Python numbers take the dtype of the tensors beside them (numpy's NEP 50 rule):
-    ``x * 0.5`` stays float32 for a float32 ``x``."""
-    if not any(isinstance(a, (bool, int, float)) for a in args):
-        return args
-    ref = next((a.dtype for a in args if hasattr(a, "dtype") and not isinstance(a, (bool, int, float))), None)
-    if ref is None:
-        return args
-    return tuple(np.asarray(a, dtype=np.result_type(ref, a)) if isinstance(a, (bool, int, float)) else a
-                 for a in args)
-
-
-def _eager(prim: Primitive, args: tuple):
-    from ..nn.parameter import Parameter
-    arrays = [a.asnumpy() if isinstance(a, Parameter) else np.asarray(a) for a in args]
-    specs = tuple(spec_of(a) for a in arrays)
-    try:
-        prim.check_n_inputs(specs)
-        out = prim.infer(*specs)
-    except (OpArgError, OpTypeError) as err:
-        raise at_scope(err, prim.kind) from None
-    if prim.needs_rng:
-        raise TypeError(f"{prim.kind}: needs a random key and runs only inside a Cell")
-    y = prim.forward(*arrays)
-    assert y.shape == out.shape, (prim, y.shape, out.shape)
-    return y
-
-
 # ---- tracing a cell ----------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -182,8 +134,7 @@ def trace(cell, args: tuple, kwargs: dict | None = None) -> Traced:
     kwargs = kwargs or {}
     cell.parameters_dict()  # assigns scope names to parameters before any node names them
     tracer = Tracer({id(c): path for path, c in cell.named_cells()})
-    token = _TRACER.set(tracer)
-    try:
+    with tracing(tracer):
         input_vids, kinds = [], []
 
         def to_tensor(a):
@@ -211,8 +162,6 @@ def trace(cell, args: tuple, kwargs: dict | None = None) -> Traced:
                 raise TypeError(f"{type(cell).__name__}.construct: expected it to return Tensors, "
                                 f"got {type(o).__name__}")
         out_vids = [tracer.lift(o) for o in outs]
-    finally:
-        _TRACER.reset(token)
     graph = tracer.builder.build(input_vids, [tracer.param_vids[id(p)] for p in tracer.params],
                                  tracer.params, out_vids)
     return Traced(graph, tuple(kinds), out_tuple)

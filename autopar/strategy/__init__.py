@@ -1,4 +1,4 @@
 """Meshes, layouts, strategies, cost model and searches (the plan side of autopar)."""
-from .strategy import Strategy, normalize_strategy
+from ..ir.strategy import Strategy, normalize_strategy
 
 __all__ = ["Strategy", "normalize_strategy"]

@@ -24,20 +24,20 @@ hand-given, under the same formulas.
 from __future__ import annotations
 
 import math
-
-import numpy as np
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
+import numpy as np
+
 from ..comm import redistribution as rd
-from ..ops.primitive import TensorSpec
-from ..runtime.graph import FORWARD, Graph, Node
+from ..ir.graph import FORWARD, Graph, Node
+from ..ir.layout import Layout
+from ..ir.mesh import Mesh
+from ..ir.spec import TensorSpec
+from ..ops.sharding import OpSharding
 from . import cost
-from .layout import Layout
-from .mesh import Mesh
 from .plan import ShardingPlan, input_layout
 from .profile import MachineProfile
-from .sharding import OpSharding
 
 # collective kind in cost.py for each redistribution step kind
 _STEP_KIND = {rd.ALLGATHER: "all_gather", rd.REDUCE_SCATTER: "reduce_scatter",

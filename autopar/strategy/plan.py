@@ -8,7 +8,7 @@ process:
 * op outputs: their sharding's output layout (possibly a partial sum).
 
 Ops with a user strategy (``semi_auto_parallel``) use it; the others take their inputs'
-axes (``autopar.strategy.sharding.propagate``); ops with no rule run replicated.
+axes (``autopar.ops.sharding.propagate``); ops with no rule run replicated.
 """
 from __future__ import annotations
 
@@ -16,11 +16,11 @@ import logging
 from dataclasses import dataclass
 
 from ..errors import OpArgError, OpTypeError, at_scope
-from ..ops.primitive import TensorSpec
-from ..runtime.graph import FORWARD, Graph
-from .layout import Layout
-from .mesh import Mesh
-from .sharding import Indexing, OpSharding, from_strategy, propagate
+from ..ir.graph import FORWARD, Graph
+from ..ir.layout import Layout
+from ..ir.mesh import Mesh
+from ..ir.spec import TensorSpec
+from ..ops.sharding import Indexing, OpSharding, from_strategy, propagate
 
 log = logging.getLogger(__name__)
 

@@ -64,11 +64,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import format_error, is_int
-from ..runtime.graph import FORWARD, Graph, Node
-from .layout import Layout
-from .mesh import Mesh
+from ..ir.graph import FORWARD, Graph, Node
+from ..ir.layout import Layout
+from ..ir.mesh import Mesh
+from ..ops.sharding import Indexing, OpSharding, from_strategy
 from .plan import ShardingPlan, _replicated_sharding
-from .sharding import Indexing, OpSharding, from_strategy
 
 FORMAT = "autopar-strategy"
 VERSION = 1              # one plan

@@ -25,10 +25,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from autopar import nn
+from autopar.ir.layout import Layout
+from autopar.ir.mesh import Mesh
 from autopar.nn.parameter import Parameter
 from autopar.runtime.shards import ParamShard
-from autopar.strategy.layout import Layout
-from autopar.strategy.mesh import Mesh
 from autopar.train import checkpoint as ckpt
 
 N_TENSORS = 96            # many tensors, so that a save lasts long enough to be hit mid-write

@@ -235,7 +235,7 @@ def decode_in_order(model: PanguAlpha, tokens: Sequence[Sequence[int]], order: S
 
 def _global_caches(cfg, b: int, dt: np.dtype) -> tuple:
     """Shapes of the whole caches, to compile the decoder for: 2 per layer, (B, N, S, D)."""
-    from ...ops.primitive import TensorSpec
+    from ...ir.spec import TensorSpec
     spec = TensorSpec((b, cfg.num_heads, cfg.seq_length, cfg.head_dim), dt)
     return (spec,) * (2 * cfg.num_layers)
 

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import format_error
+from ...ir.random import keep_mask
 from ...ops.dropout import Dropout
-from ..random import keep_mask
 
 
 @dataclass(frozen=True)

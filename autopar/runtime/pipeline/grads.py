@@ -39,7 +39,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..graph import Graph
+from ...ir.graph import Graph
 from ..optimizer_parallel import SliceShard, WeightGather, slice_layout, slice_of
 from ..shards import global_norm
 from ..spmd import Redistribute

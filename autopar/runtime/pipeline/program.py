@@ -32,15 +32,15 @@ import numpy as np
 
 from ...comm.consistency import NO_GROUP
 from ...errors import format_error
+from ...ir.graph import FORWARD, Graph
+from ...ir.layout import Layout
+from ...ir.spec import TensorSpec
 from ...ops.dropout import Dropout
-from ...ops.primitive import TensorSpec
-from ...strategy.layout import Layout
 from ...strategy.pipeline.assignment import assign_stages, differentiable_values
 from ...strategy.pipeline.files import save_pipeline_plan
 from ...strategy.pipeline.planner import PipelinePlan, plan_pipeline
 from ..autodiff import differentiate
 from ..consistency import ConsistencyCheck
-from ..graph import FORWARD, Graph
 from ..program import Program
 from ..protocol import TrainingProgram, loss_targets
 from ..spmd import Redistribute, lower

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...strategy.layout import Layout
+from ...ir.layout import Layout
 from ..shards import ParamShard
 
 

@@ -25,7 +25,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..graph import BACKWARD, FORWARD, Graph
+from ...ir.graph import BACKWARD, FORWARD, Graph
 from ..spmd import Redistribute
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from ...dtype import is_float
 from ...errors import format_error
-from ...runtime.graph import FORWARD, Graph
+from ...ir.graph import FORWARD, Graph
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ...runtime.graph import Graph
-from ..layout import Layout
-from ..mesh import Mesh
+from ...ir.graph import Graph
+from ...ir.layout import Layout
+from ...ir.mesh import Mesh
 from ..plan import ShardingPlan, make_plan
 from ..strategy_file import load_pipeline_strategy
 from .assignment import StageAssignment

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ...errors import format_error
-from ...runtime.graph import Graph
+from ...ir.graph import Graph
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...ir.graph import FORWARD, Graph, GraphBuilder
 from ...ops import Add, Mul, ReduceSum
-from ...runtime.graph import FORWARD, Graph, GraphBuilder
 from .assignment import Crossing, StageAssignment
 
 OBJECTIVE_SCOPE = "pipeline.objective"

@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...runtime.graph import Graph
+from ...ir.graph import Graph
+from ...ir.mesh import Mesh
 from ..costmodel import CostModel
-from ..mesh import Mesh
 from ..plan import plan_shardings
 from ..profile import MachineProfile
 from .registry import ModelFamily

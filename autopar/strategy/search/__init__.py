@@ -18,9 +18,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ...runtime.graph import Graph
+from ...ir.graph import Graph
+from ...ir.mesh import Mesh
 from ..costmodel import CostModel, PlanCost
-from ..mesh import Mesh
 from ..plan import ShardingPlan
 from ..profile import MachineProfile, load_profile
 from .elimination import solve

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...errors import OpArgError, OpTypeError, at_scope
-from ...runtime.graph import Node
+from ...ir.graph import Node
+from ...ir.layout import Layout
+from ...ops.sharding import OpSharding, candidates, from_strategy
 from ..costmodel import CostModel, canonical
-from ..layout import Layout
 from ..plan import ShardingPlan, _replicated_sharding
-from ..sharding import OpSharding, candidates, from_strategy
 
 
 @dataclass
@@ -76,7 +76,7 @@ def plan_of(model: CostModel, shardings: dict[int, OpSharding]) -> ShardingPlan:
 
 def node_candidates(model: CostModel, node: Node, cache: dict | None = None) -> list[OpSharding]:
     """Every sharding the op may take on the stage: the user's strategy alone when it has
-    one (see :func:`user_strategy`), else one per strategy from :func:`~autopar.strategy.sharding.candidates`;
+    one (see :func:`user_strategy`), else one per strategy from :func:`~autopar.ops.sharding.candidates`;
     replicated when the op has no sharding rule."""
     g, stage = model.graph, model.stage
     specs = [g.spec(v) for v in node.inputs]

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import math
 
-from ...runtime.graph import Node
+from ...ir.graph import Node
+from ...ops.sharding import OpSharding, from_strategy
 from ..costmodel import CostModel
-from ..sharding import OpSharding, from_strategy
 from .elimination import solve
 from .problem import build, node_candidates, user_strategy
 

@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from ..errors import OpArgError
-from .layout import Layout
-from .mesh import Mesh
+from ..ir.layout import Layout
+from ..ir.mesh import Mesh
 
 
 @dataclass(frozen=True)

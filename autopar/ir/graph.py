@@ -15,7 +15,7 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
-from ..ops.primitive import Primitive, TensorSpec
+from .spec import TensorSpec
 
 FORWARD, BACKWARD = "forward", "backward"
 
@@ -38,7 +38,7 @@ class Value:
 @dataclass(frozen=True, eq=False)
 class Node:
     id: int
-    prim: Primitive
+    prim: Any                  # the op: an autopar.ops Primitive
     inputs: tuple[int, ...]
     outputs: tuple[int, ...]
     scope: str                      # cell path, e.g. 'blocks.3.attention.dense1'
@@ -126,7 +126,7 @@ class GraphBuilder:
         self._names[base] = k + 1
         return base if k == 0 else f"{base}-{k}"
 
-    def add_node(self, prim: Primitive, inputs: tuple[int, ...], out_specs: tuple[TensorSpec, ...],
+    def add_node(self, prim, inputs: tuple[int, ...], out_specs: tuple[TensorSpec, ...],
                  scope: str, **fields) -> Node:
         nid = len(self.nodes)
         outputs = tuple(self.new_value(s, nid) for s in out_specs)

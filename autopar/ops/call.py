@@ -1,0 +1,51 @@
+"""Calling an op: recorded by the current tracer while a cell is traced, run now on
+numpy arrays otherwise (``ops.Add()(x, y)`` on arrays is numpy's ``x + y``)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import OpArgError, OpTypeError, at_scope
+from ..ir.spec import spec_of
+from ..ir.tracing import current_tracer
+
+
+def apply(prim, args: tuple):
+    """Call a primitive: record it when tracing, run it on numpy arrays otherwise."""
+    try:
+        tensors, static = prim.bind(args)
+    except (OpArgError, OpTypeError) as err:
+        raise at_scope(err, f"{prim.kind}") from None
+    if static:
+        prim = prim.with_attrs(**static)
+    tensors = _weak_scalars(tensors)
+    tracer = current_tracer()
+    if tracer is not None:
+        return tracer.add(prim, tensors)
+    return _eager(prim, tensors)
+
+
+def _weak_scalars(args: tuple) -> tuple:
+    """Python numbers take the dtype of the tensors beside them (numpy's NEP 50 rule):
+    ``x * 0.5`` stays float32 for a float32 ``x``."""
+    if not any(isinstance(a, (bool, int, float)) for a in args):
+        return args
+    ref = next((a.dtype for a in args if hasattr(a, "dtype") and not isinstance(a, (bool, int, float))), None)
+    if ref is None:
+        return args
+    return tuple(np.asarray(a, dtype=np.result_type(ref, a)) if isinstance(a, (bool, int, float)) else a
+                 for a in args)
+
+
+def _eager(prim, args: tuple):
+    arrays = [np.asarray(a) for a in args]     # a Parameter gives its value (__array__)
+    specs = tuple(spec_of(a) for a in arrays)
+    try:
+        prim.check_n_inputs(specs)
+        out = prim.infer(*specs)
+    except (OpArgError, OpTypeError) as err:
+        raise at_scope(err, prim.kind) from None
+    if prim.needs_rng:
+        raise TypeError(f"{prim.kind}: needs a random key and runs only inside a Cell")
+    y = prim.forward(*arrays)
+    assert y.shape == out.shape, (prim, y.shape, out.shape)
+    return y
