@@ -21,9 +21,6 @@ LAYERS = ("errors", "dtype", "ir", "backend", "ops", "comm", "strategy", "contex
           "models", "calibrate", "plan", "__init__")
 
 KNOWN_UPWARD = {
-    # the runtime asking nn what a Parameter (trace) or a PipelineCell (pipeline program) is
-    ("autopar.runtime.trace", "autopar.nn.parameter"),
-    ("autopar.runtime.pipeline.program", "autopar.nn.pipeline"),
     # MindSpore keeps optimizers in nn (nn.Adam); the trainer checks its optimizer's type
     ("autopar.nn", "autopar.train.optimizers"),
     ("autopar.nn.wrappers", "autopar.train.optimizers"),

@@ -11,7 +11,7 @@ import numpy as np
 from ..dtype import as_dtype
 from ..ir.random import derive_key
 from ..ir.spec import TensorSpec
-from ..runtime.tensor import TensorOps
+from ..runtime.tensor import Weight
 from .initializer import Initializer, as_initializer
 
 
@@ -23,7 +23,7 @@ def _check_shape(shape) -> tuple[int, ...]:
     return tuple(int(d) for d in shape)
 
 
-class Parameter(TensorOps):
+class Parameter(Weight):
     """``Parameter(initializer, shape, dtype, name)`` or ``Parameter(array, name=...)``."""
 
     def __init__(self, default_input, shape=None, dtype="float32", name: str = "",

@@ -22,11 +22,12 @@ from collections.abc import Sequence
 
 from .. import ops
 from ..errors import format_error
+from ..runtime.pipeline.program import Pipelined
 from ..runtime.pipeline.schedule import SCHEDULES
 from .cell import Cell
 
 
-class PipelineCell(Cell):
+class PipelineCell(Cell, Pipelined):
     """``PipelineCell(network, micro_size, pipeline_schedule="1f1b")``: ``network`` returns
     the scalar loss; parameter names stay the network's."""
 

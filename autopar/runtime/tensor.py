@@ -84,6 +84,14 @@ class TensorOps:
         return _ops().getitem(self, index)
 
 
+class Weight(TensorOps):
+    """What the tracer lifts into the graph as a parameter: an array with a ``shape``, a
+    ``dtype`` and a ``name`` that the graph does not compute (``nn.Parameter`` is the one
+    implementation). Defined here, below nn, so the runtime never asks nn what it is."""
+
+    __slots__ = ()
+
+
 class Tensor(TensorOps):
     """A value of the graph being traced."""
 

@@ -18,7 +18,7 @@ from ..ir.spec import TensorSpec, spec_of
 from ..ir.strategy import check_strategy_ranks
 from ..ir.tracing import tracing
 from ..ops.primitive import Primitive
-from .tensor import Tensor, TensorOps
+from .tensor import Tensor, TensorOps, Weight
 
 
 @dataclass(frozen=True)
@@ -65,13 +65,12 @@ class Tracer:
 
     def lift(self, x) -> int:
         """The value id of an op argument: a traced tensor, a parameter or a constant."""
-        from ..nn.parameter import Parameter
         if isinstance(x, Tensor):
             if x.tracer is not self:
                 raise ValueError(f"a Tensor from another trace ({x!r}) was used here; "
                                  "do not keep traced tensors between calls")
             return x.vid
-        if isinstance(x, Parameter):
+        if isinstance(x, Weight):
             vid = self.param_vids.get(id(x))
             if vid is None:
                 vid = self.builder.new_value(TensorSpec(x.shape, x.dtype))

@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ...comm.consistency import NO_GROUP
+from ...context import current_world
 from ...errors import format_error
 from ...ir.graph import FORWARD, Graph
 from ...ir.layout import Layout
@@ -337,24 +338,32 @@ def _rewrite(local: Graph, origin: dict[int, int], drops: list[int], graph: Grap
     return dataclasses.replace(local, nodes=tuple(nodes))
 
 
-__all__ = ["AbsentShard", "PipelineGradProgram", "StageShard"]
+__all__ = ["AbsentShard", "PipelineGradProgram", "Pipelined", "StageShard"]
+
+
+class Pipelined:
+    """What a cell is to be run as a pipeline: it holds the ``network`` that returns the loss,
+    its ``micro_size`` (micro-batches per step) and its ``pipeline_schedule`` ("1f1b",
+    "gpipe"). ``nn.PipelineCell`` is the one implementation; defined here, below nn, so the
+    runtime never asks nn what a cell is."""
+
+    network: object
+    micro_size: int
+    pipeline_schedule: str
 
 
 def pipelined(cell, setting) -> bool:
     """Whether ``grad_program`` builds a pipeline program: for a PipelineCell (micro-batches,
     also on one stage), or whenever the context asks for pipeline_stages > 1."""
-    from ...nn.pipeline import PipelineCell
-    return isinstance(cell, PipelineCell) or (setting is not None and setting[3].pipeline_stages > 1)
+    return isinstance(cell, Pipelined) or (setting is not None and setting[3].pipeline_stages > 1)
 
 
 def pipeline_grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float, setting):
     """The pipeline program for ``cell`` (a PipelineCell, or a network taken as one
     micro-batch) under ``setting`` (``setting.parallel_setting()``; None: serial)."""
-    from ...context import current_world
-    from ...nn.pipeline import PipelineCell
     if kwargs:
         raise ValueError(format_error(WHERE, "inputs", "positional inputs only", f"keywords {sorted(kwargs)}"))
-    if isinstance(cell, PipelineCell):
+    if isinstance(cell, Pipelined):
         network, micro, schedule = cell.network, cell.micro_size, cell.pipeline_schedule
     else:
         network, micro, schedule = cell, 1, "1f1b"
