@@ -54,6 +54,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from . import nn, ops
 from .comm import Communicator, install_abort_handler, world
 from .comm.mpi import processor_name
+from .models.op_rates import QUICK_WORKLOAD, measure_op_rates
 from .runtime.allocator import retain_freed_memory
 from .runtime.program import Program
 from .runtime.trace import trace
@@ -305,7 +306,6 @@ def calibrate(comm: Communicator, host: str, name: str, sizes: Sizes = FULL,
 def _op_rates(comm: Communicator, figures: dict, sources: dict, sizes: Sizes) -> dict:
     """Per-op-kind throughputs (autopar.models.op_rates), every rank at once, the slowest
     rank's time per kind."""
-    from .models.op_rates import QUICK_WORKLOAD, measure_op_rates
     provisional = MachineProfile(name="provisional", devices_per_node=1, memory_bytes=1,
                                  sources={k: "provisional" for k in list(sources) + [
                                      "devices_per_node", "memory_bytes", "intra_node_latency_s",

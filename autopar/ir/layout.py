@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from itertools import permutations, product
 from typing import Sequence
 
 import numpy as np
@@ -192,7 +193,6 @@ class Layout:
 def all_layouts(mesh: Mesh, ndim: int, with_partial: bool = True):
     """Every layout of an ``ndim``-d tensor on ``mesh``: each mesh axis splits a dim (in
     every order), is partial, or replicates. For exhaustive tests and small searches."""
-    from itertools import permutations, product
     roles = (["R", "P"] if with_partial else ["R"]) + list(range(ndim))
     for assign in product(roles, repeat=mesh.ndim):
         per_dim = [[a for a in range(mesh.ndim) if assign[a] == d] for d in range(ndim)]

@@ -18,6 +18,7 @@ from typing import Iterator
 
 from ..errors import check_int
 from ..ir.tracing import current_tracer
+from ..runtime.compiled import run_forward
 from .parameter import Parameter
 
 
@@ -144,7 +145,6 @@ class Cell:
         if tracer is not None:
             with tracer.cell_scope(self):
                 return self.construct(*args, **kwargs)
-        from ..runtime.compiled import run_forward
         return run_forward(self, args, kwargs)
 
     def __repr__(self) -> str:

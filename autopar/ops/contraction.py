@@ -19,6 +19,7 @@ from ..ir.spec import TensorSpec
 from .elementwise import result_dtype, sum_to
 from .primitive import Primitive, check_float
 from .registry import register
+from .sharding import Indexing, broadcast_indexing
 
 
 def _t(x):
@@ -44,7 +45,6 @@ class Contraction(Primitive):
         return m, k, n
 
     def indexing(self, specs, out):
-        from .sharding import Indexing, broadcast_indexing
         a, b = specs
         ta, tb = self.attrs["transpose_a"], self.attrs["transpose_b"]
         batch = broadcast_indexing([a.shape[:-2], b.shape[:-2]], len(out.shape) - 2)

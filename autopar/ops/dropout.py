@@ -5,6 +5,7 @@ import numpy as np
 
 from ..errors import OpArgError
 from ..ir.random import derive_key, keep_mask, region_indices
+from .elementwise import elementwise_indexing
 from .primitive import Primitive, check_float
 from .registry import register
 
@@ -71,7 +72,6 @@ class Dropout(Primitive):
         return out.reshape(a.shape)
 
     def indexing(self, specs, out):
-        from .elementwise import elementwise_indexing
         return elementwise_indexing(specs, out)
 
     def local(self, sharding, rank, specs, out, comm_for=None):

@@ -12,6 +12,7 @@ from ..errors import OpArgError
 from ..ir.spec import TensorSpec
 from .primitive import Primitive, check_float
 from .registry import register
+from .sharding import broadcast_indexing
 
 # ---- shared rules ------------------------------------------------------------------------
 
@@ -46,7 +47,6 @@ def same_buffer_inputs(specs, out) -> tuple[int, ...]:
 
 
 def elementwise_indexing(specs, out):
-    from .sharding import broadcast_indexing
     return broadcast_indexing([s.shape for s in specs], len(out.shape))
 
 

@@ -8,6 +8,7 @@ from ..ir.spec import TensorSpec
 from .primitive import Primitive, normalize_axis
 from .registry import register
 from .rowwise import check_int, check_range
+from .sharding import LETTERS, Indexing
 
 
 def _scatter_add_rows(n_rows: int, idx: np.ndarray, g2: np.ndarray) -> np.ndarray:
@@ -59,7 +60,6 @@ class Gather(Primitive):
         """``vh,bs->bsh``: splitting the table's rows (the vocabulary) leaves each rank the
         rows it holds and zeros elsewhere, a partial sum over that axis (Megatron's
         vocabulary-parallel embedding: masked lookup, then all-reduce)."""
-        from .sharding import LETTERS, Indexing
         if self._axis(specs[0].ndim) != 0:
             return None
         ids = LETTERS[:specs[1].ndim]

@@ -28,6 +28,7 @@ from ..ir.spec import TensorSpec
 from .elementwise import sum_to
 from .primitive import Primitive, normalize_axes, normalize_axis
 from .registry import register
+from .sharding import FRESH, LETTERS, Indexing, same_letters
 
 
 def _ints(value, arg: str, what: str = "a tuple of ints") -> tuple[int, ...]:
@@ -95,7 +96,6 @@ class Transpose(Movement):
     static_args = ("perm",)
 
     def indexing(self, specs, out):
-        from .sharding import Indexing, same_letters
         letters, _ = same_letters(specs[0].ndim)
         return Indexing((letters,), "".join(letters[p] for p in _ints(self.attrs["perm"], "perm")))
 
@@ -124,7 +124,6 @@ class ExpandDims(Movement):
     static_args = ("axis",)
 
     def indexing(self, specs, out):
-        from .sharding import Indexing, same_letters
         letters, _ = same_letters(specs[0].ndim)
         axis = self.axis(specs[0].ndim)
         return Indexing((letters,), letters[:axis] + "Z" + letters[axis:], frozenset("Z"))
@@ -154,7 +153,6 @@ class Squeeze(Movement):
         return self.with_attrs(axis=self.axes(specs[0].shape))
 
     def indexing(self, specs, out):
-        from .sharding import Indexing, same_letters
         axes = self.axes(specs[0].shape)
         letters, fixed = same_letters(specs[0].ndim, axes)
         return Indexing((letters,), "".join(ch for i, ch in enumerate(letters) if i not in axes), fixed)
@@ -260,7 +258,6 @@ def reshape_indexing(src: tuple[int, ...], dst: tuple[int, ...]):
     meet; in each group the major input dim and the major output dim share a letter (a
     split of it carries over when it divides the output dim), every other dim is fixed.
     ``(B, S, H) -> (B*S, H)``: ``bSh -> bh``; ``(B, S, H) -> (B, S, N, D)``: ``bsh -> bshD``."""
-    from .sharding import FRESH, LETTERS, Indexing
     fresh = iter(FRESH)
     letters = iter(LETTERS)
     ins, outs, fixed = [], [], set()

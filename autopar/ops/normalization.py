@@ -7,6 +7,7 @@ from ..errors import OpArgError
 from .primitive import Primitive, check_float, normalize_axis
 from .registry import register
 from .rowwise import compute_dtype
+from .sharding import Indexing, same_letters
 
 
 def _standardize(x2: np.ndarray, eps: float, ct: np.dtype, center: bool):
@@ -59,7 +60,6 @@ class LayerNorm(Primitive):
 
 
     def indexing(self, specs, out):
-        from .sharding import Indexing, same_letters
         bna, bpa = self._axes(specs[0].ndim)
         letters, fixed = same_letters(specs[0].ndim, range(min(bna, bpa), specs[0].ndim))
         return Indexing((letters, letters[bpa:], letters[bpa:]), letters, fixed)
@@ -125,7 +125,6 @@ class RMSNorm(Primitive):
 
 
     def indexing(self, specs, out):
-        from .sharding import Indexing, same_letters
         letters, fixed = same_letters(specs[0].ndim, (specs[0].ndim - 1,))
         return Indexing((letters, letters[-1:]), letters, fixed)
 

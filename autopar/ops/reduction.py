@@ -27,6 +27,7 @@ from ..errors import OpArgError, OpTypeError
 from ..ir.spec import TensorSpec
 from .primitive import Primitive, check_float, normalize_axes, normalize_axis
 from .registry import register
+from .sharding import FRESH, Indexing, same_letters
 
 
 def _check_numeric(spec: TensorSpec, arg: str = "input 0") -> None:
@@ -68,7 +69,6 @@ class Reduce(Primitive):
     linear = False  # a sum: splitting a reduced dim leaves a partial sum; else it is fixed
 
     def indexing(self, specs, out):
-        from .sharding import FRESH, Indexing, same_letters
         axes = self.axes(specs[0].ndim)
         letters, fixed = same_letters(specs[0].ndim, () if self.linear else axes)
         fresh = iter(FRESH)
@@ -213,7 +213,6 @@ class Cumsum(Primitive):
     save_inputs = "none"
 
     def indexing(self, specs, out):
-        from .sharding import Indexing, same_letters
         letters, fixed = same_letters(specs[0].ndim, (self.axis(specs[0].ndim),))
         return Indexing((letters,), letters, fixed)
 
@@ -249,7 +248,6 @@ class ArgMax(Primitive):
     nondiff_inputs = (0,)
 
     def indexing(self, specs, out):
-        from .sharding import Indexing, same_letters
         axis = normalize_axis(self.attrs["axis"], specs[0].ndim)
         letters, fixed = same_letters(specs[0].ndim, (axis,))
         return Indexing((letters,), letters[:axis] + letters[axis + 1:], fixed)

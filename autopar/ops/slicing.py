@@ -11,6 +11,7 @@ from ..ir.tracing import current_tracer
 from .movement import ExpandDims, Movement, Squeeze, _ints
 from .primitive import normalize_axis
 from .registry import register
+from .sharding import Indexing, same_letters
 
 # ---- joining -----------------------------------------------------------------------------
 
@@ -22,7 +23,6 @@ class Concat(Movement):
     n_inputs = None
 
     def indexing(self, specs, out):
-        from .sharding import Indexing, same_letters
         axis = normalize_axis(self.attrs["axis"], len(out.shape))
         letters, fixed = same_letters(len(out.shape), (axis,))
         return Indexing((letters,) * len(specs), letters, fixed)
@@ -72,7 +72,6 @@ class Slicing(Movement):
 
     def indexing(self, specs, out):
         """A dim cut by the slice cannot be split (its pieces would not line up)."""
-        from .sharding import Indexing, same_letters
         shape = specs[0].shape
         cut = [d for d, (n, m) in enumerate(zip(shape, out.shape)) if n != m or self.slices(shape)[d].step not in (None, 1)]
         letters, fixed = same_letters(len(shape), cut)

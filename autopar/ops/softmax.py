@@ -11,6 +11,7 @@ from ..ir.spec import TensorSpec
 from .primitive import Primitive, check_float, normalize_axes, normalize_axis
 from .registry import register
 from .rowwise import check_class_axis, check_int, check_range, compute_dtype, logsumexp, rowwise
+from .sharding import Indexing, same_letters
 
 # Kernels write into ``out`` (allocated in the compute dtype); ``dtype=out.dtype`` makes
 # float16 inputs compute in float32 rather than be rounded first.
@@ -55,7 +56,6 @@ class _RowNormalized(Primitive):
         raise NotImplementedError
 
     def indexing(self, specs, out):
-        from .sharding import Indexing, same_letters
         letters, fixed = same_letters(specs[0].ndim, self._axes(specs[0].ndim))
         return Indexing((letters,), letters, fixed)
 
@@ -113,7 +113,6 @@ class SoftmaxCrossEntropyWithLogits(Primitive):
 
 
     def indexing(self, specs, out):
-        from .sharding import Indexing, same_letters
         letters, fixed = same_letters(specs[0].ndim, (specs[0].ndim - 1,))
         return Indexing((letters, letters), letters[:-1], fixed)
 
@@ -195,7 +194,6 @@ class SparseSoftmaxCrossEntropyWithLogits(Primitive):
 
     def indexing(self, specs, out):
         """``nv,n->n``; splitting the vocabulary v runs the vocabulary-parallel kernel."""
-        from .sharding import Indexing, same_letters
         letters, _ = same_letters(specs[0].ndim)
         return Indexing((letters, letters[:-1]), letters[:-1], internal=frozenset(letters[-1]))
 

@@ -8,12 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import ops
 from ..ir.spec import TensorSpec
-
-
-def _ops():
-    from .. import ops
-    return ops
 
 
 class TensorOps:
@@ -22,66 +18,66 @@ class TensorOps:
     __array_priority__ = 100  # numpy defers to our operators: ndarray + Tensor -> Tensor
 
     def __add__(self, other):
-        return _ops().Add()(self, other)
+        return ops.Add()(self, other)
 
     def __radd__(self, other):
-        return _ops().Add()(other, self)
+        return ops.Add()(other, self)
 
     def __sub__(self, other):
-        return _ops().Sub()(self, other)
+        return ops.Sub()(self, other)
 
     def __rsub__(self, other):
-        return _ops().Sub()(other, self)
+        return ops.Sub()(other, self)
 
     def __mul__(self, other):
-        return _ops().Mul()(self, other)
+        return ops.Mul()(self, other)
 
     def __rmul__(self, other):
-        return _ops().Mul()(other, self)
+        return ops.Mul()(other, self)
 
     def __truediv__(self, other):
-        return _ops().RealDiv()(self, other)
+        return ops.RealDiv()(self, other)
 
     def __rtruediv__(self, other):
-        return _ops().RealDiv()(other, self)
+        return ops.RealDiv()(other, self)
 
     def __neg__(self):
-        return _ops().Neg()(self)
+        return ops.Neg()(self)
 
     def __pow__(self, other):
-        return _ops().Pow()(self, other)
+        return ops.Pow()(self, other)
 
     def __matmul__(self, other):
         ndim = len(self.shape)
-        op = _ops().MatMul() if ndim == 2 else _ops().BatchMatMul()
+        op = ops.MatMul() if ndim == 2 else ops.BatchMatMul()
         return op(self, other)
 
 
     def reshape(self, *shape):
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
-        return _ops().Reshape()(self, tuple(shape))
+        return ops.Reshape()(self, tuple(shape))
 
     def transpose(self, *perm):
         perm = perm[0] if len(perm) == 1 and isinstance(perm[0], (tuple, list)) else perm
-        return _ops().Transpose()(self, tuple(perm) if perm else tuple(reversed(range(len(self.shape)))))
+        return ops.Transpose()(self, tuple(perm) if perm else tuple(reversed(range(len(self.shape)))))
 
     def astype(self, dtype):
-        return _ops().Cast()(self, np.dtype(dtype))
+        return ops.Cast()(self, np.dtype(dtype))
 
     def sum(self, axis=(), keepdims=False):
-        return _ops().ReduceSum(keep_dims=keepdims)(self, axis)
+        return ops.ReduceSum(keep_dims=keepdims)(self, axis)
 
     def mean(self, axis=(), keepdims=False):
-        return _ops().ReduceMean(keep_dims=keepdims)(self, axis)
+        return ops.ReduceMean(keep_dims=keepdims)(self, axis)
 
     def max(self, axis=(), keepdims=False):
-        return _ops().ReduceMax(keep_dims=keepdims)(self, axis)
+        return ops.ReduceMax(keep_dims=keepdims)(self, axis)
 
     def min(self, axis=(), keepdims=False):
-        return _ops().ReduceMin(keep_dims=keepdims)(self, axis)
+        return ops.ReduceMin(keep_dims=keepdims)(self, axis)
 
     def __getitem__(self, index):
-        return _ops().getitem(self, index)
+        return ops.getitem(self, index)
 
 
 class Weight(TensorOps):
@@ -120,16 +116,16 @@ class Tensor(TensorOps):
         return f"Tensor(v{self.vid}: {self.spec})"
 
     def __eq__(self, other):  # elementwise, as in numpy and MindSpore
-        return _ops().Equal()(self, other)
+        return ops.Equal()(self, other)
 
     def __ne__(self, other):
-        return _ops().NotEqual()(self, other)
+        return ops.NotEqual()(self, other)
 
     def __lt__(self, other):
-        return _ops().Less()(self, other)
+        return ops.Less()(self, other)
 
     def __gt__(self, other):
-        return _ops().Greater()(self, other)
+        return ops.Greater()(self, other)
 
     __hash__ = object.__hash__
 

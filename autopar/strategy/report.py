@@ -1,6 +1,8 @@
 """Plan reports: the op table, the step breakdown, plans side by side, and the picture."""
 from __future__ import annotations
 
+import numpy as np
+
 from .costmodel import CostModel
 from .pipeline.stage_search import StagePlan
 from .plan import ShardingPlan
@@ -55,7 +57,7 @@ def picture_formats() -> tuple[str, ...]:
     uses); empty when matplotlib is not installed. Lets a caller refuse a bad path before
     a long search instead of after it."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.backends.backend_agg import FigureCanvasAgg   # optional dependency
     except ImportError:
         return ()
     return tuple(sorted(FigureCanvasAgg.get_supported_filetypes()))
@@ -64,10 +66,9 @@ def picture_formats() -> tuple[str, ...]:
 def draw(path: str, plan: StagePlan, model: CostModel, op_plan: ShardingPlan, cap: float, title: str) -> None:
     """Two panels: memory and layers per stage against the cap; each op of one layer with
     how many ways it splits each of its inputs' dims (the per-layer strategy picture)."""
-    import matplotlib
+    import matplotlib   # optional (the examples extra): imported only when a picture is asked for
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1, 1.4]})
     stages = np.arange(plan.pp)

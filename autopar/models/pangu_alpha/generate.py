@@ -14,7 +14,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from ...errors import check_int, format_error
+from ...ir.spec import TensorSpec
 from ...nn import Cell
+from ...runtime.sharded_forward import forward_program
 from .model import MASK_VALUE, PanguAlpha
 
 
@@ -198,7 +200,6 @@ def decode_in_order(model: PanguAlpha, tokens: Sequence[Sequence[int]], order: S
     parallelism the decoder runs sharded (collective: every rank calls this with the same
     arguments) and each rank keeps only its heads' share of the caches.
     """
-    from ...runtime.sharded_forward import forward_program
     cfg = model.config
     s, b, dt = cfg.seq_length, len(tokens), np.dtype(cfg.compute_dtype)
     check_sampling("decode_in_order", cfg.vocab_size, top_k, top_p, temperature, min_new_tokens)
@@ -235,7 +236,6 @@ def decode_in_order(model: PanguAlpha, tokens: Sequence[Sequence[int]], order: S
 
 def _global_caches(cfg, b: int, dt: np.dtype) -> tuple:
     """Shapes of the whole caches, to compile the decoder for: 2 per layer, (B, N, S, D)."""
-    from ...ir.spec import TensorSpec
     spec = TensorSpec((b, cfg.num_heads, cfg.seq_length, cfg.head_dim), dt)
     return (spec,) * (2 * cfg.num_layers)
 
