@@ -18,7 +18,7 @@ from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.runtime.shards import gather
 from autopar.train import AdamWeightDecay
 from autopar.train import checkpoint as ckpt
-from autopar.train import checkpoint_format as fmt
+from autopar.train.checkpoint import safe_save
 
 CONFIG = PanguAlphaConfig.preset("tiny")      # float32 parameters and compute
 BATCHES = [np.random.default_rng(k).integers(0, CONFIG.vocab_size, (4, CONFIG.seq_length + 1)).astype(np.int32)
@@ -196,14 +196,14 @@ class Crash(Exception):
     pass
 
 
-FS_STEPS = ("_write_bytes", "_rename", "_remove_tree", "_make_dir", "_fsync_dir")
+FS_STEPS = ("write_bytes", "_rename", "remove_tree", "_make_dir", "_fsync_dir")
 
 
 def crash_at(monkeypatch, k, after):
     """Make the k-th filesystem step of the next save raise (before or after doing it)."""
     count = [0]   # filesystem steps so far
     for name in FS_STEPS:
-        real = getattr(fmt, name)
+        real = getattr(safe_save, name)
 
         def step(*args, _real=real):
             count[0] += 1
@@ -212,7 +212,7 @@ def crash_at(monkeypatch, k, after):
             _real(*args)
             if count[0] == k and after:
                 raise Crash
-        monkeypatch.setattr(fmt, name, step)
+        monkeypatch.setattr(safe_save, name, step)
 
 
 @pytest.mark.parametrize("after", [False, True])
@@ -251,7 +251,7 @@ def test_a_rank_failing_mid_save_leaves_the_previous_sharded_checkpoint(tmp_path
     """Rank 1 fails writing its file: every rank raises (rank 0 naming rank 1 and its
     error, not waiting for it), the previous checkpoint stays, nothing new is left."""
     path = str(tmp_path / "ck")
-    real = fmt._write_bytes
+    real = safe_save.write_bytes
 
     def body(comm, value):
         with bound_world(comm):
@@ -271,7 +271,7 @@ def test_a_rank_failing_mid_save_leaves_the_previous_sharded_checkpoint(tmp_path
 
     with parallel_context(parallel_mode="semi_auto_parallel", device_num=2, full_batch=True):
         assert run_in_process(2, body, 1.0) == [None, None]
-        monkeypatch.setattr(fmt, "_write_bytes", write_bytes)
+        monkeypatch.setattr(safe_save, "write_bytes", write_bytes)
         errors = run_in_process(2, body, 2.0)
     assert type(errors[1]) is Crash and str(errors[1]) == "disk full"
     assert type(errors[0]) is RuntimeError
@@ -415,7 +415,7 @@ def test_the_manifest_validator_raises_only_value_errors(tmp_path, edits):
         except (KeyError, IndexError, TypeError):
             continue   # an earlier edit removed this place
     try:
-        ckpt._validate(manifest, str(tmp_path))
+        ckpt.validate_manifest(manifest, str(tmp_path))
     except ValueError:
         pass
 

@@ -25,7 +25,7 @@ from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.nn.parameter import Parameter
 from autopar.train import AdamWeightDecay
 from autopar.train import checkpoint as ckpt
-from autopar.train import checkpoint_format as fmt
+from autopar.train.checkpoint import safe_save
 
 CONFIG = PanguAlphaConfig.preset("tiny")      # hidden 32, seq_length 16, float32
 BATCHES = [np.random.default_rng(k).integers(0, CONFIG.vocab_size, (4, CONFIG.seq_length + 1)).astype(np.int32)
@@ -290,12 +290,12 @@ def test_two_processes_saving_to_one_path_never_corrupt_it(tmp_path):
 
 
 def holder(path, ready, release):
-    lock = fmt.acquire_lock(path, 5)
-    os.makedirs(fmt.temp_dir(path, 5))
-    Path(fmt.temp_dir(path, 5), "rank0.safetensors").write_bytes(b"half written")
+    lock = safe_save.acquire_lock(path, 5)
+    os.makedirs(safe_save.temp_dir(path, 5))
+    Path(safe_save.temp_dir(path, 5), "rank0.safetensors").write_bytes(b"half written")
     ready.set()
     release.wait(30)
-    fmt.release_lock(path, lock)
+    safe_save.release_lock(path, lock)
 
 
 def test_a_second_saver_touches_nothing_of_the_first(tmp_path):
@@ -312,7 +312,7 @@ def test_a_second_saver_touches_nothing_of_the_first(tmp_path):
         with pytest.raises(FileExistsError, match=rf"held by pid {proc.pid} on host .* \(saving step 5 since .*"
                                                   r"call autopar.init\(\)"):
             ckpt.save_checkpoint(dense(2.0), path)
-        assert Path(fmt.temp_dir(path, 5), "rank0.safetensors").read_bytes() == b"half written"
+        assert Path(safe_save.temp_dir(path, 5), "rank0.safetensors").read_bytes() == b"half written"
         assert float(ckpt.load_checkpoint(path)["weight"][0, 0]) == 1.0
     finally:
         release.set()
@@ -342,15 +342,15 @@ def test_a_full_disk_at_any_write_keeps_the_previous_checkpoint(tmp_path, monkey
     """ENOSPC from the k-th write() call of a save, for every k (512-byte writes): the error
     names the path, the space needed and available and the file; the previous checkpoint
     loads unchanged; nothing else is left; the next save succeeds."""
-    monkeypatch.setattr(fmt, "WRITE_CHUNK", 512)
-    real, calls, fail_at = fmt._write_chunk, [0], [0]   # fail_at 0: no failure
+    monkeypatch.setattr(safe_save, "WRITE_CHUNK", 512)
+    real, calls, fail_at = safe_save._write_chunk, [0], [0]   # fail_at 0: no failure
 
     def write_chunk(fd, data):
         calls[0] += 1
         if calls[0] == fail_at[0]:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, data)
-    monkeypatch.setattr(fmt, "_write_chunk", write_chunk)
+    monkeypatch.setattr(safe_save, "_write_chunk", write_chunk)
     path = str(tmp_path / "ck")
     ckpt.save_checkpoint(dense(1.0), path)
     previous = ckpt.load_checkpoint(path)
@@ -375,7 +375,7 @@ def test_a_full_disk_at_any_write_keeps_the_previous_checkpoint(tmp_path, monkey
 def test_a_save_that_clearly_does_not_fit_fails_before_writing(tmp_path, monkeypatch):
     path = str(tmp_path / "ck")
     ckpt.save_checkpoint(dense(1.0), path)
-    monkeypatch.setattr(fmt, "free_bytes", lambda p: 3 * 2 ** 20)
+    monkeypatch.setattr(safe_save, "free_bytes", lambda p: 3 * 2 ** 20)
     big = nn.Dense(1024, 1024)    # 4 MiB of float32 weights
     with pytest.raises(ckpt.NoSpaceError, match=rf"^\[Errno 28\] save_checkpoint\('{path}'\): free space: expected "
                                                 r"about 4\.\d\d MiB for the new checkpoint, got 3\.00 MiB available; "
@@ -387,13 +387,13 @@ def test_a_save_that_clearly_does_not_fit_fails_before_writing(tmp_path, monkeyp
 
 def test_a_full_disk_on_one_rank_is_reported_on_every_rank(tmp_path, monkeypatch):
     path = str(tmp_path / "ck")
-    real = fmt._write_bytes
+    real = safe_save.write_bytes
 
     def write_bytes(file, data):
         if file.endswith("rank1.safetensors"):
             raise OSError(errno.ENOSPC, "No space left on device")
         real(file, data)
-    monkeypatch.setattr(fmt, "_write_bytes", write_bytes)
+    monkeypatch.setattr(safe_save, "write_bytes", write_bytes)
 
     def body(comm):
         with bound_world(comm):

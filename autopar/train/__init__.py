@@ -1,13 +1,14 @@
 """autopar.train: optimizers, learning-rate schedules, gradient clipping and checkpoints."""
 from .checkpoint import (
     ModelCheckpoint,
+    NoSpaceError,
     load_checkpoint,
     load_distributed_checkpoint,
     load_param_into_net,
     merge,
+    read_config,
     save_checkpoint,
 )
-from .checkpoint_format import NoSpaceError, read_config
 from .clip import clip_by_global_norm, global_norm
 from .dataset import Batch, LMDataset, LMLoader, TokenFile, eod_reset_masks
 from .lr_schedule import CosineDecayLR, PolynomialDecayLR, WarmUpCosineDecayLR, WarmUpLR

@@ -1,0 +1,24 @@
+"""Checkpoints: one safetensors file per rank, a JSON manifest, resharding at load time.
+
+One idea per module, lowest first:
+
+    format.py     the on-disk format: manifest, pieces, checksums; reading and validating a
+                  checkpoint directory (read_manifest, read_config)
+    reader.py     reading regions of tensors from their pieces, every piece checked
+    safe_save.py  publishing a new checkpoint without losing the old: lock, temporary
+                  directory, free space, swap by renames, NoSpaceError
+    holdings.py   what a model holds: its tensors by name, global shapes, this rank's blocks
+    agreement.py  the ranks of a save or load take the same branch at every step
+    save.py       save_checkpoint, serial or sharded
+    load.py       load_checkpoint, load_param_into_net, load_distributed_checkpoint, merge
+    callback.py   ModelCheckpoint: save every few steps, keep the last few
+"""
+from .callback import ModelCheckpoint
+from .format import FORMAT, VERSION, is_checkpoint, read_config, read_manifest, validate_manifest
+from .load import load_checkpoint, load_distributed_checkpoint, load_param_into_net, merge
+from .safe_save import NoSpaceError
+from .save import BLOCK_OVERHEAD_BYTES, MANIFEST_BASE_BYTES, save_checkpoint
+
+__all__ = ["save_checkpoint", "load_checkpoint", "load_param_into_net", "load_distributed_checkpoint", "merge",
+           "ModelCheckpoint", "read_config", "read_manifest", "is_checkpoint", "validate_manifest", "NoSpaceError",
+           "FORMAT", "VERSION", "BLOCK_OVERHEAD_BYTES", "MANIFEST_BASE_BYTES"]
