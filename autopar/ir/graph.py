@@ -6,15 +6,21 @@ and is not changed afterwards. Values are numbered; every value is either a grap
 
     Graph  inputs: (v0 int32[2, 9],)  params: (v1 float32[64, 32] 'embedding.weight', ...)
     n3  blocks.0.attention.dense1/MatMul  (v7, v8) -> (v9,)
+
+Which values need a gradient is a question about the graph alone
+(:func:`differentiable_values`, and per node :func:`gradient_inputs`), asked by autodiff
+when it builds the backward pass and by the cost model when it prices one, so both
+answer it with the same rule.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import networkx as nx
 import numpy as np
 
+from ..dtype import is_float
 from .spec import TensorSpec
 
 FORWARD, BACKWARD = "forward", "backward"
@@ -97,6 +103,31 @@ class Graph:
         lines += [f"  {n}" for n in self.nodes]
         lines.append("  outputs: " + ", ".join(f"v{o}" for o in self.outputs))
         return "\n".join(lines)
+
+
+def differentiable_values(graph: Graph, wrt: Iterable[int]) -> set[int]:
+    """The values that get a gradient when ``wrt`` is differentiated: ``wrt`` itself and
+    every float output of a node that reads one of them through an input its op
+    differentiates (not one of ``prim.nondiff_inputs``: labels, masks, indices). An integer
+    or bool value (token ids, a comparison) never gets one, so nothing downstream of it
+    through that value does either. Per node, :func:`gradient_inputs` says which inputs
+    get one: autodiff builds those gradients, the cost model charges their backward
+    compute, kept activations and redistributions."""
+    out = set(wrt)
+    for node in graph.nodes:
+        if any(v in out and i not in node.prim.nondiff_inputs for i, v in enumerate(node.inputs)):
+            out.update(o for o in node.outputs if is_float(graph.spec(o).dtype))
+    return out
+
+
+def gradient_inputs(node: Node, differentiable: set[int]) -> tuple[bool, ...]:
+    """Per input of ``node``, whether its backward makes that input's gradient, given the
+    :func:`differentiable_values` set: an input in the set that its op differentiates,
+    and only when an output of ``node`` is in the set (a cast to an integer carries no
+    gradient back, whatever it reads)."""
+    if not any(o in differentiable for o in node.outputs):
+        return (False,) * len(node.inputs)
+    return tuple(v in differentiable and i not in node.prim.nondiff_inputs for i, v in enumerate(node.inputs))
 
 
 class GraphBuilder:

@@ -6,6 +6,9 @@ node's primitive and runs its ``vjp``; its inputs are ``(dy, saved inputs..., [y
 exactly what the primitive declares it reads (``save_inputs``, ``save_output``), so
 autodiff keeps nothing else alive. Its outputs are the gradients of the inputs that need
 one. A value used by several nodes gets its contributions summed by one ``AddN`` node.
+Which values need a gradient, and which inputs of a node get one, is
+:func:`~autopar.ir.graph.differentiable_values` and :func:`~autopar.ir.graph.gradient_inputs`:
+the rule the cost model prices backward passes with.
 """
 from __future__ import annotations
 
@@ -13,17 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..dtype import is_float
-from ..ir.graph import BACKWARD, Graph, GraphBuilder, Node
-
-
-def _requires_grad(graph: Graph, wrt: Sequence[int]) -> set[int]:
-    """Values that depend, through differentiable float inputs, on a value in ``wrt``."""
-    req = set(wrt)
-    for node in graph.nodes:
-        if any(v in req and i not in node.prim.nondiff_inputs for i, v in enumerate(node.inputs)):
-            req.update(o for o in node.outputs if is_float(graph.spec(o).dtype))
-    return req
+from ..ir.graph import BACKWARD, Graph, GraphBuilder, Node, differentiable_values, gradient_inputs
+from ..ops import AddN  # the accumulation op lives with the elementwise family
 
 
 def _reaches(graph: Graph, target: int) -> set[int]:
@@ -39,9 +33,7 @@ def _reaches(graph: Graph, target: int) -> set[int]:
 def differentiate(graph: Graph, loss: int, wrt: Sequence[int],
                   sens: float = 1.0) -> tuple[Graph, tuple[int, ...]]:
     """Append the backward pass of ``loss`` (times ``sens``); return the new graph and d loss / d wrt."""
-    from ..ops import AddN  # the accumulation op lives with the elementwise family
-
-    req = _requires_grad(graph, wrt)
+    req = differentiable_values(graph, wrt)
     on_path = _reaches(graph, loss)
     b = GraphBuilder(graph)
     loss_spec = graph.spec(loss)
@@ -70,7 +62,7 @@ def differentiate(graph: Graph, loss: int, wrt: Sequence[int],
         if dy is None:
             continue
         prim = node.prim
-        needs = tuple(v in req and i not in prim.nondiff_inputs for i, v in enumerate(node.inputs))
+        needs = gradient_inputs(node, req)
         if not any(needs):
             continue
         saved = tuple(node.inputs[i] for i in prim.saved_input_indices(len(node.inputs)))

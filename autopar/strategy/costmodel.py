@@ -30,7 +30,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..comm import redistribution as rd
-from ..ir.graph import FORWARD, Graph, Node
+from ..ir.graph import FORWARD, Graph, Node, differentiable_values, gradient_inputs
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.spec import TensorSpec
@@ -148,7 +148,7 @@ class CostModel:
         self.params = set(graph.params)
         self.input_layouts = {v: input_layout(graph.spec(v), stage, full_batch) for v in graph.inputs
                               if v is not None}
-        self.needs_grad = self._needs_grad()
+        self.needs_grad = differentiable_values(graph, graph.params)   # autodiff's rule: gradients flow here
         self.weight_values = self._weight_values()
         self.home: dict[int, tuple[int, int]] = {}       # parameter -> (first consumer node, input index)
         self.consumers: dict[int, list[tuple[int, int]]] = {}
@@ -159,14 +159,6 @@ class CostModel:
                     self.home.setdefault(v, (n.id, i))
         self._inter: dict = {}
         self._redist = lru_cache(maxsize=None)(self._redist_seconds)
-
-    def _needs_grad(self) -> set[int]:
-        """Values that depend on a parameter: their gradients flow in backward."""
-        out = set(self.params)
-        for n in self.forward:
-            if any(v in out for v in n.inputs):
-                out.update(n.outputs)
-        return out
 
     # ---- collectives ----------------------------------------------------------------------
     def _crosses_nodes(self, mesh: Mesh, axis: int | None) -> bool:
@@ -211,8 +203,7 @@ class CostModel:
         specs = [_local(g.spec(v), sh.input_layout(i)) for i, v in enumerate(node.inputs)]
         out_lay = sh.output_layout()
         out = _local(g.spec(node.outputs[0]), out_lay)
-        needs = [v in self.needs_grad and i not in getattr(node.prim, "nondiff_inputs", ())
-                 for i, v in enumerate(node.inputs)]
+        needs = gradient_inputs(node, self.needs_grad)
         prim, dtype = node.prim, np.dtype(out.dtype).name
         flops = prim.flops(specs, out)
         nbytes = prim.bytes_accessed(specs, out)
@@ -289,7 +280,7 @@ class CostModel:
         reduction: the runtime passes the partial sum through the cast to the weight, so
         it happens once per step, not once per micro-batch."""
         t = self.redistribution_seconds(src, sh.input_layout(i), value)
-        if value not in self.needs_grad or i in getattr(consumer.prim, "nondiff_inputs", ()):
+        if not gradient_inputs(consumer, self.needs_grad)[i]:
             return t, 0.0
         back = self.redistribution_seconds(sh.grad_layout(i), Layout(src.mesh, src.dims), value)
         return (t, back) if value in self.weight_values else (t + back, 0.0)
@@ -353,7 +344,7 @@ class CostModel:
     def kept_for_backward(self, node: Node, sh: OpSharding):
         """((value, layout), local bytes) of each activation ``node`` keeps for its backward: a
         plan's activations are these summed over its ops, each (value, layout) once."""
-        if not any(v in self.needs_grad for v in node.inputs):
+        if not any(gradient_inputs(node, self.needs_grad)):
             return []
         g, out = self.graph, []
         for i in node.prim.saved_input_indices(len(node.inputs)):
