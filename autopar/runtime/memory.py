@@ -38,8 +38,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..comm import redistribution as rd
 from ..ir.graph import FORWARD, Graph, Node
 from ..ops.slicing import Slicing
+from .spmd import Redistribute
 
 
 @dataclass(frozen=True)
@@ -64,14 +66,16 @@ class MemoryUsage:
                 f"total peak {self.total_peak / mib:.2f})")
 
 
-def _root(a):
+def base_buffer(a):
+    """The array that owns the memory ``a`` views (``a`` itself when it owns it; a non-array
+    as it is): live bytes are counted once per base buffer, however many views are alive."""
     while isinstance(getattr(a, "base", None), np.ndarray):
         a = a.base
     return a
 
 
 def _unique_bytes(arrays) -> tuple[int, set[int]]:
-    roots = {id(r): r for r in map(_root, arrays) if r is not None}
+    roots = {id(r): r for r in map(base_buffer, arrays) if r is not None}
     return sum(int(getattr(r, "nbytes", 0)) for r in roots.values()), set(roots)
 
 
@@ -91,7 +95,7 @@ class MemoryMeter:
     def begin(self, slots: list, params: Sequence[int], fixed: Sequence[int], outputs: Sequence[int]) -> None:
         """Called once the program's slots hold its parameters, inputs and constants."""
         self._params, param_ids = _unique_bytes(slots[v] for v in params)
-        self._inputs, input_ids = _unique_bytes(slots[v] for v in fixed if id(_root(slots[v])) not in param_ids)
+        self._inputs, input_ids = _unique_bytes(slots[v] for v in fixed if id(base_buffer(slots[v])) not in param_ids)
         self._fixed = param_ids | input_ids
         self._is_output = set(outputs) - self.activation_outputs
         self._outputs = tuple(v for v in outputs if v in self._is_output)
@@ -111,7 +115,7 @@ class MemoryMeter:
             self.activations += sign * nbytes
 
     def wrote(self, slot: int, array) -> None:
-        base = _root(array)
+        base = base_buffer(array)
         if base is None or id(base) in self._fixed:
             return
         entry = self._live.get(id(base))
@@ -123,7 +127,7 @@ class MemoryMeter:
         self._charge(entry, +1)
 
     def freed(self, slot: int, array) -> None:
-        base = _root(array)
+        base = base_buffer(array)
         if base is None or id(base) in self._fixed:
             return
         entry = self._live[id(base)]
@@ -155,8 +159,9 @@ def _makes_buffer(node: Node, graph: Graph) -> bool:
         return graph.nodes[node.forward_of].prim.grads_are_fresh()
     if node.prim.output_is_fresh():
         return True
-    redist = node.prim.attrs.get("redist") if node.prim.kind == "Redistribute" else None
-    return redist is not None and any(step.kind != "slice" for step in redist.steps)
+    if not isinstance(node.prim, Redistribute):
+        return False
+    return any(step.kind != rd.SLICE for step in node.prim.attrs["redist"].steps)
 
 
 def _views(node: Node, graph: Graph, out: int) -> tuple[int, ...]:

@@ -25,14 +25,14 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from ..memory import MemoryMeter, MemoryUsage, _root
+from ..memory import MemoryMeter, MemoryUsage, base_buffer
 
 
 def _bytes(arrays: Iterable, skip: set[int]) -> tuple[int, set[int]]:
     """Bytes of the distinct base buffers of ``arrays``, leaving out those in ``skip``."""
     roots = {}
     for a in arrays:
-        r = _root(a)
+        r = base_buffer(a)
         if r is not None and id(r) not in skip:
             roots[id(r)] = r
     return sum(int(getattr(r, "nbytes", 0)) for r in roots.values()), set(roots)
@@ -51,10 +51,10 @@ class StepMemory:
     def _see_fixed(self, program) -> None:
         """Parameters and constants of ``program``: never activations."""
         for p in program.graph.param_objs:
-            r = _root(p.data)
+            r = base_buffer(p.data)
             self._params[id(r)] = int(r.nbytes)
         for a in program.graph.consts.values():
-            r = _root(a)
+            r = base_buffer(a)
             if id(r) not in self._fixed and id(r) not in self._params:
                 self._fixed.add(id(r))
                 self._inputs += int(getattr(r, "nbytes", 0))
