@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from autopar import nn, ops
-from autopar.ir.graph import BACKWARD, FORWARD, Graph, differentiable_values, gradient_inputs
+from autopar.ir.graph import (
+    BACKWARD,
+    FORWARD,
+    Graph,
+    differentiable_values,
+    gradient_inputs,
+)
 from autopar.ir.mesh import Mesh
 from autopar.ir.spec import TensorSpec
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss

@@ -12,11 +12,18 @@ the rule the cost model prices backward passes with.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
-from ..ir.graph import BACKWARD, Graph, GraphBuilder, Node, differentiable_values, gradient_inputs
+from ..ir.graph import (
+    BACKWARD,
+    Graph,
+    GraphBuilder,
+    Node,
+    differentiable_values,
+    gradient_inputs,
+)
 from ..ops import AddN  # the accumulation op lives with the elementwise family
 
 
