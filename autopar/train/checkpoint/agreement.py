@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 
+from ...context import current_world, require_init
 from .safe_save import NoSpaceError
 
 
@@ -45,6 +46,5 @@ def agree(world, where: str, error: Exception | None, payload=None) -> list:
 def context_world(where: str):
     """The world of the parallel context; under an MPI launcher, only after autopar.init():
     without it every rank would save alone as rank 0, all to the same files."""
-    from ...context import current_world, require_init
     require_init(where)
     return current_world()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import format_error
+from ...nn.cell import Cell
 from ...runtime.pipeline.shards import AbsentShard
 from ...runtime.shards import ParamShard
 from .format import DTYPES, Region, full_region, region_of, value_error
@@ -13,7 +14,6 @@ from .format import DTYPES, Region, full_region, region_of, value_error
 
 def split_model(obj):
     """(network, optimizer or None) of a TrainOneStepCell or a Cell."""
-    from ...nn.cell import Cell
     if hasattr(obj, "network") and hasattr(obj, "optimizer"):
         return obj.network, obj.optimizer
     if isinstance(obj, Cell):
