@@ -16,11 +16,12 @@ from autopar import nn
 from autopar.comm import run_in_process
 from autopar.comm.mpi import launched_under_mpi
 from autopar.context import bound_world, parallel_context
+from autopar.ir.graph import differentiable_values
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.runtime.pipeline.program import StageShard
-from autopar.strategy.pipeline.assignment import assign_stages, differentiable_values
 from autopar.runtime.pipeline.schedule import gpipe, one_f_one_b
 from autopar.runtime.trace import trace
+from autopar.strategy.pipeline.assignment import assign_stages
 from autopar.train import AdamWeightDecay
 
 CONFIG = PanguAlphaConfig.preset("tiny", num_layers=4, dropout_rate=0.1)   # 3 blocks + the query layer

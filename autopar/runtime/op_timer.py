@@ -9,13 +9,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .program import Program
+from .spmd import Redistribute
 
 
 def kind_of(program: Program, node) -> str:
     """The op kind an instruction is charged to."""
     fwd = node if node.forward_of is None else program.graph.nodes[node.forward_of]
-    kind = fwd.prim.kind
-    return "comm" if kind == "Redistribute" else kind
+    return "comm" if isinstance(fwd.prim, Redistribute) else fwd.prim.kind
 
 
 def time_ops(program: Program, inputs: Sequence[np.ndarray], step: int = 0,

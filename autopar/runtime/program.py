@@ -23,7 +23,7 @@ import numpy as np
 from ..ir.graph import BACKWARD, Graph, Node
 from ..ir.random import derive_key
 from .allocator import retain_freed_memory
-from .memory import MemoryMeter
+from .memory import MemoryMeter, base_buffer
 from .recompute import live_nodes, with_recompute
 
 
@@ -209,21 +209,15 @@ class Program:
         meter.end(slots)
 
 
-def _root(a: np.ndarray) -> np.ndarray:
-    while isinstance(a.base, np.ndarray):
-        a = a.base
-    return a
-
-
 def _owned(outs: list, slots: list, params: tuple[int, ...]) -> list:
     """Outputs the caller may modify in place: a read-only array (a broadcast view), one
     sharing memory with another output (``Add`` hands dy to both inputs) or with a
     parameter is copied. Cheap: it compares base objects, not memory ranges."""
-    taken = {id(_root(slots[v])) for v in params if isinstance(slots[v], np.ndarray)}
+    taken = {id(base_buffer(slots[v])) for v in params if isinstance(slots[v], np.ndarray)}
     result = []
     for a in outs:
         if isinstance(a, np.ndarray):
-            root = id(_root(a))
+            root = id(base_buffer(a))
             if not a.flags.writeable or root in taken:
                 a = a.copy()
                 root = id(a)

@@ -33,11 +33,11 @@ import numpy as np
 from ...comm.consistency import NO_GROUP
 from ...context import current_world
 from ...errors import format_error
-from ...ir.graph import FORWARD, Graph
+from ...ir.graph import FORWARD, Graph, differentiable_values
 from ...ir.layout import Layout
 from ...ir.spec import TensorSpec
 from ...ops.dropout import Dropout
-from ...strategy.pipeline.assignment import assign_stages, differentiable_values
+from ...strategy.pipeline.assignment import assign_stages
 from ...strategy.pipeline.files import save_pipeline_plan
 from ...strategy.pipeline.planner import PipelinePlan, plan_pipeline
 from ..autodiff import differentiate

@@ -128,13 +128,3 @@ def assign_stages(graph: Graph, stages: int, differentiable: set[int] | None = N
                                v in differentiable and is_float(graph.spec(v).dtype))
                       for v in sorted(dsts))
     return StageAssignment(stages, of_node, crossings)
-
-
-def differentiable_values(graph: Graph, wrt) -> set[int]:
-    """Values that depend on a value in ``wrt`` through differentiable float inputs (those
-    that get a gradient when ``wrt`` is differentiated)."""
-    out = set(wrt)
-    for node in graph.nodes:
-        if any(v in out and i not in node.prim.nondiff_inputs for i, v in enumerate(node.inputs)):
-            out.update(o for o in node.outputs if is_float(graph.spec(o).dtype))
-    return out

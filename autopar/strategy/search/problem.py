@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ...errors import OpArgError, OpTypeError, at_scope
-from ...ir.graph import Node
+from ...ir.graph import Node, gradient_inputs
 from ...ir.layout import Layout
 from ...ops.sharding import OpSharding, candidates, from_strategy
 from ..costmodel import CostModel, canonical
@@ -203,7 +203,7 @@ def _edge_matrix(model: CostModel, v: int, src, consumer: Node, i: int,
     distinct (source layout, consumer layouts) pair and cached across identical layers.
     ``src``: (distinct canonical source layouts, index of each candidate's)."""
     spec = model.graph.spec(v)
-    grads = v in model.needs_grad and i not in getattr(consumer.prim, "nondiff_inputs", ())
+    grads = gradient_inputs(consumer, model.needs_grad)[i]   # the rule edge_parts and autodiff use
     s_lays, s_idx = src
     d_keys, d_idx = _memo(cache, ("dst", id(dst), i, grads), lambda: _reads_index(dst, i, grads))
     key = (spec, grads, tuple(s_lays), tuple(d_keys))
