@@ -58,7 +58,7 @@ from .models.op_rates import QUICK_WORKLOAD, measure_op_rates
 from .runtime.allocator import retain_freed_memory
 from .runtime.program import Program
 from .runtime.trace import trace
-from .strategy.cost import collective_factor
+from .strategy.formulas import collective_factor
 from .strategy.profile import MachineProfile, load_profile
 
 GEMM_DTYPES = ("float32", "float64")      # the dtypes numpy multiplies through BLAS

@@ -33,10 +33,10 @@ from .ir.mesh import Mesh
 from .strategy.costmodel import CostModel
 from .strategy.pipeline.registry import ModelFamily, model_family, registered_models
 from .strategy.pipeline.stage_search import StageCoster, evaluate, search_stages
-from .strategy.plan import plan_shardings
 from .strategy.profile import MachineProfile, load_profile
 from .strategy.report import draw, op_table, picture_formats, side_by_side
 from .strategy.search import SEARCH_MODES, human_bytes, search
+from .strategy.sharding_plan import plan_shardings
 from .strategy.strategy_file import save_strategy
 
 PROG = "python -m autopar.plan"

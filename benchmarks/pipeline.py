@@ -308,7 +308,7 @@ def runner_makespan(sequences: list[list], seconds: list[dict[str, float]]) -> f
 
 def bubble_rows(ranks: list[dict]) -> tuple[list, list]:
     """Table row of one (p, m, schedule) from its ranks' records, and its per-stage rows."""
-    from autopar.strategy.cost import pipeline_bubble
+    from autopar.strategy.formulas import pipeline_bubble
     ranks = sorted(ranks, key=lambda r: r["rank"])
     p, m = ranks[0]["stages"], ranks[0]["micro"]
     walls = np.max([r["walls"] for r in ranks], axis=0)                       # (steps,) slowest rank

@@ -1,7 +1,7 @@
 """Published closed forms the tests check the cost model against (used by tests only).
 
 Each is a formula from a paper, with its units in the name, kept beside the tests rather
-than in :mod:`autopar.strategy.cost` because the cost model itself never calls them: it
+than in :mod:`autopar.strategy.formulas` because the cost model itself never calls them: it
 counts the bytes of the traced graph instead, and the tests assert that its counts agree
 with these forms where they apply (Korthikanti et al. 2022 for activations, Rajbhandari et al. 2020 for ZeRO,
 Shoeybi et al. 2019 for Megatron's all-reduces).

@@ -26,7 +26,7 @@ from autopar.calibrate import (
 )
 from autopar.comm import SelfCommunicator, run_in_process
 from autopar.comm.mpi import launched_under_mpi
-from autopar.strategy import cost
+from autopar.strategy import formulas as cost
 from autopar.strategy.profile import (
     DEFAULTED_SOURCE,
     SOURCED_FIELDS,

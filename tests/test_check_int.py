@@ -5,7 +5,7 @@ import pytest
 
 from autopar.context import ParallelContext
 from autopar.errors import check_int, is_int
-from autopar.strategy import cost
+from autopar.strategy import formulas as cost
 from autopar.strategy.search import SEARCH_MODES
 
 

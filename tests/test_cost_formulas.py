@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from autopar.strategy import cost
+from autopar.strategy import formulas as cost
 from autopar.strategy.profile import (
     PROFILES,
     SOURCED_FIELDS,

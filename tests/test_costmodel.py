@@ -11,9 +11,9 @@ from autopar import nn, ops
 from autopar.ir.mesh import Mesh
 from autopar.ir.spec import TensorSpec
 from autopar.runtime.trace import trace
-from autopar.strategy import cost
+from autopar.strategy import formulas as cost
 from autopar.strategy.costmodel import CostModel
-from autopar.strategy.plan import plan_shardings
+from autopar.strategy.sharding_plan import plan_shardings
 from autopar.strategy.profile import PROFILE_DIR, load_profile
 
 

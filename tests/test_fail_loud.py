@@ -28,7 +28,7 @@ from autopar.context import ParallelContext, bound_world, parallel_context, requ
 from autopar.ir.mesh import Mesh
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.runtime.trace import trace
-from autopar.strategy.plan import plan_shardings
+from autopar.strategy.sharding_plan import plan_shardings
 from autopar.train import SGD
 
 ROOT = Path(__file__).resolve().parent.parent

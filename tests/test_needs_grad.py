@@ -25,7 +25,7 @@ from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.runtime.autodiff import differentiate
 from autopar.runtime.trace import trace
 from autopar.strategy.costmodel import CostModel
-from autopar.strategy.plan import plan_shardings
+from autopar.strategy.sharding_plan import plan_shardings
 from autopar.strategy.profile import load_profile
 
 PROFILE = load_profile("cpu-2core")

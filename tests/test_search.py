@@ -135,7 +135,7 @@ def _pangu_graph(cfg, batch):
 
 def test_transformer_layer_with_large_hidden_and_small_batch_communicates_no_more_than_megatron():
     from autopar.models.pangu_alpha import PanguAlphaConfig
-    from autopar.strategy.plan import plan_shardings
+    from autopar.strategy.sharding_plan import plan_shardings
     cfg = PanguAlphaConfig.preset("tiny", hidden_size=1024, ffn_hidden_size=4096, num_heads=16, num_layers=1,
                                   seq_length=32, vocab_size=512, param_dtype="float32", compute_dtype="float32")
     stage = Mesh((8,), ("devices",))

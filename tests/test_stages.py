@@ -15,7 +15,7 @@ from autopar.runtime.trace import trace
 from autopar.strategy.costmodel import CostModel
 from autopar.strategy.pipeline.registry import model_family, register_model, registered_models
 from autopar.strategy.pipeline.stage_search import StageCoster, evaluate, split_layers, stage_memory
-from autopar.strategy.plan import plan_shardings
+from autopar.strategy.sharding_plan import plan_shardings
 from autopar.strategy.profile import load_profile
 
 PROFILE = load_profile("cpu-2core")

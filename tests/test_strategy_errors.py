@@ -6,7 +6,7 @@ import pytest
 from autopar import nn, ops
 from autopar.ir.mesh import Mesh
 from autopar.runtime.trace import trace
-from autopar.strategy.plan import plan_shardings
+from autopar.strategy.sharding_plan import plan_shardings
 
 STAGE = Mesh((4,))
 

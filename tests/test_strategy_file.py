@@ -19,7 +19,7 @@ from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.ops.primitive import Primitive
 from autopar.runtime.sharded_program import ShardedGradProgram
 from autopar.runtime.trace import trace
-from autopar.strategy.plan import ShardingPlan, plan_shardings
+from autopar.strategy.sharding_plan import ShardingPlan, plan_shardings
 from autopar.strategy.strategy_file import load_strategy, save_strategy
 from autopar.train import AdamWeightDecay
 

@@ -27,8 +27,8 @@ from ..ir.mesh import Mesh
 from ..runtime import op_timer
 from ..runtime.compiled import GradProgram
 from ..strategy.costmodel import OPTIMIZER_BYTES_PER_ELEMENT, OPTIMIZER_KIND, CostModel
-from ..strategy.plan import plan_shardings
 from ..strategy.profile import MachineProfile
+from ..strategy.sharding_plan import plan_shardings
 from ..train import AdamWeightDecay
 from ..train.clip import clip_by_global_norm
 from .pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..ir.mesh import Mesh
-from ..strategy.plan import ShardingPlan, plan_shardings
+from ..strategy.sharding_plan import ShardingPlan, plan_shardings
 from .arguments import normalize, tensor_args
 from .autodiff import differentiate
 from .pipeline.program import pipeline_grad_program, pipelined

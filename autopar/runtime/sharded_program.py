@@ -16,8 +16,8 @@ from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.spec import TensorSpec
 from ..strategy.costmodel import CostModel
-from ..strategy.plan import ShardingPlan, make_plan
 from ..strategy.profile import load_profile
+from ..strategy.sharding_plan import ShardingPlan, make_plan
 from ..strategy.strategy_file import save_strategy
 from .autodiff import differentiate
 from .consistency import ConsistencyCheck, feed_group

@@ -1,6 +1,6 @@
 """SPMD lowering: one local program per rank from the traced training graph.
 
-Planning (``autopar/strategy/plan.py``) gives every forward op an
+Planning (``autopar/strategy/sharding_plan.py``) gives every forward op an
 :class:`~autopar.ops.sharding.OpSharding` and every forward value a *home* layout.
 Lowering, for one rank, rewrites each node to run on local shards (``prim.local``) and
 inserts a ``Redistribute`` instruction wherever a value's layout differs from the layout
@@ -23,7 +23,7 @@ from ..ir.mesh import Mesh
 from ..ir.spec import TensorSpec
 from ..ops.primitive import Primitive
 from ..ops.sharding import OpSharding
-from ..strategy.plan import ShardingPlan
+from ..strategy.sharding_plan import ShardingPlan
 from .shards import shard_of
 
 

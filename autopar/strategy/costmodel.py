@@ -5,7 +5,7 @@ local program on same-sized shards, so rank 0 speaks for all):
 
 * **op**: forward + backward compute of its local shards,
   ``flops / gemm_rate + bytes / elementwise_bandwidth + op_overhead`` (formulas in
-  :mod:`autopar.strategy.cost`), plus the collectives its kernel runs itself (the
+  :mod:`autopar.strategy.formulas`), plus the collectives its kernel runs itself (the
   vocabulary-parallel cross-entropy);
 * **edge** (a value from its producer to a consumer): the redistribution of the producer's
   output layout into the layout the consumer reads, and in backward the redistribution of
@@ -35,11 +35,11 @@ from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.spec import TensorSpec
 from ..ops.sharding import OpSharding
-from . import cost
-from .plan import ShardingPlan, input_layout
+from . import formulas
 from .profile import MachineProfile
+from .sharding_plan import ShardingPlan, input_layout
 
-# collective kind in cost.py for each redistribution step kind
+# collective kind in formulas.py for each redistribution step kind
 _STEP_KIND = {rd.ALLGATHER: "all_gather", rd.REDUCE_SCATTER: "reduce_scatter",
               rd.ALLREDUCE: "all_reduce", rd.ALLTOALL: "all_to_all"}
 OPTIMIZER_BYTES_PER_ELEMENT = 8   # an Adam-style update reads w, g, m, v and writes w, m, v: ~7-8 passes
@@ -170,12 +170,12 @@ class CostModel:
         return self._inter[key]
 
     def collective_seconds(self, kind: str, nbytes: float, mesh: Mesh, axes) -> float:
-        """One collective over the group along ``axes`` of ``mesh``; ``nbytes`` as in cost.py."""
+        """One collective over the group along ``axes`` of ``mesh``; ``nbytes`` as in formulas.py."""
         n = math.prod(mesh.shape[a] for a in axes)
         if n == 1:
             return 0.0
         inter = any(self._crosses_nodes(mesh, a) for a in axes)
-        return cost.collective_seconds(kind, nbytes, n, self.profile, inter)
+        return formulas.collective_seconds(kind, nbytes, n, self.profile, inter)
 
     def _redist_seconds(self, src: Layout, dst: Layout, shape: tuple, itemsize: int) -> float:
         plan = rd.plan(src, dst, shape, itemsize, checked=True)
@@ -214,7 +214,7 @@ class CostModel:
         launches = 2 if backward else 1
         if dtype not in prof.gemm_flops:   # a dtype the profile lists no rate for: its slowest rate
             dtype = min(prof.gemm_flops, key=prof.gemm_flops.get)
-        compute = cost.compute_seconds(flops, 0, dtype, prof) + nbytes / prof.op_rate(prim.kind) \
+        compute = formulas.compute_seconds(flops, 0, dtype, prof) + nbytes / prof.op_rate(prim.kind) \
             + launches * getattr(prof, "op_overhead_s", 0.0)
         comm = self._internal_seconds(node, sh, out, backward)
         grad = update = 0.0

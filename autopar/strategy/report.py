@@ -5,8 +5,8 @@ import numpy as np
 
 from .costmodel import CostModel
 from .pipeline.stage_search import StagePlan
-from .plan import ShardingPlan
 from .search import human_bytes
+from .sharding_plan import ShardingPlan
 
 
 def op_table(model: CostModel, plan: ShardingPlan, limit: int | None = None) -> str:
@@ -57,7 +57,7 @@ def picture_formats() -> tuple[str, ...]:
     uses); empty when matplotlib is not installed. Lets a caller refuse a bad path before
     a long search instead of after it."""
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg   # optional dependency
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # optional dependency
     except ImportError:
         return ()
     return tuple(sorted(FigureCanvasAgg.get_supported_filetypes()))
@@ -66,7 +66,7 @@ def picture_formats() -> tuple[str, ...]:
 def draw(path: str, plan: StagePlan, model: CostModel, op_plan: ShardingPlan, cap: float, title: str) -> None:
     """Two panels: memory and layers per stage against the cap; each op of one layer with
     how many ways it splits each of its inputs' dims (the per-layer strategy picture)."""
-    import matplotlib   # optional (the examples extra): imported only when a picture is asked for
+    import matplotlib  # optional (the examples extra): imported only when a picture is asked for
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -68,7 +68,7 @@ from ..ir.graph import FORWARD, Graph, Node
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ops.sharding import Indexing, OpSharding, from_strategy
-from .plan import ShardingPlan, _replicated_sharding
+from .sharding_plan import ShardingPlan, _replicated_sharding
 
 FORMAT = "autopar-strategy"
 VERSION = 1              # one plan

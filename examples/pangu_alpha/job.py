@@ -27,7 +27,7 @@ from autopar.errors import format_error
 from autopar.models.pangu_alpha import PanguAlphaConfig, random_order
 from autopar.models.pangu_alpha.config import PRESETS
 from autopar.models.pangu_alpha.tokenizer import PanguTokenizer
-from autopar.strategy.cost import transformer_training_flops
+from autopar.strategy.formulas import transformer_training_flops
 from autopar.strategy.profile import MachineProfile
 from autopar.train import WarmUpCosineDecayLR
 from autopar.train.checkpoint import read_manifest

@@ -4,7 +4,7 @@ Planning touches no communicator, so any rank (or a test) plans every stage:
 
 * stage s runs on the stage-major ranks ``s*n .. s*n + n - 1`` as a flat mesh of n;
 * each stage's forward graph is planned on its mesh exactly as the non-pipeline sharded
-  path plans a whole graph (:func:`~autopar.strategy.plan.make_plan`);
+  path plans a whole graph (:func:`~autopar.strategy.sharding_plan.make_plan`);
 * a value crossing from stage a to b travels in its *transfer layout*: its home layout on
   a with partial sums settled, the same layout on b's ranks (rank i of a sends its block
   to rank i of b). It is b's input layout, and the layout of its cotangent on a;
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from ...ir.graph import Graph
 from ...ir.layout import Layout
 from ...ir.mesh import Mesh
-from ..plan import ShardingPlan, make_plan
+from ..sharding_plan import ShardingPlan, make_plan
 from ..strategy_file import load_pipeline_strategy
 from .assignment import StageAssignment
 from .stage_graph import StageGraph, stage_graph

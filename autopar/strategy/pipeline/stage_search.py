@@ -31,8 +31,8 @@ import numpy as np
 from ...ir.graph import Graph
 from ...ir.mesh import Mesh
 from ..costmodel import CostModel
-from ..plan import plan_shardings
 from ..profile import MachineProfile
+from ..sharding_plan import plan_shardings
 from .registry import ModelFamily
 
 RECOMPUTE_EXTRA = 1 / 3    # recompute re-runs the forward: a third of forward + backward compute

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from ...ir.graph import Graph
 from ...ir.mesh import Mesh
 from ..costmodel import CostModel, PlanCost
-from ..plan import ShardingPlan
 from ..profile import MachineProfile, load_profile
+from ..sharding_plan import ShardingPlan
 from .elimination import solve
 from .problem import Problem, build, plan_of, user_strategy
 from .recursive import _splittable, recursive

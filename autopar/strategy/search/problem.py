@@ -25,7 +25,7 @@ from ...ir.graph import Node, gradient_inputs
 from ...ir.layout import Layout
 from ...ops.sharding import OpSharding, candidates, from_strategy
 from ..costmodel import CostModel, canonical
-from ..plan import ShardingPlan, _replicated_sharding
+from ..sharding_plan import ShardingPlan, _replicated_sharding
 
 
 @dataclass
@@ -62,7 +62,7 @@ class Problem:
 
 def plan_of(model: CostModel, shardings: dict[int, OpSharding]) -> ShardingPlan:
     """A ShardingPlan from a sharding per forward op, with every value's home layout as the
-    rules of :func:`autopar.strategy.plan.plan_shardings` give it."""
+    rules of :func:`autopar.strategy.sharding_plan.plan_shardings` give it."""
     g, stage = model.graph, model.stage
     layouts: dict[int, Layout] = dict(model.input_layouts)
     for v in g.consts:

@@ -141,10 +141,10 @@ def make_plan(graph: Graph, mode: str, stage: Mesh, full_batch: bool = False, ct
     the context's defaults (strategy sits below the context and does not build one)."""
     load = ctx.strategy_ckpt_load_file if ctx is not None else ""
     if load:
-        from .strategy_file import load_strategy   # it reads plans: imports this module (cycle)
+        from .strategy_file import load_strategy  # it reads plans: imports this module (cycle)
         return load_strategy(load, graph, stage)
     if mode == "auto_parallel":
-        from .search import search_plan   # the search builds ShardingPlans of this module (cycle)
+        from .search import search_plan  # the search builds ShardingPlans of this module (cycle)
         profile = (ctx.cost_profile if ctx is not None else "") or None
         zero = bool(ctx is not None and ctx.enable_parallel_optimizer)
         return search_plan(graph, stage, ctx.search_mode if ctx is not None else "dynamic_programming",
