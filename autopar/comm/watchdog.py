@@ -27,7 +27,8 @@ import numpy as np
 from .checks import COLLECTIVES, describe, timeout_report
 
 ARRIVAL_TAG = 1
-SPIN_S = 1e-2        # poll without sleeping this long (as MPI's blocking calls do), then sleep
+SPIN_S = 1.0        # poll without sleeping this long (as MPI's blocking calls do: a non-blocking collective
+                    # progresses only while it is tested), then sleep between polls
 MIN_PAUSE_S = 5e-5   # between polls, starting at this pause and doubling up to
 MAX_PAUSE_S = 5e-3   # this one (the most latency a long watched wait may gain)
 
