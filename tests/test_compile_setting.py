@@ -14,7 +14,7 @@ from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.runtime.setting import CompileSetting, parallel_setting
 from autopar.runtime.sharded_program import save_plan
 from autopar.runtime.trace import trace
-from autopar.strategy.sharding_plan import make_plan
+from autopar.strategy.plan_source import make_plan
 from autopar.strategy.strategy_file import load_strategy
 
 CONFIG = PanguAlphaConfig.preset("tiny", num_layers=1, model_parallel=2)

@@ -33,7 +33,8 @@ from ..context import ParallelContext
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.spec import TensorSpec
-from ..strategy.sharding_plan import ShardingPlan, input_layout, make_plan
+from ..strategy.plan_source import make_plan
+from ..strategy.sharding_plan import ShardingPlan, input_layout
 from .arguments import tensor_args
 from .consistency import ConsistencyCheck, feed_group
 from .program import Program

@@ -16,8 +16,9 @@ from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.spec import TensorSpec
 from ..strategy.costmodel import CostModel
+from ..strategy.plan_source import make_plan
 from ..strategy.profile import load_profile
-from ..strategy.sharding_plan import ShardingPlan, make_plan
+from ..strategy.sharding_plan import ShardingPlan
 from ..strategy.strategy_file import save_strategy
 from .autodiff import differentiate
 from .consistency import ConsistencyCheck, feed_group

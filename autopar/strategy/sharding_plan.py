@@ -132,21 +132,3 @@ def _on_weights_alone(node, indexing, params, layouts, wanted, graph) -> bool:
     i, v = tensors[0]
     fresh_param = v in params and v not in layouts
     return (fresh_param or v in wanted) and indexing.inputs[i] == indexing.output
-
-
-def make_plan(graph: Graph, mode: str, stage: Mesh, full_batch: bool = False, ctx=None) -> ShardingPlan:
-    """The plan a compile uses: the strategy file named by ``strategy_ckpt_load_file`` if
-    any, else the search (``auto_parallel``) or the rules above. Planning only: saving the
-    plan to ``strategy_ckpt_save_file`` is the caller's next step. ``ctx`` None plans with
-    the context's defaults (strategy sits below the context and does not build one)."""
-    load = ctx.strategy_ckpt_load_file if ctx is not None else ""
-    if load:
-        from .strategy_file import load_strategy  # it reads plans: imports this module (cycle)
-        return load_strategy(load, graph, stage)
-    if mode == "auto_parallel":
-        from .search import search_plan  # the search builds ShardingPlans of this module (cycle)
-        profile = (ctx.cost_profile if ctx is not None else "") or None
-        zero = bool(ctx is not None and ctx.enable_parallel_optimizer)
-        return search_plan(graph, stage, ctx.search_mode if ctx is not None else "dynamic_programming",
-                           full_batch, profile=profile, optimizer_parallel=zero)
-    return plan_shardings(graph, mode, stage, full_batch)

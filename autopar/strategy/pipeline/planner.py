@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from ...ir.graph import Graph
 from ...ir.layout import Layout
 from ...ir.mesh import Mesh
-from ..sharding_plan import ShardingPlan, make_plan
+from ..plan_source import make_plan
+from ..sharding_plan import ShardingPlan
 from ..strategy_file import load_pipeline_strategy
 from .assignment import StageAssignment
 from .stage_graph import StageGraph, stage_graph
