@@ -4,10 +4,9 @@ own layer and the layers below it, at module level and inside functions alike.
     errors, dtype  <  ir  <  backend  <  ops  <  comm  <  strategy  <  context  <  runtime
                    <  nn  <  train  <  models  <  calibrate, plan (the CLIs)  <  autopar/__init__
 
-The test parses every module's imports (nothing is imported). ``KNOWN_UPWARD`` lists the
-upward imports the tree still has, each with its reason: debts of the redesign (issue 12).
-A new upward import fails the test; so does a listed one that is gone, so the list only
-shrinks.
+The test parses every module's imports (nothing is imported). ``KNOWN_UPWARD`` would list
+an upward import the tree must keep for a while, with its reason; it is empty. A new upward
+import fails the test; so does a listed one that is gone, so the list only shrinks.
 """
 from __future__ import annotations
 
@@ -20,11 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent / "autopar"
 LAYERS = ("errors", "dtype", "ir", "backend", "ops", "comm", "strategy", "context", "runtime", "nn", "train",
           "models", "calibrate", "plan", "__init__")
 
-KNOWN_UPWARD = {
-    # MindSpore keeps optimizers in nn (nn.Adam); the trainer checks its optimizer's type
-    ("autopar.nn", "autopar.train.optimizers"),
-    ("autopar.nn.wrappers", "autopar.train.optimizers"),
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()   # none left; an entry here would need its reason
 
 
 def module_name(path: Path, root: Path) -> str:

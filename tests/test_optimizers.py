@@ -4,10 +4,18 @@ import math
 import numpy as np
 import pytest
 
-from autopar.nn import Normal, Parameter
-from autopar.train import (SGD, Adam, AdamWeightDecay, CosineDecayLR, PolynomialDecayLR,
-                           WarmUpCosineDecayLR, WarmUpLR, clip_by_global_norm, global_norm)
-from autopar.train import optimizers
+from autopar.nn import Normal, Parameter, optimizers
+from autopar.train import (
+    SGD,
+    Adam,
+    AdamWeightDecay,
+    CosineDecayLR,
+    PolynomialDecayLR,
+    WarmUpCosineDecayLR,
+    WarmUpLR,
+    clip_by_global_norm,
+    global_norm,
+)
 
 
 def param(values, name):

@@ -9,8 +9,8 @@ from ..errors import format_error
 from ..runtime.arguments import normalize
 from ..runtime.compiled import grad_program
 from ..runtime.memory import MemoryMeter, training_memory
-from ..train.optimizers import Optimizer
 from .cell import Cell
+from .optimizers import Optimizer
 
 
 class WithLossCell(Cell):

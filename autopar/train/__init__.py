@@ -1,4 +1,7 @@
-"""autopar.train: optimizers, learning-rate schedules, gradient clipping and checkpoints."""
+"""autopar.train: learning-rate schedules, gradient clipping, datasets and checkpoints; the
+optimizers (autopar.nn.optimizers, where MindSpore keeps them and where the trainer that
+steps them lives) are re-exported here."""
+from ..nn.optimizers import SGD, Adam, AdamWeightDecay, Optimizer, default_decay_filter
 from .checkpoint import (
     ModelCheckpoint,
     NoSpaceError,
@@ -12,7 +15,6 @@ from .checkpoint import (
 from .clip import clip_by_global_norm, global_norm
 from .dataset import Batch, LMDataset, LMLoader, TokenFile, eod_reset_masks
 from .lr_schedule import CosineDecayLR, PolynomialDecayLR, WarmUpCosineDecayLR, WarmUpLR
-from .optimizers import SGD, Adam, AdamWeightDecay, Optimizer, default_decay_filter
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamWeightDecay", "default_decay_filter",
            "WarmUpLR", "CosineDecayLR", "PolynomialDecayLR", "WarmUpCosineDecayLR",

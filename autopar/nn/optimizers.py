@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import format_error
-from ..nn.parameter import Parameter
+from .parameter import Parameter
 
 BLOCK_BYTES = 512 * 1024  # bytes of one parameter handed to _update at a time (fits in L2)
 
