@@ -32,3 +32,12 @@ def repeated_pattern_losses(net, seq_length: int, steps: int = 40) -> list[float
     pattern = np.array([11, 23, 5, 42, 17], dtype=np.int32)
     ids = np.stack([np.roll(np.resize(pattern, seq_length + 1), -k) for k in range(4)])
     return [float(train(ids)) for _ in range(steps)]
+
+
+def held(train) -> dict[str, np.ndarray]:
+    """Copies of what this rank holds: parameter shards (or whole values) and states."""
+    out = {}
+    for t, states in zip(train.optimizer.params, train.optimizer.states):
+        out[t.name] = np.array(t.data, copy=True)
+        out |= {f"{s}.{t.name}": np.array(a, copy=True) for s, a in states.items()}
+    return out

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from lm_harness import held
 
 from autopar import nn
 from autopar.comm import run_in_process
@@ -37,15 +38,6 @@ def trainer(cfg=CONFIG):
     net = PanguAlphaWithLoss(cfg)
     opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-2, weight_decay=0.01)
     return nn.TrainOneStepCell(net, opt, clip_norm=1.0)
-
-
-def held(train) -> dict[str, np.ndarray]:
-    """Copies of what this rank holds: parameter shards (or whole values) and states."""
-    out = {}
-    for t, states in zip(train.optimizer.params, train.optimizer.states):
-        out[t.name] = np.array(t.data, copy=True)
-        out |= {f"{s}.{t.name}": np.array(a, copy=True) for s, a in states.items()}
-    return out
 
 
 def assert_same(a: dict, b: dict) -> None:

@@ -10,6 +10,7 @@ import tempfile
 
 import numpy as np
 import pytest
+from lm_harness import held
 
 from autopar import nn
 from autopar.comm import world
@@ -29,14 +30,6 @@ PATH_BYTES = 4096
 def trainer(cfg):
     net = PanguAlphaWithLoss(cfg)
     return nn.TrainOneStepCell(net, AdamWeightDecay(net.trainable_params(), learning_rate=1e-2))
-
-
-def held(train) -> dict[str, np.ndarray]:
-    out = {}
-    for t, states in zip(train.optimizer.params, train.optimizer.states):
-        out[t.name] = np.array(t.data, copy=True)
-        out |= {f"{s}.{t.name}": np.array(a, copy=True) for s, a in states.items()}
-    return out
 
 
 def context():
