@@ -52,6 +52,7 @@ import numpy as np
 from . import comm
 from .comm.mpi import install_abort_handler, launcher_size
 from .errors import check_int, format_error, is_int
+from .strategy.plan_source import PlanOptions
 from .strategy.search import SEARCH_MODES
 
 
@@ -182,6 +183,18 @@ class ParallelContext:
     def loads_full_batch(self) -> bool:
         """Whether every rank reads the whole batch (``full_batch`` or its newer spelling)."""
         return self.full_batch or self.dataset_strategy == "full_batch"
+
+    @property
+    def slice_threshold(self) -> int | None:
+        """Optimizer parallel's size threshold in KiB (weights below it stay whole), or None
+        when optimizer parallel is off."""
+        return self.parallel_optimizer_threshold if self.enable_parallel_optimizer else None
+
+    @property
+    def plan_options(self) -> PlanOptions:
+        """What of this context the planner reads, as the frozen value strategy/ takes."""
+        return PlanOptions(self.strategy_ckpt_load_file, self.search_mode, self.cost_profile,
+                           self.enable_parallel_optimizer)
 
     def replace(self, **changes) -> ParallelContext:
         """A new validated value with ``changes`` applied; unknown names are a ValueError."""

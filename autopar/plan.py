@@ -32,7 +32,7 @@ from .errors import format_error
 from .ir.mesh import Mesh
 from .strategy.costmodel import CostModel
 from .strategy.pipeline.registry import ModelFamily, model_family, registered_models
-from .strategy.pipeline.stage_search import StageCoster, evaluate, search_stages
+from .strategy.pipeline.stage_search import StageCoster, StageSetting, evaluate, search_stages
 from .strategy.profile import MachineProfile, load_profile
 from .strategy.report import draw, op_table, picture_formats, side_by_side
 from .strategy.search import SEARCH_MODES, human_bytes, search
@@ -294,8 +294,9 @@ def _price_hand_plan(p: argparse.ArgumentParser, args: argparse.Namespace, coste
     except ValueError as err:
         p.error(f"hand plan --pp {pp} --dp {dp} --mp {mp} --micro-batches {m}: the model's ops refuse "
                 f"these degrees: {err}")
-    return evaluate(coster, args.batch, pp, dp, mp, m, args.recompute, args.optimizer_parallel,
-                    args.layers_per_stage, cap)
+    hand = StageSetting(pp, dp, mp, m, args.recompute, args.optimizer_parallel,
+                        tuple(args.layers_per_stage) if args.layers_per_stage else None)
+    return evaluate(coster, args.batch, hand, cap)
 
 
 def _no_plan(args: argparse.Namespace, cap: float, tried: list) -> None:

@@ -14,9 +14,9 @@ from autopar.models.yuan import YuanConfig
 from autopar.runtime.trace import trace
 from autopar.strategy.costmodel import CostModel
 from autopar.strategy.pipeline.registry import model_family, register_model, registered_models
-from autopar.strategy.pipeline.stage_search import StageCoster, evaluate, split_layers, stage_memory
-from autopar.strategy.sharding_plan import plan_shardings
+from autopar.strategy.pipeline.stage_search import StageCoster, StageSetting, evaluate, split_layers, stage_memory
 from autopar.strategy.profile import load_profile
+from autopar.strategy.sharding_plan import plan_shardings
 
 PROFILE = load_profile("cpu-2core")
 
@@ -31,7 +31,7 @@ def small():
 def test_one_stage_from_one_layer_equals_the_full_graph(small):
     """pp1: layers x one layer + extras is the whole model's predicted step and memory."""
     fam = small.family
-    got = evaluate(small, 16, 1, 4, 2, 1, False, False)
+    got = evaluate(small, 16, StageSetting(1, 4, 2, 1))
     g = fam.graph(16, 4, 2)
     stage = Mesh((8,), ("devices",))
     full = CostModel(g, stage, PROFILE, True).evaluate(plan_shardings(g, "semi_auto_parallel", stage, True))
@@ -42,7 +42,7 @@ def test_one_stage_from_one_layer_equals_the_full_graph(small):
 
 def test_bubble_is_p_minus_1_slowest_micro_batches(small):
     for pp, m in [(2, 2), (2, 8), (4, 4), (4, 16)]:
-        p = evaluate(small, 32, pp, 8 // pp, 1, m, False, False)
+        p = evaluate(small, 32, StageSetting(pp, 8 // pp, 1, m))
         per_mb = p.bubble_s / (pp - 1)
         # the share of the step the bubble takes is (p-1)/(m+p-1) of the micro-batch loop
         loop = p.bubble_s + m * per_mb
@@ -68,10 +68,10 @@ def test_split_layers_is_even_when_it_fits_and_moves_layers_back_when_the_first_
 
 
 def test_the_planner_proposes_a_non_uniform_split_when_uniform_overflows_the_first_stage(small):
-    uniform = evaluate(small, 32, 4, 2, 1, 8, False, False, layers_per_stage=(2, 2, 2, 2))
+    uniform = evaluate(small, 32, StageSetting(4, 2, 1, 8, layers_per_stage=(2, 2, 2, 2)))
     cap = uniform.memory_bytes[0] - 1          # the first stage alone overflows the uniform split
     assert max(uniform.memory_bytes[1:]) <= cap
-    planned = evaluate(small, 32, 4, 2, 1, 8, False, False, memory_cap=cap)
+    planned = evaluate(small, 32, StageSetting(4, 2, 1, 8), memory_cap=cap)
     assert planned.peak_memory_bytes <= cap
     assert planned.layers_per_stage[0] < 2 and sum(planned.layers_per_stage) == 8
 

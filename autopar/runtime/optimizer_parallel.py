@@ -58,12 +58,13 @@ def slice_layout(layout: Layout, shape: Sequence[int], itemsize: int, threshold_
     return Layout(layout.mesh, dims, layout.partial)
 
 
-def slice_layouts(ctx, params: Sequence, layouts: Sequence[Layout]) -> list[Layout | None]:
-    """Per parameter, its slice layout under ``ctx`` (None: not sharded; all None when the
-    context is None or optimizer parallel is off)."""
-    if ctx is None or not ctx.enable_parallel_optimizer:
+def slice_layouts(params: Sequence, layouts: Sequence[Layout], threshold: int | None) -> list[Layout | None]:
+    """Per parameter, its slice layout (None: not sharded) when optimizer parallel slices
+    weights of at least ``threshold`` KiB; all None when ``threshold`` is None (off: the
+    context's :attr:`~autopar.context.ParallelContext.slice_threshold`)."""
+    if threshold is None:
         return [None] * len(params)
-    return [slice_layout(lay, p.shape, np.dtype(p.dtype).itemsize, ctx.parallel_optimizer_threshold)
+    return [slice_layout(lay, p.shape, np.dtype(p.dtype).itemsize, threshold)
             for p, lay in zip(params, layouts)]
 
 

@@ -3,7 +3,7 @@ in the step loop, and the part of it the compile cache keys on."""
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
+from dataclasses import dataclass
 
 from ..context import ParallelContext, current_context, current_world, require_init
 from ..errors import format_error
@@ -11,11 +11,11 @@ from ..errors import format_error
 DEFAULT_CONTEXT = ParallelContext()   # the context's defaults, for a program built without one (frozen)
 
 
-class CompileSetting(NamedTuple):
+@dataclass(frozen=True)
+class CompileSetting:
     """What a sharded compile runs under, read once from the parallel context: the parallel
     mode, the world of ranks, whether every rank is fed the whole batch, and the context
-    itself (a frozen value). A tuple still, so ``mode, world, full_batch, ctx = setting``
-    reads it too."""
+    itself (a frozen value). Read by name, never by position."""
 
     mode: str
     world: object

@@ -107,8 +107,7 @@ class ShardedForwardProgram(ForwardStep):
         graph = self.traced.graph
         # The forward graph is not the training graph a strategy file describes: plan it by
         # the rules (the ops' strategies), without reading or overwriting that file.
-        rules = (ctx or DEFAULT_CONTEXT).replace(strategy_ckpt_load_file="", strategy_ckpt_save_file="")
-        plan = make_plan(graph, mode, stage, full_batch, rules)
+        plan = make_plan(graph, mode, stage, full_batch, (ctx or DEFAULT_CONTEXT).plan_options.without_files())
         slots = _input_slots(self.traced)
         self.carry = dict(carry or {})
         into = {k: self._carried_slot(k, slots, graph) for k in self.carry}   # output -> graph input index

@@ -15,11 +15,7 @@ from ..context import ParallelContext
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.spec import TensorSpec
-from ..strategy.costmodel import CostModel
-from ..strategy.plan_source import make_plan
-from ..strategy.profile import load_profile
-from ..strategy.sharding_plan import ShardingPlan
-from ..strategy.strategy_file import save_strategy
+from ..strategy.plan_source import make_plan, save_plan
 from .autodiff import differentiate
 from .consistency import ConsistencyCheck, feed_group
 from .optimizer_parallel import SliceShard, WeightGather, slice_layouts, slice_of
@@ -29,15 +25,6 @@ from .setting import DEFAULT_CONTEXT
 from .shards import ParamShard, gather, global_norm, shard_of
 from .spmd import lower
 from .trace import trace
-
-
-def save_plan(path: str, graph, plan: ShardingPlan, full_batch: bool, ctx: ParallelContext) -> None:
-    """Write ``plan`` of the forward ``graph`` to the strategy file ``path``, with the cost
-    model's prediction under the context's machine profile and optimizer parallel: the
-    step after planning when ``strategy_ckpt_save_file`` names a file."""
-    model = CostModel(graph, plan.stage, load_profile(ctx.cost_profile or "cpu-2core"), full_batch,
-                      optimizer_parallel=ctx.enable_parallel_optimizer)
-    save_strategy(path, graph, plan, predicted=model.evaluate(plan).summary())
 
 
 class ShardedGradProgram(TrainingProgram):
@@ -62,13 +49,13 @@ class ShardedGradProgram(TrainingProgram):
         graph = trace(cell, global_args, {}).graph
         self.targets = loss_targets(graph, params, type(cell).__name__)
         self.graph, grads = differentiate(graph, self.targets.loss, self.targets.used, sens)
-        self.plan = make_plan(graph, mode, stage, feed_whole, ctx)
+        self.plan = make_plan(graph, mode, stage, feed_whole, ctx.plan_options)
         if ctx.strategy_ckpt_save_file:
-            save_plan(ctx.strategy_ckpt_save_file, graph, self.plan, feed_whole, ctx)
+            save_plan(ctx.strategy_ckpt_save_file, graph, self.plan, feed_whole, ctx.plan_options)
         # the layouts lower gives the parameters; one the loss does not use is held whole
         homes = [self.plan.layouts.get(v) or Layout.replicated(self.plan.stage, len(p.shape))
                  for v, p in zip(self.targets.wrt, params)]
-        sliced = slice_layouts(ctx, params, homes)
+        sliced = slice_layouts(params, homes, ctx.slice_threshold)
         used_sliced = [lay for v, lay in zip(self.targets.wrt, sliced) if v is not None]
         wanted = {g: lay for g, lay in zip(grads, used_sliced) if lay is not None}
         self.local_graph, _, self.out_layouts, self.comm_clock = lower(

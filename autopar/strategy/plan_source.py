@@ -2,27 +2,60 @@
 
 Apart from :mod:`.sharding_plan` (the plan value and the rule-made plan) because the
 strategy file and the searches build that value: this module sits above all three.
+Planning reads its settings from :class:`PlanOptions`, a frozen value the parallel
+context (a layer above) hands down; nothing here reads the context.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..ir.graph import Graph
 from ..ir.mesh import Mesh
-from .search import search_plan
+from .costmodel import CostModel
+from .profile import MachineProfile, load_profile
+from .search import DEFAULT_PROFILE, search_plan
 from .sharding_plan import ShardingPlan, plan_shardings
-from .strategy_file import load_strategy
+from .strategy_file import load_strategy, save_strategy
 
 
-def make_plan(graph: Graph, mode: str, stage: Mesh, full_batch: bool = False, ctx=None) -> ShardingPlan:
-    """The plan a compile uses: the strategy file named by ``strategy_ckpt_load_file`` if
-    any, else the search (``auto_parallel``) or the rules above. Planning only: saving the
-    plan to ``strategy_ckpt_save_file`` is the caller's next step. ``ctx`` None plans with
-    the context's defaults (strategy sits below the context and does not build one)."""
-    load = ctx.strategy_ckpt_load_file if ctx is not None else ""
-    if load:
-        return load_strategy(load, graph, stage)
+@dataclass(frozen=True)
+class PlanOptions:
+    """What of the parallel context planning reads: the strategy file to load ('' = none),
+    the ``auto_parallel`` search mode, the machine profile plans are priced with ('' = the
+    default) and whether optimizer parallel (ZeRO-1) is on."""
+
+    strategy_file: str = ""
+    search_mode: str = "dynamic_programming"
+    cost_profile: str = ""
+    optimizer_parallel: bool = False
+
+    def profile(self) -> MachineProfile:
+        return load_profile(self.cost_profile or DEFAULT_PROFILE)
+
+    def without_files(self) -> PlanOptions:
+        """The same options planning by search or rules, whatever file was named."""
+        return PlanOptions("", self.search_mode, self.cost_profile, self.optimizer_parallel)
+
+
+def make_plan(graph: Graph, mode: str, stage: Mesh, full_batch: bool = False,
+              options: PlanOptions = PlanOptions()) -> ShardingPlan:
+    """The plan a compile uses: the strategy file ``options.strategy_file`` if any, else the
+    search (``auto_parallel``) or the rules above. Planning only: saving the plan
+    (:func:`save_plan`) is the caller's next step."""
+    if options.strategy_file:
+        return load_strategy(options.strategy_file, graph, stage)
     if mode == "auto_parallel":
-        profile = (ctx.cost_profile if ctx is not None else "") or None
-        zero = bool(ctx is not None and ctx.enable_parallel_optimizer)
-        return search_plan(graph, stage, ctx.search_mode if ctx is not None else "dynamic_programming",
-                           full_batch, profile=profile, optimizer_parallel=zero)
+        return search_plan(graph, stage, options.search_mode, full_batch, profile=options.profile(),
+                           optimizer_parallel=options.optimizer_parallel)
     return plan_shardings(graph, mode, stage, full_batch)
+
+
+def save_plan(path: str, graph: Graph, plan: ShardingPlan, full_batch: bool,
+              options: PlanOptions = PlanOptions()) -> None:
+    """Write ``plan`` of the forward ``graph`` to the strategy file ``path`` with the cost
+    model's prediction under ``options``' machine profile and optimizer parallel."""
+    model = CostModel(graph, plan.stage, options.profile(), full_batch, optimizer_parallel=options.optimizer_parallel)
+    save_strategy(path, graph, plan, predicted=model.evaluate(plan).summary())
+
+
+__all__ = ["PlanOptions", "make_plan", "save_plan"]

@@ -76,13 +76,12 @@ class StageGradients:
     under optimizer parallel, or the AbsentShard. ``layouts[i]``: the layout of the gradient
     handed over (the shard's; None when absent)."""
 
-    def __init__(self, param_shards: Sequence, ctx, stage_comm, world, shared: Sequence = ()):
+    def __init__(self, param_shards: Sequence, slice_threshold: int | None, stage_comm, world, shared: Sequence = ()):
         self.param_shards = list(param_shards)
         self.world, self.stage_comm = world, stage_comm
-        zero = ctx is not None and ctx.enable_parallel_optimizer
-        self.sliced = [slice_layout(s.layout, s.param.shape, np.dtype(s.dtype).itemsize,
-                                    ctx.parallel_optimizer_threshold)
-                       if zero and isinstance(s, StageShard) else None for s in self.param_shards]
+        self.sliced = [slice_layout(s.layout, s.param.shape, np.dtype(s.dtype).itemsize, slice_threshold)
+                       if slice_threshold is not None and isinstance(s, StageShard) else None
+                       for s in self.param_shards]
         self.shards = [s if lay is None else slice_of(s, lay) for s, lay in zip(self.param_shards, self.sliced)]
         self.layouts = [lay or getattr(s, "layout", None) for s, lay in zip(self.param_shards, self.sliced)]
         self._weight_gather = WeightGather([s for s in self.shards if isinstance(s, SliceShard)], stage_comm)

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ...comm.consistency import NO_GROUP
-from ...context import current_world
+from ...context import ParallelContext, current_world
 from ...errors import format_error
 from ...ir.graph import FORWARD, Graph, differentiable_values
 from ...ir.layout import Layout
@@ -44,6 +44,7 @@ from ..autodiff import differentiate
 from ..consistency import ConsistencyCheck
 from ..program import Program
 from ..protocol import TrainingProgram, loss_targets
+from ..setting import DEFAULT_CONTEXT
 from ..spmd import Redistribute, lower
 from ..trace import trace
 from .dropout import MicroBatchDropout, MicroFeed, whole_batch_coords
@@ -70,7 +71,7 @@ class PipelineGradProgram(TrainingProgram):
 
     def __init__(self, network, args: tuple, params: Sequence, world, *, stages: int = 1, micro: int = 1,
                  schedule: str = "1f1b", mode: str = "semi_auto_parallel", full_batch: bool = False,
-                 sens: float = 1.0, ctx=None):
+                 sens: float = 1.0, ctx: ParallelContext = DEFAULT_CONTEXT):
         if world.size % stages:
             raise ValueError(format_error(WHERE, "pipeline_stages", f"a divisor of the {world.size} ranks",
                                           str(stages), "each stage needs the same number of ranks"))
@@ -99,16 +100,16 @@ class PipelineGradProgram(TrainingProgram):
         self.params = list(params)
         wrt = list(self.targets.wrt)        # None: a parameter the loss does not use (zero gradients)
         assign = assign_stages(graph, stages, differentiable_values(graph, self.targets.used))
-        saving = ctx is not None and bool(ctx.strategy_ckpt_save_file)
+        saving = bool(ctx.strategy_ckpt_save_file)
         writer = saving and world.rank == 0           # plans every stage, to write them all
-        self.plan: PipelinePlan = plan_pipeline(graph, assign, n, mode, feed_whole, ctx,
+        self.plan: PipelinePlan = plan_pipeline(graph, assign, n, mode, feed_whole, ctx.plan_options,
                                                 stages=None if writer else [self.stage])
         if writer:
-            save_pipeline_plan(ctx.strategy_ckpt_save_file, self.plan, feed_whole, ctx)
+            save_pipeline_plan(ctx.strategy_ckpt_save_file, self.plan, feed_whole, ctx.plan_options)
         if saving and world.size > 1:
             world.barrier()                           # the file is complete when compiling returns
         shared = self._shared_comms(wrt)
-        self.grads = StageGradients(self._attach(wrt), ctx, self.stage_comm, world, shared)
+        self.grads = StageGradients(self._attach(wrt), ctx.slice_threshold, self.stage_comm, world, shared)
         self.param_shards, self.shards, self.layouts = self.grads.param_shards, self.grads.shards, self.grads.layouts
         feed = MicroFeed(micro, self.rows, self.rows * scale // micro)
         self.step_plan = self._build_stage(wrt, sens, feed)
@@ -355,7 +356,7 @@ class Pipelined:
 def pipelined(cell, setting) -> bool:
     """Whether ``grad_program`` builds a pipeline program: for a PipelineCell (micro-batches,
     also on one stage), or whenever the context asks for pipeline_stages > 1."""
-    return isinstance(cell, Pipelined) or (setting is not None and setting[3].pipeline_stages > 1)
+    return isinstance(cell, Pipelined) or (setting is not None and setting.ctx.pipeline_stages > 1)
 
 
 def pipeline_grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float, setting):
@@ -370,6 +371,6 @@ def pipeline_grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sen
     if setting is None:
         return PipelineGradProgram(network, args, params, current_world(), stages=1, micro=micro,
                                    schedule=schedule, mode="stand_alone", full_batch=True, sens=sens)
-    mode, world, full_batch, ctx = setting
-    return PipelineGradProgram(network, args, params, world, stages=ctx.pipeline_stages, micro=micro,
-                               schedule=schedule, mode=mode, full_batch=full_batch, sens=sens, ctx=ctx)
+    return PipelineGradProgram(network, args, params, setting.world, stages=setting.ctx.pipeline_stages,
+                               micro=micro, schedule=schedule, mode=setting.mode, full_batch=setting.full_batch,
+                               sens=sens, ctx=setting.ctx)

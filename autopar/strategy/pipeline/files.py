@@ -7,16 +7,15 @@ it got, so a plan made for a report or a test leaves no file behind.
 from __future__ import annotations
 
 from ..costmodel import CostModel
-from ..profile import load_profile
+from ..plan_source import PlanOptions
 from ..strategy_file import save_pipeline_strategy
 from .planner import PipelinePlan
 
 
-def save_pipeline_plan(path, plan: PipelinePlan, full_batch: bool, ctx) -> None:
+def save_pipeline_plan(path, plan: PipelinePlan, full_batch: bool, options: PlanOptions = PlanOptions()) -> None:
     """Write every stage's plan of ``plan`` (all planned) to the strategy file ``path``, each
     with the cost model's prediction for one micro-batch through that stage."""
-    profile = load_profile((ctx.cost_profile if ctx is not None else "") or "cpu-2core")
-    zero = bool(ctx is not None and ctx.enable_parallel_optimizer)
+    profile, zero = options.profile(), options.optimizer_parallel
     assert all(pl is not None for pl in plan.plans), "save_pipeline_plan: plan every stage first"
     predicted = [CostModel(sg.graph, pl.stage, profile, full_batch, optimizer_parallel=zero).evaluate(pl).summary()
                  for sg, pl in zip(plan.stages, plan.plans)]

@@ -4,7 +4,7 @@ Planning touches no communicator, so any rank (or a test) plans every stage:
 
 * stage s runs on the stage-major ranks ``s*n .. s*n + n - 1`` as a flat mesh of n;
 * each stage's forward graph is planned on its mesh exactly as the non-pipeline sharded
-  path plans a whole graph (:func:`~autopar.strategy.sharding_plan.make_plan`);
+  path plans a whole graph (:func:`~autopar.strategy.plan_source.make_plan`);
 * a value crossing from stage a to b travels in its *transfer layout*: its home layout on
   a with partial sums settled, the same layout on b's ranks (rank i of a sends its block
   to rank i of b). It is b's input layout, and the layout of its cotangent on a;
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from ...ir.graph import Graph
 from ...ir.layout import Layout
 from ...ir.mesh import Mesh
-from ..plan_source import make_plan
+from ..plan_source import PlanOptions, make_plan
 from ..sharding_plan import ShardingPlan
 from ..strategy_file import load_pipeline_strategy
 from .assignment import StageAssignment
@@ -76,7 +76,7 @@ class PipelinePlan:
 
 
 def plan_pipeline(graph: Graph, assign: StageAssignment, ranks_per_stage: int, mode: str, full_batch: bool,
-                  ctx=None, stages: Sequence[int] | None = None) -> PipelinePlan:
+                  options: PlanOptions = PlanOptions(), stages: Sequence[int] | None = None) -> PipelinePlan:
     """Plan ``stages`` (default: all) of ``graph``, the forward graph on micro-batch shapes.
     Only the stages those depend on are planned too: the senders of what they receive and
     the first stage of each parameter they share."""
@@ -85,15 +85,14 @@ def plan_pipeline(graph: Graph, assign: StageAssignment, ranks_per_stage: int, m
     meshes = [stage_mesh(s, ranks_per_stage) for s in range(p)]
     graphs = tuple(stage_graph(graph, assign, s) for s in range(p))
     raw: dict[int, ShardingPlan] = {}
-    load = ctx.strategy_ckpt_load_file if ctx is not None else ""
+    load = options.strategy_file
     saved = load_pipeline_strategy(load, p, p * ranks_per_stage) if load else None
-    if ctx is not None and (load or ctx.strategy_ckpt_save_file):   # files are the pipeline's, not a stage's
-        ctx = ctx.replace(strategy_ckpt_load_file="", strategy_ckpt_save_file="")
+    options = options.without_files()          # the file is the pipeline's, not a stage's
 
     def raw_plan(s: int) -> ShardingPlan:
         if s not in raw:
             raw[s] = (saved.plan(s, graphs[s].graph, meshes[s]) if saved is not None
-                      else make_plan(graphs[s].graph, mode, meshes[s], full_batch, ctx))
+                      else make_plan(graphs[s].graph, mode, meshes[s], full_batch, options))
         return raw[s]
 
     param_stages: dict[int, tuple[int, ...]] = {}

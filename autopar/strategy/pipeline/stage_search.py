@@ -52,6 +52,20 @@ class Part:
 
 
 @dataclass(frozen=True)
+class StageSetting:
+    """One point of the joint search: pipeline stages x data x model degrees, micro-batches
+    per step, recompute and optimizer parallel; the layer split (None: the most even one
+    that fits the memory cap)."""
+    pp: int
+    dp: int
+    mp: int
+    micro_batches: int
+    recompute: bool = False
+    optimizer_parallel: bool = False
+    layers_per_stage: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
 class StagePlan:
     """One pipeline plan and its prediction."""
     pp: int
@@ -201,11 +215,13 @@ def split_layers(layers: int, pp: int, fits: Callable[[int, int], bool],
     return None
 
 
-def evaluate(coster: StageCoster, batch: int, pp: int, dp: int, mp: int, m: int, recompute: bool, zero: bool,
-             layers_per_stage: tuple[int, ...] | None = None, memory_cap: float | None = None) -> StagePlan | None:
+def evaluate(coster: StageCoster, batch: int, setting: StageSetting,
+             memory_cap: float | None = None) -> StagePlan | None:
     """The predicted step of one pipeline plan; None if its shapes don't divide. With no
-    ``layers_per_stage`` the split is the most even one that fits ``memory_cap``."""
+    ``setting.layers_per_stage`` the split is the most even one that fits ``memory_cap``."""
     prof, fam = coster.profile, coster.family
+    pp, dp, mp, m = setting.pp, setting.dp, setting.mp, setting.micro_batches
+    recompute, zero, layers_per_stage = setting.recompute, setting.optimizer_parallel, setting.layers_per_stage
     if coster.devices % pp or (coster.devices // pp) != dp * mp or batch % m or (batch // m) % dp:
         return None
     mb = batch // m
@@ -272,7 +288,7 @@ def search_stages(coster: StageCoster, batch: int, memory_cap: float | None = No
             for m in ms:
                 for recompute in (False, True):
                     for zero in (False, True):
-                        plan = evaluate(coster, batch, pp, dp, mp, m, recompute, zero, memory_cap=cap)
+                        plan = evaluate(coster, batch, StageSetting(pp, dp, mp, m, recompute, zero), memory_cap=cap)
                         if plan is not None:
                             tried.append(plan)
     fitting = [p for p in tried if p.peak_memory_bytes <= cap]
@@ -280,5 +296,5 @@ def search_stages(coster: StageCoster, batch: int, memory_cap: float | None = No
     return best, tried
 
 
-__all__ = ["Part", "StagePlan", "StageCoster", "evaluate", "search_stages",
+__all__ = ["Part", "StageSetting", "StagePlan", "StageCoster", "evaluate", "search_stages",
            "split_layers", "in_flight"]
