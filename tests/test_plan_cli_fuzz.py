@@ -22,6 +22,10 @@ A_FILE = SCRATCH / "a-file"            # a path under it is under a file, not a 
 A_FILE.write_text("not a directory")
 
 JUNK = ["", "x", "1e3", "2.5", "-0", "nan", " 3", "１", str(2 ** 70)]
+CONFIGS = {"good": '{"hidden_size": 48, "num_heads": 4, "num_layers": 3}', "unknown-key": '{"hiden": 48}',
+           "list": "[48]", "not-json": "{48", "bad-value": '{"num_heads": 5}', "float": '{"seq_length": 1.5}'}
+for _name, _text in CONFIGS.items():
+    (SCRATCH / f"{_name}.json").write_text(_text)
 
 
 def ints(lo: int, hi: int) -> st.SearchStrategy:
@@ -37,7 +41,7 @@ def outputs(ext: str) -> st.SearchStrategy:
 DROP = object()         # a mutation that removes the flag
 
 
-# Small presets and few devices keep a searching example under a second; the big presets
+# Small presets and shapes and few devices keep a searching example under a second; the big presets
 # appear in the fixed cases below, where validation refuses the line before any search.
 VALUES = {
     "--model": st.sampled_from(["pangu_alpha", "yuan", "gpt", DROP]),
@@ -55,6 +59,10 @@ VALUES = {
     "--op-search": st.sampled_from(["dynamic_programming", "sharding_propagation", "brute", DROP]),
     "--ops": ints(-1, 3),
     "--json": outputs("json"),
+    "--hidden": ints(-1, 64), "--layers": ints(-1, 5), "--heads": ints(-1, 8), "--ffn": ints(-1, 128),
+    "--seq": ints(-1, 32), "--vocab": st.one_of(ints(-1, 128), st.just(str(2 ** 23))),
+    "--config": st.sampled_from([str(SCRATCH / f"{name}.json") for name in CONFIGS] + [f"{NO_DIR}.json"]),
+    "--micro-batch-size": ints(-1, 8), "--schedule": st.sampled_from(["1f1b", "gpipe", ""]),
     "--png": st.sampled_from([f"{NO_DIR}.png", f"{A_FILE}/p.png", f"{SCRATCH}/p.unknown-ext", str(SCRATCH)]),
 }
 HAND_PLAN = st.fixed_dictionaries({"--pp": st.sampled_from(["1", "2"]), "--dp": st.sampled_from(["1", "2", "4"]),
@@ -109,7 +117,7 @@ def assert_clean_outcome(rc: int, out: str, err: str) -> None:
         assert rc == 1 and lines[0].startswith(f"{PROG}: ") and "no plan" in lines[0], (rc, err)
 
 
-@settings(max_examples=100, deadline=None, derandomize=True, database=None,
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
           phases=[Phase.explicit, Phase.generate, Phase.shrink],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(BASE, MUTATIONS)
