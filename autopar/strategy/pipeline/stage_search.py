@@ -22,6 +22,7 @@ the split moves layers back (Yuan 2.0's non-uniform lists).
 """
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,26 +111,30 @@ class StageCoster:
         return self._parts[key][zero]
 
     def _price(self, stage_devices, dp, mp, mb):
-        """Both optimizer-parallel settings from one pricing (they differ in state bytes only)."""
+        """Both optimizer-parallel settings from one pricing: the ops' seconds are priced
+        once and only the weights' bytes again (states split over the data-parallel copies)."""
         fam = self.family
         graph = fam.graph(mb, dp, mp, one_layer=True)
         stage = Mesh((stage_devices,), ("devices",))
         plan = plan_shardings(graph, "semi_auto_parallel", stage, True)
         model = CostModel(graph, stage, self.profile, True)
         zero = CostModel(graph, stage, self.profile, True, optimizer_parallel=True)
-        return {False: split_parts(model, plan, fam.layer_scope),
-                True: split_parts(model, plan, fam.layer_scope, memory_model=zero)}
+        rows = model.op_costs(plan)
+        zero_rows = zero.op_costs(plan)
+        return {False: split_parts(model, plan, fam.layer_scope, rows=rows),
+                True: split_parts(zero, plan, fam.layer_scope, rows=zero_rows)}
 
 
-def split_parts(model: CostModel, plan, layer_scope: str, memory_model: CostModel | None = None
-                ) -> tuple[Part, Part, Part]:
-    """Group a one-layer plan's op costs: before the layer, the layer, after it (weights'
-    bytes priced by ``memory_model``, e.g. the optimizer-parallel one)."""
+def split_parts(model: CostModel, plan, layer_scope: str, memory_model: CostModel | None = None,
+                rows: list | None = None) -> tuple[Part, Part, Part]:
+    """Group a one-layer plan's op costs (``rows``: ``model.op_costs(plan)``, computed here
+    when not given): before the layer, the layer, after it (weights' bytes priced by
+    ``memory_model``, e.g. the optimizer-parallel one)."""
     memory_model = memory_model or model
     graph: Graph = model.graph
     groups = {"first": [], "layer": [], "last": []}
     seen_layer = False
-    for n, c, edge in model.op_costs(plan):
+    for n, c, edge in (model.op_costs(plan) if rows is None else rows):
         if n.scope.startswith(layer_scope) or n.scope == layer_scope.rstrip("."):
             seen_layer = True
             groups["layer"].append((n, c, edge))
@@ -192,7 +197,11 @@ def split_layers(layers: int, pp: int, fits: Callable[[int, int], bool],
                  time: Callable[[int, int], float] | None = None) -> tuple[int, ...] | None:
     """Layers per stage minimising the slowest stage's ``time(stage, n)`` (default: n)
     among splits where every stage ``fits(stage, n)`` in memory; None when none does.
-    Stages with extra work (embeddings, head) or more micro-batches in flight get fewer."""
+    Stages with extra work (embeddings, head) or more micro-batches in flight get fewer.
+
+    ``time(s, n)`` must not decrease with n: the most layers stage s takes under a bound
+    is then found by bisection in its table, and the smallest bound that holds every layer
+    by bisection over the distinct levels (holding every layer is monotone in the bound)."""
     time = time or (lambda s, n: float(n))
     most = []
     for s in range(pp):
@@ -202,17 +211,27 @@ def split_layers(layers: int, pp: int, fits: Callable[[int, int], bool],
         most.append(n)
     if sum(most) < layers or min(most) < 1:
         return None
-    levels = sorted({time(s, n) for s in range(pp) for n in range(1, most[s] + 1)})
-    for bound in levels:                 # the smallest bound on stage time that holds every layer
-        split = [max((n for n in range(1, most[s] + 1) if time(s, n) <= bound), default=0) for s in range(pp)]
+    table = [[time(s, n) for n in range(1, most[s] + 1)] for s in range(pp)]   # table[s][n - 1]
+
+    def split_under(bound: float) -> list[int]:
+        return [bisect.bisect_right(row, bound) for row in table]
+
+    levels = sorted({t for row in table for t in row})
+    lo, hi = 0, len(levels) - 1             # split_under(levels[-1]) == most, which holds every layer
+    while lo < hi:
+        mid = (lo + hi) // 2
+        split = split_under(levels[mid])
         if min(split) >= 1 and sum(split) >= layers:
-            extra = sum(split) - layers
-            while extra:                 # give the surplus back from the slowest stages
-                s = max((s for s in range(pp) if split[s] > 1), key=lambda s: (time(s, split[s]), -s))
-                split[s] -= 1
-                extra -= 1
-            return tuple(split)
-    return None
+            hi = mid
+        else:
+            lo = mid + 1
+    split = split_under(levels[lo])
+    extra = sum(split) - layers
+    while extra:                           # give the surplus back from the slowest stages
+        s = max((s for s in range(pp) if split[s] > 1), key=lambda s: (table[s][split[s] - 1], -s))
+        split[s] -= 1
+        extra -= 1
+    return tuple(split)
 
 
 def evaluate(coster: StageCoster, batch: int, setting: StageSetting,
@@ -270,10 +289,22 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def micro_batch_counts(batch: int, pp: int, dp: int) -> list[int]:
+    """Every micro-batch count m the runtime can run: m divides the batch, each micro-batch
+    splits evenly over the dp ranks ((batch / m) % dp == 0), and every stage has a
+    micro-batch to start with (m >= pp, as MindSpore's ``micro_size >= stages``)."""
+    return [m for m in divisors(batch) if m >= pp and (batch // m) % dp == 0]
+
+
 def search_stages(coster: StageCoster, batch: int, memory_cap: float | None = None,
                   max_mp: int | None = None) -> tuple[StagePlan | None, list[StagePlan]]:
     """The fastest plan fitting the memory cap over stages, degrees, micro-batches,
-    recompute and optimizer parallel; and every plan priced (for reports)."""
+    recompute and optimizer parallel; and every plan priced (for reports).
+
+    Every micro-batch count the runtime can run is tried (:func:`micro_batch_counts`), none
+    pruned: a setting's parts are priced once per (stage devices, dp, mp, micro-batch size)
+    and cached, so each further count costs one trace of the one-layer graph and the
+    pipeline arithmetic (200B on 2048 devices: about 1 s on one core)."""
     prof, fam = coster.profile, coster.family
     cap = float(prof.memory_bytes if memory_cap is None else memory_cap)
     max_mp = max_mp or prof.devices_per_node        # model parallel inside a node, as PanGu-α did
@@ -284,8 +315,7 @@ def search_stages(coster: StageCoster, batch: int, memory_cap: float | None = No
         stage_dev = coster.devices // pp
         for mp in [d for d in divisors(stage_dev) if d <= max_mp]:
             dp = stage_dev // mp
-            ms = sorted({m for m in (pp, 2 * pp, 4 * pp) if batch % m == 0 and (batch // m) % dp == 0})
-            for m in ms:
+            for m in micro_batch_counts(batch, pp, dp):
                 for recompute in (False, True):
                     for zero in (False, True):
                         plan = evaluate(coster, batch, StageSetting(pp, dp, mp, m, recompute, zero), memory_cap=cap)
