@@ -8,8 +8,12 @@ of ONE layer with its extras (the graph its family registered, :mod:`.registry`)
 :class:`~autopar.strategy.costmodel.CostModel`; a pipeline of any depth is then arithmetic
 on those parts (seconds per micro-batch, bytes):
 
+* stage s runs on the stage-major ranks ``s*n .. s*n + n - 1`` and is priced there: a
+  stage straddling two nodes pays inter-node collectives (:func:`stage_offset`);
 * stage time per micro-batch ``T_s = n_s x layer + extras_s (+ a forward again with
-  recompute) + send/recv of the boundary activation``;
+  recompute) + the sends of its boundaries``: each value entering a layer goes as its
+  local block in its own dtype, and its gradient comes back, inter-node where the
+  boundary crosses nodes (:func:`transfer_seconds`);
 * step = ``(m + p - 1) x max_s T_s`` (the bubble is the ``p - 1``) + the gradient
   reduction and optimizer update, once per step;
 * memory of stage s = its weights, gradients and optimizer states (divided over the
@@ -49,7 +53,9 @@ class Part:
     model_bytes: int = 0         # weights + gradients + optimizer states
     state_bytes: int = 0         # of which optimizer states
     activation_bytes: int = 0    # kept for backward, one micro-batch
-    boundary_bytes: int = 0      # the activation entering the group (what recompute keeps)
+    boundary_bytes: int = 0      # the values entering the group (what recompute keeps), local bytes
+    boundary_sends: tuple[int, ...] = ()   # each of them, local bytes in its dtype: one send each
+    boundary_grads: tuple[int, ...] = ()   # the gradients sent back (those that need one)
 
 
 @dataclass(frozen=True)
@@ -103,19 +109,24 @@ class StageCoster:
         self.family, self.devices, self.profile = family, devices, profile
         self._parts: dict = {}
 
-    def parts(self, stage_devices: int, dp: int, mp: int, mb: int, zero: bool) -> tuple[Part, Part, Part]:
-        """(first-stage extras, one layer, last-stage extras) for one micro-batch."""
-        key = (stage_devices, dp, mp, mb)
+    def parts(self, stage_devices: int, dp: int, mp: int, mb: int, zero: bool, first_rank: int = 0
+              ) -> tuple[Part, Part, Part]:
+        """(first-stage extras, one layer, last-stage extras) for one micro-batch, on the
+        stage whose ranks are ``first_rank .. first_rank + stage_devices - 1`` (stage-major:
+        stage s starts at ``s * stage_devices``). Priced once per placement on nodes: a
+        stage that fits in one node, or starts on a node boundary, is priced as rank 0's."""
+        offset = stage_offset(first_rank, stage_devices, self.profile.devices_per_node)
+        key = (stage_devices, dp, mp, mb, offset)
         if key not in self._parts:
-            self._parts[key] = self._price(stage_devices, dp, mp, mb)
+            self._parts[key] = self._price(stage_devices, dp, mp, mb, offset)
         return self._parts[key][zero]
 
-    def _price(self, stage_devices, dp, mp, mb):
+    def _price(self, stage_devices, dp, mp, mb, offset):
         """Both optimizer-parallel settings from one pricing: the ops' seconds are priced
         once and only the weights' bytes again (states split over the data-parallel copies)."""
         fam = self.family
         graph = fam.graph(mb, dp, mp, one_layer=True)
-        stage = Mesh((stage_devices,), ("devices",))
+        stage = Mesh((stage_devices,), ("devices",), tuple(range(offset, offset + stage_devices)))
         plan = plan_shardings(graph, "semi_auto_parallel", stage, True)
         model = CostModel(graph, stage, self.profile, True)
         zero = CostModel(graph, stage, self.profile, True, optimizer_parallel=True)
@@ -123,6 +134,40 @@ class StageCoster:
         zero_rows = zero.op_costs(plan)
         return {False: split_parts(model, plan, fam.layer_scope, rows=rows),
                 True: split_parts(zero, plan, fam.layer_scope, rows=zero_rows)}
+
+
+def stage_offset(first_rank: int, stage_devices: int, per_node: int) -> int:
+    """Where a stage starting at ``first_rank`` sits on its nodes, as the first rank of an
+    equivalent stage: which of its ranks share a node is all the cost model asks, and that
+    is rank 0's when the stage fits in a node evenly or starts on a node boundary."""
+    if per_node % stage_devices == 0:
+        return 0
+    return first_rank % per_node
+
+
+def boundary_crosses_nodes(s: int, stage_devices: int, per_node: int) -> bool:
+    """Whether the transfers between stage s and s + 1 cross nodes: position i of stage s
+    (rank ``s*n + i``) sends to position i of stage s + 1 (rank ``(s+1)*n + i``)."""
+    n = stage_devices
+    return n >= per_node or any(r // per_node != (r + n) // per_node for r in range(s * n, (s + 1) * n))
+
+
+def transfer_seconds(profile: MachineProfile, pp: int, s: int, stage_devices: int, layer: Part) -> float:
+    """Send/receive seconds of stage s per micro-batch: over each of its boundaries, every
+    value crossing into a layer (forward) and every gradient of one coming back, each a
+    blocking send of its local block in its own dtype (``latency + bytes / bandwidth``,
+    inter-node where the boundary crosses nodes). Both ends of a transfer wait for it, so
+    a middle stage pays both boundaries."""
+    total = 0.0
+    for b in (s - 1, s):
+        if b < 0 or b >= pp - 1:
+            continue
+        if boundary_crosses_nodes(b, stage_devices, profile.devices_per_node):
+            lat, bw = profile.inter_node_latency_s, profile.inter_node_bandwidth_bytes_per_s
+        else:
+            lat, bw = profile.intra_node_latency_s, profile.intra_node_bandwidth_bytes_per_s
+        total += sum(lat + nbytes / bw for nbytes in layer.boundary_sends + layer.boundary_grads)
+    return total
 
 
 def split_parts(model: CostModel, plan, layer_scope: str, memory_model: CostModel | None = None,
@@ -152,20 +197,23 @@ def split_parts(model: CostModel, plan, layer_scope: str, memory_model: CostMode
         for v in {v for n, _, _ in rows for v in n.inputs if v in model.params}:   # every weight it reads
             both, states = memory_model.param_memory(v, plan.layouts[v])
             model_bytes, state = model_bytes + both, state + states
-        boundary = 0
-        if name == "layer":
-            for n, _, _ in rows:
-                for v in n.inputs:
-                    src = graph.node_of(v)
-                    if src is not None and src.id not in layer_ops and v not in model.params:
-                        lay = model.producer_layout(v, plan.shardings)
-                        boundary = max(boundary, math.prod(lay.local_shape(graph.spec(v).shape))
-                                       * np.dtype(graph.spec(v).dtype).itemsize)
+        sends, grads = [], []
+        if name == "layer":                 # values entering the layer from before it
+            for v in dict.fromkeys(v for n, _, _ in rows for v in n.inputs):
+                src = graph.node_of(v)
+                if src is None or src.id in layer_ops or v in model.params:
+                    continue
+                spec = graph.spec(v)
+                nbytes = math.prod(model.producer_layout(v, plan.shardings).local_shape(spec.shape)) \
+                    * np.dtype(spec.dtype).itemsize
+                sends.append(nbytes)
+                if v in model.needs_grad:
+                    grads.append(nbytes)
         parts.append(Part(sum(c.compute_s for _, c, _ in rows),
                           sum(c.comm_s + e for _, c, e in rows),
                           sum(c.grad_s for _, c, _ in rows),
                           sum(c.update_s for _, c, _ in rows),
-                          model_bytes, state, sum(kept.values()), boundary))
+                          model_bytes, state, sum(kept.values()), sum(sends), tuple(sends), tuple(grads)))
     return tuple(parts)
 
 
@@ -244,38 +292,37 @@ def evaluate(coster: StageCoster, batch: int, setting: StageSetting,
     if coster.devices % pp or (coster.devices // pp) != dp * mp or batch % m or (batch // m) % dp:
         return None
     mb = batch // m
+    n_dev = coster.devices // pp
     try:
-        first, layer, last = coster.parts(coster.devices // pp, dp, mp, mb, zero)
+        first = coster.parts(n_dev, dp, mp, mb, zero)[0]
+        last = coster.parts(n_dev, dp, mp, mb, zero, (pp - 1) * n_dev)[2]
+        layers = [coster.parts(n_dev, dp, mp, mb, zero, s * n_dev)[1] for s in range(pp)]
     except ValueError:
         return None       # the config refuses these degrees (heads not divisible, ...)
+    p2p = [transfer_seconds(prof, pp, s, n_dev, layers[s]) for s in range(pp)]
+
+    def time(s: int, n: int) -> float:
+        return sum(stage_time(first, layers[s], last, pp, s, n, recompute)) + p2p[s]
+
     cap = float(prof.memory_bytes if memory_cap is None else memory_cap)
     if layers_per_stage is None:
         split = split_layers(fam.layers, pp,
-                             lambda s, n: stage_memory(first, layer, last, pp, s, n, m, recompute) <= cap,
-                             lambda s, n: sum(stage_time(first, layer, last, pp, s, n, recompute)))
+                             lambda s, n: stage_memory(first, layers[s], last, pp, s, n, m, recompute) <= cap, time)
         if split is None:
             split = tuple(int(n) for n in np.diff(np.linspace(0, fam.layers, pp + 1).round().astype(int)))
     else:
         split = tuple(layers_per_stage)
         if len(split) != pp or sum(split) != fam.layers:
             raise ValueError(f"layers_per_stage: expected {pp} counts summing to {fam.layers}, got {split}")
-    stage_dev = coster.devices // pp
-    inter = stage_dev >= prof.devices_per_node
-    p2p = 0.0
-    if pp > 1:
-        lat = prof.inter_node_latency_s if inter else prof.intra_node_latency_s
-        bw = prof.inter_node_bandwidth_bytes_per_s if inter else prof.intra_node_bandwidth_bytes_per_s
-        p2p = 2 * (lat + layer.boundary_bytes / bw)        # activation out, its gradient back
-    times, comms, memories, grads, updates = [], [], [], [], []
+    times, memories, grads, updates = [], [], [], []
     for s, n in enumerate(split):
+        layer = layers[s]
         extras = ([first] if s == 0 else []) + ([last] if s == pp - 1 else [])
         compute, comm = stage_time(first, layer, last, pp, s, n, recompute)
-        comm += p2p
-        times.append((compute, comm))
+        times.append((compute, comm + p2p[s]))
         grads.append(n * layer.grad_s + sum(p.grad_s for p in extras))
         updates.append(n * layer.update_s + sum(p.update_s for p in extras))
         memories.append(stage_memory(first, layer, last, pp, s, n, m, recompute))
-        comms.append(comm)
     slow = max(range(pp), key=lambda s: sum(times[s]))
     per_mb = sum(times[slow])
     compute_s, comm_s = m * times[slow][0], m * times[slow][1] + max(grads)
