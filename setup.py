@@ -13,6 +13,7 @@ setup(
     python_requires=">=3.11",
     install_requires=[
         "numpy>=1.24",
+        "ml_dtypes>=0.5",  # bfloat16 as a numpy dtype (mixed precision)
         "networkx>=3.0",
         "mpich",          # MPI library and mpiexec from PyPI
         "mpi4py>=4.0",

@@ -1,18 +1,26 @@
-"""Dtypes are numpy dtypes; these names spell them the MindSpore way (``autopar.float32``)."""
+"""Dtypes are numpy dtypes; these names spell them the MindSpore way (``autopar.float32``).
+
+``bfloat16`` is ``ml_dtypes.bfloat16`` (numpy has none): a numpy dtype of kind ``'V'``, so
+"is this a float" is asked through :func:`is_float`, never through ``dtype.kind == 'f'``.
+Importing this module registers it, so ``np.dtype('bfloat16')`` works from then on.
+"""
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 from .errors import format_error
 
 float16 = np.dtype(np.float16)
+bfloat16 = np.dtype(ml_dtypes.bfloat16)
 float32 = np.dtype(np.float32)
 float64 = np.dtype(np.float64)
 int32 = np.dtype(np.int32)
 int64 = np.dtype(np.int64)
 bool_ = np.dtype(np.bool_)
 
-FLOAT_DTYPES = ("float16", "float32", "float64")   # what parameters and ops compute in
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")   # what parameters and ops compute in
+HALF_DTYPES = ("float16", "bfloat16")   # mixed-precision compute dtypes (float32 master weights)
 
 
 def as_dtype(x) -> np.dtype:
@@ -40,5 +48,20 @@ def float_dtype(value, where: str = "dtype", arg: str = "dtype") -> np.dtype:
     return dt
 
 
-def is_float(dtype: np.dtype) -> bool:
-    return np.dtype(dtype).kind == "f"
+def is_float(dtype) -> bool:
+    """A floating-point dtype: numpy's (kind 'f') or bfloat16."""
+    dt = np.dtype(dtype)
+    return dt.kind == "f" or dt == bfloat16
+
+
+def is_half(dtype) -> bool:
+    """float16 or bfloat16: a dtype whose sums and statistics are accumulated in float32."""
+    return np.dtype(dtype).name in HALF_DTYPES
+
+
+def accumulate_dtype(dtype) -> np.dtype:
+    """The dtype a sum, a norm or a row statistic of ``dtype`` values is computed in: float32
+    for the half dtypes (float16 sums past 65504 overflow and bfloat16 keeps 8 bits), the
+    dtype itself otherwise (float32, float64, ints)."""
+    dt = np.dtype(dtype)
+    return float32 if is_half(dt) else dt

@@ -54,7 +54,8 @@ class Contraction(Primitive):
 
     def forward(self, a, b):
         ta, tb = self.attrs["transpose_a"], self.attrs["transpose_b"]
-        return np.matmul(_t(a) if ta else a, _t(b) if tb else b)
+        y = np.matmul(_t(a) if ta else a, _t(b) if tb else b)
+        return y.astype(np.result_type(a.dtype, b.dtype), copy=False)  # bfloat16 matmul returns float32
 
     def vjp(self, dy, xs, y, specs, needs):
         a, b = xs
@@ -65,13 +66,13 @@ class Contraction(Primitive):
                 da = np.matmul(_t(b) if tb else b, _t(dy))
             else:
                 da = np.matmul(dy, b if tb else _t(b))
-            da = sum_to(da, specs[0].shape)
+            da = sum_to(da, specs[0].shape).astype(specs[0].dtype, copy=False)
         if needs[1]:
             if tb:
                 db = np.matmul(_t(dy), _t(a) if ta else a)
             else:
                 db = np.matmul(a if ta else _t(a), dy)
-            db = sum_to(db, specs[1].shape)
+            db = sum_to(db, specs[1].shape).astype(specs[1].dtype, copy=False)
         return da, db
 
     def flops(self, specs, out):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..dtype import accumulate_dtype
 from ..errors import OpArgError
 from ..ir.spec import TensorSpec
 from .primitive import Primitive, check_float
@@ -31,13 +32,14 @@ def result_dtype(specs) -> np.dtype:
 
 
 def sum_to(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Reduce a broadcast gradient back to ``shape``."""
+    """Reduce a broadcast gradient back to ``shape``, summing half dtypes in float32
+    (numpy sums bfloat16 in bfloat16, which stalls after a few hundred terms)."""
     if g.shape == shape:
         return g
     lead = g.ndim - len(shape)
     axes = tuple(range(lead)) + tuple(i + lead for i, d in enumerate(shape) if d == 1 and g.shape[i + lead] != 1)
     if axes:
-        g = g.sum(axis=axes, keepdims=True)
+        g = g.sum(axis=axes, keepdims=True, dtype=accumulate_dtype(g.dtype)).astype(g.dtype, copy=False)
     return g.reshape(shape)
 
 

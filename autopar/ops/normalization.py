@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..dtype import accumulate_dtype
 from ..errors import OpArgError
 from .primitive import Primitive, check_float, normalize_axis
 from .registry import register
@@ -38,10 +39,11 @@ def _standardize_vjp(g: np.ndarray, xh: np.ndarray, rstd: np.ndarray, center: bo
 
 
 def _param_grad(dy: np.ndarray, xh: np.ndarray | None, n_param: int) -> np.ndarray:
-    """Sum over the leading dims of dy (* xh): (P, n_param) -> (n_param,)."""
+    """Sum over the leading dims of dy (* xh): (P, n_param) -> (n_param,), half dtypes
+    summed in float32."""
     dy2 = dy.reshape(-1, n_param)
     if xh is None:
-        return dy2.sum(axis=0)
+        return dy2.sum(axis=0, dtype=accumulate_dtype(dy2.dtype))
     return np.einsum("pq,pq->q", dy2, xh.reshape(-1, n_param))
 
 

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
+from ..dtype import is_float
 from ..errors import OpArgError, OpTypeError, at_scope, is_int
 from ..ir.spec import TensorSpec
 from ..ir.strategy import Strategy, normalize_strategy
@@ -151,7 +152,7 @@ class Primitive:
 
 
 def check_float(spec: TensorSpec, arg: str) -> None:
-    if np.dtype(spec.dtype).kind != "f":
+    if not is_float(spec.dtype):   # numpy floats and bfloat16 (kind 'V')
         raise OpArgError(f"{arg} dtype", "a float dtype", np.dtype(spec.dtype).name,
                          "cast it first with ops.Cast()(x, autopar.float32)")
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..dtype import int32, int64
+from ..dtype import accumulate_dtype, int32, int64, is_float
 from ..errors import OpArgError, OpTypeError
 from ..ir.spec import TensorSpec
 from .primitive import Primitive, check_float, normalize_axes, normalize_axis
@@ -31,8 +31,7 @@ from .sharding import FRESH, Indexing, same_letters
 
 
 def _check_numeric(spec: TensorSpec, arg: str = "input 0") -> None:
-    kind = np.dtype(spec.dtype).kind
-    if kind not in "iuf":
+    if np.dtype(spec.dtype).kind not in "iu" and not is_float(spec.dtype):
         raise OpArgError(f"{arg} dtype", "an int or float dtype", np.dtype(spec.dtype).name,
                          "cast it first with ops.Cast()(x, autopar.int32) or autopar.float32")
 
@@ -102,14 +101,17 @@ class Reduce(Primitive):
 
 @register
 class ReduceSum(Reduce):
-    """Sum over ``axis``. Int inputs are summed in their own dtype (MindSpore keeps it)."""
+    """Sum over ``axis``. Int inputs are summed in their own dtype (MindSpore keeps it);
+    float16 and bfloat16 in float32, the result rounded back."""
 
     linear = True
 
     save_inputs = "none"
 
     def forward(self, x):
-        return np.sum(x, axis=self.axes(x.ndim), keepdims=self.attrs["keep_dims"], dtype=x.dtype)
+        acc = accumulate_dtype(x.dtype)
+        total = np.sum(x, axis=self.axes(x.ndim), keepdims=self.attrs["keep_dims"], dtype=acc)
+        return total if acc == x.dtype else total.astype(x.dtype)
 
     def vjp(self, dy, xs, y, specs, needs):
         shape = specs[0].shape
@@ -135,9 +137,11 @@ class ReduceMean(Reduce):
 
     def forward(self, x):
         axes = self.axes(x.ndim)
+        acc = accumulate_dtype(x.dtype)   # half dtypes: the sum in float32
         if "count" not in self.attrs:
-            return np.mean(x, axis=axes, keepdims=self.attrs["keep_dims"])
-        total = np.sum(x, axis=axes, keepdims=self.attrs["keep_dims"], dtype=x.dtype)
+            mean = np.mean(x, axis=axes, keepdims=self.attrs["keep_dims"], dtype=acc)
+            return mean if acc == x.dtype else mean.astype(x.dtype)
+        total = np.sum(x, axis=axes, keepdims=self.attrs["keep_dims"], dtype=acc)
         return np.asarray(total / max(self.attrs["count"], 1), dtype=x.dtype)
 
     def vjp(self, dy, xs, y, specs, needs):
