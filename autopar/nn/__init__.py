@@ -4,6 +4,7 @@ from .initializer import Constant, Initializer, Normal, One, TruncatedNormal, Un
 from .layers import GELU, Dense, Dropout, Embedding, LayerNorm, RMSNorm, causal_mask
 from .lm_loss import NextTokenLoss
 from .loss import SoftmaxCrossEntropyWithLogits
+from .loss_scale import DynamicLossScaleUpdateCell, FixedLossScaleUpdateCell, TrainOneStepWithLossScaleCell
 from .optimizers import SGD, Adam, AdamWeightDecay, Optimizer  # MindSpore keeps optimizers in nn (nn.Adam)
 from .parameter import Parameter
 from .pipeline import PipelineCell, set_pipeline_stages

@@ -15,11 +15,27 @@ from .initializer import Normal, One, Zero
 from .parameter import Parameter
 
 
+def as_compute(value, dtype):
+    """``value`` in ``dtype``: a Cast node when the dtypes differ, the value itself otherwise
+    (so a float32 model's graph has no cast at all). Parameters stay float32 (master weights);
+    the cast's gradient comes back to them in float32."""
+    return value if dtype is None or value.dtype == dtype else value.astype(dtype)
+
+
+def loss_precision(logits):
+    """Logits in at least float32, for the cross-entropy: a float16 or bfloat16 model's loss
+    is computed and returned in float32, as MindSpore's losses cast their logits (float32 and
+    float64 logits pass through with no cast)."""
+    return as_compute(logits, np.promote_types(logits.dtype, np.float32))
+
+
 class Dense(Cell):
     """y = x @ W^T + b with W stored (out, in), as MindSpore's nn.Dense.
 
-    ``compute_dtype``: x and W are cast to it for the matmul (e.g. float16), the result is
-    cast back to the input's dtype.
+    ``compute_dtype`` (MindSpore's ``to_float``, O2): x, W and b are cast to it (e.g.
+    float16) and the matmul and bias add run in it; the result is cast back to the input's
+    dtype, so a model whose activations already flow in the compute dtype (PanGu-α, Yuan
+    under mixed precision) casts only the weights.
     """
 
     def __init__(self, in_channels: int, out_channels: int, weight_init="normal", bias_init="zeros",
@@ -41,14 +57,12 @@ class Dense(Cell):
                              "pass features in the last dim")
         lead = x.shape[:-1]
         h = x.reshape(-1, self.in_channels) if x.ndim != 2 else x  # (..., in) -> (N, in)
-        w = self.weight
-        if self.compute_dtype is not None and self.compute_dtype != h.dtype:
-            h, w = h.astype(self.compute_dtype), w.astype(self.compute_dtype)
+        cdt = self.compute_dtype
+        h, w = as_compute(h, cdt), as_compute(self.weight, cdt)
         y = self.matmul(h, w)                                        # (N, in) @ (out, in)^T -> (N, out)
-        if y.dtype != x.dtype:
-            y = y.astype(x.dtype)
         if self.has_bias:
-            y = self.bias_add(y, self.bias)
+            y = self.bias_add(y, as_compute(self.bias, y.dtype))
+        y = as_compute(y, x.dtype)
         if self.activation is not None:
             y = self.activation(y)
         return y.reshape(lead + (self.out_channels,)) if x.ndim != 2 else y  # (N, out) -> (..., out)
@@ -79,17 +93,21 @@ class RMSNorm(Cell):
 
 
 class Embedding(Cell):
-    """Lookup table ``embedding_table`` (vocab_size, embedding_size)."""
+    """Lookup table ``embedding_table`` (vocab_size, embedding_size). ``compute_dtype``: the
+    looked-up rows are cast to it (the table stays in ``param_dtype``, its gradient too), so
+    the activations start in the compute dtype."""
 
-    def __init__(self, vocab_size: int, embedding_size: int, embedding_table=None, param_dtype="float32"):
+    def __init__(self, vocab_size: int, embedding_size: int, embedding_table=None, param_dtype="float32",
+                 compute_dtype=None):
         super().__init__()
         self.vocab_size, self.embedding_size = int(vocab_size), int(embedding_size)
         init = Normal(0.01) if embedding_table is None else embedding_table
         self.embedding_table = Parameter(init, (vocab_size, embedding_size), param_dtype, name="embedding_table")
         self.gather = ops.Gather()
+        self.compute_dtype = None if compute_dtype is None else as_dtype(compute_dtype)
 
     def construct(self, ids):
-        return self.gather(self.embedding_table, ids, 0)  # (B, S) -> (B, S, E)
+        return as_compute(self.gather(self.embedding_table, ids, 0), self.compute_dtype)  # (B, S) -> (B, S, E)
 
 
 class Dropout(Cell):

@@ -22,7 +22,7 @@ class PanguAlphaConfig:
     eod_id: int = 8                 # <eod> in the released vocabulary
     pad_id: int = 6                 # <pad>; labels equal to it carry no loss
     eod_reset: bool = False         # restart positions and block attention at each EOD
-    compute_dtype: str = "float32"  # matmul dtype (float16 on Ascend; float32 is fast in numpy)
+    compute_dtype: str = "float32"  # dtype ops compute in; float16/bfloat16: mixed precision (O2)
     param_dtype: str = "float32"
     layernorm_epsilon: float = 1e-5
     init_std: float = 0.02

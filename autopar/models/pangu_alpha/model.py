@@ -9,6 +9,13 @@ Dimension names: B batch, S sequence, H hidden, N heads, D = H / N, F FFN hidden
 
 The query layer's attention query comes from ``top_query_embedding[position_ids]`` (not
 layer-normed); keys and values from LN1(x); its residual adds to the un-normed x.
+
+Mixed precision (``config.compute_dtype`` float16 or bfloat16, MindSpore's O2): the
+parameters stay in ``param_dtype`` (float32 master weights) and are cast at use; the
+looked-up embeddings start the activations in the compute dtype and every op after them
+(matmuls, attention, GeLU, dropout, residual adds) runs in it. LayerNorm and softmax keep
+their statistics in float32 inside their kernels, and the logits are cast to float32 for
+the cross-entropy, so the loss is float32.
 """
 from __future__ import annotations
 
@@ -18,7 +25,8 @@ import numpy as np
 
 from ... import ops
 from ...errors import OpArgError
-from ...nn import (Cell, CellList, Dense, Dropout, Embedding, LayerNorm, Normal, TruncatedNormal, causal_mask)
+from ...nn import Cell, CellList, Dense, Dropout, Embedding, LayerNorm, Normal, TruncatedNormal, causal_mask
+from ...nn.layers import as_compute, loss_precision
 from ...nn.lm_loss import NextTokenLoss
 from ..megatron import attention_core, column_parallel, row_parallel
 from .config import PanguAlphaConfig
@@ -125,7 +133,8 @@ class QueryLayer(Block):
     def __init__(self, config: PanguAlphaConfig):
         super().__init__(config)
         self.top_query_embedding = Embedding(config.seq_length, config.hidden_size,
-                                             TruncatedNormal(config.init_std), config.param_dtype)
+                                             TruncatedNormal(config.init_std), config.param_dtype,
+                                             config.compute_dtype)
 
     def construct(self, x, mask_add, position_ids, cache=None):
         query = self.top_query_embedding(position_ids)                # (B, S) -> (B, S, H)
@@ -148,8 +157,9 @@ class PanguAlpha(Cell):
         super().__init__()
         self.config = config
         h, dt = config.hidden_size, config.param_dtype
-        self.word_embedding = Embedding(config.vocab_size, h, Normal(config.init_std), dt)
-        self.position_embedding = Embedding(config.seq_length, h, TruncatedNormal(config.init_std), dt)
+        cdt = config.compute_dtype
+        self.word_embedding = Embedding(config.vocab_size, h, Normal(config.init_std), dt, cdt)
+        self.position_embedding = Embedding(config.seq_length, h, TruncatedNormal(config.init_std), dt, cdt)
         self.embedding_dropout = Dropout(1.0 - config.dropout_rate)
         self.blocks = CellList([Block(config) for _ in range(config.num_blocks)])
         self.final_layernorm = LayerNorm(h, config.layernorm_epsilon, dt)
@@ -213,9 +223,9 @@ class PanguAlpha(Cell):
             x = self.query_layer(self.final_layernorm(x), mask_add, query_ids)
         else:
             x = self.final_layernorm(self.query_layer(x, mask_add, query_ids))
-        table = self.word_embedding.embedding_table                                  # (V, H)
+        table = as_compute(self.word_embedding.embedding_table, cdt)                 # (V, H)
         logits = self.head(x.reshape(b * s, -1), table)                              # (B*S, H) @ (V, H)^T
-        return logits.reshape(b, s, -1)                                              # (B, S, V)
+        return loss_precision(logits.reshape(b, s, -1))                              # (B, S, V)
 
 
 class PanguAlphaWithLoss(NextTokenLoss):

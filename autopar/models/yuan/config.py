@@ -25,7 +25,7 @@ class YuanConfig:
     pad_id: int = 0                     # labels equal to it carry no loss (our choice, not Yuan's)
     init_std: float = 0.02
     param_dtype: str = "float32"
-    compute_dtype: str = "float32"
+    compute_dtype: str = "float32"     # dtype ops compute in; float16/bfloat16: mixed precision (O2)
     # Operator-level parallelism (semi_auto_parallel), Megatron-style like PanGu-α.
     data_parallel: int = 1
     model_parallel: int = 1

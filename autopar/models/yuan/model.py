@@ -9,6 +9,10 @@ Dimension names: B batch, S sequence, H hidden, N heads, D = H / N, F FFN hidden
 Attention is LFA: Q and K come from ``RMSNorm(conv2(conv1(h)) + h)``, where conv1 (H -> H/2)
 and conv2 (H/2 -> H) are causal kernel-2 convolutions along S; V comes from ``h`` itself.
 Q and K get rotary position embeddings; the mask is causal.
+
+Mixed precision (``config.compute_dtype`` float16 or bfloat16) as in PanGu-α: float32
+parameters cast at use, activations in the compute dtype from the embedding on, RMSNorm and
+softmax statistics in float32 inside their kernels, float32 logits into the loss.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from ...nn import (
     causal_mask,
     set_pipeline_stages,
 )
+from ...nn.layers import as_compute, loss_precision
 from ...nn.lm_loss import NextTokenLoss
 from ..megatron import attention_core, batch_only, column_parallel, row_parallel
 from .config import YuanConfig
@@ -187,7 +192,7 @@ class Yuan(Cell):
         super().__init__()
         self.config = config
         h, dt = config.hidden_size, config.param_dtype
-        self.word_embedding = Embedding(config.vocab_size, h, Normal(config.init_std), dt)
+        self.word_embedding = Embedding(config.vocab_size, h, Normal(config.init_std), dt, config.compute_dtype)
         self.blocks = CellList([Block(config) for _ in range(config.num_layers)])
         if config.layers_per_stage is not None:   # Yuan 2.0's non-uniform split, e.g. (2, 2, 3, 3, ...)
             set_pipeline_stages(list(self.blocks), config.layers_per_stage)
@@ -216,9 +221,9 @@ class Yuan(Cell):
         for block in self.blocks:
             x = block(x, mask_add, cos, sin)
         x = self.final_norm(x)
-        table = self.word_embedding.embedding_table                        # (V, H)
+        table = as_compute(self.word_embedding.embedding_table, cdt)       # (V, H)
         logits = self.head(x.reshape(b * s, -1), table)                    # (B*S, H) @ (V, H)^T
-        return logits.reshape(b, s, -1)                                    # (B, S, V)
+        return loss_precision(logits.reshape(b, s, -1))                    # (B, S, V)
 
 
 class YuanWithLoss(NextTokenLoss):
