@@ -44,7 +44,7 @@ import dataclasses
 import os
 import threading
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Iterator
 
 import numpy as np
@@ -117,7 +117,11 @@ class ParallelContext:
     """Every auto-parallel setting, as one validated value (MindSpore's names and defaults).
 
     ``parallel_optimizer_threshold`` is in KB: weights smaller than this are not sharded by
-    the parallel optimizer. ``full_batch=True`` is MindSpore's older spelling of
+    the parallel optimizer. Under ``auto_parallel`` the joint search chooses what the user
+    left open: pipeline stages (unless ``pipeline_stages`` was set; with ``auto_pipeline``
+    it is the upper bound, as in MindSpore), micro-batches, recompute and optimizer parallel
+    (unless ``enable_parallel_optimizer`` was set). :attr:`explicit` records the names set
+    through :func:`set_auto_parallel_context` / :meth:`replace` (not a MindSpore key). ``full_batch=True`` is MindSpore's older spelling of
     ``dataset_strategy="full_batch"``; :attr:`loads_full_batch` reads either.
     """
 
@@ -134,6 +138,9 @@ class ParallelContext:
     strategy_ckpt_save_file: str = ""
     strategy_ckpt_load_file: str = ""
     cost_profile: str = ""    # machine profile the auto_parallel search costs plans with ('' = cpu-2core)
+    auto_pipeline: bool = False
+    # names the user set (what the joint search must not choose); not part of the value's equality
+    explicit: frozenset = field(default=frozenset(), compare=False)
 
     def __post_init__(self):
         checked = {
@@ -151,6 +158,8 @@ class ParallelContext:
             "strategy_ckpt_save_file": _path("strategy_ckpt_save_file", self.strategy_ckpt_save_file),
             "strategy_ckpt_load_file": _path("strategy_ckpt_load_file", self.strategy_ckpt_load_file),
             "cost_profile": _path("cost_profile", self.cost_profile),
+            "auto_pipeline": _bool("auto_pipeline", self.auto_pipeline),
+            "explicit": frozenset(self.explicit),
         }
         for name, value in checked.items():
             object.__setattr__(self, name, value)
@@ -166,8 +175,8 @@ class ParallelContext:
                         self.full_batch, "use dataset_strategy alone; full_batch is its older spelling")
 
     def __repr__(self) -> str:
-        changed = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
-                   if getattr(self, f.name) != f.default]
+        changed = [f"{name}={getattr(self, name)!r}" for name in FIELD_NAMES
+                   if getattr(self, name) != _DEFAULTS[name]]
         return f"ParallelContext({', '.join(changed)})"
 
     @property
@@ -199,13 +208,19 @@ class ParallelContext:
     def replace(self, **changes) -> ParallelContext:
         """A new validated value with ``changes`` applied; unknown names are a ValueError."""
         _check_names(changes, "ParallelContext.replace")
-        return ParallelContext(**{**self.as_dict(), **changes})
+        return ParallelContext(**{**self.as_dict(), **changes}, explicit=self.explicit | set(changes))
+
+    def is_set(self, name: str) -> bool:
+        """Whether the user fixed ``name``: set explicitly, or away from its default."""
+        return name in self.explicit or getattr(self, name) != _DEFAULTS[name]
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """MindSpore's keys and their values."""
+        return {name: getattr(self, name) for name in FIELD_NAMES}
 
 
-FIELD_NAMES = tuple(f.name for f in fields(ParallelContext))
+FIELD_NAMES = tuple(f.name for f in fields(ParallelContext) if f.name != "explicit")
+_DEFAULTS = {f.name: f.default for f in fields(ParallelContext)}
 
 
 def _check_names(names, where: str) -> None:

@@ -10,7 +10,7 @@ from autopar import (ParallelContext, ParallelMode, get_auto_parallel_context, g
 DEFAULTS = dict(parallel_mode="stand_alone", device_num=1, global_rank=0, gradients_mean=False,
                 full_batch=False, dataset_strategy="data_parallel", search_mode="dynamic_programming",
                 pipeline_stages=1, enable_parallel_optimizer=False, parallel_optimizer_threshold=64,
-                strategy_ckpt_save_file="", strategy_ckpt_load_file="", cost_profile="")
+                strategy_ckpt_save_file="", strategy_ckpt_load_file="", cost_profile="", auto_pipeline=False)
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +47,7 @@ NON_DEFAULT = dict(parallel_mode="semi_auto_parallel", device_num=8, global_rank
                    full_batch=True, dataset_strategy="full_batch", search_mode="sharding_propagation",
                    pipeline_stages=2, enable_parallel_optimizer=True, parallel_optimizer_threshold=0,
                    strategy_ckpt_save_file="out.json", strategy_ckpt_load_file="in.json",
-                   cost_profile="a100-8")
+                   cost_profile="a100-8", auto_pipeline=True)
 
 
 @pytest.mark.parametrize("name", list(NON_DEFAULT))
@@ -62,7 +62,16 @@ def test_set_get_round_trip_each_field(name):
 def test_set_all_fields_at_once():
     set_auto_parallel_context(**NON_DEFAULT)
     assert ctx_module.current_context().as_dict() == NON_DEFAULT
-    assert ctx_module.current_context() == ParallelContext(**NON_DEFAULT)
+    assert ctx_module.current_context().as_dict() == ParallelContext(**NON_DEFAULT).as_dict()
+    assert ctx_module.current_context().explicit == set(NON_DEFAULT)   # what the joint search leaves alone
+
+
+def test_explicit_records_what_the_user_fixed_even_at_a_default():
+    set_auto_parallel_context(device_num=4, parallel_mode="auto_parallel", pipeline_stages=1)
+    ctx = ctx_module.current_context()
+    assert ctx.is_set("pipeline_stages") and not ctx.is_set("enable_parallel_optimizer")
+    assert ParallelContext(device_num=4, pipeline_stages=2).is_set("pipeline_stages")   # away from the default
+    assert not ParallelContext(device_num=4).is_set("pipeline_stages")
 
 
 def test_dataset_strategy_tuple_normalised_and_hashable():

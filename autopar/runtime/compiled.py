@@ -14,6 +14,7 @@ import numpy as np
 from ..ir.mesh import Mesh
 from ..strategy.sharding_plan import ShardingPlan, plan_shardings
 from .arguments import normalize, tensor_args
+from .auto import auto_grad_program
 from .autodiff import differentiate
 from .pipeline.program import pipeline_grad_program, pipelined
 from .program import Program
@@ -66,24 +67,31 @@ class GradProgram(TrainingProgram):
 
 
 def grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float = 1.0):
-    """The compiled loss-and-gradients program for this signature: serial, this rank's
-    sharded program when the parallel context says so, or its pipeline program for a
-    PipelineCell or ``pipeline_stages > 1``."""
+    """The compiled loss-and-gradients program for this signature (cached on the cell)."""
     setting = parallel_setting()
     key = ("grad", cell.training, sens, tuple(id(p) for p in params), setting_key(setting)) + signature_key(args, kwargs)
     prog = cell._compiled.get(key)
     if prog is None:
-        if pipelined(cell, setting):   # micro-batches, stages: see autopar/runtime/pipeline/program.py
-            prog = pipeline_grad_program(cell, args, kwargs, params, sens, setting)
-        elif setting is None:
-            prog = GradProgram(cell, args, kwargs, params, sens)
-        else:
-            if kwargs:
-                raise ValueError(f"{type(cell).__name__}: sharded programs take positional inputs only")
-            prog = ShardedGradProgram(cell, args, params, setting.mode, setting.world, setting.full_batch, sens,
-                                      ctx=setting.ctx)
-        cell._compiled[key] = prog
+        prog = cell._compiled[key] = _build_grad_program(cell, args, kwargs, params, sens, setting)
     return prog
+
+
+def _build_grad_program(cell, args, kwargs, params, sens, setting) -> TrainingProgram:
+    """Serial; under ``auto_parallel`` the joint plan's program (when anything is left to
+    search: autopar/runtime/auto.py); the pipeline program for a PipelineCell or
+    ``pipeline_stages > 1``; else this rank's sharded program."""
+    if setting is not None and setting.mode == "auto_parallel" and not kwargs:
+        prog = auto_grad_program(cell, args, params, sens, setting)
+        if prog is not None:
+            return prog
+    if pipelined(cell, setting):   # micro-batches, stages: see autopar/runtime/pipeline/program.py
+        return pipeline_grad_program(cell, args, kwargs, params, sens, setting)
+    if setting is None:
+        return GradProgram(cell, args, kwargs, params, sens)
+    if kwargs:
+        raise ValueError(f"{type(cell).__name__}: sharded programs take positional inputs only")
+    return ShardedGradProgram(cell, args, params, setting.mode, setting.world, setting.full_batch, sens,
+                              ctx=setting.ctx)
 
 
 def value_and_grad(cell, weights: Sequence | None = None, sens: float = 1.0):

@@ -54,13 +54,14 @@ def parallel_setting() -> CompileSetting | None:
 def setting_key(setting: CompileSetting | None) -> tuple | None:
     """What of the parallel setting a compiled program depends on, as a hashable value for
     the compile cache: the whole context (every field may change the plan: search mode,
-    optimizer parallel, dataset strategy, strategy files, ...), the world it runs on, and
+    optimizer parallel, dataset strategy, strategy files, ...) and which fields the user set
+    (the joint search chooses the others), the world it runs on, and
     the loaded strategy file's size and modification time (a file rewritten under the same
     name is another plan). None for a serial program."""
     if setting is None:
         return None
     ctx = setting.ctx
-    return ctx, id(setting.world), _file_stamp(ctx.strategy_ckpt_load_file)
+    return ctx, ctx.explicit, id(setting.world), _file_stamp(ctx.strategy_ckpt_load_file)
 
 
 def _file_stamp(path: str) -> tuple[int, int] | None:

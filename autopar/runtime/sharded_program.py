@@ -7,15 +7,16 @@ that slice, and :meth:`ShardedGradProgram.sync_weights` all-gathers the new slic
 (see :mod:`autopar.runtime.optimizer_parallel`)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from ..context import ParallelContext
+from ..ir.graph import Graph
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.spec import TensorSpec
-from ..strategy.plan_source import make_plan, save_plan
+from ..strategy.plan_source import PlanOptions, make_plan, save_plan
 from .autodiff import differentiate
 from .consistency import ConsistencyCheck, feed_group
 from .optimizer_parallel import SliceShard, WeightGather, slice_layouts, slice_of
@@ -37,7 +38,8 @@ class ShardedGradProgram(TrainingProgram):
     of it that this rank updates; :attr:`param_shards` are always the ParamShards)."""
 
     def __init__(self, cell, args: tuple, params: Sequence, mode: str, world, full_batch: bool = False,
-                 sens: float = 1.0, ctx: ParallelContext = DEFAULT_CONTEXT):
+                 sens: float = 1.0, ctx: ParallelContext = DEFAULT_CONTEXT,
+                 annotate: Callable[[Graph], Graph] | None = None, plan_options: PlanOptions | None = None):
         world.stats.doing = f"compiling {type(self).__name__}"     # named by the watchdog's reports
         # before any collective: a rank with another model or batch shape would pair them wrongly
         self.check = ConsistencyCheck(type(self).__name__, world, params,
@@ -47,11 +49,14 @@ class ShardedGradProgram(TrainingProgram):
         global_args = tuple(a if feed_whole or not isinstance(a, np.ndarray) or a.ndim == 0
                             else TensorSpec((a.shape[0] * world.size,) + a.shape[1:], a.dtype) for a in args)
         graph = trace(cell, global_args, {}).graph
+        if annotate is not None:               # the joint plan's recompute marks
+            graph = annotate(graph)
         self.targets = loss_targets(graph, params, type(cell).__name__)
         self.graph, grads = differentiate(graph, self.targets.loss, self.targets.used, sens)
-        self.plan = make_plan(graph, mode, stage, feed_whole, ctx.plan_options)
+        options = plan_options or ctx.plan_options    # the joint plan's, or the context's
+        self.plan = make_plan(graph, mode, stage, feed_whole, options)
         if ctx.strategy_ckpt_save_file:
-            save_plan(ctx.strategy_ckpt_save_file, graph, self.plan, feed_whole, ctx.plan_options)
+            save_plan(ctx.strategy_ckpt_save_file, graph, self.plan, feed_whole, options)
         # the layouts lower gives the parameters; one the loss does not use is held whole
         homes = [self.plan.layouts.get(v) or Layout.replicated(self.plan.stage, len(p.shape))
                  for v, p in zip(self.targets.wrt, params)]

@@ -7,6 +7,7 @@ context (a layer above) hands down; nothing here reads the context.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from ..ir.graph import Graph
@@ -22,19 +23,22 @@ from .strategy_file import load_strategy, save_strategy
 class PlanOptions:
     """What of the parallel context planning reads: the strategy file to load ('' = none),
     the ``auto_parallel`` search mode, the machine profile plans are priced with ('' = the
-    default) and whether optimizer parallel (ZeRO-1) is on."""
+    default), whether optimizer parallel (ZeRO-1) is on, and the memory cap the op-level
+    search keeps a plan under (None: the profile's memory; the joint search of stages
+    caps memory itself and plans each stage's ops for speed alone, ``math.inf``)."""
 
     strategy_file: str = ""
     search_mode: str = "dynamic_programming"
     cost_profile: str = ""
     optimizer_parallel: bool = False
+    memory_cap: float | None = None
 
     def profile(self) -> MachineProfile:
         return load_profile(self.cost_profile or DEFAULT_PROFILE)
 
     def without_files(self) -> PlanOptions:
         """The same options planning by search or rules, whatever file was named."""
-        return PlanOptions("", self.search_mode, self.cost_profile, self.optimizer_parallel)
+        return dataclasses.replace(self, strategy_file="")
 
 
 def make_plan(graph: Graph, mode: str, stage: Mesh, full_batch: bool = False,
@@ -46,7 +50,7 @@ def make_plan(graph: Graph, mode: str, stage: Mesh, full_batch: bool = False,
         return load_strategy(options.strategy_file, graph, stage)
     if mode == "auto_parallel":
         return search_plan(graph, stage, options.search_mode, full_batch, profile=options.profile(),
-                           optimizer_parallel=options.optimizer_parallel)
+                           optimizer_parallel=options.optimizer_parallel, memory_cap=options.memory_cap)
     return plan_shardings(graph, mode, stage, full_batch)
 
 

@@ -26,7 +26,7 @@ so the gradients are those of that mean.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -40,6 +40,7 @@ from ...ops.dropout import Dropout
 from ...strategy.pipeline.assignment import assign_stages
 from ...strategy.pipeline.files import save_pipeline_plan
 from ...strategy.pipeline.planner import PipelinePlan, plan_pipeline
+from ...strategy.plan_source import PlanOptions
 from ..autodiff import differentiate
 from ..consistency import ConsistencyCheck
 from ..program import Program
@@ -71,7 +72,8 @@ class PipelineGradProgram(TrainingProgram):
 
     def __init__(self, network, args: tuple, params: Sequence, world, *, stages: int = 1, micro: int = 1,
                  schedule: str = "1f1b", mode: str = "semi_auto_parallel", full_batch: bool = False,
-                 sens: float = 1.0, ctx: ParallelContext = DEFAULT_CONTEXT):
+                 sens: float = 1.0, ctx: ParallelContext = DEFAULT_CONTEXT,
+                 annotate: Callable[[Graph], Graph] | None = None, plan_options: PlanOptions | None = None):
         if world.size % stages:
             raise ValueError(format_error(WHERE, "pipeline_stages", f"a divisor of the {world.size} ranks",
                                           str(stages), "each stage needs the same number of ranks"))
@@ -90,10 +92,11 @@ class PipelineGradProgram(TrainingProgram):
         scale = 1 if feed_whole else n
         whole_args = tuple(_spec(a, scale, 1) for a in args)
         micro_args = tuple(_spec(a, scale, micro) for a in args)
-        graph = self.graph = trace(network, micro_args, {}).graph
+        annotate = annotate or (lambda g: g)      # the joint plan's stages and recompute marks
+        graph = self.graph = annotate(trace(network, micro_args, {}).graph)
         self.whole = None       # the whole-batch trace, for dropout's whole-batch indices
         if any(isinstance(node.prim, Dropout) and node.prim.attrs["keep_prob"] < 1.0 for node in graph.nodes):
-            self.whole = trace(network, whole_args, {}).graph
+            self.whole = annotate(trace(network, whole_args, {}).graph)
             _check_same_ops(graph, self.whole)
         self.targets = loss_targets(graph, params, type(network).__name__)
         self.loss_dtype = graph.spec(self.targets.loss).dtype
@@ -102,10 +105,10 @@ class PipelineGradProgram(TrainingProgram):
         assign = assign_stages(graph, stages, differentiable_values(graph, self.targets.used))
         saving = bool(ctx.strategy_ckpt_save_file)
         writer = saving and world.rank == 0           # plans every stage, to write them all
-        self.plan: PipelinePlan = plan_pipeline(graph, assign, n, mode, feed_whole, ctx.plan_options,
+        self.plan: PipelinePlan = plan_pipeline(graph, assign, n, mode, feed_whole, plan_options or ctx.plan_options,
                                                 stages=None if writer else [self.stage])
         if writer:
-            save_pipeline_plan(ctx.strategy_ckpt_save_file, self.plan, feed_whole, ctx.plan_options)
+            save_pipeline_plan(ctx.strategy_ckpt_save_file, self.plan, feed_whole, plan_options or ctx.plan_options)
         if saving and world.size > 1:
             world.barrier()                           # the file is complete when compiling returns
         shared = self._shared_comms(wrt)

@@ -1,0 +1,180 @@
+"""``auto_parallel`` runs the joint plan: whatever the user left open is searched, then run.
+
+Under ``parallel_mode="auto_parallel"`` the training program of a cell is built from
+:func:`~autopar.strategy.pipeline.auto.search_auto`'s choice of pipeline stages, layer
+split, micro-batches, recompute and optimizer parallel, with every stage's ops searched on
+its ranks. The user fixes any of them as usual and the search keeps it:
+
+* ``pipeline_stages`` set (or cells annotated with ``pipeline_stage``): the stages are
+  fixed (``auto_pipeline=True`` makes ``pipeline_stages`` an upper bound instead);
+* a ``PipelineCell``: its micro-batches and schedule;
+* any cell marked ``recompute()``: the marks stand and the search adds none;
+* ``enable_parallel_optimizer`` set: on or off as set.
+
+With nothing left open the program is built as before. Rank 0 searches and broadcasts the
+choice (every rank runs the same plan), prints it once beside the next-best plans, and
+writes it into ``strategy_ckpt_save_file`` beside the stage plans (:func:`choice_record`).
+
+Feeding: the script feeds each rank its data-parallel slice of the global batch (or the
+whole batch), not knowing the plan. A pipeline wants the ranks at one position of every
+stage fed the same rows, so when the plan has several stages each step all-gathers the
+inputs (token ids: a few KiB) and every rank keeps its position's rows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict
+
+import numpy as np
+
+from ..ir.graph import Graph
+from ..ir.spec import TensorSpec
+from ..strategy.pipeline.auto import AutoFixed, AutoPlan, annotate, find_layer_stack, plan_table, search_auto
+from .pipeline.program import Pipelined, PipelineGradProgram
+from .protocol import TrainingProgram
+from .setting import CompileSetting
+from .sharded_program import ShardedGradProgram
+from .trace import trace
+
+
+def open_choices(cell, graph: Graph, setting: CompileSetting) -> AutoFixed | None:
+    """What the user fixed of the joint plan, or None when nothing is left to search (or the
+    mode is not ``auto_parallel``)."""
+    ctx = setting.ctx
+    if setting.mode != "auto_parallel":
+        return None
+    marked_stages = any(n.stage is not None for n in graph.nodes)
+    if ctx.auto_pipeline:
+        pp, max_pp = None, ctx.pipeline_stages if ctx.is_set("pipeline_stages") else None
+    elif ctx.is_set("pipeline_stages") or marked_stages:
+        pp, max_pp = ctx.pipeline_stages, None
+    else:
+        pp, max_pp = None, None
+    piped = isinstance(cell, Pipelined)
+    fixed = AutoFixed(pp=pp, max_pp=max_pp,
+                      micro_batches=cell.micro_size if piped else None,
+                      recompute=False if any(n.recompute for n in graph.nodes) else None,
+                      optimizer_parallel=(ctx.enable_parallel_optimizer if ctx.is_set("enable_parallel_optimizer")
+                                          else None),
+                      schedule=cell.pipeline_schedule if piped else None,
+                      keep_stages=marked_stages and not ctx.auto_pipeline)
+    if None not in (fixed.pp, fixed.micro_batches, fixed.recompute, fixed.optimizer_parallel):
+        return None
+    return fixed
+
+
+def choice_record(plan: AutoPlan) -> dict:
+    """The joint plan as a JSON object (what a strategy file keeps and a run replays)."""
+    return asdict(plan)
+
+
+def _broadcast_json(world, obj) -> object:
+    """``obj`` of rank 0 on every rank (a small JSON value)."""
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if world.rank == 0 else None
+    n = int(world.broadcast(np.array([0 if data is None else data.size], np.int64))[0])
+    raw = world.broadcast(data if data is not None else np.zeros(n, np.uint8))
+    return json.loads(bytes(np.asarray(raw, np.uint8)).decode())
+
+
+def _rows_spec(a, rows: int):
+    if not isinstance(a, np.ndarray) or a.ndim == 0:
+        return a
+    return TensorSpec((rows,) + a.shape[1:], a.dtype)
+
+
+class AutoGradProgram(TrainingProgram):
+    """The program of the joint plan :attr:`choice` (a sharded program, or a pipeline one
+    for several stages or micro-batches), fed what the script feeds (see the module doc)."""
+
+    def __init__(self, inner: TrainingProgram, choice: AutoPlan, table: str, world, regroup: bool):
+        self.inner, self.choice, self.table, self.world, self.regroup = inner, choice, table, world, regroup
+        self.shards, self.param_shards = inner.shards, inner.param_shards
+        self.program, self.comm_clock = inner.program, inner.comm_clock
+
+    def __getattr__(self, name):          # layouts, plan, last_step, ...: the inner program's
+        return getattr(self.inner, name)
+
+    def __call__(self, args: tuple, kwargs: dict | None = None, step: int = 0):
+        return self.inner(_regrouped(args, self.world, self.choice.stage_devices) if self.regroup else args,
+                          kwargs, step)
+
+    def global_norm(self, grads: Sequence[np.ndarray]) -> float:
+        return self.inner.global_norm(grads)
+
+    def gathered(self, grads: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.inner.gathered(grads)
+
+    def sync_weights(self) -> None:
+        self.inner.sync_weights()
+
+    def measure(self, meter) -> None:
+        self.inner.measure(meter)
+
+
+def _regrouped(args: tuple, world, n: int) -> tuple:
+    """This rank's pipeline feed from every rank's data-parallel slice: the whole batch
+    (all-gathered) cut into ``n`` position slices, this rank's position's slice."""
+    pos = world.rank % n
+    out = []
+    for a in args:
+        if isinstance(a, np.ndarray) and a.ndim:
+            whole = world.allgather(np.ascontiguousarray(a), axis=0)       # (B/W, ...) -> (B, ...)
+            per = whole.shape[0] // n
+            out.append(whole[pos * per:(pos + 1) * per])                    # -> (B/n, ...)
+        else:
+            out.append(a)
+    return tuple(out)
+
+
+def auto_grad_program(cell, args: tuple, params: Sequence, sens: float,
+                      setting: CompileSetting) -> AutoGradProgram | None:
+    """The joint plan's training program for ``cell`` on ``args`` (this rank's feed), or
+    None when the context leaves nothing to search."""
+    network = cell.network if isinstance(cell, Pipelined) else cell
+    world, ctx, whole = setting.world, setting.ctx, setting.full_batch
+    arrays = [a for a in args if isinstance(a, np.ndarray) and a.ndim]
+    batch = arrays[0].shape[0] * (1 if whole else world.size) if arrays else 1
+
+    def graph_at(rows: int) -> Graph:
+        return trace(network, tuple(_rows_spec(a, rows) for a in args), {}).graph
+
+    graph = graph_at(batch)
+    fixed = open_choices(cell, graph, setting)
+    if fixed is None:
+        return None
+    record = None
+    if world.rank == 0:
+        best, tried = search_auto(graph_at, batch, world.size, ctx.plan_options.profile(), fixed, whole,
+                                  ctx.plan_options)
+        record = {"plan": choice_record(best) if best else None, "table": plan_table(best, tried)}
+    record = _broadcast_json(world, record)
+    if record["plan"] is None:
+        raise ValueError(f"auto_parallel: no joint plan fits the memory cap on {world.size} devices:\n"
+                         f"{record['table']}\nraise the cap (cost_profile), or fix pipeline_stages / micro_size")
+    choice = AutoPlan(**{**record["plan"], "layers_per_stage": tuple(record["plan"]["layers_per_stage"]),
+                         "memory_bytes": tuple(record["plan"]["memory_bytes"])})
+    if world.rank == 0:                          # printed once per compile, as the CLI prints it
+        print(f"auto_parallel plan on {world.size} devices:\n{record['table']}", flush=True)
+    stack = find_layer_stack(graph)
+
+    def marks(g: Graph) -> Graph:
+        return annotate(g, stack, choice.layers_per_stage, choice.recompute, stages=not fixed.keep_stages)
+
+    run_ctx = ctx.replace(enable_parallel_optimizer=choice.optimizer_parallel, pipeline_stages=choice.pp)
+    options = dataclasses.replace(run_ctx.plan_options, memory_cap=math.inf)     # as the joint search planned
+    if choice.pp == 1 and choice.micro_batches == 1 and not isinstance(cell, Pipelined):
+        inner = ShardedGradProgram(network, args, params, setting.mode, world, whole, sens, ctx=run_ctx,
+                                   annotate=marks, plan_options=options)
+        return AutoGradProgram(inner, choice, record["table"], world, regroup=False)
+    regroup = choice.pp > 1 and not whole
+    fed = _regrouped(args, world, choice.stage_devices) if regroup else args
+    inner = PipelineGradProgram(network, fed, params, world, stages=choice.pp, micro=choice.micro_batches,
+                                schedule=choice.schedule, mode=setting.mode, full_batch=whole, sens=sens,
+                                ctx=run_ctx, annotate=marks, plan_options=options)
+    return AutoGradProgram(inner, choice, record["table"], world, regroup)
+
+
+__all__ = ["AutoGradProgram", "auto_grad_program", "choice_record", "open_choices"]

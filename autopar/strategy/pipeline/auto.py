@@ -1,0 +1,318 @@
+"""The joint plan of an ``auto_parallel`` run: pipeline stages, layer split, micro-batches,
+recompute and optimizer parallel, with the op-level search inside every stage.
+
+The runtime hands over the model as forward graphs (one per micro-batch size, traced on
+abstract inputs) and what the user fixed; each candidate is planned exactly as the run
+would plan it -- the layers annotated with their stages, :func:`~.planner.plan_pipeline`
+searching every stage's ops on that stage's ranks -- and priced stage by stage by
+:class:`~autopar.strategy.costmodel.CostModel`. Per micro-batch, stage s costs ``T_s``
+(its ops' compute and communication, a third more compute for the layers it recomputes,
+and the send/receive of its boundary values); a step of m micro-batches on p stages is
+
+    step = (m + p - 1) * max_s T_s  +  max_s (gradient reductions + update)_s
+
+(1F1B and GPipe take the same time; 1F1B holds min(p - s, m) micro-batches on stage s,
+GPipe all m). Memory of stage s = weights + gradients + optimizer states + in flight x
+its activations per micro-batch (with recompute: each layer's input, plus one layer's
+activations while it is rebuilt). The fastest candidate within the memory cap wins; ties go
+to the simpler plan (fewer stages, fewer micro-batches, no recompute, no optimizer
+parallel).
+
+The layers to pipeline are found in the graph itself (:func:`find_layer_stack`): a run of
+cells named ``<prefix>.0 .. <prefix>.<L-1>`` (a ``CellList``) with the same ops on the
+same shapes. Ops outside the stack follow the stage rules of
+:mod:`~.assignment` (the embedding on the first stage, the head and loss on the last).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...ir.graph import FORWARD, Graph, differentiable_values
+from ..costmodel import CostModel
+from ..formulas import collective_seconds
+from ..plan_source import PlanOptions
+from ..profile import MachineProfile
+from .assignment import assign_stages
+from .planner import PipelinePlan, plan_pipeline
+from .stage_search import RECOMPUTE_EXTRA, in_flight
+
+SCHEDULES = ("1f1b", "gpipe")
+_INDEXED = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class LayerStack:
+    """``count`` identical layers, scopes ``prefix.0`` .. ``prefix.<count-1>``."""
+    prefix: str
+    count: int
+
+    def layer_of(self, scope: str) -> int | None:
+        """The layer a scope lies in, or None."""
+        head = self.prefix + "."
+        if not scope.startswith(head):
+            return None
+        index = scope[len(head):].split(".", 1)[0]
+        return int(index) if index.isdigit() and int(index) < self.count else None
+
+
+def _signature(graph: Graph, nodes) -> tuple:
+    return tuple((n.prim.kind, tuple(graph.spec(v).shape for v in n.inputs)) for n in nodes)
+
+
+def find_layer_stack(graph: Graph) -> LayerStack | None:
+    """The stack of identical indexed cells in ``graph`` holding the most ops, or None.
+    A node in scope ``<prefix>.<k>[.rest]`` belongs to layer k of ``prefix`` (the first
+    indexed level of its scope); a stack needs layers 0..L-1, L >= 2, with the same op
+    kinds on the same input shapes in every layer."""
+    by_layer: dict[tuple[str, int], list] = {}
+    for n in graph.nodes:
+        m = _INDEXED.match(n.scope) if n.phase == FORWARD else None
+        if m:
+            by_layer.setdefault((m.group(1), int(m.group(2))), []).append(n)
+    best, size = None, 0
+    for prefix in sorted({p for p, _ in by_layer}):
+        count = 0
+        while (prefix, count) in by_layer:
+            count += 1
+        if count < 2 or len({_signature(graph, by_layer[(prefix, k)]) for k in range(count)}) != 1:
+            continue
+        total = sum(len(by_layer[(prefix, k)]) for k in range(count))
+        if total > size:
+            best, size = LayerStack(prefix, count), total
+    return best
+
+
+def annotate(graph: Graph, stack: LayerStack | None, layers_per_stage: Sequence[int], recompute: bool,
+             stages: bool = True) -> Graph:
+    """``graph`` with the stack's layers given their stages (consecutive counts
+    ``layers_per_stage``; not with ``stages=False``, keeping the user's) and, with
+    ``recompute``, marked recomputed; other nodes keep theirs."""
+    if stack is None or not (stages or recompute):
+        return graph
+    bounds = np.cumsum(layers_per_stage)
+    nodes = []
+    for n in graph.nodes:
+        k = stack.layer_of(n.scope)
+        if k is None:
+            nodes.append(n)
+            continue
+        stage = int(np.searchsorted(bounds, k, side="right")) if stages else n.stage
+        nodes.append(dataclasses.replace(n, stage=stage, recompute=n.recompute or recompute))
+    return dataclasses.replace(graph, nodes=tuple(nodes))
+
+
+def even_split(layers: int, stages: int) -> tuple[int, ...]:
+    """The most even split of ``layers`` over ``stages``, later stages taking the extra ones
+    (the first stage holds the most micro-batches in flight under 1F1B)."""
+    base, extra = divmod(layers, stages)
+    return tuple(base + (s >= stages - extra) for s in range(stages))
+
+
+@dataclass(frozen=True)
+class AutoFixed:
+    """What the user fixed; None: the joint search chooses. ``max_pp`` bounds the stages
+    searched (MindSpore's ``auto_pipeline`` with ``pipeline_stages``)."""
+    pp: int | None = None
+    max_pp: int | None = None
+    micro_batches: int | None = None
+    recompute: bool | None = None
+    optimizer_parallel: bool | None = None
+    schedule: str | None = None
+    keep_stages: bool = False          # the user's pipeline_stage annotations place the layers
+
+
+@dataclass(frozen=True)
+class AutoPlan:
+    """One joint plan and its prediction (seconds per step, bytes per rank of each stage)."""
+    pp: int
+    micro_batches: int
+    layers_per_stage: tuple[int, ...]
+    recompute: bool
+    optimizer_parallel: bool
+    schedule: str
+    step_seconds: float
+    compute_s: float           # m x the slowest stage's compute per micro-batch
+    comm_s: float              # m x its communication + the step's gradient reductions
+    bubble_s: float            # (p - 1) x the slowest stage's micro-batch time
+    update_s: float
+    memory_bytes: tuple[int, ...]
+    stage_devices: int = 1
+
+    @property
+    def peak_memory_bytes(self) -> int:
+        return max(self.memory_bytes)
+
+    def describe(self) -> str:
+        split = ",".join(map(str, self.layers_per_stage)) or "-"
+        return (f"pp{self.pp} x {self.stage_devices} devices per stage (ops searched), {self.micro_batches} "
+                f"micro-batches, layers {split}, {self.schedule}, recompute {'on' if self.recompute else 'off'}, "
+                f"optimizer parallel {'on' if self.optimizer_parallel else 'off'}")
+
+
+@dataclass(frozen=True)
+class _StageCost:
+    compute_s: float
+    comm_s: float
+    grad_s: float
+    update_s: float
+    static_bytes: int          # weights + gradients + optimizer states
+    activation_bytes: int      # kept for backward, one micro-batch
+    recompute_bytes: int       # the same with the layers recomputed (their inputs + one layer's)
+    layer_compute_s: float     # of the stack's layers (what recompute runs again)
+
+
+def _stage_cost(model: CostModel, plan, stack: LayerStack | None) -> _StageCost:
+    graph = model.graph
+    compute = comm = grad = update = layer_compute = 0.0
+    kept: dict = {}
+    per_layer: dict[int, dict] = {}
+    inputs: dict[int, dict] = {}
+    for n, c, edge in model.op_costs(plan):
+        compute, comm = compute + c.compute_s, comm + c.comm_s + edge
+        grad, update = grad + c.grad_s, update + c.update_s
+        k = stack.layer_of(n.scope) if stack is not None else None
+        held = model.kept_for_backward(n, plan.shardings[n.id])
+        (kept if k is None else per_layer.setdefault(k, {})).update(held)
+        if k is not None:
+            layer_compute += c.compute_s
+            for v in n.inputs:
+                src = graph.node_of(v)
+                if v not in model.params and v not in graph.consts and (
+                        src is None or (stack.layer_of(src.scope) != k)):
+                    lay = model.producer_layout(v, plan.shardings)
+                    if lay is not None:
+                        inputs.setdefault(k, {})[v] = math.prod(lay.local_shape(graph.spec(v).shape)) * \
+                            np.dtype(graph.spec(v).dtype).itemsize
+    static = sum(model.param_memory(v, plan.layouts[v])[0] for v in model.params if v in plan.layouts)
+    outside = sum(kept.values())
+    layers = [sum(d.values()) for d in per_layer.values()]
+    whole = outside + sum(layers)
+    rebuilt = outside + sum(sum(d.values()) for d in inputs.values()) + max(layers, default=0)
+    return _StageCost(compute, comm, grad, update, static, whole, min(whole, rebuilt), layer_compute)
+
+
+def _p2p_seconds(plan: PipelinePlan, s: int, n: int, profile: MachineProfile) -> float:
+    """Per micro-batch: stage s's sends and receives of boundary values (and their gradients)
+    in their transfer layouts and dtypes; inter-node when rank i of the two stages sit on
+    different nodes."""
+    sg, per = plan.stages[s], profile.devices_per_node
+    total = 0.0
+    for c in sg.received + sg.sent:
+        other = c.src if c in sg.received else c.dsts[0]
+        lay, spec = plan.transfer[c.value], sg.graph.spec(sg.value(c))
+        nbytes = math.prod(lay.local_shape(spec.shape)) * np.dtype(spec.dtype).itemsize
+        inter = (s * n) // per != (other * n) // per
+        lat = profile.inter_node_latency_s if inter else profile.intra_node_latency_s
+        bw = profile.inter_node_bandwidth_bytes_per_s if inter else profile.intra_node_bandwidth_bytes_per_s
+        total += (1 + c.needs_grad) * (lat + nbytes / bw)
+    return total
+
+
+def _shared_seconds(plan: PipelinePlan, graph: Graph, s: int, n: int, profile: MachineProfile) -> float:
+    """Once per step: the all-reduce adding a parameter's gradients over the stages holding it
+    (a tied embedding on the first and last stage)."""
+    total = 0.0
+    for v, owners in plan.param_stages.items():
+        if len(owners) > 1 and s in owners:
+            lay = plan.param_home[v]
+            nbytes = math.prod(lay.local_shape(graph.spec(v).shape)) * np.dtype(graph.spec(v).dtype).itemsize
+            per = profile.devices_per_node
+            inter = len({(o * n) // per for o in owners}) > 1
+            total += collective_seconds("all_reduce", nbytes, len(owners), profile, inter)
+    return total
+
+
+def price(graph: Graph, stack: LayerStack | None, devices: int, pp: int, micro_batches: int,
+          layers_per_stage: Sequence[int], optimizer_parallel: bool, recomputes: Sequence[bool],
+          schedule: str, profile: MachineProfile, full_batch: bool = False,
+          options: PlanOptions = PlanOptions(), keep_stages: bool = False) -> list[AutoPlan]:
+    """The plans of one (stages, micro-batches, split, optimizer parallel), one per recompute
+    setting in ``recomputes``; ``graph`` is the forward graph on one micro-batch. Planned as
+    the run plans it (every stage's ops searched); [] when its shapes do not divide."""
+    n = devices // pp
+    g = annotate(graph, stack, layers_per_stage, False, stages=not keep_stages)
+    assign = assign_stages(g, pp, differentiable_values(g, g.params))
+    opts = dataclasses.replace(options, optimizer_parallel=optimizer_parallel, memory_cap=math.inf)
+    try:
+        plan = plan_pipeline(g, assign, n, "auto_parallel", full_batch, opts)
+    except ValueError:
+        return []                                   # no strategy divides these shapes
+    costs = [_stage_cost(CostModel(sg.graph, pl.stage, profile, full_batch, optimizer_parallel=optimizer_parallel),
+                         pl, stack) for sg, pl in zip(plan.stages, plan.plans)]
+    p2p = [_p2p_seconds(plan, s, n, profile) for s in range(pp)]
+    shared = [_shared_seconds(plan, graph, s, n, profile) for s in range(pp)]
+    out = []
+    m = micro_batches
+    for recompute in recomputes:
+        times = [(c.compute_s + (RECOMPUTE_EXTRA * c.layer_compute_s if recompute else 0.0), c.comm_s + t)
+                 for c, t in zip(costs, p2p)]
+        slow = max(range(pp), key=lambda s: sum(times[s]))
+        per_mb = sum(times[slow])
+        grads = max(c.grad_s + sh for c, sh in zip(costs, shared))
+        update = max(c.update_s for c in costs)
+        memory = tuple(int(c.static_bytes + in_flight(pp, s, m, schedule)
+                           * (c.recompute_bytes if recompute else c.activation_bytes)) for s, c in enumerate(costs))
+        out.append(AutoPlan(pp, m, tuple(layers_per_stage) if stack else (), recompute, optimizer_parallel, schedule,
+                            (m + pp - 1) * per_mb + grads + update, m * times[slow][0], m * times[slow][1] + grads,
+                            (pp - 1) * per_mb, update, memory, n))
+    return out
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def search_auto(graph_at: Callable[[int], Graph], batch: int, devices: int, profile: MachineProfile,
+                fixed: AutoFixed = AutoFixed(), full_batch: bool = False, options: PlanOptions = PlanOptions(),
+                memory_cap: float | None = None) -> tuple[AutoPlan | None, list[AutoPlan]]:
+    """The fastest joint plan within ``memory_cap`` (default: the profile's memory) and every
+    plan priced. ``graph_at(rows)`` is the forward graph on a micro-batch of ``rows``
+    sequences (the global batch ``batch`` divided by the micro-batch count)."""
+    graphs: dict[int, Graph] = {}
+
+    def at(rows: int) -> Graph:
+        if rows not in graphs:
+            graphs[rows] = graph_at(rows)
+        return graphs[rows]
+
+    stack = find_layer_stack(at(batch))
+    most = stack.count if stack else 1
+    pps = [fixed.pp] if fixed.pp else [d for d in _divisors(devices) if d <= most and d <= (fixed.max_pp or devices)]
+    recomputes = [fixed.recompute] if fixed.recompute is not None else [False, True]
+    zeros = [fixed.optimizer_parallel] if fixed.optimizer_parallel is not None else [False, True]
+    schedule = fixed.schedule or "1f1b"
+    tried: list[AutoPlan] = []
+    for pp in pps:
+        fed = batch if full_batch else batch // (devices // pp)     # rows each rank is fed, cut into micro-batches
+        ms = [fixed.micro_batches] if fixed.micro_batches else [m for m in _divisors(fed) if m >= pp]
+        split = even_split(stack.count, pp) if stack else ()
+        for m in ms:
+            for zero in zeros:
+                tried += price(at(batch // m), stack, devices, pp, m, split, zero, recomputes, schedule, profile,
+                               full_batch, options, fixed.keep_stages)
+    cap = float(profile.memory_bytes if memory_cap is None else memory_cap)
+    fitting = [p for p in tried if p.peak_memory_bytes <= cap]
+    best = min(fitting, key=lambda p: (p.step_seconds, p.pp, p.micro_batches, p.recompute, p.optimizer_parallel),
+               default=None)
+    return best, tried
+
+
+def plan_table(best: AutoPlan | None, tried: Sequence[AutoPlan], rows: int = 8) -> str:
+    """The chosen plan and the fastest others, one line each: step, memory, the plan."""
+    lines = [f"{'':2}{'step s':>10} {'peak MiB':>9}  plan"]
+    for p in sorted(tried, key=lambda p: p.step_seconds)[:rows]:
+        mark = "->" if p is best else ""
+        lines.append(f"{mark:2}{p.step_seconds:10.4g} {p.peak_memory_bytes / 2**20:9.1f}  {p.describe()}")
+    if best is not None and best not in sorted(tried, key=lambda p: p.step_seconds)[:rows]:
+        lines.append(f"->{best.step_seconds:10.4g} {best.peak_memory_bytes / 2**20:9.1f}  {best.describe()}")
+    return "\n".join(lines)
+
+
+__all__ = ["AutoFixed", "AutoPlan", "LayerStack", "SCHEDULES", "annotate", "even_split", "find_layer_stack",
+           "plan_table", "price", "search_auto"]
