@@ -13,8 +13,8 @@ from autopar.ir.spec import TensorSpec
 from autopar.runtime.trace import trace
 from autopar.strategy import formulas as cost
 from autopar.strategy.costmodel import CostModel
-from autopar.strategy.sharding_plan import plan_shardings
 from autopar.strategy.profile import PROFILE_DIR, load_profile
+from autopar.strategy.sharding_plan import plan_shardings
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,7 @@ def test_megatron_layer_moves_four_ring_all_reduces_of_the_activations(link_only
     plan = plan_shardings(g, "semi_auto_parallel", stage, True)
     got = CostModel(g, stage, link_only, True).evaluate(plan).comm_s
     volume = megatron_tp_comm_bytes_per_layer(1, b_s, h, bytes_per_element=4)   # 4 all-reduces of (b, s, h)
+    volume += 8          # and, once per step, the all-reduce of the squared gradient norm (one float64)
     assert got == pytest.approx(volume * cost.collective_factor("all_reduce", mp) / 1e9, rel=1e-12)
 
 
@@ -122,4 +123,5 @@ def test_data_parallel_gradient_all_reduce_is_one_ring_all_reduce_per_weight(lin
     plan = plan_shardings(g, "data_parallel", stage, False)
     got = CostModel(g, stage, link_only).evaluate(plan).comm_s
     weights = (4 * (h * 4 * h) + h) * 4
-    assert got == pytest.approx(weights * 2 * (dp - 1) / dp / 1e9, rel=1e-12)
+    norm = 8             # the once-per-step all-reduce of the squared gradient norm (one float64)
+    assert got == pytest.approx((weights + norm) * 2 * (dp - 1) / dp / 1e9, rel=1e-12)

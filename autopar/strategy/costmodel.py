@@ -8,18 +8,28 @@ local program on same-sized shards, so rank 0 speaks for all):
   :mod:`autopar.strategy.formulas`), plus the collectives its kernel runs itself (the
   vocabulary-parallel cross-entropy);
 * **edge** (a value from its producer to a consumer): the redistribution of the producer's
-  output layout into the layout the consumer reads, and in backward the redistribution of
-  the consumer's input gradient into the value's layout (partial sums reduced);
+  output layout into the layout the consumer reads;
+* **gradient of a value**: one part per op reading it that needs it. As the runtime does,
+  alike parts are added first and reduced into the value's layout once (Q, K and V's
+  common input: one all-reduce), unlike parts each reduced, then added; the sum (``AddN``)
+  reads k parts and writes one, at the ``AddN`` rate;
 * **parameter**: the reduction of its gradient into its layout (the data-parallel
-  all-reduce), the optimizer update, and its bytes: weight + gradient + optimizer states
-  (states divided by the optimizer-parallel degree when that is on);
+  all-reduce; with optimizer parallel a reduce-scatter and, after the update, an
+  all-gather: the same bytes in two calls), the optimizer update and the global-norm
+  clipping copies (11 passes over its local bytes, the slice with optimizer parallel), and
+  its bytes: weight + gradient + optimizer states (states divided by the
+  optimizer-parallel degree when that is on);
+* **step**: the all-reduce of the squared gradient norm, once;
+* every collective call pays the profile's latency, so calls count, not only bytes;
 * **activations**: the bytes each op keeps for its backward (its saved inputs and output),
   all alive at the end of forward, which is the peak of a step without pipelining.
 
 The search sees the same figures as a pairwise problem: one cost per (op, candidate)
-and one per (edge, producer candidate, consumer candidate), so a plan's predicted time is
-the sum the search minimised. :meth:`CostModel.evaluate` prices any plan, searched or
-hand-given, under the same formulas.
+and one per (edge, producer candidate, consumer candidate), each gradient part reduced on
+its own edge, so the sum the search minimises is :meth:`CostModel.evaluate`'s prediction
+less the plan-independent norm all-reduce, plus the reductions saved where alike
+gradient parts merge (equal where none do). :meth:`CostModel.evaluate` prices any plan,
+searched or hand-given, as the runtime runs it.
 """
 from __future__ import annotations
 
@@ -42,8 +52,13 @@ from .sharding_plan import ShardingPlan, input_layout
 # collective kind in formulas.py for each redistribution step kind
 _STEP_KIND = {rd.ALLGATHER: "all_gather", rd.REDUCE_SCATTER: "reduce_scatter",
               rd.ALLREDUCE: "all_reduce", rd.ALLTOALL: "all_to_all"}
-OPTIMIZER_BYTES_PER_ELEMENT = 8   # an Adam-style update reads w, g, m, v and writes w, m, v: ~7-8 passes
+ADAM_BYTES_PER_ELEMENT = 8   # an Adam-style update reads w, g, m, v and writes w, m, v: ~7-8 passes
+CLIP_BYTES_PER_ELEMENT = 3   # global-norm clipping reads every gradient for the norm, then reads and writes it scaled
+# passes over a weight's local bytes per step: the update and the clipping copies (what
+# autopar.models.op_rates times together as OPTIMIZER_KIND and divides by this)
+OPTIMIZER_BYTES_PER_ELEMENT = ADAM_BYTES_PER_ELEMENT + CLIP_BYTES_PER_ELEMENT
 OPTIMIZER_KIND = "optimizer_update"   # the profile's rate for it (clipping included), if calibrated
+GRAD_SUM_KIND = "AddN"                # autodiff's sum of a value's gradient parts: elementwise
 
 
 @lru_cache(maxsize=65536)
@@ -145,6 +160,7 @@ class CostModel:
         self.graph, self.stage, self.profile = graph, stage, profile
         self.optimizer_states, self.optimizer_parallel = optimizer_states, optimizer_parallel
         self.forward = [n for n in graph.nodes if n.phase == FORWARD]
+        self.nodes = {n.id: n for n in self.forward}
         self.params = set(graph.params)
         self.input_layouts = {v: input_layout(graph.spec(v), stage, full_batch) for v in graph.inputs
                               if v is not None}
@@ -157,6 +173,8 @@ class CostModel:
                 self.consumers.setdefault(v, []).append((n.id, i))
                 if v in self.params:
                     self.home.setdefault(v, (n.id, i))
+        self.grad_readers = {v: sum(gradient_inputs(self.nodes[n], self.needs_grad)[i] for n, i in readers)
+                             for v, readers in self.consumers.items()}   # value -> readers needing its gradient
         self._inter: dict = {}
         self._redist = lru_cache(maxsize=None)(self._redist_seconds)
 
@@ -198,7 +216,10 @@ class CostModel:
         return self._redist(canonical(src), canonical(dst), spec.shape, np.dtype(spec.dtype).itemsize)
 
     # ---- ops and edges --------------------------------------------------------------------
-    def node_cost(self, node: Node, sh: OpSharding) -> NodeCost:
+    def node_cost(self, node: Node, sh: OpSharding, reductions: bool = True) -> NodeCost:
+        """``reductions=False`` leaves out the gradient reduction of the weights it owns
+        (:meth:`op_costs` prices every gradient of a value together, as the runtime sums
+        its parts)."""
         g, prof = self.graph, self.profile
         specs = [_local(g.spec(v), sh.input_layout(i)) for i, v in enumerate(node.inputs)]
         out_lay = sh.output_layout()
@@ -217,17 +238,23 @@ class CostModel:
         compute = formulas.compute_seconds(flops, 0, dtype, prof) + nbytes / prof.op_rate(prim.kind) \
             + launches * getattr(prof, "op_overhead_s", 0.0)
         comm = self._internal_seconds(node, sh, out, backward)
+        compute += self.grad_sum_seconds(node.outputs[0], out_lay)
         grad = update = 0.0
         pbytes = gbytes = sbytes = 0
         for i, v in enumerate(node.inputs):
             if v not in self.params or self.home.get(v) != (node.id, i):
                 continue
             lay, local_bytes = sh.input_layout(i), specs[i].nbytes
-            grad += self.redistribution_seconds(sh.grad_layout(i), lay, v)
+            compute += self.grad_sum_seconds(v, lay)
+            if reductions:
+                grad += self.redistribution_seconds(sh.grad_layout(i), lay, v)
+            copies = self._copies(lay)
+            if copies > 1:      # optimizer parallel: the updated slices are all-gathered, one more call
+                grad += self.collective_seconds("all_gather", 0, lay.mesh, lay.replicated_axes())
             pbytes += local_bytes
-            gbytes += local_bytes // self._copies(lay)   # optimizer parallel: a reduce-scattered slice
+            gbytes += local_bytes // copies   # optimizer parallel: a reduce-scattered slice
             sbytes += self.state_bytes(local_bytes, lay)
-            update += OPTIMIZER_BYTES_PER_ELEMENT * local_bytes / prof.op_rate(OPTIMIZER_KIND)
+            update += OPTIMIZER_BYTES_PER_ELEMENT * (local_bytes // copies) / prof.op_rate(OPTIMIZER_KIND)
         act = 0
         if backward:
             for i in prim.saved_input_indices(len(node.inputs)):
@@ -236,6 +263,18 @@ class CostModel:
             if prim.save_output:
                 act += out.nbytes
         return NodeCost(compute, comm, grad, update, pbytes, gbytes, sbytes, act, float(flops), float(nbytes))
+
+    def grad_sum_seconds(self, value: int, layout: Layout) -> float:
+        """Autodiff's sum of ``value``'s gradient parts, one per op reading it that needs its
+        gradient (k of them): an ``AddN`` reading k parts and writing one, priced in the
+        value's own layout, ``(k + 1) x local bytes`` at the ``AddN`` rate plus one op's
+        overhead; nothing for k < 2. Charged to the op making the value (a weight: to its
+        first reader), so the search sees it."""
+        k = self.grad_readers.get(value, 0)
+        if k < 2:
+            return 0.0
+        nbytes = (k + 1) * _local(self.graph.spec(value), layout).nbytes
+        return nbytes / self.profile.op_rate(GRAD_SUM_KIND) + getattr(self.profile, "op_overhead_s", 0.0)
 
     def state_bytes(self, local_bytes: int, layout: Layout) -> int:
         """Optimizer-state bytes of a weight of ``local_bytes`` per rank in ``layout``:
@@ -310,20 +349,56 @@ class CostModel:
 
     # ---- whole plans ----------------------------------------------------------------------
     def op_costs(self, plan: ShardingPlan) -> list[tuple[Node, NodeCost, float]]:
-        """Per forward op: its cost under ``plan`` (edge gradient reductions of its weight
-        inputs included in ``grad_s``) and the activation seconds of the edges into it."""
+        """Per forward op: its cost under ``plan`` and the communication seconds per
+        micro-batch of the edges into it. The gradients of each value it is the first
+        reader of are priced with it (:meth:`gradient_costs`): their reductions in ``grad_s``
+        for weights (once per step), with the edges for activations."""
         sh, out = plan.shardings, []
+        back = self.gradient_costs(plan)
         for n in self.forward:
-            act = grad = 0.0
+            act = 0.0
             for i, v in enumerate(n.inputs):
                 src = self.producer_layout(v, sh)
                 if src is None or (v in self.home and self.home[v] == (n.id, i)):
                     continue
-                a, g = self.edge_parts(v, src, n, i, sh[n.id])
-                act, grad = act + a, grad + g
-            c = self.node_cost(n, sh[n.id])
-            out.append((n, replace(c, grad_s=c.grad_s + grad), act))
+                act += self.redistribution_seconds(src, sh[n.id].input_layout(i), v)
+            c = self.node_cost(n, sh[n.id], reductions=False)
+            a, g = back.get(n.id, (0.0, 0.0))
+            out.append((n, replace(c, grad_s=c.grad_s + g), act + a))
         return out
+
+    def gradient_costs(self, plan: ShardingPlan) -> dict[int, tuple[float, float]]:
+        """First reader's node id -> (activation-gradient seconds per micro-batch, weight-
+        gradient seconds per step) of the values it reads first.
+
+        As the runtime's lowering does: a value read by k ops that need its gradient gets k
+        parts, one per reader, in each reader's gradient layout. Parts alike (the same
+        layout, e.g. the three partial sums of Q, K and V's input) are added first and
+        redistributed into the value's layout ONCE; parts unlike are each redistributed,
+        then added (the sum itself: :meth:`grad_sum_seconds`). The op searches price each
+        part on its own edge: an upper bound, equal where no alike parts meet."""
+        sh, out = plan.shardings, {}
+        for v, readers in self.consumers.items():
+            parts = [sh[n].grad_layout(i) for n, i in readers if gradient_inputs(self.nodes[n], self.needs_grad)[i]]
+            src = self.producer_layout(v, sh) if parts else None
+            if src is None:
+                continue
+            target = Layout(src.mesh, src.dims)
+            if len({canonical(p) for p in parts}) == 1:
+                moved = self.redistribution_seconds(parts[0], target, v)
+            else:
+                moved = sum(self.redistribution_seconds(p, target, v) for p in parts)
+            weight = v in self.weight_values
+            a, g = out.get(readers[0][0], (0.0, 0.0))
+            out[readers[0][0]] = (a + (0.0 if weight else moved), g + (moved if weight else 0.0))
+        return out
+
+    def step_collectives_seconds(self, mesh: Mesh) -> float:
+        """Collectives once per step outside the graph: the all-reduce of the squared
+        gradient norm (global-norm clipping and the overflow check) over ``mesh``'s ranks."""
+        if not self.params:
+            return 0.0
+        return self.collective_seconds("all_reduce", 8, mesh, range(mesh.ndim))
 
     def evaluate(self, plan: ShardingPlan) -> PlanCost:
         """The predicted step of ``plan`` (any plan: searched, rule-made or loaded)."""
@@ -339,6 +414,7 @@ class CostModel:
                 kept[key] = nbytes
             rows.append((n.name, str(sh[n.id]), str(sh[n.id].output_layout()), c.comm_s + c.grad_s + edge,
                          c.seconds + edge))
+        comm += self.step_collectives_seconds(self.stage)
         return PlanCost(compute, comm, update, pb, gb, sb, sum(kept.values()), tuple(rows))
 
     def kept_for_backward(self, node: Node, sh: OpSharding):

@@ -15,7 +15,8 @@ on those parts (seconds per micro-batch, bytes):
   local block in its own dtype, and its gradient comes back, inter-node where the
   boundary crosses nodes (:func:`transfer_seconds`);
 * step = ``(m + p - 1) x max_s T_s`` (the bubble is the ``p - 1``) + the gradient
-  reduction and optimizer update, once per step;
+  reduction, optimizer update and clipping, and the step's own collectives (gradient
+  norm, loss broadcast), once per step;
 * memory of stage s = its weights, gradients and optimizer states (divided over the
   data-parallel copies with optimizer parallel) + activations of the micro-batches in
   flight, ``min(p - s, m)`` under 1F1B: all of a layer's with no recompute; with recompute
@@ -35,6 +36,7 @@ import numpy as np
 
 from ...ir.graph import Graph
 from ...ir.mesh import Mesh
+from .. import formulas
 from ..costmodel import CostModel
 from ..profile import MachineProfile
 from ..sharding_plan import plan_shardings
@@ -167,6 +169,18 @@ def transfer_seconds(profile: MachineProfile, pp: int, s: int, stage_devices: in
         else:
             lat, bw = profile.intra_node_latency_s, profile.intra_node_bandwidth_bytes_per_s
         total += sum(lat + nbytes / bw for nbytes in layer.boundary_sends + layer.boundary_grads)
+    return total
+
+
+def step_collectives_seconds(profile: MachineProfile, devices: int, pp: int) -> float:
+    """Collectives the runtime runs once per step over every rank, outside the stage
+    programs: the all-reduce of the squared gradient norm (one float64; global-norm
+    clipping and the overflow check), and with a pipeline the broadcast of the loss from
+    the last stage (one float32)."""
+    inter = devices > profile.devices_per_node
+    total = formulas.collective_seconds("all_reduce", 8, devices, profile, inter) if devices > 1 else 0.0
+    if pp > 1:
+        total += formulas.collective_seconds("broadcast", 4, devices, profile, inter)
     return total
 
 
@@ -325,7 +339,8 @@ def evaluate(coster: StageCoster, batch: int, setting: StageSetting,
         memories.append(stage_memory(first, layer, last, pp, s, n, m, recompute))
     slow = max(range(pp), key=lambda s: sum(times[s]))
     per_mb = sum(times[slow])
-    compute_s, comm_s = m * times[slow][0], m * times[slow][1] + max(grads)
+    once = max(grads) + step_collectives_seconds(prof, coster.devices, pp)
+    compute_s, comm_s = m * times[slow][0], m * times[slow][1] + once
     bubble = (pp - 1) * per_mb
     step = compute_s + comm_s + bubble + max(updates)
     return StagePlan(pp, dp, mp, m, mb, split, recompute, zero, step, compute_s, comm_s, bubble, max(updates),
