@@ -212,3 +212,12 @@ def test_nothing_left_open_builds_the_usual_program():
     with parallel_context(parallel_mode="auto_parallel", device_num=2, pipeline_stages=1,
                           enable_parallel_optimizer=False):
         assert run_in_process(2, body) == ["PipelineGradProgram"] * 2
+
+
+def test_eight_ranks_run_the_joint_plan_like_serial(tmp_path):
+    """The 8-device joint plan (in process, a pipeline on slow links) trains like serial."""
+    ids = np.concatenate([IDS, IDS[::-1]])                           # 16 rows: 2 per rank
+    res = _train(lambda: PanguAlphaWithLoss(CONFIG), [ids], n=8,
+                 cost_profile=_profile(tmp_path, "slower-links", gemm=1e8, link_bytes_per_s=3e5))
+    assert res[0][2].choice.pp > 1
+    _assert_same(res, _train(lambda: PanguAlphaWithLoss(CONFIG), [ids]))

@@ -83,6 +83,13 @@ ABORT_SCRIPT = """
 """
 
 
+def test_auto_parallel_joint_plan_on_four_mpi_ranks_equals_serial():
+    rc, out, err, _ = launch([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                              "tests/mpi/test_auto_plan_mpi.py"], timeout=240, n=4)
+    assert rc == 0, f"stdout:\n{out}\nstderr:\n{err}"
+    assert "2 passed" in out, out
+
+
 def test_failing_rank_aborts_the_job(tmp_path):
     script = tmp_path / "fail_on_rank_1.py"
     script.write_text(textwrap.dedent(ABORT_SCRIPT))
