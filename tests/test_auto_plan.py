@@ -221,3 +221,17 @@ def test_eight_ranks_run_the_joint_plan_like_serial(tmp_path):
                  cost_profile=_profile(tmp_path, "slower-links", gemm=1e8, link_bytes_per_s=3e5))
     assert res[0][2].choice.pp > 1
     _assert_same(res, _train(lambda: PanguAlphaWithLoss(CONFIG), [ids]))
+
+
+def test_the_joint_plan_is_saved_with_the_strategy_file_and_replayed(pangu_serial, tmp_path):
+    """Saved by a pipelining run; loaded by a run whose profile would choose otherwise: the
+    saved plan runs again (same choice, same losses), no search."""
+    path = str(tmp_path / "joint.json")
+    slow = _profile(tmp_path, "slow-links", gemm=1e8, link_bytes_per_s=1e6)
+    saved = _train(lambda: PanguAlphaWithLoss(CONFIG), [IDS], n=4, cost_profile=slow, strategy_ckpt_save_file=path)
+    doc = json.loads(open(path).read())
+    assert doc["joint_plan"]["pp"] == saved[0][2].choice.pp > 1
+    replayed = _train(lambda: PanguAlphaWithLoss(CONFIG), [IDS], n=4, strategy_ckpt_load_file=path)
+    assert replayed[0][2].choice == saved[0][2].choice
+    assert replayed[0][2].table.startswith("->  replayed from")
+    _assert_same(replayed, pangu_serial)

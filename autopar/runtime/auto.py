@@ -30,9 +30,11 @@ from dataclasses import asdict
 
 import numpy as np
 
+from ..errors import format_error
 from ..ir.graph import Graph
 from ..ir.spec import TensorSpec
 from ..strategy.pipeline.auto import AutoFixed, AutoPlan, annotate, find_layer_stack, plan_table, search_auto
+from ..strategy.strategy_file import add_joint_plan, read_joint_plan
 from .pipeline.program import Pipelined, PipelineGradProgram
 from .protocol import TrainingProgram
 from .setting import CompileSetting
@@ -145,19 +147,9 @@ def auto_grad_program(cell, args: tuple, params: Sequence, sens: float,
     fixed = open_choices(cell, graph, setting)
     if fixed is None:
         return None
-    record = None
-    if world.rank == 0:
-        best, tried = search_auto(graph_at, batch, world.size, ctx.plan_options.profile(), fixed, whole,
-                                  ctx.plan_options)
-        record = {"plan": choice_record(best) if best else None, "table": plan_table(best, tried)}
-    record = _broadcast_json(world, record)
-    if record["plan"] is None:
-        raise ValueError(f"auto_parallel: no joint plan fits the memory cap on {world.size} devices:\n"
-                         f"{record['table']}\nraise the cap (cost_profile), or fix pipeline_stages / micro_size")
-    choice = AutoPlan(**{**record["plan"], "layers_per_stage": tuple(record["plan"]["layers_per_stage"]),
-                         "memory_bytes": tuple(record["plan"]["memory_bytes"])})
+    choice, table = _choose(graph_at, batch, fixed, setting)
     if world.rank == 0:                          # printed once per compile, as the CLI prints it
-        print(f"auto_parallel plan on {world.size} devices:\n{record['table']}", flush=True)
+        print(f"auto_parallel plan on {world.size} devices:\n{table}", flush=True)
     stack = find_layer_stack(graph)
 
     def marks(g: Graph) -> Graph:
@@ -168,13 +160,49 @@ def auto_grad_program(cell, args: tuple, params: Sequence, sens: float,
     if choice.pp == 1 and choice.micro_batches == 1 and not isinstance(cell, Pipelined):
         inner = ShardedGradProgram(network, args, params, setting.mode, world, whole, sens, ctx=run_ctx,
                                    annotate=marks, plan_options=options)
-        return AutoGradProgram(inner, choice, record["table"], world, regroup=False)
-    regroup = choice.pp > 1 and not whole
-    fed = _regrouped(args, world, choice.stage_devices) if regroup else args
-    inner = PipelineGradProgram(network, fed, params, world, stages=choice.pp, micro=choice.micro_batches,
-                                schedule=choice.schedule, mode=setting.mode, full_batch=whole, sens=sens,
-                                ctx=run_ctx, annotate=marks, plan_options=options)
-    return AutoGradProgram(inner, choice, record["table"], world, regroup)
+        regroup = False
+    else:
+        regroup = choice.pp > 1 and not whole
+        fed = _regrouped(args, world, choice.stage_devices) if regroup else args
+        inner = PipelineGradProgram(network, fed, params, world, stages=choice.pp, micro=choice.micro_batches,
+                                    schedule=choice.schedule, mode=setting.mode, full_batch=whole, sens=sens,
+                                    ctx=run_ctx, annotate=marks, plan_options=options)
+    if ctx.strategy_ckpt_save_file:              # the stage plans are written: add the joint plan to them
+        world.barrier()
+        if world.rank == 0:
+            add_joint_plan(ctx.strategy_ckpt_save_file, choice_record(choice))
+        world.barrier()
+    return AutoGradProgram(inner, choice, table, world, regroup)
+
+
+def _choose(graph_at, batch: int, fixed: AutoFixed, setting: CompileSetting) -> tuple[AutoPlan, str]:
+    """The joint plan every rank runs, and its table: the one saved in the strategy file
+    being loaded, else rank 0's search, broadcast."""
+    world, ctx = setting.world, setting.ctx
+    load = ctx.strategy_ckpt_load_file
+    saved = read_joint_plan(load) if load else None
+    if saved is not None:
+        choice = _from_record(saved, f"strategy file {load!r}: joint_plan")
+        return choice, f"->  replayed from {load}: {choice.describe()}"
+    record = None
+    if world.rank == 0:
+        best, tried = search_auto(graph_at, batch, world.size, ctx.plan_options.profile(), fixed,
+                                  setting.full_batch, ctx.plan_options)
+        record = {"plan": choice_record(best) if best else None, "table": plan_table(best, tried)}
+    record = _broadcast_json(world, record)
+    if record["plan"] is None:
+        raise ValueError(f"auto_parallel: no joint plan fits the memory cap on {world.size} devices:\n"
+                         f"{record['table']}\nraise the cap (cost_profile), or fix pipeline_stages / micro_size")
+    return _from_record(record["plan"], "joint plan"), record["table"]
+
+
+def _from_record(record: dict, where: str) -> AutoPlan:
+    try:
+        return AutoPlan(**{**record, "layers_per_stage": tuple(record["layers_per_stage"]),
+                           "memory_bytes": tuple(record["memory_bytes"])})
+    except (TypeError, KeyError) as err:
+        raise ValueError(format_error(where, "fields", f"the fields of AutoPlan {sorted(AutoPlan.__annotations__)}",
+                                      f"{sorted(record)} ({err})", "re-save it with strategy_ckpt_save_file")) from None
 
 
 __all__ = ["AutoGradProgram", "auto_grad_program", "choice_record", "open_choices"]

@@ -74,6 +74,7 @@ FORMAT = "autopar-strategy"
 VERSION = 1              # one plan
 PIPELINE_VERSION = 2     # one plan per pipeline stage
 RESAVE = "re-save it with strategy_ckpt_save_file for this model and device count"
+JOINT_PLAN = "joint_plan"   # optional top-level key: the auto_parallel joint plan the stage plans belong to
 
 
 # ---- save ---------------------------------------------------------------------------------
@@ -102,6 +103,22 @@ def save_pipeline_strategy(path, graphs, plans, predicted=None) -> None:
     doc = {"format": FORMAT, "version": PIPELINE_VERSION, "device_num": sum(p.stage.size for p in plans),
            "pipeline_stages": len(plans), "stages": stages}
     _write_atomic(path, _dumps(doc) + "\n")
+
+
+def add_joint_plan(path, record: dict) -> None:
+    """Add the ``auto_parallel`` joint plan ``record`` (stages, micro-batches, recompute, ...)
+    to the strategy file ``path`` a run just saved, so loading the file replays that plan."""
+    doc, _ = _read_json(os.fspath(path))
+    doc[JOINT_PLAN] = record
+    _write_atomic(os.fspath(path), _dumps(doc) + "\n")
+
+
+def read_joint_plan(path) -> dict | None:
+    """The joint plan saved in the strategy file ``path``, or None (a hand-planned run's file)."""
+    doc, where = _read_json(os.fspath(path))
+    r = _Reader(where)
+    _version(r, doc)
+    return None if JOINT_PLAN not in doc else r.as_dict(doc[JOINT_PLAN], JOINT_PLAN)
 
 
 def _check_plan_args(plan, predicted) -> None:
@@ -416,7 +433,7 @@ def _version(r: _Reader, doc) -> int:
 
 def _stage_bodies(r: _Reader, doc) -> tuple:
     """A version-2 file's stage entries, checked for shape only."""
-    r.keys(doc, "<top level>", ("format", "version", "device_num", "pipeline_stages", "stages"))
+    r.keys(doc, "<top level>", ("format", "version", "device_num", "pipeline_stages", "stages"), (JOINT_PLAN,))
     count = r.as_int(doc["pipeline_stages"], "pipeline_stages", 1)
     bodies = r.as_list(doc["stages"], "stages")
     if len(bodies) != count:
@@ -427,7 +444,8 @@ def _stage_bodies(r: _Reader, doc) -> tuple:
 def _plan_from_body(r: _Reader, doc, graph: Graph, stage: Mesh, header: tuple = ()) -> ShardingPlan:
     """One plan's entries (``header``: the keys a version-1 file has besides them)."""
     r.keys(doc, "<top level>" if header else "stage entry", header + (
-        "device_num", "stage", "inputs", "parameters", "constants", "ops"), ("predicted",))
+        "device_num", "stage", "inputs", "parameters", "constants", "ops"),
+        ("predicted",) + ((JOINT_PLAN,) if header else ()))
     devices = r.as_int(doc["device_num"], "device_num", 1)
     if devices != stage.size:
         raise r.fail("device_num", f"{stage.size} (the devices of this stage)", str(devices),
