@@ -1,8 +1,10 @@
 """Loss scaling (MindSpore's DynamicLossScaleUpdateCell / FixedLossScaleUpdateCell /
 TrainOneStepWithLossScaleCell): the scale follows MindSpore's rule step by step; an
 overflowed step changes nothing but the scale, and training then goes on as if it never
-happened; an overflow on one rank skips the step on every rank; a power-of-2 scale is
-undone exactly, so a fixed scale updates a float32 model bit for bit as no scale does."""
+happened; an overflow on one rank skips the step on every rank; a model-parallel run whose
+scale changes (one compiled program per scale, sharing the weight shards) equals serial; a
+power-of-2 scale is undone exactly, so a fixed scale updates a float32 model bit for bit as
+no scale does."""
 from __future__ import annotations
 
 import numpy as np
@@ -102,6 +104,37 @@ def test_a_power_of_two_scale_updates_float32_bit_for_bit_as_no_scale(scale_sens
         loss, overflow, scale = train(b)
         assert (loss.tobytes(), overflow, scale) == (want.tobytes(), False, 2.0 ** 12)
     assert weights(net) == weights(plain)
+
+
+def _six_steps(config):
+    """(overflow, scale) and loss of six AdamWeightDecay (lr 1e-2) steps on one batch, with
+    a dynamic scale from 2^19 and a window of 2."""
+    net = PanguAlphaWithLoss(config)
+    train = nn.TrainOneStepWithLossScaleCell(net, AdamWeightDecay(net.trainable_params(), 1e-2),
+                                             nn.DynamicLossScaleUpdateCell(2.0 ** 19, 2, scale_window=2))
+    steps = [train(BATCHES[0]) for _ in range(6)]
+    return [(o, s) for _, o, s in steps], [float(loss) for loss, _, _ in steps], train.optimizer.step_count
+
+
+def test_a_model_parallel_run_with_a_changing_scale_equals_serial():
+    """Each scale compiles its own program; they share this rank's weight shards. The scales
+    go 2^19 (overflow), 2^18, 2^18 (window: up), 2^19 (overflow: the program compiled at
+    step 1, reused after two updates), 2^18 (overflow), 2^17: a program holding stale
+    weights would give a loss off by the updates' effect (about 0.5), not by rounding."""
+    want_flags, want_losses, want_steps = _six_steps(CONFIG)
+    assert want_flags == [(True, 2.0 ** 19), (False, 2.0 ** 18), (False, 2.0 ** 18), (True, 2.0 ** 19),
+                          (True, 2.0 ** 18), (False, 2.0 ** 17)] and want_steps == 3
+
+    def body(comm):
+        with bound_world(comm):
+            return _six_steps(CONFIG.replace(model_parallel=2))
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=2, full_batch=True):
+        ranks = run_in_process(2, body)
+    assert ranks[0] == ranks[1]
+    flags, losses, steps = ranks[0]
+    assert (flags, steps) == (want_flags, want_steps)
+    eps = float(np.finfo(np.float16).eps)
+    assert np.all(np.abs(np.array(losses) - want_losses) <= 2 * eps * np.array(want_losses)), (losses, want_losses)
 
 
 class ColumnProbe(nn.Cell):
