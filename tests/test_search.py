@@ -196,12 +196,12 @@ def test_a_memory_cap_trades_time_for_memory_and_an_impossible_one_says_by_how_m
     g = graph_of(TwoMatMuls(256), (2048, 256))
     stage = Mesh((4,), ("devices",))
     fast = search(g, stage, profile=PROFILE)          # data parallel: every weight whole on every rank
-    for f in (0.9, 0.5):
+    for f in (0.9, 0.6):          # the peak is the larger phase, not the sum: the leanest plan is 52% of it
         cap = fast.cost.memory_bytes * f
         lean = search(g, stage, profile=PROFILE, memory_cap=cap)
         assert lean.cost.memory_bytes <= cap
         assert lean.cost.step_seconds > fast.cost.step_seconds and lean.lam > 0
-    with pytest.raises(ValueError, match=r"no plan fits 1000 B .*\(over by 1.5 MiB.*Largest: activations kept by TwoMatMuls/MatMul"):
+    with pytest.raises(ValueError, match=r"no plan fits 1000 B .*\(over by 1.44 MiB.*Largest: activations kept by TwoMatMuls/MatMul"):
         search(g, stage, profile=PROFILE, memory_cap=1000)
 
 

@@ -22,7 +22,13 @@ local program on same-sized shards, so rank 0 speaks for all):
 * **step**: the all-reduce of the squared gradient norm, once;
 * every collective call pays the profile's latency, so calls count, not only bytes;
 * **activations**: the bytes each op keeps for its backward (its saved inputs and output),
-  all alive at the end of forward, which is the peak of a step without pipelining.
+  all alive at the end of forward;
+* **memory peak**: the larger of the step's two phases, not their sum. Weights and
+  optimizer states live all step; at the end of forward every activation is kept and no
+  gradient exists yet; in backward, walking the ops in reverse, each op's backward makes
+  its weights' gradients while the activations of the ops before it are still kept::
+
+      peak = weights + states + max(activations, max_j (gradients of ops >= j + activations of ops <= j))
 
 The search sees the same figures as a pairwise problem: one cost per (op, candidate)
 and one per (edge, producer candidate, consumer candidate), each gradient part reduced on
@@ -125,8 +131,9 @@ class PlanCost:
     param_bytes: int
     grad_bytes: int
     state_bytes: int
-    activation_bytes: int
+    activation_bytes: int      # kept for backward: all alive at the end of forward
     per_op: tuple = field(default=(), repr=False)   # (node name, strategy, layout, comm_s, seconds)
+    backward_peak_bytes: int | None = None   # max over backward of gradients made + activations still kept
 
     @property
     def step_seconds(self) -> float:
@@ -134,13 +141,33 @@ class PlanCost:
 
     @property
     def memory_bytes(self) -> int:
-        return self.param_bytes + self.grad_bytes + self.state_bytes + self.activation_bytes
+        """The step's peak, the larger of its two phases (module docstring)::
+
+            weights + states + max(activations at the end of forward,
+                                   max over backward of gradients so far + activations still kept)
+
+        Without ``backward_peak_bytes`` (a cost built by hand): everything added up."""
+        if self.backward_peak_bytes is None:
+            return self.param_bytes + self.grad_bytes + self.state_bytes + self.activation_bytes
+        return self.param_bytes + self.state_bytes + max(self.activation_bytes, self.backward_peak_bytes)
 
     def summary(self) -> dict:
         return {"step_seconds": self.step_seconds, "memory_bytes_per_rank": self.memory_bytes,
                 "breakdown": {"compute_s": self.compute_s, "comm_s": self.comm_s, "update_s": self.update_s,
                               "param_bytes": self.param_bytes, "grad_bytes": self.grad_bytes,
                               "state_bytes": self.state_bytes, "activation_bytes": self.activation_bytes}}
+
+
+def backward_peak(grads: list[int], freed: list[int]) -> int:
+    """Peak of gradients + activations over a backward pass that walks the ops in reverse:
+    op j's backward makes ``grads[j]`` bytes of gradients while the activations of ops
+    0..j are still kept, then frees ``freed[j]``."""
+    alive, made, peak = sum(freed), 0, 0
+    for g, f in zip(reversed(grads), reversed(freed)):
+        made += g
+        peak = max(peak, made + alive)
+        alive -= f
+    return peak
 
 
 def _local(spec: TensorSpec, layout: Layout) -> TensorSpec:
@@ -289,12 +316,16 @@ class CostModel:
         return math.prod(layout.mesh.shape[a] for a in layout.replicated_axes())
 
     def param_memory(self, value: int, layout: Layout) -> tuple[int, int]:
-        """(weight + gradient + states, states) bytes per rank of a parameter in ``layout``.
-        With optimizer parallel the runtime reduce-scatters the gradient, so it is kept as a
+        """(weight + gradient + states, states) bytes per rank of a parameter in ``layout``."""
+        weight, grad, states = self.param_bytes(value, layout)
+        return weight + grad + states, states
+
+    def param_bytes(self, value: int, layout: Layout) -> tuple[int, int, int]:
+        """(weight, gradient, states) bytes per rank of a parameter in ``layout``. With
+        optimizer parallel the runtime reduce-scatters the gradient, so it is kept as a
         slice like the states (ZeRO-2's memory for gradients)."""
         local = _local(self.graph.spec(value), layout).nbytes
-        states = self.state_bytes(local, layout)
-        return local + local // self._copies(layout) + states, states
+        return local, local // self._copies(layout), self.state_bytes(local, layout)
 
     def _internal_seconds(self, node: Node, sh: OpSharding, out: TensorSpec, backward: bool) -> float:
         """Collectives a kernel runs itself over its *internal* letters' axes: the
@@ -406,16 +437,24 @@ class CostModel:
         compute = comm = update = 0.0
         pb = gb = sb = 0
         kept: dict[tuple[int, Layout], int] = {}   # activations: each (value, layout) once
+        freed: list[int] = []                       # per op: the kept bytes its backward frees
+        grads: list[int] = []                       # per op: the gradient bytes its backward makes
         rows = []
         for n, c, edge in self.op_costs(plan):
             compute, comm, update = compute + c.compute_s, comm + c.comm_s + c.grad_s + edge, update + c.update_s
             pb, gb, sb = pb + c.param_bytes, gb + c.grad_bytes, sb + c.state_bytes
+            new = 0
             for key, nbytes in self.kept_for_backward(n, sh[n.id]):
-                kept[key] = nbytes
+                if key not in kept:                 # freed with the earliest op keeping it: its backward runs last
+                    kept[key] = nbytes
+                    new += nbytes
+            freed.append(new)
+            grads.append(c.grad_bytes)
             rows.append((n.name, str(sh[n.id]), str(sh[n.id].output_layout()), c.comm_s + c.grad_s + edge,
                          c.seconds + edge))
         comm += self.step_collectives_seconds(self.stage)
-        return PlanCost(compute, comm, update, pb, gb, sb, sum(kept.values()), tuple(rows))
+        return PlanCost(compute, comm, update, pb, gb, sb, sum(kept.values()), tuple(rows),
+                        backward_peak(grads, freed))
 
     def kept_for_backward(self, node: Node, sh: OpSharding):
         """((value, layout), local bytes) of each activation ``node`` keeps for its backward: a

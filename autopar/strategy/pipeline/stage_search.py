@@ -17,10 +17,11 @@ on those parts (seconds per micro-batch, bytes):
 * step = ``(m + p - 1) x max_s T_s`` (the bubble is the ``p - 1``) + the gradient
   reduction, optimizer update and clipping, and the step's own collectives (gradient
   norm, loss broadcast), once per step;
-* memory of stage s = its weights, gradients and optimizer states (divided over the
-  data-parallel copies with optimizer parallel) + activations of the micro-batches in
-  flight, ``min(p - s, m)`` under 1F1B: all of a layer's with no recompute; with recompute
-  only each layer's input, plus one layer's activations while it is rebuilt.
+* memory of stage s = its weights and optimizer states (divided over the data-parallel
+  copies with optimizer parallel) + the larger of the end of forward (activations of the
+  ``min(p - s, m)`` micro-batches in flight under 1F1B: all of a layer's with no
+  recompute; with recompute only each layer's input) and the backward phase (gradients +
+  the activations still kept, + one layer's while it is rebuilt): :func:`stage_memory`.
 
 Early stages hold more micro-batches, so when the uniform split overflows the first stage
 the split moves layers back (Yuan 2.0's non-uniform lists).
@@ -30,7 +31,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -58,6 +59,9 @@ class Part:
     boundary_bytes: int = 0      # the values entering the group (what recompute keeps), local bytes
     boundary_sends: tuple[int, ...] = ()   # each of them, local bytes in its dtype: one send each
     boundary_grads: tuple[int, ...] = ()   # the gradients sent back (those that need one)
+    grad_bytes: int = 0          # of model_bytes, the weights' gradients
+    shared_bytes: int = 0        # of model_bytes, weights the first-stage extras read too (a tied table)
+    shared_grad_bytes: int = 0   # of those, the gradients
 
 
 @dataclass(frozen=True)
@@ -201,16 +205,22 @@ def split_parts(model: CostModel, plan, layer_scope: str, memory_model: CostMode
             groups["last" if seen_layer else "first"].append((n, c, edge))
     parts = []
     layer_ops = {n.id for n, _, _ in groups["layer"]}
+    first_reads: set[int] = set()
     for name in ("first", "layer", "last"):
         rows = groups[name]
         kept: dict = {}
         for n, _, _ in rows:
             for key, nbytes in model.kept_for_backward(n, plan.shardings[n.id]):
                 kept[key] = nbytes
-        model_bytes = state = 0
-        for v in {v for n, _, _ in rows for v in n.inputs if v in model.params}:   # every weight it reads
-            both, states = memory_model.param_memory(v, plan.layouts[v])
-            model_bytes, state = model_bytes + both, state + states
+        model_bytes = state = grad = shared = shared_grad = 0
+        reads = {v for n, _, _ in rows for v in n.inputs if v in model.params}   # every weight it reads
+        for v in reads:
+            w, g, st = memory_model.param_bytes(v, plan.layouts[v])
+            model_bytes, state, grad = model_bytes + w + g + st, state + st, grad + g
+            if name == "last" and v in first_reads:
+                shared, shared_grad = shared + w + g + st, shared_grad + g
+        if name == "first":
+            first_reads = reads
         sends, grads = [], []
         if name == "layer":                 # values entering the layer from before it
             for v in dict.fromkeys(v for n, _, _ in rows for v in n.inputs):
@@ -227,7 +237,8 @@ def split_parts(model: CostModel, plan, layer_scope: str, memory_model: CostMode
                           sum(c.comm_s + e for _, c, e in rows),
                           sum(c.grad_s for _, c, _ in rows),
                           sum(c.update_s for _, c, _ in rows),
-                          model_bytes, state, sum(kept.values()), sum(sends), tuple(sends), tuple(grads)))
+                          model_bytes, state, sum(kept.values()), sum(sends), tuple(sends), tuple(grads), grad,
+                          shared, shared_grad))
     return tuple(parts)
 
 
@@ -246,13 +257,52 @@ def stage_time(first: Part, layer: Part, last: Part, pp: int, s: int, n: int, re
 
 def stage_memory(first: Part, layer: Part, last: Part, pp: int, s: int, n: int, m: int,
                  recompute: bool) -> int:
-    """Bytes on a rank of stage s holding n layers."""
-    extras = ([first] if s == 0 else []) + ([last] if s == pp - 1 else [])
-    model = n * layer.model_bytes + sum(p.model_bytes for p in extras)
-    per_mb = n * (layer.boundary_bytes if recompute else layer.activation_bytes)
-    per_mb += sum(p.activation_bytes for p in extras)
-    working = layer.activation_bytes if recompute and n else 0    # one layer rebuilt at a time
-    return int(model + in_flight(pp, s, m) * per_mb + working)
+    """Bytes on a rank of stage s holding n layers: weights and optimizer states, which
+    live all step, plus the larger of the step's two phases (not their sum)::
+
+        static + max(k x A,                     end of forward: k micro-batches in flight, no gradient
+                     backward peak)
+
+    with k = :func:`in_flight` and A the activations one micro-batch keeps on the stage
+    (with recompute only each layer's input). Backward: when m > k the gradients exist
+    from the first backward on while the steady state holds k micro-batches, ``G + k x A``;
+    when every micro-batch is in flight before the first backward (m == k), ``(k - 1) x A``
+    plus the walk of one micro-batch's backward, group by group in reverse (last extras,
+    layers, first extras), each making its gradients while the groups before it keep
+    theirs. With recompute one layer's activations are rebuilt at a time during backward."""
+    groups = ([(1, last)] if s == pp - 1 else []) + [(n, layer)] + ([(1, first)] if s == 0 else [])
+    if s == 0 and s == pp - 1:           # one stage holds both ends: a weight they share (a tied table) once
+        last = replace(last, model_bytes=last.model_bytes - last.shared_bytes,
+                       grad_bytes=last.grad_bytes - last.shared_grad_bytes)
+        groups[0] = (1, last)
+    held = [(c, p.grad_bytes, p.activation_bytes if p is not layer or not recompute else p.boundary_bytes,
+             p.activation_bytes if p is layer and recompute else 0) for c, p in groups]
+    static = sum(c * (p.model_bytes - p.grad_bytes) for c, p in groups)
+    grads = sum(c * g for c, g, _, _ in held)
+    per_mb = sum(c * a for c, _, a, _ in held)
+    k = in_flight(pp, s, m)
+    if m > k:
+        backward = grads + (k - 1) * per_mb + _backward_walk([(c, 0, a, w) for c, _, a, w in held])
+    else:
+        backward = (k - 1) * per_mb + _backward_walk(held)
+    return int(static + max(k * per_mb, backward))
+
+
+def _backward_walk(groups: list[tuple[int, int, int, int]]) -> int:
+    """Peak of gradients made + activations still kept over one micro-batch's backward.
+    ``groups`` in backward order, each ``(count, gradient bytes, kept bytes, working bytes)``
+    for ``count`` identical groups; a group makes its gradients and frees its activations
+    as its ops run backward (a ramp between its start and its end) and holds its working
+    bytes meanwhile. The peak is then at the start of some group, or at the end; within a
+    run of identical groups the starts lie on a line, so its first and last bound them."""
+    alive, made = sum(c * a for c, _, a, _ in groups), 0
+    peak = alive
+    for c, g, a, w in groups:
+        if c == 0:
+            continue
+        peak = max(peak, made + alive + w, made + (c - 1) * (g - a) + alive + w)
+        made, alive = made + c * g, alive - c * a
+    return max(peak, made + alive)
 
 
 def split_layers(layers: int, pp: int, fits: Callable[[int, int], bool],
