@@ -29,10 +29,10 @@ per micro-batch (Megatron's b): micro-batches = --batch / (dp x B)::
 
 Every flag is checked before any work, alone and against the others and the model (a hand
 plan's pp x dp x mp against --devices, pp against the layers, micro-batches against the
-batch, mp against the heads, the model shape against the config's checks; --json/--png opened for
-writing; --config read and parsed). Exit status: 0, a plan;
-1, the search found none (one line on stderr says why); 2, a bad command line (one line,
-``python -m autopar.plan: error: ...``, naming the flag, the expected and the given).
+batch, mp against the heads, the model shape against the config's own checks; --config read
+and parsed; --json/--png opened for writing). Exit status: 0, a plan; 1, the search found
+none (one line on stderr says why); 2, a bad command line (one line, ``python -m
+autopar.plan: error: ...``, naming the flag, the expected and the given).
 """
 from __future__ import annotations
 
@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "not priced)")
     shape = p.add_argument_group("model shape (overrides the --preset's config fields)")
     for flag, (field, bound) in SHAPE_FLAGS.items():
-        shape.add_argument(flag, type=_integer(1, bound), default=None, help=f"the config's {field}")
+        note = " (PanGu-α: counts the query layer)" if field == "num_layers" else ""
+        shape.add_argument(flag, type=_integer(1, bound), default=None, help=f"the config's {field}{note}")
     shape.add_argument("--config", type=_config_file, default=None,
                        help="a JSON file of config fields (e.g. {\"hidden_size\": 2560, \"num_layers\": 32}); "
                        "shape flags win over it")
@@ -182,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     hand.add_argument("--optimizer-parallel", action="store_true")
     p.add_argument("--op-search", choices=SEARCH_MODES, default=None)
     p.add_argument("--ops", type=_integer(0), default=40, help="op rows to print (0: all)")
-    p.add_argument("--json", default=None, help="write the plan (and, without a pipeline, the strategy file)")
+    p.add_argument("--json", default=None, help="write the stage-plan file a run loads (load_stage_plan); with "
+                   "--op-search, the strategy file")
     p.add_argument("--png", default=None, help="draw memory per stage and one layer's strategies")
     return p
 
