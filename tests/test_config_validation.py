@@ -93,10 +93,10 @@ def test_yuan_config_is_valid_and_runs_or_names_the_field(kw):
 
 @pytest.mark.parametrize("kw, error, message", [
     (dict(compute_dtype="flaot32"), ValueError,
-     "PanguAlphaConfig: compute_dtype: expected one of float16, float32, float64 (a name or a numpy dtype), "
-     "got 'flaot32'"),
-    (dict(param_dtype=None), TypeError, "PanguAlphaConfig: param_dtype: expected one of float16, float32, "
-                                        "float64 (a name or a numpy dtype), got None"),
+     "PanguAlphaConfig: compute_dtype: expected one of float16, bfloat16, float32, float64 (a name or a numpy "
+     "dtype), got 'flaot32'"),
+    (dict(param_dtype=None), TypeError, "PanguAlphaConfig: param_dtype: expected one of float16, bfloat16, "
+                                        "float32, float64 (a name or a numpy dtype), got None"),
     (dict(layernorm_epsilon=-1), ValueError, "PanguAlphaConfig: layernorm_epsilon: expected a finite float > 0, "
                                              "got -1"),
     (dict(layernorm_epsilon=0.0), ValueError, "PanguAlphaConfig: layernorm_epsilon: expected a finite float > 0, "
@@ -129,8 +129,8 @@ def test_pangu_alpha_config_errors_name_the_field(kw, error, message):
 
 
 @pytest.mark.parametrize("kw, error, message", [
-    (dict(compute_dtype="bfloat16"), ValueError, "YuanConfig: compute_dtype: expected one of float16, float32, "
-                                                 "float64"),
+    (dict(compute_dtype="int32"), ValueError, "YuanConfig: compute_dtype: expected one of float16, bfloat16, "
+                                              "float32, float64 (a name or a numpy dtype), got 'int32'"),
     (dict(rms_eps=float("nan")), ValueError, "YuanConfig: rms_eps: expected a finite float > 0, got nan"),
     (dict(rms_eps=1e39, param_dtype="float16"), ValueError, "YuanConfig: rms_eps: expected a float in "
                                                              "[1.4013e-45, 3.40282e+38]"),
