@@ -73,6 +73,34 @@ def test_job_losses_equal_serially_and_over_two_ranks(data, serial):
 
 
 @needs_mpi
+def test_job_runs_auto_hand_pipelines_and_cli_plans_like_serial(data, serial, tmp_path):
+    """Under mpiexec the job runs auto_parallel by default (printing the plan), a hand
+    pipeline with recompute, and a plan written by ``python -m autopar.plan --json``: all
+    give the serial losses."""
+    losses = tmp_path / "auto.json"
+    cmd = [MPIEXEC, "-n", "2", sys.executable, SCRIPT, "--data", str(data), *DATA_FLAGS, "--steps", "3", "--batch",
+           "4", "--eval-every", "100", "--eval-batches", "1", "--out", str(tmp_path / "auto"), "--losses-out",
+           str(losses), *DROPOUT, "--pp", "2"]
+    proc = launch(cmd)
+    assert proc.returncode == 0, proc.stderr
+    assert "auto_parallel plan on 2 devices" in proc.stdout and "pp2 x 1 devices per stage" in proc.stdout
+    auto = json.loads(losses.read_text())
+    hand = run(data.parent / "pp2", data, [MPIEXEC, "-n", "2"], ["--parallel", "hand", "--pp", "2", "--micro", "2",
+                                                                  "--recompute"])
+    plan = tmp_path / "plan.json"
+    cli = launch([sys.executable, "-m", "autopar.plan", "--model", "pangu_alpha", "--hidden", "96", "--layers", "4",
+                  "--heads", "8", "--ffn", "384", "--seq", "128", "--vocab", "4000", "--devices", "2", "--batch", "4",
+                  "--pp", "2", "--dp", "1", "--mp", "1", "--micro-batches", "2", "--json", str(plan)])
+    assert cli.returncode == 0, cli.stderr
+    doc = json.loads(plan.read_text())
+    doc["chosen"] = "hand-given"                 # run the hand plan the file priced beside the searched one
+    plan.write_text(json.dumps(doc))
+    planned = run(data.parent / "planned", data, [MPIEXEC, "-n", "2"], ["--plan", str(plan)])
+    for other in (auto, hand, planned):
+        np.testing.assert_allclose(other["losses"], serial["losses"], rtol=1e-5)
+
+
+@needs_mpi
 def test_a_resumed_run_continues_the_uninterrupted_one(data, serial):
     """1 serial step, then resumed to step 3 under mp2: the steps, losses (dropout on, the lr
     schedule, optimizer moments and data order restored) and final validation loss of the 3
@@ -195,3 +223,19 @@ def test_prepare_leaves_no_partial_files_when_it_fails(data, tmp_path, monkeypat
         prepare_data.prepare(out, vocab_size=4000, log=lambda *_: None)
     assert len(calls) == 2 and calls[0][0] > 0                   # it failed with both files written
     assert sorted(p.name for p in out.iterdir()) == ["tokenizer.model"]   # complete; no meta.json commits it
+
+
+def test_parallel_flags_are_checked_before_any_work(data, tmp_path):
+    err = fails("train.py", ["--data", str(data), "--plan", "p.json", "--dp", "2", "--out", str(tmp_path / "o")])
+    assert "train.py: error: --plan: expected no hand flags beside it (the plan sets them), got --dp" in err
+    err = fails("train.py", ["--data", str(data), "--parallel", "auto", "--mp", "2", "--out", str(tmp_path / "o")])
+    assert "--parallel auto: expected no --plan, --dp or --mp" in err
+    err = fails("train.py", ["--data", str(data), "--pp", "0", "--out", str(tmp_path / "o")])
+    assert "--pp: expected an int >= 1, got 0" in err
+    plan = tmp_path / "plan.json"
+    cli = launch([sys.executable, "-m", "autopar.plan", "--model", "pangu_alpha", "--preset", "tiny", "--devices", "4",
+                  "--batch", "8", "--json", str(plan)])
+    assert cli.returncode == 0, cli.stderr
+    err = fails("train.py", ["--data", str(data), *DATA_FLAGS, "--plan", str(plan), "--out", str(tmp_path / "o")])
+    assert f"--plan {plan}: devices: expected 1 (the ranks running), got 4" in err
+    assert not (tmp_path / "o").exists()

@@ -2,6 +2,7 @@
 
     load_data(args, world)          prepared corpus (made if missing, else checked), tokenizer
     model_config(args, tok, dp, mp) the PanGu-α config of --preset, sized to the tokenizer
+    parallel_plan(args, ranks)      how the run is split: auto, a hand plan, or a --plan file
     step_inputs(batch, step, ...)   the trainer's inputs of one step (random order if asked)
     Resume.read(path, config)       what a checkpoint holds to continue a run (checked)
     model_flops(config, batch)      model FLOPs of one training step (no recompute)
@@ -42,6 +43,8 @@ CHECKPOINT = "checkpoint"     # the checkpoint's folder inside --out
 DEMO = {"seq_length": 128, "hidden_size": 96, "num_layers": 4, "num_heads": 8, "ffn_hidden_size": 384,
         "dropout_rate": 0.0}
 PRESET_NAMES = ("demo", *PRESETS)
+# What a --plan file's model must share with the run's.
+SHAPE_FIELDS = ("vocab_size", "seq_length", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size")
 # Config fields a resumed run may change: how the model is split, not what it computes.
 SHARDING_FIELDS = ("data_parallel", "model_parallel", "vocab_emb_dp")
 
@@ -66,6 +69,93 @@ def model_config(args, tok: PanguTokenizer, dp: int, mp: int) -> PanguAlphaConfi
         keep["dropout_rate"] = args.dropout
     return PanguAlphaConfig(vocab_size=tok.vocab_size, eod_id=tok.eod_id, pad_id=tok.pad_id,
                             data_parallel=dp, model_parallel=mp, **keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelPlan:
+    """How the job splits the model: ``auto`` (the joint search picks what is None here) or a
+    hand plan (every field set; from flags or a ``--plan`` file)."""
+
+    auto: bool
+    dp: int
+    mp: int
+    pp: int | None
+    micro: int | None
+    layers_per_stage: tuple[int, ...] | None
+    recompute: bool
+    optimizer_parallel: bool
+    compute_dtype: str | None
+    model: PanguAlphaConfig | None = None       # the model a --plan file was made for
+
+    def check_model(self, config: PanguAlphaConfig, where: str) -> None:
+        """A ``--plan`` made for another model shape is an error naming the fields."""
+        if self.model is None:
+            return
+        differ = [f"{k}={getattr(self.model, k)} (this run: {getattr(config, k)})" for k in SHAPE_FIELDS
+                  if getattr(self.model, k) != getattr(config, k)]
+        if differ:
+            raise ValueError(format_error(where, "model shape", "this run's model", ", ".join(differ),
+                                          "plan this model: python -m autopar.plan --hidden ... --vocab ... --json"))
+
+    def describe(self) -> str:
+        if self.auto:
+            fixed = [f"{k} {v}" for k, v in (("pp", self.pp), ("micro-batches", self.micro)) if v]
+            fixed += [k for k in ("recompute", "optimizer_parallel") if getattr(self, k)]
+            return "auto_parallel (the joint search chooses" + (f"; fixed: {', '.join(fixed)})" if fixed else ")")
+        split = f", layers {list(self.layers_per_stage)}" if self.layers_per_stage else ""
+        return (f"dp {self.dp} x mp {self.mp} x pp {self.pp or 1}, {self.micro or 1} micro-batches{split}, recompute "
+                f"{'on' if self.recompute else 'off'}, optimizer parallel {'on' if self.optimizer_parallel else 'off'}")
+
+    @property
+    def whole_batch(self) -> bool:
+        """Whether every rank reads the whole batch (hand model or pipeline parallel)."""
+        return not self.auto and (self.mp > 1 or (self.pp or 1) > 1)
+
+
+def parallel_plan(args, ranks: int) -> ParallelPlan:
+    """The run's split from ``--parallel``, the hand flags or ``--plan`` (checked against the
+    ranks running)."""
+    if args.plan:
+        from autopar.strategy.pipeline.plan_file import load_stage_plan
+        p = load_stage_plan(args.plan)
+        if p.devices != ranks:
+            raise ValueError(format_error(f"--plan {args.plan}", "devices", f"{ranks} (the ranks running)",
+                                          str(p.devices), f"launch mpiexec -n {p.devices}, or plan for {ranks}"))
+        if p.family != "pangu_alpha":
+            raise ValueError(format_error(f"--plan {args.plan}", "model family", "pangu_alpha", p.family))
+        model = PanguAlphaConfig.preset(p.preset, **p.config_overrides())
+        return ParallelPlan(False, p.dp, p.mp, p.pp, p.micro_batches if p.pp > 1 else None, p.layers_per_stage,
+                            p.recompute, p.optimizer_parallel, args.compute_dtype or p.compute_dtype, model)
+    auto = args.parallel == "auto" or (args.parallel is None and ranks > 1 and not args.dp and args.mp == 1)
+    if auto:
+        return ParallelPlan(True, 1, 1, args.pp, args.micro, None, args.recompute, args.optimizer_parallel,
+                            args.compute_dtype)
+    pp, mp = args.pp or 1, args.mp
+    dp = args.dp or ranks // (mp * pp)
+    if dp * mp * pp != ranks:
+        raise ValueError(format_error("--dp x --mp x --pp", "product", f"{ranks} (the ranks running)",
+                                      f"{dp} x {mp} x {pp}", "choose degrees whose product is the rank count"))
+    return ParallelPlan(False, dp, mp, args.pp, args.micro or (pp if pp > 1 else None), None, args.recompute,
+                        args.optimizer_parallel, args.compute_dtype)
+
+
+def fixed_context(split: ParallelPlan) -> dict:
+    """The context keys an auto run fixes (the joint search chooses the rest)."""
+    return {k: v for k, v in (("pipeline_stages", split.pp), ("enable_parallel_optimizer",
+                                                                 split.optimizer_parallel or None)) if v}
+
+
+def split_model(net, split: ParallelPlan):
+    """The cell the trainer steps: ``net`` with its blocks on their stages (hand pipelines)
+    and recomputed if asked, wrapped in a PipelineCell for micro-batches."""
+    from autopar import nn
+    blocks = list(net.backbone.blocks)
+    if not split.auto and (split.pp or 1) > 1:          # the query layer follows the last block
+        nn.set_pipeline_stages(blocks, split.layers_per_stage, stages=split.pp)
+    if split.recompute:
+        for block in blocks:
+            block.recompute()
+    return nn.PipelineCell(net, split.micro) if split.micro else net
 
 
 def step_inputs(batch, step: int, seed: int, global_batch: int, rows: slice, permute: bool) -> tuple:

