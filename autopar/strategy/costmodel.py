@@ -170,6 +170,23 @@ def backward_peak(grads: list[int], freed: list[int]) -> int:
     return peak
 
 
+def gemm_min_dim(sh: OpSharding, specs: list[TensorSpec]) -> int | None:
+    """min(m, n, k) of a contraction's local GEMM (batch dims aside), from its letters: m
+    only in the first input and the output, n only in the second and the output, k in
+    both inputs and not the output; None for an op that is no two-input contraction."""
+    ix = sh.indexing
+    if len(ix.inputs) != 2 or not ix.sum_letters:
+        return None
+    size: dict[str, int] = {}
+    for letters, spec in zip(ix.inputs, specs):
+        size.update(zip(letters, spec.shape))
+    a, b, out = set(ix.inputs[0]), set(ix.inputs[1]), set(ix.output)
+    m = math.prod(size[ch] for ch in (a & out) - b)
+    n = math.prod(size[ch] for ch in (b & out) - a)
+    k = math.prod(size[ch] for ch in ix.sum_letters)
+    return min(m, n, k)
+
+
 def _local(spec: TensorSpec, layout: Layout) -> TensorSpec:
     return TensorSpec(layout.local_shape(spec.shape), spec.dtype)
 
@@ -262,7 +279,8 @@ class CostModel:
         launches = 2 if backward else 1
         if dtype not in prof.gemm_flops:   # a dtype the profile lists no rate for: its slowest rate
             dtype = min(prof.gemm_flops, key=prof.gemm_flops.get)
-        compute = formulas.compute_seconds(flops, 0, dtype, prof) + nbytes / prof.op_rate(prim.kind) \
+        compute = formulas.compute_seconds(flops, 0, dtype, prof, gemm_min_dim(sh, specs)) \
+            + nbytes / prof.op_rate(prim.kind) \
             + launches * getattr(prof, "op_overhead_s", 0.0)
         comm = self._internal_seconds(node, sh, out, backward)
         compute += self.grad_sum_seconds(node.outputs[0], out_lay)

@@ -73,13 +73,14 @@ def collective_seconds(kind: str, nbytes: float, n: int, profile: MachineProfile
 
 
 def compute_seconds(flops: float, bytes_touched: float, dtype: str,
-                    profile: MachineProfile) -> float:
-    """Time (s) of an op: flops / gemm_rate(dtype) [FLOP/s] + bytes_touched /
-    elementwise_bytes_per_s [bytes/s]."""
+                    profile: MachineProfile, min_dim: float | None = None) -> float:
+    """Time (s) of an op: flops / gemm_rate(dtype, min_dim) [FLOP/s] + bytes_touched /
+    elementwise_bytes_per_s [bytes/s]; ``min_dim``, a GEMM's smallest dimension
+    min(m, n, k), reads the profile's efficiency curve (None: the peak rate)."""
     if flops < 0 or bytes_touched < 0:
         raise ValueError(f"compute_seconds: flops and bytes_touched must be >= 0, "
                          f"got {flops!r}, {bytes_touched!r}")
-    return flops / profile.gemm_rate(dtype) + bytes_touched / profile.elementwise_bytes_per_s
+    return flops / profile.gemm_rate(dtype, min_dim) + bytes_touched / profile.elementwise_bytes_per_s
 
 
 def transformer_training_flops(B: int, s: int, l: int, h: int, V: int,

@@ -12,6 +12,11 @@ A profile is a JSON data file (``autopar/strategy/profiles/<name>.json``) holdin
 * ``inter_node_bandwidth_bytes_per_s`` — collective bandwidth between nodes (bytes/s);
 * ``op_overhead_s``               — fixed cost of every executed op: dispatch + kernel launch (s);
   optional, 0 when a file omits it (files written before it existed);
+* ``gemm_efficiency``             — optional, per dtype name: points ``[d, fraction]`` of the
+  GEMM rate reached by a GEMM whose smallest dimension min(m, n, k) is d (small and skinny
+  GEMMs run below peak); between points the fraction is interpolated in log d, outside
+  them the nearest point holds; a dtype without a curve runs at its ``gemm_flops`` rate.
+  Sourced per dtype as ``gemm_efficiency.<dtype>``;
 * ``sources``                     — for every figure above, where it comes from (measured how,
   public document, or "assumed"). Keys are the field names; GEMM rates are keyed
   ``gemm_flops.<dtype>``. An optional figure left at its default gets a source saying so.
@@ -83,6 +88,8 @@ class MachineProfile:
     # elementwise bandwidth (masks hashed, erf, exp, row reductions); each sourced as
     # "op_bytes_per_s.<kind>"
     op_bytes_per_s: Mapping[str, float] = field(default_factory=dict)
+    # dtype -> ((min(m, n, k), fraction of gemm_flops), ...), d increasing
+    gemm_efficiency: Mapping[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -117,6 +124,7 @@ class MachineProfile:
                              f"got {self.op_bytes_per_s!r} (profile {self.name!r})")
         object.__setattr__(self, "op_bytes_per_s", {
             str(k): _positive_number(f"op_bytes_per_s[{k!r}]", v) for k, v in self.op_bytes_per_s.items()})
+        object.__setattr__(self, "gemm_efficiency", self._checked_curves(gemm))
         if not isinstance(self.sources, Mapping):
             raise ValueError(f"MachineProfile.sources: expected a mapping figure -> source, "
                              f"got {type(self.sources).__name__} (profile {self.name!r})")
@@ -129,7 +137,8 @@ class MachineProfile:
             if name not in sources and getattr(self, name) == default:
                 sources[name] = DEFAULTED_SOURCE
         needed = list(SOURCED_FIELDS) + list(OPTIONAL_FIELDS) + [f"gemm_flops.{d}" for d in gemm] + \
-            [f"op_bytes_per_s.{k}" for k in self.op_bytes_per_s]
+            [f"op_bytes_per_s.{k}" for k in self.op_bytes_per_s] + \
+            [f"gemm_efficiency.{d}" for d in self.gemm_efficiency]
         missing = [k for k in needed if k not in sources]
         if missing:
             raise ValueError(f"MachineProfile.sources: profile {self.name!r} names no source for "
@@ -137,13 +146,42 @@ class MachineProfile:
                              f"public document, or 'assumed')")
         object.__setattr__(self, "sources", sources)
 
-    def gemm_rate(self, dtype: str) -> float:
-        """GEMM rate for ``dtype`` in FLOP/s; ValueError naming the known dtypes otherwise."""
+    def _checked_curves(self, gemm: Mapping[str, float]) -> dict[str, tuple[tuple[float, float], ...]]:
+        """``gemm_efficiency`` validated: a curve per dtype with a GEMM rate, points
+        ``[d >= 1, 0 < fraction <= 1]`` with d increasing."""
+        if not isinstance(self.gemm_efficiency, Mapping):
+            raise ValueError(f"MachineProfile.gemm_efficiency: expected a mapping dtype name -> [[min dim, "
+                             f"fraction], ...], got {self.gemm_efficiency!r} (profile {self.name!r})")
+        curves = {}
+        for dtype, points in self.gemm_efficiency.items():
+            where = f"MachineProfile.gemm_efficiency[{dtype!r}]"
+            if dtype not in gemm:
+                raise ValueError(f"{where}: expected a dtype with a gemm_flops rate ({sorted(gemm)}), "
+                                 f"got {dtype!r} (profile {self.name!r})")
+            try:
+                pts = tuple((float(d), float(f)) for d, f in points)
+            except (TypeError, ValueError):
+                raise ValueError(f"{where}: expected [[min dim, fraction], ...], got {points!r}") from None
+            ok = pts and all(math.isfinite(d) and d >= 1 and 0 < f <= 1 for d, f in pts) and \
+                all(a[0] < b[0] for a, b in zip(pts, pts[1:]))
+            if not ok:
+                raise ValueError(f"{where}: expected points [min dim >= 1, 0 < fraction <= 1] with min dim "
+                                 f"increasing, got {points!r} (profile {self.name!r})")
+            curves[dtype] = pts
+        return curves
+
+    def gemm_rate(self, dtype: str, min_dim: float | None = None) -> float:
+        """GEMM rate for ``dtype`` in FLOP/s, for a GEMM whose smallest dimension is
+        ``min_dim`` (None: the peak); ValueError naming the known dtypes otherwise."""
         try:
-            return self.gemm_flops[dtype]
+            peak = self.gemm_flops[dtype]
         except KeyError:
             raise ValueError(f"MachineProfile {self.name!r}: no gemm_flops for dtype {dtype!r}; "
                              f"known: {sorted(self.gemm_flops)}") from None
+        curve = self.gemm_efficiency.get(dtype)
+        if not curve or min_dim is None:
+            return peak
+        return peak * _interpolate_log(curve, float(min_dim))
 
     def op_rate(self, kind: str) -> float:
         """Bytes/s an op of ``kind`` moves: its measured rate, else the elementwise bandwidth."""
@@ -151,7 +189,8 @@ class MachineProfile:
 
     def to_dict(self) -> dict:
         return asdict(self) | {"gemm_flops": dict(self.gemm_flops), "sources": dict(self.sources),
-                               "op_bytes_per_s": dict(self.op_bytes_per_s)}
+                               "op_bytes_per_s": dict(self.op_bytes_per_s),
+                               "gemm_efficiency": {d: [list(p) for p in c] for d, c in self.gemm_efficiency.items()}}
 
     @classmethod
     def from_dict(cls, data: Mapping) -> MachineProfile:
@@ -162,10 +201,22 @@ class MachineProfile:
         if unknown:
             raise ValueError(f"MachineProfile: unknown fields {unknown}; known: {sorted(known)}")
         missing = sorted(k for k in known - set(data)
-                         if k not in ("sources", "op_bytes_per_s") and k not in OPTIONAL_FIELDS)
+                         if k not in ("sources", "op_bytes_per_s", "gemm_efficiency") and k not in OPTIONAL_FIELDS)
         if missing:
             raise ValueError(f"MachineProfile: missing fields {missing}")
         return cls(**data)
+
+
+def _interpolate_log(points: tuple[tuple[float, float], ...], d: float) -> float:
+    """The fraction at ``d`` on a curve of (d, fraction) points: linear in log d between
+    points, the nearest point's outside them."""
+    if d <= points[0][0]:
+        return points[0][1]
+    for (d0, f0), (d1, f1) in zip(points, points[1:]):
+        if d <= d1:
+            t = (math.log(d) - math.log(d0)) / (math.log(d1) - math.log(d0))
+            return f0 + t * (f1 - f0)
+    return points[-1][1]
 
 
 def load_profile(name_or_path: str | Path) -> MachineProfile:
