@@ -191,8 +191,7 @@ def test_ten_training_steps_track_float32(dtype):
     ("float16", 2, 1, "data_parallel"),
     ("float16", 1, 2, "semi_auto_parallel"),
     ("bfloat16", 2, 1, "data_parallel"),
-    pytest.param("bfloat16", 1, 2, "semi_auto_parallel", marks=pytest.mark.xfail(
-        strict=True, raises=TypeError, reason="comm/base.py refuses bfloat16 buffers (kind 'V') for collectives")),
+    ("bfloat16", 1, 2, "semi_auto_parallel"),
 ])
 def test_sharded_equals_serial_in_the_same_dtype(dtype, dp, mp, mode):
     eps = EPS[dtype]

@@ -16,6 +16,16 @@ Index convention for the blocked collectives, with ``n = size`` and member ``i``
 
 e.g. n = 2, x_0 = [0, 1], x_1 = [2, 3] (axis 0): allgather -> [0, 1, 2, 3] on both;
 reduce_scatter -> [2] on member 0, [4] on member 1; alltoall(0, 0) -> [0, 2] and [1, 3].
+
+Dtypes. Numeric and bool arrays, and bfloat16 (``ml_dtypes``; numpy kind 'V', no MPI datatype):
+
+    moved (allgather, alltoall, broadcast, send/recv)   bit for bit, in its own dtype
+    reduced (allreduce, reduce_scatter)                 in reduction_dtype(dtype): bfloat16 members'
+                                                        buffers are widened to float32, reduced in
+                                                        member order, and rounded to bfloat16 once
+
+so a bfloat16 sum on n members is ``bfloat16(float32(x_0) + ... + float32(x_{n-1}))``, the same
+on every backend (MPI's sum order over more than 2 members is its own, as for float32).
 """
 from __future__ import annotations
 
@@ -27,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..dtype import bfloat16, float32, is_float
 from ..errors import format_error
 from .checks import CollectiveMismatchError, CommChecks, call_site, divergence, fingerprint
 
@@ -86,6 +97,14 @@ class CommStats:
     def __repr__(self) -> str:
         calls = ", ".join(f"{k}={v}/{self._bytes[k]}B" for k, v in self._count.items() if v)
         return f"CommStats({calls})"
+
+
+def reduction_dtype(dtype) -> np.dtype:
+    """The dtype members' buffers are reduced in: float32 for bfloat16 (no MPI datatype or
+    reduction op exists for it, and summing in bfloat16 would round at every member),
+    the dtype itself otherwise. The result is cast back to ``dtype`` once."""
+    dtype = np.dtype(dtype)
+    return float32 if dtype == bfloat16 else dtype
 
 
 def block_index(ndim: int, axis: int, i: int, block: int) -> tuple[slice, ...]:
@@ -278,8 +297,9 @@ class Communicator(abc.ABC):
 
     def _buffer(self, x, method: str) -> np.ndarray:
         x = np.asarray(x)
-        if x.dtype.kind not in "biufc" or not x.dtype.isnative:
-            raise TypeError(format_error(self._where(method), "x", "a numeric or bool array in native byte order",
+        if not (x.dtype.kind in "biufc" or is_float(x.dtype)) or not x.dtype.isnative:
+            raise TypeError(format_error(self._where(method), "x",
+                                         "a numeric, bool or bfloat16 array in native byte order",
                                          f"dtype {x.dtype}", "convert with x.astype(np.float32) or similar"))
         return x
 
@@ -330,6 +350,6 @@ def _check_reduce_op(x: np.ndarray, op: str, where: str) -> None:
     if op not in REDUCE_OPS:
         raise ValueError(format_error(where, "op", f"one of {REDUCE_OPS}", repr(op)))
     kinds = "iuf" if op in ("max", "min") else "iufc"
-    if x.dtype.kind not in kinds:
-        raise TypeError(format_error(where, "x", f"a dtype MPI can {op}-reduce (kinds {kinds!r})",
+    if x.dtype.kind not in kinds and not is_float(x.dtype):
+        raise TypeError(format_error(where, "x", f"a dtype MPI can {op}-reduce (kinds {kinds!r}, or bfloat16)",
                                      f"dtype {x.dtype}", "reduce bool masks as int8"))

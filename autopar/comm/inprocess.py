@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import check_int, format_error
-from .base import CommStats, Communicator, block_index
+from .base import CommStats, Communicator, block_index, reduction_dtype
 from .checks import (
     CollectiveMismatchError,
     CollectiveTimeoutError,
@@ -191,11 +191,13 @@ class InProcessCommunicator(Communicator):
     # ---- collectives -------------------------------------------------------------------
 
     def _allreduce(self, x, op):
+        wide = reduction_dtype(x.dtype)   # bfloat16: float32, rounded back once (base.py)
+
         def compute(bufs):
-            out = bufs[0].copy()
+            out = bufs[0].astype(wide)   # a copy
             for b in bufs[1:]:
-                _REDUCE[op](out, b, out=out)
-            return out
+                _REDUCE[op](out, b.astype(wide, copy=False), out=out)
+            return out.astype(x.dtype, copy=False)
         return self._collective("allreduce", _sig(x, op=op), x, compute)
 
     def _allgather(self, x, axis):
@@ -204,11 +206,13 @@ class InProcessCommunicator(Communicator):
     def _reduce_scatter(self, x, axis):
         index = block_index(x.ndim, axis, self._rank, x.shape[axis] // self.size)
 
+        wide = reduction_dtype(x.dtype)
+
         def compute(bufs):
-            out = bufs[0][index].copy()
+            out = bufs[0][index].astype(wide)   # a copy
             for b in bufs[1:]:
-                np.add(out, b[index], out=out)
-            return out
+                np.add(out, b[index].astype(wide, copy=False), out=out)
+            return out.astype(x.dtype, copy=False)
         return self._collective("reduce_scatter", _sig(x, axis=axis), x, compute)
 
     def _alltoall(self, x, split_axis, concat_axis):

@@ -13,6 +13,11 @@ CommStats and CommChecks are shared by every communicator split from it. With a 
 (on by default: ``CommChecks.from_env``, ``AUTOPAR_COMM_WATCHDOG=T`` seconds, 0 for off)
 each call is issued non-blocking (``Iallreduce``, ``Isend``, ...) and polled by
 watchdog.MPIWatchdog; without, the blocking calls below run exactly as they are.
+
+bfloat16 has no MPI datatype (and mpi4py's DLPack path refuses it): data moved travels as a
+uint16 view of the same memory (bit for bit, :func:`_wire`); reductions run on a float32 copy
+and round back to bfloat16 once (base.reduction_dtype), as the in-process backend does, so
+both give the same bits.
 """
 from __future__ import annotations
 
@@ -28,8 +33,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..dtype import bfloat16
 from ..errors import format_error
-from .base import CommStats, Communicator
+from .base import CommStats, Communicator, reduction_dtype
 from .checks import CommChecks
 from .single import SelfCommunicator
 from .watchdog import MPIWatchdog
@@ -166,48 +172,50 @@ class MPICommunicator(Communicator):
             self._watch.collective(lambda: start(*args, **kwargs), *self._op, self.stats.doing)
 
     def _allreduce(self, x, op):
-        out = np.empty(x.shape, x.dtype)
-        self._run("Allreduce", _contiguous(x), out, op=self._ops[op])
-        return out
+        wide = reduction_dtype(x.dtype)   # bfloat16: float32, rounded back once
+        out = np.empty(x.shape, wide)
+        self._run("Allreduce", _contiguous(x.astype(wide, copy=False)), out, op=self._ops[op])
+        return out.astype(x.dtype, copy=False)
 
     def _allgather(self, x, axis):
         send = _contiguous(np.moveaxis(x, axis, 0))  # (d, rest...)
         out = np.empty((self._size * send.shape[0],) + send.shape[1:], x.dtype)  # (n*d, rest...)
-        self._run("Allgather", send, out)
+        self._run("Allgather", _wire(send), _wire(out))
         return np.moveaxis(out, 0, axis)
 
     def _reduce_scatter(self, x, axis):
-        send = _contiguous(np.moveaxis(x, axis, 0))  # (d, rest...)
-        out = np.empty((send.shape[0] // self._size,) + send.shape[1:], x.dtype)  # (d/n, rest...)
+        wide = reduction_dtype(x.dtype)   # bfloat16: float32, rounded back once
+        send = _contiguous(np.moveaxis(x, axis, 0).astype(wide, copy=False))  # (d, rest...)
+        out = np.empty((send.shape[0] // self._size,) + send.shape[1:], wide)  # (d/n, rest...)
         self._run("Reduce_scatter_block", send, out, op=self._ops["sum"])
-        return np.moveaxis(out, 0, axis)
+        return np.moveaxis(out.astype(x.dtype, copy=False), 0, axis)
 
     def _alltoall(self, x, split_axis, concat_axis):
         send = _contiguous(np.stack(np.split(x, self._size, axis=split_axis)))  # (n, *block), block j for member j
         recv = np.empty_like(send)  # (n, *block), block j from member j
-        self._run("Alltoall", send, recv)
+        self._run("Alltoall", _wire(send), _wire(recv))
         return _concat_leading(recv, concat_axis)
 
     def _broadcast(self, x, root):
         buf = np.array(x, order="C") if self._rank == root else np.empty(x.shape, x.dtype)
-        self._run("Bcast", buf, root=root)
+        self._run("Bcast", _wire(buf), root=root)
         return buf
 
     def _send(self, x, dest, tag):
+        buf = _wire(_contiguous(x))
         if self._watch is None:
-            self._comm.Send(_contiguous(x), dest=dest, tag=tag)
+            self._comm.Send(buf, dest=dest, tag=tag)
             return
-        buf = _contiguous(x)
         self._watch.p2p(self._comm.Isend(buf, dest=dest, tag=tag), f"send to member {dest} (tag {tag})", dest,
                         doing=self.stats.doing)
 
     def _recv(self, shape, dtype, source, tag):
         out = np.empty(shape, dtype)
-        status = self._status()
+        status, buf = self._status(), _wire(out)
         if self._watch is None:
-            self._comm.Recv(out, source=source, tag=tag, status=status)
+            self._comm.Recv(buf, source=source, tag=tag, status=status)
         else:
-            self._watch.p2p(self._comm.Irecv(out, source=source, tag=tag), f"recv from member {source} (tag {tag})",
+            self._watch.p2p(self._comm.Irecv(buf, source=source, tag=tag), f"recv from member {source} (tag {tag})",
                             source, status, self.stats.doing)
         got = status.Get_count(self._byte)
         if got != out.nbytes:  # a longer message already failed in Recv (MPI_ERR_TRUNCATE)
@@ -292,6 +300,12 @@ def _thread_abort_hook(args) -> None:
     if args.exc_type is SystemExit:
         return
     _abort_hook(args.exc_type, args.exc_value, args.exc_traceback)
+
+
+def _wire(buf: np.ndarray) -> np.ndarray:
+    """What MPI is handed for ``buf``: ``buf`` itself, or for bfloat16 (no MPI datatype) the same
+    memory viewed as uint16, so a receive into the view fills ``buf`` bit for bit."""
+    return buf.view(np.uint16) if buf.dtype == bfloat16 else buf
 
 
 def _contiguous(x: np.ndarray) -> np.ndarray:
