@@ -20,6 +20,11 @@ The update cells are plain host-side state (a float and two counters), not graph
 scale enters the compiled program only as its ``sens``. A new scale value compiles a new
 program for that value (cached per value on the network; the dynamic scale takes a handful
 of values: about 15 halvings from 2^32 at the start, then a change per overflow or window).
+
+Checkpoints. ``state()`` is that host-side state as JSON numbers (the scale; for the dynamic
+cell also its two counters), which a checkpoint of a TrainOneStepWithLossScaleCell saves
+(MindSpore saves them as parameters of the train cell); ``set_state(checked_state(...))``
+puts it back, so a resumed run goes on with the scale and window where they were.
 """
 from __future__ import annotations
 
@@ -54,6 +59,19 @@ class LossScaleUpdateCell:
         """Take one step's overflow flag; returns it (MindSpore's ``construct``)."""
         raise NotImplementedError
 
+    def state(self) -> dict[str, float | int]:
+        """What a checkpoint saves to resume this scale where it is (JSON numbers)."""
+        raise NotImplementedError
+
+    def checked_state(self, state, where: str) -> dict[str, float | int]:
+        """``state`` read from a checkpoint (data from disk) as this cell's state, every field
+        checked: a ValueError naming ``where`` and the field otherwise. Changes nothing."""
+        raise NotImplementedError
+
+    def set_state(self, state: dict[str, float | int]) -> None:
+        """Take a state returned by :meth:`checked_state`."""
+        raise NotImplementedError
+
 
 class FixedLossScaleUpdateCell(LossScaleUpdateCell):
     """A constant scale. Overflowed steps are still skipped; the scale never changes (a
@@ -68,6 +86,16 @@ class FixedLossScaleUpdateCell(LossScaleUpdateCell):
 
     def update(self, overflow: bool) -> bool:
         return overflow
+
+    def state(self) -> dict[str, float | int]:
+        return {"loss_scale": self.loss_scale}
+
+    def checked_state(self, state, where: str) -> dict[str, float | int]:
+        _check_keys(where, self, state)
+        return {"loss_scale": _saved_scale(where, state["loss_scale"], 0.0, False)}
+
+    def set_state(self, state: dict[str, float | int]) -> None:
+        self.loss_scale = state["loss_scale"]
 
     def __repr__(self) -> str:
         return f"FixedLossScaleUpdateCell({self.loss_scale:g})"
@@ -97,6 +125,21 @@ class DynamicLossScaleUpdateCell(LossScaleUpdateCell):
     def get_loss_scale(self) -> float:
         return self.loss_scale
 
+    def state(self) -> dict[str, float | int]:
+        return {"loss_scale": self.loss_scale, "cur_iter": self.cur_iter,
+                "last_overflow_iter": self.last_overflow_iter}
+
+    def checked_state(self, state, where: str) -> dict[str, float | int]:
+        _check_keys(where, self, state)
+        cur_iter = check_int(where, "cur_iter", state["cur_iter"], 1)
+        return {"loss_scale": _saved_scale(where, state["loss_scale"], 1.0, True), "cur_iter": cur_iter,
+                "last_overflow_iter": check_int(where, "last_overflow_iter", state["last_overflow_iter"], 0,
+                                                cur_iter - 1)}
+
+    def set_state(self, state: dict[str, float | int]) -> None:
+        self.loss_scale, self.cur_iter = state["loss_scale"], state["cur_iter"]
+        self.last_overflow_iter = state["last_overflow_iter"]
+
     def update(self, overflow: bool) -> bool:
         should_inc = self.cur_iter - self.last_overflow_iter >= self.scale_window
         if overflow:
@@ -111,6 +154,26 @@ class DynamicLossScaleUpdateCell(LossScaleUpdateCell):
     def __repr__(self) -> str:
         return (f"DynamicLossScaleUpdateCell({self.loss_scale:g}, factor {self.scale_factor:g}, "
                 f"window {self.scale_window})")
+
+
+def _check_keys(where: str, cell: LossScaleUpdateCell, state) -> None:
+    """A saved state has exactly the fields ``cell.state()`` has."""
+    expected = sorted(cell.state())
+    if not isinstance(state, dict) or sorted(state) != expected:
+        raise ValueError(format_error(where, f"{type(cell).__name__} state", f"an object with {expected}",
+                                      repr(state)[:80], "the checkpoint may be corrupt or crafted"))
+
+
+def _saved_scale(where: str, value, lowest: float, inclusive: bool) -> float:
+    """A loss scale read from a checkpoint: a finite number above ``lowest`` (or equal to it
+    when ``inclusive``: the dynamic scale's floor of 1); a ValueError otherwise, as for any
+    bad data on disk."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not (value >= lowest if inclusive else value > lowest):
+        bound = f"{'>=' if inclusive else '>'} {lowest:g}"
+        raise ValueError(format_error(where, "loss_scale", f"a finite number {bound}", repr(value),
+                                      "the checkpoint may be corrupt or crafted"))
+    return float(value)
 
 
 def as_update_cell(scale_sense) -> LossScaleUpdateCell:

@@ -34,6 +34,15 @@ blocks are written by that stage's ranks; loading reads regions, so a pipeline c
 loads serially or onto any plan, and any checkpoint onto a pipeline (every copy of a
 shared parameter reads the same value).
 
+Dtypes: those of DTYPES, bfloat16 (``ml_dtypes``) among them, stored under safetensors'
+own name "BF16" (safetensors' numpy loaders read it back once ``ml_dtypes`` is imported,
+as importing autopar does; ``safetensors.numpy.load`` of bytes has no BF16 entry).
+
+A trainer with a loss scale (TrainOneStepWithLossScaleCell) also saves the scale's state,
+``"loss_scale": {"cell": "DynamicLossScaleUpdateCell", "state": {"loss_scale": 65536.0,
+"cur_iter": 9, "last_overflow_iter": 6}}`` (null without one; absent in older checkpoints),
+restored on load so a resumed float16 run continues with the same scale and window.
+
 Reading: a manifest is data from disk, so every field is checked before it is used (a
 crafted one is rejected with a clear error instead of reading outside the directory or
 allocating absurd shapes), its tensors' names, global shapes and dtypes are checked against
@@ -60,7 +69,7 @@ FORMAT = "autopar-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
 BACKUP_SUFFIX = ".old"
-DTYPES = ("float16", "float32", "float64", "int32", "int64", "uint8", "uint16", "bool")
+DTYPES = ("float16", "bfloat16", "float32", "float64", "int32", "int64", "uint8", "uint16", "bool")
 FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")   # a piece file, a ModelCheckpoint prefix
 
 Region = tuple[tuple[int, int], ...]   # [start, stop) per dim, in global coordinates
@@ -175,6 +184,7 @@ def validate_manifest(manifest, directory: str) -> None:
     if config is not None and not (isinstance(config, dict) and isinstance(config.get("class"), str)
                                    and isinstance(config.get("fields"), dict)):
         raise value_error(where, "config", 'null or {"class": name, "fields": {...}}', repr(config)[:80])
+    _check_loss_scale(where, manifest.get("loss_scale"))
     if not isinstance(manifest.get("writer", {}), dict):
         raise value_error(where, "writer", "an object", repr(manifest.get("writer"))[:80])
     tensors = manifest.get("tensors")
@@ -182,6 +192,14 @@ def validate_manifest(manifest, directory: str) -> None:
         raise value_error(where, "tensors", "an object", type(tensors).__name__)
     for name, entry in tensors.items():
         _check_tensor(directory, name, entry)
+
+
+def _check_loss_scale(where: str, saved) -> None:
+    """The loss-scale entry's shape (its values are checked by the trainer's cell on load)."""
+    ok = saved is None or (isinstance(saved, dict) and sorted(saved) == ["cell", "state"]
+                           and isinstance(saved["cell"], str) and isinstance(saved["state"], dict))
+    if not ok:
+        raise value_error(where, "loss_scale", 'null or {"cell": name, "state": {...}}', repr(saved)[:80])
 
 
 def _resolve(path) -> str:

@@ -7,6 +7,7 @@ import numpy as np
 
 from ...errors import format_error
 from ...nn.cell import Cell
+from ...nn.loss_scale import LossScaleUpdateCell, TrainOneStepWithLossScaleCell
 from ...runtime.pipeline.shards import AbsentShard
 from ...runtime.shards import ParamShard
 from .format import DTYPES, Region, full_region, region_of, value_error
@@ -19,6 +20,12 @@ def split_model(obj):
     if isinstance(obj, Cell):
         return obj, None
     raise TypeError(format_error("checkpoint", "obj", "a Cell or a TrainOneStepCell", type(obj).__name__))
+
+
+def loss_scale_of(obj) -> LossScaleUpdateCell | None:
+    """The loss scale of a TrainOneStepWithLossScaleCell (its state is saved and restored
+    with the checkpoint), else None."""
+    return obj.scale_sense if isinstance(obj, TrainOneStepWithLossScaleCell) else None
 
 
 def _layout_json(layout) -> dict:

@@ -19,7 +19,7 @@ from ...runtime.setting import parallel_setting
 from ...runtime.shards import ParamShard
 from .agreement import agree
 from .format import FORMAT, read_manifest, value_error
-from .holdings import holder_region, model_tensors, shard_world, split_model
+from .holdings import holder_region, loss_scale_of, model_tensors, shard_world, split_model
 from .reader import PieceReader, read_all
 from .safe_save import write_bytes
 
@@ -101,7 +101,8 @@ def load_distributed_checkpoint(obj, path, *, inputs: tuple | None = None, stric
     """Load ``path`` onto ``obj`` (a Cell or TrainOneStepCell) under the current plan: each
     rank reads only the regions it holds (a ParamShard's ``region``, else whole tensors),
     so any device count or strategy (or serial) loads any checkpoint. For a trainer, the
-    optimizer states are read the same way and ``step_count`` restored. Returns ``extra``.
+    optimizer states are read the same way and ``step_count`` restored; for a
+    TrainOneStepWithLossScaleCell, the loss scale's state too. Returns ``extra``.
 
     Every tensor's global shape and dtype is checked against the model first, and nothing
     is assigned until everything this rank needs has been read: a failed load leaves the
@@ -122,6 +123,7 @@ def load_distributed_checkpoint(obj, path, *, inputs: tuple | None = None, stric
     _check_manifest_shapes(directory, manifest, model_tensors(network, optimizer))
     if optimizer is not None:
         _check_state_names(where, optimizer, tensors, strict)
+    scale = _checked_loss_scale(where, loss_scale_of(obj), manifest.get("loss_scale"), strict)
     if inputs is not None and optimizer is not None:
         _bind(obj, inputs)
     if optimizer is not None:
@@ -142,7 +144,28 @@ def load_distributed_checkpoint(obj, path, *, inputs: tuple | None = None, stric
             shard._data = value
     if optimizer is not None:
         optimizer.states, optimizer.step_count = states, manifest["step"]
+    if scale is not None:
+        cell, state = scale
+        cell.set_state(state)
     return dict(manifest["extra"])
+
+
+def _checked_loss_scale(where: str, cell, saved: dict | None, strict: bool):
+    """(the trainer's loss-scale cell, the saved state checked for it), or None when there is
+    nothing to restore: no loss scale in the trainer (a float32 fine-tune of a float16 run)
+    or none saved (a run without one: the trainer keeps its own). A scale of another kind
+    than the trainer's is refused (``strict=False``: the trainer keeps its own)."""
+    if cell is None or saved is None:
+        return None
+    mine = type(cell).__name__
+    if saved["cell"] != mine:
+        if not strict:
+            return None
+        raise value_error(where, "loss_scale", f"the state of a {mine} (this trainer's)",
+                          f"a {saved['cell']}'s state {saved['state']}",
+                          f"build the trainer with a {saved['cell']}, as the run that saved it, or pass "
+                          f"strict=False to keep this trainer's {cell!r}")
+    return cell, cell.checked_state(saved["state"], f"{where}: loss_scale")
 
 
 def _check_state_names(where: str, optimizer, tensors: dict, strict: bool) -> None:

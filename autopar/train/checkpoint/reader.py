@@ -10,8 +10,8 @@ from safetensors import SafetensorError, safe_open
 
 from .format import Region, full_region, overlap, sha256, value_error
 
-_ST_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "I32": "int32", "I64": "int64",
-              "U8": "uint8", "U16": "uint16", "BOOL": "bool"}   # safetensors' names
+_ST_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I32": "int32",
+              "I64": "int64", "U8": "uint8", "U16": "uint16", "BOOL": "bool"}   # safetensors' names
 
 
 class PieceReader:

@@ -28,10 +28,11 @@ import sys
 import numpy as np
 from safetensors.numpy import save as _st_bytes
 
+from ...dtype import is_float
 from ...errors import format_error
 from .agreement import agree, context_world
 from .format import FORMAT, VERSION, sha256, validate_manifest, value_error
-from .holdings import held_tensors, split_model
+from .holdings import held_tensors, loss_scale_of, split_model
 from .safe_save import (
     DISK_FULL,
     NoSpaceError,
@@ -66,7 +67,7 @@ def _listed(names: list[str], first: int = 5) -> str:
 
 
 def _non_finite(held: list[dict]) -> list[str]:
-    return [h["name"] for h in held if h["array"].dtype.kind == "f" and not np.isfinite(h["array"]).all()]
+    return [h["name"] for h in held if is_float(h["array"].dtype) and not np.isfinite(h["array"]).all()]
 
 
 def _check_values(world, where: str, held: list[dict], allow_non_finite: bool) -> int:
@@ -124,11 +125,16 @@ def _config_of(network) -> dict | None:
     return None
 
 
-def _manifest_head(network, optimizer, step: int, world, extra: dict) -> dict:
+def _loss_scale_entry(scale) -> dict | None:
+    """The loss scale's state (the same on every rank: the overflow check is collective)."""
+    return None if scale is None else {"cell": type(scale).__name__, "state": scale.state()}
+
+
+def _manifest_head(network, optimizer, step: int, world, extra: dict, scale) -> dict:
     return {"format": FORMAT, "version": VERSION, "step": int(step), "world_size": world.size,
             "optimizer": None if optimizer is None else
             {"type": type(optimizer).__name__, "state_names": list(optimizer.state_names)},
-            "extra": extra, "config": _config_of(network),
+            "loss_scale": _loss_scale_entry(scale), "extra": extra, "config": _config_of(network),
             "writer": {"autopar": _version(),
                        "program": _program(), "network": type(network).__name__}}
 
@@ -157,8 +163,9 @@ def _checked_extra(extra: dict | None) -> dict:
 
 
 def save_checkpoint(obj, path, *, extra: dict | None = None, world=None, allow_non_finite: bool = False) -> str:
-    """Save parameters (and, for a TrainOneStepCell, optimizer states and step) to the
-    directory ``path``; collective when the network is sharded: every rank calls it.
+    """Save parameters (and, for a TrainOneStepCell, optimizer states and step; for a
+    TrainOneStepWithLossScaleCell, the loss scale's state) to the directory ``path``;
+    collective when the network is sharded: every rank calls it.
 
     ``extra``: small JSON-able data (data-loader position, seeds) returned by
     :func:`load_distributed_checkpoint`. Refuses NaN/inf values unless
@@ -171,7 +178,7 @@ def save_checkpoint(obj, path, *, extra: dict | None = None, world=None, allow_n
     step = optimizer.step_count if optimizer is not None else 0
     path = os.path.abspath(os.fspath(path))
     where = f"save_checkpoint({path!r})"
-    head = _manifest_head(network, optimizer, step, world, _checked_extra(extra))
+    head = _manifest_head(network, optimizer, step, world, _checked_extra(extra), loss_scale_of(obj))
     held = held_tensors(network, optimizer, world.rank)
     needed = _check_values(world, where, held, allow_non_finite)
     tmp, lock, error = temp_dir(path, step), None, None
