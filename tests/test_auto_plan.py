@@ -15,6 +15,7 @@ from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.models.yuan import YuanConfig, YuanWithLoss
 from autopar.runtime.trace import trace
 from autopar.strategy.pipeline.auto import AutoFixed, LayerStack, even_split, find_layer_stack, search_auto
+from autopar.strategy.plan_source import PlanOptions
 from autopar.strategy.profile import PROFILE_DIR, load_profile
 from autopar.train import AdamWeightDecay
 
@@ -52,10 +53,12 @@ X = np.random.default_rng(1).standard_normal((16, 8))
 Y = np.random.default_rng(2).standard_normal((16, 8))
 
 
-def _profile(tmp_path, name, gemm=None, link_bytes_per_s=None):
-    """The 2-core profile with slower GEMMs or links (a test machine, written to a file)."""
+def _profile(tmp_path, name, gemm=None, link_bytes_per_s=None, memory_mib=None):
+    """The 2-core profile with other GEMM and link rates or memory (a test machine, in a file)."""
     base = json.loads((PROFILE_DIR / "cpu-2core.json").read_text())
     base["name"] = name
+    if memory_mib is not None:
+        base["memory_bytes"] = int(memory_mib * 2**20)
     if link_bytes_per_s is not None:      # gradient all-reduces cost more than pipeline sends
         base["intra_node_bandwidth_bytes_per_s"] = base["inter_node_bandwidth_bytes_per_s"] = link_bytes_per_s
     if gemm is not None:
@@ -134,8 +137,8 @@ def test_the_sharded_plan_is_priced_as_the_cost_model_prices_it():
 
     def graph_at(rows):
         return _graph(net, TensorSpec((rows, CONFIG.seq_length + 1), np.dtype(np.int32)))
-    _, tried = search_auto(graph_at, 8, 4, prof, AutoFixed(pp=1, micro_batches=1, recompute=False,
-                                                            optimizer_parallel=False))
+    _, tried = search_auto(graph_at, 8, 4, PlanOptions(), AutoFixed(pp=1, micro_batches=1, recompute=False,
+                                                                    optimizer_parallel=False))
     (plan,) = tried
     g = graph_at(8)
     mesh = Mesh((4,), ("devices",), (0, 1, 2, 3))
@@ -144,15 +147,14 @@ def test_the_sharded_plan_is_priced_as_the_cost_model_prices_it():
     assert plan.peak_memory_bytes == cost.memory_bytes
 
 
-def test_a_memory_cap_makes_the_search_pipeline_and_recompute():
-    prof = load_profile("cpu-2core")
+def test_a_memory_cap_picks_the_fastest_plan_within_it():
     net = PanguAlphaWithLoss(CONFIG)
 
     def graph_at(rows):
         return _graph(net, TensorSpec((rows, CONFIG.seq_length + 1), np.dtype(np.int32)))
-    free, tried = search_auto(graph_at, 8, 4, prof)
+    free, tried = search_auto(graph_at, 8, 4)
     tight = sorted(p.peak_memory_bytes for p in tried)[2]          # room for the leanest few plans only
-    capped, _ = search_auto(graph_at, 8, 4, prof, memory_cap=tight)
+    capped, _ = search_auto(graph_at, 8, 4, memory_cap=tight)
     assert capped.peak_memory_bytes <= tight < free.peak_memory_bytes
     assert capped.step_seconds >= free.step_seconds
     assert min(p.step_seconds for p in tried if p.peak_memory_bytes <= tight) == capped.step_seconds
@@ -215,10 +217,11 @@ def test_nothing_left_open_builds_the_usual_program():
 
 
 def test_eight_ranks_run_the_joint_plan_like_serial(tmp_path):
-    """The 8-device joint plan (in process, a pipeline on slow links) trains like serial."""
+    """The 8-device joint plan (in process) trains like serial; a memory of 1.5 MiB, which no
+    one-stage plan of this model meets on 8 devices, makes it a pipeline."""
     ids = np.concatenate([IDS, IDS[::-1]])                           # 16 rows: 2 per rank
     res = _train(lambda: PanguAlphaWithLoss(CONFIG), [ids], n=8,
-                 cost_profile=_profile(tmp_path, "slower-links", gemm=1e8, link_bytes_per_s=3e5))
+                 cost_profile=_profile(tmp_path, "small", gemm=1e9, link_bytes_per_s=3e6, memory_mib=1.5))
     assert res[0][2].choice.pp > 1
     _assert_same(res, _train(lambda: PanguAlphaWithLoss(CONFIG), [ids]))
 

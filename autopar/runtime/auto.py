@@ -186,8 +186,7 @@ def _choose(graph_at, batch: int, fixed: AutoFixed, setting: CompileSetting) -> 
         return choice, f"->  replayed from {load}: {choice.describe()}"
     record = None
     if world.rank == 0:
-        best, tried = search_auto(graph_at, batch, world.size, ctx.plan_options.profile(), fixed,
-                                  setting.full_batch, ctx.plan_options)
+        best, tried = search_auto(graph_at, batch, world.size, ctx.plan_options, fixed, setting.full_batch)
         record = {"plan": choice_record(best) if best else None, "table": plan_table(best, tried)}
     record = _broadcast_json(world, record)
     if record["plan"] is None:

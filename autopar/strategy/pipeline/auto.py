@@ -12,9 +12,12 @@ and the send/receive of its boundary values); a step of m micro-batches on p sta
     step = (m + p - 1) * max_s T_s  +  max_s (gradient reductions + update)_s
 
 (1F1B and GPipe take the same time; 1F1B holds min(p - s, m) micro-batches on stage s,
-GPipe all m). Memory of stage s = weights + gradients + optimizer states + in flight x
-its activations per micro-batch (with recompute: each layer's input, plus one layer's
-activations while it is rebuilt). The fastest candidate within the memory cap wins; ties go
+GPipe all m), plus the step's own collectives (the gradient-norm all-reduce). Memory of
+stage s = weights + optimizer states + activations: with one micro-batch the cost model's
+peak over the step's phases (:meth:`~autopar.strategy.costmodel.PlanCost.memory_bytes`);
+with several, the accumulated gradients + in flight x the activations of one (with
+recompute: each layer's input, plus one layer's activations while it is rebuilt).
+The fastest candidate within the memory cap wins; ties go
 to the simpler plan (fewer stages, fewer micro-batches, no recompute, no optimizer
 parallel).
 
@@ -34,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...ir.graph import FORWARD, Graph, differentiable_values
+from ...ir.mesh import Mesh
 from ..costmodel import CostModel
 from ..formulas import collective_seconds
 from ..plan_source import PlanOptions
@@ -161,8 +165,10 @@ class _StageCost:
     comm_s: float
     grad_s: float
     update_s: float
-    static_bytes: int          # weights + gradients + optimizer states
+    static_bytes: int          # weights + optimizer states
+    grad_bytes: int
     activation_bytes: int      # kept for backward, one micro-batch
+    one_batch_peak: int        # the cost model's peak of gradients and activations, one micro-batch
     recompute_bytes: int       # the same with the layers recomputed (their inputs + one layer's)
     layer_compute_s: float     # of the stack's layers (what recompute runs again)
 
@@ -189,12 +195,13 @@ def _stage_cost(model: CostModel, plan, stack: LayerStack | None) -> _StageCost:
                     if lay is not None:
                         inputs.setdefault(k, {})[v] = math.prod(lay.local_shape(graph.spec(v).shape)) * \
                             np.dtype(graph.spec(v).dtype).itemsize
-    static = sum(model.param_memory(v, plan.layouts[v])[0] for v in model.params if v in plan.layouts)
+    cost = model.evaluate(plan)
     outside = sum(kept.values())
     layers = [sum(d.values()) for d in per_layer.values()]
     whole = outside + sum(layers)
     rebuilt = outside + sum(sum(d.values()) for d in inputs.values()) + max(layers, default=0)
-    return _StageCost(compute, comm, grad, update, static, whole, min(whole, rebuilt), layer_compute)
+    return _StageCost(compute, comm, grad, update, cost.param_bytes + cost.state_bytes, cost.grad_bytes, whole,
+                      cost.memory_bytes - cost.param_bytes - cost.state_bytes, min(whole, rebuilt), layer_compute)
 
 
 def _p2p_seconds(plan: PipelinePlan, s: int, n: int, profile: MachineProfile) -> float:
@@ -230,12 +237,13 @@ def _shared_seconds(plan: PipelinePlan, graph: Graph, s: int, n: int, profile: M
 
 def price(graph: Graph, stack: LayerStack | None, devices: int, pp: int, micro_batches: int,
           layers_per_stage: Sequence[int], optimizer_parallel: bool, recomputes: Sequence[bool],
-          schedule: str, profile: MachineProfile, full_batch: bool = False,
-          options: PlanOptions = PlanOptions(), keep_stages: bool = False) -> list[AutoPlan]:
+          schedule: str, options: PlanOptions = PlanOptions(), full_batch: bool = False,
+          keep_stages: bool = False) -> list[AutoPlan]:
     """The plans of one (stages, micro-batches, split, optimizer parallel), one per recompute
     setting in ``recomputes``; ``graph`` is the forward graph on one micro-batch. Planned as
-    the run plans it (every stage's ops searched); [] when its shapes do not divide."""
-    n = devices // pp
+    the run plans it (every stage's ops searched under ``options``, whose machine profile
+    prices everything); [] when its shapes do not divide."""
+    n, profile = devices // pp, options.profile()
     g = annotate(graph, stack, layers_per_stage, False, stages=not keep_stages)
     assign = assign_stages(g, pp, differentiable_values(g, g.params))
     opts = dataclasses.replace(options, optimizer_parallel=optimizer_parallel, memory_cap=math.inf)
@@ -247,6 +255,8 @@ def price(graph: Graph, stack: LayerStack | None, devices: int, pp: int, micro_b
                          pl, stack) for sg, pl in zip(plan.stages, plan.plans)]
     p2p = [_p2p_seconds(plan, s, n, profile) for s in range(pp)]
     shared = [_shared_seconds(plan, graph, s, n, profile) for s in range(pp)]
+    world = Mesh((devices,), ("devices",), tuple(range(devices)))
+    once = CostModel(graph, world, profile, full_batch).step_collectives_seconds(world)    # the norm all-reduce
     out = []
     m = micro_batches
     for recompute in recomputes:
@@ -256,24 +266,33 @@ def price(graph: Graph, stack: LayerStack | None, devices: int, pp: int, micro_b
         per_mb = sum(times[slow])
         grads = max(c.grad_s + sh for c, sh in zip(costs, shared))
         update = max(c.update_s for c in costs)
-        memory = tuple(int(c.static_bytes + in_flight(pp, s, m, schedule)
-                           * (c.recompute_bytes if recompute else c.activation_bytes)) for s, c in enumerate(costs))
+        memory = tuple(_stage_memory(c, in_flight(pp, s, m, schedule), m, recompute) for s, c in enumerate(costs))
         out.append(AutoPlan(pp, m, tuple(layers_per_stage) if stack else (), recompute, optimizer_parallel, schedule,
-                            (m + pp - 1) * per_mb + grads + update, m * times[slow][0], m * times[slow][1] + grads,
+                            (m + pp - 1) * per_mb + grads + update + once, m * times[slow][0],
+                            m * times[slow][1] + grads + once,
                             (pp - 1) * per_mb, update, memory, n))
     return out
+
+
+def _stage_memory(c: _StageCost, kept: int, m: int, recompute: bool) -> int:
+    """Peak bytes of a stage holding ``kept`` micro-batches at once (module docstring)."""
+    if m == 1 and not recompute:
+        return c.static_bytes + c.one_batch_peak
+    return c.static_bytes + c.grad_bytes + kept * (c.recompute_bytes if recompute else c.activation_bytes)
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def search_auto(graph_at: Callable[[int], Graph], batch: int, devices: int, profile: MachineProfile,
-                fixed: AutoFixed = AutoFixed(), full_batch: bool = False, options: PlanOptions = PlanOptions(),
+def search_auto(graph_at: Callable[[int], Graph], batch: int, devices: int, options: PlanOptions = PlanOptions(),
+                fixed: AutoFixed = AutoFixed(), full_batch: bool = False,
                 memory_cap: float | None = None) -> tuple[AutoPlan | None, list[AutoPlan]]:
-    """The fastest joint plan within ``memory_cap`` (default: the profile's memory) and every
-    plan priced. ``graph_at(rows)`` is the forward graph on a micro-batch of ``rows``
-    sequences (the global batch ``batch`` divided by the micro-batch count)."""
+    """The fastest joint plan within ``memory_cap`` (default: the memory of ``options``'
+    machine profile) and every plan priced. ``graph_at(rows)`` is the forward graph on a
+    micro-batch of ``rows`` sequences (the global batch ``batch`` divided by the micro-batch
+    count)."""
+    profile = options.profile()
     graphs: dict[int, Graph] = {}
 
     def at(rows: int) -> Graph:
@@ -294,8 +313,8 @@ def search_auto(graph_at: Callable[[int], Graph], batch: int, devices: int, prof
         split = even_split(stack.count, pp) if stack else ()
         for m in ms:
             for zero in zeros:
-                tried += price(at(batch // m), stack, devices, pp, m, split, zero, recomputes, schedule, profile,
-                               full_batch, options, fixed.keep_stages)
+                tried += price(at(batch // m), stack, devices, pp, m, split, zero, recomputes, schedule, options,
+                               full_batch, fixed.keep_stages)
     cap = float(profile.memory_bytes if memory_cap is None else memory_cap)
     fitting = [p for p in tried if p.peak_memory_bytes <= cap]
     best = min(fitting, key=lambda p: (p.step_seconds, p.pp, p.micro_batches, p.recompute, p.optimizer_parallel),
