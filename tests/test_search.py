@@ -81,11 +81,10 @@ def merges_gradient_parts(model, plan) -> bool:
     adds before one reduction (the pairwise objective reduces each part on its own edge;
     the same when they need none)."""
     from autopar.ir.graph import gradient_inputs
-    from autopar.strategy.costmodel import canonical
     for readers in model.consumers.values():
-        parts = [canonical(plan.shardings[n].grad_layout(i)) for n, i in readers
+        parts = [plan.shardings[n].grad_layout(i) for n, i in readers
                  if gradient_inputs(model.nodes[n], model.needs_grad)[i]]
-        if len(parts) > 1 and len(set(parts)) == 1:
+        if len(parts) > 1 and all(p == parts[0] for p in parts):
             return True
     return False
 

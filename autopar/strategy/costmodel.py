@@ -433,7 +433,7 @@ class CostModel:
             if src is None:
                 continue
             target = Layout(src.mesh, src.dims)
-            if len({canonical(p) for p in parts}) == 1:
+            if all(p == parts[0] for p in parts):      # the runtime's test (spmd.Lowering.accumulate)
                 moved = self.redistribution_seconds(parts[0], target, v)
             else:
                 moved = sum(self.redistribution_seconds(p, target, v) for p in parts)
