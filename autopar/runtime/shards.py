@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from ..dtype import is_float
 from ..errors import format_error
 from ..ir.layout import Layout
 from ..ir.spec import TensorSpec
@@ -88,7 +89,7 @@ def local_norm(grads: Iterable[np.ndarray]) -> float:
     total = 0.0
     for i, g in enumerate(grads):
         g = np.asarray(g)
-        if g.dtype.kind not in "fiu":
+        if not (g.dtype.kind in "fiu" or is_float(g.dtype)):       # bfloat16 has kind 'V'
             raise ValueError(format_error("global_norm", f"grads[{i}] dtype", "a numeric array", str(g.dtype)))
         flat = np.ravel(g)
         if flat.dtype == np.float64:
