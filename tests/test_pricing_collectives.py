@@ -101,3 +101,20 @@ def test_each_collective_call_pays_its_latency_and_optimizer_parallel_makes_two(
     assert OPTIMIZER_BYTES_PER_ELEMENT == 8 + CLIP_BYTES_PER_ELEMENT == 11
     assert plain.update_s == pytest.approx(11 * h * h * 4 / 1e9, rel=1e-12)
     assert zero.update_s == pytest.approx(11 * h * h * 4 / dp / 1e9, rel=1e-12)
+
+
+def test_a_calibrated_waiting_term_is_paid_once_per_call(tmp_path):
+    from autopar.strategy.profile import DEFAULTED_SOURCES, MachineProfile
+    base = links(tmp_path, 1e-3)
+    assert base.collective_wait_s == 0.0                             # old files: no waiting charged
+    assert base.sources["collective_wait_s"] == DEFAULTED_SOURCES["collective_wait_s"]
+    data = base.to_dict() | {"collective_wait_s": 5e-4}
+    data["sources"] = dict(data["sources"]) | {"collective_wait_s": "assumed, for this test"}
+    waits = MachineProfile.from_dict(data)
+    for kind in ("all_reduce", "all_gather", "broadcast"):
+        assert formulas.collective_seconds(kind, 4096, 4, waits, False) == pytest.approx(
+            formulas.collective_seconds(kind, 4096, 4, base, False) + 5e-4, rel=1e-12)
+    assert formulas.collective_seconds("all_reduce", 4096, 1, waits, False) == 0.0   # one rank: no call
+    del data["sources"]["collective_wait_s"]
+    with pytest.raises(ValueError, match=r"names no source for \['collective_wait_s'\]"):
+        MachineProfile.from_dict(data)

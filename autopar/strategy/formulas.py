@@ -55,9 +55,10 @@ def collective_seconds(kind: str, nbytes: float, n: int, profile: MachineProfile
     """Time (s) of one collective on ``n`` ranks over a buffer of ``nbytes`` bytes (the full
     buffer, per rank, as the caller holds it):
 
-        latency_s + collective_factor(kind, n) · nbytes / bandwidth_bytes_per_s
+        latency_s + collective_wait_s + collective_factor(kind, n) · nbytes / bandwidth_bytes_per_s
 
-    with the profile's inter-node or intra-node latency and bandwidth. One rank: 0 s."""
+    with the profile's inter-node or intra-node latency and bandwidth, and its per-call
+    waiting term (ranks arriving at different times; 0 unless calibrated). One rank: 0 s."""
     if nbytes < 0:
         raise ValueError(f"collective_seconds: nbytes must be >= 0, got {nbytes!r}")
     factor = collective_factor(kind, n)
@@ -69,7 +70,7 @@ def collective_seconds(kind: str, nbytes: float, n: int, profile: MachineProfile
     else:
         latency_s = profile.intra_node_latency_s
         bandwidth_bytes_per_s = profile.intra_node_bandwidth_bytes_per_s
-    return latency_s + factor * nbytes / bandwidth_bytes_per_s
+    return latency_s + profile.collective_wait_s + factor * nbytes / bandwidth_bytes_per_s
 
 
 def compute_seconds(flops: float, bytes_touched: float, dtype: str,

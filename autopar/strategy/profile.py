@@ -12,6 +12,9 @@ A profile is a JSON data file (``autopar/strategy/profiles/<name>.json``) holdin
 * ``inter_node_bandwidth_bytes_per_s`` — collective bandwidth between nodes (bytes/s);
 * ``op_overhead_s``               — fixed cost of every executed op: dispatch + kernel launch (s);
   optional, 0 when a file omits it (files written before it existed);
+* ``collective_wait_s``           — optional, 0 when omitted: seconds every collective call (and
+  pipeline send) costs on top of its latency because its ranks arrive at different times
+  (calibrated against measured steps; the latency alone is one call among ready ranks);
 * ``gemm_efficiency``             — optional, per dtype name: points ``[d, fraction]`` of the
   GEMM rate reached by a GEMM whose smallest dimension min(m, n, k) is d (small and skinny
   GEMMs run below peak); between points the fraction is interpolated in log d, outside
@@ -54,8 +57,11 @@ SOURCED_FIELDS: tuple[str, ...] = (
 
 # Optional figures: name -> default. A profile that gives one needs a source for it; one left
 # at its default without a source is given the source DEFAULTED_SOURCE.
-OPTIONAL_FIELDS: Mapping[str, float] = {"op_overhead_s": 0.0}
+OPTIONAL_FIELDS: Mapping[str, float] = {"op_overhead_s": 0.0, "collective_wait_s": 0.0}
 DEFAULTED_SOURCE = "left at its default, 0 s, with no source: no per-op overhead charged"
+DEFAULTED_SOURCES: Mapping[str, str] = {
+    "op_overhead_s": DEFAULTED_SOURCE,
+    "collective_wait_s": "left at its default, 0 s, with no source: no waiting charged per collective"}
 
 
 def _positive_number(name: str, value, *, allow_zero: bool = False) -> float:
@@ -84,6 +90,7 @@ class MachineProfile:
     inter_node_bandwidth_bytes_per_s: float         # bytes/s
     sources: Mapping[str, str] = field(default_factory=dict)
     op_overhead_s: float = OPTIONAL_FIELDS["op_overhead_s"]   # s per executed op
+    collective_wait_s: float = OPTIONAL_FIELDS["collective_wait_s"]   # s per collective call: ranks waiting
     # op kind -> bytes/s its kernels (forward + backward) move, where they run below the
     # elementwise bandwidth (masks hashed, erf, exp, row reductions); each sourced as
     # "op_bytes_per_s.<kind>"
@@ -116,7 +123,7 @@ class MachineProfile:
                            "inter_node_bandwidth_bytes_per_s"):
             object.__setattr__(self, rate_field,
                                _positive_number(rate_field, getattr(self, rate_field)))
-        for latency_field in ("intra_node_latency_s", "inter_node_latency_s", "op_overhead_s"):
+        for latency_field in ("intra_node_latency_s", "inter_node_latency_s", "op_overhead_s", "collective_wait_s"):
             object.__setattr__(self, latency_field, _positive_number(
                 latency_field, getattr(self, latency_field), allow_zero=True))
         if not isinstance(self.op_bytes_per_s, Mapping):
@@ -135,7 +142,7 @@ class MachineProfile:
                                  f"naming where the figure comes from, got {text!r}")
         for name, default in OPTIONAL_FIELDS.items():
             if name not in sources and getattr(self, name) == default:
-                sources[name] = DEFAULTED_SOURCE
+                sources[name] = DEFAULTED_SOURCES[name]
         needed = list(SOURCED_FIELDS) + list(OPTIONAL_FIELDS) + [f"gemm_flops.{d}" for d in gemm] + \
             [f"op_bytes_per_s.{k}" for k in self.op_bytes_per_s] + \
             [f"gemm_efficiency.{d}" for d in self.gemm_efficiency]

@@ -172,6 +172,7 @@ def transfer_seconds(profile: MachineProfile, pp: int, s: int, stage_devices: in
             lat, bw = profile.inter_node_latency_s, profile.inter_node_bandwidth_bytes_per_s
         else:
             lat, bw = profile.intra_node_latency_s, profile.intra_node_bandwidth_bytes_per_s
+        lat += profile.collective_wait_s
         total += sum(lat + nbytes / bw for nbytes in layer.boundary_sends + layer.boundary_grads)
     return total
 
