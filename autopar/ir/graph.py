@@ -22,24 +22,16 @@ import networkx as nx
 import numpy as np
 
 from ..dtype import is_float
-from .spec import TensorSpec
+from .spec import HasSpec, TensorSpec
 
 FORWARD, BACKWARD = "forward", "backward"
 
 
 @dataclass(frozen=True)
-class Value:
+class Value(HasSpec):
     id: int
     spec: TensorSpec
     producer: int | None = None   # node id, None for inputs, parameters and constants
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.spec.shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.spec.dtype
 
 
 @dataclass(frozen=True, eq=False)

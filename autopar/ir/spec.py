@@ -6,6 +6,21 @@ from dataclasses import dataclass
 import numpy as np
 
 
+class HasSpec:
+    """Shape and dtype read through a ``spec`` attribute (a graph value, a traced tensor)."""
+
+    __slots__ = ()
+    spec: TensorSpec
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.spec.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.spec.dtype
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     """Shape and dtype of a value, no data."""

@@ -36,7 +36,7 @@ import numpy as np
 from ..errors import check_int, format_error
 from ..runtime.arguments import normalize
 from .cell import Cell
-from .wrappers import TrainOneStepCell, _scale
+from .wrappers import TrainOneStepCell
 
 
 def _finite(where: str, arg: str, value, lo: float, lo_open: bool, expected: str) -> float:
@@ -243,9 +243,5 @@ class TrainOneStepWithLossScaleCell(TrainOneStepCell):
         elif norm == 0.0:
             self.empty_steps += 1
         else:
-            if self.clip_norm is not None and norm > self.clip_norm:
-                _scale(grads, self.clip_norm / norm)
-            self.optimizer.step(grads)
-            prog.sync_weights()
-            self.consecutive_skips = 0
+            self._update(prog, grads, norm)
         return np.asarray(loss), overflow, scale

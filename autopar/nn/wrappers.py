@@ -156,12 +156,17 @@ class TrainOneStepCell(Cell):
         elif norm == 0.0:
             self.empty_steps += 1
         else:
-            if self.clip_norm is not None and norm > self.clip_norm:
-                _scale(grads, self.clip_norm / norm)
-            self.optimizer.step(grads)
-            prog.sync_weights()   # optimizer parallel: all-gather the updated slices
-            self.consecutive_skips = 0
+            self._update(prog, grads, norm)
         return np.asarray(loss)
+
+    def _update(self, prog, grads, norm: float) -> None:
+        """Clip to ``clip_norm`` (the global norm ``norm``), step the optimizer, bring updated
+        slices back (optimizer parallel: all-gather) and end a run of skipped steps."""
+        if self.clip_norm is not None and norm > self.clip_norm:
+            _scale(grads, self.clip_norm / norm)
+        self.optimizer.step(grads)
+        prog.sync_weights()
+        self.consecutive_skips = 0
 
     def _skip(self, loss: float, norm: float) -> None:
         """Count a non-finite step (no update); stop the job when the limit is reached."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import ops
-from ..ir.spec import TensorSpec
+from ..ir.spec import HasSpec, TensorSpec
 
 
 class TensorOps:
@@ -88,21 +88,13 @@ class Weight(TensorOps):
     __slots__ = ()
 
 
-class Tensor(TensorOps):
+class Tensor(TensorOps, HasSpec):
     """A value of the graph being traced."""
 
     __slots__ = ("vid", "spec", "tracer")
 
     def __init__(self, vid: int, spec: TensorSpec, tracer):
         self.vid, self.spec, self.tracer = vid, spec, tracer
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.spec.shape
-
-    @property
-    def dtype(self) -> np.dtype:
-        return self.spec.dtype
 
     @property
     def ndim(self) -> int:
