@@ -5,8 +5,8 @@ writes a stage-plan file that ``load_stage_plan`` reads back, checking every key
 import json
 
 import pytest
+from test_plan_cli_fuzz import run_main
 
-from autopar import plan as cli
 from autopar.strategy.pipeline.plan_file import load_stage_plan
 from autopar.strategy.pipeline.registry import model_family
 from autopar.strategy.pipeline.stage_search import StageCoster, evaluate, search_stages
@@ -17,15 +17,6 @@ SHAPE = ["--hidden", "64", "--layers", "4", "--heads", "8", "--ffn", "256", "--s
 FIELDS = {"hidden_size": 64, "num_layers": 4, "num_heads": 8, "ffn_hidden_size": 256, "seq_length": 16,
           "vocab_size": 128}
 RUN = ["--devices", "4", "--batch", "8", "--ops", "1"]
-
-
-def run_main(argv, capsys):
-    try:
-        rc = cli.main(argv)
-    except SystemExit as stop:
-        rc = stop.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def planned(argv, tmp_path, capsys, name="plan.json") -> dict:

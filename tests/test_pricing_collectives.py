@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import pytest
+from test_costmodel import dense_data_parallel
 
 from autopar import nn, ops
 from autopar.ir.mesh import Mesh
@@ -77,19 +78,7 @@ def test_alike_gradient_parts_are_summed_then_reduced_once(tmp_path, mp):
 @pytest.mark.parametrize("dp", [2, 4])
 def test_each_collective_call_pays_its_latency_and_optimizer_parallel_makes_two(tmp_path, dp):
     h, latency = 64, 1e-3
-    net = nn.Dense(h, h, has_bias=False)
-
-    class Loss(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.net, self.mean = net, ops.ReduceMean()
-
-        def construct(self, x):
-            return self.mean(self.net(x))
-
-    g = trace(Loss(), (TensorSpec((8 * dp, h), np.dtype(np.float32)),), {}).graph
-    stage = Mesh((dp,), ("devices",))
-    plan = plan_shardings(g, "data_parallel", stage, False)
+    g, stage, plan = dense_data_parallel(dp, h)
     prof = links(tmp_path, latency, optimizer_update=1e9)
     plain = CostModel(g, stage, prof).evaluate(plan)
     zero = CostModel(g, stage, prof, optimizer_parallel=True).evaluate(plan)
