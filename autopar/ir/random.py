@@ -5,10 +5,18 @@ materializes exactly its shard of a parameter, and a dropout mask, with the valu
 serial model would have. The generator is SplitMix64 applied to ``key + index``; keys are
 derived from strings (parameter names, op names) with BLAKE2b, which is stable across
 processes and Python versions (unlike ``hash``).
+
+Dropout's hash (:func:`keep_mask`) is written with array operators only (``^ >> * <``
+and ``astype``), so it runs on whatever array module holds the indices -- numpy on the
+host, CuPy on a GPU -- and, being integer arithmetic, gives the same bits on both: a GPU
+run drops the units a CPU run drops. (This layer sits below the array backend, so the
+caller chooses the module: it passes indices made by it, or ``xp`` to
+:func:`region_indices`.) Initializers run on the host.
 """
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 
@@ -29,15 +37,16 @@ def _mix(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def region_indices(shape: tuple[int, ...], region: tuple[slice, ...] | None = None) -> np.ndarray:
-    """Flat row-major indices into ``shape`` of the elements in ``region`` (all if None)."""
+def region_indices(shape: tuple[int, ...], region: tuple[slice, ...] | None = None, xp=np):
+    """Flat row-major indices into ``shape`` of the elements in ``region`` (all if None),
+    as a uint64 array of the array module ``xp`` (numpy by default)."""
     if region is None:
-        return np.arange(int(np.prod(shape, dtype=np.int64)), dtype=np.uint64).reshape(shape)
-    idx = np.zeros((1,) * len(shape), dtype=np.uint64)
+        return xp.arange(math.prod(shape), dtype=np.uint64).reshape(shape)
+    idx = xp.zeros((1,) * len(shape), dtype=np.uint64)
     stride = 1
     for d in reversed(range(len(shape))):
         start, stop, step = region[d].indices(shape[d])
-        ax = np.arange(start, stop, step, dtype=np.uint64) * np.uint64(stride)
+        ax = xp.arange(start, stop, step, dtype=np.uint64) * np.uint64(stride)
         idx = idx + ax.reshape((-1,) + (1,) * (len(shape) - d - 1))
         stride *= shape[d]
     return idx
@@ -85,11 +94,11 @@ def _lowbias32(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def keep_mask(key: int, index: np.ndarray, keep_prob: float) -> np.ndarray:
+def keep_mask(key: int, index, keep_prob: float):
     """Bernoulli(keep_prob) per logical index, on 32-bit lanes (dropout's hot path: about a
     third of the cost of :func:`uniform`). Two hash rounds mix in the 64-bit key and the
-    high half of the index, so any index below 2**64 has a defined value."""
-    index = np.asarray(index)
+    high half of the index, so any index below 2**64 has a defined value. ``index`` is an
+    unsigned integer array of any array module; the mask (bool) is of the same module."""
     k_lo, k_hi = _U32(key & 0xFFFFFFFF), _U32((key >> 32) & 0xFFFFFFFF)
     with np.errstate(over="ignore"):
         x = _lowbias32(index.astype(_U32) ^ k_lo)

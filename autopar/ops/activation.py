@@ -10,6 +10,7 @@ import math
 
 import numpy as np
 
+from ..backend import array_module, cache_blocked
 from .elementwise import Unary, same_buffer_inputs
 from .registry import register
 
@@ -30,7 +31,7 @@ class ReLU(Unary):
     save_inputs, save_output = "none", True
 
     def fn(self, x):
-        return np.maximum(x, 0)
+        return array_module(x).maximum(x, 0)
 
     def dfn(self, x, y, dy):
         return dy * (y > 0)
@@ -56,53 +57,56 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _BLOCK = 1 << 14  # elements per block: the block and its temporaries stay in L2
 
 
-def blocked(kernel, out: np.ndarray, *ins: np.ndarray, scratch: int = 1) -> np.ndarray:
-    """Run ``kernel(out_block, *in_blocks, *scratch_blocks)`` over flat blocks, so a
-    multi-pass formula reads and writes main memory once instead of once per pass.
+def blocked(kernel, out, *ins, scratch: int = 1):
+    """Run ``kernel(xp, out_block, *in_blocks, *scratch_blocks)`` over flat blocks, so a
+    multi-pass formula reads and writes main memory once instead of once per pass (on a
+    GPU, where a block is a kernel launch, over one block: the whole array).
     float16/bfloat16 blocks are computed in float32 scratch and rounded once into ``out``
     (numpy's half arithmetic converts every element of every pass: ~30x slower)."""
+    xp = array_module(out, *ins)
     flat_out = out.reshape(-1)
-    flat_in = [np.ascontiguousarray(a).reshape(-1) for a in ins]
+    flat_in = [xp.ascontiguousarray(a).reshape(-1) for a in ins]
     wide = np.promote_types(out.dtype, np.float32)
-    n = min(_BLOCK, flat_out.size)
-    tmp = [np.empty(n, wide) for _ in range(scratch)]
-    acc = np.empty(n, wide) if wide != out.dtype else None
-    for s in range(0, flat_out.size, _BLOCK):
-        e = min(s + _BLOCK, flat_out.size)
+    step = _BLOCK if cache_blocked(out) else max(flat_out.size, 1)
+    n = min(step, flat_out.size)
+    tmp = [xp.empty(n, wide) for _ in range(scratch)]
+    acc = xp.empty(n, wide) if wide != out.dtype else None
+    for s in range(0, flat_out.size, step):
+        e = min(s + step, flat_out.size)
         o = flat_out[s:e] if acc is None else acc[:e - s]
-        kernel(o, *[a[s:e] for a in flat_in], *[t[:e - s] for t in tmp])
+        kernel(xp, o, *[a[s:e] for a in flat_in], *[t[:e - s] for t in tmp])
         if acc is not None:
             flat_out[s:e] = o
     return out
 
 
-def _gelu_tanh(o, x, t):
+def _gelu_tanh(xp, o, x, t):
     """o = 0.5 x (1 + tanh(c (x + 0.044715 x^3)))."""
-    np.multiply(x, x, out=t)
+    xp.multiply(x, x, out=t)
     t *= 0.044715
     t += 1.0
     t *= x
     t *= _SQRT_2_OVER_PI
-    np.tanh(t, out=t)
+    xp.tanh(t, out=t)
     t += 1.0
-    np.multiply(t, x, out=o)
+    xp.multiply(t, x, out=o)
     o *= 0.5
 
 
-def _gelu_tanh_grad(o, x, dy, t, u):
+def _gelu_tanh_grad(xp, o, x, dy, t, u):
     """o = dy (0.5 (1 + tanh_) + 0.5 x (1 - tanh_^2) c (1 + 3 * 0.044715 x^2))."""
-    np.multiply(x, x, out=u)
-    np.multiply(u, 0.044715, out=t)
+    xp.multiply(x, x, out=u)
+    xp.multiply(u, 0.044715, out=t)
     t += 1.0
     t *= x
     t *= _SQRT_2_OVER_PI
-    np.tanh(t, out=t)                   # tanh_
+    xp.tanh(t, out=t)                   # tanh_
     u *= 3 * 0.044715
     u += 1.0
     u *= x
     u *= 0.5 * _SQRT_2_OVER_PI          # 0.5 x d(inner)/dx
-    np.multiply(t, t, out=o)
-    np.subtract(1.0, o, out=o)
+    xp.multiply(t, t, out=o)
+    xp.subtract(1.0, o, out=o)
     o *= u
     t *= 0.5
     t += 0.5
@@ -119,7 +123,7 @@ class GeLU(Unary):
 
     def fn(self, x):
         if self.attrs["approximate"]:
-            return blocked(_gelu_tanh, np.empty_like(x), x)
+            return blocked(_gelu_tanh, array_module(x).empty_like(x), x)
         return 0.5 * x * (1.0 + erf(x * _INV_SQRT_2))
 
     def inplace_inputs(self, specs, out):
@@ -130,9 +134,9 @@ class GeLU(Unary):
 
     def dfn(self, x, y, dy):
         if self.attrs["approximate"]:
-            return blocked(_gelu_tanh_grad, np.empty_like(x), x, dy, scratch=2)
+            return blocked(_gelu_tanh_grad, array_module(x).empty_like(x), x, dy, scratch=2)
         cdf = 0.5 * (1.0 + erf(x * _INV_SQRT_2))
-        pdf = _INV_SQRT_2PI * np.exp(-0.5 * x * x)
+        pdf = _INV_SQRT_2PI * array_module(x).exp(-0.5 * x * x)
         return dy * (cdf + x * pdf)
 
     def flops(self, specs, out):
@@ -153,22 +157,25 @@ class FastGeLU(Unary):
 
 def _sigmoid(x):
     """Numerically stable logistic function."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
+    xp = array_module(x)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(x.dtype, copy=False)
 
 
-_ERF_EXACT = np.frompyfunc(math.erf, 1, 1)
+_ERF_EXACT = np.frompyfunc(math.erf, 1, 1)   # a ufunc of host Python floats, built once
 
 
-def erf(x: np.ndarray) -> np.ndarray:
-    """erf in numpy. float64: exact (``math.erf`` per element, for tests and fp64 runs);
-    lower precisions: Numerical Recipes' erfc Chebyshev fit, |error| < 1.2e-7 (float32 level)."""
-    if x.dtype == np.float64:
+def erf(x):
+    """erf. float64 numpy arrays: exact (``math.erf`` per element, for tests and fp64 runs);
+    otherwise (lower precisions, and every dtype on a GPU, where host Python cannot run):
+    Numerical Recipes' erfc Chebyshev fit, |error| < 1.2e-7 (float32 level)."""
+    xp = array_module(x)
+    if x.dtype == np.float64 and xp is np:
         return _ERF_EXACT(x).astype(np.float64)
-    z = np.abs(x)
+    z = xp.abs(x)
     t = 1.0 / (1.0 + 0.5 * z)
     poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
         -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * (1.48851587 + t * (
             -0.82215223 + t * 0.17087277))))))))
-    ans = 1.0 - t * np.exp(poly)
-    return np.where(x >= 0, ans, -ans).astype(x.dtype, copy=False)
+    ans = 1.0 - t * xp.exp(poly)
+    return xp.where(x >= 0, ans, -ans).astype(x.dtype, copy=False)

@@ -1,9 +1,11 @@
 """Calling an op: recorded by the current tracer while a cell is traced, run now on
-numpy arrays otherwise (``ops.Add()(x, y)`` on arrays is numpy's ``x + y``)."""
+arrays otherwise (``ops.Add()(x, y)`` on arrays is ``x + y`` with the arrays' module:
+numpy, or CuPy for GPU arrays)."""
 from __future__ import annotations
 
 import numpy as np
 
+from ..backend import array_module, is_array
 from ..errors import OpArgError, OpTypeError, at_scope
 from ..ir.spec import spec_of
 from ..ir.tracing import current_tracer
@@ -32,12 +34,19 @@ def _weak_scalars(args: tuple) -> tuple:
     ref = next((a.dtype for a in args if hasattr(a, "dtype") and not isinstance(a, (bool, int, float))), None)
     if ref is None:
         return args
-    return tuple(np.asarray(a, dtype=np.result_type(ref, a)) if isinstance(a, (bool, int, float)) else a
+    xp = array_module(*args)      # the scalar becomes an array where the tensors live
+    return tuple(xp.asarray(a, dtype=np.result_type(ref, a)) if isinstance(a, (bool, int, float)) else a
                  for a in args)
 
 
+def _as_array(a):
+    """An array as it is (numpy or device); anything else through numpy (a Parameter
+    gives its host value, ``__array__``)."""
+    return a if is_array(a) else np.asarray(a)
+
+
 def _eager(prim, args: tuple):
-    arrays = [np.asarray(a) for a in args]     # a Parameter gives its value (__array__)
+    arrays = [_as_array(a) for a in args]
     specs = tuple(spec_of(a) for a in arrays)
     try:
         prim.check_n_inputs(specs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import array_module
 from ..dtype import is_half
 from ..errors import OpArgError
 from ..ir.spec import TensorSpec
@@ -24,17 +25,17 @@ from .sharding import Indexing, broadcast_indexing
 
 
 def _t(x):
-    return np.swapaxes(x, -1, -2)
+    return x.swapaxes(-1, -2)
 
 
 def _matmul(a, b):
     """``a @ b``, half-precision operands multiplied in float32 (BLAS) and left in float32
     for the caller to round once, as tensor cores accumulate: numpy's own float16 matmul
     has no BLAS path (about 150x slower than float32) and its bfloat16 matmul returns
-    float32 anyway. float32 and float64 operands go straight to numpy."""
+    float32 anyway. float32 and float64 operands go straight to the array module's matmul."""
     if is_half(a.dtype) or is_half(b.dtype):
         a, b = a.astype(np.promote_types(a.dtype, np.float32)), b.astype(np.promote_types(b.dtype, np.float32))
-    return np.matmul(a, b)
+    return array_module(a, b).matmul(a, b)
 
 
 class Contraction(Primitive):

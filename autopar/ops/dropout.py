@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import array_module, cache_blocked
 from ..errors import OpArgError
 from ..ir.random import derive_key, keep_mask, region_indices
 from .elementwise import elementwise_indexing
@@ -13,11 +14,12 @@ _DROPOUT_CHUNK = 1 << 14  # elements per random-number chunk: its uint64 tempora
                           # each) stay in L2; 1 << 15 and up measured 3x slower
 
 
-def dropout_mask(key: int, keep_prob: float, shape: tuple[int, ...], region=None) -> np.ndarray:
+def dropout_mask(key: int, keep_prob: float, shape: tuple[int, ...], region=None, xp=np):
     """The keep mask of ``shape`` (or of its sub-``region``, a tuple of slices): element i
     is kept iff keep_mask(key, i) (a hash of i below keep_prob * 2**32), i its flat row-major index in the full shape.
-    A shard generates its slice with the region and gets the serial model's values."""
-    return keep_mask(key, region_indices(shape, region), keep_prob)
+    A shard generates its slice with the region and gets the serial model's values; the
+    mask is an array of the array module ``xp`` (numpy, or CuPy: the same bits)."""
+    return keep_mask(key, region_indices(shape, region, xp), keep_prob)
 
 
 @register
@@ -48,26 +50,29 @@ class Dropout(Primitive):
         seeds = (self.attrs["seed0"], self.attrs["seed1"])
         return key if seeds == (0, 0) else derive_key(key, *seeds)
 
-    def _apply(self, a: np.ndarray, key: int) -> np.ndarray:
-        """a * mask / keep_prob, the mask made in flat chunks (flat index = region_indices)."""
+    def _apply(self, a, key: int):
+        """a * mask / keep_prob, the mask made in flat chunks (flat index = region_indices;
+        one chunk on a GPU), with the array module of ``a``."""
         p = self.attrs["keep_prob"]
         if p == 1.0:
             return a
+        xp = array_module(a)
         key = self._key(key)
         flat = a.reshape(-1)
-        out = np.empty_like(flat)
+        out = xp.empty_like(flat)
         scale = out.dtype.type(1.0 / p)
         region = self.attrs.get("region")  # a shard: its elements' indices in the logical tensor
-        index = None if region is None else region_indices(self.attrs["global_shape"], region).reshape(-1)
-        for s in range(0, flat.size, _DROPOUT_CHUNK):
-            e = min(s + _DROPOUT_CHUNK, flat.size)
+        index = None if region is None else region_indices(self.attrs["global_shape"], region, xp).reshape(-1)
+        chunk = _DROPOUT_CHUNK if cache_blocked(a) else max(flat.size, 1)
+        for s in range(0, flat.size, chunk):
+            e = min(s + chunk, flat.size)
             if index is not None:
                 idx = index[s:e]
             else:
-                idx = np.arange(s, e, dtype=np.uint32 if flat.size < 2 ** 32 else np.uint64)
+                idx = xp.arange(s, e, dtype=np.uint32 if flat.size < 2 ** 32 else np.uint64)
             keep = keep_mask(key, idx, p)
             o = out[s:e]
-            np.multiply(flat[s:e], keep, out=o)
+            xp.multiply(flat[s:e], keep, out=o)
             o *= scale
         return out.reshape(a.shape)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import array_module
 from ..dtype import accumulate_dtype
 from ..errors import OpArgError
 from ..ir.spec import TensorSpec
@@ -28,7 +29,7 @@ def broadcast_shape(shapes: list[tuple[int, ...]]) -> tuple[int, ...]:
 
 
 def result_dtype(specs) -> np.dtype:
-    return np.result_type(*[np.empty((), s.dtype) for s in specs])
+    return np.result_type(*[np.dtype(s.dtype) for s in specs])
 
 
 def sum_to(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -55,7 +56,7 @@ def elementwise_indexing(specs, out):
 class Unary(Primitive):
     n_inputs = 1
     fresh_output = fresh_grads = True
-    ufunc = None  # a numpy ufunc computing fn, if there is one (enables in-place lowering)
+    ufunc: str | None = None  # name of the array module's ufunc computing fn (enables in-place lowering)
 
     def inplace_inputs(self, specs, out):
         return same_buffer_inputs(specs, out) if self.ufunc is not None else ()
@@ -63,7 +64,7 @@ class Unary(Primitive):
     indexing = staticmethod(elementwise_indexing)
 
     def forward_inplace(self, j, x):
-        return self.ufunc(x, out=x)
+        return getattr(array_module(x), self.ufunc)(x, out=x)
 
     def infer(self, x: TensorSpec) -> TensorSpec:
         check_float(x, "input 0")
@@ -76,7 +77,8 @@ class Unary(Primitive):
         return (self.dfn(xs[0], y, dy),)
 
     def fn(self, x):
-        raise NotImplementedError
+        """The named ufunc of the input's array module (``ufunc``), by default."""
+        return getattr(array_module(x), self.ufunc)(x)
 
     def dfn(self, x, y, dy):
         raise NotImplementedError
@@ -85,13 +87,13 @@ class Unary(Primitive):
 class Binary(Primitive):
     n_inputs = 2
     fresh_output = True
-    ufunc = None
+    ufunc: str | None = None   # as Unary.ufunc
 
     def inplace_inputs(self, specs, out):
         return same_buffer_inputs(specs, out) if self.ufunc is not None else ()
 
     def forward_inplace(self, j, a, b):
-        return self.ufunc(a, b, out=(a, b)[j])
+        return getattr(array_module(a, b), self.ufunc)(a, b, out=(a, b)[j])
 
     indexing = staticmethod(elementwise_indexing)
 
@@ -100,6 +102,10 @@ class Binary(Primitive):
 
     def forward(self, a, b):
         return self.fn(a, b)
+
+    def fn(self, a, b):
+        """The named ufunc of the inputs' array module (``ufunc``), by default."""
+        return getattr(array_module(a, b), self.ufunc)(a, b)
 
     def vjp(self, dy, xs, y, specs, needs):
         da, db = self.dfn(xs[0], xs[1], y, dy, needs)
@@ -111,11 +117,8 @@ class Binary(Primitive):
 
 @register
 class Add(Binary):
-    ufunc = staticmethod(np.add)
+    ufunc = "add"
     save_inputs = "none"
-
-    def fn(self, a, b):
-        return np.add(a, b)
 
     def dfn(self, a, b, y, dy, needs):
         return dy, dy
@@ -123,21 +126,16 @@ class Add(Binary):
 
 @register
 class Sub(Binary):
-    ufunc = staticmethod(np.subtract)
+    ufunc = "subtract"
     save_inputs = "none"
 
-    def fn(self, a, b):
-        return np.subtract(a, b)
-
     def dfn(self, a, b, y, dy, needs):
-        return dy, (np.negative(dy) if needs[1] else None)
+        return dy, (array_module(dy).negative(dy) if needs[1] else None)
 
 
 @register
 class Mul(Binary):
-    ufunc = staticmethod(np.multiply)
-    def fn(self, a, b):
-        return np.multiply(a, b)
+    ufunc = "multiply"
 
     def dfn(self, a, b, y, dy, needs):
         return (dy * b if needs[0] else None), (dy * a if needs[1] else None)
@@ -145,9 +143,7 @@ class Mul(Binary):
 
 @register
 class RealDiv(Binary):
-    ufunc = staticmethod(np.true_divide)
-    def fn(self, a, b):
-        return np.true_divide(a, b)
+    ufunc = "true_divide"
 
     def dfn(self, a, b, y, dy, needs):
         da = dy / b
@@ -156,13 +152,12 @@ class RealDiv(Binary):
 
 @register
 class Maximum(Binary):
-    ufunc = staticmethod(np.maximum)
-    def fn(self, a, b):
-        return np.maximum(a, b)
+    ufunc = "maximum"
 
     def dfn(self, a, b, y, dy, needs):
+        xp = array_module(dy, a, b)
         pick_a = a >= b
-        return (np.where(pick_a, dy, 0) if needs[0] else None), (np.where(pick_a, 0, dy) if needs[1] else None)
+        return (xp.where(pick_a, dy, 0) if needs[0] else None), (xp.where(pick_a, 0, dy) if needs[1] else None)
 
 
 @register
@@ -172,11 +167,12 @@ class Pow(Binary):
     save_output = True
 
     def fn(self, a, b):
-        return np.power(a, b)
+        return array_module(a, b).power(a, b)
 
     def dfn(self, a, b, y, dy, needs):
-        da = dy * b * np.power(a, b - 1) if needs[0] else None
-        db = dy * y * np.log(a) if needs[1] else None
+        xp = array_module(dy, a, b)
+        da = dy * b * xp.power(a, b - 1) if needs[0] else None
+        db = dy * y * xp.log(a) if needs[1] else None
         return da, db
 
 
@@ -207,7 +203,7 @@ class AddN(Primitive):
         return TensorSpec(shape, result_dtype(specs))
 
     def forward(self, *xs):
-        out = np.add(xs[0], xs[1]) if len(xs) > 1 else xs[0].copy()
+        out = array_module(*xs).add(xs[0], xs[1]) if len(xs) > 1 else xs[0].copy()
         for x in xs[2:]:
             out += x
         return out
@@ -229,31 +225,31 @@ class Compare(Binary):
 @register
 class Equal(Compare):
     def fn(self, a, b):
-        return np.equal(a, b)
+        return array_module(a, b).equal(a, b)
 
 
 @register
 class NotEqual(Compare):
     def fn(self, a, b):
-        return np.not_equal(a, b)
+        return array_module(a, b).not_equal(a, b)
 
 
 @register
 class Less(Compare):
     def fn(self, a, b):
-        return np.less(a, b)
+        return array_module(a, b).less(a, b)
 
 
 @register
 class Greater(Compare):
     def fn(self, a, b):
-        return np.greater(a, b)
+        return array_module(a, b).greater(a, b)
 
 
 @register
 class LogicalAnd(Compare):
     def fn(self, a, b):
-        return np.logical_and(a, b)
+        return array_module(a, b).logical_and(a, b)
 
 
 @register
@@ -274,12 +270,13 @@ class Select(Primitive):
         return TensorSpec(broadcast_shape([c.shape, x.shape, y.shape]), result_dtype([x, y]))
 
     def forward(self, c, x, y):
-        return np.where(c, x, y)
+        return array_module(c, x, y).where(c, x, y)
 
     def vjp(self, dy, xs, y, specs, needs):
         c = xs[0]
-        dx = sum_to(np.where(c, dy, 0), specs[1].shape) if needs[1] else None
-        dz = sum_to(np.where(c, 0, dy), specs[2].shape) if needs[2] else None
+        xp = array_module(dy, c)
+        dx = sum_to(xp.where(c, dy, 0), specs[1].shape) if needs[1] else None
+        dz = sum_to(xp.where(c, 0, dy), specs[2].shape) if needs[2] else None
         return None, dx, dz
 
 
@@ -309,23 +306,17 @@ class Cast(Primitive):
 
 @register
 class Neg(Unary):
-    ufunc = staticmethod(np.negative)
+    ufunc = "negative"
     save_inputs = "none"
 
-    def fn(self, x):
-        return np.negative(x)
-
     def dfn(self, x, y, dy):
-        return np.negative(dy)
+        return array_module(dy).negative(dy)
 
 
 @register
 class Exp(Unary):
-    ufunc = staticmethod(np.exp)
+    ufunc = "exp"
     save_inputs, save_output = "none", True
-
-    def fn(self, x):
-        return np.exp(x)
 
     def dfn(self, x, y, dy):
         return dy * y
@@ -333,21 +324,15 @@ class Exp(Unary):
 
 @register
 class Log(Unary):
-    ufunc = staticmethod(np.log)
-    def fn(self, x):
-        return np.log(x)
-
+    ufunc = "log"
     def dfn(self, x, y, dy):
         return dy / x
 
 
 @register
 class Sqrt(Unary):
-    ufunc = staticmethod(np.sqrt)
+    ufunc = "sqrt"
     save_inputs, save_output = "none", True
-
-    def fn(self, x):
-        return np.sqrt(x)
 
     def dfn(self, x, y, dy):
         return dy * 0.5 / y
@@ -358,7 +343,7 @@ class Rsqrt(Unary):
     save_inputs, save_output = "none", True
 
     def fn(self, x):
-        return 1.0 / np.sqrt(x)
+        return 1.0 / array_module(x).sqrt(x)
 
     def dfn(self, x, y, dy):
         return dy * -0.5 * y * y * y
@@ -366,9 +351,7 @@ class Rsqrt(Unary):
 
 @register
 class Square(Unary):
-    ufunc = staticmethod(np.square)
-    def fn(self, x):
-        return np.square(x)
+    ufunc = "square"
 
     def dfn(self, x, y, dy):
         return dy * 2.0 * x
@@ -376,11 +359,8 @@ class Square(Unary):
 
 @register
 class Tanh(Unary):
-    ufunc = staticmethod(np.tanh)
+    ufunc = "tanh"
     save_inputs, save_output = "none", True
-
-    def fn(self, x):
-        return np.tanh(x)
 
     def dfn(self, x, y, dy):
         return dy * (1.0 - y * y)

@@ -1,8 +1,11 @@
 """Embedding lookup (Gather) and OneHot."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from ..backend import array_module
 from ..errors import OpArgError, is_int
 from ..ir.spec import TensorSpec
 from .primitive import Primitive, normalize_axis
@@ -11,21 +14,28 @@ from .rowwise import check_int, check_range
 from .sharding import LETTERS, Indexing
 
 
-def _scatter_add_rows(n_rows: int, idx: np.ndarray, g2: np.ndarray) -> np.ndarray:
+def _scatter_add_rows(n_rows: int, idx, g2):
     """(n_rows, K) array whose row i is the sum of the rows g2[j] with idx[j] == i.
 
-    Sort the indices; rows hit once are written in one fancy assignment, each row hit several
-    times gets one sum over its rows. Measured for (V=40000, K=1024) float32 and 1024 indices
-    (uniform, Zipf, padding-heavy, pairs, all-equal): the accumulation takes 0.4-3 ms, against
-    11-21 ms for ``np.add.at`` and 6-15 ms for sort + ``np.add.reduceat``; the Python loop
-    runs at most N/2 times. Zeroing the (V, K) result (about 20 ms) is the larger cost."""
-    out = np.zeros((n_rows, g2.shape[1]), g2.dtype)
+    On the host: sort the indices; rows hit once are written in one fancy assignment, each
+    row hit several times gets one sum over its rows. Measured for (V=40000, K=1024) float32
+    and 1024 indices (uniform, Zipf, padding-heavy, pairs, all-equal): the accumulation takes
+    0.4-3 ms, against 11-21 ms for ``np.add.at`` and 6-15 ms for sort + ``np.add.reduceat``;
+    the Python loop runs at most N/2 times. Zeroing the (V, K) result (about 20 ms) is the
+    larger cost. On a GPU each loop turn would be kernel launches, and ``add.at`` is one
+    kernel of atomic adds, so the device takes ``add.at`` (its float sums may then
+    differ from the host's in the last bits: atomics add in no fixed order)."""
+    xp = array_module(g2, idx)
+    out = xp.zeros((n_rows, g2.shape[1]), g2.dtype)
     if idx.size == 0:
         return out
-    order = np.argsort(idx, kind="stable")
+    if xp is not np:
+        xp.add.at(out, idx, g2)
+        return out
+    order = xp.argsort(idx, kind="stable")
     s = idx[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-    counts = np.diff(np.r_[starts, s.size])
+    starts = xp.flatnonzero(xp.concatenate([xp.ones(1, bool), s[1:] != s[:-1]]))
+    counts = xp.diff(xp.concatenate([starts, xp.asarray([s.size])]))
     once = order[starts[counts == 1]]
     out[idx[once]] = g2[once]
     for a, c in zip(starts[counts > 1].tolist(), counts[counts > 1].tolist()):
@@ -77,17 +87,18 @@ class Gather(Primitive):
         """Ids shifted into this shard's rows, and which of them it holds."""
         local = indices - self.attrs["vocab_offset"]
         inside = (local >= 0) & (local < rows)
-        return np.where(inside, local, 0), inside
+        return array_module(indices).where(inside, local, 0), inside
 
     def forward(self, params, indices):
+        xp = array_module(params, indices)
         axis = self._axis(params.ndim)
         if "vocab_offset" in self.attrs:          # a vocabulary shard: masked lookup
             local, inside = self._local_ids(indices, params.shape[0])
-            out = np.take(params, local, axis=0)
+            out = xp.take(params, local, axis=0)
             out[~inside] = 0
             return out
         check_range(indices, params.shape[axis], "indices", self.kind)
-        return np.take(params, indices, axis=axis)
+        return xp.take(params, indices, axis=axis)
 
     def vjp(self, dy, xs, y, specs, needs):
         if not needs[0]:
@@ -96,7 +107,7 @@ class Gather(Primitive):
         shape, dtype = specs[0].shape, specs[0].dtype
         axis = self._axis(len(shape))
         if axis == 0:                     # (n_idx, K) rows summed into (V, K)
-            k = int(np.prod(shape[1:], dtype=np.int64))
+            k = math.prod(shape[1:])
             rows = dy.reshape(idx.size, k).astype(dtype, copy=False)
             idx = idx.reshape(-1)
             if "vocab_offset" in self.attrs:
@@ -104,8 +115,9 @@ class Gather(Primitive):
                 idx, rows = idx[inside], rows[inside]
             g = _scatter_add_rows(shape[0], idx, rows)
             return g.reshape(shape), None
-        g = np.zeros(shape, dtype)
-        np.add.at(g, (slice(None),) * axis + (idx,), dy)
+        xp = array_module(dy, idx)
+        g = xp.zeros(shape, dtype)
+        xp.add.at(g, (slice(None),) * axis + (idx,), dy)
         return g, None
 
     def flops(self, specs, out):
@@ -157,10 +169,11 @@ class OneHot(Primitive):
     def forward(self, indices):
         out = self.infer(TensorSpec(indices.shape, indices.dtype))
         axis = self._axis(indices.ndim)
-        classes = np.arange(self.attrs["depth"]).reshape((-1,) + (1,) * (indices.ndim - axis))
-        hit = np.expand_dims(indices, axis) == classes
-        on, off = out.dtype.type(self.attrs["on_value"]), out.dtype.type(self.attrs["off_value"])
-        return np.where(hit, on, off)
+        xp = array_module(indices)
+        classes = xp.arange(self.attrs["depth"]).reshape((-1,) + (1,) * (indices.ndim - axis))
+        hit = xp.expand_dims(indices, axis) == classes
+        on, off = (xp.asarray(self.attrs[k], dtype=out.dtype) for k in ("on_value", "off_value"))
+        return xp.where(hit, on, off)
 
     def flops(self, specs, out):
         return 0

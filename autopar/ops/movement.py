@@ -21,8 +21,9 @@ back, inverse permutation, scatter into zeros, sum over broadcast copies).
 """
 from __future__ import annotations
 
-import numpy as np
+import math
 
+from ..backend import array_module
 from ..errors import OpArgError, OpTypeError, is_int
 from ..ir.spec import TensorSpec
 from .elementwise import sum_to
@@ -39,7 +40,7 @@ def _ints(value, arg: str, what: str = "a tuple of ints") -> tuple[int, ...]:
 
 
 def _size(shape) -> int:
-    return int(np.prod(shape, dtype=np.int64))
+    return math.prod(shape)
 
 
 class Movement(Primitive):
@@ -82,7 +83,7 @@ class Reshape(Movement):
         return TensorSpec(shape, x.dtype)
 
     def forward(self, x):
-        return np.reshape(x, self.attrs["shape"])
+        return x.reshape(self.attrs["shape"])
 
     def vjp(self, dy, xs, y, specs, needs):
         return (dy.reshape(specs[0].shape),)
@@ -111,10 +112,11 @@ class Transpose(Movement):
         return TensorSpec(tuple(x.shape[p] for p in perm), x.dtype)
 
     def forward(self, x):
-        return np.transpose(x, self.attrs["perm"])
+        return x.transpose(self.attrs["perm"])
 
     def vjp(self, dy, xs, y, specs, needs):
-        return (np.transpose(dy, np.argsort(self.attrs["perm"])),)
+        perm = self.attrs["perm"]
+        return (dy.transpose(sorted(range(len(perm)), key=perm.__getitem__)),)   # the inverse permutation
 
 
 @register
@@ -136,7 +138,7 @@ class ExpandDims(Movement):
         return TensorSpec(x.shape[:a] + (1,) + x.shape[a:], x.dtype)
 
     def forward(self, x):
-        return np.expand_dims(x, self.axis(x.ndim))
+        return array_module(x).expand_dims(x, self.axis(x.ndim))
 
     def vjp(self, dy, xs, y, specs, needs):
         return (dy.reshape(specs[0].shape),)
@@ -180,7 +182,7 @@ class Squeeze(Movement):
         return TensorSpec(tuple(d for i, d in enumerate(x.shape) if i not in axes), x.dtype)
 
     def forward(self, x):
-        return np.squeeze(x, axis=self.axes(x.shape))
+        return x.squeeze(axis=self.axes(x.shape))
 
     def vjp(self, dy, xs, y, specs, needs):
         return (dy.reshape(specs[0].shape),)
@@ -215,7 +217,7 @@ class BroadcastTo(Movement):
         return TensorSpec(self.target(x.shape), x.dtype)
 
     def forward(self, x):
-        return np.broadcast_to(x, self.target(x.shape))
+        return array_module(x).broadcast_to(x, self.target(x.shape))
 
     def vjp(self, dy, xs, y, specs, needs):
         return (sum_to(dy, specs[0].shape),)
@@ -242,7 +244,7 @@ class Tile(Movement):
         return TensorSpec(tuple(m * d for m, d in zip(mult, padded)), x.dtype)
 
     def forward(self, x):
-        return np.tile(x, self.attrs["multiples"])
+        return array_module(x).tile(x, self.attrs["multiples"])
 
     def vjp(self, dy, xs, y, specs, needs):
         shape = specs[0].shape

@@ -1,8 +1,9 @@
 """LayerNorm (PanGu-α, statistics in at least float32) and RMSNorm (Yuan 2.0)."""
 from __future__ import annotations
 
-import numpy as np
+import math
 
+from ..backend import array_module
 from ..dtype import accumulate_dtype
 from ..errors import OpArgError
 from .primitive import Primitive, check_float, normalize_axis
@@ -11,25 +12,26 @@ from .rowwise import compute_dtype
 from .sharding import Indexing, same_letters
 
 
-def _standardize(x2: np.ndarray, eps: float, ct: np.dtype, center: bool):
+def _standardize(x2, eps: float, ct, center: bool):
     """Rows of (R, C) ``x2`` -> (xhat, rstd): xhat = (x - mean) * rstd, or x * rstd when not
     ``center`` (RMS); rstd = 1 / sqrt(var + eps) per row. xhat is a new (R, C) array."""
+    xp = array_module(x2)
     c = x2.shape[1]
     if center:
-        xh = np.subtract(x2, x2.mean(axis=1, dtype=ct)[:, None], dtype=ct)
-        rstd = 1.0 / np.sqrt(np.einsum("ij,ij->i", xh, xh) / c + eps)
+        xh = xp.subtract(x2, x2.mean(axis=1, dtype=ct)[:, None], dtype=ct)
+        rstd = 1.0 / xp.sqrt(xp.einsum("ij,ij->i", xh, xh) / c + eps)
         xh *= rstd[:, None]
     else:
-        rstd = 1.0 / np.sqrt(np.einsum("ij,ij->i", x2, x2, dtype=ct) / c + eps)
-        xh = np.multiply(x2, rstd[:, None], dtype=ct)
+        rstd = 1.0 / xp.sqrt(xp.einsum("ij,ij->i", x2, x2, dtype=ct) / c + eps)
+        xh = xp.multiply(x2, rstd[:, None], dtype=ct)
     return xh, rstd
 
 
-def _standardize_vjp(g: np.ndarray, xh: np.ndarray, rstd: np.ndarray, center: bool) -> np.ndarray:
+def _standardize_vjp(g, xh, rstd, center: bool):
     """dx for rows of xhat given g = dy * gamma (both (R, C), ours to overwrite):
     dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), without the mean(g) term for RMS."""
     c = g.shape[1]
-    proj = np.einsum("ij,ij->i", g, xh) / c
+    proj = array_module(g, xh).einsum("ij,ij->i", g, xh) / c
     if center:
         g -= g.mean(axis=1, keepdims=True)
     xh *= proj[:, None]
@@ -38,13 +40,13 @@ def _standardize_vjp(g: np.ndarray, xh: np.ndarray, rstd: np.ndarray, center: bo
     return g
 
 
-def _param_grad(dy: np.ndarray, xh: np.ndarray | None, n_param: int) -> np.ndarray:
+def _param_grad(dy, xh, n_param: int):
     """Sum over the leading dims of dy (* xh): (P, n_param) -> (n_param,), half dtypes
     summed in float32."""
     dy2 = dy.reshape(-1, n_param)
     if xh is None:
         return dy2.sum(axis=0, dtype=accumulate_dtype(dy2.dtype))
-    return np.einsum("pq,pq->q", dy2, xh.reshape(-1, n_param))
+    return array_module(dy2, xh).einsum("pq,pq->q", dy2, xh.reshape(-1, n_param))
 
 
 @register
@@ -90,7 +92,7 @@ class LayerNorm(Primitive):
     def _xhat(self, x):
         """(xhat (R, C), rstd (R,)) with R * C = x.size, C = prod(x.shape[bna:])."""
         bna, _ = self._axes(x.ndim)
-        c = int(np.prod(x.shape[bna:], dtype=np.int64))
+        c = math.prod(x.shape[bna:])
         return _standardize(x.reshape(-1, c), self.attrs["epsilon"], compute_dtype(x.dtype), True)
 
     def forward(self, x, gamma, beta):
@@ -108,7 +110,7 @@ class LayerNorm(Primitive):
         dbeta = _param_grad(dy, None, n_param).reshape(gamma.shape).astype(specs[2].dtype) if needs[2] else None
         dx = None
         if needs[0]:
-            g = np.multiply(dy, gamma, dtype=xh.dtype).reshape(xh.shape)
+            g = array_module(dy, gamma).multiply(dy, gamma, dtype=xh.dtype).reshape(xh.shape)
             dx = _standardize_vjp(g, xh, rstd, True).reshape(x.shape).astype(x.dtype, copy=False)
         return dx, dgamma, dbeta
 
@@ -155,7 +157,7 @@ class RMSNorm(Primitive):
         dgamma = _param_grad(dy, xh, gamma.size).astype(gamma.dtype) if needs[1] else None
         dx = None
         if needs[0]:
-            g = np.multiply(dy, gamma, dtype=xh.dtype).reshape(xh.shape)
+            g = array_module(dy, gamma).multiply(dy, gamma, dtype=xh.dtype).reshape(xh.shape)
             dx = _standardize_vjp(g, xh, rstd, False).reshape(x.shape).astype(x.dtype, copy=False)
         return dx, dgamma
 

@@ -5,7 +5,7 @@ A primitive instance carries its attributes (``MatMul(transpose_b=True)``) and, 
 
 =====================  ==============================================================
 ``infer(*specs)``      output shape and dtype (raises :class:`OpArgError` on bad input)
-``forward(*xs)``       numpy kernel on (local) arrays
+``forward(*xs)``       kernel on (local) arrays, computing with their array module
 ``vjp(dy, xs, y, specs, needs)``
                        gradient of each input whose ``needs[i]`` is true (else None);
                        ``xs[i]`` is present only for ``i in save_inputs`` and ``y`` only
@@ -14,8 +14,8 @@ A primitive instance carries its attributes (``MatMul(transpose_b=True)``) and, 
 ``bytes_accessed``     bytes read and written by the forward pass
 =====================  ==============================================================
 
-Calling a primitive records a node when tracing and runs the kernel eagerly on numpy
-arrays otherwise. Trailing *static* arguments (``Reshape()(x, shape)``) are named in
+Calling a primitive records a node when tracing and runs the kernel eagerly on arrays
+(numpy, or CuPy on a GPU) otherwise. Trailing *static* arguments (``Reshape()(x, shape)``) are named in
 ``static_args`` and become attributes of the node.
 """
 from __future__ import annotations

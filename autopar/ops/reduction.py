@@ -20,8 +20,11 @@ no copy) over the reduced axes.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from ..backend import array_module
 from ..dtype import accumulate_dtype, int32, int64, is_float
 from ..errors import OpArgError, OpTypeError
 from ..ir.spec import TensorSpec
@@ -110,13 +113,13 @@ class ReduceSum(Reduce):
 
     def forward(self, x):
         acc = accumulate_dtype(x.dtype)
-        total = np.sum(x, axis=self.axes(x.ndim), keepdims=self.attrs["keep_dims"], dtype=acc)
+        total = array_module(x).sum(x, axis=self.axes(x.ndim), keepdims=self.attrs["keep_dims"], dtype=acc)
         return total if acc == x.dtype else total.astype(x.dtype)
 
     def vjp(self, dy, xs, y, specs, needs):
         shape = specs[0].shape
         g, _ = self.dy_kept(dy, shape)
-        return (np.broadcast_to(g, shape),)
+        return (array_module(g).broadcast_to(g, shape),)
 
 
 @register
@@ -132,23 +135,24 @@ class ReduceMean(Reduce):
 
     def local(self, sharding, rank, specs, out, comm_for=None):
         shape = specs[0].shape
-        count = int(np.prod([shape[a] for a in self.axes(len(shape))], dtype=np.int64))
+        count = math.prod(shape[a] for a in self.axes(len(shape)))
         return self.with_attrs(count=count)
 
     def forward(self, x):
+        xp = array_module(x)
         axes = self.axes(x.ndim)
         acc = accumulate_dtype(x.dtype)   # half dtypes: the sum in float32
         if "count" not in self.attrs:
-            mean = np.mean(x, axis=axes, keepdims=self.attrs["keep_dims"], dtype=acc)
+            mean = xp.mean(x, axis=axes, keepdims=self.attrs["keep_dims"], dtype=acc)
             return mean if acc == x.dtype else mean.astype(x.dtype)
-        total = np.sum(x, axis=axes, keepdims=self.attrs["keep_dims"], dtype=acc)
-        return np.asarray(total / max(self.attrs["count"], 1), dtype=x.dtype)
+        total = xp.sum(x, axis=axes, keepdims=self.attrs["keep_dims"], dtype=acc)
+        return xp.asarray(total / max(self.attrs["count"], 1), dtype=x.dtype)
 
     def vjp(self, dy, xs, y, specs, needs):
         shape = specs[0].shape
         g, axes = self.dy_kept(dy, shape)
-        count = self.attrs.get("count", int(np.prod([shape[a] for a in axes], dtype=np.int64)))
-        return (np.broadcast_to(g / max(count, 1), shape),)
+        count = self.attrs.get("count", math.prod(shape[a] for a in axes))
+        return (array_module(g).broadcast_to(g / max(count, 1), shape),)
 
 
 class _Extreme(Reduce):
@@ -158,7 +162,7 @@ class _Extreme(Reduce):
 
     save_inputs = (0,)
     save_output = True
-    reduce = None  # np.max or np.min
+    reduce: str = ""  # the array module's "max" or "min"
 
     def infer(self, x):
         out = super().infer(x)
@@ -169,39 +173,41 @@ class _Extreme(Reduce):
         return out
 
     def forward(self, x):
-        return type(self).reduce(x, axis=self.axes(x.ndim), keepdims=self.attrs["keep_dims"])
+        return getattr(array_module(x), self.reduce)(x, axis=self.axes(x.ndim), keepdims=self.attrs["keep_dims"])
 
     def vjp(self, dy, xs, y, specs, needs):
         x = xs[0]
+        xp = array_module(dy, x)
         g, axes = self.dy_kept(dy, x.shape)
         hit = x == y.reshape(g.shape)
-        count = np.maximum(np.sum(hit, axis=axes, keepdims=True, dtype=dy.dtype), 1)
+        count = xp.maximum(xp.sum(hit, axis=axes, keepdims=True, dtype=dy.dtype), 1)
         return (hit * (g / count),)
 
 
 @register
 class ReduceMax(_Extreme):
-    reduce = staticmethod(np.max)
+    reduce = "max"
 
 
 @register
 class ReduceMin(_Extreme):
-    reduce = staticmethod(np.min)
+    reduce = "min"
 
 
 # ---- running sum -------------------------------------------------------------------------
 
-def cumsum(x: np.ndarray, axis: int, exclusive: bool, reverse: bool) -> np.ndarray:
+def cumsum(x, axis: int, exclusive: bool, reverse: bool):
     """Inclusive or exclusive running sum, from the start or (reverse) from the end,
     written straight into one output array (flips are views)."""
-    out = np.empty_like(x)
-    src, dst = (np.flip(x, axis), np.flip(out, axis)) if reverse else (x, out)
+    xp = array_module(x)
+    out = xp.empty_like(x)
+    src, dst = (xp.flip(x, axis), xp.flip(out, axis)) if reverse else (x, out)
     if exclusive:
         dst[_cut(axis, slice(0, 1))] = 0
-        np.cumsum(src[_cut(axis, slice(None, -1))], axis=axis, dtype=x.dtype,
+        xp.cumsum(src[_cut(axis, slice(None, -1))], axis=axis, dtype=x.dtype,
                   out=dst[_cut(axis, slice(1, None))])
     else:
-        np.cumsum(src, axis=axis, dtype=x.dtype, out=dst)
+        xp.cumsum(src, axis=axis, dtype=x.dtype, out=dst)
     return out
 
 
@@ -271,7 +277,7 @@ class ArgMax(Primitive):
         return TensorSpec(x.shape[:axis] + x.shape[axis + 1:], out_type)
 
     def forward(self, x):
-        idx = np.argmax(x, axis=self.attrs["axis"])
+        idx = array_module(x).argmax(x, axis=self.attrs["axis"])
         return idx.astype(self.attrs["output_type"], copy=False)
 
     def vjp(self, dy, xs, y, specs, needs):

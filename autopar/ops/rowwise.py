@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..backend import array_module, cache_blocked
 from ..errors import OpArgError
 from ..ir.spec import TensorSpec
 
@@ -27,53 +28,60 @@ def check_int(spec: TensorSpec, arg: str, fix: str = "") -> None:
                          fix or "cast it first with ops.Cast()(x, autopar.int32)")
 
 
-def check_range(idx: np.ndarray, n: int, arg: str, where: str) -> None:
+def check_range(idx, n: int, arg: str, where: str) -> None:
     """Index values must lie in [0, n); checked on the (small) index array at run time."""
     if idx.size and (idx.min() < 0 or idx.max() >= n):
         raise OpArgError(f"{arg} values", f"in [0, {n})", f"min {idx.min()}, max {idx.max()}", where=where)
 
 
-def rows_per_block(row_len: int) -> int:
-    return max(1, BLOCK_ELEMS // max(row_len, 1))
+def rows_per_block(row_len: int, n_rows: int, blocked: bool = True) -> int:
+    """Rows of about ``BLOCK_ELEMS`` elements (all ``n_rows`` when not ``blocked``: on a
+    GPU one pass over the whole array beats a launch per block)."""
+    return max(1, BLOCK_ELEMS // max(row_len, 1)) if blocked else max(n_rows, 1)
 
 
-def row_blocks(n_rows: int, row_len: int):
-    """Slices of about ``BLOCK_ELEMS`` elements over the rows of an (n_rows, row_len) array."""
-    step = rows_per_block(row_len)
+def row_blocks(n_rows: int, row_len: int, blocked: bool = True):
+    """Slices of about ``BLOCK_ELEMS`` elements over the rows of an (n_rows, row_len) array
+    (one slice of every row when not ``blocked``)."""
+    step = rows_per_block(row_len, n_rows, blocked)
     for a in range(0, n_rows, step):
         yield slice(a, min(a + step, n_rows))
 
 
-def rowwise(kernel, axes: tuple[int, ...], ct: np.dtype, *arrays: np.ndarray) -> np.ndarray:
+def rowwise(kernel, axes: tuple[int, ...], ct: np.dtype, *arrays):
     """A new array shaped like ``arrays[0]``, in dtype ``ct``, filled by
-    ``kernel(out, *arrays, axis=...)``. When ``axes`` is the last axis alone the kernel runs on
-    cache-sized blocks of rows (every array viewed as (rows, its last dim); per-row values
-    are passed as (..., 1)), so its temporaries stay in cache; otherwise it runs once."""
+    ``kernel(xp, out, *arrays, axis=...)``. When ``axes`` is the last axis alone the kernel
+    runs on cache-sized blocks of rows (every array viewed as (rows, its last dim); per-row
+    values are passed as (..., 1)), so its temporaries stay in cache; otherwise, and on a
+    GPU, it runs once."""
     x = arrays[0]
-    out = np.empty(x.shape, ct)
+    xp = array_module(*arrays)
+    out = xp.empty(x.shape, ct)
     if x.ndim == 0 or axes != (x.ndim - 1,):
-        kernel(out, *arrays, axis=axes)
+        kernel(xp, out, *arrays, axis=axes)
         return out
     views = [a.reshape(-1, a.shape[-1]) for a in arrays]
     out2 = out.reshape(views[0].shape)
-    for rows in row_blocks(*out2.shape):
-        kernel(out2[rows], *(v[rows] for v in views), axis=1)
+    for rows in row_blocks(*out2.shape, cache_blocked(x)):
+        kernel(xp, out2[rows], *(v[rows] for v in views), axis=1)
     return out
 
 
-def logsumexp(x2: np.ndarray, ct: np.dtype) -> np.ndarray:
+def logsumexp(x2, ct: np.dtype):
     """log(sum(exp(x2), 1)) of an (N, V) array, stable, as (N,) in dtype ``ct``: one read of
-    x2 in row blocks, no (N, V) temporary."""
-    out = np.empty(x2.shape[0], ct)                     # (N,)
-    buf = np.empty((min(rows_per_block(x2.shape[1]), x2.shape[0]), x2.shape[1]), ct)
-    for rows in row_blocks(*x2.shape):
+    x2 in row blocks, no (N, V) temporary (on a GPU: one block, an (N, V) temporary)."""
+    xp = array_module(x2)
+    blocked = cache_blocked(x2)
+    out = xp.empty(x2.shape[0], ct)                     # (N,)
+    buf = xp.empty((min(rows_per_block(x2.shape[1], x2.shape[0], blocked), x2.shape[0]), x2.shape[1]), ct)
+    for rows in row_blocks(*x2.shape, blocked):
         xb = x2[rows]
         t = buf[:xb.shape[0]]
         m = xb.max(axis=1, keepdims=True)
-        np.subtract(xb, m, out=t, dtype=ct)
-        np.exp(t, out=t)
+        xp.subtract(xb, m, out=t, dtype=ct)
+        xp.exp(t, out=t)
         s = t.sum(axis=1)
-        np.log(s, out=s)
+        xp.log(s, out=s)
         out[rows] = s + m[:, 0]
     return out
 

@@ -3,8 +3,11 @@ indexing of traced tensors built on them. Members of the movement family: pure d
 movement, gradients that never read the forward values."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
+from ..backend import array_module
 from ..errors import OpArgError, OpTypeError, at_scope, is_int
 from ..ir.spec import TensorSpec
 from ..ir.tracing import current_tracer
@@ -56,12 +59,12 @@ class Concat(Movement):
         return TensorSpec(first.shape[:axis] + (total,) + first.shape[axis + 1:], first.dtype)
 
     def forward(self, *xs):
-        return np.concatenate(xs, axis=self.attrs["axis"])
+        return array_module(*xs).concatenate(xs, axis=self.attrs["axis"])
 
     def vjp(self, dy, xs, y, specs, needs):
         axis = normalize_axis(self.attrs["axis"], len(specs[0].shape))
-        cuts = np.cumsum([s.shape[axis] for s in specs])[:-1]
-        parts = np.split(dy, cuts, axis=axis)
+        cuts = list(itertools.accumulate(s.shape[axis] for s in specs))[:-1]
+        parts = array_module(dy).split(dy, cuts, axis=axis)
         return tuple(p if n else None for p, n in zip(parts, needs))
 
 
@@ -89,7 +92,7 @@ class Slicing(Movement):
 
     def vjp(self, dy, xs, y, specs, needs):
         shape = specs[0].shape
-        dx = np.zeros(shape, dy.dtype)
+        dx = array_module(dy).zeros(shape, dy.dtype)
         dx[self.slices(shape)] = dy
         return (dx,)
 

@@ -4,8 +4,7 @@ Dimension names: N rows (B*S), V classes (vocabulary).
 """
 from __future__ import annotations
 
-import numpy as np
-
+from ..backend import array_module
 from ..errors import OpArgError
 from ..ir.spec import TensorSpec
 from .primitive import Primitive, check_float, normalize_axes, normalize_axis
@@ -13,31 +12,32 @@ from .registry import register
 from .rowwise import check_class_axis, check_int, check_range, compute_dtype, logsumexp, rowwise
 from .sharding import Indexing, same_letters
 
-# Kernels write into ``out`` (allocated in the compute dtype); ``dtype=out.dtype`` makes
-# float16 inputs compute in float32 rather than be rounded first.
+# Kernels (``rowwise``'s) compute with the array module ``xp`` of their arrays and write
+# into ``out`` (allocated in the compute dtype); ``dtype=out.dtype`` makes float16 inputs
+# compute in float32 rather than be rounded first.
 
-def _softmax_kernel(out, x, axis):
-    np.subtract(x, x.max(axis=axis, keepdims=True), out=out, dtype=out.dtype)
-    np.exp(out, out=out)
-    out *= np.reciprocal(out.sum(axis=axis, keepdims=True))
+def _softmax_kernel(xp, out, x, axis):
+    xp.subtract(x, x.max(axis=axis, keepdims=True), out=out, dtype=out.dtype)
+    xp.exp(out, out=out)
+    out *= xp.reciprocal(out.sum(axis=axis, keepdims=True))
 
 
-def _softmax_vjp_kernel(out, dy, y, axis):
+def _softmax_vjp_kernel(xp, out, dy, y, axis):
     """dx = y * (dy - sum(dy * y))"""
-    np.multiply(dy, y, out=out, dtype=out.dtype)
+    xp.multiply(dy, y, out=out, dtype=out.dtype)
     s = out.sum(axis=axis, keepdims=True)
-    np.subtract(dy, s, out=out, dtype=out.dtype)
+    xp.subtract(dy, s, out=out, dtype=out.dtype)
     out *= y
 
 
-def _log_softmax_kernel(out, x, axis):
-    np.subtract(x, x.max(axis=axis, keepdims=True), out=out, dtype=out.dtype)
-    out -= np.log(np.exp(out).sum(axis=axis, keepdims=True))
+def _log_softmax_kernel(xp, out, x, axis):
+    xp.subtract(x, x.max(axis=axis, keepdims=True), out=out, dtype=out.dtype)
+    out -= xp.log(xp.exp(out).sum(axis=axis, keepdims=True))
 
 
-def _log_softmax_vjp_kernel(out, dy, y, axis):
+def _log_softmax_vjp_kernel(xp, out, dy, y, axis):
     """dx = dy - exp(y) * sum(dy)"""
-    np.exp(y, out=out, dtype=out.dtype)
+    xp.exp(y, out=out, dtype=out.dtype)
     out *= -dy.sum(axis=axis, keepdims=True, dtype=out.dtype)
     out += dy
 
@@ -132,21 +132,22 @@ class SoftmaxCrossEntropyWithLogits(Primitive):
         v = logits.shape[-1]
         x2, l2 = logits.reshape(-1, v), labels.reshape(-1, v)
         lse = logsumexp(x2, ct)
-        loss = lse * l2.sum(axis=1, dtype=ct) - np.einsum("ij,ij->i", l2, x2, dtype=ct)
+        loss = lse * l2.sum(axis=1, dtype=ct) - array_module(l2, x2).einsum("ij,ij->i", l2, x2, dtype=ct)
         return loss.reshape(logits.shape[:-1]).astype(logits.dtype, copy=False)
 
     def vjp(self, dy, xs, y, specs, needs):
         logits, labels = xs
         ct = compute_dtype(logits.dtype)
         v = logits.shape[-1]
+        xp = array_module(logits, labels, dy)
         x2, l2, dy1 = logits.reshape(-1, v), labels.reshape(-1, v), dy.reshape(-1, 1)
-        ls = np.subtract(x2, logsumexp(x2, ct)[:, None], dtype=ct)       # log_softmax, (N, V)
+        ls = xp.subtract(x2, logsumexp(x2, ct)[:, None], dtype=ct)       # log_softmax, (N, V)
         dlabels = None
         if needs[1]:
-            dlabels = np.multiply(ls, -dy1).reshape(labels.shape).astype(labels.dtype, copy=False)
+            dlabels = xp.multiply(ls, -dy1).reshape(labels.shape).astype(labels.dtype, copy=False)
         dlogits = None
         if needs[0]:                      # (softmax * sum(labels) - labels) * dy, in place
-            np.exp(ls, out=ls)
+            xp.exp(ls, out=ls)
             ls *= l2.sum(axis=1, keepdims=True, dtype=ct)
             ls -= l2
             ls *= dy1
@@ -157,17 +158,17 @@ class SoftmaxCrossEntropyWithLogits(Primitive):
         return 6 * specs[0].size
 
 
-def _exp_shifted_sum_kernel(out, x, m, axis):
+def _exp_shifted_sum_kernel(xp, out, x, m, axis):
     """out[:, :1] = sum(exp(x - m)) per row (the rest of out is scratch)."""
-    np.subtract(x, m, out=out, dtype=out.dtype)
-    np.exp(out, out=out)
+    xp.subtract(x, m, out=out, dtype=out.dtype)
+    xp.exp(out, out=out)
     out[:, 0] = out.sum(axis=1)
 
 
-def _softmax_times_dy_kernel(out, x, lse, dy, axis):
+def _softmax_times_dy_kernel(xp, out, x, lse, dy, axis):
     """out = exp(x - lse) * dy: the softmax part of d loss/d logits."""
-    np.subtract(x, lse, out=out, dtype=out.dtype)
-    np.exp(out, out=out)
+    xp.subtract(x, lse, out=out, dtype=out.dtype)
+    xp.exp(out, out=out)
     out *= dy
 
 
@@ -207,13 +208,14 @@ class SparseSoftmaxCrossEntropyWithLogits(Primitive):
 
     def _picked(self, x2, lab):
         """logits[row, label] of every row, summed over the vocabulary shards."""
-        rows = np.arange(lab.size)
+        xp = array_module(x2, lab)
+        rows = xp.arange(lab.size)
         if "vocab_comm" not in self.attrs:
             return x2[rows, lab], rows, lab, None
         local = lab - self.attrs["vocab_offset"]
         inside = (local >= 0) & (local < x2.shape[1])
-        local = np.where(inside, local, 0)
-        picked = np.where(inside, x2[rows, local], 0).astype(x2.dtype)
+        local = xp.where(inside, local, 0)
+        picked = xp.where(inside, x2[rows, local], 0).astype(x2.dtype)
         return self.attrs["vocab_comm"].allreduce(picked), rows[inside], local[inside], inside
 
     def infer(self, logits, labels):
@@ -233,7 +235,7 @@ class SparseSoftmaxCrossEntropyWithLogits(Primitive):
             comm = self.attrs["vocab_comm"]
             m = comm.allreduce(x2.max(axis=1).astype(ct), op="max")[:, None]               # (N, 1)
             s = comm.allreduce(rowwise(_exp_shifted_sum_kernel, (1,), ct, x2, m)[:, 0])    # (N,)
-            lse = np.log(s) + m[:, 0]
+            lse = array_module(s).log(s) + m[:, 0]
         else:
             check_range(labels, v, "labels", self.kind)
             lse = logsumexp(x2, ct)

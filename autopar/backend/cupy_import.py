@@ -1,0 +1,19 @@
+"""The one place autopar imports CuPy: only when a CuPy array is seen or the GPU target is
+chosen, so numpy stays the only hard dependency (CuPy is the ``gpu`` extra)."""
+from __future__ import annotations
+
+import importlib
+
+from ..errors import format_error
+
+INSTALL_FIX = 'pip install -e ".[gpu]" (CuPy for CUDA 13; on CUDA 12 install cupy-cuda12x instead)'
+
+
+def import_cupy(where: str = "device_target"):
+    """The ``cupy`` module, or an ImportError saying how to install it. ``where`` names
+    what asked for the GPU (the setting, or the array that was seen)."""
+    try:
+        return importlib.import_module("cupy")
+    except ImportError as err:
+        raise ImportError(format_error(where, "device_target", "'GPU' with CuPy installed",
+                                       f"CuPy is not importable ({err})", INSTALL_FIX)) from None
