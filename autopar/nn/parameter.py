@@ -3,11 +3,17 @@
 Building a model allocates nothing: a Parameter holds its initializer. ``asnumpy()``
 materializes the full logical value from ``(seed, name)`` the first time it is read, so
 the value does not depend on construction order; ``set_data`` replaces it.
+
+On a GPU (``set_context(device_target="GPU")``) a compiled program moves the value to the
+device once (:meth:`Parameter.device_data`); from then on ``data`` is that device array,
+which the program reads and the optimizer updates in place, and ``asnumpy()`` (and
+``np.asarray(param)``) copy it back to the host for whoever reads it.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from ..backend import Backend, array_module, is_array, on_host, to_device, to_host
 from ..dtype import as_dtype
 from ..ir.random import derive_key
 from ..ir.spec import TensorSpec
@@ -80,15 +86,27 @@ class Parameter(Weight):
         return self.init.generate(self.shape, self.dtype, self.key(), region)
 
     @property
-    def data(self) -> np.ndarray:
-        """The full array (materialized on first use). Serial programs read this. When a
-        sharded program owns the parameter, its shards are gathered (a collective: every
-        rank must ask) so serial code sees the trained value."""
+    def data(self):
+        """The full array (materialized on first use), where it lives: a numpy array, or a
+        device array once a GPU program placed it (:meth:`device_data`). Serial programs
+        read this and optimizers update it in place. When a sharded program owns the
+        parameter, its shards are gathered (a collective: every rank must ask) so serial
+        code sees the trained value."""
         if self._shard is not None:
             shard, world = self._shard
             self._data = shard.gather(world)
         elif self._data is None:
             self._data = self.init_data()
+        return self._data
+
+    def device_data(self, backend: Backend):
+        """The value on ``backend``'s device, moved there on the first call and kept there
+        (the host copy is dropped: one copy of the weights, which the optimizer updates on
+        the device)."""
+        data = self.data
+        if array_module(data) is backend.xp:
+            return data
+        self._data = to_device(data, backend)
         return self._data
 
     def attach_shard(self, shard, world) -> None:
@@ -106,15 +124,19 @@ class Parameter(Weight):
         return np.asarray(self.asnumpy(), dtype=dtype)
 
     def asnumpy(self) -> np.ndarray:
-        """A copy of the full logical value."""
-        return self.data.copy()
+        """A host (numpy) copy of the full logical value, wherever it lives."""
+        return to_host(self.data, copy=True)
 
     def set_data(self, array) -> None:
-        array = np.asarray(array)
+        """Replace the value (numpy or device array); it stays where the current value
+        lives (on the device once a GPU program placed the parameter)."""
+        array = array if is_array(array) else np.asarray(array)
         if tuple(array.shape) != self.shape:
             raise ValueError(f"Parameter {self.name!r}: set_data: expected shape {self.shape}, "
                              f"got {tuple(array.shape)}")
-        self._data = np.array(array, dtype=self.dtype)
+        host = np.array(to_host(array), dtype=self.dtype)
+        placed = self._data is not None and not on_host(self._data)
+        self._data = array_module(self._data).asarray(host) if placed else host
         if self._shard is not None:  # the shard takes its slice of the new value
             shard = self._shard[0]
             shard._data = np.array(self._data[shard.region])

@@ -11,6 +11,15 @@ node is marked: clones of recomputed forward nodes go before their cell's backwa
 liveness and donation below see them as ordinary instructions (a buffer a clone still
 reads is alive until the clone has run). ``meter`` (a ``MemoryMeter``, off by default)
 measures live bytes per run (``autopar/runtime/memory.py``).
+
+Devices: a program runs on the device target in force when it is built
+(``set_context(device_target=...)``, read once: :func:`autopar.backend.current_backend`).
+On the CPU nothing moves. On a GPU the parameters move to the device once
+(``Parameter.device_data``, kept there for the optimizer), the constants once, the inputs
+at every call; the kernels then compute with CuPy because their inputs are CuPy arrays.
+Array outputs (gradients) stay on the device for the optimizer; 0-d outputs (the loss)
+come back to the host, since every caller reads them at once (the overflow check, the
+progress bar) and the sync is paid anyway.
 """
 from __future__ import annotations
 
@@ -20,10 +29,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..backend import Backend, base_buffer, current_backend, is_array, to_device, to_host, writable
+from ..errors import format_error
 from ..ir.graph import BACKWARD, Graph, Node
 from ..ir.random import derive_key
 from .allocator import retain_freed_memory
-from .memory import MemoryMeter, base_buffer
+from .memory import MemoryMeter
 from .recompute import live_nodes, with_recompute
 
 
@@ -57,8 +68,10 @@ def _vjp_kernel(node: Node, graph: Graph, fwd: Node) -> Callable:
 class Program:
     """The instructions computing ``outputs`` of ``graph`` on one process."""
 
-    def __init__(self, graph: Graph, outputs: Sequence[int], seed: int = 0, measure_memory: bool = False):
+    def __init__(self, graph: Graph, outputs: Sequence[int], seed: int = 0, measure_memory: bool = False,
+                 backend: Backend | None = None):
         retain_freed_memory()
+        self.backend = current_backend() if backend is None else backend
         self.outputs = tuple(outputs)
         self.recomputed_from: dict[int, int] = {}   # clone node id -> the node it re-runs
         if any(n.recompute for n in graph.nodes):
@@ -71,6 +84,8 @@ class Program:
         self.inputs = tuple(v for v in graph.inputs if v is not None)
         self.n_slots = len(graph.values)
         self._rng_nodes = {i for i, ins in enumerate(self.instructions) if ins.node.prim.needs_rng}
+        self._consts = graph.consts if self.backend.is_host else {
+            v: to_device(a, self.backend) for v, a in graph.consts.items()}
 
     @staticmethod
     def _needed_nodes(graph: Graph, outputs: Sequence[int]) -> list[Node]:
@@ -149,15 +164,27 @@ class Program:
         return derive_key(self.seed, node.name, step)
 
     def initial_slots(self, inputs: Sequence[np.ndarray]) -> list:
-        """The value slots before the first instruction: inputs, constants, parameters."""
+        """The value slots before the first instruction: inputs, constants, parameters
+        (on the program's device: see the module's docstring)."""
         slots: list = [None] * self.n_slots
+        host = self.backend.is_host
         for v, a in zip(self.inputs, inputs):
-            slots[v] = a
-        for v, a in self.graph.consts.items():
+            slots[v] = a if host else to_device(a, self.backend)
+        for v, a in self._consts.items():
             slots[v] = a
         for v, p in zip(self.graph.params, self.graph.param_objs):
-            slots[v] = p.data
+            slots[v] = p.data if host else self._on_device(p)
         return slots
+
+    def _on_device(self, p):
+        """A parameter's value on the device, moved there once (``Parameter.device_data``)."""
+        place = getattr(p, "device_data", None)
+        if place is None:
+            raise ValueError(format_error(
+                "device_target", f"parameter {p.name!r}", "a Parameter of a serial program on 'GPU'",
+                f"a {type(p).__name__} (this rank's shard under a parallel plan)",
+                "run parallel plans with device_target='CPU' for now (GPU ranks: issue 14, item 3)"))
+        return place(self.backend)
 
     def run(self, inputs: Sequence[np.ndarray], step: int = 0) -> list[np.ndarray]:
         slots = self.initial_slots(inputs)
@@ -171,7 +198,8 @@ class Program:
             node = self.instructions[self._pc].node
             err.add_note(f"autopar: raised by {node.name}{' (backward)' if node.forward_of is not None else ''}")
             raise
-        return _owned([slots[o] for o in self.outputs], slots, self.graph.params)
+        outs = _owned([slots[o] for o in self.outputs], slots, self.graph.params)
+        return outs if self.backend.is_host else [to_host(a) if a.ndim == 0 else a for a in outs]
 
     def _execute(self, slots: list, rng: set, step: int) -> None:
         for k, ins in enumerate(self.instructions):
@@ -213,12 +241,12 @@ def _owned(outs: list, slots: list, params: tuple[int, ...]) -> list:
     """Outputs the caller may modify in place: a read-only array (a broadcast view), one
     sharing memory with another output (``Add`` hands dy to both inputs) or with a
     parameter is copied. Cheap: it compares base objects, not memory ranges."""
-    taken = {id(base_buffer(slots[v])) for v in params if isinstance(slots[v], np.ndarray)}
+    taken = {id(base_buffer(slots[v])) for v in params if is_array(slots[v])}
     result = []
     for a in outs:
-        if isinstance(a, np.ndarray):
+        if is_array(a):
             root = id(base_buffer(a))
-            if not a.flags.writeable or root in taken:
+            if not writable(a) or root in taken:
                 a = a.copy()
                 root = id(a)
             taken.add(root)

@@ -1,0 +1,43 @@
+"""The float64 sum of squares of many arrays, on the host or a device: the gradients'
+global norm (clipping, the overflow check) is ``sqrt(sum_of_squares(grads))``.
+
+On the host each array is walked in blocks converted to float64 and reduced with ``dot``
+(BLAS), so the sum is as accurate as a float64 sum without a float64 copy of the model (a
+float32 ``dot`` over 10^8 elements would be off by about 0.3%). On a GPU the whole array
+is converted at once (a block would be a launch) and reduced there; only the scalar comes
+back to the host.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+
+from ..backend import array_module, cache_blocked, is_array
+from ..errors import format_error
+
+BLOCK_ELEMENTS = 1 << 16  # elements converted to float64 at a time on the host (512 KiB)
+
+
+def sum_of_squares(arrays: Iterable) -> float:
+    """The sum of the squares of every element of ``arrays``, accumulated in float64."""
+    block = None
+    total = 0.0
+    for i, g in enumerate(arrays):
+        g = g if is_array(g) else np.asarray(g)
+        if g.dtype.kind not in "fiu":
+            raise ValueError(format_error("global_norm", f"grads[{i}] dtype", "a numeric array", str(g.dtype)))
+        xp = array_module(g)
+        flat = g.ravel()
+        if flat.dtype == np.float64 or not cache_blocked(g):
+            wide = flat.astype(np.float64, copy=False)
+            total += float(xp.dot(wide, wide))
+            continue
+        if block is None:
+            block = xp.empty(BLOCK_ELEMENTS, np.float64)
+        for start in range(0, flat.size, block.size):
+            part = flat[start:start + block.size]
+            b = block[:part.size]
+            b[...] = part
+            total += float(xp.dot(b, b))
+    return total
