@@ -1,307 +1,138 @@
-"""Cost-model accuracy: predicted vs measured step time and peak memory of PanGu-α strategies.
+"""Cost-model accuracy: predicted vs measured step time and peak memory of PanGu-α plans.
 
-Every strategy below is trained for real, one MPI job each (the serial ones as one
-process), on the same small PanGu-α (fp32, dropout 0.1, AdamWeightDecay, clip 1.0). For each,
-the prediction is ``CostModel.evaluate`` of the exact plan the run compiled (the
-``ShardedGradProgram``'s ``.plan`` on its ``.graph``; a one-device stand-alone plan for the
-serial runs) under the profile ``--profile`` names, and the measurement is:
+For each PanGu-α size (``--sizes``) and rank count (``--ranks``), every plan of
+:func:`accuracy_plans.plans` -- hand dp, mp and dp x mp (the model's own strategies under
+``semi_auto_parallel``), pipelines of 2 and 4 stages with several micro-batch counts under
+both schedules (1F1B, GPipe), recompute and optimizer parallel on and off, and the auto
+plan (``auto_parallel`` with nothing fixed: the joint search picks stages, micro-batches,
+recompute, optimizer parallel and every stage's op strategies) -- is trained for real, one
+MPI job per plan (fp32, dropout 0.1, AdamWeightDecay, clip 1.0, batch 2 x ranks).
 
-* step time: the median over ``--steps`` steps (after ``--warmup``) of the slowest rank's
-  step, each started behind a barrier, on the wall clock or (``--clock cpu``, for a machine
-  shared with other work) the ranks' thread CPU time; both are printed;
-* peak memory per rank: the bytes alive before a step (parameter shards, optimizer states,
-  the fed batch, constants) plus the peak of numpy allocations during one step
-  (``tracemalloc``, which numpy reports its data buffers to: kernel temporaries included);
-  ``TrainOneStepCell.memory_report()`` (the runtime's meter: program slots only) beside it.
+**Prediction.** One cost model for every plan: ``price()`` of
+``autopar.strategy.pipeline.auto``, the function the ``auto_parallel`` joint search prices its
+candidates with. The auto plan's prediction is the run's own choice
+(``AutoGradProgram.choice.step_seconds`` / ``.peak_memory_bytes``); a hand plan is priced by
+``price()`` on exactly the stage shardings its run compiles (``accuracy_plans.predict_hand``
+says how), and the peak memory is the largest stage's.
 
-It prints one row per strategy, the mean absolute percentage error of time and memory, the
-Spearman rank correlation of time, where the seconds go per op family (predicted, and
-measured on one step of each run with every instruction timed), the memory terms side by
-side, and draws predicted vs measured. Strategies that fail are listed with their error and
-left out of the figures::
+**Measurement** (each plan in its own ``mpiexec`` job, on the job's slowest rank):
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/cost_model_accuracy.py --png /tmp/accuracy.png   # 2 ranks
-    OPENBLAS_NUM_THREADS=1 python benchmarks/cost_model_accuracy.py --clock cpu              # shared machine
-    python benchmarks/cost_model_accuracy.py --quick                                          # 4 strategies
-    # a 16-core machine: calibrate it with as many ranks as the run uses, then measure
-    mpiexec -n 4 --bind-to core python -m autopar.calibrate --out lent-4.json --name lent-4
-    python benchmarks/cost_model_accuracy.py --ranks 4 --mpiexec-args "--bind-to core" \\
-        --profile lent-4.json --steps 11 --json lent-4-accuracy.json --png lent-4-accuracy.png
-    python benchmarks/cost_model_accuracy.py --report lent-4-accuracy.json   # print a saved run again
+* step time: after ``--warmup`` steps, ``--repeats`` timing windows of ``--steps`` steps
+  each, every step started behind a barrier; a window's figure is the median of its
+  steps, the plan's is the median of its windows, and the *spread* beside it is
+  max/min - 1 of the window medians. The windows follow each other in one process (the
+  spread is run-to-run noise within a job, not core placement: ``--separate-processes``
+  runs each repeat as its own job instead, slower). Wall clock, or (``--clock cpu``, for a
+  machine shared with other work) the ranks' thread CPU time;
+* peak memory per rank: bytes alive before a step (parameter shards, optimizer states, the
+  fed batch, constants) + the peak of numpy allocations during one step (``tracemalloc``,
+  kernel temporaries included); the largest over the ranks.
 
-Targets (issue 4): mean time error <= 10%, rank correlation >= 0.9, memory error <= 10%.
+Per (size, ranks) and over all plans it prints the mean absolute percentage error of time
+and memory, the Spearman rank correlation of time, the median spread, and the auto plan's
+regret (its measured step / the fastest measured step of its group); it draws predicted
+vs measured (``--png``) and writes every row to ``--json`` after each plan (a run cut short
+keeps what it measured). ``--calibrate`` first measures the machine with
+``mpiexec -n R python -m autopar.calibrate`` for each R and prices with that profile::
+
+    OPENBLAS_NUM_THREADS=1 python benchmarks/cost_model_accuracy.py --quick      # 2 ranks, tiny model, 5 plans
+    # the lent 16-core machine (Open MPI), both sizes on 4 and 8 ranks, calibrated first, ~7 minutes:
+    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1 \\
+        python benchmarks/cost_model_accuracy.py --ranks 4 8 --calibrate --mpiexec-args "--bind-to core" \\
+        --deadline 450 --json accuracy.json --png accuracy.png
+    python benchmarks/cost_model_accuracy.py --report accuracy.json --png accuracy.png   # print it again
+
+Targets (issue 13): time error <= 10%, Spearman >= 0.9, memory error <= 10%, regret <= 1.05.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import shlex
 import subprocess
 import sys
 import time
 import tracemalloc
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from _common import default_mpiexec, mib, table, worker_env, unique_nbytes
+from _common import default_mpiexec, mib, table, unique_nbytes, worker_env
+from accuracy_plans import SIZES, Plan, batch_of, build, check_plan, context, feed, plans, predict_hand, quick_plans
 
-# One step of this takes ~0.2-1 s of one core here: long enough to time, short enough for
-# a dozen strategies in a few minutes.
-CONFIG = dict(vocab_size=4000, seq_length=128, hidden_size=256, num_layers=4, num_heads=8,
-              ffn_hidden_size=1024, dropout_rate=0.1)
-BATCH = 8                      # global batch, sequences
-TARGETS = {"time_mape": 0.10, "time_spearman": 0.9, "memory_mape": 0.10}
+TARGETS = {"time_mape": 0.10, "time_spearman": 0.9, "memory_mape": 0.10, "regret": 1.05}
 # "wall": the wall clock, what a user waits for; "cpu": the rank's thread CPU time, which
 # leaves out time the OS gave other processes (a shared machine), not time spent waiting.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
-@dataclass(frozen=True)
-class Case:
-    """One strategy: how the network is annotated and how the job is run."""
-    name: str
-    ranks: int
-    mode: str                          # parallel_mode
-    batch: int = BATCH
-    dp: int = 1                        # PanguAlphaConfig.data_parallel (.shard() strategies)
-    mp: int = 1                        # PanguAlphaConfig.model_parallel
-    vocab_emb_dp: bool = True
-    full_batch: bool = False           # every rank reads the whole batch
-    search_mode: str = "dynamic_programming"
-    optimizer_parallel: bool = False
-    mix: str = ""                      # hand-mixed per-op strategies: see mix_strategies()
+# ---- one plan, on every rank of its job -------------------------------------------------------
+
+def resident_bytes(prog, train, fed) -> int:
+    """Bytes alive between steps: this rank's parameter shards, optimizer states, the fed
+    batch and the programs' constants (each base buffer once)."""
+    program = prog.program
+    programs = getattr(program, "programs", None) or (program,)      # a pipeline stage: its halves
+    consts = [a for p in programs for a in p.graph.consts.values()]
+    states = [a for s in train.optimizer.states for a in s.values()]
+    return (unique_nbytes([s.data for s in prog.param_shards]) + unique_nbytes(states) + fed.nbytes
+            + unique_nbytes(consts))
 
 
-def cases(n: int) -> list[Case]:
-    """The strategies run on ``n`` ranks (and the serial ones on 1)."""
-    semi = "semi_auto_parallel"
-    out = [
-        Case("serial", 1, "stand_alone"),
-        Case(f"serial B{BATCH // 2}", 1, "stand_alone", batch=BATCH // 2),
-        Case(f"data_parallel {n}", n, "data_parallel"),
-        Case(f"dp{n}", n, semi, dp=n),
-        Case(f"dp{n} full_batch", n, semi, dp=n, full_batch=True),
-        Case(f"dp{n} B{2 * BATCH}", n, semi, batch=2 * BATCH, dp=n),
-        Case(f"dp{n} optimizer parallel", n, semi, dp=n, optimizer_parallel=True),
-        Case(f"mp{n}", n, semi, mp=n, full_batch=True),
-        Case(f"mp{n} vocab split", n, semi, mp=n, vocab_emb_dp=False, full_batch=True),
-        Case(f"mp{n} B{BATCH // 2}", n, semi, batch=BATCH // 2, mp=n, full_batch=True),
-        Case(f"mp{n} B{2 * BATCH}", n, semi, batch=2 * BATCH, mp=n, full_batch=True),
-        Case(f"attention mp{n}, FFN dp{n}", n, semi, dp=n, mix="attention_mp"),
-        Case(f"attention dp{n}, FFN mp{n}", n, semi, mp=n, full_batch=True, mix="ffn_dp"),
-        Case("auto dynamic_programming", n, "auto_parallel"),
-        Case("auto recursive_programming", n, "auto_parallel", search_mode="recursive_programming"),
-        Case("auto sharding_propagation", n, "auto_parallel", search_mode="sharding_propagation"),
-        Case("auto dynamic_programming full_batch", n, "auto_parallel", full_batch=True),
-    ]
-    if n >= 4 and n % 2 == 0:
-        out += [Case(f"dp{n // 2} x mp2", n, semi, dp=n // 2, mp=2),
-                Case(f"dp{n // 2} x mp2 vocab split", n, semi, dp=n // 2, mp=2, vocab_emb_dp=False)]
-    return out
+def prediction(prog, plan: Plan, size: dict, ranks: int, profile: str) -> dict:
+    """The plan's predicted step (seconds, and its parts) and peak bytes per rank."""
+    p = prog.choice if plan.auto else predict_hand(plan, size, ranks, profile)
+    return dict(step_s=p.step_seconds, compute_s=p.compute_s, comm_s=p.comm_s, bubble_s=p.bubble_s,
+                update_s=p.update_s, memory_bytes=p.peak_memory_bytes, stage_bytes=list(p.memory_bytes),
+                plan=p.describe())
 
 
-QUICK = ("serial", "dp{n}", "mp{n}", "auto dynamic_programming")
-
-
-def mix_strategies(net, case: Case) -> None:
-    """Hand-mixed per-op strategies on a built network (every block and the query layer).
-
-    ``attention_mp``: the network is data parallel (config dp = n), then attention is made
-    Megatron model parallel over all n ranks: Q/K/V column-parallel, the core split by
-    heads, the output projection row-parallel; activations change layout at its borders.
-    ``ffn_dp``: the network is model parallel (config mp = n), then the FFN is made data
-    parallel: both dense layers and the GeLU split the batch rows, weights whole."""
-    from autopar.models.megatron import attention_core, batch_only, column_parallel, row_parallel
-    n = case.ranks
-    layers = list(net.backbone.blocks) + [net.backbone.query_layer]
-    for layer in layers:
-        if case.mix == "attention_mp":
-            att = layer.attention
-            for d in (att.dense1, att.dense2, att.dense3):
-                column_parallel(d, 1, n)
-            row_parallel(att.projection, 1, n)
-            attention_core(att.scores, att.softmax, att.context, 1, n)
-        elif case.mix == "ffn_dp":
-            ffn = layer.output
-            batch_only(ffn.mapping, n)
-            batch_only(ffn.projection, n)
-            ffn.gelu.shard(((n, 1, 1),))
-        else:
-            raise ValueError(f"Case.mix: expected 'attention_mp' or 'ffn_dp', got {case.mix!r}")
-
-
-# ---- one strategy, on every rank of its job -----------------------------------------------
-
-def build(case: Case):
-    """The network, optimizer and training cell of a case (not yet compiled)."""
-    from autopar import nn
-    from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
-    from autopar.train import AdamWeightDecay
-    cfg = PanguAlphaConfig(data_parallel=case.dp, model_parallel=case.mp, vocab_emb_dp=case.vocab_emb_dp,
-                           **CONFIG)
-    net = PanguAlphaWithLoss(cfg)
-    if case.mix:
-        mix_strategies(net, case)
-    opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.01)
-    return cfg, nn.TrainOneStepCell(net, opt, clip_norm=1.0)
-
-
-def predicted(prog, case: Case, profile):
-    """CostModel.evaluate of the plan ``prog`` compiled, and the model that priced it."""
-    from autopar.strategy.costmodel import CostModel
-    plan = prog.plan                         # serial: a one-device stand-alone plan
-    full = case.full_batch or plan.stage.size == 1
-    model = CostModel(prog.graph, plan.stage, profile, full, optimizer_states=2,
-                      optimizer_parallel=case.optimizer_parallel)
-    return model, plan, model.evaluate(plan)
-
-
-def fingerprint(model, plan, case: Case) -> str:
-    """A short hash of what makes two runs the same strategy: every op's sharding on its
-    shapes, how the batch is fed, and optimizer parallel. Equal for equal strategies."""
-    g = model.graph
-    text = ";".join(f"{n.name}{[g.spec(v).shape for v in n.inputs]}={plan.shardings[n.id]}" for n in model.forward)
-    text += f";inputs={sorted((v, str(lay)) for v, lay in model.input_layouts.items())}"
-    text += f";optimizer_parallel={case.optimizer_parallel}"
-    return hashlib.sha1(text.encode()).hexdigest()[:6]
-
-
-def predicted_by_kind(model, plan) -> dict[str, float]:
-    """Predicted seconds per op family: compute of each forward op (forward + backward) by
-    its kind; collectives (redistributions, gradient reductions, in-kernel all-reduces) as
-    'comm'; the optimizer update as 'update'."""
-    out: dict[str, float] = {}
-    for n in model.forward:
-        sh = plan.shardings[n.id]
-        c = model.node_cost(n, sh)
-        out[n.prim.kind] = out.get(n.prim.kind, 0.0) + c.compute_s
-        edges = sum(model.edge_seconds(v, src, n, i, sh) for i, v in enumerate(n.inputs)
-                    if (src := model.producer_layout(v, plan.shardings)) is not None
-                    and model.home.get(v) != (n.id, i))
-        out["comm"] = out.get("comm", 0.0) + c.comm_s + edges
-        out["update"] = out.get("update", 0.0) + c.update_s
-    return out
-
-
-def profiled_run(program, inputs, step: int, clock, sync) -> dict[str, float]:
-    """One run of ``program`` timing every instruction (``autopar.runtime.op_timer``):
-    seconds per op family, backward charged to its forward op's kind, redistributions as
-    'comm', and a barrier (``sync``) before each, timed apart as 'comm wait': the time ranks
-    wait for each other, which the step pays inside its collectives and no cost formula has."""
-    from autopar.runtime.op_timer import time_ops
-    return time_ops(program, inputs, step, clock, before_comm=sync)[0]
-
-
-def _time_calls(program) -> list[float]:
-    """Wrap ``program.run`` (on the instance) to add its wall and CPU seconds to the list
-    returned: what a step spends outside it is clipping, the optimizer and bookkeeping."""
-    spent = [0.0, 0.0]
-    run = program.run
-
-    def timed(*args, **kwargs):
-        t0, c0 = time.perf_counter(), time.thread_time()
-        try:
-            return run(*args, **kwargs)
-        finally:
-            spent[0] += time.perf_counter() - t0
-            spent[1] += time.thread_time() - c0
-    program.run = timed
-    return spent
-
-
-
-
-def worker(name: str, ranks: int, steps: int, warmup: int, profile_name: str, clock_name: str) -> None:
+def worker(args) -> None:
     from autopar.comm import install_abort_handler, world
     from autopar.context import bound_world, parallel_context
-    from autopar.strategy.profile import load_profile
     install_abort_handler()
     comm = world()
-    n = comm.size
-    case = next(c for c in cases(ranks) if c.name == name)
-    if case.ranks != n:
-        raise ValueError(f"case {name!r}: expected {case.ranks} ranks, got {n}")
-    profile = load_profile(profile_name)
-    cfg, train = build(case)
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (case.batch, cfg.seq_length + 1)).astype(np.int32)
-    whole = case.full_batch or case.mode == "stand_alone"
-    feed = ids if whole else np.split(ids, n)[comm.rank]
-    ctx = dict(parallel_mode=case.mode, device_num=n, full_batch=case.full_batch, search_mode=case.search_mode,
-               enable_parallel_optimizer=case.optimizer_parallel, cost_profile=profile_name)
-    sync = comm.barrier if n > 1 else (lambda: None)
-    with bound_world(comm), parallel_context(**ctx):
+    ranks = comm.size
+    plan = Plan(**json.loads(args.worker))
+    size = SIZES[args.size]
+    cfg, _, train = build(plan, size)
+    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch_of(ranks), cfg.seq_length + 1)).astype(np.int32)
+    fed = feed(plan, ids, comm.rank, ranks)
+    clock = CLOCKS[args.clock]
+    with bound_world(comm), parallel_context(**context(plan, ranks, args.profile)):
         t0 = time.perf_counter()
-        prog = train.build(feed)
+        prog = train.build(fed)
         compile_s = time.perf_counter() - t0
-        model, plan, cost = predicted(prog, case, profile)
-        for _ in range(warmup):
-            train(feed)
-        in_comm = prog.comm_clock                       # seconds spent in redistributions (wall)
-        in_program = _time_calls(prog.program)          # seconds spent running the program (wall, cpu)
-        wall, cpu, comm_s, outside = [], [], [], []
-        calls0 = comm.stats.snapshot()["count"]
-        for _ in range(steps):
-            sync()
-            c0, t0, k0, p0 = in_comm[0], time.perf_counter(), time.thread_time(), list(in_program)
-            train(feed)
-            wall.append(time.perf_counter() - t0)
-            cpu.append(time.thread_time() - k0)
-            comm_s.append(in_comm[0] - c0)
-            k = 0 if clock_name == "wall" else 1
-            outside.append((wall if k == 0 else cpu)[-1] - (in_program[k] - p0[k]))
-        del prog.program.run                            # the class's run again
-        calls1 = comm.stats.snapshot()["count"]
-        collectives = {k: (v - calls0.get(k, 0)) / steps for k, v in calls1.items() if v > calls0.get(k, 0)}
-        # memory: the runtime's meter on one step, tracemalloc on the next
-        train.measure_memory(True)
-        train.build(feed)                      # hands the meter to the compiled program
-        sync()
-        train(feed)
-        meter = train.memory_report()
-        train.measure_memory(False)
-        train.build(feed)
-        states = [a for s in train.optimizer.states for a in s.values()]
-        shards = [s.data for s in prog.param_shards]     # serially: the Parameters
-        program = prog.program
-        before = unique_nbytes(shards) + unique_nbytes(states) + feed.nbytes \
-            + unique_nbytes(program.graph.consts.values())
-        sync()
+        for _ in range(args.warmup):
+            train(fed)
+        times, comm_times = [], []
+        for _ in range(args.repeats * args.steps):
+            comm.barrier()
+            c0, t0 = prog.comm_clock[0], clock()
+            train(fed)
+            times.append(clock() - t0)
+            comm_times.append(prog.comm_clock[0] - c0)
+        before = resident_bytes(prog, train, fed)
+        comm.barrier()
         tracemalloc.start()
-        train(feed)
-        _, traced_peak = tracemalloc.get_traced_memory()
+        train(fed)
+        traced = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        # where the seconds go: one step with every instruction timed
-        clock = CLOCKS[clock_name]
-        sync()
-        t0 = clock()
-        by_kind = profiled_run(program, [feed], train.optimizer.step_count, clock, sync)
-        run_s = clock() - t0
-    gathered = [comm.allreduce(np.array(x, np.float64), op="max") if n > 1 else np.array(x)
-                for x in (wall, cpu, comm_s, outside)]
-    wall, cpu, comm_s, outside = (np.asarray(g) for g in gathered)
-    peak = before + traced_peak
-    peak_max = float(comm.allreduce(np.array(float(peak)), op="max")) if n > 1 else float(peak)
+    slowest = np.asarray(comm.allreduce(np.array(times, np.float64), op="max"))
+    comm_s = np.asarray(comm.allreduce(np.array(comm_times, np.float64), op="max"))
+    peak = float(comm.allreduce(np.array(float(before + traced)), op="max"))
     if comm.rank != 0:
         return
+    windows = [float(np.median(w)) for w in slowest.reshape(args.repeats, args.steps)]
     print(json.dumps(dict(
-        name=case.name, ranks=n, mode=case.mode, search_mode=case.search_mode, plan=fingerprint(model, plan, case),
-        compile_s=compile_s,
-        predicted=dict(step_s=cost.step_seconds, compute_s=cost.compute_s, comm_s=cost.comm_s,
-                       update_s=cost.update_s, memory_bytes=cost.memory_bytes, param_bytes=cost.param_bytes,
-                       grad_bytes=cost.grad_bytes, state_bytes=cost.state_bytes,
-                       activation_bytes=cost.activation_bytes, by_kind=predicted_by_kind(model, plan)),
-        measured=dict(step_s=float(np.median(wall if clock_name == "wall" else cpu)),
-                      wall_s=float(np.median(wall)), cpu_s=float(np.median(cpu)), comm_s=float(np.median(comm_s)),
-                      wall=wall.tolist(), cpu=cpu.tolist(), peak_bytes=peak_max, peak_rank0=peak,
-                      before_bytes=before, traced_peak_bytes=traced_peak, meter=meter,
-                      outside_program_s=float(np.median(outside)), profiled_program_s=run_s, by_kind=by_kind,
-                      instructions=len(program.instructions), collectives=collectives))), flush=True)
+        name=plan.name, size=args.size, ranks=ranks, batch=batch_of(ranks), plan=dataclasses.asdict(plan),
+        compile_s=compile_s, predicted=prediction(prog, plan, size, ranks, args.profile),
+        measured=dict(step_s=float(np.median(windows)), windows=windows, steps=slowest.tolist(),
+                      comm_s=float(np.median(comm_s)), peak_bytes=peak, peak_rank0=before + traced,
+                      before_bytes=before, traced_peak_bytes=traced))), flush=True)
 
 
-# ---- the driver -----------------------------------------------------------------------------
+# ---- the driver -------------------------------------------------------------------------------
 
 def spearman(a, b) -> float:
     """Spearman's rank correlation: Pearson's correlation of the ranks (ties share their mean rank)."""
@@ -311,9 +142,7 @@ def spearman(a, b) -> float:
         r = np.empty(len(x))
         r[order] = np.arange(len(x), dtype=float)
         _, inverse = np.unique(x, return_inverse=True)
-        sums = np.bincount(inverse, weights=r)
-        counts = np.bincount(inverse)
-        return (sums / counts)[inverse]
+        return (np.bincount(inverse, weights=r) / np.bincount(inverse))[inverse]
     ra, rb = ranks(a), ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     denom = np.sqrt((ra * ra).sum() * (rb * rb).sum())
@@ -325,16 +154,9 @@ def mape(pred, meas) -> float:
     return float(np.mean(np.abs(pred - meas) / meas))
 
 
-def launch(case: Case, args) -> dict:
-    me = [sys.executable, __file__, "--worker", case.name, "--ranks", str(args.ranks), "--steps", str(args.steps),
-          "--warmup", str(args.warmup), "--profile", args.profile, "--clock", args.clock]
-    cmd = me if case.ranks == 1 else [args.mpiexec, "-n", str(case.ranks), *shlex.split(args.mpiexec_args), *me]
-    out = subprocess.run(cmd, env=worker_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                         timeout=3600)
-    last = out.stdout.strip().splitlines()[-1:]
-    if out.returncode == 0 and last and last[0].startswith("{"):
-        return json.loads(last[0])
-    return dict(name=case.name, ranks=case.ranks, error=_first_error(out.stdout + out.stderr), command=shlex.join(cmd))
+def spread(windows) -> float:
+    """max/min - 1 of a plan's window (or process) medians."""
+    return float(max(windows) / min(windows) - 1)
 
 
 def _first_error(text: str) -> str:
@@ -345,170 +167,267 @@ def _first_error(text: str) -> str:
     return "; ".join(errors[-1:] + where[-1:]) or " | ".join(lines[-3:])
 
 
-def scatter_png(rows: list[dict], path: str, title: str) -> None:
-    """Predicted (y) against measured (x) step time and peak memory, one numbered point per
-    strategy (the table's #), the y = x line and a ±10% band."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.8))
-    pt = np.array([r["predicted"]["step_s"] for r in rows])
-    mt = np.array([r["measured"]["step_s"] for r in rows])
-    pm = np.array([r["predicted"]["memory_bytes"] for r in rows]) / 2 ** 20
-    mm = np.array([r["measured"]["peak_bytes"] for r in rows]) / 2 ** 20
-    serial = np.array([r["ranks"] == 1 for r in rows])
-    panels = ((axes[0], "step time (s)", pt, mt,
-               f"mean abs error {mape(pt, mt):.1%}, Spearman {spearman(pt, mt):.2f}"),
-              (axes[1], "peak memory per rank (MiB)", pm, mm, f"mean abs error {mape(pm, mm):.1%}"))
-    for ax, what, pred, meas, note in panels:
-        hi = max(pred.max(), meas.max()) * 1.1
-        ax.plot([0, hi], [0, hi], "k-", lw=1, label="y = x")
-        ax.fill_between([0, hi], [0, hi * 0.9], [0, hi * 1.1], color="0.9", label="±10%")
-        ax.scatter(meas[serial], pred[serial], color="C0", zorder=3, label="1 rank")
-        ax.scatter(meas[~serial], pred[~serial], color="C1", zorder=3,
-                   label=f"{max(r['ranks'] for r in rows)} ranks")
-        for k, (x, y) in enumerate(zip(meas, pred), 1):
-            ax.annotate(str(k), (x, y), textcoords="offset points", xytext=(4, 3), fontsize=8)
-        ax.set(xlim=(0, hi), ylim=(0, hi), xlabel=f"measured {what}", ylabel=f"predicted {what}", title=note)
-        ax.set_aspect("equal")
-        ax.legend(loc="upper left", fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def launch(plan: Plan, size: str, ranks: int, profile: str, args, repeats: int, timeout: float) -> dict:
+    """One MPI job training ``plan``: its JSON row, or a row with ``error``."""
+    me = [sys.executable, __file__, "--worker", json.dumps(dataclasses.asdict(plan)), "--size", size,
+          "--steps", str(args.steps), "--repeats", str(repeats), "--warmup", str(args.warmup), "--profile", profile,
+          "--clock", args.clock]
+    cmd = [args.mpiexec, "-n", str(ranks), *shlex.split(args.mpiexec_args), *me]
+    failed = dict(name=plan.name, size=size, ranks=ranks, command=shlex.join(cmd))
+    try:
+        out = subprocess.run(cmd, env=worker_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(failed, error=f"timed out after {timeout:.0f} s")
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith('{"name"')]     # rank 0's row
+    if out.returncode == 0 and rows:
+        return json.loads(rows[-1])
+    return dict(failed, error=_first_error(out.stdout + out.stderr))
 
 
-def report(rows: list[dict], failed: list[dict], args) -> dict:
-    clock = "wall clock" if args.clock == "wall" else "thread CPU time"
-    print(f"PanGu-α {CONFIG}, fp32, AdamWeightDecay, clip 1.0; profile {args.profile}; measured step = "
-          f"median of {args.steps} steps after {args.warmup} warm-up, slowest rank, {clock}\n")
-    body = []
-    for k, r in enumerate(rows, 1):
-        p, m = r["predicted"], r["measured"]
-        body.append([k, r["name"], r["ranks"], r["plan"], f"{p['step_s']:.3f}", f"{m['step_s']:.3f}",
-                     f"{p['step_s'] / m['step_s'] - 1:+.0%}", f"{m['wall_s']:.3f}", f"{m['cpu_s']:.3f}",
-                     f"{p['comm_s']:.3f}", f"{m['comm_s']:.3f}", mib(p["memory_bytes"]), mib(m["peak_bytes"]),
-                     f"{p['memory_bytes'] / m['peak_bytes'] - 1:+.0%}", mib(m["meter"]["total_peak"])])
-    print(table(["#", "strategy", "ranks", "plan", "pred s", "meas s", "err", "wall s", "cpu s", "pred comm",
-                 "meas comm", "pred MiB", "meas MiB", "err", "meter MiB"], body, "llrlrrrrrrrrrrr"))
-    for r in failed:
-        print(f"FAILED  {r['name']} ({r['ranks']} ranks): {r['error']}\n        rerun: {r['command']}")
+def measure(plan: Plan, size: str, ranks: int, profile: str, args, timeout: float) -> dict:
+    """``plan`` measured: ``--repeats`` windows of one job, or with ``--separate-processes``
+    one job per repeat (each one window; the row is the first job's, with every job's
+    window median, and the largest memory peak)."""
+    if not args.separate_processes:
+        return launch(plan, size, ranks, profile, args, args.repeats, timeout)
+    runs = []
+    for _ in range(args.repeats):
+        runs.append(launch(plan, size, ranks, profile, args, 1, timeout))
+        if "error" in runs[-1]:
+            return runs[-1]
+    row = runs[0]
+    windows = [r["measured"]["windows"][0] for r in runs]
+    row["measured"].update(step_s=float(np.median(windows)), windows=windows,
+                           peak_bytes=max(r["measured"]["peak_bytes"] for r in runs))
+    return row
+
+
+def calibrate(ranks: int, args) -> str:
+    """Measure this machine on ``ranks`` ranks (``python -m autopar.calibrate``); the profile's path."""
+    out = Path(args.profile_dir) / f"calibrated-{ranks}rank.json"
+    cmd = [args.mpiexec, "-n", str(ranks), *shlex.split(args.mpiexec_args), sys.executable, "-m", "autopar.calibrate",
+           "--out", str(out), "--name", f"calibrated-{ranks}rank"]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env=worker_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"calibration failed ({shlex.join(cmd)}):\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    print(f"calibrated {ranks} ranks in {time.perf_counter() - t0:.0f} s: {out}", file=sys.stderr, flush=True)
+    return str(out)
+
+
+def schedule(groups: dict) -> list[tuple]:
+    """(size, ranks, plan) in round-robin order over the groups: a run cut short by its
+    deadline leaves every group with about as many plans (each group's auto plan first)."""
+    lists = list(groups.values())
+    return [lst[i] for i in range(max(map(len, lists))) for lst in lists if i < len(lst)]
+
+
+def run_all(args) -> None:
+    t_start = time.perf_counter()
+    sizes = ["tiny"] if args.quick else args.sizes
+    ranks = [2] if args.quick else args.ranks
+    profiles = {str(r): calibrate(r, args) if args.calibrate else args.profile for r in ranks}
+    groups = {}
+    for s in sizes:
+        for r in ranks:
+            todo = quick_plans(r) if args.quick else plans(r)
+            if args.only:
+                todo = [p for p in todo if p.name in args.only]
+            for p in todo:
+                check_plan(p, r)
+            groups[(s, r)] = [(s, r, p) for p in todo]
+    saved = dict(sizes={s: SIZES[s] for s in sizes}, profiles=profiles, clock=args.clock, steps=args.steps,
+                 repeats=args.repeats, warmup=args.warmup, separate_processes=args.separate_processes,
+                 rows=[], failed=[])
+    order = schedule(groups)
+    for k, (size, r, plan) in enumerate(order, 1):
+        left = args.deadline - (time.perf_counter() - t_start) if args.deadline else args.plan_timeout
+        if left <= 0:
+            saved["failed"].append(dict(name=plan.name, size=size, ranks=r, error="not run: --deadline reached"))
+            continue
+        t0 = time.perf_counter()
+        row = measure(plan, size, r, profiles[str(r)], args, min(left, args.plan_timeout))
+        (saved["failed"] if "error" in row else saved["rows"]).append(row)
+        said = (f"pred {row['predicted']['step_s']:.3f} s, meas {row['measured']['step_s']:.3f} s "
+                f"(spread {spread(row['measured']['windows']):.1%})" if "error" not in row
+                else f"FAILED: {row['error'][:140]}")
+        print(f"[{k}/{len(order)} {time.perf_counter() - t_start:4.0f} s] {size} {r} ranks  {plan.name:30s} {said} "
+              f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+        if args.json:
+            write_json(args.json, saved)
+    if not saved["rows"]:
+        sys.exit("no plan ran")
+    saved["figures"] = report(saved)
+    if args.json:
+        write_json(args.json, saved)
+    if args.png:
+        scatter_png(saved, args.png)
+        print(f"\nscatter plot: {args.png}")
+
+
+def write_json(path: str, saved: dict) -> None:
+    """Write atomically: a run cut short mid-write leaves the previous complete file."""
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp")
+    tmp.write_text(json.dumps(saved, indent=1))
+    tmp.replace(path)
+
+
+# ---- the report -------------------------------------------------------------------------------
+
+def group_figures(rows: list[dict]) -> dict:
+    """Time and memory error, Spearman, median spread, and the auto plan's regret."""
     pt = [r["predicted"]["step_s"] for r in rows]
     mt = [r["measured"]["step_s"] for r in rows]
     pm = [r["predicted"]["memory_bytes"] for r in rows]
     mm = [r["measured"]["peak_bytes"] for r in rows]
-    me = [r["measured"]["meter"]["total_peak"] for r in rows]
-    figures = dict(time_mape=mape(pt, mt), time_spearman=spearman(pt, mt), memory_mape=mape(pm, mm))
-    other = "cpu" if args.clock == "wall" else "wall"
-    mo = [r["measured"][f"{other}_s"] for r in rows]
-    print(f"\n{len(rows)} strategies run ({len({r['plan'] for r in rows})} distinct), {len(failed)} failed:")
-    print(f"  step time   mean abs error {figures['time_mape']:.1%} (target <= {TARGETS['time_mape']:.0%}), "
-          f"Spearman {figures['time_spearman']:.3f} (target >= {TARGETS['time_spearman']}); "
-          f"against {other} time instead: {mape(pt, mo):.1%}, {spearman(pt, mo):.3f}")
-    print(f"  peak memory mean abs error {figures['memory_mape']:.1%} (target <= {TARGETS['memory_mape']:.0%}); "
-          f"against the runtime's meter instead: {mape(pm, me):.1%}")
-    met = [k for k, v in figures.items() if (v >= TARGETS[k] if k == "time_spearman" else v <= TARGETS[k])]
-    print(f"  targets met: {', '.join(met) or 'none'} of {', '.join(TARGETS)}")
-    breakdown(rows)
-    memory_breakdown(rows)
+    auto = [r["measured"]["step_s"] for r in rows if r["plan"]["auto"]]
+    return dict(plans=len(rows), time_mape=mape(pt, mt), time_spearman=spearman(pt, mt) if len(rows) > 1 else None,
+                memory_mape=mape(pm, mm), median_spread=float(np.median([spread(r["measured"]["windows"])
+                                                                         for r in rows])),
+                regret=auto[0] / min(mt) if auto else None)
+
+
+def groups_of(rows: list[dict]) -> dict:
+    out: dict = {}
+    for r in rows:
+        out.setdefault((r["size"], r["ranks"]), []).append(r)
+    return out
+
+
+def report(saved: dict) -> dict:
+    rows, failed = saved["rows"], saved["failed"]
+    clock = "wall clock" if saved["clock"] == "wall" else "thread CPU time"
+    how = (f"{saved['repeats']} separate jobs" if saved.get("separate_processes")
+           else f"{saved['repeats']} windows of one job")
+    print(f"PanGu-α fp32, AdamWeightDecay, clip 1.0, batch 2 x ranks; measured step = median over {how} (each the "
+          f"median of {saved['steps']} steps after {saved['warmup']} warm-up), slowest rank, {clock}; spread = "
+          f"max/min - 1 of those medians; predicted = price() of the joint search (auto: the run's choice)")
+    for size, r in groups_of(rows):
+        print(f"  {size} = {saved['sizes'][size]}; {r} ranks priced with profile {saved['profiles'][str(r)]}")
+    figures = {}
+    for (size, r), group in groups_of(rows).items():
+        print(f"\n{size}, {r} ranks (batch {group[0]['batch']}):")
+        body = []
+        for k, row in enumerate(group, 1):
+            p, m = row["predicted"], row["measured"]
+            body.append([k, row["name"], f"{p['step_s']:.3f}", f"{m['step_s']:.3f}",
+                         f"{p['step_s'] / m['step_s'] - 1:+.0%}", f"{spread(m['windows']):.1%}",
+                         f"{p['compute_s']:.3f}", f"{p['comm_s']:.3f}", f"{p['bubble_s']:.3f}", f"{m['comm_s']:.3f}",
+                         mib(p["memory_bytes"]), mib(m["peak_bytes"]), f"{p['memory_bytes'] / m['peak_bytes'] - 1:+.0%}",
+                         f"{row['compile_s']:.1f}"])
+        print(table(["#", "plan", "pred s", "meas s", "err", "spread", "compute", "comm", "bubble", "meas comm",
+                     "pred MiB", "meas MiB", "err", "compile s"], body, "ll" + "r" * 12))
+        auto = [row for row in group if row["plan"]["auto"]]
+        if auto:
+            print(f"  auto plan: {auto[0]['predicted']['plan']}")
+        f = figures[f"{size} {r} ranks"] = group_figures(group)
+        print("  " + summary(f))
+    for r in failed:
+        print(f"FAILED  {r['size']} {r['ranks']} ranks {r['name']}: {r['error']}"
+              + (f"\n        rerun: {r['command']}" if "command" in r else ""))
+    overall = figures["all"] = group_figures(rows)
+    overall.pop("regret")
+    print(f"\nall {len(rows)} plans ({len(failed)} failed or not run): {summary(overall)}")
+    met = targets_met(figures)
+    print("targets: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in met.items()))
     return figures
 
 
-def breakdown(rows: list[dict]) -> None:
-    """Predicted vs measured seconds per op family, summed over every strategy's step."""
-    pred: dict[str, float] = {}
-    meas: dict[str, float] = {}
-    for r in rows:
-        for k, v in r["predicted"]["by_kind"].items():
-            pred[k] = pred.get(k, 0.0) + v
-        for k, v in r["measured"]["by_kind"].items():
-            meas[k] = meas.get(k, 0.0) + v
-        meas["update"] = meas.get("update", 0.0) + r["measured"]["outside_program_s"]
-    kinds = sorted(set(pred) | set(meas), key=lambda k: -max(pred.get(k, 0), meas.get(k, 0)))
-    body = [[k, f"{pred.get(k, 0):.3f}", f"{meas.get(k, 0):.3f}",
-             f"{pred.get(k, 0) / meas[k]:.2f}" if meas.get(k) else "-"] for k in kinds]
-    print("\nWhere the seconds go, summed over all strategies (one step of each with every instruction timed; "
-          "'comm' = redistribution instructions after a barrier, 'comm wait' = that barrier: ranks waiting for "
-          "each other; 'update' measured = median step - program run: clipping, optimizer, bookkeeping)")
-    print(table(["op family", "predicted s", "measured s", "pred/meas"], body))
+def summary(f: dict) -> str:
+    rho = "-" if f["time_spearman"] is None else f"{f['time_spearman']:.3f}"
+    regret = "" if f.get("regret") is None else f", auto regret {f['regret']:.3f}"
+    return (f"{f['plans']} plans: time error {f['time_mape']:.1%}, Spearman {rho}, memory error "
+            f"{f['memory_mape']:.1%}, median spread {f['median_spread']:.1%}{regret}")
 
 
-def memory_breakdown(rows: list[dict]) -> None:
-    body = []
-    for k, r in enumerate(rows, 1):
-        p, m = r["predicted"], r["measured"]
-        meter = m["meter"]
-        body.append([k, r["name"], mib(p["param_bytes"]), mib(meter["parameters"]), mib(p["state_bytes"]),
-                     mib(meter["optimizer_states"]), mib(p["grad_bytes"]), mib(meter["gradients"]),
-                     mib(p["activation_bytes"]), mib(meter["activations_peak"]), mib(meter["inputs"]),
-                     mib(m["traced_peak_bytes"])])
-    print("\nMemory per rank, MiB (predicted | meter): weights, optimizer states, gradients, activations; "
-          "meter inputs (batch + constants); tracemalloc peak during the step")
-    print(table(["#", "strategy", "w", "w", "states", "states", "grads", "grads", "act", "act peak", "inputs",
-                 "traced"], body, "llrrrrrrrrrr"))
+def targets_met(figures: dict) -> dict:
+    """Issue 13's targets: over all plans (time, Spearman, memory) and per group (regret)."""
+    f = figures["all"]
+    regrets = [g["regret"] for k, g in figures.items() if k != "all"]
+    return {"time error <= 10%": f["time_mape"] <= TARGETS["time_mape"],
+            "Spearman >= 0.9": (f["time_spearman"] or 0) >= TARGETS["time_spearman"],
+            "memory error <= 10%": f["memory_mape"] <= TARGETS["memory_mape"],
+            "regret <= 1.05 in every group": bool(regrets) and all(g is not None and g <= TARGETS["regret"]
+                                                                  for g in regrets)}
 
 
-def _title(rows: list[dict], args) -> str:
-    return (f"autopar cost model (profile {Path(args.profile).stem}) vs measured ({args.clock} clock): PanGu-α "
-            f"H{CONFIG['hidden_size']} L{CONFIG['num_layers']} S{CONFIG['seq_length']} V{CONFIG['vocab_size']}, "
-            f"{len(rows)} strategies on 1 and {args.ranks} ranks")
+def scatter_png(saved: dict, path: str) -> None:
+    """Predicted (y) against measured (x) step time and peak memory, one colour per (size,
+    ranks), the auto plans as stars, the y = x line and a ±10% band."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = saved["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 6))
+    f = group_figures(rows)
+    panels = ((axes[0], "step time (s)", "step_s", "step_s", 1.0,
+               f"step time: error {f['time_mape']:.1%}, Spearman {f['time_spearman'] or float('nan'):.2f}"),
+              (axes[1], "peak memory per rank (MiB)", "memory_bytes", "peak_bytes", 2.0 ** -20,
+               f"peak memory: error {f['memory_mape']:.1%}"))
+    for ax, what, pkey, mkey, scale, note in panels:
+        hi = max(max(r["predicted"][pkey], r["measured"][mkey]) for r in rows) * scale * 1.1
+        ax.plot([0, hi], [0, hi], "k-", lw=1, label="y = x")
+        ax.fill_between([0, hi], [0, hi * 0.9], [0, hi * 1.1], color="0.9", label="±10%")
+        for c, ((size, r), group) in enumerate(groups_of(rows).items()):
+            x = np.array([g["measured"][mkey] for g in group]) * scale
+            y = np.array([g["predicted"][pkey] for g in group]) * scale
+            auto = np.array([g["plan"]["auto"] for g in group])
+            ax.scatter(x[~auto], y[~auto], color=f"C{c}", s=18, zorder=3, label=f"{size}, {r} ranks")
+            ax.scatter(x[auto], y[auto], color=f"C{c}", marker="*", s=160, edgecolor="k", zorder=4)
+        ax.set(xlim=(0, hi), ylim=(0, hi), xlabel=f"measured {what}", ylabel=f"predicted {what}", title=note)
+        ax.set_aspect("equal")
+        ax.legend(loc="upper left", fontsize=8)
+    profiles = ", ".join(f"{Path(str(p)).stem} ({r} ranks)" for r, p in saved["profiles"].items())
+    fig.suptitle(f"autopar cost model vs measured: {len(rows)} PanGu-α plans, stars the auto plans; "
+                 f"profiles {profiles}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", type=int, default=2, help="ranks of the parallel strategies (serial: 1)")
-    parser.add_argument("--steps", type=int, default=7, help="timed steps per strategy (median)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--profile", default="cpu-2core", help="machine profile name or .json path")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4], help="rank counts (multiples of 4; --quick: 2)")
+    parser.add_argument("--sizes", nargs="+", default=["H256", "H384"], choices=sorted(set(SIZES) - {"tiny"}),
+                        help="PanGu-α sizes (accuracy_plans.SIZES)")
+    parser.add_argument("--steps", type=int, default=3, help="steps per timing window (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="timing windows (or jobs) per plan")
+    parser.add_argument("--separate-processes", action="store_true",
+                        help="one MPI job per repeat instead of windows of one job (the spread then includes "
+                             "process start, core placement and memory layout)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--profile", default="cpu-2core", help="machine profile name or .json path "
+                        "(without --calibrate)")
+    parser.add_argument("--calibrate", action="store_true", help="measure this machine for each rank count first "
+                        "(python -m autopar.calibrate under mpiexec) and price with those profiles")
+    parser.add_argument("--profile-dir", default=".", help="where --calibrate writes calibrated-<R>rank.json")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="what 'measured' step time means: wall clock (default), or thread CPU time "
-                             "on a machine shared with other work")
+                        help="measured step time: wall clock (default), or thread CPU time on a shared machine")
+    parser.add_argument("--deadline", type=float, default=0.0,
+                        help="seconds from the start (calibration included) after which no plan starts; 0: none")
+    parser.add_argument("--plan-timeout", type=float, default=180.0, help="seconds one plan's job may take")
     parser.add_argument("--png", default="", help="write the predicted-vs-measured scatter plot here")
-    parser.add_argument("--json", default="", help="write every row (predicted and measured) here")
-    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
-    parser.add_argument("--only", nargs="*", default=None, help="strategy names to run (default: all)")
+    parser.add_argument("--json", default="", help="write every row here (after each plan, and at the end)")
+    parser.add_argument("--quick", action="store_true", help="2 ranks, the tiny model, 5 plans taking every path")
+    parser.add_argument("--only", nargs="*", default=None, help="plan names to run (default: all)")
     parser.add_argument("--mpiexec", default=default_mpiexec())
     parser.add_argument("--mpiexec-args", default="", help="extra launcher flags, e.g. '--bind-to core'")
-    parser.add_argument("--report", metavar="JSON", help="print the report (and --png) of a run saved with --json, "
+    parser.add_argument("--report", metavar="JSON", help="print the report (and --png) of a saved --json, "
                         "running nothing")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--size", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.ranks, args.steps, args.warmup, args.profile, args.clock)
-        return
-    if args.report:
-        with open(args.report) as f:
-            saved = json.load(f)
-        for k in ("profile", "clock", "steps", "warmup", "ranks"):
-            setattr(args, k, saved.get(k, getattr(args, k)))
-        report(saved["rows"], saved["failed"], args)
+        worker(args)
+    elif args.report:
+        saved = json.loads(Path(args.report).read_text())
+        report(saved)
         if args.png:
-            scatter_png(saved["rows"], args.png, _title(saved["rows"], args))
+            scatter_png(saved, args.png)
             print(f"\nscatter plot: {args.png}")
-        return
-    todo = cases(args.ranks)
-    if args.quick:
-        todo = [c for c in todo if c.name in {q.format(n=args.ranks) for q in QUICK}]
-    if args.only:
-        todo = [c for c in todo if c.name in args.only]
-    rows, failed = [], []
-    for case in todo:
-        t0 = time.perf_counter()
-        r = launch(case, args)
-        (failed if "error" in r else rows).append(r)
-        said = (f"pred {r['predicted']['step_s']:.3f} s, meas {r['measured']['step_s']:.3f} s" if "error" not in r
-                else f"FAILED: {r['error'][:120]}")
-        print(f"  ran {case.name:38s} {said} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-    if not rows:
-        sys.exit("no strategy ran")
-    figures = report(rows, failed, args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(config=CONFIG, batch=BATCH, profile=args.profile, clock=args.clock, steps=args.steps,
-                           warmup=args.warmup, ranks=args.ranks, figures=figures,
-                           cases=[dataclasses.asdict(c) for c in todo], rows=rows, failed=failed), f, indent=1)
-    if args.png:
-        scatter_png(rows, args.png, _title(rows, args))
-        print(f"\nscatter plot: {args.png}")
+    else:
+        run_all(args)
 
 
 if __name__ == "__main__":

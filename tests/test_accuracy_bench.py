@@ -1,0 +1,96 @@
+"""The accuracy benchmark's plans span what issue 13 asks, and a hand plan is predicted as the
+joint search prices it (benchmarks/accuracy_plans.py). No timing: these run in one process."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import accuracy_plans as ap  # noqa: E402
+from autopar.ir.mesh import Mesh  # noqa: E402
+from autopar.ir.spec import TensorSpec  # noqa: E402
+from autopar.runtime.trace import trace  # noqa: E402
+from autopar.strategy.costmodel import CostModel  # noqa: E402
+from autopar.strategy.pipeline.auto import AutoFixed, search_auto  # noqa: E402
+from autopar.strategy.plan_source import PlanOptions  # noqa: E402
+from autopar.strategy.profile import load_profile  # noqa: E402
+from autopar.strategy.sharding_plan import plan_shardings  # noqa: E402
+
+TINY = ap.SIZES["tiny"]
+
+
+@pytest.mark.parametrize("ranks", [4, 8])
+def test_each_group_has_15_distinct_plans_spanning_every_dimension(ranks):
+    plans = ap.plans(ranks)
+    settings = {(p.dp, p.mp, p.pp, p.micro, p.schedule, p.recompute, p.zero, p.auto) for p in plans}
+    assert len(plans) >= 15 and len(settings) == len(plans) and len({p.name for p in plans}) == len(plans)
+    for p in plans:
+        ap.check_plan(p, ranks)                  # degrees multiply to the ranks; micro-batches split over dp
+    hand = [p for p in plans if not p.auto]
+    assert sum(p.auto for p in plans) == 1
+    assert any(p.dp == ranks for p in hand) and any(p.mp == ranks for p in hand)
+    assert any(p.dp > 1 and p.mp > 1 and p.pp == 1 for p in hand)
+    for pp in (2, 4):                            # several micro-batch counts on 2 and on 4 stages
+        assert len({p.micro for p in hand if p.pp == pp}) >= 2, pp
+    for key in ("recompute", "zero"):            # on and off
+        assert {getattr(p, key) for p in hand} == {False, True}, key
+    assert {p.schedule for p in hand if p.pp > 1} == {"1f1b", "gpipe"}
+
+
+def test_quick_plans_take_every_path_on_two_ranks():
+    quick = ap.quick_plans(2)
+    for p in quick:
+        ap.check_plan(p, 2)
+    assert [p.name for p in quick if p.auto] == ["auto"]
+    assert any(p.dp == 2 and p.zero for p in quick) and any(p.mp == 2 for p in quick)
+    assert {p.schedule for p in quick if p.pp == 2} == {"1f1b", "gpipe"}
+    assert any(p.recompute and p.pp == 2 for p in quick) and any(p.recompute and p.pp == 1 for p in quick)
+
+
+def test_a_bad_rank_count_or_plan_names_itself():
+    with pytest.raises(ValueError, match="multiple of 4"):
+        ap.plans(6)
+    with pytest.raises(ValueError, match="'pp2 m8' on 2 ranks.*does not split over dp2"):
+        ap.check_plan(ap.Plan("pp2 m8", dp=2, pp=1, micro=8), 2)
+
+
+def _graph_at(rows):
+    _, net, _ = ap.build(ap.Plan("auto", auto=True), TINY)
+    return trace(net, (TensorSpec((rows, TINY["seq_length"] + 1), np.dtype(np.int32)),), {}).graph
+
+
+@pytest.mark.parametrize("plan", [ap.Plan("pp2 m2", pp=2, micro=2),
+                                  ap.Plan("pp2 m4 gpipe recompute", pp=2, micro=4, schedule="gpipe", recompute=True)],
+                         ids=lambda p: p.name)
+def test_a_hand_pipeline_is_predicted_as_the_joint_search_prices_it(plan):
+    """One rank per stage leaves the ops one strategy, so the hand pipeline (stages from
+    set_pipeline_stages, PipelineCell micro-batches, recompute marks) must cost exactly what
+    the joint search's price() gives the same stages, micro-batches, schedule and recompute."""
+    hand = ap.predict_hand(plan, TINY, 2, "cpu-2core")
+    fixed = AutoFixed(pp=2, micro_batches=plan.micro, recompute=plan.recompute, optimizer_parallel=False,
+                      schedule=plan.schedule)
+    _, (searched,) = search_auto(_graph_at, ap.batch_of(2), 2, PlanOptions(cost_profile="cpu-2core"), fixed)
+    assert hand.layers_per_stage == searched.layers_per_stage == (1, 1)
+    assert (hand.micro_batches, hand.schedule, hand.recompute) == (plan.micro, plan.schedule, plan.recompute)
+    assert hand.step_seconds == pytest.approx(searched.step_seconds, rel=1e-12)
+    assert hand.memory_bytes == searched.memory_bytes
+
+
+def test_a_hand_plan_is_priced_with_its_own_strategies_not_searched_ones():
+    """mp2 on one stage: the price is CostModel.evaluate of the model's own semi_auto plan
+    (the run's), which the op search would not choose here (it prices lower)."""
+    plan = ap.Plan("mp2", mp=2)
+    hand = ap.predict_hand(plan, TINY, 2, "cpu-2core")
+    _, net, _ = ap.build(plan, TINY)
+    g = trace(net, (TensorSpec((ap.batch_of(2), TINY["seq_length"] + 1), np.dtype(np.int32)),), {}).graph
+    mesh = Mesh((2,), ("devices",), (0, 1))
+    cost = CostModel(g, mesh, load_profile("cpu-2core"), True).evaluate(plan_shardings(g, "semi_auto_parallel",
+                                                                                         mesh, True))
+    assert hand.step_seconds == pytest.approx(cost.step_seconds, rel=1e-9)
+    assert hand.peak_memory_bytes == cost.memory_bytes
+    fixed = AutoFixed(pp=1, micro_batches=1, recompute=False, optimizer_parallel=False)
+    _, (searched,) = search_auto(_graph_at, ap.batch_of(2), 2, PlanOptions(cost_profile="cpu-2core"), fixed,
+                                 full_batch=True)
+    assert searched.step_seconds < hand.step_seconds
