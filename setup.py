@@ -1,6 +1,7 @@
 """Install metadata for autopar.
 
     pip install -e ".[examples,test]"
+    pip install -e ".[gpu]"        # CuPy, for set_context(device_target="GPU")
 """
 from setuptools import find_packages, setup
 
@@ -23,5 +24,6 @@ setup(
     extras_require={
         "examples": ["jieba", "sentencepiece", "tqdm", "matplotlib", "snownlp"],
         "test": ["pytest", "pytest-timeout", "hypothesis"],
+        "gpu": ["cupy-cuda13x>=14"],   # set_context(device_target="GPU"); CUDA 12: pip install cupy-cuda12x
     },
 )
