@@ -2,7 +2,7 @@
 
 :class:`ParallelContext` is a frozen, validated, hashable value holding every setting
 MindSpore's auto-parallel context holds (mode, device count, rank, search mode, pipeline
-stages, optimizer parallel, dataset strategy, strategy files)::
+stages, optimizer parallel, dataset strategy, strategy files, communication fusion)::
 
     ctx = ParallelContext(parallel_mode="semi_auto_parallel", device_num=8, pipeline_stages=2)
     ctx.stage_device_num        # 4: ranks are stage-major, stage = rank // 4
@@ -50,6 +50,7 @@ from typing import Iterator
 import numpy as np
 
 from . import comm
+from .comm.fusion import DEFAULT_COMM_FUSION, CommFusion, parse_comm_fusion
 from .comm.mpi import install_abort_handler, launcher_size
 from .errors import check_int, format_error, is_int
 from .strategy.plan_source import PlanOptions
@@ -139,6 +140,7 @@ class ParallelContext:
     strategy_ckpt_load_file: str = ""
     cost_profile: str = ""    # machine profile the auto_parallel search costs plans with ('' = cpu-2core)
     auto_pipeline: bool = False
+    comm_fusion: CommFusion = DEFAULT_COMM_FUSION   # MindSpore's dict form in, a CommFusion held (comm/fusion.py)
     # names the user set (what the joint search must not choose); not part of the value's equality
     explicit: frozenset = field(default=frozenset(), compare=False)
 
@@ -159,6 +161,7 @@ class ParallelContext:
             "strategy_ckpt_load_file": _path("strategy_ckpt_load_file", self.strategy_ckpt_load_file),
             "cost_profile": _path("cost_profile", self.cost_profile),
             "auto_pipeline": _bool("auto_pipeline", self.auto_pipeline),
+            "comm_fusion": parse_comm_fusion(self.comm_fusion),
             "explicit": frozenset(self.explicit),
         }
         for name, value in checked.items():
@@ -215,11 +218,16 @@ class ParallelContext:
         return name in self.explicit or getattr(self, name) != _DEFAULTS[name]
 
     def as_dict(self) -> dict:
-        """MindSpore's keys and their values."""
-        return {name: getattr(self, name) for name in FIELD_NAMES}
+        """MindSpore's keys and their values (``comm_fusion`` in MindSpore's dict form)."""
+        return {name: _mindspore_value(name, getattr(self, name)) for name in FIELD_NAMES}
 
 
 FIELD_NAMES = tuple(f.name for f in fields(ParallelContext) if f.name != "explicit")
+
+
+def _mindspore_value(name: str, value):
+    """A field's value as MindSpore spells it: the dict form of ``comm_fusion``, the rest as held."""
+    return value.as_mindspore() if name == "comm_fusion" else value
 _DEFAULTS = {f.name: f.default for f in fields(ParallelContext)}
 
 
@@ -263,7 +271,7 @@ def set_auto_parallel_context(**kwargs) -> None:
 def get_auto_parallel_context(name: str):
     """The current value of one field, by its MindSpore name."""
     _check_names([name], "get_auto_parallel_context")
-    return getattr(_STATE.context, name)
+    return _mindspore_value(name, getattr(_STATE.context, name))
 
 
 def reset_auto_parallel_context() -> None:

@@ -10,7 +10,8 @@ from autopar import (ParallelContext, ParallelMode, get_auto_parallel_context, g
 DEFAULTS = dict(parallel_mode="stand_alone", device_num=1, global_rank=0, gradients_mean=False,
                 full_batch=False, dataset_strategy="data_parallel", search_mode="dynamic_programming",
                 pipeline_stages=1, enable_parallel_optimizer=False, parallel_optimizer_threshold=64,
-                strategy_ckpt_save_file="", strategy_ckpt_load_file="", cost_profile="", auto_pipeline=False)
+                strategy_ckpt_save_file="", strategy_ckpt_load_file="", cost_profile="", auto_pipeline=False,
+                comm_fusion={})
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +48,8 @@ NON_DEFAULT = dict(parallel_mode="semi_auto_parallel", device_num=8, global_rank
                    full_batch=True, dataset_strategy="full_batch", search_mode="sharding_propagation",
                    pipeline_stages=2, enable_parallel_optimizer=True, parallel_optimizer_threshold=0,
                    strategy_ckpt_save_file="out.json", strategy_ckpt_load_file="in.json",
-                   cost_profile="a100-8", auto_pipeline=True)
+                   cost_profile="a100-8", auto_pipeline=True,
+                   comm_fusion={"allreduce": {"mode": "size", "config": 32}})
 
 
 @pytest.mark.parametrize("name", list(NON_DEFAULT))

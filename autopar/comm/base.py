@@ -26,6 +26,15 @@ Dtypes. Numeric and bool arrays, and bfloat16 (``ml_dtypes``; numpy kind 'V', no
 
 so a bfloat16 sum on n members is ``bfloat16(float32(x_0) + ... + float32(x_{n-1}))``, the same
 on every backend (MPI's sum order over more than 2 members is its own, as for float32).
+
+Non-blocking. ``iallreduce(x)`` starts the all-reduce and returns a :class:`Request`;
+``request.wait()`` returns what ``allreduce(x)`` would have (the same bits on the in-process
+backend and on 2 MPI ranks). It is numbered and counted like ``allreduce`` when it starts, so
+members must start it in the same order as their other collectives on this communicator; they
+may wait in any order. ``x`` must not change until the wait (callers hand over a buffer they
+own). Meanwhile the caller computes: gradient buckets reduce while the backward pass goes on
+(autopar/runtime/fusion.py). A backend without a non-blocking path runs the blocking call at
+the start and hands back a finished request.
 """
 from __future__ import annotations
 
@@ -99,6 +108,31 @@ class CommStats:
         return f"CommStats({calls})"
 
 
+class Request(abc.ABC):
+    """A collective in flight; :meth:`wait` once for its result."""
+
+    @abc.abstractmethod
+    def test(self) -> bool:
+        """Whether it has completed (lets MPI progress it; never blocks)."""
+
+    @abc.abstractmethod
+    def wait(self) -> np.ndarray:
+        """Block until it completes and return its result (a new array)."""
+
+
+class Done(Request):
+    """A request whose result is already there (the blocking fallback)."""
+
+    def __init__(self, result: np.ndarray):
+        self._result = result
+
+    def test(self) -> bool:
+        return True
+
+    def wait(self) -> np.ndarray:
+        return self._result
+
+
 def reduction_dtype(dtype) -> np.dtype:
     """The dtype members' buffers are reduced in: float32 for bfloat16 (no MPI datatype or
     reduction op exists for it, and summing in bfloat16 would round at every member),
@@ -162,6 +196,14 @@ class Communicator(abc.ABC):
         self._begin("allreduce", x, op=op)
         self._stats.record("allreduce", self.ranks, x)
         return self._allreduce(x, op)
+
+    def iallreduce(self, x, op: str = "sum") -> Request:
+        """allreduce, started now and completed by ``.wait()`` (see the module's docstring)."""
+        x = self._buffer(x, "iallreduce")
+        _check_reduce_op(x, op, self._where("iallreduce"))
+        self._begin("allreduce", x, op=op)
+        self._stats.record("allreduce", self.ranks, x)
+        return self._iallreduce(x, op)
 
     def allgather(self, x, axis: int = 0) -> np.ndarray:
         """forward: concatenate members' blocks along axis / backward: reduce-scatter along axis."""
@@ -264,6 +306,10 @@ class Communicator(abc.ABC):
 
     @abc.abstractmethod
     def _allreduce(self, x: np.ndarray, op: str) -> np.ndarray: ...
+
+    def _iallreduce(self, x: np.ndarray, op: str) -> Request:
+        """Non-blocking allreduce; this default blocks at the start (backends override it)."""
+        return Done(self._allreduce(x, op))
 
     @abc.abstractmethod
     def _allgather(self, x: np.ndarray, axis: int) -> np.ndarray: ...

@@ -13,6 +13,12 @@ Rendezvous. Every group (a tuple of world ranks, in member order) has one ``_Ren
     4. compute  member i builds its own new result from all the slots (reading only)
     5. wait     nobody still reads, so inputs may change and slots be reused
 
+Non-blocking all-reduces (``iallreduce``) never wait at the start: member i deposits its input
+in the group's k-th non-blocking entry (k: how many it started on this group before) and goes
+on; ``wait()`` waits until every member has deposited, builds member i's result from all the
+inputs in member order (the same sums, in the same order, as ``allreduce``), and the last
+member to read the entry removes it. Those waits are watched for deadlock like the others.
+
 Point-to-point messages go through mailboxes keyed by (group, source, dest, tag). ``send``
 waits until the receiver has copied the message (MPI's synchronous mode), so an order of
 sends and receives that works here cannot deadlock under MPI, whatever its buffering.
@@ -32,6 +38,7 @@ watchdog's message); with ``debug=True`` the members compare fingerprints first 
 """
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections import deque
@@ -41,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import check_int, format_error
-from .base import CommStats, Communicator, block_index, reduction_dtype
+from .base import CommStats, Communicator, Request, block_index, reduction_dtype
 from .checks import (
     CollectiveMismatchError,
     CollectiveTimeoutError,
@@ -84,12 +91,22 @@ class _Message:
         self.taken = False
 
 
+class _Started:
+    """One non-blocking collective of a group: each member's (kind, signature, input)."""
+
+    def __init__(self, n: int):
+        self.slots: list = [None] * n
+        self.reads = 0
+
+
 class _Rendezvous:
-    """Barrier and slots of one group of world ranks."""
+    """Barrier and slots of one group of world ranks; its non-blocking collectives in flight."""
 
     def __init__(self, ranks: tuple[int, ...]):
         self.ranks = ranks
         self.slots: list = [None] * len(ranks)
+        self.started = [0] * len(ranks)              # non-blocking collectives each member started
+        self.in_flight: dict[int, _Started] = {}     # k -> the group's k-th one (guarded by p2p)
         self.generation = 0  # completed barrier rounds; advanced by the last member to arrive
         self.barrier = threading.Barrier(len(ranks), action=self._advance)
 
@@ -191,14 +208,18 @@ class InProcessCommunicator(Communicator):
     # ---- collectives -------------------------------------------------------------------
 
     def _allreduce(self, x, op):
-        wide = reduction_dtype(x.dtype)   # bfloat16: float32, rounded back once (base.py)
+        return self._collective("allreduce", _sig(x, op=op), x, functools.partial(_reduce, op=op, dtype=x.dtype))
 
-        def compute(bufs):
-            out = bufs[0].astype(wide)   # a copy
-            for b in bufs[1:]:
-                _REDUCE[op](out, b.astype(wide, copy=False), out=out)
-            return out.astype(x.dtype, copy=False)
-        return self._collective("allreduce", _sig(x, op=op), x, compute)
+    def _iallreduce(self, x, op):
+        u, rv, i = self._u, self._rv, self._rank
+        what = describe(*self._op, rv.ranks)
+        with u.p2p:
+            k = rv.started[i]
+            rv.started[i] += 1
+            entry = rv.in_flight.setdefault(k, _Started(self.size))
+            entry.slots[i] = ("allreduce", _sig(x, op=op), x)
+            u.p2p.notify_all()
+        return _InProcessRequest(self, k, entry, what, functools.partial(_reduce, op=op, dtype=x.dtype))
 
     def _allgather(self, x, axis):
         return self._collective("allgather", _sig(x, axis=axis), x, lambda bufs: np.concatenate(bufs, axis))
@@ -296,10 +317,12 @@ class InProcessCommunicator(Communicator):
                 msg.taken = True
                 u.p2p.notify_all()
 
-    def _block_until(self, ready: Callable[[], bool], what: str, peer: int) -> None:
-        """Wait on the p2p condition (held by the caller) until ready() or the run aborts."""
+    def _block_until(self, ready: Callable[[], bool], what: str, peer: int | tuple[int, ...]) -> None:
+        """Wait on the p2p condition (held by the caller) until ready() or the run aborts;
+        ``peer``: the world rank(s) whose action would make it ready."""
         u = self._u
-        u.waits[self._world_rank] = _Wait(what, lambda: not ready(), time.monotonic(), (peer,),
+        peers = peer if isinstance(peer, tuple) else (peer,)
+        u.waits[self._world_rank] = _Wait(what, lambda: not ready(), time.monotonic(), peers,
                                           doing=self.stats.doing)
         try:
             while not ready():
@@ -311,6 +334,43 @@ class InProcessCommunicator(Communicator):
 
     def _aborted(self, what: str) -> RankAborted:
         return RankAborted(f"rank {self._world_rank}: {what} cut short because the run was aborted")
+
+
+class _InProcessRequest(Request):
+    """Member i's handle on the group's k-th non-blocking collective."""
+
+    def __init__(self, comm: InProcessCommunicator, k: int, entry: _Started, what: str, compute: Callable):
+        self._comm, self._k, self._entry, self._what, self._compute = comm, k, entry, what, compute
+
+    def test(self) -> bool:
+        with self._comm._u.p2p:
+            return all(s is not None for s in self._entry.slots)
+
+    def wait(self) -> np.ndarray:
+        comm, entry = self._comm, self._entry
+        u, rv, mine = comm._u, comm._rv, entry.slots[comm.rank]
+        with u.p2p:
+            missing = tuple(r for r, s in zip(rv.ranks, entry.slots) if s is None)
+            comm._block_until(lambda: all(s is not None for s in entry.slots), self._what, missing)
+        try:
+            if any(s[:2] != mine[:2] for s in entry.slots):
+                raise CollectiveMismatchError(comm._mismatch(entry.slots))
+            return self._compute([s[2] for s in entry.slots])
+        finally:
+            with u.p2p:
+                entry.reads += 1
+                if entry.reads == len(entry.slots):
+                    del rv.in_flight[self._k]
+
+
+def _reduce(bufs: list, op: str, dtype) -> np.ndarray:
+    """The members' buffers reduced in member order, in reduction_dtype(dtype) (base.py),
+    rounded back to dtype once."""
+    wide = reduction_dtype(dtype)
+    out = bufs[0].astype(wide)   # a copy
+    for b in bufs[1:]:
+        _REDUCE[op](out, b.astype(wide, copy=False), out=out)
+    return out.astype(dtype, copy=False)
 
 
 def _sig(x: np.ndarray, **args) -> tuple:

@@ -13,6 +13,7 @@ CommStats and CommChecks are shared by every communicator split from it. With a 
 (on by default: ``CommChecks.from_env``, ``AUTOPAR_COMM_WATCHDOG=T`` seconds, 0 for off)
 each call is issued non-blocking (``Iallreduce``, ``Isend``, ...) and polled by
 watchdog.MPIWatchdog; without, the blocking calls below run exactly as they are.
+``iallreduce`` is MPI's ``Iallreduce``, its wait ``Wait`` (or the watchdog's polled finish).
 
 bfloat16 has no MPI datatype (and mpi4py's DLPack path refuses it): data moved travels as a
 uint16 view of the same memory (bit for bit, :func:`_wire`); reductions run on a float32 copy
@@ -35,7 +36,7 @@ import numpy as np
 
 from ..dtype import bfloat16
 from ..errors import format_error
-from .base import CommStats, Communicator, reduction_dtype
+from .base import CommStats, Communicator, Request, reduction_dtype
 from .checks import CommChecks
 from .single import SelfCommunicator
 from .watchdog import MPIWatchdog
@@ -177,6 +178,16 @@ class MPICommunicator(Communicator):
         self._run("Allreduce", _contiguous(x.astype(wide, copy=False)), out, op=self._ops[op])
         return out.astype(x.dtype, copy=False)
 
+    def _iallreduce(self, x, op):
+        wide = reduction_dtype(x.dtype)
+        send, out = _contiguous(x.astype(wide, copy=False)), np.empty(x.shape, wide)
+
+        def start():
+            return self._comm.Iallreduce(send, out, op=self._ops[op])
+        watched = None if self._watch is None else self._watch.begin(start, *self._op, self.stats.doing)
+        return _MPIRequest(start() if watched is None else watched.request, watched, self._watch,
+                           (send, out), x.dtype)
+
     def _allgather(self, x, axis):
         send = _contiguous(np.moveaxis(x, axis, 0))  # (d, rest...)
         out = np.empty((self._size * send.shape[0],) + send.shape[1:], x.dtype)  # (n*d, rest...)
@@ -245,6 +256,24 @@ class MPICommunicator(Communicator):
             raise ValueError(format_error(self._where("split"), "groups", "the same groups on every member",
                                           f"{groups} here and other groups elsewhere",
                                           "compute the groups from the same mesh on every rank"))
+
+
+class _MPIRequest(Request):
+    """An MPI request (watched, when the watchdog is on) and the buffers it reads and fills."""
+
+    def __init__(self, request, watched, watchdog, buffers: tuple, dtype):
+        self._request, self._watched, self._watchdog = request, watched, watchdog
+        self._buffers, self._dtype = buffers, dtype    # held: MPI uses them until completion
+
+    def test(self) -> bool:
+        return self._request.Test() if self._watched is None else self._watchdog.test(self._watched)
+
+    def wait(self) -> np.ndarray:
+        if self._watched is None:
+            self._request.Wait()
+        else:
+            self._watchdog.finish(self._watched)
+        return self._buffers[1].astype(self._dtype, copy=False)
 
 
 def _concat_leading(blocks: np.ndarray, axis: int) -> np.ndarray:

@@ -9,6 +9,7 @@ With ``CommChecks(watchdog_s=T)`` every call on an MPICommunicator goes through 
                            3. start the non-blocking collective (Iallreduce, Ibcast, ...)
                            4. poll all of them until done, or until T seconds have passed
     send / recv            Isend / Irecv, polled the same way (no arrival messages)
+    iallreduce             steps 1-3 when it starts (begin), step 4 when it is waited for (finish)
 
 A member waits for every other member's arrival as well as for its own collective, so when
 collective #k completes here, every member has entered it (even a broadcast root, which MPI
@@ -21,6 +22,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,6 +36,23 @@ MAX_PAUSE_S = 5e-3   # this one (the most latency a long watched wait may gain)
 
 
 ABORT_GRACE_S = 0.5   # seconds between printing the report and aborting
+
+
+@dataclass
+class Watched:
+    """A collective begun under the watchdog: its request and the arrival messages."""
+
+    kind: str
+    seq: int
+    doing: str
+    mine: np.ndarray                 # [seq, kind code] sent to every other member
+    theirs: dict                     # member -> the [seq, kind code] it sends
+    request: object                  # the collective's MPI request
+    sends: list
+    recvs: dict                      # member -> its arrival's MPI request
+
+    def requests(self) -> list:
+        return [self.request, *self.sends, *self.recvs.values()]
 
 
 class MPIWatchdog:
@@ -62,27 +81,42 @@ class MPIWatchdog:
         """Run ``start()`` (which issues the non-blocking collective #seq and returns its
         request) and wait for it and for every member's arrival at it; ``doing`` (what this
         rank last started) goes into the report."""
+        self.finish(self.begin(start, kind, seq, doing))
+
+    def begin(self, start, kind: str, seq: int, doing: str = "") -> Watched:
+        """Tell the other members this one entered collective #seq, listen for theirs, and
+        run ``start()``; :meth:`finish` waits for all of it (a non-blocking collective's
+        wait: the deadline counts from there)."""
         mine = np.array([seq, COLLECTIVES.index(kind)], dtype=np.int64)
         sends = [self._side.Isend(mine, dest=m, tag=ARRIVAL_TAG) for m in self._others]
         theirs = {m: np.empty(2, dtype=np.int64) for m in self._others}
         recvs = {m: self._side.Irecv(buf, source=m, tag=ARRIVAL_TAG) for m, buf in theirs.items()}
-        request = start()
+        return Watched(kind, seq, doing, mine, theirs, start(), sends, recvs)
+
+    def test(self, watched: Watched) -> bool:
+        """Whether the collective and the arrivals have completed (progresses them)."""
+        return self._MPI.Request.Testall(watched.requests())
+
+    def finish(self, watched: Watched) -> None:
+        """Wait for a begun collective and every member's arrival at it, or report who is
+        missing and abort the job after the timeout."""
         began = time.monotonic()
-        if self._poll([request, *sends, *recvs.values()], began):
+        if self._poll(watched.requests(), began):
             return
+        kind, seq, mine = watched.kind, watched.seq, watched.mine
         arrived, missing = [self._ranks[self._rank]], []
-        for m, req in recvs.items():
+        for m, req in watched.recvs.items():
             if not req.Test():
                 last = f"its last collective on this group was #{seq - 1}" if seq > 1 else \
                     "it has issued no collective on this group"
                 missing.append(f"rank {self._ranks[m]} (never entered it; {last})")
-            elif tuple(theirs[m]) != tuple(mine):
-                k, code = (int(v) for v in theirs[m])
+            elif tuple(watched.theirs[m]) != tuple(mine):
+                k, code = (int(v) for v in watched.theirs[m])
                 missing.append(f"rank {self._ranks[m]} (entered {COLLECTIVES[code]} #{k} instead)")
             else:
                 arrived.append(self._ranks[m])
         self._abort(timeout_report("autopar", self._ranks[self._rank], time.monotonic() - began,
-                                   describe(kind, seq, self._ranks), missing, sorted(arrived), doing))
+                                   describe(kind, seq, self._ranks), missing, sorted(arrived), watched.doing))
 
     def p2p(self, request, what: str, peer: int, status=None, doing: str = "") -> None:
         """Wait for a send or recv with member ``peer``; ``what`` names it."""

@@ -4,7 +4,8 @@ lower for this rank, compile; then loss and this rank's gradient shards per call
 With optimizer parallel (``ctx.enable_parallel_optimizer``) the gradient of each weight it
 slices comes out reduce-scattered into the weight's slice layout, the optimizer updates
 that slice, and :meth:`ShardedGradProgram.sync_weights` all-gathers the new slices back
-(see :mod:`autopar.runtime.optimizer_parallel`)."""
+(see :mod:`autopar.runtime.optimizer_parallel`). With ``comm_fusion``, the gradients'
+all-reduces go in buckets started during the backward pass (:mod:`autopar.runtime.fusion`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from ..ir.spec import TensorSpec
 from ..strategy.plan_source import PlanOptions, make_plan, save_plan
 from .autodiff import differentiate
 from .consistency import ConsistencyCheck, feed_group
+from .fusion import Fusion, fuse_gradient_reductions
 from .optimizer_parallel import SliceShard, WeightGather, slice_layouts, slice_of
 from .program import Program
 from .protocol import TrainingProgram, loss_targets, with_zeros
@@ -65,6 +67,7 @@ class ShardedGradProgram(TrainingProgram):
         wanted = {g: lay for g, lay in zip(grads, used_sliced) if lay is not None}
         self.local_graph, _, self.out_layouts, self.comm_clock = lower(
             self.graph, (self.targets.loss,) + grads, self.plan, world.rank, world, output_layouts=wanted)
+        self.fusion = self._fuse(ctx.comm_fusion.rule("allreduce"), len(params))
         self.program = Program(self.local_graph, self.local_graph.outputs)
         self.param_shards = self._param_shards(graph, params, homes, world)
         self.shards = [s if lay is None else slice_of(s, lay) for s, lay in zip(self.param_shards, sliced)]
@@ -77,6 +80,15 @@ class ShardedGradProgram(TrainingProgram):
             if s.param._shard is None or s.param._shard[0] is not s:
                 s.param.attach_shard(s, world)
         self._weight_gather = WeightGather([s for s in self.shards if isinstance(s, SliceShard)], world)
+
+    def _fuse(self, rule, n_params: int) -> Fusion:
+        """Bucket the gradients' all-reduces (``comm_fusion``; none without a rule): started
+        during the backward pass, waited for at its end (autopar/runtime/fusion.py)."""
+        if rule is None:
+            return Fusion(())
+        used = [i for i, v in enumerate(self.targets.wrt) if v is not None]   # parameter of each gradient output
+        self.local_graph, fusion = fuse_gradient_reductions(self.local_graph, 1, used, rule, n_params)
+        return fusion
 
     def _param_shards(self, graph, params: Sequence, homes: Sequence[Layout], world) -> list[ParamShard]:
         """This rank's shard of each parameter: the one lowering made (in its home layout),

@@ -1,0 +1,228 @@
+"""Gradient fusion and overlap: a pass over one rank's local graph.
+
+Lowering ends each weight's gradient in the weight's layout; for a weight replicated over
+data-parallel ranks that is a ``Redistribute`` all-reducing a partial sum, placed among the
+outputs, after the whole backward pass (autopar/runtime/spmd.py). This pass takes those
+reductions out and puts buckets in their place (which gradients share one: the
+``comm_fusion`` rule, autopar/comm/fusion.py)::
+
+    before   ... dW3 ... dW2 ... dW1 | AR(dW3) AR(dW2) AR(dW1)            one blocking call each
+    after    ... dW3 ... dW2 [start A: dW3,dW2] ... dW1 [start B: dW1] | wait A, wait B
+
+* ``AllReduceStart`` right after the node making the bucket's last gradient (in program
+  order, so the same instruction on every member of the group): copy the bucket's partial
+  gradients into one flat buffer it owns and start a non-blocking all-reduce of it
+  (``Communicator.iallreduce``), then let the backward pass go on;
+* ``AllReduceWait`` at the end of the program, before the optimizer's update: wait, and cut
+  the reduced buffer into the gradients (new arrays, the values the Redistributes made).
+
+Equal to the unfused program bit for bit wherever the all-reduce sums each element in
+the same order whatever the buffer (the in-process backend always, MPI on 2 ranks): an
+element's sum does not depend on its neighbours. Only single all-reduce steps of outputs
+nothing else reads are taken; any other redistribution stays where it is.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..comm import redistribution as rd
+from ..comm.fusion import Fusible, FusionRule, plan_buckets
+from ..ir.graph import BACKWARD, Graph, Node, Value
+from ..ir.spec import TensorSpec
+from ..ops.primitive import Primitive
+from .spmd import Redistribute
+
+SCOPE = "<grad-fusion>"
+
+
+class InFlight:
+    """A bucket's all-reduce in flight: its request, and the bytes it holds (for the meter)."""
+
+    def __init__(self, request, nbytes: int):
+        self.request, self.nbytes = request, nbytes
+
+
+class AllReduceStart(Primitive):
+    """forward: flatten the bucket's gradients into one new buffer, start its all-reduce /
+    (inserted after lowering; never differentiated)."""
+
+    n_inputs = None
+    save_inputs = "none"
+    fresh_output = True
+
+    def __init__(self, comm, size: int, clock: list):
+        super().__init__(size=size)
+        self.comm, self.clock = comm, clock
+
+    def forward(self, *grads):
+        t0 = time.perf_counter()
+        flat = np.concatenate([g.reshape(-1) for g in grads])   # a copy: the bucket owns it until the wait
+        request = self.comm.iallreduce(flat)
+        self.clock[0] += time.perf_counter() - t0
+        return InFlight(request, flat.nbytes)
+
+    def flops(self, specs, out):
+        return 0
+
+
+class AllReduceWait(Primitive):
+    """forward: wait for the bucket's all-reduce, cut it into the gradients (new arrays)."""
+
+    save_inputs = "none"
+    fresh_output = True
+
+    def __init__(self, shapes: tuple[tuple[int, ...], ...], clock: list):
+        super().__init__(shapes=shapes)
+        self.clock = clock
+
+    def forward(self, flight: InFlight):
+        t0 = time.perf_counter()
+        flat = flight.request.wait()
+        out, at = [], 0
+        for shape in self.attrs["shapes"]:
+            size = int(np.prod(shape))
+            out.append(flat[at:at + size].reshape(shape).copy())   # own arrays: the optimizer may update them in place
+            at += size
+        self.clock[0] += time.perf_counter() - t0
+        return tuple(out)
+
+    def flops(self, specs, out):
+        return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Fusion:
+    """What the pass did: buckets as the gradient outputs they reduce (positions among the
+    program's outputs), in start order."""
+
+    buckets: tuple[tuple[int, ...], ...]
+
+    def __str__(self) -> str:
+        return f"Fusion({len(self.buckets)} buckets of {[len(b) for b in self.buckets]} reductions)"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Reduction:
+    """One all-reduce the pass takes: its node, the gradient output it is (part of), and
+    where its result is first read (None: only as an output, at the end)."""
+
+    node: Node
+    output: int
+    needed_at: int | None
+
+
+def _allreduce_comm(node: Node | None):
+    """The communicator of a Redistribute that is one all-reduce, else None."""
+    if node is None or not isinstance(node.prim, Redistribute):
+        return None
+    steps = node.prim.attrs["redist"].steps
+    if len(steps) != 1 or steps[0].kind != rd.ALLREDUCE:
+        return None
+    return node.prim.comms[steps[0].axis]
+
+
+def _gradient_outputs(local: Graph, first: int, count: int) -> dict[int, int]:
+    """Value -> the gradient output (position) it is, or is a part of: the outputs
+    ``first .. first+count-1`` and, backwards, every value only summed into one of them
+    (read by gradient accumulations alone: AddN nodes lowering added)."""
+    readers: dict[int, list[Node]] = {}
+    for n in local.nodes:
+        for v in n.inputs:
+            readers.setdefault(v, []).append(n)
+    part_of = {local.outputs[j]: j for j in range(first, first + count) if not readers.get(local.outputs[j])}
+    for n in reversed(local.nodes):
+        accumulates = n.phase == BACKWARD and n.forward_of is None and not isinstance(n.prim, Redistribute)
+        if not accumulates or n.outputs[0] not in part_of:
+            continue
+        for v in n.inputs:
+            if v not in local.outputs and all(r.id == n.id for r in readers[v]):
+                part_of[v] = part_of[n.outputs[0]]
+    return part_of
+
+
+def _reductions(local: Graph, first: int, count: int) -> list[_Reduction]:
+    """Every all-reduce making a gradient output or a part of one, in the order their
+    inputs are made."""
+    part_of = _gradient_outputs(local, first, count)
+    first_reader: dict[int, int] = {}
+    for n in local.nodes:
+        for v in n.inputs:
+            first_reader.setdefault(v, n.id)
+    found = []
+    for v, j in part_of.items():
+        node = local.node_of(v)
+        if _allreduce_comm(node) is not None and local.outputs.count(v) <= 1:
+            found.append(_Reduction(node, j, first_reader.get(v)))
+    return sorted(found, key=lambda r: (_ready_at(local, r.node), r.output))
+
+
+def _ready_at(local: Graph, node: Node) -> int:
+    """Position of the node making a reduction's input (-1: it exists before the program)."""
+    producer = local.values[node.inputs[0]].producer
+    return -1 if producer is None else producer
+
+
+def fuse_gradient_reductions(local: Graph, first: int, params: Sequence[int], rule: FusionRule | None,
+                             n_params: int) -> tuple[Graph, Fusion]:
+    """``local`` with the all-reduces of the gradient outputs ``first .. first+len(params)-1``
+    (of parameters ``params``, indices in the trained list of ``n_params``; and of their
+    parts summed later) bucketed by ``rule`` (None: a bucket each, still started early).
+    Only reductions first read at the same place share a bucket: the outputs' (waited for
+    at the end), or the parts of one sum (waited for right before it)."""
+    found = _reductions(local, first, len(params))
+    if not found:
+        return local, Fusion(())
+    items = [Fusible(params[r.output - first], local.spec(r.node.inputs[0]).nbytes,
+                     (_allreduce_comm(r.node), local.spec(r.node.inputs[0]).dtype.str, r.needed_at))
+             for r in found]
+    buckets = [[found[k] for k in b] for b in plan_buckets(items, rule, n_params)]
+    values = list(local.values)
+    after: dict[int, list[Node]] = {}          # old node id -> the starts placed right after it
+    before: dict[int | None, list[Node]] = {}  # old node id -> the waits placed right before it (None: at the end)
+    for b in buckets:
+        start, wait = _bucket_nodes(local, [r.node for r in b], values)
+        after.setdefault(max(_ready_at(local, r.node) for r in b), []).append(start)
+        before.setdefault(b[0].needed_at, []).append(wait)
+    removed = {r.node.id for b in buckets for r in b}
+    order = list(after.get(-1, ()))
+    for node in local.nodes:
+        if node.id not in removed:
+            order.extend(before.get(node.id, ()))
+            order.append(node)
+            order.extend(after.get(node.id, ()))
+    order.extend(before.get(None, ()))
+    graph = _renumbered(local, order, values)
+    return graph, Fusion(tuple(tuple(r.output for r in b) for b in buckets))
+
+
+def _bucket_nodes(local: Graph, nodes: list[Node], values: list[Value]) -> tuple[Node, Node]:
+    """The start and wait nodes of one bucket (ids and producers set by _renumbered); the
+    wait makes the very values the bucket's Redistributes made."""
+    specs = [local.spec(n.inputs[0]) for n in nodes]
+    size = sum(s.size for s in specs)
+    clock = nodes[0].prim.clock
+    flight = len(values)
+    values.append(Value(flight, TensorSpec((size,), specs[0].dtype), None))
+    tag = f"{SCOPE}/bucket{flight}"
+    start = Node(-1, AllReduceStart(_allreduce_comm(nodes[0]), size, clock), tuple(n.inputs[0] for n in nodes),
+                 (flight,), SCOPE, f"{tag}/AllReduceStart", phase=BACKWARD)
+    wait = Node(-1, AllReduceWait(tuple(s.shape for s in specs), clock), (flight,),
+                tuple(n.outputs[0] for n in nodes), SCOPE, f"{tag}/AllReduceWait", phase=BACKWARD)
+    return start, wait
+
+
+def _renumbered(local: Graph, order: list[Node], values: list[Value]) -> Graph:
+    """A graph of ``order`` with node ids their positions (forward_of and producers follow)."""
+    new_id = {id(node): k for k, node in enumerate(order)}
+    old_to_new = {node.id: new_id[id(node)] for node in order if node.id >= 0}
+    nodes = []
+    for k, node in enumerate(order):
+        fo = None if node.forward_of is None else old_to_new[node.forward_of]
+        nodes.append(dataclasses.replace(node, id=k, forward_of=fo))
+        for o in node.outputs:
+            values[o] = dataclasses.replace(values[o], producer=k)
+    return dataclasses.replace(local, values=tuple(values), nodes=tuple(nodes))
