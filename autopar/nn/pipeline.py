@@ -13,6 +13,20 @@ each micro-batch drops the units the whole batch drops. ``pipeline_schedule`` is
 (MindSpore's default: stage s holds at most ``stages - s`` micro-batches' activations) or
 "gpipe" (all forwards, then all backwards).
 
+Interleaved 1F1B (Megatron-LM's virtual pipeline stages; MindSpore's
+``pipeline_config={"pipeline_interleave": True, "pipeline_scheduler": "1f1b"}``)::
+
+    set_auto_parallel_context(parallel_mode="semi_auto_parallel", pipeline_stages=2)
+    set_pipeline_stages(layers, stages=2 * 2)        # 4 chunks: pipeline_stage in 0..3
+    nn.PipelineCell(net, micro_size=4, virtual_stages=2)
+
+With p stages and ``virtual_stages=v`` the layers form p * v chunks (virtual stages) and
+``pipeline_stage`` names a chunk, 0..p*v-1; chunk c runs on stage ``c % p``, so stage r
+holds chunks r, r + p, r + 2p, ... (Megatron's assignment; MindSpore's ``pipeline_stage``
+r with ``pipeline_segment`` k is chunk ``k * p + r``). The bubble falls from (p - 1) / m to
+(p - 1) / (v m) of the ideal time for v times the sends; ``micro_size`` must be a multiple
+of p, as Megatron requires. On one stage ``virtual_stages`` is ignored, as the annotations are.
+
 Ops of cells without ``pipeline_stage`` follow their data (see
 :mod:`autopar.strategy.pipeline.assignment`): PanGu-α needs only its layers annotated.
 """
@@ -28,12 +42,12 @@ from .cell import Cell
 
 
 class PipelineCell(Cell, Pipelined):
-    """``PipelineCell(network, micro_size, pipeline_schedule="1f1b")``: ``network`` returns
-    the scalar loss; parameter names stay the network's."""
+    """``PipelineCell(network, micro_size, pipeline_schedule="1f1b", virtual_stages=1)``:
+    ``network`` returns the scalar loss; parameter names stay the network's."""
 
     auto_prefix = False
 
-    def __init__(self, network: Cell, micro_size: int, pipeline_schedule: str = "1f1b"):
+    def __init__(self, network: Cell, micro_size: int, pipeline_schedule: str = "1f1b", virtual_stages: int = 1):
         super().__init__()
         if not isinstance(network, Cell):
             raise TypeError(format_error("PipelineCell", "network", "a Cell returning the loss",
@@ -44,9 +58,13 @@ class PipelineCell(Cell, Pipelined):
         if pipeline_schedule not in SCHEDULES:
             raise ValueError(format_error("PipelineCell", "pipeline_schedule", f"one of {sorted(SCHEDULES)}",
                                           repr(pipeline_schedule)))
+        if isinstance(virtual_stages, bool) or not isinstance(virtual_stages, int) or virtual_stages < 1:
+            raise ValueError(format_error("PipelineCell", "virtual_stages", "an int >= 1 (chunks of the layers "
+                                          "per pipeline stage; 1: no interleaving)", repr(virtual_stages)))
         self.network = network
         self.micro_size = micro_size
         self.pipeline_schedule = pipeline_schedule
+        self.virtual_stages = virtual_stages
 
     def construct(self, *inputs):
         """The mean of the network's losses on the micro-batches (rows along dim 0). Training
@@ -70,7 +88,8 @@ def set_pipeline_stages(layers: Sequence[Cell], layers_per_stage: Sequence[int] 
 
     ``layers_per_stage`` gives the count on each stage (Yuan 2.0's non-uniform
     ``[2, 2, 3, 3, 4, 4, 4, 2]`` for 24 layers on 8 stages); else ``stages`` splits them as
-    PanGu-α does, layer i on stage ``i * stages // len(layers)``."""
+    PanGu-α does, layer i on stage ``i * stages // len(layers)``. With virtual stages the
+    stages counted here are the p * v chunks (``stages=p * v``, or p * v counts)."""
     layers = list(layers)
     if layers_per_stage is None:
         if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= len(layers):

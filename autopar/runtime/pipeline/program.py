@@ -15,6 +15,12 @@ Built once per input signature, on every rank:
    whole-batch indices per micro-batch, and cut it into forward and backward halves
    (:mod:`autopar.runtime.pipeline.split`).
 
+Virtual stages (``virtual`` v > 1, interleaved 1F1B): the graph is cut into p * v virtual
+stages (``pipeline_stage`` annotations name them, 0..p*v-1), virtual stage c planned on the
+ranks of stage ``c % p``; steps 3 and 4 run for each of this rank's chunks (virtual stages
+``stage, stage + p, ...``), and the chunks' gradients of a parameter they share add up in
+one slot. On one stage v is ignored, as the annotations are.
+
 Per call: the fed batch is cut into ``micro`` micro-batches along dim 0, the schedule is
 walked (:mod:`autopar.runtime.pipeline.runner`), gradients summed over micro-batches, then
 reduced over the stage's replicas once and summed over the copies of shared parameters
@@ -51,7 +57,7 @@ from ..trace import trace
 from .dropout import MicroBatchDropout, MicroFeed, whole_batch_coords
 from .grads import StageGradients, defer_reductions
 from .memory import StepMemory
-from .runner import StageStep, run_step, transfers
+from .runner import ChunkStep, StageStep, run_step, transfers
 from .schedule import make_schedule
 from .shards import AbsentShard, StageShard, attach
 from .split import split_halves
@@ -61,7 +67,8 @@ WHERE = "PipelineCell"
 
 class PipelineGradProgram(TrainingProgram):
     """Loss and local gradient shards of ``params`` on one rank of ``world`` under
-    ``stages`` pipeline stages and ``micro`` micro-batches (``schedule``: "1f1b" or "gpipe").
+    ``stages`` pipeline stages and ``micro`` micro-batches (``schedule``: "1f1b" or "gpipe"),
+    interleaved over ``virtual`` chunks per stage when ``virtual`` > 1.
 
     ``args`` are what this rank is fed: the whole batch (``full_batch``) or, data-parallel,
     the slice ``rank % (world.size // stages)`` of the stage's ranks (ranks at the same
@@ -73,19 +80,22 @@ class PipelineGradProgram(TrainingProgram):
     def __init__(self, network, args: tuple, params: Sequence, world, *, stages: int = 1, micro: int = 1,
                  schedule: str = "1f1b", mode: str = "semi_auto_parallel", full_batch: bool = False,
                  sens: float = 1.0, ctx: ParallelContext = DEFAULT_CONTEXT,
-                 annotate: Callable[[Graph], Graph] | None = None, plan_options: PlanOptions | None = None):
+                 annotate: Callable[[Graph], Graph] | None = None, plan_options: PlanOptions | None = None,
+                 virtual: int = 1):
         if world.size % stages:
             raise ValueError(format_error(WHERE, "pipeline_stages", f"a divisor of the {world.size} ranks",
                                           str(stages), "each stage needs the same number of ranks"))
+        virtual = _check_virtual(virtual, stages, micro)
         arrays = [a for a in args if isinstance(a, np.ndarray)]
         self.rows = _batch_rows(arrays, micro)
         world.stats.doing = f"compiling {type(self).__name__}"     # named by the watchdog's reports
         # before any collective: a rank with another model or batch shape would pair them wrongly
         self.check = ConsistencyCheck(type(self).__name__, world, params, arrays)
-        self.world, self.stages, self.micro = world, stages, micro
-        self.schedule = make_schedule(schedule, stages, micro)
+        self.world, self.stages, self.micro, self.virtual = world, stages, micro, virtual
+        self.schedule = make_schedule(schedule, stages, micro, virtual)
         n = self.ranks_per_stage = world.size // stages
         self.stage, self.position = divmod(world.rank, n)
+        self.chunks = tuple(c * stages + self.stage for c in range(virtual))   # this rank's virtual stages
         self.stage_comm = world.split([tuple(range(s * n, (s + 1) * n)) for s in range(stages)])
         feed_whole = full_batch or mode == "stand_alone"
 
@@ -102,11 +112,11 @@ class PipelineGradProgram(TrainingProgram):
         self.loss_dtype = graph.spec(self.targets.loss).dtype
         self.params = list(params)
         wrt = list(self.targets.wrt)        # None: a parameter the loss does not use (zero gradients)
-        assign = assign_stages(graph, stages, differentiable_values(graph, self.targets.used))
+        assign = assign_stages(graph, stages * virtual, differentiable_values(graph, self.targets.used), virtual)
         saving = bool(ctx.strategy_ckpt_save_file)
         writer = saving and world.rank == 0           # plans every stage, to write them all
         self.plan: PipelinePlan = plan_pipeline(graph, assign, n, mode, feed_whole, plan_options or ctx.plan_options,
-                                                stages=None if writer else [self.stage])
+                                                stages=None if writer else self.chunks, ranks_stages=stages)
         if writer:
             save_pipeline_plan(ctx.strategy_ckpt_save_file, self.plan, feed_whole, plan_options or ctx.plan_options)
         if saving and world.size > 1:
@@ -124,11 +134,12 @@ class PipelineGradProgram(TrainingProgram):
 
     # ---- building ------------------------------------------------------------------------
     def _shared_comms(self, wrt: list[int]) -> list[tuple[int, object]]:
-        """(parameter index, communicator over its copies) for this rank's shared parameters;
-        the splits are collective over the world, made in one order on every rank."""
-        n, by_stages = self.ranks_per_stage, {}
+        """(parameter index, communicator over its copies) for this rank's shared parameters
+        held by several stages (chunks of one stage share one copy); the splits are collective
+        over the world, made in one order on every rank."""
+        n, p, by_stages = self.ranks_per_stage, self.stages, {}
         for i, v in enumerate(wrt):
-            owners = self.plan.param_stages.get(v, ())
+            owners = tuple(sorted({c % p for c in self.plan.param_stages.get(v, ())}))
             if len(owners) > 1:
                 by_stages.setdefault(owners, []).append(i)
         out = []
@@ -144,12 +155,13 @@ class PipelineGradProgram(TrainingProgram):
         """One entry per parameter (collective when replacing shards already attached). A
         parameter the loss does not use is held whole by the first stage (zero gradients),
         absent on the others."""
-        plan, me = self.plan, self.plan.stages[self.stage]
-        out = []
+        plan, out = self.plan, []
         for p, v in zip(self.params, wrt):
-            if v in me.local_of:
-                layout = plan.plans[self.stage].layouts[me.local_of[v]]
-                out.append(attach(p, layout, self.world.rank, plan.param_stages[v][0] == self.stage, self.world))
+            held = [c for c in self.chunks if v in plan.stages[c].local_of]
+            if held:
+                layout = plan.plans[held[0]].layouts[plan.stages[held[0]].local_of[v]]
+                owner = plan.param_stages[v][0] % self.stages == self.stage
+                out.append(attach(p, layout, self.world.rank, owner, self.world))
             elif v is None and self.stage == 0:
                 layout = Layout.replicated(plan.plans[0].stage, len(p.shape))
                 out.append(attach(p, layout, self.world.rank, True, self.world))
@@ -158,41 +170,69 @@ class PipelineGradProgram(TrainingProgram):
         return out
 
     def _build_stage(self, wrt: list[int], sens: float, feed: MicroFeed) -> StageStep:
-        s, plan = self.stage, self.plan
-        sg, last = plan.stages[s], s == self.stages - 1
-        mine = [(i, sg.local_of[v]) for i, v in enumerate(wrt) if v in sg.local_of]
-        self._grad_index = {i: j for j, (i, _) in enumerate(mine)}
-        back = [c for c in sg.received if c.needs_grad]
-        train, grads = differentiate(sg.graph, sg.objective, [lv for _, lv in mine] + [sg.value(c) for c in back],
-                                     sens / self.micro if last else 1.0)
-        delivered = [sg.value(c) for c in sg.sent] + ([sg.loss] if last else [])
-        wanted = {sg.value(c): plan.transfer[c.value] for c in sg.sent}
-        wanted.update({g: self.grads.sliced[i] for (i, _), g in zip(mine, grads) if self.grads.sliced[i]})
-        local, _, _, self.comm_clock = lower(train, delivered + list(grads), plan.plans[s], self.world.rank,
-                                             self.stage_comm, output_layouts=wanted)
-        for i, _ in mine:
-            assert any(o is self.param_shards[i] for o in local.param_objs), "lowering did not take the stage shard"
-        local, deferred = defer_reductions(local, len(delivered), len(mine))   # reduced once per step
-        self.grads.deferred = {i: r for (i, _), r in zip(mine, deferred) if r is not None}
-        cotangents = local.inputs[len(local.inputs) - len(sg.cotangent_inputs):]
-        variants = self._micro_variants(local, sg, feed)
-        halves = [split_halves(g, len(delivered), cotangents) for g in variants]
-        self.saved_per_micro = len(halves[0].saved)
+        """This rank's chunks (one without virtual stages), gradient slots and transfers."""
+        plan, p = self.plan, self.stages
+        held = [i for i, v in enumerate(wrt) if any(v in plan.stages[c].local_of for c in self.chunks)]
+        self._grad_index = {i: j for j, i in enumerate(held)}
+        repeated = {i for i in held if sum(wrt[i] in plan.stages[c].local_of for c in self.chunks) > 1}
+        chunks, deferred, saved, clocks = [], {}, 0, []
+        for c in self.chunks:
+            chunk, chunk_deferred, n_saved, clock = self._build_chunk(c, wrt, sens, feed, repeated)
+            chunks.append(chunk)
+            deferred.update(chunk_deferred)
+            saved, clocks = saved + n_saved, clocks + [clock]
+        self.grads.deferred = deferred
+        self.saved_per_micro = saved
+        self.comm_clock = clocks[0] if len(clocks) == 1 else ClockSum(clocks)
         wire = {v: (lay.local_shape(self.graph.spec(v).shape), self.graph.spec(v).dtype)
                 for v, lay in plan.transfer.items()}
         assignment = plan.assignment
         mine_transfers = tuple(t for t in transfers(
             self.schedule, lambda st: [(c.value, c.dsts) for c in assignment.sent_by(st)],
             lambda st: [(c.value, c.src) for c in assignment.received_by(st) if c.needs_grad])
-            if s in (t.src, t.dst))
-        return StageStep(
-            stage=s, ranks_per_stage=self.ranks_per_stage, position=self.position, schedule=self.schedule,
-            forward=tuple(Program(h.forward, h.forward.outputs) for h in halves),
+            if self.stage in (t.src % p, t.dst % p))
+        return StageStep(stage=self.stage, ranks_per_stage=self.ranks_per_stage, position=self.position,
+                         schedule=self.schedule, chunks=tuple(chunks), n_param_grads=len(held), wire=wire,
+                         transfers=mine_transfers)
+
+    def _build_chunk(self, c: int, wrt: list[int], sens: float, feed: MicroFeed, repeated: set[int]):
+        """Virtual stage c's halves: (ChunkStep, its deferred gradient reductions by parameter
+        index, values saved per micro-batch, its redistribution clock). A parameter another
+        chunk of this rank also reads (``repeated``) keeps its reduction inside the program,
+        so the chunks' gradients add up in the parameter's layout."""
+        plan = self.plan
+        sg, last = plan.stages[c], c == self.stages * self.virtual - 1
+        mine = [(i, sg.local_of[v]) for i, v in enumerate(wrt) if v in sg.local_of]
+        back = [x for x in sg.received if x.needs_grad]
+        train, grads = differentiate(sg.graph, sg.objective, [lv for _, lv in mine] + [sg.value(x) for x in back],
+                                     sens / self.micro if last else 1.0)
+        delivered = [sg.value(x) for x in sg.sent] + ([sg.loss] if last else [])
+        wanted = {sg.value(x): plan.transfer[x.value] for x in sg.sent}
+        wanted.update({g: self.grads.sliced[i] for (i, _), g in zip(mine, grads) if self.grads.sliced[i]})
+        local, _, _, clock = lower(train, delivered + list(grads), plan.plans[c], self.world.rank,
+                                   self.stage_comm, output_layouts=wanted)
+        for i, _ in mine:
+            assert any(o is self.param_shards[i] for o in local.param_objs), "lowering did not take the stage shard"
+        first = len(delivered)
+        reduced, deferred = defer_reductions(local, first, len(mine))   # reduced once per step
+        keep = [j for j, (i, _) in enumerate(mine) if i in repeated and deferred[j] is not None]
+        if keep:                                  # summed with another chunk's: reduce in the program
+            outputs = list(reduced.outputs)
+            for j in keep:
+                outputs[first + j] = local.outputs[first + j]
+            reduced = dataclasses.replace(reduced, outputs=tuple(outputs))
+        chunk_deferred = {i: r for j, ((i, _), r) in enumerate(zip(mine, deferred)) if r is not None and j not in keep}
+        cotangents = reduced.inputs[len(reduced.inputs) - len(sg.cotangent_inputs):]
+        variants = self._micro_variants(reduced, sg, feed)
+        halves = [split_halves(g, len(delivered), cotangents) for g in variants]
+        chunk = ChunkStep(
+            virtual_stage=c, forward=tuple(Program(h.forward, h.forward.outputs) for h in halves),
             backward=tuple(Program(h.backward, h.backward.outputs) for h in halves),
-            batch_inputs=sg.batch_inputs, received=tuple(c.value for c in sg.received),
-            sent=tuple((c.value, c.dsts) for c in sg.sent), has_loss=last,
-            cotangents=tuple((c.value, d) for c, d in sg.cotangents), grads_back=tuple(c.value for c in back),
-            n_param_grads=len(mine), wire=wire, transfers=mine_transfers)
+            batch_inputs=sg.batch_inputs, received=tuple(x.value for x in sg.received),
+            sent=tuple((x.value, x.dsts) for x in sg.sent), has_loss=last,
+            cotangents=tuple((x.value, d) for x, d in sg.cotangents), grads_back=tuple(x.value for x in back),
+            grad_slots=tuple(self._grad_index[i] for i, _ in mine))
+        return chunk, chunk_deferred, len(halves[0].saved), clock
 
     def _micro_variants(self, local: Graph, sg, feed: MicroFeed) -> list[Graph]:
         """The local graph with its traced forward ops named as in the whole graph (dropout
@@ -259,6 +299,21 @@ class PipelineGradProgram(TrainingProgram):
 
 # ---- helpers ---------------------------------------------------------------------------------
 
+class ClockSum:
+    """Seconds spent redistributing, summed over the chunks' clocks (``[0]`` like the
+    one-element list a single program keeps; setting it resets them all)."""
+
+    def __init__(self, clocks: list[list[float]]):
+        self.clocks = clocks
+
+    def __getitem__(self, i: int) -> float:
+        return sum(c[i] for c in self.clocks)
+
+    def __setitem__(self, i: int, value: float) -> None:
+        for k, c in enumerate(self.clocks):
+            c[i] = value if k == 0 else 0.0
+
+
 class StagePrograms:
     """The stage's programs (forward and backward halves) seen as one. ``meter`` (a
     MemoryMeter, as TrainOneStepCell.measure_memory sets it) measures whole steps: each
@@ -268,6 +323,22 @@ class StagePrograms:
     def __init__(self, programs: tuple):
         self.programs = programs
         self.meter = None
+
+
+def _check_virtual(virtual: int, stages: int, micro: int) -> int:
+    """Chunks per stage actually run: ``virtual``, checked, or 1 on one stage (nothing to
+    interleave). Interleaving sends groups of ``stages`` micro-batches through each chunk."""
+    if isinstance(virtual, bool) or not isinstance(virtual, int) or virtual < 1:
+        raise ValueError(format_error(WHERE, "virtual_stages", "an int >= 1 (chunks of the layers per stage)",
+                                      repr(virtual)))
+    if stages == 1:
+        return 1
+    if virtual > 1 and micro % stages:
+        raise ValueError(format_error(WHERE, "micro_size", f"a multiple of pipeline_stages={stages} with "
+                                      f"virtual_stages={virtual} (interleaved 1F1B sends groups of {stages} "
+                                      "micro-batches through each chunk, as Megatron-LM requires)", str(micro),
+                                      f"use micro_size={stages * -(-micro // stages)}, or virtual_stages=1"))
+    return virtual
 
 
 def _batch_rows(arrays: list[np.ndarray], micro: int) -> int:
@@ -347,13 +418,15 @@ __all__ = ["AbsentShard", "PipelineGradProgram", "Pipelined", "StageShard"]
 
 class Pipelined:
     """What a cell is to be run as a pipeline: it holds the ``network`` that returns the loss,
-    its ``micro_size`` (micro-batches per step) and its ``pipeline_schedule`` ("1f1b",
-    "gpipe"). ``nn.PipelineCell`` is the one implementation; defined here, below nn, so the
-    runtime never asks nn what a cell is."""
+    its ``micro_size`` (micro-batches per step), its ``pipeline_schedule`` ("1f1b",
+    "gpipe") and ``virtual_stages`` (chunks per stage; > 1 interleaves). ``nn.PipelineCell``
+    is the one implementation; defined here, below nn, so the runtime never asks nn what a
+    cell is."""
 
     network: object
     micro_size: int
     pipeline_schedule: str
+    virtual_stages: int = 1
 
 
 def pipelined(cell, setting) -> bool:
@@ -368,12 +441,12 @@ def pipeline_grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sen
     if kwargs:
         raise ValueError(format_error(WHERE, "inputs", "positional inputs only", f"keywords {sorted(kwargs)}"))
     if isinstance(cell, Pipelined):
-        network, micro, schedule = cell.network, cell.micro_size, cell.pipeline_schedule
+        network, micro, schedule, virtual = cell.network, cell.micro_size, cell.pipeline_schedule, cell.virtual_stages
     else:
-        network, micro, schedule = cell, 1, "1f1b"
+        network, micro, schedule, virtual = cell, 1, "1f1b", 1
     if setting is None:
         return PipelineGradProgram(network, args, params, current_world(), stages=1, micro=micro,
                                    schedule=schedule, mode="stand_alone", full_batch=True, sens=sens)
     return PipelineGradProgram(network, args, params, setting.world, stages=setting.ctx.pipeline_stages,
                                micro=micro, schedule=schedule, mode=setting.mode, full_batch=setting.full_batch,
-                               sens=sens, ctx=setting.ctx)
+                               sens=sens, ctx=setting.ctx, virtual=virtual)

@@ -16,9 +16,15 @@ held until its consumer's item.
     stage 0    F0 -> send x(0)      F1 -> send x(1) ...
     stage 1    .     recv x(0) F0  ...
 
-Memory. ``saved[k]`` holds micro-batch k's saved values from its forward to its backward;
-``live`` counts them after every clock, so the measured in-flight micro-batches can be
-checked against :meth:`Schedule.in_flight`. Given a
+Virtual stages (interleaved 1F1B). A rank holds one :class:`ChunkStep` per chunk of the
+layers it runs (virtual stages ``stage, stage + p, ...``); an item names its chunk, and a
+transfer goes between virtual stages -- from rank p - 1 back to rank 0 where chunk c hands
+over to chunk c + 1 across the wrap. A transfer between two chunks of the same rank (a
+value made on virtual stage 0 and read on virtual stage p) is a local hand-over, no message.
+
+Memory. ``saved[(virtual stage, k)]`` holds micro-batch k's saved values of a chunk from its
+forward to its backward; ``live`` counts them after every clock, so the measured in-flight
+micro-batches (chunks) can be checked against :meth:`Schedule.in_flight`. Given a
 :class:`~autopar.runtime.pipeline.memory.StepMemory`, every half runs under a meter told
 what the runner holds around it, so the step's peak live bytes are measured.
 """
@@ -30,7 +36,7 @@ from itertools import chain
 
 import numpy as np
 
-from .schedule import Schedule
+from .schedule import Schedule, chunk_of
 
 ACTIVATION, GRADIENT = "activation", "gradient"
 TAGS = {ACTIVATION: 1, GRADIENT: 2}
@@ -42,50 +48,80 @@ class Transfer:
     kind: str               # ACTIVATION (forward, src < dst) or GRADIENT (backward, src > dst)
     micro: int
     value: int              # global value id of the activation
-    src: int                # sending stage
-    dst: int                # receiving stage
+    src: int                # sending (virtual) stage
+    dst: int                # receiving (virtual) stage
 
 
 def transfers(schedule: Schedule, sent_by, grads_back_by) -> tuple[Transfer, ...]:
-    """Every transfer of one step in the global order. ``sent_by(s)``: (value, dsts) that
-    stage s sends after a forward; ``grads_back_by(s)``: (value, src) whose gradients it
-    sends back after a backward."""
+    """Every transfer of one step in the global order. ``sent_by(c)``: (value, dsts) that
+    virtual stage c sends after a forward; ``grads_back_by(c)``: (value, src) whose gradients
+    it sends back after a backward. Without virtual stages c is the stage."""
     out = []
     for t in range(schedule.clocks):
         for s in range(schedule.stages):
             item = schedule.table[s][t]
             if item is None:
                 continue
-            kind, k = item
+            kind, k, c = item[0], item[1], schedule.virtual_stage(s, item)
             if kind == "F":
-                out += [Transfer(t, ACTIVATION, k, v, s, d) for v, dsts in sent_by(s) for d in dsts]
+                out += [Transfer(t, ACTIVATION, k, v, c, d) for v, dsts in sent_by(c) for d in dsts]
             else:
-                out += [Transfer(t, GRADIENT, k, v, s, src) for v, src in grads_back_by(s)]
+                out += [Transfer(t, GRADIENT, k, v, c, src) for v, src in grads_back_by(c)]
     return tuple(out)
 
 
 @dataclass(frozen=True, eq=False)
+class ChunkStep:
+    """One virtual stage's halves on this rank and how their inputs and outputs map (without
+    virtual stages, the rank's one stage)."""
+
+    virtual_stage: int
+    forward: tuple                                  # Program per micro-batch (one shared if equal)
+    backward: tuple
+    batch_inputs: tuple[int, ...]                   # fed arrays the forward half reads
+    received: tuple[int, ...]                       # values the forward half receives, in input order
+    sent: tuple[tuple[int, tuple[int, ...]], ...]   # (value, virtual stages reading it): delivered first
+    has_loss: bool
+    cotangents: tuple[tuple[int, int], ...]         # (value, virtual stage it comes from), backward inputs
+    grads_back: tuple[int, ...]                     # values whose gradients the backward half ends with
+    grad_slots: tuple[int, ...]                     # the rank's gradient slot of each parameter gradient made
+
+
+@dataclass(frozen=True, eq=False)
 class StageStep:
-    """What one rank runs: its stage's halves and how their inputs and outputs map."""
+    """What one rank runs: its stage's chunks (one without virtual stages), the schedule,
+    the wire shapes and its transfers."""
 
     stage: int
     ranks_per_stage: int
     position: int                                   # index in the stage mesh
     schedule: Schedule
-    forward: tuple                                  # Program per micro-batch (one shared if equal)
-    backward: tuple
-    batch_inputs: tuple[int, ...]                   # fed arrays the forward half reads
-    received: tuple[int, ...]                       # values the forward half receives, in input order
-    sent: tuple[tuple[int, tuple[int, ...]], ...]   # (value, stages reading it): delivered first, in order
-    has_loss: bool
-    cotangents: tuple[tuple[int, int], ...]         # (value, stage it comes from), backward inputs
-    grads_back: tuple[int, ...]                     # values whose gradients the backward half ends with
-    n_param_grads: int
+    chunks: tuple[ChunkStep, ...]                   # [chunk index]: virtual stage ``index * p + stage``
+    n_param_grads: int                              # gradient slots of the rank (its parameters)
     wire: dict[int, tuple[tuple[int, ...], np.dtype]]   # value -> local (shape, dtype) on the wire
     transfers: tuple[Transfer, ...]                 # this rank's, in the global order
 
-    def peer(self, stage: int) -> int:
-        return stage * self.ranks_per_stage + self.position
+    @property
+    def forward(self) -> tuple:
+        """Every chunk's forward programs."""
+        return tuple(p for c in self.chunks for p in c.forward)
+
+    @property
+    def backward(self) -> tuple:
+        return tuple(p for c in self.chunks for p in c.backward)
+
+    @property
+    def batch_inputs(self) -> tuple[int, ...]:
+        """The fed arrays any chunk reads, ascending."""
+        return tuple(sorted({i for c in self.chunks for i in c.batch_inputs}))
+
+    def rank_of(self, virtual_stage: int) -> int:
+        """The stage running ``virtual_stage``."""
+        return virtual_stage % self.schedule.stages
+
+    def peer(self, virtual_stage: int) -> int:
+        """The rank at this rank's position of the stage running ``virtual_stage``."""
+        return self.rank_of(virtual_stage) * self.ranks_per_stage + self.position
 
 
 class StepResult:
@@ -106,49 +142,68 @@ def run_step(plan: StageStep, world, micro_batches: Sequence[Sequence[np.ndarray
     by_clock: dict[int, list[Transfer]] = {}
     for tr in plan.transfers:
         by_clock.setdefault(tr.clock, []).append(tr)
-    inbox: dict[tuple, np.ndarray] = {}     # (ACTIVATION, value, k) / (GRADIENT, value, src, k) -> array
-    outbox: dict[tuple, list] = {}          # (kind, value, k) -> [array made here, sends still to do]
-    saved: dict[int, list] = {}
+    inbox: dict[tuple, np.ndarray] = {}     # (kind, value, virtual stage, k) -> array received
+    outbox: dict[tuple, list] = {}          # (kind, value, virtual stage, k) -> [array made here, sends to do]
+    saved: dict[tuple[int, int], list] = {}  # (virtual stage, k) -> the forward's saved values
     losses, grads, live = [], [None] * plan.n_param_grads, []
     row = plan.schedule.table[plan.stage]
+    one_chunk = len(plan.chunks) == 1
     for phase in plan.schedule.phases(plan.stage):
         for t in phase.clocks:
             item = row[t]
-            if item is not None and item[0] == "F":
-                k = item[1]
-                received = [inbox.pop((ACTIVATION, v, k)) for v in plan.received]
-                ins = [micro_batches[k][i] for i in plan.batch_inputs] + received
-                prog = plan.forward[k % len(plan.forward)]
-                if memory is None:
-                    outs = prog.run(ins, step)
-                else:   # every output of a forward half is an activation
-                    outs = memory.run(prog, ins, step, _held(saved, inbox, outbox, received), grads, prog.outputs)
-                for j, (v, dsts) in enumerate(plan.sent):
-                    outbox[(ACTIVATION, v, k)] = [outs[j], len(dsts)]
-                n = len(plan.sent)
-                if plan.has_loss:
-                    losses.append(outs[n])
-                    n += 1
-                saved[k] = outs[n:]
-                if memory is not None:
-                    memory.saved(k, saved[k])
-            elif item is not None:
-                k = item[1]
-                ins = saved.pop(k) + [inbox.pop((GRADIENT, v, src, k)) for v, src in plan.cotangents]
-                prog = plan.backward[k % len(plan.backward)]
-                if memory is None:
-                    outs = prog.run(ins, step)
-                else:   # the gradients it sends back are activations' too
-                    outs = memory.run(prog, ins, step, _held(saved, inbox, outbox, ins), grads,
-                                      prog.outputs[plan.n_param_grads:])
-                for j in range(plan.n_param_grads):
-                    grads[j] = outs[j].copy() if grads[j] is None else np.add(grads[j], outs[j], out=grads[j])
-                for v, g in zip(plan.grads_back, outs[plan.n_param_grads:]):
-                    outbox[(GRADIENT, v, k)] = [g, 1]
+            if item is not None:
+                chunk, k = plan.chunks[chunk_of(item)], item[1]
+                c = chunk.virtual_stage
+                if item[0] == "F":
+                    _forward(chunk, k, micro_batches, step, memory, inbox, outbox, saved, grads, losses,
+                             k if one_chunk else (c, k))
+                else:
+                    _backward(chunk, k, step, memory, inbox, outbox, saved, grads)
             _exchange(plan, world, by_clock.get(t, ()), inbox, outbox)
             live.append(len(saved))
     assert not saved and not inbox and not outbox, "pipeline: the schedule left work undone"
     return StepResult(losses, grads, live)
+
+
+def _forward(chunk: ChunkStep, k: int, micro_batches, step: int, memory, inbox: dict, outbox: dict,
+             saved: dict, grads: list, losses: list, memory_key) -> None:
+    """Micro-batch k's forward half of ``chunk``: its activations go to the outbox, its
+    saved values stay until the backward."""
+    c = chunk.virtual_stage
+    received = [inbox.pop((ACTIVATION, v, c, k)) for v in chunk.received]
+    ins = [micro_batches[k][i] for i in chunk.batch_inputs] + received
+    prog = chunk.forward[k % len(chunk.forward)]
+    if memory is None:
+        outs = prog.run(ins, step)
+    else:   # every output of a forward half is an activation
+        outs = memory.run(prog, ins, step, _held(saved, inbox, outbox, received), grads, prog.outputs)
+    for j, (v, dsts) in enumerate(chunk.sent):
+        outbox[(ACTIVATION, v, c, k)] = [outs[j], len(dsts)]
+    n = len(chunk.sent)
+    if chunk.has_loss:
+        losses.append(outs[n])
+        n += 1
+    saved[(c, k)] = outs[n:]
+    if memory is not None:
+        memory.saved(memory_key, saved[(c, k)])
+
+
+def _backward(chunk: ChunkStep, k: int, step: int, memory, inbox: dict, outbox: dict, saved: dict,
+              grads: list) -> None:
+    """Micro-batch k's backward half of ``chunk``: parameter gradients added into the rank's
+    slots, the received activations' gradients to the outbox."""
+    c = chunk.virtual_stage
+    ins = saved.pop((c, k)) + [inbox.pop((GRADIENT, v, src, k)) for v, src in chunk.cotangents]
+    prog = chunk.backward[k % len(chunk.backward)]
+    n = len(chunk.grad_slots)
+    if memory is None:
+        outs = prog.run(ins, step)
+    else:   # the gradients it sends back are activations' too
+        outs = memory.run(prog, ins, step, _held(saved, inbox, outbox, ins), grads, prog.outputs[n:])
+    for j, slot in enumerate(chunk.grad_slots):
+        grads[slot] = outs[j].copy() if grads[slot] is None else np.add(grads[slot], outs[j], out=grads[slot])
+    for v, g in zip(chunk.grads_back, outs[n:]):
+        outbox[(GRADIENT, v, c, k)] = [g, 1]
 
 
 def _held(saved: dict, inbox: dict, outbox: dict, running: list):
@@ -157,19 +212,23 @@ def _held(saved: dict, inbox: dict, outbox: dict, running: list):
 
 
 def _exchange(plan: StageStep, world, todo: Sequence[Transfer], inbox: dict, outbox: dict) -> None:
-    """This rank's sends and receives of one clock, in the global order."""
+    """This rank's sends and receives of one clock, in the global order. An activation is
+    filed under its receiving virtual stage, a gradient under its sending one (the value's
+    maker takes it); between two chunks of this rank it is handed over, not sent."""
     for tr in todo:
         tag = TAGS[tr.kind]
-        if tr.src == plan.stage:
-            key = (tr.kind, tr.value, tr.micro)
-            entry = outbox[key]
-            world.send(entry[0], plan.peer(tr.dst), tag)
+        out_key = (tr.kind, tr.value, tr.src, tr.micro)
+        in_key = (tr.kind, tr.value, tr.dst if tr.kind == ACTIVATION else tr.src, tr.micro)
+        mine_src, mine_dst = plan.rank_of(tr.src) == plan.stage, plan.rank_of(tr.dst) == plan.stage
+        if mine_src:
+            entry = outbox[out_key]
+            if mine_dst:
+                inbox[in_key] = entry[0]          # programs never overwrite their inputs
+            else:
+                world.send(entry[0], plan.peer(tr.dst), tag)
             entry[1] -= 1
             if not entry[1]:
-                del outbox[key]
+                del outbox[out_key]
         else:
             shape, dtype = plan.wire[tr.value]
-            got = world.recv(shape, dtype, plan.peer(tr.src), tag)
-            key = (ACTIVATION, tr.value, tr.micro) if tr.kind == ACTIVATION else (GRADIENT, tr.value, tr.src, tr.micro)
-            inbox[key] = got
-
+            inbox[in_key] = world.recv(shape, dtype, plan.peer(tr.src), tag)

@@ -12,7 +12,10 @@ Rules, in order:
 Stages never decrease along the data flow, every stage gets at least one node, and the loss
 is made on the last stage; anything else is a ValueError naming the ops. On one stage (a
 serial run of a script written for a pipeline, or ``pipeline_stages=1``) the annotations
-are ignored, as MindSpore ignores them: every node runs on stage 0. A value made on
+are ignored, as MindSpore ignores them: every node runs on stage 0. With virtual stages
+(interleaved 1F1B, v chunks per stage) the stages here are the p * v virtual ones and
+``pipeline_stage`` names one of them, 0..p*v-1 (``set_pipeline_stages(layers, stages=p * v)``);
+virtual stage c runs on stage ``c % p``. A value made on
 stage a and read on later stages b is a :class:`Crossing`: sent a -> b after each forward,
 its gradient sent back b -> a after each backward (when it has one).
 
@@ -67,9 +70,13 @@ def _where(node) -> str:
     return f"{node.scope or '<root>'} ({node.prim.kind})"
 
 
-def assign_stages(graph: Graph, stages: int, differentiable: set[int] | None = None) -> StageAssignment:
+def assign_stages(graph: Graph, stages: int, differentiable: set[int] | None = None,
+                  virtual: int = 1) -> StageAssignment:
     """The stage of every forward node of ``graph`` on ``stages`` stages. ``differentiable``:
-    the values that get a gradient (crossings outside it send none back)."""
+    the values that get a gradient (crossings outside it send none back). ``virtual``: the
+    chunks per stage when ``stages`` counts virtual stages (named in the errors)."""
+    total = f"pipeline_stages={stages}" if virtual == 1 else \
+        f"pipeline_stages x virtual_stages = {stages // virtual} x {virtual} = {stages}"
     forward = [n for n in graph.nodes if n.phase == FORWARD]
     if stages == 1:
         return StageAssignment(1, {n.id: 0 for n in forward}, ())
@@ -83,7 +90,7 @@ def assign_stages(graph: Graph, stages: int, differentiable: set[int] | None = N
     pending = []
     for n in forward:                      # forward pass: annotations and data-following nodes
         if n.stage is not None and n.stage >= stages:
-            raise ValueError(format_error(_where(n), "pipeline_stage", f"a stage below pipeline_stages={stages}",
+            raise ValueError(format_error(_where(n), "pipeline_stage", f"a stage below {total}",
                                           str(n.stage), f"set pipeline_stage in 0..{stages - 1} on {n.scope}, "
                                           "or raise pipeline_stages"))
         producers = [made_by[v] for v in n.inputs if v in made_by and made_by[v].id in of_node]
@@ -109,9 +116,10 @@ def assign_stages(graph: Graph, stages: int, differentiable: set[int] | None = N
         given = sorted({n.stage for n in forward if n.stage is not None})
         raise ValueError(format_error(
             "pipeline", f"stage {empty[0]}", "at least one layer on every one of the "
-            f"pipeline_stages={stages} stages", f"no op on it (stages annotated: {given})",
+            f"{total} stages", f"no op on it (stages annotated: {given})",
             f"set pipeline_stage = {empty[0]} on a cell (autopar.nn.set_pipeline_stages(blocks, layers_per_stage) "
-            "sets them from layer counts), or lower pipeline_stages"))
+            f"sets them from layer counts{', stages=' + str(stages) + ' for the virtual stages' if virtual > 1 else ''})"
+            ", or lower pipeline_stages"))
     loss = graph.outputs[0]
     if loss in made_by and of_node[made_by[loss].id] != stages - 1:
         n = made_by[loss]

@@ -2,7 +2,9 @@
 
 Planning touches no communicator, so any rank (or a test) plans every stage:
 
-* stage s runs on the stage-major ranks ``s*n .. s*n + n - 1`` as a flat mesh of n;
+* stage s runs on the stage-major ranks ``s*n .. s*n + n - 1`` as a flat mesh of n; with
+  virtual stages (interleaved 1F1B, ``ranks_stages`` = p below the p * v stages planned),
+  virtual stage c runs on stage ``c % p``'s ranks -- two chunks of one rank share its mesh;
 * each stage's forward graph is planned on its mesh exactly as the non-pipeline sharded
   path plans a whole graph (:func:`~autopar.strategy.plan_source.make_plan`);
 * a value crossing from stage a to b travels in its *transfer layout*: its home layout on
@@ -76,13 +78,15 @@ class PipelinePlan:
 
 
 def plan_pipeline(graph: Graph, assign: StageAssignment, ranks_per_stage: int, mode: str, full_batch: bool,
-                  options: PlanOptions = PlanOptions(), stages: Sequence[int] | None = None) -> PipelinePlan:
+                  options: PlanOptions = PlanOptions(), stages: Sequence[int] | None = None,
+                  ranks_stages: int | None = None) -> PipelinePlan:
     """Plan ``stages`` (default: all) of ``graph``, the forward graph on micro-batch shapes.
     Only the stages those depend on are planned too: the senders of what they receive and
-    the first stage of each parameter they share."""
+    the first stage of each parameter they share. ``ranks_stages``: the stages of ranks
+    when ``assign`` has virtual stages (default: one per stage of ``assign``)."""
     p = assign.stages
     wanted = tuple(range(p)) if stages is None else tuple(stages)
-    meshes = [stage_mesh(s, ranks_per_stage) for s in range(p)]
+    meshes = [stage_mesh(s % (ranks_stages or p), ranks_per_stage) for s in range(p)]
     graphs = tuple(stage_graph(graph, assign, s) for s in range(p))
     raw: dict[int, ShardingPlan] = {}
     load = options.strategy_file
