@@ -1,0 +1,183 @@
+"""Gradient fusion and overlap (comm_fusion): bucket plans, the context key, the in-process
+non-blocking all-reduce, and fused == unfused PanGu-α tiny bit for bit with fewer collectives."""
+import numpy as np
+import pytest
+
+from autopar import nn
+from autopar.comm import DeadlockError, run_in_process
+from autopar.comm.checks import CollectiveMismatchError
+from autopar.comm.fusion import MB, CommFusion, Fusible, FusionRule, plan_buckets
+from autopar.context import ParallelContext, bound_world, parallel_context
+from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
+from autopar.runtime.fusion import AllReduceStart, AllReduceWait
+from autopar.runtime.sharded_program import ShardedGradProgram
+from autopar.train import AdamWeightDecay
+
+CONFIG = PanguAlphaConfig.preset("tiny", param_dtype="float64", compute_dtype="float64")
+IDS = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (4, CONFIG.seq_length + 1)).astype(np.int32)
+AUTO = {"allreduce": {"mode": "auto"}}
+
+
+# ---- bucket plans ------------------------------------------------------------------------
+
+def items(sizes_mb, params=None, groups=None):
+    params = params if params is not None else range(len(sizes_mb))
+    groups = groups if groups is not None else ["g"] * len(sizes_mb)
+    return [Fusible(p, int(s * MB), g) for s, p, g in zip(sizes_mb, params, groups)]
+
+
+def test_size_mode_fills_buckets_in_the_order_gradients_are_made():
+    # the docstring's worked example: g5 .4, g4 .4, g3 .5, g2 2, g1 .1 under 1 MB
+    got = plan_buckets(items([0.4, 0.4, 0.5, 2, 0.1], params=[5, 4, 3, 2, 1]), FusionRule("size", 1), 6)
+    assert got == [[0, 1], [2], [3], [4]]
+
+
+def test_auto_mode_is_64_mb_buckets():
+    assert plan_buckets(items([1] * 64 + [1]), FusionRule("auto"), 65) == [list(range(64)), [64]]
+    assert plan_buckets(items([40, 30, 20]), FusionRule("auto"), 3) == [[0], [1, 2]]
+
+
+def test_index_mode_splits_by_parameter_index_whatever_the_order():
+    # made last parameter first (a backward pass): params 5..0; splits at 2 and 4
+    got = plan_buckets(items([1] * 6, params=[5, 4, 3, 2, 1, 0]), FusionRule("index", (2, 4)), 6)
+    assert got == [[0, 1], [2, 3], [4, 5]]          # {5, 4}, {3, 2}, {1, 0}, ready in that order
+
+
+def test_buckets_never_mix_groups_and_none_is_one_each():
+    got = plan_buckets(items([1, 1, 1, 1], groups=["dp", "mp", "dp", "mp"]), FusionRule("auto"), 4)
+    assert got == [[0, 2], [1, 3]]
+    assert plan_buckets(items([1, 1, 1]), None, 3) == [[0], [1], [2]]
+
+
+def test_index_past_the_last_parameter_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match=r"comm_fusion\['allreduce'\].*below the number of trained parameters \(6\)"):
+        plan_buckets(items([1] * 6), FusionRule("index", (2, 6)), 6)
+
+
+# ---- the context key -----------------------------------------------------------------------
+
+def test_context_holds_a_validated_value_and_gives_back_mindspore_dicts():
+    ctx = ParallelContext(comm_fusion={"allreduce": {"mode": "size", "config": 32}})
+    assert ctx.comm_fusion == CommFusion(allreduce=FusionRule("size", 32))
+    assert ctx.comm_fusion.rule("allreduce").bucket_bytes == 32 * MB
+    assert ctx.as_dict()["comm_fusion"] == {"allreduce": {"mode": "size", "config": 32}}
+    assert ParallelContext().comm_fusion.rule("allreduce") is None                    # default: nothing fused
+    off = ParallelContext(comm_fusion={"openstate": False, "allreduce": {"mode": "auto"}})
+    assert off.comm_fusion.rule("allreduce") is None
+    assert hash(ctx) != hash(ParallelContext())                                      # the compile cache keys on it
+
+
+@pytest.mark.parametrize("value, message", [
+    ("auto", r"comm_fusion: expected a dict"),
+    ({"allreduc": {"mode": "auto"}}, r"key: expected one of \('openstate', 'allreduce'\), got 'allreduc'"),
+    ({"allgather": {"mode": "auto"}}, r"allgather fusion \(optimizer parallel\) is not implemented yet"),
+    ({"openstate": 1}, r"'openstate': expected True or False"),
+    ({"allreduce": "auto"}, r"\['allreduce'\]: allreduce: expected a dict with 'mode'"),
+    ({"allreduce": {"mode": "fast"}}, r"'mode': expected one of \('auto', 'size', 'index'\), got 'fast'"),
+    ({"allreduce": {"mode": "size", "config": 0}}, r"'config': expected a bucket size in MB > 0"),
+    ({"allreduce": {"mode": "size"}}, r"'config': expected a bucket size in MB > 0 .*got None"),
+    ({"allreduce": {"mode": "auto", "config": 32}}, r"use mode 'size' to choose the bucket size"),
+    ({"allreduce": {"mode": "index", "config": [35, 20]}}, r"increasing parameter indices >= 1"),
+    ({"allreduce": {"mode": "index", "config": [0, 20]}}, r"increasing parameter indices >= 1"),
+    ({"allreduce": {"mode": "size", "config": 32, "extra": 1}}, r"expected a dict with 'mode'"),
+])
+def test_context_refuses_a_bad_comm_fusion_naming_the_key(value, message):
+    with pytest.raises(ValueError, match=r"ParallelContext\.comm_fusion.*" + message):
+        ParallelContext(comm_fusion=value)
+
+
+# ---- the in-process non-blocking all-reduce ----------------------------------------------
+
+def test_iallreduce_equals_allreduce_waited_in_any_order_among_blocking_calls():
+    def body(comm):
+        x = np.arange(12.0).reshape(3, 4) * (comm.rank + 1) + 0.1
+        first, second = comm.iallreduce(x), comm.iallreduce(-x, op="max")
+        blocking = comm.allreduce(x)                       # a blocking call while both are in flight
+        return second.wait(), first.wait(), blocking, comm.allreduce(-x, op="max"), comm.stats.snapshot()
+    for late_max, summed, blocking, want_max, stats in run_in_process(3, body):
+        assert np.array_equal(summed, blocking) and np.array_equal(late_max, want_max)
+        assert stats["count"] == {"allreduce": 4}         # counted like the blocking calls
+
+
+def test_iallreduce_of_different_shapes_is_a_mismatch_on_every_rank():
+    def body(comm):
+        return comm.iallreduce(np.zeros(2 + comm.rank)).wait()
+    with pytest.raises(CollectiveMismatchError, match="shape"):
+        run_in_process(2, body)
+
+
+def test_a_rank_that_never_starts_the_iallreduce_is_a_deadlock_naming_it():
+    def body(comm):
+        if comm.rank == 0:
+            comm.iallreduce(np.ones(3)).wait()
+    with pytest.raises(DeadlockError, match=r"rank 0: waits in allreduce #1 on group \(0, 1\)"):
+        run_in_process(2, body, timeout=10)
+
+
+# ---- fused programs ------------------------------------------------------------------------
+
+def run_grads(dp, mp, fusion):
+    cfg = CONFIG.replace(data_parallel=dp, model_parallel=mp)
+    ctx = ParallelContext(parallel_mode="semi_auto_parallel", device_num=dp * mp, full_batch=True,
+                          comm_fusion=fusion)
+
+    def body(comm):
+        net = PanguAlphaWithLoss(cfg)
+        prog = ShardedGradProgram(net, (IDS,), net.trainable_params(), "semi_auto_parallel", comm,
+                                  full_batch=True, ctx=ctx)
+        comm.stats.reset()
+        loss, grads = prog((IDS,))
+        kinds = [type(n.prim) for n in prog.local_graph.nodes]
+        return loss, grads, comm.stats.snapshot()["count"], prog.fusion, kinds
+    return run_in_process(dp * mp, body)
+
+
+@pytest.mark.parametrize("dp, mp", [(2, 1), (2, 2)])
+def test_fused_gradients_equal_unfused_bit_for_bit_with_one_allreduce_per_bucket(dp, mp):
+    plain = run_grads(dp, mp, {})
+    for fusion in (AUTO, {"allreduce": {"mode": "size", "config": 0.01}},
+                   {"allreduce": {"mode": "index", "config": [5, 20]}}):
+        fused = run_grads(dp, mp, fusion)
+        for (loss, grads, *_), (got_loss, got_grads, count, done, _) in zip(plain, fused):
+            assert got_loss == loss
+            assert all(np.array_equal(a, b) for a, b in zip(got_grads, grads)), fusion
+            reductions = sum(len(b) for b in done.buckets)
+            # every gradient reduction the pass took is now one of its buckets' all-reduces
+            assert count["allreduce"] == plain[0][2]["allreduce"] - reductions + len(done.buckets)
+            assert reductions >= 50
+    if (dp, mp) == (2, 1):
+        # dp2: the loss, the 50 gradients made by the backward pass, the tied table's two parts
+        assert plain[0][2]["allreduce"] == 53 and run_grads(2, 1, AUTO)[0][2]["allreduce"] == 3
+
+
+def test_buckets_start_during_the_backward_pass_and_wait_at_its_end():
+    kinds = run_grads(2, 1, AUTO)[0][4]
+    start, wait = kinds.index(AllReduceStart), len(kinds) - 1 - kinds[::-1].index(AllReduceWait)
+    assert wait == len(kinds) - 1                                # the gradients' wait is the last instruction
+    between = kinds[start + 1:wait]
+    assert len(between) >= 5 and AllReduceWait not in between[:5]   # backward work overlaps the bucket
+
+
+def train_three_steps(dp, mp, fusion):
+    cfg = CONFIG.replace(data_parallel=dp, model_parallel=mp, dropout_rate=0.1)
+
+    def body(comm):
+        with bound_world(comm):
+            net = PanguAlphaWithLoss(cfg)
+            opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-2, weight_decay=0.01)
+            train = nn.TrainOneStepCell(net, opt, clip_norm=0.5)
+            losses = [float(train(IDS)) for _ in range(3)]
+            return losses, {p.name: p.asnumpy() for p in net.trainable_params()}, comm.stats.snapshot()["count"]
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=dp * mp, full_batch=True,
+                          comm_fusion=fusion):
+        return run_in_process(dp * mp, body)
+
+
+@pytest.mark.parametrize("dp, mp", [(2, 1), (2, 2)])
+def test_three_training_steps_fused_equal_unfused_bit_for_bit(dp, mp):
+    plain, fused = train_three_steps(dp, mp, {}), train_three_steps(dp, mp, AUTO)
+    for (losses, weights, count), (got_losses, got_weights, got_count) in zip(plain, fused):
+        assert got_losses == losses
+        for name, w in weights.items():
+            assert np.array_equal(got_weights[name], w), name
+        assert got_count["allreduce"] < count["allreduce"] // 2
