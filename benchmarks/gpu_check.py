@@ -1,0 +1,405 @@
+"""GPU validation of the array backend: the same PanGu-α step on CPU (numpy) and GPU (CuPy).
+
+    python benchmarks/gpu_check.py                    # tiny + 350M, then GPU timing; < 5 min on one H200
+    python benchmarks/gpu_check.py --sizes tiny --no-timing
+
+On a machine without CuPy or a GPU the GPU parts are skipped with a message and the CPU
+parts still run (the script is then a smoke test). Checks, each PASS/FAIL in the summary:
+
+* dropout masks: ``dropout_mask`` on the device equals the host's bit for bit (whole
+  tensors, a shard's region, indices >= 2**32 that take the 64-bit path);
+* loss and gradients of one step (dropout 0.1 on: the masks must agree for these to agree),
+  tiny in float64 and float32, 350M in float32 (seq 1024, batch 1; its weights drawn with a
+  fast host RNG, the same on both sides);
+* three AdamWeightDecay steps with global-norm clipping, tiny float64: weights equal;
+* TrainOneStepCell on the GPU (reported: it also needs the runtime's gradient norm to read
+  device arrays).
+
+Tolerances. float64: relative 1e-9 (CPU BLAS and cuBLAS sum in different orders; float64
+rounding is 1e-16, so 1e-9 leaves 10^7 of margin and still flags any wrong kernel, whose
+errors are O(1)). float32 (unit roundoff u = 6e-8, TF32 off): a GEMM of depth K in another
+summation order differs by about sqrt(K) u (4e-6 at K = 4096) and the backward pass chains
+some 50 of them, so gradients may differ by ~1e-4 relative; we require the loss within 1e-5
+relative and every gradient tensor within 1e-3 (||g_gpu - g_cpu|| / ||g_cpu||), 10x above
+that estimate and 1000x below a broken kernel.
+
+Timing (``--timing``, default on with a GPU): one training step of the 350M preset (seq
+1024, batch ``--batch``, float32, dropout 0.1, clip 1.0, AdamWeightDecay) with autopar on
+the GPU, beside a PanGu-α-shaped PyTorch model in eager mode at the same precision and
+batch (``--no-torch`` to skip; TF32 off on both sides). The PyTorch model is an
+approximation: ``num_layers`` standard pre-LN blocks (PanGu-α's last layer is a top-query
+layer), tied output embedding, explicit softmax attention (no fused kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("CUPY_TF32", "0")          # float32 GEMMs in float32 (before CuPy is imported)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+import autopar  # noqa: E402
+from autopar import nn  # noqa: E402
+from autopar.backend import as_backend, to_host  # noqa: E402
+from autopar.ir.random import derive_key  # noqa: E402
+from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss  # noqa: E402
+from autopar.ops.dropout import dropout_mask  # noqa: E402
+from autopar.runtime.allocator import device_pool_bytes  # noqa: E402
+from autopar.train import AdamWeightDecay, clip_by_global_norm  # noqa: E402
+
+F64_RTOL = 1e-9
+F32_LOSS_RTOL = 1e-5
+F32_GRAD_RTOL = 1e-3
+
+
+class Report:
+    """PASS / FAIL / SKIP / INFO lines, printed as they come and again as a summary."""
+
+    def __init__(self):
+        self.rows: list[tuple[str, str, str]] = []
+
+    def add(self, status: str, name: str, detail: str = "") -> None:
+        self.rows.append((status, name, detail))
+        print(f"  [{status}] {name}{': ' + detail if detail else ''}", flush=True)
+
+    def check(self, ok: bool, name: str, detail: str) -> None:
+        self.add("PASS" if ok else "FAIL", name, detail)
+
+    def summary(self) -> int:
+        print("\n==== summary ====")
+        for status, name, detail in self.rows:
+            print(f"{status:5} {name}{'  (' + detail + ')' if detail else ''}")
+        failed = sum(s == "FAIL" for s, _, _ in self.rows)
+        print(f"{len(self.rows)} lines, {failed} failed")
+        return 1 if failed else 0
+
+
+def gpu_status() -> str | None:
+    """None when CuPy sees a GPU, else why the GPU parts are skipped."""
+    try:
+        import cupy
+    except ImportError as err:
+        return f"CuPy is not installed ({err}); pip install -e \".[gpu]\""
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as err:   # no driver, no device
+        return f"CuPy sees no GPU ({type(err).__name__}: {err})"
+    return None if n else "CuPy sees no GPU"
+
+
+def describe_gpu() -> str:
+    import cupy
+    props = cupy.cuda.runtime.getDeviceProperties(0)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+    return f"{name}, CuPy {cupy.__version__}, CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}"
+
+
+def sync() -> None:
+    import cupy
+    cupy.cuda.Device().synchronize()
+
+
+# ---- models ---------------------------------------------------------------------------------
+
+def config_of(size: str, dtype: str, dropout: float = 0.1) -> PanguAlphaConfig:
+    return PanguAlphaConfig.preset(size, param_dtype=dtype, compute_dtype=dtype, dropout_rate=dropout)
+
+
+def fast_weights(net, seed: int = 0) -> dict[str, np.ndarray]:
+    """Host weights for every parameter from numpy's fast generator (the counter-based
+    initializer takes minutes for 350M parameters on one core): N(0, 0.02) matrices and
+    tables, LayerNorm gains 1, biases and shifts 0."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for p in net.trainable_params():
+        if p.name.endswith("gamma"):
+            out[p.name] = np.ones(p.shape, p.dtype)
+        elif p.name.endswith(("beta", "bias")):
+            out[p.name] = np.zeros(p.shape, p.dtype)
+        else:
+            out[p.name] = (rng.standard_normal(p.shape, dtype=np.float32) * 0.02).astype(p.dtype)
+    return out
+
+
+def build(config, weights: dict | None):
+    net = PanguAlphaWithLoss(config)
+    if weights is not None:
+        for p in net.trainable_params():
+            p.set_data(weights[p.name])
+    return net
+
+
+def ids_for(config, batch: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, config.vocab_size, (batch, config.seq_length + 1)).astype(np.int32)   # (B, S+1)
+
+
+def loss_and_grads(config, weights, ids, target: str):
+    """One forward and backward on ``target``: the host loss and host gradients by name."""
+    autopar.set_context(device_target=target)
+    try:
+        net = build(config, weights)
+        t0 = time.perf_counter()
+        loss, grads = autopar.value_and_grad(net)(ids)
+        grads = {k: to_host(g) for k, g in grads.items()}
+        return float(loss), grads, time.perf_counter() - t0
+    finally:
+        autopar.set_context(device_target="CPU")
+
+
+# ---- checks ---------------------------------------------------------------------------------
+
+def check_dropout_masks(report: Report) -> None:
+    import cupy
+    cases = [
+        ("whole (8, 1024, 1024)", (8, 1024, 1024), None, 0.9),
+        ("a shard's region", (4, 64, 4096), (slice(1, 3), slice(None), slice(1024, 2048)), 0.9),
+        ("indices >= 2**32 (64-bit path)", (1 << 21, 1 << 12), (slice((1 << 21) - 3, None), slice(None)), 0.5),
+    ]
+    for name, shape, region, keep in cases:
+        key = derive_key(1234, "blocks.0.attention.dropout", 7)
+        host = dropout_mask(key, keep, shape, region)
+        dev = dropout_mask(key, keep, shape, region, xp=cupy)
+        same = type(dev) is cupy.ndarray and np.array_equal(dev.get(), host)
+        report.check(same, f"dropout mask bit-equal, {name}",
+                     f"{host.size} elements, kept {host.mean():.4f} (keep_prob {keep})")
+
+
+def relative_error(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    return float(np.linalg.norm(a64 - b64) / max(np.linalg.norm(b64), 1e-300))
+
+
+def check_step(report: Report, size: str, dtype: str, batch: int, fast: bool) -> None:
+    config = config_of(size, dtype)
+    weights = fast_weights(build(config, None)) if fast else None
+    ids = ids_for(config, batch)
+    cpu_loss, cpu_grads, cpu_s = loss_and_grads(config, weights, ids, "CPU")
+    gpu_loss, gpu_grads, gpu_s = loss_and_grads(config, weights, ids, "GPU")
+    loss_tol, grad_tol = (F64_RTOL, F64_RTOL) if dtype == "float64" else (F32_LOSS_RTOL, F32_GRAD_RTOL)
+    loss_err = abs(gpu_loss - cpu_loss) / abs(cpu_loss)
+    errs = {k: relative_error(gpu_grads[k], g) for k, g in cpu_grads.items()}
+    worst = max(errs, key=errs.get)
+    tag = f"{size} {dtype} (batch {batch}, seq {config.seq_length}, dropout {config.dropout_rate})"
+    report.check(loss_err <= loss_tol, f"loss GPU = CPU, {tag}",
+                 f"CPU {cpu_loss:.8g}, GPU {gpu_loss:.8g}, rel {loss_err:.2e} <= {loss_tol:g}; "
+                 f"first call CPU {cpu_s:.1f} s, GPU {gpu_s:.1f} s (compile included)")
+    report.check(errs[worst] <= grad_tol, f"gradients GPU = CPU, {tag}",
+                 f"{len(errs)} tensors, worst {worst} rel {errs[worst]:.2e} <= {grad_tol:g}, "
+                 f"median {float(np.median(list(errs.values()))):.2e}")
+
+
+def adamw_steps(config, weights, ids, target: str, steps: int):
+    """``steps`` steps of value_and_grad + clip 1.0 + AdamWeightDecay on ``target``: host weights."""
+    autopar.set_context(device_target=target)
+    try:
+        net = build(config, weights)
+        params = net.trainable_params()
+        opt = AdamWeightDecay(params, learning_rate=1e-2, weight_decay=0.1)
+        grad_fn = autopar.value_and_grad(net)
+        losses = []
+        for _ in range(steps):
+            loss, grads = grad_fn(ids)
+            grads, _ = clip_by_global_norm([grads[p.name] for p in params], 1.0)
+            opt.step(grads)
+            losses.append(float(loss))
+        return losses, {p.name: p.asnumpy() for p in params}
+    finally:
+        autopar.set_context(device_target="CPU")
+
+
+def check_adamw(report: Report) -> None:
+    config = config_of("tiny", "float64")
+    ids = ids_for(config, 2)
+    cpu_losses, cpu_w = adamw_steps(config, None, ids, "CPU", 3)
+    gpu_losses, gpu_w = adamw_steps(config, None, ids, "GPU", 3)
+    worst = max(relative_error(gpu_w[k], w) for k, w in cpu_w.items())
+    loss_ok = np.allclose(gpu_losses, cpu_losses, rtol=F64_RTOL, atol=0)
+    report.check(loss_ok and worst <= F64_RTOL, "three AdamWeightDecay steps (clip 1.0), tiny float64",
+                 f"losses CPU {cpu_losses} GPU {gpu_losses}; worst weight rel {worst:.2e}")
+
+
+def check_train_one_step_cell(report: Report) -> None:
+    config = config_of("tiny", "float64")
+    ids = ids_for(config, 2)
+    autopar.set_context(device_target="GPU")
+    try:
+        net = build(config, None)
+        step = nn.TrainOneStepCell(net, AdamWeightDecay(net.trainable_params(), 1e-2), clip_norm=1.0)
+        loss = float(step(ids))
+        report.add("PASS", "TrainOneStepCell on GPU", f"loss {loss:.6g}")
+    except Exception as err:       # reported, not fatal: a runtime change outside the backend
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        report.add("INFO", "TrainOneStepCell on GPU does not run yet",
+                   f"{type(err).__name__}: {str(err)[:120]} at {Path(where.filename).name}:{where.lineno}")
+    finally:
+        autopar.set_context(device_target="CPU")
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+def time_autopar(config, batch: int, steps: int) -> tuple[float, int]:
+    """Seconds per training step on the GPU (after one warm-up step) and the pool's bytes."""
+    autopar.set_context(device_target="GPU")
+    try:
+        net = build(config, fast_weights(build(config, None)))
+        params = net.trainable_params()
+        opt = AdamWeightDecay(params, learning_rate=1e-4, weight_decay=0.1)
+        grad_fn = autopar.value_and_grad(net)
+        ids = ids_for(config, batch)
+
+        def step():
+            _, grads = grad_fn(ids)
+            grads, _ = clip_by_global_norm([grads[p.name] for p in params], 1.0)
+            opt.step(grads)
+        step()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        return (time.perf_counter() - t0) / steps, device_pool_bytes(as_backend("GPU"))[1]
+    finally:
+        autopar.set_context(device_target="CPU")
+
+
+def time_torch(config, batch: int, steps: int) -> tuple[float, int]:
+    """Seconds per step of a PanGu-α-shaped PyTorch model, eager, float32 (see the docstring)."""
+    import torch
+    import torch.nn.functional as F
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    h, f, heads, p = config.hidden_size, config.ffn_hidden_size, config.num_heads, config.dropout_rate
+    s, v = config.seq_length, config.vocab_size
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln1, self.ln2 = torch.nn.LayerNorm(h), torch.nn.LayerNorm(h)
+            self.qkv, self.proj = torch.nn.Linear(h, 3 * h), torch.nn.Linear(h, h)
+            self.fc1, self.fc2 = torch.nn.Linear(h, f), torch.nn.Linear(f, h)
+
+        def forward(self, x, mask):
+            b, n, _ = x.shape                                                       # (B, S, H)
+            q, k, val = self.qkv(self.ln1(x)).view(b, n, 3, heads, h // heads).permute(2, 0, 3, 1, 4)
+            att = (q @ k.transpose(-1, -2)) / math.sqrt(h // heads)                 # (B, heads, S, S)
+            att = F.dropout(att.masked_fill(mask, float("-inf")).softmax(-1), p, True)
+            y = (att @ val).transpose(1, 2).reshape(b, n, h)
+            x = x + F.dropout(self.proj(y), p, True)
+            return x + F.dropout(self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate="tanh")), p, True)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.pos = torch.nn.Embedding(v, h), torch.nn.Embedding(s, h)
+            self.blocks = torch.nn.ModuleList(Block() for _ in range(config.num_layers))
+            self.ln = torch.nn.LayerNorm(h)
+
+        def forward(self, ids):
+            x = F.dropout(self.emb(ids[:, :-1]) + self.pos.weight, p, True)
+            mask = torch.ones(s, s, dtype=torch.bool, device=ids.device).triu(1)
+            for blk in self.blocks:
+                x = blk(x, mask)
+            logits = self.ln(x) @ self.emb.weight.T                                 # (B, S, V)
+            return F.cross_entropy(logits.reshape(-1, v), ids[:, 1:].reshape(-1).long())
+
+    dev = torch.device("cuda")
+    model = Model().to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    ids = torch.from_numpy(ids_for(config, batch)).to(dev)
+
+    def step():
+        loss = model(ids)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    elapsed = (time.perf_counter() - t0) / steps
+    return elapsed, torch.cuda.max_memory_allocated()
+
+
+def timing(report: Report, batch: int, steps: int, with_torch: bool) -> None:
+    config = config_of("350M", "float32")
+    tokens = batch * config.seq_length
+    try:
+        t, pool = time_autopar(config, batch, steps)
+        report.add("INFO", f"autopar GPU step, 350M float32, batch {batch} x seq {config.seq_length}",
+                   f"{t * 1e3:.0f} ms/step, {tokens / t:,.0f} tokens/s, CuPy pool {pool / 2 ** 30:.1f} GiB")
+    except Exception as err:
+        report.add("FAIL", "autopar GPU step timing", f"{type(err).__name__}: {str(err)[:200]}")
+        return
+    finally:
+        import cupy
+        cupy.get_default_memory_pool().free_all_blocks()
+    if not with_torch:
+        return
+    try:
+        tt, peak = time_torch(config, batch, steps)
+        report.add("INFO", "PyTorch eager step, same shape, float32 (approximate PanGu-α)",
+                   f"{tt * 1e3:.0f} ms/step, {tokens / tt:,.0f} tokens/s, peak {peak / 2 ** 30:.1f} GiB; "
+                   f"autopar / PyTorch tokens/s = {tt / t:.2f}")
+    except ImportError as err:
+        report.add("SKIP", "PyTorch timing", f"PyTorch not installed ({err})")
+    except Exception as err:
+        report.add("INFO", "PyTorch timing failed", f"{type(err).__name__}: {str(err)[:200]}")
+
+
+# ---- main -----------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="tiny,350M", help="comma-separated: tiny, 350M")
+    ap.add_argument("--batch", type=int, default=8, help="batch of the timed 350M step")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
+    ap.add_argument("--no-timing", dest="timing", action="store_false")
+    ap.add_argument("--no-torch", dest="torch", action="store_false")
+    args = ap.parse_args(argv)
+    sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
+    report = Report()
+    t_start = time.perf_counter()
+    print(f"autopar GPU check: Python {platform.python_version()}, numpy {np.__version__}")
+    why_not = gpu_status()
+    if why_not is not None:
+        print(f"GPU parts skipped: {why_not}")
+        report.add("SKIP", "every GPU check", why_not)
+        config = config_of("tiny", "float64")
+        loss, grads, _ = loss_and_grads(config, None, ids_for(config, 2), "CPU")
+        report.check(math.isfinite(loss) and all(np.isfinite(g).all() for g in grads.values()),
+                     "CPU step of tiny PanGu-α (smoke test)", f"loss {loss:.6g}, {len(grads)} gradients")
+        return report.summary()
+    print(f"GPU: {describe_gpu()}")
+    print("\n-- dropout masks")
+    check_dropout_masks(report)
+    print("\n-- one step, loss and gradients")
+    if "tiny" in sizes:
+        check_step(report, "tiny", "float64", 2, fast=False)
+        check_step(report, "tiny", "float32", 2, fast=False)
+    if "350M" in sizes:
+        check_step(report, "350M", "float32", 1, fast=True)
+    print("\n-- optimizer steps")
+    check_adamw(report)
+    check_train_one_step_cell(report)
+    if args.timing:
+        print("\n-- timing")
+        timing(report, args.batch, args.steps, args.torch)
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+    return report.summary()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
