@@ -5,11 +5,13 @@ One run launches one MPI job per stage count and one for memory, and prints::
     OPENBLAS_NUM_THREADS=1 python benchmarks/pipeline.py                 # p = 2 (mpiexec -n 2)
     python benchmarks/pipeline.py --ranks 2 4 --mpiexec-args "--bind-to core"   # 16 cores: p = 2, 4
     python benchmarks/pipeline.py --quick                                # a tiny model: does it run
+    python benchmarks/pipeline.py --schedules 1f1b --virtual 1 2 --micro 4 8 --no-memory   # interleaved rows
 
 Every rank uses one BLAS thread.
 
 **Bubble.** p ranks are p pipeline stages (one rank each) of PanGu-α whose layers are split
-evenly (:func:`autopar.nn.set_pipeline_stages`), fed ``m`` micro-batches of ``MICRO_ROWS``
+evenly (:func:`autopar.nn.set_pipeline_stages`; with ``--virtual v`` > 1 into p·v chunks run
+by interleaved 1F1B, chunk c on rank c % p, for the m divisible by p), fed ``m`` micro-batches of ``MICRO_ROWS``
 sequences (the micro-batch, hence the work per item, is the same for every m). For each
 schedule (GPipe, 1F1B) and m, one step is the walk of the schedule
 (``autopar.runtime.pipeline.runner.run_step`` on the compiled program's ``step_plan``: every forward and
@@ -24,14 +26,15 @@ barrier; its wall time is the slowest rank's. Two measured figures:
   over ``--steps`` steps. Idle waiting, transfers and the runner's Python between items all
   count as bubble;
 * *isolated*: after each timed step, every rank (at once, behind a barrier, as in the
-  pipeline) replays one forward and one backward of its stage, outside the pipeline, on
+  pipeline) replays one forward and one backward of each of its chunks, outside the pipeline, on
   inputs copied in the warm-up step: one micro-batch's compute with nothing to wait for.
-  bubble = 1 − m Σ_stages (F_s + B_s) / (p × that step's wall), the median over steps --
+  bubble = 1 − m Σ_stages Σ_chunks (F + B) / (p × that step's wall), the median over steps --
   the brief's definition. An item that runs slower inside the pipeline than alone (a core
   shared with other work, caches) counts here as bubble, and in *busy* as compute.
 
-Predictions beside them: (p−1)/(m+p−1) (``cost.pipeline_bubble``; the schedules' tables
-idle exactly that share of stage-clocks) assumes equal items on every stage; the *runner
+Predictions beside them: (p−1)/(v·m+p−1) of the step, i.e. (p−1)/(v·m) of the ideal time
+(v = 1: ``cost.pipeline_bubble``'s (p−1)/(m+p−1); the schedules' tables idle exactly that
+share of stage-clocks) assumes equal items on every stage; the *runner
 model* walks the item times replayed alone (medians) through each rank's exact sequence of items
 and blocking transfers (the runner's order: a clock's item, then that clock's transfers,
 each send and receive waiting for its partner, transfers taking no time) -- the bubble
@@ -66,7 +69,9 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-from _common import default_mpiexec, mib, table, worker_env, unique_nbytes
+from _common import default_mpiexec, mib, table, unique_nbytes, worker_env
+
+from autopar.runtime.pipeline.schedule import chunk_of
 
 # A forward of one layer on one 256-token sequence takes ~0.1 s of one core here, a backward
 # ~0.2 s: the runner's Python between items is under 1% of that. 7 blocks + the query layer:
@@ -99,30 +104,32 @@ def token_batch(cfg, rows: int) -> np.ndarray:
 class ItemClock:
     """Wall seconds inside a stage's forward ("F") and backward ("B") programs, per call:
     each program's ``run`` is replaced on the instance (this benchmark's programs only).
-    With ``capture`` on, the next call of each kind keeps a copy of its inputs for replay."""
+    With ``capture`` on, the next call of each (kind, chunk) keeps a copy of its inputs for
+    replay."""
 
     def __init__(self, step_plan):
         self.items: list[tuple[str, float]] = []
         self.capture = False
-        self.captured: dict[str, tuple] = {}      # kind -> (unwrapped run, inputs, step)
-        for kind, programs in (("F", step_plan.forward), ("B", step_plan.backward)):
-            for program in {id(p): p for p in programs}.values():
-                program.run = self._timed(kind, program.run)
+        self.captured: dict[str, tuple] = {}      # "F0" (kind, chunk) -> (unwrapped run, inputs, step)
+        for c, chunk in enumerate(step_plan.chunks):
+            for kind, programs in (("F", chunk.forward), ("B", chunk.backward)):
+                for program in {id(p): p for p in programs}.values():
+                    program.run = self._timed(f"{kind}{c}", program.run)
 
-    def _timed(self, kind: str, run):
+    def _timed(self, name: str, run):
         def timed(inputs, step=0):
-            if self.capture and kind not in self.captured:
-                self.captured[kind] = (run, [np.array(a, copy=True) for a in inputs], step)
+            if self.capture and name not in self.captured:
+                self.captured[name] = (run, [np.array(a, copy=True) for a in inputs], step)
             t0 = time.perf_counter()
             out = run(inputs, step)
-            self.items.append((kind, time.perf_counter() - t0))
+            self.items.append((name, time.perf_counter() - t0))
             return out
         return timed
 
-    def replay(self, kind: str) -> float:
+    def replay(self, name: str) -> float:
         """Seconds of one run of the captured item, outside the pipeline, on fresh copies
         of its inputs."""
-        run, inputs, step = self.captured[kind]
+        run, inputs, step = self.captured[name]
         fresh = [a.copy() for a in inputs]
         t0 = time.perf_counter()
         run(fresh, step)
@@ -130,22 +137,24 @@ class ItemClock:
 
 
 def rank_sequence(plan) -> list:
-    """What this rank does in one step, in the runner's order: per clock, its item ("F" or
-    "B"), then that clock's transfers, each named by (clock, kind, micro, value, sending
-    rank, receiving rank) -- the same name on both of its ranks."""
+    """What this rank does in one step, in the runner's order: per clock, its item ("F0":
+    forward of chunk 0, "B1", ...), then that clock's transfers between ranks, each named by
+    (clock, kind, micro, value, sending virtual stage, receiving one) -- the same name on both
+    of its ranks. A hand-over between two chunks of this rank is no transfer."""
     by_clock: dict[int, list] = {}
     for tr in plan.transfers:
-        by_clock.setdefault(tr.clock, []).append(
-            [tr.clock, tr.kind, tr.micro, tr.value, plan.peer(tr.src), plan.peer(tr.dst)])
+        if plan.rank_of(tr.src) != plan.rank_of(tr.dst):
+            by_clock.setdefault(tr.clock, []).append([tr.clock, tr.kind, tr.micro, tr.value, tr.src, tr.dst])
     out: list = []
     for t, item in enumerate(plan.schedule.table[plan.stage]):
         if item is not None:
-            out.append(item[0])
+            out.append(f"{item[0]}{chunk_of(item)}")
         out += by_clock.get(t, [])
     return out
 
 
-def bubble_case(comm, cfg_kw: dict, stages: int, micro: int, schedule: str, steps: int, warmup: int) -> dict:
+def bubble_case(comm, cfg_kw: dict, stages: int, micro: int, schedule: str, virtual: int, steps: int,
+                warmup: int) -> dict:
     from autopar import nn
     from autopar.context import bound_world, parallel_context
     from autopar.runtime.compiled import grad_program
@@ -154,13 +163,15 @@ def bubble_case(comm, cfg_kw: dict, stages: int, micro: int, schedule: str, step
     ids = token_batch(cfg, micro * MICRO_ROWS)                       # (m·rows, S + 1)
     with bound_world(comm), parallel_context(parallel_mode="semi_auto_parallel", device_num=comm.size,
                                              pipeline_stages=stages, full_batch=True):
-        nn.set_pipeline_stages(layers, stages=stages)
-        cell = nn.PipelineCell(net, micro, schedule).set_train(True)
+        nn.set_pipeline_stages(layers, stages=stages * virtual)
+        cell = nn.PipelineCell(net, micro, schedule, virtual_stages=virtual).set_train(True)
         prog = grad_program(cell, (ids,), {}, net.trainable_params())
     plan = prog.step_plan
     clock = ItemClock(plan)
+    names = [f"{kind}{c}" for c in range(len(plan.chunks)) for kind in "FB"]
     micro_batches = [[ids[k * MICRO_ROWS:(k + 1) * MICRO_ROWS]] for k in range(micro)]   # (rows, S + 1) each
-    walls, busy, f_items, b_items, f_alone, b_alone = [], [], [], [], [], []
+    walls, busy, alone = [], [], {name: [] for name in names}
+    in_pipeline: dict[str, list] = {name: [] for name in names}
     for step in range(warmup + steps):
         clock.items.clear()
         clock.capture = step == 0                    # a warm-up step: the copies cost no timed step
@@ -172,20 +183,21 @@ def bubble_case(comm, cfg_kw: dict, stages: int, micro: int, schedule: str, step
             continue
         walls.append(wall)
         busy.append(sum(d for _, d in clock.items))
-        f_items += [d for k, d in clock.items if k == "F"]
-        b_items += [d for k, d in clock.items if k == "B"]
+        for name, d in clock.items:
+            in_pipeline[name].append(d)
         comm.barrier()                               # every rank replays at once, as in the pipeline
-        f_alone.append(clock.replay("F"))
-        b_alone.append(clock.replay("B"))
+        for name in names:
+            alone[name].append(clock.replay(name))
     return {"rank": comm.rank, "stage": plan.stage, "stages": stages, "micro": micro, "schedule": schedule,
-            "walls": walls, "busy": busy, "f_alone": f_alone, "b_alone": b_alone,
-            "f_median": float(np.median(f_items)), "b_median": float(np.median(b_items)),
+            "virtual": virtual, "walls": walls, "busy": busy, "alone": alone,
+            "medians": {name: float(np.median(d)) for name, d in in_pipeline.items()},
             "sequence": rank_sequence(plan)}
 
 
-def bubble_worker(comm, cfg_kw: dict, micros: list[int], schedules: list[str], steps: int, warmup: int,
-                  out: Path) -> None:
-    rows = [bubble_case(comm, cfg_kw, comm.size, m, s, steps, warmup) for s in schedules for m in micros]
+def bubble_worker(comm, cfg_kw: dict, micros: list[int], schedules: list[str], virtuals: list[int], steps: int,
+                  warmup: int, out: Path) -> None:
+    rows = [bubble_case(comm, cfg_kw, comm.size, m, s, v, steps, warmup)
+            for s in schedules for v in virtuals for m in micros if v == 1 or m % comm.size == 0]
     (out / f"bubble-p{comm.size}-rank{comm.rank}.json").write_text(json.dumps(rows))
 
 
@@ -277,9 +289,9 @@ def memory_worker(comm, cfg_kw: dict, out: Path) -> None:
 # ---- the driver ---------------------------------------------------------------------------------
 
 def runner_makespan(sequences: list[list], seconds: list[dict[str, float]]) -> float:
-    """Seconds one step takes when rank r's items take ``seconds[r]`` ("F", "B") and every
-    transfer waits for both its ranks and then takes no time (blocking send and receive).
-    ``sequences[r]`` is :func:`rank_sequence` of rank r."""
+    """Seconds one step takes when rank r's items take ``seconds[r]`` ("F0", "B0", ...) and
+    every transfer waits for both its ranks and then takes no time (blocking send and
+    receive). ``sequences[r]`` is :func:`rank_sequence` of rank r."""
     now, pos, parked = [0.0] * len(sequences), [0] * len(sequences), {}   # parked: transfer -> rank
     moved = True
     while moved:
@@ -307,30 +319,35 @@ def runner_makespan(sequences: list[list], seconds: list[dict[str, float]]) -> f
 
 
 def bubble_rows(ranks: list[dict]) -> tuple[list, list]:
-    """Table row of one (p, m, schedule) from its ranks' records, and its per-stage rows."""
-    from autopar.strategy.formulas import pipeline_bubble
+    """Table row of one (p, v, m, schedule) from its ranks' records, and its per-stage rows."""
     ranks = sorted(ranks, key=lambda r: r["rank"])
-    p, m = ranks[0]["stages"], ranks[0]["micro"]
+    p, m, v = ranks[0]["stages"], ranks[0]["micro"], ranks[0]["virtual"]
     walls = np.max([r["walls"] for r in ranks], axis=0)                       # (steps,) slowest rank
     busy = np.sum([r["busy"] for r in ranks], axis=0)                         # (steps,) over stages
-    alone = m * np.sum([np.add(r["f_alone"], r["b_alone"]) for r in ranks], axis=0)   # (steps,)
+    alone = m * np.sum([np.sum(list(r["alone"].values()), axis=0) for r in ranks], axis=0)   # (steps,)
     measured = float(np.median(1 - busy / (p * walls)))
     isolated = float(np.median(1 - alone / (p * walls)))
-    item_s = [{"F": float(np.median(r["f_alone"])), "B": float(np.median(r["b_alone"]))} for r in ranks]
+    of_ideal = float(np.median(p * walls / busy - 1))
+    item_s = [{name: float(np.median(d)) for name, d in r["alone"].items()} for r in ranks]
     model_wall = runner_makespan([r["sequence"] for r in ranks], item_s)
-    model = 1 - m * sum(s["F"] + s["B"] for s in item_s) / (p * model_wall)
-    formula = pipeline_bubble(p, m)[1]
-    row = [p, m, ranks[0]["schedule"], f"{formula:.3f}", f"{model:.3f}", f"{measured:.3f}", f"{isolated:.3f}",
-           f"{measured - formula:+.3f}", f"{np.median(walls):.2f}", f"{model_wall:.2f}"]
-    stages = [[p, m, ranks[0]["schedule"], r["stage"], f"{s['F'] * 1e3:.0f}", f"{s['B'] * 1e3:.0f}",
-               f"{r['f_median'] * 1e3:.0f}", f"{r['b_median'] * 1e3:.0f}"] for r, s in zip(ranks, item_s)]
+    model = 1 - m * sum(sum(s.values()) for s in item_s) / (p * model_wall)
+    formula = (p - 1) / (v * m + p - 1)            # the table's idle share of the step (v = 1: (p-1)/(m+p-1))
+    row = [p, v, m, ranks[0]["schedule"], f"{formula:.3f}", f"{model:.3f}", f"{measured:.3f}", f"{isolated:.3f}",
+           f"{measured - formula:+.3f}", f"{(p - 1) / (v * m):.3f}", f"{of_ideal:.3f}", f"{np.median(walls):.2f}",
+           f"{model_wall:.2f}"]
+    stages = []
+    for r, s in zip(ranks, item_s):
+        for c in range(v):
+            stages.append([p, v, m, ranks[0]["schedule"], r["stage"], c, f"{s[f'F{c}'] * 1e3:.0f}",
+                           f"{s[f'B{c}'] * 1e3:.0f}", f"{r['medians'][f'F{c}'] * 1e3:.0f}",
+                           f"{r['medians'][f'B{c}'] * 1e3:.0f}"])
     return row, stages
 
 
 def print_bubble(records: list[dict], cfg_kw: dict) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["stages"], r["schedule"], r["micro"]), []).append(r)
+        groups.setdefault((r["stages"], r["schedule"], r["virtual"], r["micro"]), []).append(r)
     rows, stages = [], []
     for key in sorted(groups):
         row, per_stage = bubble_rows(groups[key])
@@ -338,12 +355,14 @@ def print_bubble(records: list[dict], cfg_kw: dict) -> None:
         stages += per_stage
     steps = len(records[0]["walls"])
     print(f"\nPipeline bubble (share of p x step wall not spent in stage compute): PanGu-α {cfg_kw}, "
-          f"{MICRO_ROWS} sequence(s) a micro-batch, one rank a stage, median of {steps} steps")
-    print(table(["p", "m", "schedule", "(p-1)/(m+p-1)", "runner model", "measured busy", "measured isolated",
-                 "busy - formula", "step s", "model step s"], rows, "rrl" + "r" * 7))
-    print("\nItems per stage (ms, medians): replayed alone after each step, and inside the pipeline")
-    print(table(["p", "m", "schedule", "stage", "F alone", "B alone", "F in pipeline", "B in pipeline"],
-                stages, "rrl" + "r" * 5))
+          f"{MICRO_ROWS} sequence(s) a micro-batch, one rank a stage, v chunks a stage (v > 1: interleaved), "
+          f"median of {steps} steps")
+    print(table(["p", "v", "m", "schedule", "(p-1)/(vm+p-1)", "runner model", "measured busy", "measured isolated",
+                 "busy - formula", "(p-1)/(vm)", "measured of ideal", "step s", "model step s"], rows,
+                "rrrl" + "r" * 9))
+    print("\nItems per stage and chunk (ms, medians): replayed alone after each step, and inside the pipeline")
+    print(table(["p", "v", "m", "schedule", "stage", "chunk", "F alone", "B alone", "F in pipeline",
+                 "B in pipeline"], stages, "rrrl" + "r" * 6))
 
 
 def case_name(r: dict) -> str:
@@ -397,7 +416,8 @@ def print_memory(records: list[dict], cfg_kw: dict) -> None:
 def launch(args, n: int, worker: list[str], out: Path) -> None:
     cmd = [args.mpiexec, "-n", str(n), *shlex.split(args.mpiexec_args), sys.executable, __file__,
            "--out", str(out), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--schedules", *args.schedules, *(["--quick"] if args.quick else []), *worker]
+           "--schedules", *args.schedules, "--virtual", *map(str, args.virtual),
+           *(["--quick"] if args.quick else []), *worker]
     if args.micro:
         cmd += ["--micro", *map(str, args.micro)]
     t0 = time.perf_counter()
@@ -412,6 +432,8 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="+", default=[2], help="stage counts p (one rank a stage)")
     parser.add_argument("--micro", type=int, nargs="+", help="micro-batch counts (default p, 2p, 4p)")
     parser.add_argument("--schedules", nargs="+", default=["gpipe", "1f1b"])
+    parser.add_argument("--virtual", type=int, nargs="+", default=[1, 2],
+                        help="chunks per stage (v > 1: interleaved, for the micro-batch counts divisible by p)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory runs")
@@ -430,7 +452,7 @@ def main() -> None:
         comm = world()
         if args.worker == "bubble":
             micros = args.micro or [comm.size, 2 * comm.size, 4 * comm.size]
-            bubble_worker(comm, cfg_kw, micros, args.schedules, args.steps, args.warmup, args.out)
+            bubble_worker(comm, cfg_kw, micros, args.schedules, args.virtual, args.steps, args.warmup, args.out)
         else:
             memory_worker(comm, cfg_kw, args.out)
         return
