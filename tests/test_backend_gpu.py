@@ -17,6 +17,8 @@ except Exception:     # no driver or no device
 if not _DEVICES:
     pytest.skip("CuPy sees no GPU", allow_module_level=True)
 
+from test_spmd_ops import CASES, OneOp, serial  # noqa: E402
+
 import autopar  # noqa: E402
 from autopar import nn  # noqa: E402
 from autopar.backend import to_host  # noqa: E402
@@ -24,7 +26,6 @@ from autopar.ir.random import derive_key  # noqa: E402
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss  # noqa: E402
 from autopar.ops.dropout import dropout_mask  # noqa: E402
 from autopar.train import AdamWeightDecay, clip_by_global_norm  # noqa: E402
-from test_spmd_ops import CASES, OneOp, serial  # noqa: E402
 
 RTOL, ATOL = 1e-9, 1e-12
 
