@@ -12,13 +12,25 @@ One idea per module, lowest first:
     save.py       save_checkpoint, serial or sharded
     load.py       load_checkpoint, load_param_into_net, load_distributed_checkpoint, merge
     callback.py   ModelCheckpoint: save every few steps, keep the last few
+    mindspore_ckpt.py  MindSpore .ckpt files (protobuf, no MindSpore needed): read, write, and
+                  PanGu-α's MindSpore names <-> autopar's, converting both ways
 """
 from .callback import ModelCheckpoint
 from .format import FORMAT, VERSION, is_checkpoint, read_config, read_manifest, validate_manifest
 from .load import load_checkpoint, load_distributed_checkpoint, load_param_into_net, merge
+from .mindspore_ckpt import (
+    convert_mindspore_ckpt,
+    export_mindspore_ckpt,
+    load_mindspore_ckpt,
+    pangu_from_mindspore,
+    pangu_to_mindspore,
+    save_mindspore_ckpt,
+)
 from .safe_save import NoSpaceError
 from .save import BLOCK_OVERHEAD_BYTES, MANIFEST_BASE_BYTES, save_checkpoint
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_param_into_net", "load_distributed_checkpoint", "merge",
            "ModelCheckpoint", "read_config", "read_manifest", "is_checkpoint", "validate_manifest", "NoSpaceError",
-           "FORMAT", "VERSION", "BLOCK_OVERHEAD_BYTES", "MANIFEST_BASE_BYTES"]
+           "FORMAT", "VERSION", "BLOCK_OVERHEAD_BYTES", "MANIFEST_BASE_BYTES",
+           "load_mindspore_ckpt", "save_mindspore_ckpt", "pangu_from_mindspore", "pangu_to_mindspore",
+           "convert_mindspore_ckpt", "export_mindspore_ckpt"]
