@@ -292,3 +292,19 @@ def test_set_data_keeps_a_placed_parameter_on_the_device(fake_gpu):
     assert type(p.data) is FakeDeviceArray and p.data.dtype == np.float32
     np.testing.assert_array_equal(np.asarray(p), np.ones((2, 3), np.float32))
     assert type(p.asnumpy()) is np.ndarray
+
+
+def test_base_buffer_and_writable_for_numpy_and_flagless_arrays():
+    x = np.zeros((4, 3))
+    assert backend.base_buffer(x[1:].T) is x and backend.base_buffer(3.0) == 3.0
+    assert backend.writable(x[1:]) and not backend.writable(np.broadcast_to(x[0], (5, 3)))
+
+    class Flags:        # CuPy's flags carry no 'writeable'
+        pass
+
+    class DeviceLike:
+        flags, size = Flags(), 12
+
+        def __init__(self, strides):
+            self.strides = strides
+    assert backend.writable(DeviceLike((24, 8))) and not backend.writable(DeviceLike((0, 8)))
