@@ -176,7 +176,11 @@ OP_CASES = [   # (op, inputs, kwargs of forward): one or more per family
 ]
 
 
-@pytest.mark.parametrize("prim, make, kw", OP_CASES, ids=lambda c: type(c).__name__ if isinstance(c, ops.Primitive) else "")
+def case_id(c) -> str:
+    return type(c).__name__ if isinstance(c, ops.Primitive) else ""
+
+
+@pytest.mark.parametrize("prim, make, kw", OP_CASES, ids=case_id)
 def test_kernels_compute_with_the_module_of_their_inputs(fake_gpu, prim, make, kw):
     """Forward and VJP on 'device' arrays go through the device module (array methods
     dispatch by type by themselves), return device arrays, and equal the numpy results
