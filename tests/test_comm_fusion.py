@@ -181,3 +181,30 @@ def test_three_training_steps_fused_equal_unfused_bit_for_bit(dp, mp):
         for name, w in weights.items():
             assert np.array_equal(got_weights[name], w), name
         assert got_count["allreduce"] < count["allreduce"] // 2
+
+
+def test_pipeline_deferred_reductions_fused_equal_unfused_bit_for_bit():
+    """pp2 x dp2: the once-per-step all-reduces of a stage's weights (StageGradients.finish)
+    in one bucket per stage, the same gradients bit for bit."""
+    from autopar.runtime.compiled import grad_program
+    cfg = CONFIG.replace(num_layers=4, data_parallel=2)
+
+    def body(comm):
+        with bound_world(comm):
+            net = PanguAlphaWithLoss(cfg)
+            nn.set_pipeline_stages(list(net.backbone.blocks) + [net.backbone.query_layer], stages=2)
+            cell = nn.PipelineCell(net, 2)
+            prog = grad_program(cell, (IDS,), {}, net.trainable_params())
+            out = []
+            for rule in (None, FusionRule("auto")):
+                prog.grads.rule = rule
+                comm.stats.reset()
+                loss, grads = prog((IDS,), {}, 0)
+                out.append((loss, grads, comm.stats.snapshot()["count"]["allreduce"]))
+            return out, len(prog.grads.deferred)
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=4, pipeline_stages=2, full_batch=True):
+        res = run_in_process(4, body)
+    for ((loss, grads, count), (got_loss, got_grads, got_count)), deferred in res:
+        assert got_loss == loss
+        assert all(np.array_equal(a, b) for a, b in zip(got_grads, grads))
+        assert deferred > 30 and got_count == count - deferred + 1     # one bucket per stage

@@ -60,10 +60,9 @@ class AllReduceStart(Primitive):
 
     def forward(self, *grads):
         t0 = time.perf_counter()
-        flat = np.concatenate([g.reshape(-1) for g in grads])   # a copy: the bucket owns it until the wait
-        request = self.comm.iallreduce(flat)
+        flight = start_bucket(self.comm, grads)
         self.clock[0] += time.perf_counter() - t0
-        return InFlight(request, flat.nbytes)
+        return flight
 
     def flops(self, specs, out):
         return 0
@@ -81,17 +80,31 @@ class AllReduceWait(Primitive):
 
     def forward(self, flight: InFlight):
         t0 = time.perf_counter()
-        flat = flight.request.wait()
-        out, at = [], 0
-        for shape in self.attrs["shapes"]:
-            size = int(np.prod(shape))
-            out.append(flat[at:at + size].reshape(shape).copy())   # own arrays: the optimizer may update them in place
-            at += size
+        out = finish_bucket(flight, self.attrs["shapes"])
         self.clock[0] += time.perf_counter() - t0
         return tuple(out)
 
     def flops(self, specs, out):
         return 0
+
+
+def start_bucket(comm, arrays: Sequence[np.ndarray]) -> InFlight:
+    """Copy ``arrays`` into one new flat buffer (the bucket owns it until the wait) and
+    start its all-reduce on ``comm``."""
+    flat = np.concatenate([a.reshape(-1) for a in arrays])
+    return InFlight(comm.iallreduce(flat), flat.nbytes)
+
+
+def finish_bucket(flight: InFlight, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
+    """Wait for a bucket and cut it into arrays of ``shapes`` (new arrays: an optimizer may
+    update them in place, and the flat buffer dies here)."""
+    flat = flight.request.wait()
+    out, at = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        out.append(flat[at:at + size].reshape(shape).copy())
+        at += size
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,14 +128,19 @@ class _Reduction:
     needed_at: int | None
 
 
-def _allreduce_comm(node: Node | None):
+def allreduce_comm(node: Node | None):
+    """The communicator of a Redistribute node that is one all-reduce, else None."""
+    return None if node is None else redistribute_comm(node.prim)
+
+
+def redistribute_comm(prim):
     """The communicator of a Redistribute that is one all-reduce, else None."""
-    if node is None or not isinstance(node.prim, Redistribute):
+    if not isinstance(prim, Redistribute):
         return None
-    steps = node.prim.attrs["redist"].steps
+    steps = prim.attrs["redist"].steps
     if len(steps) != 1 or steps[0].kind != rd.ALLREDUCE:
         return None
-    return node.prim.comms[steps[0].axis]
+    return prim.comms[steps[0].axis]
 
 
 def _gradient_outputs(local: Graph, first: int, count: int) -> dict[int, int]:
@@ -155,7 +173,7 @@ def _reductions(local: Graph, first: int, count: int) -> list[_Reduction]:
     found = []
     for v, j in part_of.items():
         node = local.node_of(v)
-        if _allreduce_comm(node) is not None and local.outputs.count(v) <= 1:
+        if allreduce_comm(node) is not None and local.outputs.count(v) <= 1:
             found.append(_Reduction(node, j, first_reader.get(v)))
     return sorted(found, key=lambda r: (_ready_at(local, r.node), r.output))
 
@@ -177,7 +195,7 @@ def fuse_gradient_reductions(local: Graph, first: int, params: Sequence[int], ru
     if not found:
         return local, Fusion(())
     items = [Fusible(params[r.output - first], local.spec(r.node.inputs[0]).nbytes,
-                     (_allreduce_comm(r.node), local.spec(r.node.inputs[0]).dtype.str, r.needed_at))
+                     (allreduce_comm(r.node), local.spec(r.node.inputs[0]).dtype.str, r.needed_at))
              for r in found]
     buckets = [[found[k] for k in b] for b in plan_buckets(items, rule, n_params)]
     values = list(local.values)
@@ -208,7 +226,7 @@ def _bucket_nodes(local: Graph, nodes: list[Node], values: list[Value]) -> tuple
     flight = len(values)
     values.append(Value(flight, TensorSpec((size,), specs[0].dtype), None))
     tag = f"{SCOPE}/bucket{flight}"
-    start = Node(-1, AllReduceStart(_allreduce_comm(nodes[0]), size, clock), tuple(n.inputs[0] for n in nodes),
+    start = Node(-1, AllReduceStart(allreduce_comm(nodes[0]), size, clock), tuple(n.inputs[0] for n in nodes),
                  (flight,), SCOPE, f"{tag}/AllReduceStart", phase=BACKWARD)
     wait = Node(-1, AllReduceWait(tuple(s.shape for s in specs), clock), (flight,),
                 tuple(n.outputs[0] for n in nodes), SCOPE, f"{tag}/AllReduceWait", phase=BACKWARD)

@@ -12,7 +12,9 @@ Redistributions are linear, so
 
 (equal up to the order of float additions). A gradient whose last step is not a
 redistribution (parts of different layouts settled before one sum) keeps its reductions
-inside the program, per micro-batch.
+inside the program, per micro-batch. With ``comm_fusion``, the deferred all-reduces go in
+buckets (one collective per bucket, autopar/runtime/fusion.py), started together and
+waited for after the other deferred reductions.
 
 Then, per step:
 
@@ -39,7 +41,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ...comm.fusion import DEFAULT_COMM_FUSION, CommFusion, Fusible, plan_buckets
 from ...ir.graph import Graph
+from ..fusion import InFlight, finish_bucket, redistribute_comm, start_bucket
 from ..optimizer_parallel import SliceShard, WeightGather, slice_layout, slice_of
 from ..shards import global_norm
 from ..spmd import Redistribute
@@ -76,7 +80,9 @@ class StageGradients:
     under optimizer parallel, or the AbsentShard. ``layouts[i]``: the layout of the gradient
     handed over (the shard's; None when absent)."""
 
-    def __init__(self, param_shards: Sequence, slice_threshold: int | None, stage_comm, world, shared: Sequence = ()):
+    def __init__(self, param_shards: Sequence, slice_threshold: int | None, stage_comm, world, shared: Sequence = (),
+                 comm_fusion: CommFusion = DEFAULT_COMM_FUSION):
+        self.rule = comm_fusion.rule("allreduce")       # None: each deferred all-reduce alone
         self.param_shards = list(param_shards)
         self.world, self.stage_comm = world, stage_comm
         self.sliced = [slice_layout(s.layout, s.param.shape, np.dtype(s.dtype).itemsize, slice_threshold)
@@ -92,14 +98,37 @@ class StageGradients:
     def finish(self, stage_grads: list, grad_index: dict[int, int]) -> list[np.ndarray]:
         """The summed stage gradients (``stage_grads[grad_index[i]]`` for parameter i) made
         into the optimizer's: reduced once, summed over copies; zeros for absent parameters."""
+        buckets = self._buckets([stage_grads[grad_index[i]] for i in self.deferred])
+        flights = [(b, start_bucket(redistribute_comm(self.deferred[b[0]]), [stage_grads[grad_index[i]] for i in b]))
+                   for b in buckets]
+        fused = {i for b in buckets for i in b}
         for i, r in self.deferred.items():
-            j = grad_index[i]
-            stage_grads[j] = r.forward(stage_grads[j])
+            if i not in fused:
+                j = grad_index[i]
+                stage_grads[j] = r.forward(stage_grads[j])
+        for b, flight in flights:
+            self._finish(b, flight, stage_grads, grad_index)
         for i, comm in self.shared:
             j = grad_index[i]
             stage_grads[j] = comm.allreduce(stage_grads[j])
         return [stage_grads[grad_index[i]] if i in grad_index else np.zeros(s.shape, s.dtype)
                 for i, s in enumerate(self.shards)]
+
+    def _buckets(self, grads: Sequence[np.ndarray]) -> list[list[int]]:
+        """The deferred all-reduces' buckets, as parameter indices (none without a rule);
+        ``grads``: the gradients they reduce, in :attr:`deferred`'s order."""
+        if self.rule is None:
+            return []
+        fusible = [(i, redistribute_comm(r), g) for (i, r), g in zip(self.deferred.items(), grads)
+                   if redistribute_comm(r) is not None]
+        items = [Fusible(i, g.nbytes, (comm, g.dtype.str)) for i, comm, g in fusible]
+        return [[fusible[k][0] for k in b] for b in plan_buckets(items, self.rule, len(self.param_shards))]
+
+    @staticmethod
+    def _finish(bucket: list[int], flight: InFlight, stage_grads: list, grad_index: dict[int, int]) -> None:
+        shapes = [stage_grads[grad_index[i]].shape for i in bucket]
+        for i, g in zip(bucket, finish_bucket(flight, shapes)):
+            stage_grads[grad_index[i]] = g
 
     def sync_weights(self) -> None:
         """After the optimizer updated :attr:`shards`: all-gather the updated slices back
