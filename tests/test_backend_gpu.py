@@ -105,9 +105,6 @@ def test_three_adamw_steps_on_gpu_equal_cpu():
         np.testing.assert_allclose(gpu_state[k], a, rtol=RTOL, atol=ATOL, err_msg=k)
 
 
-@pytest.mark.xfail(raises=TypeError, strict=True,
-                   reason="runtime/shards.local_norm reads gradients with np.asarray (TrainOneStepCell's norm); "
-                          "it should call autopar.ops.norm.sum_of_squares")
 def test_train_one_step_cell_on_gpu_equals_cpu(on_gpu):
     config = tiny()
     ids = ids_of(config)

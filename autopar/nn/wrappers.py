@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 
+from ..backend import array_module
 from ..errors import format_error
 from ..runtime.arguments import normalize
 from ..runtime.compiled import grad_program
@@ -45,7 +46,7 @@ def overflow(loss, grad_norm: float) -> bool:
 def _scale(grads, factor: float) -> None:
     """Multiply every gradient by ``factor`` in place (clipping)."""
     for g in grads:
-        np.multiply(g, factor, out=g)
+        array_module(g).multiply(g, factor, out=g)
 
 
 def _check_args(optimizer, sens, clip_norm, on_non_finite, max_consecutive_skips) -> None:
@@ -175,7 +176,7 @@ class TrainOneStepCell(Cell):
         if self.on_non_finite == "skip" and self.consecutive_skips < self.max_consecutive_skips:
             return
         step = self.optimizer.step_count
-        bad = [p.name for p in self.optimizer.params if not np.isfinite(p.data).all()]
+        bad = [p.name for p in self.optimizer.params if not bool(array_module(p.data).isfinite(p.data).all())]
         weights = (f"non-finite weights on this rank: {bad[:5]}{' ...' if len(bad) > 5 else ''}" if bad
                    else "every weight of this rank is finite")
         if self.on_non_finite == "raise":

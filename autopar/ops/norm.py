@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from ..backend import array_module, cache_blocked, is_array
+from ..dtype import is_float
 from ..errors import format_error
 
 BLOCK_ELEMENTS = 1 << 16  # elements converted to float64 at a time on the host (512 KiB)
@@ -25,7 +26,7 @@ def sum_of_squares(arrays: Iterable) -> float:
     total = 0.0
     for i, g in enumerate(arrays):
         g = g if is_array(g) else np.asarray(g)
-        if g.dtype.kind not in "fiu":
+        if not (g.dtype.kind in "fiu" or is_float(g.dtype)):       # bfloat16 has kind 'V'
             raise ValueError(format_error("global_norm", f"grads[{i}] dtype", "a numeric array", str(g.dtype)))
         xp = array_module(g)
         flat = g.ravel()

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..backend import current_backend, to_host
 from ..ir.mesh import Mesh
 from ..strategy.sharding_plan import ShardingPlan, plan_shardings
 from .arguments import normalize, tensor_args
@@ -69,7 +70,8 @@ class GradProgram(TrainingProgram):
 def grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float = 1.0):
     """The compiled loss-and-gradients program for this signature (cached on the cell)."""
     setting = parallel_setting()
-    key = ("grad", cell.training, sens, tuple(id(p) for p in params), setting_key(setting)) + signature_key(args, kwargs)
+    key = ("grad", cell.training, sens, tuple(id(p) for p in params), setting_key(setting),
+           current_backend()) + signature_key(args, kwargs)        # a program keeps the device it was built for
     prog = cell._compiled.get(key)
     if prog is None:
         prog = cell._compiled[key] = _build_grad_program(cell, args, kwargs, params, sens, setting)
@@ -106,5 +108,5 @@ def value_and_grad(cell, weights: Sequence | None = None, sens: float = 1.0):
         prog = grad_program(cell, args, kwargs, params, sens)
         loss, grads = prog(args, kwargs)
         grads = prog.gathered(grads)          # full gradients on every rank
-        return loss, OrderedDict((p.name, g) for p, g in zip(params, grads))
+        return loss, OrderedDict((p.name, to_host(g)) for p, g in zip(params, grads))
     return fn

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backend import base_buffer
 from ..comm import redistribution as rd
 from ..ir.graph import FORWARD, Graph, Node
 from ..ops.slicing import Slicing
@@ -64,14 +65,6 @@ class MemoryUsage:
         return (f"MemoryUsage(MiB: parameters {self.parameters / mib:.2f}, inputs {self.inputs / mib:.2f}, "
                 f"activations peak {self.activations_peak / mib:.2f}, outputs {self.outputs / mib:.2f}, "
                 f"total peak {self.total_peak / mib:.2f})")
-
-
-def base_buffer(a):
-    """The array that owns the memory ``a`` views (``a`` itself when it owns it; a non-array
-    as it is): live bytes are counted once per base buffer, however many views are alive."""
-    while isinstance(getattr(a, "base", None), np.ndarray):
-        a = a.base
-    return a
 
 
 def _unique_bytes(arrays) -> tuple[int, set[int]]:

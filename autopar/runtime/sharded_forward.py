@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..backend import current_backend
 from ..comm.consistency import NO_GROUP
 from ..context import ParallelContext
 from ..ir.layout import Layout
@@ -189,7 +190,8 @@ def forward_program(cell, args: tuple, kwargs: dict, carry: dict[int, int] | Non
     setting = parallel_setting()
     sharded = setting is not None and setting.mode in SHARDED_MODES
     carry_key = tuple(sorted((carry or {}).items()))
-    key = ("forward", cell.training, sharded and setting_key(setting), carry_key) + signature_key(args, kwargs)
+    key = ("forward", cell.training, sharded and setting_key(setting), current_backend(),
+           carry_key) + signature_key(args, kwargs)
     prog = cell._compiled.get(key)
     if prog is None:
         if sharded:

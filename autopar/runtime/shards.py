@@ -7,10 +7,9 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from ..dtype import is_float
-from ..errors import format_error
 from ..ir.layout import Layout
 from ..ir.spec import TensorSpec
+from ..ops.norm import sum_of_squares
 
 
 class ParamShard:
@@ -79,25 +78,8 @@ def global_norm(grads_and_layouts, world) -> float:
     return math.sqrt(total)
 
 
-BLOCK_ELEMENTS = 1 << 16  # elements converted to float64 at a time (512 KiB of float64)
-
-
 def local_norm(grads: Iterable[np.ndarray]) -> float:
-    """sqrt of the sum of squares of every element of ``grads``, summed in float64 blocks
-    (as accurate as a float64 sum, without a float64 copy of the model)."""
-    block = np.empty(BLOCK_ELEMENTS, np.float64)
-    total = 0.0
-    for i, g in enumerate(grads):
-        g = np.asarray(g)
-        if not (g.dtype.kind in "fiu" or is_float(g.dtype)):       # bfloat16 has kind 'V'
-            raise ValueError(format_error("global_norm", f"grads[{i}] dtype", "a numeric array", str(g.dtype)))
-        flat = np.ravel(g)
-        if flat.dtype == np.float64:
-            total += float(np.dot(flat, flat))
-            continue
-        for start in range(0, flat.size, block.size):
-            part = flat[start:start + block.size]
-            b = block[:part.size]
-            b[...] = part
-            total += float(np.dot(b, b))
-    return math.sqrt(total)
+    """sqrt of the sum of squares of every element of ``grads`` (float64 accumulation, on the
+    host or the device the gradients live on: :func:`autopar.ops.norm.sum_of_squares`)."""
+    return math.sqrt(sum_of_squares(grads))
+

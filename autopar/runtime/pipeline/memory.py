@@ -25,7 +25,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from ..memory import MemoryMeter, MemoryUsage, base_buffer
+from ...backend import base_buffer
+from ..memory import MemoryMeter, MemoryUsage
 
 
 def _bytes(arrays: Iterable, skip: set[int]) -> tuple[int, set[int]]:

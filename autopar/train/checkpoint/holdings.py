@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...backend import to_host
 from ...errors import format_error
 from ...nn.cell import Cell
 from ...nn.loss_scale import LossScaleUpdateCell, TrainOneStepWithLossScaleCell
@@ -68,7 +69,7 @@ def held_tensors(network, optimizer, world_rank: int) -> list[dict]:
     for name, p in network.parameters_dict().items():
         holder = p._shard[0] if p._shard is not None else p
         if not isinstance(holder, AbsentShard):
-            out.append(_block(name, holder, holder.data, world_rank) | {"kind": "parameter"})
+            out.append(_block(name, holder, to_host(holder.data), world_rank) | {"kind": "parameter"})
     if optimizer is not None:
         for target, states in zip(optimizer.params, optimizer.states):
             if isinstance(target, AbsentShard):
