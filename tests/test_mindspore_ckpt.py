@@ -60,10 +60,12 @@ def test_a_file_built_to_the_layout_reads_back_exactly(tmp_path):
             + value("big", [4], "Int64", struct.pack("<2q", 3, -4))
             + value("flags", [3], "Bool", bytes([1, 0, 1]))
             + value("u", [2], "Uint8", bytes([200, 3]))                                   # MindSpore 1.x spelling
-            + value("bf", [2], "BFloat16", np.array([1.0, -0.5], ml_dtypes.bfloat16).tobytes()))
+            + value("bf", [2], "BFloat16", np.array([1.0, -0.5], ml_dtypes.bfloat16).tobytes())
+            + value("note", [0], "str", b"hello"))                                       # append_dict text
     (tmp_path / "a.ckpt").write_bytes(data)
     got = ms.load_mindspore_ckpt(tmp_path / "a.ckpt")
-    assert list(got) == ["w", "half", "step", "big", "flags", "u", "bf"]
+    assert list(got) == ["w", "half", "step", "big", "flags", "u", "bf", "note"]
+    assert got["note"].shape == () and got["note"].item() == b"hello"
     np.testing.assert_array_equal(got["w"], w)
     assert got["w"].dtype == np.float32
     np.testing.assert_array_equal(got["half"], half)
@@ -100,12 +102,16 @@ def test_the_writer_writes_the_layout_mindspore_writes(tmp_path):
 def test_large_tensors_are_split_into_slices_of_one_tag(tmp_path, monkeypatch):
     monkeypatch.setattr(ms, "SLICE_BYTES", 16)
     a = np.arange(10, dtype=np.float32)                  # 40 bytes -> 3 Values
-    ms.save_mindspore_ckpt(tmp_path / "s.ckpt", {"a": a, "b": np.ones(2, np.int32)})
+    bf = np.arange(7).astype(ml_dtypes.bfloat16)          # 14 bytes -> 1 Value, never split inside an element
+    arrays = {"a": a, "b": np.ones(2, np.int32), "bf": bf, "empty": np.ones((0, 5), np.float32)}
+    ms.save_mindspore_ckpt(tmp_path / "s.ckpt", arrays)
     raw = (tmp_path / "s.ckpt").read_bytes()
     assert raw.count(field(1, 2, b"a")) == 3
+    # np.array_split's pieces, as MindSpore's _exec_save cuts them: 4, 3, 3 elements
+    assert raw.startswith(b"".join(value("a", [10], "Float32", a[i:j].tobytes()) for i, j in ((0, 4), (4, 7), (7, 10))))
     got = ms.load_mindspore_ckpt(tmp_path / "s.ckpt")
-    np.testing.assert_array_equal(got["a"], a)
-    np.testing.assert_array_equal(got["b"], [1, 1])
+    for k, v in arrays.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and got[k].tobytes() == v.tobytes(), k
 
 
 # ---- corrupt files ------------------------------------------------------------------------------
@@ -257,7 +263,7 @@ def test_model_zoo_training_names_and_training_state(exported):
                if k not in renamed.values()}
     state = {"adam_m.backbone.layernorm.gamma": np.ones(CONFIG.hidden_size, np.float32),
              "global_step": np.array(5, np.int32), "scale_sense": np.array(1024.0, np.float32),
-             "backbone.blocks.0.key_past": np.zeros((1, 2), np.float16)}
+             "backbone.blocks.0.key_past": np.zeros((1, 2), np.float16), "note": np.array(b"run 7")}
     got = ms.pangu_from_mindspore(legacy | state, CONFIG)
     want = ms.pangu_from_mindspore(arrays, CONFIG)
     assert list(got) == list(want)
@@ -281,6 +287,9 @@ def test_mistakes_name_the_tensors(exported):
     deeper = CONFIG.replace(num_layers=CONFIG.num_layers + 1)          # the wrong config: one block more
     with pytest.raises(ValueError, match=rf"missing \['backbone.blocks.{CONFIG.num_layers - 1}.layernorm1.gamma'"):
         ms.pangu_from_mindspore(arrays, deeper)
+    shallower = CONFIG.replace(num_layers=CONFIG.num_layers - 1)       # one block fewer: not read as a query layer
+    with pytest.raises(ValueError, match=rf"missing \[\], unexpected \['backbone.blocks.{CONFIG.num_layers - 2}."):
+        ms.pangu_from_mindspore(arrays, shallower)
     name = "backbone.blocks.0.attention.dense1.weight"
     sliced = arrays | {name: arrays[name][: CONFIG.hidden_size // 2]}  # one rank's slice of mp=2
     with pytest.raises(ValueError, match=rf"tensor '{name}' shape: expected \(32, 32\).*got \(16, 32\).*"

@@ -28,7 +28,8 @@ the query layer ``backbone.top_query_layer.*``, the final LayerNorm ``backbone.l
 Q/K/V are ``nn.Dense`` -- weights (out, in) like autopar's -- but the attention output
 projection and both FFN matrices are ``Mapping``/``_Linear(transpose_b=False)`` cells whose
 weights are stored (in, out): those three are transposed. The embedding tables are named
-as in the released weights' conversions (PanGu-Alpha-GPU's numpy -> transformers script):
+as the released weights' conversions write them (PCL's pcl_pangu merge script renames the
+model zoo's names to these; a numpy -> HuggingFace GPTPanguForCausalLM script reads them):
 ``backbone.{word,position,top_query}_embedding.embedding_table``; the model zoo's training
 names (``embedding_table``, ``backbone.embedding.embedding.position_embedding.embedding_table``,
 ``backbone.top_query_embedding_table``), the later ``backbone.embedding.{word,position}_
@@ -55,7 +56,7 @@ import types
 
 import numpy as np
 
-from ...dtype import bfloat16
+from ...dtype import bfloat16, is_float
 from ...nn.cell import Cell
 from ...nn.parameter import Parameter
 from .format import read_manifest, value_error
@@ -198,19 +199,23 @@ def _dtype_of(name: str, where: str):
     return MS_DTYPES[name]
 
 
-def _array(tag: str, dims: list[int], ms_type: str, data: bytes, where: str) -> np.ndarray:
-    """The tensor of one tag from its (concatenated) bytes, every size checked."""
+def _array(buf, dims: list[int], ms_type: str, spans: list[tuple[int, int]], where: str) -> np.ndarray:
+    """The tensor of one tag from its content spans in ``buf`` (several for a split tensor),
+    every size checked before anything is allocated."""
     dtype = _dtype_of(ms_type, where)
+    got = sum(b - a for a, b in spans)
     if dtype is None:
-        return np.array(data, dtype=f"S{max(len(data), 1)}")                    # raw bytes, 0-d
+        data = b"".join(bytes(buf[a:b]) for a, b in spans)
+        return np.array(data, dtype=f"S{max(got, 1)}")                         # raw bytes, 0-d
     if any(d < 0 for d in dims):
         raise value_error(where, "dims", "sizes >= 0", str(dims), "the file is corrupt")
     shape = () if dims in ([], [0]) else tuple(dims)                           # MindSpore: [0] is a scalar
     want = math.prod(shape) * dtype.itemsize
-    if len(data) != want:
+    if got != want:
         raise value_error(where, "tensor_content", f"{want} bytes ({ms_type} x dims {dims})",
-                          f"{len(data)} bytes", "the file is truncated or corrupt")
-    return np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+                          f"{got} bytes", "the file is truncated or corrupt")
+    parts = [np.frombuffer(buf, dtype, (b - a) // dtype.itemsize, a) for a, b in spans]
+    return (parts[0].copy() if len(parts) == 1 else np.concatenate(parts)).reshape(shape)
 
 
 def load_mindspore_ckpt(path) -> dict[str, np.ndarray]:
@@ -228,18 +233,18 @@ def load_mindspore_ckpt(path) -> dict[str, np.ndarray]:
 
 
 def _parse(buf, path: str) -> dict[str, np.ndarray]:
-    out, pending = {}, None   # pending: (tag, dims, type, [bytes]) of the tag being read
+    out, pending = {}, None   # pending: [tag, dims, type, content spans] of the tag being read
     try:
-        for tag, dims, ms_type, (a, b) in _values(buf, path):
-            if pending is not None and pending[0] == tag and (pending[1], pending[2]) == (dims, ms_type):
-                pending[3].append(bytes(buf[a:b]))                             # the next slice of a split tensor
+        for tag, dims, ms_type, span in _values(buf, path):
+            if pending is not None and pending[:3] == [tag, dims, ms_type]:
+                pending[3].append(span)                                        # the next slice of a split tensor
                 continue
             if pending is not None:
-                out[pending[0]] = _array(*pending[:3], b"".join(pending[3]), f"{path}: tag {pending[0]!r}")
+                out[pending[0]] = _array(buf, *pending[1:], f"{path}: tag {pending[0]!r}")
             if tag in out:
                 raise value_error(f"{path}: tag {tag!r}", "tag", "each tag once (slices of one tensor adjacent)",
                                   "a second, separate entry", "the file is corrupt")
-            pending = (tag, dims, ms_type, [bytes(buf[a:b])])
+            pending = [tag, dims, ms_type, [span]]
     except _Truncated:
         at = f" after tag {pending[0]!r}" if pending else ""
         raise value_error(path, "contents", "complete protobuf fields", f"the file ends inside a field{at}",
@@ -250,7 +255,7 @@ def _parse(buf, path: str) -> dict[str, np.ndarray]:
     if pending is None:
         raise value_error(path, "contents", "at least one tagged tensor", "none",
                           "the file is not a MindSpore checkpoint, or is encrypted")
-    out[pending[0]] = _array(*pending[:3], b"".join(pending[3]), f"{path}: tag {pending[0]!r}")
+    out[pending[0]] = _array(buf, *pending[1:], f"{path}: tag {pending[0]!r}")
     return out
 
 
@@ -266,21 +271,29 @@ def _ms_type(tag: str, array: np.ndarray, path: str) -> str:
 
 
 def _encoded_values(tag: str, array: np.ndarray, path: str):
-    """The serialized Checkpoint.Value entries of one tensor (several above SLICE_BYTES)."""
+    """The serialized Checkpoint.Value entries of one tensor (several above SLICE_BYTES), as
+    pieces to write in order: headers as bytes, the data as views of the array (no copy)."""
     ms_type = _ms_type(tag, array, path)
     if array.shape == (0,):
         raise value_error(f"{path}: tag {tag!r}", "shape", "not (0,)", "(0,)",
                           "MindSpore stores a scalar as dims [0], so an empty 1-d tensor cannot be told apart")
     if ms_type == STRING_TYPE:
-        dims, chunks = [0], [array.tobytes()]
+        dims, chunks = [0], [memoryview(array.tobytes())]
     else:
         dims = [0] if array.ndim == 0 else list(array.shape)
         flat = np.ascontiguousarray(array).reshape(-1)
-        chunks = [c.tobytes() for c in np.array_split(flat, max(1, math.ceil(flat.nbytes / SLICE_BYTES)))]
+        n = max(1, math.ceil(flat.nbytes / SLICE_BYTES))
+        rows = flat.view(np.uint8).reshape(-1, flat.itemsize)             # split between elements only
+        chunks = [memoryview(c.reshape(-1)) for c in np.array_split(rows, n)]
     head = b"".join(_key(1, VARINT) + _varint(d) for d in dims) + _length_delimited(2, ms_type.encode())
+    tag_field = _length_delimited(1, tag.encode())
     for chunk in chunks:
-        value = _length_delimited(1, tag.encode()) + _length_delimited(2, head + _length_delimited(3, chunk))
-        yield _length_delimited(1, value)
+        content_head = _key(3, LENGTH) + _varint(chunk.nbytes)
+        tensor_size = len(head) + len(content_head) + chunk.nbytes
+        tensor_head = _key(2, LENGTH) + _varint(tensor_size)
+        value_size = len(tag_field) + len(tensor_head) + tensor_size
+        yield _key(1, LENGTH) + _varint(value_size) + tag_field + tensor_head + head + content_head
+        yield chunk
 
 
 def save_mindspore_ckpt(path, arrays: dict[str, np.ndarray]) -> str:
@@ -323,7 +336,7 @@ ALIASES = {   # other MindSpore PanGu-α versions' names -> the names written he
     "backbone.embedding.position_embedding.embedding_table": "backbone.position_embedding.embedding_table",
 }
 # Not weights: optimizer moments, step and loss-scale counters, inference key/value caches
-TRAINING_STATE = re.compile(r"^(adam_[mv]|moments|moment[12]|accu_grads|accu_overflow)\.|"
+TRAINING_STATE = re.compile(r"^(adam_[mv]|moments|accu_grads)\.|"
                             r"^(global_step|scale_sense|current_iterator_step|last_overflow_iterator_step|"
                             r"epoch_num|step_num|learning_rate|beta[12]_power)$|\.(key_past|value_past)$")
 
@@ -375,11 +388,12 @@ def split_training_state(arrays: dict) -> tuple[dict, list[str]]:
 def _canonical(names, config, where: str) -> dict[str, str]:
     """{name written here: the given name}, aliases resolved; two given names for one tensor
     are an error."""
-    query_block = f"backbone.blocks.{config.num_layers - 1}."    # the pipeline model's query layer
+    query_block = f"backbone.blocks.{config.num_layers - 1}."    # the pipeline model's query layer...
+    pipeline = not any(n.startswith("backbone.top_query_layer.") for n in names)   # ...when it has no other
     out = {}
     for name in names:
         canon = ALIASES.get(name, name)
-        if canon.startswith(query_block):
+        if pipeline and canon.startswith(query_block):
             canon = "backbone.top_query_layer." + canon[len(query_block):]
         if canon in out:
             raise value_error(where, f"tensor {canon!r}", "one entry", f"two: {out[canon]!r} and {name!r}",
@@ -428,7 +442,7 @@ def pangu_from_mindspore(arrays: dict, config, *, strict: bool = True) -> dict[s
         a = np.asarray(weights[tag])
         if a.shape != r.mindspore_shape:
             raise _shape_error(where, tag, r.mindspore_shape, a.shape)
-        if a.dtype.kind not in "fV":
+        if not is_float(a.dtype):
             raise value_error(where, f"tensor {tag!r} dtype", "a float dtype", a.dtype.name)
         out[r.autopar] = np.ascontiguousarray(a.T if r.transposed else a).astype(dtype, copy=False)
     return out
