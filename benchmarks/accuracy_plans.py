@@ -34,7 +34,7 @@ SIZES = {
                  ffn_hidden_size=1024, dropout_rate=0.1),
     "H384": dict(vocab_size=4000, seq_length=128, hidden_size=384, num_layers=5, num_heads=8,
                  ffn_hidden_size=1536, dropout_rate=0.1),
-    "tiny": dict(vocab_size=1000, seq_length=32, hidden_size=64, num_layers=3, num_heads=4,
+    "tiny": dict(vocab_size=1000, seq_length=32, hidden_size=64, num_layers=5, num_heads=8,       # --quick, tests
                  ffn_hidden_size=256, dropout_rate=0.1),
 }
 ROWS_PER_RANK = 2            # global batch = 2 x ranks: the same work per rank at 4 and 8 ranks
@@ -70,29 +70,34 @@ def batch_of(ranks: int) -> int:
     return ROWS_PER_RANK * ranks
 
 
+def hand(dp: int = 1, mp: int = 1, pp: int = 1, micro: int = 1, schedule: str = "1f1b", recompute: bool = False,
+         zero: bool = False) -> Plan:
+    """A hand plan named by its settings ("pp2 dp2 mp2 m4 gpipe recompute zero", degrees of 1
+    left out)."""
+    parts = [f"pp{pp}" if pp > 1 else "", f"dp{dp}" if dp > 1 else "", f"mp{mp}" if mp > 1 else "",
+             f"m{micro}" if micro > 1 else "", "gpipe" if schedule == "gpipe" else "",
+             "recompute" if recompute else "", "zero" if zero else ""]
+    return Plan(" ".join(p for p in parts if p) or "serial", dp, mp, pp, micro, schedule, recompute, zero)
+
+
 def plans(ranks: int) -> list[Plan]:
     """The plans trained on ``ranks`` (4 or 8; a multiple of 4): hand dp, mp, dp x mp, pp 2
     and 4 with two micro-batch counts each, both schedules, recompute and optimizer parallel
-    on and off, and the auto plan (first: it matters most for the regret)."""
+    on and off, and the auto plan (first: it matters most for the regret). On 8 ranks two
+    more come last, the slowest (a ``--deadline`` drops them first)."""
     if ranks < 4 or ranks % 4:
         raise ValueError(f"plans: ranks: expected a multiple of 4 (4 pipeline stages of dp x mp ranks), got {ranks}; "
                          "use --ranks 4 8 (or --quick on 2 ranks)")
     r, n2, n4 = ranks, ranks // 2, ranks // 4
-    out = [Plan("auto", auto=True),
-           Plan(f"dp{r}", dp=r), Plan(f"dp{r} zero", dp=r, zero=True), Plan(f"mp{r}", mp=r),
-           Plan(f"dp{n2} mp2", dp=n2, mp=2), Plan(f"dp{n2} mp2 recompute", dp=n2, mp=2, recompute=True)]
-    out += [Plan(f"pp2 dp{n2} m2", dp=n2, pp=2, micro=2),
-            Plan(f"pp2 dp{n2} m4", dp=n2, pp=2, micro=4),
-            Plan(f"pp2 dp{n2} m4 gpipe", dp=n2, pp=2, micro=4, schedule="gpipe"),
-            Plan(f"pp2 dp{n2 // 2} mp2 m2", dp=n2 // 2, mp=2, pp=2, micro=2),
-            Plan(f"pp2 dp{n2} m2 recompute", dp=n2, pp=2, micro=2, recompute=True),
-            Plan(f"pp2 dp{n2} m2 zero", dp=n2, pp=2, micro=2, zero=True),
-            Plan(f"pp4 dp{n4} m4", dp=n4, pp=4, micro=4),
-            Plan(f"pp4 dp{n4} m8", dp=n4, pp=4, micro=8),
-            Plan(f"pp4 dp{n4} m4 gpipe", dp=n4, pp=4, micro=4, schedule="gpipe"),
-            Plan(f"pp4 dp{n4} m8 gpipe recompute", dp=n4, pp=4, micro=8, schedule="gpipe", recompute=True)]
-    if n4 > 1:                                       # 8 ranks: two more, last (a --deadline drops them first)
-        out += [Plan(f"dp2 mp{n2}", dp=2, mp=n2), Plan(f"pp4 dp{n4 // 2} mp2 m4", dp=n4 // 2, mp=2, pp=4, micro=4)]
+    out = [Plan("auto", auto=True), hand(dp=r), hand(dp=r, zero=True), hand(dp=n4, mp=4),
+           hand(dp=n2, mp=2), hand(dp=n2, mp=2, recompute=True),
+           hand(dp=n2, pp=2, micro=2), hand(dp=n2, pp=2, micro=4), hand(dp=n2, pp=2, micro=4, schedule="gpipe"),
+           hand(dp=n2 // 2, mp=2, pp=2, micro=2), hand(dp=n2, pp=2, micro=2, recompute=True),
+           hand(dp=n2, pp=2, micro=2, zero=True),
+           hand(dp=n4, pp=4, micro=4), hand(dp=n4, pp=4, micro=8), hand(dp=n4, pp=4, micro=4, schedule="gpipe"),
+           hand(dp=n4, pp=4, micro=8, schedule="gpipe", recompute=True)]
+    if n4 > 1:
+        out += [hand(mp=r), hand(dp=n4 // 2, mp=2, pp=4, micro=4)]
     return out
 
 
@@ -101,9 +106,8 @@ def quick_plans(ranks: int) -> list[Plan]:
     with recompute, pp2 under both schedules with recompute on one of them, the auto plan."""
     if ranks != 2:
         raise ValueError(f"quick_plans: ranks: expected 2, got {ranks}; run --quick with --ranks 2")
-    return [Plan("auto", auto=True), Plan("dp2 zero", dp=2, zero=True), Plan("mp2 recompute", mp=2, recompute=True),
-            Plan("pp2 m2", pp=2, micro=2), Plan("pp2 m4 gpipe recompute", pp=2, micro=4, schedule="gpipe",
-                                                recompute=True)]
+    return [Plan("auto", auto=True), hand(dp=2, zero=True), hand(mp=2, recompute=True), hand(pp=2, micro=2),
+            hand(pp=2, micro=4, schedule="gpipe", recompute=True)]
 
 
 def check_plan(plan: Plan, ranks: int) -> None:

@@ -49,7 +49,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -64,6 +66,7 @@ TARGETS = {"time_mape": 0.10, "time_spearman": 0.9, "memory_mape": 0.10, "regret
 # "wall": the wall clock, what a user waits for; "cpu": the rank's thread CPU time, which
 # leaves out time the OS gave other processes (a shared machine), not time spent waiting.
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+DEADLINE_GRACE_S = 60      # a plan started before --deadline may run this long past it
 
 
 # ---- one plan, on every rank of its job -------------------------------------------------------
@@ -174,15 +177,20 @@ def launch(plan: Plan, size: str, ranks: int, profile: str, args, repeats: int, 
           "--clock", args.clock]
     cmd = [args.mpiexec, "-n", str(ranks), *shlex.split(args.mpiexec_args), *me]
     failed = dict(name=plan.name, size=size, ranks=ranks, command=shlex.join(cmd))
+    # its own process group: on a timeout the ranks go too, not only mpiexec (left running,
+    # they would take the cores of the plans after)
+    proc = subprocess.Popen(cmd, env=worker_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        out = subprocess.run(cmd, env=worker_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                             timeout=timeout)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return dict(failed, error=f"timed out after {timeout:.0f} s")
-    rows = [ln for ln in out.stdout.splitlines() if ln.startswith('{"name"')]     # rank 0's row
-    if out.returncode == 0 and rows:
+    rows = [ln for ln in stdout.splitlines() if ln.startswith('{"name"')]     # rank 0's row
+    if proc.returncode == 0 and rows:
         return json.loads(rows[-1])
-    return dict(failed, error=_first_error(out.stdout + out.stderr))
+    return dict(failed, error=_first_error(stdout + stderr))
 
 
 def measure(plan: Plan, size: str, ranks: int, profile: str, args, timeout: float) -> dict:
@@ -247,7 +255,7 @@ def run_all(args) -> None:
             saved["failed"].append(dict(name=plan.name, size=size, ranks=r, error="not run: --deadline reached"))
             continue
         t0 = time.perf_counter()
-        row = measure(plan, size, r, profiles[str(r)], args, min(left, args.plan_timeout))
+        row = measure(plan, size, r, profiles[str(r)], args, min(left + DEADLINE_GRACE_S, args.plan_timeout))
         (saved["failed"] if "error" in row else saved["rows"]).append(row)
         said = (f"pred {row['predicted']['step_s']:.3f} s, meas {row['measured']['step_s']:.3f} s "
                 f"(spread {spread(row['measured']['windows']):.1%})" if "error" not in row
@@ -259,6 +267,9 @@ def run_all(args) -> None:
     if not saved["rows"]:
         sys.exit("no plan ran")
     saved["figures"] = report(saved)
+    saved["targets_met"] = targets_met(saved["figures"])
+    saved["elapsed_s"] = time.perf_counter() - t_start
+    print(f"{len(saved['rows'])} plans measured in {saved['elapsed_s']:.0f} s (calibration included)")
     if args.json:
         write_json(args.json, saved)
     if args.png:
@@ -389,8 +400,8 @@ def scatter_png(saved: dict, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[4], help="rank counts (multiples of 4; --quick: 2)")
-    parser.add_argument("--sizes", nargs="+", default=["H256", "H384"], choices=sorted(set(SIZES) - {"tiny"}),
-                        help="PanGu-α sizes (accuracy_plans.SIZES)")
+    parser.add_argument("--sizes", nargs="+", default=["H256", "H384"], choices=sorted(SIZES),
+                        help="PanGu-α sizes (accuracy_plans.SIZES; 'tiny' only checks that every plan runs)")
     parser.add_argument("--steps", type=int, default=3, help="steps per timing window (median)")
     parser.add_argument("--repeats", type=int, default=3, help="timing windows (or jobs) per plan")
     parser.add_argument("--separate-processes", action="store_true",
@@ -405,7 +416,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="measured step time: wall clock (default), or thread CPU time on a shared machine")
     parser.add_argument("--deadline", type=float, default=0.0,
-                        help="seconds from the start (calibration included) after which no plan starts; 0: none")
+                        help="seconds from the start (calibration included) after which no plan starts (one "
+                             f"running is stopped {DEADLINE_GRACE_S} s after it); 0: none")
     parser.add_argument("--plan-timeout", type=float, default=180.0, help="seconds one plan's job may take")
     parser.add_argument("--png", default="", help="write the predicted-vs-measured scatter plot here")
     parser.add_argument("--json", default="", help="write every row here (after each plan, and at the end)")
