@@ -7,11 +7,10 @@ LayerNorm and residual Add downstream reads the stream where it lives, as with a
 table. Issue 13 found each of them priced with an all-gather of the whole stream (116 s of
 a 124 s step): the Gather's device matrix put the vocabulary axis major, so its output's
 batch blocks sat on other ranks than every other op's, and the runtime's lowering inserted
-those all-gathers too (4 ranks, tiny model: 12 all-gathers in forward against 2). The root
-is the device matrix a user strategy gets (``autopar/ops/sharding.py``: ``from_strategy``),
-which the strategy side does not own; until it puts the Gather's index (batch) letters
-first, as MindSpore's GatherInfo does for a batch-and-axis split, this test is an expected
-failure, strict so that it reports the fix.
+those all-gathers too (4 ranks, tiny model: 12 all-gathers in forward against 2). The fix
+is in the device matrix a user strategy gets (``autopar/ops/sharding.py``: ``from_strategy``
+puts an op's ``major`` letters first; the Gather's are its index (batch) letters, as
+MindSpore's GatherInfo orders a batch-and-axis split).
 """
 import numpy as np
 import pytest
@@ -38,8 +37,6 @@ def comm_per_op(vocab_emb_dp: bool) -> tuple[dict, object]:
     return {n.name: c.comm_s + c.grad_s + edge for n, c, edge in model.op_costs(plan)}, graph
 
 
-@pytest.mark.xfail(strict=True, reason="needs autopar/ops/sharding.py from_strategy to put a Gather's index "
-                                       "letters first in the device matrix (see the module docstring)")
 def test_vocab_split_table_adds_one_embedding_all_reduce_and_nothing_on_the_residual_stream():
     split, graph = comm_per_op(False)
     whole, _ = comm_per_op(True)

@@ -69,12 +69,14 @@ class Gather(Primitive):
     def indexing(self, specs, out):
         """``vh,bs->bsh``: splitting the table's rows (the vocabulary) leaves each rank the
         rows it holds and zeros elsewhere, a partial sum over that axis (Megatron's
-        vocabulary-parallel embedding: masked lookup, then all-reduce)."""
+        vocabulary-parallel embedding: masked lookup, then all-reduce). The ids' letters lead
+        the device matrix (as MindSpore's GatherInfo orders a batch-and-vocabulary split), so
+        the lookup's batch blocks sit on the ranks every other op of the batch uses."""
         if self._axis(specs[0].ndim) != 0:
             return None
         ids = LETTERS[:specs[1].ndim]
         rest = LETTERS[::-1][:specs[0].ndim - 1]   # letters the ids do not use
-        return Indexing(("V" + rest, ids), ids + rest)
+        return Indexing(("V" + rest, ids), ids + rest, major=ids)
 
     def local(self, sharding, rank, specs, out, comm_for=None):
         table = sharding.input_layout(0)

@@ -46,6 +46,7 @@ class Indexing:
     output: str
     fixed: frozenset[str] = frozenset()
     internal: frozenset[str] = frozenset()  # reduced inside the kernel (with communication)
+    major: str = ""     # letters whose mesh axes come first in a strategy's device matrix
 
     @property
     def letters(self) -> tuple[str, ...]:
@@ -156,7 +157,9 @@ def from_strategy(indexing: Indexing, strategy: Sequence[Sequence[int]], shapes:
                                  f"index (they are contracted or broadcast together)", str(k),
                                  "split matching dims the same number of ways", where=where)
             counts.setdefault(ch, (k, i))
-    letters = [ch for ch in indexing.letters if counts.get(ch, (1, 0))[0] > 1]
+    # device-matrix order: the op's major letters first (a Gather's batch), then first appearance
+    order = tuple(dict.fromkeys(tuple(indexing.major) + indexing.letters))
+    letters = [ch for ch in order if counts.get(ch, (1, 0))[0] > 1]
     used = math.prod(counts[ch][0] for ch in letters)
     if used > stage.size or stage.size % used:
         raise OpArgError("in_strategy", f"a product of splits dividing the {stage.size} devices of the stage",
