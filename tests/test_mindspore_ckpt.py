@@ -339,3 +339,15 @@ def test_command_line_round_trip(exported, tmp_path, capsys):
 def path_bytes(path) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def test_export_of_a_trainer_checkpoint_leaves_the_optimizer_states_behind(tmp_path):
+    net = PanguAlphaWithLoss(CONFIG)
+    train = nn.TrainOneStepCell(net, AdamWeightDecay(net.trainable_params(), learning_rate=1e-2))
+    train(BATCH)
+    directory = ckpt.save_checkpoint(train, tmp_path / "ck")
+    assert any(n.startswith("moment1.") for n in ckpt.read_manifest(directory)[1]["tensors"])
+    arrays = ms.load_mindspore_ckpt(ms.export_mindspore_ckpt(directory, tmp_path / "p.ckpt"))
+    assert set(arrays) == {r.mindspore for r in ms.pangu_names(CONFIG)}
+    np.testing.assert_array_equal(arrays["backbone.top_query_layer.attention.projection.weight"],
+                                  net.parameters_dict()["query_layer.attention.projection.weight"].asnumpy().T)

@@ -61,7 +61,7 @@ from ...nn.cell import Cell
 from ...nn.parameter import Parameter
 from .format import read_manifest, value_error
 from .holdings import split_model
-from .reader import read_all
+from .reader import PieceReader
 from .save import save_checkpoint
 
 # ---- dtypes ----------------------------------------------------------------------------------
@@ -501,8 +501,12 @@ def _parameters_of(src) -> tuple[dict[str, np.ndarray], object]:
     or an unsharded network."""
     if isinstance(src, (str, os.PathLike)):
         directory, manifest = read_manifest(src)
-        values = read_all(directory, manifest)
-        params = {n: values[n] for n, e in manifest["tensors"].items() if e.get("kind", "parameter") == "parameter"}
+        names = [n for n, e in manifest["tensors"].items() if e.get("kind", "parameter") == "parameter"]
+        reader = PieceReader(directory, manifest)   # parameters only: a trainer's states are not read
+        try:
+            params = {n: reader.read(n) for n in names}
+        finally:
+            reader.close()
         saved = manifest.get("config")
         return params, None if saved is None else types.SimpleNamespace(**saved["fields"])
     network, _ = split_model(src)
@@ -516,8 +520,10 @@ def _parameters_of(src) -> tuple[dict[str, np.ndarray], object]:
 
 def export_mindspore_ckpt(src, dst, config=None, *, dtype=None, strict: bool = True) -> str:
     """An autopar PanGu-α checkpoint directory (or an unsharded network) -> a MindSpore
-    ``.ckpt`` file with MindSpore's names and layouts. ``config``: by default the one saved
-    with the checkpoint (or the network's ``config``); ``dtype``: cast (e.g. "float16")."""
+    ``.ckpt`` file with MindSpore's names and layouts (parameters only; optimizer states stay
+    behind). ``config`` (a PanguAlphaConfig or a dict of its fields): by default the one saved
+    with the checkpoint, or the network's ``config``; ``dtype``: cast (e.g. "float16", as the
+    released weights are). Returns ``dst``."""
     params, saved = _parameters_of(src)
     config = _config_fields(config) if config is not None else saved
     if config is None:
