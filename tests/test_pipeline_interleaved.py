@@ -235,3 +235,169 @@ def test_one_stage_ignores_virtual_stages():
     np.testing.assert_allclose(got_loss, loss, rtol=1e-5)
     for name, g in grads.items():
         np.testing.assert_allclose(got_grads[name], g, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+# ---- pricing: the stage search and the joint search ----------------------------------------------
+
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
+@pytest.mark.parametrize("p, v, m", TABLES + [(2, 1, 4), (4, 1, 8)])
+def test_priced_in_flight_counts_are_the_tables(schedule, p, v, m):
+    from autopar.strategy.pipeline.stage_search import in_flight
+    table = make_schedule(schedule, p, m, v)
+    assert [in_flight(p, s, m, schedule, v) for s in range(p)] == [table.in_flight(s) for s in range(p)]
+
+
+def test_chunk_boundaries_include_the_wrap_and_double_the_sends():
+    from autopar.strategy.pipeline.stage_search import Part, chunk_boundaries, transfer_seconds
+    from autopar.strategy.profile import load_profile
+    assert chunk_boundaries(4, 0, 2) == [(0, 1), (3, 0), (0, 1)]        # chunk 3 (rank 3) -> chunk 4 (rank 0)
+    assert chunk_boundaries(4, 1, 2) == [(0, 1), (1, 2), (0, 1), (1, 2)]
+    prof, layer = load_profile("cpu-2core"), Part(boundary_sends=(4096,), boundary_grads=(4096,))
+    assert transfer_seconds(prof, 4, 1, 1, layer, 2) == pytest.approx(2 * transfer_seconds(prof, 4, 1, 1, layer))
+    assert transfer_seconds(prof, 4, 0, 1, layer, 2) == pytest.approx(3 * transfer_seconds(prof, 4, 0, 1, layer))
+
+
+def test_stage_memory_holds_the_interleaved_chunks():
+    """Stage 0 of p = 4, m = 8, two layers of 100 activation bytes: 1F1B holds 4 micro-batches
+    (800 bytes); interleaved with v = 2, 2 * 3 + 4 + 1 = 11 chunks of one layer (1100)."""
+    from autopar.strategy.pipeline.stage_search import Part, stage_memory
+    layer, none = Part(activation_bytes=100, model_bytes=10), Part()
+    assert stage_memory(none, layer, none, 4, 0, 2, 8, False) == 20 + 4 * 200
+    assert stage_memory(none, layer, none, 4, 0, 2, 8, False, 2) == 20 + 11 * 100
+    assert stage_memory(none, layer, none, 4, 3, 2, 8, False, 2) == 20 + 5 * 100      # last stage: 0 + 4 + 1
+
+
+@pytest.fixture(scope="module")
+def coster():
+    from autopar.strategy.pipeline.registry import model_family
+    from autopar.strategy.pipeline.stage_search import StageCoster
+    from autopar.strategy.profile import load_profile
+    fam = model_family("pangu_alpha", "tiny", hidden_size=64, ffn_hidden_size=256, num_layers=9, seq_length=32,
+                       vocab_size=256)
+    return StageCoster(fam, 8, load_profile("cpu-2core"))
+
+
+def test_stage_search_prices_the_bubble_as_p_minus_1_over_v_micro_batches(coster):
+    """The bubble is (p - 1) / v times the slowest stage's micro-batch (compute, the stage's
+    collectives and its chunk boundaries' sends), recomputed here from the parts."""
+    from autopar.strategy.pipeline.stage_search import StageSetting, evaluate, stage_time, transfer_seconds
+    for pp, v, m in [(2, 2, 4), (4, 2, 8), (2, 4, 2)]:
+        plan = evaluate(coster, 32, StageSetting(pp, 8 // pp, 1, m, virtual_stages=v))
+        n = 8 // pp
+        first = coster.parts(n, 8 // pp, 1, 32 // m, False)[0]
+        last = coster.parts(n, 8 // pp, 1, 32 // m, False, (pp - 1) * n)[2]
+        per_mb = max(sum(stage_time(first, layer, last, pp, s, k, False)) +
+                     transfer_seconds(coster.profile, pp, s, n, layer, v)
+                     for s, k in enumerate(plan.layers_per_stage)
+                     for layer in [coster.parts(n, 8 // pp, 1, 32 // m, False, s * n)[1]])
+        assert plan.virtual_stages == v and "in %d chunks a stage" % v in plan.describe()
+        assert plan.bubble_s == pytest.approx((pp - 1) / v * per_mb, rel=1e-12)
+        plain = evaluate(coster, 32, StageSetting(pp, 8 // pp, 1, m))
+        assert plan.bubble_s < plain.bubble_s
+    assert evaluate(coster, 32, StageSetting(4, 2, 1, 2, virtual_stages=2)) is None        # m % p != 0
+    assert evaluate(coster, 32, StageSetting(4, 2, 1, 8, virtual_stages=4)) is None        # 16 chunks, 8 layers
+    assert coster.family.layers == 8
+
+
+def test_stage_search_picks_interleaving_when_it_pays(coster):
+    from autopar.strategy.pipeline.stage_search import search_stages
+    plain, _ = search_stages(coster, 8)
+    best, tried = search_stages(coster, 8, virtual_stages=(1, 2))
+    assert {p.virtual_stages for p in tried} == {1, 2}
+    assert best.step_seconds <= plain.step_seconds
+    assert best == min((p for p in tried if p.peak_memory_bytes <= coster.profile.memory_bytes),
+                       key=lambda p: p.step_seconds)
+
+
+class Block(nn.Cell):
+    def __init__(self, width):
+        super().__init__()
+        self.up = nn.Dense(width, 2 * width, param_dtype="float64")
+        self.down = nn.Dense(2 * width, width, param_dtype="float64")
+        self.relu, self.add = autopar.ops.ReLU(), autopar.ops.Add()
+
+    def construct(self, x):
+        return self.add(x, self.down(self.relu(self.up(x))))
+
+
+class StackNet(nn.Cell):
+    """A stack of residual MLP blocks and a squared loss (a user's model)."""
+
+    def __init__(self, width=8, depth=4):
+        super().__init__()
+        self.layers = nn.CellList([Block(width) for _ in range(depth)])
+        self.square, self.mean, self.sub = autopar.ops.Square(), autopar.ops.ReduceMean(), autopar.ops.Sub()
+
+    def construct(self, x, y):
+        for layer in self.layers:
+            x = layer(x)
+        return self.mean(self.square(self.sub(x, y)))
+
+
+X = np.random.default_rng(1).standard_normal((16, 8))
+Y = np.random.default_rng(2).standard_normal((16, 8))
+
+
+def _slow_gemm_profile(tmp_path) -> str:
+    """The 2-core profile with GEMMs so slow that compute dominates the sends."""
+    import json
+
+    from autopar.strategy.profile import PROFILE_DIR
+    base = json.loads((PROFILE_DIR / "cpu-2core.json").read_text())
+    base["name"] = "slow-gemm"
+    base["gemm_flops"] = {"float32": 1e6, "float64": 1e6}
+    path = tmp_path / "slow-gemm.json"
+    path.write_text(json.dumps(base))
+    return str(path)
+
+
+def test_joint_search_prices_interleaving_and_picks_it_when_the_bubble_dominates(tmp_path):
+    """pp2 on 2 devices, 2 micro-batches of a 4-block stack: v = 2 runs 4 chunks of one block
+    (stage 0 blocks 0 and 2). The step is m + (p - 1) / v slowest micro-batches (+ the
+    once-per-step gradient work, equal for both), so compute + comm - m * bubble * v / (p - 1)
+    is that once-per-step work for either v; with compute dominating the search takes v = 2."""
+    from autopar.ir.spec import TensorSpec
+    from autopar.strategy.pipeline.auto import AutoFixed, search_auto
+    from autopar.strategy.plan_source import PlanOptions
+    net = StackNet()
+
+    def graph_at(rows):
+        spec = TensorSpec((rows, 8), np.dtype(np.float64))
+        return trace(net, (spec, spec), {}).graph
+    fixed = AutoFixed(pp=2, micro_batches=2, recompute=False, optimizer_parallel=False, virtual_stages=None)
+    options = PlanOptions(cost_profile=_slow_gemm_profile(tmp_path))
+    best, tried = search_auto(graph_at, 16, 2, options, fixed, full_batch=True)
+    by_v = {p.virtual_stages: p for p in tried}
+    assert set(by_v) == {1, 2}
+    assert by_v[2].layers_per_stage == (1, 1, 1, 1) and by_v[1].layers_per_stage == (2, 2)
+    once = []
+    for v, plan in by_v.items():
+        assert plan.step_seconds == pytest.approx(plan.compute_s + plan.comm_s + plan.bubble_s + plan.update_s)
+        once.append(plan.compute_s + plan.comm_s - 2 * plan.bubble_s * v / (2 - 1))
+    assert once[0] == pytest.approx(once[1], rel=1e-6, abs=1e-12)
+    assert by_v[2].bubble_s < by_v[1].bubble_s
+    assert best is by_v[2] and "interleaved x2" in best.describe()
+
+
+def test_auto_parallel_runs_a_pipeline_cells_virtual_stages_like_serial():
+    """auto_parallel with PipelineCell(..., virtual_stages=2) on 2 ranks: the joint plan keeps
+    the cell's chunks (4 virtual stages of one block, set by the search's split) and the run
+    gives the serial loss and gradients."""
+    net = StackNet()
+    loss, grads = autopar.value_and_grad(net)(X, Y)
+
+    def body(comm):
+        with bound_world(comm):
+            net = StackNet()
+            cell = nn.PipelineCell(net, 2, virtual_stages=2)
+            got = autopar.value_and_grad(cell, net.trainable_params())(X, Y)
+            prog = next(iter(cell._compiled.values()))
+            return got, prog.choice, prog.inner.chunks
+    with parallel_context(parallel_mode="auto_parallel", device_num=2, pipeline_stages=2, full_batch=True):
+        res = run_in_process(2, body)
+    for (got_loss, got_grads), choice, chunks in res:
+        assert (choice.pp, choice.virtual_stages, choice.layers_per_stage) == (2, 2, (1, 1, 1, 1))
+        np.testing.assert_allclose(got_loss, loss, rtol=1e-10)
+        for name, g in grads.items():
+            np.testing.assert_allclose(got_grads[name], g, rtol=1e-10, atol=1e-14, err_msg=name)
+    assert [r[2] for r in res] == [(0, 2), (1, 3)]

@@ -62,7 +62,8 @@ def open_choices(cell, graph: Graph, setting: CompileSetting) -> AutoFixed | Non
                       optimizer_parallel=(ctx.enable_parallel_optimizer if ctx.is_set("enable_parallel_optimizer")
                                           else None),
                       schedule=cell.pipeline_schedule if piped else None,
-                      keep_stages=marked_stages and not ctx.auto_pipeline)
+                      keep_stages=marked_stages and not ctx.auto_pipeline,
+                      virtual_stages=cell.virtual_stages if piped else 1)
     if None not in (fixed.pp, fixed.micro_batches, fixed.recompute, fixed.optimizer_parallel):
         return None
     return fixed
@@ -166,7 +167,8 @@ def auto_grad_program(cell, args: tuple, params: Sequence, sens: float,
         fed = _regrouped(args, world, choice.stage_devices) if regroup else args
         inner = PipelineGradProgram(network, fed, params, world, stages=choice.pp, micro=choice.micro_batches,
                                     schedule=choice.schedule, mode=setting.mode, full_batch=whole, sens=sens,
-                                    ctx=run_ctx, annotate=marks, plan_options=options)
+                                    ctx=run_ctx, annotate=marks, plan_options=options,
+                                    virtual=choice.virtual_stages)
     if ctx.strategy_ckpt_save_file:              # the stage plans are written: add the joint plan to them
         world.barrier()
         if world.rank == 0:

@@ -12,7 +12,11 @@ and the send/receive of its boundary values); a step of m micro-batches on p sta
     step = (m + p - 1) * max_s T_s  +  max_s (gradient reductions + update)_s
 
 (1F1B and GPipe take the same time; 1F1B holds min(p - s, m) micro-batches on stage s,
-GPipe all m), plus the step's own collectives (the gradient-norm all-reduce). Memory of
+GPipe all m), plus the step's own collectives (the gradient-norm all-reduce). Interleaved
+(v chunks a stage, ``virtual_stages``): the layers are split into p * v virtual stages,
+each planned on its stage's ranks, a stage's T_s is the sum over its chunks (a chunk
+boundary on one rank sends nothing), the bubble is ``(p - 1) / v * max_s T_s`` and stage s
+holds :func:`~.stage_search.in_flight` micro-batch chunks of 1/v of its activations. Memory of
 stage s = weights + optimizer states + activations: with one micro-batch the cost model's
 peak over the step's phases (:meth:`~autopar.strategy.costmodel.PlanCost.memory_bytes`);
 with several, the accumulated gradients + in flight x the activations of one (with
@@ -129,6 +133,7 @@ class AutoFixed:
     optimizer_parallel: bool | None = None
     schedule: str | None = None
     keep_stages: bool = False          # the user's pipeline_stage annotations place the layers
+    virtual_stages: int | None = 1     # chunks per stage (interleaved 1F1B); None: searched over (1, 2)
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,7 @@ class AutoPlan:
     update_s: float
     memory_bytes: tuple[int, ...]
     stage_devices: int = 1
+    virtual_stages: int = 1    # chunks per stage; > 1: layers_per_stage counts the p * v virtual stages
 
     @property
     def peak_memory_bytes(self) -> int:
@@ -154,8 +160,9 @@ class AutoPlan:
 
     def describe(self) -> str:
         split = ",".join(map(str, self.layers_per_stage)) or "-"
+        schedule = self.schedule + (f" interleaved x{self.virtual_stages}" if self.virtual_stages > 1 else "")
         return (f"pp{self.pp} x {self.stage_devices} devices per stage (ops searched), {self.micro_batches} "
-                f"micro-batches, layers {split}, {self.schedule}, recompute {'on' if self.recompute else 'off'}, "
+                f"micro-batches, layers {split}, {schedule}, recompute {'on' if self.recompute else 'off'}, "
                 f"optimizer parallel {'on' if self.optimizer_parallel else 'off'}")
 
 
@@ -204,28 +211,33 @@ def _stage_cost(model: CostModel, plan, stack: LayerStack | None) -> _StageCost:
                       cost.memory_bytes - cost.param_bytes - cost.state_bytes, min(whole, rebuilt), layer_compute)
 
 
-def _p2p_seconds(plan: PipelinePlan, s: int, n: int, profile: MachineProfile) -> float:
-    """Per micro-batch: stage s's sends and receives of boundary values (and their gradients)
-    in their transfer layouts and dtypes; inter-node when rank i of the two stages sit on
-    different nodes."""
-    sg, per = plan.stages[s], profile.devices_per_node
+def _p2p_seconds(plan: PipelinePlan, s: int, n: int, profile: MachineProfile, pp: int | None = None) -> float:
+    """Per micro-batch: (virtual) stage s's sends and receives of boundary values (and their
+    gradients) in their transfer layouts and dtypes; inter-node when rank i of the two
+    stages sit on different nodes; nothing between two chunks of one stage (``pp``: the
+    stages of ranks, virtual stage c on c % pp)."""
+    sg, per, pp = plan.stages[s], profile.devices_per_node, pp or len(plan.stages)
     total = 0.0
     for c in sg.received + sg.sent:
         other = c.src if c in sg.received else c.dsts[0]
+        if other % pp == s % pp:
+            continue                                # a hand-over between chunks of one rank
         lay, spec = plan.transfer[c.value], sg.graph.spec(sg.value(c))
         nbytes = math.prod(lay.local_shape(spec.shape)) * np.dtype(spec.dtype).itemsize
-        inter = (s * n) // per != (other * n) // per
+        inter = ((s % pp) * n) // per != ((other % pp) * n) // per
         lat = profile.inter_node_latency_s if inter else profile.intra_node_latency_s
         bw = profile.inter_node_bandwidth_bytes_per_s if inter else profile.intra_node_bandwidth_bytes_per_s
         total += (1 + c.needs_grad) * (lat + nbytes / bw)
     return total
 
 
-def _shared_seconds(plan: PipelinePlan, graph: Graph, s: int, n: int, profile: MachineProfile) -> float:
+def _shared_seconds(plan: PipelinePlan, graph: Graph, s: int, n: int, profile: MachineProfile,
+                    pp: int | None = None) -> float:
     """Once per step: the all-reduce adding a parameter's gradients over the stages holding it
-    (a tied embedding on the first and last stage)."""
-    total = 0.0
-    for v, owners in plan.param_stages.items():
+    (a tied embedding on the first and last stage; chunks of one stage hold one copy)."""
+    total, pp = 0.0, pp or len(plan.stages)
+    for v, virtual_owners in plan.param_stages.items():
+        owners = sorted({o % pp for o in virtual_owners})
         if len(owners) > 1 and s in owners:
             lay = plan.param_home[v]
             nbytes = math.prod(lay.local_shape(graph.spec(v).shape)) * np.dtype(graph.spec(v).dtype).itemsize
@@ -238,40 +250,56 @@ def _shared_seconds(plan: PipelinePlan, graph: Graph, s: int, n: int, profile: M
 def price(graph: Graph, stack: LayerStack | None, devices: int, pp: int, micro_batches: int,
           layers_per_stage: Sequence[int], optimizer_parallel: bool, recomputes: Sequence[bool],
           schedule: str, options: PlanOptions = PlanOptions(), full_batch: bool = False,
-          keep_stages: bool = False) -> list[AutoPlan]:
+          keep_stages: bool = False, virtual: int = 1) -> list[AutoPlan]:
     """The plans of one (stages, micro-batches, split, optimizer parallel), one per recompute
     setting in ``recomputes``; ``graph`` is the forward graph on one micro-batch. Planned as
     the run plans it (every stage's ops searched under ``options``, whose machine profile
-    prices everything); [] when its shapes do not divide."""
+    prices everything); [] when its shapes do not divide. ``virtual`` > 1: interleaved,
+    ``layers_per_stage`` counts the ``pp * virtual`` virtual stages."""
     n, profile = devices // pp, options.profile()
+    chunks = pp * virtual
     g = annotate(graph, stack, layers_per_stage, False, stages=not keep_stages)
-    assign = assign_stages(g, pp, differentiable_values(g, g.params))
+    assign = assign_stages(g, chunks, differentiable_values(g, g.params), virtual)
     opts = dataclasses.replace(options, optimizer_parallel=optimizer_parallel, memory_cap=math.inf)
     try:
-        plan = plan_pipeline(g, assign, n, "auto_parallel", full_batch, opts)
+        plan = plan_pipeline(g, assign, n, "auto_parallel", full_batch, opts, ranks_stages=pp)
     except ValueError:
         return []                                   # no strategy divides these shapes
     costs = [_stage_cost(CostModel(sg.graph, pl.stage, profile, full_batch, optimizer_parallel=optimizer_parallel),
                          pl, stack) for sg, pl in zip(plan.stages, plan.plans)]
-    p2p = [_p2p_seconds(plan, s, n, profile) for s in range(pp)]
-    shared = [_shared_seconds(plan, graph, s, n, profile) for s in range(pp)]
+    p2p = [_p2p_seconds(plan, c, n, profile, pp) for c in range(chunks)]
+    shared = [_shared_seconds(plan, graph, s, n, profile, pp) for s in range(pp)]
     world = Mesh((devices,), ("devices",), tuple(range(devices)))
     once = CostModel(graph, world, profile, full_batch).step_collectives_seconds(world)    # the norm all-reduce
     out = []
     m = micro_batches
+    mine = [range(s, chunks, pp) for s in range(pp)]            # the virtual stages of stage s
     for recompute in recomputes:
-        times = [(c.compute_s + (RECOMPUTE_EXTRA * c.layer_compute_s if recompute else 0.0), c.comm_s + t)
-                 for c, t in zip(costs, p2p)]
+        times = [(sum(costs[c].compute_s + (RECOMPUTE_EXTRA * costs[c].layer_compute_s if recompute else 0.0)
+                      for c in mine[s]), sum(costs[c].comm_s + p2p[c] for c in mine[s])) for s in range(pp)]
         slow = max(range(pp), key=lambda s: sum(times[s]))
         per_mb = sum(times[slow])
-        grads = max(c.grad_s + sh for c, sh in zip(costs, shared))
-        update = max(c.update_s for c in costs)
-        memory = tuple(_stage_memory(c, in_flight(pp, s, m, schedule), m, recompute) for s, c in enumerate(costs))
+        grads = max(sum(costs[c].grad_s for c in mine[s]) + shared[s] for s in range(pp))
+        update = max(sum(costs[c].update_s for c in mine[s]) for s in range(pp))
+        memory = tuple(_rank_memory([costs[c] for c in mine[s]], in_flight(pp, s, m, schedule, virtual), m, recompute)
+                       for s in range(pp))
+        bubble = (pp - 1) / virtual * per_mb
+        loop = (m + pp - 1) * per_mb if virtual == 1 else m * per_mb + bubble
         out.append(AutoPlan(pp, m, tuple(layers_per_stage) if stack else (), recompute, optimizer_parallel, schedule,
-                            (m + pp - 1) * per_mb + grads + update + once, m * times[slow][0],
-                            m * times[slow][1] + grads + once,
-                            (pp - 1) * per_mb, update, memory, n))
+                            loop + grads + update + once, m * times[slow][0],
+                            m * times[slow][1] + grads + once, bubble, update, memory, n, virtual))
     return out
+
+
+def _rank_memory(chunks: list[_StageCost], kept: int, m: int, recompute: bool) -> int:
+    """Peak bytes of a stage running ``chunks`` (one without virtual stages) with ``kept``
+    micro-batches (chunks) in flight: every chunk's weights, states and gradients, and
+    ``kept`` times a chunk's activations on average."""
+    if len(chunks) == 1:
+        return _stage_memory(chunks[0], kept, m, recompute)
+    static = sum(c.static_bytes + c.grad_bytes for c in chunks)
+    per_chunk = sum(c.recompute_bytes if recompute else c.activation_bytes for c in chunks) / len(chunks)
+    return int(static + kept * per_chunk)
 
 
 def _stage_memory(c: _StageCost, kept: int, m: int, recompute: bool) -> int:
@@ -306,15 +334,21 @@ def search_auto(graph_at: Callable[[int], Graph], batch: int, devices: int, opti
     recomputes = [fixed.recompute] if fixed.recompute is not None else [False, True]
     zeros = [fixed.optimizer_parallel] if fixed.optimizer_parallel is not None else [False, True]
     schedule = fixed.schedule or "1f1b"
+    vs = [fixed.virtual_stages] if fixed.virtual_stages is not None else [1, 2]
     tried: list[AutoPlan] = []
     for pp in pps:
         fed = batch if full_batch else batch // (devices // pp)     # rows each rank is fed, cut into micro-batches
         ms = [fixed.micro_batches] if fixed.micro_batches else [m for m in _divisors(fed) if m >= pp]
-        split = even_split(stack.count, pp) if stack else ()
-        for m in ms:
-            for zero in zeros:
-                tried += price(at(batch // m), stack, devices, pp, m, split, zero, recomputes, schedule, options,
-                               full_batch, fixed.keep_stages)
+        for v in vs if pp > 1 else [1]:
+            if v > 1 and (stack is None or stack.count < pp * v) and not fixed.keep_stages:
+                continue                                # a layer per chunk at least
+            split = even_split(stack.count, pp * v) if stack else ()
+            for m in ms:
+                if v > 1 and m % pp:
+                    continue                            # interleaving needs m % p == 0 (Megatron's rule)
+                for zero in zeros:
+                    tried += price(at(batch // m), stack, devices, pp, m, split, zero, recomputes, schedule, options,
+                                   full_batch, fixed.keep_stages, v)
     cap = float(profile.memory_bytes if memory_cap is None else memory_cap)
     fitting = [p for p in tried if p.peak_memory_bytes <= cap]
     best = min(fitting, key=lambda p: (p.step_seconds, p.pp, p.micro_batches, p.recompute, p.optimizer_parallel),

@@ -17,11 +17,16 @@ on those parts (seconds per micro-batch, bytes):
 * step = ``(m + p - 1) x max_s T_s`` (the bubble is the ``p - 1``) + the gradient
   reduction, optimizer update and clipping, and the step's own collectives (gradient
   norm, loss broadcast), once per step;
+* interleaved 1F1B (``virtual_stages`` v > 1: each stage's layers in v chunks, chunk c of
+  the p * v on stage c % p): the bubble is ``(p - 1) / v x max_s T_s``, and every chunk
+  boundary sends -- v boundaries into and out of each stage, one of them across the wrap
+  from stage p - 1 to stage 0;
 * memory of stage s = its weights and optimizer states (divided over the data-parallel
   copies with optimizer parallel) + the larger of the end of forward (activations of the
   ``min(p - s, m)`` micro-batches in flight under 1F1B: all of a layer's with no
   recompute; with recompute only each layer's input) and the backward phase (gradients +
   the activations still kept, + one layer's while it is rebuilt): :func:`stage_memory`.
+  Interleaved, stage s holds :func:`in_flight` micro-batch *chunks*, each 1/v of its layers.
 
 Early stages hold more micro-batches, so when the uniform split overflows the first stage
 the split moves layers back (Yuan 2.0's non-uniform lists).
@@ -76,6 +81,7 @@ class StageSetting:
     recompute: bool = False
     optimizer_parallel: bool = False
     layers_per_stage: tuple[int, ...] | None = None
+    virtual_stages: int = 1                   # chunks per stage; > 1: interleaved 1F1B
 
 
 @dataclass(frozen=True)
@@ -92,9 +98,10 @@ class StagePlan:
     step_seconds: float
     compute_s: float             # m x the slowest stage's compute per micro-batch
     comm_s: float                # m x its communication, + gradient reduction
-    bubble_s: float              # (p - 1) x the slowest stage's micro-batch time
+    bubble_s: float              # (p - 1) / v x the slowest stage's micro-batch time
     update_s: float
     memory_bytes: tuple[int, ...]   # per stage (the most loaded rank of each)
+    virtual_stages: int = 1         # chunks per stage (layers_per_stage counts a stage's, all chunks)
     parts: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -103,8 +110,9 @@ class StagePlan:
 
     def describe(self) -> str:
         split = ",".join(map(str, self.layers_per_stage))
+        chunks = f" in {self.virtual_stages} chunks a stage (interleaved)" if self.virtual_stages > 1 else ""
         return (f"pp{self.pp} x dp{self.dp} x mp{self.mp}, {self.micro_batches} micro-batches of "
-                f"{self.micro_batch_size}, layers {split}, recompute {'on' if self.recompute else 'off'}, "
+                f"{self.micro_batch_size}, layers {split}{chunks}, recompute {'on' if self.recompute else 'off'}, "
                 f"optimizer parallel {'on' if self.optimizer_parallel else 'off'}")
 
 
@@ -151,24 +159,35 @@ def stage_offset(first_rank: int, stage_devices: int, per_node: int) -> int:
     return first_rank % per_node
 
 
-def boundary_crosses_nodes(s: int, stage_devices: int, per_node: int) -> bool:
-    """Whether the transfers between stage s and s + 1 cross nodes: position i of stage s
-    (rank ``s*n + i``) sends to position i of stage s + 1 (rank ``(s+1)*n + i``)."""
-    n = stage_devices
-    return n >= per_node or any(r // per_node != (r + n) // per_node for r in range(s * n, (s + 1) * n))
+def boundary_crosses_nodes(s: int, stage_devices: int, per_node: int, to: int | None = None) -> bool:
+    """Whether the transfers between stage s and stage ``to`` (default s + 1) cross nodes:
+    position i of stage s (rank ``s*n + i``) sends to position i of the other."""
+    n, to = stage_devices, s + 1 if to is None else to
+    return n >= per_node or any(r // per_node != (r + (to - s) * n) // per_node for r in range(s * n, (s + 1) * n))
 
 
-def transfer_seconds(profile: MachineProfile, pp: int, s: int, stage_devices: int, layer: Part) -> float:
+def chunk_boundaries(pp: int, s: int, virtual: int = 1) -> list[tuple[int, int]]:
+    """(sending stage, receiving stage) of every chunk boundary stage s sits on: between
+    virtual stages c and c + 1 (c < p v - 1), which run on stages c % p and (c + 1) % p."""
+    out = []
+    for c in range(pp * virtual - 1):
+        a, b = c % pp, (c + 1) % pp
+        if s in (a, b) and a != b:
+            out.append((a, b))
+    return out
+
+
+def transfer_seconds(profile: MachineProfile, pp: int, s: int, stage_devices: int, layer: Part,
+                     virtual: int = 1) -> float:
     """Send/receive seconds of stage s per micro-batch: over each of its boundaries, every
     value crossing into a layer (forward) and every gradient of one coming back, each a
     blocking send of its local block in its own dtype (``latency + bytes / bandwidth``,
     inter-node where the boundary crosses nodes). Both ends of a transfer wait for it, so
-    a middle stage pays both boundaries."""
+    a middle stage pays both boundaries; interleaved, every chunk boundary (v of them on
+    each side of a stage, the wrap p - 1 -> 0 included)."""
     total = 0.0
-    for b in (s - 1, s):
-        if b < 0 or b >= pp - 1:
-            continue
-        if boundary_crosses_nodes(b, stage_devices, profile.devices_per_node):
+    for a, b in chunk_boundaries(pp, s, virtual):
+        if boundary_crosses_nodes(a, stage_devices, profile.devices_per_node, b):
             lat, bw = profile.inter_node_latency_s, profile.inter_node_bandwidth_bytes_per_s
         else:
             lat, bw = profile.intra_node_latency_s, profile.intra_node_bandwidth_bytes_per_s
@@ -243,9 +262,15 @@ def split_parts(model: CostModel, plan, layer_scope: str, memory_model: CostMode
     return tuple(parts)
 
 
-def in_flight(pp: int, s: int, m: int, schedule: str = "1f1b") -> int:
-    """Micro-batches whose activations stage s holds at its peak."""
-    return m if schedule == "gpipe" else min(pp - s, m)
+def in_flight(pp: int, s: int, m: int, schedule: str = "1f1b", virtual: int = 1) -> int:
+    """Micro-batches whose activations stage s holds at its peak; interleaved (v > 1),
+    micro-batch chunks: Megatron's warm-up ``(p - s - 1) * 2 + (v - 1) * p`` + 1, or all
+    ``m v`` under GPipe and when m == p (the schedule tables hold exactly these)."""
+    if virtual == 1 or pp == 1:
+        return m if schedule == "gpipe" else min(pp - s, m)
+    if schedule == "gpipe" or m == pp:
+        return m * virtual
+    return min((pp - s - 1) * 2 + (virtual - 1) * pp + 1, m * virtual)
 
 
 def stage_time(first: Part, layer: Part, last: Part, pp: int, s: int, n: int, recompute: bool
@@ -257,7 +282,7 @@ def stage_time(first: Part, layer: Part, last: Part, pp: int, s: int, n: int, re
 
 
 def stage_memory(first: Part, layer: Part, last: Part, pp: int, s: int, n: int, m: int,
-                 recompute: bool) -> int:
+                 recompute: bool, virtual: int = 1) -> int:
     """Bytes on a rank of stage s holding n layers: weights and optimizer states, which
     live all step, plus the larger of the step's two phases (not their sum)::
 
@@ -270,7 +295,10 @@ def stage_memory(first: Part, layer: Part, last: Part, pp: int, s: int, n: int, 
     when every micro-batch is in flight before the first backward (m == k), ``(k - 1) x A``
     plus the walk of one micro-batch's backward, group by group in reverse (last extras,
     layers, first extras), each making its gradients while the groups before it keep
-    theirs. With recompute one layer's activations are rebuilt at a time during backward."""
+    theirs. With recompute one layer's activations are rebuilt at a time during backward.
+
+    Interleaved (``virtual`` v > 1): k counts micro-batch chunks, A is a chunk's (1/v of the
+    stage's), and the backward walks one chunk (its share of the layers, with the extras)."""
     groups = ([(1, last)] if s == pp - 1 else []) + [(n, layer)] + ([(1, first)] if s == 0 else [])
     if s == 0 and s == pp - 1:           # one stage holds both ends: a weight they share (a tied table) once
         last = replace(last, model_bytes=last.model_bytes - last.shared_bytes,
@@ -280,12 +308,15 @@ def stage_memory(first: Part, layer: Part, last: Part, pp: int, s: int, n: int, 
              p.activation_bytes if p is layer and recompute else 0) for c, p in groups]
     static = sum(c * (p.model_bytes - p.grad_bytes) for c, p in groups)
     grads = sum(c * g for c, g, _, _ in held)
-    per_mb = sum(c * a for c, _, a, _ in held)
-    k = in_flight(pp, s, m)
-    if m > k:
-        backward = grads + (k - 1) * per_mb + _backward_walk([(c, 0, a, w) for c, _, a, w in held])
+    v = virtual if pp > 1 else 1
+    per_mb = sum(c * a for c, _, a, _ in held)               # one micro-batch in flight
+    per_mb = per_mb if v == 1 else per_mb / v                # interleaved: one chunk
+    walked = [(-(-c // v) if p is layer else c, g, a, w) for (c, g, a, w), (_, p) in zip(held, groups)]
+    k = in_flight(pp, s, m, "1f1b", v)
+    if m * v > k:
+        backward = grads + (k - 1) * per_mb + _backward_walk([(c, 0, a, w) for c, _, a, w in walked])
     else:
-        backward = (k - 1) * per_mb + _backward_walk(held)
+        backward = (k - 1) * per_mb + _backward_walk(walked)
     return int(static + max(k * per_mb, backward))
 
 
@@ -307,9 +338,10 @@ def _backward_walk(groups: list[tuple[int, int, int, int]]) -> int:
 
 
 def split_layers(layers: int, pp: int, fits: Callable[[int, int], bool],
-                 time: Callable[[int, int], float] | None = None) -> tuple[int, ...] | None:
+                 time: Callable[[int, int], float] | None = None, least: int = 1) -> tuple[int, ...] | None:
     """Layers per stage minimising the slowest stage's ``time(stage, n)`` (default: n)
-    among splits where every stage ``fits(stage, n)`` in memory; None when none does.
+    among splits where every stage ``fits(stage, n)`` in memory and holds at least
+    ``least`` layers (interleaved: one per chunk); None when none does.
     Stages with extra work (embeddings, head) or more micro-batches in flight get fewer.
 
     ``time(s, n)`` must not decrease with n: the most layers stage s takes under a bound
@@ -322,7 +354,7 @@ def split_layers(layers: int, pp: int, fits: Callable[[int, int], bool],
         while n < layers and fits(s, n + 1):
             n += 1
         most.append(n)
-    if sum(most) < layers or min(most) < 1:
+    if sum(most) < layers or min(most) < least:
         return None
     table = [[time(s, n) for n in range(1, most[s] + 1)] for s in range(pp)]   # table[s][n - 1]
 
@@ -334,14 +366,14 @@ def split_layers(layers: int, pp: int, fits: Callable[[int, int], bool],
     while lo < hi:
         mid = (lo + hi) // 2
         split = split_under(levels[mid])
-        if min(split) >= 1 and sum(split) >= layers:
+        if min(split) >= least and sum(split) >= layers:
             hi = mid
         else:
             lo = mid + 1
     split = split_under(levels[lo])
     extra = sum(split) - layers
     while extra:                           # give the surplus back from the slowest stages
-        s = max((s for s in range(pp) if split[s] > 1), key=lambda s: (table[s][split[s] - 1], -s))
+        s = max((s for s in range(pp) if split[s] > least), key=lambda s: (table[s][split[s] - 1], -s))
         split[s] -= 1
         extra -= 1
     return tuple(split)
@@ -354,8 +386,11 @@ def evaluate(coster: StageCoster, batch: int, setting: StageSetting,
     prof, fam = coster.profile, coster.family
     pp, dp, mp, m = setting.pp, setting.dp, setting.mp, setting.micro_batches
     recompute, zero, layers_per_stage = setting.recompute, setting.optimizer_parallel, setting.layers_per_stage
+    v = setting.virtual_stages if pp > 1 else 1
     if coster.devices % pp or (coster.devices // pp) != dp * mp or batch % m or (batch // m) % dp:
         return None
+    if v > 1 and (m % pp or fam.layers < pp * v):
+        return None       # interleaving needs m % p == 0 (Megatron's rule) and a layer per chunk
     mb = batch // m
     n_dev = coster.devices // pp
     try:
@@ -364,7 +399,7 @@ def evaluate(coster: StageCoster, batch: int, setting: StageSetting,
         layers = [coster.parts(n_dev, dp, mp, mb, zero, s * n_dev)[1] for s in range(pp)]
     except ValueError:
         return None       # the config refuses these degrees (heads not divisible, ...)
-    p2p = [transfer_seconds(prof, pp, s, n_dev, layers[s]) for s in range(pp)]
+    p2p = [transfer_seconds(prof, pp, s, n_dev, layers[s], v) for s in range(pp)]
 
     def time(s: int, n: int) -> float:
         return sum(stage_time(first, layers[s], last, pp, s, n, recompute)) + p2p[s]
@@ -372,13 +407,16 @@ def evaluate(coster: StageCoster, batch: int, setting: StageSetting,
     cap = float(prof.memory_bytes if memory_cap is None else memory_cap)
     if layers_per_stage is None:
         split = split_layers(fam.layers, pp,
-                             lambda s, n: stage_memory(first, layers[s], last, pp, s, n, m, recompute) <= cap, time)
+                             lambda s, n: stage_memory(first, layers[s], last, pp, s, n, m, recompute, v) <= cap, time,
+                             v)
         if split is None:
             split = tuple(int(n) for n in np.diff(np.linspace(0, fam.layers, pp + 1).round().astype(int)))
     else:
         split = tuple(layers_per_stage)
         if len(split) != pp or sum(split) != fam.layers:
             raise ValueError(f"layers_per_stage: expected {pp} counts summing to {fam.layers}, got {split}")
+    if min(split) < v:
+        return None       # a stage with fewer layers than chunks
     times, memories, grads, updates = [], [], [], []
     for s, n in enumerate(split):
         layer = layers[s]
@@ -387,15 +425,15 @@ def evaluate(coster: StageCoster, batch: int, setting: StageSetting,
         times.append((compute, comm + p2p[s]))
         grads.append(n * layer.grad_s + sum(p.grad_s for p in extras))
         updates.append(n * layer.update_s + sum(p.update_s for p in extras))
-        memories.append(stage_memory(first, layer, last, pp, s, n, m, recompute))
+        memories.append(stage_memory(first, layer, last, pp, s, n, m, recompute, v))
     slow = max(range(pp), key=lambda s: sum(times[s]))
     per_mb = sum(times[slow])
     once = max(grads) + step_collectives_seconds(prof, coster.devices, pp)
     compute_s, comm_s = m * times[slow][0], m * times[slow][1] + once
-    bubble = (pp - 1) * per_mb
+    bubble = (pp - 1) / v * per_mb
     step = compute_s + comm_s + bubble + max(updates)
     return StagePlan(pp, dp, mp, m, mb, split, recompute, zero, step, compute_s, comm_s, bubble, max(updates),
-                     tuple(memories))
+                     tuple(memories), v)
 
 
 def divisors(n: int) -> list[int]:
@@ -410,9 +448,12 @@ def micro_batch_counts(batch: int, pp: int, dp: int) -> list[int]:
 
 
 def search_stages(coster: StageCoster, batch: int, memory_cap: float | None = None,
-                  max_mp: int | None = None) -> tuple[StagePlan | None, list[StagePlan]]:
+                  max_mp: int | None = None, virtual_stages: tuple[int, ...] = (1,)
+                  ) -> tuple[StagePlan | None, list[StagePlan]]:
     """The fastest plan fitting the memory cap over stages, degrees, micro-batches,
-    recompute and optimizer parallel; and every plan priced (for reports).
+    recompute and optimizer parallel (and the chunks per stage in ``virtual_stages``, where
+    interleaving runs: p > 1, m % p == 0, a layer per chunk); and every plan priced (for
+    reports).
 
     Every micro-batch count the runtime can run is tried (:func:`micro_batch_counts`), none
     pruned: a setting's parts are priced once per (stage devices, dp, mp, micro-batch size)
@@ -431,9 +472,11 @@ def search_stages(coster: StageCoster, batch: int, memory_cap: float | None = No
             for m in micro_batch_counts(batch, pp, dp):
                 for recompute in (False, True):
                     for zero in (False, True):
-                        plan = evaluate(coster, batch, StageSetting(pp, dp, mp, m, recompute, zero), memory_cap=cap)
-                        if plan is not None:
-                            tried.append(plan)
+                        for v in virtual_stages if pp > 1 else (1,):
+                            plan = evaluate(coster, batch, StageSetting(pp, dp, mp, m, recompute, zero, None, v),
+                                            memory_cap=cap)
+                            if plan is not None:
+                                tried.append(plan)
     fitting = [p for p in tried if p.peak_memory_bytes <= cap]
     best = min(fitting, key=lambda p: p.step_seconds) if fitting else None
     return best, tried
