@@ -36,10 +36,11 @@ keeps what it measured). ``--calibrate`` first measures the machine with
 ``mpiexec -n R python -m autopar.calibrate`` for each R and prices with that profile::
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/cost_model_accuracy.py --quick      # 2 ranks, tiny model, 5 plans
-    # the lent 16-core machine (Open MPI), both sizes on 4 and 8 ranks, calibrated first, ~7 minutes:
+    # the lent 16-core machine (Open MPI): H256 and H384 on 4 and 8 ranks (68 plans), calibrated
+    # first, about 7 minutes; no plan starts after 430 s (the rest are listed as not run)
     OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1 \\
         python benchmarks/cost_model_accuracy.py --ranks 4 8 --calibrate --mpiexec-args "--bind-to core" \\
-        --deadline 450 --json accuracy.json --png accuracy.png
+        --steps 2 --deadline 430 --json accuracy.json --png accuracy.png
     python benchmarks/cost_model_accuracy.py --report accuracy.json --png accuracy.png   # print it again
 
 Targets (issue 13): time error <= 10%, Spearman >= 0.9, memory error <= 10%, regret <= 1.05.
