@@ -131,3 +131,25 @@ def test_data_parallel_gradient_all_reduce_is_one_ring_all_reduce_per_weight(lin
     weights = (4 * (h * 4 * h) + h) * 4
     norm = 8             # the once-per-step all-reduce of the squared gradient norm (one float64)
     assert got == pytest.approx((weights + norm) * 2 * (dp - 1) / dp / 1e9, rel=1e-12)
+
+
+def test_a_reshape_is_a_view_and_a_transpose_one_copy():
+    """numpy/CuPy reshape a contiguous array in place (a view) and transpose by strides; the
+    head merge's reshape after a transpose is where the copy happens, once: the cost model
+    charges reshapes no bytes and each transpose one pass in and out."""
+    class Heads(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.reshape, self.transpose, self.mean = ops.Reshape(), ops.Transpose(), ops.ReduceMean()
+
+        def construct(self, x):                                            # (B, S, H)
+            y = self.transpose(self.reshape(x, (4, 8, 2, 16)), (0, 2, 1, 3))   # -> (B, heads, S, D)
+            return self.mean(self.reshape(y, (4, 2, 128)))
+    g = trace(Heads(), (TensorSpec((4, 8, 32), np.dtype(np.float32)),), {}).graph
+    stage = Mesh((1,), ("devices",))
+    model = CostModel(g, stage, load_profile("cpu-2core"))
+    costs = {n.prim.kind + str(k): c for k, (n, c, _) in enumerate(model.op_costs(plan_shardings(g, "stand_alone",
+                                                                                                  stage, True)))}
+    moved = {k: c.bytes_moved for k, c in costs.items()}
+    assert moved["Reshape0"] == moved["Reshape2"] == 0
+    assert moved["Transpose1"] == 2 * 4 * 8 * 32 * 4          # in + out (no parameter: no backward)

@@ -56,7 +56,10 @@ class Movement(Primitive):
 
 @register
 class Reshape(Movement):
-    """``Reshape()(x, shape)``, e.g. split heads: ``(B, S, H) -> (B, S, heads, H/heads)``."""
+    """``Reshape()(x, shape)``, e.g. split heads: ``(B, S, H) -> (B, S, heads, H/heads)``.
+    A view of a contiguous input; a copy of a strided one (after a transpose)."""
+
+    view = "alias"
 
     static_args = ("shape",)
 
@@ -94,6 +97,8 @@ class Transpose(Movement):
     """``Transpose()(x, perm)``, e.g. heads first: ``(B, S, heads, D) -> (B, heads, S, D)``
     with ``perm = (0, 2, 1, 3)``. Gradient: the inverse permutation."""
 
+    view = "strided"
+
     static_args = ("perm",)
 
     def indexing(self, specs, out):
@@ -123,6 +128,8 @@ class Transpose(Movement):
 class ExpandDims(Movement):
     """``ExpandDims()(x, axis)``: axis in ``[-ndim-1, ndim]``; ``(B, S) -> (B, 1, S)`` at 1."""
 
+    view = "alias"
+
     static_args = ("axis",)
 
     def indexing(self, specs, out):
@@ -148,6 +155,8 @@ class ExpandDims(Movement):
 class Squeeze(Movement):
     """``Squeeze(axis=())(x)``: drop the named dims (each must have size 1), or every
     size-1 dim when ``axis`` is ``()``. ``(B, 1, S) -> (B, S)``."""
+
+    view = "alias"
 
     def local(self, sharding, rank, specs, out, comm_for=None):
         """Name the squeezed dims from the logical shape: a dim split down to local size 1

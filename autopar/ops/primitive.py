@@ -40,6 +40,10 @@ class Primitive:
     save_output: ClassVar[bool] = False
     nondiff_inputs: ClassVar[tuple[int, ...]] = ()  # inputs that never get a gradient (labels, masks)
     needs_rng: ClassVar[bool] = False             # forward/vjp take key=RngKey (dropout)
+    # memory views: "alias" -- the output views its input (a reshape); "strided" -- a strided
+    # view (a transpose) that the next contiguous reader copies once. The cost model charges
+    # an alias no bytes and a strided view that one copy.
+    view: ClassVar[str] = ""
 
     def __init__(self, **attrs: Any):
         self.attrs: dict[str, Any] = attrs
@@ -104,6 +108,8 @@ class Primitive:
         return self.flops(specs, out) * sum(bool(n) for n in needs)
 
     def bytes_accessed(self, specs: Sequence[TensorSpec], out: TensorSpec) -> int:
+        if self.view == "alias":
+            return 0
         return sum(s.nbytes for s in specs) + out.nbytes
 
     # ---- sharding ---------------------------------------------------------------------

@@ -275,7 +275,7 @@ class CostModel:
         backward = any(needs)
         if backward:
             flops += prim.vjp_flops(specs, out, needs)
-            nbytes += nbytes + out.nbytes          # backward reads what forward did, plus dy
+            nbytes += nbytes + (0 if prim.view == "alias" else out.nbytes)   # backward reads what forward did, plus dy
         launches = 2 if backward else 1
         if dtype not in prof.gemm_flops:   # a dtype the profile lists no rate for: its slowest rate
             dtype = min(prof.gemm_flops, key=prof.gemm_flops.get)
