@@ -48,6 +48,7 @@ class Primitive:
     def __init__(self, **attrs: Any):
         self.attrs: dict[str, Any] = attrs
         self.strategy: Strategy | None = None
+        self.recompute_mode: bool | None = None     # None: as its cell says (Cell.recompute)
 
     # ---- identity ---------------------------------------------------------------------
     @property
@@ -73,6 +74,14 @@ class Primitive:
             self.strategy = normalize_strategy(in_strategy, out_strategy)
         except (OpArgError, OpTypeError) as err:
             raise at_scope(err, f"{self.kind}.shard") from None
+        return self
+
+    def recompute(self, mode: bool = True) -> "Primitive":
+        """MindSpore's ``op.recompute()``: rebuild this op's output for backward instead of
+        keeping it (``mode=False``: keep it even inside a recomputed cell); returns the op."""
+        if not isinstance(mode, bool):
+            raise OpTypeError("mode", "a bool", repr(mode))
+        self.recompute_mode = mode
         return self
 
     def __call__(self, *args):
