@@ -52,6 +52,7 @@ class Plan:
     recompute: bool = False
     zero: bool = False             # enable_parallel_optimizer
     auto: bool = False
+    virtual: int = 1               # PipelineCell virtual_stages (interleaved 1F1B: pp x virtual chunks)
 
     @property
     def full_batch(self) -> bool:
@@ -71,20 +72,21 @@ def batch_of(ranks: int) -> int:
 
 
 def hand(dp: int = 1, mp: int = 1, pp: int = 1, micro: int = 1, schedule: str = "1f1b", recompute: bool = False,
-         zero: bool = False) -> Plan:
+         zero: bool = False, virtual: int = 1) -> Plan:
     """A hand plan named by its settings ("pp2 dp2 mp2 m4 gpipe recompute zero", degrees of 1
-    left out)."""
+    left out; "v2": interleaved over 2 chunks per stage)."""
     parts = [f"pp{pp}" if pp > 1 else "", f"dp{dp}" if dp > 1 else "", f"mp{mp}" if mp > 1 else "",
-             f"m{micro}" if micro > 1 else "", "gpipe" if schedule == "gpipe" else "",
-             "recompute" if recompute else "", "zero" if zero else ""]
-    return Plan(" ".join(p for p in parts if p) or "serial", dp, mp, pp, micro, schedule, recompute, zero)
+             f"m{micro}" if micro > 1 else "", f"v{virtual}" if virtual > 1 else "",
+             "gpipe" if schedule == "gpipe" else "", "recompute" if recompute else "", "zero" if zero else ""]
+    return Plan(" ".join(p for p in parts if p) or "serial", dp, mp, pp, micro, schedule, recompute, zero,
+                virtual=virtual)
 
 
 def plans(ranks: int) -> list[Plan]:
     """The plans trained on ``ranks`` (4 or 8; a multiple of 4): hand dp, mp, dp x mp, pp 2
     and 4 with two micro-batch counts each, both schedules, recompute and optimizer parallel
-    on and off, and the auto plan (first: it matters most for the regret). On 8 ranks two
-    more come last, the slowest (a ``--deadline`` drops them first)."""
+    on and off, and the auto plan (first: it matters most for the regret); last, the ones a
+    ``--deadline`` may drop: interleaved 1F1B, and on 8 ranks the slowest two."""
     if ranks < 4 or ranks % 4:
         raise ValueError(f"plans: ranks: expected a multiple of 4 (4 pipeline stages of dp x mp ranks), got {ranks}; "
                          "use --ranks 4 8 (or --quick on 2 ranks)")
@@ -95,7 +97,7 @@ def plans(ranks: int) -> list[Plan]:
            hand(dp=n2 // 2, mp=2, pp=2, micro=2), hand(dp=n2, pp=2, micro=2, recompute=True),
            hand(dp=n2, pp=2, micro=2, zero=True),
            hand(dp=n4, pp=4, micro=4), hand(dp=n4, pp=4, micro=8), hand(dp=n4, pp=4, micro=4, schedule="gpipe"),
-           hand(dp=n4, pp=4, micro=8, schedule="gpipe", recompute=True)]
+           hand(dp=n4, pp=4, micro=8, schedule="gpipe", recompute=True), hand(dp=n2, pp=2, micro=4, virtual=2)]
     if n4 > 1:
         out += [hand(mp=r), hand(dp=n4 // 2, mp=2, pp=4, micro=4)]
     return out
@@ -103,11 +105,11 @@ def plans(ranks: int) -> list[Plan]:
 
 def quick_plans(ranks: int) -> list[Plan]:
     """A few plans on 2 ranks that still take every path: dp with optimizer parallel, mp
-    with recompute, pp2 under both schedules with recompute on one of them, the auto plan."""
+    with recompute, pp2 under both schedules (recompute on one) and interleaved, the auto plan."""
     if ranks != 2:
         raise ValueError(f"quick_plans: ranks: expected 2, got {ranks}; run --quick with --ranks 2")
     return [Plan("auto", auto=True), hand(dp=2, zero=True), hand(mp=2, recompute=True), hand(pp=2, micro=2),
-            hand(pp=2, micro=4, schedule="gpipe", recompute=True)]
+            hand(pp=2, micro=4, schedule="gpipe", recompute=True), hand(pp=2, micro=2, virtual=2)]
 
 
 def check_plan(plan: Plan, ranks: int) -> None:
@@ -119,8 +121,9 @@ def check_plan(plan: Plan, ranks: int) -> None:
         problems.append(f"dp x mp x pp = {plan.dp * plan.mp * plan.pp}, not {ranks}")
     if batch % plan.micro or rows % plan.dp:
         problems.append(f"a micro-batch of {batch} / {plan.micro} rows does not split over dp{plan.dp}")
-    if plan.micro < plan.pp:
-        problems.append(f"{plan.micro} micro-batches for {plan.pp} stages")
+    if plan.micro < plan.pp or (plan.virtual > 1 and plan.micro % plan.pp):
+        problems.append(f"{plan.micro} micro-batches for {plan.pp} stages" + (" (interleaved: a multiple)"
+                                                                               if plan.virtual > 1 else ""))
     if problems:
         raise ValueError(f"plan {plan.name!r} on {ranks} ranks (batch {batch}): {'; '.join(problems)}")
 
@@ -134,11 +137,11 @@ def build(plan: Plan, size: dict):
     net = PanguAlphaWithLoss(cfg)
     blocks = list(net.backbone.blocks)
     if plan.pp > 1:                                  # the query layer follows the last block
-        nn.set_pipeline_stages(blocks, stages=plan.pp)
+        nn.set_pipeline_stages(blocks, stages=plan.pp * plan.virtual)
     if plan.recompute:
         for block in blocks:
             block.recompute()
-    cell = nn.PipelineCell(net, plan.micro, plan.schedule) if plan.pipelined else net
+    cell = nn.PipelineCell(net, plan.micro, plan.schedule, plan.virtual) if plan.pipelined else net
     opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.01)
     return cfg, net, nn.TrainOneStepCell(cell, opt, clip_norm=1.0)
 
@@ -183,15 +186,16 @@ def predict_hand(plan: Plan, size: dict, ranks: int, profile: str):
     stack = find_layer_stack(graph)
     n = plan.ranks_per_stage(ranks)
     options = PlanOptions(cost_profile=profile, optimizer_parallel=plan.zero)
-    assign = assign_stages(graph, plan.pp, differentiable_values(graph, graph.params))
-    staged = plan_pipeline(graph, assign, n, "semi_auto_parallel", plan.full_batch, options)
-    split = layers_per_stage(graph, stack, assign, plan.pp)
+    chunks = plan.pp * plan.virtual
+    assign = assign_stages(graph, chunks, differentiable_values(graph, graph.params), plan.virtual)
+    staged = plan_pipeline(graph, assign, n, "semi_auto_parallel", plan.full_batch, options, ranks_stages=plan.pp)
+    split = layers_per_stage(graph, stack, assign, chunks)
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "hand.json")
         save_pipeline_plan(path, staged, plan.full_batch, options)
         priced = price(graph, stack, ranks, plan.pp, plan.micro, split, plan.zero, [plan.recompute],
                        plan.schedule, dataclasses.replace(options, strategy_file=path), plan.full_batch,
-                       keep_stages=True)
+                       keep_stages=True, virtual=plan.virtual)
     if not priced:
         raise ValueError(f"predict_hand: plan {plan.name!r}: price() found no plan for its shapes")
     return priced[0]

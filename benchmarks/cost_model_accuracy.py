@@ -3,7 +3,7 @@
 For each PanGu-α size (``--sizes``) and rank count (``--ranks``), every plan of
 :func:`accuracy_plans.plans` -- hand dp, mp and dp x mp (the model's own strategies under
 ``semi_auto_parallel``), pipelines of 2 and 4 stages with several micro-batch counts under
-both schedules (1F1B, GPipe), recompute and optimizer parallel on and off, and the auto
+both schedules (1F1B, GPipe) and interleaved, recompute and optimizer parallel on and off, and the auto
 plan (``auto_parallel`` with nothing fixed: the joint search picks stages, micro-batches,
 recompute, optimizer parallel and every stage's op strategies) -- is trained for real, one
 MPI job per plan (fp32, dropout 0.1, AdamWeightDecay, clip 1.0, batch 2 x ranks).
@@ -36,8 +36,8 @@ keeps what it measured). ``--calibrate`` first measures the machine with
 ``mpiexec -n R python -m autopar.calibrate`` for each R and prices with that profile::
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/cost_model_accuracy.py --quick      # 2 ranks, tiny model, 5 plans
-    # the lent 16-core machine (Open MPI): H256 and H384 on 4 and 8 ranks (68 plans), calibrated
-    # first, about 7 minutes; no plan starts after 430 s (the rest are listed as not run)
+    # the lent 16-core machine (Open MPI): H256 and H384 on 4 and 8 ranks (72 plans), calibrated
+    # first, about 7 minutes; no plan starts after 430 s (those left are listed as not run)
     OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1 \\
         python benchmarks/cost_model_accuracy.py --ranks 4 8 --calibrate --mpiexec-args "--bind-to core" \\
         --steps 2 --deadline 430 --json accuracy.json --png accuracy.png

@@ -25,7 +25,7 @@ TINY = ap.SIZES["tiny"]
 @pytest.mark.parametrize("ranks", [4, 8])
 def test_each_group_has_15_distinct_plans_spanning_every_dimension(ranks):
     plans = ap.plans(ranks)
-    settings = {(p.dp, p.mp, p.pp, p.micro, p.schedule, p.recompute, p.zero, p.auto) for p in plans}
+    settings = {(p.dp, p.mp, p.pp, p.micro, p.schedule, p.recompute, p.zero, p.auto, p.virtual) for p in plans}
     assert len(plans) >= 15 and len(settings) == len(plans) and len({p.name for p in plans}) == len(plans)
     for p in plans:
         ap.check_plan(p, ranks)                  # degrees multiply to the ranks; micro-batches split over dp
@@ -37,7 +37,7 @@ def test_each_group_has_15_distinct_plans_spanning_every_dimension(ranks):
         assert len({p.micro for p in hand if p.pp == pp}) >= 2, pp
     for key in ("recompute", "zero"):            # on and off
         assert {getattr(p, key) for p in hand} == {False, True}, key
-    assert {p.schedule for p in hand if p.pp > 1} == {"1f1b", "gpipe"}
+    assert {p.schedule for p in hand if p.pp > 1} == {"1f1b", "gpipe"} and any(p.virtual == 2 for p in hand)
 
 
 def test_quick_plans_take_every_path_on_two_ranks():
@@ -48,6 +48,7 @@ def test_quick_plans_take_every_path_on_two_ranks():
     assert any(p.dp == 2 and p.zero for p in quick) and any(p.mp == 2 for p in quick)
     assert {p.schedule for p in quick if p.pp == 2} == {"1f1b", "gpipe"}
     assert any(p.recompute and p.pp == 2 for p in quick) and any(p.recompute and p.pp == 1 for p in quick)
+    assert any(p.virtual == 2 for p in quick)
 
 
 def test_a_bad_rank_count_or_plan_names_itself():
@@ -62,19 +63,20 @@ def _graph_at(rows):
     return trace(net, (TensorSpec((rows, TINY["seq_length"] + 1), np.dtype(np.int32)),), {}).graph
 
 
-@pytest.mark.parametrize("plan", [ap.Plan("pp2 m2", pp=2, micro=2),
-                                  ap.Plan("pp2 m4 gpipe recompute", pp=2, micro=4, schedule="gpipe", recompute=True)],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("plan", [ap.hand(pp=2, micro=2), ap.hand(pp=2, micro=4, schedule="gpipe", recompute=True),
+                                  ap.hand(pp=2, micro=2, virtual=2)], ids=lambda p: p.name)
 def test_a_hand_pipeline_is_predicted_as_the_joint_search_prices_it(plan):
     """One rank per stage leaves the ops one strategy, so the hand pipeline (stages from
-    set_pipeline_stages, PipelineCell micro-batches, recompute marks) must cost exactly what
-    the joint search's price() gives the same stages, micro-batches, schedule and recompute."""
+    set_pipeline_stages, PipelineCell micro-batches and chunks, recompute marks) must cost
+    exactly what the joint search's price() gives the same stages, micro-batches, schedule,
+    interleaving and recompute."""
     hand = ap.predict_hand(plan, TINY, 2, "cpu-2core")
     fixed = AutoFixed(pp=2, micro_batches=plan.micro, recompute=plan.recompute, optimizer_parallel=False,
-                      schedule=plan.schedule)
+                      schedule=plan.schedule, virtual_stages=plan.virtual)
     _, (searched,) = search_auto(_graph_at, ap.batch_of(2), 2, PlanOptions(cost_profile="cpu-2core"), fixed)
-    assert hand.layers_per_stage == searched.layers_per_stage == (2, 2)
-    assert (hand.micro_batches, hand.schedule, hand.recompute) == (plan.micro, plan.schedule, plan.recompute)
+    assert hand.layers_per_stage == searched.layers_per_stage == ((2, 2) if plan.virtual == 1 else (1, 1, 1, 1))
+    assert (hand.micro_batches, hand.schedule, hand.recompute, hand.virtual_stages) == \
+        (plan.micro, plan.schedule, plan.recompute, plan.virtual)
     assert hand.step_seconds == pytest.approx(searched.step_seconds, rel=1e-12)
     assert hand.memory_bytes == searched.memory_bytes
 
