@@ -3,10 +3,10 @@
 For each PanGu-α size (``--sizes``) and rank count (``--ranks``), every plan of
 :func:`accuracy_plans.plans` -- hand dp, mp and dp x mp (the model's own strategies under
 ``semi_auto_parallel``), pipelines of 2 and 4 stages with several micro-batch counts under
-both schedules (1F1B, GPipe) and interleaved, recompute and optimizer parallel on and off, and the auto
-plan (``auto_parallel`` with nothing fixed: the joint search picks stages, micro-batches,
-recompute, optimizer parallel and every stage's op strategies) -- is trained for real, one
-MPI job per plan (fp32, dropout 0.1, AdamWeightDecay, clip 1.0, batch 2 x ranks).
+both schedules (1F1B, GPipe) and interleaved 1F1B, recompute and optimizer parallel on and
+off, and the auto plan (``auto_parallel`` with nothing fixed: the joint search picks
+stages, micro-batches, recompute, optimizer parallel and every stage's op strategies) --
+is trained for real, one MPI job per plan (fp32, dropout 0.1, AdamWeightDecay, clip 1.0, batch 2 x ranks).
 
 **Prediction.** One cost model for every plan: ``price()`` of
 ``autopar.strategy.pipeline.auto``, the function the ``auto_parallel`` joint search prices its
@@ -35,7 +35,7 @@ vs measured (``--png``) and writes every row to ``--json`` after each plan (a ru
 keeps what it measured). ``--calibrate`` first measures the machine with
 ``mpiexec -n R python -m autopar.calibrate`` for each R and prices with that profile::
 
-    OPENBLAS_NUM_THREADS=1 python benchmarks/cost_model_accuracy.py --quick      # 2 ranks, tiny model, 5 plans
+    OPENBLAS_NUM_THREADS=1 python benchmarks/cost_model_accuracy.py --quick      # 2 ranks, tiny model, 6 plans
     # the lent 16-core machine (Open MPI): H256 and H384 on 4 and 8 ranks (72 plans), calibrated
     # first, about 7 minutes; no plan starts after 430 s (those left are listed as not run)
     OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1 \\
@@ -422,7 +422,7 @@ def main() -> None:
     parser.add_argument("--plan-timeout", type=float, default=180.0, help="seconds one plan's job may take")
     parser.add_argument("--png", default="", help="write the predicted-vs-measured scatter plot here")
     parser.add_argument("--json", default="", help="write every row here (after each plan, and at the end)")
-    parser.add_argument("--quick", action="store_true", help="2 ranks, the tiny model, 5 plans taking every path")
+    parser.add_argument("--quick", action="store_true", help="2 ranks, the tiny model, 6 plans taking every path")
     parser.add_argument("--only", nargs="*", default=None, help="plan names to run (default: all)")
     parser.add_argument("--mpiexec", default=default_mpiexec())
     parser.add_argument("--mpiexec-args", default="", help="extra launcher flags, e.g. '--bind-to core'")
