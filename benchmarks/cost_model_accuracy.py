@@ -42,6 +42,8 @@ keeps what it measured). ``--calibrate`` first measures the machine with
         python benchmarks/cost_model_accuracy.py --ranks 4 8 --calibrate --mpiexec-args "--bind-to core" \\
         --steps 2 --deadline 430 --json accuracy.json --png accuracy.png
     python benchmarks/cost_model_accuracy.py --report accuracy.json --png accuracy.png   # print it again
+    # (or the two rank counts as two jobs, --ranks 4 --json a4.json and --ranks 8 --json a8.json,
+    #  then one report over both: --report a4.json a8.json)
 
 Targets (issue 13): time error <= 10%, Spearman >= 0.9, memory error <= 10%, regret <= 1.05.
 """
@@ -398,6 +400,18 @@ def scatter_png(saved: dict, path: str) -> None:
     plt.close(fig)
 
 
+def merged(runs: list[dict]) -> dict:
+    """Several saved runs as one: their rows, failures, sizes and profiles together (the
+    measurement settings of the first)."""
+    out = dict(runs[0], rows=[], failed=[], sizes={}, profiles={})
+    for run in runs:
+        for key in ("rows", "failed"):
+            out[key] += run[key]
+        for key in ("sizes", "profiles"):
+            out[key].update(run[key])
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[4], help="rank counts (multiples of 4; --quick: 2)")
@@ -426,15 +440,16 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="plan names to run (default: all)")
     parser.add_argument("--mpiexec", default=default_mpiexec())
     parser.add_argument("--mpiexec-args", default="", help="extra launcher flags, e.g. '--bind-to core'")
-    parser.add_argument("--report", metavar="JSON", help="print the report (and --png) of a saved --json, "
-                        "running nothing")
+    parser.add_argument("--report", metavar="JSON", nargs="+", help="print the report (and --png) of saved --json "
+                        "files, running nothing (several: one report over all their plans, e.g. 4 and 8 ranks run "
+                        "as two jobs)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
     elif args.report:
-        saved = json.loads(Path(args.report).read_text())
+        saved = merged([json.loads(Path(p).read_text()) for p in args.report])
         report(saved)
         if args.png:
             scatter_png(saved, args.png)
