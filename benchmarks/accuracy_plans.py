@@ -4,9 +4,8 @@ A :class:`Plan` is one way to train a PanGu-α size on R ranks: a hand plan (the
 ``.shard()`` strategies from ``PanguAlphaConfig.data_parallel`` / ``model_parallel`` under
 ``semi_auto_parallel``, ``pipeline_stages`` set, the blocks on their stages by
 :func:`autopar.nn.set_pipeline_stages`, a ``PipelineCell(net, micro, pipeline_schedule,
-virtual_stages)``,
-blocks marked ``.recompute()``, ``enable_parallel_optimizer`` set), or the auto plan
-(``auto_parallel`` with nothing fixed: the joint search chooses all of it).
+virtual_stages)``, blocks marked ``.recompute()``, ``enable_parallel_optimizer`` set), or
+the auto plan (``auto_parallel`` with nothing fixed: the joint search chooses all of it).
 
 Predictions come from the planner's own pricing, :func:`autopar.strategy.pipeline.auto.price`,
 the function that prices every candidate of the ``auto_parallel`` joint search, so hand and
