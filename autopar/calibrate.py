@@ -12,6 +12,10 @@ machine shared with other work close to what the machine does when it is not.
 |---------------------------------|------------------------------------------------------------------|
 | gemm_flops.<dtype>              | 2·n³ / time of an (n, n) @ (n, n) matmul, 1 BLAS thread per rank |
 | elementwise_bytes_per_s         | np.add of two arrays into a fresh one: 3·nbytes / time           |
+| gemm_efficiency.<dtype>         | per d: 2·b·d·b / time of a (b, d) @ (d, b) matmul over the       |
+|                                 | gemm_flops rate (skinny GEMMs run below peak; b = gemm_n)        |
+| collective_wait_s               | mean over ranks of (time of a 1-element all-reduce right after  |
+|                                 | identical GEMM work) - latency: what ranks arriving apart add    |
 | op_overhead_s                   | autopar Program of a chain of tiny (4, 4) elementwise ops:       |
 |                                 | time of one run / its instruction count                          |
 | intra_node_latency_s            | mean time of a 1-element float32 all-reduce among one host's     |
@@ -86,6 +90,8 @@ class Sizes:
     latency_rounds: int
     allreduce_bytes: int           # the large all-reduce's buffer
     allreduce_repeats: int
+    efficiency_dims: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)   # min(m, n, k) of the skinny GEMMs
+    wait_repeats: int = 20         # all-reduces after identical work (collective_wait_s)
 
 
 FULL = Sizes(gemm_n=2048, gemm_repeats=5, elementwise_bytes=64 * MiB, elementwise_repeats=10,
@@ -125,6 +131,46 @@ def measure_gemm_flops(comm: Communicator, dtype: str, n: int, repeats: int) -> 
     b = rng.standard_normal((n, n)).astype(dtype)      # (n, n)
     a @ b                                              # warm-up: BLAS buffers, pages
     return 2.0 * n ** 3 / best_seconds_together(comm, lambda: a @ b, repeats, COMPUTE_CLOCK)
+
+
+def measure_gemm_efficiency(comm: Communicator, dtype: str, peak: float, b: int, dims: Sequence[int],
+                            repeats: int) -> tuple[tuple[float, float], ...]:
+    """Per d of ``dims``: the rate of a (b, d) @ (d, b) matmul (its smallest dimension d) as a
+    fraction of ``peak`` (the square GEMM's rate, so the largest d reads about 1), slowest rank."""
+    rng = np.random.default_rng(0)
+    points = []
+    for d in sorted(dims):
+        a = rng.standard_normal((b, d)).astype(dtype)      # (b, d)
+        w = rng.standard_normal((d, b)).astype(dtype)      # (d, b)
+        a @ w
+        rate = 2.0 * b * d * b / best_seconds_together(comm, lambda: a @ w, repeats, COMPUTE_CLOCK)
+        points.append((float(d), min(1.0, rate / peak)))
+    return tuple(points)
+
+
+def measure_collective_wait_s(comm: Communicator, latency_s: float, repeats: int,
+                              work: Callable[[], object] | None = None) -> float:
+    """Seconds a collective costs beyond ``latency_s`` because ranks reach it apart: every rank
+    runs the same ``work`` (default: a few small GEMMs, as a step's ops), then a 1-element
+    all-reduce, timed; the mean over ranks of (that time - latency) -- the rank that came
+    last waits for no one, the others for it -- median over ``repeats``, at least 0."""
+    if work is None:
+        rng = np.random.default_rng(comm.rank)
+        x = rng.standard_normal((256, 256)).astype(np.float32)      # (256, 256)
+
+        def work():
+            for _ in range(4):
+                x @ x
+    small = np.ones(1, np.float32)
+    waits = []
+    for _ in range(repeats):
+        comm.barrier()
+        work()
+        start = time.perf_counter()
+        comm.allreduce(small)
+        waits.append(time.perf_counter() - start)
+    mean = comm.allreduce(np.array(waits, np.float64)) / comm.size                # (repeats,) over ranks
+    return max(0.0, float(np.median(mean)) - latency_s)
 
 
 def measure_elementwise_bytes_per_s(comm: Communicator, nbytes: int, repeats: int) -> float:
@@ -274,6 +320,14 @@ def calibrate(comm: Communicator, host: str, name: str, sizes: Sizes = FULL,
                 f"({sizes.gemm_n}, {sizes.gemm_n}) {dtype} matmul, {ranks} {sizes.gemm_repeats}, slowest rank: "
                 f"2*n^3 / thread CPU time")
         figures["gemm_flops"] = gemm
+        figures["gemm_efficiency"] = {
+            dtype: measure_gemm_efficiency(comm, dtype, gemm[dtype], sizes.gemm_n, sizes.efficiency_dims,
+                                           sizes.gemm_repeats) for dtype in dtypes}
+        for dtype in dtypes:
+            sources[f"gemm_efficiency.{dtype}"] = (
+                f"measured {said}: ({sizes.gemm_n}, d) @ (d, {sizes.gemm_n}) {dtype} matmuls for d in "
+                f"{list(sizes.efficiency_dims)}, {ranks} {sizes.gemm_repeats}, slowest rank: their rate over "
+                f"gemm_flops.{dtype}")
     figures["elementwise_bytes_per_s"] = measure_elementwise_bytes_per_s(
         comm, sizes.elementwise_bytes, sizes.elementwise_repeats)
     sources["elementwise_bytes_per_s"] = (
@@ -287,6 +341,13 @@ def calibrate(comm: Communicator, host: str, name: str, sizes: Sizes = FULL,
     collective, collective_sources = _collective_figures(comm, by_host, sizes, said, like)
     figures.update(collective)
     sources.update(collective_sources)
+    if comm.size > 1:
+        with threadpool_limits(limits=1, user_api="blas"):
+            figures["collective_wait_s"] = measure_collective_wait_s(
+                comm, collective["intra_node_latency_s"], sizes.wait_repeats)
+        sources["collective_wait_s"] = (
+            f"measured {said}: 4 (256, 256) float32 matmuls on every rank, then a 1-element all-reduce, "
+            f"{sizes.wait_repeats} times; median of the ranks' mean call time minus intra_node_latency_s")
 
     with threadpool_limits(limits=1, user_api="blas"):
         rates = _op_rates(comm, figures, sources, sizes)

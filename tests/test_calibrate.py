@@ -21,6 +21,8 @@ from autopar.calibrate import (
     cross_host_groups,
     host_groups,
     main,
+    measure_collective_wait_s,
+    measure_gemm_efficiency,
     measure_gemm_flops,
     memtotal_bytes,
 )
@@ -169,6 +171,11 @@ def test_quick_two_rank_run_writes_a_loadable_profile(quick_run):
         else:
             assert text.startswith("measured by autopar.calibrate on "), text
     assert "2 ranks on one host" in profile.sources["intra_node_bandwidth_bytes_per_s"]
+    for dtype in ("float32", "float64"):            # a curve per dtype, sourced, d increasing
+        ds = [d for d, _ in profile.gemm_efficiency[dtype]]
+        assert ds == sorted(ds) and all(0 < f <= 1 for _, f in profile.gemm_efficiency[dtype])
+        assert profile.sources[f"gemm_efficiency.{dtype}"].startswith("measured by autopar.calibrate on ")
+    assert profile.collective_wait_s >= 0 and profile.sources["collective_wait_s"].startswith("measured")
 
 
 def test_allreduce_prediction_at_another_size_is_within_2x(timings):
@@ -322,3 +329,25 @@ def test_every_shipped_profile_sources_its_op_overhead():
         profile = load_profile(name)
         assert profile.op_overhead_s > 0, name
         assert profile.sources["op_overhead_s"] != DEFAULTED_SOURCE, name
+
+
+def test_collective_wait_is_the_mean_skew_of_arrival():
+    """Rank 1 works 40 ms longer before every all-reduce: rank 0 waits ~40 ms, rank 1 ~0, so
+    the measured wait is ~20 ms per call (the method, with the skew known)."""
+    def body(comm):
+        def work():
+            if comm.rank == 1:
+                time.sleep(0.04)
+        return measure_collective_wait_s(comm, 0.0, 5, work)
+    waits = run_in_process(2, body)
+    assert waits[0] == waits[1]                                # every rank reports the same figure
+    assert 0.015 < waits[0] < 0.035, waits
+
+
+def test_skinny_gemms_reach_a_smaller_fraction_of_the_rate():
+    """A (512, 4) @ (4, 512) matmul does 4 multiply-adds per output it writes: far below the
+    square GEMM's rate; the widest point is near it (numpy's BLAS, one thread)."""
+    comm = SelfCommunicator()
+    peak = measure_gemm_flops(comm, "float32", 512, 3)
+    curve = dict(measure_gemm_efficiency(comm, "float32", peak, 512, (4, 512), 3))
+    assert curve[4.0] < 0.5 * curve[512.0]
