@@ -31,7 +31,7 @@ class Cell:
         object.__setattr__(self, "_compiled", {})
         object.__setattr__(self, "training", False)
         object.__setattr__(self, "_pipeline_stage", None)
-        object.__setattr__(self, "is_recompute", False)
+        object.__setattr__(self, "is_recompute", None)    # None: as the enclosing cell says
 
     # ---- registration ----------------------------------------------------------------
     def __setattr__(self, name: str, value) -> None:
@@ -123,7 +123,11 @@ class Cell:
         return self
 
     def recompute(self, mode: bool = True) -> "Cell":
-        """Drop this cell's activations after forward and recompute them for backward."""
+        """Drop this cell's activations after forward and recompute them for backward
+        (MindSpore's ``Cell.recompute()``). ``mode=False`` marks the cell kept: inside a
+        recomputed cell, its ops' outputs are saved as usual. The innermost explicit mark
+        wins, and an op's own (``Primitive.recompute``) beats every cell's. A cell never
+        marked (``is_recompute`` None) follows the cell around it."""
         object.__setattr__(self, "is_recompute", bool(mode))
         return self
 

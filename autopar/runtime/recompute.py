@@ -1,14 +1,15 @@
-"""Recompute: a recomputed cell's activations die after forward and are rebuilt before its backward.
+"""Recompute: recomputed ops' activations die after forward and are rebuilt before their backward.
 
 A graph pass, run by :class:`~autopar.runtime.program.Program` when a node is marked
-``recompute`` (``Cell.recompute()``), on the serial training graph or a rank's local graph.
+``recompute`` (``Cell.recompute()``, ``Primitive.recompute()``), on the serial training
+graph or a rank's local graph.
 
-Regions. Every call of a recomputed cell is one *region*: its forward nodes, with any
-``Redistribute`` node lowering inserted for them (they carry the consumer's scope). Nodes
-record only a flag, so the marked cell is read back from scopes: a region's root is the
-shortest scope prefix under which every traced forward node is marked, descended through
-prefixes that hold no op of their own (a ``CellList`` of marked blocks gives one region per
-block, not one for the list). Consecutive nodes under one root form one region.
+Regions. The rule is :mod:`autopar.strategy.recompute_regions` (the cost model prices
+with the same one): a region is a maximal run of consecutive recomputed forward nodes, cut
+between cell calls -- a whole marked block, or only the attention core of a block whose
+core ops are marked. A ``Redistribute`` node lowering inserted takes the mark of the op it
+feeds (it carries that op's scope and comes right before it), so a recomputed op's input
+redistribution runs again with it.
 
 Values. Inputs of a region (activations from outside, parameters, constants) stay saved, as
 does every value a region produces for a forward node outside it (the cell's output, which
@@ -29,38 +30,24 @@ import dataclasses
 from typing import Sequence
 
 from ..ir.graph import FORWARD, Graph, Node, Value
+from ..strategy.recompute_regions import internal_values, rebuild_set, recompute_regions
 from .memory import guess_buffers
 from .spmd import Redistribute
 
 CLONE_SUFFIX = "#recompute"
 
 
-def _prefixes(scope: str) -> list[str]:
-    parts = scope.split(".")
-    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
-
-
-def _inserted(node: Node) -> bool:
-    """Nodes lowering inserted (they take the scope of the op they feed)."""
-    return isinstance(node.prim, Redistribute)
-
-
-def _root_finder(forward: list[Node]):
-    """scope -> the scope of the recomputed cell it lies in, or None."""
-    marked = {n.scope for n in forward if n.recompute}            # scopes holding marked ops
-    blocked = {p for n in forward if not n.recompute and not _inserted(n) for p in _prefixes(n.scope)}
-    cache: dict[str, str | None] = {}
-
-    def root(scope: str) -> str | None:
-        if scope not in cache:
-            chain = _prefixes(scope)
-            i = next((k for k, p in enumerate(chain) if p not in blocked), None)
-            if i is not None:
-                while chain[i] not in marked and i + 1 < len(chain):
-                    i += 1                                         # no op of its own: descend
-            cache[scope] = None if i is None else chain[i]
-        return cache[scope]
-    return root
+def _marks(forward: list[Node]) -> list[bool]:
+    """Per forward node, whether it is recomputed: its own mark, or for a redistribution
+    lowering inserted, the mark of the op it feeds (the next node not inserted, same scope)."""
+    marks, feeds = [False] * len(forward), None
+    for k in range(len(forward) - 1, -1, -1):
+        n = forward[k]
+        if isinstance(n.prim, Redistribute):
+            marks[k] = feeds is not None and feeds.scope == n.scope and feeds.recompute
+        else:
+            marks[k], feeds = n.recompute, n
+    return marks
 
 
 def live_nodes(graph: Graph, outputs: Sequence[int]) -> list[Node]:
@@ -75,21 +62,11 @@ def live_nodes(graph: Graph, outputs: Sequence[int]) -> list[Node]:
 
 
 def regions(graph: Graph, nodes: Sequence[Node] | None = None) -> dict[int, int]:
-    """Forward node id -> region number, for the nodes of recomputed cells."""
+    """Forward node id -> region number, for the recomputed forward nodes."""
     forward = [n for n in (graph.nodes if nodes is None else nodes) if n.phase == FORWARD]
     if not any(n.recompute for n in forward):
         return {}
-    root = _root_finder(forward)
-    out: dict[int, int] = {}
-    rid, prev = -1, None
-    for n in forward:
-        key = root(n.scope)
-        if key is not None and key != prev:
-            rid += 1
-        if key is not None:
-            out[n.id] = rid
-        prev = key
-    return out
+    return recompute_regions(forward, _marks(forward))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,12 +82,7 @@ class RegionValues:
 def classify(graph: Graph, outputs: Sequence[int], nodes: Sequence[Node] | None = None) -> RegionValues:
     nodes = live_nodes(graph, outputs) if nodes is None else list(nodes)
     region = regions(graph, nodes)
-    made_in = {o: region[n.id] for n in nodes if n.id in region for o in n.outputs}
-    kept = set(outputs)
-    for n in nodes:
-        if n.phase == FORWARD:
-            kept.update(v for v in n.inputs if v in made_in and made_in[v] != region.get(n.id))
-    internal = {v: r for v, r in made_in.items() if v not in kept}
+    internal = internal_values(nodes, region, outputs)
     read_back: dict[int, set[int]] = {}
     first: dict[int, int] = {}
     for k, n in enumerate(nodes):
@@ -126,14 +98,7 @@ def classify(graph: Graph, outputs: Sequence[int], nodes: Sequence[Node] | None 
 
 def _clone_set(graph: Graph, rv: RegionValues, r: int) -> list[int]:
     """Node ids of region ``r`` to re-run for the values its backward reads, in order."""
-    todo, picked = list(rv.read_back[r]), set()
-    while todo:
-        node = graph.node_of(todo.pop())
-        if node.id in picked:
-            continue
-        picked.add(node.id)
-        todo.extend(v for v in node.inputs if rv.internal.get(v) == r)
-    return sorted(picked)
+    return rebuild_set(graph, rv.internal, rv.read_back[r])
 
 
 def with_recompute(graph: Graph, outputs: Sequence[int]) -> tuple[Graph, dict[int, int]]:

@@ -25,7 +25,16 @@ from .tensor import Tensor, TensorOps, Weight
 class _Frame:
     scope: str
     stage: int | None
-    recompute: bool
+    recompute: bool      # the innermost explicit cell mark around it (False: none)
+
+
+def _recomputed(prim: Primitive, frame: _Frame) -> bool:
+    """A node is recomputed when its op says so (``op.recompute()``), or, the op saying
+    nothing (None), when the innermost cell with an explicit mark does: so
+    ``op.recompute(False)`` and ``cell.recompute(False)`` keep outputs inside a recomputed
+    cell. (A copy made for static call arguments, ``Primitive.with_attrs``, may carry no mode.)"""
+    mode = getattr(prim, "recompute_mode", None)
+    return frame.recompute if mode is None else mode
 
 
 class Tracer:
@@ -49,7 +58,8 @@ class Tracer:
         elif not path:    # the root (or a transparent wrapper's child): its class names it
             path = type(cell).__name__
         stage = cell.pipeline_stage if cell.pipeline_stage is not None else outer.stage
-        self.frames.append(_Frame(path, stage, outer.recompute or cell.is_recompute))
+        mark = outer.recompute if cell.is_recompute is None else cell.is_recompute
+        self.frames.append(_Frame(path, stage, mark))
         try:
             yield
         except (OpArgError, OpTypeError) as err:
@@ -100,7 +110,7 @@ class Tracer:
         except (OpArgError, OpTypeError) as err:
             raise at_scope(err, where) from None
         node = self.builder.add_node(prim, vids, (out,), frame.scope, phase=FORWARD,
-                                     stage=frame.stage, recompute=frame.recompute)
+                                     stage=frame.stage, recompute=_recomputed(prim, frame))
         return Tensor(node.outputs[0], out, self)
 
 

@@ -8,6 +8,7 @@ from ..config_checks import (check_bool, check_choice, check_float, check_float_
                              check_model_parallel, check_norm_epsilon, fail)
 
 LAYER_ORDERS = ("final_ln_then_query", "query_then_final_ln")
+RECOMPUTE_GRANULARITIES = ("full", "selective")   # Megatron's --recompute-granularity
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class PanguAlphaConfig:
     data_parallel: int = 1
     model_parallel: int = 1
     vocab_emb_dp: bool = True       # word table replicated (True) or split over vocabulary
+    # Recompute every layer: None (keep activations), "full" (whole layers, each keeps its
+    # input) or "selective" (only the attention core's (B, N, S, S) tensors are rebuilt).
+    recompute_granularity: str | None = None
 
     def __post_init__(self):
         """Check every field (type, then range), then what the model assumes between them;
@@ -52,6 +56,8 @@ class PanguAlphaConfig:
         check_float_dtype(self, "param_dtype")
         check_norm_epsilon(self, "layernorm_epsilon")
         check_choice(self, "layer_order", LAYER_ORDERS)
+        if self.recompute_granularity is not None:
+            check_choice(self, "recompute_granularity", RECOMPUTE_GRANULARITIES)
         if self.hidden_size % self.num_heads:
             fail(self, "hidden_size", f"a multiple of num_heads={self.num_heads}")
         for f in ("eod_id", "pad_id"):

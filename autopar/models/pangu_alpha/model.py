@@ -24,12 +24,12 @@ import math
 import numpy as np
 
 from ... import ops
-from ...errors import OpArgError
+from ...errors import OpArgError, format_error
 from ...nn import Cell, CellList, Dense, Dropout, Embedding, LayerNorm, Normal, TruncatedNormal, causal_mask
 from ...nn.layers import as_compute, loss_precision
 from ...nn.lm_loss import NextTokenLoss
 from ..megatron import attention_core, column_parallel, row_parallel
-from .config import PanguAlphaConfig
+from .config import RECOMPUTE_GRANULARITIES, PanguAlphaConfig
 
 MASK_VALUE = -10000.0  # added to masked attention scores, as PanGu-α does
 
@@ -48,6 +48,7 @@ class Attention(Cell):
         self.dense3 = Dense(h, h, weight_init=Normal(std), **dense)     # value
         self.projection = Dense(h, h, weight_init=Normal(out_std), **dense)
         self.scores = ops.BatchMatMul()
+        self.mask_add = ops.Add()
         self.context = ops.BatchMatMul()
         self.softmax = ops.Softmax(axis=-1)
         self.prob_dropout = Dropout(1.0 - config.dropout_rate)
@@ -63,6 +64,15 @@ class Attention(Cell):
         b, s, _ = x.shape
         return x.reshape(b, s, self.n_heads, self.head_dim)            # (B, S, H) -> (B, S, N, D)
 
+    def recompute_core(self, mode: bool = True) -> "Attention":
+        """Megatron's selective recompute: the attention core -- scores ``q k^T``, the mask add,
+        softmax, the dropout on the probabilities, ``probs v`` -- is rebuilt for backward
+        instead of keeping its (B, N, S, S) tensors; Q, K, V and the context stay saved
+        (MindSpore's per-op ``recompute()`` on these five ops). ``mode=False`` unmarks them."""
+        for op in (self.scores, self.mask_add, self.softmax, self.prob_dropout.dropout, self.context):
+            op.recompute(mode)
+        return self
+
     def construct(self, x_query, x_kv, mask_add, cache=None):
         """Full sequence; or, with ``cache = (k, v, at)``, one new token per row (S = 1): its
         key and value go into the (B, N, S_max, D) caches at the slots ``at`` marks
@@ -77,7 +87,7 @@ class Attention(Cell):
             k = ops.Select()(at, k, k_cache)                           # (B, N, 1, D) into (B, N, S_max, D)
             v = ops.Select()(at, v, v_cache)
             cache = (k, v)
-        scores = self.scores(q * self.scale, k.transpose(0, 1, 3, 2)) + mask_add  # (B, N, S, S_kv)
+        scores = self.mask_add(self.scores(q * self.scale, k.transpose(0, 1, 3, 2)), mask_add)  # (B, N, S, S_kv)
         probs = self.prob_dropout(self.softmax(scores))
         ctx = self.context(probs, v)                                   # (B, N, S, D)
         ctx = ctx.transpose(0, 2, 1, 3).reshape(b, s, h)               # (B, S, N, D) -> (B, S, H)
@@ -172,6 +182,29 @@ class PanguAlpha(Cell):
             self.word_embedding.gather.shard(((mp, 1), (dp, 1)))
         self.final_layernorm.layer_norm.shard(((dp, 1, 1), (1,), (1,)))
         self.head.shard(((dp, 1), (mp, 1)))  # logits (B*S, V/mp): vocabulary-parallel cross-entropy
+        if config.recompute_granularity is not None:
+            self.recompute_layers(config.recompute_granularity)
+
+    def layers(self) -> list[Block]:
+        """The decoder layers: the blocks, then the query layer."""
+        return list(self.blocks) + [self.query_layer]
+
+    def recompute_layers(self, granularity: str = "full") -> "PanguAlpha":
+        """Mark every layer for recompute, as Megatron's ``--recompute-granularity``:
+        ``"full"`` recomputes whole layers (``Cell.recompute()``: each keeps only its input);
+        ``"selective"`` only each layer's attention core (:meth:`Attention.recompute_core`:
+        the (B, N, S, S) scores, probabilities and dropout output are rebuilt, everything
+        else is kept). The same as ``PanguAlphaConfig(recompute_granularity=...)``."""
+        if granularity not in RECOMPUTE_GRANULARITIES:
+            raise ValueError(format_error("PanguAlpha.recompute_layers", "granularity",
+                                          f"one of {RECOMPUTE_GRANULARITIES}", repr(granularity),
+                                          "use 'full' (whole layers) or 'selective' (the attention core)"))
+        for layer in self.layers():
+            if granularity == "full":
+                layer.recompute()
+            else:
+                layer.attention.recompute_core()
+        return self
 
     def _check_ids(self, input_ids):
         s = self.config.seq_length

@@ -4,12 +4,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..config_checks import (check_float, check_float_dtype, check_int, check_model_parallel, check_norm_epsilon,
-                             fail)
+from ..config_checks import (check_choice, check_float, check_float_dtype, check_int, check_model_parallel,
+                             check_norm_epsilon, fail)
 
 # Yuan 2.0's released tokenizer has 135040 entries (the ``vocab_size`` of the public
 # Yuan2-2B/51B/102B configs, as far as we know; REFERENCE.md does not state it).
 YUAN_VOCAB = 135040
+RECOMPUTE_GRANULARITIES = ("full", "selective")   # Megatron's --recompute-granularity
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class YuanConfig:
     # Non-uniform pipeline: layers per stage, summing to num_layers; Yuan(config) sets the
     # blocks' pipeline_stage from it (autopar.nn.set_pipeline_stages).
     layers_per_stage: tuple[int, ...] | None = None
+    # Recompute every block: None, "full" or "selective" (the attention core), as Megatron's
+    # --recompute-granularity.
+    recompute_granularity: str | None = None
 
     def __post_init__(self):
         """Check every field (type, then range), then what the model assumes between them;
@@ -62,6 +66,8 @@ class YuanConfig:
         check_model_parallel(self, {"num_heads": self.num_heads, "ffn_hidden_size": self.ffn_hidden_size,
                                     "vocab_size": self.vocab_size})
         self._check_stages()
+        if self.recompute_granularity is not None:
+            check_choice(self, "recompute_granularity", RECOMPUTE_GRANULARITIES)
 
     def _check_stages(self) -> None:
         stages = self.layers_per_stage

@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from ... import ops
-from ...errors import OpArgError
+from ...errors import OpArgError, format_error
 from ...nn import (
     Cell,
     CellList,
@@ -35,7 +35,7 @@ from ...nn import (
 from ...nn.layers import as_compute, loss_precision
 from ...nn.lm_loss import NextTokenLoss
 from ..megatron import attention_core, batch_only, column_parallel, row_parallel
-from .config import YuanConfig
+from .config import RECOMPUTE_GRANULARITIES, YuanConfig
 
 MASK_VALUE = -10000.0  # added to masked attention scores
 
@@ -113,6 +113,7 @@ class Attention(Cell):
         self.value = _dense(config, h, h, std)
         self.projection = _dense(config, h, h, std / math.sqrt(2.0 * config.num_layers))
         self.scores = ops.BatchMatMul()
+        self.mask_add = ops.Add()
         self.context = ops.BatchMatMul()
         self.softmax = ops.Softmax(axis=-1)
         self.scale = 1.0 / math.sqrt(config.head_dim)
@@ -126,6 +127,14 @@ class Attention(Cell):
         b, s, _ = x.shape
         return x.reshape(b, s, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, S, H) -> (B, N, S, D)
 
+    def recompute_core(self, mode: bool = True) -> "Attention":
+        """Megatron's selective recompute: scores ``q k^T``, the mask add, softmax and
+        ``probs v`` are rebuilt for backward instead of keeping their (B, N, S, S)
+        tensors (per-op ``recompute()``); ``mode=False`` unmarks them."""
+        for op in (self.scores, self.mask_add, self.softmax, self.context):
+            op.recompute(mode)
+        return self
+
     def construct(self, x, mask_add, cos, sin):
         b, s, h = x.shape
         filtered = self.lfa(x)                                         # (B, S, H)
@@ -133,7 +142,7 @@ class Attention(Cell):
         k = apply_rotary(self._heads(self.key(filtered)), cos, sin)    # (B, N, S, D)
         v = self._heads(self.value(x))                                 # (B, N, S, D), unfiltered
         k = k.transpose(0, 1, 3, 2)                                    # (B, N, D, S)
-        scores = self.scores(q * self.scale, k) + mask_add             # (B, N, S, S)
+        scores = self.mask_add(self.scores(q * self.scale, k), mask_add)  # (B, N, S, S)
         ctx = self.context(self.softmax(scores), v)                    # (B, N, S, D)
         ctx = ctx.transpose(0, 2, 1, 3).reshape(b, s, h)               # (B, S, N, D) -> (B, S, H)
         return self.projection(ctx)
@@ -202,6 +211,22 @@ class Yuan(Cell):
         self.word_embedding.gather.shard(((1, 1), (dp, 1)))          # table replicated
         self.final_norm.rms_norm.shard(((dp, 1, 1), (1,)))
         self.head.shard(((dp, 1), (mp, 1)))  # logits (B*S, V/mp): vocabulary-parallel cross-entropy
+        if config.recompute_granularity is not None:
+            self.recompute_layers(config.recompute_granularity)
+
+    def recompute_layers(self, granularity: str = "full") -> "Yuan":
+        """Megatron's ``--recompute-granularity`` on every block: ``"full"`` (whole blocks,
+        ``Cell.recompute()``) or ``"selective"`` (the attention core only,
+        :meth:`Attention.recompute_core`)."""
+        if granularity not in RECOMPUTE_GRANULARITIES:
+            raise ValueError(format_error("Yuan.recompute_layers", "granularity", f"one of {RECOMPUTE_GRANULARITIES}",
+                                          repr(granularity), "use 'full' (whole blocks) or 'selective' (the core)"))
+        for block in self.blocks:
+            if granularity == "full":
+                block.recompute()
+            else:
+                block.attention.recompute_core()
+        return self
 
     def _check_ids(self, input_ids):
         s = self.config.seq_length
