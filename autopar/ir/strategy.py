@@ -1,28 +1,41 @@
 """A strategy is what ``op.shard(in_strategy, out_strategy)`` records.
 
-MindSpore's spelling: one tuple of split counts per input, one count per dimension::
+MindSpore's spellings: one tuple of split counts per input, one count per dimension, or one
+:class:`~autopar.ir.parallel_layout.TensorLayout` per input (MindSpore 2.x's ``Layout``)::
 
     MatMul().shard(((dp, 1), (1, mp)))   # A (B, H) split dp ways on B; W (H, F) split mp on F
+    layout = Layout((dp, mp), ("dp", "mp"))
+    MatMul().shard((layout("dp", "None"), layout("None", "mp")))   # the same, axes named
 
-This module only checks that the spelling is well formed (tuples of positive ints). Whether
-the counts fit the shapes and the device mesh is the op's sharding rule's question, asked at
-plan time when shapes are known.
+A layout strategy keeps its device matrix and, per input dim, the axes that split it
+(:attr:`Strategy.layout`, :attr:`Strategy.input_axes`); its split counts are in
+:attr:`Strategy.inputs` like a tuple strategy's, so every rule that reads counts reads both.
+
+This module only checks that the spelling is well formed (tuples of positive ints; layouts
+of one device matrix). Whether the counts fit the shapes and the device mesh is the op's
+sharding rule's question, asked at plan time when shapes are known.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from ..errors import OpArgError, OpTypeError, is_int
+from .parallel_layout import Layout, TensorLayout
 
 Splits = tuple[tuple[int, ...], ...]
+Axes = tuple[tuple[tuple[int, ...], ...], ...]   # per tensor, per dim: device-matrix axes
 
 
 @dataclass(frozen=True)
 class Strategy:
-    """Split counts per input (and optionally per output) of one op."""
+    """Split counts per input (and optionally per output) of one op; for a strategy given as
+    layouts, also its Layout (the named device matrix) and the axes splitting each dim (``None`` for tuples)."""
 
     inputs: Splits
     outputs: Splits | None = None
+    layout: Layout | None = None        # the device matrix a layout strategy names
+    input_axes: Axes | None = None
+    output_axes: Axes | None = None
 
     def __str__(self) -> str:
         text = str(self.inputs).replace(" ", "")
@@ -50,8 +63,38 @@ def _normalize_splits(value, arg: str) -> Splits:
     return tuple(out)
 
 
+def _layouts_of(value, arg: str, matrix: Layout | None) -> tuple[Layout, Axes] | None:
+    """(device matrix, axes per tensor) when ``value`` is all layouts, None when it holds
+    none; a mix, or layouts of two device matrices, is an error."""
+    if not isinstance(value, (tuple, list)):
+        return None
+    kinds = [isinstance(v, TensorLayout) for v in value]
+    if not any(kinds):
+        return None
+    if not all(kinds):
+        raise OpTypeError(arg, "all tuples of split counts or all Layouts", repr(tuple(value)),
+                          "give every tensor a layout of the same Layout, or every tensor a tuple")
+    for i, v in enumerate(value):
+        matrix = matrix or v.layout
+        if v.layout != matrix:
+            raise OpArgError(f"{arg}[{i}]", f"a layout of {matrix} like the others", str(v.layout),
+                             "lay out every tensor of an op on one device matrix")
+    return matrix, tuple(v.dims for v in value)
+
+
 def normalize_strategy(in_strategy, out_strategy=None) -> Strategy:
     """Validate the form of a ``.shard()`` argument and freeze it."""
+    in_layouts = _layouts_of(in_strategy, "in_strategy", None)
+    out_layouts = _layouts_of(out_strategy, "out_strategy", in_layouts[0] if in_layouts else None)
+    if (in_layouts is None) != (out_layouts is None) and out_strategy is not None:
+        raise OpTypeError("out_strategy", "layouts when in_strategy is layouts, tuples when it is tuples",
+                          repr(out_strategy), "spell both strategies the same way")
+    if in_layouts is not None:
+        matrix, in_axes = in_layouts
+        out_axes = out_layouts[1] if out_layouts else None
+        return Strategy(tuple(v.splits() for v in in_strategy),
+                        None if out_axes is None else tuple(v.splits() for v in out_strategy),
+                        matrix, in_axes, out_axes)
     inputs = _normalize_splits(in_strategy, "in_strategy")
     outputs = None if out_strategy is None else _normalize_splits(out_strategy, "out_strategy")
     return Strategy(inputs, outputs)

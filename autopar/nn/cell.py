@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Iterator
 
-from ..errors import check_int
+from ..errors import OpArgError, at_scope, check_int
 from ..ir.tracing import current_tracer
 from ..runtime.compiled import run_forward
+from .boundaries import find_parameter, shard_spec, with_boundaries
 from .parameter import Parameter
 
 
@@ -129,6 +130,24 @@ class Cell:
         wins, and an op's own (``Primitive.recompute``) beats every cell's. A cell never
         marked (``is_recompute`` None) follows the cell around it."""
         object.__setattr__(self, "is_recompute", bool(mode))
+        return self
+
+    def shard(self, in_strategy, out_strategy=None, parameter_plan=None) -> "Cell":
+        """MindSpore's ``Cell.shard``: the layouts of this cell's tensor inputs, outputs and
+        named parameters, one strategy each (``(2, 1)`` or ``layout("dp", "None")``); the
+        ops inside without their own strategy follow by propagation. Recorded as boundary
+        ops when traced (autopar/nn/boundaries.py); honoured in semi_auto_parallel and
+        auto_parallel. Returns the cell."""
+        where = f"{type(self).__name__}.shard"
+        spec = shard_spec(where, in_strategy, out_strategy, parameter_plan)
+        for name, _ in spec.parameters:    # unknown names fail now, not at the first trace
+            try:
+                find_parameter(self.parameters_dict(), name)
+            except OpArgError as err:
+                raise at_scope(err, where) from None
+        object.__setattr__(self, "construct", with_boundaries(type(self).construct.__get__(self), spec,
+                                                              self.parameters_dict))
+        self._compiled.clear()             # programs traced before the strategy was set
         return self
 
     @property

@@ -4,6 +4,11 @@ Each op is described by a subscript string (``"ik,kj->ij"``, batch dims ``b...``
 sharding rules (issue: sharded execution) read the letters: a letter in both inputs and
 not in the output is contracted, so splitting it leaves a partial sum.
 
+``out_strategy`` (MindSpore's): with the contracted index split, the output is a partial
+sum; ``out_strategy=((a_i, b_j),)`` lays it out whole over that split (an all-reduce, the
+default) and ``((a_i * a_k, b_j),)`` split by it too (a reduce-scatter), see
+:func:`autopar.ops.sharding.with_out_strategy`.
+
 Gradients of ``C = op(A) @ op(B)`` (``op`` transposes the last two dims when the flag is
 set) are written so that each result comes out contiguous in its input's own layout:
 
@@ -41,6 +46,7 @@ def _matmul(a, b):
 class Contraction(Primitive):
     n_inputs = 2
     fresh_output = fresh_grads = True
+    takes_out_strategy = True   # a contracted split's partial output: all-reduced or reduce-scattered
 
     def __init__(self, transpose_a: bool = False, transpose_b: bool = False):
         super().__init__(transpose_a=bool(transpose_a), transpose_b=bool(transpose_b))

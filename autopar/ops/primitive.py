@@ -44,6 +44,9 @@ class Primitive:
     # view (a transpose) that the next contiguous reader copies once. The cost model charges
     # an alias no bytes and a strided view that one copy.
     view: ClassVar[str] = ""
+    # MindSpore's out_strategy: whether the op's output may be laid out apart from its
+    # inputs (a contraction's partial sum reduce-scattered); other ops reject one
+    takes_out_strategy: ClassVar[bool] = False
 
     def __init__(self, **attrs: Any):
         self.attrs: dict[str, Any] = attrs
@@ -69,7 +72,10 @@ class Primitive:
 
     # ---- user API ---------------------------------------------------------------------
     def shard(self, in_strategy, out_strategy=None) -> "Primitive":
-        """Record the user's strategy (MindSpore's ``op.shard``); returns the op."""
+        """Record the user's strategy (MindSpore's ``op.shard``); returns the op. Each
+        strategy is a tuple of split-count tuples, or of MindSpore 2.x layouts
+        (``autopar.Layout((2, 4), ("dp", "mp"))("dp", "None")``), one per tensor;
+        ``out_strategy`` only on ops with :attr:`takes_out_strategy` (checked at plan time)."""
         try:
             self.strategy = normalize_strategy(in_strategy, out_strategy)
         except (OpArgError, OpTypeError) as err:

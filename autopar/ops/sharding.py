@@ -38,6 +38,7 @@ from typing import Sequence
 from ..errors import OpArgError
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
+from ..ir.strategy import Strategy
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class OpSharding:
     indexing: Indexing
     mesh: Mesh
     axes: tuple[tuple[str, tuple[int, ...]], ...]  # (letter, mesh axes), letters sorted
+    out_dims: tuple[tuple[int, ...], ...] | None = None   # out_strategy: the output's home dims
 
     def letter_axes(self, ch: str) -> tuple[int, ...]:
         for letter, axes in self.axes:
@@ -119,6 +121,15 @@ class OpSharding:
         partial = tuple(a for ch in sorted(self.indexing.sum_letters) for a in self.letter_axes(ch))
         return Layout(self.mesh, self._dims(self.indexing.output), partial)
 
+    def home_layout(self) -> Layout:
+        """Where the output lives for its readers: :meth:`output_layout` (what the kernel
+        makes, partial sums and all), or, under an ``out_strategy``, that layout: a reader
+        then takes the output split (a partial sum becomes a reduce-scatter) or whole (an
+        all-reduce), and the plan's redistributions follow from the layouts alone."""
+        if self.out_dims is None:
+            return self.output_layout()
+        return Layout(self.mesh, self.out_dims)
+
     def dy_layout(self) -> Layout:
         return Layout(self.mesh, self._dims(self.indexing.output))
 
@@ -132,7 +143,8 @@ class OpSharding:
         return tuple(self.input_layout(i).splits() for i in range(len(self.indexing.inputs)))
 
     def __str__(self) -> str:
-        return str(self.splits()).replace(" ", "")
+        text = str(self.splits()).replace(" ", "")
+        return text if self.out_dims is None else f"{text}->{str(self.home_layout().splits()).replace(' ', '')}"
 
 
 def _make(indexing: Indexing, mesh: Mesh, axes: dict[str, tuple[int, ...]]) -> OpSharding:
@@ -169,6 +181,109 @@ def from_strategy(indexing: Indexing, strategy: Sequence[Sequence[int]], shapes:
     names = tuple(letters) + (("rep",) if rep > 1 else ())
     mesh = stage.reshaped(shape or (1,), names or ("rep",))
     return _make(indexing, mesh, {ch: (k,) for k, ch in enumerate(letters)})
+
+
+def from_layouts(indexing: Indexing, strategy: Strategy, shapes: Sequence[Sequence[int]], stage: Mesh,
+                 where: str = "") -> OpSharding:
+    """A layout strategy as a sharding on its own device matrix: the aliases name the mesh
+    axes, each letter takes the axes its dims name (``MatMul`` under ``(layout("dp",
+    "None"), layout("None", "mp"))`` splits ``i`` over ``dp`` and ``j`` over ``mp``: the
+    sharding of ``((dp, 1), (1, mp))``, with the axes named ``dp``/``mp`` instead of the
+    letters). Unlike a tuple, a layout may order a dim's axes or leave an axis in the middle
+    unused (it replicates)."""
+    matrix = strategy.layout
+    if math.prod(matrix.device_matrix) != stage.size:
+        raise OpArgError("in_strategy device_matrix", f"a device matrix of the stage's {stage.size} devices "
+                         "(MindSpore's rule: its product is the devices of one pipeline stage)",
+                         f"{matrix} ({math.prod(matrix.device_matrix)} devices)",
+                         "size the Layout's device matrix to the stage", where=where)
+    mesh = matrix.mesh(stage)
+    axes: dict[str, tuple[tuple[int, ...], int]] = {}  # letter -> (axes, input that set it)
+    for i, (letters, dims, shape) in enumerate(zip(indexing.inputs, strategy.input_axes, shapes)):
+        for d, (ch, dim_axes, n) in enumerate(zip(letters, dims, shape)):
+            k = math.prod(mesh.shape[a] for a in dim_axes)
+            names = tuple(mesh.names[a] for a in dim_axes)
+            if dim_axes and ch in indexing.fixed and k > 1:
+                raise OpArgError(f"in_strategy[{i}] dim {d}", "'None': this op cannot split that dim", str(names),
+                                 "leave it 'None' and split another dim", where=where)
+            if n % k:
+                raise OpArgError(f"in_strategy[{i}] dim {d}", f"aliases whose sizes divide dim {d} of input {i} "
+                                 f"(size {n})", f"{names} ({k} ways)", f"use a split that divides {n}", where=where)
+            if ch in axes and axes[ch][0] != dim_axes:
+                j = axes[ch][1]
+                raise OpArgError(f"in_strategy[{i}] dim {d}", f"{tuple(mesh.names[a] for a in axes[ch][0])}, as "
+                                 f"input {j} splits the same index (they are contracted or broadcast together)",
+                                 str(names), "split matching dims over the same aliases", where=where)
+            axes.setdefault(ch, (dim_axes, i))
+    used = [a for dim_axes, _ in axes.values() for a in dim_axes]
+    if len(set(used)) != len(used):
+        raise OpArgError("in_strategy", "each alias splitting one index of the op", str(strategy),
+                         "split different dims of the op over different aliases", where=where)
+    return _make(indexing, mesh, {ch: a for ch, (a, _) in axes.items()})
+
+
+def user_sharding(indexing: Indexing, strategy: Strategy, shapes: Sequence[Sequence[int]],
+                  out_shape: Sequence[int], stage: Mesh, takes_out_strategy: bool, where: str = "") -> OpSharding:
+    """The sharding a ``.shard()`` strategy asks for: tuples or layouts, then its
+    ``out_strategy`` (:func:`with_out_strategy`) when the op takes one (contractions);
+    an ``out_strategy`` on another op is an error, never ignored."""
+    if strategy.layout is not None:
+        sharding = from_layouts(indexing, strategy, shapes, stage, where)
+    else:
+        sharding = from_strategy(indexing, strategy.inputs, shapes, stage, where)
+    if strategy.outputs is None:
+        return sharding
+    if not takes_out_strategy:
+        raise OpArgError("out_strategy", "None: this op's output layout follows its inputs' (MindSpore takes an "
+                         "out_strategy on MatMul and BatchMatMul)", str(strategy),
+                         "drop out_strategy, or shard the op that reads this output", where=where)
+    return with_out_strategy(sharding, strategy, out_shape, where)
+
+
+def with_out_strategy(sharding: OpSharding, strategy: Strategy, out_shape: Sequence[int],
+                      where: str = "") -> OpSharding:
+    """MindSpore's ``out_strategy`` of a contraction split over its contracted index: the
+    output home either whole over the contracted split (``((a_i, b_j),)``: an all-reduce,
+    the default) or split by it too (``((a_i * a_k, b_j),)``: a reduce-scatter; the
+    contracted axes join that dim's split, minor, as MindSpore's MatMul forward
+    reduce-scatter lays out its output). A layout ``out_strategy`` names the output's axes
+    on the op's device matrix directly."""
+    out = sharding.output_layout()
+    if len(strategy.outputs) != 1 or len(strategy.outputs[0]) != len(out_shape):
+        raise OpArgError("out_strategy", f"one tuple of {len(out_shape)} split counts (the output's dims)",
+                         str(strategy.outputs), where=where)
+    if strategy.output_axes is not None:
+        dims = strategy.output_axes[0]
+    else:
+        dims = _out_dims_of(out, strategy.outputs[0], where)
+    keeps = all(tuple(d[:len(o)]) == o and set(d[len(o):]) <= set(out.partial) for d, o in zip(dims, out.dims))
+    if not keeps:
+        raise OpArgError("out_strategy", f"the output's own split {out}, its contracted axes "
+                         f"{tuple(sharding.mesh.names[a] for a in out.partial)} optionally added (minor) to a dim",
+                         str(tuple(tuple(sharding.mesh.names[a] for a in d) for d in dims)),
+                         "split the output only over axes the op already uses", where=where)
+    Layout(sharding.mesh, dims).check_shape(out_shape, where, "out_strategy output")
+    return OpSharding(sharding.indexing, sharding.mesh, sharding.axes, dims)
+
+
+def _out_dims_of(out: Layout, wanted: Sequence[int], where: str) -> tuple[tuple[int, ...], ...]:
+    """Output dims for an ``out_strategy`` tuple: each dim keeps its axes; a dim asking for
+    more ways takes the next partial (contracted) axes whose sizes make up the factor."""
+    pending = list(out.partial)
+    dims = []
+    for d, (axes, have, want) in enumerate(zip(out.dims, out.splits(), wanted)):
+        extra: list[int] = []
+        while want != have * math.prod(out.mesh.shape[a] for a in extra) and pending:
+            extra.append(pending.pop(0))
+        if want != have * math.prod(out.mesh.shape[a] for a in extra):
+            scattered = list(out.splits())
+            scattered[d] *= math.prod(out.mesh.shape[a] for a in out.partial)
+            also = f" or {scattered[d]} (reduce-scatter into this dim)" if out.partial else ""
+            raise OpArgError(f"out_strategy[0][{d}]", f"{have} (all-reduce over the contracted split){also}",
+                             str(want), f"e.g. out_strategy=({out.splits()},) or ({tuple(scattered)},)",
+                             where=where)
+        dims.append(tuple(axes) + tuple(extra))
+    return tuple(dims)
 
 
 def propagate(indexing: Indexing, layouts: Sequence[Layout | None], shapes: Sequence[Sequence[int]],

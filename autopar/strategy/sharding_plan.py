@@ -5,10 +5,16 @@ process:
 
 * graph inputs: split on the batch dim over the stage (``full_batch=False``) or whole;
 * parameters: the layout their first consumer's sharding asks for;
-* op outputs: their sharding's output layout (possibly a partial sum).
+* op outputs: their sharding's home layout: the output layout (possibly a partial sum),
+  or the layout an ``out_strategy`` asks for, which readers then take (a reduce-scatter
+  where the output is split, an all-reduce where it is whole).
 
-Ops with a user strategy (``semi_auto_parallel``) use it; the others take their inputs'
-axes (``autopar.ops.sharding.propagate``); ops with no rule run replicated.
+Ops with a user strategy (``semi_auto_parallel``; tuples or MindSpore layouts) use it; the
+others take their inputs' axes (``autopar.ops.sharding.propagate``); ops with no rule run
+replicated. A cell-level ``Cell.shard`` reaches the plan as user strategies of its
+boundary ops (``autopar.ops.boundary``): a parameter's first reader is its
+``parameter_plan`` boundary, so the parameter is laid out as planned and its readers
+inside the cell propagate from it.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from ..ir.graph import FORWARD, Graph
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.spec import TensorSpec
-from ..ops.sharding import Indexing, OpSharding, from_strategy, propagate
+from ..ops.sharding import Indexing, OpSharding, propagate, user_sharding
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +96,8 @@ def plan_shardings(graph: Graph, mode: str, stage: Mesh, full_batch: bool = Fals
             sharding = OpSharding(indexing, stage, ())
         elif mode == "semi_auto_parallel" and node.prim.strategy is not None:
             try:
-                sharding = from_strategy(indexing, node.prim.strategy.inputs, [s.shape for s in specs], stage,
-                                         where)
+                sharding = user_sharding(indexing, node.prim.strategy, [s.shape for s in specs], out.shape,
+                                         stage, node.prim.takes_out_strategy, where)
                 sharding.output_layout().check_shape(out.shape, where, "output")
             except (OpArgError, OpTypeError) as err:
                 raise at_scope(err, where) from None
@@ -116,7 +122,7 @@ def _place(node, sharding: OpSharding, params, layouts: dict, wanted: dict, shar
         elif v in wanted and wanted[v] is None:
             wanted[v] = sharding.input_layout(i)
     shardings[node.id] = sharding
-    layouts[node.outputs[0]] = sharding.output_layout()
+    layouts[node.outputs[0]] = sharding.home_layout()
 
 
 def _on_weights_alone(node, indexing, params, layouts, wanted, graph) -> bool:

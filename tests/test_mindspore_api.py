@@ -1,0 +1,163 @@
+"""MindSpore 2.x's parallel API: Layout strategies, Cell.shard / autopar.shard with
+parameter_plan, MatMul out_strategy (reduce-scatter), dataset_strategy tuples. Each changes
+the plan as documented and the sharded result equals serial on 4 in-process ranks."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+import autopar
+from autopar import Layout, nn, ops
+from autopar.comm import run_in_process
+from autopar.context import bound_world, parallel_context
+from autopar.ir.graph import FORWARD
+from autopar.ir.mesh import Mesh
+from autopar.ir.spec import TensorSpec
+from autopar.runtime.sharded_program import ShardedGradProgram
+from autopar.runtime.trace import trace
+from autopar.strategy.costmodel import CostModel
+from autopar.strategy.profile import load_profile
+from autopar.strategy.search import DEFAULT_PROFILE
+from autopar.strategy.sharding_plan import plan_shardings
+
+N = 4
+STAGE = Mesh((N,), ("devices",))
+RNG = np.random.default_rng(0)
+X = RNG.standard_normal((8, 12))
+W1 = RNG.standard_normal((12, 16))
+W2 = RNG.standard_normal((16, 8))
+
+
+class Block(nn.Cell):
+    """x (B, 12) -> (B, 16) -> (B, 8); the loss is the mean square of the output."""
+
+    def __init__(self, mm1=None, mm2=None):
+        super().__init__()
+        self.w1 = nn.Parameter(W1, name="w1")
+        self.w2 = nn.Parameter(W2, name="w2")
+        self.mm1 = mm1 or ops.MatMul()
+        self.mm2 = mm2 or ops.MatMul()
+
+    def construct(self, x):
+        return self.mm2(ops.Tanh()(self.mm1(x, self.w1)), self.w2)
+
+
+class Net(nn.Cell):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def construct(self, x):
+        y = self.block(x)
+        return (y * y).mean()
+
+
+def serial_result():
+    net = Net(Block())
+    loss, grads = autopar.value_and_grad(net)(X)
+    return loss, grads
+
+
+def sharded(make_net, x=X, full_batch=True, **ctx):
+    """Per rank: (loss, full gradients by name, forward redistribution steps, plan)."""
+    def body(comm):
+        with bound_world(comm):
+            net = make_net()
+            local = x if full_batch else np.split(x, N)[comm.rank]
+            params = net.trainable_params()
+            prog = ShardedGradProgram(net, (local,), params, "semi_auto_parallel", comm, full_batch=full_batch)
+            loss, grads = prog((local,))
+            full = prog.gathered(grads)
+            steps = [str(s.kind) for n in prog.local_graph.nodes if n.prim.kind == "Redistribute"
+                     and n.phase == FORWARD for s in n.prim.attrs["redist"].steps]
+            return loss, {p.name: g for p, g in zip(params, full)}, steps, prog
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=N, **ctx):
+        return run_in_process(N, body)
+
+
+def assert_equals_serial(results):
+    loss, grads = serial_result()
+    for r_loss, r_grads, _, _ in results:
+        np.testing.assert_allclose(r_loss, loss, rtol=1e-12)
+        for name, g in grads.items():
+            np.testing.assert_allclose(r_grads[name], g, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def forward_plan(net, x=X):
+    graph = trace(net, (TensorSpec(x.shape, x.dtype),)).graph
+    return graph, plan_shardings(graph, "semi_auto_parallel", STAGE, full_batch=True)
+
+
+def sharding_of(graph, plan, scope_suffix):
+    hits = [n for n in graph.nodes if n.name.endswith(scope_suffix)]
+    assert len(hits) == 1, [n.name for n in graph.nodes]
+    return plan.shardings[hits[0].id]
+
+
+def renamed(sh, names):
+    """The same sharding with its mesh axes renamed (aliases vs the tuple's letters)."""
+    return dataclasses.replace(sh, mesh=sh.mesh.reshaped(sh.mesh.shape, names))
+
+
+# ---- Layout ---------------------------------------------------------------------------------
+
+def test_layout_to_dict_counts_axes_from_the_right_as_mindspore():
+    layout = Layout((2, 2, 2), ("dp", "sp", "mp"))
+    assert layout("dp", "mp").to_dict()["tensor_map"] == (2, 0)        # MindSpore's documented example
+    assert layout(("dp", "mp"), "None").to_dict()["tensor_map"] == ((2, 0), -1)
+    assert layout(("dp", "mp"), "None").splits() == (4, 1)
+
+
+@pytest.mark.parametrize("tuples, layouts", [
+    (((2, 1), (1, 2)), lambda L: (L("dp", "None"), L("None", "mp"))),
+    (((1, 2), (2, 2)), lambda L: (L("None", "dp"), L("dp", "mp"))),
+    (((2, 2), (2, 1)), lambda L: (L("dp", "mp"), L("mp", "None"))),
+])
+def test_layout_strategy_is_the_sharding_of_the_tuple_it_means(tuples, layouts):
+    L = Layout((2, 2), ("dp", "mp"))
+    g1, p1 = forward_plan(Net(Block(ops.MatMul().shard(tuples))))
+    g2, p2 = forward_plan(Net(Block(ops.MatMul().shard(layouts(L)))))
+    by_tuple, by_layout = sharding_of(g1, p1, "block/MatMul"), sharding_of(g2, p2, "block/MatMul")
+    assert by_layout.mesh.names == ("dp", "mp")
+    assert renamed(by_layout, by_tuple.mesh.names) == by_tuple
+
+
+def test_layout_orders_a_dims_axes_and_the_ranks_follow():
+    # dim 0 split over (mp, dp): blocks numbered 2 * mp + dp, which no tuple can say
+    L = Layout((2, 2), ("dp", "mp"))
+    g, p = forward_plan(Net(Block(ops.MatMul().shard((L(("mp", "dp"), "None"), L("None", "None"))))))
+    lay = sharding_of(g, p, "block/MatMul").input_layout(0)
+    assert [lay.block_index(r)[0] for r in range(4)] == [0, 2, 1, 3]
+    res = sharded(lambda: Net(Block(ops.MatMul().shard((L(("mp", "dp"), "None"), L("None", "None"))))))
+    assert_equals_serial(res)
+
+
+def test_layout_strategy_runs_equal_to_serial():
+    L = Layout((2, 2), ("dp", "mp"))
+    res = sharded(lambda: Net(Block(ops.MatMul().shard((L("dp", "None"), L("None", "mp"))),
+                                    ops.MatMul().shard((L("dp", "mp"), L("mp", "None"))))))
+    assert_equals_serial(res)
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda L: L("dp", "xx"), ["dim 1 alias", "'xx'", "('dp', 'mp')"]),
+    (lambda L: L(("dp", "mp"), "dp"), ["dim 1 alias", "'dp'", "already used"]),
+    (lambda L: Layout((2, 2), ("dp", "None")), ["alias_name[1]", "'None'"]),
+    (lambda L: Layout((2, 2), ("dp", "interleaved_parallel")), ["interleaved_parallel", "not supported"]),
+])
+def test_bad_layouts_name_the_argument(make, words):
+    with pytest.raises(ValueError) as err:
+        make(Layout((2, 2), ("dp", "mp")))
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_layout_errors_at_plan_time_name_the_op_scope():
+    L8 = Layout((2, 4), ("dp", "mp"))          # 8 devices on a 4-device stage
+    with pytest.raises(ValueError, match=r"block \(MatMul\): in_strategy device_matrix: .*4 devices"):
+        forward_plan(Net(Block(ops.MatMul().shard((L8("dp", "None"), L8("None", "mp"))))))
+    L = Layout((2, 2), ("dp", "mp"))
+    with pytest.raises(ValueError, match=r"block.*MatMul.*in_strategy\[0\].*2 split counts"):
+        forward_plan(Net(Block(ops.MatMul().shard((L("dp", "None", "mp"), L("None", "mp"))))))
+    with pytest.raises(ValueError, match=r"block \(MatMul\): in_strategy\[1\] dim 0: expected \('mp',\)"):
+        forward_plan(Net(Block(ops.MatMul().shard((L("None", "mp"), L("dp", "None"))))))
