@@ -8,6 +8,7 @@ import pytest
 
 import autopar
 from autopar import Layout, nn, ops
+from autopar.comm import redistribution as rd
 from autopar.comm import run_in_process
 from autopar.context import bound_world, parallel_context
 from autopar.ir.graph import FORWARD
@@ -161,3 +162,83 @@ def test_layout_errors_at_plan_time_name_the_op_scope():
         forward_plan(Net(Block(ops.MatMul().shard((L("dp", "None", "mp"), L("None", "mp"))))))
     with pytest.raises(ValueError, match=r"block \(MatMul\): in_strategy\[1\] dim 0: expected \('mp',\)"):
         forward_plan(Net(Block(ops.MatMul().shard((L("None", "mp"), L("dp", "None"))))))
+
+
+# ---- out_strategy ---------------------------------------------------------------------------
+
+def row_split_block(out_strategy=None):
+    """mm1 contracts over a 4-way split (a partial sum); out_strategy says where it goes."""
+    return Block(ops.MatMul().shard(((1, 4), (4, 1)), out_strategy))
+
+
+def test_out_strategy_turns_the_all_reduce_into_a_reduce_scatter():
+    whole = sharded(lambda: Net(row_split_block()))
+    scattered = sharded(lambda: Net(row_split_block(((4, 1),))))
+    assert_equals_serial(whole)
+    assert_equals_serial(scattered)
+    assert whole[0][2].count(rd.ALLREDUCE) == 1 and rd.REDUCE_SCATTER not in whole[0][2]
+    assert scattered[0][2].count(rd.REDUCE_SCATTER) == 1 and rd.ALLREDUCE not in scattered[0][2]
+
+
+def test_out_strategy_sets_the_home_layout_and_readers_follow():
+    g, p = forward_plan(Net(row_split_block(((4, 1),))))
+    mm1 = sharding_of(g, p, "block/MatMul")
+    node = next(n for n in g.nodes if n.name.endswith("block/MatMul"))
+    assert mm1.output_layout().partial == (0,)                 # the kernel's partial sum
+    assert p.layouts[node.outputs[0]].splits() == (4, 1)       # its home: split, nothing owed
+    assert p.layouts[node.outputs[0]].partial == ()
+    assert sharding_of(g, p, "block/Tanh").splits() == ((4, 1),)   # the reader propagates from it
+    g2, p2 = forward_plan(Net(row_split_block(((1, 1),))))     # explicit all-reduce: whole
+    node2 = next(n for n in g2.nodes if n.name.endswith("block/MatMul"))
+    assert p2.layouts[node2.outputs[0]].splits() == (1, 1) and p2.layouts[node2.outputs[0]].partial == ()
+
+
+def test_out_strategy_is_priced_by_the_cost_model():
+    profile = load_profile(DEFAULT_PROFILE)
+    costs = {}
+    for name, out in (("all_reduce", None), ("reduce_scatter", ((4, 1),))):
+        g, p = forward_plan(Net(row_split_block(out)))
+        model = CostModel(g, STAGE, profile, full_batch=True)
+        node = next(n for n in g.nodes if n.name.endswith("block/Tanh"))
+        edge = [c for n, _, c in model.op_costs(p) if n.id == node.id][0]
+        mm1 = next(n for n in g.nodes if n.name.endswith("block/MatMul"))
+        nbytes = g.spec(mm1.outputs[0]).nbytes
+        # forward: the partial sum -> the reader's layout; backward: dy back (nothing / all-gather)
+        expected = model.collective_seconds(name, nbytes, STAGE, (0,))
+        if name == "reduce_scatter":
+            expected += model.collective_seconds("all_gather", nbytes, STAGE, (0,))
+        costs[name] = edge
+        assert edge == pytest.approx(expected)
+    assert costs["reduce_scatter"] != costs["all_reduce"]
+
+
+@pytest.mark.parametrize("out, words", [
+    (((2, 1),), ["out_strategy[0][0]", "expected 1 (all-reduce", "or 4 (reduce-scatter", "got 2"]),
+    (((1, 1), (1, 1)), ["out_strategy", "one tuple of 2"]),
+])
+def test_bad_out_strategy_names_scope_and_argument(out, words):
+    with pytest.raises(ValueError) as err:
+        forward_plan(Net(row_split_block(out)))
+    assert "block (MatMul)" in str(err.value)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_out_strategy_on_an_op_without_one_is_an_error():
+    class AddNet(nn.Cell):
+        def construct(self, x):
+            return ops.Add().shard(((4, 1), (4, 1)), ((4, 1),))(x, x).mean()
+    with pytest.raises(ValueError, match=r"AddNet \(Add\): out_strategy: expected None.*MatMul and BatchMatMul"):
+        forward_plan(AddNet())
+
+
+def test_layout_out_strategy_on_the_ops_device_matrix():
+    L = Layout((2, 2), ("dp", "mp"))
+    mm = ops.MatMul().shard((L("dp", "mp"), L("mp", "None")), (L(("dp", "mp"), "None"),))
+    g, p = forward_plan(Net(Block(mm)))
+    node = next(n for n in g.nodes if n.name.endswith("block/MatMul"))
+    assert p.layouts[node.outputs[0]].dims == ((0, 1), ())
+    res = sharded(lambda: Net(Block(ops.MatMul().shard((L("dp", "mp"), L("mp", "None")),
+                                                       (L(("dp", "mp"), "None"),)))))
+    assert_equals_serial(res)
+    assert rd.REDUCE_SCATTER in res[0][2] and rd.ALLREDUCE not in res[0][2]
