@@ -23,12 +23,18 @@ local program on same-sized shards, so rank 0 speaks for all):
 * every collective call pays the profile's latency, so calls count, not only bytes;
 * **activations**: the bytes each op keeps for its backward (its saved inputs and output),
   all alive at the end of forward;
+* **recompute** follows the graph's marks (``Cell.recompute()``, ``Primitive.recompute()``;
+  regions by :mod:`~autopar.strategy.recompute_regions`, the runtime pass's rule): a value a
+  region makes and only backward reads is not kept; the ops that rebuild such values run
+  their forward (and the redistributions into them) again, and keep what they read from
+  outside the region instead; while a region's backward runs, its rebuilt values are alive;
 * **memory peak**: the larger of the step's two phases, not their sum. Weights and
   optimizer states live all step; at the end of forward every activation is kept and no
   gradient exists yet; in backward, walking the ops in reverse, each op's backward makes
   its weights' gradients while the activations of the ops before it are still kept::
 
-      peak = weights + states + max(activations, max_j (gradients of ops >= j + activations of ops <= j))
+      peak = weights + states + max(activations, max_j (gradients of ops >= j + activations of ops <= j
+                                                        + rebuilt values of op j's recompute region))
 
 The search sees the same figures as a pairwise problem: one cost per (op, candidate)
 and one per (edge, producer candidate, consumer candidate), each gradient part reduced on
@@ -53,6 +59,7 @@ from ..ir.spec import TensorSpec
 from ..ops.sharding import OpSharding
 from . import formulas
 from .profile import MachineProfile
+from .recompute_regions import internal_values, rebuild_set, recompute_regions
 from .sharding_plan import ShardingPlan, input_layout
 
 # collective kind in formulas.py for each redistribution step kind
@@ -158,14 +165,16 @@ class PlanCost:
                               "state_bytes": self.state_bytes, "activation_bytes": self.activation_bytes}}
 
 
-def backward_peak(grads: list[int], freed: list[int]) -> int:
+def backward_peak(grads: list[int], freed: list[int], rebuilt: list[int] | None = None) -> int:
     """Peak of gradients + activations over a backward pass that walks the ops in reverse:
     op j's backward makes ``grads[j]`` bytes of gradients while the activations of ops
-    0..j are still kept, then frees ``freed[j]``."""
+    0..j are still kept (and ``rebuilt[j]``, the values its recompute region rebuilt), then
+    frees ``freed[j]``."""
     alive, made, peak = sum(freed), 0, 0
-    for g, f in zip(reversed(grads), reversed(freed)):
+    rebuilt = rebuilt or [0] * len(grads)
+    for g, f, r in zip(reversed(grads), reversed(freed), reversed(rebuilt)):
         made += g
-        peak = max(peak, made + alive)
+        peak = max(peak, made + alive + r)
         alive -= f
     return peak
 
@@ -219,8 +228,28 @@ class CostModel:
                     self.home.setdefault(v, (n.id, i))
         self.grad_readers = {v: sum(gradient_inputs(self.nodes[n], self.needs_grad)[i] for n, i in readers)
                              for v, readers in self.consumers.items()}   # value -> readers needing its gradient
+        self.region, self.dropped, self.rerun = self._recompute_marks()
         self._inter: dict = {}
         self._redist = lru_cache(maxsize=None)(self._redist_seconds)
+
+    def _recompute_marks(self) -> tuple[dict[int, int], frozenset[int], frozenset[int]]:
+        """(forward node -> recompute region, values not kept, nodes whose forward runs
+        again) for the graph's recompute marks (module doc)."""
+        forward = self.forward
+        if not any(n.recompute for n in forward):
+            return {}, frozenset(), frozenset()
+        region = recompute_regions(forward, [n.recompute for n in forward])
+        internal = internal_values(forward, region, self.graph.outputs)
+        read: dict[int, set[int]] = {}              # region -> its internal values backward reads
+        for n in forward:
+            if not any(gradient_inputs(n, self.needs_grad)):
+                continue
+            saved = [n.inputs[i] for i in n.prim.saved_input_indices(len(n.inputs))]
+            for v in saved + ([n.outputs[0]] if n.prim.save_output else []):
+                if v in internal:
+                    read.setdefault(internal[v], set()).add(v)
+        rerun = {k for values in read.values() for k in rebuild_set(self.graph, internal, values)}
+        return region, frozenset(internal), frozenset(rerun)
 
     # ---- collectives ----------------------------------------------------------------------
     def _crosses_nodes(self, mesh: Mesh, axis: int | None) -> bool:
@@ -270,13 +299,15 @@ class CostModel:
         out = _local(g.spec(node.outputs[0]), out_lay)
         needs = gradient_inputs(node, self.needs_grad)
         prim, dtype = node.prim, np.dtype(out.dtype).name
-        flops = prim.flops(specs, out)
-        nbytes = prim.bytes_accessed(specs, out)
+        flops = fwd_flops = prim.flops(specs, out)
+        nbytes = fwd_bytes = prim.bytes_accessed(specs, out)
         backward = any(needs)
         if backward:
             flops += prim.vjp_flops(specs, out, needs)
             nbytes += nbytes + (0 if prim.view == "alias" else out.nbytes)   # backward reads what forward did, plus dy
         launches = 2 if backward else 1
+        if node.id in self.rerun:       # recomputed: its forward runs again before backward
+            flops, nbytes, launches = flops + fwd_flops, nbytes + fwd_bytes, launches + 1
         if dtype not in prof.gemm_flops:   # a dtype the profile lists no rate for: its slowest rate
             dtype = min(prof.gemm_flops, key=prof.gemm_flops.get)
         compute = formulas.compute_seconds(flops, 0, dtype, prof, gemm_min_dim(sh, specs)) \
@@ -300,13 +331,7 @@ class CostModel:
             gbytes += local_bytes // copies   # optimizer parallel: a reduce-scattered slice
             sbytes += self.state_bytes(local_bytes, lay)
             update += OPTIMIZER_BYTES_PER_ELEMENT * (local_bytes // copies) / prof.op_rate(OPTIMIZER_KIND)
-        act = 0
-        if backward:
-            for i in prim.saved_input_indices(len(node.inputs)):
-                if node.inputs[i] not in self.params:
-                    act += specs[i].nbytes
-            if prim.save_output:
-                act += out.nbytes
+        act = sum(nbytes for _, nbytes in self.kept_for_backward(node, sh))
         return NodeCost(compute, comm, grad, update, pbytes, gbytes, sbytes, act, float(flops), float(nbytes))
 
     def grad_sum_seconds(self, value: int, layout: Layout) -> float:
@@ -367,7 +392,7 @@ class CostModel:
         weight's value (the weight cast to the compute dtype) is the weight's gradient
         reduction: the runtime passes the partial sum through the cast to the weight, so
         it happens once per step, not once per micro-batch."""
-        t = self.redistribution_seconds(src, sh.input_layout(i), value)
+        t = self.redistribution_seconds(src, sh.input_layout(i), value) * (1 + (consumer.id in self.rerun))
         if not gradient_inputs(consumer, self.needs_grad)[i]:
             return t, 0.0
         back = self.redistribution_seconds(sh.grad_layout(i), Layout(src.mesh, src.dims), value)
@@ -410,7 +435,7 @@ class CostModel:
                 src = self.producer_layout(v, sh)
                 if src is None or (v in self.home and self.home[v] == (n.id, i)):
                     continue
-                act += self.redistribution_seconds(src, sh[n.id].input_layout(i), v)
+                act += self.redistribution_seconds(src, sh[n.id].input_layout(i), v) * (1 + (n.id in self.rerun))
             c = self.node_cost(n, sh[n.id], reductions=False)
             a, g = back.get(n.id, (0.0, 0.0))
             out.append((n, replace(c, grad_s=c.grad_s + g), act + a))
@@ -457,6 +482,7 @@ class CostModel:
         kept: dict[tuple[int, Layout], int] = {}   # activations: each (value, layout) once
         freed: list[int] = []                       # per op: the kept bytes its backward frees
         grads: list[int] = []                       # per op: the gradient bytes its backward makes
+        rebuilt: dict[int, dict] = {}               # recompute region -> the values it rebuilds: bytes
         rows = []
         for n, c, edge in self.op_costs(plan):
             compute, comm, update = compute + c.compute_s, comm + c.comm_s + c.grad_s + edge, update + c.update_s
@@ -468,15 +494,19 @@ class CostModel:
                     new += nbytes
             freed.append(new)
             grads.append(c.grad_bytes)
+            for key, nbytes in self._saved(n, sh[n.id]):
+                if key[0] in self.dropped:          # what its region rebuilds for backward, each once
+                    rebuilt.setdefault(self.region[n.id], {})[key] = nbytes
             rows.append((n.name, str(sh[n.id]), str(sh[n.id].output_layout()), c.comm_s + c.grad_s + edge,
                          c.seconds + edge))
         comm += self.step_collectives_seconds(self.stage)
+        during = [sum(rebuilt.get(self.region.get(n.id), {}).values()) for n in self.forward]
         return PlanCost(compute, comm, update, pb, gb, sb, sum(kept.values()), tuple(rows),
-                        backward_peak(grads, freed))
+                        backward_peak(grads, freed, during))
 
-    def kept_for_backward(self, node: Node, sh: OpSharding):
-        """((value, layout), local bytes) of each activation ``node`` keeps for its backward: a
-        plan's activations are these summed over its ops, each (value, layout) once."""
+    def _saved(self, node: Node, sh: OpSharding) -> list:
+        """((value, layout), local bytes) of what ``node``'s backward reads: its saved
+        inputs (weights aside) and output, recomputed or not."""
         if not any(gradient_inputs(node, self.needs_grad)):
             return []
         g, out = self.graph, []
@@ -488,4 +518,18 @@ class CostModel:
         if node.prim.save_output:
             v, lay = node.outputs[0], sh.output_layout()
             out.append(((v, canonical(Layout(lay.mesh, lay.dims))), _local(g.spec(v), lay).nbytes))
+        return out
+
+    def kept_for_backward(self, node: Node, sh: OpSharding):
+        """((value, layout), local bytes) of each activation ``node`` keeps for its backward: a
+        plan's activations are these summed over its ops, each (value, layout) once. Under
+        recompute a value its region rebuilds is not kept; an op that runs again keeps
+        what it reads from outside the region instead (the region's inputs)."""
+        g = self.graph
+        out = [(key, nbytes) for key, nbytes in self._saved(node, sh) if key[0] not in self.dropped]
+        if node.id in self.rerun:
+            for i, v in enumerate(node.inputs):
+                key = (v, canonical(sh.input_layout(i)))
+                if v not in self.params and v not in g.consts and v not in self.dropped and key not in dict(out):
+                    out.append((key, _local(g.spec(v), sh.input_layout(i)).nbytes))
         return out
