@@ -242,3 +242,81 @@ def test_layout_out_strategy_on_the_ops_device_matrix():
                                                        (L(("dp", "mp"), "None"),)))))
     assert_equals_serial(res)
     assert rd.REDUCE_SCATTER in res[0][2] and rd.ALLREDUCE not in res[0][2]
+
+
+# ---- Cell.shard, parameter_plan, autopar.shard -------------------------------------------------
+
+def boundary_layouts(graph, plan, role):
+    """Layout each ShardBoundary of ``role`` reads its input in, in graph order."""
+    return [plan.shardings[n.id].input_layout(0) for n in graph.nodes
+            if n.prim.kind == "ShardBoundary" and n.prim.attrs["role"] == role]
+
+
+def test_cell_shard_lays_out_inputs_parameters_and_outputs():
+    block = Block().shard(in_strategy=((4, 1),), out_strategy=((1, 4),), parameter_plan={"w1": (1, 4)})
+    g, p = forward_plan(Net(block))
+    assert [lay.splits() for lay in boundary_layouts(g, p, "input")] == [(4, 1)]
+    assert [lay.splits() for lay in boundary_layouts(g, p, "output")] == [(1, 4)]
+    w1 = g.params[g.param_names().index("block.w1")]
+    assert p.layouts[w1].splits() == (1, 4)                      # parameter_plan: the weight's home
+    assert sharding_of(g, p, "block/MatMul").splits()[0] == (4, 1)   # the op inside follows the input
+    res = sharded(lambda: Net(Block().shard(in_strategy=((4, 1),), out_strategy=((1, 4),),
+                                            parameter_plan={"w1": (1, 4)})))
+    assert_equals_serial(res)
+    shard = res[0][3].param_shards[[s.name for s in res[0][3].param_shards].index("block.w1")]
+    assert shard.layout.splits() == (1, 4)                        # rank holds a quarter of w1's columns
+
+
+def test_cell_shard_with_layouts_and_the_function_form():
+    L = Layout((2, 2), ("dp", "mp"))
+    block = autopar.shard(Block(), in_strategy=(L("dp", "None"),), parameter_plan={"self.w2": L("mp", "None")})
+    assert isinstance(block, Block)
+    g, p = forward_plan(Net(block))
+    (lay,) = boundary_layouts(g, p, "input")
+    assert lay.mesh.names == ("dp", "mp") and lay.dims == ((0,), ())
+    w2 = g.params[g.param_names().index("block.w2")]
+    assert p.layouts[w2].dims == ((1,), ()) and p.layouts[w2].mesh.names == ("dp", "mp")
+    # the second MatMul follows both: rows over dp from its input, the contraction over mp from w2
+    assert sharding_of(g, p, "block/MatMul-1").splits() == ((2, 2), (2, 1))
+    res = sharded(lambda: Net(autopar.shard(Block(), in_strategy=(L("dp", "None"),),
+                                            parameter_plan={"self.w2": L("mp", "None")})))
+    assert_equals_serial(res)
+
+
+def test_function_shard_inside_construct():
+    class FnNet(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+            self.square = autopar.shard(lambda y: y * y, in_strategy=((1, 4),), out_strategy=((4, 1),))
+
+        def construct(self, x):
+            return self.square(self.block(x)).mean()
+    g, p = forward_plan(FnNet())
+    assert [lay.splits() for lay in boundary_layouts(g, p, "input")] == [(1, 4)]
+    assert [lay.splits() for lay in boundary_layouts(g, p, "output")] == [(4, 1)]
+    assert sharding_of(g, p, "FnNet/Mul").splits() == ((1, 4), (1, 4))
+    res = sharded(FnNet)
+    assert_equals_serial(res)
+
+
+@pytest.mark.parametrize("call, error, words", [
+    (lambda: Block().shard(((4, 1),), parameter_plan={"w9": (1, 4)}), ValueError,
+     ["Block.shard", "parameter_plan['w9']", "w1, w2"]),
+    (lambda: Block().shard([(4, 1)]), TypeError, ["Block.shard", "in_strategy", "a tuple"]),
+    (lambda: Block().shard(((4, 1.5),)), TypeError, ["Block.shard", "in_strategy[0][1]", "an int"]),
+    (lambda: autopar.shard(lambda y: y, ((4, 1),), parameter_plan={"w": (1,)}), ValueError,
+     ["shard(<lambda>)", "parameter_plan", "Cell"]),
+])
+def test_bad_shard_arguments_name_the_place_and_argument(call, error, words):
+    with pytest.raises(error) as err:
+        call()
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_wrong_rank_and_count_in_cell_shard_name_the_cell_scope():
+    with pytest.raises(ValueError, match=r"block \(ShardBoundary\): in_strategy\[0\]: expected 2 split counts"):
+        forward_plan(Net(Block().shard(((4, 1, 1),))))
+    with pytest.raises(ValueError, match=r"block \(Block\): in_strategy: expected 1 strategies, one per tensor"):
+        forward_plan(Net(Block().shard(((4, 1), (4, 1)))))
