@@ -9,7 +9,7 @@ from autopar.comm.checks import CollectiveMismatchError
 from autopar.comm.fusion import MB, CommFusion, Fusible, FusionRule, plan_buckets
 from autopar.context import ParallelContext, bound_world, parallel_context
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
-from autopar.runtime.fusion import AllReduceStart, AllReduceWait, Progress
+from autopar.runtime.fusion import BucketStart, BucketWait, Progress
 from autopar.runtime.sharded_program import ShardedGradProgram
 from autopar.train import AdamWeightDecay
 
@@ -69,8 +69,9 @@ def test_context_holds_a_validated_value_and_gives_back_mindspore_dicts():
 
 @pytest.mark.parametrize("value, message", [
     ("auto", r"comm_fusion: expected a dict"),
-    ({"allreduc": {"mode": "auto"}}, r"key: expected one of \('openstate', 'allreduce'\), got 'allreduc'"),
-    ({"allgather": {"mode": "auto"}}, r"allgather fusion \(optimizer parallel\) is not implemented yet"),
+    ({"allreduc": {"mode": "auto"}},
+     r"key: expected one of \('openstate', 'allreduce', 'reducescatter', 'allgather'\), got 'allreduc'"),
+    ({"allgather": {"mode": "index", "config": [3]}}, r"\['allgather'\].*'mode': expected one of \('auto', 'size'\)"),
     ({"openstate": 1}, r"'openstate': expected True or False"),
     ({"allreduce": "auto"}, r"\['allreduce'\]: allreduce: expected a dict with 'mode'"),
     ({"allreduce": {"mode": "fast"}}, r"'mode': expected one of \('auto', 'size', 'index'\), got 'fast'"),
@@ -152,12 +153,12 @@ def test_fused_gradients_equal_unfused_bit_for_bit_with_one_allreduce_per_bucket
 
 def test_buckets_start_during_the_backward_pass_and_are_tested_until_their_wait():
     kinds = run_grads(2, 1, {"allreduce": {"mode": "size", "config": 0.01}})[0][4]
-    start = kinds.index(AllReduceStart)
-    assert kinds[-1] is AllReduceWait                              # the gradients' waits end the program
-    work = [k for k in kinds[start + 1:] if k not in (AllReduceStart, AllReduceWait, Progress)]
+    start = kinds.index(BucketStart)
+    assert kinds[-1] is BucketWait                              # the gradients' waits end the program
+    work = [k for k in kinds[start + 1:] if k not in (BucketStart, BucketWait, Progress)]
     assert len(work) > 100                                         # backward instructions overlap the first bucket
     # MPI moves a non-blocking collective only inside MPI calls: a test after each of them
-    ours = (Progress, AllReduceStart, AllReduceWait)
+    ours = (Progress, BucketStart, BucketWait)
     assert all(kinds[k + 1] is Progress for k in range(start + 1, len(kinds)) if kinds[k] not in ours)
 
 
@@ -170,7 +171,8 @@ def train_three_steps(dp, mp, fusion):
             opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-2, weight_decay=0.01)
             train = nn.TrainOneStepCell(net, opt, clip_norm=0.5)
             losses = [float(train(IDS)) for _ in range(3)]
-            return losses, {p.name: p.asnumpy() for p in net.trainable_params()}, comm.stats.snapshot()["count"]
+            count = comm.stats.snapshot()["count"]      # before the weights are gathered
+            return losses, {p.name: p.asnumpy() for p in net.trainable_params()}, count
     with parallel_context(parallel_mode="semi_auto_parallel", device_num=dp * mp, full_batch=True,
                           comm_fusion=fusion):
         return run_in_process(dp * mp, body)
@@ -184,6 +186,8 @@ def test_three_training_steps_fused_equal_unfused_bit_for_bit(dp, mp):
         for name, w in weights.items():
             assert np.array_equal(got_weights[name], w), name
         assert got_count["allreduce"] < count["allreduce"] // 2
+        if (dp, mp) == (2, 1):   # per step: the program's (53 -> 3) and the gradient norm's
+            assert (count["allreduce"], got_count["allreduce"]) == (3 * 54, 3 * 4)
 
 
 def test_pipeline_deferred_reductions_fused_equal_unfused_bit_for_bit():
@@ -199,8 +203,8 @@ def test_pipeline_deferred_reductions_fused_equal_unfused_bit_for_bit():
             cell = nn.PipelineCell(net, 2)
             prog = grad_program(cell, (IDS,), {}, net.trainable_params())
             out = []
-            for rule in (None, FusionRule("auto")):
-                prog.grads.rule = rule
+            for rules in ({}, {"allreduce": FusionRule("auto")}):
+                prog.grads.rules = rules          # what StageGradients(comm_fusion=...) sets
                 comm.stats.reset()
                 loss, grads = prog((IDS,), {}, 0)
                 out.append((loss, grads, comm.stats.snapshot()["count"]["allreduce"]))
@@ -211,3 +215,41 @@ def test_pipeline_deferred_reductions_fused_equal_unfused_bit_for_bit():
         assert got_loss == loss
         assert all(np.array_equal(a, b) for a, b in zip(got_grads, grads))
         assert deferred > 30 and got_count == count - deferred + 1     # one bucket per stage
+
+
+def train_optimizer_parallel(dp, mp, fusion):
+    """Three AdamW steps under optimizer parallel (every weight sliced); per rank: losses,
+    weights, and the last step's collective counts."""
+    cfg = CONFIG.replace(data_parallel=dp, model_parallel=mp)
+
+    def body(comm):
+        with bound_world(comm):
+            net = PanguAlphaWithLoss(cfg)
+            opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-2, weight_decay=0.01)
+            train = nn.TrainOneStepCell(net, opt, clip_norm=0.5)
+            losses = []
+            for _ in range(3):
+                comm.stats.reset()
+                losses.append(float(train(IDS)))
+            count = comm.stats.snapshot()["count"]      # before the weights are gathered
+            return losses, {p.name: p.asnumpy() for p in net.trainable_params()}, count
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=dp * mp, full_batch=True,
+                          enable_parallel_optimizer=True, parallel_optimizer_threshold=0, comm_fusion=fusion):
+        return run_in_process(dp * mp, body)
+
+
+@pytest.mark.parametrize("dp, mp", [(2, 1), (2, 2)])
+def test_optimizer_parallel_reduce_scatters_and_all_gathers_fused_equal_unfused(dp, mp):
+    plain = train_optimizer_parallel(dp, mp, {})
+    fused = train_optimizer_parallel(dp, mp, {"reducescatter": {"mode": "auto"}, "allgather": {"mode": "auto"},
+                                              "allreduce": {"mode": "auto"}})
+    for (losses, weights, count), (got_losses, got_weights, got_count) in zip(plain, fused):
+        assert got_losses == losses
+        for name, w in weights.items():
+            assert np.array_equal(got_weights[name], w), name
+        if (dp, mp) == (2, 1):
+            # every weight sliced: its gradient reduce-scattered (50: the tied table's and the
+            # position table's are cut, computed whole) and its new slices all-gathered (53,
+            # + 2 of activations); fused, one bucket each, the rest as they were
+            assert count == {"allreduce": 4, "reduce_scatter": 50, "allgather": 55}
+            assert got_count == {"allreduce": 4, "reduce_scatter": 1, "allgather": 3}

@@ -29,7 +29,8 @@ on every backend (MPI's sum order over more than 2 members is its own, as for fl
 
 Non-blocking. ``iallreduce(x)`` starts the all-reduce and returns a :class:`Request`;
 ``request.wait()`` returns what ``allreduce(x)`` would have (the same bits on the in-process
-backend and on 2 MPI ranks). It is numbered and counted like ``allreduce`` when it starts, so
+backend and on 2 MPI ranks); ``ireduce_scatter(x, axis)`` likewise. Each is numbered and
+counted like its blocking call when it starts, so
 members must start it in the same order as their other collectives on this communicator; they
 may wait in any order. ``x`` must not change until the wait (callers hand over a buffer they
 own). Meanwhile the caller computes: gradient buckets reduce while the backward pass goes on
@@ -205,6 +206,15 @@ class Communicator(abc.ABC):
         self._stats.record("allreduce", self.ranks, x)
         return self._iallreduce(x, op)
 
+    def ireduce_scatter(self, x, axis: int = 0) -> Request:
+        """reduce_scatter, started now and completed by ``.wait()``."""
+        x = self._buffer(x, "ireduce_scatter")
+        _check_reduce_op(x, "sum", self._where("ireduce_scatter"))
+        axis = self._axis(x, axis, "ireduce_scatter", "axis", divisible=True)
+        self._begin("reduce_scatter", x, axis=axis)
+        self._stats.record("reduce_scatter", self.ranks, x)
+        return self._ireduce_scatter(x, axis)
+
     def allgather(self, x, axis: int = 0) -> np.ndarray:
         """forward: concatenate members' blocks along axis / backward: reduce-scatter along axis."""
         x = self._buffer(x, "allgather")
@@ -310,6 +320,10 @@ class Communicator(abc.ABC):
     def _iallreduce(self, x: np.ndarray, op: str) -> Request:
         """Non-blocking allreduce; this default blocks at the start (backends override it)."""
         return Done(self._allreduce(x, op))
+
+    def _ireduce_scatter(self, x: np.ndarray, axis: int) -> Request:
+        """Non-blocking reduce_scatter; this default blocks at the start."""
+        return Done(self._reduce_scatter(x, axis))
 
     @abc.abstractmethod
     def _allgather(self, x: np.ndarray, axis: int) -> np.ndarray: ...

@@ -27,9 +27,10 @@ index      the parameters between consecutive split indices (MindSpore's
 Worked example (size, 1 MB): gradients made in the order g5 (0.4 MB), g4 (0.4 MB), g3
 (0.5 MB), g2 (2 MB), g1 (0.1 MB) give buckets (g5, g4), (g3,), (g2,), (g1,).
 
-``reducescatter`` and ``allgather`` (optimizer parallel) are MindSpore keys this version does
-not fuse yet: they are refused with a clear message rather than silently ignored. No key:
-nothing fused (autopar's default: see :data:`DEFAULT_COMM_FUSION`).
+``reducescatter`` and ``allgather`` (optimizer parallel: the gradients reduce-scattered into
+the weights' slices, the updated slices all-gathered back) take modes ``auto`` and ``size``,
+as in MindSpore. No key: nothing of that kind fused (autopar's default: see
+:data:`DEFAULT_COMM_FUSION`).
 """
 from __future__ import annotations
 
@@ -42,8 +43,9 @@ from ..errors import format_error, is_int
 MB = 1024 * 1024     # bytes per unit of a "size" config (MindSpore's MB)
 AUTO_MB = 64         # the bucket size of mode "auto" (MindSpore's default fusion threshold)
 MODES = ("auto", "size", "index")
-KINDS = ("allreduce",)                           # the collectives fused here
-LATER_KINDS = ("reducescatter", "allgather")     # MindSpore's other keys, not fused yet
+KINDS = ("allreduce", "reducescatter", "allgather")                 # MindSpore's keys
+KIND_MODES = {"allreduce": MODES, "reducescatter": MODES[:2], "allgather": MODES[:2]}
+COLLECTIVE = {"allreduce": "allreduce", "reducescatter": "reduce_scatter", "allgather": "allgather"}
 WHERE = "ParallelContext.comm_fusion"
 
 
@@ -75,10 +77,18 @@ class CommFusion:
 
     openstate: bool = True
     allreduce: FusionRule | None = None
+    reducescatter: FusionRule | None = None
+    allgather: FusionRule | None = None
 
     def rule(self, kind: str) -> FusionRule | None:
-        """The rule in force for ``kind`` (None: each collective alone)."""
+        """The rule in force for ``kind`` (MindSpore's key; None: each collective alone)."""
         return getattr(self, kind) if self.openstate else None
+
+    def gradient_rules(self) -> dict[str, FusionRule]:
+        """Collective name (``Communicator``'s: allreduce, reduce_scatter) -> the rule in force,
+        for the kinds that reduce gradients and are fused."""
+        kinds = ("allreduce", "reducescatter")
+        return {COLLECTIVE[k]: self.rule(k) for k in kinds if self.rule(k) is not None}
 
     def as_mindspore(self) -> dict:
         """The dict form MindSpore's ``set_auto_parallel_context`` takes."""
@@ -106,9 +116,6 @@ def parse_comm_fusion(value) -> CommFusion:
                                       repr(value)))
     known = ("openstate",) + KINDS
     for key in value:
-        if key in LATER_KINDS:
-            raise ValueError(format_error(WHERE, repr(key), f"one of {known}", repr(key),
-                                          f"{key} fusion (optimizer parallel) is not implemented yet; leave it out"))
         if key not in known:
             raise ValueError(format_error(WHERE, "key", f"one of {known}", repr(key)))
     openstate = value.get("openstate", True)
@@ -124,8 +131,8 @@ def _rule(kind: str, spec) -> FusionRule:
         raise ValueError(format_error(where, kind, "a dict with 'mode' and (for size and index) 'config'",
                                       repr(spec), "e.g. {'mode': 'size', 'config': 32}"))
     mode, config = spec["mode"], spec.get("config")
-    if mode not in MODES:
-        raise ValueError(format_error(where, "'mode'", f"one of {MODES}", repr(mode)))
+    if mode not in KIND_MODES[kind]:
+        raise ValueError(format_error(where, "'mode'", f"one of {KIND_MODES[kind]}", repr(mode)))
     if mode == "auto":
         if config is not None:
             raise ValueError(format_error(where, "'config'", f"none for mode 'auto' (buckets of {AUTO_MB} MB)",

@@ -13,7 +13,7 @@ Rendezvous. Every group (a tuple of world ranks, in member order) has one ``_Ren
     4. compute  member i builds its own new result from all the slots (reading only)
     5. wait     nobody still reads, so inputs may change and slots be reused
 
-Non-blocking all-reduces (``iallreduce``) never wait at the start: member i deposits its input
+Non-blocking collectives (``iallreduce``, ``ireduce_scatter``) never wait at the start: member i deposits its input
 in the group's k-th non-blocking entry (k: how many it started on this group before) and goes
 on; ``wait()`` waits until every member has deposited, builds member i's result from all the
 inputs in member order (the same sums, in the same order, as ``allreduce``), and the last
@@ -211,30 +211,32 @@ class InProcessCommunicator(Communicator):
         return self._collective("allreduce", _sig(x, op=op), x, functools.partial(_reduce, op=op, dtype=x.dtype))
 
     def _iallreduce(self, x, op):
+        return self._start("allreduce", _sig(x, op=op), x, functools.partial(_reduce, op=op, dtype=x.dtype))
+
+    def _ireduce_scatter(self, x, axis):
+        index = block_index(x.ndim, axis, self._rank, x.shape[axis] // self.size)
+        return self._start("reduce_scatter", _sig(x, axis=axis), x,
+                           lambda bufs: _reduce([b[index] for b in bufs], "sum", x.dtype))
+
+    def _start(self, kind: str, sig: tuple, x, compute) -> Request:
+        """Deposit x in the group's next non-blocking entry; the request computes at its wait."""
         u, rv, i = self._u, self._rv, self._rank
         what = describe(*self._op, rv.ranks)
         with u.p2p:
             k = rv.started[i]
             rv.started[i] += 1
             entry = rv.in_flight.setdefault(k, _Started(self.size))
-            entry.slots[i] = ("allreduce", _sig(x, op=op), x)
+            entry.slots[i] = (kind, sig, x)
             u.p2p.notify_all()
-        return _InProcessRequest(self, k, entry, what, functools.partial(_reduce, op=op, dtype=x.dtype))
+        return _InProcessRequest(self, k, entry, what, compute)
 
     def _allgather(self, x, axis):
         return self._collective("allgather", _sig(x, axis=axis), x, lambda bufs: np.concatenate(bufs, axis))
 
     def _reduce_scatter(self, x, axis):
         index = block_index(x.ndim, axis, self._rank, x.shape[axis] // self.size)
-
-        wide = reduction_dtype(x.dtype)
-
-        def compute(bufs):
-            out = bufs[0][index].astype(wide)   # a copy
-            for b in bufs[1:]:
-                np.add(out, b[index].astype(wide, copy=False), out=out)
-            return out.astype(x.dtype, copy=False)
-        return self._collective("reduce_scatter", _sig(x, axis=axis), x, compute)
+        return self._collective("reduce_scatter", _sig(x, axis=axis), x,
+                                lambda bufs: _reduce([b[index] for b in bufs], "sum", x.dtype))
 
     def _alltoall(self, x, split_axis, concat_axis):
         index = block_index(x.ndim, split_axis, self._rank, x.shape[split_axis] // self.size)

@@ -13,7 +13,8 @@ CommStats and CommChecks are shared by every communicator split from it. With a 
 (on by default: ``CommChecks.from_env``, ``AUTOPAR_COMM_WATCHDOG=T`` seconds, 0 for off)
 each call is issued non-blocking (``Iallreduce``, ``Isend``, ...) and polled by
 watchdog.MPIWatchdog; without, the blocking calls below run exactly as they are.
-``iallreduce`` is MPI's ``Iallreduce``, its wait ``Wait`` (or the watchdog's polled finish).
+``iallreduce`` / ``ireduce_scatter`` are MPI's ``Iallreduce`` / ``Ireduce_scatter_block``, their
+wait ``Wait`` (or the watchdog's polled finish).
 
 bfloat16 has no MPI datatype (and mpi4py's DLPack path refuses it): data moved travels as a
 uint16 view of the same memory (bit for bit, :func:`_wire`); reductions run on a float32 copy
@@ -181,12 +182,21 @@ class MPICommunicator(Communicator):
     def _iallreduce(self, x, op):
         wide = reduction_dtype(x.dtype)
         send, out = _contiguous(x.astype(wide, copy=False)), np.empty(x.shape, wide)
+        return self._started(lambda: self._comm.Iallreduce(send, out, op=self._ops[op]), (send, out),
+                             lambda: out.astype(x.dtype, copy=False))
 
-        def start():
-            return self._comm.Iallreduce(send, out, op=self._ops[op])
+    def _ireduce_scatter(self, x, axis):
+        wide = reduction_dtype(x.dtype)
+        send = _contiguous(np.moveaxis(x, axis, 0).astype(wide, copy=False))  # (d, rest...)
+        out = np.empty((send.shape[0] // self._size,) + send.shape[1:], wide)  # (d/n, rest...)
+        return self._started(lambda: self._comm.Ireduce_scatter_block(send, out, op=self._ops["sum"]), (send, out),
+                             lambda: np.moveaxis(out.astype(x.dtype, copy=False), 0, axis))
+
+    def _started(self, start, buffers: tuple, result) -> Request:
+        """The request of ``start()`` (watched when the watchdog is on), holding ``buffers``
+        (MPI uses them until completion); ``result()`` after the wait is its result."""
         watched = None if self._watch is None else self._watch.begin(start, *self._op, self.stats.doing)
-        return _MPIRequest(start() if watched is None else watched.request, watched, self._watch,
-                           (send, out), x.dtype)
+        return _MPIRequest(start() if watched is None else watched.request, watched, self._watch, buffers, result)
 
     def _allgather(self, x, axis):
         send = _contiguous(np.moveaxis(x, axis, 0))  # (d, rest...)
@@ -261,9 +271,9 @@ class MPICommunicator(Communicator):
 class _MPIRequest(Request):
     """An MPI request (watched, when the watchdog is on) and the buffers it reads and fills."""
 
-    def __init__(self, request, watched, watchdog, buffers: tuple, dtype):
+    def __init__(self, request, watched, watchdog, buffers: tuple, result):
         self._request, self._watched, self._watchdog = request, watched, watchdog
-        self._buffers, self._dtype = buffers, dtype    # held: MPI uses them until completion
+        self._buffers, self._result = buffers, result    # held: MPI uses them until completion
 
     def test(self) -> bool:
         return self._request.Test() if self._watched is None else self._watchdog.test(self._watched)
@@ -273,7 +283,7 @@ class _MPIRequest(Request):
             self._request.Wait()
         else:
             self._watchdog.finish(self._watched)
-        return self._buffers[1].astype(self._dtype, copy=False)
+        return self._result()
 
 
 def _concat_leading(blocks: np.ndarray, axis: int) -> np.ndarray:

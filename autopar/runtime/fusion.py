@@ -1,33 +1,36 @@
 """Gradient fusion and overlap: a pass over one rank's local graph.
 
 Lowering ends each weight's gradient in the weight's layout; for a weight replicated over
-data-parallel ranks that is a ``Redistribute`` all-reducing a partial sum, placed among the
-outputs, after the whole backward pass (autopar/runtime/spmd.py). This pass takes those
-reductions out and puts buckets in their place (which gradients share one: the
-``comm_fusion`` rule, autopar/comm/fusion.py)::
+data-parallel ranks that is a ``Redistribute`` all-reducing a partial sum (under optimizer
+parallel, reduce-scattering it into the weight's slice), placed among the outputs, after the
+whole backward pass (autopar/runtime/spmd.py). This pass takes those reductions out and puts
+buckets in their place (which gradients share one: the ``comm_fusion`` rule of their kind,
+autopar/comm/fusion.py)::
 
     before   ... dW3 ... dW2 ... dW1 | AR(dW3) AR(dW2) AR(dW1)            one blocking call each
     after    ... dW3 ... dW2 [start A: dW3,dW2] ... dW1 [start B: dW1] | wait A, wait B
 
-* ``AllReduceStart`` right after the node making the bucket's last gradient (in program
+* ``BucketStart`` right after the node making the bucket's last gradient (in program
   order, so the same instruction on every member of the group): copy the bucket's partial
-  gradients into one flat buffer it owns and start a non-blocking all-reduce of it
-  (``Communicator.iallreduce``), then let the backward pass go on;
+  gradients into one buffer it owns and start a non-blocking all-reduce of it
+  (``Communicator.iallreduce``), then let the backward pass go on. A reduce-scatter bucket
+  packs member i's blocks of every gradient into row i of an (n, m) buffer and starts
+  ``ireduce_scatter`` along rows, which leaves each member its own blocks;
 * ``Progress`` after every instruction while buckets are in flight: test them, since MPI
   moves a non-blocking collective only inside MPI calls;
-* ``AllReduceWait`` at the end of the program, before the optimizer's update: wait, and cut
+* ``BucketWait`` at the end of the program, before the optimizer's update: wait, and cut
   the reduced buffer into the gradients (new arrays, the values the Redistributes made).
 
 Equal to the unfused program bit for bit wherever the all-reduce sums each element in
 the same order whatever the buffer (the in-process backend always, MPI on 2 ranks): an
-element's sum does not depend on its neighbours. Only single all-reduce steps of outputs
-nothing else reads are taken; any other redistribution stays where it is.
+element's sum does not depend on its neighbours. Only single all-reduce or reduce-scatter steps of gradients
+are taken; any other redistribution stays where it is.
 """
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -48,21 +51,21 @@ class InFlight:
         self.request, self.nbytes = request, nbytes
 
 
-class AllReduceStart(Primitive):
-    """forward: flatten the bucket's gradients into one new buffer, start its all-reduce /
+class BucketStart(Primitive):
+    """forward: pack the bucket's gradients into one new buffer, start its collective /
     (inserted after lowering; never differentiated)."""
 
     n_inputs = None
     save_inputs = "none"
     fresh_output = True
 
-    def __init__(self, comm, size: int, clock: list):
-        super().__init__(size=size)
+    def __init__(self, kind: str, comm, dims: tuple[int, ...], clock: list):
+        super().__init__(collective=kind, dims=dims)
         self.comm, self.clock = comm, clock
 
     def forward(self, *grads):
         t0 = time.perf_counter()
-        flight = start_bucket(self.comm, grads)
+        flight = start_bucket(self.comm, grads, self.attrs["collective"], self.attrs["dims"])
         self.clock[0] += time.perf_counter() - t0
         return flight
 
@@ -70,8 +73,8 @@ class AllReduceStart(Primitive):
         return 0
 
 
-class AllReduceWait(Primitive):
-    """forward: wait for the bucket's all-reduce, cut it into the gradients (new arrays)."""
+class BucketWait(Primitive):
+    """forward: wait for the bucket's collective, cut it into the gradients (new arrays)."""
 
     save_inputs = "none"
     fresh_output = True
@@ -90,17 +93,22 @@ class AllReduceWait(Primitive):
         return 0
 
 
-def start_bucket(comm, arrays: Sequence[np.ndarray]) -> InFlight:
-    """Copy ``arrays`` into one new flat buffer (the bucket owns it until the wait) and
-    start its all-reduce on ``comm``."""
-    flat = np.concatenate([a.reshape(-1) for a in arrays])
-    return InFlight(comm.iallreduce(flat), flat.nbytes)
+def start_bucket(comm, arrays: Sequence[np.ndarray], kind: str = rd.ALLREDUCE, dims: Sequence[int] = ()) -> InFlight:
+    """Copy ``arrays`` into one new buffer (the bucket owns it until the wait) and start
+    its collective on ``comm``: an all-reduce of them flattened, or a reduce-scatter of
+    (n, m) rows, row i holding block i (along ``dims``) of each array, flattened."""
+    if kind == rd.ALLREDUCE:
+        flat = np.concatenate([a.reshape(-1) for a in arrays])
+        return InFlight(comm.iallreduce(flat), flat.nbytes)
+    blocks = [np.split(a, comm.size, axis=d) for a, d in zip(arrays, dims)]
+    rows = np.stack([np.concatenate([b[i].reshape(-1) for b in blocks]) for i in range(comm.size)])  # (n, m)
+    return InFlight(comm.ireduce_scatter(rows, axis=0), rows.nbytes)
 
 
 def finish_bucket(flight: InFlight, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
-    """Wait for a bucket and cut it into arrays of ``shapes`` (new arrays: an optimizer may
-    update them in place, and the flat buffer dies here)."""
-    flat = flight.request.wait()
+    """Wait for a bucket and cut its result into arrays of ``shapes`` (new arrays: an
+    optimizer may update them in place, and the bucket's buffer dies here)."""
+    flat = flight.request.wait().reshape(-1)
     out, at = [], 0
     for shape in shapes:
         size = int(np.prod(shape))
@@ -148,19 +156,15 @@ class _Reduction:
     needed_at: int | None
 
 
-def allreduce_comm(node: Node | None):
-    """The communicator of a Redistribute node that is one all-reduce, else None."""
-    return None if node is None else redistribute_comm(node.prim)
-
-
-def redistribute_comm(prim):
-    """The communicator of a Redistribute that is one all-reduce, else None."""
+def bucketable(prim) -> tuple[str, object, int | None] | None:
+    """(kind, communicator, tensor dim) of a Redistribute that is one all-reduce or one
+    reduce-scatter, else None."""
     if not isinstance(prim, Redistribute):
         return None
     steps = prim.attrs["redist"].steps
-    if len(steps) != 1 or steps[0].kind != rd.ALLREDUCE:
+    if len(steps) != 1 or steps[0].kind not in (rd.ALLREDUCE, rd.REDUCE_SCATTER):
         return None
-    return prim.comms[steps[0].axis]
+    return steps[0].kind, prim.comms[steps[0].axis], steps[0].dim
 
 
 def _gradient_outputs(local: Graph, first: int, count: int) -> dict[int, int]:
@@ -182,9 +186,9 @@ def _gradient_outputs(local: Graph, first: int, count: int) -> dict[int, int]:
     return part_of
 
 
-def _reductions(local: Graph, first: int, count: int) -> list[_Reduction]:
-    """Every all-reduce making a gradient output or a part of one, in the order their
-    inputs are made."""
+def _reductions(local: Graph, first: int, count: int, kinds) -> list[_Reduction]:
+    """Every all-reduce or reduce-scatter (of ``kinds``) making a gradient output or a part
+    of one, in the order their inputs are made."""
     part_of = _gradient_outputs(local, first, count)
     first_reader: dict[int, int] = {}
     for n in local.nodes:
@@ -193,7 +197,8 @@ def _reductions(local: Graph, first: int, count: int) -> list[_Reduction]:
     found = []
     for v, j in part_of.items():
         node = local.node_of(v)
-        if allreduce_comm(node) is not None and local.outputs.count(v) <= 1:
+        how = None if node is None else bucketable(node.prim)
+        if how is not None and how[0] in kinds and local.outputs.count(v) <= 1:
             found.append(_Reduction(node, j, first_reader.get(v)))
     return sorted(found, key=lambda r: (_ready_at(local, r.node), r.output))
 
@@ -204,20 +209,25 @@ def _ready_at(local: Graph, node: Node) -> int:
     return -1 if producer is None else producer
 
 
-def fuse_gradient_reductions(local: Graph, first: int, params: Sequence[int], rule: FusionRule | None,
+def fuse_gradient_reductions(local: Graph, first: int, params: Sequence[int], rules: Mapping[str, FusionRule],
                              n_params: int) -> tuple[Graph, Fusion]:
-    """``local`` with the all-reduces of the gradient outputs ``first .. first+len(params)-1``
+    """``local`` with the reductions of the gradient outputs ``first .. first+len(params)-1``
     (of parameters ``params``, indices in the trained list of ``n_params``; and of their
-    parts summed later) bucketed by ``rule`` (None: a bucket each, still started early).
-    Only reductions first read at the same place share a bucket: the outputs' (waited for
-    at the end), or the parts of one sum (waited for right before it)."""
-    found = _reductions(local, first, len(params))
-    if not found:
+    parts summed later) bucketed by ``rules`` (redistribution step kind -> rule; a kind
+    left out is not touched). Only reductions of one kind, over one communicator, in one
+    dtype and first read at the same place share a bucket: the outputs' (waited for at the
+    end), or the parts of one sum (waited for right before it)."""
+    found = _reductions(local, first, len(params), rules)
+    buckets = []
+    for kind, rule in rules.items():
+        mine = [r for r in found if bucketable(r.node.prim)[0] == kind]
+        items = [Fusible(params[r.output - first], local.spec(r.node.inputs[0]).nbytes,
+                         (bucketable(r.node.prim)[1], local.spec(r.node.inputs[0]).dtype.str, r.needed_at))
+                 for r in mine]
+        buckets += [[mine[k] for k in b] for b in plan_buckets(items, rule, n_params)]
+    if not buckets:
         return local, Fusion(())
-    items = [Fusible(params[r.output - first], local.spec(r.node.inputs[0]).nbytes,
-                     (allreduce_comm(r.node), local.spec(r.node.inputs[0]).dtype.str, r.needed_at))
-             for r in found]
-    buckets = [[found[k] for k in b] for b in plan_buckets(items, rule, n_params)]
+    buckets.sort(key=lambda b: max(_ready_at(local, r.node) for r in b))
     values = list(local.values)
     after: dict[int, list[Node]] = {}          # old node id -> the starts placed right after it
     before: dict[int | None, list[Node]] = {}  # old node id -> the waits placed right before it (None: at the end)
@@ -243,12 +253,12 @@ def _with_progress(order: list[Node], values: list[Value]) -> list[Node]:
     current: dict[int, int] = {}          # a start's handle value -> its latest pass-through
     out = []
     for node in order:
-        if isinstance(node.prim, AllReduceWait):
+        if isinstance(node.prim, BucketWait):
             node = dataclasses.replace(node, inputs=(current.pop(node.inputs[0]),))
         out.append(node)
-        if isinstance(node.prim, AllReduceStart):
+        if isinstance(node.prim, BucketStart):
             current[node.outputs[0]] = node.outputs[0]
-        elif current and not isinstance(node.prim, AllReduceWait):
+        elif current and not isinstance(node.prim, BucketWait):
             outs = []
             for v in current.values():
                 outs.append(len(values))
@@ -263,15 +273,17 @@ def _bucket_nodes(local: Graph, nodes: list[Node], values: list[Value]) -> tuple
     """The start and wait nodes of one bucket (ids and producers set by _renumbered); the
     wait makes the very values the bucket's Redistributes made."""
     specs = [local.spec(n.inputs[0]) for n in nodes]
+    kind, comm, _ = bucketable(nodes[0].prim)
     size = sum(s.size for s in specs)
     clock = nodes[0].prim.clock
     flight = len(values)
     values.append(Value(flight, TensorSpec((size,), specs[0].dtype), None))
     tag = f"{SCOPE}/bucket{flight}"
-    start = Node(-1, AllReduceStart(allreduce_comm(nodes[0]), size, clock), tuple(n.inputs[0] for n in nodes),
-                 (flight,), SCOPE, f"{tag}/AllReduceStart", phase=BACKWARD)
-    wait = Node(-1, AllReduceWait(tuple(s.shape for s in specs), clock), (flight,),
-                tuple(n.outputs[0] for n in nodes), SCOPE, f"{tag}/AllReduceWait", phase=BACKWARD)
+    dims = tuple(bucketable(n.prim)[2] for n in nodes)
+    start = Node(-1, BucketStart(kind, comm, dims, clock), tuple(n.inputs[0] for n in nodes),
+                 (flight,), SCOPE, f"{tag}/BucketStart", phase=BACKWARD)
+    wait = Node(-1, BucketWait(tuple(local.spec(n.outputs[0]).shape for n in nodes), clock), (flight,),
+                tuple(n.outputs[0] for n in nodes), SCOPE, f"{tag}/BucketWait", phase=BACKWARD)
     return start, wait
 
 

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..comm.fusion import Fusible, FusionRule, plan_buckets
 from ..ir.layout import Layout
 from .shards import ParamShard
 
@@ -100,9 +101,11 @@ def slice_of(base: ParamShard, layout: Layout) -> SliceShard:
 class WeightGather:
     """After an update: each sliced weight's new slices all-gathered into its layout, one
     all-gather per weight over the group of its replicated axes (communicators made here,
-    once, in the same order on every rank)."""
+    once, in the same order on every rank). With a ``comm_fusion`` allgather rule, one
+    all-gather per bucket of slices (same group and dtype) instead: the members' slices
+    flattened end to end, gathered as (n, m) rows, row j cut back into member j's slices."""
 
-    def __init__(self, slices: Sequence[SliceShard], world):
+    def __init__(self, slices: Sequence[SliceShard], world, rule: FusionRule | None = None):
         self.slices = list(slices)
         comms: dict = {}
         self.comms = []
@@ -112,7 +115,25 @@ class WeightGather:
             if key not in comms:
                 comms[key] = world.split(mesh.groups(list(s.axes)))
             self.comms.append(comms[key])
+        items = [Fusible(k, s.data.nbytes, (id(c), np.dtype(s.dtype).str))
+                 for k, (s, c) in enumerate(zip(self.slices, self.comms))]
+        self.buckets = plan_buckets(items, rule, len(items)) if rule is not None else [[k] for k in range(len(items))]
 
     def __call__(self) -> None:
-        for s, comm in zip(self.slices, self.comms):
-            s.base.data[...] = comm.allgather(s.data, axis=s.dim)
+        for bucket in self.buckets:
+            if len(bucket) == 1:
+                s, comm = self.slices[bucket[0]], self.comms[bucket[0]]
+                s.base.data[...] = comm.allgather(s.data, axis=s.dim)
+            else:
+                self._gather_bucket(bucket)
+
+    def _gather_bucket(self, bucket: list[int]) -> None:
+        slices, comm = [self.slices[k] for k in bucket], self.comms[bucket[0]]
+        flat = np.concatenate([s.data.reshape(-1) for s in slices])
+        rows = comm.allgather(flat, axis=0).reshape(comm.size, flat.size)     # (n, m): row j is member j's slices
+        at = 0
+        for s in slices:
+            size = s.data.size
+            parts = [row[at:at + size].reshape(s.data.shape) for row in rows]
+            s.base.data[...] = np.concatenate(parts, axis=s.dim)
+            at += size

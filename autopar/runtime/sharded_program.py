@@ -67,7 +67,7 @@ class ShardedGradProgram(TrainingProgram):
         wanted = {g: lay for g, lay in zip(grads, used_sliced) if lay is not None}
         self.local_graph, _, self.out_layouts, self.comm_clock = lower(
             self.graph, (self.targets.loss,) + grads, self.plan, world.rank, world, output_layouts=wanted)
-        self.fusion = self._fuse(ctx.comm_fusion.rule("allreduce"), len(params))
+        self.fusion = self._fuse(ctx.comm_fusion.gradient_rules(), len(params))
         self.program = Program(self.local_graph, self.local_graph.outputs)
         self.param_shards = self._param_shards(graph, params, homes, world)
         self.shards = [s if lay is None else slice_of(s, lay) for s, lay in zip(self.param_shards, sliced)]
@@ -79,15 +79,17 @@ class ShardedGradProgram(TrainingProgram):
         for s in self.param_shards:       # the Parameter now reads through its shard
             if s.param._shard is None or s.param._shard[0] is not s:
                 s.param.attach_shard(s, world)
-        self._weight_gather = WeightGather([s for s in self.shards if isinstance(s, SliceShard)], world)
+        self._weight_gather = WeightGather([s for s in self.shards if isinstance(s, SliceShard)], world,
+                                           ctx.comm_fusion.rule("allgather"))
 
-    def _fuse(self, rule, n_params: int) -> Fusion:
-        """Bucket the gradients' all-reduces (``comm_fusion``; none without a rule): started
-        during the backward pass, waited for at its end (autopar/runtime/fusion.py)."""
-        if rule is None:
+    def _fuse(self, rules: dict, n_params: int) -> Fusion:
+        """Bucket the gradients' all-reduces and reduce-scatters (``comm_fusion``; nothing
+        without rules): started during the backward pass, waited for at its end
+        (autopar/runtime/fusion.py)."""
+        if not rules:
             return Fusion(())
         used = [i for i, v in enumerate(self.targets.wrt) if v is not None]   # parameter of each gradient output
-        self.local_graph, fusion = fuse_gradient_reductions(self.local_graph, 1, used, rule, n_params)
+        self.local_graph, fusion = fuse_gradient_reductions(self.local_graph, 1, used, rules, n_params)
         return fusion
 
     def _param_shards(self, graph, params: Sequence, homes: Sequence[Layout], world) -> list[ParamShard]:

@@ -1,5 +1,6 @@
 """comm_fusion under real MPI (``mpiexec -n 2``, run by tests/test_comm_mpi_launch.py):
-MPI's non-blocking all-reduce equals the blocking one, and bucketed gradients equal the
+MPI's non-blocking all-reduce and reduce-scatter equal the blocking ones, and bucketed
+gradients (and, under optimizer parallel, bucketed reduce-scatters and all-gathers) equal the
 unbucketed ones bit for bit (on 2 ranks each element is one sum, whatever the buffer)."""
 import numpy as np
 import pytest
@@ -29,6 +30,13 @@ def test_iallreduce_equals_allreduce_waited_out_of_order(dtype):
     assert got.dtype == np.dtype(dtype) and np.array_equal(got, blocking)
 
 
+@pytest.mark.parametrize("axis", [0, 1])
+def test_ireduce_scatter_equals_reduce_scatter(axis):
+    x = np.random.default_rng(WORLD.rank).standard_normal((4, 6)).astype(np.float32)
+    request = WORLD.ireduce_scatter(x, axis=axis)
+    assert np.array_equal(request.wait(), WORLD.reduce_scatter(x, axis=axis))
+
+
 def grads(dp, mp, fusion):
     cfg = CONFIG.replace(data_parallel=dp, model_parallel=mp)
     ctx = ParallelContext(parallel_mode="semi_auto_parallel", device_num=2, full_batch=True, comm_fusion=fusion)
@@ -53,15 +61,20 @@ def test_fused_gradients_equal_unfused_bit_for_bit(dp, mp):
         assert count["allreduce"] == 53 and grads(dp, mp, AUTO)[2]["allreduce"] == 3
 
 
-def test_three_training_steps_fused_equal_unfused_bit_for_bit():
+@pytest.mark.parametrize("optimizer_parallel", [False, True])
+def test_three_training_steps_fused_equal_unfused_bit_for_bit(optimizer_parallel):
+    every = {"allreduce": {"mode": "auto"}, "reducescatter": {"mode": "auto"}, "allgather": {"mode": "auto"}}
+
     def train(fusion):
-        with bound_world(WORLD), parallel_context(parallel_mode="data_parallel", device_num=2, comm_fusion=fusion):
+        with bound_world(WORLD), parallel_context(parallel_mode="data_parallel", device_num=2, comm_fusion=fusion,
+                                                  enable_parallel_optimizer=optimizer_parallel,
+                                                  parallel_optimizer_threshold=0):
             net = PanguAlphaWithLoss(CONFIG.replace(data_parallel=2))
             step = nn.TrainOneStepCell(net, AdamWeightDecay(net.trainable_params(), 1e-3, weight_decay=0.01),
                                        clip_norm=1.0)
             ids = np.split(IDS, 2)[WORLD.rank]
             return [float(step(ids)) for _ in range(3)], {p.name: p.asnumpy() for p in net.trainable_params()}
-    (losses, weights), (got_losses, got_weights) = train({}), train(AUTO)
+    (losses, weights), (got_losses, got_weights) = train({}), train(every)
     assert got_losses == losses
     for name, w in weights.items():
         assert np.array_equal(got_weights[name], w), name

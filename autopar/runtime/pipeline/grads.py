@@ -13,8 +13,9 @@ Redistributions are linear, so
 (equal up to the order of float additions). A gradient whose last step is not a
 redistribution (parts of different layouts settled before one sum) keeps its reductions
 inside the program, per micro-batch. With ``comm_fusion``, the deferred all-reduces go in
-buckets (one collective per bucket, autopar/runtime/fusion.py), started together and
-waited for after the other deferred reductions.
+buckets (one collective per bucket, autopar/runtime/fusion.py), and so do their
+reduce-scatters under optimizer parallel and the all-gathers of the updated slices; the
+buckets start together and are waited for after the other deferred reductions.
 
 Then, per step:
 
@@ -43,7 +44,7 @@ import numpy as np
 
 from ...comm.fusion import DEFAULT_COMM_FUSION, CommFusion, Fusible, plan_buckets
 from ...ir.graph import Graph
-from ..fusion import InFlight, finish_bucket, redistribute_comm, start_bucket
+from ..fusion import InFlight, bucketable, finish_bucket, start_bucket
 from ..optimizer_parallel import SliceShard, WeightGather, slice_layout, slice_of
 from ..shards import global_norm
 from ..spmd import Redistribute
@@ -82,7 +83,7 @@ class StageGradients:
 
     def __init__(self, param_shards: Sequence, slice_threshold: int | None, stage_comm, world, shared: Sequence = (),
                  comm_fusion: CommFusion = DEFAULT_COMM_FUSION):
-        self.rule = comm_fusion.rule("allreduce")       # None: each deferred all-reduce alone
+        self.rules = comm_fusion.gradient_rules()       # collective -> rule; none: each deferred reduction alone
         self.param_shards = list(param_shards)
         self.world, self.stage_comm = world, stage_comm
         self.sliced = [slice_layout(s.layout, s.param.shape, np.dtype(s.dtype).itemsize, slice_threshold)
@@ -90,7 +91,8 @@ class StageGradients:
                        for s in self.param_shards]
         self.shards = [s if lay is None else slice_of(s, lay) for s, lay in zip(self.param_shards, self.sliced)]
         self.layouts = [lay or getattr(s, "layout", None) for s, lay in zip(self.param_shards, self.sliced)]
-        self._weight_gather = WeightGather([s for s in self.shards if isinstance(s, SliceShard)], stage_comm)
+        self._weight_gather = WeightGather([s for s in self.shards if isinstance(s, SliceShard)], stage_comm,
+                                           comm_fusion.rule("allgather"))
         self.shared = list(shared)                       # (parameter index, communicator over its copies)
         self.deferred: dict[int, Redistribute] = {}     # parameter index -> its once-per-step reduction,
                                                          # set once the stage program is lowered
@@ -99,8 +101,7 @@ class StageGradients:
         """The summed stage gradients (``stage_grads[grad_index[i]]`` for parameter i) made
         into the optimizer's: reduced once, summed over copies; zeros for absent parameters."""
         buckets = self._buckets([stage_grads[grad_index[i]] for i in self.deferred])
-        flights = [(b, start_bucket(redistribute_comm(self.deferred[b[0]]), [stage_grads[grad_index[i]] for i in b]))
-                   for b in buckets]
+        flights = [(b, self._start(b, stage_grads, grad_index)) for b in buckets]
         fused = {i for b in buckets for i in b}
         for i, r in self.deferred.items():
             if i not in fused:
@@ -115,18 +116,24 @@ class StageGradients:
                 for i, s in enumerate(self.shards)]
 
     def _buckets(self, grads: Sequence[np.ndarray]) -> list[list[int]]:
-        """The deferred all-reduces' buckets, as parameter indices (none without a rule);
+        """The deferred reductions' buckets, as parameter indices (none without rules);
         ``grads``: the gradients they reduce, in :attr:`deferred`'s order."""
-        if self.rule is None:
-            return []
-        fusible = [(i, redistribute_comm(r), g) for (i, r), g in zip(self.deferred.items(), grads)
-                   if redistribute_comm(r) is not None]
-        items = [Fusible(i, g.nbytes, (comm, g.dtype.str)) for i, comm, g in fusible]
-        return [[fusible[k][0] for k in b] for b in plan_buckets(items, self.rule, len(self.param_shards))]
+        out = []
+        for kind, rule in self.rules.items():
+            mine = [(i, bucketable(r), g) for (i, r), g in zip(self.deferred.items(), grads)
+                    if bucketable(r) is not None and bucketable(r)[0] == kind]
+            items = [Fusible(i, g.nbytes, (how[1], g.dtype.str)) for i, how, g in mine]
+            out += [[mine[k][0] for k in b] for b in plan_buckets(items, rule, len(self.param_shards))]
+        return out
 
-    @staticmethod
-    def _finish(bucket: list[int], flight: InFlight, stage_grads: list, grad_index: dict[int, int]) -> None:
-        shapes = [stage_grads[grad_index[i]].shape for i in bucket]
+    def _start(self, bucket: list[int], stage_grads: list, grad_index: dict[int, int]) -> InFlight:
+        kind, comm, _ = bucketable(self.deferred[bucket[0]])
+        dims = [bucketable(self.deferred[i])[2] for i in bucket]
+        return start_bucket(comm, [stage_grads[grad_index[i]] for i in bucket], kind, dims)
+
+    def _finish(self, bucket: list[int], flight: InFlight, stage_grads: list, grad_index: dict[int, int]) -> None:
+        redists = [self.deferred[i].attrs["redist"] for i in bucket]
+        shapes = [r.dst.local_shape(r.shape) for r in redists]
         for i, g in zip(bucket, finish_bucket(flight, shapes)):
             stage_grads[grad_index[i]] = g
 
