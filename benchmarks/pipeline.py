@@ -42,6 +42,13 @@ the schedule gives these unequal stages (the last one holds the head and the los
 backward about twice a forward. Measured − model is what the transfers, the runner and a
 shared machine add.
 
+Interleaved rows (v > 1): the order itself idles (p−1)/(v·m) of the ideal time whatever a
+backward costs against a forward (``Schedule.makespan``, tested), but the runner's sends and
+receives block (the comm layer has no isend/irecv) and every chunk boundary is one, so the
+two ranks of p = 2 run nearly in lock step: where one runs a forward while the other runs a
+backward, the forward waits. With a backward ≈ 2 forwards that costs about (B − F)/(2B) of
+the steady state; the runner model (blocking transfers) shows it beside the formula.
+
 **Memory.** Data parallel on 2 ranks (``parallel_mode="data_parallel"``) with and without
 recompute (every block and the query layer, as PanGu-α 200B) and optimizer parallel
 (``enable_parallel_optimizer``), AdamWeightDecay, one step to create the optimizer states,

@@ -69,6 +69,18 @@ def test_bubble_is_p_minus_1_over_v_m_of_the_ideal_time(p, v, m):
 
 
 @pytest.mark.parametrize("p, v, m", TABLES)
+@pytest.mark.parametrize("backward_s", [1.0, 2.0, 3.0])
+def test_replay_with_a_dearer_backward_keeps_the_bubble(p, v, m, backward_s):
+    """The per-rank orders replayed with a forward of 1 s and a backward of 1-3 s (a chunk:
+    1/v of them), transfers free: the step is m (F + B) (1 + (p - 1) / (v m)) -- the order
+    loses nothing to unequal items (plain 1F1B: (p - 1) / m)."""
+    s = interleaved_one_f_one_b(p, m, v)
+    busy = m * (1.0 + backward_s)
+    assert s.makespan(1.0, backward_s) / busy - 1 == pytest.approx((p - 1) / (v * m))
+    assert one_f_one_b(p, m).makespan(1.0, backward_s) / busy - 1 == pytest.approx((p - 1) / m)
+
+
+@pytest.mark.parametrize("p, v, m", TABLES)
 def test_in_flight_chunks_per_rank(p, v, m):
     """Rank r holds Megatron's warm-up count + 1 micro-batch chunks at its peak (all m v
     when m == p, where every rank warms up fully); GPipe holds all m v."""
@@ -401,3 +413,78 @@ def test_auto_parallel_runs_a_pipeline_cells_virtual_stages_like_serial():
         for name, g in grads.items():
             np.testing.assert_allclose(got_grads[name], g, rtol=1e-10, atol=1e-14, err_msg=name)
     assert [r[2] for r in res] == [(0, 2), (1, 3)]
+
+
+def test_an_interleaved_run_saves_its_strategy_file_and_checkpoint_and_both_load(tmp_path):
+    """pp2 x v2 saves one strategy file with its 4 virtual stages' plans and a checkpoint
+    with every tensor once (the tied table from rank 0, whose chunk 0 holds the first copy);
+    a second interleaved run loading the file trains to the same losses, and the
+    checkpoint resumes serially with the uninterrupted serial run's next loss."""
+    import json
+
+    from autopar.train import checkpoint as ckpt
+    plan_file, ck = str(tmp_path / "plan.json"), str(tmp_path / "ck")
+
+    def make_trainer(net, cell):
+        opt = autopar.train.AdamWeightDecay(net.trainable_params(), learning_rate=1e-2, weight_decay=0.01)
+        return nn.TrainOneStepCell(cell, opt, clip_norm=1.0)
+
+    def run(save: bool, **files):
+        def body(comm):
+            with bound_world(comm):
+                net = PanguAlphaWithLoss(CONFIG).set_train(True)
+                nn.set_pipeline_stages(layers_of(net), stages=4)
+                train = make_trainer(net, nn.PipelineCell(net, 2, virtual_stages=2))
+                losses = [float(train(IDS)) for _ in range(2)]
+                if save:
+                    ckpt.save_checkpoint(train, ck)
+                return losses
+        with parallel_context(parallel_mode="semi_auto_parallel", device_num=2, pipeline_stages=2, full_batch=True,
+                              **files):
+            return run_in_process(2, body)
+    saved = run(True, strategy_ckpt_save_file=plan_file)
+    doc = json.loads(open(plan_file).read())
+    assert (doc["pipeline_stages"], len(doc["stages"])) == (4, 4)
+    loaded = run(False, strategy_ckpt_load_file=plan_file)
+    assert loaded == saved
+    serial_net = PanguAlphaWithLoss(CONFIG).set_train(True)
+    serial = make_trainer(serial_net, serial_net)
+    serial_losses = [float(serial(IDS)) for _ in range(3)]
+    np.testing.assert_allclose(saved[0], serial_losses[:2], rtol=1e-5)
+    _, manifest = ckpt.read_manifest(ck)
+    table = manifest["tensors"]["word_embedding.embedding_table"]["pieces"]
+    assert {p["file"] for p in table} == {"rank0.safetensors"}
+    resumed_net = PanguAlphaWithLoss(CONFIG).set_train(True)
+    resumed = make_trainer(resumed_net, resumed_net)
+    ckpt.load_distributed_checkpoint(resumed, ck)
+    np.testing.assert_allclose(float(resumed(IDS)), serial_losses[2], rtol=1e-5)
+
+
+def test_a_weight_two_chunks_of_one_rank_share_gets_both_gradients():
+    """Blocks 0 and 2 share their first Dense: under pp2 x v2 both are chunks of rank 0 (0
+    and 2), which holds one copy and adds both chunks' gradients; under data parallel 2
+    (the stage's gradients reduced over its replicas) the sum equals serial's."""
+    def tied():
+        net = StackNet()
+        net.layers[2].up = net.layers[0].up
+        for k, layer in enumerate(net.layers):
+            layer.pipeline_stage = k
+        return net
+    net = tied()
+    assert len(net.trainable_params()) == 14                   # 4 blocks x 4 weights, one Dense shared
+    loss, grads = autopar.value_and_grad(net)(X, Y)
+
+    def body(comm):
+        with bound_world(comm):
+            net = tied()
+            cell = nn.PipelineCell(net, 2, virtual_stages=2)
+            rows = np.split(X, 2)[comm.rank % 2], np.split(Y, 2)[comm.rank % 2]
+            got = autopar.value_and_grad(cell, net.trainable_params())(*rows)
+            return got, next(iter(cell._compiled.values())).chunks
+    with parallel_context(parallel_mode="data_parallel", device_num=4, pipeline_stages=2):
+        res = run_in_process(4, body)
+    assert [r[1] for r in res] == [(0, 2), (0, 2), (1, 3), (1, 3)]
+    for (got_loss, got_grads), _ in res:
+        np.testing.assert_allclose(got_loss, loss, rtol=1e-10)
+        for name, g in grads.items():
+            np.testing.assert_allclose(got_grads[name], g, rtol=1e-10, atol=1e-14, err_msg=name)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -174,15 +175,16 @@ class PipelineGradProgram(TrainingProgram):
         plan, p = self.plan, self.stages
         held = [i for i, v in enumerate(wrt) if any(v in plan.stages[c].local_of for c in self.chunks)]
         self._grad_index = {i: j for j, i in enumerate(held)}
-        repeated = {i for i in held if sum(wrt[i] in plan.stages[c].local_of for c in self.chunks) > 1}
-        chunks, deferred, saved, clocks = [], {}, 0, []
-        for c in self.chunks:
-            chunk, chunk_deferred, n_saved, clock = self._build_chunk(c, wrt, sens, feed, repeated)
+        lowered = [self._lower_chunk(c, wrt, sens) for c in self.chunks]    # one order on every rank
+        deferred = _common_reductions(lowered)
+        chunks, saved = [], 0
+        for low in lowered:
+            chunk, n_saved = self._chunk_step(low, deferred, feed)
             chunks.append(chunk)
-            deferred.update(chunk_deferred)
-            saved, clocks = saved + n_saved, clocks + [clock]
+            saved += n_saved
         self.grads.deferred = deferred
         self.saved_per_micro = saved
+        clocks = [low.clock for low in lowered]
         self.comm_clock = clocks[0] if len(clocks) == 1 else ClockSum(clocks)
         wire = {v: (lay.local_shape(self.graph.spec(v).shape), self.graph.spec(v).dtype)
                 for v, lay in plan.transfer.items()}
@@ -195,11 +197,9 @@ class PipelineGradProgram(TrainingProgram):
                          schedule=self.schedule, chunks=tuple(chunks), n_param_grads=len(held), wire=wire,
                          transfers=mine_transfers)
 
-    def _build_chunk(self, c: int, wrt: list[int], sens: float, feed: MicroFeed, repeated: set[int]):
-        """Virtual stage c's halves: (ChunkStep, its deferred gradient reductions by parameter
-        index, values saved per micro-batch, its redistribution clock). A parameter another
-        chunk of this rank also reads (``repeated``) keeps its reduction inside the program,
-        so the chunks' gradients add up in the parameter's layout."""
+    def _lower_chunk(self, c: int, wrt: list[int], sens: float) -> _LoweredChunk:
+        """Virtual stage c differentiated and lowered on the stage communicator, with its
+        parameter gradients' final reductions taken out (see :func:`_common_reductions`)."""
         plan = self.plan
         sg, last = plan.stages[c], c == self.stages * self.virtual - 1
         mine = [(i, sg.local_of[v]) for i, v in enumerate(wrt) if v in sg.local_of]
@@ -213,26 +213,31 @@ class PipelineGradProgram(TrainingProgram):
                                    self.stage_comm, output_layouts=wanted)
         for i, _ in mine:
             assert any(o is self.param_shards[i] for o in local.param_objs), "lowering did not take the stage shard"
-        first = len(delivered)
-        reduced, deferred = defer_reductions(local, first, len(mine))   # reduced once per step
-        keep = [j for j, (i, _) in enumerate(mine) if i in repeated and deferred[j] is not None]
-        if keep:                                  # summed with another chunk's: reduce in the program
-            outputs = list(reduced.outputs)
-            for j in keep:
-                outputs[first + j] = local.outputs[first + j]
-            reduced = dataclasses.replace(reduced, outputs=tuple(outputs))
-        chunk_deferred = {i: r for j, ((i, _), r) in enumerate(zip(mine, deferred)) if r is not None and j not in keep}
-        cotangents = reduced.inputs[len(reduced.inputs) - len(sg.cotangent_inputs):]
-        variants = self._micro_variants(reduced, sg, feed)
-        halves = [split_halves(g, len(delivered), cotangents) for g in variants]
+        reduced, deferred = defer_reductions(local, len(delivered), len(mine))   # reduced once per step
+        return _LoweredChunk(c, last, tuple(i for i, _ in mine), tuple(back), len(delivered), local, reduced,
+                             deferred, clock)
+
+    def _chunk_step(self, low: _LoweredChunk, deferred: dict, feed: MicroFeed) -> tuple[ChunkStep, int]:
+        """The chunk's halves, its gradients' reductions left out where ``deferred`` takes
+        them (once per step), kept in the program elsewhere; and the values it saves per
+        micro-batch."""
+        outputs = list(low.reduced.outputs)
+        for j, i in enumerate(low.params):
+            if low.deferred[j] is not None and i not in deferred:
+                outputs[low.n_delivered + j] = low.local.outputs[low.n_delivered + j]
+        graph = dataclasses.replace(low.reduced, outputs=tuple(outputs))
+        sg = self.plan.stages[low.virtual_stage]
+        cotangents = graph.inputs[len(graph.inputs) - len(sg.cotangent_inputs):]
+        variants = self._micro_variants(graph, sg, feed)
+        halves = [split_halves(g, low.n_delivered, cotangents) for g in variants]
         chunk = ChunkStep(
-            virtual_stage=c, forward=tuple(Program(h.forward, h.forward.outputs) for h in halves),
+            virtual_stage=low.virtual_stage, forward=tuple(Program(h.forward, h.forward.outputs) for h in halves),
             backward=tuple(Program(h.backward, h.backward.outputs) for h in halves),
             batch_inputs=sg.batch_inputs, received=tuple(x.value for x in sg.received),
-            sent=tuple((x.value, x.dsts) for x in sg.sent), has_loss=last,
-            cotangents=tuple((x.value, d) for x, d in sg.cotangents), grads_back=tuple(x.value for x in back),
-            grad_slots=tuple(self._grad_index[i] for i, _ in mine))
-        return chunk, chunk_deferred, len(halves[0].saved), clock
+            sent=tuple((x.value, x.dsts) for x in sg.sent), has_loss=low.last,
+            cotangents=tuple((x.value, d) for x, d in sg.cotangents), grads_back=tuple(x.value for x in low.back),
+            grad_slots=tuple(self._grad_index[i] for i in low.params))
+        return chunk, len(halves[0].saved)
 
     def _micro_variants(self, local: Graph, sg, feed: MicroFeed) -> list[Graph]:
         """The local graph with its traced forward ops named as in the whole graph (dropout
@@ -298,6 +303,34 @@ class PipelineGradProgram(TrainingProgram):
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class _LoweredChunk:
+    """One chunk lowered: ``local`` with every gradient reduction, ``reduced`` with the
+    final ones taken out (``deferred[j]`` for parameter ``params[j]``, None where none)."""
+    virtual_stage: int
+    last: bool
+    params: tuple[int, ...]          # parameter indices whose gradients it makes, in output order
+    back: tuple                      # received crossings whose gradients it sends back
+    n_delivered: int
+    local: Graph
+    reduced: Graph
+    deferred: tuple
+    clock: list
+
+
+def _common_reductions(lowered: Sequence[_LoweredChunk]) -> dict[int, Redistribute]:
+    """Parameter index -> the reduction applied once per step to its summed gradient: each
+    parameter whose every chunk on this rank ends its gradient with the same reduction
+    (two chunks sharing a weight: R(g1) + R(g2) = R(g1 + g2)). The others reduce inside
+    their programs, so their chunks' gradients add up already reduced."""
+    seen: dict[int, list] = {}
+    for low in lowered:
+        for i, r in zip(low.params, low.deferred):
+            seen.setdefault(i, []).append(r)
+    return {i: rs[0] for i, rs in seen.items()
+            if rs[0] is not None and all(r is not None and r.attrs["redist"] == rs[0].attrs["redist"] for r in rs)}
+
 
 class ClockSum:
     """Seconds spent redistributing, summed over the chunks' clocks (``[0]`` like the

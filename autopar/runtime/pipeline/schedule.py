@@ -108,6 +108,32 @@ class Schedule:
         idle = sum(item is None for row in self.table for item in row)
         return idle / (self.stages * self.clocks - idle)
 
+    def makespan(self, forward_s: float = 1.0, backward_s: float = 1.0) -> float:
+        """Seconds of a replay of the table's per-stage orders with every forward taking
+        ``forward_s`` and every backward ``backward_s`` (a chunk's: 1/v of each), an item
+        starting once its stage is free and its input is made, transfers free and
+        non-blocking: the ideal the order allows when a backward costs more than a forward.
+        The idle share of it is still (p - 1) / (v m) of the busy time for these schedules."""
+        p, v = self.stages, self.virtual
+        rows = [[i for i in row if i is not None] for row in self.table]
+        finish: dict[tuple, float] = {}            # (virtual stage, kind, micro) -> when it ended
+        free, pos = [0.0] * p, [0] * p
+        while any(pos[s] < len(rows[s]) for s in range(p)):
+            moved = False
+            for s in range(p):
+                while pos[s] < len(rows[s]):
+                    item = rows[s][pos[s]]
+                    need = _needs(item, s, p, v)
+                    if need is not None and need not in finish:
+                        break
+                    start = max(free[s], finish[need] if need is not None else 0.0)
+                    free[s] = start + (forward_s if item[0] == "F" else backward_s) / v
+                    finish[(self.virtual_stage(s, item), item[0], item[1])] = free[s]
+                    pos[s] += 1
+                    moved = True
+            assert moved, f"pipeline schedule {self.name}: the orders wait on each other"
+        return max(free)
+
     def label(self, item: Item | None) -> str:
         """``F3`` (interleaved ``F3.1``: micro-batch 3, chunk 1), or ``.`` for an idle clock."""
         if item is None:
