@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from ..ir.spec import TensorSpec
 from .primitive import Primitive
-from .registry import register
 from .sharding import Indexing, same_letters
 
 
-@register
 class ShardBoundary(Primitive):
-    """Identity whose strategy is a cell's (or function's) strategy for one tensor."""
+    """Identity whose strategy is a cell's (or function's) strategy for one tensor. Not in
+    the op registry: like lowering's Redistribute it is inserted, never called by a user."""
 
     save_inputs = "none"
     view = "alias"
