@@ -113,6 +113,19 @@ def _dataset_strategy(value) -> str | tuple[tuple[int, ...], ...]:
     return tuple(splits)
 
 
+def _check_fed_splits(splits: tuple[tuple[int, ...], ...]) -> None:
+    """The ``dataset_strategy`` tuples autopar feeds: every input whole (all ones: each rank
+    reads the whole batch, as ``full_batch``) or every input split on dim 0 alone, all the
+    same number of ways (each rank reads its slice of the rows, as ``"data_parallel"``;
+    the count should be the devices of a stage). Other tuples are rejected, never fed some
+    other way."""
+    if all(s == 1 for t in splits for s in t):
+        return
+    if len({t[0] for t in splits}) != 1 or any(s != 1 for t in splits for s in t[1:]):
+        raise _fail("dataset_strategy", "every input whole (all 1s) or split on dim 0 alone, all the same number "
+                    "of ways", splits, "autopar feeds each rank the whole batch or its slice of the rows")
+
+
 @dataclass(frozen=True, repr=False)
 class ParallelContext:
     """Every auto-parallel setting, as one validated value (MindSpore's names and defaults).
@@ -176,6 +189,8 @@ class ParallelContext:
         if self.full_batch and isinstance(self.dataset_strategy, tuple):
             raise _fail("full_batch", f"False when dataset_strategy is a tuple ({self.dataset_strategy})",
                         self.full_batch, "use dataset_strategy alone; full_batch is its older spelling")
+        if isinstance(self.dataset_strategy, tuple):
+            _check_fed_splits(self.dataset_strategy)
 
     def __repr__(self) -> str:
         changed = [f"{name}={getattr(self, name)!r}" for name in FIELD_NAMES
@@ -193,8 +208,10 @@ class ParallelContext:
 
     @property
     def loads_full_batch(self) -> bool:
-        """Whether every rank reads the whole batch (``full_batch`` or its newer spelling)."""
-        return self.full_batch or self.dataset_strategy == "full_batch"
+        """Whether every rank reads the whole batch (``full_batch`` or its newer spellings:
+        ``dataset_strategy="full_batch"`` or a tuple of all ones, every input whole)."""
+        whole = isinstance(self.dataset_strategy, tuple) and all(s == 1 for t in self.dataset_strategy for s in t)
+        return self.full_batch or self.dataset_strategy == "full_batch" or whole
 
     @property
     def slice_threshold(self) -> int | None:
