@@ -44,17 +44,18 @@ class Block(nn.Cell):
 
 
 class Net(nn.Cell):
-    def __init__(self, block):
+    def __init__(self, block, total=False):
         super().__init__()
         self.block = block
+        self.total = total    # a sum over the batch: a rank fed the wrong rows shows
 
     def construct(self, x):
         y = self.block(x)
-        return (y * y).mean()
+        return (y * y).sum() if self.total else (y * y).mean()
 
 
-def serial_result():
-    net = Net(Block())
+def serial_result(total=False):
+    net = Net(Block(), total)
     loss, grads = autopar.value_and_grad(net)(X)
     return loss, grads
 
@@ -320,3 +321,46 @@ def test_wrong_rank_and_count_in_cell_shard_name_the_cell_scope():
         forward_plan(Net(Block().shard(((4, 1, 1),))))
     with pytest.raises(ValueError, match=r"block \(Block\): in_strategy: expected 1 strategies, one per tensor"):
         forward_plan(Net(Block().shard(((4, 1), (4, 1)))))
+
+
+# ---- dataset_strategy -----------------------------------------------------------------------
+
+def fed_run(dataset_strategy, feed):
+    """value_and_grad through the public API on 4 ranks, each fed ``feed(rank)``."""
+    def body(comm):
+        with bound_world(comm):
+            net = Net(Block(ops.MatMul().shard(((1, 1), (1, 4)))), total=True)
+            loss, grads = autopar.value_and_grad(net)(feed(comm.rank))
+            return loss, grads
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=N, dataset_strategy=dataset_strategy):
+        return run_in_process(N, body)
+
+
+@pytest.mark.parametrize("dataset_strategy, feed", [
+    (((1, 1),), lambda rank: X),                          # every rank fed the whole batch
+    (((4, 1),), lambda rank: np.split(X, N)[rank]),       # every rank fed its quarter of the rows
+    ("data_parallel", lambda rank: np.split(X, N)[rank]),
+])
+def test_dataset_strategy_tuple_says_what_each_rank_is_fed(dataset_strategy, feed):
+    loss, grads = serial_result(total=True)
+    for r_loss, r_grads in fed_run(dataset_strategy, feed):
+        np.testing.assert_allclose(r_loss, loss, rtol=1e-12)
+        for name, g in grads.items():
+            np.testing.assert_allclose(r_grads[name], g, rtol=1e-10, err_msg=name)
+
+
+def test_all_ones_dataset_strategy_is_not_split_any_more():
+    # before: ((1, 1),) was validated, then the batch was split anyway: a rank fed the
+    # whole batch trained on a 4x larger one (a different loss); now it is the whole batch
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=N, dataset_strategy=((1, 1),)) as ctx:
+        assert ctx.loads_full_batch
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=N, dataset_strategy=((4, 1),)) as ctx:
+        assert not ctx.loads_full_batch
+
+
+@pytest.mark.parametrize("value", [((1, 4),), ((4, 1), (1, 1)), ((4, 1), (2, 1))])
+def test_dataset_strategy_autopar_cannot_feed_is_rejected(value):
+    with pytest.raises(ValueError, match=r"ParallelContext: dataset_strategy: expected every input whole \(all 1s\) "
+                                         r"or split on dim 0 alone"):
+        with parallel_context(device_num=N, dataset_strategy=value):
+            pass
