@@ -364,3 +364,26 @@ def test_dataset_strategy_autopar_cannot_feed_is_rejected(value):
                                          r"or split on dim 0 alone"):
         with parallel_context(device_num=N, dataset_strategy=value):
             pass
+
+
+def test_batch_matmul_out_strategy_reduce_scatters_into_the_rows():
+    a, b = RNG.standard_normal((2, 8, 12)), RNG.standard_normal((2, 12, 4))
+
+    class BNet(nn.Cell):
+        def __init__(self, out=None):
+            super().__init__()
+            self.a, self.b = nn.Parameter(a, name="a"), nn.Parameter(b, name="b")
+            self.bmm = ops.BatchMatMul().shard(((1, 1, 4), (1, 4, 1)), out)
+
+        def construct(self, x):
+            y = self.bmm(self.a, self.b) * x
+            return (y * y).sum()
+    x = RNG.standard_normal((2, 8, 4))
+    want_loss, want = autopar.value_and_grad(BNet())(x)
+    for out, kind, other in ((None, rd.ALLREDUCE, rd.REDUCE_SCATTER), (((1, 4, 1),), rd.REDUCE_SCATTER, rd.ALLREDUCE)):
+        res = sharded(lambda: BNet(out), x=x)
+        assert res[0][2].count(kind) == 1 and other not in res[0][2]
+        for r_loss, r_grads, _, _ in res:
+            np.testing.assert_allclose(r_loss, want_loss, rtol=1e-12)
+            for name, g in want.items():
+                np.testing.assert_allclose(r_grads[name], g, rtol=1e-10, atol=1e-12, err_msg=name)
