@@ -9,7 +9,8 @@ with the same one): a region is a maximal run of consecutive recomputed forward 
 between cell calls -- a whole marked block, or only the attention core of a block whose
 core ops are marked. A ``Redistribute`` node lowering inserted takes the mark of the op it
 feeds (it carries that op's scope and comes right before it), so a recomputed op's input
-redistribution runs again with it.
+redistribution runs again with it; a reshape that alone reads a recomputed output goes
+with it (:func:`~autopar.strategy.recompute_regions.resolve_marks`).
 
 Values. Inputs of a region (activations from outside, parameters, constants) stay saved, as
 does every value a region produces for a forward node outside it (the cell's output, which
@@ -30,24 +31,11 @@ import dataclasses
 from typing import Sequence
 
 from ..ir.graph import FORWARD, Graph, Node, Value
-from ..strategy.recompute_regions import internal_values, rebuild_set, recompute_regions
+from ..strategy.recompute_regions import internal_values, rebuild_set, recompute_regions, resolve_marks, whole_cells
 from .memory import guess_buffers
 from .spmd import Redistribute
 
 CLONE_SUFFIX = "#recompute"
-
-
-def _marks(forward: list[Node]) -> list[bool]:
-    """Per forward node, whether it is recomputed: its own mark, or for a redistribution
-    lowering inserted, the mark of the op it feeds (the next node not inserted, same scope)."""
-    marks, feeds = [False] * len(forward), None
-    for k in range(len(forward) - 1, -1, -1):
-        n = forward[k]
-        if isinstance(n.prim, Redistribute):
-            marks[k] = feeds is not None and feeds.scope == n.scope and feeds.recompute
-        else:
-            marks[k], feeds = n.recompute, n
-    return marks
 
 
 def live_nodes(graph: Graph, outputs: Sequence[int]) -> list[Node]:
@@ -61,12 +49,15 @@ def live_nodes(graph: Graph, outputs: Sequence[int]) -> list[Node]:
     return keep
 
 
-def regions(graph: Graph, nodes: Sequence[Node] | None = None) -> dict[int, int]:
-    """Forward node id -> region number, for the recomputed forward nodes."""
+def regions(graph: Graph, nodes: Sequence[Node] | None = None) -> tuple[dict[int, int], set[int]]:
+    """(forward node id -> region number, for the recomputed forward nodes; the regions
+    that are whole cells)."""
     forward = [n for n in (graph.nodes if nodes is None else nodes) if n.phase == FORWARD]
     if not any(n.recompute for n in forward):
-        return {}
-    return recompute_regions(forward, _marks(forward))
+        return {}, set()
+    marks = resolve_marks(forward, inserted=lambda n: isinstance(n.prim, Redistribute))
+    region = recompute_regions(forward, marks)
+    return region, whole_cells(forward, marks, region)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +72,8 @@ class RegionValues:
 
 def classify(graph: Graph, outputs: Sequence[int], nodes: Sequence[Node] | None = None) -> RegionValues:
     nodes = live_nodes(graph, outputs) if nodes is None else list(nodes)
-    region = regions(graph, nodes)
-    internal = internal_values(nodes, region, outputs)
+    region, cells = regions(graph, nodes)
+    internal = internal_values(nodes, region, outputs, cells)
     read_back: dict[int, set[int]] = {}
     first: dict[int, int] = {}
     for k, n in enumerate(nodes):

@@ -59,7 +59,7 @@ from ..ir.spec import TensorSpec
 from ..ops.sharding import OpSharding
 from . import formulas
 from .profile import MachineProfile
-from .recompute_regions import internal_values, rebuild_set, recompute_regions
+from .recompute_regions import internal_values, rebuild_set, recompute_regions, resolve_marks, whole_cells
 from .sharding_plan import ShardingPlan, input_layout
 
 # collective kind in formulas.py for each redistribution step kind
@@ -232,14 +232,15 @@ class CostModel:
         self._inter: dict = {}
         self._redist = lru_cache(maxsize=None)(self._redist_seconds)
 
-    def _recompute_marks(self) -> tuple[dict[int, int], frozenset[int], frozenset[int]]:
-        """(forward node -> recompute region, values not kept, nodes whose forward runs
-        again) for the graph's recompute marks (module doc)."""
+    def _recompute_marks(self) -> tuple[dict[int, int], dict[int, int], frozenset[int]]:
+        """(forward node -> recompute region, value not kept -> its region, nodes whose
+        forward runs again) for the graph's recompute marks (module doc)."""
         forward = self.forward
         if not any(n.recompute for n in forward):
-            return {}, frozenset(), frozenset()
-        region = recompute_regions(forward, [n.recompute for n in forward])
-        internal = internal_values(forward, region, self.graph.outputs)
+            return {}, {}, frozenset()
+        marks = resolve_marks(forward)
+        region = recompute_regions(forward, marks)
+        internal = internal_values(forward, region, self.graph.outputs, whole_cells(forward, marks, region))
         read: dict[int, set[int]] = {}              # region -> its internal values backward reads
         for n in forward:
             if not any(gradient_inputs(n, self.needs_grad)):
@@ -249,7 +250,7 @@ class CostModel:
                 if v in internal:
                     read.setdefault(internal[v], set()).add(v)
         rerun = {k for values in read.values() for k in rebuild_set(self.graph, internal, values)}
-        return region, frozenset(internal), frozenset(rerun)
+        return region, internal, frozenset(rerun)
 
     # ---- collectives ----------------------------------------------------------------------
     def _crosses_nodes(self, mesh: Mesh, axis: int | None) -> bool:
@@ -496,7 +497,7 @@ class CostModel:
             grads.append(c.grad_bytes)
             for key, nbytes in self._saved(n, sh[n.id]):
                 if key[0] in self.dropped:          # what its region rebuilds for backward, each once
-                    rebuilt.setdefault(self.region[n.id], {})[key] = nbytes
+                    rebuilt.setdefault(self.dropped[key[0]], {})[key] = nbytes
             rows.append((n.name, str(sh[n.id]), str(sh[n.id].output_layout()), c.comm_s + c.grad_s + edge,
                          c.seconds + edge))
         comm += self.step_collectives_seconds(self.stage)

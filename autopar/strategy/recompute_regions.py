@@ -6,7 +6,11 @@ pass (to rewrite the graph), so prediction and run agree.
 Marks. A node is recomputed when its ``recompute`` flag is set. The tracer resolves the
 user's marks into it: the op's own (``op.recompute()`` / ``op.recompute(False)``) when it
 has one, else the innermost enclosing cell's explicit mark (``cell.recompute()`` /
-``cell.recompute(False)``), else none.
+``cell.recompute(False)``), else none. Two kinds of node follow others
+(:func:`resolve_marks`): a view (a reshape) that is the only reader of a recomputed op's
+output is recomputed with it -- keeping the view would keep the buffer, so a GeLU marked
+alone would save nothing behind the ``Dense`` reshape that reads it -- and a redistribution
+lowering inserted takes the mark of the op it feeds.
 
 Regions. A region is a maximal run of consecutive recomputed forward nodes, cut between
 cell calls: a run whose nodes' common scope holds no node of the run itself (a container,
@@ -18,15 +22,21 @@ its scores, mask add, softmax and context ops in ``blocks.3.attention`` and the 
     whole blocks:    [blocks.0.*] [blocks.1.*] [blocks.2.*]         (common scope 'blocks': cut)
     attention core:  q, kT ─▶ [BatchMatMul ─▶ Add ─▶ Softmax ─▶ Dropout ─▶ BatchMatMul] ─▶ ctx
 
-Values. A region keeps its inputs (values from outside it that its nodes read) and its
-exits (values it makes that a forward node outside it reads, or a requested output); the
-other values it makes are *internal*: they die in the forward pass, and the region's nodes
-that make the internal values backward reads (with the region nodes those depend on) run
-again before the backward reaches them -- their *rebuild set*.
+Values. A region keeps its inputs (values from outside it that its nodes read), the values
+it hands to another region (so rebuilding one region never re-runs an earlier one) and the
+requested outputs. A *whole cell* region -- every forward op under its common scope is
+recomputed -- also keeps whatever it hands to the ops after it, as MindSpore keeps a
+recomputed cell's output. A region of marked ops inside an unmarked cell (the attention
+core; an ``op.recompute()`` on a GeLU) does not: its outputs are rebuilt from its inputs
+like its insides, so recomputing a GeLU drops its (B, S, F) output and keeps only its input.
+The values a region does not keep are *internal*: they die in the forward pass after their
+last forward reader, and the region's nodes that make the internal values backward reads
+(with the region nodes those depend on) run again before the backward reaches them -- their
+*rebuild set*.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import groupby
 
 from ..ir.graph import FORWARD, Graph, Node
@@ -55,6 +65,31 @@ def _cut(run: list[Node]) -> list[list[Node]]:
     return pieces
 
 
+def resolve_marks(forward: Sequence[Node], inserted: Callable[[Node], bool] = lambda n: False) -> list[bool]:
+    """Per ``forward`` node (in order), whether it is recomputed: its flag; or, unmarked, a
+    view (``prim.view == "alias"``) that is the only reader of a recomputed node's output;
+    or, for a node ``inserted`` by lowering, the mark of the next node not inserted when
+    that one has its scope (the op it feeds)."""
+    readers: dict[int, int] = {}
+    for n in forward:
+        for v in n.inputs:
+            readers[v] = readers.get(v, 0) + 1
+    marks, made_by_marked = [], set()
+    for n in forward:
+        mark = n.recompute or (n.prim.view == "alias" and len(n.inputs) == 1 and n.inputs[0] in made_by_marked
+                               and readers[n.inputs[0]] == 1)
+        marks.append(mark)
+        if mark:
+            made_by_marked.update(n.outputs)
+    feeds = None                                   # position of the next node not inserted
+    for k in range(len(forward) - 1, -1, -1):
+        if inserted(forward[k]):
+            marks[k] = feeds is not None and forward[feeds].scope == forward[k].scope and marks[feeds]
+        else:
+            feeds = k
+    return marks
+
+
 def recompute_regions(forward: Sequence[Node], marked: Sequence[bool]) -> dict[int, int]:
     """Forward node id -> region number, for the ``forward`` nodes (in order) that are
     ``marked`` recomputed (aligned with ``forward``)."""
@@ -74,15 +109,36 @@ def recompute_regions(forward: Sequence[Node], marked: Sequence[bool]) -> dict[i
     return out
 
 
-def internal_values(nodes: Iterable[Node], region: dict[int, int], outputs: Iterable[int]) -> dict[int, int]:
-    """Value -> region, for the values a region makes that nothing outside it reads in the
-    forward pass and that are no requested ``outputs``: the values it stops keeping."""
+def whole_cells(forward: Sequence[Node], marked: Sequence[bool], region: dict[int, int]) -> set[int]:
+    """The regions that are whole cells: every forward node under the region's common scope
+    is ``marked``."""
+    scopes: dict[int, list[str]] = {}
+    for n in forward:
+        if n.id in region:
+            scopes.setdefault(region[n.id], []).append(n.scope)
+    unmarked = [tuple(n.scope.split(".")) for n, mark in zip(forward, marked) if not mark]
+    out = set()
+    for r, members in scopes.items():
+        common = _common_scope(members)
+        if not any(parts[:len(common)] == common for parts in unmarked):
+            out.add(r)
+    return out
+
+
+def internal_values(nodes: Iterable[Node], region: dict[int, int], outputs: Iterable[int],
+                    cells: set[int]) -> dict[int, int]:
+    """Value -> region, for the values a region stops keeping (module doc): all it makes
+    but the requested ``outputs``, what a forward node of another region reads and, for
+    the whole-cell regions ``cells``, what any forward node outside it reads."""
     nodes = list(nodes)
     made_in = {o: region[n.id] for n in nodes if n.id in region for o in n.outputs}
     kept = set(outputs)
     for n in nodes:
-        if n.phase == FORWARD:
-            kept.update(v for v in n.inputs if v in made_in and made_in[v] != region.get(n.id))
+        if n.phase != FORWARD:
+            continue
+        reader = region.get(n.id)
+        kept.update(v for v in n.inputs if v in made_in and made_in[v] != reader
+                    and (reader is not None or made_in[v] in cells))
     return {v: r for v, r in made_in.items() if v not in kept}
 
 
