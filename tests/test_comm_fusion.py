@@ -162,6 +162,14 @@ def test_buckets_start_during_the_backward_pass_and_are_tested_until_their_wait(
     assert all(kinds[k + 1] is Progress for k in range(start + 1, len(kinds)) if kinds[k] not in ours)
 
 
+def test_a_buckets_gradients_come_back_uncopied_side_by_side_in_its_buffer():
+    _, grads, _, fusion, _ = run_grads(2, 1, AUTO)[0]
+    big = max(fusion.buckets, key=len)                      # output positions; gradient k is output k + 1
+    spans = sorted((g.__array_interface__["data"][0], g.nbytes) for g in (grads[j - 1] for j in big))
+    assert len(spans) == 50
+    assert all(start + n == following for (start, n), (following, _) in zip(spans, spans[1:]))
+
+
 def train_three_steps(dp, mp, fusion):
     cfg = CONFIG.replace(data_parallel=dp, model_parallel=mp, dropout_rate=0.1)
 

@@ -19,7 +19,7 @@ autopar/comm/fusion.py)::
 * ``Progress`` after every instruction while buckets are in flight: test them, since MPI
   moves a non-blocking collective only inside MPI calls;
 * ``BucketWait`` at the end of the program, before the optimizer's update: wait, and cut
-  the reduced buffer into the gradients (new arrays, the values the Redistributes made).
+  the reduced buffer into the gradients (windows on it, the values the Redistributes made).
 
 Equal to the unfused program bit for bit wherever the all-reduce sums each element in
 the same order whatever the buffer (the in-process backend always, MPI on 2 ranks): an
@@ -74,7 +74,7 @@ class BucketStart(Primitive):
 
 
 class BucketWait(Primitive):
-    """forward: wait for the bucket's collective, cut it into the gradients (new arrays)."""
+    """forward: wait for the bucket's collective, cut it into the gradients (no copy)."""
 
     save_inputs = "none"
     fresh_output = True
@@ -106,13 +106,16 @@ def start_bucket(comm, arrays: Sequence[np.ndarray], kind: str = rd.ALLREDUCE, d
 
 
 def finish_bucket(flight: InFlight, shapes: Sequence[tuple[int, ...]]) -> list[np.ndarray]:
-    """Wait for a bucket and cut its result into arrays of ``shapes`` (new arrays: an
-    optimizer may update them in place, and the bucket's buffer dies here)."""
-    flat = flight.request.wait().reshape(-1)
+    """Wait for a bucket and cut its result into arrays of ``shapes``: windows on the
+    result's memory, no copy. Each is its own numpy buffer (``np.frombuffer``), so nothing
+    downstream takes two gradients for one array (a program copies outputs that share a
+    base array, for an optimizer updating them in place); they never overlap."""
+    flat = np.ascontiguousarray(flight.request.wait()).reshape(-1)
+    memory = memoryview(flat.view(np.uint8))
     out, at = [], 0
     for shape in shapes:
-        size = int(np.prod(shape))
-        out.append(flat[at:at + size].reshape(shape).copy())
+        size = int(np.prod(shape)) * flat.itemsize
+        out.append(np.frombuffer(memory[at:at + size], flat.dtype).reshape(shape))
         at += size
     return out
 
