@@ -387,3 +387,16 @@ def test_batch_matmul_out_strategy_reduce_scatters_into_the_rows():
             np.testing.assert_allclose(r_loss, want_loss, rtol=1e-12)
             for name, g in want.items():
                 np.testing.assert_allclose(r_grads[name], g, rtol=1e-10, atol=1e-12, err_msg=name)
+
+
+def test_parameter_plan_of_a_parameter_read_before_the_cell_is_an_error():
+    class Outer(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.block = Block().shard(((1, 1),), parameter_plan={"w1": (1, 4)})
+
+        def construct(self, x):
+            x = x + ops.ReduceSum()(self.block.w1, ())      # w1 read here first, laid out whole
+            return (self.block(x) ** 2).sum()
+    with pytest.raises(ValueError, match=r"block \(shard\): parameter_plan\['block.w1'\].*Outer/ReduceSum"):
+        forward_plan(Outer())

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ..errors import OpArgError, OpTypeError, at_scope
+from ..errors import OpArgError, OpTypeError, at_scope, format_error
 from ..ir.graph import FORWARD, Graph
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
@@ -104,6 +104,7 @@ def plan_shardings(graph: Graph, mode: str, stage: Mesh, full_batch: bool = Fals
         else:
             known = [layouts.get(v) if v not in params or v in layouts else None for v in node.inputs]
             sharding = propagate(indexing, known, [s.shape for s in specs], out.shape, stage)
+        _check_parameter_plan(node, sharding, layouts, params, graph)
         _place(node, sharding, params, layouts, wanted, shardings)
     for node, indexing in reversed(weight_side):   # in the layout their consumer reads: no gather
         want = wanted.get(node.outputs[0]) or Layout.replicated(stage, len(graph.spec(node.outputs[0]).shape))
@@ -111,6 +112,21 @@ def plan_shardings(graph: Graph, mode: str, stage: Mesh, full_batch: bool = Fals
             (ch, axes) for ch, axes in zip(indexing.output, want.dims) if axes)))
         _place(node, sharding, params, layouts, wanted, shardings)
     return ShardingPlan(stage, dict(sorted(shardings.items())), layouts)
+
+
+def _check_parameter_plan(node, sharding: OpSharding, layouts: dict, params, graph) -> None:
+    """A ``parameter_plan`` boundary must be its parameter's first reader: a parameter an
+    op outside the cell reads first was laid out there, and the plan would be ignored."""
+    if node.prim.kind != "ShardBoundary" or node.prim.attrs["role"] != "parameter":
+        return
+    v = node.inputs[0]
+    if v in params and v in layouts and layouts[v] != sharding.input_layout(0):
+        name = graph.param_objs[graph.params.index(v)].name
+        first = next(n for n in graph.nodes if v in n.inputs)
+        raise ValueError(format_error(f"{node.scope} (shard)", f"parameter_plan[{name!r}]",
+                                      "the layout of a parameter the cell reads first",
+                                      f"a parameter {first.name} reads before it, laid out {layouts[v]} there",
+                                      "shard the cell that reads it first, or that op"))
 
 
 def _place(node, sharding: OpSharding, params, layouts: dict, wanted: dict, shardings: dict) -> None:
