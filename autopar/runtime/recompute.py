@@ -13,9 +13,11 @@ redistribution runs again with it; a reshape that alone reads a recomputed outpu
 with it (:func:`~autopar.strategy.recompute_regions.resolve_marks`).
 
 Values. Inputs of a region (activations from outside, parameters, constants) stay saved, as
-does every value a region produces for a forward node outside it (the cell's output, which
-the next cell consumes): MindSpore keeps the cell's boundary and recomputes its inside. The
-other values of a region are *internal*. A backward node that reads an internal value reads
+do the values a region hands to another region and, for a whole recomputed cell, every
+value it produces for a forward node outside it (the cell's output, which the next cell
+consumes): MindSpore keeps the cell's boundary and recomputes its inside. A region of
+marked ops inside an unmarked cell (the attention core, a GeLU) rebuilds its outputs too.
+The other values of a region are *internal*. A backward node that reads an internal value reads
 a *clone* instead: the region's forward nodes needed for those values are copied and placed
 right before the first backward node that reads one, so the originals' last use falls in the
 forward pass and the program's liveness frees them there. Clones run the same (local)
