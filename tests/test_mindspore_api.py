@@ -400,3 +400,21 @@ def test_parameter_plan_of_a_parameter_read_before_the_cell_is_an_error():
             return (self.block(x) ** 2).sum()
     with pytest.raises(ValueError, match=r"block \(shard\): parameter_plan\['block.w1'\].*Outer/ReduceSum"):
         forward_plan(Outer())
+
+
+@pytest.mark.parametrize("mode", ["dynamic_programming", "sharding_propagation"])
+def test_the_auto_parallel_search_keeps_layouts_and_out_strategy_as_constraints(mode):
+    """Under auto_parallel a user's Layout (its axis order, which no tuple says) and its
+    out_strategy constrain the op exactly as under semi_auto_parallel: the searched plan gives
+    the op that sharding and its output that home layout."""
+    from autopar.strategy.search import search_plan
+    layout = Layout((2, 2), ("dp", "mp"))
+    for block in (row_split_block(((4, 1),)),
+                  Block(ops.MatMul().shard((layout(("mp", "dp"), "None"), layout("None", "None"))))):
+        graph, rules = forward_plan(Net(block))
+        searched = search_plan(graph, STAGE, mode, True)
+        mine = sharding_of(graph, rules, "block/MatMul")
+        got = sharding_of(graph, searched, "block/MatMul")
+        assert got == mine
+        node = next(n for n in graph.nodes if n.name.endswith("block/MatMul"))
+        assert searched.layouts[node.outputs[0]] == mine.home_layout()

@@ -23,7 +23,7 @@ import numpy as np
 from ...errors import OpArgError, OpTypeError, at_scope
 from ...ir.graph import Node, gradient_inputs
 from ...ir.layout import Layout
-from ...ops.sharding import OpSharding, candidates, from_strategy
+from ...ops.sharding import OpSharding, candidates, from_strategy, user_sharding
 from ..costmodel import CostModel, canonical
 from ..sharding_plan import ShardingPlan, _replicated_sharding
 
@@ -70,7 +70,7 @@ def plan_of(model: CostModel, shardings: dict[int, OpSharding]) -> ShardingPlan:
     for v, (n, i) in model.home.items():
         layouts[v] = shardings[n].input_layout(i)
     for n in model.forward:
-        layouts[n.outputs[0]] = shardings[n.id].output_layout()
+        layouts[n.outputs[0]] = shardings[n.id].home_layout()    # an out_strategy's layout, else the kernel's
     return ShardingPlan(stage, dict(shardings), layouts)
 
 
@@ -89,7 +89,7 @@ def node_candidates(model: CostModel, node: Node, cache: dict | None = None) -> 
     user = user_strategy(node)
     if user is not None:
         try:
-            sh = from_strategy(indexing, user.inputs, shapes, stage, where)
+            sh = user_sharding(indexing, user, shapes, out.shape, stage, node.prim.takes_out_strategy, where)
             sh.output_layout().check_shape(out.shape, where, "output")
         except (OpArgError, OpTypeError) as err:
             raise at_scope(err, where) from None
@@ -115,7 +115,8 @@ def user_strategy(node: Node):
     nothing (all ones: what a model written for configurable parallelism sets when its
     degrees are 1) states no preference and leaves the op to the search."""
     user = node.prim.strategy
-    if user is None or all(k == 1 for split in user.inputs for k in split):
+    if user is None or (user.layout is None and user.outputs is None
+                        and all(k == 1 for split in user.inputs for k in split)):
         return None
     return user
 
