@@ -117,8 +117,8 @@ def test_a_rank_that_never_starts_the_iallreduce_is_a_deadlock_naming_it():
 
 # ---- fused programs ------------------------------------------------------------------------
 
-def run_grads(dp, mp, fusion):
-    cfg = CONFIG.replace(data_parallel=dp, model_parallel=mp)
+def run_grads(dp, mp, fusion, **config):
+    cfg = CONFIG.replace(data_parallel=dp, model_parallel=mp, **config)
     ctx = ParallelContext(parallel_mode="semi_auto_parallel", device_num=dp * mp, full_batch=True,
                           comm_fusion=fusion)
 
@@ -149,6 +149,15 @@ def test_fused_gradients_equal_unfused_bit_for_bit_with_one_allreduce_per_bucket
     if (dp, mp) == (2, 1):
         # dp2: the loss, the 50 gradients made by the backward pass, the tied table's two parts
         assert plain[0][2]["allreduce"] == 53 and run_grads(2, 1, AUTO)[0][2]["allreduce"] == 3
+
+
+def test_fusion_with_recompute_equals_unfused():
+    """Recompute's clones go in after fusion's pass (Program applies it): same gradients."""
+    plain = run_grads(2, 1, {}, recompute_granularity="full")
+    fused = run_grads(2, 1, AUTO, recompute_granularity="full")
+    for (loss, grads, *_), (got_loss, got_grads, count, *_) in zip(plain, fused):
+        assert got_loss == loss and all(np.array_equal(a, b) for a, b in zip(got_grads, grads))
+        assert count["allreduce"] == 3
 
 
 def test_buckets_start_during_the_backward_pass_and_are_tested_until_their_wait():

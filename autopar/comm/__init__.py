@@ -9,6 +9,10 @@
 | broadcast(x, root): root's x to every member          | reduce (sum) to root                        |
 | send(x, dest) / recv(shape, dtype, source)            | recv / send the gradient the other way      |
 
+``iallreduce`` and ``ireduce_scatter`` start the same collectives non-blocking and return a
+request whose ``wait()`` gives the result (gradient buckets overlap the backward pass with
+them: ``comm_fusion``, fusion.py and autopar/runtime/fusion.py).
+
 Every call takes numpy arrays and returns a new array; inputs are never modified. Groups are
 made once, at plan/lower time, with ``comm.split(groups)`` (MPI ``Comm.Split``), never per
 step. ``comm.stats`` counts every call and its bytes by kind, for a rank and all its
