@@ -418,3 +418,18 @@ def test_the_auto_parallel_search_keeps_layouts_and_out_strategy_as_constraints(
         assert got == mine
         node = next(n for n in graph.nodes if n.name.endswith("block/MatMul"))
         assert searched.layouts[node.outputs[0]] == mine.home_layout()
+
+
+def test_a_plan_with_out_strategy_saves_and_loads_exactly(tmp_path):
+    """The strategy file keeps an out_strategy's home layout: saved, loaded back equal, and a
+    run replaying it reduce-scatters as the original does."""
+    from autopar.strategy.strategy_file import load_strategy, save_strategy
+    graph, plan = forward_plan(Net(row_split_block(((4, 1),))))
+    path = tmp_path / "out.json"
+    save_strategy(str(path), graph, plan)
+    back = load_strategy(str(path), graph, STAGE)
+    assert back.shardings == plan.shardings and back.layouts == plan.layouts
+    assert sharding_of(graph, back, "block/MatMul").out_dims is not None
+    replayed = sharded(lambda: Net(row_split_block(((4, 1),))), strategy_ckpt_load_file=str(path))
+    assert_equals_serial(replayed)
+    assert replayed[0][2].count(rd.REDUCE_SCATTER) == 1

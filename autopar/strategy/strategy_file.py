@@ -180,9 +180,9 @@ def _plan_body(graph: Graph, plan: ShardingPlan, predicted: dict | None) -> dict
             raise ValueError(format_error("save_strategy", f"plan.shardings[{node.name}]",
                                           "a sharding for every forward op", "none"))
         out = plan.layouts.get(node.outputs[0])
-        if out is not None and out != sharding.output_layout():
+        if out is not None and out != sharding.home_layout():
             raise ValueError(format_error("save_strategy", f"{node.name} output layout",
-                                          f"its sharding's {sharding.output_layout()} (what lowering uses)",
+                                          f"its sharding's {sharding.home_layout()} (what lowering uses)",
                                           str(out)))
         ops[node.name] = {
             "scope": node.scope, "kind": node.prim.kind,
@@ -191,6 +191,8 @@ def _plan_body(graph: Graph, plan: ShardingPlan, predicted: dict | None) -> dict
             "axes": {ch: list(axes) for ch, axes in sharding.axes},
             "output_layout": _maybe_layout(out, stage),
         }
+        if sharding.out_dims is not None:      # an out_strategy: the output's home dims (mesh axes per dim)
+            ops[node.name]["out_dims"] = [list(d) for d in sharding.out_dims]
     doc = {
         "device_num": stage.size,
         "stage": {"shape": list(stage.shape), "names": list(stage.names), "ranks": list(stage.ranks)},
@@ -527,7 +529,7 @@ def _read_value(r: _Reader, entry, arg: str, v: int, graph: Graph, stage: Mesh, 
 def _read_op(r: _Reader, entry, node: Node, graph: Graph, stage: Mesh) -> tuple[OpSharding, Layout | None]:
     """The node's exact sharding (strategy re-validated by the op's rule) and output layout."""
     arg = f"ops[{node.name!r}]"
-    r.keys(entry, arg, ("scope", "kind", "strategy", "device_matrix", "axes", "output_layout"))
+    r.keys(entry, arg, ("scope", "kind", "strategy", "device_matrix", "axes", "output_layout"), ("out_dims",))
     for key, want in (("kind", node.prim.kind), ("scope", node.scope)):
         if entry[key] != want:
             raise r.fail(f"{arg}.{key}", repr(want), repr(entry[key]), "the model changed; " + RESAVE)
@@ -546,7 +548,8 @@ def _read_op(r: _Reader, entry, node: Node, graph: Graph, stage: Mesh) -> tuple[
     else:         # no sharding rule: the op runs replicated
         indexing = _replicated_sharding(len(specs), specs, out, stage).indexing
     mesh = r.mesh(entry["device_matrix"], f"{arg}.device_matrix", stage)
-    sharding = OpSharding(indexing, mesh, _read_axes(r, entry["axes"], f"{arg}.axes", indexing, mesh, has_rule))
+    sharding = OpSharding(indexing, mesh, _read_axes(r, entry["axes"], f"{arg}.axes", indexing, mesh, has_rule),
+                          _read_out_dims(r, entry.get("out_dims"), f"{arg}.out_dims", len(out.shape), mesh))
     if sharding.splits() != strategy:
         raise r.fail(f"{arg}.strategy", f"{sharding.splits()} (what device_matrix and axes split)",
                      str(strategy), "make strategy, device_matrix and axes agree, or " + RESAVE)
@@ -556,10 +559,24 @@ def _read_op(r: _Reader, entry, node: Node, graph: Graph, stage: Mesh) -> tuple[
     if entry["output_layout"] is None:
         return sharding, None
     lay = r.layout(entry["output_layout"], f"{arg}.output_layout", stage)
-    if lay != sharding.output_layout():
-        raise r.fail(f"{arg}.output_layout", f"{sharding.output_layout()} on {sharding.mesh} (what the sharding "
+    if lay != sharding.home_layout():
+        raise r.fail(f"{arg}.output_layout", f"{sharding.home_layout()} on {sharding.mesh} (what the sharding "
                      "gives)", f"{lay} on {lay.mesh}", RESAVE)
     return sharding, lay
+
+
+def _read_out_dims(r: _Reader, entry, arg: str, ndim: int, mesh: Mesh):
+    """An out_strategy's home dims: per output dim, the mesh axes splitting it; None if absent."""
+    if entry is None:
+        return None
+    dims = r.as_list(entry, arg)
+    if len(dims) != ndim:
+        raise r.fail(arg, f"{ndim} lists of mesh axes, one per output dim", str(len(dims)), RESAVE)
+    out = tuple(tuple(r.as_ints(d, f"{arg}[{i}]", 0)) for i, d in enumerate(dims))
+    flat = [a for d in out for a in d]
+    if len(set(flat)) != len(flat) or any(a >= mesh.ndim for a in flat):
+        raise r.fail(arg, f"distinct mesh axes below {mesh.ndim}", str(out), RESAVE)
+    return out
 
 
 def _read_axes(r: _Reader, entry, arg: str, indexing: Indexing, mesh: Mesh, has_rule: bool):
