@@ -248,8 +248,34 @@ def _mindspore_value(name: str, value):
 _DEFAULTS = {f.name: f.default for f in fields(ParallelContext)}
 
 
+# MindSpore's set_auto_parallel_context keys autopar does not take, each with what to do
+# instead: refused by name rather than accepted and ignored (README: "MindSpore context keys").
+NOT_SUPPORTED = {
+    "auto_parallel_search_mode": "use search_mode (MindSpore's newer name for the same setting)",
+    "gradient_fp32_sync": "gradients are reduced in their own dtype: float32 with float32 master weights (True)",
+    "loss_repeated_mean": "autopar differentiates the loss of the global batch; repeated calculations do not occur",
+    "parameter_broadcast": "every rank generates the same initial weights from a counter-based RNG",
+    "all_reduce_fusion_config": "use comm_fusion={'allreduce': {'mode': 'index', 'config': [...]}}",
+    "enable_alltoall": "redistributions already use all-to-all where the layouts ask for it",
+    "pipeline_config": "use nn.PipelineCell(net, micro_size, pipeline_schedule=..., virtual_stages=...)",
+    "parallel_optimizer_config": "use enable_parallel_optimizer and parallel_optimizer_threshold (ZeRO-1 only)",
+    "grad_accumulation_step": "wrap the network in nn.PipelineCell(net, micro_size=k) (one stage accumulates k)",
+    "strategy_ckpt_config": "use strategy_ckpt_save_file / strategy_ckpt_load_file",
+    "group_ckpt_save_file": "communication groups are derived from the plan at every compile",
+    "force_fp32_communication": "collectives move each dtype as it is (bfloat16 sums in float32)",
+    "pipeline_result_broadcast": "the loss is returned on every rank",
+    "dump_local_norm": "read TrainOneStepCell.last_grad_norm",
+    "dump_local_norm_path": "read TrainOneStepCell.last_grad_norm",
+    "dump_device_local_norm": "read TrainOneStepCell.last_grad_norm",
+}
+
+
 def _check_names(names, where: str) -> None:
     unknown = sorted(set(names) - set(FIELD_NAMES))
+    for name in unknown:
+        if name in NOT_SUPPORTED:
+            raise ValueError(format_error(where, name, "a key autopar supports", "MindSpore's key, which autopar "
+                                          "does not support", NOT_SUPPORTED[name]))
     if unknown:
         raise ValueError(format_error(where, "name", f"one of {FIELD_NAMES}", ", ".join(map(repr, unknown))))
 

@@ -323,3 +323,14 @@ def test_public_names_exported():
     for name in ("init", "get_rank", "get_group_size", "set_auto_parallel_context", "get_auto_parallel_context",
                  "reset_auto_parallel_context", "ParallelContext", "ParallelMode", "parallel_context"):
         assert name in autopar.__all__ and getattr(autopar, name) is getattr(ctx_module, name)
+
+
+@pytest.mark.parametrize("name", sorted(ctx_module.NOT_SUPPORTED))
+def test_mindspore_keys_autopar_does_not_take_are_refused_by_name_with_what_to_do(name):
+    before = ctx_module.current_context()
+    with pytest.raises(ValueError) as err:
+        set_auto_parallel_context(**{name: 1}, search_mode="recursive_programming")
+    text = str(err.value)
+    assert f"set_auto_parallel_context: {name}: expected a key autopar supports" in text
+    assert ctx_module.NOT_SUPPORTED[name] in text
+    assert ctx_module.current_context() is before          # nothing was set, not even the valid key beside it
