@@ -115,6 +115,18 @@ def annotate(graph: Graph, stack: LayerStack | None, layers_per_stage: Sequence[
     return dataclasses.replace(graph, nodes=tuple(nodes))
 
 
+def without_layer_marks(graph: Graph, stack: LayerStack | None) -> Graph:
+    """``graph`` with the stack's layers unmarked for recompute: the candidates with
+    recompute on price full layer recompute themselves (``RECOMPUTE_EXTRA``,
+    ``recompute_bytes``), so the layers' own marks, which the cost model would price too,
+    must not count twice."""
+    if stack is None or not any(n.recompute and stack.layer_of(n.scope) is not None for n in graph.nodes):
+        return graph
+    nodes = tuple(dataclasses.replace(n, recompute=False) if stack.layer_of(n.scope) is not None else n
+                  for n in graph.nodes)
+    return dataclasses.replace(graph, nodes=nodes)
+
+
 def even_split(layers: int, stages: int) -> tuple[int, ...]:
     """The most even split of ``layers`` over ``stages``, later stages taking the extra ones
     (the first stage holds the most micro-batches in flight under 1F1B)."""
@@ -255,10 +267,16 @@ def price(graph: Graph, stack: LayerStack | None, devices: int, pp: int, micro_b
     setting in ``recomputes``; ``graph`` is the forward graph on one micro-batch. Planned as
     the run plans it (every stage's ops searched under ``options``, whose machine profile
     prices everything); [] when its shapes do not divide. ``virtual`` > 1: interleaved,
-    ``layers_per_stage`` counts the ``pp * virtual`` virtual stages."""
+    ``layers_per_stage`` counts the ``pp * virtual`` virtual stages. Recompute marks in
+    ``graph`` (``Cell.recompute()``, selective ``Primitive.recompute()``) are priced by the
+    cost model (their forward again, their activations dropped); with recompute in
+    ``recomputes`` the stack's layers are priced fully recomputed instead, their marks
+    cleared (for every candidate of the call)."""
     n, profile = devices // pp, options.profile()
     chunks = pp * virtual
     g = annotate(graph, stack, layers_per_stage, False, stages=not keep_stages)
+    if any(recomputes):         # the graph's own marks are priced by the cost model, full recompute here
+        g = without_layer_marks(g, stack)
     assign = assign_stages(g, chunks, differentiable_values(g, g.params), virtual)
     opts = dataclasses.replace(options, optimizer_parallel=optimizer_parallel, memory_cap=math.inf)
     try:
