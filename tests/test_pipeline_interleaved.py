@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_auto_plan import StackNet, X, Y, _profile
 
 import autopar
 from autopar import nn
@@ -321,48 +322,6 @@ def test_stage_search_picks_interleaving_when_it_pays(coster):
                        key=lambda p: p.step_seconds)
 
 
-class Block(nn.Cell):
-    def __init__(self, width):
-        super().__init__()
-        self.up = nn.Dense(width, 2 * width, param_dtype="float64")
-        self.down = nn.Dense(2 * width, width, param_dtype="float64")
-        self.relu, self.add = autopar.ops.ReLU(), autopar.ops.Add()
-
-    def construct(self, x):
-        return self.add(x, self.down(self.relu(self.up(x))))
-
-
-class StackNet(nn.Cell):
-    """A stack of residual MLP blocks and a squared loss (a user's model)."""
-
-    def __init__(self, width=8, depth=4):
-        super().__init__()
-        self.layers = nn.CellList([Block(width) for _ in range(depth)])
-        self.square, self.mean, self.sub = autopar.ops.Square(), autopar.ops.ReduceMean(), autopar.ops.Sub()
-
-    def construct(self, x, y):
-        for layer in self.layers:
-            x = layer(x)
-        return self.mean(self.square(self.sub(x, y)))
-
-
-X = np.random.default_rng(1).standard_normal((16, 8))
-Y = np.random.default_rng(2).standard_normal((16, 8))
-
-
-def _slow_gemm_profile(tmp_path) -> str:
-    """The 2-core profile with GEMMs so slow that compute dominates the sends."""
-    import json
-
-    from autopar.strategy.profile import PROFILE_DIR
-    base = json.loads((PROFILE_DIR / "cpu-2core.json").read_text())
-    base["name"] = "slow-gemm"
-    base["gemm_flops"] = {"float32": 1e6, "float64": 1e6}
-    path = tmp_path / "slow-gemm.json"
-    path.write_text(json.dumps(base))
-    return str(path)
-
-
 def test_joint_search_prices_interleaving_and_picks_it_when_the_bubble_dominates(tmp_path):
     """pp2 on 2 devices, 2 micro-batches of a 4-block stack: v = 2 runs 4 chunks of one block
     (stage 0 blocks 0 and 2). The step is m + (p - 1) / v slowest micro-batches (+ the
@@ -377,7 +336,7 @@ def test_joint_search_prices_interleaving_and_picks_it_when_the_bubble_dominates
         spec = TensorSpec((rows, 8), np.dtype(np.float64))
         return trace(net, (spec, spec), {}).graph
     fixed = AutoFixed(pp=2, micro_batches=2, recompute=False, optimizer_parallel=False, virtual_stages=None)
-    options = PlanOptions(cost_profile=_slow_gemm_profile(tmp_path))
+    options = PlanOptions(cost_profile=_profile(tmp_path, "slow-gemm", gemm=1e6))
     best, tried = search_auto(graph_at, 16, 2, options, fixed, full_batch=True)
     by_v = {p.virtual_stages: p for p in tried}
     assert set(by_v) == {1, 2}

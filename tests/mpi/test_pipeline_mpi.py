@@ -21,6 +21,17 @@ CASES = {2: [(2, 1, 2, "1f1b", False)],           # (stages, dp, micro, schedule
          4: [(2, 2, 4, "1f1b", False), (2, 2, 2, "gpipe", True), (4, 1, 4, "gpipe", False)]}
 
 
+def assert_like_serial(got, serial) -> None:
+    """(loss, gradients, losses of the training steps, trained weights) equal serial's to float32 rounding."""
+    (got_loss, got_grads, got_losses, got_weights), (loss, grads, losses, weights) = got, serial
+    np.testing.assert_allclose(got_loss, loss, rtol=1e-5)
+    for name, g in grads.items():     # atol: the key biases' gradients are 0 up to rounding
+        np.testing.assert_allclose(got_grads[name], g, rtol=1e-5, atol=1e-7, err_msg=name)
+    np.testing.assert_allclose(got_losses, losses, rtol=1e-5)
+    for name, w in weights.items():
+        np.testing.assert_allclose(got_weights[name], w, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
 def pangu(cfg, stages):
     net = PanguAlphaWithLoss(cfg)
     nn.set_pipeline_stages(list(net.backbone.blocks) + [net.backbone.query_layer], stages=stages)
@@ -54,9 +65,4 @@ def test_pipeline_equals_serial(serial, stages, dp, micro, schedule, zero):
         cell = nn.PipelineCell(net, micro, schedule)
         got_loss, got_grads = autopar.value_and_grad(cell, net.trainable_params())(ids)
         got_losses, got_weights = train(net, cell, ids)
-    np.testing.assert_allclose(got_loss, loss, rtol=1e-5)
-    for name, g in grads.items():     # atol: the key biases' gradients are 0 up to rounding
-        np.testing.assert_allclose(got_grads[name], g, rtol=1e-5, atol=1e-7, err_msg=name)
-    np.testing.assert_allclose(got_losses, losses, rtol=1e-5)
-    for name, w in weights.items():
-        np.testing.assert_allclose(got_weights[name], w, rtol=1e-5, atol=1e-6, err_msg=name)
+    assert_like_serial((got_loss, got_grads, got_losses, got_weights), (loss, grads, losses, weights))
