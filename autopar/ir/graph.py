@@ -14,7 +14,8 @@ answer it with the same rule.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,16 @@ class Graph:
         lines += [f"  {n}" for n in self.nodes]
         lines.append("  outputs: " + ", ".join(f"v{o}" for o in self.outputs))
         return "\n".join(lines)
+
+
+def with_node_changes(graph: Graph, changes: Callable[[Node], dict]) -> Graph:
+    """``graph`` with each node replaced by ``dataclasses.replace(node, **changes(node))``
+    (an empty dict keeps the node as it is): stage and recompute marks, renames, ..."""
+    nodes = []
+    for node in graph.nodes:
+        change = changes(node)
+        nodes.append(dataclasses.replace(node, **change) if change else node)
+    return dataclasses.replace(graph, nodes=tuple(nodes))
 
 
 def differentiable_values(graph: Graph, wrt: Iterable[int]) -> set[int]:

@@ -40,7 +40,7 @@ import numpy as np
 from ...comm.consistency import NO_GROUP
 from ...context import ParallelContext, current_world
 from ...errors import format_error
-from ...ir.graph import FORWARD, Graph, differentiable_values
+from ...ir.graph import FORWARD, Graph, differentiable_values, with_node_changes
 from ...ir.layout import Layout
 from ...ir.spec import TensorSpec
 from ...ops.dropout import Dropout
@@ -429,21 +429,20 @@ def _rewrite(local: Graph, origin: dict[int, int], drops: list[int], graph: Grap
     """``local`` with traced forward ops renamed to their whole-graph names and, for
     micro-batch ``k``, dropouts masked with whole-batch indices."""
     drop_set = set(drops)
-    nodes = []
-    for node in local.nodes:
+
+    def changes(node) -> dict:
         gid = origin.get(node.id)
         if gid is None:
-            nodes.append(node)
-            continue
-        changes = {"name": graph.nodes[gid].name} if node.name != graph.nodes[gid].name else {}
+            return {}
+        change = {"name": graph.nodes[gid].name} if node.name != graph.nodes[gid].name else {}
         if k is not None and node.id in drop_set:
             g = graph.nodes[gid]
             micro_shape, whole_shape = graph.spec(g.outputs[0]).shape, whole.spec(whole.nodes[gid].outputs[0]).shape
             coords = whole_batch_coords(micro_shape, whole_shape, node.prim.attrs.get("region"), feed, k,
                                         f"{g.scope} (Dropout)")
-            changes["prim"] = MicroBatchDropout.of(node.prim, whole_shape, coords)
-        nodes.append(dataclasses.replace(node, **changes) if changes else node)
-    return dataclasses.replace(local, nodes=tuple(nodes))
+            change["prim"] = MicroBatchDropout.of(node.prim, whole_shape, coords)
+        return change
+    return with_node_changes(local, changes)
 
 
 __all__ = ["AbsentShard", "PipelineGradProgram", "Pipelined", "StageShard"]

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ...ir.graph import FORWARD, Graph, differentiable_values
+from ...ir.graph import FORWARD, Graph, differentiable_values, with_node_changes
 from ...ir.mesh import Mesh
 from ..costmodel import CostModel
 from ..formulas import collective_seconds
@@ -104,15 +104,14 @@ def annotate(graph: Graph, stack: LayerStack | None, layers_per_stage: Sequence[
     if stack is None or not (stages or recompute):
         return graph
     bounds = np.cumsum(layers_per_stage)
-    nodes = []
-    for n in graph.nodes:
+
+    def marks(n) -> dict:
         k = stack.layer_of(n.scope)
         if k is None:
-            nodes.append(n)
-            continue
-        stage = int(np.searchsorted(bounds, k, side="right")) if stages else n.stage
-        nodes.append(dataclasses.replace(n, stage=stage, recompute=n.recompute or recompute))
-    return dataclasses.replace(graph, nodes=tuple(nodes))
+            return {}
+        return {"stage": int(np.searchsorted(bounds, k, side="right")) if stages else n.stage,
+                "recompute": n.recompute or recompute}
+    return with_node_changes(graph, marks)
 
 
 def without_layer_marks(graph: Graph, stack: LayerStack | None) -> Graph:
