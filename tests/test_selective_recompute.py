@@ -16,7 +16,7 @@ from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.models.yuan import YuanConfig, YuanWithLoss
 from autopar.runtime.compiled import GradProgram
 from autopar.runtime.memory import MemoryMeter, predicted_activations
-from autopar.runtime.recompute import CLONE_SUFFIX
+from autopar.runtime.recompute import CLONE_SUFFIX, classify
 from autopar.runtime.sharded_program import ShardedGradProgram
 from autopar.runtime.trace import trace
 from autopar.strategy.costmodel import CostModel
@@ -121,6 +121,38 @@ def test_an_ops_mark_beats_its_cells_and_the_innermost_cell_mark_beats_outer_one
     net.recompute(False)                                 # unmarking the outer cell: only the op's own marks stay
     marks = {n.name: n.recompute for n in trace(net, (np.zeros((2, 3)),)).graph.nodes}
     assert [k for k, v in marks.items() if v] == ["kept/Neg"]
+
+
+class Kept(nn.Cell):
+    """Three dense + GeLU layers, recomputed, with the middle GeLU kept by ``op.recompute(False)``."""
+
+    def __init__(self, h=6):
+        super().__init__()
+        self.layers = nn.CellList([nn.Dense(h, h, param_dtype="float64") for _ in range(3)])
+        self.gelus = [ops.GeLU() for _ in range(3)]
+
+    def construct(self, x):
+        for dense, gelu in zip(self.layers, self.gelus):
+            x = gelu(dense(x))
+        return (x * x).sum()
+
+
+def test_a_kept_op_inside_a_recomputed_cell_keeps_its_output_and_the_gradients_stay():
+    x = np.random.default_rng(1).standard_normal((5, 6))
+    net = Kept()
+    want_loss, want = autopar.value_and_grad(net)(x)
+    net.recompute()
+    net.gelus[1].recompute(False)
+    prog = GradProgram(net, (x,), {}, net.trainable_params())
+    rv = classify(prog.graph, prog.program.outputs)
+    made = {n.name: n.outputs[0] for n in prog.graph.nodes}
+    assert made["Kept/GeLU-1"] not in rv.internal                 # kept: op.recompute(False)
+    assert made["Kept/GeLU"] in rv.internal and made["Kept/GeLU-2"] in rv.internal
+    assert "Kept/GeLU-1" not in _clones(prog) and "Kept/GeLU" in _clones(prog)
+    loss, grads = prog((x,), {})
+    assert loss == want_loss
+    for g, name in zip(grads, want):
+        np.testing.assert_array_equal(g, want[name])
 
 
 def test_the_attention_core_ops_carry_the_selective_marks():

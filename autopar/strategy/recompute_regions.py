@@ -13,9 +13,11 @@ alone would save nothing behind the ``Dense`` reshape that reads it -- and a red
 lowering inserted takes the mark of the op it feeds.
 
 Regions. A region is a maximal run of consecutive recomputed forward nodes, cut between
-cell calls: a run whose nodes' common scope holds no node of the run itself (a container,
-such as a ``CellList`` of marked blocks) is cut between that scope's children, again inside
-each piece. So every marked block is its own region, and the attention core of a block --
+calls of whole recomputed cells: a run whose nodes' common scope holds no node of the run
+itself (a container, such as a ``CellList`` of marked blocks) is cut between that scope's
+children, again inside each piece, where the pieces on both sides are *whole cells* (no
+forward node under the piece's common scope is left unmarked). So every marked block is
+its own region, and the attention core of a block --
 its scores, mask add, softmax and context ops in ``blocks.3.attention`` and the dropout in
 ``blocks.3.attention.prob_dropout`` -- is one::
 
@@ -53,15 +55,26 @@ def _common_scope(scopes: Sequence[str]) -> tuple[str, ...]:
     return tuple(common)
 
 
-def _cut(run: list[Node]) -> list[list[Node]]:
-    """A run of recomputed nodes cut into cell calls (module doc)."""
+def _is_whole(piece: list[Node], unmarked: list[tuple[str, ...]]) -> bool:
+    """Whether no unmarked forward node lies under the piece's common scope."""
+    common = _common_scope([n.scope for n in piece])
+    return not any(parts[:len(common)] == common for parts in unmarked)
+
+
+def _cut(run: list[Node], unmarked: list[tuple[str, ...]]) -> list[list[Node]]:
+    """A run of recomputed nodes cut into cell calls (module doc): between the children of
+    a common scope holding no op of the run, where the pieces on both sides are whole cells."""
     common = _common_scope([n.scope for n in run])
     if any(tuple(n.scope.split(".")) == common for n in run):
         return [run]                                  # its common scope holds ops of its own
     depth = len(common)
-    pieces = []
+    pieces: list[list[Node]] = []
     for _, seg in groupby(run, key=lambda n: n.scope.split(".")[depth]):
-        pieces += _cut(list(seg))
+        for piece in _cut(list(seg), unmarked):
+            if pieces and not (_is_whole(pieces[-1], unmarked) and _is_whole(piece, unmarked)):
+                pieces[-1] = pieces[-1] + piece
+            else:
+                pieces.append(piece)
     return pieces
 
 
@@ -102,8 +115,9 @@ def recompute_regions(forward: Sequence[Node], marked: Sequence[bool]) -> dict[i
             run = []
     if run:
         runs.append(run)
+    unmarked = [tuple(n.scope.split(".")) for n, mark in zip(forward, marked) if not mark]
     out: dict[int, int] = {}
-    for piece in (p for r in runs for p in _cut(r)):
+    for piece in (p for r in runs for p in _cut(r, unmarked)):
         rid = len(set(out.values()))
         out.update((n.id, rid) for n in piece)
     return out
@@ -112,17 +126,12 @@ def recompute_regions(forward: Sequence[Node], marked: Sequence[bool]) -> dict[i
 def whole_cells(forward: Sequence[Node], marked: Sequence[bool], region: dict[int, int]) -> set[int]:
     """The regions that are whole cells: every forward node under the region's common scope
     is ``marked``."""
-    scopes: dict[int, list[str]] = {}
+    pieces: dict[int, list[Node]] = {}
     for n in forward:
         if n.id in region:
-            scopes.setdefault(region[n.id], []).append(n.scope)
+            pieces.setdefault(region[n.id], []).append(n)
     unmarked = [tuple(n.scope.split(".")) for n, mark in zip(forward, marked) if not mark]
-    out = set()
-    for r, members in scopes.items():
-        common = _common_scope(members)
-        if not any(parts[:len(common)] == common for parts in unmarked):
-            out.add(r)
-    return out
+    return {r for r, members in pieces.items() if _is_whole(members, unmarked)}
 
 
 def internal_values(nodes: Iterable[Node], region: dict[int, int], outputs: Iterable[int],
