@@ -135,7 +135,10 @@ class ParallelContext:
     left open: pipeline stages (unless ``pipeline_stages`` was set; with ``auto_pipeline``
     it is the upper bound, as in MindSpore), micro-batches, recompute and optimizer parallel
     (unless ``enable_parallel_optimizer`` was set). :attr:`explicit` records the names set
-    through :func:`set_auto_parallel_context` / :meth:`replace` (not a MindSpore key). ``full_batch=True`` is MindSpore's older spelling of
+    through :func:`set_auto_parallel_context` / :meth:`replace` (not a MindSpore key).
+    ``comm_fusion`` is MindSpore's dict (``{"allreduce": {"mode": "auto"}}``; see
+    :mod:`autopar.comm.fusion`), held as a validated :class:`~autopar.comm.fusion.CommFusion`
+    and given back in the dict form; by default nothing is fused. ``full_batch=True`` is MindSpore's older spelling of
     ``dataset_strategy="full_batch"``; :attr:`loads_full_batch` reads either.
     """
 
