@@ -63,7 +63,7 @@ def open_choices(cell, graph: Graph, setting: CompileSetting) -> AutoFixed | Non
                                           else None),
                       schedule=cell.pipeline_schedule if piped else None,
                       keep_stages=marked_stages and not ctx.auto_pipeline,
-                      virtual_stages=cell.virtual_stages if piped else 1)
+                      virtual_stages=cell.virtual_stages if piped else (1 if marked_stages else None))   # None: 1 or 2
     if None not in (fixed.pp, fixed.micro_batches, fixed.recompute, fixed.optimizer_parallel):
         return None
     return fixed
