@@ -138,8 +138,9 @@ class ParallelContext:
     through :func:`set_auto_parallel_context` / :meth:`replace` (not a MindSpore key).
     ``comm_fusion`` is MindSpore's dict (``{"allreduce": {"mode": "auto"}}``; see
     :mod:`autopar.comm.fusion`), held as a validated :class:`~autopar.comm.fusion.CommFusion`
-    and given back in the dict form; by default nothing is fused. ``full_batch=True`` is MindSpore's older spelling of
-    ``dataset_strategy="full_batch"``; :attr:`loads_full_batch` reads either.
+    and given back in the dict form; by default nothing is fused. ``full_batch=True`` is
+    MindSpore's older spelling of ``dataset_strategy="full_batch"``; :attr:`loads_full_batch`
+    reads either.
     """
 
     parallel_mode: str = ParallelMode.STAND_ALONE
