@@ -42,8 +42,8 @@ layer (an attention + FFN layer whose query comes from a position table), so the
 l attention + FFN layers like the GPT, l - 1 of them pipelined and the query layer on the
 last stage with the head (its extra S x H query table is 0.2% of the weights). Megatron
 splits l layers evenly over p stages; here the split is the planner's most even one that
-fits. Not modelled: the interleaved schedule (the bubble is priced as 1F1B's (p - 1) x
-stage time, v times the interleaved one), fused kernels, overlap of the data-parallel
+fits. The interleaved schedule is priced as run (bubble (p - 1)/v of a stage's micro-batch
+time, sends at every chunk boundary) where the family has a layer per chunk. Not modelled: fused kernels, overlap of the data-parallel
 all-reduce with the backward pass.
 """
 from __future__ import annotations
@@ -138,8 +138,16 @@ def family_of(run: Run):
                         compute_dtype="float16")
 
 
-def hand_setting(run: Run) -> StageSetting:
-    return StageSetting(run.p, run.d, run.t, run.micro_batches, recompute=True, optimizer_parallel=False)
+def hand_setting(run: Run, pipelined_layers: int | None = None) -> StageSetting:
+    """The run's own plan, with its interleaving v where the family has a layer for each of
+    the p x v chunks; else plain 1F1B (PanGu-alpha's family pipelines l - 1 blocks beside its
+    query layer: 529.6B's 104 blocks cannot fill 35 x 3 chunks, and fewer chunks than the
+    run used is another plan, not the run's)."""
+    v = run.interleave
+    if pipelined_layers is not None and pipelined_layers < run.p * v:
+        v = 1
+    return StageSetting(run.p, run.d, run.t, run.micro_batches, recompute=True, optimizer_parallel=False,
+                        virtual_stages=v)
 
 
 def tflops_per_gpu(run: Run, step_s: float) -> float:
@@ -149,7 +157,7 @@ def tflops_per_gpu(run: Run, step_s: float) -> float:
 def price(run: Run, profile, search: bool) -> dict:
     """The hand plan's prediction and, with ``search``, the searched plan's."""
     coster = StageCoster(family_of(run), run.gpus, profile)
-    hand = evaluate(coster, run.batch, hand_setting(run), profile.memory_bytes)
+    hand = evaluate(coster, run.batch, hand_setting(run, coster.family.layers), profile.memory_bytes)
     out = {"run": run, "coster": coster, "hand": hand, "best": None, "search_s": None}
     if search:
         t0 = time.perf_counter()

@@ -390,3 +390,12 @@ def test_the_predicted_cut_at_a_longer_sequence_is_within_fifteen_percent_of_the
     assert kept["none"] - kept["selective"] == 2 * cfg.num_layers * B * 8 * 64 * 64 * 4
     assert kept["none"] - kept["selective"] == pytest.approx(cut, rel=0.15)
     assert peak["none"] - peak["selective"] == pytest.approx(cut, rel=0.15)
+
+
+def test_an_op_with_static_arguments_keeps_its_recompute_mark():
+    """Reshape/Transpose are called with static arguments (a copy of the op per call): the
+    copy carries the user's mark into the traced node."""
+    from autopar.ops import Reshape
+    op = Reshape().recompute()
+    assert op.with_attrs(shape=(2, 2)).recompute_mode is True
+    assert Reshape().recompute(False).with_attrs(shape=(4,)).recompute_mode is False

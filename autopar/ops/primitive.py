@@ -64,10 +64,12 @@ class Primitive:
         return f"{self.kind}({args}){shard}"
 
     def with_attrs(self, **more: Any) -> "Primitive":
-        """A copy with extra attributes (the static call arguments), same strategy."""
+        """A copy with extra attributes (the static call arguments), same strategy and
+        recompute mark."""
         new = object.__new__(type(self))
         new.attrs = {**self.attrs, **more}
         new.strategy = self.strategy
+        new.recompute_mode = getattr(self, "recompute_mode", None)
         return new
 
     # ---- user API ---------------------------------------------------------------------
