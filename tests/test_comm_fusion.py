@@ -234,6 +234,23 @@ def test_pipeline_deferred_reductions_fused_equal_unfused_bit_for_bit():
         assert deferred > 30 and got_count == count - deferred + 1     # one bucket per stage
 
 
+def test_the_context_comm_fusion_reaches_the_pipeline_stages():
+    """comm_fusion set in the context gives a pipeline program's StageGradients its rules."""
+    from autopar.runtime.compiled import grad_program
+    cfg = CONFIG.replace(num_layers=4)
+
+    def body(comm):
+        with bound_world(comm):
+            net = PanguAlphaWithLoss(cfg)
+            nn.set_pipeline_stages(list(net.backbone.blocks) + [net.backbone.query_layer], stages=2)
+            return grad_program(nn.PipelineCell(net, 2), (IDS,), {}, net.trainable_params()).grads.rules
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=2, pipeline_stages=2, full_batch=True,
+                          comm_fusion={"allreduce": {"mode": "auto"}}):
+        assert run_in_process(2, body) == [{"allreduce": FusionRule("auto")}] * 2
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=2, pipeline_stages=2, full_batch=True):
+        assert run_in_process(2, body) == [{}] * 2
+
+
 def train_optimizer_parallel(dp, mp, fusion):
     """Three AdamW steps under optimizer parallel (every weight sliced); per rank: losses,
     weights, and the last step's collective counts."""

@@ -123,7 +123,8 @@ class PipelineGradProgram(TrainingProgram):
         if saving and world.size > 1:
             world.barrier()                           # the file is complete when compiling returns
         shared = self._shared_comms(wrt)
-        self.grads = StageGradients(self._attach(wrt), ctx.slice_threshold, self.stage_comm, world, shared)
+        self.grads = StageGradients(self._attach(wrt), ctx.slice_threshold, self.stage_comm, world, shared,
+                                    comm_fusion=ctx.comm_fusion)
         self.param_shards, self.shards, self.layouts = self.grads.param_shards, self.grads.shards, self.grads.layouts
         feed = MicroFeed(micro, self.rows, self.rows * scale // micro)
         self.step_plan = self._build_stage(wrt, sens, feed)
