@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ...ir.graph import BACKWARD, FORWARD, Graph
+from ...strategy.recompute_regions import resolve_marks
 from ..spmd import Redistribute
 
 
@@ -58,9 +59,13 @@ def split_halves(graph: Graph, n_delivered: int, cotangents: Sequence[int]) -> H
     late = {o for n in graph.nodes if n.id in backward for o in n.outputs}
     assert not late & set(delivered), "a forward output depends on a gradient"
     needed = set(grads) | {v for n in graph.nodes if n.id in backward for v in n.inputs}
+    forward = [n for n in graph.nodes if n.phase == FORWARD and n.id not in backward]
+    # the marks as the serial pass and the cost model read them (a view alone reading a
+    # recomputed output goes with it; an inserted redistribution takes its reader's mark)
+    marked = {n.id for n, m in zip(forward, resolve_marks(forward, lambda n: isinstance(n.prim, Redistribute))) if m}
     rerun = set()
     for n in reversed(graph.nodes):           # recomputed ops, nearest the backward first
-        if (n.id not in backward and n.recompute and n.phase == FORWARD and not isinstance(n.prim, Redistribute)
+        if (n.id in marked and not isinstance(n.prim, Redistribute)
                 and set(n.outputs) & needed and not set(n.outputs) & set(delivered)):
             rerun.add(n.id)
             needed.update(n.inputs)
