@@ -263,7 +263,7 @@ NOT_SUPPORTED = {
     "enable_alltoall": "redistributions already use all-to-all where the layouts ask for it",
     "pipeline_config": "use nn.PipelineCell(net, micro_size, pipeline_schedule=..., virtual_stages=...)",
     "parallel_optimizer_config": "use enable_parallel_optimizer and parallel_optimizer_threshold (ZeRO-1 only)",
-    "grad_accumulation_step": "wrap the network in nn.PipelineCell(net, micro_size=k) (one stage accumulates k)",
+    "grad_accumulation_step": "wrap the network in nn.GradAccumulationCell(net, micro_size=k) (MindSpore's cell)",
     "strategy_ckpt_config": "use strategy_ckpt_save_file / strategy_ckpt_load_file",
     "group_ckpt_save_file": "communication groups are derived from the plan at every compile",
     "force_fp32_communication": "collectives move each dtype as it is (bfloat16 sums in float32)",

@@ -433,3 +433,25 @@ def test_a_plan_with_out_strategy_saves_and_loads_exactly(tmp_path):
     replayed = sharded(lambda: Net(row_split_block(((4, 1),))), strategy_ckpt_load_file=str(path))
     assert_equals_serial(replayed)
     assert replayed[0][2].count(rd.REDUCE_SCATTER) == 1
+
+
+def test_grad_accumulation_cell_equals_the_whole_batch_step_serially_and_on_dp2():
+    """nn.GradAccumulationCell(net, 4): four micro-batches' gradients add up to the whole
+    batch's (a mean loss over equal micro-batches), serially and on 2 in-process ranks."""
+    loss, grads = serial_result()
+    acc_loss, acc_grads = autopar.value_and_grad(nn.GradAccumulationCell(Net(Block()), 4))(X)
+    np.testing.assert_allclose(acc_loss, loss, rtol=1e-12)
+    for name, g in grads.items():
+        np.testing.assert_allclose(acc_grads[name], g, rtol=1e-10, atol=1e-12, err_msg=name)
+
+    def body(comm):
+        with bound_world(comm):
+            net = Net(Block())
+            cell = nn.GradAccumulationCell(net, 2)
+            local = np.split(X, 2)[comm.rank]
+            return autopar.value_and_grad(cell, net.trainable_params())(local)
+    with parallel_context(parallel_mode="data_parallel", device_num=2):
+        for got_loss, got_grads in run_in_process(2, body):
+            np.testing.assert_allclose(got_loss, loss, rtol=1e-12)
+            for name, g in grads.items():
+                np.testing.assert_allclose(got_grads[name], g, rtol=1e-10, atol=1e-12, err_msg=name)

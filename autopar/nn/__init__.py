@@ -7,5 +7,5 @@ from .loss import SoftmaxCrossEntropyWithLogits
 from .loss_scale import DynamicLossScaleUpdateCell, FixedLossScaleUpdateCell, TrainOneStepWithLossScaleCell
 from .optimizers import SGD, Adam, AdamWeightDecay, Optimizer  # MindSpore keeps optimizers in nn (nn.Adam)
 from .parameter import Parameter
-from .pipeline import PipelineCell, set_pipeline_stages
+from .pipeline import GradAccumulationCell, PipelineCell, set_pipeline_stages
 from .wrappers import TrainingDivergedError, TrainOneStepCell, WithLossCell, overflow

@@ -82,6 +82,18 @@ class PipelineCell(Cell, Pipelined):
         return ops.Concat(0)(tuple(losses)).mean()                          # (micro,) -> ()
 
 
+
+class GradAccumulationCell(PipelineCell):
+    """MindSpore's ``nn.GradAccumulationCell(network, micro_size)``: each step's batch runs as
+    ``micro_size`` micro-batches whose gradients add up before one update -- the one-stage
+    case of a :class:`PipelineCell` (so under ``pipeline_stages > 1`` it pipelines as one).
+    The loss is the micro-batches' mean, the whole batch's mean loss when every micro-batch
+    carries the same number of counted tokens."""
+
+    def __init__(self, network: Cell, micro_size: int):
+        super().__init__(network, micro_size)
+
+
 def set_pipeline_stages(layers: Sequence[Cell], layers_per_stage: Sequence[int] | None = None,
                         stages: int | None = None) -> tuple[int, ...]:
     """Set ``pipeline_stage`` on consecutive layers and return each layer's stage.
