@@ -36,6 +36,16 @@ may wait in any order. ``x`` must not change until the wait (callers hand over a
 own). Meanwhile the caller computes: gradient buckets reduce while the backward pass goes on
 (autopar/runtime/fusion.py). A backend without a non-blocking path runs the blocking call at
 the start and hands back a finished request.
+
+Non-blocking point to point. ``isend(x, dest, tag)`` and ``irecv(shape, dtype, source, tag)``
+start a send and a receive and return requests: ``isend``'s ``wait()`` returns None once x may
+be reused, ``irecv``'s returns the array (what ``recv`` would have, bit for bit). Counted as
+``send`` / ``recv`` when they start. Messages between two members with one tag match in the
+order they were started on each side (MPI's non-overtaking rule), whatever order the
+requests are waited in; mixing blocking and non-blocking calls keeps that order. A pipeline
+posts its sends right after the item that makes them and waits for a receive just before
+the item that reads it (autopar/runtime/pipeline/runner.py). ``x`` must not change until
+the send's wait. A backend without a non-blocking path defers the blocking call to the wait.
 """
 from __future__ import annotations
 
@@ -110,7 +120,7 @@ class CommStats:
 
 
 class Request(abc.ABC):
-    """A collective in flight; :meth:`wait` once for its result."""
+    """A collective or message in flight; :meth:`wait` once for its result (None for a send)."""
 
     @abc.abstractmethod
     def test(self) -> bool:
@@ -131,6 +141,21 @@ class Done(Request):
         return True
 
     def wait(self) -> np.ndarray:
+        return self._result
+
+
+class Deferred(Request):
+    """A request whose blocking call runs at its wait (the fallback for point to point)."""
+
+    def __init__(self, call):
+        self._call, self._done, self._result = call, False, None
+
+    def test(self) -> bool:
+        return self._done
+
+    def wait(self):
+        if not self._done:
+            self._result, self._done = self._call(), True
         return self._result
 
 
@@ -268,6 +293,21 @@ class Communicator(abc.ABC):
         self._stats.record("recv", self.ranks, out)
         return out
 
+    def isend(self, x, dest: int, tag: int = 0) -> Request:
+        """send, started now; ``.wait()`` returns None once the message has left x."""
+        x = self._buffer(x, "isend")
+        dest, tag = self._member(dest, "isend", "dest"), self._tag(tag, "isend")
+        self._stats.record("send", self.ranks, x)
+        return self._isend(x, dest, tag)
+
+    def irecv(self, shape, dtype, source: int, tag: int = 0) -> Request:
+        """recv, started now; ``.wait()`` returns the (shape, dtype) array received."""
+        shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(d) for d in shape)
+        dtype = np.dtype(dtype)
+        source, tag = self._member(source, "irecv", "source"), self._tag(tag, "irecv")
+        self._stats.record("recv", self.ranks, np.broadcast_to(np.zeros((), dtype), shape))   # no buffer yet
+        return self._irecv(shape, dtype, source, tag)
+
     def barrier(self) -> None:
         """Wait until every member has called barrier (not counted in stats)."""
         self._begin("barrier", None)
@@ -324,6 +364,14 @@ class Communicator(abc.ABC):
     def _ireduce_scatter(self, x: np.ndarray, axis: int) -> Request:
         """Non-blocking reduce_scatter; this default blocks at the start."""
         return Done(self._reduce_scatter(x, axis))
+
+    def _isend(self, x: np.ndarray, dest: int, tag: int) -> Request:
+        """Non-blocking send; this default sends (blocking) at the wait (backends override it)."""
+        return Deferred(lambda: self._send(x, dest, tag))
+
+    def _irecv(self, shape: tuple[int, ...], dtype: np.dtype, source: int, tag: int) -> Request:
+        """Non-blocking recv; this default receives (blocking) at the wait."""
+        return Deferred(lambda: self._recv(shape, dtype, source, tag))
 
     @abc.abstractmethod
     def _allgather(self, x: np.ndarray, axis: int) -> np.ndarray: ...

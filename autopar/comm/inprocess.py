@@ -19,9 +19,12 @@ on; ``wait()`` waits until every member has deposited, builds member i's result 
 inputs in member order (the same sums, in the same order, as ``allreduce``), and the last
 member to read the entry removes it. Those waits are watched for deadlock like the others.
 
-Point-to-point messages go through mailboxes keyed by (group, source, dest, tag). ``send``
-waits until the receiver has copied the message (MPI's synchronous mode), so an order of
-sends and receives that works here cannot deadlock under MPI, whatever its buffering.
+Point-to-point messages go through mailboxes keyed by (group, source, dest, tag): a send
+(``isend``) deposits its message, a receive (``irecv``) posts itself, and the two queues pair
+oldest with oldest, so messages match in the order both sides started them, whatever order
+the requests are waited in. A send's wait (``send`` waits at once) lasts until the receiver
+has copied the message (MPI's synchronous mode), so an order of sends and receives that
+works here cannot deadlock under MPI, whatever its buffering.
 
 Failure. An exception on a rank's thread marks the run failed, aborts every barrier and wakes
 every mailbox waiter: the other ranks raise RankAborted from the communication they are in
@@ -91,6 +94,21 @@ class _Message:
         self.taken = False
 
 
+class _Receive:
+    """A posted receive; ``msg`` is the message matched to it (in posting order)."""
+
+    def __init__(self):
+        self.msg: _Message | None = None
+
+
+def _match(u, key: tuple) -> None:
+    """Pair the key's unmatched messages with its posted receives, oldest with oldest (MPI's
+    non-overtaking order). The caller holds ``u.p2p``."""
+    box, posted = u.mailboxes.get(key), u.posted.get(key)
+    while box and posted:
+        posted.popleft().msg = box.popleft()
+
+
 class _Started:
     """One non-blocking collective of a group: each member's (kind, signature, input)."""
 
@@ -122,7 +140,8 @@ class _Universe:
         self.lock = threading.Lock()
         self.groups: dict[tuple[int, ...], _Rendezvous] = {}
         self.p2p = threading.Condition()  # guards mailboxes and Message.taken
-        self.mailboxes: dict[tuple, deque[_Message]] = {}
+        self.mailboxes: dict[tuple, deque[_Message]] = {}   # (group, src, dst, tag) -> sent, unmatched
+        self.posted: dict[tuple, deque[_Receive]] = {}      # (group, src, dst, tag) -> receives, unmatched
         self.waits: list[_Wait | None] = [None] * n  # written by rank r's thread only
         self.finished = [False] * n
         self.failure: tuple[int | None, BaseException] | None = None
@@ -294,30 +313,27 @@ class InProcessCommunicator(Communicator):
     # ---- point to point ----------------------------------------------------------------
 
     def _send(self, x, dest, tag):
-        u, msg = self._u, _Message(x)  # no copy: this rank waits until the receiver has copied it
-        with u.p2p:
-            u.mailboxes.setdefault((self.ranks, self._rank, dest, tag), deque()).append(msg)
-            u.p2p.notify_all()
-            self._block_until(lambda: msg.taken, f"send to member {dest} (tag {tag}) on group {self.ranks}",
-                              self.ranks[dest])
+        self._isend(x, dest, tag).wait()
 
     def _recv(self, shape, dtype, source, tag):
-        u = self._u
+        return self._irecv(shape, dtype, source, tag).wait()
+
+    def _isend(self, x, dest, tag):
+        u, msg = self._u, _Message(x)  # no copy: the request's wait lasts until the receiver has copied it
+        key = (self.ranks, self._rank, dest, tag)
         with u.p2p:
-            box = u.mailboxes.setdefault((self.ranks, source, self._rank, tag), deque())
-            self._block_until(lambda: bool(box), f"recv from member {source} (tag {tag}) on group {self.ranks}",
-                              self.ranks[source])
-            msg = box.popleft()
-        try:
-            if msg.buf.shape != shape or msg.buf.dtype != dtype:
-                raise ValueError(format_error(self._where("recv"), "shape, dtype", f"{shape}, {dtype}",
-                                              f"a message of {msg.buf.shape}, {msg.buf.dtype} from member {source}",
-                                              "receive with the shape and dtype the sender sends"))
-            return msg.buf.copy()
-        finally:
-            with u.p2p:
-                msg.taken = True
-                u.p2p.notify_all()
+            u.mailboxes.setdefault(key, deque()).append(msg)
+            _match(u, key)
+            u.p2p.notify_all()
+        return _SendRequest(self, msg, f"send to member {dest} (tag {tag}) on group {self.ranks}", self.ranks[dest])
+
+    def _irecv(self, shape, dtype, source, tag):
+        u, receive = self._u, _Receive()
+        key = (self.ranks, source, self._rank, tag)
+        with u.p2p:
+            u.posted.setdefault(key, deque()).append(receive)
+            _match(u, key)
+        return _RecvRequest(self, receive, shape, dtype, source, tag)
 
     def _block_until(self, ready: Callable[[], bool], what: str, peer: int | tuple[int, ...]) -> None:
         """Wait on the p2p condition (held by the caller) until ready() or the run aborts;
@@ -363,6 +379,56 @@ class _InProcessRequest(Request):
                 entry.reads += 1
                 if entry.reads == len(entry.slots):
                     del rv.in_flight[self._k]
+
+
+class _SendRequest(Request):
+    """A message deposited in its mailbox; complete once the receiver has copied it."""
+
+    def __init__(self, comm: InProcessCommunicator, msg: _Message, what: str, peer: int):
+        self._comm, self._msg, self._what, self._peer = comm, msg, what, peer
+
+    def test(self) -> bool:
+        with self._comm._u.p2p:
+            return self._msg.taken
+
+    def wait(self) -> None:
+        msg = self._msg
+        with self._comm._u.p2p:
+            self._comm._block_until(lambda: msg.taken, self._what, self._peer)
+
+
+class _RecvRequest(Request):
+    """A posted receive; its wait copies the matched message out and releases the sender."""
+
+    def __init__(self, comm: InProcessCommunicator, receive: _Receive, shape, dtype, source: int, tag: int):
+        self._comm, self._receive, self._shape, self._dtype = comm, receive, shape, dtype
+        self._source, self._tag, self._result = source, tag, None
+
+    def test(self) -> bool:
+        with self._comm._u.p2p:
+            return self._receive.msg is not None
+
+    def wait(self) -> np.ndarray:
+        if self._result is not None:
+            return self._result
+        comm, receive, source = self._comm, self._receive, self._source
+        u = comm._u
+        with u.p2p:
+            comm._block_until(lambda: receive.msg is not None,
+                              f"recv from member {source} (tag {self._tag}) on group {comm.ranks}", comm.ranks[source])
+        msg = receive.msg
+        try:
+            if msg.buf.shape != self._shape or msg.buf.dtype != self._dtype:
+                raise ValueError(format_error(comm._where("recv"), "shape, dtype", f"{self._shape}, {self._dtype}",
+                                              f"a message of {msg.buf.shape}, {msg.buf.dtype} from member {source} "
+                                              f"(tag {self._tag})",
+                                              "receive with the shape and dtype the sender sends"))
+            self._result = msg.buf.copy()
+            return self._result
+        finally:
+            with u.p2p:
+                msg.taken = True
+                u.p2p.notify_all()
 
 
 def _reduce(bufs: list, op: str, dtype) -> np.ndarray:

@@ -14,7 +14,9 @@ CommStats and CommChecks are shared by every communicator split from it. With a 
 each call is issued non-blocking (``Iallreduce``, ``Isend``, ...) and polled by
 watchdog.MPIWatchdog; without, the blocking calls below run exactly as they are.
 ``iallreduce`` / ``ireduce_scatter`` are MPI's ``Iallreduce`` / ``Ireduce_scatter_block``, their
-wait ``Wait`` (or the watchdog's polled finish).
+wait ``Wait`` (or the watchdog's polled finish); ``isend`` / ``irecv`` are ``Isend`` / ``Irecv``
+(``send`` / ``recv`` start one and wait at once), their wait ``Wait`` or the watchdog's polled
+``p2p``.
 
 bfloat16 has no MPI datatype (and mpi4py's DLPack path refuses it): data moved travels as a
 uint16 view of the same memory (bit for bit, :func:`_wire`); reductions run on a float32 copy
@@ -223,27 +225,30 @@ class MPICommunicator(Communicator):
         return buf
 
     def _send(self, x, dest, tag):
-        buf = _wire(_contiguous(x))
-        if self._watch is None:
-            self._comm.Send(buf, dest=dest, tag=tag)
-            return
-        self._watch.p2p(self._comm.Isend(buf, dest=dest, tag=tag), f"send to member {dest} (tag {tag})", dest,
-                        doing=self.stats.doing)
+        self._isend(x, dest, tag).wait()
 
     def _recv(self, shape, dtype, source, tag):
+        return self._irecv(shape, dtype, source, tag).wait()
+
+    def _isend(self, x, dest, tag):
+        buf = _wire(_contiguous(x))
+        return _P2PRequest(self, self._comm.Isend(buf, dest=dest, tag=tag), f"send to member {dest} (tag {tag})",
+                           dest, None, buf, lambda: None)
+
+    def _irecv(self, shape, dtype, source, tag):
         out = np.empty(shape, dtype)
         status, buf = self._status(), _wire(out)
-        if self._watch is None:
-            self._comm.Recv(buf, source=source, tag=tag, status=status)
-        else:
-            self._watch.p2p(self._comm.Irecv(buf, source=source, tag=tag), f"recv from member {source} (tag {tag})",
-                            source, status, self.stats.doing)
-        got = status.Get_count(self._byte)
-        if got != out.nbytes:  # a longer message already failed in Recv (MPI_ERR_TRUNCATE)
-            raise ValueError(format_error(self._where("recv"), "shape, dtype", f"{shape}, {dtype} ({out.nbytes} bytes)",
-                                          f"a message of {got} bytes from member {source}",
-                                          "receive with the shape and dtype the sender sends"))
-        return out
+
+        def result():
+            got = status.Get_count(self._byte)
+            if got != out.nbytes:  # a longer message already failed in the wait (MPI_ERR_TRUNCATE)
+                raise ValueError(format_error(self._where("recv"), "shape, dtype",
+                                              f"{shape}, {dtype} ({out.nbytes} bytes)",
+                                              f"a message of {got} bytes from member {source} (tag {tag})",
+                                              "receive with the shape and dtype the sender sends"))
+            return out
+        request = self._comm.Irecv(buf, source=source, tag=tag)
+        return _P2PRequest(self, request, f"recv from member {source} (tag {tag})", source, status, buf, result)
 
     def _barrier(self):
         self._run("Barrier")
@@ -283,6 +288,32 @@ class _MPIRequest(Request):
             self._request.Wait()
         else:
             self._watchdog.finish(self._watched)
+        return self._result()
+
+
+class _P2PRequest(Request):
+    """An ``Isend`` / ``Irecv`` and the buffer it reads or fills; its wait is MPI's ``Wait``, or
+    the watchdog's deadline-polled one (the deadline counting from the wait)."""
+
+    def __init__(self, comm: MPICommunicator, request, what: str, peer: int, status, buf, result):
+        self._comm, self._request, self._what, self._peer = comm, request, what, peer
+        self._status, self._buf, self._result = status, buf, result   # buf held: MPI uses it until completion
+        self._done = False
+
+    def test(self) -> bool:
+        if not self._done:
+            self._done = self._request.Test(self._status) if self._status is not None else self._request.Test()
+        return self._done
+
+    def wait(self):
+        comm = self._comm
+        if self._done:
+            pass
+        elif comm._watch is None:
+            self._request.Wait(self._status)
+        else:
+            comm._watch.p2p(self._request, self._what, self._peer, self._status, comm.stats.doing)
+        self._done = True
         return self._result()
 
 
