@@ -2,19 +2,25 @@
 activations and their gradients sent between stages, gradients accumulated.
 
 Order. Every rank walks the same clock x stage table (:mod:`autopar.runtime.pipeline.schedule`)
-phase by phase, clock by clock: at clock t it runs its stage's item, if any, then takes
-part in the *transfers* of clock t -- every activation made by a forward at t and every
-gradient made by a backward at t, in one global order (clock, stage, value, destination).
-Each transfer goes between the ranks at the same position of the two stage meshes. Each
-rank meets its sends, receives and its stage's collectives in the order of that one global
-sequence, so the first unfinished event always has all its parties present: no deadlock,
-whatever the MPI implementation buffers (the in-process backend's sends wait for their
-receive, the strictest case). A value is received at the end of the clock that made it and
-held until its consumer's item.
+phase by phase, clock by clock, running its stage's item of each clock. The *transfers* --
+every activation made by a forward at clock t and every gradient made by a backward at t --
+have one global order (clock, stage, value, destination) and go between the ranks at the
+same position of the two stage meshes. They are non-blocking (``isend`` / ``irecv``):
+
+    send      posted as soon as the item that makes the value ends (in the global order)
+    receive   posted when the item before its consumer starts (all receives in the global
+              order), waited just before the consumer's item
+    sends     tested after every item (their arrays freed once delivered), all waited at the
+              end of the step
+
+so a transfer overlaps the next item's compute, and a rank waits only for a value an item
+needs now. Both sides start the messages between two ranks with one tag in the same (global)
+order, so they match whatever the timing; an item at clock t waits only for values made at
+clocks before t, so no order of arrivals deadlocks.
 
     clock      0     1     2     3   ...
-    stage 0    F0 -> send x(0)      F1 -> send x(1) ...
-    stage 1    .     recv x(0) F0  ...
+    stage 0    F0 -> isend x(0)  F1 -> isend x(1) ...
+    stage 1    .     wait x(0) F0    wait x(1) F1 ...
 
 Virtual stages (interleaved 1F1B). A rank holds one :class:`ChunkStep` per chunk of the
 layers it runs (virtual stages ``stage, stage + p, ...``); an item names its chunk, and a
@@ -139,14 +145,14 @@ def run_step(plan: StageStep, world, micro_batches: Sequence[Sequence[np.ndarray
              memory=None) -> StepResult:
     """Walk the schedule once: ``micro_batches[k]`` are micro-batch k's fed arrays;
     ``memory`` (a StepMemory, or None) measures live bytes."""
-    by_clock: dict[int, list[Transfer]] = {}
-    for tr in plan.transfers:
-        by_clock.setdefault(tr.clock, []).append(tr)
+    wire = _Wire(plan, world)
     inbox: dict[tuple, np.ndarray] = {}     # (kind, value, virtual stage, k) -> array received
-    outbox: dict[tuple, list] = {}          # (kind, value, virtual stage, k) -> [array made here, sends to do]
+    outbox: dict[tuple, list] = {}          # (kind, value, virtual stage, k) -> [array, sends to post, requests]
     saved: dict[tuple[int, int], list] = {}  # (virtual stage, k) -> the forward's saved values
     losses, grads, live = [], [None] * plan.n_param_grads, []
     row = plan.schedule.table[plan.stage]
+    busy = [t for t, item in enumerate(row) if item is not None]
+    following = dict(zip(busy, busy[1:] + [plan.schedule.clocks]))   # clock -> this rank's next item's
     one_chunk = len(plan.chunks) == 1
     for phase in plan.schedule.phases(plan.stage):
         for t in phase.clocks:
@@ -154,13 +160,17 @@ def run_step(plan: StageStep, world, micro_batches: Sequence[Sequence[np.ndarray
             if item is not None:
                 chunk, k = plan.chunks[chunk_of(item)], item[1]
                 c = chunk.virtual_stage
+                wire.post_receives(following[t])
                 if item[0] == "F":
+                    wire.collect([(ACTIVATION, v, c, k) for v in chunk.received], inbox)
                     _forward(chunk, k, micro_batches, step, memory, inbox, outbox, saved, grads, losses,
                              k if one_chunk else (c, k))
                 else:
+                    wire.collect([(GRADIENT, v, src, k) for v, src in chunk.cotangents], inbox)
                     _backward(chunk, k, step, memory, inbox, outbox, saved, grads)
-            _exchange(plan, world, by_clock.get(t, ()), inbox, outbox)
+                wire.send(t, inbox, outbox)
             live.append(len(saved))
+    wire.finish(outbox)
     assert not saved and not inbox and not outbox, "pipeline: the schedule left work undone"
     return StepResult(losses, grads, live)
 
@@ -178,7 +188,7 @@ def _forward(chunk: ChunkStep, k: int, micro_batches, step: int, memory, inbox: 
     else:   # every output of a forward half is an activation
         outs = memory.run(prog, ins, step, _held(saved, inbox, outbox, received), grads, prog.outputs)
     for j, (v, dsts) in enumerate(chunk.sent):
-        outbox[(ACTIVATION, v, c, k)] = [outs[j], len(dsts)]
+        outbox[(ACTIVATION, v, c, k)] = [outs[j], len(dsts), []]
     n = len(chunk.sent)
     if chunk.has_loss:
         losses.append(outs[n])
@@ -203,7 +213,7 @@ def _backward(chunk: ChunkStep, k: int, step: int, memory, inbox: dict, outbox: 
     for j, slot in enumerate(chunk.grad_slots):
         grads[slot] = outs[j].copy() if grads[slot] is None else np.add(grads[slot], outs[j], out=grads[slot])
     for v, g in zip(chunk.grads_back, outs[n:]):
-        outbox[(GRADIENT, v, c, k)] = [g, 1]
+        outbox[(GRADIENT, v, c, k)] = [g, 1, []]
 
 
 def _held(saved: dict, inbox: dict, outbox: dict, running: list):
@@ -211,24 +221,61 @@ def _held(saved: dict, inbox: dict, outbox: dict, running: list):
     return chain(chain.from_iterable(saved.values()), inbox.values(), (e[0] for e in outbox.values()), running)
 
 
-def _exchange(plan: StageStep, world, todo: Sequence[Transfer], inbox: dict, outbox: dict) -> None:
-    """This rank's sends and receives of one clock, in the global order. An activation is
-    filed under its receiving virtual stage, a gradient under its sending one (the value's
-    maker takes it); between two chunks of this rank it is handed over, not sent."""
-    for tr in todo:
-        tag = TAGS[tr.kind]
-        out_key = (tr.kind, tr.value, tr.src, tr.micro)
-        in_key = (tr.kind, tr.value, tr.dst if tr.kind == ACTIVATION else tr.src, tr.micro)
-        mine_src, mine_dst = plan.rank_of(tr.src) == plan.stage, plan.rank_of(tr.dst) == plan.stage
-        if mine_src:
-            entry = outbox[out_key]
-            if mine_dst:
-                inbox[in_key] = entry[0]          # programs never overwrite their inputs
+def _in_key(tr: Transfer) -> tuple:
+    """Where a transfer is filed on arrival: an activation under its receiving virtual stage,
+    a gradient under its sending one (the value's maker takes it)."""
+    return tr.kind, tr.value, tr.dst if tr.kind == ACTIVATION else tr.src, tr.micro
+
+
+class _Wire:
+    """This rank's transfers of one step, non-blocking (see the module's docstring). Between
+    two chunks of this rank a value is handed over, not sent."""
+
+    def __init__(self, plan: StageStep, world):
+        self._plan, self._world = plan, world
+        self._sends: dict[int, list[Transfer]] = {}   # clock -> transfers this rank's item of that clock makes
+        self._receives: list[Transfer] = []           # the others', to this rank, in the global order
+        for tr in plan.transfers:
+            if plan.rank_of(tr.src) == plan.stage:
+                self._sends.setdefault(tr.clock, []).append(tr)
             else:
-                world.send(entry[0], plan.peer(tr.dst), tag)
-            entry[1] -= 1
-            if not entry[1]:
-                del outbox[out_key]
-        else:
+                self._receives.append(tr)
+        self._posted = 0                              # receives posted so far (a prefix of the list)
+        self._pending: dict[tuple, object] = {}       # in key -> its receive's request
+
+    def post_receives(self, before: int) -> None:
+        """Post, in the global order, every receive of a value made before clock ``before``."""
+        plan, todo = self._plan, self._receives
+        while self._posted < len(todo) and todo[self._posted].clock < before:
+            tr = todo[self._posted]
             shape, dtype = plan.wire[tr.value]
-            inbox[in_key] = world.recv(shape, dtype, plan.peer(tr.src), tag)
+            self._pending[_in_key(tr)] = self._world.irecv(shape, dtype, plan.peer(tr.src), TAGS[tr.kind])
+            self._posted += 1
+
+    def collect(self, keys: Sequence[tuple], inbox: dict) -> None:
+        """Wait for the receives an item reads (those handed over locally are already in)."""
+        for key in keys:
+            request = self._pending.pop(key, None)
+            if request is not None:
+                inbox[key] = request.wait()
+
+    def send(self, t: int, inbox: dict, outbox: dict) -> None:
+        """Post the sends (or hand-overs) of the values clock t's item made, then free the
+        arrays whose sends have all completed."""
+        plan = self._plan
+        for tr in self._sends.get(t, ()):
+            entry = outbox[(tr.kind, tr.value, tr.src, tr.micro)]
+            if plan.rank_of(tr.dst) == plan.stage:
+                inbox[_in_key(tr)] = entry[0]          # programs never overwrite their inputs
+            else:
+                entry[2].append(self._world.isend(entry[0], plan.peer(tr.dst), TAGS[tr.kind]))
+            entry[1] -= 1
+        for key in [key for key, (_, left, reqs) in outbox.items() if not left and all(r.test() for r in reqs)]:
+            del outbox[key]
+
+    def finish(self, outbox: dict) -> None:
+        """Wait for every send still in flight (the step's end)."""
+        assert self._posted == len(self._receives) and not self._pending, "pipeline: a receive was never read"
+        for key in [key for key, (_, left, _) in outbox.items() if not left]:
+            for request in outbox.pop(key)[2]:
+                request.wait()
