@@ -20,6 +20,11 @@ local program on same-sized shards, so rank 0 speaks for all):
   its bytes: weight + gradient + optimizer states (states divided by the
   optimizer-parallel degree when that is on);
 * **step**: the all-reduce of the squared gradient norm, once;
+* **gradient buckets** (``comm_fusion``, :mod:`~autopar.strategy.grad_buckets`): with a rule
+  for the gradients' all-reduces (reduce-scatters under optimizer parallel) the weights'
+  reductions are grouped as the runtime groups them, one collective and one copy per
+  bucket, run beside the backward pass; the step pays their exposed part
+  (``PlanCost.grad_exposed_s``), memory one bucket more at the end of backward;
 * every collective call pays the profile's latency, so calls count, not only bytes;
 * **activations**: the bytes each op keeps for its backward (its saved inputs and output),
   all alive at the end of forward;
@@ -46,18 +51,22 @@ searched or hand-given, as the runtime runs it.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
 
 from ..comm import redistribution as rd
+from ..comm.fusion import DEFAULT_COMM_FUSION, CommFusion
 from ..ir.graph import FORWARD, Graph, Node, differentiable_values, gradient_inputs
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.spec import TensorSpec
 from ..ops.sharding import OpSharding
 from . import formulas
+from .canonical import canonical
+from .grad_buckets import GradBucket, GradReduction, bucket, bucketable, exposed_seconds, trained_order
 from .profile import MachineProfile
 from .recompute_regions import internal_values, rebuild_set, recompute_regions, resolve_marks, whole_cells
 from .sharding_plan import ShardingPlan, input_layout
@@ -74,38 +83,6 @@ OPTIMIZER_KIND = "optimizer_update"   # the profile's rate for it (clipping incl
 GRAD_SUM_KIND = "AddN"                # autodiff's sum of a value's gradient parts: elementwise
 
 
-@lru_cache(maxsize=65536)
-def canonical(layout: Layout) -> Layout:
-    """The same placement of blocks on ranks with the fewest mesh axes: unit axes dropped,
-    and neighbouring axes merged when they play one role (both replicating, or consecutive
-    in one dim's split list). Two layouts that put the same block on every rank and owe
-    the same reductions become equal, so their redistribution costs are computed once."""
-    lay = layout.without_unit_axes()
-    mesh = lay.mesh
-    role: dict[int, tuple] = {}
-    for d, axes in enumerate(lay.dims):
-        for k, a in enumerate(axes):
-            role[a] = ("dim", d, k)
-    for a in lay.partial:
-        role[a] = ("partial", a)
-    groups: list[list[int]] = []
-    for a in range(mesh.ndim):
-        prev = groups[-1][-1] if groups else None
-        r, rp = role.get(a, ("rep",)), role.get(prev, None) if prev is not None else None
-        joinable = prev is not None and (
-            (r == ("rep",) and rp == ("rep",))
-            or (r[0] == "dim" and rp is not None and rp[0] == "dim" and rp[1] == r[1] and rp[2] + 1 == r[2]))
-        if joinable:
-            groups[-1].append(a)
-        else:
-            groups.append([a])
-    new_of = {a: i for i, g in enumerate(groups) for a in g}
-    shape = tuple(math.prod(mesh.shape[a] for a in g) for g in groups)
-    dims = tuple(tuple(dict.fromkeys(new_of[a] for a in axes)) for axes in lay.dims)
-    partial = tuple(dict.fromkeys(new_of[a] for a in lay.partial))
-    return Layout.derived(mesh.reshaped(shape or (1,)), dims, tuple(sorted(partial)))
-
-
 @dataclass(frozen=True)
 class NodeCost:
     """One op under one sharding, per rank: seconds and bytes."""
@@ -119,6 +96,7 @@ class NodeCost:
     activation_bytes: int      # kept for backward
     flops: float = 0.0         # forward + backward, local
     bytes_moved: float = 0.0   # forward + backward, local (what op_rate divides)
+    backward_s: float = 0.0    # the part of compute_s its backward runs (recompute and gradient sums included)
 
     @property
     def seconds(self) -> float:
@@ -141,6 +119,8 @@ class PlanCost:
     activation_bytes: int      # kept for backward: all alive at the end of forward
     per_op: tuple = field(default=(), repr=False)   # (node name, strategy, layout, comm_s, seconds)
     backward_peak_bytes: int | None = None   # max over backward of gradients made + activations still kept
+    grad_comm_s: float = 0.0   # the weight gradients' reductions (buckets under comm_fusion), all of them
+    grad_exposed_s: float = 0.0   # the part of grad_comm_s not hidden behind backward (what comm_s holds)
 
     @property
     def step_seconds(self) -> float:
@@ -162,7 +142,8 @@ class PlanCost:
         return {"step_seconds": self.step_seconds, "memory_bytes_per_rank": self.memory_bytes,
                 "breakdown": {"compute_s": self.compute_s, "comm_s": self.comm_s, "update_s": self.update_s,
                               "param_bytes": self.param_bytes, "grad_bytes": self.grad_bytes,
-                              "state_bytes": self.state_bytes, "activation_bytes": self.activation_bytes}}
+                              "state_bytes": self.state_bytes, "activation_bytes": self.activation_bytes,
+                              "grad_comm_s": self.grad_comm_s, "grad_exposed_s": self.grad_exposed_s}}
 
 
 def backward_peak(grads: list[int], freed: list[int], rebuilt: list[int] | None = None) -> int:
@@ -206,11 +187,19 @@ class CostModel:
     ``optimizer_states``: optimizer arrays per parameter element (2 for Adam's moments, 1
     for momentum SGD); ``optimizer_parallel``: states are split over the ranks a weight is
     replicated on (ZeRO-1), whose gradient is then reduce-scattered and the weight
-    all-gathered: the same bytes on a ring as the all-reduce, so only memory changes."""
+    all-gathered: the same bytes on a ring as the all-reduce, so only memory changes.
+    ``comm_fusion``: the context's setting; its gradient rules bucket the weights' reductions
+    (module docstring), none (the default) prices each alone. ``param_order``: the names of
+    the trained parameters in the order the optimizer lists them (what an ``index`` rule
+    counts in and the runtime orders gradients by); default the graph's order of first use."""
 
     def __init__(self, graph: Graph, stage: Mesh, profile: MachineProfile, full_batch: bool = False,
-                 optimizer_states: int = 2, optimizer_parallel: bool = False):
+                 optimizer_states: int = 2, optimizer_parallel: bool = False,
+                 comm_fusion: CommFusion = DEFAULT_COMM_FUSION, param_order: Sequence[str] | None = None):
         self.graph, self.stage, self.profile = graph, stage, profile
+        self.fusion_rules = comm_fusion.gradient_rules()   # redistribution step kind -> rule
+        names = graph.param_names()
+        self.param_order = trained_order(names, names if param_order is None else param_order)
         self.optimizer_states, self.optimizer_parallel = optimizer_states, optimizer_parallel
         self.forward = [n for n in graph.nodes if n.phase == FORWARD]
         self.nodes = {n.id: n for n in self.forward}
@@ -311,9 +300,11 @@ class CostModel:
             flops, nbytes, launches = flops + fwd_flops, nbytes + fwd_bytes, launches + 1
         if dtype not in prof.gemm_flops:   # a dtype the profile lists no rate for: its slowest rate
             dtype = min(prof.gemm_flops, key=prof.gemm_flops.get)
-        compute = formulas.compute_seconds(flops, 0, dtype, prof, gemm_min_dim(sh, specs)) \
-            + nbytes / prof.op_rate(prim.kind) \
-            + launches * getattr(prof, "op_overhead_s", 0.0)
+        min_dim, overhead = gemm_min_dim(sh, specs), getattr(prof, "op_overhead_s", 0.0)
+        compute = formulas.compute_seconds(flops, 0, dtype, prof, min_dim) \
+            + nbytes / prof.op_rate(prim.kind) + launches * overhead
+        forward_s = formulas.compute_seconds(fwd_flops, 0, dtype, prof, min_dim) \
+            + fwd_bytes / prof.op_rate(prim.kind) + overhead
         comm = self._internal_seconds(node, sh, out, backward)
         compute += self.grad_sum_seconds(node.outputs[0], out_lay)
         grad = update = 0.0
@@ -333,7 +324,8 @@ class CostModel:
             sbytes += self.state_bytes(local_bytes, lay)
             update += OPTIMIZER_BYTES_PER_ELEMENT * (local_bytes // copies) / prof.op_rate(OPTIMIZER_KIND)
         act = sum(nbytes for _, nbytes in self.kept_for_backward(node, sh))
-        return NodeCost(compute, comm, grad, update, pbytes, gbytes, sbytes, act, float(flops), float(nbytes))
+        return NodeCost(compute, comm, grad, update, pbytes, gbytes, sbytes, act, float(flops), float(nbytes),
+                        compute - forward_s if backward else 0.0)
 
     def grad_sum_seconds(self, value: int, layout: Layout) -> float:
         """Autodiff's sum of ``value``'s gradient parts, one per op reading it that needs its
@@ -423,13 +415,14 @@ class CostModel:
         return self.input_layouts.get(value)
 
     # ---- whole plans ----------------------------------------------------------------------
-    def op_costs(self, plan: ShardingPlan) -> list[tuple[Node, NodeCost, float]]:
+    def op_costs(self, plan: ShardingPlan, back: dict | None = None) -> list[tuple[Node, NodeCost, float]]:
         """Per forward op: its cost under ``plan`` and the communication seconds per
         micro-batch of the edges into it. The gradients of each value it is the first
         reader of are priced with it (:meth:`gradient_costs`): their reductions in ``grad_s``
-        for weights (once per step), with the edges for activations."""
+        for weights (once per step), with the edges for activations. ``back``: those costs if
+        already made."""
         sh, out = plan.shardings, []
-        back = self.gradient_costs(plan)
+        back = self.gradient_costs(plan) if back is None else back
         for n in self.forward:
             act = 0.0
             for i, v in enumerate(n.inputs):
@@ -485,7 +478,9 @@ class CostModel:
         grads: list[int] = []                       # per op: the gradient bytes its backward makes
         rebuilt: dict[int, dict] = {}               # recompute region -> the values it rebuilds: bytes
         rows = []
-        for n, c, edge in self.op_costs(plan):
+        back = self.gradient_costs(plan)
+        costs = self.op_costs(plan, back)
+        for n, c, edge in costs:
             compute, comm, update = compute + c.compute_s, comm + c.comm_s + c.grad_s + edge, update + c.update_s
             pb, gb, sb = pb + c.param_bytes, gb + c.grad_bytes, sb + c.state_bytes
             new = 0
@@ -502,8 +497,74 @@ class CostModel:
                          c.seconds + edge))
         comm += self.step_collectives_seconds(self.stage)
         during = [sum(rebuilt.get(self.region.get(n.id), {}).values()) for n in self.forward]
-        return PlanCost(compute, comm, update, pb, gb, sb, sum(kept.values()), tuple(rows),
-                        backward_peak(grads, freed, during))
+        peak = backward_peak(grads, freed, during)
+        alone = sum(g for _, g in back.values())   # each reduction on its own, at the end of the step
+        if not self.fusion_rules:
+            return PlanCost(compute, comm, update, pb, gb, sb, sum(kept.values()), tuple(rows), peak, alone, alone)
+        buckets, unfused, backward = self.gradient_buckets(plan, costs)
+        total = sum(b.seconds for b in buckets) + sum(r.seconds for r in unfused)
+        exposed = exposed_seconds(buckets, backward, self.profile.comm_overlap) + sum(r.seconds for r in unfused)
+        peak = max(peak, sum(grads) + max((b.nbytes for b in buckets), default=0))   # one bucket's buffer more
+        return PlanCost(compute, comm - alone + exposed, update, pb, gb, sb, sum(kept.values()), tuple(rows), peak,
+                        total, exposed)
+
+    # ---- gradient buckets (comm_fusion) ---------------------------------------------------
+    def gradient_buckets(self, plan: ShardingPlan, costs=None) -> tuple[list[GradBucket], list[GradReduction],
+                                                                         float]:
+        """(buckets in start order, reductions left alone, backward seconds) of the weight
+        gradients under the ``comm_fusion`` rules (module :mod:`.grad_buckets`); ``costs``:
+        :meth:`op_costs` of ``plan`` if already made. Backward walks the ops in reverse, each
+        taking its ``backward_s``."""
+        ends, t = {}, 0.0
+        for n, c, _ in reversed(costs or self.op_costs(plan)):
+            t += c.backward_s
+            ends[n.id] = t
+        items = self.grad_reductions(plan, ends)
+        buckets, alone = bucket(items, self.fusion_rules, len(self.param_order), self._bucket_seconds)
+        return buckets, alone, t
+
+    def _bucket_seconds(self, kind: str, nbytes: int, mesh: Mesh, axis: int) -> float:
+        """One bucket: its collective once, and the copy of its bytes into its buffer."""
+        return self.collective_seconds(kind, nbytes, mesh, (axis,)) + nbytes / self.profile.elementwise_bytes_per_s
+
+    def grad_reductions(self, plan: ShardingPlan, ends: dict[int, float]) -> list[GradReduction]:
+        """Each weight gradient's reduction as :meth:`gradient_costs` prices it: alike parts
+        summed, then one reduction ready when the last part is made (the backward of its
+        first reader); unlike parts each reduced, ready when made. ``ends``: forward node
+        id -> when its backward ends."""
+        sh, out = plan.shardings, []
+        position = {n.id: k for k, n in enumerate(self.forward)}
+        for v, readers in self.consumers.items():
+            parts = [(n, sh[n].grad_layout(i)) for n, i in readers
+                     if gradient_inputs(self.nodes[n], self.needs_grad)[i]]
+            src = self.producer_layout(v, sh) if parts and v in self.weight_values else None
+            if src is None:
+                continue
+            alike = all(p == parts[0][1] for _, p in parts)
+            for n, lay in parts[:1] if alike else parts:      # readers come in forward order
+                out.append(self._reduction(v, lay, Layout(src.mesh, src.dims), position[n], ends[n], not alike))
+        return out
+
+    def _reduction(self, value: int, part: Layout, target: Layout, position: int, ready_s: float,
+                   summed: bool) -> GradReduction:
+        """One reduction of ``value``'s gradient (part) from ``part`` into ``target``:
+        bucketable when it is one all-reduce (a reduce-scatter under optimizer parallel:
+        the runtime scatters a sliced weight's gradient), as the runtime's pass decides."""
+        spec = self.graph.spec(value)
+        alone = GradReduction(ready_s, position, self._param_index(value), self.redistribution_seconds(part, target, value),
+                              _local(spec, part).nbytes, summed=summed)
+        if part == target:
+            return alone
+        src, dtype = canonical(part), np.dtype(spec.dtype)
+        steps = rd.plan(src, canonical(target), spec.shape, dtype.itemsize, checked=True).steps
+        return bucketable(alone, steps, src.mesh, self._copies(target), dtype.str, value)
+
+    def _param_index(self, value: int) -> int:
+        """Index in the trained list (``param_order``) of the parameter ``value`` is (or is a
+        cast of)."""
+        while value not in self.params:
+            value = next(u for u in self.graph.node_of(value).inputs if u in self.weight_values)
+        return self.param_order[self.graph.param_names()[self.graph.params.index(value)]]
 
     def _saved(self, node: Node, sh: OpSharding) -> list:
         """((value, layout), local bytes) of what ``node``'s backward reads: its saved

@@ -15,6 +15,11 @@ A profile is a JSON data file (``autopar/strategy/profiles/<name>.json``) holdin
 * ``collective_wait_s``           — optional, 0 when omitted: seconds every collective call (and
   pipeline send) costs on top of its latency because its ranks arrive at different times
   (calibrated against measured steps; the latency alone is one call among ready ranks);
+* ``comm_overlap``                — optional, 0 when omitted: the fraction of the gradient buckets'
+  communication (``comm_fusion``) that runs beside the backward pass's compute, in [0, 1]. 0 is
+  the 2-core CPU VM's figure (both cores run the backward pass, so a bucket's all-reduce
+  competes with it for the same cores and hides nothing; the project's measurement); 1 is a
+  NIC or NCCL stream that runs beside compute (assumed for such machines, not measured here);
 * ``gemm_efficiency``             — optional, per dtype name: points ``[d, fraction]`` of the
   GEMM rate reached by a GEMM whose smallest dimension min(m, n, k) is d (small and skinny
   GEMMs run below peak); between points the fraction is interpolated in log d, outside
@@ -57,11 +62,13 @@ SOURCED_FIELDS: tuple[str, ...] = (
 
 # Optional figures: name -> default. A profile that gives one needs a source for it; one left
 # at its default without a source is given the source DEFAULTED_SOURCE.
-OPTIONAL_FIELDS: Mapping[str, float] = {"op_overhead_s": 0.0, "collective_wait_s": 0.0}
+OPTIONAL_FIELDS: Mapping[str, float] = {"op_overhead_s": 0.0, "collective_wait_s": 0.0, "comm_overlap": 0.0}
 DEFAULTED_SOURCE = "left at its default, 0 s, with no source: no per-op overhead charged"
 DEFAULTED_SOURCES: Mapping[str, str] = {
     "op_overhead_s": DEFAULTED_SOURCE,
-    "collective_wait_s": "left at its default, 0 s, with no source: no waiting charged per collective"}
+    "collective_wait_s": "left at its default, 0 s, with no source: no waiting charged per collective",
+    "comm_overlap": "left at its default, 0, with no source: gradient buckets overlap nothing (the 2-core CPU "
+                    "VM's figure: both cores compute, so a bucket's all-reduce competes with backward)"}
 
 
 def _positive_number(name: str, value, *, allow_zero: bool = False) -> float:
@@ -91,6 +98,7 @@ class MachineProfile:
     sources: Mapping[str, str] = field(default_factory=dict)
     op_overhead_s: float = OPTIONAL_FIELDS["op_overhead_s"]   # s per executed op
     collective_wait_s: float = OPTIONAL_FIELDS["collective_wait_s"]   # s per collective call: ranks waiting
+    comm_overlap: float = OPTIONAL_FIELDS["comm_overlap"]   # fraction of bucket communication beside backward
     # op kind -> bytes/s its kernels (forward + backward) move, where they run below the
     # elementwise bandwidth (masks hashed, erf, exp, row reductions); each sourced as
     # "op_bytes_per_s.<kind>"
@@ -126,6 +134,11 @@ class MachineProfile:
         for latency_field in ("intra_node_latency_s", "inter_node_latency_s", "op_overhead_s", "collective_wait_s"):
             object.__setattr__(self, latency_field, _positive_number(
                 latency_field, getattr(self, latency_field), allow_zero=True))
+        overlap = _positive_number("comm_overlap", self.comm_overlap, allow_zero=True)
+        if overlap > 1:
+            raise ValueError(f"MachineProfile.comm_overlap: expected a fraction in [0, 1], got {overlap!r} "
+                             f"(profile {self.name!r}); 1 means the buckets' communication runs beside compute")
+        object.__setattr__(self, "comm_overlap", overlap)
         if not isinstance(self.op_bytes_per_s, Mapping):
             raise ValueError(f"MachineProfile.op_bytes_per_s: expected a mapping op kind -> bytes/s, "
                              f"got {self.op_bytes_per_s!r} (profile {self.name!r})")
