@@ -227,7 +227,7 @@ class ParallelContext:
     def plan_options(self) -> PlanOptions:
         """What of this context the planner reads, as the frozen value strategy/ takes."""
         return PlanOptions(self.strategy_ckpt_load_file, self.search_mode, self.cost_profile,
-                           self.enable_parallel_optimizer)
+                           self.enable_parallel_optimizer, comm_fusion=self.comm_fusion)
 
     def replace(self, **changes) -> ParallelContext:
         """A new validated value with ``changes`` applied; unknown names are a ValueError."""

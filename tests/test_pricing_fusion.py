@@ -6,6 +6,7 @@
   made; the profile's ``comm_overlap`` says how much of that hides (0 on the 2-core VM).
 """
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ from autopar.models.pangu_alpha import PanguAlphaWithLoss
 from autopar.runtime.sharded_program import ShardedGradProgram
 from autopar.runtime.trace import trace
 from autopar.strategy.costmodel import CostModel
+from autopar.strategy.plan_source import save_plan
 from autopar.strategy.profile import load_profile
 from autopar.strategy.sharding_plan import plan_shardings
 
@@ -177,3 +179,15 @@ def test_a_param_order_missing_a_parameter_is_refused_naming_it():
     with pytest.raises(ValueError, match=r"CostModel: param_order: expected the names of every trained parameter "
                                          r"the graph uses \(2\), got 1 names, without \['w2'\]; pass"):
         CostModel(g, Mesh((2,), ("devices",)), load_profile("cpu-2core"), param_order=["w1"])
+
+
+def test_the_context_comm_fusion_reaches_the_saved_plans_prediction(pangu_dp2, tmp_path):
+    g, stage, plan, _ = pangu_dp2
+    options = ParallelContext(comm_fusion=AUTO, cost_profile="cpu-2core").plan_options
+    assert options.comm_fusion == parse_comm_fusion(AUTO)
+    save_plan(str(tmp_path / "fused.json"), g, plan, True, options)
+    save_plan(str(tmp_path / "plain.json"), g, plan, True, ParallelContext(cost_profile="cpu-2core").plan_options)
+    got = [json.loads((tmp_path / f"{k}.json").read_text())["predicted"]["breakdown"] for k in ("fused", "plain")]
+    want = [priced(pangu_dp2, f)[1] for f in (AUTO, {})]       # graph order = trained order for the 2 buckets of auto
+    assert [b["grad_comm_s"] for b in got] == pytest.approx([c.grad_comm_s for c in want], rel=1e-12)
+    assert got[0]["grad_comm_s"] < got[1]["grad_comm_s"]

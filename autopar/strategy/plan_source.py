@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..comm.fusion import DEFAULT_COMM_FUSION, CommFusion
 from ..ir.graph import Graph
 from ..ir.mesh import Mesh
 from .costmodel import CostModel
@@ -25,13 +26,16 @@ class PlanOptions:
     the ``auto_parallel`` search mode, the machine profile plans are priced with ('' = the
     default), whether optimizer parallel (ZeRO-1) is on, and the memory cap the op-level
     search keeps a plan under (None: the profile's memory; the joint search of stages
-    caps memory itself and plans each stage's ops for speed alone, ``math.inf``)."""
+    caps memory itself and plans each stage's ops for speed alone, ``math.inf``), and the
+    ``comm_fusion`` setting the gradient buckets are priced with (the cost model's
+    ``PlanCost.grad_exposed_s``; the op-level search itself prices each reduction alone)."""
 
     strategy_file: str = ""
     search_mode: str = "dynamic_programming"
     cost_profile: str = ""
     optimizer_parallel: bool = False
     memory_cap: float | None = None
+    comm_fusion: CommFusion = DEFAULT_COMM_FUSION
 
     def profile(self) -> MachineProfile:
         return load_profile(self.cost_profile or DEFAULT_PROFILE)
@@ -57,8 +61,10 @@ def make_plan(graph: Graph, mode: str, stage: Mesh, full_batch: bool = False,
 def save_plan(path: str, graph: Graph, plan: ShardingPlan, full_batch: bool,
               options: PlanOptions = PlanOptions()) -> None:
     """Write ``plan`` of the forward ``graph`` to the strategy file ``path`` with the cost
-    model's prediction under ``options``' machine profile and optimizer parallel."""
-    model = CostModel(graph, plan.stage, options.profile(), full_batch, optimizer_parallel=options.optimizer_parallel)
+    model's prediction under ``options``' machine profile, optimizer parallel and gradient
+    buckets (``comm_fusion``; an ``index`` rule counted in the graph's order of parameters)."""
+    model = CostModel(graph, plan.stage, options.profile(), full_batch, optimizer_parallel=options.optimizer_parallel,
+                      comm_fusion=options.comm_fusion)
     save_strategy(path, graph, plan, predicted=model.evaluate(plan).summary())
 
 
