@@ -8,8 +8,8 @@ have one global order (clock, stage, value, destination) and go between the rank
 same position of the two stage meshes. They are non-blocking (``isend`` / ``irecv``):
 
     send      posted as soon as the item that makes the value ends (in the global order)
-    receive   posted when the item before its consumer starts (all receives in the global
-              order), waited just before the consumer's item
+    receive   posted (all receives in the global order) at the latest when the item before
+              its consumer starts, waited just before the consumer's item
     sends     tested after every item (their arrays freed once delivered), all waited at the
               end of the step
 
@@ -32,7 +32,8 @@ Memory. ``saved[(virtual stage, k)]`` holds micro-batch k's saved values of a ch
 forward to its backward; ``live`` counts them after every clock, so the measured in-flight
 micro-batches (chunks) can be checked against :meth:`Schedule.in_flight`. Given a
 :class:`~autopar.runtime.pipeline.memory.StepMemory`, every half runs under a meter told
-what the runner holds around it, so the step's peak live bytes are measured.
+what the runner holds around it (received values, and made ones until their sends complete),
+so the step's peak live bytes are measured.
 """
 from __future__ import annotations
 
