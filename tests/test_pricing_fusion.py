@@ -22,6 +22,7 @@ from autopar.models.pangu_alpha import PanguAlphaWithLoss
 from autopar.runtime.sharded_program import ShardedGradProgram
 from autopar.runtime.trace import trace
 from autopar.strategy.costmodel import CostModel
+from autopar.strategy.pipeline.auto import _stage_cost
 from autopar.strategy.plan_source import save_plan
 from autopar.strategy.profile import load_profile
 from autopar.strategy.sharding_plan import plan_shardings
@@ -191,3 +192,35 @@ def test_the_context_comm_fusion_reaches_the_saved_plans_prediction(pangu_dp2, t
     want = [priced(pangu_dp2, f)[1] for f in (AUTO, {})]       # graph order = trained order for the 2 buckets of auto
     assert [b["grad_comm_s"] for b in got] == pytest.approx([c.grad_comm_s for c in want], rel=1e-12)
     assert got[0]["grad_comm_s"] < got[1]["grad_comm_s"]
+
+
+def test_a_pipeline_stage_buckets_its_deferred_reductions_in_parameter_order(pangu_dp2):
+    """A pipeline stage reduces its weights' gradients once per step after its micro-batches
+    (runtime/pipeline/grads.py): buckets in parameter order; the tied table's two parts stay
+    in the program (each alone)."""
+    model, _, _ = priced(pangu_dp2, AUTO)
+    buckets, alone, _ = model.gradient_buckets(pangu_dp2[2], deferred=True)
+    assert [len(b.members) for b in buckets] == [50]
+    assert [r.param for r in buckets[0].members] == sorted(r.param for r in buckets[0].members)
+    assert sorted(pangu_dp2[3][r.param] for r in alone if r.seconds > 0) == ["word_embedding.embedding_table"] * 2
+    # split indices past a stage's own parameters are the runtime's to check, not the stage pricing's
+    model = CostModel(*pangu_dp2[:2], load_profile("cpu-2core"), True,
+                      comm_fusion=parse_comm_fusion({"allreduce": {"mode": "index", "config": [60]}}))
+    assert len(model.gradient_buckets(pangu_dp2[2], deferred=True)[0]) == 1
+
+
+def test_the_joint_search_prices_a_stages_buckets_one_latency_each(pangu_dp2):
+    """price() charges a stage's per-step gradient reductions as its deferred buckets."""
+    g, stage, plan, _ = pangu_dp2
+    quiet = dict(elementwise_bytes_per_s=1e30, collective_wait_s=0.0)
+    costs = {}
+    for latency in (0.0, 1e-3):
+        prof = profile(intra_node_latency_s=latency, **quiet)
+        costs[latency] = [_stage_cost(CostModel(g, stage, prof, True, comm_fusion=parse_comm_fusion(f)), plan, None)
+                          for f in ({}, AUTO)]
+    (plain0, fused0), (plain1, fused1) = costs[0.0], costs[1e-3]
+    assert fused0.grad_s == pytest.approx(plain0.grad_s, rel=1e-12)                 # the same bytes
+    # 52 reductions one call each; fused: one bucket of 50 and the tied table's 2 parts alone
+    assert plain1.grad_s - plain0.grad_s == pytest.approx(52e-3, rel=1e-9)
+    assert fused1.grad_s - fused0.grad_s == pytest.approx(3e-3, rel=1e-9)
+    assert fused1.compute_s == plain1.compute_s and fused1.comm_s == plain1.comm_s

@@ -509,18 +509,20 @@ class CostModel:
                         total, exposed)
 
     # ---- gradient buckets (comm_fusion) ---------------------------------------------------
-    def gradient_buckets(self, plan: ShardingPlan, costs=None) -> tuple[list[GradBucket], list[GradReduction],
-                                                                         float]:
+    def gradient_buckets(self, plan: ShardingPlan, costs=None, deferred: bool = False) -> tuple[
+            list[GradBucket], list[GradReduction], float]:
         """(buckets in start order, reductions left alone, backward seconds) of the weight
-        gradients under the ``comm_fusion`` rules (module :mod:`.grad_buckets`); ``costs``:
-        :meth:`op_costs` of ``plan`` if already made. Backward walks the ops in reverse, each
-        taking its ``backward_s``."""
+        gradients under the ``comm_fusion`` rules (module :mod:`.grad_buckets`; ``deferred``:
+        as a pipeline stage buckets them); ``costs``: :meth:`op_costs` of ``plan`` if made.
+        Backward walks the ops in reverse, each taking its ``backward_s``."""
         ends, t = {}, 0.0
         for n, c, _ in reversed(costs or self.op_costs(plan)):
             t += c.backward_s
             ends[n.id] = t
         items = self.grad_reductions(plan, ends)
-        buckets, alone = bucket(items, self.fusion_rules, len(self.param_order), self._bucket_seconds)
+        splits = [r.config[-1] + 1 for r in self.fusion_rules.values() if r.mode == "index"]   # checked by the
+        n_params = max([len(self.param_order)] + splits)     # runtime: a stage's graph holds only some parameters
+        buckets, alone = bucket(items, self.fusion_rules, n_params, self._bucket_seconds, deferred)
         return buckets, alone, t
 
     def _bucket_seconds(self, kind: str, nbytes: int, mesh: Mesh, axis: int) -> float:

@@ -101,12 +101,16 @@ def backward_order(items: Sequence[GradReduction]) -> list[GradReduction]:
 
 
 def bucket(items: Sequence[GradReduction], rules: Mapping[str, FusionRule], n_params: int,
-           priced) -> tuple[list[GradBucket], list[GradReduction]]:
+           priced, deferred: bool = False) -> tuple[list[GradBucket], list[GradReduction]]:
     """(buckets in start order, reductions left alone) of ``items`` under ``rules`` (kind ->
     rule), as :func:`plan_buckets` groups them. ``priced(kind, nbytes, mesh, axis)``: one
-    bucket's seconds."""
-    ordered = backward_order(items)
-    alone = [r for r in ordered if r.kind not in rules]
+    bucket's seconds. ``deferred``: as a pipeline stage runs them once per step after its
+    micro-batches (autopar/runtime/pipeline/grads.py): in parameter order, the parts of a
+    sum left in the program, alone."""
+    ordered = sorted(items, key=lambda r: r.param) if deferred else backward_order(items)
+    fused = [r.kind in rules and not (deferred and r.summed) for r in ordered]
+    alone = [r for r, f in zip(ordered, fused) if not f]
+    ordered = [r for r, f in zip(ordered, fused) if f]
     buckets = []
     for kind, rule in rules.items():
         mine = [r for r in ordered if r.kind == kind]

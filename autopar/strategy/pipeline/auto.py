@@ -214,6 +214,10 @@ def _stage_cost(model: CostModel, plan, stack: LayerStack | None) -> _StageCost:
                         inputs.setdefault(k, {})[v] = math.prod(lay.local_shape(graph.spec(v).shape)) * \
                             np.dtype(graph.spec(v).dtype).itemsize
     cost = model.evaluate(plan)
+    if model.fusion_rules:      # comm_fusion: the stage's deferred reductions in buckets, after its micro-batches
+        buckets, alone, _ = model.gradient_buckets(plan, deferred=True)
+        grad += sum(b.seconds for b in buckets) + sum(r.seconds for r in alone) - \
+            sum(g for _, g in model.gradient_costs(plan).values())
     outside = sum(kept.values())
     layers = [sum(d.values()) for d in per_layer.values()]
     whole = outside + sum(layers)
@@ -282,8 +286,9 @@ def price(graph: Graph, stack: LayerStack | None, devices: int, pp: int, micro_b
         plan = plan_pipeline(g, assign, n, "auto_parallel", full_batch, opts, ranks_stages=pp)
     except ValueError:
         return []                                   # no strategy divides these shapes
-    costs = [_stage_cost(CostModel(sg.graph, pl.stage, profile, full_batch, optimizer_parallel=optimizer_parallel),
-                         pl, stack) for sg, pl in zip(plan.stages, plan.plans)]
+    costs = [_stage_cost(CostModel(sg.graph, pl.stage, profile, full_batch, optimizer_parallel=optimizer_parallel,
+                                   comm_fusion=options.comm_fusion), pl, stack)
+             for sg, pl in zip(plan.stages, plan.plans)]
     p2p = [_p2p_seconds(plan, c, n, profile, pp) for c in range(chunks)]
     shared = [_shared_seconds(plan, graph, s, n, profile, pp) for s in range(pp)]
     world = Mesh((devices,), ("devices",), tuple(range(devices)))
