@@ -58,7 +58,9 @@ class ShardedGradProgram(TrainingProgram):
         options = plan_options or ctx.plan_options    # the joint plan's, or the context's
         self.plan = make_plan(graph, mode, stage, feed_whole, options)
         if ctx.strategy_ckpt_save_file:
-            save_plan(ctx.strategy_ckpt_save_file, graph, self.plan, feed_whole, options)
+            trained = [p.name for p in params]          # the optimizer's order, then any frozen weight
+            save_plan(ctx.strategy_ckpt_save_file, graph, self.plan, feed_whole, options,
+                      param_order=trained + [n for n in graph.param_names() if n not in set(trained)])
         # the layouts lower gives the parameters; one the loss does not use is held whole
         homes = [self.plan.layouts.get(v) or Layout.replicated(self.plan.stage, len(p.shape))
                  for v, p in zip(self.targets.wrt, params)]

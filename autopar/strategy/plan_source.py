@@ -8,6 +8,7 @@ context (a layer above) hands down; nothing here reads the context.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..comm.fusion import DEFAULT_COMM_FUSION, CommFusion
@@ -59,12 +60,13 @@ def make_plan(graph: Graph, mode: str, stage: Mesh, full_batch: bool = False,
 
 
 def save_plan(path: str, graph: Graph, plan: ShardingPlan, full_batch: bool,
-              options: PlanOptions = PlanOptions()) -> None:
+              options: PlanOptions = PlanOptions(), param_order: Sequence[str] | None = None) -> None:
     """Write ``plan`` of the forward ``graph`` to the strategy file ``path`` with the cost
     model's prediction under ``options``' machine profile, optimizer parallel and gradient
-    buckets (``comm_fusion``; an ``index`` rule counted in the graph's order of parameters)."""
+    buckets (``comm_fusion``; an ``index`` rule counted in ``param_order``, the trained
+    parameters' names in the optimizer's order, else in the graph's)."""
     model = CostModel(graph, plan.stage, options.profile(), full_batch, optimizer_parallel=options.optimizer_parallel,
-                      comm_fusion=options.comm_fusion)
+                      comm_fusion=options.comm_fusion, param_order=param_order)
     save_strategy(path, graph, plan, predicted=model.evaluate(plan).summary())
 
 
