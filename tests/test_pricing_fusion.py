@@ -11,8 +11,8 @@ import json
 import numpy as np
 import pytest
 from test_comm_fusion import AUTO, CONFIG, IDS
+from test_pricing_memory import TwoMatMuls
 
-from autopar import nn, ops
 from autopar.comm import run_in_process
 from autopar.comm.fusion import parse_comm_fusion
 from autopar.context import ParallelContext
@@ -125,24 +125,10 @@ def test_without_comm_fusion_nothing_changes_and_nothing_overlaps(pangu_dp2):
     assert fused.compute_s == plain.compute_s and fused.update_s == plain.update_s
 
 
-class TwoDense(nn.Cell):
-    """mean(x @ w1 @ w2): backward makes w2's gradient first (after the mean and the second
-    matmul), w1's last."""
-
-    def __init__(self, h):
-        super().__init__()
-        self.w1 = nn.Parameter(np.zeros((h, h), np.float32), name="w1")
-        self.w2 = nn.Parameter(np.zeros((h, h), np.float32), name="w2")
-        self.mm1, self.mm2, self.mean = ops.MatMul(), ops.MatMul(), ops.ReduceMean()
-
-    def construct(self, x):
-        return self.mean(self.mm2(self.mm1(x, self.w1), self.w2))
-
-
 @pytest.mark.parametrize("overlap", [1.0, 0.5])
 def test_a_bucket_ready_early_hides_behind_the_rest_of_backward(overlap):
     h = 256
-    g = trace(TwoDense(h), (TensorSpec((512, h), np.dtype(np.float32)),), {}).graph
+    g = trace(TwoMatMuls(h), (TensorSpec((512, h), np.dtype(np.float32)),), {}).graph
     stage = Mesh((2,), ("devices",))
     plan = plan_shardings(g, "data_parallel", stage, False)
     prof = profile(comm_overlap=overlap, intra_node_bandwidth_bytes_per_s=1e9)
@@ -176,7 +162,7 @@ def test_comm_overlap_defaults_to_none_with_its_source_and_refuses_a_non_fractio
 
 
 def test_a_param_order_missing_a_parameter_is_refused_naming_it():
-    g = trace(TwoDense(8), (TensorSpec((4, 8), np.dtype(np.float32)),), {}).graph
+    g = trace(TwoMatMuls(8), (TensorSpec((4, 8), np.dtype(np.float32)),), {}).graph
     with pytest.raises(ValueError, match=r"CostModel: param_order: expected the names of every trained parameter "
                                          r"the graph uses \(2\), got 1 names, without \['w2'\]; pass"):
         CostModel(g, Mesh((2,), ("devices",)), load_profile("cpu-2core"), param_order=["w1"])
