@@ -238,3 +238,25 @@ def test_the_joint_plan_is_saved_with_the_strategy_file_and_replayed(pangu_seria
     assert replayed[0][2].choice == saved[0][2].choice
     assert replayed[0][2].table.startswith("->  replayed from")
     _assert_same(replayed, pangu_serial)
+
+
+def test_one_search_per_cell_and_signature_whatever_the_loss_scale(monkeypatch):
+    """A dynamic loss scale compiles a program per scale: the joint plan is searched (and
+    printed) once and reused, not searched again for each new sens."""
+    from autopar.runtime import auto
+    from autopar.runtime.compiled import grad_program
+    calls = []
+    real = auto._choose
+    monkeypatch.setattr(auto, "_choose", lambda *a: calls.append(1) or real(*a))
+
+    def body(comm):
+        with bound_world(comm):
+            net = PanguAlphaWithLoss(CONFIG)
+            local = np.split(IDS, 2)[comm.rank]
+            progs = [grad_program(net, (local,), {}, net.trainable_params(), sens) for sens in (1.0, 2.0**16, 2.0)]
+            return [p.choice for p in progs], [float(p((local,), {}, 0)[0]) for p in progs]
+    with parallel_context(parallel_mode="auto_parallel", device_num=2):
+        res = run_in_process(2, body)
+    assert len(calls) == 2                                   # once per rank, not once per scale
+    for choices, losses in res:
+        assert choices[0] == choices[1] == choices[2] and losses[0] == losses[1] == losses[2]

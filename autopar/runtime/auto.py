@@ -37,9 +37,9 @@ from ..strategy.pipeline.auto import AutoFixed, AutoPlan, annotate, find_layer_s
 from ..strategy.strategy_file import add_joint_plan, read_joint_plan
 from .pipeline.program import Pipelined, PipelineGradProgram
 from .protocol import TrainingProgram
-from .setting import CompileSetting
+from .setting import CompileSetting, setting_key
 from .sharded_program import ShardedGradProgram
-from .trace import trace
+from .trace import signature_key, trace
 
 
 def open_choices(cell, graph: Graph, setting: CompileSetting) -> AutoFixed | None:
@@ -148,9 +148,14 @@ def auto_grad_program(cell, args: tuple, params: Sequence, sens: float,
     fixed = open_choices(cell, graph, setting)
     if fixed is None:
         return None
-    choice, table = _choose(graph_at, batch, fixed, setting)
-    if world.rank == 0:                          # printed once per compile, as the CLI prints it
-        print(f"auto_parallel plan on {world.size} devices:\n{table}", flush=True)
+    # one search per cell, setting and input signature: a program compiled again for another
+    # loss scale (a new sens) or the evaluation mode runs the plan already chosen
+    key = ("auto-choice", setting_key(setting)) + signature_key(args, {})
+    if key not in cell._compiled:
+        cell._compiled[key] = _choose(graph_at, batch, fixed, setting)
+        if world.rank == 0:                      # printed once, as the CLI prints it
+            print(f"auto_parallel plan on {world.size} devices:\n{cell._compiled[key][1]}", flush=True)
+    choice, table = cell._compiled[key]
     stack = find_layer_stack(graph)
 
     def marks(g: Graph) -> Graph:

@@ -129,6 +129,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def gemm_dtype(compute_dtype: str) -> str:
+    """The GEMMs' dtype on these CPUs: autopar multiplies float16/bfloat16 in float32 (BLAS)
+    and rounds once, so MFU divides by the float32 rate (numpy's float16 GEMM has no BLAS)."""
+    return "float32" if compute_dtype in ("float16", "bfloat16") else compute_dtype
+
+
 def validation_loss(net, train_params, batches) -> float:
     """Mean validation loss (dropout off), through the same compiled program kind as training."""
     net.set_train(False)
@@ -241,7 +247,7 @@ def main(argv=None) -> None:
     tokens_per_step = args.batch * config.seq_length
     flops_per_step = model_flops(config, args.batch)
     rank_peak = (profile_peak(profile, config.compute_dtype) if profile else
-                 measure_peak(world, probe_shapes(config, args.batch, dp), config.compute_dtype))
+                 measure_peak(world, probe_shapes(config, args.batch, dp), gemm_dtype(config.compute_dtype)))
     peak = n * rank_peak.flops                                               # FLOP/s of all ranks
     log.info("peak: %d x %.3g GFLOP/s (%s)", n, rank_peak.flops / 1e9, rank_peak.source)
     ckpt = Path(args.out) / CHECKPOINT
