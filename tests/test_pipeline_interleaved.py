@@ -13,6 +13,7 @@ from autopar import nn
 from autopar.comm import run_in_process
 from autopar.context import bound_world, parallel_context
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
+from autopar.runtime.auto import AutoGradProgram
 from autopar.runtime.pipeline.schedule import (
     interleaved_gpipe,
     interleaved_one_f_one_b,
@@ -362,7 +363,7 @@ def test_auto_parallel_runs_a_pipeline_cells_virtual_stages_like_serial():
             net = StackNet()
             cell = nn.PipelineCell(net, 2, virtual_stages=2)
             got = autopar.value_and_grad(cell, net.trainable_params())(X, Y)
-            prog = next(iter(cell._compiled.values()))
+            prog = next(p for p in cell._compiled.values() if isinstance(p, AutoGradProgram))
             return got, prog.choice, prog.inner.chunks
     with parallel_context(parallel_mode="auto_parallel", device_num=2, pipeline_stages=2, full_batch=True):
         res = run_in_process(2, body)
