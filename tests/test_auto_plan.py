@@ -260,3 +260,11 @@ def test_one_search_per_cell_and_signature_whatever_the_loss_scale(monkeypatch):
     assert len(calls) == 2                                   # once per rank, not once per scale
     for choices, losses in res:
         assert choices[0] == choices[1] == choices[2] and losses[0] == losses[1] == losses[2]
+
+
+def test_no_plan_within_the_memory_cap_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError) as err:
+        _train(lambda: PanguAlphaWithLoss(CONFIG), [IDS], n=2, cost_profile=_profile(tmp_path, "tiny", memory_mib=0.01))
+    text = str(err.value)
+    assert "auto_parallel: memory per device: expected a joint plan within 0.0 MiB" in text
+    assert "none on 2 devices" in text and "pp1 x 2 devices per stage" in text and "cost_profile" in text

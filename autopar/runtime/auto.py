@@ -197,8 +197,11 @@ def _choose(graph_at, batch: int, fixed: AutoFixed, setting: CompileSetting) -> 
         record = {"plan": choice_record(best) if best else None, "table": plan_table(best, tried)}
     record = _broadcast_json(world, record)
     if record["plan"] is None:
-        raise ValueError(f"auto_parallel: no joint plan fits the memory cap on {world.size} devices:\n"
-                         f"{record['table']}\nraise the cap (cost_profile), or fix pipeline_stages / micro_size")
+        cap = ctx.plan_options.profile().memory_bytes / 2**20
+        raise ValueError(format_error(
+            "auto_parallel", "memory per device", f"a joint plan within {cap:.1f} MiB (the cost profile's memory)",
+            f"none on {world.size} devices; the fastest plans priced:\n{record['table']}",
+            "use a profile with more memory (cost_profile), fewer parameters, or more devices"))
     return _from_record(record["plan"], "joint plan"), record["table"]
 
 
