@@ -14,6 +14,8 @@ One idea per module, lowest first:
     callback.py   ModelCheckpoint: save every few steps, keep the last few
     mindspore_ckpt.py  MindSpore .ckpt files (protobuf, no MindSpore needed): read, write, and
                   PanGu-α's MindSpore names <-> autopar's, converting both ways
+    offline.py    MindSpore's offline tools: build_searched_strategy, merge_sliced_parameter,
+                  transform_checkpoints
 """
 from .callback import ModelCheckpoint
 from .format import FORMAT, VERSION, is_checkpoint, read_config, read_manifest, validate_manifest
@@ -26,6 +28,7 @@ from .mindspore_ckpt import (
     pangu_to_mindspore,
     save_mindspore_ckpt,
 )
+from .offline import ParameterLayout, build_searched_strategy, merge_sliced_parameter, transform_checkpoints
 from .safe_save import NoSpaceError
 from .save import BLOCK_OVERHEAD_BYTES, MANIFEST_BASE_BYTES, save_checkpoint
 
@@ -33,4 +36,5 @@ __all__ = ["save_checkpoint", "load_checkpoint", "load_param_into_net", "load_di
            "ModelCheckpoint", "read_config", "read_manifest", "is_checkpoint", "validate_manifest", "NoSpaceError",
            "FORMAT", "VERSION", "BLOCK_OVERHEAD_BYTES", "MANIFEST_BASE_BYTES",
            "load_mindspore_ckpt", "save_mindspore_ckpt", "pangu_from_mindspore", "pangu_to_mindspore",
-           "convert_mindspore_ckpt", "export_mindspore_ckpt"]
+           "convert_mindspore_ckpt", "export_mindspore_ckpt",
+           "build_searched_strategy", "merge_sliced_parameter", "transform_checkpoints", "ParameterLayout"]
