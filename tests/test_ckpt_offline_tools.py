@@ -239,6 +239,43 @@ def test_transform_between_serial_and_sharded(runs):
         (original["step"], original["optimizer"], original["config"], 4)
 
 
+def test_transform_onto_a_pipeline_writes_what_its_save_writes(runs):
+    """dp2 x mp2 -> pp2 x dp2 (blocks on stage 0 = ranks 0, 1; the query layer on stage 1 =
+    ranks 2, 3; the tied word table saved from stage 0): the pieces a pipeline save writes, and
+    the loss of loading the original."""
+    root, src, _, _ = runs
+    pp2_strategy, resaved = str(root / "pp2.json"), str(root / "pp2_resaved")
+    batch = np.concatenate([BATCHES[1]] * 2)          # 2 micro-batches of 4
+
+    def body(comm):
+        with bound_world(comm):
+            net = PanguAlphaWithLoss(CONFIG.replace(data_parallel=2))
+            nn.set_pipeline_stages(list(net.backbone.blocks) + [net.backbone.query_layer], stages=2)
+            opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-2, weight_decay=0.01)
+            train = nn.TrainOneStepCell(nn.PipelineCell(net, 2), opt, clip_norm=1.0)
+            train.build(batch)
+            comm.barrier()
+            if comm.rank == 0:
+                ckpt.transform_checkpoints(src, root, "pp2", None, pp2_strategy)
+            comm.barrier()
+            ckpt.load_distributed_checkpoint(train, root / "pp2")
+            ckpt.save_checkpoint(train, resaved)
+            from_transformed = float(train(batch))
+            ckpt.load_distributed_checkpoint(train, src)
+            return from_transformed, float(train(batch))
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=4, pipeline_stages=2, full_batch=True,
+                          strategy_ckpt_save_file=pp2_strategy):
+        losses = run_in_process(4, body)
+    layouts = ckpt.build_searched_strategy(pp2_strategy)
+    assert (layouts["word_embedding.embedding_table"].stage, layouts["word_embedding.embedding_table"].ranks) == \
+        (0, (0, 1))
+    assert (layouts["query_layer.attention.dense1.weight"].stage,
+            layouts["query_layer.attention.dense1.weight"].ranks) == (1, (2, 3))
+    assert pieces(root / "pp2") == pieces(resaved)
+    assert_bitwise_equal(ckpt.load_checkpoint(root / "pp2"), ckpt.load_checkpoint(src))
+    assert all(transformed == original for transformed, original in losses)
+
+
 def copy_checkpoint(src, dst):
     Path(dst).mkdir()
     for f in os.listdir(src):
