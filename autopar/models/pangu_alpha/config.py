@@ -34,6 +34,10 @@ class PanguAlphaConfig:
     data_parallel: int = 1
     model_parallel: int = 1
     vocab_emb_dp: bool = True       # word table replicated (True) or split over vocabulary
+    # Megatron's --sequence-parallel: with model_parallel > 1, the LayerNorms, dropouts and
+    # residual adds run on sequence shards (B, S/mp, H); the row-parallel all-reduces become
+    # reduce-scatters and the column-parallel inputs all-gathers (no effect at mp = 1).
+    sequence_parallel: bool = False
     # Recompute every layer: None (keep activations), "full" (whole layers, each keeps its
     # input) or "selective" (only the attention core's (B, N, S, S) tensors are rebuilt).
     recompute_granularity: str | None = None
@@ -52,6 +56,7 @@ class PanguAlphaConfig:
         check_float(self, "init_std", 0.0, lo_open=True)
         check_bool(self, "eod_reset")
         check_bool(self, "vocab_emb_dp")
+        check_bool(self, "sequence_parallel")
         check_float_dtype(self, "compute_dtype")
         check_float_dtype(self, "param_dtype")
         check_norm_epsilon(self, "layernorm_epsilon")
@@ -67,6 +72,10 @@ class PanguAlphaConfig:
                                     "ffn_hidden_size": self.ffn_hidden_size})
         if not self.vocab_emb_dp and self.vocab_size % self.model_parallel:
             fail(self, "vocab_emb_dp", f"True, or a vocab_size divisible by model_parallel={self.model_parallel}")
+        if self.sequence_parallel and self.seq_length % self.model_parallel:
+            fail(self, "sequence_parallel", f"False, or a seq_length divisible by model_parallel="
+                 f"{self.model_parallel} (seq_length={self.seq_length})",
+                 "turn sequence_parallel off or pick a model_parallel that divides seq_length")
 
     @property
     def head_dim(self) -> int:

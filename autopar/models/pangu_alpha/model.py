@@ -10,6 +10,15 @@ Dimension names: B batch, S sequence, H hidden, N heads, D = H / N, F FFN hidden
 The query layer's attention query comes from ``top_query_embedding[position_ids]`` (not
 layer-normed); keys and values from LN1(x); its residual adds to the un-normed x.
 
+Sequence parallel (``config.sequence_parallel`` with ``model_parallel`` > 1, Megatron's
+``--sequence-parallel``): between the model-parallel matmuls, the LayerNorms, dropouts and
+residual adds are ``.shard()``ed ``(dp, mp, 1)``, (B, S, H) -> local (B/dp, S/mp, H). Nothing
+else is special: the column-parallel Dense's reshape cannot split S, so its input is
+all-gathered along S; the row-parallel projections (:class:`SequenceDense`) take an
+``out_strategy`` that reduce-scatters their partial sums along S instead of all-reducing
+them; the backward pass gets the conjugates (reduce-scatter, all-gather). Same bytes moved
+as the all-reduces, activations of those ops divided by mp.
+
 Mixed precision (``config.compute_dtype`` float16 or bfloat16, MindSpore's O2): the
 parameters stay in ``param_dtype`` (float32 master weights) and are cast at use; the
 looked-up embeddings start the activations in the compute dtype and every op after them
@@ -34,6 +43,60 @@ from .config import RECOMPUTE_GRANULARITIES, PanguAlphaConfig
 MASK_VALUE = -10000.0  # added to masked attention scores, as PanGu-α does
 
 
+def sequence_parallel(config: PanguAlphaConfig) -> bool:
+    """Whether the blocks run Megatron's sequence parallel: asked for, and mp > 1."""
+    return config.sequence_parallel and config.model_parallel > 1
+
+
+def token_strategy(config: PanguAlphaConfig) -> tuple[int, int, int]:
+    """The (B, S, H) split of the LayerNorms, dropouts and residual adds: the sequence over
+    mp under sequence parallel, else the batch alone (repeated over mp)."""
+    mp = config.model_parallel if sequence_parallel(config) else 1
+    return (config.data_parallel, mp, 1)
+
+
+class SequenceDense(Dense):
+    """``Dense`` kept on (B, S, in): a BatchMatMul broadcasting the (out, in) weight over the
+    batch, then the bias add, on (B, S, out). ``Dense`` folds (B, S) into rows, and a split of
+    those rows over dp x mp is a split of S only when B/dp = 1; here S stays a dim of its own,
+    so the row-parallel matmul's ``out_strategy`` can reduce-scatter its partial sums along
+    S (:func:`sequence_row_parallel`). Same parameters, names and initialisation as ``Dense``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.matmul = ops.BatchMatMul(transpose_b=True)
+
+    def construct(self, x):
+        cdt = self.compute_dtype
+        h, w = as_compute(x, cdt), as_compute(self.weight, cdt)
+        y = self.matmul(h, w)                               # (B, S, in) @ (out, in)^T -> (B, S, out)
+        if self.has_bias:
+            y = self.bias_add(y, as_compute(self.bias, y.dtype))
+        return as_compute(y, x.dtype)
+
+
+def sequence_row_parallel(dense: SequenceDense, dp: int, mp: int) -> None:
+    """Row-parallel under sequence parallel: (B, S, in/mp) @ (out, in/mp)^T gives partial
+    sums over mp, reduce-scattered along S (forward: reduce-scatter / backward: all-gather),
+    (B, S, out) -> local (B/dp, S/mp, out); the bias added on those shards."""
+    dense.matmul.shard(((dp, 1, mp), (1, mp)), out_strategy=((dp, mp, 1),))
+    if dense.has_bias:
+        dense.bias_add.shard(((dp, mp, 1), (1,)))
+
+
+def output_projection(config: PanguAlphaConfig, in_channels: int, std: float) -> Dense:
+    """The row-parallel Dense closing attention or the FFN, sharded for ``config``."""
+    dense = dict(weight_init=Normal(std), param_dtype=config.param_dtype, compute_dtype=config.compute_dtype)
+    dp, mp = config.data_parallel, config.model_parallel
+    if sequence_parallel(config):
+        proj = SequenceDense(in_channels, config.hidden_size, **dense)
+        sequence_row_parallel(proj, dp, mp)
+    else:
+        proj = Dense(in_channels, config.hidden_size, **dense)
+        row_parallel(proj, dp, mp)
+    return proj
+
+
 class Attention(Cell):
     """Multi-head attention with separate Q, K, V dense layers (weights stored (out, in))."""
 
@@ -46,7 +109,7 @@ class Attention(Cell):
         self.dense1 = Dense(h, h, weight_init=Normal(std), **dense)     # query
         self.dense2 = Dense(h, h, weight_init=Normal(std), **dense)     # key
         self.dense3 = Dense(h, h, weight_init=Normal(std), **dense)     # value
-        self.projection = Dense(h, h, weight_init=Normal(out_std), **dense)
+        self.projection = output_projection(config, h, out_std)
         self.scores = ops.BatchMatMul()
         self.mask_add = ops.Add()
         self.context = ops.BatchMatMul()
@@ -57,8 +120,9 @@ class Attention(Cell):
         dp, mp = config.data_parallel, config.model_parallel
         for d in (self.dense1, self.dense2, self.dense3):
             column_parallel(d, dp, mp)
-        row_parallel(self.projection, dp, mp)
         attention_core(self.scores, self.softmax, self.context, dp, mp)
+        if sequence_parallel(config):   # otherwise it follows its input
+            self.dropout.dropout.shard((token_strategy(config),))
 
     def _heads(self, x):
         b, s, _ = x.shape
@@ -102,13 +166,14 @@ class FeedForward(Cell):
         dense = dict(param_dtype=config.param_dtype, compute_dtype=config.compute_dtype)
         self.mapping = Dense(h, f, weight_init=Normal(std), **dense)                     # (B, S, H) -> (B, S, F)
         self.gelu = ops.GeLU(approximate=True)
-        self.projection = Dense(f, h, weight_init=Normal(std / math.sqrt(2.0 * config.num_layers)),
-                                **dense)                                                  # (B, S, F) -> (B, S, H)
+        out_std = std / math.sqrt(2.0 * config.num_layers)
+        self.projection = output_projection(config, f, out_std)                           # (B, S, F) -> (B, S, H)
         self.dropout = Dropout(1.0 - config.dropout_rate)
         dp, mp = config.data_parallel, config.model_parallel
         column_parallel(self.mapping, dp, mp)
         self.gelu.shard(((dp, 1, mp),))
-        row_parallel(self.projection, dp, mp)
+        if sequence_parallel(config):   # otherwise it follows its input
+            self.dropout.dropout.shard((token_strategy(config),))
 
     def construct(self, x):
         return self.dropout(self.projection(self.gelu(self.mapping(x))))
@@ -124,16 +189,20 @@ class Block(Cell):
         self.attention = Attention(config)
         self.layernorm2 = LayerNorm(config.hidden_size, eps, dt)
         self.output = FeedForward(config)
-        dp = config.data_parallel
+        self.residual1, self.residual2 = ops.Add(), ops.Add()
+        tokens = token_strategy(config)
         for ln in (self.layernorm1, self.layernorm2):
-            ln.layer_norm.shard(((dp, 1, 1), (1,), (1,)))
+            ln.layer_norm.shard((tokens, (1,), (1,)))
+        if sequence_parallel(config):   # otherwise they follow their inputs, as `x + a` does
+            for add in (self.residual1, self.residual2):
+                add.shard((tokens, tokens))
 
     def construct(self, x, mask_add, cache=None):
         h = self.layernorm1(x)
         a = self.attention(h, h, mask_add, cache)
         a, cache = a if cache is not None else (a, None)
-        x = x + a
-        x = x + self.output(self.layernorm2(x))
+        x = self.residual1(x, a)
+        x = self.residual2(x, self.output(self.layernorm2(x)))
         return x if cache is None else (x, cache)
 
 
@@ -150,8 +219,8 @@ class QueryLayer(Block):
         query = self.top_query_embedding(position_ids)                # (B, S) -> (B, S, H)
         a = self.attention(query, self.layernorm1(x), mask_add, cache)
         a, cache = a if cache is not None else (a, None)
-        x = x + a
-        x = x + self.output(self.layernorm2(x))
+        x = self.residual1(x, a)
+        x = self.residual2(x, self.output(self.layernorm2(x)))
         return x if cache is None else (x, cache)
 
 
@@ -180,7 +249,11 @@ class PanguAlpha(Cell):
             self.word_embedding.gather.shard(((1, 1), (dp, 1)))
         else:  # vocabulary-split table: masked lookup, partial sums all-reduced over mp
             self.word_embedding.gather.shard(((mp, 1), (dp, 1)))
-        self.final_layernorm.layer_norm.shard(((dp, 1, 1), (1,), (1,)))
+        tokens = token_strategy(config)
+        self.final_layernorm.layer_norm.shard((tokens, (1,), (1,)))
+        if sequence_parallel(config):   # the blocks' input on sequence shards: a slice (its
+            # gradient all-gathered once, as Megatron's scatter to the sequence-parallel region)
+            self.embedding_dropout.dropout.shard((tokens,))
         self.head.shard(((dp, 1), (mp, 1)))  # logits (B*S, V/mp): vocabulary-parallel cross-entropy
         if config.recompute_granularity is not None:
             self.recompute_layers(config.recompute_granularity)
