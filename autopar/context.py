@@ -53,6 +53,7 @@ from . import comm
 from .comm.fusion import DEFAULT_COMM_FUSION, CommFusion, parse_comm_fusion
 from .comm.mpi import install_abort_handler, launcher_size
 from .errors import check_int, format_error, is_int
+from .strategy.optimizer_shard import DEFAULT_OPTIMIZER_SHARD, OptimizerShard, parse_optimizer_shard
 from .strategy.plan_source import PlanOptions
 from .strategy.search import SEARCH_MODES
 
@@ -158,6 +159,8 @@ class ParallelContext:
     cost_profile: str = ""    # machine profile the auto_parallel search costs plans with ('' = cpu-2core)
     auto_pipeline: bool = False
     comm_fusion: CommFusion = DEFAULT_COMM_FUSION   # MindSpore's dict form in, a CommFusion held (comm/fusion.py)
+    # MindSpore's dict in (optimizer_level, optimizer_weight_shard_size, ...), an OptimizerShard held
+    parallel_optimizer_config: OptimizerShard = DEFAULT_OPTIMIZER_SHARD
     # names the user set (what the joint search must not choose); not part of the value's equality
     explicit: frozenset = field(default=frozenset(), compare=False)
 
@@ -181,6 +184,12 @@ class ParallelContext:
             "comm_fusion": parse_comm_fusion(self.comm_fusion),
             "explicit": frozenset(self.explicit),
         }
+        checked["parallel_optimizer_config"], threshold = parse_optimizer_shard(self.parallel_optimizer_config)
+        if threshold is not None:       # MindSpore's place for the threshold: the same setting as the key
+            if "parallel_optimizer_threshold" in self.explicit and threshold != checked["parallel_optimizer_threshold"]:
+                raise _fail("parallel_optimizer_config", "a parallel_optimizer_threshold equal to the key's "
+                            f"({checked['parallel_optimizer_threshold']})", threshold, "set the threshold once")
+            checked["parallel_optimizer_threshold"] = threshold
         for name, value in checked.items():
             object.__setattr__(self, name, value)
         n = self.device_num
@@ -218,6 +227,12 @@ class ParallelContext:
         return self.full_batch or self.dataset_strategy == "full_batch" or whole
 
     @property
+    def mirror_mean(self) -> bool | None:
+        """``gradients_mean`` when the user set it, else None (every mode then gives the
+        global batch's gradient: see :func:`autopar.runtime.protocol.gradient_factors`)."""
+        return self.gradients_mean if self.is_set("gradients_mean") else None
+
+    @property
     def slice_threshold(self) -> int | None:
         """Optimizer parallel's size threshold in KiB (weights below it stay whole), or None
         when optimizer parallel is off."""
@@ -247,8 +262,9 @@ FIELD_NAMES = tuple(f.name for f in fields(ParallelContext) if f.name != "explic
 
 
 def _mindspore_value(name: str, value):
-    """A field's value as MindSpore spells it: the dict form of ``comm_fusion``, the rest as held."""
-    return value.as_mindspore() if name == "comm_fusion" else value
+    """A field's value as MindSpore spells it: the dict form of ``comm_fusion`` and
+    ``parallel_optimizer_config``, the rest as held."""
+    return value.as_mindspore() if name in ("comm_fusion", "parallel_optimizer_config") else value
 _DEFAULTS = {f.name: f.default for f in fields(ParallelContext)}
 
 
@@ -262,7 +278,6 @@ NOT_SUPPORTED = {
     "all_reduce_fusion_config": "use comm_fusion={'allreduce': {'mode': 'index', 'config': [...]}}",
     "enable_alltoall": "redistributions already use all-to-all where the layouts ask for it",
     "pipeline_config": "use nn.PipelineCell(net, micro_size, pipeline_schedule=..., virtual_stages=...)",
-    "parallel_optimizer_config": "use enable_parallel_optimizer and parallel_optimizer_threshold (ZeRO-1 only)",
     "grad_accumulation_step": "wrap the network in nn.GradAccumulationCell(net, micro_size=k) (MindSpore's cell)",
     "strategy_ckpt_config": "use strategy_ckpt_save_file / strategy_ckpt_load_file",
     "group_ckpt_save_file": "communication groups are derived from the plan at every compile",

@@ -11,7 +11,9 @@ DEFAULTS = dict(parallel_mode="stand_alone", device_num=1, global_rank=0, gradie
                 full_batch=False, dataset_strategy="data_parallel", search_mode="dynamic_programming",
                 pipeline_stages=1, enable_parallel_optimizer=False, parallel_optimizer_threshold=64,
                 strategy_ckpt_save_file="", strategy_ckpt_load_file="", cost_profile="", auto_pipeline=False,
-                comm_fusion={})
+                comm_fusion={}, parallel_optimizer_config={"optimizer_level": "level1",
+                                                           "optimizer_weight_shard_size": -1,
+                                                           "gradient_accumulation_shard": False})
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +51,9 @@ NON_DEFAULT = dict(parallel_mode="semi_auto_parallel", device_num=8, global_rank
                    pipeline_stages=2, enable_parallel_optimizer=True, parallel_optimizer_threshold=0,
                    strategy_ckpt_save_file="out.json", strategy_ckpt_load_file="in.json",
                    cost_profile="a100-8", auto_pipeline=True,
-                   comm_fusion={"allreduce": {"mode": "size", "config": 32}})
+                   comm_fusion={"allreduce": {"mode": "size", "config": 32}},
+                   parallel_optimizer_config={"optimizer_level": "level3", "optimizer_weight_shard_size": 2,
+                                              "gradient_accumulation_shard": True})
 
 
 @pytest.mark.parametrize("name", list(NON_DEFAULT))

@@ -37,20 +37,31 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..comm.fusion import Fusible, FusionRule, plan_buckets
+from ..errors import format_error
 from ..ir.layout import Layout
+from ..ir.mesh import common_refinement
 from .shards import ParamShard
 
 KB = 1024  # bytes per unit of parallel_optimizer_threshold
 
 
-def slice_layout(layout: Layout, shape: Sequence[int], itemsize: int, threshold_kb: int) -> Layout | None:
-    """The layout of the slice each replica updates, or None when the weight stays whole."""
+def slice_layout(layout: Layout, shape: Sequence[int], itemsize: int, threshold_kb: int, shard_size: int = -1,
+                 name: str = "weight") -> Layout | None:
+    """The layout of the slice each replica updates, or None when the weight stays whole.
+
+    ``shard_size`` k (``optimizer_weight_shard_size``; -1: every replica) slices over groups
+    of k consecutive replicas: the innermost replicated axes, the last one cut (the mesh
+    refined, same ranks) when only part of it is needed. A weight with fewer replicas than
+    k is sliced over all of them; a replica count k does not fit is a ValueError naming it."""
     if math.prod(shape) * itemsize < threshold_kb * KB:
         return None
     axes = tuple(a for a in layout.replicated_axes() if layout.mesh.shape[a] > 1)
     count = math.prod(layout.mesh.shape[a] for a in axes)
     if count == 1:
         return None
+    if 1 < shard_size < count:
+        layout, axes = _inner_group(layout, axes, shard_size, name)
+        count = shard_size
     local = layout.local_shape(shape)
     dim = next((d for d, n in enumerate(local) if n % count == 0), None)
     if dim is None:
@@ -59,13 +70,43 @@ def slice_layout(layout: Layout, shape: Sequence[int], itemsize: int, threshold_
     return Layout(layout.mesh, dims, layout.partial)
 
 
-def slice_layouts(params: Sequence, layouts: Sequence[Layout], threshold: int | None) -> list[Layout | None]:
+def _inner_group(layout: Layout, axes: tuple[int, ...], k: int, name: str) -> tuple[Layout, tuple[int, ...]]:
+    """``layout`` on a refinement of its mesh and the (new) axes of its innermost replicated
+    axes whose sizes multiply to ``k``: groups of k consecutive replicas."""
+    sizes = layout.mesh.shape
+    factors = [(s,) for s in sizes]
+    taken, need = [], k
+    for a in reversed(axes):
+        if need == 1:
+            break
+        if need % sizes[a] == 0:
+            taken.append((a, 0))
+            need //= sizes[a]
+        elif sizes[a] % need == 0:
+            factors[a] = (sizes[a] // need, need)
+            taken.append((a, 1))
+            need = 1
+        else:
+            break
+    if need != 1:
+        replicas = "x".join(str(sizes[a]) for a in axes)
+        raise ValueError(format_error("parallel_optimizer_config", "optimizer_weight_shard_size",
+                                      f"a group size the replicas of {name!r} ({replicas}, innermost last) split into",
+                                      k, "use a divisor of the data-parallel degree, or -1"))
+    first = [0]
+    for fs in factors:
+        first.append(first[-1] + len(fs))
+    return layout.refine(factors), tuple(sorted(first[a] + part for a, part in taken))
+
+
+def slice_layouts(params: Sequence, layouts: Sequence[Layout], threshold: int | None,
+                  shard_size: int = -1) -> list[Layout | None]:
     """Per parameter, its slice layout (None: not sharded) when optimizer parallel slices
     weights of at least ``threshold`` KiB; all None when ``threshold`` is None (off: the
     context's :attr:`~autopar.context.ParallelContext.slice_threshold`)."""
     if threshold is None:
         return [None] * len(params)
-    return [slice_layout(lay, p.shape, np.dtype(p.dtype).itemsize, threshold)
+    return [slice_layout(lay, p.shape, np.dtype(p.dtype).itemsize, threshold, shard_size, p.name)
             for p, lay in zip(params, layouts)]
 
 
@@ -78,8 +119,10 @@ class SliceShard(ParamShard):
         super().__init__(base.param, layout, base.rank)
         self.base = base
         self.local = tuple(slice(s.start - b.start, s.stop - b.start) for s, b in zip(self.region, base.region))
-        self.dim = next(d for d, (a, b) in enumerate(zip(layout.dims, base.layout.dims)) if a != b)
-        self.axes = layout.dims[self.dim][len(base.layout.dims[self.dim]):]   # the replicated axes
+        # the base layout on the slice's mesh (refined under optimizer_weight_shard_size)
+        home = base.layout.refine(common_refinement(base.layout.mesh.shape, layout.mesh.shape)[0])
+        self.dim = next(d for d, (a, b) in enumerate(zip(layout.dims, home.dims)) if a != b)
+        self.axes = layout.dims[self.dim][len(home.dims[self.dim]):]   # the replicated axes sliced over
 
     @property
     def data(self) -> np.ndarray:

@@ -23,6 +23,7 @@ What every program does alike at compile time lives here (:func:`loss_targets`):
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -120,3 +121,27 @@ def with_zeros(used_grads: Iterable[np.ndarray], targets: LossTargets, shards: S
     zeros of the shard's shape for one it does not (fresh: the caller may scale in place)."""
     it = iter(used_grads)
     return [next(it) if v is not None else np.zeros(s.shape, s.dtype) for v, s in zip(targets.wrt, shards)]
+
+
+def gradient_factors(mode: str, gradients_mean: bool | None, layouts: Sequence, world_size: int) -> list[float]:
+    """Per parameter, what MindSpore's ``gradients_mean`` makes of the gradient of the
+    loss autopar differentiates (the global batch's; ``layouts``: each parameter's home
+    layout, None where absent). ``None`` (the user left it unset): that gradient, in every
+    mode -- the serial program's.
+
+    ``data_parallel``: MindSpore sums the ranks' gradients of their own mean losses, N times
+    the global batch's gradient, and ``gradients_mean=True`` divides by N: factor N, or 1.
+    ``semi_auto_parallel`` / ``auto_parallel``: the loss is the global batch's already and
+    ``gradients_mean=True`` divides each weight's gradient by its mirror group (the ranks
+    holding the same block): factor 1, or 1 / replicas. ``stand_alone``: 1."""
+    if gradients_mean is not None and mode == "data_parallel":
+        return [1.0 if gradients_mean else float(world_size)] * len(layouts)
+    if mode == "stand_alone" or not gradients_mean:
+        return [1.0] * len(layouts)
+    return [1.0 / math.prod(lay.mesh.shape[a] for a in lay.replicated_axes()) if lay is not None else 1.0
+            for lay in layouts]
+
+
+def scaled(grads: Sequence[np.ndarray], factors: Sequence[float]) -> list[np.ndarray]:
+    """``grads`` times ``factors`` (new arrays where a factor is not 1: outputs may alias)."""
+    return [g if f == 1.0 else g * g.dtype.type(f) for g, f in zip(grads, factors)]

@@ -23,7 +23,7 @@ from .consistency import ConsistencyCheck, feed_group
 from .fusion import Fusion, fuse_gradient_reductions
 from .optimizer_parallel import SliceShard, WeightGather, slice_layouts, slice_of
 from .program import Program
-from .protocol import TrainingProgram, loss_targets, with_zeros
+from .protocol import TrainingProgram, gradient_factors, loss_targets, scaled, with_zeros
 from .setting import DEFAULT_CONTEXT
 from .shards import ParamShard, gather, global_norm, shard_of
 from .spmd import lower
@@ -64,18 +64,24 @@ class ShardedGradProgram(TrainingProgram):
         # the layouts lower gives the parameters; one the loss does not use is held whole
         homes = [self.plan.layouts.get(v) or Layout.replicated(self.plan.stage, len(p.shape))
                  for v, p in zip(self.targets.wrt, params)]
-        sliced = slice_layouts(params, homes, ctx.slice_threshold)
+        opt = ctx.parallel_optimizer_config
+        sliced = slice_layouts(params, homes, ctx.slice_threshold, opt.shard_size)
         used_sliced = [lay for v, lay in zip(self.targets.wrt, sliced) if v is not None]
         wanted = {g: lay for g, lay in zip(grads, used_sliced) if lay is not None}
+        # ZeRO-3 (optimizer_level "level3"): a rank holds its slices, gathered where used
+        held = {v: lay for v, lay in zip(self.targets.wrt, sliced) if v is not None and lay is not None} \
+            if opt.shards_weights else {}
         self.local_graph, _, self.out_layouts, self.comm_clock = lower(
-            self.graph, (self.targets.loss,) + grads, self.plan, world.rank, world, output_layouts=wanted)
+            self.graph, (self.targets.loss,) + grads, self.plan, world.rank, world, output_layouts=wanted,
+            param_layouts=held)
         self.fusion = self._fuse(ctx.comm_fusion.gradient_rules(), len(params))
         self.program = Program(self.local_graph, self.local_graph.outputs)
-        self.param_shards = self._param_shards(graph, params, homes, world)
-        self.shards = [s if lay is None else slice_of(s, lay) for s, lay in zip(self.param_shards, sliced)]
+        self.param_shards = self._param_shards(graph, params, [held.get(v, home) for v, home in
+                                                               zip(self.targets.wrt, homes)], world)
+        self.shards = [s if lay is None or s.per_use else slice_of(s, lay) for s, lay in zip(self.param_shards, sliced)]
         out = iter(self.out_layouts[g] for g in grads)      # the layouts the gradients come out in
-        self.layouts = [next(out) if v is not None else lay or home
-                        for v, lay, home in zip(self.targets.wrt, sliced, homes)]
+        self.layouts = [next(out) if v is not None else s.layout for v, s in zip(self.targets.wrt, self.shards)]
+        self.factors = gradient_factors(mode, ctx.mirror_mean, homes, world.size)
         self.world = world
         self.input_groups = [feed_group(self.plan.layouts.get(v), world.rank) for v in graph.inputs if v is not None]
         for s in self.param_shards:       # the Parameter now reads through its shard
@@ -111,7 +117,7 @@ class ShardedGradProgram(TrainingProgram):
         self.world.stats.doing = f"{type(self).__name__} at step {step}"
         self.check(arrays, self.input_groups, step)
         outs = self.program.run(arrays, step)
-        return outs[0], with_zeros(outs[1:], self.targets, self.shards)
+        return outs[0], scaled(with_zeros(outs[1:], self.targets, self.shards), self.factors)
 
     def sync_weights(self) -> None:
         """After the optimizer updated :attr:`shards`: all-gather the slices it updated back

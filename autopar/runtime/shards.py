@@ -25,6 +25,7 @@ class ParamShard:
         self.shape, self.ndim, self.size = self.spec.shape, self.spec.ndim, self.spec.size
         self._data: np.ndarray | None = None
         self.optimizer_slices: dict = {}   # slice layout -> SliceShard (optimizer_parallel.slice_of)
+        self.per_use = False               # a ZeRO-3 slice: programs gather the weight where they use it
 
     @property
     def data(self) -> np.ndarray:

@@ -101,11 +101,17 @@ def _passable_partial(have: Layout, sh: OpSharding, f, needs, graph: Graph) -> t
 
 
 def lower(graph: Graph, outputs: Sequence[int], plan: ShardingPlan, rank: int, world,
-          output_layouts: dict[int, Layout] | None = None):
+          output_layouts: dict[int, Layout] | None = None, param_layouts: dict[int, Layout] | None = None):
     """The local graph of ``rank``: returns it, its output values, the layout each
     requested output is delivered in (the loss replicated, a parameter's gradient in the
-    parameter's layout), and a one-element list accumulating seconds spent redistributing."""
-    low = Lowering(graph, plan, rank, world)
+    parameter's layout), and a one-element list accumulating seconds spent redistributing.
+
+    ``param_layouts``: parameters *held* in another layout than the plan's (ZeRO-3's slices):
+    each is redistributed into the plan's layout where it is used -- in the forward pass,
+    and again for the backward pass that reads it, so the gathered weight is not kept alive
+    in between. A parameter whose attached shard is held that way already (training made
+    it, ``ParamShard.per_use``) is held so here too."""
+    low = Lowering(graph, plan, rank, world, param_layouts or {})
     inputs = low.place_inputs()
     params, shards = low.place_params()
     low.place_consts()
@@ -113,6 +119,15 @@ def lower(graph: Graph, outputs: Sequence[int], plan: ShardingPlan, rank: int, w
         low.lower_node(node)
     delivered, out_layouts = low.deliver(outputs, output_layouts or {})
     return low.builder.build(inputs, params, shards, delivered), tuple(delivered), out_layouts, low.clock
+
+
+def _held_per_use(param, stage: Mesh) -> Layout | None:
+    """The layout ``param`` is held in when a training program keeps it as ZeRO-3 slices on
+    these ranks (gathered per use), else None."""
+    attached = param._shard[0] if param._shard is not None else None
+    if attached is not None and attached.per_use and attached.layout.mesh.ranks == stage.ranks:
+        return attached.layout
+    return None
 
 
 class Lowering:
@@ -124,8 +139,10 @@ class Lowering:
     Sub-communicators are made as the phases first need them, so the order of these calls
     is the order of the collective splits and must be the same on every rank."""
 
-    def __init__(self, graph: Graph, plan: ShardingPlan, rank: int, world):
+    def __init__(self, graph: Graph, plan: ShardingPlan, rank: int, world, param_layouts: dict | None = None):
         self.graph, self.plan, self.rank, self.world = graph, plan, rank, world
+        self.param_layouts = dict(param_layouts or {})      # parameter -> the layout it is held in
+        self.per_use: set[int] = set()                       # parameters gathered again for the backward
         self.builder = GraphBuilder()
         self.comms = _Comms(world)
         self.clock = [0.0]                                   # seconds spent redistributing
@@ -139,14 +156,15 @@ class Lowering:
         spec = self.graph.spec(v)
         return TensorSpec(layout.local_shape(spec.shape), spec.dtype)
 
-    def get(self, v: int, want: Layout, scope: str, phase: str) -> int:
+    def get(self, v: int, want: Layout, scope: str, phase: str, fresh: bool = False) -> int:
         """The local value of ``v`` in layout ``want``: as it is, or redistributed by an
-        inserted :class:`Redistribute` planned once per (value, layout) and shared."""
+        inserted :class:`Redistribute` planned once per (value, layout) and shared
+        (``fresh``: a new one, not shared -- a ZeRO-3 weight gathered again)."""
         have, lv = self.local[v]
         if have == want:
             return lv
         hit = self.moved.get((v, want))
-        if hit is not None:
+        if hit is not None and not fresh:
             return hit
         spec = self.graph.spec(v)
         redist = rd.plan(have, want, spec.shape, spec.dtype.itemsize)
@@ -155,7 +173,8 @@ class Lowering:
             return lv
         prim = Redistribute(redist, self.rank, self.comms.for_redist(redist), self.world, self.clock)
         node = self.builder.add_node(prim, (lv,), (self.local_spec(v, want),), scope, phase=phase)
-        self.moved[(v, want)] = node.outputs[0]
+        if not fresh:
+            self.moved[(v, want)] = node.outputs[0]
         return node.outputs[0]
 
     # -- phase 1: place what the graph starts from -------------------------------------
@@ -178,11 +197,16 @@ class Lowering:
         the plan does not lay out is held whole)."""
         params, shards = [], []
         for v, p in zip(self.graph.params, self.graph.param_objs):
-            lay = self.plan.layouts.get(v) or Layout.replicated(self.plan.stage, len(p.shape))
+            lay = self.param_layouts.get(v) or _held_per_use(p, self.plan.stage) or self.plan.layouts.get(v) \
+                or Layout.replicated(self.plan.stage, len(p.shape))
+            if lay != self.plan.layouts.get(v, lay):
+                self.per_use.add(v)
             lv = self.builder.new_value(self.local_spec(v, lay))
             self.local[v] = (lay, lv)
             params.append(lv)
-            shards.append(shard_of(p, lay, self.rank))
+            shard = shard_of(p, lay, self.rank)
+            shard.per_use = shard.per_use or v in self.per_use
+            shards.append(shard)
         return params, shards
 
     def place_consts(self) -> None:
@@ -227,7 +251,9 @@ class Lowering:
         want = sh.dy_layout()
         dy = self.get(node.inputs[0], Layout(want.mesh, want.dims, extra), node.scope, BACKWARD)
         prim = b.nodes[self.fwd_node[f.id]].prim
-        saved = [self.fwd_ins[f.id][i] for i in prim.saved_input_indices(len(f.inputs))]
+        saved = [self.fwd_ins[f.id][i] if f.inputs[i] not in self.per_use else
+                 self.get(f.inputs[i], sh.input_layout(i), node.scope, BACKWARD, fresh=True)
+                 for i in prim.saved_input_indices(len(f.inputs))]
         if prim.save_output:
             saved.append(self.get(f.outputs[0], settled(sh.output_layout()), node.scope, BACKWARD))
         outs, lays = [], []

@@ -26,8 +26,9 @@ on this stage only       the stage's sum                   --
 on several stages        all-reduce over the copies (the    each copy updated alike: they
 (a tied word table)      same block on every stage)         stay identical
 sliced (optimizer        this rank's slice (reduce-         all-gather of the slices over
-parallel, ZeRO-1)        scattered over the stage's         the stage's replicas
-                         replicas)
+parallel)                scattered over the stage's         the stage's replicas
+                         replicas: once per step, or per
+                         micro-batch under level2)
 not on this stage        zeros of shape (0, ...)            --
 =======================  ================================  =================================
 
@@ -44,6 +45,7 @@ import numpy as np
 
 from ...comm.fusion import DEFAULT_COMM_FUSION, CommFusion, Fusible, plan_buckets
 from ...ir.graph import Graph
+from ...strategy.optimizer_shard import DEFAULT_OPTIMIZER_SHARD, OptimizerShard
 from ..fusion import InFlight, bucketable, finish_bucket, start_bucket
 from ..optimizer_parallel import SliceShard, WeightGather, slice_layout, slice_of
 from ..shards import global_norm
@@ -82,11 +84,13 @@ class StageGradients:
     handed over (the shard's; None when absent)."""
 
     def __init__(self, param_shards: Sequence, slice_threshold: int | None, stage_comm, world, shared: Sequence = (),
-                 comm_fusion: CommFusion = DEFAULT_COMM_FUSION):
+                 comm_fusion: CommFusion = DEFAULT_COMM_FUSION, optimizer_shard: OptimizerShard = DEFAULT_OPTIMIZER_SHARD):
         self.rules = comm_fusion.gradient_rules()       # collective -> rule; none: each deferred reduction alone
         self.param_shards = list(param_shards)
         self.world, self.stage_comm = world, stage_comm
-        self.sliced = [slice_layout(s.layout, s.param.shape, np.dtype(s.dtype).itemsize, slice_threshold)
+        self.optimizer_shard = optimizer_shard
+        self.sliced = [slice_layout(s.layout, s.param.shape, np.dtype(s.dtype).itemsize, slice_threshold,
+                                    optimizer_shard.shard_size, s.name)
                        if slice_threshold is not None and isinstance(s, StageShard) else None
                        for s in self.param_shards]
         self.shards = [s if lay is None else slice_of(s, lay) for s, lay in zip(self.param_shards, self.sliced)]

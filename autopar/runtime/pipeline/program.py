@@ -51,7 +51,7 @@ from ...strategy.plan_source import PlanOptions
 from ..autodiff import differentiate
 from ..consistency import ConsistencyCheck
 from ..program import Program
-from ..protocol import TrainingProgram, loss_targets
+from ..protocol import TrainingProgram, gradient_factors, loss_targets, scaled
 from ..setting import DEFAULT_CONTEXT
 from ..spmd import Redistribute, lower
 from ..trace import trace
@@ -87,6 +87,10 @@ class PipelineGradProgram(TrainingProgram):
             raise ValueError(format_error(WHERE, "pipeline_stages", f"a divisor of the {world.size} ranks",
                                           str(stages), "each stage needs the same number of ranks"))
         virtual = _check_virtual(virtual, stages, micro)
+        if ctx.slice_threshold is not None and ctx.parallel_optimizer_config.shards_weights:
+            raise ValueError(format_error(WHERE, "parallel_optimizer_config.optimizer_level", "'level1' or 'level2' "
+                                          "under a PipelineCell / GradAccumulationCell", "'level3'",
+                                          "ZeRO-3 runs without micro-batches; use level2 here (gradients sliced too)"))
         arrays = [a for a in args if isinstance(a, np.ndarray)]
         self.rows = _batch_rows(arrays, micro)
         world.stats.doing = f"compiling {type(self).__name__}"     # named by the watchdog's reports
@@ -124,8 +128,10 @@ class PipelineGradProgram(TrainingProgram):
             world.barrier()                           # the file is complete when compiling returns
         shared = self._shared_comms(wrt)
         self.grads = StageGradients(self._attach(wrt), ctx.slice_threshold, self.stage_comm, world, shared,
-                                    comm_fusion=ctx.comm_fusion)
+                                    comm_fusion=ctx.comm_fusion, optimizer_shard=ctx.parallel_optimizer_config)
         self.param_shards, self.shards, self.layouts = self.grads.param_shards, self.grads.shards, self.grads.layouts
+        homes = [getattr(s, "layout", None) for s in self.param_shards]   # None: absent from this stage
+        self.factors = gradient_factors(mode, ctx.mirror_mean, homes, n)
         feed = MicroFeed(micro, self.rows, self.rows * scale // micro)
         self.step_plan = self._build_stage(wrt, sens, feed)
         self.program = StagePrograms(self.step_plan.forward + self.step_plan.backward)
@@ -178,6 +184,8 @@ class PipelineGradProgram(TrainingProgram):
         self._grad_index = {i: j for j, i in enumerate(held)}
         lowered = [self._lower_chunk(c, wrt, sens) for c in self.chunks]    # one order on every rank
         deferred = _common_reductions(lowered)
+        if self.grads.optimizer_shard.shards_accumulation:    # level2: each micro-batch's slice, accumulated
+            deferred = {i: r for i, r in deferred.items() if self.grads.sliced[i] is None}
         chunks, saved = [], 0
         for low in lowered:
             chunk, n_saved = self._chunk_step(low, deferred, feed)
@@ -272,7 +280,7 @@ class PipelineGradProgram(TrainingProgram):
         if memory is not None:   # the whole step, as TrainOneStepCell.memory_report reads it
             meter.last = memory.usage(result.losses[0] if result.losses else None, result.grads)
             self.last_memory = memory
-        return self._loss(result.losses), self.grads.finish(result.grads, self._grad_index)
+        return self._loss(result.losses), scaled(self.grads.finish(result.grads, self._grad_index), self.factors)
 
     def _loss(self, losses: list) -> np.ndarray:
         """The mean of the micro-batch losses, on every rank."""
