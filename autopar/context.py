@@ -50,7 +50,7 @@ from typing import Iterator
 import numpy as np
 
 from . import comm
-from .comm.fusion import DEFAULT_COMM_FUSION, CommFusion, parse_comm_fusion
+from .comm.fusion import DEFAULT_COMM_FUSION, CommFusion, parse_comm_fusion, with_allreduce_indices
 from .comm.mpi import install_abort_handler, launcher_size
 from .errors import check_int, format_error, is_int
 from .strategy.optimizer_shard import DEFAULT_OPTIMIZER_SHARD, OptimizerShard, parse_optimizer_shard
@@ -127,6 +127,31 @@ def _check_fed_splits(splits: tuple[tuple[int, ...], ...]) -> None:
                     "of ways", splits, "autopar feeds each rank the whole batch or its slice of the rows")
 
 
+@dataclass(frozen=True)
+class StrategyCkptConfig:
+    """MindSpore's ``strategy_ckpt_config`` as held: its files live in the
+    ``strategy_ckpt_load_file`` / ``strategy_ckpt_save_file`` keys (a dict given sets them),
+    ``only_trainable_params`` here: a saved strategy file lists the layouts of trainable
+    parameters only (frozen ones follow the ops that read them when it is loaded)."""
+
+    only_trainable_params: bool = True
+
+
+STRATEGY_CKPT_KEYS = ("load_file", "save_file", "only_trainable_params")
+
+
+def _strategy_ckpt_config(value) -> tuple[StrategyCkptConfig, dict]:
+    """(the held value, the file keys a dict sets: {"load_file": ..., "save_file": ...})."""
+    if isinstance(value, StrategyCkptConfig):
+        return value, {}
+    expected = "a dict with keys among " + str(STRATEGY_CKPT_KEYS)
+    if not isinstance(value, dict) or set(value) - set(STRATEGY_CKPT_KEYS):
+        raise _fail("strategy_ckpt_config", expected, value)
+    files = {k: _path(f"strategy_ckpt_config[{k!r}]", value[k]) for k in ("load_file", "save_file") if k in value}
+    only = _bool("strategy_ckpt_config['only_trainable_params']", value.get("only_trainable_params", True))
+    return StrategyCkptConfig(only), files
+
+
 @dataclass(frozen=True, repr=False)
 class ParallelContext:
     """Every auto-parallel setting, as one validated value (MindSpore's names and defaults).
@@ -161,6 +186,8 @@ class ParallelContext:
     comm_fusion: CommFusion = DEFAULT_COMM_FUSION   # MindSpore's dict form in, a CommFusion held (comm/fusion.py)
     # MindSpore's dict in (optimizer_level, optimizer_weight_shard_size, ...), an OptimizerShard held
     parallel_optimizer_config: OptimizerShard = DEFAULT_OPTIMIZER_SHARD
+    all_reduce_fusion_config: tuple = ()   # MindSpore's older key: comm_fusion's allreduce "index" rule
+    strategy_ckpt_config: StrategyCkptConfig = StrategyCkptConfig()   # a dict in; its files set the two keys
     # names the user set (what the joint search must not choose); not part of the value's equality
     explicit: frozenset = field(default=frozenset(), compare=False)
 
@@ -179,11 +206,22 @@ class ParallelContext:
                                                       self.parallel_optimizer_threshold, 0),
             "strategy_ckpt_save_file": _path("strategy_ckpt_save_file", self.strategy_ckpt_save_file),
             "strategy_ckpt_load_file": _path("strategy_ckpt_load_file", self.strategy_ckpt_load_file),
+            # MindSpore's dict form: its load_file / save_file are the two keys above
+            "strategy_ckpt_config": self.strategy_ckpt_config,
             "cost_profile": _path("cost_profile", self.cost_profile),
             "auto_pipeline": _bool("auto_pipeline", self.auto_pipeline),
             "comm_fusion": parse_comm_fusion(self.comm_fusion),
             "explicit": frozenset(self.explicit),
         }
+        checked["strategy_ckpt_config"], files = _strategy_ckpt_config(self.strategy_ckpt_config)
+        for key, path in files.items():
+            checked[f"strategy_ckpt_{key}"] = path
+        indices = self.all_reduce_fusion_config
+        if not isinstance(indices, (list, tuple)):
+            raise _fail("all_reduce_fusion_config", "a list of parameter indices where buckets split, like [20, 35]",
+                        indices)
+        checked["comm_fusion"] = with_allreduce_indices(checked["comm_fusion"], indices)
+        checked["all_reduce_fusion_config"] = tuple(int(i) for i in indices)
         checked["parallel_optimizer_config"], threshold = parse_optimizer_shard(self.parallel_optimizer_config)
         if threshold is not None:       # MindSpore's place for the threshold: the same setting as the key
             if "parallel_optimizer_threshold" in self.explicit and threshold != checked["parallel_optimizer_threshold"]:
@@ -242,12 +280,14 @@ class ParallelContext:
     def plan_options(self) -> PlanOptions:
         """What of this context the planner reads, as the frozen value strategy/ takes."""
         return PlanOptions(self.strategy_ckpt_load_file, self.search_mode, self.cost_profile,
-                           self.enable_parallel_optimizer, comm_fusion=self.comm_fusion)
+                           self.enable_parallel_optimizer, comm_fusion=self.comm_fusion,
+                           only_trainable_params=self.strategy_ckpt_config.only_trainable_params)
 
     def replace(self, **changes) -> ParallelContext:
         """A new validated value with ``changes`` applied; unknown names are a ValueError."""
         _check_names(changes, "ParallelContext.replace")
-        return ParallelContext(**{**self.as_dict(), **changes}, explicit=self.explicit | set(changes))
+        held = {**self.as_dict(), "strategy_ckpt_config": self.strategy_ckpt_config}   # files: the keys' own
+        return ParallelContext(**{**held, **changes}, explicit=self.explicit | set(changes))
 
     def is_set(self, name: str) -> bool:
         """Whether the user fixed ``name``: set explicitly, or away from its default."""
@@ -255,15 +295,20 @@ class ParallelContext:
 
     def as_dict(self) -> dict:
         """MindSpore's keys and their values (``comm_fusion`` in MindSpore's dict form)."""
-        return {name: _mindspore_value(name, getattr(self, name)) for name in FIELD_NAMES}
+        return {name: _mindspore_value(name, getattr(self, name), self) for name in FIELD_NAMES}
 
 
 FIELD_NAMES = tuple(f.name for f in fields(ParallelContext) if f.name != "explicit")
 
 
-def _mindspore_value(name: str, value):
+def _mindspore_value(name: str, value, ctx: ParallelContext):
     """A field's value as MindSpore spells it: the dict form of ``comm_fusion`` and
-    ``parallel_optimizer_config``, the rest as held."""
+    ``parallel_optimizer_config``, a list for ``all_reduce_fusion_config``, the rest as held."""
+    if name == "all_reduce_fusion_config":
+        return list(value)
+    if name == "strategy_ckpt_config":
+        return {"load_file": ctx.strategy_ckpt_load_file, "save_file": ctx.strategy_ckpt_save_file,
+                "only_trainable_params": value.only_trainable_params}
     return value.as_mindspore() if name in ("comm_fusion", "parallel_optimizer_config") else value
 _DEFAULTS = {f.name: f.default for f in fields(ParallelContext)}
 
@@ -275,11 +320,9 @@ NOT_SUPPORTED = {
     "gradient_fp32_sync": "gradients are reduced in their own dtype: float32 with float32 master weights (True)",
     "loss_repeated_mean": "autopar differentiates the loss of the global batch; repeated calculations do not occur",
     "parameter_broadcast": "every rank generates the same initial weights from a counter-based RNG",
-    "all_reduce_fusion_config": "use comm_fusion={'allreduce': {'mode': 'index', 'config': [...]}}",
     "enable_alltoall": "redistributions already use all-to-all where the layouts ask for it",
     "pipeline_config": "use nn.PipelineCell(net, micro_size, pipeline_schedule=..., virtual_stages=...)",
     "grad_accumulation_step": "wrap the network in nn.GradAccumulationCell(net, micro_size=k) (MindSpore's cell)",
-    "strategy_ckpt_config": "use strategy_ckpt_save_file / strategy_ckpt_load_file",
     "group_ckpt_save_file": "communication groups are derived from the plan at every compile",
     "force_fp32_communication": "collectives move each dtype as it is (bfloat16 sums in float32)",
     "pipeline_result_broadcast": "the loss is returned on every rank",
@@ -333,7 +376,7 @@ def set_auto_parallel_context(**kwargs) -> None:
 def get_auto_parallel_context(name: str):
     """The current value of one field, by its MindSpore name."""
     _check_names([name], "get_auto_parallel_context")
-    return _mindspore_value(name, getattr(_STATE.context, name))
+    return _mindspore_value(name, getattr(_STATE.context, name), _STATE.context)
 
 
 def reset_auto_parallel_context() -> None:

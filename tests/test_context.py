@@ -13,7 +13,9 @@ DEFAULTS = dict(parallel_mode="stand_alone", device_num=1, global_rank=0, gradie
                 strategy_ckpt_save_file="", strategy_ckpt_load_file="", cost_profile="", auto_pipeline=False,
                 comm_fusion={}, parallel_optimizer_config={"optimizer_level": "level1",
                                                            "optimizer_weight_shard_size": -1,
-                                                           "gradient_accumulation_shard": False})
+                                                           "gradient_accumulation_shard": False},
+                all_reduce_fusion_config=[],
+                strategy_ckpt_config={"load_file": "", "save_file": "", "only_trainable_params": True})
 
 
 @pytest.fixture(autouse=True)
@@ -51,9 +53,13 @@ NON_DEFAULT = dict(parallel_mode="semi_auto_parallel", device_num=8, global_rank
                    pipeline_stages=2, enable_parallel_optimizer=True, parallel_optimizer_threshold=0,
                    strategy_ckpt_save_file="out.json", strategy_ckpt_load_file="in.json",
                    cost_profile="a100-8", auto_pipeline=True,
-                   comm_fusion={"allreduce": {"mode": "size", "config": 32}},
+                   comm_fusion={"allreduce": {"mode": "index", "config": [2, 5]},
+                                "allgather": {"mode": "size", "config": 32}},
                    parallel_optimizer_config={"optimizer_level": "level3", "optimizer_weight_shard_size": 2,
-                                              "gradient_accumulation_shard": True})
+                                              "gradient_accumulation_shard": True},
+                   all_reduce_fusion_config=[2, 5],
+                   strategy_ckpt_config={"load_file": "in.json", "save_file": "out.json",
+                                         "only_trainable_params": False})
 
 
 @pytest.mark.parametrize("name", list(NON_DEFAULT))
@@ -61,8 +67,28 @@ def test_set_get_round_trip_each_field(name):
     set_auto_parallel_context(device_num=8)  # room for global_rank and pipeline_stages
     set_auto_parallel_context(**{name: NON_DEFAULT[name]})
     assert get_auto_parallel_context(name) == NON_DEFAULT[name]
-    others = {n: v for n, v in DEFAULTS.items() if n not in (name, "device_num")}
+    others = {n: v for n, v in DEFAULTS.items() if n not in (name, "device_num") + VIEWS.get(name, ())}
     assert {n: get_auto_parallel_context(n) for n in others} == others
+
+
+# keys that are two views of one setting: setting one changes what the other reads
+VIEWS = {"strategy_ckpt_save_file": ("strategy_ckpt_config",), "strategy_ckpt_load_file": ("strategy_ckpt_config",),
+         "strategy_ckpt_config": ("strategy_ckpt_save_file", "strategy_ckpt_load_file"),
+         "all_reduce_fusion_config": ("comm_fusion",)}
+
+
+def test_two_views_of_one_setting_agree():
+    set_auto_parallel_context(strategy_ckpt_config={"save_file": "s.json", "only_trainable_params": False})
+    assert get_auto_parallel_context("strategy_ckpt_save_file") == "s.json"
+    set_auto_parallel_context(strategy_ckpt_load_file="l.json")
+    assert get_auto_parallel_context("strategy_ckpt_config") == {"load_file": "l.json", "save_file": "s.json",
+                                                                 "only_trainable_params": False}
+    set_auto_parallel_context(all_reduce_fusion_config=[3])
+    assert get_auto_parallel_context("comm_fusion") == {"allreduce": {"mode": "index", "config": [3]}}
+    with pytest.raises(ValueError, match=r"all_reduce_fusion_config: expected the comm_fusion allreduce rule"):
+        set_auto_parallel_context(comm_fusion={"allreduce": {"mode": "auto"}})
+    with pytest.raises(ValueError, match=r"strategy_ckpt_config: expected a dict with keys among"):
+        set_auto_parallel_context(strategy_ckpt_config={"save": "x.json"})
 
 
 def test_set_all_fields_at_once():

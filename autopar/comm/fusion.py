@@ -34,6 +34,8 @@ as in MindSpore. No key: nothing of that kind fused (autopar's default: see
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -125,8 +127,23 @@ def parse_comm_fusion(value) -> CommFusion:
     return CommFusion(openstate, **rules)
 
 
-def _rule(kind: str, spec) -> FusionRule:
-    where = f"{WHERE}[{kind!r}]"
+def with_allreduce_indices(fusion: CommFusion, indices) -> CommFusion:
+    """``fusion`` with MindSpore's older ``all_reduce_fusion_config=[i, j, ...]`` applied: the
+    all-reduces bucketed by those parameter indices (``{"allreduce": {"mode": "index",
+    "config": [i, j, ...]}}``); empty leaves ``fusion`` alone. A different all-reduce rule
+    in ``fusion`` is a ValueError: the two keys would say two things."""
+    if isinstance(indices, (list, tuple)) and not indices:
+        return fusion
+    rule = _rule("allreduce", {"mode": "index", "config": indices}, "all_reduce_fusion_config")
+    if fusion.allreduce is not None and fusion.allreduce != rule:
+        raise ValueError(format_error("ParallelContext", "all_reduce_fusion_config", "the comm_fusion allreduce "
+                                      f"rule ({fusion.allreduce}) or none", f"index:{rule.config}",
+                                      "set one of the two keys"))
+    return dataclasses.replace(fusion, allreduce=rule)
+
+
+def _rule(kind: str, spec, where: str | None = None) -> FusionRule:
+    where = where or f"{WHERE}[{kind!r}]"
     if not isinstance(spec, Mapping) or "mode" not in spec or set(spec) - {"mode", "config"}:
         raise ValueError(format_error(where, kind, "a dict with 'mode' and (for size and index) 'config'",
                                       repr(spec), "e.g. {'mode': 'size', 'config': 32}"))

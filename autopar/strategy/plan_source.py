@@ -37,6 +37,7 @@ class PlanOptions:
     optimizer_parallel: bool = False
     memory_cap: float | None = None
     comm_fusion: CommFusion = DEFAULT_COMM_FUSION
+    only_trainable_params: bool = True     # strategy_ckpt_config's: files list trainable parameters only
 
     def profile(self) -> MachineProfile:
         return load_profile(self.cost_profile or DEFAULT_PROFILE)
@@ -67,7 +68,8 @@ def save_plan(path: str, graph: Graph, plan: ShardingPlan, full_batch: bool,
     parameters' names in the optimizer's order, else in the graph's)."""
     model = CostModel(graph, plan.stage, options.profile(), full_batch, optimizer_parallel=options.optimizer_parallel,
                       comm_fusion=options.comm_fusion, param_order=param_order)
-    save_strategy(path, graph, plan, predicted=model.evaluate(plan).summary())
+    save_strategy(path, graph, plan, predicted=model.evaluate(plan).summary(),
+                  only_trainable=options.only_trainable_params)
 
 
 __all__ = ["PlanOptions", "make_plan", "save_plan"]

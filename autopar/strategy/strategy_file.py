@@ -79,14 +79,17 @@ JOINT_PLAN = "joint_plan"   # optional top-level key: the auto_parallel joint pl
 
 # ---- save ---------------------------------------------------------------------------------
 
-def save_strategy(path, graph: Graph, plan: ShardingPlan, predicted: dict | None = None) -> None:
-    """Write ``plan`` for ``graph`` to ``path`` atomically (every rank may write the same file)."""
+def save_strategy(path, graph: Graph, plan: ShardingPlan, predicted: dict | None = None,
+                  only_trainable: bool = False) -> None:
+    """Write ``plan`` for ``graph`` to ``path`` atomically (every rank may write the same file).
+    ``only_trainable`` (MindSpore's ``only_trainable_params``): list the layouts of trainable
+    parameters only; a frozen one then takes, at load, the layout its first reader reads it in."""
     path = _check_args(path, graph)
     _check_plan_args(plan, predicted)
-    _write_atomic(path, _dumps(plan_to_json(graph, plan, predicted)) + "\n")
+    _write_atomic(path, _dumps(plan_to_json(graph, plan, predicted, only_trainable)) + "\n")
 
 
-def save_pipeline_strategy(path, graphs, plans, predicted=None) -> None:
+def save_pipeline_strategy(path, graphs, plans, predicted=None, only_trainable: bool = False) -> None:
     """Write a pipeline's plans, ``plans[k]`` for the stage graph ``graphs[k]``, to ``path``
     as one version-2 file, atomically. ``predicted``: one dict (or None) per stage."""
     graphs, plans = list(graphs), list(plans)
@@ -99,7 +102,7 @@ def save_pipeline_strategy(path, graphs, plans, predicted=None) -> None:
     for graph, plan, pred in zip(graphs, plans, predicted):
         path = _check_args(path, graph)
         _check_plan_args(plan, pred)
-        stages.append(_plan_body(graph, plan, pred))
+        stages.append(_plan_body(graph, plan, pred, only_trainable))
     doc = {"format": FORMAT, "version": PIPELINE_VERSION, "device_num": sum(p.stage.size for p in plans),
            "pipeline_stages": len(plans), "stages": stages}
     _write_atomic(path, _dumps(doc) + "\n")
@@ -150,12 +153,12 @@ def _write_atomic(path: str, text: str) -> None:
         raise
 
 
-def plan_to_json(graph: Graph, plan: ShardingPlan, predicted: dict | None = None) -> dict:
+def plan_to_json(graph: Graph, plan: ShardingPlan, predicted: dict | None = None, only_trainable: bool = False) -> dict:
     """The file's content as a JSON-ready dict (version 1)."""
-    return {"format": FORMAT, "version": VERSION} | _plan_body(graph, plan, predicted)
+    return {"format": FORMAT, "version": VERSION} | _plan_body(graph, plan, predicted, only_trainable)
 
 
-def _plan_body(graph: Graph, plan: ShardingPlan, predicted: dict | None) -> dict:
+def _plan_body(graph: Graph, plan: ShardingPlan, predicted: dict | None, only_trainable: bool = False) -> dict:
     """One plan's entries: version 1 without its format and version (a version-2 stage)."""
     stage = plan.stage
     names = graph.param_names()
@@ -201,7 +204,7 @@ def _plan_body(graph: Graph, plan: ShardingPlan, predicted: dict | None) -> dict
                    for v in graph.inputs],
         "parameters": {p.name: {"shape": list(graph.spec(v).shape),
                                 "layout": _maybe_layout(plan.layouts.get(v), stage)}
-                       for v, p in zip(graph.params, graph.param_objs)},
+                       for v, p in zip(graph.params, graph.param_objs) if p.requires_grad or not only_trainable},
         "constants": [{"shape": list(graph.spec(v).shape), "used_by": first_use.get(v),
                        "layout": _maybe_layout(plan.layouts.get(v), stage)} for v in graph.consts],
         "ops": ops,
@@ -476,7 +479,19 @@ def _plan_from_body(r: _Reader, doc, graph: Graph, stage: Mesh, header: tuple = 
             layouts[node.outputs[0]] = out
     if "predicted" in doc and doc["predicted"] is not None:
         _read_predicted(r, doc["predicted"])
+    _place_unlisted(graph, forward, shardings, layouts)
     return ShardingPlan(stage, shardings, layouts)
+
+
+def _place_unlisted(graph: Graph, forward, shardings: dict, layouts: dict) -> None:
+    """A frozen parameter the file does not list (``only_trainable_params``) in the layout
+    its first reader reads it in, as the rules place a parameter."""
+    for v in graph.params:
+        if v in layouts:
+            continue
+        reader = next((n for n in forward if v in n.inputs), None)
+        if reader is not None:
+            layouts[v] = shardings[reader.id].input_layout(reader.inputs.index(v))
 
 
 def _read_inputs(r: _Reader, entries, graph: Graph, stage: Mesh, layouts: dict) -> None:
@@ -495,9 +510,12 @@ def _read_inputs(r: _Reader, entries, graph: Graph, stage: Mesh, layouts: dict) 
 def _read_parameters(r: _Reader, entries, graph: Graph, stage: Mesh, layouts: dict) -> None:
     entries = r.as_dict(entries, "parameters")
     names = graph.param_names()
-    for v, name in zip(graph.params, names):
+    for v, name, p in zip(graph.params, names, graph.param_objs):
         if name not in entries:
-            raise r.fail(f"parameters[{name!r}]", "an entry for every parameter of the graph", "none", RESAVE)
+            if not p.requires_grad:     # saved with only_trainable_params: its readers place it
+                continue
+            raise r.fail(f"parameters[{name!r}]", "an entry for every trainable parameter of the graph", "none",
+                         RESAVE)
         _read_value(r, entries[name], f"parameters[{name!r}]", v, graph, stage, layouts)
     extra = sorted(set(entries) - set(names))
     if extra:
