@@ -35,7 +35,6 @@ as in MindSpore. No key: nothing of that kind fused (autopar's default: see
 from __future__ import annotations
 
 import dataclasses
-
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
