@@ -67,9 +67,11 @@ def test_alike_gradient_parts_are_summed_then_reduced_once(tmp_path, mp):
     plan = plan_shardings(g, "semi_auto_parallel", stage, True)
     cost = CostModel(g, stage, links(tmp_path, AddN=1e9), True).evaluate(plan)
     act = b_s * h * 4
-    # forward: the row-parallel output's all-reduce; backward: ONE all-reduce of h's gradient
-    # (three partial parts added first); once per step: the norm's 8 bytes
-    assert cost.comm_s == pytest.approx((2 * act + 8) * formulas.collective_factor("all_reduce", mp) / 1e9,
+    # forward: the row-parallel output's all-reduce; backward: ONE all-reduce (three partial
+    # parts added first), taken through the Mul as the runtime does (x needs no gradient, so
+    # its VJP's one gradient, g's (h floats), is smaller than dy: g's gradient is reduced
+    # instead of h's); once per step: the norm's 8 bytes
+    assert cost.comm_s == pytest.approx((act + 4 * h + 8) * formulas.collective_factor("all_reduce", mp) / 1e9,
                                         rel=1e-12)
     # the sum of h's three gradient parts: reads 3, writes 1, h replicated: (3 + 1) x (b_s, h) float32
     assert cost.compute_s == pytest.approx(4 * act / 1e9, rel=1e-12)

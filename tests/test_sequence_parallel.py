@@ -3,6 +3,7 @@ add split (dp, mp, 1) over (B, S, H); the row-parallel matmul's out_strategy red
 along S, the column-parallel input is all-gathered along S. Sharded == serial (loss,
 gradients, AdamW steps), the collectives are exactly those, the bytes per layer equal the
 plain plan's, and the regions' activation peak falls by mp."""
+import json
 import sys
 from pathlib import Path
 
@@ -13,10 +14,17 @@ import autopar
 from autopar import nn, ops
 from autopar.comm import run_in_process
 from autopar.context import bound_world, parallel_context
+from autopar.ir.mesh import Mesh
+from autopar.ir.spec import TensorSpec
 from autopar.models.megatron import column_parallel
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.models.pangu_alpha.model import SequenceDense, sequence_row_parallel
 from autopar.runtime.sharded_program import ShardedGradProgram
+from autopar.runtime.trace import trace
+from autopar.strategy.costmodel import CostModel
+from autopar.strategy.profile import PROFILE_DIR, load_profile
+from autopar.strategy.search import search
+from autopar.strategy.sharding_plan import plan_shardings
 from autopar.train import AdamWeightDecay
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -24,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import sequence_parallel as bench  # noqa: E402
 
 B, S, H, F = 4, 8, 8, 16
+SEARCH_PROFILE = load_profile("cpu-2core")
 
 
 class TwoDense(nn.Cell):
@@ -202,3 +211,91 @@ def test_sequence_parallel_at_mp1_is_the_plain_model():
     net = PanguAlphaWithLoss(cfg)
     assert type(net.backbone.blocks[0].output.projection) is nn.Dense
     assert net.backbone.blocks[0].residual1.strategy is None
+
+
+# ---- the cost model prices it, the op search chooses it -------------------------------------
+
+@pytest.fixture(scope="module")
+def links(tmp_path_factory):
+    """No latency, 1 GB/s links, free compute: seconds x 1e9 are the bytes each rank sends."""
+    base = json.loads((PROFILE_DIR / "cpu-2core.json").read_text())
+    base.update(name="links", gemm_flops={"float32": 1e30}, elementwise_bytes_per_s=1e30, op_overhead_s=0.0,
+                intra_node_latency_s=0.0, inter_node_latency_s=0.0, intra_node_bandwidth_bytes_per_s=1e9,
+                inter_node_bandwidth_bytes_per_s=1e9, devices_per_node=64,
+                op_bytes_per_s={k: 1e30 for k in base["op_bytes_per_s"]})
+    path = tmp_path_factory.mktemp("p") / "links.json"
+    path.write_text(json.dumps(base))
+    return load_profile(str(path))
+
+
+@pytest.mark.parametrize("mp", [2, 4])
+def test_cost_model_prices_the_bytes_the_lowering_sends_and_the_norms_shards(links, mp):
+    """The predicted collective bytes of both plans differ exactly as the lowered programs'
+    (the weights' gradient all-reduces over mp and the gradient all-gather at the
+    embedding: per layer the same), and the predicted activations fall by the LayerNorms'
+    saved inputs x (1 - 1/mp)."""
+    cfg = CONFIG.replace(param_dtype="float32", compute_dtype="float32", model_parallel=mp)
+    stage = Mesh((mp,), ("devices",))
+    cost, sent = {}, {}
+    for sp in (False, True):
+        c = cfg.replace(sequence_parallel=sp)
+        g = trace(PanguAlphaWithLoss(c), (TensorSpec(IDS.shape, np.dtype(np.int32)),), {}).graph
+        cost[sp] = CostModel(g, stage, links, True).evaluate(plan_shardings(g, "semi_auto_parallel", stage, True))
+        sent[sp] = sum(row["sent"] for row in bench.measure(c, IDS)["layers"].values())
+    assert (cost[True].comm_s - cost[False].comm_s) * 1e9 == pytest.approx(sent[True] - sent[False], rel=1e-9)
+    assert sent[True] > sent[False]
+    b, s = IDS.shape[0], IDS.shape[1] - 1
+    norms = 2 * CONFIG.num_layers + 1
+    saved = norms * b * s * CONFIG.hidden_size * 4
+    assert cost[False].activation_bytes - cost[True].activation_bytes == saved * (mp - 1) // mp
+
+
+class FreeBlock(nn.Cell):
+    """Megatron's column- then row-parallel matmuls fixed on (B, S, H); the scale, LayerNorm,
+    dropout and residual add left to the search."""
+
+    def __init__(self, h, mp):
+        super().__init__()
+        self.scale = nn.Parameter(np.ones((h,), np.float32), name="scale")
+        self.up = nn.Parameter(np.zeros((4 * h, h), np.float32), name="up")
+        self.down = nn.Parameter(np.zeros((h, 4 * h), np.float32), name="down")
+        self.mul, self.ln = ops.Mul(), nn.LayerNorm(h)
+        self.mm_up = ops.BatchMatMul(transpose_b=True).shard(((1, 1, 1), (mp, 1)))
+        self.gelu = ops.GeLU()
+        self.mm_down = ops.BatchMatMul(transpose_b=True).shard(((1, 1, mp), (1, mp)))   # partial sums
+        self.drop, self.add, self.mean = ops.Dropout(0.9), ops.Add(), ops.ReduceMean()
+
+    def construct(self, x):
+        x = self.mul(x, self.scale)
+        y = self.mm_down(self.gelu(self.mm_up(self.ln(x), self.up)), self.down)
+        return self.mean(self.add(x, self.drop(y)))
+
+
+def _token_ops(graph, plan):
+    return {graph.nodes[n].prim.kind: str(sh) for n, sh in plan.shardings.items()
+            if graph.nodes[n].prim.kind in ("LayerNorm", "Dropout", "Add")}
+
+
+SEQUENCE_SPLIT = {"LayerNorm": "((1,4,1),(1,),(1,))", "Dropout": "((1,4,1),)", "Add": "((1,4,1),(1,4,1))"}
+
+
+def test_search_picks_sequence_parallel_when_memory_is_tight():
+    """B2 S16 H64 on mp4: four more collective calls than it saves in LayerNorm and dropout
+    time, so the fastest plan keeps the tokens whole (all-reduces); under a cap 5% below its
+    peak the search splits the norm, dropout and add along S (reduce-scatter, all-gather)."""
+    g = trace(FreeBlock(64, 4), (TensorSpec((2, 16, 64), np.dtype(np.float32)),), {}).graph
+    stage = Mesh((4,), ("devices",))
+    fast = search(g, stage, profile=SEARCH_PROFILE)
+    assert _token_ops(g, fast.plan) == {"LayerNorm": "((1,1,1),(1,),(1,))", "Dropout": "((1,1,1),)",
+                                        "Add": "((1,1,1),(1,1,1))"}
+    cap = 0.95 * fast.cost.memory_bytes
+    lean = search(g, stage, profile=SEARCH_PROFILE, memory_cap=cap)
+    assert _token_ops(g, lean.plan) == SEQUENCE_SPLIT
+    assert lean.cost.memory_bytes <= cap and lean.cost.activation_bytes < fast.cost.activation_bytes
+    assert lean.cost.step_seconds > fast.cost.step_seconds
+
+
+def test_search_picks_sequence_parallel_when_it_pays_in_time():
+    """S64: the norm's and dropout's work divided by 4 outweighs the extra calls."""
+    g = trace(FreeBlock(64, 4), (TensorSpec((2, 64, 64), np.dtype(np.float32)),), {}).graph
+    assert _token_ops(g, search(g, Mesh((4,), ("devices",)), profile=SEARCH_PROFILE).plan) == SEQUENCE_SPLIT

@@ -8,11 +8,15 @@ local program on same-sized shards, so rank 0 speaks for all):
   :mod:`autopar.strategy.formulas`), plus the collectives its kernel runs itself (the
   vocabulary-parallel cross-entropy);
 * **edge** (a value from its producer to a consumer): the redistribution of the producer's
-  output layout into the layout the consumer reads;
-* **gradient of a value**: one part per op reading it that needs it. As the runtime does,
-  alike parts are added first and reduced into the value's layout once (Q, K and V's
-  common input: one all-reduce), unlike parts each reduced, then added; the sum (``AddN``)
-  reads k parts and writes one, at the ``AddN`` rate;
+  output layout into the layout the consumer reads, once per (value, layout) however many
+  consumers read it so (the column-parallel Q, K and V of a sequence-split LayerNorm
+  output: one all-gather);
+* **gradient of a value**: one part per op reading it that needs it. As the runtime does
+  (:mod:`~autopar.strategy.gradient_flow`), alike parts are added first, unlike parts each
+  reduced, then added; a partial sum its producer's VJP may take passes on to that op's
+  inputs (Q, K and V's partial input gradients cross ``Dense``'s reshape and meet at the
+  LayerNorm output: one all-reduce, or under sequence parallel one reduce-scatter); the
+  sum (``AddN``) reads k parts and writes one, at the ``AddN`` rate;
 * **parameter**: the reduction of its gradient into its layout (the data-parallel
   all-reduce; with optimizer parallel a reduce-scatter and, after the update, an
   all-gather: the same bytes in two calls), the optimizer update and the global-norm
@@ -64,7 +68,7 @@ from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.spec import TensorSpec
 from ..ops.sharding import OpSharding
-from . import formulas
+from . import formulas, gradient_flow
 from .canonical import canonical
 from .grad_buckets import GradBucket, GradReduction, bucket, bucketable, exposed_seconds, trained_order
 from .profile import MachineProfile
@@ -423,13 +427,17 @@ class CostModel:
         already made."""
         sh, out = plan.shardings, []
         back = self.gradient_costs(plan) if back is None else back
+        moved: set = set()      # (value, layout): the runtime redistributes a value into a layout once
         for n in self.forward:
             act = 0.0
             for i, v in enumerate(n.inputs):
                 src = self.producer_layout(v, sh)
                 if src is None or (v in self.home and self.home[v] == (n.id, i)):
                     continue
-                act += self.redistribution_seconds(src, sh[n.id].input_layout(i), v) * (1 + (n.id in self.rerun))
+                dst = sh[n.id].input_layout(i)
+                t = self.redistribution_seconds(src, dst, v)
+                act += t * ((v, canonical(dst)) not in moved) + t * (n.id in self.rerun)
+                moved.add((v, canonical(dst)))
             c = self.node_cost(n, sh[n.id], reductions=False)
             a, g = back.get(n.id, (0.0, 0.0))
             out.append((n, replace(c, grad_s=c.grad_s + g), act + a))
@@ -437,29 +445,11 @@ class CostModel:
 
     def gradient_costs(self, plan: ShardingPlan) -> dict[int, tuple[float, float]]:
         """First reader's node id -> (activation-gradient seconds per micro-batch, weight-
-        gradient seconds per step) of the values it reads first.
-
-        As the runtime's lowering does: a value read by k ops that need its gradient gets k
-        parts, one per reader, in each reader's gradient layout. Parts alike (the same
-        layout, e.g. the three partial sums of Q, K and V's input) are added first and
-        redistributed into the value's layout ONCE; parts unlike are each redistributed,
-        then added (the sum itself: :meth:`grad_sum_seconds`). The op searches price each
-        part on its own edge: an upper bound, equal where no alike parts meet."""
-        sh, out = plan.shardings, {}
-        for v, readers in self.consumers.items():
-            parts = [sh[n].grad_layout(i) for n, i in readers if gradient_inputs(self.nodes[n], self.needs_grad)[i]]
-            src = self.producer_layout(v, sh) if parts else None
-            if src is None:
-                continue
-            target = Layout(src.mesh, src.dims)
-            if all(p == parts[0] for p in parts):      # the runtime's test (spmd.Lowering.accumulate)
-                moved = self.redistribution_seconds(parts[0], target, v)
-            else:
-                moved = sum(self.redistribution_seconds(p, target, v) for p in parts)
-            weight = v in self.weight_values
-            a, g = out.get(readers[0][0], (0.0, 0.0))
-            out[readers[0][0]] = (a + (0.0 if weight else moved), g + (moved if weight else 0.0))
-        return out
+        gradient seconds per step) of the values it reads first, as the runtime's lowering
+        reduces them: alike parts added first, partial sums passed through the VJPs that
+        may take them (:mod:`~autopar.strategy.gradient_flow`). The op searches price each
+        part on its own edge: an upper bound, equal where no parts merge."""
+        return gradient_flow.gradient_costs(self, plan)
 
     def step_collectives_seconds(self, mesh: Mesh) -> float:
         """Collectives once per step outside the graph: the all-reduce of the squared
