@@ -48,6 +48,7 @@ class Node:
     needs: tuple[bool, ...] = ()    # for a backward node: which forward inputs get a gradient
     stage: int | None = None        # pipeline stage of the enclosing cell, if annotated
     recompute: bool = False         # inside a cell marked .recompute()
+    recompute_comm: bool = True     # recomputed: its input redistributions run again too (mp_comm_recompute)
 
     def __str__(self) -> str:
         ins = ", ".join(f"v{i}" for i in self.inputs)

@@ -16,7 +16,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Iterator
 
-from ..errors import OpArgError, at_scope, check_int
+import numpy as np
+
+from ..errors import OpArgError, at_scope, check_int, format_error
 from ..ir.tracing import current_tracer
 from ..runtime.compiled import run_forward
 from .boundaries import find_parameter, shard_spec, with_boundaries
@@ -33,6 +35,7 @@ class Cell:
         object.__setattr__(self, "training", False)
         object.__setattr__(self, "_pipeline_stage", None)
         object.__setattr__(self, "is_recompute", None)    # None: as the enclosing cell says
+        object.__setattr__(self, "recompute_comm", True)  # its mp_comm_recompute (see recompute)
 
     # ---- registration ----------------------------------------------------------------
     def __setattr__(self, name: str, value) -> None:
@@ -123,13 +126,35 @@ class Cell:
             object.__setattr__(c, "training", mode)
         return self
 
-    def recompute(self, mode: bool = True) -> "Cell":
+    def recompute(self, mode: bool = True, *, mp_comm_recompute: bool = True,
+                  parallel_optimizer_comm_recompute: bool = False, recompute_slice_activation: bool = False) -> "Cell":
         """Drop this cell's activations after forward and recompute them for backward
         (MindSpore's ``Cell.recompute()``). ``mode=False`` marks the cell kept: inside a
         recomputed cell, its ops' outputs are saved as usual. The innermost explicit mark
         wins, and an op's own (``Primitive.recompute``) beats every cell's. A cell never
-        marked (``is_recompute`` None) follows the cell around it."""
+        marked (``is_recompute`` None) follows the cell around it.
+
+        ``mp_comm_recompute`` (MindSpore's default True): the model-parallel redistributions
+        feeding the recomputed ops run again in the backward pass; False keeps their outputs
+        saved instead (less communication, more memory). MindSpore's
+        ``parallel_optimizer_comm_recompute`` and ``recompute_slice_activation`` are taken at
+        their default (False) only: True is a ValueError saying why."""
+        where = f"{type(self).__name__}.recompute"
+        for arg, value in (("mode", mode), ("mp_comm_recompute", mp_comm_recompute),
+                           ("parallel_optimizer_comm_recompute", parallel_optimizer_comm_recompute),
+                           ("recompute_slice_activation", recompute_slice_activation)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(format_error(where, arg, "True or False", repr(value)))
+        if parallel_optimizer_comm_recompute:
+            raise ValueError(format_error(where, "parallel_optimizer_comm_recompute", "False (autopar does not "
+                                          "support True)", "True", "optimizer-parallel weights are whole through "
+                                          "the step below optimizer_level 'level3', and level3 gathers them again "
+                                          "for every backward use: set parallel_optimizer_config instead"))
+        if recompute_slice_activation:
+            raise ValueError(format_error(where, "recompute_slice_activation", "False (autopar does not support "
+                                          "True)", "True", "saved activations stay in their op's layout"))
         object.__setattr__(self, "is_recompute", bool(mode))
+        object.__setattr__(self, "recompute_comm", bool(mp_comm_recompute))
         return self
 
     def shard(self, in_strategy, out_strategy=None, parameter_plan=None) -> "Cell":

@@ -236,7 +236,8 @@ class Lowering:
         lay = sh.output_layout()
         new = self.builder.add_node(node.prim.local(sh, self.rank, specs, out, self.comms.along), tuple(ins),
                                     (self.local_spec(node.outputs[0], lay),), node.scope, phase=FORWARD,
-                                    stage=node.stage, recompute=node.recompute)
+                                    stage=node.stage, recompute=node.recompute,
+                                    recompute_comm=node.recompute_comm)
         self.local[node.outputs[0]] = (lay, new.outputs[0])
         self.fwd_ins[node.id], self.fwd_node[node.id] = ins, new.id
 

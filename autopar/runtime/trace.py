@@ -26,6 +26,7 @@ class _Frame:
     scope: str
     stage: int | None
     recompute: bool      # the innermost explicit cell mark around it (False: none)
+    comm: bool = True    # that cell's mp_comm_recompute: redistributions feeding its ops recomputed too
 
 
 def _recomputed(prim: Primitive, frame: _Frame) -> bool:
@@ -59,7 +60,8 @@ class Tracer:
             path = type(cell).__name__
         stage = cell.pipeline_stage if cell.pipeline_stage is not None else outer.stage
         mark = outer.recompute if cell.is_recompute is None else cell.is_recompute
-        self.frames.append(_Frame(path, stage, mark))
+        comm = outer.comm if cell.is_recompute is None else cell.recompute_comm
+        self.frames.append(_Frame(path, stage, mark, comm))
         try:
             yield
         except (OpArgError, OpTypeError) as err:
@@ -110,7 +112,8 @@ class Tracer:
         except (OpArgError, OpTypeError) as err:
             raise at_scope(err, where) from None
         node = self.builder.add_node(prim, vids, (out,), frame.scope, phase=FORWARD,
-                                     stage=frame.stage, recompute=_recomputed(prim, frame))
+                                     stage=frame.stage, recompute=_recomputed(prim, frame),
+                                     recompute_comm=frame.comm)
         return Tensor(node.outputs[0], out, self)
 
 

@@ -82,7 +82,8 @@ def resolve_marks(forward: Sequence[Node], inserted: Callable[[Node], bool] = la
     """Per ``forward`` node (in order), whether it is recomputed: its flag; or, unmarked, a
     view (``prim.view == "alias"``) that is the only reader of a recomputed node's output;
     or, for a node ``inserted`` by lowering, the mark of the next node not inserted when
-    that one has its scope (the op it feeds)."""
+    that one has its scope (the op it feeds) and lets its communication be recomputed
+    (``Cell.recompute(mp_comm_recompute=False)`` keeps a redistribution's output saved)."""
     readers: dict[int, int] = {}
     for n in forward:
         for v in n.inputs:
@@ -97,7 +98,8 @@ def resolve_marks(forward: Sequence[Node], inserted: Callable[[Node], bool] = la
     feeds = None                                   # position of the next node not inserted
     for k in range(len(forward) - 1, -1, -1):
         if inserted(forward[k]):
-            marks[k] = feeds is not None and forward[feeds].scope == forward[k].scope and marks[feeds]
+            marks[k] = feeds is not None and forward[feeds].scope == forward[k].scope and marks[feeds] \
+                and forward[feeds].recompute_comm
         else:
             feeds = k
     return marks

@@ -76,7 +76,8 @@ def stage_graph(graph: Graph, assign: StageAssignment, stage: int) -> StageGraph
     origin = []
     for n in nodes:
         new = b.add_node(n.prim, tuple(local[v] for v in n.inputs), tuple(graph.spec(o) for o in n.outputs),
-                         n.scope, phase=FORWARD, stage=stage, recompute=n.recompute)
+                         n.scope, phase=FORWARD, stage=stage, recompute=n.recompute,
+                         recompute_comm=n.recompute_comm)
         local.update(zip(n.outputs, new.outputs))
         origin.append(n.id)
 
