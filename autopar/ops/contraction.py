@@ -14,6 +14,10 @@ set) are written so that each result comes out contiguous in its input's own lay
 
     dA = dC @ op(B)^T   (or op(B) @ dC^T when transpose_a)
     dB = op(A)^T @ dC   (or dC^T @ op(A) when transpose_b)
+
+A 2-D B broadcast over A's batch dims (a weight applied to (B, S, in), as the
+sequence-parallel row-parallel Dense does) folds A's leading dims into rows: one GEMM
+each way, and dB made once instead of one per batch entry summed after.
 """
 from __future__ import annotations
 
@@ -70,14 +74,24 @@ class Contraction(Primitive):
         kn = "zy" if not tb else "yz"
         return Indexing((batch.inputs[0] + mk, batch.inputs[1] + kn), batch.output + "xy", batch.fixed)
 
+    def _folds(self, a, b) -> bool:
+        """A weight (2-D B) applied to every batch entry of A: fold A's leading dims into rows."""
+        return b.ndim == 2 and a.ndim > 2 and not self.attrs["transpose_a"]
+
     def forward(self, a, b):
         ta, tb = self.attrs["transpose_a"], self.attrs["transpose_b"]
-        y = _matmul(_t(a) if ta else a, _t(b) if tb else b)
+        if self._folds(a, b):
+            y = _matmul(a.reshape(-1, a.shape[-1]), _t(b) if tb else b)     # (..., m, k) -> (rows, k) @ op(B)
+            y = y.reshape(a.shape[:-1] + y.shape[-1:])                      # (rows, n) -> (..., m, n)
+        else:
+            y = _matmul(_t(a) if ta else a, _t(b) if tb else b)
         return y.astype(np.result_type(a.dtype, b.dtype), copy=False)
 
     def vjp(self, dy, xs, y, specs, needs):
         a, b = xs
         ta, tb = self.attrs["transpose_a"], self.attrs["transpose_b"]
+        if self._folds(a, b):
+            return self._folded_vjp(dy, a, b, specs, needs)
         da = db = None
         if needs[0]:
             if ta:
@@ -91,6 +105,17 @@ class Contraction(Primitive):
             else:
                 db = _matmul(a if ta else _t(a), dy)
             db = sum_to(db, specs[1].shape).astype(specs[1].dtype, copy=False)
+        return da, db
+
+    def _folded_vjp(self, dy, a, b, specs, needs):
+        """The VJP on (rows, k) @ op(B): dA reshaped back to A's shape, dB one GEMM."""
+        tb = self.attrs["transpose_b"]
+        a2, dy2 = a.reshape(-1, a.shape[-1]), dy.reshape(-1, dy.shape[-1])   # (rows, k), (rows, n)
+        da = db = None
+        if needs[0]:
+            da = _matmul(dy2, b if tb else _t(b)).reshape(a.shape).astype(specs[0].dtype, copy=False)
+        if needs[1]:
+            db = (_matmul(_t(dy2), a2) if tb else _matmul(_t(a2), dy2)).astype(specs[1].dtype, copy=False)
         return da, db
 
     def flops(self, specs, out):
