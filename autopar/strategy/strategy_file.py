@@ -111,16 +111,16 @@ def save_pipeline_strategy(path, graphs, plans, predicted=None, only_trainable: 
 def add_joint_plan(path, record: dict) -> None:
     """Add the ``auto_parallel`` joint plan ``record`` (stages, micro-batches, recompute, ...)
     to the strategy file ``path`` a run just saved, so loading the file replays that plan."""
-    doc, _ = _read_json(os.fspath(path))
+    doc, _ = read_strategy_json(os.fspath(path))
     doc[JOINT_PLAN] = record
     _write_atomic(os.fspath(path), _dumps(doc) + "\n")
 
 
 def read_joint_plan(path) -> dict | None:
     """The joint plan saved in the strategy file ``path``, or None (a hand-planned run's file)."""
-    doc, where = _read_json(os.fspath(path))
-    r = _Reader(where)
-    _version(r, doc)
+    doc, where = read_strategy_json(os.fspath(path))
+    r = StrategyReader(where)
+    file_version(r, doc)
     return None if JOINT_PLAN not in doc else r.as_dict(doc[JOINT_PLAN], JOINT_PLAN)
 
 
@@ -262,7 +262,7 @@ def _dumps(obj, depth: int = 0, width: int = 96) -> str:
 # ---- checked reading: every malformed entry is a ValueError naming the file and entry ------
 
 @dataclass(frozen=True)
-class _Reader:
+class StrategyReader:
     """Typed access to the parsed JSON: every malformed entry is a ValueError naming it."""
 
     where: str
@@ -353,11 +353,11 @@ def load_strategy(path, graph: Graph, stage: Mesh) -> ShardingPlan:
     path = _check_args(path, graph)
     if not isinstance(stage, Mesh):
         raise TypeError(format_error("load_strategy", "stage", "a Mesh", type(stage).__name__))
-    doc, where = _read_json(path)
+    doc, where = read_strategy_json(path)
     return plan_from_json(doc, graph, stage, where)
 
 
-def _read_json(path: str) -> tuple[object, str]:
+def read_strategy_json(path: str) -> tuple[object, str]:
     where = f"strategy file {path!r}"
     try:
         with open(path, encoding="utf-8") as f:
@@ -379,13 +379,13 @@ def _no_constant(name: str):
 def plan_from_json(doc, graph: Graph, stage: Mesh, where: str = "strategy") -> ShardingPlan:
     """Rebuild and validate a plan from the file's content (version 1, or a version-2
     file of one stage)."""
-    r = _Reader(where)
-    if _version(r, doc) == PIPELINE_VERSION:
-        bodies = _stage_bodies(r, doc)
+    r = StrategyReader(where)
+    if file_version(r, doc) == PIPELINE_VERSION:
+        bodies = stage_bodies(r, doc)
         if len(bodies) != 1:
             raise r.fail("pipeline_stages", "1 (this compile has no pipeline)", str(len(bodies)),
                          f"set pipeline_stages={len(bodies)} to use it, or " + RESAVE)
-        return _plan_from_body(_Reader(f"{where}: stages[0]"), bodies[0], graph, stage)
+        return _plan_from_body(StrategyReader(f"{where}: stages[0]"), bodies[0], graph, stage)
     return _plan_from_body(r, doc, graph, stage, header=("format", "version"))
 
 
@@ -400,8 +400,8 @@ class PipelineStrategy:
 
     def plan(self, k: int, graph: Graph, stage: Mesh) -> ShardingPlan:
         if self.version == VERSION:
-            return _plan_from_body(_Reader(self.where), self.bodies[k], graph, stage, header=("format", "version"))
-        return _plan_from_body(_Reader(f"{self.where}: stages[{k}]"), self.bodies[k], graph, stage)
+            return _plan_from_body(StrategyReader(self.where), self.bodies[k], graph, stage, header=("format", "version"))
+        return _plan_from_body(StrategyReader(f"{self.where}: stages[{k}]"), self.bodies[k], graph, stage)
 
 
 def load_pipeline_strategy(path, stages: int, device_num: int) -> PipelineStrategy:
@@ -409,10 +409,10 @@ def load_pipeline_strategy(path, stages: int, device_num: int) -> PipelineStrate
     version-2 file, or a version-1 file for one stage."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(format_error("strategy file", "path", "a str or os.PathLike", type(path).__name__))
-    doc, where = _read_json(os.fspath(path))
-    r = _Reader(where)
-    version = _version(r, doc)
-    bodies = (doc,) if version == VERSION else _stage_bodies(r, doc)
+    doc, where = read_strategy_json(os.fspath(path))
+    r = StrategyReader(where)
+    version = file_version(r, doc)
+    bodies = (doc,) if version == VERSION else stage_bodies(r, doc)
     if len(bodies) != stages:
         raise r.fail("pipeline_stages", f"{stages} (the context's pipeline_stages)", str(len(bodies)),
                      f"set pipeline_stages={len(bodies)}, or " + RESAVE)
@@ -422,7 +422,7 @@ def load_pipeline_strategy(path, stages: int, device_num: int) -> PipelineStrate
     return PipelineStrategy(where, version, bodies)
 
 
-def _version(r: _Reader, doc) -> int:
+def file_version(r: StrategyReader, doc) -> int:
     """The file's version, after checking the format (1 or 2, else a ValueError)."""
     r.as_dict(doc, "<top level>")
     for key in ("format", "version"):
@@ -436,7 +436,7 @@ def _version(r: _Reader, doc) -> int:
     return doc["version"]
 
 
-def _stage_bodies(r: _Reader, doc) -> tuple:
+def stage_bodies(r: StrategyReader, doc) -> tuple:
     """A version-2 file's stage entries, checked for shape only."""
     r.keys(doc, "<top level>", ("format", "version", "device_num", "pipeline_stages", "stages"), (JOINT_PLAN,))
     count = r.as_int(doc["pipeline_stages"], "pipeline_stages", 1)
@@ -446,7 +446,7 @@ def _stage_bodies(r: _Reader, doc) -> tuple:
     return tuple(bodies)
 
 
-def _plan_from_body(r: _Reader, doc, graph: Graph, stage: Mesh, header: tuple = ()) -> ShardingPlan:
+def _plan_from_body(r: StrategyReader, doc, graph: Graph, stage: Mesh, header: tuple = ()) -> ShardingPlan:
     """One plan's entries (``header``: the keys a version-1 file has besides them)."""
     r.keys(doc, "<top level>" if header else "stage entry", header + (
         "device_num", "stage", "inputs", "parameters", "constants", "ops"),
@@ -494,7 +494,7 @@ def _place_unlisted(graph: Graph, forward, shardings: dict, layouts: dict) -> No
             layouts[v] = shardings[reader.id].input_layout(reader.inputs.index(v))
 
 
-def _read_inputs(r: _Reader, entries, graph: Graph, stage: Mesh, layouts: dict) -> None:
+def _read_inputs(r: StrategyReader, entries, graph: Graph, stage: Mesh, layouts: dict) -> None:
     entries = r.as_list(entries, "inputs")
     if len(entries) != len(graph.inputs):
         raise r.fail("inputs", f"{len(graph.inputs)} graph inputs", str(len(entries)), RESAVE)
@@ -507,7 +507,7 @@ def _read_inputs(r: _Reader, entries, graph: Graph, stage: Mesh, layouts: dict) 
         _read_value(r, entry, arg, v, graph, stage, layouts)
 
 
-def _read_parameters(r: _Reader, entries, graph: Graph, stage: Mesh, layouts: dict) -> None:
+def _read_parameters(r: StrategyReader, entries, graph: Graph, stage: Mesh, layouts: dict) -> None:
     entries = r.as_dict(entries, "parameters")
     names = graph.param_names()
     for v, name, p in zip(graph.params, names, graph.param_objs):
@@ -522,7 +522,7 @@ def _read_parameters(r: _Reader, entries, graph: Graph, stage: Mesh, layouts: di
         raise r.fail(f"parameters[{extra[0]!r}]", "a parameter of the graph", f"{len(extra)} unknown", RESAVE)
 
 
-def _read_constants(r: _Reader, entries, graph: Graph, stage: Mesh, layouts: dict) -> None:
+def _read_constants(r: StrategyReader, entries, graph: Graph, stage: Mesh, layouts: dict) -> None:
     entries = r.as_list(entries, "constants")
     if len(entries) != len(graph.consts):
         raise r.fail("constants", f"{len(graph.consts)} constants", str(len(entries)), RESAVE)
@@ -530,7 +530,7 @@ def _read_constants(r: _Reader, entries, graph: Graph, stage: Mesh, layouts: dic
         _read_value(r, entry, f"constants[{k}]", v, graph, stage, layouts, optional=("used_by",))
 
 
-def _read_value(r: _Reader, entry, arg: str, v: int, graph: Graph, stage: Mesh, layouts: dict,
+def _read_value(r: StrategyReader, entry, arg: str, v: int, graph: Graph, stage: Mesh, layouts: dict,
                 optional: tuple = ()) -> None:
     r.keys(entry, arg, ("shape", "layout"), optional)
     if not isinstance(entry.get("used_by", ""), (str, type(None))):
@@ -544,7 +544,7 @@ def _read_value(r: _Reader, entry, arg: str, v: int, graph: Graph, stage: Mesh, 
         layouts[v] = lay
 
 
-def _read_op(r: _Reader, entry, node: Node, graph: Graph, stage: Mesh) -> tuple[OpSharding, Layout | None]:
+def _read_op(r: StrategyReader, entry, node: Node, graph: Graph, stage: Mesh) -> tuple[OpSharding, Layout | None]:
     """The node's exact sharding (strategy re-validated by the op's rule) and output layout."""
     arg = f"ops[{node.name!r}]"
     r.keys(entry, arg, ("scope", "kind", "strategy", "device_matrix", "axes", "output_layout"), ("out_dims",))
@@ -583,7 +583,7 @@ def _read_op(r: _Reader, entry, node: Node, graph: Graph, stage: Mesh) -> tuple[
     return sharding, lay
 
 
-def _read_out_dims(r: _Reader, entry, arg: str, ndim: int, mesh: Mesh):
+def _read_out_dims(r: StrategyReader, entry, arg: str, ndim: int, mesh: Mesh):
     """An out_strategy's home dims: per output dim, the mesh axes splitting it; None if absent."""
     if entry is None:
         return None
@@ -597,7 +597,7 @@ def _read_out_dims(r: _Reader, entry, arg: str, ndim: int, mesh: Mesh):
     return out
 
 
-def _read_axes(r: _Reader, entry, arg: str, indexing: Indexing, mesh: Mesh, has_rule: bool):
+def _read_axes(r: StrategyReader, entry, arg: str, indexing: Indexing, mesh: Mesh, has_rule: bool):
     """``{letter: [mesh axes]}`` as OpSharding's sorted ``(letter, axes)`` pairs."""
     entry = r.as_dict(entry, arg)
     used: dict[int, str] = {}
@@ -621,7 +621,7 @@ def _read_axes(r: _Reader, entry, arg: str, indexing: Indexing, mesh: Mesh, has_
     return tuple(sorted(out))
 
 
-def _read_predicted(r: _Reader, entry) -> None:
+def _read_predicted(r: StrategyReader, entry) -> None:
     entry = r.as_dict(entry, "predicted")
     for key in ("step_seconds", "memory_bytes_per_rank"):
         x = entry.get(key)

@@ -33,7 +33,7 @@ from ...errors import format_error
 from ...ir.layout import Layout
 from ...ir.mesh import Mesh
 from ...nn.parameter import Parameter
-from ...strategy.strategy_file import RESAVE, VERSION, _read_json, _Reader, _stage_bodies, _version
+from ...strategy.strategy_file import RESAVE, VERSION, StrategyReader, file_version, read_strategy_json, stage_bodies
 from .format import FILE_NAME, full_region, read_manifest, region_of, value_error
 from .holdings import _layout_json
 from .reader import PieceReader
@@ -107,12 +107,12 @@ def _read_strategy(where: str, arg: str, path) -> tuple[int, dict[str, Parameter
     """(the file's device count, its parameter layouts)."""
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(format_error(where, arg, "a str or os.PathLike (a strategy file)", type(path).__name__))
-    doc, name = _read_json(os.fspath(path))
-    r = _Reader(name)
-    if _version(r, doc) == VERSION:
+    doc, name = read_strategy_json(os.fspath(path))
+    r = StrategyReader(name)
+    if file_version(r, doc) == VERSION:
         bodies = [(r, doc)]
     else:
-        bodies = [(_Reader(f"{name}: stages[{k}]"), body) for k, body in enumerate(_stage_bodies(r, doc))]
+        bodies = [(StrategyReader(f"{name}: stages[{k}]"), body) for k, body in enumerate(stage_bodies(r, doc))]
     out: dict[str, ParameterLayout] = {}
     for k, (rk, body) in enumerate(bodies):
         for pname, entry in _stage_parameters(rk, body, k).items():
@@ -120,7 +120,7 @@ def _read_strategy(where: str, arg: str, path) -> tuple[int, dict[str, Parameter
     return r.as_int(doc.get("device_num"), "device_num", 1), out
 
 
-def _stage_parameters(r: _Reader, body, stage_index: int) -> dict[str, ParameterLayout]:
+def _stage_parameters(r: StrategyReader, body, stage_index: int) -> dict[str, ParameterLayout]:
     """The parameters of one plan body (a version-1 file, or one stage of a version-2 one)."""
     r.as_dict(body, "<plan>")
     for key in ("device_num", "stage", "parameters"):
