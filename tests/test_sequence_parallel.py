@@ -299,3 +299,15 @@ def test_search_picks_sequence_parallel_when_it_pays_in_time():
     """S64: the norm's and dropout's work divided by 4 outweighs the extra calls."""
     g = trace(FreeBlock(64, 4), (TensorSpec((2, 64, 64), np.dtype(np.float32)),), {}).graph
     assert _token_ops(g, search(g, Mesh((4,), ("devices",)), profile=SEARCH_PROFILE).plan) == SEQUENCE_SPLIT
+
+
+def test_sequence_parallel_inside_pipeline_stages_equals_serial(monkeypatch):
+    """pp2 x mp2, 1F1B over 4 micro-batches (test_pipeline's run with sequence_parallel on):
+    loss, gradients and three AdamW steps equal serial."""
+    import test_pipeline as tp
+    net = PanguAlphaWithLoss(tp.CONFIG).set_train(True)
+    loss, grads = autopar.value_and_grad(net)(tp.IDS)
+    net = PanguAlphaWithLoss(tp.CONFIG)
+    _, losses, weights = tp.train_three_steps(net, net, tp.IDS)
+    monkeypatch.setattr(tp, "CONFIG", tp.CONFIG.replace(sequence_parallel=True))
+    tp.assert_equals_serial(tp.run_pipeline(2, 1, 2, 4, "1f1b"), (loss, grads, losses, weights))
