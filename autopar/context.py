@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import math
 import os
 import threading
 from contextlib import contextmanager
@@ -114,17 +115,18 @@ def _dataset_strategy(value) -> str | tuple[tuple[int, ...], ...]:
     return tuple(splits)
 
 
-def _check_fed_splits(splits: tuple[tuple[int, ...], ...]) -> None:
-    """The ``dataset_strategy`` tuples autopar feeds: every input whole (all ones: each rank
-    reads the whole batch, as ``full_batch``) or every input split on dim 0 alone, all the
-    same number of ways (each rank reads its slice of the rows, as ``"data_parallel"``;
-    the count should be the devices of a stage). Other tuples are rejected, never fed some
-    other way."""
-    if all(s == 1 for t in splits for s in t):
+def _check_fed_splits(splits: tuple[tuple[int, ...], ...], stage_devices: int) -> None:
+    """A ``dataset_strategy`` tuple feeds input k its block on the device matrix
+    ``(s0, s1, ..., R)`` of a stage's ranks (``autopar.strategy.sharding_plan.fed_layout``),
+    so each input's splits must multiply to a divisor of the stage's devices. Checked here
+    once ``device_num`` is set (> 1); the count of inputs and of dims at compile time."""
+    if stage_devices == 1:
         return
-    if len({t[0] for t in splits}) != 1 or any(s != 1 for t in splits for s in t[1:]):
-        raise _fail("dataset_strategy", "every input whole (all 1s) or split on dim 0 alone, all the same number "
-                    "of ways", splits, "autopar feeds each rank the whole batch or its slice of the rows")
+    for k, t in enumerate(splits):
+        if stage_devices % math.prod(t):
+            raise _fail("dataset_strategy", f"per input, split counts whose product divides the {stage_devices} "
+                        "devices of a stage (device_num / pipeline_stages)", splits,
+                        f"input {k} is {t} (product {math.prod(t)}); the devices left over repeat each block")
 
 
 @dataclass(frozen=True)
@@ -241,7 +243,7 @@ class ParallelContext:
             raise _fail("full_batch", f"False when dataset_strategy is a tuple ({self.dataset_strategy})",
                         self.full_batch, "use dataset_strategy alone; full_batch is its older spelling")
         if isinstance(self.dataset_strategy, tuple):
-            _check_fed_splits(self.dataset_strategy)
+            _check_fed_splits(self.dataset_strategy, self.stage_device_num)
 
     def __repr__(self) -> str:
         changed = [f"{name}={getattr(self, name)!r}" for name in FIELD_NAMES

@@ -359,9 +359,17 @@ def test_all_ones_dataset_strategy_is_not_split_any_more():
 
 
 @pytest.mark.parametrize("value", [((1, 4),), ((4, 1), (1, 1)), ((4, 1), (2, 1))])
+def test_dataset_strategy_general_tuples_are_fed_not_refused(value):
+    # once refused (only all-1s or one dim-0 count were fed); now each input is fed its block
+    # (tests/test_dataset_strategy.py shows loss and gradients equal serial)
+    with parallel_context(device_num=N, dataset_strategy=value) as ctx:
+        assert ctx.dataset_strategy == value and not ctx.loads_full_batch
+
+
+@pytest.mark.parametrize("value", [((8, 1),), ((4, 1), (3, 1))])
 def test_dataset_strategy_autopar_cannot_feed_is_rejected(value):
-    with pytest.raises(ValueError, match=r"ParallelContext: dataset_strategy: expected every input whole \(all 1s\) "
-                                         r"or split on dim 0 alone"):
+    with pytest.raises(ValueError, match=r"ParallelContext: dataset_strategy: expected per input, split counts whose "
+                                         r"product divides the 4 devices of a stage"):
         with parallel_context(device_num=N, dataset_strategy=value):
             pass
 

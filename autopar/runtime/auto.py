@@ -16,7 +16,8 @@ choice (every rank runs the same plan), prints it once beside the next-best plan
 writes it into ``strategy_ckpt_save_file`` beside the stage plans (:func:`choice_record`).
 
 Feeding: the script feeds each rank its data-parallel slice of the global batch (or the
-whole batch), not knowing the plan. A pipeline wants the ranks at one position of every
+whole batch, or its blocks under a ``dataset_strategy`` tuple, which only a plan of one
+sharded program takes: :func:`_check_feed`), not knowing the plan. A pipeline wants the ranks at one position of every
 stage fed the same rows, so when the plan has several stages each step all-gathers the
 inputs (token ids: a few KiB) and every rank keeps its position's rows.
 """
@@ -34,11 +35,12 @@ from ..errors import format_error
 from ..ir.graph import Graph
 from ..ir.spec import TensorSpec
 from ..strategy.pipeline.auto import AutoFixed, AutoPlan, annotate, find_layer_stack, plan_table, search_auto
+from ..strategy.sharding_plan import fed_splits, global_inputs
 from ..strategy.strategy_file import add_joint_plan, read_joint_plan
 from .pipeline.program import Pipelined, PipelineGradProgram
 from .protocol import TrainingProgram
 from .setting import CompileSetting, setting_key
-from .sharded_program import ShardedGradProgram
+from .sharded_program import ShardedGradProgram, fed_program_splits
 from .trace import signature_key, trace
 
 
@@ -83,9 +85,32 @@ def _broadcast_json(world, obj) -> object:
 
 
 def _rows_spec(a, rows: int):
-    if not isinstance(a, np.ndarray) or a.ndim == 0:
+    if not isinstance(a, (np.ndarray, TensorSpec)) or len(a.shape) == 0:
         return a
-    return TensorSpec((rows,) + a.shape[1:], a.dtype)
+    return TensorSpec((rows,) + tuple(a.shape[1:]), a.dtype)
+
+
+def _run_feed(choice: AutoPlan, cell, splits: tuple, args: tuple, devices: int, ctx):
+    """The ``dataset_strategy`` the joint plan's program runs with. A tuple is fed as it says
+    when the plan runs one sharded program; a pipeline or micro-batches regroup
+    data-parallel rows, so there a tuple is taken only when it is ``"data_parallel"`` over
+    every device (dim 0 split ``devices`` ways: run as that) or all 1s; any other is
+    refused here rather than fed wrongly."""
+    strategy = ctx.dataset_strategy
+    if not isinstance(strategy, tuple) or ctx.loads_full_batch:
+        return strategy
+    if choice.pp == 1 and choice.micro_batches == 1 and not isinstance(cell, Pipelined):
+        return strategy
+    rows = fed_splits([tuple(a.shape) for a in args if isinstance(a, np.ndarray)], devices, False, "data_parallel")
+    for k, (mine, want) in enumerate(zip(splits, rows)):
+        if mine != want:
+            raise ValueError(format_error(
+                "auto_parallel", f"dataset_strategy input {k}",
+                f"{want} (dim 0 split over all {devices} devices) or all 1s when the joint plan pipelines or "
+                f"micro-batches (chosen: {choice.pp} stages, {choice.micro_batches} micro-batches)", str(mine),
+                "set pipeline_stages=1 (and no PipelineCell) to keep one sharded program, or feed "
+                "dataset_strategy='data_parallel' / 'full_batch'"))
+    return "data_parallel"
 
 
 class AutoGradProgram(TrainingProgram):
@@ -138,11 +163,13 @@ def auto_grad_program(cell, args: tuple, params: Sequence, sens: float,
     None when the context leaves nothing to search."""
     network = cell.network if isinstance(cell, Pipelined) else cell
     world, ctx, whole = setting.world, setting.ctx, setting.full_batch
-    arrays = [a for a in args if isinstance(a, np.ndarray) and a.ndim]
-    batch = arrays[0].shape[0] * (1 if whole else world.size) if arrays else 1
+    splits = fed_program_splits(args, world.size, whole, ctx, setting.mode)     # the script's feed, checked
+    global_args = global_inputs(args, splits)
+    arrays = [a for a in global_args if isinstance(a, (np.ndarray, TensorSpec)) and len(a.shape)]
+    batch = arrays[0].shape[0] if arrays else 1
 
     def graph_at(rows: int) -> Graph:
-        return trace(network, tuple(_rows_spec(a, rows) for a in args), {}).graph
+        return trace(network, tuple(_rows_spec(a, rows) for a in global_args), {}).graph
 
     graph = graph_at(batch)
     fixed = open_choices(cell, graph, setting)
@@ -161,7 +188,8 @@ def auto_grad_program(cell, args: tuple, params: Sequence, sens: float,
     def marks(g: Graph) -> Graph:
         return annotate(g, stack, choice.layers_per_stage, choice.recompute, stages=not fixed.keep_stages)
 
-    run_ctx = ctx.replace(enable_parallel_optimizer=choice.optimizer_parallel, pipeline_stages=choice.pp)
+    run_ctx = ctx.replace(enable_parallel_optimizer=choice.optimizer_parallel, pipeline_stages=choice.pp,
+                          dataset_strategy=_run_feed(choice, cell, splits, args, world.size, ctx))
     options = dataclasses.replace(run_ctx.plan_options, memory_cap=math.inf)     # as the joint search planned
     if choice.pp == 1 and choice.micro_batches == 1 and not isinstance(cell, Pipelined):
         inner = ShardedGradProgram(network, args, params, setting.mode, world, whole, sens, ctx=run_ctx,

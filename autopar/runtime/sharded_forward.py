@@ -10,7 +10,9 @@ as it is.
 
 What a call returns is what the serial call returns: every output whole on every rank
 with ``full_batch`` (every rank fed the whole batch); without it, each rank feeds its rows
-and gets its rows of every output whose leading dim is the batch (the others whole).
+and gets its rows of every output whose leading dim is the batch (the others whole). Under
+a ``dataset_strategy`` tuple each rank feeds its block of every input, and gets the rows
+of such outputs that it was fed (the first input's dim-0 split, ranks repeating as fed).
 
 **Carried state.** An incremental decoder threads state through calls: output ``o`` of
 call t is input ``i`` of call t + 1 (a key/value cache). ``carry={o: i}`` keeps that state
@@ -35,12 +37,13 @@ from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.spec import TensorSpec
 from ..strategy.plan_source import make_plan
-from ..strategy.sharding_plan import ShardingPlan, input_layout
+from ..strategy.sharding_plan import ShardingPlan, fed_layout, global_inputs, with_fed_inputs
 from .arguments import tensor_args
 from .consistency import ConsistencyCheck, feed_group
 from .program import Program
 from .protocol import ForwardStep
 from .setting import DEFAULT_CONTEXT, parallel_setting, setting_key
+from .sharded_program import fed_program_splits
 from .spmd import lower, settled
 from .trace import Traced, signature_key, trace
 
@@ -97,18 +100,19 @@ class ShardedForwardProgram(ForwardStep):
                                       tensor_args(args, kwargs))
         n = world.size
         stage = Mesh((n,), ("devices",), tuple(range(n)))
-
-        def global_spec(a):   # this rank's rows -> the whole batch
-            if full_batch or not isinstance(a, (np.ndarray, TensorSpec)) or len(a.shape) == 0:
-                return a
-            return TensorSpec((a.shape[0] * n,) + a.shape[1:], a.dtype)
-        g_args = tuple(global_spec(a) for a in args)
-        g_kwargs = {k: global_spec(v) for k, v in kwargs.items()}
+        ctx = ctx or DEFAULT_CONTEXT
+        names = sorted(kwargs)                  # the tracer's order: positional, then keywords by name
+        every = tuple(args) + tuple(kwargs[k] for k in names)
+        splits = fed_program_splits(every, n, full_batch, ctx, mode)     # this rank's blocks -> the whole batch
+        g_every = global_inputs(every, splits)
+        g_args, g_kwargs = g_every[:len(args)], dict(zip(names, g_every[len(args):]))
         self.traced = trace(cell, g_args, g_kwargs)
         graph = self.traced.graph
         # The forward graph is not the training graph a strategy file describes: plan it by
         # the rules (the ops' strategies), without reading or overwriting that file.
-        plan = make_plan(graph, mode, stage, full_batch, (ctx or DEFAULT_CONTEXT).plan_options.without_files())
+        plan = with_fed_inputs(make_plan(graph, mode, stage, full_batch, ctx.plan_options.without_files()),
+                               graph, splits)
+        row_splits = next((s[0] for s in splits if s), 1)     # how the batch's rows are fed, and delivered
         slots = _input_slots(self.traced)
         self.carry = dict(carry or {})
         into = {k: self._carried_slot(k, slots, graph) for k in self.carry}   # output -> graph input index
@@ -122,8 +126,8 @@ class ShardedForwardProgram(ForwardStep):
                 layouts[graph.inputs[into[k]]] = lay
                 self.carried_inputs[into[k]] = lay
                 delivered[v] = lay
-            elif not full_batch and spec.ndim and spec.shape[0] == batch:
-                delivered[v] = input_layout(spec, stage, False)    # this rank's rows
+            elif spec.ndim and spec.shape[0] == batch:
+                delivered[v] = fed_layout((row_splits,) + (1,) * (spec.ndim - 1), stage)    # this rank's rows
             else:
                 delivered[v] = Layout.replicated(stage, spec.ndim)
         self.plan = ShardingPlan(plan.stage, plan.shardings, layouts)

@@ -13,11 +13,13 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..context import ParallelContext
+from ..errors import format_error
 from ..ir.graph import Graph
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.spec import TensorSpec
 from ..strategy.plan_source import PlanOptions, make_plan, save_plan
+from ..strategy.sharding_plan import fed_splits, global_inputs, with_fed_inputs
 from .autodiff import differentiate
 from .consistency import ConsistencyCheck, feed_group
 from .fusion import Fusion, fuse_gradient_reductions
@@ -30,11 +32,28 @@ from .spmd import lower
 from .trace import trace
 
 
+def fed_program_splits(args: tuple, devices: int, whole: bool, ctx: ParallelContext,
+                       mode: str) -> tuple[tuple[int, ...], ...]:
+    """How a sharded program's array inputs are split over the ``devices`` ranks it runs on
+    (:func:`~autopar.strategy.sharding_plan.fed_splits`); one helper for the training and
+    forward programs. A ``dataset_strategy`` tuple is read under ``semi_auto_parallel`` and
+    ``auto_parallel`` (MindSpore's VirtualDataset); under ``data_parallel`` each rank's
+    loader cuts the rows, so a tuple there is an error rather than ignored."""
+    arrays = [a for a in args if isinstance(a, (np.ndarray, TensorSpec))]
+    strategy = ctx.dataset_strategy
+    if isinstance(strategy, tuple) and not whole and mode == "data_parallel":
+        raise ValueError(format_error("dataset_strategy", "parallel_mode", "'semi_auto_parallel' or 'auto_parallel' "
+                                      f"for a tuple ({strategy})", repr(mode),
+                                      "use dataset_strategy='data_parallel' (or 'full_batch') under data_parallel"))
+    return fed_splits([tuple(a.shape) for a in arrays], devices, whole, strategy)
+
+
 class ShardedGradProgram(TrainingProgram):
     """Loss and local gradient shards of ``params`` on one rank of ``world``.
 
-    Inputs are what this rank is fed: its slice of the batch (``full_batch=False``) or the
-    whole batch. The loss comes back whole on every rank; gradients come back as this
+    Inputs are what this rank is fed: its slice of the batch (``full_batch=False``), the
+    whole batch, or its block of each input under a ``dataset_strategy`` tuple
+    (:func:`fed_program_splits`). The loss comes back whole on every rank; gradients come back as this
     rank's shards in :attr:`layouts`, aligned with :attr:`shards` (what an optimizer
     updates: the ParamShard of each parameter, or under optimizer parallel the SliceShard
     of it that this rank updates; :attr:`param_shards` are always the ParamShards)."""
@@ -48,15 +67,14 @@ class ShardedGradProgram(TrainingProgram):
                                       [a for a in args if isinstance(a, np.ndarray)])
         stage = Mesh((world.size,), ("devices",), tuple(range(world.size)))
         feed_whole = full_batch or mode == "stand_alone"
-        global_args = tuple(a if feed_whole or not isinstance(a, np.ndarray) or a.ndim == 0
-                            else TensorSpec((a.shape[0] * world.size,) + a.shape[1:], a.dtype) for a in args)
-        graph = trace(cell, global_args, {}).graph
+        splits = fed_program_splits(args, world.size, feed_whole, ctx, mode)      # per array input, per dim
+        graph = trace(cell, global_inputs(args, splits), {}).graph
         if annotate is not None:               # the joint plan's recompute marks
             graph = annotate(graph)
         self.targets = loss_targets(graph, params, type(cell).__name__)
         self.graph, grads = differentiate(graph, self.targets.loss, self.targets.used, sens)
         options = plan_options or ctx.plan_options    # the joint plan's, or the context's
-        self.plan = make_plan(graph, mode, stage, feed_whole, options)
+        self.plan = with_fed_inputs(make_plan(graph, mode, stage, feed_whole, options), graph, splits)
         if ctx.strategy_ckpt_save_file:
             trained = [p.name for p in params]          # the optimizer's order, then any frozen weight
             save_plan(ctx.strategy_ckpt_save_file, graph, self.plan, feed_whole, options,

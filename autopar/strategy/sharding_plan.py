@@ -4,6 +4,8 @@ The same on every rank, with no communication, so any device count is planned in
 process:
 
 * graph inputs: split on the batch dim over the stage (``full_batch=False``) or whole;
+  a ``dataset_strategy`` tuple gives each input its own layout (:func:`fed_layout`), set
+  on the plan by :func:`with_fed_inputs`;
 * parameters: the layout their first consumer's sharding asks for;
 * op outputs: their sharding's home layout: the output layout (possibly a partial sum),
   or the layout an ``out_strategy`` asks for, which readers then take (a reduce-scatter
@@ -19,7 +21,11 @@ inside the cell propagate from it.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..errors import OpArgError, OpTypeError, at_scope, format_error
 from ..ir.graph import FORWARD, Graph
@@ -59,6 +65,82 @@ def input_layout(spec: TensorSpec, stage: Mesh, full_batch: bool) -> Layout:
         return Layout.replicated(stage, len(spec.shape))
     flat = Mesh((stage.size,), ("data",), stage.ranks)
     return Layout(flat, ((0,),) + ((),) * (len(spec.shape) - 1))
+
+
+# ---- what each rank is fed: MindSpore's dataset_strategy --------------------------------
+DATASET = "dataset_strategy"
+
+
+def fed_splits(shapes: Sequence[tuple[int, ...]], devices: int, whole: bool,
+               strategy: str | tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+    """Per array input (``shapes``: their local shapes, in feeding order), how many ways each
+    dim is split among the ``devices`` ranks of a stage: all 1s when every rank is fed the
+    whole batch (``whole``: ``full_batch`` or a tuple of all 1s), ``(devices, 1, ...)`` for
+    ``"data_parallel"`` (a 0-dim input whole), else the ``dataset_strategy`` tuple, checked:
+    one tuple per input, one count per dim, their product dividing ``devices``."""
+    if whole:
+        return tuple((1,) * len(s) for s in shapes)
+    if not isinstance(strategy, tuple):
+        return tuple((devices,) + (1,) * (len(s) - 1) if s else () for s in shapes)
+    if len(strategy) != len(shapes):
+        raise ValueError(format_error(DATASET, "number of inputs", f"one tuple per array input ({len(shapes)}: "
+                                      f"shapes {[tuple(s) for s in shapes]})", f"{len(strategy)} tuples {strategy}",
+                                      "give one tuple of split counts per input the network is fed"))
+    for k, (splits, shape) in enumerate(zip(strategy, shapes)):
+        if len(splits) != len(shape):
+            raise ValueError(format_error(DATASET, f"input {k}", f"{len(shape)} split counts (one per dim of its "
+                                          f"shape {tuple(shape)})", str(splits), "give one count per dim"))
+        if devices % math.prod(splits):
+            raise ValueError(format_error(DATASET, f"input {k}", f"split counts whose product divides the {devices} "
+                                          "devices of a stage", f"{splits} (product {math.prod(splits)})",
+                                          "use splits whose product divides the stage's devices; the rest repeat"))
+    return strategy
+
+
+def fed_layout(splits: Sequence[int], stage: Mesh) -> Layout:
+    """The layout of an input split ``splits`` ways per dim over ``stage``: the stage's ranks
+    viewed as the device matrix ``(s0, s1, ..., R)`` row-major, ``R = devices / prod(splits)``
+    repeating blocks (unit axes dropped). Worked on 4 ranks::
+
+        (2, 1)   matrix (s0=2, R=2)   ranks 0,1 rows 0:B/2; ranks 2,3 rows B/2:B
+        (2, 2)   matrix (s0=2, s1=2)  rank 2*i + j holds rows block i, columns block j
+        (4, 1)   matrix (s0=4)        rank r holds rows block r (= "data_parallel")
+
+    Data-parallel blocks outer, so model-parallel ranks (consecutive) share a block; this is
+    MindSpore's VirtualDataset with ``repeat_dim_direct="right"`` and MindFormers'
+    ``shard_id = rank // mp``."""
+    axes = [(d, s) for d, s in enumerate(splits) if s > 1]
+    if not axes:
+        return Layout.replicated(stage, len(splits))
+    repeat = stage.size // math.prod(splits)
+    shape = tuple(s for _, s in axes) + ((repeat,) if repeat > 1 else ())
+    names = tuple("data" if d == 0 else f"data{d}" for d, _ in axes) + (("repeat",) if repeat > 1 else ())
+    dims = [()] * len(splits)
+    for axis, (d, _) in enumerate(axes):
+        dims[d] = (axis,)
+    return Layout(Mesh(shape, names, stage.ranks), tuple(dims))
+
+
+def global_inputs(args: Sequence, splits: Sequence[tuple[int, ...]]) -> tuple:
+    """The global specs of what a rank is fed (its blocks, ``splits[k]`` per array input in
+    order: local shape x splits); anything else as it is."""
+    it = iter(splits)
+
+    def one(a):
+        if not isinstance(a, (np.ndarray, TensorSpec)):
+            return a
+        shape = tuple(n * k for n, k in zip(a.shape, next(it)))
+        return a if shape == tuple(a.shape) else TensorSpec(shape, a.dtype)
+    return tuple(one(a) for a in args)
+
+
+def with_fed_inputs(plan: ShardingPlan, graph: Graph, splits: Sequence[tuple[int, ...]]) -> ShardingPlan:
+    """``plan`` with each graph input laid out as it is fed (:func:`fed_layout`): lowering
+    places the fed blocks there and every reader redistributes from it."""
+    inputs = [v for v in graph.inputs if v is not None]
+    assert len(inputs) == len(splits), (len(inputs), len(splits))
+    layouts = {**plan.layouts, **{v: fed_layout(s, plan.stage) for v, s in zip(inputs, splits)}}
+    return ShardingPlan(plan.stage, plan.shardings, layouts)
 
 
 def plan_shardings(graph: Graph, mode: str, stage: Mesh, full_batch: bool = False) -> ShardingPlan:

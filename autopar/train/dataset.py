@@ -22,6 +22,9 @@ so ``loader.batch(k)`` is random access, and resuming at step k (``loader.from_s
 or ``load_state_dict``) yields exactly what an uninterrupted run would have seen. Changing
 ``dp_size`` between runs changes only the slicing, never the global batch.
 
+Under a ``dataset_strategy`` tuple a rank is fed its block of each input, which
+:func:`rank_block` cuts from the global batch (``LMLoader(..., full_batch=True)`` gives it).
+
 With ``eod_reset`` each batch also carries ``position_ids`` and ``attention_mask``
 computed from the input tokens as PanguAlpha computes them in the graph
 (:func:`eod_reset_masks`).
@@ -34,7 +37,10 @@ from typing import Optional
 
 import numpy as np
 
+from ..context import ParallelContext
 from ..errors import check_int, format_error
+from ..ir.mesh import Mesh
+from ..strategy.sharding_plan import fed_layout, fed_splits
 
 STATE_KEYS = ("seed", "step", "epoch", "step_in_epoch", "global_batch", "num_samples", "shuffle", "drop_last")
 
@@ -304,3 +310,31 @@ class LMLoader:
         split = "full batch" if self.full_batch else f"rank {self.dp_rank}/{self.dp_size}"
         return (f"LMLoader(B={self.global_batch}, {split}, seed={self.seed}, step={self.step}, "
                 f"{self.steps_per_epoch} steps/epoch)")
+
+
+def rank_block(arrays, ctx: ParallelContext, rank: int) -> tuple[np.ndarray, ...]:
+    """Rank ``rank``'s block of each array of a global batch, as a sharded program under
+    ``ctx`` expects to be fed (``device_num`` set to the ranks running): the whole array
+    with ``full_batch`` / an all-1s tuple or ``stand_alone``; its rows ``[p * B/n : (p + 1)
+    * B/n]`` under ``"data_parallel"`` (p: the rank's position in its stage of n devices);
+    under a ``dataset_strategy`` tuple its block on the device matrix ``(s0, s1, ..., R)``
+    of the stage (:func:`autopar.strategy.sharding_plan.fed_layout`). On 4 devices::
+
+        ((2, 1),)   ranks 0, 1: rows 0:B/2    ranks 2, 3: rows B/2:B
+        ((2, 2),)   rank 2*i + j: rows block i of 2, columns block j of 2
+    """
+    arrays = [np.asarray(a) for a in arrays]
+    n = ctx.stage_device_num
+    check_int("rank_block", "rank", rank, 0, ctx.device_num - 1, expected=f"a rank below device_num={ctx.device_num}")
+    whole = ctx.loads_full_batch or not ctx.is_parallel
+    splits = fed_splits([a.shape for a in arrays], n, whole, ctx.dataset_strategy)
+    stage = Mesh((n,), ("devices",))
+    out = []
+    for k, (a, s) in enumerate(zip(arrays, splits)):
+        for d, (size, ways) in enumerate(zip(a.shape, s)):
+            if size % ways:
+                raise ValueError(format_error("rank_block", f"input {k} dim {d}", f"a size divisible by its split "
+                                              f"{ways} ({s} over {n} devices)", str(size),
+                                              "use a batch whose dims the splits divide"))
+        out.append(fed_layout(s, stage).shard(a, rank % n))
+    return tuple(out)

@@ -48,6 +48,7 @@ from ...strategy.pipeline.assignment import assign_stages
 from ...strategy.pipeline.files import save_pipeline_plan
 from ...strategy.pipeline.planner import PipelinePlan, plan_pipeline
 from ...strategy.plan_source import PlanOptions
+from ...strategy.sharding_plan import fed_splits
 from ..autodiff import differentiate
 from ..consistency import ConsistencyCheck
 from ..program import Program
@@ -66,6 +67,25 @@ from .split import split_halves
 WHERE = "PipelineCell"
 
 
+def _check_pipeline_feed(arrays: Sequence[np.ndarray], devices: int, whole: bool, ctx: ParallelContext) -> None:
+    """A pipeline feeds the whole batch or each rank its rows of the stage's data-parallel
+    slice (then cut into micro-batches), so of ``dataset_strategy`` tuples it takes those
+    two alone (all 1s, or dim 0 split over the ``devices`` of a stage and nothing else);
+    any other is refused at compile time rather than fed as something else."""
+    strategy = ctx.dataset_strategy
+    if whole or not isinstance(strategy, tuple):
+        return
+    shapes = [tuple(a.shape) for a in arrays]
+    given = fed_splits(shapes, devices, False, strategy)          # counts, dims, divisors checked
+    rows = fed_splits(shapes, devices, False, "data_parallel")
+    for k, (mine, want) in enumerate(zip(given, rows)):
+        if mine != want:
+            raise ValueError(format_error(
+                WHERE, f"dataset_strategy input {k}", f"{want} (dim 0 split over the {devices} devices of a stage) "
+                "or all 1s under pipeline stages / micro-batches", str(mine),
+                "feed pipelines dataset_strategy='data_parallel' or 'full_batch'; other tuples need one stage"))
+
+
 class PipelineGradProgram(TrainingProgram):
     """Loss and local gradient shards of ``params`` on one rank of ``world`` under
     ``stages`` pipeline stages and ``micro`` micro-batches (``schedule``: "1f1b" or "gpipe"),
@@ -73,7 +93,8 @@ class PipelineGradProgram(TrainingProgram):
 
     ``args`` are what this rank is fed: the whole batch (``full_batch``) or, data-parallel,
     the slice ``rank % (world.size // stages)`` of the stage's ranks (ranks at the same
-    position of every stage are fed the same rows). :attr:`param_shards` has one entry per
+    position of every stage are fed the same rows); a ``dataset_strategy`` tuple saying
+    anything else is refused (:func:`_check_pipeline_feed`). :attr:`param_shards` has one entry per
     parameter: this rank's :class:`StageShard` or an :class:`AbsentShard`; :attr:`shards`
     is what the optimizer updates (the same, or under optimizer parallel the
     :class:`~autopar.runtime.optimizer_parallel.SliceShard` of a StageShard)."""
@@ -103,6 +124,7 @@ class PipelineGradProgram(TrainingProgram):
         self.chunks = tuple(c * stages + self.stage for c in range(virtual))   # this rank's virtual stages
         self.stage_comm = world.split([tuple(range(s * n, (s + 1) * n)) for s in range(stages)])
         feed_whole = full_batch or mode == "stand_alone"
+        _check_pipeline_feed(arrays, n, feed_whole, ctx)
 
         scale = 1 if feed_whole else n
         whole_args = tuple(_spec(a, scale, 1) for a in args)
