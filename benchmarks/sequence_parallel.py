@@ -16,6 +16,11 @@ Per plan, on rank 0:
 * *activations peak*: the whole program's (``MemoryMeter``), for scale: the attention and
   FFN insides are already split by mp either way, and the all-gathered inputs of the
   column-parallel matmuls are kept whole for their backward;
+* *column inputs peak*: those inputs alone -- the (B*S, H) rows the column-parallel
+  ``Dense`` layers fold their input into and keep for their weight gradient: views of the
+  LayerNorm outputs without sequence parallel, of their all-gathers with it. The same
+  bytes either way; re-gathering them in backward from the sequence shard, as Megatron
+  does, would divide them by mp (the runtime keeps them today);
 * *bytes per layer*: bytes each rank sends, per decoder layer, over the collectives the
   lowering inserted (``Redistribute`` steps of the local graph, scoped by layer):
   all-reduce 2(n-1)/n of the buffer, reduce-scatter (n-1)/n of its input, all-gather (n-1)/n
@@ -74,6 +79,15 @@ def region_slots(graph) -> frozenset[int]:
     return frozenset(v for n in graph.nodes if n.id in fwd or n.forward_of in fwd for v in n.outputs)
 
 
+_COLUMN = re.compile(r"(dense[123]|mapping)$")
+
+
+def column_input_slots(graph) -> frozenset[int]:
+    """Output slots of the column-parallel Dense layers' (B, S, H) -> (B*S, H) reshapes."""
+    return frozenset(v for n in graph.nodes if n.phase == "forward" and n.prim.kind == "Reshape"
+                     and _COLUMN.search(n.scope) and len(graph.spec(n.outputs[0]).shape) == 2 for v in n.outputs)
+
+
 class RegionMeter(MemoryMeter):
     """A ``MemoryMeter`` that sees only writes and frees of ``slots``: its activation peak is
     the most bytes those slots' buffers hold at once."""
@@ -119,7 +133,8 @@ def collectives_by_layer(graph) -> dict[str, dict]:
 def measure(cfg: PanguAlphaConfig, ids: np.ndarray) -> dict:
     """One step's loss and gradients of ``cfg`` on dp x mp in-process ranks; rank 0's
     figures: ``loss``, ``grads`` (every rank's, with ``layouts``), ``regions_peak``,
-    ``activations_peak``, ``layers`` (:func:`collectives_by_layer`), ``stats``."""
+    ``column_inputs_peak``, ``activations_peak``, ``layers`` (:func:`collectives_by_layer`),
+    ``stats``."""
     n = cfg.data_parallel * cfg.model_parallel
     ctx = ParallelContext(parallel_mode="semi_auto_parallel", device_num=n, full_batch=True)
 
@@ -134,10 +149,12 @@ def measure(cfg: PanguAlphaConfig, ids: np.ndarray) -> dict:
         comm.stats.reset()
         loss, grads = prog((ids,))
         stats = comm.stats.snapshot()
-        prog.program.meter = whole
-        prog((ids,))
+        columns = RegionMeter(column_input_slots(prog.local_graph))
+        for meter in (whole, columns):
+            prog.program.meter = meter
+            prog((ids,))
         return {"loss": loss, "grads": grads, "layouts": prog.layouts, "stats": stats,
-                "regions_peak": regions.last.activations_peak,
+                "regions_peak": regions.last.activations_peak, "column_inputs_peak": columns.last.activations_peak,
                 "activations_peak": whole.last.activations_peak,
                 "layers": collectives_by_layer(prog.local_graph)}
     res = run_in_process(n, body, timeout=600)
@@ -163,7 +180,10 @@ def report(cfg: PanguAlphaConfig, batch: int, off: dict, on: dict) -> str:
              f"  regions peak      KiB  off {_kib(off['regions_peak']):>9}  on {_kib(on['regions_peak']):>9}  "
              f"on/off {on['regions_peak'] / off['regions_peak']:.3f}  (1/mp = {1 / mp:.3f})",
              f"  activations peak  KiB  off {_kib(off['activations_peak']):>9}  on {_kib(on['activations_peak']):>9}  "
-             f"on/off {on['activations_peak'] / off['activations_peak']:.3f}"]
+             f"on/off {on['activations_peak'] / off['activations_peak']:.3f}",
+             f"  column inputs     KiB  off {_kib(off['column_inputs_peak']):>9}  "
+             f"on {_kib(on['column_inputs_peak']):>9}  (kept whole; re-gathered in backward they would be "
+             f"{_kib(on['column_inputs_peak'] / mp)})"]
     for layer in sorted(set(off["layers"]) | set(on["layers"])):
         a, b = off["layers"].get(layer, {"sent": 0, "kinds": {}}), on["layers"].get(layer, {"sent": 0, "kinds": {}})
         lines.append(f"  sent KiB {layer:12s} off {_kib(a['sent']):>8} {a['kinds']}  on {_kib(b['sent']):>8} "

@@ -154,6 +154,8 @@ def test_sequence_parallel_divides_the_regions_activation_peak_by_mp(mp):
     assert on["loss"] == pytest.approx(off["loss"], rel=1e-5)
     assert on["regions_peak"] / off["regions_peak"] == pytest.approx(1 / mp, rel=0.10)
     assert on["activations_peak"] < off["activations_peak"]
+    # the column-parallel matmuls keep their whole inputs for backward, all-gathered or not
+    assert on["column_inputs_peak"] == off["column_inputs_peak"] > 0
 
 
 def train_three_steps(cfg, n):
