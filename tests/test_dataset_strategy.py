@@ -10,6 +10,7 @@ from autopar import nn, ops
 from autopar.comm import run_in_process
 from autopar.context import ParallelContext, bound_world, parallel_context
 from autopar.ir.mesh import Mesh
+from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.strategy.sharding_plan import fed_layout, fed_splits
 from autopar.train.dataset import rank_block
 
@@ -187,3 +188,60 @@ def test_tuple_under_data_parallel_mode_is_refused():
 def test_fed_splits_data_parallel_and_whole():
     assert fed_splits([(4, 12), ()], 4, False, "data_parallel") == ((4, 1), ())
     assert fed_splits([(4, 12)], 4, True, ((2, 1),)) == ((1, 1),)
+
+
+# ---- pipelines and the joint auto plan: what is simple is fed, the rest refused -----------
+
+def piped(strategy):
+    """A one-stage PipelineCell (2 micro-batches) on 4 ranks fed ``rank_block``."""
+    def body(comm):
+        with bound_world(comm):
+            batch = rank_block((X,), autopar.context.current_context(), comm.rank)
+            net = Net()
+            return autopar.value_and_grad(nn.PipelineCell(net, 2), net.trainable_params())(*batch) + (batch,)
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=N, dataset_strategy=strategy):
+        return run_in_process(N, body)
+
+
+def test_pipeline_takes_the_data_parallel_tuple():
+    # a PipelineCell averages its micro-batches' losses: compared with "data_parallel", which
+    # tests/test_pipeline.py compares with serial
+    for (loss, grads, _), (ref_loss, ref_grads, _) in zip(piped(((4, 1),)), piped("data_parallel")):
+        assert loss == ref_loss
+        for name, g in ref_grads.items():
+            np.testing.assert_array_equal(grads[name], g, err_msg=name)
+
+
+def test_pipeline_refuses_other_tuples_at_compile():
+    with pytest.raises(ValueError, match=r"PipelineCell: dataset_strategy input 0: expected \(4, 1\) \(dim 0 split "
+                                         r"over the 4 devices of a stage\) or all 1s under pipeline stages / "
+                                         r"micro-batches, got \(2, 1\)"):
+        piped(((2, 1),))
+
+
+PANGU = PanguAlphaConfig.preset("tiny", num_layers=4, param_dtype="float64", compute_dtype="float64")
+IDS = np.random.default_rng(0).integers(1, PANGU.vocab_size, (8, PANGU.seq_length + 1)).astype(np.int32)
+
+
+def auto_run(**ctx):
+    def body(comm):
+        with bound_world(comm):
+            (ids,) = rank_block((IDS,), autopar.context.current_context(), comm.rank)
+            return autopar.value_and_grad(PanguAlphaWithLoss(PANGU))(ids)
+    with parallel_context(parallel_mode="auto_parallel", device_num=N, **ctx):
+        return run_in_process(N, body)
+
+
+def test_joint_auto_plan_of_one_sharded_program_is_fed_the_tuple():
+    loss, grads = autopar.value_and_grad(PanguAlphaWithLoss(PANGU))(IDS)
+    for r_loss, r_grads in auto_run(dataset_strategy=((2, 1),), pipeline_stages=1):
+        np.testing.assert_allclose(r_loss, loss, rtol=1e-12)
+        for name, g in grads.items():
+            np.testing.assert_allclose(r_grads[name], g, rtol=1e-9, atol=1e-13, err_msg=name)
+
+
+def test_joint_auto_plan_that_pipelines_refuses_other_tuples():
+    with pytest.raises(ValueError, match=r"auto_parallel: dataset_strategy input 0: expected \(4, 1\) \(dim 0 split "
+                                         r"over all 4 devices\) or all 1s when the joint plan pipelines or "
+                                         r"micro-batches \(chosen: 2 stages, \d+ micro-batches\), got \(2, 1\)"):
+        auto_run(dataset_strategy=((2, 1),), pipeline_stages=2)
