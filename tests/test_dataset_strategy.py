@@ -10,8 +10,9 @@ from autopar import nn, ops
 from autopar.comm import run_in_process
 from autopar.context import ParallelContext, bound_world, parallel_context
 from autopar.ir.mesh import Mesh
+from autopar.ir.spec import TensorSpec
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
-from autopar.strategy.sharding_plan import fed_layout, fed_splits
+from autopar.strategy.sharding_plan import fed_layout, fed_splits, input_layout
 from autopar.train.dataset import rank_block
 
 N = 4
@@ -83,8 +84,6 @@ def test_rank_to_block_on_the_device_matrix_s_then_repeat(splits, blocks):
 
 
 def test_data_parallel_tuple_is_the_data_parallel_layout():
-    from autopar.ir.spec import TensorSpec
-    from autopar.strategy.sharding_plan import input_layout
     stage = Mesh((N,), ("devices",))
     assert fed_layout((4, 1), stage) == input_layout(TensorSpec((8, 12), "float64"), stage, False)
 
@@ -144,6 +143,19 @@ def test_forward_delivers_the_rows_each_rank_was_fed():
 
 
 # ---- errors -------------------------------------------------------------------------------
+
+def test_a_feed_with_the_repeats_outer_is_caught_by_the_consistency_check():
+    # MindSpore's VirtualDataset without repeat_dim_direct="right" repeats outer: ranks 0 and 2
+    # share rows 0:B/2. autopar's ranks 0 and 1 share them, so such a feed is not trained on
+    # silently: the ranks meant to hold the same block disagree at the first call
+    def body(comm):
+        with bound_world(comm):
+            return autopar.value_and_grad(Net())(np.split(X, 2)[comm.rank % 2])
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=N, dataset_strategy=((2, 1),)):
+        with pytest.raises(ValueError, match=r"input 0: expected the same data on the ranks that are fed the same "
+                                             r"batch .* digest (\w+) on rank 0, digest (?!\1)\w+ on rank 1"):
+            run_in_process(N, body)
+
 
 def test_product_not_dividing_the_stage_is_refused_when_set():
     with pytest.raises(ValueError, match=r"ParallelContext: dataset_strategy: expected per input, split counts whose "
