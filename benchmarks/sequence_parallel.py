@@ -49,6 +49,9 @@ from autopar.runtime.memory import MemoryMeter  # noqa: E402
 from autopar.runtime.sharded_program import ShardedGradProgram  # noqa: E402
 from autopar.runtime.spmd import Redistribute  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import table  # noqa: E402
+
 _LAYER = re.compile(r"^(blocks\.\d+|query_layer)(\.|$)")
 _REGION_DROPOUT = re.compile(r"(attention\.dropout|output\.dropout|embedding_dropout)$")
 
@@ -112,11 +115,12 @@ def sent_bytes(step: rd.Step, n: int) -> float:
     return step.bytes * factor.get(step.kind, 2 * (n - 1) / n)
 
 
-def collectives_by_layer(graph) -> dict[str, dict]:
+def collectives_by_layer(nodes) -> dict[str, dict]:
     """Per layer (``layer_of`` the inserted instruction's scope; ``<outputs>`` for the
-    gradients delivered at the end): ``{"sent": bytes, "kinds": {kind: count}}``."""
+    gradients delivered at the end): ``{"sent": bytes, "kinds": {kind: count}}`` over the
+    ``Redistribute`` instructions among ``nodes`` (a program's, recompute clones included)."""
     out: dict[str, dict] = {}
-    for node in graph.nodes:
+    for node in nodes:
         if not isinstance(node.prim, Redistribute):
             continue
         redist = node.prim.attrs["redist"]
@@ -156,7 +160,7 @@ def measure(cfg: PanguAlphaConfig, ids: np.ndarray) -> dict:
         return {"loss": loss, "grads": grads, "layouts": prog.layouts, "stats": stats,
                 "regions_peak": regions.last.activations_peak, "column_inputs_peak": columns.last.activations_peak,
                 "activations_peak": whole.last.activations_peak,
-                "layers": collectives_by_layer(prog.local_graph)}
+                "layers": collectives_by_layer(ins.node for ins in prog.program.instructions)}
     res = run_in_process(n, body, timeout=600)
     out = dict(res[0])
     out["grads"] = [r["grads"] for r in res]
@@ -172,23 +176,29 @@ def _kib(n: float) -> str:
     return f"{n / 1024:.1f}"
 
 
-def report(cfg: PanguAlphaConfig, batch: int, off: dict, on: dict) -> str:
-    """Memory and bytes sent per layer, without (off) and with (on) sequence parallel."""
-    mp = cfg.model_parallel
-    lines = [f"dp{cfg.data_parallel} x mp{mp}, B {batch} S {cfg.seq_length} H {cfg.hidden_size} "
-             f"layers {cfg.num_layers}, {cfg.param_dtype} (in-process backend, rank 0)",
-             f"  regions peak      KiB  off {_kib(off['regions_peak']):>9}  on {_kib(on['regions_peak']):>9}  "
-             f"on/off {on['regions_peak'] / off['regions_peak']:.3f}  (1/mp = {1 / mp:.3f})",
-             f"  activations peak  KiB  off {_kib(off['activations_peak']):>9}  on {_kib(on['activations_peak']):>9}  "
-             f"on/off {on['activations_peak'] / off['activations_peak']:.3f}",
-             f"  column inputs     KiB  off {_kib(off['column_inputs_peak']):>9}  "
-             f"on {_kib(on['column_inputs_peak']):>9}  (kept whole; re-gathered in backward they would be "
-             f"{_kib(on['column_inputs_peak'] / mp)})"]
-    for layer in sorted(set(off["layers"]) | set(on["layers"])):
-        a, b = off["layers"].get(layer, {"sent": 0, "kinds": {}}), on["layers"].get(layer, {"sent": 0, "kinds": {}})
-        lines.append(f"  sent KiB {layer:12s} off {_kib(a['sent']):>8} {a['kinds']}  on {_kib(b['sent']):>8} "
-                     f"{b['kinds']}")
-    return "\n".join(lines)
+_SHORT = {rd.ALLREDUCE: "AR", rd.REDUCE_SCATTER: "RS", rd.ALLGATHER: "AG", rd.ALLTOALL: "A2A"}
+
+
+def _sent(row: dict | None) -> str:
+    if row is None:
+        return "0"
+    kinds = " ".join(f"{n}{_SHORT.get(k, k)}" for k, n in sorted(row["kinds"].items()))
+    return f"{_kib(row['sent'])} ({kinds})"
+
+
+def report(cfg: PanguAlphaConfig, batch: int, runs: dict[str, dict]) -> str:
+    """Memory and bytes sent per layer (KiB, rank 0) of each run, side by side; the last
+    column: the regions' peak of the sequence-parallel run over the plain one."""
+    off, on = runs["plain"], runs["sequence parallel"]
+    head = (f"dp{cfg.data_parallel} x mp{cfg.model_parallel}, B {batch} S {cfg.seq_length} H {cfg.hidden_size} "
+            f"layers {cfg.num_layers}, {cfg.param_dtype}; in-process backend, rank 0, KiB")
+    rows = [[what] + [_kib(r[key]) for r in runs.values()]
+            for what, key in (("regions peak", "regions_peak"), ("column inputs peak", "column_inputs_peak"),
+                              ("activations peak", "activations_peak"))]
+    rows[0][0] += f" (SP/plain {on['regions_peak'] / off['regions_peak']:.3f}, 1/mp {1 / cfg.model_parallel:.3f})"
+    layers = sorted({k for r in runs.values() for k in r["layers"]})
+    rows += [[f"sent: {layer}"] + [_sent(r["layers"].get(layer)) for r in runs.values()] for layer in layers]
+    return head + "\n" + table([""] + list(runs), rows)
 
 
 def main() -> None:
@@ -206,7 +216,9 @@ def main() -> None:
                                data_parallel=args.dp, model_parallel=mp)
         ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, cfg.seq_length + 1)).astype(np.int32)
         off, on = compare(cfg, ids)
-        print(report(cfg, args.batch, off, on), flush=True)
+        regather = measure(cfg.replace(sequence_parallel=True, sequence_parallel_regather=True), ids)
+        runs = {"plain": off, "sequence parallel": on, "SP + regather": regather}
+        print(report(cfg, args.batch, runs) + "\n", flush=True)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def run_two_dense(dp, mp, sp):
         prog = ShardedGradProgram(net, (X,), net.trainable_params(), "semi_auto_parallel", comm, full_batch=True)
         comm.stats.reset()
         loss, grads = prog((X,))
-        return loss, grads, prog.layouts, comm.stats.log, bench.collectives_by_layer(prog.local_graph)
+        return loss, grads, prog.layouts, comm.stats.log, bench.collectives_by_layer(prog.local_graph.nodes)
     return run_in_process(dp * mp, body)
 
 
@@ -186,6 +186,26 @@ def test_three_adamw_steps_under_sequence_parallel_equal_serial(dp, mp):
             np.testing.assert_allclose(weights[name], w, rtol=1e-8, atol=1e-10, err_msg=name)
 
 
+@pytest.mark.parametrize("dp, mp", [(1, 2), (2, 2)])
+def test_regather_runs_the_all_gathers_again_in_backward_instead_of_keeping_their_outputs(dp, mp):
+    cfg = CONFIG.replace(data_parallel=dp, model_parallel=mp, sequence_parallel=True)
+    kept = bench.measure(cfg, IDS)
+    again = bench.measure(cfg.replace(sequence_parallel_regather=True), IDS)
+    loss, grads = SERIAL
+    assert again["loss"] == pytest.approx(loss, rel=1e-12)
+    for k, p in enumerate(PanguAlphaWithLoss(CONFIG).trainable_params()):
+        got = again["layouts"][k].assemble({r: g[k] for r, g in enumerate(again["grads"])}, p.shape)
+        np.testing.assert_allclose(got, grads[p.name], rtol=1e-9, atol=1e-12, err_msg=p.name)
+    # per layer one more all-gather in backward for each of its two column-parallel inputs
+    assert again["layers"]["blocks.0"]["kinds"] == {"allgather": 6, "reduce_scatter": 4}
+    assert again["layers"]["blocks.0"]["sent"] == pytest.approx(kept["layers"]["blocks.0"]["sent"] * 5 / 4)
+    # what stays: the query layer's query (a lookup of the whole batch, never gathered); every
+    # gathered input is rebuilt
+    b, s, h = IDS.shape[0], IDS.shape[1] - 1, CONFIG.hidden_size
+    assert again["column_inputs_peak"] == b * s * h * 8 < kept["column_inputs_peak"]
+    assert again["activations_peak"] < kept["activations_peak"]
+
+
 # ---- configuration -------------------------------------------------------------------------
 
 def test_sequence_parallel_needs_a_sequence_mp_divides():
@@ -195,6 +215,9 @@ def test_sequence_parallel_needs_a_sequence_mp_divides():
                                 sequence_parallel=True)
     with pytest.raises(TypeError, match=r"sequence_parallel: expected True or False, got 1"):
         PanguAlphaConfig.preset("tiny", sequence_parallel=1)
+    with pytest.raises(ValueError, match=r"sequence_parallel_regather: expected False unless "
+                                         r"sequence_parallel=True.*got True; set sequence_parallel=True too"):
+        PanguAlphaConfig.preset("tiny", sequence_parallel_regather=True)
 
 
 def test_a_sequence_shorter_than_the_split_names_the_layernorm_at_plan_time():

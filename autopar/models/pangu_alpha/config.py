@@ -38,6 +38,10 @@ class PanguAlphaConfig:
     # residual adds run on sequence shards (B, S/mp, H); the row-parallel all-reduces become
     # reduce-scatters and the column-parallel inputs all-gathers (no effect at mp = 1).
     sequence_parallel: bool = False
+    # With sequence_parallel: the column-parallel inputs' all-gathers run again in backward
+    # instead of their (B, S, H) outputs being kept (Megatron's way): those activations / mp
+    # too, for one more all-gather per column-parallel input per step.
+    sequence_parallel_regather: bool = False
     # Recompute every layer: None (keep activations), "full" (whole layers, each keeps its
     # input) or "selective" (only the attention core's (B, N, S, S) tensors are rebuilt).
     recompute_granularity: str | None = None
@@ -57,6 +61,7 @@ class PanguAlphaConfig:
         check_bool(self, "eod_reset")
         check_bool(self, "vocab_emb_dp")
         check_bool(self, "sequence_parallel")
+        check_bool(self, "sequence_parallel_regather")
         check_float_dtype(self, "compute_dtype")
         check_float_dtype(self, "param_dtype")
         check_norm_epsilon(self, "layernorm_epsilon")
@@ -76,6 +81,9 @@ class PanguAlphaConfig:
             fail(self, "sequence_parallel", f"False, or a seq_length divisible by model_parallel="
                  f"{self.model_parallel} (seq_length={self.seq_length})",
                  "turn sequence_parallel off or pick a model_parallel that divides seq_length")
+        if self.sequence_parallel_regather and not self.sequence_parallel:
+            fail(self, "sequence_parallel_regather", "False unless sequence_parallel=True (it re-gathers the "
+                 "sequence shards that sequence parallel makes)", "set sequence_parallel=True too, or leave it False")
 
     @property
     def head_dim(self) -> int:

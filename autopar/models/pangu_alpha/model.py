@@ -17,7 +17,10 @@ else is special: the column-parallel Dense's reshape cannot split S, so its inpu
 all-gathered along S; the row-parallel projections (:class:`SequenceDense`) take an
 ``out_strategy`` that reduce-scatters their partial sums along S instead of all-reducing
 them; the backward pass gets the conjugates (reduce-scatter, all-gather). Same bytes moved
-as the all-reduces, activations of those ops divided by mp.
+as the all-reduces, activations of those ops divided by mp. The column-parallel matmuls
+keep their all-gathered inputs for backward unless ``config.sequence_parallel_regather``:
+then their input is folded to (B*S, H) by a Reshape marked ``recompute()``, so the
+all-gather feeding it runs again before the matmuls' backward and only the shard is kept.
 
 Mixed precision (``config.compute_dtype`` float16 or bfloat16, MindSpore's O2): the
 parameters stay in ``param_dtype`` (float32 master weights) and are cast at use; the
@@ -84,6 +87,16 @@ def sequence_row_parallel(dense: SequenceDense, dp: int, mp: int) -> None:
         dense.bias_add.shard(((dp, mp, 1), (1,)))
 
 
+def row_fold(config: PanguAlphaConfig):
+    """Under ``sequence_parallel_regather``, the (B, S, H) -> (B*S, H) Reshape of a
+    column-parallel input, marked recompute: the all-gather lowering inserts before it takes
+    its mark (``recompute_regions.resolve_marks``), so both run again before the matmuls'
+    backward instead of the gathered rows being kept. None otherwise."""
+    if not (config.sequence_parallel_regather and sequence_parallel(config)):
+        return None
+    return ops.Reshape().recompute()
+
+
 def output_projection(config: PanguAlphaConfig, in_channels: int, std: float) -> Dense:
     """The row-parallel Dense closing attention or the FFN, sharded for ``config``."""
     dense = dict(weight_init=Normal(std), param_dtype=config.param_dtype, compute_dtype=config.compute_dtype)
@@ -116,6 +129,7 @@ class Attention(Cell):
         self.softmax = ops.Softmax(axis=-1)
         self.prob_dropout = Dropout(1.0 - config.dropout_rate)
         self.dropout = Dropout(1.0 - config.dropout_rate)
+        self.fold = row_fold(config)
         self.scale = 1.0 / math.sqrt(config.head_dim)
         dp, mp = config.data_parallel, config.model_parallel
         for d in (self.dense1, self.dense2, self.dense3):
@@ -124,9 +138,8 @@ class Attention(Cell):
         if sequence_parallel(config):   # otherwise it follows its input
             self.dropout.dropout.shard((token_strategy(config),))
 
-    def _heads(self, x):
-        b, s, _ = x.shape
-        return x.reshape(b, s, self.n_heads, self.head_dim)            # (B, S, H) -> (B, S, N, D)
+    def _heads(self, x, b, s):
+        return x.reshape(b, s, self.n_heads, self.head_dim)            # (B, S, H) or (B*S, H) -> (B, S, N, D)
 
     def recompute_core(self, mode: bool = True) -> "Attention":
         """Megatron's selective recompute: the attention core -- scores ``q k^T``, the mask add,
@@ -143,9 +156,13 @@ class Attention(Cell):
         ((B, 1, S_max, 1) bool) and the updated caches are returned with the output
         (MindSpore's ``use_past``)."""
         b, s, h = x_query.shape
-        q = self._heads(self.dense1(x_query)).transpose(0, 2, 1, 3)   # (B, N, S, D)
-        k = self._heads(self.dense2(x_kv)).transpose(0, 2, 1, 3)      # (B, N, S, D)
-        v = self._heads(self.dense3(x_kv)).transpose(0, 2, 1, 3)      # (B, N, S, D)
+        if self.fold is not None:   # one re-gathered (B*S, H) for K, V (and Q when it is the same input)
+            same = x_query is x_kv
+            x_kv = self.fold(x_kv, (b * s, h))
+            x_query = x_kv if same else x_query
+        q = self._heads(self.dense1(x_query), b, s).transpose(0, 2, 1, 3)   # (B, N, S, D)
+        k = self._heads(self.dense2(x_kv), b, s).transpose(0, 2, 1, 3)      # (B, N, S, D)
+        v = self._heads(self.dense3(x_kv), b, s).transpose(0, 2, 1, 3)      # (B, N, S, D)
         if cache is not None:
             k_cache, v_cache, at = cache
             k = ops.Select()(at, k, k_cache)                           # (B, N, 1, D) into (B, N, S_max, D)
@@ -169,6 +186,7 @@ class FeedForward(Cell):
         out_std = std / math.sqrt(2.0 * config.num_layers)
         self.projection = output_projection(config, f, out_std)                           # (B, S, F) -> (B, S, H)
         self.dropout = Dropout(1.0 - config.dropout_rate)
+        self.fold = row_fold(config)
         dp, mp = config.data_parallel, config.model_parallel
         column_parallel(self.mapping, dp, mp)
         self.gelu.shard(((dp, 1, mp),))
@@ -176,6 +194,9 @@ class FeedForward(Cell):
             self.dropout.dropout.shard((token_strategy(config),))
 
     def construct(self, x):
+        if self.fold is not None:       # (B, S, H) -> (B*S, H) re-gathered in backward -> (B, S, F)
+            b, s, h = x.shape
+            return self.dropout(self.projection(self.gelu(self.mapping(self.fold(x, (b * s, h))).reshape(b, s, -1))))
         return self.dropout(self.projection(self.gelu(self.mapping(x))))
 
 
@@ -244,6 +265,7 @@ class PanguAlpha(Cell):
         self.final_layernorm = LayerNorm(h, config.layernorm_epsilon, dt)
         self.query_layer = QueryLayer(config)
         self.head = ops.MatMul(transpose_b=True)
+        self.fold = row_fold(config)
         dp, mp = config.data_parallel, config.model_parallel
         if config.vocab_emb_dp:
             self.word_embedding.gather.shard(((1, 1), (dp, 1)))
@@ -330,7 +352,8 @@ class PanguAlpha(Cell):
         else:
             x = self.final_layernorm(self.query_layer(x, mask_add, query_ids))
         table = as_compute(self.word_embedding.embedding_table, cdt)                 # (V, H)
-        logits = self.head(x.reshape(b * s, -1), table)                              # (B*S, H) @ (V, H)^T
+        rows = x.reshape(b * s, -1) if self.fold is None else self.fold(x, (b * s, x.shape[-1]))  # (B*S, H)
+        logits = self.head(rows, table)                                              # (B*S, H) @ (V, H)^T
         return loss_precision(logits.reshape(b, s, -1))                              # (B, S, V)
 
 
