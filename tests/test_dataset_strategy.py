@@ -257,3 +257,13 @@ def test_joint_auto_plan_that_pipelines_refuses_other_tuples():
                                          r"over all 4 devices\) or all 1s when the joint plan pipelines or "
                                          r"micro-batches \(chosen: 2 stages, \d+ micro-batches\), got \(2, 1\)"):
         auto_run(dataset_strategy=((2, 1),), pipeline_stages=2)
+
+
+def test_all_ones_tuple_must_still_match_the_inputs():
+    def body(comm):
+        with bound_world(comm):
+            autopar.value_and_grad(Net())(X)
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=N, dataset_strategy=((1, 1), (1, 1))):
+        with pytest.raises(ValueError, match=r"dataset_strategy: number of inputs: expected one tuple per array "
+                                             r"input \(1: shapes \[\(8, 12\)\]\), got 2 tuples"):
+            run_in_process(N, body)

@@ -77,11 +77,24 @@ def fed_splits(shapes: Sequence[tuple[int, ...]], devices: int, whole: bool,
     dim is split among the ``devices`` ranks of a stage: all 1s when every rank is fed the
     whole batch (``whole``: ``full_batch`` or a tuple of all 1s), ``(devices, 1, ...)`` for
     ``"data_parallel"`` (a 0-dim input whole), else the ``dataset_strategy`` tuple, checked:
-    one tuple per input, one count per dim, their product dividing ``devices``."""
+    one tuple per input, one count per dim (an all-1s tuple too), their product dividing
+    ``devices``."""
+    if isinstance(strategy, tuple):
+        _check_tuple(strategy, shapes)
     if whole:
         return tuple((1,) * len(s) for s in shapes)
     if not isinstance(strategy, tuple):
         return tuple((devices,) + (1,) * (len(s) - 1) if s else () for s in shapes)
+    for k, splits in enumerate(strategy):
+        if devices % math.prod(splits):
+            raise ValueError(format_error(DATASET, f"input {k}", f"split counts whose product divides the {devices} "
+                                          "devices of a stage", f"{splits} (product {math.prod(splits)})",
+                                          "use splits whose product divides the stage's devices; the rest repeat"))
+    return strategy
+
+
+def _check_tuple(strategy: tuple[tuple[int, ...], ...], shapes: Sequence[tuple[int, ...]]) -> None:
+    """One tuple of split counts per array input, one count per dim."""
     if len(strategy) != len(shapes):
         raise ValueError(format_error(DATASET, "number of inputs", f"one tuple per array input ({len(shapes)}: "
                                       f"shapes {[tuple(s) for s in shapes]})", f"{len(strategy)} tuples {strategy}",
@@ -90,11 +103,6 @@ def fed_splits(shapes: Sequence[tuple[int, ...]], devices: int, whole: bool,
         if len(splits) != len(shape):
             raise ValueError(format_error(DATASET, f"input {k}", f"{len(shape)} split counts (one per dim of its "
                                           f"shape {tuple(shape)})", str(splits), "give one count per dim"))
-        if devices % math.prod(splits):
-            raise ValueError(format_error(DATASET, f"input {k}", f"split counts whose product divides the {devices} "
-                                          "devices of a stage", f"{splits} (product {math.prod(splits)})",
-                                          "use splits whose product divides the stage's devices; the rest repeat"))
-    return strategy
 
 
 def fed_layout(splits: Sequence[int], stage: Mesh) -> Layout:
@@ -136,7 +144,9 @@ def global_inputs(args: Sequence, splits: Sequence[tuple[int, ...]]) -> tuple:
 
 def with_fed_inputs(plan: ShardingPlan, graph: Graph, splits: Sequence[tuple[int, ...]]) -> ShardingPlan:
     """``plan`` with each graph input laid out as it is fed (:func:`fed_layout`): lowering
-    places the fed blocks there and every reader redistributes from it."""
+    places the fed blocks there and every reader redistributes from it. The ops' shardings
+    stay as planned (the rules' propagation and the search start from the data-parallel
+    feed), so a feed unlike it costs a redistribution where the first reader differs."""
     inputs = [v for v in graph.inputs if v is not None]
     assert len(inputs) == len(splits), (len(inputs), len(splits))
     layouts = {**plan.layouts, **{v: fed_layout(s, plan.stage) for v, s in zip(inputs, splits)}}

@@ -73,10 +73,12 @@ def _check_pipeline_feed(arrays: Sequence[np.ndarray], devices: int, whole: bool
     two alone (all 1s, or dim 0 split over the ``devices`` of a stage and nothing else);
     any other is refused at compile time rather than fed as something else."""
     strategy = ctx.dataset_strategy
-    if whole or not isinstance(strategy, tuple):
+    if not isinstance(strategy, tuple):
         return
     shapes = [tuple(a.shape) for a in arrays]
-    given = fed_splits(shapes, devices, False, strategy)          # counts, dims, divisors checked
+    given = fed_splits(shapes, devices, whole, strategy)          # counts, dims, divisors checked
+    if whole:
+        return
     rows = fed_splits(shapes, devices, False, "data_parallel")
     for k, (mine, want) in enumerate(zip(given, rows)):
         if mine != want:
