@@ -255,24 +255,27 @@ def links(tmp_path_factory):
 
 @pytest.mark.parametrize("mp", [2, 4])
 def test_cost_model_prices_the_bytes_the_lowering_sends_and_the_norms_shards(links, mp):
-    """The predicted collective bytes of both plans differ exactly as the lowered programs'
-    (the weights' gradient all-reduces over mp and the gradient all-gather at the
-    embedding: per layer the same), and the predicted activations fall by the LayerNorms'
-    saved inputs x (1 - 1/mp)."""
+    """The predicted collective bytes of the plans differ exactly as the lowered programs'
+    (sequence parallel: the weights' gradient all-reduces over mp and the gradient
+    all-gather at the embedding, per layer the same; regather: the all-gathers run again),
+    and the predicted activations fall by the LayerNorms' saved inputs x (1 - 1/mp), and
+    further when the gathered inputs are rebuilt."""
     cfg = CONFIG.replace(param_dtype="float32", compute_dtype="float32", model_parallel=mp)
     stage = Mesh((mp,), ("devices",))
     cost, sent = {}, {}
-    for sp in (False, True):
-        c = cfg.replace(sequence_parallel=sp)
+    for run in ("plain", "sp", "regather"):
+        c = cfg.replace(sequence_parallel=run != "plain", sequence_parallel_regather=run == "regather")
         g = trace(PanguAlphaWithLoss(c), (TensorSpec(IDS.shape, np.dtype(np.int32)),), {}).graph
-        cost[sp] = CostModel(g, stage, links, True).evaluate(plan_shardings(g, "semi_auto_parallel", stage, True))
-        sent[sp] = sum(row["sent"] for row in bench.measure(c, IDS)["layers"].values())
-    assert (cost[True].comm_s - cost[False].comm_s) * 1e9 == pytest.approx(sent[True] - sent[False], rel=1e-9)
-    assert sent[True] > sent[False]
+        cost[run] = CostModel(g, stage, links, True).evaluate(plan_shardings(g, "semi_auto_parallel", stage, True))
+        sent[run] = sum(row["sent"] for row in bench.measure(c, IDS)["layers"].values())
+    for a, b in (("plain", "sp"), ("sp", "regather")):
+        assert (cost[b].comm_s - cost[a].comm_s) * 1e9 == pytest.approx(sent[b] - sent[a], rel=1e-9)
+        assert sent[b] > sent[a]
     b, s = IDS.shape[0], IDS.shape[1] - 1
     norms = 2 * CONFIG.num_layers + 1
     saved = norms * b * s * CONFIG.hidden_size * 4
-    assert cost[False].activation_bytes - cost[True].activation_bytes == saved * (mp - 1) // mp
+    assert cost["plain"].activation_bytes - cost["sp"].activation_bytes == saved * (mp - 1) // mp
+    assert cost["regather"].activation_bytes < cost["sp"].activation_bytes
 
 
 class FreeBlock(nn.Cell):

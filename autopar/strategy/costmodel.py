@@ -474,7 +474,7 @@ class CostModel:
             compute, comm, update = compute + c.compute_s, comm + c.comm_s + c.grad_s + edge, update + c.update_s
             pb, gb, sb = pb + c.param_bytes, gb + c.grad_bytes, sb + c.state_bytes
             new = 0
-            for key, nbytes in self.kept_for_backward(n, sh[n.id]):
+            for key, nbytes in self.kept_for_backward(n, sh[n.id], sh):
                 if key not in kept:                 # freed with the earliest op keeping it: its backward runs last
                     kept[key] = nbytes
                     new += nbytes
@@ -574,16 +574,21 @@ class CostModel:
             out.append(((v, canonical(Layout(lay.mesh, lay.dims))), _local(g.spec(v), lay).nbytes))
         return out
 
-    def kept_for_backward(self, node: Node, sh: OpSharding):
+    def kept_for_backward(self, node: Node, sh: OpSharding, shardings: dict | None = None):
         """((value, layout), local bytes) of each activation ``node`` keeps for its backward: a
         plan's activations are these summed over its ops, each (value, layout) once. Under
         recompute a value its region rebuilds is not kept; an op that runs again keeps
-        what it reads from outside the region instead (the region's inputs)."""
+        what it reads from outside the region instead (the region's inputs): with the
+        plan's ``shardings``, in its producer's layout when the redistribution into the op
+        runs again too (``recompute_comm``: a sequence shard, not its all-gather), else in
+        the layout the op reads."""
         g = self.graph
         out = [(key, nbytes) for key, nbytes in self._saved(node, sh) if key[0] not in self.dropped]
         if node.id in self.rerun:
             for i, v in enumerate(node.inputs):
-                key = (v, canonical(sh.input_layout(i)))
+                src = self.producer_layout(v, shardings) if shardings and node.recompute_comm else None
+                lay = sh.input_layout(i) if src is None else Layout(src.mesh, src.dims)
+                key = (v, canonical(lay))
                 if v not in self.params and v not in g.consts and v not in self.dropped and key not in dict(out):
-                    out.append((key, _local(g.spec(v), sh.input_layout(i)).nbytes))
+                    out.append((key, _local(g.spec(v), lay).nbytes))
         return out
