@@ -9,9 +9,11 @@ import autopar
 from autopar import nn, ops
 from autopar.comm import run_in_process
 from autopar.context import ParallelContext, bound_world, parallel_context
+from autopar.ir.graph import FORWARD
 from autopar.ir.mesh import Mesh
 from autopar.ir.spec import TensorSpec
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
+from autopar.runtime.sharded_program import ShardedGradProgram
 from autopar.strategy.sharding_plan import fed_layout, fed_splits, input_layout
 from autopar.train.dataset import rank_block
 
@@ -114,6 +116,27 @@ def test_fed_blocks_give_the_serial_loss_and_gradients(strategy):
     lay = fed_layout(strategy[0], Mesh((N,), ("devices",)))
     for rank, (_, _, batch) in enumerate(results):    # each rank was fed its block, not the rows of rank r
         np.testing.assert_array_equal(batch[0], X[lay.slices(rank, X.shape)])
+
+
+def forward_collectives(strategy):
+    """The forward pass's redistribution steps on rank 0 of the dp2 x mp2 model."""
+    def body(comm):
+        with bound_world(comm):
+            ctx = autopar.context.current_context()
+            net = Net()
+            prog = ShardedGradProgram(net, rank_block((X,), ctx, comm.rank), net.trainable_params(),
+                                      "semi_auto_parallel", comm, ctx.loads_full_batch, ctx=ctx)
+            return [str(step.kind) for n in prog.local_graph.nodes if n.prim.kind == "Redistribute"
+                    and n.phase == FORWARD for step in n.prim.attrs["redist"].steps]
+    with parallel_context(parallel_mode="semi_auto_parallel", device_num=N, dataset_strategy=strategy):
+        return run_in_process(N, body)[0]
+
+
+def test_a_feed_matching_the_models_data_parallel_split_needs_no_gather():
+    # mm1 reads x split 2 ways over dp: fed 4 ways, the mp pairs all-gather it; fed ((2, 1),)
+    # each rank holds what mm1 reads already (the all-reduce is mm2's row-parallel sum)
+    assert forward_collectives("data_parallel") == ["allgather", "allreduce"]
+    assert forward_collectives(((2, 1),)) == ["allreduce"]
 
 
 def test_two_inputs_with_their_own_tuples():
