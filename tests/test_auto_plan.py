@@ -268,3 +268,14 @@ def test_no_plan_within_the_memory_cap_is_a_clear_error(tmp_path):
     text = str(err.value)
     assert "auto_parallel: memory per device: expected a joint plan within 0.0 MiB" in text
     assert "none on 2 devices" in text and "pp1 x 2 devices per stage" in text and "cost_profile" in text
+
+
+def test_optimizer_level3_keeps_the_joint_plan_to_one_stage_and_trains_like_serial(pangu_serial, tmp_path):
+    """The links that make the search pipeline (above), with ZeRO-3 asked for: level3 runs
+    without stages or micro-batches, so the search stays at one stage and keeps the slices."""
+    res = _train(lambda: PanguAlphaWithLoss(CONFIG), [IDS], n=4, enable_parallel_optimizer=True,
+                 parallel_optimizer_config={"optimizer_level": "level3", "parallel_optimizer_threshold": 0},
+                 cost_profile=_profile(tmp_path, "slow-links", gemm=1e8, link_bytes_per_s=1e6))
+    choice = res[0][2].choice
+    assert (choice.pp, choice.micro_batches, choice.optimizer_parallel) == (1, 1, True)
+    _assert_same(res, pangu_serial)

@@ -58,8 +58,12 @@ def open_choices(cell, graph: Graph, setting: CompileSetting) -> AutoFixed | Non
     else:
         pp, max_pp = None, None
     piped = isinstance(cell, Pipelined)
+    zero3 = ctx.parallel_optimizer_config.shards_weights and (ctx.enable_parallel_optimizer
+                                                              or not ctx.is_set("enable_parallel_optimizer"))
+    if zero3 and not piped and pp is None:      # level3 runs without stages and micro-batches
+        pp, max_pp = 1, None
     fixed = AutoFixed(pp=pp, max_pp=max_pp,
-                      micro_batches=cell.micro_size if piped else None,
+                      micro_batches=cell.micro_size if piped else (1 if zero3 and pp == 1 else None),
                       recompute=False if any(n.recompute for n in graph.nodes) else None,
                       optimizer_parallel=(ctx.enable_parallel_optimizer if ctx.is_set("enable_parallel_optimizer")
                                           else None),
