@@ -194,10 +194,11 @@ class FeedForward(Cell):
             self.dropout.dropout.shard((token_strategy(config),))
 
     def construct(self, x):
-        if self.fold is not None:       # (B, S, H) -> (B*S, H) re-gathered in backward -> (B, S, F)
-            b, s, h = x.shape
-            return self.dropout(self.projection(self.gelu(self.mapping(self.fold(x, (b * s, h))).reshape(b, s, -1))))
-        return self.dropout(self.projection(self.gelu(self.mapping(x))))
+        if self.fold is None:
+            return self.dropout(self.projection(self.gelu(self.mapping(x))))
+        b, s, h = x.shape                                     # the input re-gathered in backward:
+        rows = self.mapping(self.fold(x, (b * s, h)))         # (B, S, H) -> (B*S, H) -> (B*S, F)
+        return self.dropout(self.projection(self.gelu(rows.reshape(b, s, -1))))   # (B*S, F) -> (B, S, F)
 
 
 class Block(Cell):
