@@ -190,6 +190,7 @@ class ParallelContext:
     parallel_optimizer_config: OptimizerShard = DEFAULT_OPTIMIZER_SHARD
     all_reduce_fusion_config: tuple = ()   # MindSpore's older key: comm_fusion's allreduce "index" rule
     strategy_ckpt_config: StrategyCkptConfig = StrategyCkptConfig()   # a dict in; its files set the two keys
+    grad_accumulation_step: int = 1    # micro-batches whose gradients add up per step (semi/auto parallel)
     # names the user set (what the joint search must not choose); not part of the value's equality
     explicit: frozenset = field(default=frozenset(), compare=False)
 
@@ -203,6 +204,7 @@ class ParallelContext:
             "dataset_strategy": _dataset_strategy(self.dataset_strategy),
             "search_mode": _choice("search_mode", self.search_mode, SEARCH_MODES),
             "pipeline_stages": check_int(_WHERE, "pipeline_stages", self.pipeline_stages, 1),
+            "grad_accumulation_step": check_int(_WHERE, "grad_accumulation_step", self.grad_accumulation_step, 1),
             "enable_parallel_optimizer": _bool("enable_parallel_optimizer", self.enable_parallel_optimizer),
             "parallel_optimizer_threshold": check_int(_WHERE, "parallel_optimizer_threshold",
                                                       self.parallel_optimizer_threshold, 0),
@@ -239,6 +241,11 @@ class ParallelContext:
         if n % self.pipeline_stages:
             raise _fail("pipeline_stages", f"a divisor of device_num = {n}", self.pipeline_stages,
                         "each stage needs the same number of devices; set device_num first")
+        if self.grad_accumulation_step > 1 and self.parallel_mode not in (ParallelMode.SEMI_AUTO_PARALLEL,
+                                                                          ParallelMode.AUTO_PARALLEL):
+            raise _fail("grad_accumulation_step", "1 outside semi_auto_parallel / auto_parallel (MindSpore's rule)",
+                        self.grad_accumulation_step, "set parallel_mode first, or wrap the network in "
+                        "nn.GradAccumulationCell(net, micro_size)")
         if self.full_batch and isinstance(self.dataset_strategy, tuple):
             raise _fail("full_batch", f"False when dataset_strategy is a tuple ({self.dataset_strategy})",
                         self.full_batch, "use dataset_strategy alone; full_batch is its older spelling")
@@ -324,7 +331,6 @@ NOT_SUPPORTED = {
     "parameter_broadcast": "every rank generates the same initial weights from a counter-based RNG",
     "enable_alltoall": "redistributions already use all-to-all where the layouts ask for it",
     "pipeline_config": "use nn.PipelineCell(net, micro_size, pipeline_schedule=..., virtual_stages=...)",
-    "grad_accumulation_step": "wrap the network in nn.GradAccumulationCell(net, micro_size=k) (MindSpore's cell)",
     "group_ckpt_save_file": "communication groups are derived from the plan at every compile",
     "force_fp32_communication": "collectives move each dtype as it is (bfloat16 sums in float32)",
     "pipeline_result_broadcast": "the loss is returned on every rank",

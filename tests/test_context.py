@@ -15,7 +15,8 @@ DEFAULTS = dict(parallel_mode="stand_alone", device_num=1, global_rank=0, gradie
                                                            "optimizer_weight_shard_size": -1,
                                                            "gradient_accumulation_shard": False},
                 all_reduce_fusion_config=[],
-                strategy_ckpt_config={"load_file": "", "save_file": "", "only_trainable_params": True})
+                strategy_ckpt_config={"load_file": "", "save_file": "", "only_trainable_params": True},
+                grad_accumulation_step=1)
 
 
 @pytest.fixture(autouse=True)
@@ -59,18 +60,23 @@ NON_DEFAULT = dict(parallel_mode="semi_auto_parallel", device_num=8, global_rank
                                               "gradient_accumulation_shard": True},
                    all_reduce_fusion_config=[2, 5],
                    strategy_ckpt_config={"load_file": "in.json", "save_file": "out.json",
-                                         "only_trainable_params": False})
+                                         "only_trainable_params": False},
+                   grad_accumulation_step=4)
 
 
 @pytest.mark.parametrize("name", list(NON_DEFAULT))
 def test_set_get_round_trip_each_field(name):
     set_auto_parallel_context(device_num=8)  # room for global_rank and pipeline_stages
+    set_auto_parallel_context(**NEEDS.get(name, {}))
     set_auto_parallel_context(**{name: NON_DEFAULT[name]})
     assert get_auto_parallel_context(name) == NON_DEFAULT[name]
-    others = {n: v for n, v in DEFAULTS.items() if n not in (name, "device_num") + VIEWS.get(name, ())}
+    others = {n: v for n, v in DEFAULTS.items()
+              if n not in (name, "device_num") + VIEWS.get(name, ()) + tuple(NEEDS.get(name, {}))}
     assert {n: get_auto_parallel_context(n) for n in others} == others
 
 
+# keys that need another set first
+NEEDS = {"grad_accumulation_step": {"parallel_mode": "semi_auto_parallel"}}
 # keys that are two views of one setting: setting one changes what the other reads
 VIEWS = {"strategy_ckpt_save_file": ("strategy_ckpt_config",), "strategy_ckpt_load_file": ("strategy_ckpt_config",),
          "strategy_ckpt_config": ("strategy_ckpt_save_file", "strategy_ckpt_load_file"),

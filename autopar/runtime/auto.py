@@ -7,7 +7,9 @@ its ranks. The user fixes any of them as usual and the search keeps it:
 
 * ``pipeline_stages`` set (or cells annotated with ``pipeline_stage``): the stages are
   fixed (``auto_pipeline=True`` makes ``pipeline_stages`` an upper bound instead);
-* a ``PipelineCell``: its micro-batches and schedule;
+* a ``PipelineCell``: its micro-batches and schedule (``grad_accumulation_step`` set: the
+  micro-batches);
+* ``parallel_optimizer_config`` at ``level3``: one stage, one micro-batch;
 * any cell marked ``recompute()``: the marks stand and the search adds none;
 * ``enable_parallel_optimizer`` set: on or off as set.
 
@@ -62,8 +64,13 @@ def open_choices(cell, graph: Graph, setting: CompileSetting) -> AutoFixed | Non
                                                               or not ctx.is_set("enable_parallel_optimizer"))
     if zero3 and not piped and pp is None:      # level3 runs without stages and micro-batches
         pp, max_pp = 1, None
-    fixed = AutoFixed(pp=pp, max_pp=max_pp,
-                      micro_batches=cell.micro_size if piped else (1 if zero3 and pp == 1 else None),
+    if piped:
+        micro = cell.micro_size
+    elif ctx.is_set("grad_accumulation_step"):
+        micro = ctx.grad_accumulation_step
+    else:
+        micro = 1 if zero3 and pp == 1 else None
+    fixed = AutoFixed(pp=pp, max_pp=max_pp, micro_batches=micro,
                       recompute=False if any(n.recompute for n in graph.nodes) else None,
                       optimizer_parallel=(ctx.enable_parallel_optimizer if ctx.is_set("enable_parallel_optimizer")
                                           else None),

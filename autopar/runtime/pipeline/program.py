@@ -497,7 +497,8 @@ class Pipelined:
 def pipelined(cell, setting) -> bool:
     """Whether ``grad_program`` builds a pipeline program: for a PipelineCell (micro-batches,
     also on one stage), or whenever the context asks for pipeline_stages > 1."""
-    return isinstance(cell, Pipelined) or (setting is not None and setting.ctx.pipeline_stages > 1)
+    return isinstance(cell, Pipelined) or (setting is not None and (setting.ctx.pipeline_stages > 1
+                                                                     or setting.ctx.grad_accumulation_step > 1))
 
 
 def pipeline_grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sens: float, setting):
@@ -505,10 +506,14 @@ def pipeline_grad_program(cell, args: tuple, kwargs: dict, params: Sequence, sen
     micro-batch) under ``setting`` (``setting.parallel_setting()``; None: serial)."""
     if kwargs:
         raise ValueError(format_error(WHERE, "inputs", "positional inputs only", f"keywords {sorted(kwargs)}"))
+    steps = setting.ctx.grad_accumulation_step if setting is not None else 1   # the context's accumulation
     if isinstance(cell, Pipelined):
+        if steps > 1:
+            raise ValueError(format_error(WHERE, "grad_accumulation_step", "1 with a PipelineCell (its micro_size "
+                                          "counts the micro-batches)", str(steps), "set one of the two"))
         network, micro, schedule, virtual = cell.network, cell.micro_size, cell.pipeline_schedule, cell.virtual_stages
     else:
-        network, micro, schedule, virtual = cell, 1, "1f1b", 1
+        network, micro, schedule, virtual = cell, steps, "1f1b", 1
     if setting is None:
         return PipelineGradProgram(network, args, params, current_world(), stages=1, micro=micro,
                                    schedule=schedule, mode="stand_alone", full_batch=True, sens=sens)
