@@ -23,6 +23,7 @@ from ..ir.mesh import Mesh
 from ..ir.spec import TensorSpec
 from ..ops.primitive import Primitive
 from ..ops.sharding import OpSharding
+from ..strategy.gradient_flow import passable_partial
 from ..strategy.sharding_plan import ShardingPlan
 from .shards import shard_of
 
@@ -87,17 +88,11 @@ def _passable_partial(have: Layout, sh: OpSharding, f, needs, graph: Graph) -> t
     does not use gives input gradients partial over the same axes: the reduction moves
     later and merges with others (three column-parallel layers reading one input reduce
     its gradient once). Not done when the gradients are bigger than dy (a lookup table's
-    gradient), where reducing dy first is cheaper."""
-    want = sh.dy_layout()
-    same_grid = have.mesh.shape == want.mesh.shape and have.mesh.ranks == want.mesh.ranks
-    if not have.partial or not same_grid or have.dims != want.dims:
-        return ()
-    used = {a for _, axes in sh.axes for a in axes}
-    if used & set(have.partial):
-        return ()
+    gradient), where reducing dy first is cheaper. The rule is
+    :func:`~autopar.strategy.gradient_flow.passable_partial`, which the cost model prices with."""
     dy_size = graph.spec(f.outputs[0]).size
     grads_size = sum(graph.spec(v).size for v, n in zip(f.inputs, needs) if n)
-    return have.partial if grads_size <= dy_size else ()
+    return passable_partial(have, sh, dy_size, grads_size)
 
 
 def lower(graph: Graph, outputs: Sequence[int], plan: ShardingPlan, rank: int, world,
