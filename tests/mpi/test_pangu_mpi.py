@@ -1,11 +1,13 @@
-"""PanGu-α tiny under real MPI equals serial: run by tests/test_comm_mpi_launch.py as
-``mpiexec -n 2`` and ``mpiexec -n 4``; skipped when not under mpiexec."""
+"""PanGu-α tiny under real MPI equals serial, with and without sequence parallel: run by
+tests/test_comm_mpi_launch.py as ``mpiexec -n 2`` and ``mpiexec -n 4``; skipped when not
+under mpiexec."""
 import numpy as np
 import pytest
 
 import autopar
 from autopar import nn
 from autopar.comm import world
+from autopar.context import bound_world, parallel_context
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.train import AdamWeightDecay
 
@@ -18,6 +20,7 @@ LAYOUTS = {2: [(2, 1, True, "data_parallel"), (1, 2, True, "semi_auto_parallel")
                (1, 2, False, "semi_auto_parallel")],
            4: [(2, 2, True, "semi_auto_parallel"), (4, 1, True, "data_parallel"),
                (1, 4, False, "semi_auto_parallel"), (2, 2, False, "semi_auto_parallel")]}
+SEQUENCE_PARALLEL = {2: [(1, 2)], 4: [(2, 2), (1, 4)]}      # dp, mp with sequence_parallel=True
 
 
 def train(net, ids, steps=3):
@@ -36,11 +39,20 @@ def serial():
 
 @pytest.mark.parametrize("dp, mp, vocab_emb_dp, mode", LAYOUTS.get(WORLD.size, []))
 def test_loss_gradients_and_three_steps_equal_serial(serial, dp, mp, vocab_emb_dp, mode):
-    from autopar.context import bound_world, parallel_context
+    check_equals_serial(serial, CONFIG.replace(data_parallel=dp, model_parallel=mp, vocab_emb_dp=vocab_emb_dp), mode)
+
+
+@pytest.mark.parametrize("dp, mp", SEQUENCE_PARALLEL.get(WORLD.size, []))
+def test_sequence_parallel_equals_serial(serial, dp, mp):
+    check_equals_serial(serial, CONFIG.replace(data_parallel=dp, model_parallel=mp, sequence_parallel=True),
+                        "semi_auto_parallel")
+
+
+def check_equals_serial(serial, cfg, mode):
+    """Loss, gradients and three AdamW steps of ``cfg`` under ``mode`` on the world equal serial."""
     loss, grads, (losses, weights) = serial
     full = mode == "semi_auto_parallel"
     ids = IDS if full else np.split(IDS, WORLD.size)[WORLD.rank]
-    cfg = CONFIG.replace(data_parallel=dp, model_parallel=mp, vocab_emb_dp=vocab_emb_dp)
     with bound_world(WORLD), parallel_context(parallel_mode=mode, device_num=WORLD.size, full_batch=full):
         got_loss, got_grads = autopar.value_and_grad(PanguAlphaWithLoss(cfg))(ids)
         got_losses, got_weights = train(PanguAlphaWithLoss(cfg), ids)
