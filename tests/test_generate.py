@@ -157,3 +157,16 @@ def test_model_parallel_cached_decoding_equals_serial_recomputation():
         assert cache_shape == (2, config.num_heads // 2, config.seq_length, config.head_dim)
         assert stats["count"] == {"allreduce": 2 * config.num_layers * fed, "allgather": fed}
     assert len({t for row in want for t in row}) > 3
+
+
+def test_cached_decoding_of_a_sequence_parallel_model_names_the_fix():
+    """One token a step has no sequence to split: a sequence-parallel mp model is refused at
+    once, pointing at the same model without it (whose cached decoding works)."""
+    from autopar.models.pangu_alpha.generate import generate_cached
+    config = PanguAlphaConfig.preset("tiny", model_parallel=2, sequence_parallel=True)
+    with pytest.raises(ValueError, match=r"PanguAlphaDecoder: model.config.sequence_parallel: expected False for "
+                                         r"incremental decoding .*config.replace\(sequence_parallel=False\)"):
+        generate_cached(PanguAlpha(config), [[11, 12, 13]], 2, temperature=0)
+    plain = PanguAlpha(config.replace(sequence_parallel=False))
+    assert generate_cached(plain, [[11, 12, 13]], 2, temperature=0) == generate(plain, [[11, 12, 13]], 2,
+                                                                                temperature=0)

@@ -123,6 +123,12 @@ class PanguAlphaDecoder(Cell):
 
     def __init__(self, model: PanguAlpha):
         super().__init__()
+        cfg = model.config
+        if cfg.sequence_parallel and cfg.model_parallel > 1:    # one token a step: no sequence to split
+            raise ValueError(format_error("PanguAlphaDecoder", "model.config.sequence_parallel",
+                                          "False for incremental decoding (one token a step)", "True",
+                                          "decode with PanguAlpha(config.replace(sequence_parallel=False)): the "
+                                          "same parameters and names, so the weights load as they are"))
         self.model = model
 
     def carry(self) -> dict[int, int]:
