@@ -290,7 +290,8 @@ class ParallelContext:
         """What of this context the planner reads, as the frozen value strategy/ takes."""
         return PlanOptions(self.strategy_ckpt_load_file, self.search_mode, self.cost_profile,
                            self.enable_parallel_optimizer, comm_fusion=self.comm_fusion,
-                           only_trainable_params=self.strategy_ckpt_config.only_trainable_params)
+                           only_trainable_params=self.strategy_ckpt_config.only_trainable_params,
+                           optimizer_shard=self.parallel_optimizer_config)
 
     def replace(self, **changes) -> ParallelContext:
         """A new validated value with ``changes`` applied; unknown names are a ValueError."""

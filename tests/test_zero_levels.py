@@ -9,7 +9,13 @@ from test_optimizer_parallel import BATCHES, CONFIG, RTOL, WEIGHT_ATOL, serial, 
 from autopar import nn
 from autopar.comm import run_in_process
 from autopar.context import ParallelContext, bound_world, parallel_context
+from autopar.ir.mesh import Mesh
 from autopar.models.pangu_alpha import PanguAlphaWithLoss
+from autopar.runtime.trace import trace
+from autopar.strategy.costmodel import CostModel
+from autopar.strategy.optimizer_shard import OptimizerShard
+from autopar.strategy.profile import load_profile
+from autopar.strategy.sharding_plan import plan_shardings
 from autopar.train import SGD, AdamWeightDecay
 
 N = 4                     # data-parallel ranks
@@ -243,3 +249,28 @@ def test_gradients_mean_under_semi_auto_divides_by_the_mirror_group(serial_grads
     scale = max(np.abs(g).max() for g in serial_grads.values())
     for (name, g), c in zip(serial_grads.items(), copies):
         np.testing.assert_allclose(grads[name], g / c, rtol=1e-5, atol=1e-6 * scale, err_msg=name)
+
+
+# ---- the cost model prices the levels ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def priced():
+    """Per level, the cost model's prediction for the dp4 plan the runs above used."""
+    graph = trace(PanguAlphaWithLoss(CONFIG.replace(data_parallel=N)), (BATCHES[0],), {}).graph
+    stage = Mesh((N,), ("devices",))
+    plan = plan_shardings(graph, "data_parallel", stage, False)
+    return {level: CostModel(graph, stage, load_profile("cpu-2core"), False, optimizer_parallel=True,
+                             optimizer_shard=OptimizerShard(LEVEL[level])).evaluate(plan) for level in (1, 2, 3)}
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_the_cost_model_predicts_the_measured_bytes_of_each_level(runs, priced, level):
+    m = runs[level][0]["memory"]
+    cost = priced[level]
+    assert (cost.param_bytes, cost.grad_bytes, cost.state_bytes) == (m["parameters"], m["gradients"],
+                                                                     m["optimizer_states"])
+
+
+def test_the_cost_model_charges_level3_one_weight_all_gather_more(priced):
+    assert priced[2].comm_s == priced[1].comm_s
+    assert priced[3].comm_s > priced[2].comm_s

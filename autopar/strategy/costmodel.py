@@ -71,6 +71,7 @@ from ..ops.sharding import OpSharding
 from . import formulas, gradient_flow
 from .canonical import canonical
 from .grad_buckets import GradBucket, GradReduction, bucket, bucketable, exposed_seconds, trained_order
+from .optimizer_shard import DEFAULT_OPTIMIZER_SHARD, OptimizerShard
 from .profile import MachineProfile
 from .recompute_regions import internal_values, rebuild_set, recompute_regions, resolve_marks, whole_cells
 from .sharding_plan import ShardingPlan, input_layout
@@ -192,6 +193,9 @@ class CostModel:
     for momentum SGD); ``optimizer_parallel``: states are split over the ranks a weight is
     replicated on (ZeRO-1), whose gradient is then reduce-scattered and the weight
     all-gathered: the same bytes on a ring as the all-reduce, so only memory changes.
+    ``optimizer_shard`` (``parallel_optimizer_config``): its shard size splits over groups
+    of that many copies; at ``level3`` the weight is held as its slice too and gathered
+    where used, forward and again in backward (one all-gather more than the all-reduce).
     ``comm_fusion``: the context's setting; its gradient rules bucket the weights' reductions
     (module docstring), none (the default) prices each alone. ``param_order``: the names of
     the trained parameters in the order the optimizer lists them (what an ``index`` rule
@@ -199,12 +203,15 @@ class CostModel:
 
     def __init__(self, graph: Graph, stage: Mesh, profile: MachineProfile, full_batch: bool = False,
                  optimizer_states: int = 2, optimizer_parallel: bool = False,
-                 comm_fusion: CommFusion = DEFAULT_COMM_FUSION, param_order: Sequence[str] | None = None):
+                 comm_fusion: CommFusion = DEFAULT_COMM_FUSION, param_order: Sequence[str] | None = None,
+                 optimizer_shard: OptimizerShard = DEFAULT_OPTIMIZER_SHARD):
         self.graph, self.stage, self.profile = graph, stage, profile
         self.fusion_rules = comm_fusion.gradient_rules()   # redistribution step kind -> rule
         names = graph.param_names()
         self.param_order = trained_order(names, names if param_order is None else param_order)
         self.optimizer_states, self.optimizer_parallel = optimizer_states, optimizer_parallel
+        self.optimizer_shard = optimizer_shard
+        self.weights_sliced = bool(optimizer_parallel) and optimizer_shard.shards_weights   # ZeRO-3
         self.forward = [n for n in graph.nodes if n.phase == FORWARD]
         self.nodes = {n.id: n for n in self.forward}
         self.params = set(graph.params)
@@ -323,7 +330,9 @@ class CostModel:
             copies = self._copies(lay)
             if copies > 1:      # optimizer parallel: the updated slices are all-gathered, one more call
                 grad += self.collective_seconds("all_gather", 0, lay.mesh, lay.replicated_axes())
-            pbytes += local_bytes
+                if self.weights_sliced:   # level3: gathered for forward and again for backward
+                    grad += self.collective_seconds("all_gather", local_bytes, lay.mesh, lay.replicated_axes())
+            pbytes += local_bytes // copies if self.weights_sliced else local_bytes
             gbytes += local_bytes // copies   # optimizer parallel: a reduce-scattered slice
             sbytes += self.state_bytes(local_bytes, lay)
             update += OPTIMIZER_BYTES_PER_ELEMENT * (local_bytes // copies) / prof.op_rate(OPTIMIZER_KIND)
@@ -350,10 +359,12 @@ class CostModel:
 
     def _copies(self, layout: Layout) -> int:
         """Ranks a weight's optimizer state and gradient are split over: its data-parallel
-        copies with optimizer parallel, else 1."""
+        copies with optimizer parallel (at most ``optimizer_weight_shard_size``), else 1."""
         if not self.optimizer_parallel:
             return 1
-        return math.prod(layout.mesh.shape[a] for a in layout.replicated_axes())
+        n = math.prod(layout.mesh.shape[a] for a in layout.replicated_axes())
+        k = self.optimizer_shard.shard_size
+        return k if 1 < k < n else n
 
     def param_memory(self, value: int, layout: Layout) -> tuple[int, int]:
         """(weight + gradient + states, states) bytes per rank of a parameter in ``layout``."""
@@ -364,8 +375,9 @@ class CostModel:
         """(weight, gradient, states) bytes per rank of a parameter in ``layout``. With
         optimizer parallel the runtime reduce-scatters the gradient, so it is kept as a
         slice like the states (ZeRO-2's memory for gradients)."""
-        local = _local(self.graph.spec(value), layout).nbytes
-        return local, local // self._copies(layout), self.state_bytes(local, layout)
+        local, copies = _local(self.graph.spec(value), layout).nbytes, self._copies(layout)
+        weight = local // copies if self.weights_sliced else local
+        return weight, local // copies, self.state_bytes(local, layout)
 
     def _internal_seconds(self, node: Node, sh: OpSharding, out: TensorSpec, backward: bool) -> float:
         """Collectives a kernel runs itself over its *internal* letters' axes: the

@@ -15,6 +15,7 @@ from ..comm.fusion import DEFAULT_COMM_FUSION, CommFusion
 from ..ir.graph import Graph
 from ..ir.mesh import Mesh
 from .costmodel import CostModel
+from .optimizer_shard import DEFAULT_OPTIMIZER_SHARD, OptimizerShard
 from .profile import MachineProfile, load_profile
 from .search import DEFAULT_PROFILE, search_plan
 from .sharding_plan import ShardingPlan, plan_shardings
@@ -38,6 +39,7 @@ class PlanOptions:
     memory_cap: float | None = None
     comm_fusion: CommFusion = DEFAULT_COMM_FUSION
     only_trainable_params: bool = True     # strategy_ckpt_config's: files list trainable parameters only
+    optimizer_shard: OptimizerShard = DEFAULT_OPTIMIZER_SHARD   # parallel_optimizer_config's level, shard size
 
     def profile(self) -> MachineProfile:
         return load_profile(self.cost_profile or DEFAULT_PROFILE)
@@ -56,7 +58,8 @@ def make_plan(graph: Graph, mode: str, stage: Mesh, full_batch: bool = False,
         return load_strategy(options.strategy_file, graph, stage)
     if mode == "auto_parallel":
         return search_plan(graph, stage, options.search_mode, full_batch, profile=options.profile(),
-                           optimizer_parallel=options.optimizer_parallel, memory_cap=options.memory_cap)
+                           optimizer_parallel=options.optimizer_parallel, memory_cap=options.memory_cap,
+                           optimizer_shard=options.optimizer_shard)
     return plan_shardings(graph, mode, stage, full_batch)
 
 
@@ -67,7 +70,7 @@ def save_plan(path: str, graph: Graph, plan: ShardingPlan, full_batch: bool,
     buckets (``comm_fusion``; an ``index`` rule counted in ``param_order``, the trained
     parameters' names in the optimizer's order, else in the graph's)."""
     model = CostModel(graph, plan.stage, options.profile(), full_batch, optimizer_parallel=options.optimizer_parallel,
-                      comm_fusion=options.comm_fusion, param_order=param_order)
+                      comm_fusion=options.comm_fusion, param_order=param_order, optimizer_shard=options.optimizer_shard)
     save_strategy(path, graph, plan, predicted=model.evaluate(plan).summary(),
                   only_trainable=options.only_trainable_params)
 

@@ -287,7 +287,7 @@ def price(graph: Graph, stack: LayerStack | None, devices: int, pp: int, micro_b
     except ValueError:
         return []                                   # no strategy divides these shapes
     costs = [_stage_cost(CostModel(sg.graph, pl.stage, profile, full_batch, optimizer_parallel=optimizer_parallel,
-                                   comm_fusion=options.comm_fusion), pl, stack)
+                                   comm_fusion=options.comm_fusion, optimizer_shard=options.optimizer_shard), pl, stack)
              for sg, pl in zip(plan.stages, plan.plans)]
     p2p = [_p2p_seconds(plan, c, n, profile, pp) for c in range(chunks)]
     shared = [_shared_seconds(plan, graph, s, n, profile, pp) for s in range(pp)]

@@ -17,7 +17,8 @@ def save_pipeline_plan(path, plan: PipelinePlan, full_batch: bool, options: Plan
     with the cost model's prediction for one micro-batch through that stage."""
     profile, zero = options.profile(), options.optimizer_parallel
     assert all(pl is not None for pl in plan.plans), "save_pipeline_plan: plan every stage first"
-    predicted = [CostModel(sg.graph, pl.stage, profile, full_batch, optimizer_parallel=zero).evaluate(pl).summary()
+    predicted = [CostModel(sg.graph, pl.stage, profile, full_batch, optimizer_parallel=zero,
+                           optimizer_shard=options.optimizer_shard).evaluate(pl).summary()
                  for sg, pl in zip(plan.stages, plan.plans)]
     save_pipeline_strategy(path, [sg.graph for sg in plan.stages], plan.plans, predicted,
                            only_trainable=options.only_trainable_params)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from ...ir.graph import Graph
 from ...ir.mesh import Mesh
 from ..costmodel import CostModel, PlanCost
+from ..optimizer_shard import DEFAULT_OPTIMIZER_SHARD, OptimizerShard
 from ..profile import MachineProfile, load_profile
 from ..sharding_plan import ShardingPlan
 from .elimination import solve
@@ -51,7 +52,8 @@ def _solve(model: CostModel, mode: str, lam: float, problem: Problem | None) -> 
 
 def search(graph: Graph, stage: Mesh, mode: str = "dynamic_programming", full_batch: bool = False,
            profile: MachineProfile | str | None = None, memory_cap: float | None = None,
-           optimizer_states: int = 2, optimizer_parallel: bool = False) -> SearchResult:
+           optimizer_states: int = 2, optimizer_parallel: bool = False,
+           optimizer_shard: OptimizerShard = DEFAULT_OPTIMIZER_SHARD) -> SearchResult:
     """The searched plan of ``graph``'s forward ops on ``stage``, with its predicted cost."""
     if mode not in SEARCH_MODES:
         raise ValueError(f"search_mode: expected one of {SEARCH_MODES}, got {mode!r}")
@@ -60,7 +62,8 @@ def search(graph: Graph, stage: Mesh, mode: str = "dynamic_programming", full_ba
     cap = float(profile.memory_bytes if memory_cap is None else memory_cap)
     if not cap > 0:
         raise ValueError(f"memory_cap: expected bytes > 0, got {memory_cap!r}")
-    model = CostModel(graph, stage, profile, full_batch, optimizer_states, optimizer_parallel)
+    model = CostModel(graph, stage, profile, full_batch, optimizer_states, optimizer_parallel,
+                      optimizer_shard=optimizer_shard)
     _check_divisible(model)
     problem = None if mode == "recursive_programming" else build(model)
 
