@@ -26,9 +26,9 @@ that estimate and 1000x below a broken kernel.
 Timing (``--timing``, default on with a GPU): one training step of the 350M preset (seq
 1024, batch ``--batch``, float32, dropout 0.1, clip 1.0, AdamWeightDecay) with autopar on
 the GPU, beside a PanGu-α-shaped PyTorch model in eager mode at the same precision and
-batch (``--no-torch`` to skip; TF32 off on both sides). The PyTorch model is an
-approximation: ``num_layers`` standard pre-LN blocks (PanGu-α's last layer is a top-query
-layer), tied output embedding, explicit softmax attention (no fused kernels).
+batch (``--no-torch`` to skip; TF32 off on both sides). The PyTorch model is
+benchmarks/torch_pangu.py, PanGu-α op for op (top-query layer, tied head, explicit softmax
+attention, no fused kernels), with PyTorch's own initialisation and dropout.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ from pathlib import Path
 
 os.environ.setdefault("CUPY_TF32", "0")          # float32 GEMMs in float32 (before CuPy is imported)
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))      # torch_pangu, the PyTorch anchor
 
 import numpy as np  # noqa: E402
 
@@ -272,56 +273,18 @@ def time_autopar(config, batch: int, steps: int) -> tuple[float, int]:
 
 
 def time_torch(config, batch: int, steps: int) -> tuple[float, int]:
-    """Seconds per step of a PanGu-α-shaped PyTorch model, eager, float32 (see the docstring)."""
+    """Seconds per step of PanGu-α in PyTorch eager (benchmarks/torch_pangu.py), float32."""
     import torch
-    import torch.nn.functional as F
+    import torch_pangu
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    h, f, heads, p = config.hidden_size, config.ffn_hidden_size, config.num_heads, config.dropout_rate
-    s, v = config.seq_length, config.vocab_size
-
-    class Block(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.ln1, self.ln2 = torch.nn.LayerNorm(h), torch.nn.LayerNorm(h)
-            self.qkv, self.proj = torch.nn.Linear(h, 3 * h), torch.nn.Linear(h, h)
-            self.fc1, self.fc2 = torch.nn.Linear(h, f), torch.nn.Linear(f, h)
-
-        def forward(self, x, mask):
-            b, n, _ = x.shape                                                       # (B, S, H)
-            q, k, val = self.qkv(self.ln1(x)).view(b, n, 3, heads, h // heads).permute(2, 0, 3, 1, 4)
-            att = (q @ k.transpose(-1, -2)) / math.sqrt(h // heads)                 # (B, heads, S, S)
-            att = F.dropout(att.masked_fill(mask, float("-inf")).softmax(-1), p, True)
-            y = (att @ val).transpose(1, 2).reshape(b, n, h)
-            x = x + F.dropout(self.proj(y), p, True)
-            return x + F.dropout(self.fc2(F.gelu(self.fc1(self.ln2(x)), approximate="tanh")), p, True)
-
-    class Model(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb, self.pos = torch.nn.Embedding(v, h), torch.nn.Embedding(s, h)
-            self.blocks = torch.nn.ModuleList(Block() for _ in range(config.num_layers))
-            self.ln = torch.nn.LayerNorm(h)
-
-        def forward(self, ids):
-            x = F.dropout(self.emb(ids[:, :-1]) + self.pos.weight, p, True)
-            mask = torch.ones(s, s, dtype=torch.bool, device=ids.device).triu(1)
-            for blk in self.blocks:
-                x = blk(x, mask)
-            logits = self.ln(x) @ self.emb.weight.T                                 # (B, S, V)
-            return F.cross_entropy(logits.reshape(-1, v), ids[:, 1:].reshape(-1).long())
-
     dev = torch.device("cuda")
-    model = Model().to(dev)
+    model = torch_pangu.build(config, device="cuda")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     ids = torch.from_numpy(ids_for(config, batch)).to(dev)
 
     def step():
-        loss = model(ids)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        torch_pangu.train_step(model, opt, ids, clip_norm=1.0)
     step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -350,7 +313,7 @@ def timing(report: Report, batch: int, steps: int, with_torch: bool) -> None:
         return
     try:
         tt, peak = time_torch(config, batch, steps)
-        report.add("INFO", "PyTorch eager step, same shape, float32 (approximate PanGu-α)",
+        report.add("INFO", "PyTorch eager step, same model, float32 (benchmarks/torch_pangu.py)",
                    f"{tt * 1e3:.0f} ms/step, {tokens / tt:,.0f} tokens/s, peak {peak / 2 ** 30:.1f} GiB; "
                    f"autopar / PyTorch tokens/s = {tt / t:.2f}")
     except ImportError as err:
