@@ -3,8 +3,17 @@
 Prints step time, tokens/s, achieved GFLOP/s (FLOPs counted from the compiled program's
 ops) and the ratio to this machine's numpy float32 GEMM rate, measured in the same run.
 
+Where torch is installed, the same step in PyTorch eager is timed beside it: the same model
+(benchmarks/torch_pangu.py) starting from autopar's initial weights (the two losses are
+printed and must agree to float32 rounding), the same clip and AdamW hyperparameters, one
+thread (torch.set_num_threads(1)). The two steps alternate, one of each per round, and
+the line "autopar / PyTorch" is the ratio of their medians, with the spread of the
+per-round ratios. Dropout is off by default (``--dropout 0.1`` turns it on in both; their
+masks then differ, so the losses do too).
+
     python benchmarks/serial_step.py            # both configs
     python benchmarks/serial_step.py --quick    # the small config only
+    python benchmarks/serial_step.py --no-torch # autopar alone
 """
 from __future__ import annotations
 
@@ -14,6 +23,12 @@ import time
 
 import numpy as np
 from threadpoolctl import threadpool_limits
+
+try:  # the PyTorch anchor; a benchmark-only dependency
+    import torch
+    import torch_pangu
+except ImportError as err:
+    torch, torch_pangu, TORCH_MISSING = None, None, str(err)
 
 from autopar import nn
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
@@ -56,20 +71,25 @@ def program_flops(prog) -> int:
     return total
 
 
-def bench(name: str, spec: dict, steps: int, rate: float) -> dict:
+def bench(name: str, spec: dict, steps: int, rate: float, dropout: float, with_torch: bool) -> dict:
     spec = dict(spec)
     batch = spec.pop("batch")
-    config = PanguAlphaConfig(dropout_rate=0.1, **spec)
+    config = PanguAlphaConfig(dropout_rate=dropout, **spec)
     net = PanguAlphaWithLoss(config)
     opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.01)
     train = nn.TrainOneStepCell(net, opt, clip_norm=1.0)
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (batch, config.seq_length + 1)).astype(np.int32)
-    train(ids)  # compile, materialize parameters and optimizer states
-    times = []
-    for _ in range(steps):
+    anchor = TorchStep(config, net, ids, opt) if with_torch else None   # autopar's initial weights
+    loss = float(train(ids))  # compile, materialize parameters and optimizer states
+    if anchor is not None:
+        anchor.report_loss(name, loss)
+    times, torch_times = [], []
+    for _ in range(steps):    # one autopar step, then one PyTorch step, per round
         t0 = time.perf_counter()
         train(ids)
         times.append(time.perf_counter() - t0)
+        if anchor is not None:
+            torch_times.append(anchor.timed_step())
     step = min(times)
     flops = program_flops(grad_program(net, (ids,), {}, opt.params))
     tokens = batch * config.seq_length
@@ -78,14 +98,55 @@ def bench(name: str, spec: dict, steps: int, rate: float) -> dict:
     print(f"{name:24s} params {row['params'] / 1e6:7.1f}M  step {step:7.3f}s  "
           f"tokens/s {row['tokens_per_s']:8.1f}  {row['gflops']:6.1f} GFLOP/s  "
           f"= {row['ratio']:.2f} x GEMM rate", flush=True)
+    if anchor is not None:
+        print_ratio(name, times, torch_times)
     return row
+
+
+class TorchStep:
+    """The PyTorch eager step beside autopar's: the same weights (copied from ``net`` before
+    either has stepped), the same clip and AdamW hyperparameters as ``opt``."""
+
+    def __init__(self, config, net, ids: np.ndarray, opt: AdamWeightDecay):
+        self.model = torch_pangu.build(config, net)
+        self.opt = torch_pangu.adamw(self.model, opt.learning_rate, opt.weight_decay, opt.beta1, opt.beta2, opt.eps)
+        self.ids = torch.from_numpy(ids)
+        self.first_loss = float(torch_pangu.train_step(self.model, self.opt, self.ids))   # warm-up step
+
+    def report_loss(self, name: str, autopar_loss: float) -> None:
+        rel = abs(self.first_loss - autopar_loss) / abs(autopar_loss)
+        print(f"{name:24s} loss at the same initial weights: autopar {autopar_loss:.7f}, "
+              f"PyTorch {self.first_loss:.7f} (relative difference {rel:.1e})", flush=True)
+
+    def timed_step(self) -> float:
+        t0 = time.perf_counter()
+        torch_pangu.train_step(self.model, self.opt, self.ids)
+        return time.perf_counter() - t0
+
+
+def print_ratio(name: str, ours: list[float], theirs: list[float]) -> None:
+    """Medians of both, and the ratio of medians with the range of the per-round ratios."""
+    per_round = [a / b for a, b in zip(ours, theirs)]
+    a, b = float(np.median(ours)), float(np.median(theirs))
+    print(f"{name:24s} median of {len(ours)} alternating steps: autopar {a:.3f}s [{min(ours):.3f}-{max(ours):.3f}], "
+          f"PyTorch {b:.3f}s [{min(theirs):.3f}-{max(theirs):.3f}]; autopar / PyTorch = {a / b:.3f} "
+          f"(per round {min(per_round):.3f}-{max(per_round):.3f})", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="only the small config")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps; the fastest is reported")
+    parser.add_argument("--steps", type=int, default=5,
+                        help="timed steps (rounds with PyTorch); the fastest is reported, and the medians")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout rate of both models")
+    parser.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch anchor")
     args = parser.parse_args()
+    with_torch = args.torch and torch is not None
+    if with_torch:
+        torch.set_num_threads(1)
+        print(f"PyTorch {torch.__version__} eager beside autopar, one thread each", flush=True)
+    elif args.torch:
+        print(f"PyTorch anchor skipped: torch does not import ({TORCH_MISSING})", flush=True)
     if hasattr(os, "sched_setaffinity"):  # one core, so the scheduler does not move us mid-GEMM
         os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     with threadpool_limits(limits=1, user_api="blas"):
@@ -94,7 +155,7 @@ def main() -> None:
         rate = gemm_rate()
         print(f"numpy float32 GEMM (2048^3, 1 BLAS thread): {rate / 1e9:.1f} GFLOP/s", flush=True)
         names = list(CONFIGS)[:1] if args.quick else list(CONFIGS)
-        rows = [bench(name, CONFIGS[name], args.steps, rate) for name in names]
+        rows = [bench(name, CONFIGS[name], args.steps, rate, args.dropout, with_torch) for name in names]
         after = gemm_rate()
         best = max(rate, after)
         print(f"GEMM again after the steps: {after / 1e9:.1f} GFLOP/s; ratios against the best, "
