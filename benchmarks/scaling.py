@@ -7,7 +7,15 @@ time per step, speedup over 1 rank and the share of the step spent redistributin
     python benchmarks/scaling.py                       # 1 and 2 ranks: dp2, mp2
     python benchmarks/scaling.py --ranks 1 2 4 8 --mpiexec-args "--bind-to core"
 
-Each rank uses one BLAS thread (OPENBLAS_NUM_THREADS=1).
+Where torch is installed, PyTorch is measured in the same run at the same rank counts as the
+anchor: the same model (benchmarks/torch_pangu.py), global batch split the same way over
+ranks, AdamW with the same hyperparameters and clip, one thread per rank; eager on 1 rank,
+DistributedDataParallel over gloo on n ranks, launched by the same mpiexec command (rank and
+size from MPI, the rendezvous at 127.0.0.1 on a free port). The table puts both side by
+side, each framework's speedup over its own 1-rank step. ``--no-torch`` skips it.
+
+Each rank uses one BLAS thread (OPENBLAS_NUM_THREADS=1). Dropout is off by default in both
+(``--dropout 0.1`` turns it on). Step times are each framework's fastest of ``--steps``.
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ import json
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -24,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 CONFIG = dict(vocab_size=8000, seq_length=256, hidden_size=512, num_layers=4, num_heads=8,
-              ffn_hidden_size=2048, dropout_rate=0.1)
+              ffn_hidden_size=2048)
 
 
 def layouts(ranks: list[int]) -> list[tuple[int, int, str]]:
@@ -40,7 +49,12 @@ def layouts(ranks: list[int]) -> list[tuple[int, int, str]]:
     return out
 
 
-def worker(dp: int, mp: int, mode: str, batch: int, steps: int) -> None:
+def global_ids(cfg, batch: int) -> np.ndarray:
+    """The global batch (batch, S + 1), the same in every run and both frameworks."""
+    return np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, cfg.seq_length + 1)).astype(np.int32)
+
+
+def worker(dp: int, mp: int, mode: str, batch: int, steps: int, dropout: float) -> None:
     from autopar import nn
     from autopar.comm import install_abort_handler, world
     from autopar.context import bound_world, parallel_context
@@ -49,8 +63,8 @@ def worker(dp: int, mp: int, mode: str, batch: int, steps: int) -> None:
     install_abort_handler()
     comm = world()
     n = comm.size
-    cfg = PanguAlphaConfig(data_parallel=dp, model_parallel=mp, **CONFIG)
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, cfg.seq_length + 1)).astype(np.int32)
+    cfg = PanguAlphaConfig(data_parallel=dp, model_parallel=mp, dropout_rate=dropout, **CONFIG)
+    ids = global_ids(cfg, batch)
     full = mode != "data_parallel"
     local_ids = ids if full else np.split(ids, n)[comm.rank]
     with bound_world(comm), parallel_context(parallel_mode=mode, device_num=n, full_batch=full):
@@ -73,36 +87,121 @@ def worker(dp: int, mp: int, mode: str, batch: int, steps: int) -> None:
         print(json.dumps(dict(n=n, dp=dp, mp=mp, mode=mode, step=times[best], comm=comm_s[best])), flush=True)
 
 
+def torch_worker(batch: int, steps: int, dropout: float, port: int) -> None:
+    """PyTorch's step on this rank: eager on 1 rank, DDP (gloo) on n; the global batch split
+    over ranks as autopar's data parallel splits it. Rank 0 prints its fastest step as JSON."""
+    import torch
+    import torch.distributed as dist
+    import torch_pangu
+
+    from autopar.comm import world
+    from autopar.models.pangu_alpha import PanguAlphaConfig
+    comm = world()
+    n, rank = comm.size, comm.rank
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = PanguAlphaConfig(dropout_rate=dropout, **CONFIG)
+    ids = torch.from_numpy(np.split(global_ids(cfg, batch), n)[rank])
+    model = torch_pangu.build(cfg)
+    if n > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    opt = torch_pangu.adamw(model, learning_rate=1e-4, weight_decay=0.01)
+    torch_pangu.train_step(model, opt, ids, clip_norm=1.0)      # warm up: buckets, optimizer states
+    times = []
+    for _ in range(steps):
+        comm.barrier() if n > 1 else None
+        t0 = time.perf_counter()
+        torch_pangu.train_step(model, opt, ids, clip_norm=1.0)
+        times.append(time.perf_counter() - t0)
+    if n > 1:
+        dist.destroy_process_group()
+    if rank == 0:
+        print(json.dumps(dict(n=n, dp=n, mp=1, framework="torch", step=min(times))), flush=True)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now, for DDP's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args, n: int, worker_args: list[str], env: dict) -> dict:
+    """One MPI job of ``n`` ranks running this script as a worker; rank 0's JSON line."""
+    cmd = [args.mpiexec, "-n", str(n), *shlex.split(args.mpiexec_args), sys.executable, __file__, *worker_args,
+           "--batch", str(args.batch), "--steps", str(args.steps), "--dropout", str(args.dropout)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def layout_name(r: dict) -> str:
+    if r["n"] == 1:
+        return "serial"
+    if r["dp"] > 1:
+        return f"dp{r['dp']}" + (f"xmp{r['mp']}" if r["mp"] > 1 else "")
+    return f"mp{r['mp']}"
+
+
+def print_table(args, rows: list[dict], torch_rows: dict[int, dict]) -> None:
+    """autopar's rows; beside each serial and pure-dp row, PyTorch's at the same rank count."""
+    base = next(r["step"] for r in rows if r["n"] == 1)
+    torch_base = torch_rows[1]["step"] if 1 in torch_rows else None
+    print(f"PanGu-α {CONFIG}, dropout {args.dropout}, global batch {args.batch}, one BLAS thread per rank, "
+          f"fastest of {args.steps} steps")
+    head = f"{'ranks':>5} {'layout':>8} {'step s':>8} {'speedup':>8} {'comm share':>10}"
+    print(head + (f" {'PyTorch s':>10} {'speedup':>8} {'autopar/PyTorch':>16}" if torch_rows else ""))
+    for r in rows:
+        line = (f"{r['n']:>5} {layout_name(r):>8} {r['step']:>8.3f} {base / r['step']:>8.2f} "
+                f"{r['comm'] / r['step']:>10.1%}")
+        t = torch_rows.get(r["n"]) if r["mp"] == 1 else None
+        if t is not None:
+            speedup = f"{torch_base / t['step']:>8.2f}" if torch_base else f"{'-':>8}"
+            line += f" {t['step']:>10.3f} {speedup} {r['step'] / t['step']:>16.3f}"
+        print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batch", type=int, default=8, help="global batch")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout rate of both frameworks' models")
+    parser.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch DDP anchor")
     parser.add_argument("--mpiexec", default=shutil.which("mpiexec", path=str(Path(sys.executable).parent))
                         or shutil.which("mpiexec"))
     parser.add_argument("--mpiexec-args", default="", help="extra launcher flags, e.g. '--bind-to core'")
     parser.add_argument("--worker", nargs=3, metavar=("DP", "MP", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--torch-worker", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(int(args.worker[0]), int(args.worker[1]), args.worker[2], args.batch, args.steps)
+        worker(int(args.worker[0]), int(args.worker[1]), args.worker[2], args.batch, args.steps, args.dropout)
+        return
+    if args.torch_worker is not None:
+        torch_worker(args.batch, args.steps, args.dropout, args.torch_worker)
         return
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    rows = []
-    for dp, mp, mode in layouts(args.ranks):
-        n = dp * mp
-        cmd = [args.mpiexec, "-n", str(n), *shlex.split(args.mpiexec_args), sys.executable, __file__,
-               "--worker", str(dp), str(mp), mode, "--batch", str(args.batch), "--steps", str(args.steps)]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
-        if out.returncode != 0:
-            sys.exit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    base = next(r["step"] for r in rows if r["n"] == 1)
-    print(f"PanGu-α {CONFIG}, global batch {args.batch}, one BLAS thread per rank")
-    print(f"{'ranks':>5} {'layout':>8} {'step s':>8} {'speedup':>8} {'comm share':>10}")
-    for r in rows:
-        name = "serial" if r["n"] == 1 else f"dp{r['dp']}" + (f"xmp{r['mp']}" if r["mp"] > 1 else "") \
-            if r["dp"] > 1 else f"mp{r['mp']}"
-        print(f"{r['n']:>5} {name:>8} {r['step']:>8.3f} {base / r['step']:>8.2f} {r['comm'] / r['step']:>10.1%}")
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")     # gloo on the loopback, where the rendezvous is
+    with_torch = args.torch and torch_imports()
+    rows, torch_rows = [], {}
+    for n in sorted(set(args.ranks)):
+        for dp, mp, mode in layouts([n]):
+            rows.append(launch(args, dp * mp, ["--worker", str(dp), str(mp), mode], env))
+        if with_torch:
+            torch_rows[n] = launch(args, n, ["--torch-worker", str(free_port())], env)
+    print_table(args, rows, torch_rows)
+
+
+def torch_imports() -> bool:
+    """Whether the PyTorch anchor can run here; says why not when it cannot."""
+    try:
+        import torch  # noqa: F401
+        return True
+    except ImportError as err:
+        print(f"PyTorch DDP anchor skipped: torch does not import ({err})", flush=True)
+        return False
 
 
 if __name__ == "__main__":
