@@ -145,7 +145,7 @@ def test_layout_strategy_runs_equal_to_serial():
     (lambda L: L("dp", "xx"), ["dim 1 alias", "'xx'", "('dp', 'mp')"]),
     (lambda L: L(("dp", "mp"), "dp"), ["dim 1 alias", "'dp'", "already used"]),
     (lambda L: Layout((2, 2), ("dp", "None")), ["alias_name[1]", "'None'"]),
-    (lambda L: Layout((2, 2), ("dp", "interleaved_parallel")), ["interleaved_parallel", "not supported"]),
+    (lambda L: Layout((2,), ("interleaved_parallel",)), ["alias_name", "'interleaved_parallel'", "device axis"]),
 ])
 def test_bad_layouts_name_the_argument(make, words):
     with pytest.raises(ValueError) as err:

@@ -17,11 +17,24 @@ tensor map counts axes from the right (``-1``: not split): ``layout("dp", "None"
 MindSpore's rules kept: every alias is a distinct non-empty string other than ``"None"``;
 the device matrix multiplies to the devices of one pipeline stage (checked at plan time,
 when the stage is known); one tensor uses an alias at most once. Not supported, and an
-error saying so: the ``"interleaved_parallel"`` alias (MindSpore splits an op into copies
-inside one device to overlap communication; autopar runs one copy) and ``rank_list``.
+error saying so: ``rank_list``.
+
+The ``"interleaved_parallel"`` alias is no device axis: it cuts a dim into copies *inside*
+each device, and the op runs once per copy (MindSpore's interleaving, which lets one copy's
+communication overlap the next copy's compute)::
+
+    layout = Layout((2, 2, 2), ("dp", "sp", "interleaved_parallel"))   # 4 devices, 2 copies
+    x = layout(("dp", "interleaved_parallel"), "sp")   # dim 0 split over dp, then 2 copies
+
+The device matrix proper is the other axes (``(2, 2)``, ``("dp", "sp")``: :meth:`Layout.mesh`),
+so ``x`` lives on the devices exactly as ``Layout((2, 2), ("dp", "sp"))("dp", "sp")`` does;
+:attr:`TensorLayout.dims` indexes those device axes and :attr:`TensorLayout.interleaved` is
+the dim carrying the copies. The alias must be the minor (last) one of its dim -- a device's
+block cut in k pieces, so the device layout is unchanged -- and a tensor interleaves one dim.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import OpArgError, OpTypeError, is_int
@@ -59,25 +72,35 @@ class Layout:
             if not name or name == NONE_ALIAS:
                 raise OpArgError(f"alias_name[{k}]", "a non-empty name other than 'None' ('None' means not split)",
                                  repr(name), where=where)
-            if name == INTERLEAVED:
-                raise OpArgError(f"alias_name[{k}]", "a device-matrix axis (autopar runs one copy of an op per "
-                                 "device)", repr(name), "'interleaved_parallel' is not supported: drop that axis "
-                                 "and its size from the device matrix", where=where)
         if len(set(self.alias_name)) != len(self.alias_name):
             raise OpArgError("alias_name", "distinct names", repr(self.alias_name), where=where)
+        if not self.device_axes:
+            raise OpArgError("alias_name", f"at least one device axis besides {INTERLEAVED!r}",
+                             repr(self.alias_name), "add the devices' axes, e.g. ('dp', 'interleaved_parallel')",
+                             where=where)
         if self.rank_list is not None:
             raise OpArgError("rank_list", "None (ranks fill the device matrix in order)", repr(self.rank_list),
                              "rank_list is not supported; reorder the device matrix instead", where=where)
         object.__setattr__(self, "device_matrix", tuple(int(n) for n in self.device_matrix))
 
+    @property
+    def device_axes(self) -> tuple[int, ...]:
+        """Positions of the device axes: every axis but ``"interleaved_parallel"``."""
+        return tuple(k for k, name in enumerate(self.alias_name) if name != INTERLEAVED)
+
+    @property
+    def interleave(self) -> int:
+        """Copies per device of an interleaved dim (the ``"interleaved_parallel"`` size; 1 without)."""
+        return self.device_matrix[self.alias_name.index(INTERLEAVED)] if INTERLEAVED in self.alias_name else 1
+
     def __call__(self, *tensor_map) -> "TensorLayout":
         """One entry per tensor dim: an alias, ``"None"``, or a tuple of aliases (major first)."""
         where = f"{self}{tuple(tensor_map)!r}"
-        dims, used = [], set()
+        dims, used, interleaved = [], set(), None
         for d, entry in enumerate(tensor_map):
             names = entry if isinstance(entry, tuple) else (entry,)
             axes = []
-            for name in names:
+            for j, name in enumerate(names):
                 if not isinstance(name, str):
                     raise OpTypeError(f"dim {d}", "an alias (str), 'None', or a tuple of aliases", repr(entry),
                                       where=where)
@@ -86,17 +109,31 @@ class Layout:
                 if name not in self.alias_name:
                     raise OpArgError(f"dim {d} alias", f"one of {self.alias_name} or 'None'", repr(name),
                                      where=where)
+                if name in used and name == INTERLEAVED:
+                    raise OpArgError(f"dim {d} alias", f"{INTERLEAVED!r} on one dim of a tensor (dim {interleaved} "
+                                     "has it)", repr(name), "interleave one dim per tensor", where=where)
                 if name in used:
                     raise OpArgError(f"dim {d} alias", "an alias not already used by another dim of this tensor",
                                      repr(name), "each alias splits at most one dim of a tensor", where=where)
                 used.add(name)
-                axes.append(self.alias_name.index(name))
+                if name == INTERLEAVED:
+                    _check_interleaved_minor(d, names, j, where)
+                    interleaved = d
+                    continue
+                axes.append(self.device_axes.index(self.alias_name.index(name)))
             dims.append(tuple(axes))
-        return TensorLayout(self, tuple(dims))
+        return TensorLayout(self, tuple(dims), interleaved)
 
     def mesh(self, stage: Mesh) -> Mesh:
-        """This device matrix over the stage's ranks (its product must be their number)."""
-        return stage.reshaped(self.device_matrix, self.alias_name)
+        """The device axes over the stage's ranks (their product must be the ranks' number);
+        the interleaved axis is no device axis."""
+        axes = self.device_axes
+        return stage.reshaped(tuple(self.device_matrix[a] for a in axes), tuple(self.alias_name[a] for a in axes))
+
+    @property
+    def devices(self) -> int:
+        """Devices the matrix spans: the product of its device axes."""
+        return math.prod(self.device_matrix[a] for a in self.device_axes)
 
     def __str__(self) -> str:
         return f"Layout({self.device_matrix}, {self.alias_name})"
@@ -104,47 +141,65 @@ class Layout:
     __repr__ = __str__
 
 
+def _check_interleaved_minor(d: int, names: tuple, j: int, where: str) -> None:
+    """``"interleaved_parallel"`` must come last in its dim: each device's block is cut in
+    copies, so the tensor lies on the devices as it would without the alias."""
+    if j != len(names) - 1:
+        raise OpArgError(f"dim {d} alias", f"{INTERLEAVED!r} as the last (minor) alias of the dim", repr(names),
+                         f"write ({', '.join(repr(n) for n in names if n != INTERLEAVED)}, {INTERLEAVED!r})",
+                         where=where)
+
+
 @dataclass(frozen=True, repr=False)
 class TensorLayout:
-    """One tensor's layout on a :class:`Layout`: per dim, the device-matrix axes (indices
-    from the left, major first) that split it."""
+    """One tensor's layout on a :class:`Layout`: per dim, the device axes (indices into
+    :attr:`Layout.device_axes`, major first) that split it, and the dim cut into
+    ``"interleaved_parallel"`` copies inside each device (None: none)."""
 
     layout: Layout
     dims: tuple[tuple[int, ...], ...]
+    interleaved: int | None = None
 
     @property
     def ndim(self) -> int:
         return len(self.dims)
 
     def splits(self) -> tuple[int, ...]:
-        """Split count per dim: the tuple ``.shard()`` spelling this layout refines."""
-        out = []
-        for axes in self.dims:
-            k = 1
-            for a in axes:
-                k *= self.layout.device_matrix[a]
-            out.append(k)
-        return tuple(out)
+        """Split count per dim over the devices (copies inside a device not counted): the
+        tuple ``.shard()`` spelling this layout refines."""
+        sizes = tuple(self.layout.device_matrix[a] for a in self.layout.device_axes)
+        return tuple(math.prod(sizes[a] for a in axes) for axes in self.dims)
+
+    def _full_axes(self, d: int) -> tuple[int, ...]:
+        """Dim ``d``'s axes as positions in the whole device matrix, the interleaved one last."""
+        axes = tuple(self.layout.device_axes[a] for a in self.dims[d])
+        return axes + ((self.layout.alias_name.index(INTERLEAVED),) if d == self.interleaved else ())
 
     def on(self, stage: Mesh) -> MeshLayout:
         """autopar's layout of the tensor on ``stage`` (device matrix of the same size)."""
         return MeshLayout(self.layout.mesh(stage), self.dims)
 
     def to_dict(self) -> dict:
-        """MindSpore's ``to_dict``: tensor map entries count axes from the right, -1: whole."""
+        """MindSpore's ``to_dict``: the whole device matrix (the interleaved axis included),
+        tensor map entries counting its axes from the right (-1: whole), and
+        ``interleaved_parallel``: whether the matrix has that axis, as MindSpore reports it."""
         n = len(self.layout.device_matrix)
 
         def entry(axes):
             if not axes:
                 return -1
             return n - 1 - axes[0] if len(axes) == 1 else tuple(n - 1 - a for a in axes)
-        return {"device_matrix": self.layout.device_matrix, "tensor_map": tuple(entry(a) for a in self.dims),
-                "interleaved_parallel": False, "alias_name": self.layout.alias_name}
+        return {"device_matrix": self.layout.device_matrix,
+                "tensor_map": tuple(entry(self._full_axes(d)) for d in range(self.ndim)),
+                "interleaved_parallel": INTERLEAVED in self.layout.alias_name, "alias_name": self.layout.alias_name}
 
     def __str__(self) -> str:
         names = self.layout.alias_name
-        body = ", ".join("(" + ", ".join(names[a] for a in axes) + ")" if len(axes) > 1
-                         else (names[axes[0]] if axes else NONE_ALIAS) for axes in self.dims)
+
+        def entry(axes):
+            return "(" + ", ".join(names[a] for a in axes) + ")" if len(axes) > 1 else \
+                (names[axes[0]] if axes else NONE_ALIAS)
+        body = ", ".join(entry(self._full_axes(d)) for d in range(self.ndim))
         return f"{self.layout}({body})"
 
     __repr__ = __str__

@@ -11,6 +11,12 @@ A layout strategy keeps its device matrix and, per input dim, the axes that spli
 (:attr:`Strategy.layout`, :attr:`Strategy.input_axes`); its split counts are in
 :attr:`Strategy.inputs` like a tuple strategy's, so every rule that reads counts reads both.
 
+A layout with the ``"interleaved_parallel"`` alias also cuts one dim per input into copies
+inside each device (:attr:`Strategy.interleaved`: per input, that dim or None;
+:attr:`Strategy.copies`: how many): the op runs once per copy. The split counts and axes
+are the devices' alone, so such a strategy lays tensors out exactly as the same layouts
+without the alias; a tuple strategy never interleaves.
+
 This module only checks that the spelling is well formed (tuples of positive ints; layouts
 of one device matrix). Whether the counts fit the shapes and the device mesh is the op's
 sharding rule's question, asked at plan time when shapes are known.
@@ -20,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import OpArgError, OpTypeError, is_int
-from .parallel_layout import Layout, TensorLayout
+from .parallel_layout import INTERLEAVED, Layout, TensorLayout
 
 Splits = tuple[tuple[int, ...], ...]
 Axes = tuple[tuple[tuple[int, ...], ...], ...]   # per tensor, per dim: device-matrix axes
@@ -36,9 +42,13 @@ class Strategy:
     layout: Layout | None = None        # the device matrix a layout strategy names
     input_axes: Axes | None = None
     output_axes: Axes | None = None
+    interleaved: tuple[int | None, ...] | None = None   # per input: the dim cut into copies, or None
+    copies: int = 1                                      # copies per device of that dim
 
     def __str__(self) -> str:
         text = str(self.inputs).replace(" ", "")
+        if self.interleaved is not None:
+            text += f"~interleaved{str(self.interleaved).replace(' ', '')}x{self.copies}"
         return text if self.outputs is None else f"{text}->{str(self.outputs).replace(' ', '')}"
 
 
@@ -92,12 +102,26 @@ def normalize_strategy(in_strategy, out_strategy=None) -> Strategy:
     if in_layouts is not None:
         matrix, in_axes = in_layouts
         out_axes = out_layouts[1] if out_layouts else None
+        _check_output_not_interleaved(out_strategy if out_axes is not None else ())
+        interleaved = tuple(v.interleaved for v in in_strategy)
+        if all(d is None for d in interleaved):
+            interleaved = None
         return Strategy(tuple(v.splits() for v in in_strategy),
                         None if out_axes is None else tuple(v.splits() for v in out_strategy),
-                        matrix, in_axes, out_axes)
+                        matrix, in_axes, out_axes, interleaved, matrix.interleave if interleaved else 1)
     inputs = _normalize_splits(in_strategy, "in_strategy")
     outputs = None if out_strategy is None else _normalize_splits(out_strategy, "out_strategy")
     return Strategy(inputs, outputs)
+
+
+def _check_output_not_interleaved(out_layouts) -> None:
+    """The output's copies are the inputs' (the op's copies, concatenated): an
+    ``out_strategy`` says where the output lives on the devices, not how it is cut."""
+    for i, v in enumerate(out_layouts):
+        if v.interleaved is not None:
+            raise OpArgError(f"out_strategy[{i}] dim {v.interleaved}", f"no {INTERLEAVED!r} alias (the op's copies "
+                             "are set by in_strategy; the output joins them)", str(v),
+                             f"drop {INTERLEAVED!r} from the out_strategy layout")
 
 
 def check_strategy_ranks(strategy: Strategy, specs) -> None:

@@ -28,9 +28,16 @@ dimension goes on the right by default): ``((dp, 1),)`` on dp x mp devices keeps
 so it lines up with ops split ``(dp, mp)``. An op without one
 takes its inputs' axes (propagation): it runs on the mesh of its most split input, so
 neighbouring ops agree without communication and whole inputs are only sliced.
+
+A layout strategy with MindSpore's ``"interleaved_parallel"`` alias adds
+:attr:`OpSharding.interleave`, ``(letter, k)``: every local input holding that letter is
+cut into k pieces along it and the op runs once per piece (lowering concatenates the k
+outputs). The letter must be an output letter whose local size k divides; the layouts
+are those of the same sharding without it.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -104,6 +111,7 @@ class OpSharding:
     mesh: Mesh
     axes: tuple[tuple[str, tuple[int, ...]], ...]  # (letter, mesh axes), letters sorted
     out_dims: tuple[tuple[int, ...], ...] | None = None   # out_strategy: the output's home dims
+    interleave: tuple[str, int] | None = None   # (letter, k): the op runs as k copies along that letter
 
     def letter_axes(self, ch: str) -> tuple[int, ...]:
         for letter, axes in self.axes:
@@ -142,8 +150,17 @@ class OpSharding:
         """The ``.shard()`` spelling: split counts per input dim."""
         return tuple(self.input_layout(i).splits() for i in range(len(self.indexing.inputs)))
 
+    def interleaved_dims(self) -> tuple[tuple[int | None, ...], int | None]:
+        """Under :attr:`interleave`: per input, the dim holding the interleaved letter (None:
+        the input is whole in every copy), and the output's dim of it."""
+        ch = self.interleave[0]
+        return (tuple(s.index(ch) if ch in s else None for s in self.indexing.inputs),
+                self.indexing.output.index(ch))
+
     def __str__(self) -> str:
         text = str(self.splits()).replace(" ", "")
+        if self.interleave is not None:
+            text += f"~{self.interleave[0]}x{self.interleave[1]}"
         return text if self.out_dims is None else f"{text}->{str(self.home_layout().splits()).replace(' ', '')}"
 
 
@@ -192,10 +209,11 @@ def from_layouts(indexing: Indexing, strategy: Strategy, shapes: Sequence[Sequen
     letters). Unlike a tuple, a layout may order a dim's axes or leave an axis in the middle
     unused (it replicates)."""
     matrix = strategy.layout
-    if math.prod(matrix.device_matrix) != stage.size:
+    if matrix.devices != stage.size:
         raise OpArgError("in_strategy device_matrix", f"a device matrix of the stage's {stage.size} devices "
-                         "(MindSpore's rule: its product is the devices of one pipeline stage)",
-                         f"{matrix} ({math.prod(matrix.device_matrix)} devices)",
+                         "(MindSpore's rule: its product is the devices of one pipeline stage; an "
+                         "'interleaved_parallel' axis does not count)",
+                         f"{matrix} ({matrix.devices} devices)",
                          "size the Layout's device matrix to the stage", where=where)
     mesh = matrix.mesh(stage)
     axes: dict[str, tuple[tuple[int, ...], int]] = {}  # letter -> (axes, input that set it)
@@ -219,7 +237,42 @@ def from_layouts(indexing: Indexing, strategy: Strategy, shapes: Sequence[Sequen
     if len(set(used)) != len(used):
         raise OpArgError("in_strategy", "each alias splitting one index of the op", str(strategy),
                          "split different dims of the op over different aliases", where=where)
-    return _make(indexing, mesh, {ch: a for ch, (a, _) in axes.items()})
+    sharding = _make(indexing, mesh, {ch: a for ch, (a, _) in axes.items()})
+    if strategy.interleaved is None:
+        return sharding
+    letter, k = _interleave(sharding, strategy, shapes, where)
+    return sharding if k == 1 else dataclasses.replace(sharding, interleave=(letter, k))   # 1 copy: the op as is
+
+
+def _interleave(sharding: OpSharding, strategy: Strategy, shapes: Sequence[Sequence[int]],
+                where: str) -> tuple[str, int]:
+    """(letter, k) of an interleaved layout strategy, checked: one letter, kept by the
+    output (a contracted letter's copies would be partial sums, a fixed one cannot be cut),
+    and k dividing its size on each device."""
+    indexing, k = sharding.indexing, strategy.copies
+    named = {(i, d): indexing.inputs[i][d] for i, d in enumerate(strategy.interleaved) if d is not None}
+    if len(set(named.values())) > 1:
+        raise OpArgError("in_strategy 'interleaved_parallel'", "one index of the op cut into copies (inputs "
+                         "interleaving dims the op matches together)", ", ".join(
+                             f"input {i} dim {d}" for i, d in named), "interleave the same index on every input",
+                         where=where)
+    (i, d), ch = next(iter(named.items()))
+    arg = f"in_strategy[{i}] dim {d} 'interleaved_parallel'"
+    if ch in indexing.sum_letters:
+        raise OpArgError(arg, "a dim the output keeps (the op runs once per copy and the copies are joined)",
+                         "a contracted dim (each copy would be a partial sum)",
+                         "interleave a dim of the output, e.g. the batch dim", where=where)
+    if ch not in indexing.output or ch in indexing.fixed or ch in indexing.internal:
+        raise OpArgError(arg, "a dim this op can cut (one the output keeps)", "a dim the op reads whole",
+                         "interleave another dim", where=where)
+    ways = math.prod(sharding.mesh.shape[a] for a in sharding.letter_axes(ch))
+    for j, (letters, shape) in enumerate(zip(indexing.inputs, shapes)):
+        if ch in letters and (shape[letters.index(ch)] // ways) % k:
+            n = shape[letters.index(ch)]
+            raise OpArgError(arg, f"{k} copies dividing dim {letters.index(ch)} of input {j} on each device "
+                             f"(size {n} split {ways} ways)", f"{n // ways} rows per device",
+                             f"use an 'interleaved_parallel' size dividing {n // ways}", where=where)
+    return ch, k
 
 
 def user_sharding(indexing: Indexing, strategy: Strategy, shapes: Sequence[Sequence[int]],
@@ -263,7 +316,7 @@ def with_out_strategy(sharding: OpSharding, strategy: Strategy, out_shape: Seque
                          str(tuple(tuple(sharding.mesh.names[a] for a in d) for d in dims)),
                          "split the output only over axes the op already uses", where=where)
     Layout(sharding.mesh, dims).check_shape(out_shape, where, "out_strategy output")
-    return OpSharding(sharding.indexing, sharding.mesh, sharding.axes, dims)
+    return dataclasses.replace(sharding, out_dims=dims)
 
 
 def _out_dims_of(out: Layout, wanted: Sequence[int], where: str) -> tuple[tuple[int, ...], ...]:

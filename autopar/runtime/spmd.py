@@ -17,12 +17,15 @@ import time
 from typing import Sequence
 
 from ..comm import redistribution as rd
+from ..errors import OpArgError, OpTypeError, format_error
 from ..ir.graph import BACKWARD, FORWARD, Graph, GraphBuilder
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ir.spec import TensorSpec
+from ..ops.elementwise import AddN
 from ..ops.primitive import Primitive
 from ..ops.sharding import OpSharding
+from ..ops.slicing import Concat, Slice
 from ..strategy.gradient_flow import passable_partial
 from ..strategy.sharding_plan import ShardingPlan
 from .shards import shard_of
@@ -95,6 +98,34 @@ def _passable_partial(have: Layout, sh: OpSharding, f, needs, graph: Graph) -> t
     return passable_partial(have, sh, dy_size, grads_size)
 
 
+def _piece(spec: TensorSpec, dim: int | None, k: int) -> TensorSpec:
+    """One copy's share of a local ``spec``: ``dim`` cut k ways (None: the whole)."""
+    if dim is None:
+        return spec
+    shape = tuple(n // k if d == dim else n for d, n in enumerate(spec.shape))
+    return TensorSpec(shape, spec.dtype)
+
+
+def _check_copies(node, prim: Primitive, in_specs, in_dims, out_spec: TensorSpec, out_dim: int, k: int) -> None:
+    """An op runs as copies when its local op maps pieces to pieces: it draws no random
+    numbers (each copy would draw its own mask, not the serial one's) and it infers each
+    copy's output as that piece of its output (a Reshape to a fixed local shape does not)."""
+    where, arg = f"{node.scope} ({node.prim.kind})", "in_strategy 'interleaved_parallel'"
+    if prim.needs_rng:
+        raise ValueError(format_error(where, arg, "an op whose copies compute the op's result",
+                                      "an op drawing random numbers (each copy would draw its own)",
+                                      "interleave the op before or after it instead"))
+    want = _piece(out_spec, out_dim, k)
+    try:
+        got = prim.infer(*(_piece(spec, d, k) for spec, d in zip(in_specs, in_dims)))
+    except (OpArgError, OpTypeError) as err:
+        got = f"an error ({err})"
+    if got != want:
+        raise ValueError(format_error(where, arg, f"an op whose copy on a piece makes a piece {want.shape} of "
+                                      f"its local output {out_spec.shape}", f"{got}",
+                                      "this op cannot run as copies; interleave another op"))
+
+
 def lower(graph: Graph, outputs: Sequence[int], plan: ShardingPlan, rank: int, world,
           output_layouts: dict[int, Layout] | None = None, param_layouts: dict[int, Layout] | None = None):
     """The local graph of ``rank``: returns it, its output values, the layout each
@@ -145,6 +176,7 @@ class Lowering:
         self.moved: dict[tuple[int, Layout], int] = {}       # (global value, layout) -> local value
         self.fwd_ins: dict[int, list[int]] = {}              # forward node -> local inputs it ran on
         self.fwd_node: dict[int, int] = {}                   # forward node -> local node id
+        self.fwd_copies: dict[int, list[int]] = {}           # interleaved forward node -> its copies' ids
 
     def local_spec(self, v: int, layout: Layout) -> TensorSpec:
         """Global value ``v``'s spec as this rank holds it in ``layout``."""
@@ -222,19 +254,66 @@ class Lowering:
             self.accumulate(node)
 
     def forward(self, node) -> None:
-        """A forward op as its sharding's local op, on its inputs in the layouts it reads."""
+        """A forward op as its sharding's local op, on its inputs in the layouts it reads
+        (an interleaved sharding: as copies, :meth:`forward_copies`)."""
         graph = self.graph
         sh = self.plan.shardings[node.id]
         ins = [self.get(v, sh.input_layout(i), node.scope, FORWARD) for i, v in enumerate(node.inputs)]
         specs = [graph.spec(v) for v in node.inputs]
         out = graph.spec(node.outputs[0])
         lay = sh.output_layout()
-        new = self.builder.add_node(node.prim.local(sh, self.rank, specs, out, self.comms.along), tuple(ins),
-                                    (self.local_spec(node.outputs[0], lay),), node.scope, phase=FORWARD,
-                                    stage=node.stage, recompute=node.recompute,
-                                    recompute_comm=node.recompute_comm)
-        self.local[node.outputs[0]] = (lay, new.outputs[0])
-        self.fwd_ins[node.id], self.fwd_node[node.id] = ins, new.id
+        prim = node.prim.local(sh, self.rank, specs, out, self.comms.along)
+        out_spec = self.local_spec(node.outputs[0], lay)
+        fields = dict(stage=node.stage, recompute=node.recompute, recompute_comm=node.recompute_comm)
+        if sh.interleave is None:
+            new = self.builder.add_node(prim, tuple(ins), (out_spec,), node.scope, phase=FORWARD, **fields)
+            self.fwd_node[node.id], y = new.id, new.outputs[0]
+        else:
+            self.fwd_copies[node.id], y = self.forward_copies(node, sh, prim, ins, out_spec, fields)
+            self.fwd_node[node.id] = self.fwd_copies[node.id][0]
+        self.local[node.outputs[0]] = (lay, y)
+        self.fwd_ins[node.id] = ins
+
+    def forward_copies(self, node, sh: OpSharding, prim, ins: list[int], out_spec: TensorSpec,
+                       fields: dict) -> tuple[list[int], int]:
+        """MindSpore's interleaved op on local arrays: every input holding the interleaved
+        letter cut into k pieces along it (views), the local op run once per piece, the k
+        outputs concatenated along the output's dim of the letter; no communication.
+        Returns the copies' node ids and the joined output.
+
+        ``MatMul`` of x (B, H) and W (H, F), interleaved on B, k = 2, dp = 2::
+
+            x local (B/2, H) -> pieces (B/4, H) x 2 -> MatMul(piece, W) x 2 -> Concat -> (B/2, F)
+        """
+        k = sh.interleave[1]
+        in_dims, out_dim = sh.interleaved_dims()
+        in_specs = [self.local_spec(v, sh.input_layout(i)) for i, v in enumerate(node.inputs)]
+        _check_copies(node, prim, in_specs, in_dims, out_spec, out_dim, k)
+        pieces = [self.cut(lv, spec, d, k, node.scope, FORWARD, fields) for lv, spec, d in zip(ins, in_specs, in_dims)]
+        part = _piece(out_spec, out_dim, k)
+        copies = [self.builder.add_node(prim, tuple(p[c] for p in pieces), (part,), node.scope, phase=FORWARD,
+                                        **fields) for c in range(k)]
+        y = self.join([n.outputs[0] for n in copies], out_spec, out_dim, node.scope, FORWARD, fields)
+        return [n.id for n in copies], y
+
+    def cut(self, lv: int, spec: TensorSpec, dim: int | None, k: int, scope: str, phase: str,
+            fields: dict) -> list[int]:
+        """``lv`` (local ``spec``) as k equal pieces along ``dim`` (Slice views, no
+        communication); ``lv`` itself k times when ``dim`` is None (every copy reads it whole)."""
+        if dim is None:
+            return [lv] * k
+        part = _piece(spec, dim, k)
+        n, size = part.shape[dim], part.shape
+        begins = [tuple(c * n if d == dim else 0 for d in range(len(size))) for c in range(k)]
+        return [self.builder.add_node(Slice(begin=b, size=size), (lv,), (part,), scope, phase=phase,
+                                      **fields).outputs[0] for b in begins]
+
+    def join(self, parts: list[int], spec: TensorSpec, dim: int | None, scope: str, phase: str,
+             fields: dict) -> int:
+        """The copies' results as one value of ``spec``: concatenated along ``dim``, or summed
+        when ``dim`` is None (the gradient of an input every copy read whole)."""
+        prim = AddN() if dim is None else Concat(axis=dim)
+        return self.builder.add_node(prim, tuple(parts), (spec,), scope, phase=phase, **fields).outputs[0]
 
     def backward(self, node) -> None:
         """A VJP with the local op of its forward node: dy in the layout the sharding asks
@@ -258,11 +337,36 @@ class Lowering:
                 g = sh.grad_layout(i)
                 lays.append(Layout(g.mesh, g.dims, tuple(sorted(g.partial + extra))))
                 outs.append(self.local_spec(v, lays[-1]))
-        new = b.add_node(prim, (dy, *saved), tuple(outs), node.scope, phase=BACKWARD,
-                         forward_of=self.fwd_node[f.id], needs=node.needs, stage=node.stage,
-                         recompute=node.recompute)
-        for g, lay, lg in zip(node.outputs, lays, new.outputs):
+        fields = dict(needs=node.needs, stage=node.stage, recompute=node.recompute)
+        if f.id in self.fwd_copies:
+            grads = self.backward_copies(node, f, sh, prim, (dy, *saved), outs, fields)
+        else:
+            grads = b.add_node(prim, (dy, *saved), tuple(outs), node.scope, phase=BACKWARD,
+                               forward_of=self.fwd_node[f.id], **fields).outputs
+        for g, lay, lg in zip(node.outputs, lays, grads):
             self.local[g] = (lay, lg)
+
+    def backward_copies(self, node, f, sh: OpSharding, prim, reads: tuple[int, ...], outs: list[TensorSpec],
+                        fields: dict) -> list[int]:
+        """The VJP of an interleaved op as copies too, copy c differentiating forward copy c
+        on the same pieces of what the VJP reads (dy, the saved inputs, the output), each
+        cut again from the whole local value: an input's gradient pieces concatenated, the
+        gradient of an input every copy read whole (a MatMul's weight) summed."""
+        k = sh.interleave[1]
+        in_dims, out_dim = sh.interleaved_dims()
+        saved_idx = prim.saved_input_indices(len(f.inputs))
+        dims = [out_dim] + [in_dims[i] for i in saved_idx] + ([out_dim] if prim.save_output else [])
+        specs = [self.local_spec(f.outputs[0], sh.dy_layout())] + \
+            [self.local_spec(f.inputs[i], sh.input_layout(i)) for i in saved_idx] + \
+            ([self.local_spec(f.outputs[0], sh.dy_layout())] if prim.save_output else [])
+        plain = {key: fields[key] for key in ("stage", "recompute")}
+        pieces = [self.cut(lv, spec, d, k, node.scope, BACKWARD, plain) for lv, spec, d in zip(reads, specs, dims)]
+        grad_dims = [in_dims[i] for i, need in enumerate(node.needs) if need]
+        parts = tuple(_piece(spec, d, k) for spec, d in zip(outs, grad_dims))
+        copies = [self.builder.add_node(prim, tuple(p[c] for p in pieces), parts, node.scope, phase=BACKWARD,
+                                        forward_of=fid, **fields) for c, fid in enumerate(self.fwd_copies[f.id])]
+        return [self.join([n.outputs[j] for n in copies], spec, d, node.scope, BACKWARD, plain)
+                for j, (spec, d) in enumerate(zip(outs, grad_dims))]
 
     def accumulate(self, node) -> None:
         """Gradient accumulation (AddN): parts alike stay as they are (partial sums add up
