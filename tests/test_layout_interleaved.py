@@ -156,6 +156,20 @@ def test_the_plan_lays_out_tensors_as_the_plain_plan():
     assert all(sh.interleave is None for sh in plain.shardings.values())
 
 
+@pytest.mark.parametrize("mode", ["dynamic_programming", "sharding_propagation"])
+def test_the_search_keeps_the_interleave_and_plans_as_without_it(mode):
+    """Under auto_parallel an interleaved Layout constrains its op as the plain one does
+    (same searched layouts and shardings) and its copies stay in the searched plan."""
+    from autopar.strategy.search import search_plan
+    g1, _ = plan_of(Block(*strategies(PLAIN, False)))
+    g2, _ = plan_of(Block(*strategies(INTERLEAVED, True)))
+    plain, inter = search_plan(g1, STAGE, mode, True), search_plan(g2, STAGE, mode, True)
+    assert inter.layouts == plain.layouts
+    assert {k: dataclasses.replace(sh, interleave=None) for k, sh in inter.shardings.items()} == plain.shardings
+    assert [inter.shardings[n.id].interleave is not None for n in g2.nodes if n.prim.kind in ("MatMul", "Tanh")] \
+        == [True, True, True]
+
+
 def test_to_dict_and_splits_as_mindspore():
     layout = Layout((2, 2, 2), ("dp", "sp", IL))
     x = layout(("dp", IL), "sp")
