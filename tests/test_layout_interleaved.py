@@ -4,6 +4,7 @@ loss and gradients equal the plain layout's and serial's; the local graph holds 
 the op (forward and backward); the plan's layouts are the plain plan's; errors name the
 alias and the op."""
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from autopar.ir.spec import TensorSpec
 from autopar.runtime.sharded_program import ShardedGradProgram
 from autopar.runtime.trace import trace
 from autopar.strategy.sharding_plan import plan_shardings
+from autopar.strategy.strategy_file import load_strategy, save_strategy
 
 N = 4
 STAGE = Mesh((N,), ("devices",))
@@ -154,6 +156,23 @@ def test_the_plan_lays_out_tensors_as_the_plain_plan():
     mm = [inter.shardings[n.id] for n in g2.nodes if n.prim.kind == "MatMul"]
     assert [sh.interleave for sh in mm] == [(sh.indexing.output[0], 2) for sh in mm]   # the batch letter
     assert all(sh.interleave is None for sh in plain.shardings.values())
+
+
+def test_a_strategy_file_keeps_the_copies(tmp_path):
+    """Saved and loaded, the plan still runs each interleaved op as its copies; a damaged
+    entry names it."""
+    graph, inter = plan_of(Block(*strategies(INTERLEAVED, True)))
+    path = tmp_path / "s.json"
+    save_strategy(path, graph, inter)
+    loaded = load_strategy(path, graph, STAGE)
+    assert loaded.shardings == inter.shardings
+    assert any(sh.interleave == (sh.indexing.output[0], 2) for sh in loaded.shardings.values())
+    doc = json.loads(path.read_text())
+    name = next(k for k, e in doc["ops"].items() if "interleave" in e)
+    doc["ops"][name]["interleave"] = ["z", 2]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=r"interleave: expected \[letter, copies\] with a letter of the op's output"):
+        load_strategy(path, graph, STAGE)
 
 
 @pytest.mark.parametrize("mode", ["dynamic_programming", "sharding_propagation"])

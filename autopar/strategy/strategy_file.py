@@ -196,6 +196,8 @@ def _plan_body(graph: Graph, plan: ShardingPlan, predicted: dict | None, only_tr
         }
         if sharding.out_dims is not None:      # an out_strategy: the output's home dims (mesh axes per dim)
             ops[node.name]["out_dims"] = [list(d) for d in sharding.out_dims]
+        if sharding.interleave is not None:    # a Layout's interleaved_parallel: the op runs as k copies
+            ops[node.name]["interleave"] = list(sharding.interleave)
     doc = {
         "device_num": stage.size,
         "stage": {"shape": list(stage.shape), "names": list(stage.names), "ranks": list(stage.ranks)},
@@ -547,7 +549,8 @@ def _read_value(r: StrategyReader, entry, arg: str, v: int, graph: Graph, stage:
 def _read_op(r: StrategyReader, entry, node: Node, graph: Graph, stage: Mesh) -> tuple[OpSharding, Layout | None]:
     """The node's exact sharding (strategy re-validated by the op's rule) and output layout."""
     arg = f"ops[{node.name!r}]"
-    r.keys(entry, arg, ("scope", "kind", "strategy", "device_matrix", "axes", "output_layout"), ("out_dims",))
+    r.keys(entry, arg, ("scope", "kind", "strategy", "device_matrix", "axes", "output_layout"),
+           ("out_dims", "interleave"))
     for key, want in (("kind", node.prim.kind), ("scope", node.scope)):
         if entry[key] != want:
             raise r.fail(f"{arg}.{key}", repr(want), repr(entry[key]), "the model changed; " + RESAVE)
@@ -567,7 +570,8 @@ def _read_op(r: StrategyReader, entry, node: Node, graph: Graph, stage: Mesh) ->
         indexing = _replicated_sharding(len(specs), specs, out, stage).indexing
     mesh = r.mesh(entry["device_matrix"], f"{arg}.device_matrix", stage)
     sharding = OpSharding(indexing, mesh, _read_axes(r, entry["axes"], f"{arg}.axes", indexing, mesh, has_rule),
-                          _read_out_dims(r, entry.get("out_dims"), f"{arg}.out_dims", len(out.shape), mesh))
+                          _read_out_dims(r, entry.get("out_dims"), f"{arg}.out_dims", len(out.shape), mesh),
+                          _read_interleave(r, entry.get("interleave"), f"{arg}.interleave", indexing))
     if sharding.splits() != strategy:
         raise r.fail(f"{arg}.strategy", f"{sharding.splits()} (what device_matrix and axes split)",
                      str(strategy), "make strategy, device_matrix and axes agree, or " + RESAVE)
@@ -581,6 +585,18 @@ def _read_op(r: StrategyReader, entry, node: Node, graph: Graph, stage: Mesh) ->
         raise r.fail(f"{arg}.output_layout", f"{sharding.home_layout()} on {sharding.mesh} (what the sharding "
                      "gives)", f"{lay} on {lay.mesh}", RESAVE)
     return sharding, lay
+
+
+def _read_interleave(r: StrategyReader, entry, arg: str, indexing: Indexing) -> tuple[str, int] | None:
+    """A Layout's ``interleaved_parallel`` copies: [letter, k] (an output letter of the op's
+    rule, k >= 2), or None if absent; the lowering checks the local sizes."""
+    if entry is None:
+        return None
+    pair = r.as_list(entry, arg)
+    letters = "".join(indexing.output) if indexing is not None else ""
+    if len(pair) != 2 or not isinstance(pair[0], str) or pair[0] not in letters:
+        raise r.fail(arg, f"[letter, copies] with a letter of the op's output {letters!r}", _short(entry), RESAVE)
+    return pair[0], r.as_int(pair[1], f"{arg}[1]", 2)
 
 
 def _read_out_dims(r: StrategyReader, entry, arg: str, ndim: int, mesh: Mesh):
