@@ -13,6 +13,7 @@ import autopar
 from autopar import Layout, nn, ops
 from autopar.comm import run_in_process
 from autopar.context import bound_world, parallel_context
+from autopar.errors import OpArgError
 from autopar.ir.graph import BACKWARD, FORWARD
 from autopar.ir.mesh import Mesh
 from autopar.ir.spec import TensorSpec
@@ -263,3 +264,12 @@ def test_an_op_that_cannot_run_as_copies_is_refused_before_running():
             run_in_process(N, body)
     for w in ("Reshape", "in_strategy 'interleaved_parallel'", "cannot run as copies", "(2, 3, 4)"):
         assert w in str(err.value), str(err.value)
+
+
+def test_cell_shard_refuses_an_interleaved_layout_naming_the_fix():
+    """Copies are an op's way to run: at a cell's boundary they would be accepted and then
+    ignored by the ops inside, so Cell.shard refuses them."""
+    with pytest.raises(OpArgError, match=r"Block.shard: in_strategy\[0\]: expected a layout without "
+                                         r"'interleaved_parallel' at a cell's boundary.*op.shard"):
+        Block().shard((INTERLEAVED(("dp", IL), "None"),))
+    Block().shard((INTERLEAVED("dp", "None"),))      # the same matrix without copies on that tensor is fine

@@ -37,10 +37,15 @@ class ShardSpec:
 def _one(value, arg: str, where: str) -> Strategy:
     """One tensor's strategy (``(2, 1)`` or ``layout("dp", "None")``) as a one-input Strategy."""
     try:
-        return normalize_strategy((value,))
+        strategy = normalize_strategy((value,))
     except (OpArgError, OpTypeError) as err:
         inner = err.arg.removeprefix("in_strategy").removeprefix("[0]")   # the dim it names, if any
         raise type(err)(arg + inner, err.expected, err.actual, err.fix, where) from None
+    if strategy.interleaved is not None and any(d is not None for d in strategy.interleaved):
+        # copies are an op's way to run (ops/sharding.py); the ops inside a cell only follow its layouts
+        raise OpArgError(arg, "a layout without 'interleaved_parallel' at a cell's boundary", str(value),
+                         "put the interleaved layout on the op inside the cell (op.shard)", where)
+    return strategy
 
 
 def _per_tensor(values, arg: str, where: str) -> tuple[Strategy, ...]:
