@@ -137,14 +137,14 @@ def serial_grads(cfg):
     return autopar.value_and_grad(net)(IDS)
 
 
-def run_pipeline(cfg, stages, virtual, micro, dp=1, steps=0):
+def run_pipeline(cfg, stages, virtual, micro, dp=1, steps=0, mp=1):
     """Per rank: loss, full gradients, the program's chunks and live counts, and the losses
     of ``steps`` AdamWeightDecay steps (all after the gradients, from the same weights)."""
-    n = stages * dp
+    n = stages * dp * mp
 
     def body(comm):
         with bound_world(comm):
-            net = PanguAlphaWithLoss(cfg.replace(data_parallel=dp)).set_train(True)
+            net = PanguAlphaWithLoss(cfg.replace(data_parallel=dp, model_parallel=mp)).set_train(True)
             nn.set_pipeline_stages(layers_of(net), stages=stages * virtual)
             cell = nn.PipelineCell(net, micro, virtual_stages=virtual)
             loss, grads = autopar.value_and_grad(cell, net.trainable_params())(IDS)
@@ -207,6 +207,24 @@ def test_two_stages_two_chunks_with_data_parallel_equal_serial():
     """pp2 x dp2, v = 2: each stage's two ranks run both chunks; gradients reduced once."""
     loss, grads = serial_grads(CONFIG)
     assert_grads_equal(run_pipeline(CONFIG, 2, 2, 2, dp=2), loss, grads)
+
+
+@pytest.mark.parametrize("stages, dp, mp, layers, micro", [(4, 2, 1, 8, 4), (2, 2, 2, 4, 4), (2, 4, 1, 4, 2)],
+                         ids=["pp4xdp2", "pp2xdp2xmp2", "pp2xdp4"])
+def test_eight_rank_interleaved_layouts_train_like_serial(stages, dp, mp, layers, micro):
+    """Every 8-rank layout of two chunks per stage: the gradients of serial and three
+    AdamWeightDecay steps with serial training's losses."""
+    cfg = CONFIG.replace(num_layers=layers)
+    loss, grads = serial_grads(cfg)
+    res = run_pipeline(cfg, stages, 2, micro, dp=dp, mp=mp, steps=3)
+    assert_grads_equal(res, loss, grads)
+    net = PanguAlphaWithLoss(cfg).set_train(True)
+    train = nn.TrainOneStepCell(net, autopar.train.AdamWeightDecay(net.trainable_params(), learning_rate=1e-3,
+                                                                   weight_decay=0.01), clip_norm=1.0)
+    autopar.value_and_grad(net)(IDS)           # the same draws before training as the pipeline's gradient call
+    want = [float(train(IDS)) for _ in range(3)]
+    for r in res:
+        np.testing.assert_allclose(r[5], want, rtol=1e-5)
 
 
 # ---- errors ------------------------------------------------------------------------------------
