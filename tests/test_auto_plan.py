@@ -3,6 +3,7 @@ parallel, ops searched per stage): the run equals the serial one whatever the se
 a pipeline included; what the user fixed stays fixed; the layer stack is found in any
 model; the joint search's price of the plain sharded plan is the cost model's own."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -14,7 +15,14 @@ from autopar.ir.spec import TensorSpec
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.models.yuan import YuanConfig, YuanWithLoss
 from autopar.runtime.trace import trace
-from autopar.strategy.pipeline.auto import AutoFixed, LayerStack, even_split, find_layer_stack, search_auto
+from autopar.strategy.pipeline.auto import (
+    AutoFixed,
+    LayerStack,
+    attention_cores,
+    even_split,
+    find_layer_stack,
+    search_auto,
+)
 from autopar.strategy.plan_source import PlanOptions
 from autopar.strategy.profile import PROFILE_DIR, load_profile
 from autopar.train import AdamWeightDecay
@@ -279,3 +287,56 @@ def test_optimizer_level3_keeps_the_joint_plan_to_one_stage_and_trains_like_seri
     choice = res[0][2].choice
     assert (choice.pp, choice.micro_batches, choice.optimizer_parallel) == (1, 1, True)
     _assert_same(res, pangu_serial)
+
+
+# ---- selective recompute as a choice of the joint search ------------------------------------
+
+SEQ_CONFIG = CONFIG.replace(seq_length=256, num_layers=3)      # the (B, heads, S, S) scores dominate
+SEQ_IDS = np.random.default_rng(1).integers(1, CONFIG.vocab_size, (4, 257)).astype(np.int32)
+
+
+def test_attention_cores_are_the_models_own_selective_marks():
+    """Found from the graph alone: the ops PanguAlphaConfig(recompute_granularity="selective")
+    marks itself (scores, mask add, softmax, probabilities x values) in every stacked layer."""
+    def graph(cfg):
+        return trace(PanguAlphaWithLoss(cfg), (TensorSpec(SEQ_IDS.shape, SEQ_IDS.dtype),), {}).graph
+    plain, marked = graph(SEQ_CONFIG), graph(SEQ_CONFIG.replace(recompute_granularity="selective"))
+    stack = find_layer_stack(plain)
+    cores = {plain.nodes[i].name for i in attention_cores(plain, stack)}
+    assert cores == {n.name for n in marked.nodes if n.recompute and stack.layer_of(n.scope) is not None}
+    assert len(cores) == 4 * stack.count
+
+
+def test_the_joint_search_picks_selective_recompute_when_it_fits_and_full_would_be_slower(tmp_path):
+    def graph_at(rows):
+        return trace(PanguAlphaWithLoss(SEQ_CONFIG), (TensorSpec((rows, 257), SEQ_IDS.dtype),), {}).graph
+    fixed = AutoFixed(pp=1, micro_batches=1, optimizer_parallel=False)
+    _, tried = search_auto(graph_at, 4, 2, PlanOptions(), fixed, memory_cap=math.inf)
+    off, sel, full = (next(p for p in tried if (p.recompute, p.selective) == key)
+                      for key in ((False, False), (False, True), (True, False)))
+    assert off.step_seconds < sel.step_seconds < full.step_seconds          # selective reruns less than full
+    assert sel.peak_memory_bytes < off.peak_memory_bytes                     # and keeps no scores
+    cap = (sel.peak_memory_bytes + off.peak_memory_bytes) / 2
+    best, _ = search_auto(graph_at, 4, 2, PlanOptions(), fixed, memory_cap=cap)
+    assert (best.recompute, best.selective) == (False, True) and "recompute selective" in best.describe()
+    best, _ = search_auto(graph_at, 4, 2, PlanOptions(), fixed, memory_cap=off.peak_memory_bytes)
+    assert not best.selective and not best.recompute
+
+
+def test_a_run_under_the_selective_choice_marks_the_cores_and_trains_like_serial(tmp_path):
+    """The cap of the test above through a profile's memory: the run recomputes the cores
+    (marked in its graph) and trains exactly like the serial model."""
+    def graph_at(rows):
+        return trace(PanguAlphaWithLoss(SEQ_CONFIG), (TensorSpec((rows, 257), SEQ_IDS.dtype),), {}).graph
+    fixed = AutoFixed(pp=1, micro_batches=1, optimizer_parallel=False)
+    _, tried = search_auto(graph_at, 4, 2, PlanOptions(), fixed, memory_cap=math.inf)
+    off, sel = (next(p for p in tried if (p.recompute, p.selective) == key) for key in ((False, False), (False, True)))
+    profile = _profile(tmp_path, "tight", memory_mib=(sel.peak_memory_bytes + off.peak_memory_bytes) / 2 / 2**20)
+    serial = _train(lambda: PanguAlphaWithLoss(SEQ_CONFIG), [SEQ_IDS])
+    res = _train(lambda: PanguAlphaWithLoss(SEQ_CONFIG), [SEQ_IDS], n=2, cost_profile=profile, pipeline_stages=1,
+                 grad_accumulation_step=1, enable_parallel_optimizer=False)
+    prog = res[0][2]
+    assert prog.choice.selective and not prog.choice.recompute
+    marked = {n.name for n in prog.inner.graph.nodes if n.recompute and n.phase == "forward"}
+    assert marked and all("attention/" in name for name in marked)
+    _assert_same(res, serial)

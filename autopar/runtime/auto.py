@@ -197,7 +197,8 @@ def auto_grad_program(cell, args: tuple, params: Sequence, sens: float,
     stack = find_layer_stack(graph)
 
     def marks(g: Graph) -> Graph:
-        return annotate(g, stack, choice.layers_per_stage, choice.recompute, stages=not fixed.keep_stages)
+        return annotate(g, stack, choice.layers_per_stage, choice.recompute, stages=not fixed.keep_stages,
+                        selective=choice.selective)
 
     run_ctx = ctx.replace(enable_parallel_optimizer=choice.optimizer_parallel, pipeline_stages=choice.pp,
                           dataset_strategy=_run_feed(choice, cell, splits, args, world.size, ctx))

@@ -21,6 +21,9 @@ stage s = weights + optimizer states + activations: with one micro-batch the cos
 peak over the step's phases (:meth:`~autopar.strategy.costmodel.PlanCost.memory_bytes`);
 with several, the accumulated gradients + in flight x the activations of one (with
 recompute: each layer's input, plus one layer's activations while it is rebuilt).
+Recompute is off, full (whole layers) or selective (each layer's attention core only,
+:func:`attention_cores`, priced by the cost model's own recompute pricing: the cores run
+again in backward and their (B, heads, S, S) activations are not kept).
 The fastest candidate within the memory cap wins; ties go
 to the simpler plan (fewer stages, fewer micro-batches, no recompute, no optimizer
 parallel).
@@ -97,21 +100,61 @@ def find_layer_stack(graph: Graph) -> LayerStack | None:
 
 
 def annotate(graph: Graph, stack: LayerStack | None, layers_per_stage: Sequence[int], recompute: bool,
-             stages: bool = True) -> Graph:
+             stages: bool = True, selective: bool = False) -> Graph:
     """``graph`` with the stack's layers given their stages (consecutive counts
     ``layers_per_stage``; not with ``stages=False``, keeping the user's) and, with
-    ``recompute``, marked recomputed; other nodes keep theirs."""
-    if stack is None or not (stages or recompute):
+    ``recompute``, marked recomputed -- with ``selective``, only their attention cores
+    (:func:`attention_cores`); other nodes keep theirs."""
+    if stack is None or not (stages or recompute or selective):
         return graph
     bounds = np.cumsum(layers_per_stage)
+    cores = attention_cores(graph, stack) if selective else set()
 
     def marks(n) -> dict:
         k = stack.layer_of(n.scope)
         if k is None:
             return {}
         return {"stage": int(np.searchsorted(bounds, k, side="right")) if stages else n.stage,
-                "recompute": n.recompute or recompute}
+                "recompute": n.recompute or recompute or n.id in cores}
     return with_node_changes(graph, marks)
+
+
+def attention_cores(graph: Graph, stack: LayerStack) -> set[int]:
+    """Forward nodes of each stack layer's attention core (Megatron's selective recompute,
+    whatever the model): around every Softmax, the BatchMatMul making its scores, the one
+    reading its probabilities, and every node on a path between the two (scale, mask add,
+    softmax, dropout). Their inputs (q, k, v, the mask) stay saved; the (B, heads, S, S)
+    tensors between are rebuilt in backward."""
+    forward = [n for n in graph.nodes if n.phase == FORWARD]
+    readers: dict[int, list] = {}
+    for n in forward:
+        for v in n.inputs:
+            readers.setdefault(v, []).append(n)
+    out: set[int] = set()
+    for soft in (n for n in forward if n.prim.kind == "Softmax" and stack.layer_of(n.scope) is not None):
+        layer = stack.layer_of(soft.scope)
+        up = _reach(soft, lambda n: [graph.node_of(v) for v in n.inputs], stack, layer)
+        down = _reach(soft, lambda n: [r for o in n.outputs for r in readers.get(o, ())], stack, layer)
+        first = [n for n in up if n.prim.kind == "BatchMatMul"]
+        last = [n for n in down if n.prim.kind == "BatchMatMul"]
+        if first and last:
+            out |= {n.id for n in up | down}
+    return out
+
+
+def _reach(start, step, stack: LayerStack, layer: int) -> set:
+    """Nodes reached from ``start`` (itself included) along ``step`` inside the layer,
+    stopping at (and keeping) each BatchMatMul."""
+    seen, todo = {start}, [start]
+    while todo:
+        n = todo.pop()
+        if n is not start and n.prim.kind == "BatchMatMul":
+            continue
+        for m in step(n):
+            if m is not None and m not in seen and m.phase == FORWARD and stack.layer_of(m.scope) == layer:
+                seen.add(m)
+                todo.append(m)
+    return seen
 
 
 def without_layer_marks(graph: Graph, stack: LayerStack | None) -> Graph:
@@ -164,6 +207,7 @@ class AutoPlan:
     memory_bytes: tuple[int, ...]
     stage_devices: int = 1
     virtual_stages: int = 1    # chunks per stage; > 1: layers_per_stage counts the p * v virtual stages
+    selective: bool = False    # recompute only each layer's attention core (recompute is then False)
 
     @property
     def peak_memory_bytes(self) -> int:
@@ -173,7 +217,8 @@ class AutoPlan:
         split = ",".join(map(str, self.layers_per_stage)) or "-"
         schedule = self.schedule + (f" interleaved x{self.virtual_stages}" if self.virtual_stages > 1 else "")
         return (f"pp{self.pp} x {self.stage_devices} devices per stage (ops searched), {self.micro_batches} "
-                f"micro-batches, layers {split}, {schedule}, recompute {'on' if self.recompute else 'off'}, "
+                f"micro-batches, layers {split}, {schedule}, recompute "
+                f"{'selective' if self.selective else 'on' if self.recompute else 'off'}, "
                 f"optimizer parallel {'on' if self.optimizer_parallel else 'off'}")
 
 
@@ -265,7 +310,7 @@ def _shared_seconds(plan: PipelinePlan, graph: Graph, s: int, n: int, profile: M
 def price(graph: Graph, stack: LayerStack | None, devices: int, pp: int, micro_batches: int,
           layers_per_stage: Sequence[int], optimizer_parallel: bool, recomputes: Sequence[bool],
           schedule: str, options: PlanOptions = PlanOptions(), full_batch: bool = False,
-          keep_stages: bool = False, virtual: int = 1) -> list[AutoPlan]:
+          keep_stages: bool = False, virtual: int = 1, selective: bool = False) -> list[AutoPlan]:
     """The plans of one (stages, micro-batches, split, optimizer parallel), one per recompute
     setting in ``recomputes``; ``graph`` is the forward graph on one micro-batch. Planned as
     the run plans it (every stage's ops searched under ``options``, whose machine profile
@@ -274,10 +319,11 @@ def price(graph: Graph, stack: LayerStack | None, devices: int, pp: int, micro_b
     ``graph`` (``Cell.recompute()``, selective ``Primitive.recompute()``) are priced by the
     cost model (their forward again, their activations dropped); with recompute in
     ``recomputes`` the stack's layers are priced fully recomputed instead, their marks
-    cleared (for every candidate of the call)."""
+    cleared (for every candidate of the call). ``selective``: the stack's attention cores
+    marked (:func:`attention_cores`), priced by the cost model like the graph's own marks."""
     n, profile = devices // pp, options.profile()
     chunks = pp * virtual
-    g = annotate(graph, stack, layers_per_stage, False, stages=not keep_stages)
+    g = annotate(graph, stack, layers_per_stage, False, stages=not keep_stages, selective=selective)
     if any(recomputes):         # the graph's own marks are priced by the cost model, full recompute here
         g = without_layer_marks(g, stack)
     assign = assign_stages(g, chunks, differentiable_values(g, g.params), virtual)
@@ -309,7 +355,8 @@ def price(graph: Graph, stack: LayerStack | None, devices: int, pp: int, micro_b
         loop = (m + pp - 1) * per_mb if virtual == 1 else m * per_mb + bubble
         out.append(AutoPlan(pp, m, tuple(layers_per_stage) if stack else (), recompute, optimizer_parallel, schedule,
                             loop + grads + update + once, m * times[slow][0],
-                            m * times[slow][1] + grads + once, bubble, update, memory, n, virtual))
+                            m * times[slow][1] + grads + once, bubble, update, memory, n, virtual,
+                            selective and not recompute))
     return out
 
 
@@ -354,6 +401,9 @@ def search_auto(graph_at: Callable[[int], Graph], batch: int, devices: int, opti
     most = stack.count if stack else 1
     pps = [fixed.pp] if fixed.pp else [d for d in _divisors(devices) if d <= most and d <= (fixed.max_pp or devices)]
     recomputes = [fixed.recompute] if fixed.recompute is not None else [False, True]
+    # selective recompute (attention cores) is a third choice when the user marked nothing
+    selectives = [False, True] if fixed.recompute is None and stack is not None and \
+        attention_cores(at(batch), stack) else [False]
     zeros = [fixed.optimizer_parallel] if fixed.optimizer_parallel is not None else [False, True]
     schedule = fixed.schedule or "1f1b"
     vs = [fixed.virtual_stages] if fixed.virtual_stages is not None else [1, 2]
@@ -371,10 +421,13 @@ def search_auto(graph_at: Callable[[int], Graph], batch: int, devices: int, opti
                 for zero in zeros:
                     tried += price(at(batch // m), stack, devices, pp, m, split, zero, recomputes, schedule, options,
                                    full_batch, fixed.keep_stages, v)
+                    if True in selectives:
+                        tried += price(at(batch // m), stack, devices, pp, m, split, zero, [False], schedule,
+                                       options, full_batch, fixed.keep_stages, v, selective=True)
     cap = float(profile.memory_bytes if memory_cap is None else memory_cap)
     fitting = [p for p in tried if p.peak_memory_bytes <= cap]
-    best = min(fitting, key=lambda p: (p.step_seconds, p.pp, p.micro_batches, p.recompute, p.optimizer_parallel),
-               default=None)
+    best = min(fitting, key=lambda p: (p.step_seconds, p.pp, p.micro_batches, p.recompute, p.selective,
+                                       p.optimizer_parallel), default=None)
     return best, tried
 
 
