@@ -17,3 +17,12 @@ def import_cupy(where: str = "device_target"):
     except ImportError as err:
         raise ImportError(format_error(where, "device_target", "'GPU' with CuPy installed",
                                        f"CuPy is not importable ({err})", INSTALL_FIX)) from None
+
+
+def device_erf():
+    """CuPy's elementwise ``erf`` (``cupyx.scipy.special.erf``: CUDA's erf, exact to the
+    dtype), or None where cupyx is missing."""
+    try:
+        return importlib.import_module("cupyx.scipy.special").erf
+    except ImportError:
+        return None

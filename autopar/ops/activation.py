@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from ..backend import array_module, cache_blocked
+from ..backend import array_module, cache_blocked, device_erf
 from .elementwise import Unary, same_buffer_inputs
 from .registry import register
 
@@ -167,11 +167,16 @@ _ERF_EXACT = np.frompyfunc(math.erf, 1, 1)   # a ufunc of host Python floats, bu
 
 def erf(x):
     """erf. float64 numpy arrays: exact (``math.erf`` per element, for tests and fp64 runs);
-    otherwise (lower precisions, and every dtype on a GPU, where host Python cannot run):
-    Numerical Recipes' erfc Chebyshev fit, |error| < 1.2e-7 (float32 level)."""
+    device arrays: CUDA's own erf (``cupyx.scipy.special``, exact to the dtype: the GPU's
+    float64 GeLU equals the CPU's); otherwise (lower precisions on the CPU): Numerical
+    Recipes' erfc Chebyshev fit, |error| < 1.2e-7 (float32 level)."""
     xp = array_module(x)
     if x.dtype == np.float64 and xp is np:
         return _ERF_EXACT(x).astype(np.float64)
+    if xp is not np:
+        exact = device_erf()
+        if exact is not None:
+            return exact(x).astype(x.dtype, copy=False)
     z = xp.abs(x)
     t = 1.0 / (1.0 + 0.5 * z)
     poly = -z * z - 1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * (
