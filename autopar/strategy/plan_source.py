@@ -19,7 +19,8 @@ from .optimizer_shard import DEFAULT_OPTIMIZER_SHARD, OptimizerShard
 from .profile import MachineProfile, load_profile
 from .search import DEFAULT_PROFILE, search_plan
 from .sharding_plan import ShardingPlan, plan_shardings
-from .strategy_file import load_strategy, save_strategy
+from .strategy_file import save_strategy
+from .strategy_load import load_strategy
 
 
 @dataclass(frozen=True)

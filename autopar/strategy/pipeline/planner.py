@@ -31,7 +31,7 @@ from ...ir.layout import Layout
 from ...ir.mesh import Mesh
 from ..plan_source import PlanOptions, make_plan
 from ..sharding_plan import ShardingPlan
-from ..strategy_file import load_pipeline_strategy
+from ..strategy_load import load_pipeline_strategy
 from .assignment import StageAssignment
 from .stage_graph import StageGraph, stage_graph
 

@@ -33,7 +33,7 @@ from ...errors import format_error
 from ...ir.layout import Layout
 from ...ir.mesh import Mesh
 from ...nn.parameter import Parameter
-from ...strategy.strategy_file import RESAVE, VERSION, StrategyReader, file_version, read_strategy_json, stage_bodies
+from ...strategy.strategy_load import RESAVE, VERSION, StrategyReader, file_version, read_strategy_json, stage_bodies
 from .format import FILE_NAME, full_region, read_manifest, region_of, value_error
 from .holdings import _layout_json
 from .reader import PieceReader
