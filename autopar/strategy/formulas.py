@@ -51,14 +51,16 @@ def collective_factor(kind: str, n: int) -> float:
 
 
 def collective_seconds(kind: str, nbytes: float, n: int, profile: MachineProfile,
-                       inter_node: bool) -> float:
+                       inter_node: bool, waits: bool = True) -> float:
     """Time (s) of one collective on ``n`` ranks over a buffer of ``nbytes`` bytes (the full
     buffer, per rank, as the caller holds it):
 
         latency_s + collective_wait_s + collective_factor(kind, n) · nbytes / bandwidth_bytes_per_s
 
     with the profile's inter-node or intra-node latency and bandwidth, and its per-call
-    waiting term (ranks arriving at different times; 0 unless calibrated). One rank: 0 s."""
+    waiting term (ranks arriving at different times; 0 unless calibrated). ``waits=False``:
+    a call right behind another on the same ranks, with no compute between to set them
+    apart (the weight all-gathers after an optimizer step), pays no waiting. One rank: 0 s."""
     if nbytes < 0:
         raise ValueError(f"collective_seconds: nbytes must be >= 0, got {nbytes!r}")
     factor = collective_factor(kind, n)
@@ -70,7 +72,7 @@ def collective_seconds(kind: str, nbytes: float, n: int, profile: MachineProfile
     else:
         latency_s = profile.intra_node_latency_s
         bandwidth_bytes_per_s = profile.intra_node_bandwidth_bytes_per_s
-    return latency_s + profile.collective_wait_s + factor * nbytes / bandwidth_bytes_per_s
+    return latency_s + (profile.collective_wait_s if waits else 0.0) + factor * nbytes / bandwidth_bytes_per_s
 
 
 def compute_seconds(flops: float, bytes_touched: float, dtype: str,
