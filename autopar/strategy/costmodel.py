@@ -18,11 +18,10 @@ local program on same-sized shards, so rank 0 speaks for all):
   LayerNorm output: one all-reduce, or under sequence parallel one reduce-scatter); the
   sum (``AddN``) reads k parts and writes one, at the ``AddN`` rate;
 * **parameter**: the reduction of its gradient into its layout (the data-parallel
-  all-reduce; with optimizer parallel a reduce-scatter and, after the update, an
-  all-gather: the same bytes in two calls), the optimizer update and the global-norm
-  clipping copies (11 passes over its local bytes, the slice with optimizer parallel), and
-  its bytes: weight + gradient + optimizer states (states divided by the
-  optimizer-parallel degree when that is on);
+  all-reduce; with optimizer parallel a reduce-scatter and, after the update, an all-gather
+  paying latency but no wait: the same bytes in two calls; level3 one all-gather more), the
+  update and the clipping copies (11 passes over its local bytes, the slice with optimizer
+  parallel), and its bytes: weight + gradient + states, split as the level says;
 * **step**: the all-reduce of the squared gradient norm, once;
 * **gradient buckets** (``comm_fusion``, :mod:`~autopar.strategy.grad_buckets`): with a rule
   for the gradients' all-reduces (reduce-scatters under optimizer parallel) the weights'
