@@ -91,6 +91,15 @@ def _choice(arg: str, value, choices: tuple) -> str:
     return value
 
 
+def _parallel_mode(value) -> str:
+    """One of MindSpore's four modes; its ``hybrid_parallel`` (the user writes the collectives
+    by hand) is refused by name, with what autopar does instead."""
+    if value == "hybrid_parallel":
+        raise _fail("parallel_mode", f"one of {ParallelMode.MODES} (hybrid_parallel is not supported)", value,
+                    "autopar inserts every collective itself: use semi_auto_parallel with .shard() on the ops")
+    return _choice("parallel_mode", value, ParallelMode.MODES)
+
+
 def _path(arg: str, value) -> str:
     if not isinstance(value, (str, os.PathLike)):
         raise _fail(arg, "a file path (str), '' for none", value)
@@ -196,7 +205,7 @@ class ParallelContext:
 
     def __post_init__(self):
         checked = {
-            "parallel_mode": _choice("parallel_mode", self.parallel_mode, ParallelMode.MODES),
+            "parallel_mode": _parallel_mode(self.parallel_mode),
             "device_num": check_int(_WHERE, "device_num", self.device_num, 1),
             "global_rank": check_int(_WHERE, "global_rank", self.global_rank, 0),
             "gradients_mean": _bool("gradients_mean", self.gradients_mean),

@@ -370,3 +370,9 @@ def test_mindspore_keys_autopar_does_not_take_are_refused_by_name_with_what_to_d
     assert f"set_auto_parallel_context: {name}: expected a key autopar supports" in text
     assert ctx_module.NOT_SUPPORTED[name] in text
     assert ctx_module.current_context() is before          # nothing was set, not even the valid key beside it
+
+
+def test_hybrid_parallel_mode_is_refused_by_name_with_the_alternative():
+    with pytest.raises(ValueError, match=r"parallel_mode: expected one of .*\(hybrid_parallel is not supported\), "
+                                         r"got 'hybrid_parallel'; autopar inserts every collective itself"):
+        set_auto_parallel_context(parallel_mode="hybrid_parallel")
