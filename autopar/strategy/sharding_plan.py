@@ -52,7 +52,7 @@ class ShardingPlan:
         return "\n".join(rows)
 
 
-def _replicated_sharding(n_inputs: int, specs, out: TensorSpec, stage: Mesh) -> OpSharding:
+def replicated_sharding(n_inputs: int, specs, out: TensorSpec, stage: Mesh) -> OpSharding:
     letters = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
     ins = tuple("".join(next(letters) for _ in s.shape) for s in specs)
     outl = "".join(next(letters) for _ in out.shape)
@@ -183,7 +183,7 @@ def plan_shardings(graph: Graph, mode: str, stage: Mesh, full_batch: bool = Fals
             if node.prim.kind not in warned and mode != "stand_alone":
                 log.warning("%s has no sharding rule; it runs replicated", node.prim.kind)
                 warned.add(node.prim.kind)
-            sharding = _replicated_sharding(len(specs), specs, out, stage)
+            sharding = replicated_sharding(len(specs), specs, out, stage)
         elif mode == "stand_alone":
             sharding = OpSharding(indexing, stage, ())
         elif mode == "semi_auto_parallel" and node.prim.strategy is not None:

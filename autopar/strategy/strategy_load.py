@@ -14,7 +14,7 @@ from ..ir.graph import FORWARD, Graph, Node
 from ..ir.layout import Layout
 from ..ir.mesh import Mesh
 from ..ops.sharding import Indexing, OpSharding, from_strategy
-from .sharding_plan import ShardingPlan, _replicated_sharding
+from .sharding_plan import ShardingPlan, replicated_sharding
 
 FORMAT = "autopar-strategy"
 VERSION = 1              # one plan
@@ -333,7 +333,7 @@ def _read_op(r: StrategyReader, entry, node: Node, graph: Graph, stage: Mesh) ->
     if has_rule:  # the op's own rule re-validates the split counts (divisibility, devices)
         from_strategy(indexing, strategy, shapes, stage, where)
     else:         # no sharding rule: the op runs replicated
-        indexing = _replicated_sharding(len(specs), specs, out, stage).indexing
+        indexing = replicated_sharding(len(specs), specs, out, stage).indexing
     mesh = r.mesh(entry["device_matrix"], f"{arg}.device_matrix", stage)
     sharding = OpSharding(indexing, mesh, _read_axes(r, entry["axes"], f"{arg}.axes", indexing, mesh, has_rule),
                           _read_out_dims(r, entry.get("out_dims"), f"{arg}.out_dims", len(out.shape), mesh),

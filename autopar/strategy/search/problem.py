@@ -25,7 +25,7 @@ from ...ir.graph import Node, gradient_inputs
 from ...ir.layout import Layout
 from ...ops.sharding import OpSharding, candidates, from_strategy, user_sharding
 from ..costmodel import CostModel, canonical
-from ..sharding_plan import ShardingPlan, _replicated_sharding
+from ..sharding_plan import ShardingPlan, replicated_sharding
 
 
 @dataclass
@@ -84,7 +84,7 @@ def node_candidates(model: CostModel, node: Node, cache: dict | None = None) -> 
     where = f"{node.scope} ({node.prim.kind})"
     indexing = node.prim.indexing(specs, out)
     if indexing is None:
-        return [_replicated_sharding(len(specs), specs, out, stage)]
+        return [replicated_sharding(len(specs), specs, out, stage)]
     shapes = [s.shape for s in specs]
     user = user_strategy(node)
     if user is not None:

@@ -29,7 +29,7 @@ def loss_scale_of(obj) -> LossScaleUpdateCell | None:
     return obj.scale_sense if isinstance(obj, TrainOneStepWithLossScaleCell) else None
 
 
-def _layout_json(layout) -> dict:
+def layout_json(layout) -> dict:
     matrix, tensor_map = layout.to_mindspore()
     tensor_map = [list(e) if isinstance(e, tuple) else e for e in tensor_map]
     return {"device_matrix": list(matrix), "tensor_map": tensor_map, "ranks": list(layout.mesh.ranks)}
@@ -55,7 +55,7 @@ def _block(name: str, holder, array: np.ndarray, world_rank: int) -> dict:
             raise value_error("save_checkpoint", f"tensor {name!r} layout", "no partial sums", str(layout),
                               "reduce the value before saving")
         coord = layout.mesh.coord(holder.rank)   # one writer per block: coordinate 0 on the replicas
-        entry.update(region=region_of(holder.region), layout=_layout_json(layout),
+        entry.update(region=region_of(holder.region), layout=layout_json(layout),
                      writer=_first_copy(holder) and all(coord[a] == 0 for a in layout.replicated_axes()))
     else:
         entry.update(region=full_region(shape), layout=None, writer=world_rank == 0)

@@ -35,10 +35,10 @@ from ...ir.mesh import Mesh
 from ...nn.parameter import Parameter
 from ...strategy.strategy_load import RESAVE, VERSION, StrategyReader, file_version, read_strategy_json, stage_bodies
 from .format import FILE_NAME, full_region, read_manifest, region_of, value_error
-from .holdings import _layout_json
+from .holdings import layout_json
 from .reader import PieceReader
 from .safe_save import abandon, prepare_save, release_lock, temp_dir
-from .save import BLOCK_OVERHEAD_BYTES, MANIFEST_BASE_BYTES, _attempt, _merge_entries, _publish_checked, _write_rank
+from .save import BLOCK_OVERHEAD_BYTES, MANIFEST_BASE_BYTES, attempt, merge_entries, publish_checked, write_rank
 
 SAME_FILE = "pass the strategy file saved (strategy_ckpt_save_file) by a run of this model"
 
@@ -309,11 +309,11 @@ def transform_checkpoints(src_checkpoints_dir, dst_checkpoints_dir, ckpt_prefix:
     try:
         reader = PieceReader(directory, manifest)
         try:
-            per_rank = [_run(path, needed, _write_rank, tmp, rank, _held(reader, tensors, mine))
+            per_rank = [_run(path, needed, write_rank, tmp, rank, _held(reader, tensors, mine))
                         for rank, mine in sorted(blocks.items())]
         finally:
             reader.close()   # everything read before the swap: the destination may be the source
-        _run(path, needed, _publish_checked, tmp, path, head | {"tensors": _merge_entries(per_rank)})
+        _run(path, needed, publish_checked, tmp, path, head | {"tensors": merge_entries(per_rank)})
     except BaseException:
         abandon(tmp)
         raise
@@ -355,11 +355,11 @@ def _check_source(where: str, tensors: dict, layouts: dict[str, ParameterLayout]
     (a serial save records none: the strategy must split nothing)."""
     for name, entry in layouts.items():
         saved = tensors[name].get("layout")
-        if saved == _layout_json(entry.layout) or (saved is None and entry.slice_shape == entry.shape):
+        if saved == layout_json(entry.layout) or (saved is None and entry.slice_shape == entry.shape):
             continue
         raise value_error(where, f"src_strategy_file parameter {name!r}",
                           f"the layout the checkpoint records ({saved or 'whole, unsplit'})",
-                          f"{_layout_json(entry.layout)} ({entry.layout})",
+                          f"{layout_json(entry.layout)} ({entry.layout})",
                           "pass the strategy file of the run that saved the checkpoint, or None to use "
                           "the layouts it records")
 
@@ -393,13 +393,13 @@ def _held(reader: PieceReader, tensors: dict, mine: list) -> list[dict]:
     """One destination rank's blocks, read from the source, in the form ``save`` writes."""
     return [{"name": name, "array": reader.read(name, region), "kind": tensors[name].get("kind", "parameter"),
              "shape": tuple(tensors[name]["shape"]), "dtype": tensors[name]["dtype"], "region": region,
-             "layout": None if entry is None else _layout_json(entry.layout), "writer": True}
+             "layout": None if entry is None else layout_json(entry.layout), "writer": True}
             for name, region, entry in mine]
 
 
 def _run(path: str, needed: int, step, *args):
     """``step(*args)``, a full disk raised as an error naming the path and the space needed."""
-    result, error = _attempt(path, needed, step, *args)
+    result, error = attempt(path, needed, step, *args)
     if error is not None:
         raise error
     return result

@@ -49,7 +49,7 @@ BLOCK_OVERHEAD_BYTES = 1024     # a block's safetensors header and manifest entr
 MANIFEST_BASE_BYTES = 64 * 1024  # the manifest's other fields and the directory entries (estimate)
 
 
-def _attempt(path: str, needed: int, step, *args):
+def attempt(path: str, needed: int, step, *args):
     """(step(*args), None), or (None, the exception): a full disk becomes an error naming
     the path and the space needed."""
     try:
@@ -83,7 +83,7 @@ def _check_values(world, where: str, held: list[dict], allow_non_finite: bool) -
     return MANIFEST_BASE_BYTES + sum(r["bytes"] for r in everyone)
 
 
-def _write_rank(tmp: str, rank: int, held: list[dict]) -> dict:
+def write_rank(tmp: str, rank: int, held: list[dict]) -> dict:
     """Write this rank's blocks; return {name: tensor entry with this rank's pieces}."""
     file = f"rank{rank}.safetensors"
     mine = [h for h in held if h["writer"]]
@@ -95,7 +95,7 @@ def _write_rank(tmp: str, rank: int, held: list[dict]) -> dict:
             for h in mine}
 
 
-def _merge_entries(per_rank: list[dict]) -> dict:
+def merge_entries(per_rank: list[dict]) -> dict:
     tensors: dict[str, dict] = {}
     for entries in per_rank:
         for name, e in entries.items():
@@ -183,14 +183,14 @@ def save_checkpoint(obj, path, *, extra: dict | None = None, world=None, allow_n
     needed = _check_values(world, where, held, allow_non_finite)
     tmp, lock, error = temp_dir(path, step), None, None
     if world.rank == 0:
-        lock, error = _attempt(path, needed, prepare_save, path, step, needed)
+        lock, error = attempt(path, needed, prepare_save, path, step, needed)
     agree(world, where, error)
     try:
-        entries, error = _attempt(path, needed, _write_rank, tmp, world.rank, held)
+        entries, error = attempt(path, needed, write_rank, tmp, world.rank, held)
         per_rank = agree(world, where, error, entries)   # collective: all files written
         if world.rank == 0:
-            manifest = head | {"tensors": _merge_entries(per_rank)}
-            _, error = _attempt(path, needed, _publish_checked, tmp, path, manifest)
+            manifest = head | {"tensors": merge_entries(per_rank)}
+            _, error = attempt(path, needed, publish_checked, tmp, path, manifest)
         agree(world, where, error)
     except BaseException:
         if world.rank == 0:
@@ -202,6 +202,6 @@ def save_checkpoint(obj, path, *, extra: dict | None = None, world=None, allow_n
     return path
 
 
-def _publish_checked(tmp: str, path: str, manifest: dict) -> None:
+def publish_checked(tmp: str, path: str, manifest: dict) -> None:
     validate_manifest(manifest, tmp)   # the manifest we are about to publish covers every tensor once
     publish(tmp, path, manifest)
