@@ -32,7 +32,9 @@ Per (size, ranks) and over all plans it prints the mean absolute percentage erro
 and memory, the Spearman rank correlation of time, the median spread, and the auto plan's
 regret (its measured step / the fastest measured step of its group); it draws predicted
 vs measured (``--png``) and writes every row to ``--json`` after each plan (a run cut short
-keeps what it measured). ``--calibrate`` first measures the machine with
+keeps what it measured). ``--confirm K`` then measures each group's auto plan and its K
+fastest rivals again in alternating rounds (the regret compares medians over all their
+windows, not a first pass's lucky minimum). ``--calibrate`` first measures the machine with
 ``mpiexec -n R python -m autopar.calibrate`` for each R and prices with that profile::
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/cost_model_accuracy.py --quick      # 2 ranks, tiny model, 6 plans
@@ -250,6 +252,7 @@ def run_all(args) -> None:
             groups[(s, r)] = [(s, r, p) for p in todo]
     saved = dict(sizes={s: SIZES[s] for s in sizes}, profiles=profiles, clock=args.clock, steps=args.steps,
                  repeats=args.repeats, warmup=args.warmup, separate_processes=args.separate_processes,
+                 confirm=args.confirm, confirm_rounds=args.confirm_rounds,
                  rows=[], failed=[])
     order = schedule(groups)
     for k, (size, r, plan) in enumerate(order, 1):
@@ -269,6 +272,8 @@ def run_all(args) -> None:
             write_json(args.json, saved)
     if not saved["rows"]:
         sys.exit("no plan ran")
+    if args.confirm:
+        confirm(saved, args, profiles, t_start)
     saved["figures"] = report(saved)
     saved["targets_met"] = targets_met(saved["figures"])
     saved["elapsed_s"] = time.perf_counter() - t_start
@@ -278,6 +283,44 @@ def run_all(args) -> None:
     if args.png:
         scatter_png(saved, args.png)
         print(f"\nscatter plot: {args.png}")
+
+
+def contenders(group: list[dict], k: int) -> list[dict]:
+    """The auto plan's row and the ``k`` fastest other measured rows of one group."""
+    auto = [r for r in group if r["plan"]["auto"]]
+    others = sorted((r for r in group if not r["plan"]["auto"]), key=lambda r: r["measured"]["step_s"])
+    return auto[:1] + others[:k]
+
+
+def confirm(saved: dict, args, profiles: dict, t_start: float) -> None:
+    """Measure each group's auto plan and its ``--confirm`` fastest rivals again, in
+    ``--confirm-rounds`` rounds that alternate them (A B C D A B C D ...), so that drift over
+    the run falls on every contender alike; each job's windows join the row's, whose step is
+    then the median of all its windows. The minimum of many noisy plans is biased low: this
+    is what keeps the regret from measuring noise instead of the plan."""
+    rows = [r for group in groups_of(saved["rows"]).values() for r in contenders(group, args.confirm)]
+    for k in range(args.confirm_rounds):
+        for row in rows:
+            if args.confirm_by and time.perf_counter() - t_start > args.confirm_by:
+                print(f"confirm: --confirm-by reached in round {k + 1}", file=sys.stderr, flush=True)
+                return
+            plan = Plan(**row["plan"])
+            again = launch(plan, row["size"], row["ranks"], profiles[str(row["ranks"])], args, args.repeats,
+                           args.plan_timeout)
+            if "error" in again:
+                print(f"confirm: {row['name']} failed: {again['error'][:140]}", file=sys.stderr, flush=True)
+                continue
+            if again["predicted"]["plan"] != row["predicted"]["plan"]:
+                sys.exit(f"confirm: {row['size']} {row['ranks']} ranks {row['name']} compiled another plan "
+                         f"({again['predicted']['plan']} vs {row['predicted']['plan']})")
+            m = row["measured"]
+            m.setdefault("first_windows", list(m["windows"]))
+            m["windows"] += again["measured"]["windows"]
+            m["step_s"] = float(np.median(m["windows"]))
+            print(f"confirm round {k + 1}: {row['size']} {row['ranks']} ranks {row['name']:28s} "
+                  f"{again['measured']['step_s']:.3f} s -> {m['step_s']:.3f} s", file=sys.stderr, flush=True)
+        if args.json:
+            write_json(args.json, saved)
 
 
 def write_json(path: str, saved: dict) -> None:
@@ -317,6 +360,9 @@ def report(saved: dict) -> dict:
     print(f"PanGu-α fp32, AdamWeightDecay, clip 1.0, batch 2 x ranks; measured step = median over {how} (each the "
           f"median of {saved['steps']} steps after {saved['warmup']} warm-up), slowest rank, {clock}; spread = "
           f"max/min - 1 of those medians; predicted = price() of the joint search (auto: the run's choice)")
+    if saved.get("confirm"):
+        print(f"  each group's auto plan and its {saved['confirm']} fastest rivals were measured again in "
+              f"{saved['confirm_rounds']} alternating rounds; their step is the median over all their windows")
     for size, r in groups_of(rows):
         print(f"  {size} = {saved['sizes'][size]}; {r} ranks priced with profile {saved['profiles'][str(r)]}")
     figures = {}
@@ -433,6 +479,12 @@ def main() -> None:
     parser.add_argument("--deadline", type=float, default=0.0,
                         help="seconds from the start (calibration included) after which no plan starts (one "
                              f"running is stopped {DEADLINE_GRACE_S} s after it); 0: none")
+    parser.add_argument("--confirm", type=int, default=0, metavar="K",
+                        help="after the pass, measure each group's auto plan and its K fastest rivals again, "
+                             "alternating them (see confirm())")
+    parser.add_argument("--confirm-rounds", type=int, default=2)
+    parser.add_argument("--confirm-by", type=float, default=0.0,
+                        help="seconds from the start after which no confirming job starts; 0: none")
     parser.add_argument("--plan-timeout", type=float, default=180.0, help="seconds one plan's job may take")
     parser.add_argument("--png", default="", help="write the predicted-vs-measured scatter plot here")
     parser.add_argument("--json", default="", help="write every row here (after each plan, and at the end)")
