@@ -22,6 +22,10 @@ bfloat16 has no MPI datatype (and mpi4py's DLPack path refuses it): data moved t
 uint16 view of the same memory (bit for bit, :func:`_wire`); reductions run on a float32 copy
 and round back to bfloat16 once (base.reduction_dtype), as the in-process backend does, so
 both give the same bits.
+
+Device (CuPy) arrays travel through host copies: MPICommunicator mixes in
+staging.HostStaging, which copies a device input to the host, runs the call below on numpy
+and moves the result back to the input's device; numpy inputs take the path above unchanged.
 """
 from __future__ import annotations
 
@@ -42,6 +46,7 @@ from ..errors import format_error
 from .base import CommStats, Communicator, Request, reduction_dtype
 from .checks import CommChecks
 from .single import SelfCommunicator
+from .staging import HostStaging
 from .watchdog import MPIWatchdog
 
 # Variables the common launchers set in every process they start: MPICH's and Intel MPI's
@@ -130,8 +135,9 @@ def world(checks: CommChecks | None = None) -> Communicator:
     return SelfCommunicator(CommStats(), checks)
 
 
-class MPICommunicator(Communicator):
-    """A Communicator over an ``mpi4py.MPI.Comm``."""
+class MPICommunicator(HostStaging, Communicator):
+    """A Communicator over an ``mpi4py.MPI.Comm``; device arrays are staged through the host
+    (HostStaging)."""
 
     def __init__(self, comm, stats: CommStats, ranks: tuple[int, ...] | None = None,
                  checks: CommChecks | None = None):
