@@ -220,15 +220,16 @@ def test_an_embedding_heavy_model_splits_the_vocabulary_when_that_is_cheaper():
 
 
 def test_a_memory_cap_trades_time_for_memory_and_an_impossible_one_says_by_how_much():
-    g = graph_of(TwoMatMuls(256), (2048, 256))
+    g = graph_of(TwoMatMuls(256), (512, 256))
     stage = Mesh((4,), ("devices",))
-    fast = search(g, stage, profile=PROFILE)          # data parallel: every weight whole on every rank
-    for f in (0.9, 0.6):          # the peak is the larger phase, not the sum: the leanest plan is 52% of it
-        cap = fast.cost.memory_bytes * f
-        lean = search(g, stage, profile=PROFILE, memory_cap=cap)
-        assert lean.cost.memory_bytes <= cap
-        assert lean.cost.step_seconds > fast.cost.step_seconds and lean.lam > 0
-    with pytest.raises(ValueError, match=r"no plan fits 1000 B .*\(over by 1.44 MiB.*Largest: activations kept by TwoMatMuls/MatMul"):
+    fast = search(g, stage, profile=PROFILE)          # dp2 x mp2
+    # the peak counts activation gradients in flight, and a partial sum's is whole on every
+    # rank: the leanest plan found is 88% of the fastest's, 1.2x slower
+    cap = fast.cost.memory_bytes * 0.9
+    lean = search(g, stage, profile=PROFILE, memory_cap=cap)
+    assert lean.cost.memory_bytes <= cap
+    assert lean.cost.step_seconds > fast.cost.step_seconds and lean.lam > 0
+    with pytest.raises(ValueError, match=r"no plan fits 1000 B .*\(over by 1.44 MiB.*Largest: parameter w1"):
         search(g, stage, profile=PROFILE, memory_cap=1000)
 
 

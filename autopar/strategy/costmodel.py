@@ -42,7 +42,10 @@ local program on same-sized shards, so rank 0 speaks for all):
   its weights' gradients while the activations of the ops before it are still kept::
 
       peak = weights + states + max(activations, max_j (gradients of ops >= j + activations of ops <= j
-                                                        + rebuilt values of op j's recompute region))
+                                                        + rebuilt values of op j's recompute region
+                                                        + activation gradients in flight at j))
+
+  (:mod:`~autopar.strategy.backward_memory`);
 
 The search sees the same figures as a pairwise problem: one cost per (op, candidate)
 and one per (edge, producer candidate, consumer candidate), each gradient part reduced on
@@ -68,6 +71,7 @@ from ..ir.mesh import Mesh
 from ..ir.spec import TensorSpec
 from ..ops.sharding import OpSharding
 from . import formulas, gradient_flow
+from .backward_memory import backward_peak, gradients_in_flight
 from .canonical import canonical
 from .grad_buckets import GradBucket, GradReduction, bucket, bucketable, exposed_seconds, trained_order
 from .optimizer_shard import DEFAULT_OPTIMIZER_SHARD, OptimizerShard
@@ -101,6 +105,7 @@ class NodeCost:
     flops: float = 0.0         # forward + backward, local
     bytes_moved: float = 0.0   # forward + backward, local (what op_rate divides)
     backward_s: float = 0.0    # the part of compute_s its backward runs (recompute and gradient sums included)
+    flight_bytes: int = 0      # its output's gradient, in its output layout (the op search's memory proxy)
 
     @property
     def seconds(self) -> float:
@@ -123,6 +128,7 @@ class PlanCost:
     activation_bytes: int      # kept for backward: all alive at the end of forward
     per_op: tuple = field(default=(), repr=False)   # (node name, strategy, layout, comm_s, seconds)
     backward_peak_bytes: int | None = None   # max over backward of gradients made + activations still kept
+    backward_working_bytes: int = 0   # the same without the gradients (a later micro-batch's, which add into them)
     grad_comm_s: float = 0.0   # the weight gradients' reductions (buckets under comm_fusion), all of them
     grad_exposed_s: float = 0.0   # the part of grad_comm_s not hidden behind backward (what comm_s holds)
 
@@ -148,20 +154,6 @@ class PlanCost:
                               "param_bytes": self.param_bytes, "grad_bytes": self.grad_bytes,
                               "state_bytes": self.state_bytes, "activation_bytes": self.activation_bytes,
                               "grad_comm_s": self.grad_comm_s, "grad_exposed_s": self.grad_exposed_s}}
-
-
-def backward_peak(grads: list[int], freed: list[int], rebuilt: list[int] | None = None) -> int:
-    """Peak of gradients + activations over a backward pass that walks the ops in reverse:
-    op j's backward makes ``grads[j]`` bytes of gradients while the activations of ops
-    0..j are still kept (and ``rebuilt[j]``, the values its recompute region rebuilt), then
-    frees ``freed[j]``."""
-    alive, made, peak = sum(freed), 0, 0
-    rebuilt = rebuilt or [0] * len(grads)
-    for g, f, r in zip(reversed(grads), reversed(freed), reversed(rebuilt)):
-        made += g
-        peak = max(peak, made + alive + r)
-        alive -= f
-    return peak
 
 
 def gemm_min_dim(sh: OpSharding, specs: list[TensorSpec]) -> int | None:
@@ -339,8 +331,9 @@ class CostModel:
             sbytes += self.state_bytes(local_bytes, lay)
             update += OPTIMIZER_BYTES_PER_ELEMENT * (local_bytes // copies) / prof.op_rate(OPTIMIZER_KIND)
         act = sum(nbytes for _, nbytes in self.kept_for_backward(node, sh))
+        flight = out.nbytes if node.outputs[0] in self.needs_grad else 0
         return NodeCost(compute, comm, grad, update, pbytes, gbytes, sbytes, act, float(flops), float(nbytes),
-                        compute - forward_s if backward else 0.0)
+                        compute - forward_s if backward else 0.0, flight)
 
     def grad_sum_seconds(self, value: int, layout: Layout) -> float:
         """Autodiff's sum of ``value``'s gradient parts, one per op reading it that needs its
@@ -500,17 +493,19 @@ class CostModel:
             rows.append((n.name, str(sh[n.id]), str(sh[n.id].output_layout()), c.comm_s + c.grad_s + edge,
                          c.seconds + edge))
         comm += self.step_collectives_seconds(self.stage)
-        during = [sum(rebuilt.get(self.region.get(n.id), {}).values()) for n in self.forward]
-        peak = backward_peak(grads, freed, during)
+        during = [sum(rebuilt.get(self.region.get(n.id), {}).values()) + w
+                  for n, w in zip(self.forward, self.gradients_in_flight(sh))]
+        peak, working = backward_peak(grads, freed, during), backward_peak([0] * len(grads), freed, during)
         alone = sum(g for _, g in back.values())   # each reduction on its own, at the end of the step
         if not self.fusion_rules:
-            return PlanCost(compute, comm, update, pb, gb, sb, sum(kept.values()), tuple(rows), peak, alone, alone)
+            return PlanCost(compute, comm, update, pb, gb, sb, sum(kept.values()), tuple(rows), peak, working,
+                            alone, alone)
         buckets, unfused, backward = self.gradient_buckets(plan, costs)
         total = sum(b.seconds for b in buckets) + sum(r.seconds for r in unfused)
         exposed = exposed_seconds(buckets, backward, self.profile.comm_overlap) + sum(r.seconds for r in unfused)
         peak = max(peak, sum(grads) + max((b.nbytes for b in buckets), default=0))   # one bucket's buffer more
         return PlanCost(compute, comm - alone + exposed, update, pb, gb, sb, sum(kept.values()), tuple(rows), peak,
-                        total, exposed)
+                        working, total, exposed)
 
     # ---- gradient buckets (comm_fusion) ---------------------------------------------------
     def gradient_buckets(self, plan: ShardingPlan, costs=None, deferred: bool = False) -> tuple[
@@ -587,6 +582,15 @@ class CostModel:
             v, lay = node.outputs[0], sh.output_layout()
             out.append(((v, canonical(Layout(lay.mesh, lay.dims))), _local(g.spec(v), lay).nbytes))
         return out
+
+    def gradients_in_flight(self, shardings: dict[int, OpSharding]) -> list[int]:
+        """Per forward op: bytes of the activation gradients alive while its backward runs
+        (:func:`~.backward_memory.gradients_in_flight`), each in its producer's layout."""
+        def nbytes(v: int) -> int:
+            lay = self.producer_layout(v, shardings)
+            spec = self.graph.spec(v)
+            return spec.nbytes if lay is None or len(lay.dims) != len(spec.shape) else _local(spec, lay).nbytes
+        return gradients_in_flight(self.forward, self.needs_grad, self.params, nbytes)
 
     def kept_for_backward(self, node: Node, sh: OpSharding, shardings: dict | None = None):
         """((value, layout), local bytes) of each activation ``node`` keeps for its backward: a

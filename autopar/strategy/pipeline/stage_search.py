@@ -67,6 +67,7 @@ class Part:
     grad_bytes: int = 0          # of model_bytes, the weights' gradients
     shared_bytes: int = 0        # of model_bytes, weights the first-stage extras read too (a tied table)
     shared_grad_bytes: int = 0   # of those, the gradients
+    working_bytes: int = 0       # most activation gradients in flight while one of its ops runs backward
 
 
 @dataclass(frozen=True)
@@ -225,6 +226,7 @@ def split_parts(model: CostModel, plan, layer_scope: str, memory_model: CostMode
             groups["last" if seen_layer else "first"].append((n, c, edge))
     parts = []
     layer_ops = {n.id for n, _, _ in groups["layer"]}
+    in_flight_grads = dict(zip((n.id for n in model.forward), model.gradients_in_flight(plan.shardings)))
     first_reads: set[int] = set()
     for name in ("first", "layer", "last"):
         rows = groups[name]
@@ -258,7 +260,7 @@ def split_parts(model: CostModel, plan, layer_scope: str, memory_model: CostMode
                           sum(c.grad_s for _, c, _ in rows),
                           sum(c.update_s for _, c, _ in rows),
                           model_bytes, state, sum(kept.values()), sum(sends), tuple(sends), tuple(grads), grad,
-                          shared, shared_grad))
+                          shared, shared_grad, max((in_flight_grads[n.id] for n, _, _ in rows), default=0)))
     return tuple(parts)
 
 
@@ -295,7 +297,9 @@ def stage_memory(first: Part, layer: Part, last: Part, pp: int, s: int, n: int, 
     when every micro-batch is in flight before the first backward (m == k), ``(k - 1) x A``
     plus the walk of one micro-batch's backward, group by group in reverse (last extras,
     layers, first extras), each making its gradients while the groups before it keep
-    theirs. With recompute one layer's activations are rebuilt at a time during backward.
+    theirs and its activation gradients in flight are alive (``Part.working_bytes``, the
+    most over its ops). With recompute one layer's activations are rebuilt at a time during
+    backward.
 
     Interleaved (``virtual`` v > 1): k counts micro-batch chunks, A is a chunk's (1/v of the
     stage's), and the backward walks one chunk (its share of the layers, with the extras)."""
@@ -305,7 +309,7 @@ def stage_memory(first: Part, layer: Part, last: Part, pp: int, s: int, n: int, 
                        grad_bytes=last.grad_bytes - last.shared_grad_bytes)
         groups[0] = (1, last)
     held = [(c, p.grad_bytes, p.activation_bytes if p is not layer or not recompute else p.boundary_bytes,
-             p.activation_bytes if p is layer and recompute else 0) for c, p in groups]
+             (p.activation_bytes if p is layer and recompute else 0) + p.working_bytes) for c, p in groups]
     static = sum(c * (p.model_bytes - p.grad_bytes) for c, p in groups)
     grads = sum(c * g for c, g, _, _ in held)
     v = virtual if pp > 1 else 1

@@ -7,7 +7,8 @@ from :class:`~autopar.strategy.costmodel.CostModel`:
 
 * ``unary[op][k]``: seconds of the op under candidate k (compute, in-kernel collectives,
   its parameters' gradient reduction and update, reading a data input);
-* ``memory[op][k]``: bytes per rank it holds (parameters, gradients, states, activations);
+* ``memory[op][k]``: bytes per rank it holds (parameters, gradients, states, activations)
+  and its output's gradient in flight during backward;
 * ``pairs[(a, b)][ka, kb]``: seconds moving a value between ops a and b (a before b) in
   forward and its gradient back.
 
@@ -167,7 +168,9 @@ def build(model: CostModel, restrict: dict[int, list[OpSharding]] | None = None)
                tuple(cands[n.id]))
         if key not in unary_cache:
             costs = [model.node_cost(n, sh) for sh in cands[n.id]]
-            unary_cache[key] = (np.array([c.seconds for c in costs]), np.array([float(c.bytes) for c in costs]))
+            # memory: what it holds, and its output's gradient (a partial sum's is whole on every rank)
+            unary_cache[key] = (np.array([c.seconds for c in costs]),
+                                np.array([float(c.bytes + c.flight_bytes) for c in costs]))
         u, m = unary_cache[key]
         unary[n.id], memory[n.id] = u.copy(), m
     for n in model.forward:
