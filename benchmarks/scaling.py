@@ -14,6 +14,9 @@ DistributedDataParallel over gloo on n ranks, launched by the same mpiexec comma
 size from MPI, the rendezvous at 127.0.0.1 on a free port). The table puts both side by
 side, each framework's speedup over its own 1-rank step. ``--no-torch`` skips it.
 
+``--ceiling 1024`` first measures the machine's ceiling: every rank running float32
+GEMMs at once, per-rank GFLOP/s for each rank count (a step cannot scale past it).
+
 Each rank uses one BLAS thread (OPENBLAS_NUM_THREADS=1). Dropout is off by default in both
 (``--dropout 0.1`` turns it on). Step times are each framework's fastest of ``--steps``.
 """
@@ -82,9 +85,45 @@ def worker(dp: int, mp: int, mode: str, batch: int, steps: int, dropout: float) 
             train(local_ids)
             times.append(time.perf_counter() - t0)
             comm_s.append(prog.comm_clock[0] - c0)
-    best = int(np.argmin(times))
+    # every rank's (step, comm) of every step: a step lasts as long as its slowest rank, and
+    # that rank's comm is the step's real communication (the others' includes waiting for it)
+    mine = np.zeros((2, n, steps))
+    mine[:, comm.rank] = times, comm_s
+    every = np.asarray(comm.allreduce(mine, op="sum")) if n > 1 else mine
+    slowest = every[0].argmax(axis=0)                      # per step: its slowest rank
+    step_s = every[0].max(axis=0)
+    best = int(np.argmin(step_s))
     if comm.rank == 0:
-        print(json.dumps(dict(n=n, dp=dp, mp=mp, mode=mode, step=times[best], comm=comm_s[best])), flush=True)
+        print(json.dumps(dict(n=n, dp=dp, mp=mp, mode=mode, step=float(step_s[best]), comm=comm_s[best],
+                              comm_critical=float(every[1, slowest[best], best]))), flush=True)
+
+
+def ceiling_worker(size: int, seconds: float) -> None:
+    """The machine's ceiling with n ranks busy: every rank multiplies float32 (size x size)
+    matrices for ``seconds`` after a barrier; rank 0 prints each rank's GFLOP/s."""
+    from autopar.comm import world
+    comm = world()
+    rng = np.random.default_rng(comm.rank)
+    a, b = rng.standard_normal((2, size, size), dtype=np.float32)
+    a @ b                                                   # warm up
+    comm.barrier()
+    t0, k = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        k += 1
+    rate = np.zeros(comm.size)
+    rate[comm.rank] = 2 * size ** 3 * k / (time.perf_counter() - t0) / 1e9
+    rates = np.asarray(comm.allreduce(rate, op="sum")) if comm.size > 1 else rate
+    if comm.rank == 0:
+        print(json.dumps(dict(n=comm.size, gflops=rates.tolist())), flush=True)
+
+
+def print_ceiling(rows: list[dict], size: int) -> None:
+    print(f"machine ceiling: float32 {size}^3 GEMM per rank with n ranks busy (one BLAS thread each), GFLOP/s")
+    print(f"{'ranks':>5} {'min':>7} {'median':>7} {'max':>7} {'sum':>8}")
+    for r in rows:
+        g = np.asarray(r["gflops"])
+        print(f"{r['n']:>5} {g.min():>7.1f} {np.median(g):>7.1f} {g.max():>7.1f} {g.sum():>8.1f}")
 
 
 def torch_worker(batch: int, steps: int, dropout: float, port: int) -> None:
@@ -151,11 +190,13 @@ def print_table(args, rows: list[dict], torch_rows: dict[int, dict]) -> None:
     torch_base = torch_rows[1]["step"] if 1 in torch_rows else None
     print(f"PanGu-α {CONFIG}, dropout {args.dropout}, global batch {args.batch}, one BLAS thread per rank, "
           f"fastest of {args.steps} steps")
-    head = f"{'ranks':>5} {'layout':>8} {'step s':>8} {'speedup':>8} {'comm share':>10}"
+    print("step: the slowest rank's (fastest such step); comm share: rank 0's collectives / step (waiting for "
+          "slower ranks included); critical: the slowest rank's own")
+    head = f"{'ranks':>5} {'layout':>8} {'step s':>8} {'speedup':>8} {'comm share':>10} {'critical':>8}"
     print(head + (f" {'PyTorch s':>10} {'speedup':>8} {'autopar/PyTorch':>16}" if torch_rows else ""))
     for r in rows:
         line = (f"{r['n']:>5} {layout_name(r):>8} {r['step']:>8.3f} {base / r['step']:>8.2f} "
-                f"{r['comm'] / r['step']:>10.1%}")
+                f"{r['comm'] / r['step']:>10.1%} {r.get('comm_critical', r['comm']) / r['step']:>8.1%}")
         t = torch_rows.get(r["n"]) if r["mp"] == 1 else None
         if t is not None:
             speedup = f"{torch_base / t['step']:>8.2f}" if torch_base else f"{'-':>8}"
@@ -173,11 +214,18 @@ def main() -> None:
     parser.add_argument("--mpiexec", default=shutil.which("mpiexec", path=str(Path(sys.executable).parent))
                         or shutil.which("mpiexec"))
     parser.add_argument("--mpiexec-args", default="", help="extra launcher flags, e.g. '--bind-to core'")
+    parser.add_argument("--ceiling", type=int, default=0, metavar="SIZE",
+                        help="first measure the machine's ceiling: SIZE^3 float32 GEMMs on every rank at once, "
+                             "for each rank count (e.g. 1024)")
+    parser.add_argument("--ceiling-worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=3, metavar=("DP", "MP", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--torch-worker", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(int(args.worker[0]), int(args.worker[1]), args.worker[2], args.batch, args.steps, args.dropout)
+        return
+    if args.ceiling_worker:
+        ceiling_worker(args.ceiling_worker, 2.0)
         return
     if args.torch_worker is not None:
         torch_worker(args.batch, args.steps, args.dropout, args.torch_worker)
@@ -185,6 +233,9 @@ def main() -> None:
     env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")     # gloo on the loopback, where the rendezvous is
     with_torch = args.torch and torch_imports()
+    if args.ceiling:
+        print_ceiling([launch(args, n, ["--ceiling-worker", str(args.ceiling)], env) for n in sorted(set(args.ranks))],
+                      args.ceiling)
     rows, torch_rows = [], {}
     for n in sorted(set(args.ranks)):
         for dp, mp, mode in layouts([n]):
