@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 from test_comm_mpi_launch import MPIEXEC, launch, launched_under_mpi
 
-from autopar.backend import ARRAY_MODULES
 from autopar.comm.base import CommStats, Communicator, Done
 from autopar.comm.mpi import MPICommunicator
 from autopar.comm.staging import HostStaging, staged
@@ -21,54 +21,200 @@ from autopar.comm.staging import HostStaging, staged
 TESTS = Path(__file__).resolve().parent
 
 
-class DeviceArray:
-    """A stand-in device array: numpy refuses to read it (CuPy's rule: no implicit copy to
-    the host), ``get()`` copies it to the host and counts the copy."""
+class ndarray:  # noqa: N801 - CuPy's class name: autopar tells a CuPy array by it
+    """A stand-in device array: numpy behind CuPy's rules. numpy cannot read it (no
+    ``__array__`` conversion, no buffer: TypeError, as CuPy's "Implicit conversion to a
+    NumPy array is not allowed"), arithmetic and functions refuse numpy arrays beside it,
+    ``get()`` copies it to the host (counted in ``copies_out``)."""
 
+    __module__ = "cupy"        # with the class name, what autopar.backend recognises
+    __array_priority__ = 100
     copies_out = 0
 
-    def __init__(self, host: np.ndarray):
-        self._host = np.array(host)            # a copy 'to the device'
-
-    shape = property(lambda self: self._host.shape)
-    dtype = property(lambda self: self._host.dtype)
-    ndim = property(lambda self: self._host.ndim)
-    nbytes = property(lambda self: self._host.nbytes)
+    def __init__(self, a: np.ndarray):
+        self._a = a
 
     def __array__(self, dtype=None, copy=None):
         raise TypeError("Implicit conversion to a NumPy array is not allowed (a device array)")
 
+    def __array_ufunc__(self, ufunc, method, *inputs, **kw):       # np.add(d, d): runs on the device
+        return _wrap(getattr(ufunc, method)(*_unwrap(inputs), **_unwrap(kw)))
+
+    def __array_function__(self, func, types, args, kwargs):        # np.concatenate([d, d]): likewise
+        return _wrap(func(*_unwrap(args), **_unwrap(kwargs)))
+
+    shape = property(lambda self: self._a.shape)
+    dtype = property(lambda self: self._a.dtype)
+    ndim = property(lambda self: self._a.ndim)
+    size = property(lambda self: self._a.size)
+    nbytes = property(lambda self: self._a.nbytes)
+    strides = property(lambda self: self._a.strides)
+    itemsize = property(lambda self: self._a.itemsize)
+    T = property(lambda self: ndarray(self._a.T))
+    flags = property(lambda self: _Flags(self._a.flags))
+    base = property(lambda self: ndarray(self._a.base) if type(self._a.base) is np.ndarray else None)
+
     def get(self) -> np.ndarray:
-        DeviceArray.copies_out += 1
-        return self._host.copy()
+        ndarray.copies_out += 1
+        return np.array(self._a)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):       # no __array_interface__: numpy must not find the memory
+            raise AttributeError(name)
+        attr = getattr(self._a, name)
+        return _on_device(attr) if callable(attr) else _wrap(attr)
+
+    def __getitem__(self, key):
+        return _wrap(self._a[_unwrap(key)])
+
+    def __setitem__(self, key, value):
+        self._a[_unwrap(key)] = _unwrap(value)
+
+    def __len__(self):
+        return len(self._a)
+
+    def __float__(self):
+        return float(self._a)
+
+    def __int__(self):
+        return int(self._a)
+
+    def __bool__(self):
+        return bool(self._a)
+
+    def __neg__(self):
+        return ndarray(-self._a)
+
+    def __abs__(self):
+        return ndarray(abs(self._a))
+
+    def __invert__(self):
+        return ndarray(~self._a)
+
+    def __repr__(self):
+        return f"device {self._a!r}"
+
+    __hash__ = None
 
 
-class DeviceModule:
-    """The stand-in's array module: ``asarray`` copies a host array to the 'device'."""
+class _Flags:
+    """CuPy's flags: no ``writeable``."""
+
+    def __init__(self, flags):
+        self.c_contiguous, self.f_contiguous, self.owndata = flags.c_contiguous, flags.f_contiguous, flags.owndata
+
+
+def _unwrap(x):
+    """The numpy array behind a device array; a numpy array (not 0-d) here is an error, as in CuPy."""
+    if isinstance(x, ndarray):
+        return x._a
+    if type(x) is np.ndarray and x.ndim:
+        raise TypeError(f"Unsupported type {type(x)} beside a device array (shape {x.shape})")
+    if isinstance(x, dict):
+        return {k: _unwrap(v) for k, v in x.items()}
+    if type(x) in (list, tuple):
+        return type(x)(_unwrap(v) for v in x)
+    return x
+
+
+def _wrap(x):
+    """numpy results as device arrays (a numpy scalar as a 0-d one, as CuPy's reductions give)."""
+    if type(x) is np.ndarray:
+        return ndarray(x)
+    if isinstance(x, np.generic) and not isinstance(x, (np.str_, np.bytes_)):
+        return ndarray(np.asarray(x))
+    if type(x) in (list, tuple):
+        return type(x)(_wrap(v) for v in x)
+    return x
+
+
+def _on_device(fn):
+    """``fn`` (a numpy function, ufunc method or array method) on device arrays."""
+    return lambda *args, **kw: _wrap(fn(*_unwrap(args), **_unwrap(kw)))
+
+
+def _binary(name: str):
+    def op(self, other):
+        out = getattr(self._a, name)(_unwrap(other))
+        return out if out is NotImplemented else _wrap(out)
+    return op
+
+
+def _inplace(name: str):
+    def op(self, other):
+        getattr(self._a, name)(_unwrap(other))
+        return self
+    return op
+
+
+for _op in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "matmul", "and", "or", "xor"):
+    setattr(ndarray, f"__{_op}__", _binary(f"__{_op}__"))
+    setattr(ndarray, f"__r{_op}__", _binary(f"__r{_op}__"))
+    setattr(ndarray, f"__i{_op}__", _inplace(f"__i{_op}__"))
+for _op in ("lt", "le", "gt", "ge", "eq", "ne"):
+    setattr(ndarray, f"__{_op}__", _binary(f"__{_op}__"))
+
+
+class _Ufunc:
+    """A numpy ufunc on device arrays, its methods (``add.at``) too."""
+
+    def __init__(self, ufunc):
+        self._ufunc = ufunc
+
+    def __call__(self, *args, **kw):
+        return _on_device(self._ufunc)(*args, **kw)
+
+    def __getattr__(self, name):
+        attr = getattr(self._ufunc, name)
+        return _on_device(attr) if callable(attr) else attr
+
+
+class StandInCupy(types.ModuleType):
+    """The stand-in's module, named ``cupy``: numpy's functions on device arrays (refusing
+    numpy arrays beside them), ``asarray`` copying a host array to the 'device' (counted in
+    ``copies_in``), one device (``cuda.runtime.getDeviceCount()`` is 1), no memory pool."""
+
+    ndarray = ndarray
 
     def __init__(self):
+        super().__init__("cupy")
         self.copies_in = 0
+        self.cuda = types.SimpleNamespace(runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+                                          Device=lambda i=0: types.SimpleNamespace(use=lambda: None))
 
-    def asarray(self, a):
-        if isinstance(a, DeviceArray):
-            return a
-        assert type(a) is np.ndarray, f"copied to the device from a {type(a).__name__}"
+    def asarray(self, a, dtype=None):
+        if isinstance(a, ndarray):
+            return a if dtype is None or np.dtype(dtype) == a.dtype else ndarray(a._a.astype(dtype))
         self.copies_in += 1
-        return DeviceArray(a)
+        return ndarray(np.array(a, dtype=dtype))
+
+    def ascontiguousarray(self, a, dtype=None):
+        return ndarray(np.ascontiguousarray(_unwrap(a), dtype=dtype))
+
+    def asnumpy(self, a):
+        return a.get() if isinstance(a, ndarray) else np.asarray(a)
+
+    def get_default_memory_pool(self):
+        return types.SimpleNamespace(used_bytes=lambda: 0, total_bytes=lambda: 0)
+
+    def __getattr__(self, name):
+        attr = getattr(np, name)
+        if isinstance(attr, np.ufunc):
+            return _Ufunc(attr)
+        return attr if isinstance(attr, type) or not callable(attr) else _on_device(attr)
 
 
-def register(modules: dict) -> DeviceModule:
-    """Make DeviceArray a device array type of ``autopar.backend`` (modules: ARRAY_MODULES)."""
-    module = DeviceModule()
-    modules[DeviceArray] = lambda: module
-    return module
+def DeviceArray(host) -> ndarray:  # noqa: N802 - reads as the type it makes
+    """A stand-in device array holding a copy of ``host``."""
+    return ndarray(np.array(host))
 
 
 @pytest.fixture
 def device(monkeypatch):
-    module = DeviceModule()
-    monkeypatch.setitem(ARRAY_MODULES, DeviceArray, lambda: module)
-    DeviceArray.copies_out = 0
+    """The stand-in as ``cupy`` (autopar finds a device array's module by that name)."""
+    module = StandInCupy()
+    monkeypatch.setitem(sys.modules, "cupy", module)
+    monkeypatch.setattr(ndarray, "copies_out", 0)
     return module
 
 
@@ -139,11 +285,11 @@ def test_a_device_array_is_copied_out_reduced_on_numpy_and_copied_back(device, n
     call, want = CALLS[name]
     comm = Recording()
     out = call(comm, DeviceArray(X))
-    assert type(out) is DeviceArray, f"{name}: the result left the device ({type(out).__name__})"
+    assert type(out) is ndarray, f"{name}: the result left the device ({type(out).__name__})"
     assert out.dtype == X.dtype and out.shape == want.shape
     np.testing.assert_array_equal(out.get(), want)
     assert [type(a) for a in comm.handed] == [np.ndarray], f"{name}: MPI was handed {comm.handed}"
-    assert (DeviceArray.copies_out, device.copies_in) == (2, 1)      # one out, one back (+ the .get() above)
+    assert (ndarray.copies_out, device.copies_in) == (2, 1)      # one out, one back (+ the .get() above)
     assert comm.stats.snapshot()["bytes"] == {name.split()[0].lstrip("i"): X.nbytes}
 
 
@@ -155,7 +301,7 @@ def test_a_numpy_array_takes_the_unstaged_path(device, name):
     assert type(out) is np.ndarray
     np.testing.assert_array_equal(out, want)
     assert comm.handed[0] is X, f"{name}: a numpy input was copied on its way to MPI"
-    assert (DeviceArray.copies_out, device.copies_in) == (0, 0)
+    assert (ndarray.copies_out, device.copies_in) == (0, 0)
 
 
 def test_sends_stage_out_and_come_back_with_nothing(device):
@@ -164,7 +310,7 @@ def test_sends_stage_out_and_come_back_with_nothing(device):
     assert comm.isend(DeviceArray(X[0]), dest=1, tag=3).wait() is None
     assert [type(a) for a in comm.handed] == [np.ndarray, np.ndarray]
     np.testing.assert_array_equal(comm.handed[1], X[0])
-    assert (DeviceArray.copies_out, device.copies_in) == (2, 0)
+    assert (ndarray.copies_out, device.copies_in) == (2, 0)
 
 
 def test_without_staging_a_device_array_is_refused_where_numpy_reads_it(device):
@@ -192,14 +338,14 @@ MPI_SCRIPT = """
     import sys
     import numpy as np
     sys.path.insert(0, {tests!r})
-    from autopar.backend import ARRAY_MODULES
     from autopar.comm import install_abort_handler, world
-    from test_comm_device_staging import DeviceArray, register
+    from test_comm_device_staging import DeviceArray, StandInCupy, ndarray
 
     install_abort_handler()
     comm = world()
     assert comm.size == 2, comm
-    device, r = register(ARRAY_MODULES), comm.rank
+    device = sys.modules["cupy"] = StandInCupy()
+    r = comm.rank
     x = np.arange(12, dtype=np.float32).reshape(3, 4) + 100 * r          # (3, 4), rank-valued
     both = [np.arange(12, dtype=np.float32).reshape(3, 4) + 100 * k for k in (0, 1)]
     got = {{
@@ -229,7 +375,7 @@ MPI_SCRIPT = """
         want["irecv"], want["recv"] = both[0], both[0] * 2
     for name, out in got.items():
         device_kind = not name.endswith("recv")       # a receive has no input to follow: numpy
-        assert type(out) is (DeviceArray if device_kind else np.ndarray), (name, type(out))
+        assert type(out) is (ndarray if device_kind else np.ndarray), (name, type(out))
         host = out.get() if device_kind else out
         assert host.dtype == np.float32, (name, host.dtype)
         np.testing.assert_array_equal(host, want[name], err_msg=name)

@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ..backend import array_module
 from ..ir.layout import Layout
 from ..ir.mesh import common_refinement
 
@@ -197,12 +198,12 @@ def run(redist: Redistribution, x: np.ndarray, rank: int, comm_for: Callable, wo
 
 def _run_general(redist: Redistribution, x: np.ndarray, rank: int, world) -> np.ndarray:
     src, dst, shape = redist.src, redist.dst, redist.shape
-    full = np.zeros(shape, dtype=x.dtype)
+    full = array_module(x).zeros(shape, dtype=x.dtype)      # where x lives (host or device)
     coord = src.mesh.coord(rank)
     if not any(coord[a] for a in src.replicated_axes()):  # one contribution per block (+ partials)
         full[src.slices(rank, shape)] = x
     full = world.allreduce(full)
-    out = np.ascontiguousarray(full[dst.slices(rank, shape)])
+    out = array_module(full).ascontiguousarray(full[dst.slices(rank, shape)])
     if dst.partial and not dst.is_partial_root(rank):
         out[...] = 0
     return out

@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ..backend import array_module, on_host
 from ..comm import redistribution as rd
 from ..comm.fusion import Fusible, FusionRule, plan_buckets
 from ..ir.graph import BACKWARD, Graph, Node, Value
@@ -97,11 +98,12 @@ def start_bucket(comm, arrays: Sequence[np.ndarray], kind: str = rd.ALLREDUCE, d
     """Copy ``arrays`` into one new buffer (the bucket owns it until the wait) and start
     its collective on ``comm``: an all-reduce of them flattened, or a reduce-scatter of
     (n, m) rows, row i holding block i (along ``dims``) of each array, flattened."""
+    xp = array_module(*arrays)            # the buffer is made where the gradients live
     if kind == rd.ALLREDUCE:
-        flat = np.concatenate([a.reshape(-1) for a in arrays])
+        flat = xp.concatenate([a.reshape(-1) for a in arrays])
         return InFlight(comm.iallreduce(flat), flat.nbytes)
-    blocks = [np.split(a, comm.size, axis=d) for a, d in zip(arrays, dims)]
-    rows = np.stack([np.concatenate([b[i].reshape(-1) for b in blocks]) for i in range(comm.size)])  # (n, m)
+    blocks = [xp.split(a, comm.size, axis=d) for a, d in zip(arrays, dims)]
+    rows = xp.stack([xp.concatenate([b[i].reshape(-1) for b in blocks]) for i in range(comm.size)])  # (n, m)
     return InFlight(comm.ireduce_scatter(rows, axis=0), rows.nbytes)
 
 
@@ -109,13 +111,27 @@ def finish_bucket(flight: InFlight, shapes: Sequence[tuple[int, ...]]) -> list[n
     """Wait for a bucket and cut its result into arrays of ``shapes``: windows on the
     result's memory, no copy. Each is its own numpy buffer (``np.frombuffer``), so nothing
     downstream takes two gradients for one array (a program copies outputs that share a
-    base array, for an optimizer updating them in place); they never overlap."""
-    flat = np.ascontiguousarray(flight.request.wait()).reshape(-1)
+    base array, for an optimizer updating them in place); they never overlap. A device
+    result is cut into views of its buffer (the program copies all but one of them)."""
+    result = flight.request.wait()
+    if not on_host(result):
+        return _windows(result.reshape(-1), shapes)
+    flat = np.ascontiguousarray(result).reshape(-1)
     memory = memoryview(flat.view(np.uint8))
     out, at = [], 0
     for shape in shapes:
         size = int(np.prod(shape)) * flat.itemsize
         out.append(np.frombuffer(memory[at:at + size], flat.dtype).reshape(shape))
+        at += size
+    return out
+
+
+def _windows(flat, shapes: Sequence[tuple[int, ...]]) -> list:
+    """Consecutive pieces of the 1-d ``flat`` shaped as ``shapes`` (views)."""
+    out, at = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape))
+        out.append(flat[at:at + size].reshape(shape))
         at += size
     return out
 

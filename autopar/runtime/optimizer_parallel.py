@@ -36,6 +36,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..backend import Backend, array_module
 from ..comm.fusion import Fusible, FusionRule, plan_buckets
 from ..errors import format_error
 from ..ir.layout import Layout
@@ -128,6 +129,10 @@ class SliceShard(ParamShard):
     def data(self) -> np.ndarray:
         return self.base.data[self.local]
 
+    def device_data(self, backend: Backend):
+        """The slice on ``backend``'s device: a view into its shard, placed there once."""
+        return self.base.device_data(backend)[self.local]
+
     def __repr__(self) -> str:
         return f"SliceShard({self.name!r}, {self.layout}, rank {self.rank}, shape {self.shape})"
 
@@ -172,11 +177,12 @@ class WeightGather:
 
     def _gather_bucket(self, bucket: list[int]) -> None:
         slices, comm = [self.slices[k] for k in bucket], self.comms[bucket[0]]
-        flat = np.concatenate([s.data.reshape(-1) for s in slices])
+        xp = array_module(slices[0].data)                 # where the weights live
+        flat = xp.concatenate([s.data.reshape(-1) for s in slices])
         rows = comm.allgather(flat, axis=0).reshape(comm.size, flat.size)     # (n, m): row j is member j's slices
         at = 0
         for s in slices:
             size = s.data.size
             parts = [row[at:at + size].reshape(s.data.shape) for row in rows]
-            s.base.data[...] = np.concatenate(parts, axis=s.dim)
+            s.base.data[...] = xp.concatenate(parts, axis=s.dim)
             at += size

@@ -177,13 +177,13 @@ class Program:
         return slots
 
     def _on_device(self, p):
-        """A parameter's value on the device, moved there once (``Parameter.device_data``)."""
+        """A parameter's value on the device, moved there once (``Parameter.device_data``, or
+        a rank's shard's ``ParamShard.device_data`` under a parallel plan)."""
         place = getattr(p, "device_data", None)
         if place is None:
             raise ValueError(format_error(
-                "device_target", f"parameter {p.name!r}", "a Parameter of a serial program on 'GPU'",
-                f"a {type(p).__name__} (this rank's shard under a parallel plan)",
-                "run parallel plans with device_target='CPU' for now (GPU ranks: issue 14, item 3)"))
+                "device_target", f"parameter {p.name!r}", "a Parameter or a parameter shard with device_data",
+                f"a {type(p).__name__}", "run this program with device_target='CPU'"))
         return place(self.backend)
 
     def run(self, inputs: Sequence[np.ndarray], step: int = 0) -> list[np.ndarray]:

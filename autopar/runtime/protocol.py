@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backend import array_module
 from ..errors import format_error
 from ..ir.graph import Graph
 
@@ -118,9 +119,11 @@ def loss_targets(graph: Graph, params: Sequence, where: str) -> LossTargets:
 
 def with_zeros(used_grads: Iterable[np.ndarray], targets: LossTargets, shards: Sequence) -> list[np.ndarray]:
     """One gradient per shard: the next of ``used_grads`` for a parameter the loss uses,
-    zeros of the shard's shape for one it does not (fresh: the caller may scale in place)."""
+    zeros of the shard's shape for one it does not (fresh: the caller may scale in place), where
+    the shard's value lives (host or device: the optimizer updates the two together)."""
     it = iter(used_grads)
-    return [next(it) if v is not None else np.zeros(s.shape, s.dtype) for v, s in zip(targets.wrt, shards)]
+    return [next(it) if v is not None else array_module(s.data).zeros(s.shape, s.dtype)
+            for v, s in zip(targets.wrt, shards)]
 
 
 def gradient_factors(mode: str, gradients_mean: bool | None, layouts: Sequence, world_size: int) -> list[float]:

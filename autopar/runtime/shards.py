@@ -7,6 +7,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from ..backend import Backend, array_module, to_device, to_host
 from ..ir.layout import Layout
 from ..ir.spec import TensorSpec
 from ..ops.norm import sum_of_squares
@@ -35,6 +36,14 @@ class ParamShard:
             self._data = np.array(src, dtype=p.dtype)
         return self._data
 
+    def device_data(self, backend: Backend):
+        """The shard on ``backend``'s device, moved there on the first call and kept there
+        (the optimizer updates it on the device), as ``Parameter.device_data``."""
+        data = self.data
+        if array_module(data) is not backend.xp:
+            self._data = data = to_device(data, backend)
+        return data
+
     def gather(self, world) -> np.ndarray:
         """The full logical value on every rank (collective; for users and tests)."""
         return gather(self.data, self.layout, self.param.shape, world)
@@ -44,12 +53,13 @@ class ParamShard:
 
 
 def gather(local: np.ndarray, layout: Layout, shape: Sequence[int], world) -> np.ndarray:
-    """A sharded value made whole on every rank: one rank per block contributes its block
-    (partial ranks all contribute), one all-reduce over the world. Not for the hot path."""
+    """A sharded value made whole on every rank, on the host (a device ``local`` is copied
+    there): one rank per block contributes its block (partial ranks all contribute), one
+    all-reduce over the world. Not for the hot path."""
     full = np.zeros(tuple(shape), dtype=local.dtype)
     coord = layout.mesh.coord(world.rank)
     if not any(coord[a] for a in layout.replicated_axes()):
-        full[layout.slices(world.rank, shape)] = local
+        full[layout.slices(world.rank, shape)] = to_host(local)
     return world.allreduce(full) if world.size > 1 else full
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...backend import array_module
 from ...errors import format_error
 from ...ir.random import keep_mask
 from ...ops.dropout import Dropout
@@ -85,7 +86,8 @@ class MicroBatchDropout(Dropout):
         p = self.attrs["keep_prob"]
         if p == 1.0:
             return a
-        index = flat_index(self.attrs["coords"], self.attrs["whole_shape"])
-        out = np.multiply(a, keep_mask(self._key(key), index, p))
+        xp = array_module(a)
+        index = xp.asarray(flat_index(self.attrs["coords"], self.attrs["whole_shape"]))   # on a's device
+        out = xp.multiply(a, keep_mask(self._key(key), index, p))
         out *= out.dtype.type(1.0 / p)
         return out

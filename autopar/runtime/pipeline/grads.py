@@ -43,6 +43,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ...backend import array_module, to_host
 from ...comm.fusion import DEFAULT_COMM_FUSION, CommFusion, Fusible, plan_buckets
 from ...ir.graph import Graph
 from ...strategy.optimizer_shard import DEFAULT_OPTIMIZER_SHARD, OptimizerShard
@@ -116,8 +117,8 @@ class StageGradients:
         for i, comm in self.shared:
             j = grad_index[i]
             stage_grads[j] = comm.allreduce(stage_grads[j])
-        return [stage_grads[grad_index[i]] if i in grad_index else np.zeros(s.shape, s.dtype)
-                for i, s in enumerate(self.shards)]
+        return [stage_grads[grad_index[i]] if i in grad_index else array_module(s.data).zeros(s.shape, s.dtype)
+                for i, s in enumerate(self.shards)]       # zeros where the shard lives (host or device)
 
     def _buckets(self, grads: Sequence[np.ndarray]) -> list[list[int]]:
         """The deferred reductions' buckets, as parameter indices (none without rules);
@@ -161,7 +162,7 @@ class StageGradients:
         for i, (g, s) in enumerate(zip(grads, self.param_shards)):
             full = np.zeros(s.param.shape, dtype=s.dtype)
             if self._contributes(i):
-                full[self.layouts[i].slices(s.rank, s.param.shape)] = g
+                full[self.layouts[i].slices(s.rank, s.param.shape)] = to_host(g)     # gathered on the host
             out.append(self.world.allreduce(full) if self.world.size > 1 else full)
         return out
 

@@ -43,6 +43,7 @@ from itertools import chain
 
 import numpy as np
 
+from ...backend import array_module
 from .schedule import Schedule, chunk_of
 
 ACTIVATION, GRADIENT = "activation", "gradient"
@@ -212,7 +213,8 @@ def _backward(chunk: ChunkStep, k: int, step: int, memory, inbox: dict, outbox: 
     else:   # the gradients it sends back are activations' too
         outs = memory.run(prog, ins, step, _held(saved, inbox, outbox, ins), grads, prog.outputs[n:])
     for j, slot in enumerate(chunk.grad_slots):
-        grads[slot] = outs[j].copy() if grads[slot] is None else np.add(grads[slot], outs[j], out=grads[slot])
+        g = outs[j]          # accumulated where it lives (host or device)
+        grads[slot] = g.copy() if grads[slot] is None else array_module(g).add(grads[slot], g, out=grads[slot])
     for v, g in zip(chunk.grads_back, outs[n:]):
         outbox[(GRADIENT, v, c, k)] = [g, 1, []]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...backend import to_host
 from ...ir.layout import Layout
 from ..shards import ParamShard
 
@@ -34,7 +35,7 @@ class StageShard(ParamShard):
     def gather(self, world) -> np.ndarray:
         full = np.zeros(self.param.shape, dtype=self.param.dtype)
         if self.contributes():
-            full[self.region] = self.data
+            full[self.region] = to_host(self.data)      # gathered on the host
         return world.allreduce(full) if world.size > 1 else full
 
 
