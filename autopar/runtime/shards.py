@@ -33,7 +33,7 @@ class ParamShard:
         if self._data is None:
             p = self.param
             src = p._data[self.region] if p._data is not None else p.init_data(self.region)
-            self._data = np.array(src, dtype=p.dtype)
+            self._data = np.array(to_host(src), dtype=p.dtype)      # cut on the host; placed by device_data
         return self._data
 
     def device_data(self, backend: Backend):
@@ -83,7 +83,7 @@ def global_norm(grads_and_layouts, world) -> float:
     for g, lay in grads_and_layouts:
         copies = math.prod(lay.mesh.shape[a] for a in lay.replicated_axes())
         flat = g.reshape(-1).astype(np.float64, copy=False)
-        total += float(np.dot(flat, flat)) / copies
+        total += float(array_module(flat).dot(flat, flat)) / copies     # on the device g lives on
     if world.size > 1:
         total = float(world.allreduce(np.array(total)))
     return math.sqrt(total)
