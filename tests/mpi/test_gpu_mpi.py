@@ -123,6 +123,22 @@ def test_dp2_on_one_gpu_equals_serial(serial, name):
         assert on_device(net)
 
 
+@pytest.mark.parametrize("device", [DEVICE])
+def test_weights_placed_by_a_serial_gpu_run_then_sharded_equal_serial(serial, device):
+    """A network whose weights a serial program already moved to the GPU: its dp2 shards are
+    cut from the device values (through the host), then placed on the GPU again."""
+    loss, grads, _ = serial
+    net = PanguAlphaWithLoss(CONFIG).set_train(True)
+    autopar.value_and_grad(net)(IDS)                                  # serial, on the GPU
+    assert all(isinstance(p._data, cupy.ndarray) for p in net.trainable_params())
+    with bound_world(WORLD), parallel_context(parallel_mode="data_parallel", device_num=2):
+        got_loss, got_grads = autopar.value_and_grad(net)(np.split(IDS, 2)[WORLD.rank])
+        assert on_device(net)
+    np.testing.assert_allclose(got_loss, loss, rtol=RTOL)
+    for name, g in grads.items():
+        np.testing.assert_allclose(got_grads[name], g, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
 @pytest.mark.parametrize("vocab_emb_dp", [True, False], ids=lambda v: f"{DEVICE}-vocab_emb_dp={v}")
 def test_mp2_semi_auto_on_one_gpu_equals_serial(serial, vocab_emb_dp):
     """The model's own shard strategies over 2 ranks; vocab_emb_dp=False splits the word
