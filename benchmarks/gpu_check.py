@@ -334,6 +334,40 @@ def timing(report: Report, batch: int, steps: int, with_torch: bool) -> None:
         report.add("INFO", "PyTorch timing failed", f"{type(err).__name__}: {str(err)[:200]}")
 
 
+def op_profile(batch: int, dtype: str = "float32") -> None:
+    """Where the GPU step's time goes: one forward + backward of the 350M preset run
+    instruction by instruction (``autopar.runtime.op_timer``, the device synchronised
+    around each), seconds and instruction count per op kind, slowest first."""
+    from autopar.runtime import op_timer
+    from autopar.runtime.compiled import GradProgram
+    config = config_of("350M", dtype)
+    autopar.set_context(device_target="GPU")
+    try:
+        net = build(config, fast_weights(build(config, None)))
+        net.set_train(True)
+        ids = ids_for(config, batch)
+        prog = GradProgram(net, (ids,), {}, net.trainable_params())
+        prog.program.run([ids])
+        sync()
+        t0 = time.perf_counter()
+        prog.program.run([ids])
+        sync()
+        whole = time.perf_counter() - t0
+
+        def clock() -> float:
+            sync()
+            return time.perf_counter()
+        seconds, counts = op_timer.time_ops(prog.program, [ids], 1, clock)
+    finally:
+        autopar.set_context(device_target="CPU")
+    total = sum(seconds.values())
+    print(f"350M {dtype}, batch {batch}: forward + backward {whole * 1e3:.0f} ms unsynchronised, "
+          f"{total * 1e3:.0f} ms op by op ({sum(counts.values())} instructions)")
+    for kind, sec in sorted(seconds.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:24s} {sec * 1e3:9.1f} ms  {sec / total:6.1%}  {counts.get(kind, 0):6d} instr  "
+              f"{sec / max(counts.get(kind, 1), 1) * 1e6:8.1f} us each")
+
+
 # ---- main -----------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -342,6 +376,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="batch of the timed 350M step")
     ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
     ap.add_argument("--no-timing", dest="timing", action="store_false")
+    ap.add_argument("--ops", action="store_true", help="also print where the 350M GPU step's time goes, per op kind")
     ap.add_argument("--no-torch", dest="torch", action="store_false")
     args = ap.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -372,6 +407,12 @@ def main(argv=None) -> int:
     if args.timing:
         print("\n-- timing")
         timing(report, args.batch, args.steps, args.torch)
+    if args.ops and gpu_status() is None:
+        print("\n-- where the time goes")
+        try:
+            op_profile(args.batch)
+        except Exception:
+            traceback.print_exc()
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
     return report.summary()
 
