@@ -21,6 +21,8 @@ Devices: the update computes with the array module of the parameter's data (nump
 CuPy when a GPU program placed the parameter on the device: one pass per formula over the
 whole array there, no blocks), and the states live beside the parameter. Gradients are
 moved to the parameter's side if they are not there; ``state_dict`` returns host arrays.
+AdamWeightDecay on CuPy arrays of float32/float64 runs one fused kernel per parameter
+(``backend.kernels.adam_weight_decay``: the same operations in the same order, no FMA).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..backend import array_module, cache_blocked, on_host, to_host
+from ..backend import array_module, cache_blocked, kernels, on_host, to_host
 from ..errors import format_error
 from .parameter import Parameter
 
@@ -351,9 +353,13 @@ class AdamWeightDecay(_AdamBase):
                          decay_filter or default_decay_filter)
 
     def _update(self, p, g, state, lr, weight_decay):
+        m, v = state["moment1"], state["moment2"]
+        if kernels.fusable(p, g, m, v, dtypes=kernels.EXACT_DTYPES):   # on a GPU: one fused pass
+            kernels.adam_weight_decay(p, g, m, v, lr=lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+                                      weight_decay=weight_decay)
+            return
         xp = array_module(p)
         s = self._scratch_like(p)
-        m, v = state["moment1"], state["moment2"]
         self._moments(g, m, v, s)
         xp.sqrt(v, out=s)
         s += self.eps

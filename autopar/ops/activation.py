@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from ..backend import array_module, cache_blocked, device_erf
+from ..backend import array_module, cache_blocked, device_erf, kernels
 from .elementwise import Unary, same_buffer_inputs
 from .registry import register
 
@@ -122,6 +122,8 @@ class GeLU(Unary):
         super().__init__(approximate=approximate)
 
     def fn(self, x):
+        if self._fused(x):
+            return kernels.gelu(x, self.attrs["approximate"])
         if self.attrs["approximate"]:
             return blocked(_gelu_tanh, array_module(x).empty_like(x), x)
         return 0.5 * x * (1.0 + erf(x * _INV_SQRT_2))
@@ -130,14 +132,24 @@ class GeLU(Unary):
         return same_buffer_inputs(specs, out) if self.attrs["approximate"] else ()
 
     def forward_inplace(self, j, x):
+        if self._fused(x):
+            return kernels.gelu(x, True, out=x)
         return blocked(_gelu_tanh, x, x)  # each block reads x before writing it
 
     def dfn(self, x, y, dy):
+        if self._fused(x, dy):
+            return kernels.gelu_grad(x, dy, self.attrs["approximate"])
         if self.attrs["approximate"]:
             return blocked(_gelu_tanh_grad, array_module(x).empty_like(x), x, dy, scratch=2)
         cdf = 0.5 * (1.0 + erf(x * _INV_SQRT_2))
         pdf = _INV_SQRT_2PI * array_module(x).exp(-0.5 * x * x)
         return dy * (cdf + x * pdf)
+
+    def _fused(self, *arrays) -> bool:
+        """Whether the fused GPU kernels (``backend.kernels``) compute: CuPy arrays of one
+        dtype, float16 too for the tanh form (which computes halves in float32)."""
+        dtypes = kernels.FUSED_DTYPES if self.attrs["approximate"] else kernels.EXACT_DTYPES
+        return kernels.fusable(*arrays, dtypes=dtypes)
 
     def flops(self, specs, out):
         return 14 * out.size

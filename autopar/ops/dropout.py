@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module, cache_blocked
+from ..backend import array_module, cache_blocked, kernels
 from ..errors import OpArgError
 from ..ir.random import derive_key, keep_mask, region_indices
 from .elementwise import elementwise_indexing
@@ -52,12 +52,15 @@ class Dropout(Primitive):
 
     def _apply(self, a, key: int):
         """a * mask / keep_prob, the mask made in flat chunks (flat index = region_indices;
-        one chunk on a GPU), with the array module of ``a``."""
+        one chunk on a GPU), with the array module of ``a``; a CuPy array of a float dtype
+        takes the fused kernel (``backend.kernels.dropout``: the same bits)."""
         p = self.attrs["keep_prob"]
         if p == 1.0:
             return a
-        xp = array_module(a)
         key = self._key(key)
+        if kernels.fusable(a):   # a CuPy array: one fused pass, the index computed in the kernel
+            return kernels.dropout(a, key, p, self.attrs.get("global_shape"), self.attrs.get("region"))
+        xp = array_module(a)
         flat = a.reshape(-1)
         out = xp.empty_like(flat)
         scale = out.dtype.type(1.0 / p)

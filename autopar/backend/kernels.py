@@ -1,0 +1,327 @@
+"""Fused GPU kernels for the hottest elementwise paths: one memory pass where CuPy's ufuncs
+take one pass per operator.
+
+    dropout(x, key, keep_prob, global_shape, region)   Dropout's forward and VJP
+    gelu(x, approximate, out=None) / gelu_grad(x, dy, approximate)   GeLU and its VJP
+    adam_weight_decay(p, g, m, v, ...)                  AdamWeightDecay's update, in place
+
+An op calls them behind one check, ``fusable(*arrays)``: only real CuPy arrays (of one
+float dtype) take a fused kernel, so the numpy path, and the test suite's stand-in device
+arrays, run exactly the code they ran before. Each kernel is a ``cupy.ElementwiseKernel``
+built on first use (``functools.cache``; CuPy compiles it on the first call and caches the
+binary on disk); importing this module imports nothing of CuPy.
+
+Same results as the CPU: every kernel performs the CPU formula's float operations in the
+CPU's order and precision, and is compiled with ``--fmad=false`` so the CUDA compiler
+does not contract a multiply and an add into one FMA (a different rounding). Sums, products,
+quotients and square roots are then correctly rounded on both sides: dropout and the AdamW
+update give the CPU's bits; GeLU differs only by the device's tanh/erf/exp (a few ulps).
+Dropout's keep bit is :func:`autopar.ir.random.keep_mask`'s hash written in CUDA C (the
+constants below; ``tests/test_gpu_kernels_cpu.py`` checks they are ``ir/random.py``'s).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cupy_import import import_cupy
+
+FUSED_DTYPES = ("float16", "float32", "float64")
+EXACT_DTYPES = ("float32", "float64")   # kernels with no half variant (erf GeLU, AdamW)
+NVRTC_OPTIONS = ("--fmad=false",)        # no multiply-add contraction: the CPU's rounding
+
+LOWBIAS32_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)   # ir/random.py's _H1, _H2
+LOWBIAS32 = """
+__device__ __forceinline__ unsigned int autopar_lowbias32(unsigned int x) {
+    x ^= x >> 16;
+    x *= %#010xu;
+    x ^= x >> 15;
+    x *= %#010xu;
+    x ^= x >> 16;
+    return x;
+}
+""" % LOWBIAS32_MULTIPLIERS
+
+
+def fusable(*arrays, dtypes: tuple[str, ...] = FUSED_DTYPES) -> bool:
+    """Whether a fused kernel serves these arrays: all CuPy arrays (recognised by type, as
+    ``arrays.array_module`` does, without importing CuPy) of one dtype among ``dtypes``."""
+    for a in arrays:
+        t = type(a)
+        if t.__module__.split(".", 1)[0] != "cupy" or t.__name__ != "ndarray":
+            return False
+    return arrays[0].dtype.name in dtypes and all(a.dtype == arrays[0].dtype for a in arrays)
+
+
+def _wide(dtype) -> np.dtype:
+    """The dtype a kernel computes in: float32 for float16 (as the CPU's ``blocked``), else ``dtype``."""
+    return np.promote_types(dtype, np.float32)
+
+
+_C_TYPES = {"float32": "float", "float64": "double"}
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """A ``cupy.ElementwiseKernel``'s source, as plain strings: built and tested without
+    CuPy (``tests/test_gpu_kernels_cpu.py`` runs the bodies as numpy); its arguments are
+    passed in ``in_params`` order, then the outputs."""
+
+    name: str
+    in_params: str
+    out_params: str
+    body: str
+    preamble: str = ""
+
+
+@functools.cache
+def _compiled(spec: KernelSpec):
+    """The kernel of ``spec`` (CuPy compiles it on its first call, per dtype)."""
+    cupy = import_cupy("autopar.backend.kernels")
+    return cupy.ElementwiseKernel(spec.in_params, spec.out_params, spec.body, name=spec.name,
+                                  preamble=spec.preamble, options=NVRTC_OPTIONS)
+
+
+# ---- dropout ---------------------------------------------------------------------------------
+
+def keep_threshold(keep_prob: float) -> int:
+    """The uint32 bound of :func:`autopar.ir.random.keep_mask`: keep iff hash < bound."""
+    return min(int(keep_prob * 2.0 ** 32), 2 ** 32 - 1)
+
+
+def region_walk(shape: tuple[int, ...], region=None) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """(base, ((extent, stride), ...)): the flat row-major index in ``shape`` of the element
+    at local position (j0, j1, ...) of ``region`` (a tuple of slices; None: all of it) is
+    ``base + sum(j_d * stride_d)``. Dims of extent 1 fold into ``base``; a dim contiguous
+    with the next one in ``shape`` merges with it, so a full array is one dim of stride 1.
+
+        region_walk((4, 6), (slice(1, 3), slice(2, 6, 2)))   # (8, ((2, 6), (2, 2)))
+    """
+    region = tuple(region) if region is not None else (slice(None),) * len(shape)
+    base, stride, dims = 0, 1, []
+    for d in reversed(range(len(shape))):
+        start, stop, step = region[d].indices(shape[d])
+        base += start * stride
+        dims.append((len(range(start, stop, step)), step * stride))
+        stride *= shape[d]
+    merged: list[tuple[int, int]] = []
+    for extent, step in reversed(dims):           # outermost first
+        if extent == 1:
+            continue
+        if merged and merged[-1][1] == extent * step:
+            merged[-1] = (merged[-1][0] * extent, step)
+        else:
+            merged.append((extent, step))
+    return base, tuple(merged)
+
+
+def walk_source(ndim: int) -> str:
+    """CUDA C: ``idx``, the global flat index of local element ``i`` (see :func:`region_walk`)."""
+    lines = ["unsigned long long r = i;", "long long idx = (long long)base;"]
+    for d in reversed(range(1, ndim)):
+        lines.append(f"idx += (long long)(r % (unsigned long long)n{d}) * g{d}; r /= (unsigned long long)n{d};")
+    if ndim:
+        lines.append("idx += (long long)r * g0;")
+    return "\n".join(lines)
+
+
+# keep_mask's two rounds: the index's low half and the key's low half, then the key's high
+# half and the index's high half (zero below 2**32, where keep_mask skips it: the same bits)
+KEEP_HASH = """
+unsigned long long u = (unsigned long long)idx;
+unsigned int h = autopar_lowbias32((unsigned int)u ^ key_lo);
+h ^= key_hi;
+h ^= (unsigned int)(u >> 32);
+h = autopar_lowbias32(h);
+"""
+
+
+@functools.cache
+def dropout_spec(ndim: int, wide: str) -> KernelSpec:
+    """y = x * keep * scale over a region walked in ``ndim`` dims, computed in ``wide``."""
+    walk = "".join(f", int64 n{d}" for d in range(1, ndim)) + "".join(f", int64 g{d}" for d in range(ndim))
+    c = _C_TYPES[wide]
+    body = walk_source(ndim) + KEEP_HASH + f"""{c} keep = h < threshold ? ({c})1 : ({c})0;
+y = (T)((({c})x * keep) * scale);
+"""
+    return KernelSpec(f"autopar_dropout_{ndim}d",
+                      f"T x, uint32 key_lo, uint32 key_hi, uint32 threshold, {wide} scale, uint64 base{walk}",
+                      "T y", body, LOWBIAS32)
+
+
+def dropout_args(key: int, keep_prob: float, dtype, base: int, dims) -> list:
+    """:func:`dropout_spec`'s scalar arguments, in order (the scale rounded to ``dtype``
+    first, as the CPU's ``out.dtype.type(1.0 / p)``)."""
+    args = [np.uint32(key & 0xFFFFFFFF), np.uint32((key >> 32) & 0xFFFFFFFF), np.uint32(keep_threshold(keep_prob)),
+            _wide(dtype).type(dtype.type(1.0 / keep_prob)), np.uint64(base)]
+    return args + [np.int64(n) for n, _ in dims[1:]] + [np.int64(g) for _, g in dims]
+
+
+def dropout(x, key: int, keep_prob: float, global_shape=None, region=None):
+    """``x * keep_mask(key, index, keep_prob) * (1 / keep_prob)`` in one pass, ``index`` the
+    element's flat index in ``global_shape`` (``x`` is its ``region``; None: ``x`` is all of
+    it), computed in the kernel: no index array, no host sync. Same bits as the CPU's
+    ``Dropout._apply``: (x * keep) * scale, scale rounded to x's dtype."""
+    flat = x.reshape(-1)         # (copies a strided x, as the CPU's reshape does)
+    base, dims = region_walk(tuple(x.shape if region is None else global_shape), region)
+    assert math.prod(n for n, _ in dims) == flat.size or flat.size == 0, (dims, x.shape)
+    out = import_cupy("autopar.backend.kernels").empty_like(flat)
+    if flat.size:
+        spec = dropout_spec(len(dims), _wide(x.dtype).name)
+        _compiled(spec)(flat, *dropout_args(key, keep_prob, x.dtype, base, dims), out)
+    return out.reshape(x.shape)
+
+
+# ---- GeLU ------------------------------------------------------------------------------------
+# activation.py's constants (Python floats); a kernel takes them as arguments.
+
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+GELU_CUBIC = 0.044715
+
+# tanh form, computed in W (float32 for float16 inputs): x*x is a T product, as numpy's
+# multiply of two T arrays into a W buffer; every later step is in W (activation.py's
+# _gelu_tanh / _gelu_tanh_grad, operation by operation).
+GELU_TANH = """
+W xw = (W)x;
+W t = (W)(T)(xw * xw);
+t = t * k;
+t = t + (W)1;
+t = t * xw;
+t = t * c;
+t = tanh(t);
+t = t + (W)1;
+W o = t * xw;
+o = o * (W)0.5;
+y = (T)o;
+"""
+GELU_TANH_GRAD = """
+W xw = (W)x;
+W u = (W)(T)(xw * xw);
+W t = u * k;
+t = t + (W)1;
+t = t * xw;
+t = t * c;
+t = tanh(t);
+u = u * k3;
+u = u + (W)1;
+u = u * xw;
+u = u * hc;
+W o = t * t;
+o = (W)1 - o;
+o = o * u;
+t = t * (W)0.5;
+t = t + (W)0.5;
+o = o + t;
+o = o * (W)dy;
+dx = (T)o;
+"""
+# erf form, in T (float32/float64 only): 0.5 * x * (1.0 + erf(x * INV_SQRT_2)) and
+# dy * (cdf + x * pdf), in the order Python evaluates those expressions.
+GELU_ERF = """
+T a = (T)0.5 * x;
+T b = x * r2;
+T s = (T)1 + erf(b);
+y = a * s;
+"""
+GELU_ERF_GRAD = """
+T b = x * r2;
+T s = (T)1 + erf(b);
+T cdf = (T)0.5 * s;
+T n = (T)(-0.5) * x;
+n = n * x;
+T pdf = r2pi * exp(n);
+T slope = x * pdf;
+T total = cdf + slope;
+dx = dy * total;
+"""
+
+
+@functools.cache
+def gelu_spec(approximate: bool, grad: bool, wide: str) -> KernelSpec:
+    """GeLU (``grad``: its VJP), the tanh form computed in ``wide``, the erf form in T."""
+    name = f"autopar_gelu_{'tanh' if approximate else 'erf'}{'_grad' if grad else ''}"
+    ins, out = ("T x, T dy", "T dx") if grad else ("T x", "T y")
+    if approximate:
+        consts = f", {wide} k, {wide} c" + (f", {wide} k3, {wide} hc" if grad else "")
+        body = f"typedef {_C_TYPES[wide]} W;\n" + (GELU_TANH_GRAD if grad else GELU_TANH)
+    else:
+        consts = ", T r2" + (", T r2pi" if grad else "")
+        body = GELU_ERF_GRAD if grad else GELU_ERF
+    return KernelSpec(name, ins + consts, out, body)
+
+
+def gelu_constants(approximate: bool, grad: bool, dtype) -> list:
+    """:func:`gelu_spec`'s constant arguments, in order, in its dtype (the wide one for the
+    tanh form): activation.py's Python floats, rounded as numpy rounds a Python scalar."""
+    if approximate:
+        w = _wide(dtype).type
+        values = [GELU_CUBIC, SQRT_2_OVER_PI] + ([3 * GELU_CUBIC, 0.5 * SQRT_2_OVER_PI] if grad else [])
+        return [w(v) for v in values]
+    return [dtype.type(v) for v in ([INV_SQRT_2] + ([INV_SQRT_2PI] if grad else []))]
+
+
+def gelu(x, approximate: bool, out=None):
+    """GeLU of ``x`` in one pass (into ``out``, which may be ``x``). The erf form needs
+    float32/float64 (``fusable(x, dtypes=EXACT_DTYPES)``)."""
+    kernel = _compiled(gelu_spec(bool(approximate), False, _wide(x.dtype).name))
+    consts = gelu_constants(approximate, False, x.dtype)
+    return kernel(x, *consts) if out is None else kernel(x, *consts, out)
+
+
+def gelu_grad(x, dy, approximate: bool):
+    """dy * GeLU'(x) in one pass (x and dy of one dtype)."""
+    kernel = _compiled(gelu_spec(bool(approximate), True, _wide(x.dtype).name))
+    return kernel(x, dy, *gelu_constants(approximate, True, x.dtype))
+
+
+# ---- AdamWeightDecay -------------------------------------------------------------------------
+# nn/optimizers.py's AdamWeightDecay._update (with _AdamBase._moments), operation by
+# operation; p, m and v are read and written in place.
+ADAM_WEIGHT_DECAY = """
+T s = g * c1;
+T m1 = m * b1;
+m1 = m1 + s;
+T g2 = g * g;
+g2 = g2 * c2;
+T v1 = v * b2;
+v1 = v1 + g2;
+T u = sqrt(v1);
+u = u + eps;
+u = m1 / u;
+if (decay) {
+    T d = p * wd;
+    u = u + d;
+}
+u = u * lr;
+m = m1;
+v = v1;
+p = p - u;
+"""
+
+
+ADAM_WEIGHT_DECAY_SPEC = KernelSpec("autopar_adam_weight_decay",
+                                    "T g, T b1, T c1, T b2, T c2, T eps, T wd, T lr, bool decay", "T p, T m, T v",
+                                    ADAM_WEIGHT_DECAY)
+
+
+def adam_weight_decay_args(dtype, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> list:
+    """The kernel's scalar arguments, in order, each rounded to ``dtype`` as numpy rounds
+    the Python float the CPU code multiplies or adds."""
+    t = dtype.type
+    return [t(beta1), t(1.0 - beta1), t(beta2), t(1.0 - beta2), t(eps), t(weight_decay), t(lr),
+            np.bool_(bool(weight_decay))]
+
+
+def adam_weight_decay(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps: float,
+                      weight_decay: float) -> None:
+    """One AdamWeightDecay update of ``p``, ``m``, ``v`` in place from ``g`` (all of one
+    dtype, float32 or float64): m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+    p -= lr * (m / (sqrt(v) + eps) + wd * p), each Python scalar rounded to the dtype as
+    numpy rounds it, each operation rounded as the CPU's (no FMA)."""
+    args = adam_weight_decay_args(p.dtype, lr, beta1, beta2, eps, weight_decay)
+    _compiled(ADAM_WEIGHT_DECAY_SPEC)(g, *args, p, m, v)

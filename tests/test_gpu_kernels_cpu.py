@@ -1,0 +1,314 @@
+"""The fused GPU kernels (autopar/backend/kernels.py), checked without a GPU.
+
+The kernels' CUDA C bodies are run here as numpy: :func:`python_of` turns their small C
+subset (declarations, casts, compound assignments, one ``if``, one ternary) into Python,
+each cast an operator (``(float)x`` -> ``F32 ** x``: ``**`` binds as tightly as a cast).
+numpy rounds each operation once, as the kernels compiled with ``--fmad=false`` do, so a
+body run here must give the CPU op's bits: dropout's index walk and hash, GeLU's operation
+order and casts, AdamWeightDecay's update. What is left for the GPU (tests/test_gpu_kernels.py):
+that NVRTC compiles the bodies and that CUDA's tanh/erf/exp are within ulps of numpy's.
+
+Also here: the CPU path is the one it was (outputs against the old formulas), and the ops
+take the fused path only when ``kernels.fusable`` says so (CuPy arrays only).
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from autopar import ops
+from autopar.backend import kernels
+from autopar.ir import random
+from autopar.ir.random import derive_key, keep_mask, region_indices
+from autopar.ir.spec import TensorSpec
+from autopar.nn import Parameter
+from autopar.ops import activation
+from autopar.train import AdamWeightDecay
+
+# ---- the C subset, as Python ----------------------------------------------------------------
+
+
+class Cast:
+    """A C cast: ``Cast(np.float32) ** x`` is ``(float)x`` (a numpy scalar for a scalar)."""
+
+    def __init__(self, dtype):
+        self.dtype = np.dtype(dtype)
+
+    def __pow__(self, x):
+        return np.asarray(x).astype(self.dtype)[()]
+
+
+C_TYPES = {"unsigned long long": "U64", "long long": "I64", "unsigned int": "U32", "float": "F32",
+           "double": "F64", "T": "T", "W": "W"}
+CASTS = {"U64": Cast(np.uint64), "I64": Cast(np.int64), "U32": Cast(np.uint32), "F32": Cast(np.float32),
+         "F64": Cast(np.float64)}
+_TYPE = "|".join(sorted(map(re.escape, C_TYPES), key=len, reverse=True))
+
+
+def python_of(c_source: str) -> str:
+    """The kernel body ``c_source`` as Python statements (one per C statement)."""
+    out, indent = [], ""
+    for line in c_source.splitlines():
+        for stmt in (s.strip() for s in line.split(";")):
+            if not stmt:
+                continue
+            if stmt == "}":
+                indent = indent[:-4]
+                continue
+            if m := re.fullmatch(r"if \((\w+)\) \{", stmt):
+                out.append(f"{indent}if {m[1]}:")
+                indent += "    "
+                continue
+            if m := re.fullmatch(rf"typedef ({_TYPE}) (\w+)", stmt):
+                out.append(f"{indent}{m[2]} = {C_TYPES[m[1]]}")
+                continue
+            stmt = re.sub(rf"^(?:{_TYPE}) (?=\w+ = )", "", stmt)                       # a declaration
+            stmt = re.sub(rf"\(({_TYPE})\)", lambda m: C_TYPES[m[1]] + "**", stmt)      # a cast
+            stmt = re.sub(r"\b(0x[0-9a-fA-F]+)u\b", r"\1", stmt).replace("/=", "//=")
+            if m := re.fullmatch(r"(\w+) = (.+) \? (.+) : (.+)", stmt):
+                stmt = f"{m[1]} = where({m[2]}, {m[3]}, {m[4]})"
+            out.append(indent + stmt)
+    return "\n".join(out)
+
+
+def lowbias32_of_source(x):
+    """kernels.LOWBIAS32 (a __device__ function of x) run on a uint32 array."""
+    body = [ln for ln in kernels.LOWBIAS32.splitlines() if ln.strip().startswith("x ")]
+    ns = {"x": np.array(x, dtype=np.uint32)}
+    exec(python_of("\n".join(body)), ns)
+    return ns["x"]
+
+
+def run_body(spec: kernels.KernelSpec, arrays: dict, scalars: list, dtype) -> dict:
+    """Run ``spec.body`` as numpy: ``arrays`` (copied) binds the leading in_params, the
+    outputs and ``i``; ``scalars`` the remaining in_params in order, as the kernel's wrapper
+    passes them; T is ``dtype``. Returns the final namespace."""
+    names = [p.split()[-1] for p in spec.in_params.split(",")]
+    n_arrays = sum(n in arrays for n in names)
+    assert set(names[:n_arrays]) <= set(arrays) and len(names) == n_arrays + len(scalars), (names, scalars)
+    ns = dict(CASTS, T=Cast(dtype), where=np.where, tanh=np.tanh, exp=np.exp, sqrt=np.sqrt, erf=activation.erf,
+              autopar_lowbias32=lowbias32_of_source)
+    ns.update({k: np.array(v, copy=True) for k, v in arrays.items()})
+    ns.update(zip(names[n_arrays:], scalars))
+    with np.errstate(over="ignore"):
+        exec(python_of(spec.body), ns)
+    return ns
+
+
+def assert_same_bits(got, want):
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.shape == want.shape, (got.dtype, got.shape, want.dtype, want.shape)
+    assert np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(want).tobytes(), \
+        f"{np.count_nonzero(got != want)} of {got.size} differ"
+
+
+def test_the_c_subset_translation():
+    src = ("W t = (W)(T)(xw * xw);\n"
+           "idx += (long long)(r % (unsigned long long)n1) * g1; r /= (unsigned long long)n1;\n"
+           "x *= 0x7feb352du;\nfloat keep = h < threshold ? (float)1 : (float)0;\nif (decay) {\n    T d = p * wd;\n}")
+    assert python_of(src).splitlines() == [
+        "t = W**T**(xw * xw)", "idx += I64**(r % U64**n1) * g1", "r //= U64**n1", "x *= 0x7feb352d",
+        "keep = where(h < threshold, F32**1, F32**0)", "if decay:", "    d = p * wd"]
+
+
+# ---- dropout: the hash, the index walk, the value ----------------------------------------------
+
+def test_lowbias32_source_is_keep_masks_hash():
+    assert kernels.LOWBIAS32_MULTIPLIERS == (int(random._H1), int(random._H2))
+    x = np.concatenate([np.array([0, 1, 2 ** 31, 2 ** 32 - 1], np.uint32),
+                        np.random.default_rng(0).integers(0, 2 ** 32, 1000, dtype=np.uint32)])
+    assert_same_bits(lowbias32_of_source(x), random._lowbias32(x.copy()))
+
+
+REGIONS = [
+    ((6, 8, 10), None),
+    ((6, 8, 10), (slice(2, 5), slice(None), slice(4, 10, 2))),
+    ((6, 8, 10), (slice(1, 2), slice(3, 7), slice(None))),            # an extent-1 dim folds into the base
+    ((6, 8, 10), (slice(5, 6), slice(7, 8), slice(9, 10))),           # one element: no dims left
+    ((4, 64, 96), (slice(None), slice(None), slice(48, 96))),         # an mp shard of the last dim
+    ((1 << 21, 1 << 12), (slice((1 << 21) - 3, None), slice(None))),  # flat indices >= 2**32
+    ((3, 1 << 31), (slice(1, 3), slice((1 << 31) - 5, None, 2))),     # >= 2**32, strided, two dims
+]
+DTYPES_P = [("float32", 0.9), ("float64", 0.5), ("float16", 0.7)]
+
+
+@pytest.mark.parametrize("dtype, p", DTYPES_P)
+@pytest.mark.parametrize("shape, region", REGIONS)
+def test_dropout_kernel_body_gives_the_cpu_bits(shape, region, dtype, p):
+    """The kernel's walk gives region_indices, its hash keep_mask, its value the CPU op's."""
+    key = derive_key(5, "blocks.3.attention.dropout", 11)       # a 64-bit key: both halves matter
+    want_index = region_indices(shape, region).reshape(-1)
+    local = region_indices(shape, region).shape
+    x = (np.random.default_rng(1).standard_normal(local) * 3).astype(dtype)
+    prim = ops.Dropout(p) if region is None else ops.Dropout(p).with_attrs(region=region, global_shape=shape)
+    want = prim.forward(x, key=key)                              # the CPU path
+    base, dims = kernels.region_walk(shape, region)
+    spec = kernels.dropout_spec(len(dims), np.promote_types(dtype, np.float32).name)
+    scalars = kernels.dropout_args(key, p, np.dtype(dtype), base, dims)
+    ns = run_body(spec, {"x": x.reshape(-1), "i": np.arange(x.size, dtype=np.uint64)}, scalars, dtype)
+    np.testing.assert_array_equal(np.asarray(ns["idx"]).reshape(-1).astype(np.uint64), want_index)
+    np.testing.assert_array_equal(np.asarray(ns["h"] < scalars[2]).reshape(-1),
+                                  keep_mask(key, want_index, p))
+    assert_same_bits(np.asarray(ns["y"]).reshape(-1), want.reshape(-1))
+
+
+def test_region_walk_merges_and_folds():
+    assert kernels.region_walk((4, 6), (slice(1, 3), slice(2, 6, 2))) == (8, ((2, 6), (2, 2)))
+    assert kernels.region_walk((4, 5, 6)) == (0, ((120, 1),))
+    assert kernels.region_walk((4, 5, 6), (slice(1, 3), slice(None), slice(None))) == (30, ((60, 1),))
+    assert kernels.region_walk((4, 5, 6), (slice(2, 3), slice(1, 2), slice(3, 4))) == (69, ())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cpu_dropout_is_the_old_formula(dtype):
+    """(x * keep) * dtype(1 / p), the mask keep_mask of the global flat index: as before."""
+    shape, region = (6, 8, 10), (slice(2, 5), slice(None), slice(4, 10, 2))
+    x = np.random.default_rng(2).standard_normal((3, 8, 3)).astype(dtype)
+    got = ops.Dropout(0.8).with_attrs(region=region, global_shape=shape).forward(x, key=77)
+    want = x * keep_mask(77, region_indices(shape, region), 0.8)
+    want *= want.dtype.type(1.0 / 0.8)
+    assert_same_bits(got, want)
+
+
+# ---- GeLU ----------------------------------------------------------------------------------------
+
+GELU_CASES = [(True, "float16"), (True, "float32"), (True, "float64"), (False, "float32"), (False, "float64")]
+
+
+@pytest.mark.parametrize("approximate, dtype", GELU_CASES)
+def test_gelu_kernel_bodies_give_the_cpu_bits(approximate, dtype):
+    """Run with numpy's tanh/erf/exp, the bodies equal the CPU op bit for bit: the same
+    operations, in the same order and precision (on the GPU only tanh/erf/exp differ)."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(301) * 3).astype(dtype)
+    dy = rng.standard_normal(301).astype(dtype)
+    prim = ops.GeLU(approximate=approximate)
+    wide = np.promote_types(dtype, np.float32).name
+    fwd = run_body(kernels.gelu_spec(approximate, False, wide), {"x": x},
+                   kernels.gelu_constants(approximate, False, np.dtype(dtype)), dtype)
+    assert_same_bits(fwd["y"], prim.fn(x))
+    grad = run_body(kernels.gelu_spec(approximate, True, wide), {"x": x, "dy": dy},
+                    kernels.gelu_constants(approximate, True, np.dtype(dtype)), dtype)
+    assert_same_bits(grad["dx"], prim.dfn(x, None, dy))
+
+
+def test_gelu_constants_are_activations():
+    assert (kernels.SQRT_2_OVER_PI, kernels.INV_SQRT_2, kernels.INV_SQRT_2PI) == \
+        (activation._SQRT_2_OVER_PI, activation._INV_SQRT_2, activation._INV_SQRT_2PI)
+
+
+# ---- AdamWeightDecay -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_adam_weight_decay_kernel_body_gives_the_cpu_bits(dtype):
+    """Three steps, a decayed matrix and an undecayed bias: the body's p, m, v are the CPU
+    optimizer's bit for bit."""
+    rng = np.random.default_rng(4)
+    values = {"w": rng.standard_normal((3, 5)).astype(dtype), "b": rng.standard_normal(5).astype(dtype)}
+    params = [Parameter(v.copy(), name=k) for k, v in values.items()]
+    opt = AdamWeightDecay(params, 1e-2, weight_decay=0.1)
+    mine = {k: {"p": v.copy(), "m": np.zeros_like(v), "v": np.zeros_like(v)} for k, v in values.items()}
+    for _ in range(3):
+        grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
+        opt.step(grads)
+        for (k, state), g, decays in zip(mine.items(), grads, opt.decay_flags):
+            args = kernels.adam_weight_decay_args(np.dtype(dtype), 1e-2, opt.beta1, opt.beta2, opt.eps,
+                                                  opt.weight_decay if decays else 0.0)
+            ns = run_body(kernels.ADAM_WEIGHT_DECAY_SPEC, {"g": g, **state}, args, dtype)
+            state.update(p=ns["p"], m=ns["m"], v=ns["v"])
+    assert opt.decay_flags == (True, False)
+    for p, st, (k, state) in zip(params, opt.states, mine.items()):
+        assert_same_bits(state["p"], p.data)
+        assert_same_bits(state["m"], st["moment1"])
+        assert_same_bits(state["v"], st["moment2"])
+
+
+# ---- dispatch: fused only for CuPy arrays --------------------------------------------------------
+
+class ndarray:  # noqa: N801 -- named and placed as CuPy's array type is, so fusable takes it for one
+    __module__ = "cupy"
+
+    def __init__(self, dtype):
+        self.dtype = np.dtype(dtype)
+
+
+class HostSubclass(np.ndarray):
+    """A numpy subclass (test_backend.py's stand-in device array is one): not CuPy."""
+
+
+def test_fusable_only_for_cupy_arrays_of_one_float_dtype():
+    assert kernels.fusable(ndarray("float32")) and kernels.fusable(ndarray("float16"), ndarray("float16"))
+    assert not kernels.fusable(ndarray("float16"), dtypes=kernels.EXACT_DTYPES)
+    assert not kernels.fusable(ndarray("float32"), ndarray("float64"))
+    assert not kernels.fusable(ndarray("int32"))
+    assert not kernels.fusable(np.ones(3, np.float32))
+    assert not kernels.fusable(np.ones(3, np.float32).view(HostSubclass))
+    assert not kernels.fusable(ndarray("float32"), np.ones(3, np.float32))
+    assert ops.GeLU(approximate=True)._fused(ndarray("float16"))
+    assert not ops.GeLU(approximate=False)._fused(ndarray("float16"))
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Every fused kernel replaced by a recorder returning 7s; ``fusable`` left as it is."""
+    seen = []
+
+    def recorder(name):
+        def kernel(*args, **kwargs):
+            seen.append((name, args, kwargs))
+            return np.full(np.shape(args[0]), 7.0, np.float32)
+        return kernel
+    for name in ("dropout", "gelu", "gelu_grad", "adam_weight_decay"):
+        monkeypatch.setattr(kernels, name, recorder(name))
+    return seen
+
+
+def run_every_dispatching_op():
+    """Dropout forward/VJP (whole and a shard), GeLU forward/in place/VJP (both forms), AdamW."""
+    x, dy = np.ones((2, 3), np.float32), np.full((2, 3), 2.0, np.float32)
+    spec = TensorSpec(x.shape, x.dtype)
+    shard = ops.Dropout(0.8, seed0=1, seed1=2).with_attrs(region=(slice(0, 2), slice(3, 6)), global_shape=(4, 6))
+    out = [ops.Dropout(0.8).forward(x, key=5), ops.Dropout(0.8).vjp(dy, [None], None, [spec], (True,), key=5)[0],
+           shard.forward(x, key=5), ops.Dropout(1.0).forward(x, key=5)]
+    for approximate in (True, False):
+        gelu = ops.GeLU(approximate=approximate)
+        out += [gelu.fn(x), gelu.dfn(x, None, dy)]
+    out.append(ops.GeLU().forward_inplace(0, x.copy()))
+    w, b = Parameter(np.ones((2, 3), np.float32), name="w"), Parameter(np.ones(3, np.float32), name="b")
+    AdamWeightDecay([w, b], 1e-2, weight_decay=0.1).step([dy, dy[0]])
+    return out, (w.data, b.data)
+
+
+def test_numpy_arrays_never_take_the_fused_path(calls):
+    out, (w, b) = run_every_dispatching_op()
+    assert calls == []
+    assert not any(np.array_equal(o, np.full(o.shape, 7.0)) for o in out)
+    assert (w < 1).all() and (b < 1).all()           # the CPU update ran
+
+
+def test_the_ops_take_the_fused_path_when_fusable(monkeypatch, calls):
+    monkeypatch.setattr(kernels, "fusable", lambda *arrays, dtypes=kernels.FUSED_DTYPES: True)
+    out, (w, b) = run_every_dispatching_op()
+    names = [c[0] for c in calls]
+    assert names == ["dropout"] * 3 + ["gelu", "gelu_grad"] * 2 + ["gelu"] + ["adam_weight_decay"] * 2
+    drop = [c[1][1:] for c in calls[:3]]
+    assert drop[0] == drop[1] == (5, 0.8, None, None)
+    assert drop[2] == (derive_key(5, 1, 2), 0.8, (4, 6), (slice(0, 2), slice(3, 6)))   # the op's key, the shard
+    assert [c[1][-1] for c in calls[3:8]] == [True, True, False, False, True]          # approximate
+    assert calls[7][2]["out"] is calls[7][1][0]                                     # in place: out is x
+    assert [c[2]["weight_decay"] for c in calls[8:]] == [0.1, 0.0]                  # the bias is not decayed
+    assert calls[8][2] == {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-6, "weight_decay": 0.1}
+    assert all(np.array_equal(o, np.full(o.shape, 7.0)) for o in out[:3] + out[4:])
+    np.testing.assert_array_equal(out[3], np.ones((2, 3)))                         # keep_prob 1: no kernel
+    assert (w == 1).all() and (b == 1).all()                                        # only the kernel updates
+
+
+def test_importing_the_kernels_imports_no_cupy():
+    code = ("import sys, autopar, autopar.backend.kernels as k; k.dropout_spec(2, 'float32'); "
+            "k.gelu_spec(True, True, 'float32'); k.region_walk((4, 6), None); print('cupy' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
