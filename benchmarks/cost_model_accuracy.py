@@ -446,6 +446,24 @@ def scatter_png(saved: dict, path: str) -> None:
     plt.close(fig)
 
 
+def repriced(saved: dict, profiles: dict[str, str]) -> dict:
+    """``saved`` with every hand plan's prediction made again by today's cost model, under
+    the profile its run was priced with (``profiles``: rank count -> a local copy of it).
+    The measurements are kept; the auto rows are left out (their prediction was the run's
+    own search, and today's might choose another plan)."""
+    rows = []
+    for row in saved["rows"]:
+        if row["plan"]["auto"]:
+            continue
+        plan, size = Plan(**row["plan"]), saved["sizes"][row["size"]]
+        p = predict_hand(plan, size, row["ranks"], profiles[str(row["ranks"])])
+        rows.append(dict(row, predicted=dict(step_s=p.step_seconds, compute_s=p.compute_s, comm_s=p.comm_s,
+                                             bubble_s=p.bubble_s, update_s=p.update_s,
+                                             memory_bytes=p.peak_memory_bytes, stage_bytes=list(p.memory_bytes),
+                                             plan=p.describe())))
+    return dict(saved, rows=rows, profiles=profiles, repriced=True)
+
+
 def merged(runs: list[dict]) -> dict:
     """Several saved runs as one: their rows, failures, sizes and profiles together (the
     measurement settings of the first)."""
@@ -495,6 +513,9 @@ def main() -> None:
     parser.add_argument("--report", metavar="JSON", nargs="+", help="print the report (and --png) of saved --json "
                         "files, running nothing (several: one report over all their plans, e.g. 4 and 8 ranks run "
                         "as two jobs)")
+    parser.add_argument("--reprice", nargs="+", metavar="R=PROFILE",
+                        help="with --report: price the saved hand plans again with today's cost model under these "
+                             "profiles (rank count = the calibrated profile the run used), measurements kept")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -502,7 +523,13 @@ def main() -> None:
         worker(args)
     elif args.report:
         saved = merged([json.loads(Path(p).read_text()) for p in args.report])
+        if args.reprice:
+            saved = repriced(saved, dict(kv.split("=", 1) for kv in args.reprice))
+            print("REPRICED: the measurements of the saved run, each hand plan predicted again by today's cost "
+                  "model (auto rows left out)")
         report(saved)
+        if args.json:
+            write_json(args.json, saved)
         if args.png:
             scatter_png(saved, args.png)
             print(f"\nscatter plot: {args.png}")
