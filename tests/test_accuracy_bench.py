@@ -97,3 +97,26 @@ def test_a_hand_plan_is_priced_with_its_own_strategies_not_searched_ones():
     _, (searched,) = search_auto(_graph_at, ap.batch_of(2), 2, PlanOptions(cost_profile="cpu-2core"), fixed,
                                  full_batch=True)
     assert searched.step_seconds < hand.step_seconds
+
+
+def test_confirm_takes_the_auto_plan_and_its_fastest_rivals_and_pools_their_windows(monkeypatch):
+    import cost_model_accuracy as cma
+
+    def row(name, step, auto=False):
+        return dict(name=name, size="H256", ranks=4, plan=dict(ap.Plan(name, dp=4, auto=auto).__dict__),
+                    predicted=dict(plan=name), measured=dict(step_s=step, windows=[step]))
+    rows = [row("auto", 0.30, auto=True), row("a", 0.25), row("b", 0.20), row("c", 0.40)]
+    assert [r["name"] for r in cma.contenders(rows, 2)] == ["auto", "b", "a"]
+    again = {"auto": [0.21, 0.22], "b": [0.26, 0.27], "a": [0.30, 0.31]}    # the first pass was luck
+
+    def launch(plan, size, ranks, profile, args, repeats, timeout):
+        return dict(predicted=dict(plan=plan.name), measured=dict(step_s=0.0, windows=[again[plan.name].pop(0)]))
+    monkeypatch.setattr(cma, "launch", launch)
+    args = type("A", (), dict(confirm=2, confirm_rounds=2, confirm_by=0, repeats=1, plan_timeout=60, json=""))
+    saved = dict(rows=rows)
+    cma.confirm(saved, args, {"4": "p.json"}, 0.0)
+    steps = {r["name"]: r["measured"]["step_s"] for r in rows}
+    # every window pooled: auto median(0.30, 0.21, 0.22) = 0.22 now beats b's median(0.20, 0.26, 0.27)
+    assert steps == {"auto": 0.22, "a": 0.30, "b": 0.26, "c": 0.40}
+    assert min(steps.values()) == steps["auto"]                # regret 1.0, not the first pass's 1.5
+    assert rows[0]["measured"]["first_windows"] == [0.30]
