@@ -1,0 +1,160 @@
+"""The fused GPU kernels (autopar/backend/kernels.py) equal the CPU ops: run on a machine with
+CuPy and a GPU (``pytest tests/test_gpu_kernels.py``), skipped cleanly elsewhere.
+
+Tolerances: dropout bit for bit (mask and values); AdamWeightDecay float64 1e-12 relative and
+float32 within 4 ulps (the kernel rounds each operation as numpy does, so both are expected
+to be exact); GeLU float64 1e-12 relative with 1e-14 absolute (CUDA's tanh/erf are not
+numpy's: an ulp apart, which 1 + tanh(z) or 1 + erf(z) turns into a larger relative error
+only where GeLU is nearly 0), float32 and float16 within a few of their ulps. Every test
+also checks that the fused kernel, not the CuPy-ufunc path, computed.
+"""
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install -e '.[gpu]')")
+try:
+    _DEVICES = cupy.cuda.runtime.getDeviceCount()
+except Exception:     # no driver or no device
+    _DEVICES = 0
+if not _DEVICES:
+    pytest.skip("CuPy sees no GPU", allow_module_level=True)
+
+import autopar  # noqa: E402
+from autopar import ops  # noqa: E402
+from autopar.backend import kernels  # noqa: E402
+from autopar.ir.random import derive_key  # noqa: E402
+from autopar.ir.spec import TensorSpec  # noqa: E402
+from autopar.nn import Parameter  # noqa: E402
+from autopar.ops.dropout import dropout_mask  # noqa: E402
+from autopar.train import AdamWeightDecay  # noqa: E402
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """Counts of calls to each fused kernel (which still computes)."""
+    counts = collections.Counter()
+    for name in ("dropout", "gelu", "gelu_grad", "adam_weight_decay"):
+        def spy(*args, _real=getattr(kernels, name), _name=name, **kwargs):
+            counts[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(kernels, name, spy)
+    return counts
+
+
+def assert_same_bits(got, want):
+    assert isinstance(got, cupy.ndarray)
+    got = got.get()
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert np.ascontiguousarray(got).tobytes() == np.ascontiguousarray(want).tobytes(), \
+        f"{np.count_nonzero(got != want)} of {got.size} differ"
+
+
+# ---- dropout -------------------------------------------------------------------------------------
+
+DROPOUT_CASES = [   # (global shape, region of this shard or None, dtype, keep_prob)
+    ((8, 128, 1024), None, "float32", 0.9),
+    ((4, 64, 4096), (slice(1, 3), slice(None), slice(1024, 2048)), "float32", 0.9),
+    ((1 << 21, 1 << 12), (slice((1 << 21) - 3, None), slice(None)), "float32", 0.5),   # flat indices >= 2**32
+    ((3, 1 << 31), (slice(1, 3), slice((1 << 31) - 5, None, 2)), "float64", 0.5),      # >= 2**32, strided
+    ((6, 8, 10), (slice(2, 5), slice(None), slice(4, 10, 2)), "float64", 0.7),
+    ((6, 8, 10), (slice(5, 6), slice(7, 8), slice(9, 10)), "float64", 0.7),           # one element
+    ((64, 1000), None, "float16", 0.7),
+]
+
+
+def local_shape(shape, region):
+    if region is None:
+        return shape
+    return tuple(len(range(*s.indices(n))) for s, n in zip(region, shape))
+
+
+@pytest.mark.parametrize("shape, region, dtype, keep", DROPOUT_CASES)
+def test_fused_dropout_equals_cpu_bit_for_bit(fused, shape, region, dtype, keep):
+    key = derive_key(5, "blocks.3.attention.dropout", 11)
+    prim = ops.Dropout(keep) if region is None else ops.Dropout(keep).with_attrs(region=region, global_shape=shape)
+    local = local_shape(shape, region)
+    x = (np.random.default_rng(0).standard_normal(local) * 3).astype(dtype)
+    want = prim.forward(x, key=key)
+    assert_same_bits(prim.forward(cupy.asarray(x), key=key), want)
+    mask = prim.forward(cupy.ones(local, dtype), key=key).get() != 0
+    np.testing.assert_array_equal(mask, dropout_mask(key, keep, shape, region))
+    (dx,) = prim.vjp(cupy.asarray(x), [None], None, [TensorSpec(local, np.dtype(dtype))], (True,), key=key)
+    assert_same_bits(dx, want)                     # the VJP regenerates the forward's mask
+    assert fused["dropout"] == 3
+
+
+def test_fused_dropout_of_a_strided_input(fused):
+    x = np.random.default_rng(1).standard_normal((96, 40)).astype(np.float32)
+    prim = ops.Dropout(0.8)
+    assert_same_bits(prim.forward(cupy.asarray(x).T, key=9), prim.forward(x.T, key=9))
+    assert fused["dropout"] == 1
+
+
+# ---- GeLU ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("approximate", [True, False])
+def test_fused_gelu_forward_and_vjp_float64(fused, approximate):
+    rng = np.random.default_rng(2)
+    x, dy = rng.standard_normal((64, 257)) * 2, rng.standard_normal((64, 257))
+    prim = ops.GeLU(approximate=approximate)
+    y = prim.fn(cupy.asarray(x))
+    dx = prim.dfn(cupy.asarray(x), None, cupy.asarray(dy))
+    assert fused["gelu"] == 1 and fused["gelu_grad"] == 1
+    np.testing.assert_allclose(y.get(), prim.fn(x), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(dx.get(), prim.dfn(x, None, dy), rtol=1e-12, atol=1e-14)
+
+
+def test_fused_gelu_in_place_equals_out_of_place(fused):
+    x = cupy.asarray(np.random.default_rng(3).standard_normal((8, 300)).astype(np.float32))
+    want = ops.GeLU().fn(x).get()
+    got = ops.GeLU().forward_inplace(0, x)
+    assert got.data.ptr == x.data.ptr                # written into x's buffer
+    assert_same_bits(x, want)
+    assert fused["gelu"] == 2
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", [("float32", 1e-5, 1e-6), ("float16", 2e-3, 1e-3)])
+def test_fused_tanh_gelu_in_lower_precision_tracks_the_cpu(fused, dtype, rtol, atol):
+    rng = np.random.default_rng(4)
+    x, dy = (rng.standard_normal(4096) * 2).astype(dtype), rng.standard_normal(4096).astype(dtype)
+    prim = ops.GeLU()
+    y, dx = prim.fn(cupy.asarray(x)), prim.dfn(cupy.asarray(x), None, cupy.asarray(dy))
+    assert y.dtype == dx.dtype == np.dtype(dtype) and fused["gelu"] == fused["gelu_grad"] == 1
+    np.testing.assert_allclose(y.get().astype(np.float64), prim.fn(x), rtol=rtol, atol=atol)
+    np.testing.assert_allclose(dx.get().astype(np.float64), prim.dfn(x, None, dy), rtol=rtol, atol=atol)
+
+
+# ---- AdamWeightDecay -----------------------------------------------------------------------------
+
+def adamw_three_steps(dtype, on_device: bool):
+    """A decayed matrix and an undecayed bias after three updates, and the optimizer state."""
+    rng = np.random.default_rng(5)
+    params = [Parameter(rng.standard_normal((64, 33)).astype(dtype), name="w"),
+              Parameter(rng.standard_normal(33).astype(dtype), name="b")]
+    if on_device:
+        for p in params:
+            p.device_data(autopar.backend.GPU)
+    opt = AdamWeightDecay(params, 1e-2, weight_decay=0.1)
+    for _ in range(3):
+        grads = [rng.standard_normal(p.shape).astype(dtype) for p in params]
+        opt.step([cupy.asarray(g) for g in grads] if on_device else grads)
+    return {p.name: p.asnumpy() for p in params}, opt.state_dict()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_fused_adam_weight_decay_three_steps_equal_cpu(fused, dtype):
+    weights, state = adamw_three_steps(dtype, on_device=False)
+    assert fused["adam_weight_decay"] == 0
+    gpu_weights, gpu_state = adamw_three_steps(dtype, on_device=True)
+    assert fused["adam_weight_decay"] == 6            # 2 parameters x 3 steps
+    for name, want in list(weights.items()) + [(k, v) for k, v in state.items() if k != "step"]:
+        got = gpu_weights.get(name, gpu_state.get(name))
+        assert got.dtype == want.dtype
+        if dtype == "float64":
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15, err_msg=name)
+        else:
+            np.testing.assert_array_max_ulp(got, want, maxulp=4)
