@@ -37,7 +37,8 @@ from autopar.train import AdamWeightDecay  # noqa: E402
 def fused(monkeypatch):
     """Counts of calls to each fused kernel (which still computes)."""
     counts = collections.Counter()
-    for name in ("dropout", "gelu", "gelu_grad", "adam_weight_decay"):
+    for name in ("dropout", "gelu", "gelu_grad", "adam_weight_decay", "softmax", "softmax_grad", "layer_norm",
+                 "layer_norm_grad"):
         def spy(*args, _real=getattr(kernels, name), _name=name, **kwargs):
             counts[_name] += 1
             return _real(*args, **kwargs)
@@ -158,3 +159,51 @@ def test_fused_adam_weight_decay_three_steps_equal_cpu(fused, dtype):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15, err_msg=name)
         else:
             np.testing.assert_array_max_ulp(got, want, maxulp=4)
+
+
+# ---- Softmax and LayerNorm -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(2, 4, 64, 64), (5, 1000)])
+def test_fused_softmax_forward_and_vjp_float64(fused, shape):
+    rng = np.random.default_rng(6)
+    x, dy = rng.standard_normal(shape) * 3, rng.standard_normal(shape)
+    prim, spec = ops.Softmax(), [TensorSpec(shape, np.dtype(np.float64))]
+    y = prim.forward(cupy.asarray(x))
+    (dx,) = prim.vjp(cupy.asarray(dy), [None], y, spec, (True,))
+    assert fused["softmax"] == fused["softmax_grad"] == 1 and isinstance(dx, cupy.ndarray)
+    want = prim.forward(x)
+    np.testing.assert_allclose(y.get(), want, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(dx.get(), prim.vjp(dy, [None], want, spec, (True,))[0], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", [("float32", 1e-5, 1e-7), ("float16", 2e-3, 1e-4)])
+def test_fused_softmax_in_lower_precision_tracks_the_cpu(fused, dtype, rtol, atol):
+    x = (np.random.default_rng(7).standard_normal((64, 512)) * 3).astype(dtype)
+    y = ops.Softmax().forward(cupy.asarray(x))
+    assert y.dtype == np.dtype(dtype) and fused["softmax"] == 1
+    np.testing.assert_allclose(y.get().astype(np.float64), ops.Softmax().forward(x), rtol=rtol, atol=atol)
+
+
+def test_softmax_over_another_axis_keeps_the_ufunc_path(fused):
+    x = np.random.default_rng(8).standard_normal((6, 5, 4))
+    y = ops.Softmax(axis=1).forward(cupy.asarray(x))
+    assert fused["softmax"] == 0
+    np.testing.assert_allclose(y.get(), ops.Softmax(axis=1).forward(x), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", [("float64", 1e-12, 1e-12), ("float32", 1e-5, 1e-5)])
+def test_fused_layer_norm_forward_and_vjp(fused, dtype, rtol, atol):
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((2, 48, 96)) * 3 + 1).astype(dtype)
+    gamma, beta = rng.standard_normal(96).astype(dtype), rng.standard_normal(96).astype(dtype)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    prim = ops.LayerNorm()
+    specs = [TensorSpec(a.shape, a.dtype) for a in (x, gamma, beta)]
+    y = prim.forward(*map(cupy.asarray, (x, gamma, beta)))
+    grads = prim.vjp(cupy.asarray(dy), [cupy.asarray(x), cupy.asarray(gamma), None], None, specs, (True,) * 3)
+    assert fused["layer_norm"] == fused["layer_norm_grad"] == 1
+    np.testing.assert_allclose(y.get(), prim.forward(x, gamma, beta), rtol=rtol, atol=atol)
+    wants = prim.vjp(dy, [x, gamma, None], None, specs, (True,) * 3)
+    for name, got, want in zip(("dx", "dgamma", "dbeta"), grads, wants):
+        assert isinstance(got, cupy.ndarray) and got.dtype == want.dtype and got.shape == want.shape, name
+        np.testing.assert_allclose(got.get(), want, rtol=rtol, atol=atol, err_msg=name)

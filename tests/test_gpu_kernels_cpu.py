@@ -26,7 +26,7 @@ from autopar.ir import random
 from autopar.ir.random import derive_key, keep_mask, region_indices
 from autopar.ir.spec import TensorSpec
 from autopar.nn import Parameter
-from autopar.ops import activation
+from autopar.ops import activation, normalization
 from autopar.train import AdamWeightDecay
 
 # ---- the C subset, as Python ----------------------------------------------------------------
@@ -312,3 +312,66 @@ def test_importing_the_kernels_imports_no_cupy():
             "k.gelu_spec(True, True, 'float32'); k.region_walk((4, 6), None); print('cupy' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+# ---- Softmax and LayerNorm over the last axis ----------------------------------------------------
+
+def row_sum(spec: kernels.ReductionSpec, arrays: dict, axis: int = 1):
+    """The reduction of ``spec`` as numpy: its map expression summed (numpy's order) over ``axis``."""
+    ns = dict(CASTS, exp=np.exp, **{k: np.asarray(v) for k, v in arrays.items()})
+    mapped = eval(python_of(spec.map_expr), ns)
+    return mapped.sum(axis=axis, keepdims=axis == 1, dtype=spec.wide)
+
+
+def rows(dtype, seed, shape=(7, 33)):
+    return (np.random.default_rng(seed).standard_normal(shape) * 3).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_softmax_kernels_give_the_cpu_bits(dtype):
+    """With numpy's row sums (the CPU's), the map and output bodies give the CPU's bits:
+    on the GPU only the order of the row sums differs."""
+    x, dy = rows(dtype, 5), rows(dtype, 6)
+    wide = np.promote_types(dtype, np.float32).name
+    total, out = kernels.softmax_specs(wide)
+    m = x.max(axis=1, keepdims=True)
+    s = row_sum(total, {"x": x, "m": m})
+    y = run_body(out, {"x": x, "m": m, "s": s}, [], dtype)["y"]
+    prim = ops.Softmax()
+    assert_same_bits(y, prim.forward(x))
+    total, out = kernels.softmax_grad_specs(wide)
+    s = row_sum(total, {"dy": dy, "y": y})
+    dx = run_body(out, {"dy": dy, "y": y, "s": s}, [], dtype)["dx"]
+    spec = TensorSpec(x.shape, np.dtype(dtype))
+    assert_same_bits(dx, prim.vjp(dy, [x], y, [spec], (True,))[0])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_layer_norm_kernels_follow_the_cpu(dtype):
+    """Given the CPU's row statistics, the output and dx bodies give the CPU's bits; the maps
+    summed are the CPU's products bit for bit (the CPU sums them by einsum, in another order)."""
+    x, dy = rows(dtype, 7), rows(dtype, 8)
+    gamma, beta = rows(dtype, 9, (33,)), rows(dtype, 10, (33,))
+    eps, wide, prim = 1e-5, np.promote_types(dtype, np.float32).name, ops.LayerNorm()
+    specs = kernels.layer_norm_specs(wide)
+    mean = x.mean(axis=1, dtype=wide, keepdims=True)                         # the CPU's mean
+    xh, rstd = normalization._standardize(x, eps, np.dtype(wide), True)      # the CPU's xhat and rstd
+    rstd = rstd[:, None]
+    y = run_body(specs["y"], {"x": x, "mean": mean, "rstd": rstd, "gamma": gamma, "beta": beta}, [], dtype)["y"]
+    assert_same_bits(y, prim.forward(x, gamma, beta))
+    var = row_sum(specs["var"], {"x": x, "mean": mean})
+    np.testing.assert_allclose(1.0 / np.sqrt(var / 33 + eps), rstd, rtol=4 * np.finfo(wide).eps)
+    g = np.multiply(dy, gamma, dtype=wide)
+    stats = {"x": x, "mean": mean, "rstd": rstd}
+    gmean = row_sum(specs["g"], {"dy": dy, "gamma": gamma}) / 33
+    assert_same_bits(gmean, g.mean(axis=1, keepdims=True))
+    ns = dict(CASTS, **stats, dy=dy, gamma=gamma)
+    assert_same_bits(eval(python_of(specs["gx"].map_expr), ns), g * xh)
+    assert_same_bits(eval(python_of(specs["dgamma"].map_expr), ns), dy.astype(wide) * xh)
+    proj = np.einsum("ij,ij->i", g, xh)[:, None] / 33                        # the CPU's projection
+    dx = run_body(specs["dx"], {"dy": dy, "gamma": gamma, **stats, "gmean": gmean, "proj": proj}, [], dtype)["dx"]
+    specs_in = [TensorSpec(a.shape, a.dtype) for a in (x, gamma, beta)]
+    want_dx, want_dgamma, _ = prim.vjp(dy, [x, gamma, None], None, specs_in, (True, True, True))
+    assert_same_bits(dx, want_dx)
+    dgamma = row_sum(specs["dgamma"], {"dy": dy, **stats}, axis=0)
+    np.testing.assert_allclose(dgamma.astype(dtype), want_dgamma, rtol=50 * np.finfo(dtype).eps)

@@ -4,6 +4,8 @@ take one pass per operator.
     dropout(x, key, keep_prob, global_shape, region)   Dropout's forward and VJP
     gelu(x, approximate, out=None) / gelu_grad(x, dy, approximate)   GeLU and its VJP
     adam_weight_decay(p, g, m, v, ...)                  AdamWeightDecay's update, in place
+    softmax(x) / softmax_grad(dy, y)                    Softmax over the last axis and its VJP
+    layer_norm(x, gamma, beta, eps) / layer_norm_grad(dy, x, gamma, eps)   LayerNorm, last axis
 
 An op calls them behind one check, ``fusable(*arrays)``: only real CuPy arrays (of one
 float dtype) take a fused kernel, so the numpy path, and the test suite's stand-in device
@@ -15,7 +17,11 @@ Same results as the CPU: every kernel performs the CPU formula's float operation
 CPU's order and precision, and is compiled with ``--fmad=false`` so the CUDA compiler
 does not contract a multiply and an add into one FMA (a different rounding). Sums, products,
 quotients and square roots are then correctly rounded on both sides: dropout and the AdamW
-update give the CPU's bits; GeLU differs only by the device's tanh/erf/exp (a few ulps).
+update give the CPU's bits; GeLU differs only by the device's tanh/erf/exp (a few ulps);
+Softmax and LayerNorm by that and the order of their row sums (a reduction kernel's, not
+numpy's pairwise order), so their results agree to rounding, not to the bit. The row-wise
+kernels read their input two or three times (max, sum, output) where the ufunc chain makes
+and re-reads temporaries the size of the input at every step.
 Dropout's keep bit is :func:`autopar.ir.random.keep_mask`'s hash written in CUDA C (the
 constants below; ``tests/test_gpu_kernels_cpu.py`` checks they are ``ir/random.py``'s).
 """
@@ -75,6 +81,29 @@ class KernelSpec:
     out_params: str
     body: str
     preamble: str = ""
+
+
+@dataclass(frozen=True)
+class ReductionSpec:
+    """A ``cupy.ReductionKernel`` summing ``map_expr`` (in the concrete ``wide`` dtype) into
+    ``s``, as plain strings like :class:`KernelSpec`."""
+
+    name: str
+    in_params: str
+    map_expr: str
+    wide: str
+
+    @property
+    def out_params(self) -> str:
+        return f"{self.wide} s"
+
+
+@functools.cache
+def _compiled_sum(spec: ReductionSpec):
+    """The reduction of ``spec`` (called with ``axis=`` and ``keepdims=``)."""
+    cupy = import_cupy("autopar.backend.kernels")
+    return cupy.ReductionKernel(spec.in_params, spec.out_params, spec.map_expr, "a + b", "s = a", "0",
+                                name=spec.name, reduce_type=_C_TYPES[spec.wide], options=NVRTC_OPTIONS)
 
 
 @functools.cache
@@ -325,3 +354,116 @@ def adam_weight_decay(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps:
     numpy rounds it, each operation rounded as the CPU's (no FMA)."""
     args = adam_weight_decay_args(p.dtype, lr, beta1, beta2, eps, weight_decay)
     _compiled(ADAM_WEIGHT_DECAY_SPEC)(g, *args, p, m, v)
+
+
+# ---- Softmax and LayerNorm over the last axis (rows of (R, C)) -----------------------------------
+# Row statistics are ReductionKernels (one read of the input each); the output is one
+# ElementwiseKernel, so no (R, C) temporary is made. The operations follow rowwise's CPU
+# kernels (softmax.py, normalization.py) in order and precision; only the summation order
+# of a row differs.
+
+@functools.cache
+def softmax_specs(wide: str) -> tuple[ReductionSpec, KernelSpec]:
+    """s = sum(exp(x - m)) per row; y = exp(x - m) * (1 / s), in ``wide``, rounded to T."""
+    c = _C_TYPES[wide]
+    body = f"y = (T)(exp(({c})x - ({c})m) * (({c})1 / s));"
+    return (ReductionSpec("autopar_softmax_sum", "T x, T m", f"exp(({c})x - ({c})m)", wide),
+            KernelSpec("autopar_softmax", f"T x, T m, {wide} s", "T y", body))
+
+
+@functools.cache
+def softmax_grad_specs(wide: str) -> tuple[ReductionSpec, KernelSpec]:
+    """s = sum(dy * y) per row; dx = (dy - s) * y."""
+    c = _C_TYPES[wide]
+    body = f"dx = (T)((({c})dy - s) * ({c})y);"
+    return (ReductionSpec("autopar_softmax_grad_sum", "T dy, T y", f"({c})dy * ({c})y", wide),
+            KernelSpec("autopar_softmax_grad", f"T dy, T y, {wide} s", "T dx", body))
+
+
+def softmax(x):
+    """Softmax over the last axis of ``x`` (at least 1-D, not empty): max (CuPy's), one
+    sum kernel, one output kernel."""
+    x2 = x.reshape(-1, x.shape[-1])                     # (R, C)
+    total, out = softmax_specs(_wide(x.dtype).name)
+    m = x2.max(axis=1, keepdims=True)                   # (R, 1), in T
+    s = _compiled_sum(total)(x2, m, axis=1, keepdims=True)
+    return _compiled(out)(x2, m, s).reshape(x.shape)
+
+
+def softmax_grad(dy, y):
+    """dy * d softmax: y * (dy - sum(dy * y)) over the last axis (dy, y of one dtype)."""
+    dy2, y2 = dy.reshape(-1, dy.shape[-1]), y.reshape(-1, y.shape[-1])
+    total, out = softmax_grad_specs(_wide(y.dtype).name)
+    s = _compiled_sum(total)(dy2, y2, axis=1, keepdims=True)
+    return _compiled(out)(dy2, y2, s).reshape(y.shape)
+
+
+LAYER_NORM = """
+W xh = (W)x - mean;
+xh = xh * rstd;
+W o = xh * (W)gamma;
+o = o + (W)beta;
+y = (T)o;
+"""
+LAYER_NORM_GRAD = """
+W g = (W)dy * (W)gamma;
+g = g - gmean;
+W xh = (W)x - mean;
+xh = xh * rstd;
+xh = xh * proj;
+g = g - xh;
+g = g * rstd;
+dx = (T)g;
+"""
+
+
+@functools.cache
+def layer_norm_specs(wide: str) -> dict:
+    """The LayerNorm kernels in ``wide``: row variance sum, output, and for the VJP the row
+    sums of g = dy * gamma and of g * xhat, the column sum for dgamma, and dx."""
+    c, w = _C_TYPES[wide], wide
+    xhat = f"((({c})x - mean) * rstd)"
+    stats = f"T x, {w} mean, {w} rstd"
+    return {
+        "var": ReductionSpec("autopar_layer_norm_var", f"T x, {w} mean", f"(({c})x - mean) * (({c})x - mean)", w),
+        "y": KernelSpec("autopar_layer_norm", f"{stats}, T gamma, T beta", "T y", f"typedef {c} W;\n" + LAYER_NORM),
+        "g": ReductionSpec("autopar_layer_norm_g", "T dy, T gamma", f"({c})dy * ({c})gamma", w),
+        "gx": ReductionSpec("autopar_layer_norm_gx", f"T dy, T gamma, {stats}", f"(({c})dy * ({c})gamma) * {xhat}", w),
+        "dgamma": ReductionSpec("autopar_layer_norm_dgamma", f"T dy, {stats}", f"({c})dy * {xhat}", w),
+        "dx": KernelSpec("autopar_layer_norm_grad", f"T dy, T gamma, {stats}, {w} gmean, {w} proj", "T dx",
+                         f"typedef {c} W;\n" + LAYER_NORM_GRAD),
+    }
+
+
+def _row_stats(x2, eps: float, specs: dict):
+    """(mean, rstd), each (R, 1) in the wide dtype, as normalization.py's _standardize
+    computes them: mean = sum / C, rstd = 1 / sqrt(sum((x - mean)^2) / C + eps)."""
+    cols = x2.shape[1]
+    mean = x2.mean(axis=1, dtype=specs["var"].wide, keepdims=True)
+    var = _compiled_sum(specs["var"])(x2, mean, axis=1, keepdims=True)
+    return mean, 1.0 / import_cupy("autopar.backend.kernels").sqrt(var / cols + eps)
+
+
+def layer_norm(x, gamma, beta, eps: float):
+    """LayerNorm over the last axis, gamma and beta of shape (C,) and x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1])                     # (R, C)
+    specs = layer_norm_specs(_wide(x.dtype).name)
+    mean, rstd = _row_stats(x2, eps, specs)
+    return _compiled(specs["y"])(x2, mean, rstd, gamma, beta).reshape(x.shape)
+
+
+def layer_norm_grad(dy, x, gamma, eps: float, need_dx: bool = True, need_dgamma: bool = True):
+    """(dx, dgamma) of LayerNorm over the last axis (None where not needed): dgamma =
+    sum over rows of dy * xhat (in the wide dtype, as the CPU's einsum gives it); dx =
+    rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma."""
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    cols = x2.shape[1]
+    specs = layer_norm_specs(_wide(x.dtype).name)
+    mean, rstd = _row_stats(x2, eps, specs)
+    dgamma = _compiled_sum(specs["dgamma"])(dy2, x2, mean, rstd, axis=0) if need_dgamma else None
+    dx = None
+    if need_dx:
+        gmean = _compiled_sum(specs["g"])(dy2, gamma, axis=1, keepdims=True) / cols
+        proj = _compiled_sum(specs["gx"])(dy2, gamma, x2, mean, rstd, axis=1, keepdims=True) / cols
+        dx = _compiled(specs["dx"])(dy2, gamma, x2, mean, rstd, gmean, proj).reshape(x.shape)
+    return dx, dgamma

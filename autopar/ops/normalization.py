@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from ..backend import array_module
+from ..backend import array_module, kernels
 from ..dtype import accumulate_dtype
 from ..errors import OpArgError
 from .primitive import Primitive, check_float, normalize_axis
@@ -95,7 +95,15 @@ class LayerNorm(Primitive):
         c = math.prod(x.shape[bna:])
         return _standardize(x.reshape(-1, c), self.attrs["epsilon"], compute_dtype(x.dtype), True)
 
+    def _fused(self, x, *arrays) -> bool:
+        """Whether the fused GPU kernels compute: CuPy arrays of one dtype, statistics and
+        parameters over the last axis alone (PanGu-α's LayerNorms)."""
+        return (kernels.fusable(x, *arrays) and x.size > 0
+                and self._axes(x.ndim) == (x.ndim - 1, x.ndim - 1))
+
     def forward(self, x, gamma, beta):
+        if self._fused(x, gamma, beta):
+            return kernels.layer_norm(x, gamma, beta, self.attrs["epsilon"])
         xh, _ = self._xhat(x)
         y = xh.reshape(x.shape)          # gamma, beta: x.shape[bpa:] broadcast from the right
         y *= gamma
@@ -104,10 +112,14 @@ class LayerNorm(Primitive):
 
     def vjp(self, dy, xs, y, specs, needs):
         x, gamma = xs[0], xs[1]
-        xh, rstd = self._xhat(x)          # (R, C), (R,)
         n_param = gamma.size
-        dgamma = _param_grad(dy, xh, n_param).reshape(gamma.shape).astype(gamma.dtype) if needs[1] else None
         dbeta = _param_grad(dy, None, n_param).reshape(gamma.shape).astype(specs[2].dtype) if needs[2] else None
+        if self._fused(x, gamma, dy):
+            dx, dgamma = kernels.layer_norm_grad(dy, x, gamma, self.attrs["epsilon"], needs[0], needs[1])
+            return (None if dx is None else dx.astype(x.dtype, copy=False),
+                    None if dgamma is None else dgamma.astype(gamma.dtype), dbeta)
+        xh, rstd = self._xhat(x)          # (R, C), (R,)
+        dgamma = _param_grad(dy, xh, n_param).reshape(gamma.shape).astype(gamma.dtype) if needs[1] else None
         dx = None
         if needs[0]:
             g = array_module(dy, gamma).multiply(dy, gamma, dtype=xh.dtype).reshape(xh.shape)

@@ -4,7 +4,7 @@ Dimension names: N rows (B*S), V classes (vocabulary).
 """
 from __future__ import annotations
 
-from ..backend import array_module
+from ..backend import array_module, kernels
 from ..errors import OpArgError
 from ..ir.spec import TensorSpec
 from .primitive import Primitive, check_float, normalize_axes, normalize_axis
@@ -85,6 +85,19 @@ class Softmax(_RowNormalized):
 
     def _axes(self, ndim: int) -> tuple[int, ...]:
         return normalize_axes(self.attrs["axis"], ndim)
+
+    def _fused(self, *arrays) -> bool:
+        """Whether the fused GPU kernels compute: CuPy arrays, softmax over the last axis."""
+        x = arrays[0]
+        return kernels.fusable(*arrays) and x.size > 0 and self._axes(x.ndim) == (x.ndim - 1,)
+
+    def forward(self, x):
+        return kernels.softmax(x) if self._fused(x) else super().forward(x)
+
+    def vjp(self, dy, xs, y, specs, needs):
+        if self._fused(dy, y):
+            return (kernels.softmax_grad(dy, y).astype(specs[0].dtype, copy=False),)
+        return super().vjp(dy, xs, y, specs, needs)
 
 
 @register
