@@ -375,3 +375,28 @@ def test_layer_norm_kernels_follow_the_cpu(dtype):
     assert_same_bits(dx, want_dx)
     dgamma = row_sum(specs["dgamma"], {"dy": dy, **stats}, axis=0)
     np.testing.assert_allclose(dgamma.astype(dtype), want_dgamma, rtol=50 * np.finfo(dtype).eps)
+
+
+def test_softmax_and_layer_norm_take_the_fused_path_only_when_fusable(monkeypatch):
+    """numpy arrays: the CPU kernels; ``fusable`` true: the fused ones, last axis only."""
+    seen = []
+
+    def record(name, result):
+        return lambda *args, **kwargs: seen.append((name, args[-2:] if name == "layer_norm_grad" else ())) or result
+    x, g = np.ones((2, 3)), np.ones(3)
+    specs = [TensorSpec(a.shape, a.dtype) for a in (x, g, g)]
+    for name, result in (("softmax", x), ("softmax_grad", x), ("layer_norm", x), ("layer_norm_grad", (x, g))):
+        monkeypatch.setattr(kernels, name, record(name, result))
+
+    def run():
+        ops.Softmax().forward(x)
+        ops.Softmax().vjp(x, [None], x, specs[:1], (True,))
+        ops.Softmax(axis=0).forward(x)                                   # another axis: never fused
+        ops.LayerNorm().forward(x, g, g)
+        ops.LayerNorm().vjp(x, [x, g, None], None, specs, (True, False, True))
+        ops.LayerNorm(begin_norm_axis=0, begin_params_axis=1).forward(x, g, g)   # rows of 6: never fused
+    run()
+    assert seen == []
+    monkeypatch.setattr(kernels, "fusable", lambda *arrays, dtypes=kernels.FUSED_DTYPES: True)
+    run()
+    assert seen == [("softmax", ()), ("softmax_grad", ()), ("layer_norm", ()), ("layer_norm_grad", (True, False))]
