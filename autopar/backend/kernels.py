@@ -10,8 +10,9 @@ take one pass per operator.
 An op calls them behind one check, ``fusable(*arrays)``: only real CuPy arrays (of one
 float dtype) take a fused kernel, so the numpy path, and the test suite's stand-in device
 arrays, run exactly the code they ran before. Each kernel is a ``cupy.ElementwiseKernel``
-built on first use (``functools.cache``; CuPy compiles it on the first call and caches the
-binary on disk); importing this module imports nothing of CuPy.
+(row sums: ``cupy.ReductionKernel``) built from plain-string specs on first use
+(``functools.cache``; CuPy compiles it on the first call and caches the binary on disk);
+importing this module imports nothing of CuPy.
 
 Same results as the CPU: every kernel performs the CPU formula's float operations in the
 CPU's order and precision, and is compiled with ``--fmad=false`` so the CUDA compiler
