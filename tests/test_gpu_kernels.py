@@ -14,14 +14,9 @@ import collections
 
 import numpy as np
 import pytest
+from gpu import cupy_or_skip
 
-cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install -e '.[gpu]')")
-try:
-    _DEVICES = cupy.cuda.runtime.getDeviceCount()
-except Exception:     # no driver or no device
-    _DEVICES = 0
-if not _DEVICES:
-    pytest.skip("CuPy sees no GPU", allow_module_level=True)
+cupy = cupy_or_skip()
 
 import autopar  # noqa: E402
 from autopar import ops  # noqa: E402

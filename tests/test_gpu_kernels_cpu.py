@@ -240,6 +240,20 @@ class HostSubclass(np.ndarray):
     """A numpy subclass (test_backend.py's stand-in device array is one): not CuPy."""
 
 
+@pytest.fixture(autouse=True)
+def compiling_cupy(monkeypatch, request):
+    """A ``cupy`` module that compiles kernels, as far as ``fusable`` asks (the dispatch tests);
+    the bodies-as-numpy tests never reach ``fusable``."""
+    import types
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(ElementwiseKernel=object))
+
+
+def test_a_stand_in_cupy_that_compiles_no_kernels_takes_the_ordinary_path(monkeypatch):
+    import types
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace())     # tests/mpi/test_gpu_mpi.py's
+    assert not kernels.fusable(ndarray("float32"))
+
+
 def test_fusable_only_for_cupy_arrays_of_one_float_dtype():
     assert kernels.fusable(ndarray("float32")) and kernels.fusable(ndarray("float16"), ndarray("float16"))
     assert not kernels.fusable(ndarray("float16"), dtypes=kernels.EXACT_DTYPES)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,11 +56,15 @@ __device__ __forceinline__ unsigned int autopar_lowbias32(unsigned int x) {
 
 def fusable(*arrays, dtypes: tuple[str, ...] = FUSED_DTYPES) -> bool:
     """Whether a fused kernel serves these arrays: all CuPy arrays (recognised by type, as
-    ``arrays.array_module`` does, without importing CuPy) of one dtype among ``dtypes``."""
+    ``arrays.array_module`` does, without importing CuPy) of one dtype among ``dtypes``,
+    from a CuPy that compiles kernels (a stand-in device module, as the CPU tests of the
+    device paths use, takes the ordinary path)."""
     for a in arrays:
         t = type(a)
         if t.__module__.split(".", 1)[0] != "cupy" or t.__name__ != "ndarray":
             return False
+    if not hasattr(sys.modules.get("cupy"), "ElementwiseKernel"):
+        return False
     return arrays[0].dtype.name in dtypes and all(a.dtype == arrays[0].dtype for a in arrays)
 
 

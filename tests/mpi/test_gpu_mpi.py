@@ -30,12 +30,13 @@ if not _DEVICES:
     cupy = StandInCupy()
 DEVICE = "cupy" if _DEVICES else "stand-in"
 
+from steps import train  # noqa: E402
+
 import autopar  # noqa: E402
 from autopar import nn  # noqa: E402
 from autopar.comm import world  # noqa: E402
 from autopar.context import bound_world, parallel_context  # noqa: E402
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss  # noqa: E402
-from autopar.train import AdamWeightDecay  # noqa: E402
 
 WORLD = world()
 pytestmark = pytest.mark.skipif(WORLD.size != 2, reason="run under mpiexec -n 2")
@@ -61,13 +62,6 @@ def on_gpu_0():
     else:
         sys.modules["cupy"] = saved
 
-
-def train(net, cell, ids, steps=3):
-    """Three AdamWeightDecay steps with clipping: (losses, trained weights on the host)."""
-    opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-3, weight_decay=0.01)
-    step = nn.TrainOneStepCell(cell, opt, clip_norm=1.0)
-    losses = [float(step(ids)) for _ in range(steps)]
-    return losses, {p.name: p.asnumpy() for p in net.trainable_params()}
 
 
 @pytest.fixture(scope="module")

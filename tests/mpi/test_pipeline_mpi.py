@@ -3,13 +3,13 @@
 suite run (pp2); skipped when not under mpiexec."""
 import numpy as np
 import pytest
+from steps import train
 
 import autopar
 from autopar import nn
 from autopar.comm import world
 from autopar.context import bound_world, parallel_context
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
-from autopar.train import AdamWeightDecay
 
 WORLD = world()
 pytestmark = pytest.mark.skipif(WORLD.size == 1, reason="run under mpiexec")
@@ -37,12 +37,6 @@ def pangu(cfg, stages):
     nn.set_pipeline_stages(list(net.backbone.blocks) + [net.backbone.query_layer], stages=stages)
     return net
 
-
-def train(net, cell, ids, steps=3):
-    opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-3, weight_decay=0.01)
-    step = nn.TrainOneStepCell(cell, opt, clip_norm=1.0)
-    losses = [float(step(ids)) for _ in range(steps)]
-    return losses, {p.name: p.asnumpy() for p in net.trainable_params()}
 
 
 @pytest.fixture(scope="module")
