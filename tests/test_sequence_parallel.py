@@ -309,14 +309,16 @@ SEQUENCE_SPLIT = {"LayerNorm": "((1,4,1),(1,),(1,))", "Dropout": "((1,4,1),)", "
 
 def test_search_picks_sequence_parallel_when_memory_is_tight():
     """B2 S16 H64 on mp4: four more collective calls than it saves in LayerNorm and dropout
-    time, so the fastest plan keeps the tokens whole (all-reduces); under a cap 5% below its
-    peak the search splits the norm, dropout and add along S (reduce-scatter, all-gather)."""
+    time, so the fastest plan keeps the tokens whole (all-reduces); under a cap 10% below its
+    peak the search splits the norm, dropout and add along S (reduce-scatter, all-gather).
+    (5% below, splitting the block's elementwise tail along H already fits, at less cost:
+    the peak counts the backward's activation gradients too.)"""
     g = trace(FreeBlock(64, 4), (TensorSpec((2, 16, 64), np.dtype(np.float32)),), {}).graph
     stage = Mesh((4,), ("devices",))
     fast = search(g, stage, profile=SEARCH_PROFILE)
     assert _token_ops(g, fast.plan) == {"LayerNorm": "((1,1,1),(1,),(1,))", "Dropout": "((1,1,1),)",
                                         "Add": "((1,1,1),(1,1,1))"}
-    cap = 0.95 * fast.cost.memory_bytes
+    cap = 0.90 * fast.cost.memory_bytes
     lean = search(g, stage, profile=SEARCH_PROFILE, memory_cap=cap)
     assert _token_ops(g, lean.plan) == SEQUENCE_SPLIT
     assert lean.cost.memory_bytes <= cap and lean.cost.activation_bytes < fast.cost.activation_bytes
