@@ -113,7 +113,10 @@ def test_fused_gelu_in_place_equals_out_of_place(fused):
     assert fused["gelu"] == 2
 
 
-@pytest.mark.parametrize("dtype, rtol, atol", [("float32", 1e-5, 1e-6), ("float16", 2e-3, 1e-3)])
+# float32 atol: in the tails (|x| up to ~8) the gradient is x * (1 - tanh^2) / 2 + ..., and
+# CUDA's tanhf and numpy's differ by an ulp there, so 1 - tanh^2 moves by ~2 ulp(1) = 2.4e-7
+# times |x|: up to ~4e-6 (the H100 run, session 6, measured 4.1e-6 on 5 of 4096 elements)
+@pytest.mark.parametrize("dtype, rtol, atol", [("float32", 1e-5, 1e-5), ("float16", 2e-3, 1e-3)])
 def test_fused_tanh_gelu_in_lower_precision_tracks_the_cpu(fused, dtype, rtol, atol):
     rng = np.random.default_rng(4)
     x, dy = (rng.standard_normal(4096) * 2).astype(dtype), rng.standard_normal(4096).astype(dtype)
