@@ -325,6 +325,8 @@ def timing(report: Report, batch: int, steps: int, with_torch: bool) -> None:
         return
     try:
         tt, peak = time_torch(config, batch, steps)
+        import torch
+        torch.cuda.empty_cache()    # its model is gone: hand the cached blocks back (--ops ran out on the H100)
         report.add("INFO", "PyTorch eager step, same model, float32 (benchmarks/torch_pangu.py)",
                    f"{tt * 1e3:.0f} ms/step, {tokens / tt:,.0f} tokens/s, peak {peak / 2 ** 30:.1f} GiB; "
                    f"autopar / PyTorch tokens/s = {tt / t:.2f}")
