@@ -125,6 +125,23 @@ class OpSharding:
     def input_layout(self, i: int) -> Layout:
         return Layout(self.mesh, self._dims(self.indexing.inputs[i]))
 
+    def gemm_min_dim(self, specs) -> int | None:
+        """min(m, n, k) of a contraction's local GEMM (batch dims aside) on the local input
+        ``specs``, from its letters: m only in the first input and the output, n only in the
+        second and the output, k in both inputs and not the output; None for an op that is no
+        two-input contraction (the cost model's GEMM rate by shape reads it)."""
+        ix = self.indexing
+        if len(ix.inputs) != 2 or not ix.sum_letters:
+            return None
+        size: dict[str, int] = {}
+        for letters, spec in zip(ix.inputs, specs):
+            size.update(zip(letters, spec.shape))
+        a, b, out = set(ix.inputs[0]), set(ix.inputs[1]), set(ix.output)
+        m = math.prod(size[ch] for ch in (a & out) - b)
+        n = math.prod(size[ch] for ch in (b & out) - a)
+        k = math.prod(size[ch] for ch in ix.sum_letters)
+        return min(m, n, k)
+
     def output_layout(self) -> Layout:
         partial = tuple(a for ch in sorted(self.indexing.sum_letters) for a in self.letter_axes(ch))
         return Layout(self.mesh, self._dims(self.indexing.output), partial)

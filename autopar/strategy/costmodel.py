@@ -156,23 +156,6 @@ class PlanCost:
                               "grad_comm_s": self.grad_comm_s, "grad_exposed_s": self.grad_exposed_s}}
 
 
-def gemm_min_dim(sh: OpSharding, specs: list[TensorSpec]) -> int | None:
-    """min(m, n, k) of a contraction's local GEMM (batch dims aside), from its letters: m
-    only in the first input and the output, n only in the second and the output, k in
-    both inputs and not the output; None for an op that is no two-input contraction."""
-    ix = sh.indexing
-    if len(ix.inputs) != 2 or not ix.sum_letters:
-        return None
-    size: dict[str, int] = {}
-    for letters, spec in zip(ix.inputs, specs):
-        size.update(zip(letters, spec.shape))
-    a, b, out = set(ix.inputs[0]), set(ix.inputs[1]), set(ix.output)
-    m = math.prod(size[ch] for ch in (a & out) - b)
-    n = math.prod(size[ch] for ch in (b & out) - a)
-    k = math.prod(size[ch] for ch in ix.sum_letters)
-    return min(m, n, k)
-
-
 def _local(spec: TensorSpec, layout: Layout) -> TensorSpec:
     return TensorSpec(layout.local_shape(spec.shape), spec.dtype)
 
@@ -303,7 +286,7 @@ class CostModel:
             flops, nbytes, launches = flops + fwd_flops, nbytes + fwd_bytes, launches + 1
         if dtype not in prof.gemm_flops:   # a dtype the profile lists no rate for: its slowest rate
             dtype = min(prof.gemm_flops, key=prof.gemm_flops.get)
-        min_dim, overhead = gemm_min_dim(sh, specs), getattr(prof, "op_overhead_s", 0.0)
+        min_dim, overhead = sh.gemm_min_dim(specs), getattr(prof, "op_overhead_s", 0.0)
         compute = formulas.compute_seconds(flops, 0, dtype, prof, min_dim) \
             + nbytes / prof.op_rate(prim.kind) + launches * overhead
         forward_s = formulas.compute_seconds(fwd_flops, 0, dtype, prof, min_dim) \
