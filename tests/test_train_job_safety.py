@@ -117,3 +117,19 @@ def test_an_unknown_profile_is_an_error_before_any_work(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("train.py: error: load_profile: no profile named 'nosuch'; shipped profiles: [")
     assert list(tmp_path.iterdir()) == []                               # no data prepared, nothing written
+
+
+def test_device_target_gpu_without_cupy_is_an_error_before_any_work(tmp_path):
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed here: the flag would run")
+    except ImportError:
+        pass
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "train.py"), "--device-target", "GPU", "--out",
+                           str(tmp_path / "run"), "--data", str(tmp_path / "data")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("train.py: error: --device-target: set_context: device_target: expected 'GPU' "
+                                  "with CuPy installed, got CuPy is not importable"), proc.stderr
+    assert list(tmp_path.iterdir()) == []                               # no data prepared, nothing written

@@ -102,6 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--optimizer-parallel", action="store_true", help="shard optimizer states (ZeRO-1)")
     p.add_argument("--compute-dtype", choices=("float32", "float16", "bfloat16"), default=None,
                    help="mixed precision: matmuls and activations in this dtype, float32 master weights")
+    p.add_argument("--device-target", choices=("CPU", "GPU"), default="CPU",
+                   help="where the arrays live (MindSpore's device_target): GPU runs every op through CuPy; "
+                        "ranks under mpiexec may share one GPU (MPI copies through the host)")
     p.add_argument("--random-order", action="store_true", help="train on randomly permuted samples")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches (8 x 16 = 128 sequences)")
@@ -173,6 +176,10 @@ def main(argv=None) -> None:
     if problem:
         raise ValueError(problem)
     profile = load_profile(args.profile) if args.profile else None     # an unknown name fails here
+    try:
+        autopar.set_context(device_target=args.device_target)
+    except ImportError as err:      # --device-target GPU without CuPy: the flag's error, before any work
+        raise ValueError(f"--device-target: {err}") from err
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     install_abort_handler()
     autopar.init()
