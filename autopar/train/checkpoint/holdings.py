@@ -75,7 +75,7 @@ def held_tensors(network, optimizer, world_rank: int) -> list[dict]:
             if isinstance(target, AbsentShard):
                 continue
             for s, array in states.items():
-                out.append(_block(f"{s}.{target.name}", target, array, world_rank) | {"kind": "state"})
+                out.append(_block(f"{s}.{target.name}", target, to_host(array), world_rank) | {"kind": "state"})
     return out
 
 
