@@ -17,9 +17,15 @@ def default_mpiexec() -> str | None:
     return shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 def worker_env() -> dict[str, str]:
-    """The environment of a worker: one BLAS thread per rank, as every rank owns one core."""
-    return dict(os.environ, **ONE_BLAS_THREAD)
+    """The environment of a worker: one BLAS thread per rank, as every rank owns one core,
+    and this checkout on the path (a worker script's own folder is benchmarks/, so without
+    an install -- a machine that cannot build one offline -- autopar would not import)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, **ONE_BLAS_THREAD, PYTHONPATH=path)
 
 
 def pangu_graph(cfg, batch: int):

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import shutil
 import socket
@@ -34,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import worker_env
 
 CONFIG = dict(vocab_size=8000, seq_length=256, hidden_size=512, num_layers=4, num_heads=8,
               ffn_hidden_size=2048)
@@ -230,7 +230,7 @@ def main() -> None:
     if args.torch_worker is not None:
         torch_worker(args.batch, args.steps, args.dropout, args.torch_worker)
         return
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = worker_env()
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")     # gloo on the loopback, where the rendezvous is
     with_torch = args.torch and torch_imports()
     if args.ceiling:
