@@ -68,3 +68,33 @@ def test_stage_memory_with_recompute_peaks_while_a_layer_is_rebuilt_in_backward(
     # backward of the second micro-batch: the first's 450 kept, this one's 450, and the top
     # layer's 1000 rebuilt before any gradient is made
     assert stage_memory(FIRST, LAYER, LAST, 2, 0, 4, 2, True) == static + per_mb + per_mb + 1000 == 2180
+
+
+class MatMulReshapeMean(nn.Cell):
+    """mean(reshape(x @ w)): the reshape's VJP hands dy back as a view, so the matmul
+    output's gradient lives in the reshape output's gradient buffer."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.w = nn.Parameter(np.zeros((h, h), np.float32), name="w")
+        self.mm, self.reshape, self.mean = ops.MatMul(), ops.Reshape(), ops.ReduceMean()
+
+    def construct(self, x):
+        y = self.mm(x, self.w)
+        return self.mean(self.reshape(y, (-1,)))
+
+
+def test_a_gradient_that_views_another_is_counted_once(monkeypatch):
+    from autopar.strategy.backward_memory import gradients_in_flight
+    g = trace(MatMulReshapeMean(64), (TensorSpec((128, 64), np.dtype(np.float32)),), {}).graph
+    model = CostModel(g, Mesh((1,), ("devices",)), load_profile("cpu-2core"))
+    flight = model.gradients_in_flight(plan_shardings(g, "stand_alone", model.stage, True).shardings)
+    y = 128 * 64 * 4
+    # forward order mm, reshape, mean: dy of the reshape output is made by the mean and read by
+    # the reshape, whose dx (the matmul output's gradient) is a view of it: one buffer throughout
+    assert [n.prim.kind for n in model.forward] == ["MatMul", "Reshape", "ReduceMean"]
+    assert flight == [y, y, y]
+    # were the reshape's input gradient a fresh array, its step would hold both: dy and dx
+    reshape = model.forward[1].prim
+    monkeypatch.setattr(reshape, "grads_are_fresh", lambda: True)
+    assert gradients_in_flight(model.forward, model.needs_grad, model.params, lambda v: y) == [y, 2 * y, y]
