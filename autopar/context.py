@@ -54,7 +54,12 @@ from . import comm
 from .comm.fusion import DEFAULT_COMM_FUSION, CommFusion, parse_comm_fusion, with_allreduce_indices
 from .comm.mpi import install_abort_handler, launcher_size
 from .errors import check_int, format_error, is_int
-from .strategy.optimizer_shard import DEFAULT_OPTIMIZER_SHARD, OptimizerShard, parse_optimizer_shard
+from .strategy.optimizer_shard import (
+    DEFAULT_OPTIMIZER_SHARD,
+    DEFAULT_THRESHOLD_KB,
+    OptimizerShard,
+    parse_optimizer_shard,
+)
 from .strategy.plan_source import PlanOptions
 from .strategy.search import SEARCH_MODES
 
@@ -189,7 +194,7 @@ class ParallelContext:
     search_mode: str = "dynamic_programming"
     pipeline_stages: int = 1
     enable_parallel_optimizer: bool = False
-    parallel_optimizer_threshold: int = 64
+    parallel_optimizer_threshold: int = DEFAULT_THRESHOLD_KB
     strategy_ckpt_save_file: str = ""
     strategy_ckpt_load_file: str = ""
     cost_profile: str = ""    # machine profile the auto_parallel search costs plans with ('' = cpu-2core)
@@ -300,7 +305,8 @@ class ParallelContext:
         return PlanOptions(self.strategy_ckpt_load_file, self.search_mode, self.cost_profile,
                            self.enable_parallel_optimizer, comm_fusion=self.comm_fusion,
                            only_trainable_params=self.strategy_ckpt_config.only_trainable_params,
-                           optimizer_shard=self.parallel_optimizer_config)
+                           optimizer_shard=dataclasses.replace(self.parallel_optimizer_config,
+                                                               threshold_kb=self.parallel_optimizer_threshold))
 
     def replace(self, **changes) -> ParallelContext:
         """A new validated value with ``changes`` applied; unknown names are a ValueError."""

@@ -13,6 +13,7 @@ from autopar.ir.spec import TensorSpec
 from autopar.runtime.trace import trace
 from autopar.strategy import formulas as cost
 from autopar.strategy.costmodel import CostModel
+from autopar.strategy.optimizer_shard import OptimizerShard
 from autopar.strategy.profile import PROFILE_DIR, load_profile
 from autopar.strategy.sharding_plan import plan_shardings
 
@@ -109,7 +110,8 @@ def test_optimizer_parallel_splits_states_and_gradients_by_the_data_parallel_deg
     h = 64
     g, stage, plan = dense_data_parallel(dp, h)
     plain = CostModel(g, stage, load_profile("cpu-2core"), optimizer_states=3).evaluate(plan)
-    zero = CostModel(g, stage, load_profile("cpu-2core"), optimizer_states=3, optimizer_parallel=True).evaluate(plan)
+    zero = CostModel(g, stage, load_profile("cpu-2core"), optimizer_states=3, optimizer_parallel=True,
+                     optimizer_shard=OptimizerShard(threshold_kb=0)).evaluate(plan)   # these small weights sliced too
     psi = h * h
     # Rajbhandari et al.: plain (2 + 2 + K) psi; the runtime reduce-scatters gradients and keeps
     # states for its slice, so gradients and states are split N ways: ZeRO stage 2's

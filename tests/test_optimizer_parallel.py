@@ -15,8 +15,8 @@ from autopar.context import bound_world, parallel_context
 from autopar.ir.layout import Layout
 from autopar.ir.mesh import Mesh
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
-from autopar.runtime.optimizer_parallel import slice_layout
 from autopar.runtime.shards import gather
+from autopar.strategy.optimizer_shard import slice_layout
 from autopar.train import SGD, Adam, AdamWeightDecay
 from autopar.train import checkpoint as ckpt
 

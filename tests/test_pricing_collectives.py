@@ -20,6 +20,7 @@ from autopar.ir.spec import TensorSpec
 from autopar.runtime.trace import trace
 from autopar.strategy import formulas
 from autopar.strategy.costmodel import CLIP_BYTES_PER_ELEMENT, OPTIMIZER_BYTES_PER_ELEMENT, CostModel
+from autopar.strategy.optimizer_shard import OptimizerShard
 from autopar.strategy.profile import PROFILE_DIR, load_profile
 from autopar.strategy.sharding_plan import plan_shardings
 
@@ -83,7 +84,8 @@ def test_each_collective_call_pays_its_latency_and_optimizer_parallel_makes_two(
     g, stage, plan = dense_data_parallel(dp, h)
     prof = links(tmp_path, latency, optimizer_update=1e9)
     plain = CostModel(g, stage, prof).evaluate(plan)
-    zero = CostModel(g, stage, prof, optimizer_parallel=True).evaluate(plan)
+    zero = CostModel(g, stage, prof, optimizer_parallel=True,
+                     optimizer_shard=OptimizerShard(threshold_kb=0)).evaluate(plan)   # every weight sliced
     grad = h * h * 4 * formulas.collective_factor("all_reduce", dp) / 1e9
     norm = 8 * formulas.collective_factor("all_reduce", dp) / 1e9
     assert plain.comm_s == pytest.approx(2 * latency + grad + norm, rel=1e-12)       # gradient + norm: 2 calls

@@ -262,7 +262,8 @@ def priced():
     stage = Mesh((N,), ("devices",))
     plan = plan_shardings(graph, "data_parallel", stage, False)
     return {level: CostModel(graph, stage, load_profile("cpu-2core"), False, optimizer_parallel=True,
-                             optimizer_shard=OptimizerShard(LEVEL[level])).evaluate(plan) for level in (1, 2, 3)}
+                             optimizer_shard=OptimizerShard(LEVEL[level], threshold_kb=0)).evaluate(plan)
+            for level in (1, 2, 3)}
 
 
 @pytest.mark.parametrize("level", [1, 2, 3])
@@ -287,6 +288,7 @@ def test_the_weight_all_gathers_after_the_update_pay_latency_not_waiting():
     plan = plan_shardings(graph, "data_parallel", stage, False)
     profile = dataclasses.replace(load_profile("cpu-2core"), collective_wait_s=3e-4)
     plain = CostModel(graph, stage, profile, False).evaluate(plan)
-    zero = CostModel(graph, stage, profile, False, optimizer_parallel=True).evaluate(plan)
-    weights = len(graph.params)                      # every weight of tiny is replicated over dp4
+    zero = CostModel(graph, stage, profile, False, optimizer_parallel=True,
+                     optimizer_shard=OptimizerShard(threshold_kb=0)).evaluate(plan)
+    weights = len(graph.params)                      # every weight of tiny is replicated over dp4, all sliced
     assert zero.comm_s - plain.comm_s == pytest.approx(weights * profile.intra_node_latency_s, rel=1e-9)

@@ -74,7 +74,7 @@ from . import formulas, gradient_flow
 from .backward_memory import backward_peak, gradients_in_flight
 from .canonical import canonical
 from .grad_buckets import GradBucket, GradReduction, bucket, bucketable, exposed_seconds, trained_order
-from .optimizer_shard import DEFAULT_OPTIMIZER_SHARD, OptimizerShard
+from .optimizer_shard import DEFAULT_OPTIMIZER_SHARD, OptimizerShard, slice_layout
 from .profile import MachineProfile
 from .recompute_regions import internal_values, rebuild_set, recompute_regions, resolve_marks, whole_cells
 from .sharding_plan import ShardingPlan, input_layout
@@ -302,7 +302,7 @@ class CostModel:
             compute += self.grad_sum_seconds(v, lay)
             if reductions:
                 grad += self.redistribution_seconds(sh.grad_layout(i), lay, v)
-            copies = self._copies(lay)
+            copies = self._copies(v, lay)
             if copies > 1:      # optimizer parallel: the updated slices are all-gathered, one more call,
                 # back to back after the update: no rank waits for another (the 16-core run measured
                 # ZeRO's comm within 5% of plain DP's; charging each call's wait put it 70% above)
@@ -311,7 +311,7 @@ class CostModel:
                     grad += self.collective_seconds("all_gather", local_bytes, lay.mesh, lay.replicated_axes())
             pbytes += local_bytes // copies if self.weights_sliced else local_bytes
             gbytes += local_bytes // copies   # optimizer parallel: a reduce-scattered slice
-            sbytes += self.state_bytes(local_bytes, lay)
+            sbytes += self.state_bytes(v, local_bytes, lay)
             update += OPTIMIZER_BYTES_PER_ELEMENT * (local_bytes // copies) / prof.op_rate(OPTIMIZER_KIND)
         act = sum(nbytes for _, nbytes in self.kept_for_backward(node, sh))
         flight = out.nbytes if node.outputs[0] in self.needs_grad else 0
@@ -330,19 +330,25 @@ class CostModel:
         nbytes = (k + 1) * _local(self.graph.spec(value), layout).nbytes
         return nbytes / self.profile.op_rate(GRAD_SUM_KIND) + getattr(self.profile, "op_overhead_s", 0.0)
 
-    def state_bytes(self, local_bytes: int, layout: Layout) -> int:
-        """Optimizer-state bytes of a weight of ``local_bytes`` per rank in ``layout``:
+    def state_bytes(self, value: int, local_bytes: int, layout: Layout) -> int:
+        """Optimizer-state bytes of weight ``value`` of ``local_bytes`` per rank in ``layout``:
         split over its data-parallel copies with optimizer parallel."""
-        return self.optimizer_states * local_bytes // self._copies(layout)
+        return self.optimizer_states * local_bytes // self._copies(value, layout)
 
-    def _copies(self, layout: Layout) -> int:
-        """Ranks a weight's optimizer state and gradient are split over: its data-parallel
-        copies with optimizer parallel (at most ``optimizer_weight_shard_size``), else 1."""
+    def _copies(self, value: int, layout: Layout) -> int:
+        """Ranks a weight's optimizer state and gradient are split over: with optimizer
+        parallel, what the runtime's slice of it divides its block by (the one rule,
+        :func:`~.optimizer_shard.slice_layout`: a weight under the threshold, or with no dim
+        its copies divide, stays whole), else 1."""
         if not self.optimizer_parallel:
             return 1
-        n = math.prod(layout.mesh.shape[a] for a in layout.replicated_axes())
-        k = self.optimizer_shard.shard_size
-        return k if 1 < k < n else n
+        spec, shard = self.graph.spec(value), self.optimizer_shard
+        sliced = slice_layout(layout, spec.shape, np.dtype(spec.dtype).itemsize, shard.threshold_kb, shard.shard_size,
+                              self.graph.param_names()[self.graph.params.index(value)]
+                              if value in self.params else "weight")
+        if sliced is None:
+            return 1
+        return math.prod(layout.local_shape(spec.shape)) // math.prod(sliced.local_shape(spec.shape))
 
     def param_memory(self, value: int, layout: Layout) -> tuple[int, int]:
         """(weight + gradient + states, states) bytes per rank of a parameter in ``layout``."""
@@ -353,9 +359,9 @@ class CostModel:
         """(weight, gradient, states) bytes per rank of a parameter in ``layout``. With
         optimizer parallel the runtime reduce-scatters the gradient, so it is kept as a
         slice like the states (ZeRO-2's memory for gradients)."""
-        local, copies = _local(self.graph.spec(value), layout).nbytes, self._copies(layout)
+        local, copies = _local(self.graph.spec(value), layout).nbytes, self._copies(value, layout)
         weight = local // copies if self.weights_sliced else local
-        return weight, local // copies, self.state_bytes(local, layout)
+        return weight, local // copies, self.state_bytes(value, local, layout)
 
     def _internal_seconds(self, node: Node, sh: OpSharding, out: TensorSpec, backward: bool) -> float:
         """Collectives a kernel runs itself over its *internal* letters' axes: the
@@ -541,7 +547,7 @@ class CostModel:
             return alone
         src, dtype = canonical(part), np.dtype(spec.dtype)
         steps = rd.plan(src, canonical(target), spec.shape, dtype.itemsize, checked=True).steps
-        return bucketable(alone, steps, src.mesh, self._copies(target), dtype.str, value)
+        return bucketable(alone, steps, src.mesh, self._copies(value, target), dtype.str, value)
 
     def _param_index(self, value: int) -> int:
         """Index in the trained list (``param_order``) of the parameter ``value`` is (or is a

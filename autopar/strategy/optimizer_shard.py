@@ -30,10 +30,12 @@ collectives. ``parallel_optimizer_threshold`` (KB) lives on the context as its o
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..errors import format_error, is_int
+from ..ir.layout import Layout
 
 WHERE = "parallel_optimizer_config"
 LEVELS = ("level1", "level2", "level3")
@@ -43,11 +45,13 @@ KEYS = ("optimizer_level", "optimizer_weight_shard_size", "gradient_accumulation
 
 @dataclass(frozen=True)
 class OptimizerShard:
-    """The validated ``parallel_optimizer_config`` (without the threshold, a context key)."""
+    """The validated ``parallel_optimizer_config``; ``threshold_kb`` is the context's own
+    ``parallel_optimizer_threshold`` key (MindSpore's default 64), carried here for the planner."""
 
     level: str = "level1"
     shard_size: int = -1                 # optimizer_weight_shard_size; -1: every replica
     accumulation_shard: bool = False     # gradient_accumulation_shard
+    threshold_kb: int = 64               # parallel_optimizer_threshold (the context's key): smaller weights stay whole
 
     @property
     def shards_accumulation(self) -> bool:
@@ -65,6 +69,64 @@ class OptimizerShard:
 
 
 DEFAULT_OPTIMIZER_SHARD = OptimizerShard()
+DEFAULT_THRESHOLD_KB = DEFAULT_OPTIMIZER_SHARD.threshold_kb
+KB = 1024  # bytes per unit of parallel_optimizer_threshold
+
+
+def slice_layout(layout: Layout, shape: Sequence[int], itemsize: int, threshold_kb: int, shard_size: int = -1,
+                 name: str = "weight") -> Layout | None:
+    """The layout of the slice each replica updates, or None when the weight stays whole.
+
+    ``shard_size`` k (``optimizer_weight_shard_size``; -1: every replica) slices over groups
+    of k consecutive replicas: the innermost replicated axes, the last one cut (the mesh
+    refined, same ranks) when only part of it is needed. A weight with fewer replicas than
+    k is sliced over all of them; a replica count k does not fit is a ValueError naming it."""
+    if math.prod(shape) * itemsize < threshold_kb * KB:
+        return None
+    axes = tuple(a for a in layout.replicated_axes() if layout.mesh.shape[a] > 1)
+    count = math.prod(layout.mesh.shape[a] for a in axes)
+    if count == 1:
+        return None
+    if 1 < shard_size < count:
+        layout, axes = _inner_group(layout, axes, shard_size, name)
+        count = shard_size
+    local = layout.local_shape(shape)
+    dim = next((d for d, n in enumerate(local) if n % count == 0), None)
+    if dim is None:
+        return None
+    dims = tuple(d + axes if i == dim else d for i, d in enumerate(layout.dims))
+    return Layout(layout.mesh, dims, layout.partial)
+
+
+def _inner_group(layout: Layout, axes: tuple[int, ...], k: int, name: str) -> tuple[Layout, tuple[int, ...]]:
+    """``layout`` on a refinement of its mesh and the (new) axes of its innermost replicated
+    axes whose sizes multiply to ``k``: groups of k consecutive replicas."""
+    sizes = layout.mesh.shape
+    factors = [(s,) for s in sizes]
+    taken, need = [], k
+    for a in reversed(axes):
+        if need == 1:
+            break
+        if need % sizes[a] == 0:
+            taken.append((a, 0))
+            need //= sizes[a]
+        elif sizes[a] % need == 0:
+            factors[a] = (sizes[a] // need, need)
+            taken.append((a, 1))
+            need = 1
+        else:
+            break
+    if need != 1:
+        replicas = "x".join(str(sizes[a]) for a in axes)
+        raise ValueError(format_error("parallel_optimizer_config", "optimizer_weight_shard_size",
+                                      f"a group size the replicas of {name!r} ({replicas}, innermost last) split into",
+                                      k, "use a divisor of the data-parallel degree, or -1"))
+    first = [0]
+    for fs in factors:
+        first.append(first[-1] + len(fs))
+    return layout.refine(factors), tuple(sorted(first[a] + part for a, part in taken))
+
+
 
 
 def parse_optimizer_shard(value) -> tuple[OptimizerShard, int | None]:

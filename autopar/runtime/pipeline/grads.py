@@ -33,7 +33,7 @@ not on this stage        zeros of shape (0, ...)            --
 =======================  ================================  =================================
 
 Optimizer parallel works inside each stage: a weight's replicas are the ranks of its stage
-that hold the same block (:func:`~autopar.runtime.optimizer_parallel.slice_layout` on the
+that hold the same block (:func:`~autopar.strategy.optimizer_shard.slice_layout` on the
 stage mesh), so optimizer state per rank falls by the stage's data-parallel degree.
 """
 from __future__ import annotations
