@@ -337,18 +337,16 @@ class CostModel:
 
     def _copies(self, value: int, layout: Layout) -> int:
         """Ranks a weight's optimizer state and gradient are split over: with optimizer
-        parallel, what the runtime's slice of it divides its block by (the one rule,
-        :func:`~.optimizer_shard.slice_layout`: a weight under the threshold, or with no dim
-        its copies divide, stays whole), else 1."""
+        parallel, what the runtime's slice divides its block by (:func:`~.optimizer_shard.
+        slice_layout`, the one rule: under the threshold or with no dim to cut, whole), else 1."""
         if not self.optimizer_parallel:
             return 1
-        spec, shard = self.graph.spec(value), self.optimizer_shard
+        spec, shard, g = self.graph.spec(value), self.optimizer_shard, self.graph
+        name = g.param_names()[g.params.index(value)] if value in self.params else "weight"   # what a misfit names
         sliced = slice_layout(layout, spec.shape, np.dtype(spec.dtype).itemsize, shard.threshold_kb, shard.shard_size,
-                              self.graph.param_names()[self.graph.params.index(value)]
-                              if value in self.params else "weight")
-        if sliced is None:
-            return 1
-        return math.prod(layout.local_shape(spec.shape)) // math.prod(sliced.local_shape(spec.shape))
+                              name)
+        return 1 if sliced is None else \
+            math.prod(layout.local_shape(spec.shape)) // math.prod(sliced.local_shape(spec.shape))
 
     def param_memory(self, value: int, layout: Layout) -> tuple[int, int]:
         """(weight + gradient + states, states) bytes per rank of a parameter in ``layout``."""
