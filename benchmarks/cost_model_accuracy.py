@@ -87,6 +87,18 @@ def resident_bytes(prog, train, fed) -> int:
             + unique_nbytes(consts))
 
 
+def step_bytes(prog, train, fed, comm) -> tuple[int, int]:
+    """(bytes alive before a step, numpy's allocation peak during it) on this rank: the
+    measured peak memory is their sum (the runs' ranks start the step together)."""
+    before = resident_bytes(prog, train, fed)
+    comm.barrier()
+    tracemalloc.start()
+    train(fed)
+    traced = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return before, traced
+
+
 def prediction(prog, plan: Plan, size: dict, ranks: int, profile: str) -> dict:
     """The plan's predicted step (seconds, and its parts) and peak bytes per rank."""
     p = prog.choice if plan.auto else predict_hand(plan, size, ranks, profile)
@@ -120,12 +132,7 @@ def worker(args) -> None:
             train(fed)
             times.append(clock() - t0)
             comm_times.append(prog.comm_clock[0] - c0)
-        before = resident_bytes(prog, train, fed)
-        comm.barrier()
-        tracemalloc.start()
-        train(fed)
-        traced = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
+        before, traced = step_bytes(prog, train, fed, comm)
     slowest = np.asarray(comm.allreduce(np.array(times, np.float64), op="max"))
     comm_s = np.asarray(comm.allreduce(np.array(comm_times, np.float64), op="max"))
     peak = float(comm.allreduce(np.array(float(before + traced)), op="max"))

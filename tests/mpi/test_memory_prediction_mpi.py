@@ -8,7 +8,6 @@ Predicted by the joint search's own pricing of the exact hand plan (``accuracy_p
 predict_hand``). Tiny PanGu-α; a plan each for a pipeline (the accumulated and the new
 gradients), recompute (the walk with gradients made so far) and ZeRO."""
 import sys
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ pytestmark = pytest.mark.skipif(WORLD.size != 2, reason="run under mpiexec -n 2"
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import accuracy_plans as ap  # noqa: E402
-from cost_model_accuracy import resident_bytes  # noqa: E402
+from cost_model_accuracy import step_bytes  # noqa: E402
 
 
 def measured_peak(plan) -> float:
@@ -32,12 +31,7 @@ def measured_peak(plan) -> float:
     with bound_world(WORLD), parallel_context(**ap.context(plan, 2, "cpu-2core")):
         prog = train.build(fed)
         train(fed)                                  # the optimizer states exist from here on
-        before = resident_bytes(prog, train, fed)
-        WORLD.barrier()
-        tracemalloc.start()
-        train(fed)
-        traced = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
+        before, traced = step_bytes(prog, train, fed, WORLD)
     return float(WORLD.allreduce(np.array(float(before + traced)), op="max"))
 
 
