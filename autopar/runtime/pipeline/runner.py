@@ -213,8 +213,8 @@ def _backward(chunk: ChunkStep, k: int, step: int, memory, inbox: dict, outbox: 
     else:   # the gradients it sends back are activations' too
         outs = memory.run(prog, ins, step, _held(saved, inbox, outbox, ins), grads, prog.outputs[n:])
     for j, slot in enumerate(chunk.grad_slots):
-        g = outs[j]          # accumulated where it lives (host or device)
-        grads[slot] = g.copy() if grads[slot] is None else array_module(g).add(grads[slot], g, out=grads[slot])
+        g = outs[j]          # the program's own output (Program.run hands back arrays the caller may modify)
+        grads[slot] = g if grads[slot] is None else array_module(g).add(grads[slot], g, out=grads[slot])
     for v, g in zip(chunk.grads_back, outs[n:]):
         outbox[(GRADIENT, v, c, k)] = [g, 1, []]
 

@@ -394,7 +394,7 @@ def _stage_memory(c: _StageCost, kept: int, m: int, recompute: bool) -> int:
     per stage against 4.98 / 5.91 predicted; the walk's own peak gave 15% less)."""
     acts = c.recompute_bytes if recompute else c.activation_bytes
     peak, bare = (c.recompute_peak, c.recompute_backward) if recompute else (c.one_batch_peak, c.backward_bytes)
-    first = (kept - 1) * acts + max(peak, 2 * c.grad_bytes if m > 1 else 0)   # the first backward: a copy made
+    first = (kept - 1) * acts + peak                      # the first backward: no gradients before it
     if m == 1:
         return c.static_bytes + max(acts, first)
     later = 2 * c.grad_bytes + (kept - 1) * acts + bare      # bound: measured (pp2 m2, tiny: within 2%)
