@@ -117,6 +117,24 @@ def test_zero_formulas_exact():
         zero_memory_bytes(psi, n, 4)
 
 
+@pytest.mark.parametrize("name", ["1f1b", "gpipe"])
+def test_pipeline_seconds_equals_a_replay_of_the_schedule_when_the_last_stage_is_slowest(name):
+    """PanGu-α's shape: the last stage (head, query layer) the slowest. The closed form
+    m * max + (sum - max) is the replay of the runtime's own schedule table with these
+    per-stage forward and backward times."""
+    from autopar.runtime.pipeline.schedule import make_schedule
+    fwd, bwd = [0.010, 0.007, 0.007, 0.016], [0.021, 0.013, 0.015, 0.030]
+    for m in (4, 8, 9):
+        loop, bubble = cost.pipeline_seconds([f + b for f, b in zip(fwd, bwd)], m)
+        assert loop == pytest.approx(make_schedule(name, 4, m).makespan(fwd, bwd), rel=1e-12)
+        assert bubble == pytest.approx(0.010 + 0.007 + 0.007 + 0.021 + 0.013 + 0.015, rel=1e-12)
+    equal = cost.pipeline_seconds([0.5] * 4, 8, v=2)              # alike stages: (p - 1) / (v m) of ideal
+    assert equal == pytest.approx((8 * 0.5 + 3 * 0.5 / 2, 3 * 0.5 / 2))
+    assert equal[1] / (8 * 0.5) == pytest.approx(cost.pipeline_bubble(4, 8, v=2)[0])
+    with pytest.raises(ValueError, match="pipeline_seconds: m: expected an int >= 1"):
+        cost.pipeline_seconds([1.0], 0)
+
+
 def test_pipeline_bubble():
     assert cost.pipeline_bubble(4, 8) == pytest.approx((3 / 8, 3 / 11))
     assert cost.pipeline_bubble(4, 8, v=2) == pytest.approx((3 / 16, 3 / 19))

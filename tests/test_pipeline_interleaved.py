@@ -309,21 +309,23 @@ def coster():
     return StageCoster(fam, 8, load_profile("cpu-2core"))
 
 
-def test_stage_search_prices_the_bubble_as_p_minus_1_over_v_micro_batches(coster):
-    """The bubble is (p - 1) / v times the slowest stage's micro-batch (compute, the stage's
-    collectives and its chunk boundaries' sends), recomputed here from the parts."""
+def test_stage_search_prices_the_bubble_as_the_other_stages_over_v(coster):
+    """The bubble is the other stages' micro-batch times (compute, the stage's collectives
+    and its chunk boundaries' sends) over v -- (p - 1) / v times a stage's when all are
+    equal -- recomputed here from the parts."""
     from autopar.strategy.pipeline.stage_search import StageSetting, evaluate, stage_time, transfer_seconds
     for pp, v, m in [(2, 2, 4), (4, 2, 8), (2, 4, 2)]:
         plan = evaluate(coster, 32, StageSetting(pp, 8 // pp, 1, m, virtual_stages=v))
         n = 8 // pp
         first = coster.parts(n, 8 // pp, 1, 32 // m, False)[0]
         last = coster.parts(n, 8 // pp, 1, 32 // m, False, (pp - 1) * n)[2]
-        per_mb = max(sum(stage_time(first, layer, last, pp, s, k, False)) +
-                     transfer_seconds(coster.profile, pp, s, n, layer, v)
-                     for s, k in enumerate(plan.layers_per_stage)
-                     for layer in [coster.parts(n, 8 // pp, 1, 32 // m, False, s * n)[1]])
+        stages = [sum(stage_time(first, layer, last, pp, s, k, False)) +
+                  transfer_seconds(coster.profile, pp, s, n, layer, v)
+                  for s, k in enumerate(plan.layers_per_stage)
+                  for layer in [coster.parts(n, 8 // pp, 1, 32 // m, False, s * n)[1]]]
         assert plan.virtual_stages == v and "in %d chunks a stage" % v in plan.describe()
-        assert plan.bubble_s == pytest.approx((pp - 1) / v * per_mb, rel=1e-12)
+        assert plan.bubble_s == pytest.approx((sum(stages) - max(stages)) / v, rel=1e-12)
+        assert plan.bubble_s < (pp - 1) / v * max(stages)          # the first and last stages differ
         plain = evaluate(coster, 32, StageSetting(pp, 8 // pp, 1, m))
         assert plan.bubble_s < plain.bubble_s
     assert evaluate(coster, 32, StageSetting(4, 2, 1, 2, virtual_stages=2)) is None        # m % p != 0

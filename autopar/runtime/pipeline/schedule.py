@@ -108,13 +108,16 @@ class Schedule:
         idle = sum(item is None for row in self.table for item in row)
         return idle / (self.stages * self.clocks - idle)
 
-    def makespan(self, forward_s: float = 1.0, backward_s: float = 1.0) -> float:
+    def makespan(self, forward_s=1.0, backward_s=1.0) -> float:
         """Seconds of a replay of the table's per-stage orders with every forward taking
-        ``forward_s`` and every backward ``backward_s`` (a chunk's: 1/v of each), an item
-        starting once its stage is free and its input is made, transfers free and
-        non-blocking: the ideal the order allows when a backward costs more than a forward.
-        The idle share of it is still (p - 1) / (v m) of the busy time for these schedules."""
+        ``forward_s`` and every backward ``backward_s`` (a chunk's: 1/v of each; either may
+        be a sequence, one per stage), an item starting once its stage is free and its input
+        is made, transfers free and non-blocking: the ideal the order allows when a backward
+        costs more than a forward. The idle share of it is still (p - 1) / (v m) of the busy
+        time for these schedules when the stages are alike."""
         p, v = self.stages, self.virtual
+        fwd = list(forward_s) if hasattr(forward_s, "__len__") else [forward_s] * p
+        bwd = list(backward_s) if hasattr(backward_s, "__len__") else [backward_s] * p
         rows = [[i for i in row if i is not None] for row in self.table]
         finish: dict[tuple, float] = {}            # (virtual stage, kind, micro) -> when it ended
         free, pos = [0.0] * p, [0] * p
@@ -127,7 +130,7 @@ class Schedule:
                     if need is not None and need not in finish:
                         break
                     start = max(free[s], finish[need] if need is not None else 0.0)
-                    free[s] = start + (forward_s if item[0] == "F" else backward_s) / v
+                    free[s] = start + (fwd[s] if item[0] == "F" else bwd[s]) / v
                     finish[(self.virtual_stage(s, item), item[0], item[1])] = free[s]
                     pos[s] += 1
                     moved = True

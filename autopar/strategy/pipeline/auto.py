@@ -6,16 +6,19 @@ abstract inputs) and what the user fixed; each candidate is planned exactly as t
 would plan it -- the layers annotated with their stages, :func:`~.planner.plan_pipeline`
 searching every stage's ops on that stage's ranks -- and priced stage by stage by
 :class:`~autopar.strategy.costmodel.CostModel`. Per micro-batch, stage s costs ``T_s``
-(its ops' compute and communication, a third more compute for the layers it recomputes,
+(its ops' compute and communication, the forward of the layers it recomputes once more,
 and the send/receive of its boundary values); a step of m micro-batches on p stages is
 
-    step = (m + p - 1) * max_s T_s  +  max_s (gradient reductions + update)_s
+    step = m * max_s T_s + (sum_s T_s - max_s T_s)  +  max_s (gradient reductions + update)_s
+
+(:func:`~autopar.strategy.formulas.pipeline_seconds`: the slowest stage paces the step, the
+others' times are the fill and drain; ``(m + p - 1) * T`` for equal stages)
 
 (1F1B and GPipe take the same time; 1F1B holds min(p - s, m) micro-batches on stage s,
 GPipe all m), plus the step's own collectives (the gradient-norm all-reduce). Interleaved
 (v chunks a stage, ``virtual_stages``): the layers are split into p * v virtual stages,
 each planned on its stage's ranks, a stage's T_s is the sum over its chunks (a chunk
-boundary on one rank sends nothing), the bubble is ``(p - 1) / v * max_s T_s`` and stage s
+boundary on one rank sends nothing), the bubble is ``(sum_s T_s - max_s T_s) / v`` and stage s
 holds :func:`~.stage_search.in_flight` micro-batch chunks of 1/v of its activations. Memory of
 stage s = weights + optimizer states + activations: with one micro-batch the cost model's
 peak over the step's phases (:meth:`~autopar.strategy.costmodel.PlanCost.memory_bytes`);
@@ -47,12 +50,12 @@ from ...ir.graph import FORWARD, Graph, differentiable_values, with_node_changes
 from ...ir.mesh import Mesh
 from ..backward_memory import recomputed_walk
 from ..costmodel import CostModel
-from ..formulas import collective_seconds
+from ..formulas import collective_seconds, pipeline_seconds
 from ..plan_source import PlanOptions
 from ..profile import MachineProfile
 from .assignment import assign_stages
 from .planner import PipelinePlan, plan_pipeline
-from .stage_search import RECOMPUTE_EXTRA, in_flight
+from .stage_search import in_flight
 
 SCHEDULES = ("1f1b", "gpipe")
 _INDEXED = re.compile(r"^(.*?)\.(\d+)(?:\.|$)")
@@ -160,7 +163,7 @@ def _reach(start, step, stack: LayerStack, layer: int) -> set:
 
 def without_layer_marks(graph: Graph, stack: LayerStack | None) -> Graph:
     """``graph`` with the stack's layers unmarked for recompute: the candidates with
-    recompute on price full layer recompute themselves (``RECOMPUTE_EXTRA``,
+    recompute on price full layer recompute themselves (``layer_forward_s``,
     ``recompute_bytes``), so the layers' own marks, which the cost model would price too,
     must not count twice."""
     if stack is None or not any(n.recompute and stack.layer_of(n.scope) is not None for n in graph.nodes):
@@ -203,7 +206,7 @@ class AutoPlan:
     step_seconds: float
     compute_s: float           # m x the slowest stage's compute per micro-batch
     comm_s: float              # m x its communication + the step's gradient reductions
-    bubble_s: float            # (p - 1) x the slowest stage's micro-batch time
+    bubble_s: float            # the other stages' micro-batch times (formulas.pipeline_seconds)
     update_s: float
     memory_bytes: tuple[int, ...]
     stage_devices: int = 1
@@ -230,19 +233,19 @@ class _StageCost:
     grad_s: float
     update_s: float
     static_bytes: int          # weights + optimizer states
-    grad_bytes: int
+    grad_bytes: int            # the step's gradients as micro-batches accumulate them (level1: whole)
     activation_bytes: int      # kept for backward, one micro-batch
     one_batch_peak: int        # the cost model's peak of gradients and activations, one micro-batch
     recompute_bytes: int       # kept with the layers recomputed (their inputs, the rest's own)
     backward_bytes: int        # most activations + activation gradients alive in one micro-batch's backward
     recompute_peak: int        # one_batch_peak with the layers recomputed
     recompute_backward: int    # backward_bytes with the layers recomputed
-    layer_compute_s: float     # of the stack's layers (what recompute runs again)
+    layer_forward_s: float     # the forward of the stack's layers (what recompute runs again)
 
 
 def _stage_cost(model: CostModel, plan, stack: LayerStack | None) -> _StageCost:
     graph = model.graph
-    compute = comm = grad = update = layer_compute = 0.0
+    compute = comm = grad = update = layer_forward = 0.0
     kept: dict = {}
     per_layer: dict[int, dict] = {}
     inputs: dict[int, dict] = {}
@@ -256,7 +259,7 @@ def _stage_cost(model: CostModel, plan, stack: LayerStack | None) -> _StageCost:
         walk.append((c.grad_bytes, k, sum(b for key, b in held if key not in into)))
         into.update(held)
         if k is not None:
-            layer_compute += c.compute_s
+            layer_forward += c.compute_s - c.backward_s
             for v in n.inputs:
                 src = graph.node_of(v)
                 if v not in model.params and v not in graph.consts and (
@@ -277,10 +280,14 @@ def _stage_cost(model: CostModel, plan, stack: LayerStack | None) -> _StageCost:
     grads_of, layer_of, kept_by = zip(*walk) if walk else ((), (), ())
     rc_peak, rc_bare = recomputed_walk(grads_of, layer_of, kept_by, layer_inputs,
                                        model.gradients_in_flight(plan.shardings))
-    return _StageCost(compute, comm, grad, update, cost.param_bytes + cost.state_bytes, cost.grad_bytes, whole,
+    # optimizer parallel at level1 reduce-scatters the step's gradient after the last micro-batch:
+    # until then it accumulates whole (tracemalloc, H256 pp2 dp2 m2: the slice under-predicted by 13 MiB)
+    shard = model.optimizer_shard
+    accumulated = cost.grad_bytes if shard.shards_accumulation else cost.param_bytes
+    return _StageCost(compute, comm, grad, update, cost.param_bytes + cost.state_bytes, accumulated, whole,
                       cost.memory_bytes - cost.param_bytes - cost.state_bytes,
                       outside + sum(layer_inputs.values()), cost.backward_working_bytes, rc_peak, rc_bare,
-                      layer_compute)
+                      layer_forward)
 
 
 def _p2p_seconds(plan: PipelinePlan, s: int, n: int, profile: MachineProfile, pp: int | None = None) -> float:
@@ -355,16 +362,14 @@ def price(graph: Graph, stack: LayerStack | None, devices: int, pp: int, micro_b
     m = micro_batches
     mine = [range(s, chunks, pp) for s in range(pp)]            # the virtual stages of stage s
     for recompute in recomputes:
-        times = [(sum(costs[c].compute_s + (RECOMPUTE_EXTRA * costs[c].layer_compute_s if recompute else 0.0)
+        times = [(sum(costs[c].compute_s + (costs[c].layer_forward_s if recompute else 0.0)
                       for c in mine[s]), sum(costs[c].comm_s + p2p[c] for c in mine[s])) for s in range(pp)]
         slow = max(range(pp), key=lambda s: sum(times[s]))
-        per_mb = sum(times[slow])
         grads = max(sum(costs[c].grad_s for c in mine[s]) + shared[s] for s in range(pp))
         update = max(sum(costs[c].update_s for c in mine[s]) for s in range(pp))
         memory = tuple(_rank_memory([costs[c] for c in mine[s]], in_flight(pp, s, m, schedule, virtual), m, recompute)
                        for s in range(pp))
-        bubble = (pp - 1) / virtual * per_mb
-        loop = (m + pp - 1) * per_mb if virtual == 1 else m * per_mb + bubble
+        loop, bubble = pipeline_seconds([sum(t) for t in times], m, virtual)
         out.append(AutoPlan(pp, m, tuple(layers_per_stage) if stack else (), recompute, optimizer_parallel, schedule,
                             loop + grads + update + once, m * times[slow][0],
                             m * times[slow][1] + grads + once, bubble, update, memory, n, virtual,
@@ -374,13 +379,22 @@ def price(graph: Graph, stack: LayerStack | None, devices: int, pp: int, micro_b
 
 def _rank_memory(chunks: list[_StageCost], kept: int, m: int, recompute: bool) -> int:
     """Peak bytes of a stage running ``chunks`` (one without virtual stages) with ``kept``
-    micro-batches (chunks) in flight: every chunk's weights, states and gradients, and
-    ``kept`` times a chunk's activations on average."""
+    micro-batches (chunks) in flight: :func:`_stage_memory` of the chunks as one stage whose
+    micro-batch is a chunk's (its activations the chunks' mean, its backward the largest
+    chunk's) and whose weights, states and gradients are all the chunks'."""
     if len(chunks) == 1:
         return _stage_memory(chunks[0], kept, m, recompute)
-    static = sum(c.static_bytes + c.grad_bytes for c in chunks)
-    per_chunk = sum(c.recompute_bytes if recompute else c.activation_bytes for c in chunks) / len(chunks)
-    return int(static + kept * per_chunk)
+    grads = sum(c.grad_bytes for c in chunks)
+    mean = len(chunks)
+    one = dataclasses.replace(
+        chunks[0], static_bytes=sum(c.static_bytes for c in chunks), grad_bytes=grads,
+        activation_bytes=sum(c.activation_bytes for c in chunks) // mean,
+        recompute_bytes=sum(c.recompute_bytes for c in chunks) // mean,
+        one_batch_peak=max(c.one_batch_peak - c.grad_bytes for c in chunks) + grads,
+        recompute_peak=max(c.recompute_peak - c.grad_bytes for c in chunks) + grads,
+        backward_bytes=max(c.backward_bytes for c in chunks),
+        recompute_backward=max(c.recompute_backward for c in chunks))
+    return _stage_memory(one, kept, m, recompute)
 
 
 def _stage_memory(c: _StageCost, kept: int, m: int, recompute: bool) -> int:

@@ -14,11 +14,12 @@ on those parts (seconds per micro-batch, bytes):
   recompute) + the sends of its boundaries``: each value entering a layer goes as its
   local block in its own dtype, and its gradient comes back, inter-node where the
   boundary crosses nodes (:func:`transfer_seconds`);
-* step = ``(m + p - 1) x max_s T_s`` (the bubble is the ``p - 1``) + the gradient
-  reduction, optimizer update and clipping, and the step's own collectives (gradient
-  norm, loss broadcast), once per step;
+* step = ``m x max_s T_s + (sum_s T_s - max_s T_s)`` (the bubble: the other stages' times,
+  :func:`~autopar.strategy.formulas.pipeline_seconds`; ``(m + p - 1) x T`` for equal
+  stages) + the gradient reduction, optimizer update and clipping, and the step's own
+  collectives (gradient norm, loss broadcast), once per step;
 * interleaved 1F1B (``virtual_stages`` v > 1: each stage's layers in v chunks, chunk c of
-  the p * v on stage c % p): the bubble is ``(p - 1) / v x max_s T_s``, and every chunk
+  the p * v on stage c % p): the bubble is ``(sum_s T_s - max_s T_s) / v``, and every chunk
   boundary sends -- v boundaries into and out of each stage, one of them across the wrap
   from stage p - 1 to stage 0;
 * memory of stage s = its weights and optimizer states (divided over the data-parallel
@@ -48,7 +49,6 @@ from ..profile import MachineProfile
 from ..sharding_plan import plan_shardings
 from .registry import ModelFamily
 
-RECOMPUTE_EXTRA = 1 / 3    # recompute re-runs the forward: a third of forward + backward compute
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class Part:
     shared_bytes: int = 0        # of model_bytes, weights the first-stage extras read too (a tied table)
     shared_grad_bytes: int = 0   # of those, the gradients
     working_bytes: int = 0       # most activation gradients in flight while one of its ops runs backward
+    forward_s: float = 0.0       # of compute_s, the forward kernels (what recompute runs again)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class StagePlan:
     step_seconds: float
     compute_s: float             # m x the slowest stage's compute per micro-batch
     comm_s: float                # m x its communication, + gradient reduction
-    bubble_s: float              # (p - 1) / v x the slowest stage's micro-batch time
+    bubble_s: float              # (sum_s T_s - max_s T_s) / v: the fill and drain
     update_s: float
     memory_bytes: tuple[int, ...]   # per stage (the most loaded rank of each)
     virtual_stages: int = 1         # chunks per stage (layers_per_stage counts a stage's, all chunks)
@@ -260,7 +261,8 @@ def split_parts(model: CostModel, plan, layer_scope: str, memory_model: CostMode
                           sum(c.grad_s for _, c, _ in rows),
                           sum(c.update_s for _, c, _ in rows),
                           model_bytes, state, sum(kept.values()), sum(sends), tuple(sends), tuple(grads), grad,
-                          shared, shared_grad, max((in_flight_grads[n.id] for n, _, _ in rows), default=0)))
+                          shared, shared_grad, max((in_flight_grads[n.id] for n, _, _ in rows), default=0),
+                          sum(c.compute_s - c.backward_s for _, c, _ in rows)))
     return tuple(parts)
 
 
@@ -279,7 +281,7 @@ def stage_time(first: Part, layer: Part, last: Part, pp: int, s: int, n: int, re
                ) -> tuple[float, float]:
     """(compute, communication) seconds of one micro-batch on stage s holding n layers."""
     extras = ([first] if s == 0 else []) + ([last] if s == pp - 1 else [])
-    compute = n * layer.compute_s * (1 + (RECOMPUTE_EXTRA if recompute else 0)) + sum(p.compute_s for p in extras)
+    compute = n * (layer.compute_s + (layer.forward_s if recompute else 0.0)) + sum(p.compute_s for p in extras)
     return compute, n * layer.comm_s + sum(p.comm_s for p in extras)
 
 
@@ -431,10 +433,9 @@ def evaluate(coster: StageCoster, batch: int, setting: StageSetting,
         updates.append(n * layer.update_s + sum(p.update_s for p in extras))
         memories.append(stage_memory(first, layer, last, pp, s, n, m, recompute, v))
     slow = max(range(pp), key=lambda s: sum(times[s]))
-    per_mb = sum(times[slow])
     once = max(grads) + step_collectives_seconds(prof, coster.devices, pp)
     compute_s, comm_s = m * times[slow][0], m * times[slow][1] + once
-    bubble = (pp - 1) / v * per_mb
+    _, bubble = formulas.pipeline_seconds([sum(t) for t in times], m, v)
     step = compute_s + comm_s + bubble + max(updates)
     return StagePlan(pp, dp, mp, m, mb, split, recompute, zero, step, compute_s, comm_s, bubble, max(updates),
                      tuple(memories), v)
