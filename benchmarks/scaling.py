@@ -46,7 +46,8 @@ def layouts(ranks: list[int]) -> list[tuple[int, int, str]]:
             out.append((1, 1, "stand_alone"))
             continue
         out.append((n, 1, "data_parallel"))
-        out.append((1, n, "semi_auto_parallel"))
+        if CONFIG["num_heads"] % n == 0:                    # model parallel splits the heads
+            out.append((1, n, "semi_auto_parallel"))
         if n >= 4:
             out.append((n // 2, 2, "semi_auto_parallel"))
     return out
@@ -57,7 +58,7 @@ def global_ids(cfg, batch: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, cfg.seq_length + 1)).astype(np.int32)
 
 
-def worker(dp: int, mp: int, mode: str, batch: int, steps: int, dropout: float) -> None:
+def worker(dp: int, mp: int, mode: str, batch: int, steps: int, dropout: float, fusion: bool) -> None:
     from autopar import nn
     from autopar.comm import install_abort_handler, world
     from autopar.context import bound_world, parallel_context
@@ -70,7 +71,8 @@ def worker(dp: int, mp: int, mode: str, batch: int, steps: int, dropout: float) 
     ids = global_ids(cfg, batch)
     full = mode != "data_parallel"
     local_ids = ids if full else np.split(ids, n)[comm.rank]
-    with bound_world(comm), parallel_context(parallel_mode=mode, device_num=n, full_batch=full):
+    buckets = {"comm_fusion": {"allreduce": {"mode": "auto"}}} if fusion else {}
+    with bound_world(comm), parallel_context(parallel_mode=mode, device_num=n, full_batch=full, **buckets):
         net = PanguAlphaWithLoss(cfg)
         opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.01)
         train = nn.TrainOneStepCell(net, opt, clip_norm=1.0)
@@ -169,7 +171,8 @@ def free_port() -> int:
 def launch(args, n: int, worker_args: list[str], env: dict) -> dict:
     """One MPI job of ``n`` ranks running this script as a worker; rank 0's JSON line."""
     cmd = [args.mpiexec, "-n", str(n), *shlex.split(args.mpiexec_args), sys.executable, __file__, *worker_args,
-           "--batch", str(args.batch), "--steps", str(args.steps), "--dropout", str(args.dropout)]
+           "--batch", str(args.batch), "--steps", str(args.steps), "--dropout", str(args.dropout)] + \
+        (["--fusion"] if args.fusion else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
@@ -189,7 +192,7 @@ def print_table(args, rows: list[dict], torch_rows: dict[int, dict]) -> None:
     base = next(r["step"] for r in rows if r["n"] == 1)
     torch_base = torch_rows[1]["step"] if 1 in torch_rows else None
     print(f"PanGu-α {CONFIG}, dropout {args.dropout}, global batch {args.batch}, one BLAS thread per rank, "
-          f"fastest of {args.steps} steps")
+          f"fastest of {args.steps} steps, autopar's gradient all-reduces {'in buckets' if args.fusion else 'one per weight'}")
     print("step: the slowest rank's (fastest such step); comm share: rank 0's collectives / step (waiting for "
           "slower ranks included); critical: the slowest rank's own")
     head = f"{'ranks':>5} {'layout':>8} {'step s':>8} {'speedup':>8} {'comm share':>10} {'critical':>8}"
@@ -211,6 +214,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout rate of both frameworks' models")
     parser.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch DDP anchor")
+    parser.add_argument("--fusion", action="store_true",
+                        help="autopar's gradient all-reduces in 64 MB buckets (comm_fusion mode 'auto'), as DDP's are")
     parser.add_argument("--mpiexec", default=shutil.which("mpiexec", path=str(Path(sys.executable).parent))
                         or shutil.which("mpiexec"))
     parser.add_argument("--mpiexec-args", default="", help="extra launcher flags, e.g. '--bind-to core'")
@@ -222,7 +227,8 @@ def main() -> None:
     parser.add_argument("--torch-worker", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(int(args.worker[0]), int(args.worker[1]), args.worker[2], args.batch, args.steps, args.dropout)
+        worker(int(args.worker[0]), int(args.worker[1]), args.worker[2], args.batch, args.steps, args.dropout,
+               args.fusion)
         return
     if args.ceiling_worker:
         ceiling_worker(args.ceiling_worker, 2.0)
@@ -236,12 +242,18 @@ def main() -> None:
     if args.ceiling:
         print_ceiling([launch(args, n, ["--ceiling-worker", str(args.ceiling)], env) for n in sorted(set(args.ranks))],
                       args.ceiling)
+    uneven = [n for n in args.ranks if args.batch % n]
+    if uneven:
+        sys.exit(f"--batch {args.batch} does not split over {uneven} ranks: pass a global batch that each "
+                 "rank count divides (e.g. --batch 16 for 16 ranks)")
     rows, torch_rows = [], {}
     for n in sorted(set(args.ranks)):
         for dp, mp, mode in layouts([n]):
             rows.append(launch(args, dp * mp, ["--worker", str(dp), str(mp), mode], env))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)       # a run cut short keeps its rows
         if with_torch:
             torch_rows[n] = launch(args, n, ["--torch-worker", str(free_port())], env)
+            print(json.dumps(torch_rows[n]), file=sys.stderr, flush=True)
     print_table(args, rows, torch_rows)
 
 
