@@ -23,10 +23,9 @@ some 50 of them, so gradients may differ by ~1e-4 relative; we require the loss 
 relative and every gradient tensor within 1e-3 (||g_gpu - g_cpu|| / ||g_cpu||), 10x above
 that estimate and 1000x below a broken kernel.
 
-Timing (``--timing``, default on with a GPU): one training step of the 350M preset (seq
-1024, batch ``--batch``, float32, dropout 0.1, clip 1.0, AdamWeightDecay) with autopar on
-the GPU, beside a PanGu-α-shaped PyTorch model in eager mode at the same precision and
-batch (``--no-torch`` to skip; TF32 off on both sides). The PyTorch model is
+Timing (``--timing``, default on with a GPU): benchmarks/gpu_step.py's float32 350M step
+(TrainOneStepCell, batch ``--batch``) beside a PanGu-α-shaped PyTorch model in eager mode at
+the same precision and batch (``--no-torch`` to skip; TF32 off on both sides). The PyTorch model is
 benchmarks/torch_pangu.py, PanGu-α op for op (top-query layer, tied head, explicit softmax
 attention, no fused kernels), with PyTorch's own initialisation and dropout.
 """
@@ -49,11 +48,10 @@ import numpy as np  # noqa: E402
 
 import autopar  # noqa: E402
 from autopar import nn  # noqa: E402
-from autopar.backend import as_backend, to_host  # noqa: E402
+from autopar.backend import to_host  # noqa: E402
 from autopar.ir.random import derive_key  # noqa: E402
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss  # noqa: E402
 from autopar.ops.dropout import dropout_mask  # noqa: E402
-from autopar.runtime.allocator import device_pool_bytes  # noqa: E402
 from autopar.train import AdamWeightDecay, clip_by_global_norm  # noqa: E402
 
 F64_RTOL = 1e-9
@@ -257,84 +255,7 @@ def check_train_one_step_cell(report: Report) -> None:
         autopar.set_context(device_target="CPU")
 
 
-# ---- timing ---------------------------------------------------------------------------------
-
-def time_autopar(config, batch: int, steps: int) -> tuple[float, int]:
-    """Seconds per training step on the GPU (after one warm-up step) and the pool's bytes."""
-    autopar.set_context(device_target="GPU")
-    try:
-        net = build(config, fast_weights(build(config, None)))
-        params = net.trainable_params()
-        opt = AdamWeightDecay(params, learning_rate=1e-4, weight_decay=0.1)
-        grad_fn = autopar.value_and_grad(net)
-        ids = ids_for(config, batch)
-
-        def step():
-            _, grads = grad_fn(ids)
-            grads, _ = clip_by_global_norm([grads[p.name] for p in params], 1.0)
-            opt.step(grads)
-        step()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync()
-        return (time.perf_counter() - t0) / steps, device_pool_bytes(as_backend("GPU"))[1]
-    finally:
-        autopar.set_context(device_target="CPU")
-
-
-def time_torch(config, batch: int, steps: int) -> tuple[float, int]:
-    """Seconds per step of PanGu-α in PyTorch eager (benchmarks/torch_pangu.py), float32."""
-    import torch
-    import torch_pangu
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    dev = torch.device("cuda")
-    model = torch_pangu.build(config, device="cuda")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    ids = torch.from_numpy(ids_for(config, batch)).to(dev)
-
-    def step():
-        torch_pangu.train_step(model, opt, ids, clip_norm=1.0)
-    step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    elapsed = (time.perf_counter() - t0) / steps
-    return elapsed, torch.cuda.max_memory_allocated()
-
-
-def timing(report: Report, batch: int, steps: int, with_torch: bool) -> None:
-    config = config_of("350M", "float32")
-    tokens = batch * config.seq_length
-    try:
-        t, pool = time_autopar(config, batch, steps)
-        report.add("INFO", f"autopar GPU step, 350M float32, batch {batch} x seq {config.seq_length}",
-                   f"{t * 1e3:.0f} ms/step, {tokens / t:,.0f} tokens/s, CuPy pool {pool / 2 ** 30:.1f} GiB")
-    except Exception as err:
-        report.add("FAIL", "autopar GPU step timing", f"{type(err).__name__}: {str(err)[:200]}")
-        return
-    finally:
-        import cupy
-        cupy.get_default_memory_pool().free_all_blocks()
-    if not with_torch:
-        return
-    try:
-        tt, peak = time_torch(config, batch, steps)
-        import torch
-        torch.cuda.empty_cache()    # its model is gone: hand the cached blocks back (--ops ran out on the H100)
-        report.add("INFO", "PyTorch eager step, same model, float32 (benchmarks/torch_pangu.py)",
-                   f"{tt * 1e3:.0f} ms/step, {tokens / tt:,.0f} tokens/s, peak {peak / 2 ** 30:.1f} GiB; "
-                   f"autopar / PyTorch tokens/s = {tt / t:.2f}")
-    except ImportError as err:
-        report.add("SKIP", "PyTorch timing", f"PyTorch not installed ({err})")
-    except Exception as err:
-        report.add("INFO", "PyTorch timing failed", f"{type(err).__name__}: {str(err)[:200]}")
-
+# ---- where the time goes ------------------------------------------------------------------
 
 def op_profile(batch: int, dtype: str = "float32") -> None:
     """Where the GPU step's time goes: one forward + backward of the 350M preset run
@@ -406,9 +327,11 @@ def main(argv=None) -> int:
     print("\n-- optimizer steps")
     check_adamw(report)
     check_train_one_step_cell(report)
-    if args.timing:
+    if args.timing:         # the timed step is benchmarks/gpu_step.py's (it imports this module: imported here)
         print("\n-- timing")
-        timing(report, args.batch, args.steps, args.torch)
+        import gpu_step
+        gpu_step.main(["--sizes", "350M", "--dtypes", "float32", "--batch", str(args.batch), "--steps",
+                       str(args.steps)] + ([] if args.torch else ["--no-torch"]))
     if args.ops and gpu_status() is None:
         print("\n-- where the time goes")
         try:
