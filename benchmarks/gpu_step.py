@@ -20,6 +20,7 @@ CuPy or a GPU it says so and exits 0.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,6 @@ def step_flops(config: PanguAlphaConfig, batch: int) -> float:
 
 def time_autopar(config: PanguAlphaConfig, batch: int, steps: int) -> tuple[float, int]:
     """(seconds per TrainOneStepCell step on the GPU, the pool's peak bytes)."""
-    import cupy
     autopar.set_context(device_target="GPU")
     try:
         net = gpu_check.build(config, gpu_check.fast_weights(gpu_check.build(config, None)))
@@ -69,7 +69,19 @@ def time_autopar(config: PanguAlphaConfig, batch: int, steps: int) -> tuple[floa
         return elapsed, device_pool_bytes(as_backend("GPU"))[1]
     finally:
         autopar.set_context(device_target="CPU")
-        cupy.get_default_memory_pool().free_all_blocks()
+
+
+def free_device_memory() -> None:
+    """Hand every cached block of both allocators back (the other framework runs next: the
+    1.3B float32 PyTorch step ran out of memory beside autopar's cached pool)."""
+    import cupy
+    gc.collect()                             # the step's network and optimizer states, now unreferenced
+    cupy.get_default_memory_pool().free_all_blocks()
+    try:
+        import torch
+        torch.cuda.empty_cache()
+    except ImportError:
+        pass
 
 
 def time_torch(config: PanguAlphaConfig, batch: int, steps: int, dtype: str) -> tuple[float, int]:
@@ -79,7 +91,7 @@ def time_torch(config: PanguAlphaConfig, batch: int, steps: int, dtype: str) -> 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     dev = torch.device("cuda")
-    model = torch_pangu.build(config, device="cuda")
+    model = torch_pangu.build(config.replace(compute_dtype="float32"), device="cuda")   # autocast casts the ops
     opt = torch_pangu.adamw(model, learning_rate=1e-4, weight_decay=0.1)
     ids = torch.from_numpy(gpu_check.ids_for(config, batch)).to(dev)
     cast = getattr(torch, dtype)
@@ -156,17 +168,17 @@ def main(argv=None) -> int:
             except Exception as err:           # reported in its row: the other rows still run
                 t = None
                 line += f"failed: {type(err).__name__}: {str(err)[:160]}   "
+            free_device_memory()
             if args.torch:
                 try:
                     tt, peak = time_torch(config, args.batch, args.steps, dtype)
-                    import torch
-                    torch.cuda.empty_cache()            # its model is gone: hand the blocks back
                     line += f"{tt:>9.3f} {tokens / tt:>9,.0f} {flops / tt / rates[dtype]:>6.1%} {peak / 2**30:>6.1f}   "
                     line += f"{tt / t:>24.3f}" if t else ""
                 except ImportError as err:
                     line += f"PyTorch not installed ({err})"
                 except Exception as err:
                     line += f"PyTorch failed: {type(err).__name__}: {str(err)[:160]}"
+                free_device_memory()
             rows.append(line)
             print(line, flush=True)
     print(f"\nPanGu-α, batch {args.batch} x sequence 1024, dropout 0.1, AdamWeightDecay / AdamW, clip 1.0, "
