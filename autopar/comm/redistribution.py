@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Sequence
 
 import numpy as np
@@ -82,6 +83,14 @@ def plan(src: Layout, dst: Layout, shape: Sequence[int], itemsize: int, checked:
     if not checked:
         src.check_shape(shape, arg="source")
         dst.check_shape(shape, arg="target")
+    return _plan(src, dst, shape, itemsize)
+
+
+@lru_cache(maxsize=1 << 16)
+def _plan(src: Layout, dst: Layout, shape: tuple[int, ...], itemsize: int) -> Redistribution:
+    """:func:`plan` of checked arguments, remembered: a pure function of frozen values, and
+    the planner asks for the same pairs in every candidate's op search (the 8-rank joint
+    search of PanGu-α H256 asked 139k times, 19 of its 40 s)."""
     src_, dst_ = src.without_unit_axes(), dst.without_unit_axes()
     pair = common_refinement(src_.mesh.shape, dst_.mesh.shape)
     if pair is None:
