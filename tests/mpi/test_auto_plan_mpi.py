@@ -29,14 +29,16 @@ def train(ids, steps=2):
 
 @pytest.fixture(scope="module")
 def slow_links(tmp_path_factory):
-    """Slow GEMMs, slower links and 1.55 MiB a device: the data-parallel gradient all-reduce
+    """Slow GEMMs, slower links and 2 MiB a device: the data-parallel gradient all-reduce
     costs more than a pipeline's sends, and on 2, 4 and 8 ranks every one-stage plan needs
-    more memory than that (1.69-2.31 MiB predicted) while a pipeline fits (0.94-1.47 MiB), so
-    the joint search pipelines (the same file on every rank)."""
+    more memory than that (2.85-2.94 MiB predicted at the least) while a pipeline fits
+    (1.23-1.72 MiB at the least), so the joint search pipelines (the same file on every rank).
+    (Session 7's interleaved-stage memory, measured 12-18% above the old estimate on 16
+    cores, moved the least pipeline from under the earlier 1.55 MiB.)"""
     base = json.loads((PROFILE_DIR / "cpu-2core.json").read_text())
     base.update(name="slow-links", gemm_flops={"float32": 1e8, "float64": 1e8},
                 intra_node_bandwidth_bytes_per_s=1e6, inter_node_bandwidth_bytes_per_s=1e6,
-                memory_bytes=int(1.55 * 2**20))
+                memory_bytes=2 * 2**20)
     path = f"/tmp/autopar-slow-links-{WORLD.size}.json"
     if WORLD.rank == 0:
         with open(path, "w") as f:
