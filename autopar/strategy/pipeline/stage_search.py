@@ -69,6 +69,8 @@ class Part:
     shared_grad_bytes: int = 0   # of those, the gradients
     working_bytes: int = 0       # most activation gradients in flight while one of its ops runs backward
     forward_s: float = 0.0       # of compute_s, the forward kernels (what recompute runs again)
+    accumulated_bytes: int | None = None   # the gradients as micro-batches accumulate them (level1
+    shared_accumulated: int | None = None  # optimizer parallel: whole); of those, the shared weights'; None: as grad_bytes
 
 
 @dataclass(frozen=True)
@@ -235,13 +237,15 @@ def split_parts(model: CostModel, plan, layer_scope: str, memory_model: CostMode
         for n, _, _ in rows:
             for key, nbytes in model.kept_for_backward(n, plan.shardings[n.id]):
                 kept[key] = nbytes
-        model_bytes = state = grad = shared = shared_grad = 0
+        model_bytes = state = grad = shared = shared_grad = acc = shared_acc = 0
         reads = {v for n, _, _ in rows for v in n.inputs if v in model.params}   # every weight it reads
         for v in reads:
             w, g, st = memory_model.param_bytes(v, plan.layouts[v])
-            model_bytes, state, grad = model_bytes + w + g + st, state + st, grad + g
+            # level1 optimizer parallel reduce-scatters after the last micro-batch: until then whole
+            a = g if memory_model.optimizer_shard.shards_accumulation else w
+            model_bytes, state, grad, acc = model_bytes + w + g + st, state + st, grad + g, acc + a
             if name == "last" and v in first_reads:
-                shared, shared_grad = shared + w + g + st, shared_grad + g
+                shared, shared_grad, shared_acc = shared + w + g + st, shared_grad + g, shared_acc + a
         if name == "first":
             first_reads = reads
         sends, grads = [], []
@@ -262,7 +266,7 @@ def split_parts(model: CostModel, plan, layer_scope: str, memory_model: CostMode
                           sum(c.update_s for _, c, _ in rows),
                           model_bytes, state, sum(kept.values()), sum(sends), tuple(sends), tuple(grads), grad,
                           shared, shared_grad, max((in_flight_grads[n.id] for n, _, _ in rows), default=0),
-                          sum(c.compute_s - c.backward_s for _, c, _ in rows)))
+                          sum(c.compute_s - c.backward_s for _, c, _ in rows), acc, shared_acc))
     return tuple(parts)
 
 
@@ -288,29 +292,38 @@ def stage_time(first: Part, layer: Part, last: Part, pp: int, s: int, n: int, re
 def stage_memory(first: Part, layer: Part, last: Part, pp: int, s: int, n: int, m: int,
                  recompute: bool, virtual: int = 1) -> int:
     """Bytes on a rank of stage s holding n layers: weights and optimizer states, which
-    live all step, plus the larger of the step's two phases (not their sum)::
+    live all step, plus the largest of the step's phases (not their sum)::
 
-        static + max(k x A,                     end of forward: k micro-batches in flight, no gradient
-                     backward peak)
+        static + max(k x A + (G if more micro-batches follow),       end of a forward
+                     (k - 1) x A + walk(the first backward),           no gradients before it
+                     2 x G + (k - 1) x A + walk(a later backward))     the step's and its own
 
-    with k = :func:`in_flight` and A the activations one micro-batch keeps on the stage
-    (with recompute only each layer's input). Backward: when m > k the gradients exist
-    from the first backward on while the steady state holds k micro-batches, ``G + k x A``;
-    when every micro-batch is in flight before the first backward (m == k), ``(k - 1) x A``
-    plus the walk of one micro-batch's backward, group by group in reverse (last extras,
-    layers, first extras), each making its gradients while the groups before it keep
-    theirs and its activation gradients in flight are alive (``Part.working_bytes``, the
-    most over its ops). With recompute one layer's activations are rebuilt at a time during
-    backward.
+    with k = :func:`in_flight`, A the activations one micro-batch keeps on the stage (with
+    recompute only each layer's input) and G the step's gradients as the micro-batches
+    accumulate them (whole under level-1 optimizer parallel). A walk goes through one
+    micro-batch's backward group by group in reverse (last extras, layers, first extras),
+    each making its gradients while the groups before it keep theirs and its activation
+    gradients in flight are alive (``Part.working_bytes``, the most over its ops); with
+    recompute one layer's activations are rebuilt at a time. A later micro-batch's backward
+    makes its gradients beside the step's (the runtime adds them in after it): bounded by
+    both sets whole, as the runtime measures (the same rule as the joint search's
+    ``auto._stage_memory``). One micro-batch: the larger of its activations and its walk.
 
     Interleaved (``virtual`` v > 1): k counts micro-batch chunks, A is a chunk's (1/v of the
     stage's), and the backward walks one chunk (its share of the layers, with the extras)."""
+    accumulates = m * (virtual if pp > 1 else 1) > 1
+
+    def grads_of(p: Part) -> int:
+        return p.accumulated_bytes if accumulates and p.accumulated_bytes is not None else p.grad_bytes
+
     groups = ([(1, last)] if s == pp - 1 else []) + [(n, layer)] + ([(1, first)] if s == 0 else [])
     if s == 0 and s == pp - 1:           # one stage holds both ends: a weight they share (a tied table) once
         last = replace(last, model_bytes=last.model_bytes - last.shared_bytes,
-                       grad_bytes=last.grad_bytes - last.shared_grad_bytes)
+                       grad_bytes=last.grad_bytes - last.shared_grad_bytes,
+                       accumulated_bytes=None if last.accumulated_bytes is None else
+                       last.accumulated_bytes - (last.shared_accumulated or 0))
         groups[0] = (1, last)
-    held = [(c, p.grad_bytes, p.activation_bytes if p is not layer or not recompute else p.boundary_bytes,
+    held = [(c, grads_of(p), p.activation_bytes if p is not layer or not recompute else p.boundary_bytes,
              (p.activation_bytes if p is layer and recompute else 0) + p.working_bytes) for c, p in groups]
     static = sum(c * (p.model_bytes - p.grad_bytes) for c, p in groups)
     grads = sum(c * g for c, g, _, _ in held)
@@ -319,11 +332,12 @@ def stage_memory(first: Part, layer: Part, last: Part, pp: int, s: int, n: int, 
     per_mb = per_mb if v == 1 else per_mb / v                # interleaved: one chunk
     walked = [(-(-c // v) if p is layer else c, g, a, w) for (c, g, a, w), (_, p) in zip(held, groups)]
     k = in_flight(pp, s, m, "1f1b", v)
-    if m * v > k:
-        backward = grads + (k - 1) * per_mb + _backward_walk([(c, 0, a, w) for c, _, a, w in walked])
-    else:
-        backward = (k - 1) * per_mb + _backward_walk(walked)
-    return int(static + max(k * per_mb, backward))
+    first_backward = (k - 1) * per_mb + _backward_walk(walked)
+    if not accumulates:
+        return int(static + max(per_mb, first_backward))
+    later = 2 * grads + (k - 1) * per_mb + _backward_walk([(c, 0, a, w) for c, _, a, w in walked])
+    forward = k * per_mb + (grads if m * v > k else 0)
+    return int(static + max(first_backward, later, forward))
 
 
 def _backward_walk(groups: list[tuple[int, int, int, int]]) -> int:
