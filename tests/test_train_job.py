@@ -239,3 +239,29 @@ def test_parallel_flags_are_checked_before_any_work(data, tmp_path):
     err = fails("train.py", ["--data", str(data), *DATA_FLAGS, "--plan", str(plan), "--out", str(tmp_path / "o")])
     assert f"--plan {plan}: devices: expected 1 (the ranks running), got 4" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_device_gpu_is_device_target_gpu_with_the_corpus_sized_model():
+    """``--device gpu`` (the issue's spelling) is ``--device-target GPU`` and picks the gpu
+    shape: 14M parameters at the corpus' 8000 tokens -- 12 H^2 + 13 H per layer (the query
+    layer is the last of ``num_layers``), the word, position and top-query tables, the final
+    LayerNorm."""
+    sys.path.insert(0, str(EXAMPLES))
+    from job import GPU_JOB, model_config
+    from train import parse_args
+    args = parse_args(["--device", "gpu"])
+    assert (args.device_target, args.preset) == ("GPU", "gpu")
+    assert (parse_args([]).device_target, parse_args([]).preset) == ("CPU", "demo")
+    assert parse_args(["--device", "gpu", "--preset", "demo"]).preset == "demo"
+    tok = type("Tok", (), dict(vocab_size=8000, eod_id=6, pad_id=5))()
+    config = model_config(args, tok, 1, 1)
+    assert {k: getattr(config, k) for k in GPU_JOB} == GPU_JOB
+    h, layers, v, s = 384, 6, 8000, 256
+    blocks = layers * (12 * h * h + 13 * h)                  # QKV + dense, two FFN matrices, biases, two norms
+    assert config.parameter_count() == blocks + v * h + 2 * s * h + 2 * h == 13_916_160
+    assert 13e6 < config.parameter_count() < 15e6
+
+
+def test_device_and_device_target_must_agree():
+    err = fails("train.py", ["--device", "cpu", "--device-target", "GPU"])
+    assert "--device cpu: expected the same device as --device-target, got GPU" in err

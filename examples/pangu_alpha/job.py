@@ -42,7 +42,12 @@ CHECKPOINT = "checkpoint"     # the checkpoint's folder inside --out
 # equivalent runs of 170 s. Dropout is off: the job sees under one epoch of its corpus.
 DEMO = {"seq_length": 128, "hidden_size": 96, "num_layers": 4, "num_heads": 8, "ffn_hidden_size": 384,
         "dropout_rate": 0.0}
-PRESET_NAMES = ("demo", *PRESETS)
+# The GPU job's model: as large as the prepared corpus (about 2.7M tokens) can feed for a few
+# minutes without memorising it -- 14M parameters with the 8000-token vocabulary.
+GPU_JOB = {"seq_length": 256, "hidden_size": 384, "num_layers": 6, "num_heads": 6, "ffn_hidden_size": 1536,
+           "dropout_rate": 0.1}
+SHAPES = {"demo": DEMO, "gpu": GPU_JOB}     # the example's own model shapes, beside PanGu-α's presets
+PRESET_NAMES = (*SHAPES, *PRESETS)
 # What a --plan file's model must share with the run's.
 SHAPE_FIELDS = ("vocab_size", "seq_length", "hidden_size", "num_layers", "num_heads", "ffn_hidden_size")
 # Config fields a resumed run may change: how the model is split, not what it computes.
@@ -62,7 +67,7 @@ def load_data(args, world, log) -> PanguTokenizer:
 
 
 def model_config(args, tok: PanguTokenizer, dp: int, mp: int) -> PanguAlphaConfig:
-    shape = DEMO if args.preset == "demo" else PanguAlphaConfig.preset(args.preset).__dict__
+    shape = SHAPES[args.preset] if args.preset in SHAPES else PanguAlphaConfig.preset(args.preset).__dict__
     keep = {k: v for k, v in shape.items() if k in PanguAlphaConfig.__dataclass_fields__
             and k not in ("vocab_size", "eod_id", "pad_id", "data_parallel", "model_parallel")}
     if args.dropout is not None:

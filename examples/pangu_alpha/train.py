@@ -84,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=None, help="tokenizer size when preparing (default 8000); "
                    "checked against a prepared folder when given")
     p.add_argument("--max-docs", type=int, default=None, help="use only this many documents (when preparing)")
-    p.add_argument("--preset", default="demo", choices=PRESET_NAMES, help="model size")
+    p.add_argument("--preset", default=None, choices=PRESET_NAMES,
+                   help="model size (default: demo, 1.2M parameters; with --device gpu: gpu, 14M)")
     p.add_argument("--dropout", type=float, default=None, help="dropout rate (default: the preset's; demo: 0)")
     p.add_argument("--steps", type=int, default=1500, help="total steps (a resumed run continues to this step)")
     p.add_argument("--decay-steps", type=int, default=None, help="length of the lr schedule (default --steps)")
@@ -105,6 +106,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device-target", choices=("CPU", "GPU"), default="CPU",
                    help="where the arrays live (MindSpore's device_target): GPU runs every op through CuPy; "
                         "ranks under mpiexec may share one GPU (MPI copies through the host)")
+    p.add_argument("--device", choices=("cpu", "gpu"), default=None,
+                   help="the same as --device-target CPU / GPU (gpu also makes --preset gpu the default)")
     p.add_argument("--random-order", action="store_true", help="train on randomly permuted samples")
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches (8 x 16 = 128 sequences)")
@@ -119,6 +122,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--losses-out", default=None, help="write the per-step losses here as JSON (rank 0)")
     args = p.parse_args(argv)
+    if args.device is not None:
+        if args.device_target != "CPU" and args.device_target != args.device.upper():
+            p.error(f"--device {args.device}: expected the same device as --device-target, got {args.device_target}")
+        args.device_target = args.device.upper()
+    if args.preset is None:
+        args.preset = "gpu" if args.device_target == "GPU" else "demo"
     for flag in ("steps", "batch", "mp", "eval_every", "eval_batches", "dp", "pp", "micro"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')}: expected an int >= 1, got {getattr(args, flag)}")
