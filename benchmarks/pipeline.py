@@ -78,7 +78,7 @@ from pathlib import Path
 import numpy as np
 from _common import default_mpiexec, mib, table, unique_nbytes, worker_env
 
-from autopar.runtime.pipeline.schedule import chunk_of
+from autopar.strategy.pipeline.schedule import chunk_of
 
 # A forward of one layer on one 256-token sequence takes ~0.1 s of one core here, a backward
 # ~0.2 s: the runner's Python between items is under 1% of that. 7 blocks + the query layer:

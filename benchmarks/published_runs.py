@@ -42,8 +42,8 @@ layer (an attention + FFN layer whose query comes from a position table), so the
 l attention + FFN layers like the GPT, l - 1 of them pipelined and the query layer on the
 last stage with the head (its extra S x H query table is 0.2% of the weights). Megatron
 splits l layers evenly over p stages; here the split is the planner's most even one that
-fits. The interleaved schedule is priced as run (bubble (p - 1)/v of a stage's micro-batch
-time, sends at every chunk boundary) where the family has a layer per chunk. Not modelled: fused kernels, overlap of the data-parallel
+fits. The interleaved schedule is priced as run (bubble (sum of the stages' micro-batch times
+- the slowest's) / v, sends at every chunk boundary) where the family has a layer per chunk. Not modelled: fused kernels, overlap of the data-parallel
 all-reduce with the backward pass.
 """
 from __future__ import annotations

@@ -122,7 +122,7 @@ def test_pipeline_seconds_equals_a_replay_of_the_schedule_when_the_last_stage_is
     """PanGu-α's shape: the last stage (head, query layer) the slowest. The closed form
     m * max + (sum - max) is the replay of the runtime's own schedule table with these
     per-stage forward and backward times."""
-    from autopar.runtime.pipeline.schedule import make_schedule
+    from autopar.strategy.pipeline.schedule import make_schedule
     fwd, bwd = [0.010, 0.007, 0.007, 0.016], [0.021, 0.013, 0.015, 0.030]
     for m in (4, 8, 9):
         loop, bubble = cost.pipeline_seconds([f + b for f, b in zip(fwd, bwd)], m)

@@ -19,7 +19,7 @@ from autopar.context import bound_world, parallel_context
 from autopar.ir.graph import differentiable_values
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.runtime.pipeline.program import StageShard
-from autopar.runtime.pipeline.schedule import gpipe, one_f_one_b
+from autopar.strategy.pipeline.schedule import gpipe, one_f_one_b
 from autopar.runtime.trace import trace
 from autopar.strategy.pipeline.assignment import assign_stages
 from autopar.train import AdamWeightDecay

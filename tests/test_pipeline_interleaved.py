@@ -14,7 +14,7 @@ from autopar.comm import run_in_process
 from autopar.context import bound_world, parallel_context
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.runtime.auto import AutoGradProgram
-from autopar.runtime.pipeline.schedule import (
+from autopar.strategy.pipeline.schedule import (
     interleaved_gpipe,
     interleaved_one_f_one_b,
     make_schedule,
@@ -345,9 +345,9 @@ def test_stage_search_picks_interleaving_when_it_pays(coster):
 
 def test_joint_search_prices_interleaving_and_picks_it_when_the_bubble_dominates(tmp_path):
     """pp2 on 2 devices, 2 micro-batches of a 4-block stack: v = 2 runs 4 chunks of one block
-    (stage 0 blocks 0 and 2). The step is m + (p - 1) / v slowest micro-batches (+ the
-    once-per-step gradient work, equal for both), so compute + comm - m * bubble * v / (p - 1)
-    is that once-per-step work for either v; with compute dominating the search takes v = 2."""
+    (stage 0 blocks 0 and 2). The step is m slowest micro-batches + the bubble (the replay of
+    the interleaved table) + the once-per-step gradient work, equal for both; with compute
+    dominating, the smaller bubble of v = 2 wins and the search takes it."""
     from autopar.ir.spec import TensorSpec
     from autopar.strategy.pipeline.auto import AutoFixed, search_auto
     from autopar.strategy.plan_source import PlanOptions

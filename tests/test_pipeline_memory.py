@@ -11,7 +11,7 @@ from autopar.comm import run_in_process
 from autopar.context import bound_world, parallel_context
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.runtime.pipeline.shards import StageShard
-from autopar.runtime.pipeline.schedule import make_schedule
+from autopar.strategy.pipeline.schedule import make_schedule
 from autopar.train import AdamWeightDecay
 
 CONFIG = PanguAlphaConfig.preset("tiny", num_layers=4, dropout_rate=0.1)   # 3 blocks + the query layer

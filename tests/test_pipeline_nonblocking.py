@@ -8,7 +8,7 @@ import numpy as np
 
 from autopar.comm import run_in_process
 from autopar.runtime.pipeline.runner import ChunkStep, StageStep, run_step, transfers
-from autopar.runtime.pipeline.schedule import one_f_one_b
+from autopar.strategy.pipeline.schedule import one_f_one_b
 
 M, H = 4, 10          # micro-batches; the one activation's value id
 X = [np.arange(3.0) + k for k in range(M)]

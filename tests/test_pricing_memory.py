@@ -6,6 +6,8 @@ activations over-predicted by about 20%).
                                   max over backward of gradients made + activations still kept
                                                        + activation gradients in flight)
 """
+from dataclasses import replace
+
 import numpy as np
 
 from autopar import nn, ops
@@ -102,3 +104,17 @@ def test_a_gradient_that_views_another_is_counted_once(monkeypatch):
     reshape = model.forward[1].prim
     monkeypatch.setattr(reshape, "grads_are_fresh", lambda: True)
     assert gradients_in_flight(model.forward, model.needs_grad, model.params, lambda v: y) == [y, 2 * y, y]
+
+
+def test_stage_memory_holds_level1_gradients_whole_while_micro_batches_accumulate():
+    """Level-1 optimizer parallel reduce-scatters the step's gradient after the last micro-
+    batch: with one micro-batch the slice is all there is, with several the whole gradient
+    (``accumulated_bytes``) is what the phases hold -- the tied table's once on a stage
+    holding both ends."""
+    sliced = [replace(p, accumulated_bytes=4 * p.grad_bytes) for p in (FIRST, LAYER, LAST)]
+    assert stage_memory(*sliced, 1, 0, 4, 1, False) == stage_memory(FIRST, LAYER, LAST, 1, 0, 4, 1, False)
+    static, per_mb = 680, 4450
+    whole = 4 * (100 + 4 * 10 + 200)                                # 1360
+    assert stage_memory(*sliced, 1, 0, 4, 2, False) == static + 2 * whole + per_mb == 7850
+    tied = replace(sliced[2], shared_bytes=120, shared_grad_bytes=40, shared_accumulated=160)
+    assert stage_memory(sliced[0], sliced[1], tied, 1, 0, 4, 2, False) == (static - 80) + 2 * (whole - 160) + per_mb

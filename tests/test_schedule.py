@@ -2,7 +2,7 @@
 and the bubble (p - 1) / (m + p - 1)."""
 import pytest
 
-from autopar.runtime.pipeline.schedule import gpipe, make_schedule, one_f_one_b
+from autopar.strategy.pipeline.schedule import gpipe, make_schedule, one_f_one_b
 
 CASES = [(p, m) for p in (1, 2, 3, 4, 8) for m in (1, 2, 4, 7, 16) if m >= p or p <= 2]
 
@@ -81,3 +81,12 @@ def test_schedule_by_name():
     assert make_schedule("gpipe", 2, 3).table == gpipe(2, 3).table
     with pytest.raises(ValueError, match=r"name: expected one of \['1f1b', 'gpipe'\], got 'pipedream'"):
         make_schedule("pipedream", 2, 3)
+
+
+def test_makespan_takes_one_time_per_stage():
+    """Per-stage times replay the table with each stage's own forward and backward: the last
+    stage slowest gives the slowest stage's m items and the others' fill and drain."""
+    table = make_schedule("1f1b", 3, 4)
+    assert table.makespan([1.0, 1.0, 2.0], [2.0, 2.0, 4.0]) == pytest.approx(4 * 6.0 + 3.0 + 3.0)
+    with pytest.raises(ValueError, match="makespan: expected one forward and one backward time per stage"):
+        table.makespan([1.0, 1.0], 2.0)

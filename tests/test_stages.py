@@ -40,13 +40,21 @@ def test_one_stage_from_one_layer_equals_the_full_graph(small):
     assert got.bubble_s == 0
 
 
-def test_bubble_is_p_minus_1_slowest_micro_batches(small):
+def test_bubble_is_the_other_stages_micro_batch_times(small):
+    """The stage planner's bubble, rebuilt from the stages' own micro-batch times (compute,
+    collectives, boundary sends): the sum of all but the slowest; the step is the m slowest
+    micro-batches, that bubble and the once-per-step work."""
+    from autopar.strategy.pipeline.stage_search import stage_time, transfer_seconds
     for pp, m in [(2, 2), (2, 8), (4, 4), (4, 16)]:
         p = evaluate(small, 32, StageSetting(pp, 8 // pp, 1, m))
-        per_mb = p.bubble_s / (pp - 1)
-        # the share of the step the bubble takes is (p-1)/(m+p-1) of the micro-batch loop
-        loop = p.bubble_s + m * per_mb
-        assert p.bubble_s / loop == pytest.approx((pp - 1) / (m + pp - 1), rel=1e-9)
+        n = 8 // pp
+        first = small.parts(n, n, 1, 32 // m, False)[0]
+        last = small.parts(n, n, 1, 32 // m, False, (pp - 1) * n)[2]
+        times = [sum(stage_time(first, layer, last, pp, s, k, False)) + transfer_seconds(small.profile, pp, s, n, layer)
+                 for s, k in enumerate(p.layers_per_stage) for layer in [small.parts(n, n, 1, 32 // m, False, s * n)[1]]]
+        assert p.bubble_s == pytest.approx(sum(times) - max(times), rel=1e-12)
+        assert p.step_seconds == pytest.approx(p.compute_s + p.comm_s + p.bubble_s + p.update_s, rel=1e-12)
+        assert p.bubble_s < (pp - 1) * max(times)            # the embedding and head stages are not the others
 
 
 def test_first_stages_hold_more_micro_batches_under_1f1b(small):

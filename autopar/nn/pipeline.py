@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from .. import ops
 from ..errors import format_error
 from ..runtime.pipeline.program import Pipelined
-from ..runtime.pipeline.schedule import SCHEDULES
+from ..strategy.pipeline.schedule import SCHEDULES
 from .cell import Cell
 
 

@@ -120,12 +120,17 @@ def pipeline_seconds(stage_seconds: Sequence[float], m: int, v: int = 1) -> tupl
         loop   = m · max_s T_s + bubble
         bubble = (Σ_s T_s − max_s T_s) / v
 
-    Every micro-batch passes every stage once, and the slowest stage paces the other m − 1
-    (a flow shop of identical jobs): the fill and drain cost the *other* stages' times, not
-    p − 1 times the slowest's. Equal stages give Narayanan et al.'s (m + p − 1) · T (v = 1)
-    and a bubble of (p − 1) · T / v (:func:`pipeline_bubble`). PanGu-α's last stage (head and
-    query layer) is the slowest: pricing its fill as (p − 1) · T_last over-predicted pp4
-    steps by 17-34% on the 16-core machine."""
+    Every micro-batch passes every stage once, and the slowest stage paces the other m − 1:
+    the fill and drain cost the *other* stages' times, not p − 1 times the slowest's. Equal
+    stages give Narayanan et al.'s (m + p − 1) · T (v = 1) and a bubble of (p − 1) · T / v
+    (:func:`pipeline_bubble`). It equals the replay of the 1F1B and GPipe tables
+    (``Schedule.makespan``) when the last stage is the slowest -- PanGu-α's and a GPT's shape,
+    the head being on it; pricing that stage's fill as (p − 1) · T_last over-predicted pp4
+    steps by 17-34% on the 16-core machine. Where an earlier stage is the slowest its warm-up
+    hides part of the fill and the replay is up to ~12% shorter (1F1B; GPipe can also be
+    longer when the slowest forward and backward sit on different stages): the joint search
+    replays the table; the stage planner, which prices thousands of (p, m) candidates up to
+    p = 64, uses this form."""
     check_int("pipeline_seconds", "m", m, 1)
     check_int("pipeline_seconds", "v", v, 1)
     slowest = max(stage_seconds)

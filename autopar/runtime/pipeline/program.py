@@ -47,6 +47,7 @@ from ...ops.dropout import Dropout
 from ...strategy.pipeline.assignment import assign_stages
 from ...strategy.pipeline.files import save_pipeline_plan
 from ...strategy.pipeline.planner import PipelinePlan, plan_pipeline
+from ...strategy.pipeline.schedule import make_schedule
 from ...strategy.plan_source import PlanOptions
 from ...strategy.sharding_plan import fed_splits
 from ..autodiff import differentiate
@@ -60,7 +61,6 @@ from .dropout import MicroBatchDropout, MicroFeed, whole_batch_coords
 from .grads import StageGradients, defer_reductions
 from .memory import StepMemory
 from .runner import ChunkStep, StageStep, run_step, transfers
-from .schedule import make_schedule
 from .shards import AbsentShard, StageShard, attach
 from .split import split_halves
 

@@ -1,7 +1,7 @@
 """Walking a pipeline schedule on one rank: forward and backward halves per micro-batch,
 activations and their gradients sent between stages, gradients accumulated.
 
-Order. Every rank walks the same clock x stage table (:mod:`autopar.runtime.pipeline.schedule`)
+Order. Every rank walks the same clock x stage table (:mod:`autopar.strategy.pipeline.schedule`)
 phase by phase, clock by clock, running its stage's item of each clock. The *transfers* --
 every activation made by a forward at clock t and every gradient made by a backward at t --
 have one global order (clock, stage, value, destination) and go between the ranks at the
@@ -44,7 +44,7 @@ from itertools import chain
 import numpy as np
 
 from ...backend import array_module
-from .schedule import Schedule, chunk_of
+from ...strategy.pipeline.schedule import Schedule, chunk_of
 
 ACTIVATION, GRADIENT = "activation", "gradient"
 TAGS = {ACTIVATION: 1, GRADIENT: 2}

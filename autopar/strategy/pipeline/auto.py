@@ -9,21 +9,27 @@ searching every stage's ops on that stage's ranks -- and priced stage by stage b
 (its ops' compute and communication, the forward of the layers it recomputes once more,
 and the send/receive of its boundary values); a step of m micro-batches on p stages is
 
-    step = m * max_s T_s + (sum_s T_s - max_s T_s)  +  max_s (gradient reductions + update)_s
+    step = replay of the schedule's table  +  max_s (gradient reductions + update)_s
 
-(:func:`~autopar.strategy.formulas.pipeline_seconds`: the slowest stage paces the step, the
-others' times are the fill and drain; ``(m + p - 1) * T`` for equal stages)
-
-(1F1B and GPipe take the same time; 1F1B holds min(p - s, m) micro-batches on stage s,
-GPipe all m), plus the step's own collectives (the gradient-norm all-reduce). Interleaved
-(v chunks a stage, ``virtual_stages``): the layers are split into p * v virtual stages,
-each planned on its stage's ranks, a stage's T_s is the sum over its chunks (a chunk
-boundary on one rank sends nothing), the bubble is ``(sum_s T_s - max_s T_s) / v`` and stage s
-holds :func:`~.stage_search.in_flight` micro-batch chunks of 1/v of its activations. Memory of
-stage s = weights + optimizer states + activations: with one micro-batch the cost model's
-peak over the step's phases (:meth:`~autopar.strategy.costmodel.PlanCost.memory_bytes`);
-with several, the accumulated gradients + in flight x the activations of one (with
-recompute: each layer's input, plus one layer's activations while it is rebuilt).
+plus the step's own collectives (the gradient-norm all-reduce). The replay
+(:meth:`~.schedule.Schedule.makespan`) walks the table the run walks (1F1B or GPipe,
+interleaved or not) with each stage's forward and backward seconds (recompute in the
+backward; collectives and sends split evenly between the two, each having its conjugate):
+``(m + p - 1) * T`` for alike stages, ``m * max T + (sum T - max T)`` when the last stage is
+the slowest (PanGu-α's: head and query layer), and neither closed form when the slowest
+stage's warm-up hides part of the fill. 1F1B holds min(p - s, m) micro-batches on stage s,
+GPipe all m. Interleaved (v chunks a stage, ``virtual_stages``): the layers are split into
+p * v virtual stages, each planned on its stage's ranks, a stage's T_s is the sum over its
+chunks (a chunk boundary on one rank sends nothing), and stage s holds
+:func:`~.stage_search.in_flight` micro-batch chunks of 1/v of its activations. Memory of
+stage s = weights + optimizer states + the largest of its phases (:func:`_stage_memory`):
+with one micro-batch the cost model's peak over the step
+(:meth:`~autopar.strategy.costmodel.PlanCost.memory_bytes`); with several, the end of a
+forward (the micro-batches in flight, the gradients of those before), the first backward
+(the others in flight, its own walk) and a later backward (beside the step's gradients and
+its own), the gradients at their accumulated size -- whole under level-1 optimizer
+parallel until the step's reduce-scatter. With recompute: each layer's input kept, plus one
+layer's activations while it is rebuilt.
 Recompute is off, full (whole layers) or selective (each layer's attention core only,
 :func:`attention_cores`, priced by the cost model's own recompute pricing: the cores run
 again in backward and their (B, heads, S, S) activations are not kept).
@@ -50,11 +56,12 @@ from ...ir.graph import FORWARD, Graph, differentiable_values, with_node_changes
 from ...ir.mesh import Mesh
 from ..backward_memory import recomputed_walk
 from ..costmodel import CostModel
-from ..formulas import collective_seconds, pipeline_seconds
+from ..formulas import collective_seconds
 from ..plan_source import PlanOptions
 from ..profile import MachineProfile
 from .assignment import assign_stages
 from .planner import PipelinePlan, plan_pipeline
+from .schedule import make_schedule
 from .stage_search import in_flight
 
 SCHEDULES = ("1f1b", "gpipe")
@@ -241,17 +248,19 @@ class _StageCost:
     recompute_peak: int        # one_batch_peak with the layers recomputed
     recompute_backward: int    # backward_bytes with the layers recomputed
     layer_forward_s: float     # the forward of the stack's layers (what recompute runs again)
+    backward_s: float          # of compute_s, the backward kernels
+    own_grad_bytes: int        # the gradients as the cost model holds them for one micro-batch (the peaks' own)
 
 
 def _stage_cost(model: CostModel, plan, stack: LayerStack | None) -> _StageCost:
     graph = model.graph
-    compute = comm = grad = update = layer_forward = 0.0
+    compute = comm = grad = update = layer_forward = backward = 0.0
     kept: dict = {}
     per_layer: dict[int, dict] = {}
     inputs: dict[int, dict] = {}
     walk: list[tuple[int, int | None, int]] = []    # per op: gradient bytes, layer, bytes it keeps first
     for n, c, edge in model.op_costs(plan):
-        compute, comm = compute + c.compute_s, comm + c.comm_s + edge
+        compute, comm, backward = compute + c.compute_s, comm + c.comm_s + edge, backward + c.backward_s
         grad, update = grad + c.grad_s, update + c.update_s
         k = stack.layer_of(n.scope) if stack is not None else None
         held = model.kept_for_backward(n, plan.shardings[n.id])
@@ -287,7 +296,7 @@ def _stage_cost(model: CostModel, plan, stack: LayerStack | None) -> _StageCost:
     return _StageCost(compute, comm, grad, update, cost.param_bytes + cost.state_bytes, accumulated, whole,
                       cost.memory_bytes - cost.param_bytes - cost.state_bytes,
                       outside + sum(layer_inputs.values()), cost.backward_working_bytes, rc_peak, rc_bare,
-                      layer_forward)
+                      layer_forward, backward, cost.grad_bytes)
 
 
 def _p2p_seconds(plan: PipelinePlan, s: int, n: int, profile: MachineProfile, pp: int | None = None) -> float:
@@ -369,7 +378,13 @@ def price(graph: Graph, stack: LayerStack | None, devices: int, pp: int, micro_b
         update = max(sum(costs[c].update_s for c in mine[s]) for s in range(pp))
         memory = tuple(_rank_memory([costs[c] for c in mine[s]], in_flight(pp, s, m, schedule, virtual), m, recompute)
                        for s in range(pp))
-        loop, bubble = pipeline_seconds([sum(t) for t in times], m, virtual)
+        # the schedule the run walks, replayed with each stage's forward and backward (recompute
+        # runs in the backward; collectives and sends split evenly: each has its conjugate)
+        backward = [sum(costs[c].backward_s + (costs[c].layer_forward_s if recompute else 0.0) for c in mine[s])
+                    for s in range(pp)]
+        forward = [times[s][0] - backward[s] + times[s][1] / 2 for s in range(pp)]
+        loop = make_schedule(schedule, pp, m, virtual).makespan(forward, [b + t[1] / 2 for b, t in zip(backward, times)])
+        bubble = loop - m * sum(times[slow])
         out.append(AutoPlan(pp, m, tuple(layers_per_stage) if stack else (), recompute, optimizer_parallel, schedule,
                             loop + grads + update + once, m * times[slow][0],
                             m * times[slow][1] + grads + once, bubble, update, memory, n, virtual,
@@ -379,38 +394,41 @@ def price(graph: Graph, stack: LayerStack | None, devices: int, pp: int, micro_b
 
 def _rank_memory(chunks: list[_StageCost], kept: int, m: int, recompute: bool) -> int:
     """Peak bytes of a stage running ``chunks`` (one without virtual stages) with ``kept``
-    micro-batches (chunks) in flight: :func:`_stage_memory` of the chunks as one stage whose
-    micro-batch is a chunk's (its activations the chunks' mean, its backward the largest
-    chunk's) and whose weights, states and gradients are all the chunks'."""
+    micro-batch chunks in flight: :func:`_stage_memory` of the chunks as one stage whose
+    micro-batch is a chunk's (its activations the chunks' mean, its first backward the
+    largest chunk's own, no other chunk's gradients made yet) over ``m`` x chunks passes,
+    whose weights, states and accumulated gradients are all the chunks'."""
     if len(chunks) == 1:
         return _stage_memory(chunks[0], kept, m, recompute)
-    grads = sum(c.grad_bytes for c in chunks)
-    mean = len(chunks)
+    grads, mean = sum(c.grad_bytes for c in chunks), len(chunks)
     one = dataclasses.replace(
-        chunks[0], static_bytes=sum(c.static_bytes for c in chunks), grad_bytes=grads,
+        chunks[0], static_bytes=sum(c.static_bytes for c in chunks), grad_bytes=grads, own_grad_bytes=grads,
         activation_bytes=sum(c.activation_bytes for c in chunks) // mean,
         recompute_bytes=sum(c.recompute_bytes for c in chunks) // mean,
-        one_batch_peak=max(c.one_batch_peak - c.grad_bytes for c in chunks) + grads,
-        recompute_peak=max(c.recompute_peak - c.grad_bytes for c in chunks) + grads,
+        one_batch_peak=max(c.one_batch_peak + c.grad_bytes - c.own_grad_bytes for c in chunks),
+        recompute_peak=max(c.recompute_peak + c.grad_bytes - c.own_grad_bytes for c in chunks),
         backward_bytes=max(c.backward_bytes for c in chunks),
         recompute_backward=max(c.recompute_backward for c in chunks))
-    return _stage_memory(one, kept, m, recompute)
+    return _stage_memory(one, kept, m * mean, recompute)
 
 
 def _stage_memory(c: _StageCost, kept: int, m: int, recompute: bool) -> int:
-    """Peak bytes of a stage holding ``kept`` micro-batches at once (module docstring): the
-    largest of the end of a forward (``kept`` micro-batches' activations, the gradients of
-    those before them if any) and a backward: ``kept - 1`` micro-batches kept while one
-    walks back making its gradients beside those accumulated so far (the runtime adds each
-    micro-batch's gradients into the step's after its backward: both exist at its end).
-    For a later micro-batch the bound "its activation peak with both sets of gradients
-    alive" is what the runtime measures (tracemalloc, PanGu-α tiny pp2 m2: 4.97 / 6.04 MiB
-    per stage against 4.98 / 5.91 predicted; the walk's own peak gave 15% less)."""
+    """Peak bytes of a stage holding ``kept`` of its ``m`` micro-batches at once (module
+    docstring): the largest of the end of a forward (``kept`` micro-batches' activations,
+    the gradients of those before them if any) and a backward: ``kept - 1`` micro-batches
+    kept while one walks back making its gradients beside those accumulated so far (the
+    runtime adds each micro-batch's gradients into the step's after its backward: both
+    exist at its end). Its gradients have the accumulated size when micro-batches
+    accumulate (level-1 optimizer parallel: whole until the step's reduce-scatter), the
+    cost model's own (a slice) with one. For a later micro-batch the bound "its activation
+    peak with both sets of gradients alive" is what the runtime measures (tracemalloc,
+    PanGu-α tiny pp2 m2: 4.97 / 6.04 MiB per stage against 4.98 / 5.91 predicted; the
+    walk's own peak gave 15% less)."""
     acts = c.recompute_bytes if recompute else c.activation_bytes
     peak, bare = (c.recompute_peak, c.recompute_backward) if recompute else (c.one_batch_peak, c.backward_bytes)
-    first = (kept - 1) * acts + peak                      # the first backward: no gradients before it
     if m == 1:
-        return c.static_bytes + max(acts, first)
+        return c.static_bytes + max(acts, peak)
+    first = (kept - 1) * acts + peak + c.grad_bytes - c.own_grad_bytes    # the first backward: none before it
     later = 2 * c.grad_bytes + (kept - 1) * acts + bare      # bound: measured (pp2 m2, tiny: within 2%)
     forward = kept * acts + (c.grad_bytes if m > kept else 0)
     return c.static_bytes + max(first, later, forward)

@@ -23,10 +23,12 @@ on those parts (seconds per micro-batch, bytes):
   boundary sends -- v boundaries into and out of each stage, one of them across the wrap
   from stage p - 1 to stage 0;
 * memory of stage s = its weights and optimizer states (divided over the data-parallel
-  copies with optimizer parallel) + the larger of the end of forward (activations of the
+  copies with optimizer parallel) + the largest of the end of forward (activations of the
   ``min(p - s, m)`` micro-batches in flight under 1F1B: all of a layer's with no
-  recompute; with recompute only each layer's input) and the backward phase (gradients +
-  the activations still kept, + one layer's while it is rebuilt): :func:`stage_memory`.
+  recompute; with recompute only each layer's input), the first backward and a later one
+  (beside the step's gradients and its own, the gradients at their accumulated size:
+  whole under level-1 optimizer parallel, the only level this planner prices):
+  :func:`stage_memory`, the joint search's rule.
   Interleaved, stage s holds :func:`in_flight` micro-batch *chunks*, each 1/v of its layers.
 
 Early stages hold more micro-batches, so when the uniform split overflows the first stage
@@ -48,7 +50,6 @@ from ..costmodel import CostModel
 from ..profile import MachineProfile
 from ..sharding_plan import plan_shardings
 from .registry import ModelFamily
-
 
 
 @dataclass(frozen=True)

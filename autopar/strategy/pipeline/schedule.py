@@ -118,6 +118,9 @@ class Schedule:
         p, v = self.stages, self.virtual
         fwd = list(forward_s) if hasattr(forward_s, "__len__") else [forward_s] * p
         bwd = list(backward_s) if hasattr(backward_s, "__len__") else [backward_s] * p
+        if len(fwd) != p or len(bwd) != p:
+            raise ValueError(f"pipeline schedule {self.name}: makespan: expected one forward and one backward time "
+                             f"per stage ({p}), got {len(fwd)} and {len(bwd)}")
         rows = [[i for i in row if i is not None] for row in self.table]
         finish: dict[tuple, float] = {}            # (virtual stage, kind, micro) -> when it ended
         free, pos = [0.0] * p, [0] * p
