@@ -414,3 +414,11 @@ def test_softmax_and_layer_norm_take_the_fused_path_only_when_fusable(monkeypatc
     monkeypatch.setattr(kernels, "fusable", lambda *arrays, dtypes=kernels.FUSED_DTYPES: True)
     run()
     assert seen == [("softmax", ()), ("softmax_grad", ()), ("layer_norm", ()), ("layer_norm_grad", (True, False))]
+
+
+def test_the_cublas_half_matmul_serves_only_device_arrays():
+    """Host arrays (and a stand-in device module, which has no cuBLAS) keep the cast path."""
+    from autopar.backend import half_matmul
+    a = np.ones((4, 4), np.float16)
+    assert half_matmul(a, a) is None
+    assert half_matmul(a.astype("bfloat16"), a.astype("bfloat16")) is None

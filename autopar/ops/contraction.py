@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module
+from ..backend import array_module, half_matmul
 from ..dtype import is_half
 from ..errors import OpArgError
 from ..ir.spec import TensorSpec
@@ -41,8 +41,13 @@ def _matmul(a, b):
     """``a @ b``, half-precision operands multiplied in float32 (BLAS) and left in float32
     for the caller to round once, as tensor cores accumulate: numpy's own float16 matmul
     has no BLAS path (about 150x slower than float32) and its bfloat16 matmul returns
-    float32 anyway. float32 and float64 operands go straight to the array module's matmul."""
+    float32 anyway; on a GPU cuBLAS computes exactly that on the tensor cores, without the
+    casts (``backend.half_matmul``). float32 and float64 operands go straight to the array
+    module's matmul."""
     if is_half(a.dtype) or is_half(b.dtype):
+        product = half_matmul(a, b)
+        if product is not None:
+            return product
         a, b = a.astype(np.promote_types(a.dtype, np.float32)), b.astype(np.promote_types(b.dtype, np.float32))
     return array_module(a, b).matmul(a, b)
 

@@ -1,0 +1,115 @@
+"""Half-precision matmuls on a GPU through cuBLAS: float16 or bfloat16 operands multiplied on
+the tensor cores, accumulated and returned in float32 (``cublasGemmEx`` /
+``cublasGemmStridedBatchedEx`` with ``CUBLAS_COMPUTE_32F``).
+
+That is the product ``ops.contraction`` defines for half operands -- the host casts both to
+float32 and multiplies there (numpy has no half GEMM), leaving one rounding to the caller --
+without the two casts and at tensor-core speed: the 350M PanGu-α step in bfloat16 ran
+*slower* than in float32 on an H100 while its GEMMs went through the cast.
+
+cuBLAS is column-major. A row-major (m, k) array is a column-major (k, m) one, so
+``C = A @ B`` (row-major, C-contiguous) is computed as ``C^T = B^T A^T``: the call takes B
+first, with m and n swapped, and every leading dimension is a row length. Batches go
+through the strided-batched call (a 2-D B under a batched A folds A's batch into rows: one
+GEMM); broadcast batch dimensions are materialised first.
+
+Each dtype's path is checked once per process against the cast-and-multiply product on a
+small random problem; a CuPy without these bindings, a driver that refuses the call, or a
+result that differs leaves the cast path in force (a warning says why). Importing this
+module imports nothing of CuPy.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import sys
+import warnings
+
+import numpy as np
+
+CUDA_DATA_TYPES = {"float16": 2, "bfloat16": 14}   # cudaDataType: CUDA_R_16F, CUDA_R_16BF
+CUDA_R_32F = 0
+CUBLAS_COMPUTE_32F = 68
+CUBLAS_GEMM_DEFAULT = -1
+CUBLAS_OP_N = 0
+CUBLAS_POINTER_MODE_HOST = 0
+CHECK_RTOL = 1e-4        # float32 sums of the same half products in another order differ far less
+
+
+def half_matmul(a, b):
+    """``a @ b`` of two CuPy arrays of one half dtype as a float32 CuPy array, or None when
+    this path does not serve them (host arrays, other dtypes, a CuPy or device that failed
+    the check): the caller then casts and multiplies."""
+    if not _served(a, b) or not _checked(a.dtype.name):
+        return None
+    return _gemm(a, b)
+
+
+def _served(a, b) -> bool:
+    for x in (a, b):
+        t = type(x)
+        if t.__module__.split(".", 1)[0] != "cupy" or t.__name__ != "ndarray":
+            return False
+    cublas = getattr(getattr(sys.modules.get("cupy"), "cuda", None), "cublas", None)
+    return (a.dtype == b.dtype and a.dtype.name in CUDA_DATA_TYPES and a.ndim >= 2 and b.ndim >= 2
+            and hasattr(cublas, "gemmEx") and hasattr(cublas, "gemmStridedBatchedEx"))
+
+
+def _gemm(a, b):
+    """The float32 product, shapes as ``matmul``'s: (..., m, k) @ (..., k, n) -> (..., m, n)."""
+    cp = sys.modules["cupy"]
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    if b.ndim == 2 and a.ndim > 2:                    # a weight under a batch: one GEMM over every row
+        rows = cp.ascontiguousarray(a).reshape(-1, k)  # (..., m, k) -> (rows, k)
+        return _gemm(rows, b).reshape(a.shape[:-1] + (n,))
+    batch = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    a = cp.ascontiguousarray(cp.broadcast_to(a, batch + (m, k)))
+    b = cp.ascontiguousarray(cp.broadcast_to(b, batch + (k, n)))
+    c = cp.empty(batch + (m, n), np.float32)
+    if c.size == 0:
+        return c
+    if k == 0:
+        c.fill(0)
+        return c
+    cublas = cp.cuda.cublas
+    handle = cp.cuda.device.get_cublas_handle()
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)   # host scalars, alive through the call
+    dtype, count = CUDA_DATA_TYPES[a.dtype.name], math.prod(batch)
+    mode = cublas.getPointerMode(handle)
+    cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)
+    try:
+        if count == 1:      # column-major C^T (n x m) = B^T (n x k) A^T (k x m)
+            cublas.gemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, m, k, one.ctypes.data, b.data.ptr, dtype, n,
+                          a.data.ptr, dtype, k, zero.ctypes.data, c.data.ptr, CUDA_R_32F, n,
+                          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+        else:
+            cublas.gemmStridedBatchedEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, m, k, one.ctypes.data,
+                                        b.data.ptr, dtype, n, k * n, a.data.ptr, dtype, k, m * k,
+                                        zero.ctypes.data, c.data.ptr, CUDA_R_32F, n, m * n, count,
+                                        CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+    finally:
+        cublas.setPointerMode(handle, mode)
+    return c
+
+
+@functools.lru_cache(maxsize=None)
+def _checked(dtype: str) -> bool:
+    """Whether cuBLAS's product of ``dtype`` operands equals the cast-and-multiply one here
+    (a plain, a batched and a folded-batch shape, one transposed operand), once per process."""
+    cp = sys.modules["cupy"]
+    rng = np.random.default_rng(0)
+    cases = [((33, 17), (17, 9)), ((3, 5, 7), (3, 7, 4)), ((2, 6, 8), (8, 5)), ((2, 1, 4, 3), (2, 3, 3, 6))]
+    try:
+        for sa, sb in cases:
+            a = cp.asarray(rng.standard_normal(sa).astype(np.float32)).astype(dtype)
+            b = cp.asarray(rng.standard_normal(sb[::-1]).astype(np.float32)).astype(dtype).swapaxes(-1, -2)
+            got = _gemm(a, b)
+            want = cp.matmul(a.astype(np.float32), b.astype(np.float32))
+            if got.shape != want.shape or not bool(cp.allclose(got, want, rtol=CHECK_RTOL, atol=CHECK_RTOL)):
+                raise ValueError(f"{sa} @ {sb}: cuBLAS and the float32 product differ by "
+                                 f"{float(cp.abs(got - want).max()):.3g}")
+    except Exception as err:      # a missing binding, a refused call, a wrong result: use the cast path
+        warnings.warn(f"autopar: {dtype} matmuls stay on the cast-to-float32 path: {type(err).__name__}: {err}",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    return True
