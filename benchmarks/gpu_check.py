@@ -44,13 +44,15 @@ os.environ.setdefault("CUPY_TF32", "0")          # float32 GEMMs in float32 (bef
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # torch_pangu, the PyTorch anchor
 
+import gpu_step  # noqa: E402
 import numpy as np  # noqa: E402
+from _gpu import build, describe_gpu, fast_weights, gpu_status, ids_for, sync  # noqa: E402
 
 import autopar  # noqa: E402
 from autopar import nn  # noqa: E402
 from autopar.backend import to_host  # noqa: E402
 from autopar.ir.random import derive_key  # noqa: E402
-from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss  # noqa: E402
+from autopar.models.pangu_alpha import PanguAlphaConfig  # noqa: E402
 from autopar.ops.dropout import dropout_mask  # noqa: E402
 from autopar.train import AdamWeightDecay, clip_by_global_norm  # noqa: E402
 
@@ -81,64 +83,8 @@ class Report:
         return 1 if failed else 0
 
 
-def gpu_status() -> str | None:
-    """None when CuPy sees a GPU, else why the GPU parts are skipped."""
-    try:
-        import cupy
-    except ImportError as err:
-        return f"CuPy is not installed ({err}); pip install -e \".[gpu]\""
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as err:   # no driver, no device
-        return f"CuPy sees no GPU ({type(err).__name__}: {err})"
-    return None if n else "CuPy sees no GPU"
-
-
-def describe_gpu() -> str:
-    import cupy
-    props = cupy.cuda.runtime.getDeviceProperties(0)
-    name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
-    return f"{name}, CuPy {cupy.__version__}, CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}"
-
-
-def sync() -> None:
-    import cupy
-    cupy.cuda.Device().synchronize()
-
-
-# ---- models ---------------------------------------------------------------------------------
-
 def config_of(size: str, dtype: str, dropout: float = 0.1) -> PanguAlphaConfig:
     return PanguAlphaConfig.preset(size, param_dtype=dtype, compute_dtype=dtype, dropout_rate=dropout)
-
-
-def fast_weights(net, seed: int = 0) -> dict[str, np.ndarray]:
-    """Host weights for every parameter from numpy's fast generator (the counter-based
-    initializer takes minutes for 350M parameters on one core): N(0, 0.02) matrices and
-    tables, LayerNorm gains 1, biases and shifts 0."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for p in net.trainable_params():
-        if p.name.endswith("gamma"):
-            out[p.name] = np.ones(p.shape, p.dtype)
-        elif p.name.endswith(("beta", "bias")):
-            out[p.name] = np.zeros(p.shape, p.dtype)
-        else:
-            out[p.name] = (rng.standard_normal(p.shape, dtype=np.float32) * 0.02).astype(p.dtype)
-    return out
-
-
-def build(config, weights: dict | None):
-    net = PanguAlphaWithLoss(config)
-    if weights is not None:
-        for p in net.trainable_params():
-            p.set_data(weights[p.name])
-    return net
-
-
-def ids_for(config, batch: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, config.vocab_size, (batch, config.seq_length + 1)).astype(np.int32)   # (B, S+1)
 
 
 def loss_and_grads(config, weights, ids, target: str):
@@ -327,9 +273,8 @@ def main(argv=None) -> int:
     print("\n-- optimizer steps")
     check_adamw(report)
     check_train_one_step_cell(report)
-    if args.timing:         # the timed step is benchmarks/gpu_step.py's (it imports this module: imported here)
+    if args.timing:         # the timed step is benchmarks/gpu_step.py's
         print("\n-- timing")
-        import gpu_step
         gpu_step.main(["--sizes", "350M", "--dtypes", "float32", "--batch", str(args.batch), "--steps",
                        str(args.steps)] + ([] if args.torch else ["--no-torch"]))
     if args.ops and gpu_status() is None:

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))      # gpu_check, torch_pangu
+sys.path.insert(0, str(Path(__file__).resolve().parent))      # _gpu, torch_pangu
 
-import gpu_check  # noqa: E402
+from _gpu import build, describe_gpu, fast_weights, gpu_status, ids_for, sync  # noqa: E402
 
 import autopar  # noqa: E402
 from autopar import nn  # noqa: E402
@@ -55,16 +55,16 @@ def time_autopar(config: PanguAlphaConfig, batch: int, steps: int) -> tuple[floa
     """(seconds per TrainOneStepCell step on the GPU, the pool's peak bytes)."""
     autopar.set_context(device_target="GPU")
     try:
-        net = gpu_check.build(config, gpu_check.fast_weights(gpu_check.build(config, None)))
+        net = build(config, fast_weights(build(config, None)))
         opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.1)
         train = nn.TrainOneStepCell(net, opt, clip_norm=1.0)
-        ids = gpu_check.ids_for(config, batch)
+        ids = ids_for(config, batch)
         train(ids)                                          # compile, optimizer states, warm-up
-        gpu_check.sync()
+        sync()
         t0 = time.perf_counter()
         for _ in range(steps):
             train(ids)
-        gpu_check.sync()
+        sync()
         elapsed = (time.perf_counter() - t0) / steps
         return elapsed, device_pool_bytes(as_backend("GPU"))[1]
     finally:
@@ -93,7 +93,7 @@ def time_torch(config: PanguAlphaConfig, batch: int, steps: int, dtype: str) -> 
     dev = torch.device("cuda")
     model = torch_pangu.build(config.replace(compute_dtype="float32"), device="cuda")   # autocast casts the ops
     opt = torch_pangu.adamw(model, learning_rate=1e-4, weight_decay=0.1)
-    ids = torch.from_numpy(gpu_check.ids_for(config, batch)).to(dev)
+    ids = torch.from_numpy(ids_for(config, batch)).to(dev)
     cast = getattr(torch, dtype)
 
     def step():
@@ -127,11 +127,11 @@ def gemm_rate(dtype: str, n: int = 8192, repeats: int = 10) -> float:
         a = cupy.random.standard_normal((n, n), dtype=cupy.float32)
         b = cupy.random.standard_normal((n, n), dtype=cupy.float32)
         a @ b
-        gpu_check.sync()
+        sync()
         t0 = time.perf_counter()
         for _ in range(repeats):
             a @ b
-        gpu_check.sync()
+        sync()
     return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
 
 
@@ -147,11 +147,11 @@ def main(argv=None) -> int:
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
         ap.error(f"--dtypes: expected names from {DTYPES}, got {bad}")
-    why = gpu_check.gpu_status()
+    why = gpu_status()
     if why is not None:
         print(f"no GPU run: {why}")
         return 0
-    print(gpu_check.describe_gpu())
+    print(describe_gpu())
     rates = {d: gemm_rate(d) for d in dtypes}
     print("device GEMM rate, 8192^3: " + ", ".join(f"{d} {r / 1e12:.0f} TFLOP/s" for d, r in rates.items()))
     head = (f"{'size':>5} {'dtype':>9} {'autopar s':>9} {'tokens/s':>9} {'MFU':>6} {'GiB':>6}   "
