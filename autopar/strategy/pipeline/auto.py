@@ -213,7 +213,7 @@ class AutoPlan:
     step_seconds: float
     compute_s: float           # m x the slowest stage's compute per micro-batch
     comm_s: float              # m x its communication + the step's gradient reductions
-    bubble_s: float            # the other stages' micro-batch times (formulas.pipeline_seconds)
+    bubble_s: float            # the schedule replay beyond m slowest micro-batches (fill, drain, waits)
     update_s: float
     memory_bytes: tuple[int, ...]
     stage_devices: int = 1
