@@ -21,6 +21,11 @@ from .cupy_import import import_cupy
 ARRAY_MODULES: dict[type, object] = {np.ndarray: lambda: np}   # array type -> () -> its module
 
 
+def is_cupy_type(t: type) -> bool:
+    """Whether ``t`` is CuPy's ndarray, told by its module's name (CuPy is not imported)."""
+    return t.__module__.split(".", 1)[0] == "cupy" and t.__name__ == "ndarray"
+
+
 def _module_of_type(t: type):
     """The module serving arrays of type ``t``, or None for a non-array."""
     if t is np.ndarray:                      # the hot path: one comparison
@@ -29,7 +34,7 @@ def _module_of_type(t: type):
         found = ARRAY_MODULES.get(base)
         if found is not None:
             return found()
-    if t.__module__.split(".", 1)[0] == "cupy" and t.__name__ == "ndarray":
+    if is_cupy_type(t):
         return import_cupy(f"a CuPy array ({t.__module__}.{t.__name__})")
     return None
 

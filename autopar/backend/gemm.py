@@ -27,6 +27,8 @@ import warnings
 
 import numpy as np
 
+from .arrays import is_cupy_type
+
 CUDA_DATA_TYPES = {"float16": 2, "bfloat16": 14}   # cudaDataType: CUDA_R_16F, CUDA_R_16BF
 CUDA_R_32F = 0
 CUBLAS_COMPUTE_32F = 68
@@ -46,10 +48,8 @@ def half_matmul(a, b):
 
 
 def _served(a, b) -> bool:
-    for x in (a, b):
-        t = type(x)
-        if t.__module__.split(".", 1)[0] != "cupy" or t.__name__ != "ndarray":
-            return False
+    if not (is_cupy_type(type(a)) and is_cupy_type(type(b))):
+        return False
     cublas = getattr(getattr(sys.modules.get("cupy"), "cuda", None), "cublas", None)
     return (a.dtype == b.dtype and a.dtype.name in CUDA_DATA_TYPES and a.ndim >= 2 and b.ndim >= 2
             and hasattr(cublas, "gemmEx") and hasattr(cublas, "gemmStridedBatchedEx"))

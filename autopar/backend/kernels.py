@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .arrays import is_cupy_type
 from .cupy_import import import_cupy
 
 FUSED_DTYPES = ("float16", "float32", "float64")
@@ -59,10 +60,8 @@ def fusable(*arrays, dtypes: tuple[str, ...] = FUSED_DTYPES) -> bool:
     ``arrays.array_module`` does, without importing CuPy) of one dtype among ``dtypes``,
     from a CuPy that compiles kernels (a stand-in device module, as the CPU tests of the
     device paths use, takes the ordinary path)."""
-    for a in arrays:
-        t = type(a)
-        if t.__module__.split(".", 1)[0] != "cupy" or t.__name__ != "ndarray":
-            return False
+    if not all(is_cupy_type(type(a)) for a in arrays):
+        return False
     if not hasattr(sys.modules.get("cupy"), "ElementwiseKernel"):
         return False
     return arrays[0].dtype.name in dtypes and all(a.dtype == arrays[0].dtype for a in arrays)
