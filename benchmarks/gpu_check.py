@@ -246,6 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up)")
     ap.add_argument("--no-timing", dest="timing", action="store_false")
     ap.add_argument("--ops", action="store_true", help="also print where the 350M GPU step's time goes, per op kind")
+    ap.add_argument("--dtype", default="float32", help="compute dtype of the --ops profile")
     ap.add_argument("--no-torch", dest="torch", action="store_false")
     args = ap.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -280,7 +281,7 @@ def main(argv=None) -> int:
     if args.ops and gpu_status() is None:
         print("\n-- where the time goes")
         try:
-            op_profile(args.batch)
+            op_profile(args.batch, args.dtype)
         except Exception:
             traceback.print_exc()
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")

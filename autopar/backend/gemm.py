@@ -10,8 +10,10 @@ without the two casts and at tensor-core speed: the 350M PanGu-α step in bfloat
 cuBLAS is column-major. A row-major (m, k) array is a column-major (k, m) one, so
 ``C = A @ B`` (row-major, C-contiguous) is computed as ``C^T = B^T A^T``: the call takes B
 first, with m and n swapped, and every leading dimension is a row length. Batches go
-through the strided-batched call (a 2-D B under a batched A folds A's batch into rows: one
-GEMM); broadcast batch dimensions are materialised first.
+through the strided-batched call (a 2-D B under a contiguous batched A folds A's batch into
+rows: one GEMM; a 2-D operand under a batch repeats with stride 0); other broadcast batch
+dimensions are materialised first. Transposed views -- what the VJPs pass -- are read in
+place through ``CUBLAS_OP_T``.
 
 Each dtype's path is checked once per process against the cast-and-multiply product on a
 small random problem; a CuPy without these bindings, a driver that refuses the call, or a
@@ -21,6 +23,7 @@ module imports nothing of CuPy.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import sys
 import warnings
@@ -34,6 +37,7 @@ CUDA_R_32F = 0
 CUBLAS_COMPUTE_32F = 68
 CUBLAS_GEMM_DEFAULT = -1
 CUBLAS_OP_N = 0
+CUBLAS_OP_T = 1
 CUBLAS_POINTER_MODE_HOST = 0
 CHECK_RTOL = 1e-4        # float32 sums of the same half products in another order differ far less
 
@@ -55,22 +59,44 @@ def _served(a, b) -> bool:
             and hasattr(cublas, "gemmEx") and hasattr(cublas, "gemmStridedBatchedEx"))
 
 
+def _layout(x, batch: tuple[int, ...]):
+    """How cuBLAS reads the row-major (..., r, c) operand ``x`` under ``batch``:
+    (array, transposed, leading dimension, batch stride), copying only when it must.
+
+    A C-contiguous matrix is read as is (ld c). A transposed view of one -- what the VJPs
+    hand over, ``swapaxes(-1, -2)`` -- is read through ``CUBLAS_OP_T`` from its base's
+    memory (ld r) instead of being copied. A 2-D operand under a batch repeats with
+    batch stride 0; any other layout or broadcast is made contiguous first."""
+    cp = sys.modules["cupy"]
+    r, c = x.shape[-2:]
+    if x.shape[:-2] != batch:
+        if x.ndim == 2:
+            x2, transposed, ld, _ = _layout(x, ())
+            return x2, transposed, ld, 0
+        x = cp.broadcast_to(x, batch + (r, c))
+    if x.flags.c_contiguous:
+        return x, False, c, r * c
+    if x.swapaxes(-1, -2).flags.c_contiguous:
+        return x, True, r, r * c
+    return cp.ascontiguousarray(x), False, c, r * c
+
+
 def _gemm(a, b):
     """The float32 product, shapes as ``matmul``'s: (..., m, k) @ (..., k, n) -> (..., m, n)."""
     cp = sys.modules["cupy"]
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
-    if b.ndim == 2 and a.ndim > 2:                    # a weight under a batch: one GEMM over every row
-        rows = cp.ascontiguousarray(a).reshape(-1, k)  # (..., m, k) -> (rows, k)
-        return _gemm(rows, b).reshape(a.shape[:-1] + (n,))
+    if b.ndim == 2 and a.ndim > 2 and a.flags.c_contiguous:   # a weight under a batch: one GEMM over every row
+        return _gemm(a.reshape(-1, k), b).reshape(a.shape[:-1] + (n,))   # (..., m, k) -> (rows, k)
     batch = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
-    a = cp.ascontiguousarray(cp.broadcast_to(a, batch + (m, k)))
-    b = cp.ascontiguousarray(cp.broadcast_to(b, batch + (k, n)))
     c = cp.empty(batch + (m, n), np.float32)
     if c.size == 0:
         return c
     if k == 0:
         c.fill(0)
         return c
+    a, a_t, lda, stride_a = _layout(a, batch)
+    b, b_t, ldb, stride_b = _layout(b, batch)
+    op_a, op_b = (CUBLAS_OP_T if a_t else CUBLAS_OP_N), (CUBLAS_OP_T if b_t else CUBLAS_OP_N)
     cublas = cp.cuda.cublas
     handle = cp.cuda.device.get_cublas_handle()
     one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)   # host scalars, alive through the call
@@ -79,12 +105,12 @@ def _gemm(a, b):
     cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)
     try:
         if count == 1:      # column-major C^T (n x m) = B^T (n x k) A^T (k x m)
-            cublas.gemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, m, k, one.ctypes.data, b.data.ptr, dtype, n,
-                          a.data.ptr, dtype, k, zero.ctypes.data, c.data.ptr, CUDA_R_32F, n,
+            cublas.gemmEx(handle, op_b, op_a, n, m, k, one.ctypes.data, b.data.ptr, dtype, ldb,
+                          a.data.ptr, dtype, lda, zero.ctypes.data, c.data.ptr, CUDA_R_32F, n,
                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
         else:
-            cublas.gemmStridedBatchedEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, n, m, k, one.ctypes.data,
-                                        b.data.ptr, dtype, n, k * n, a.data.ptr, dtype, k, m * k,
+            cublas.gemmStridedBatchedEx(handle, op_b, op_a, n, m, k, one.ctypes.data,
+                                        b.data.ptr, dtype, ldb, stride_b, a.data.ptr, dtype, lda, stride_a,
                                         zero.ctypes.data, c.data.ptr, CUDA_R_32F, n, m * n, count,
                                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
     finally:
@@ -95,18 +121,26 @@ def _gemm(a, b):
 @functools.lru_cache(maxsize=None)
 def _checked(dtype: str) -> bool:
     """Whether cuBLAS's product of ``dtype`` operands equals the cast-and-multiply one here
-    (a plain, a batched and a folded-batch shape, one transposed operand), once per process."""
+    (plain, batched, folded-batch, 2-D-under-a-batch and broadcast shapes, each with neither,
+    one or both operands transposed views), once per process."""
     cp = sys.modules["cupy"]
     rng = np.random.default_rng(0)
-    cases = [((33, 17), (17, 9)), ((3, 5, 7), (3, 7, 4)), ((2, 6, 8), (8, 5)), ((2, 1, 4, 3), (2, 3, 3, 6))]
+    cases = [((33, 17), (17, 9)), ((3, 5, 7), (3, 7, 4)), ((2, 6, 8), (8, 5)), ((6, 8), (2, 8, 5)),
+             ((2, 1, 4, 3), (2, 3, 3, 6))]
+
+    def operand(shape, transposed: bool):
+        if not transposed:
+            return cp.asarray(rng.standard_normal(shape).astype(np.float32)).astype(dtype)
+        flipped = shape[:-2] + (shape[-1], shape[-2])           # (..., r, c) stored as (..., c, r)
+        return cp.asarray(rng.standard_normal(flipped).astype(np.float32)).astype(dtype).swapaxes(-1, -2)
+
     try:
-        for sa, sb in cases:
-            a = cp.asarray(rng.standard_normal(sa).astype(np.float32)).astype(dtype)
-            b = cp.asarray(rng.standard_normal(sb[::-1]).astype(np.float32)).astype(dtype).swapaxes(-1, -2)
+        for (sa, sb), (ta, tb) in itertools.product(cases, itertools.product((False, True), repeat=2)):
+            a, b = operand(sa, ta), operand(sb, tb)
             got = _gemm(a, b)
             want = cp.matmul(a.astype(np.float32), b.astype(np.float32))
             if got.shape != want.shape or not bool(cp.allclose(got, want, rtol=CHECK_RTOL, atol=CHECK_RTOL)):
-                raise ValueError(f"{sa} @ {sb}: cuBLAS and the float32 product differ by "
+                raise ValueError(f"{sa} @ {sb} (transposed views: {ta}, {tb}): cuBLAS and the float32 product differ by "
                                  f"{float(cp.abs(got - want).max()):.3g}")
     except Exception as err:      # a missing binding, a refused call, a wrong result: use the cast path
         warnings.warn(f"autopar: {dtype} matmuls stay on the cast-to-float32 path: {type(err).__name__}: {err}",

@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,7 @@ import numpy as np
 from .arrays import is_cupy_type
 from .cupy_import import import_cupy
 
-FUSED_DTYPES = ("float16", "float32", "float64")
+FUSED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 EXACT_DTYPES = ("float32", "float64")   # kernels with no half variant (erf GeLU, AdamW)
 NVRTC_OPTIONS = ("--fmad=false",)        # no multiply-add contraction: the CPU's rounding
 
@@ -64,7 +65,10 @@ def fusable(*arrays, dtypes: tuple[str, ...] = FUSED_DTYPES) -> bool:
         return False
     if not hasattr(sys.modules.get("cupy"), "ElementwiseKernel"):
         return False
-    return arrays[0].dtype.name in dtypes and all(a.dtype == arrays[0].dtype for a in arrays)
+    name = arrays[0].dtype.name
+    if name not in dtypes or not all(a.dtype == arrays[0].dtype for a in arrays):
+        return False
+    return name != "bfloat16" or _bfloat16_compiles()
 
 
 def _wide(dtype) -> np.dtype:
@@ -117,6 +121,28 @@ def _compiled(spec: KernelSpec):
     cupy = import_cupy("autopar.backend.kernels")
     return cupy.ElementwiseKernel(spec.in_params, spec.out_params, spec.body, name=spec.name,
                                   preamble=spec.preamble, options=NVRTC_OPTIONS)
+
+
+BFLOAT16_PROBE = KernelSpec("autopar_bfloat16_probe", "T x, float s", "T y", "y = (T)((float)x * s);")
+
+
+@functools.cache
+def _bfloat16_compiles() -> bool:
+    """Whether this CuPy compiles and runs kernels on bfloat16 arrays (CuPy 14 maps them to
+    CUDA's ``__nv_bfloat16``; its support is marked experimental): the casts every fused
+    kernel makes, checked once per process on a few exact values. If not, bfloat16 takes
+    the ufunc path, with a warning saying why."""
+    cupy = import_cupy("autopar.backend.kernels")
+    try:
+        x = cupy.asarray(np.asarray([1.0, -2.5, 0.125, 3.0], np.float32)).astype("bfloat16")
+        y = _compiled(BFLOAT16_PROBE)(x, np.float32(2.0))
+        if y.dtype != x.dtype or not bool((y.astype(np.float32) == x.astype(np.float32) * 2).all()):
+            raise ValueError(f"the probe kernel returned {y.astype(np.float32).get()} for 2 x {x.astype(np.float32).get()}")
+    except Exception as err:        # a CuPy without bfloat16 kernels: the ufunc path serves
+        warnings.warn(f"autopar: no fused bfloat16 kernels here ({type(err).__name__}: {err}); "
+                      "bfloat16 elementwise ops take CuPy's ufuncs", RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 
 # ---- dropout ---------------------------------------------------------------------------------

@@ -14,6 +14,19 @@ from .rowwise import check_int, check_range
 from .sharding import LETTERS, Indexing
 
 
+def _add_at(out, index, values):
+    """``out[index] += values`` with repeats summed (``add.at``), returned. CuPy's ``add.at``
+    takes no bfloat16 (atomic adds exist for float16/32/64 only): such sums are made in
+    float32 and rounded once at the end -- on the host, numpy's ``add.at`` takes every dtype."""
+    xp = array_module(out, values)
+    if xp is np or out.dtype.name != "bfloat16":
+        xp.add.at(out, index, values)
+        return out
+    wide = out.astype(np.float32)
+    xp.add.at(wide, index, values.astype(np.float32))
+    return wide.astype(out.dtype)
+
+
 def _scatter_add_rows(n_rows: int, idx, g2):
     """(n_rows, K) array whose row i is the sum of the rows g2[j] with idx[j] == i.
 
@@ -30,8 +43,7 @@ def _scatter_add_rows(n_rows: int, idx, g2):
     if idx.size == 0:
         return out
     if xp is not np:
-        xp.add.at(out, idx, g2)
-        return out
+        return _add_at(out, idx, g2)
     order = xp.argsort(idx, kind="stable")
     s = idx[order]
     starts = xp.flatnonzero(xp.concatenate([xp.ones(1, bool), s[1:] != s[:-1]]))
@@ -118,9 +130,7 @@ class Gather(Primitive):
             g = _scatter_add_rows(shape[0], idx, rows)
             return g.reshape(shape), None
         xp = array_module(dy, idx)
-        g = xp.zeros(shape, dtype)
-        xp.add.at(g, (slice(None),) * axis + (idx,), dy)
-        return g, None
+        return _add_at(xp.zeros(shape, dtype), (slice(None),) * axis + (idx,), dy), None
 
     def flops(self, specs, out):
         return 0
