@@ -84,7 +84,7 @@ def test_the_peak_is_each_ranks_best_gemm_averaged_over_ranks():
     (peak0, b0), (peak1, b1) = run_in_process(2, probe)
     assert peak0 == peak1 and b0 == b1 == 6                            # one barrier per timed repeat
     assert peak0.flops == pytest.approx((2.4e7 + 6.4e7) / 2, rel=1e-12)
-    assert peak0.source == ("float32 GEMM measured at start: 2x3x4, 4x4x4, best of 3 on time.ticking, "
+    assert peak0.source == ("float32 GEMM measured at start on CPU: 2x3x4, 4x4x4, best of 3 on time.ticking, "
                             f"{blas_threads()} BLAS thread(s), 2 rank(s) at once; mean of ranks "
                             "(min 0.024, max 0.064 GFLOP/s)")
 

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_info
 
+from autopar import ops
+from autopar.backend import as_backend, to_device
 from autopar.errors import format_error
 from autopar.models.pangu_alpha import PanguAlphaConfig, random_order
 from autopar.models.pangu_alpha.config import PRESETS
@@ -284,31 +286,46 @@ def blas_threads() -> int:
     return max([i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"], default=1)
 
 
-def measure_peak(world, shapes, dtype: str = "float32", repeats: int = PROBE_REPEATS, clock=None) -> Peak:
+def measure_peak(world, shapes, dtype: str = "float32", repeats: int = PROBE_REPEATS, clock=None,
+                 device_target: str = "CPU") -> Peak:
     """The GEMM rate of a rank on this machine now: for each (m, k, n) of ``shapes`` an
     (m, k) @ (k, n) matmul in ``dtype``, 2·m·k·n / time, the best over shapes and repeats.
     Every rank runs each repeat at once (a barrier first), as the ranks of a step run, and
     the peak is the mean of the ranks' (their sum is the machine's, as MFU's denominator
     needs). With one BLAS thread, time is the thread's CPU time, so another process taking
-    the core during the probe does not lower the peak (and so cannot lift MFU over 100%)."""
+    the core during the probe does not lower the peak (and so cannot lift MFU over 100%).
+    On a GPU (``device_target="GPU"``) the product is ``ops.MatMul``'s on device arrays --
+    what the step runs, half dtypes on the tensor cores -- timed on the wall clock with the
+    device synchronised before and after."""
+    device = as_backend(device_target)
     threads = blas_threads()
-    if clock is None:
-        clock = time.thread_time if threads == 1 else time.perf_counter
+    if not device.is_host:
+        clock, sync = time.perf_counter, device.xp.cuda.Device().synchronize
+    else:
+        clock = clock or (time.thread_time if threads == 1 else time.perf_counter)
+        sync = None
+    matmul = ops.MatMul().forward
     rng = np.random.default_rng(0)
     best = 0.0
     for m, k, n in shapes:
-        a = rng.standard_normal((m, k)).astype(dtype)       # (m, k)
-        b = rng.standard_normal((k, n)).astype(dtype)       # (k, n)
-        a @ b                                               # warm-up: BLAS buffers, pages
+        a = to_device(rng.standard_normal((m, k)).astype(dtype), device)      # (m, k)
+        b = to_device(rng.standard_normal((k, n)).astype(dtype), device)      # (k, n)
+        matmul(a, b)                                                          # warm-up: buffers, pages, handles
         for _ in range(repeats):
             world.barrier()
+            if sync:
+                sync()
             start = clock()
-            a @ b
+            matmul(a, b)
+            if sync:
+                sync()
             best = max(best, 2.0 * m * k * n / max(clock() - start, 1e-9))
     rates = world.allgather(np.array([best]))               # (ranks,)
     dims = ", ".join("x".join(map(str, s)) for s in shapes)
-    return Peak(float(rates.mean()), f"{dtype} GEMM measured at start: {dims}, best of {repeats} on "
-                f"time.{clock.__name__}, {threads} BLAS thread(s), {len(rates)} rank(s) at once; mean of ranks "
+    how = (f"time.{clock.__name__}, {threads} BLAS thread(s)" if device.is_host else
+           "the wall clock, device synchronised")
+    return Peak(float(rates.mean()), f"{dtype} GEMM measured at start on {device_target}: {dims}, best of {repeats} "
+                f"on {how}, {len(rates)} rank(s) at once; mean of ranks "
                 f"(min {rates.min() / 1e9:.3g}, max {rates.max() / 1e9:.3g} GFLOP/s)")
 
 

@@ -141,9 +141,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def gemm_dtype(compute_dtype: str) -> str:
-    """The GEMMs' dtype on these CPUs: autopar multiplies float16/bfloat16 in float32 (BLAS)
-    and rounds once, so MFU divides by the float32 rate (numpy's float16 GEMM has no BLAS)."""
+def gemm_dtype(compute_dtype: str, device_target: str = "CPU") -> str:
+    """The GEMMs' dtype: on CPUs autopar multiplies float16/bfloat16 in float32 (BLAS) and
+    rounds once, so MFU divides by the float32 rate (numpy's float16 GEMM has no BLAS); on a
+    GPU half operands go to the tensor cores, and MFU divides by that dtype's rate."""
+    if device_target == "GPU":
+        return compute_dtype
     return "float32" if compute_dtype in ("float16", "bfloat16") else compute_dtype
 
 
@@ -263,7 +266,8 @@ def main(argv=None) -> None:
     tokens_per_step = args.batch * config.seq_length
     flops_per_step = model_flops(config, args.batch)
     rank_peak = (profile_peak(profile, config.compute_dtype) if profile else
-                 measure_peak(world, probe_shapes(config, args.batch, dp), gemm_dtype(config.compute_dtype)))
+                 measure_peak(world, probe_shapes(config, args.batch, dp),
+                              gemm_dtype(config.compute_dtype, args.device_target), device_target=args.device_target))
     peak = n * rank_peak.flops                                               # FLOP/s of all ranks
     log.info("peak: %d x %.3g GFLOP/s (%s)", n, rank_peak.flops / 1e9, rank_peak.source)
     ckpt = Path(args.out) / CHECKPOINT

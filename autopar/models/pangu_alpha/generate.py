@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ...backend import to_host
 from ...errors import check_int, format_error
 from ...ir.spec import TensorSpec
 from ...nn import Cell
@@ -22,7 +23,9 @@ from .model import MASK_VALUE, PanguAlpha
 
 def sample(logits: np.ndarray, rng: np.random.Generator, top_k: int = 0, top_p: float = 1.0,
            temperature: float = 1.0) -> int:
-    """One token id from a row of logits (V,). ``temperature == 0`` or ``top_k == 1``: greedy."""
+    """One token id from a row of logits (V,), on the host or a device (it is brought to the
+    host: the draw is numpy's, the same on both). ``temperature == 0`` or ``top_k == 1``: greedy."""
+    logits = to_host(logits)
     if temperature == 0 or top_k == 1:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / temperature
