@@ -1,4 +1,4 @@
-"""Measure the running machine and write its profile: ``python -m autopar.calibrate``.
+"""Measure a machine's CPU cores and MPI links (``python -m autopar.calibrate``, the default target).
 
     OPENBLAS_NUM_THREADS=1 mpiexec -n 2 python -m autopar.calibrate --out my.json --name my-box
     autopar.strategy.profile.load_profile("my.json")   # what the cost model reads
@@ -39,14 +39,8 @@ a rename); every source says ``measured by autopar.calibrate on <host> <date>: <
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import datetime
-import io
-import json
 import math
-import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,15 +49,14 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
 
-from . import nn, ops
-from .comm import Communicator, install_abort_handler, world
-from .comm.mpi import processor_name
-from .models.op_rates import QUICK_WORKLOAD, measure_op_rates
-from .runtime.allocator import retain_freed_memory
-from .runtime.program import Program
-from .runtime.trace import trace
-from .strategy.formulas import collective_factor
-from .strategy.profile import MachineProfile, load_profile
+from .. import nn, ops
+from ..comm import Communicator
+from ..models.op_rates import QUICK_WORKLOAD, measure_op_rates
+from ..runtime.allocator import retain_freed_memory
+from ..runtime.program import Program
+from ..runtime.trace import trace
+from ..strategy.formulas import collective_factor
+from ..strategy.profile import MachineProfile
 
 GEMM_DTYPES = ("float32", "float64")      # the dtypes numpy multiplies through BLAS
 HOST_NAME_BYTES = 256                     # MPI_MAX_PROCESSOR_NAME is 256 in MPICH and Open MPI
@@ -367,17 +360,31 @@ def calibrate(comm: Communicator, host: str, name: str, sizes: Sizes = FULL,
 def _op_rates(comm: Communicator, figures: dict, sources: dict, sizes: Sizes) -> dict:
     """Per-op-kind throughputs (autopar.models.op_rates), every rank at once, the slowest
     rank's time per kind."""
-    provisional = MachineProfile(name="provisional", devices_per_node=1, memory_bytes=1,
-                                 sources={k: "provisional" for k in list(sources) + [
-                                     "devices_per_node", "memory_bytes", "intra_node_latency_s",
-                                     "intra_node_bandwidth_bytes_per_s", "inter_node_latency_s",
-                                     "inter_node_bandwidth_bytes_per_s"]},
-                                 intra_node_latency_s=1e-6, intra_node_bandwidth_bytes_per_s=1e9,
-                                 inter_node_latency_s=1e-6, inter_node_bandwidth_bytes_per_s=1e9,
-                                 **{k: figures[k] for k in ("gemm_flops", "elementwise_bytes_per_s", "op_overhead_s")})
     quick = sizes is QUICK
-    return measure_op_rates(provisional, repeats=2 if quick else 5, workload=QUICK_WORKLOAD if quick else None,
+    return measure_op_rates(provisional_profile(figures), repeats=2 if quick else 5,
+                            workload=QUICK_WORKLOAD if quick else None,
                             agree=lambda secs: comm.allreduce(secs, op="max"))
+
+
+def provisional_profile(figures: dict) -> MachineProfile:
+    """A profile holding the compute figures measured so far (``gemm_flops``,
+    ``elementwise_bytes_per_s``, ``op_overhead_s``), the rest placeholders: what the op-rate
+    workload reads (the per-op overhead it subtracts) before the real profile exists."""
+    placeholders = {"intra_node_latency_s": 1e-6, "intra_node_bandwidth_bytes_per_s": 1e9,
+                    "inter_node_latency_s": 1e-6, "inter_node_bandwidth_bytes_per_s": 1e9}
+    compute = {k: figures[k] for k in ("gemm_flops", "elementwise_bytes_per_s", "op_overhead_s")}
+    named = list(placeholders) + ["devices_per_node", "memory_bytes", "elementwise_bytes_per_s", "op_overhead_s"] + \
+        [f"gemm_flops.{d}" for d in compute["gemm_flops"]]
+    return MachineProfile(name="provisional", devices_per_node=1, memory_bytes=1,
+                          sources={k: "provisional" for k in named}, **placeholders, **compute)
+
+
+def copied_collectives(like: MachineProfile, said: str) -> tuple[dict, dict]:
+    """(figures, sources) of the four collective figures, copied from ``like``: one rank has
+    no collective to time."""
+    return ({f: getattr(like, f) for f in COLLECTIVE_FIELDS},
+            {f: f"not measured {said} (1 rank, no collective to time): copied from profile {like.name!r}, "
+                f"whose source says: {like.sources[f]}" for f in COLLECTIVE_FIELDS})
 
 
 def _collective_figures(comm: Communicator, by_host: tuple[tuple[int, ...], ...], sizes: Sizes, said: str,
@@ -385,9 +392,7 @@ def _collective_figures(comm: Communicator, by_host: tuple[tuple[int, ...], ...]
     """(figures, sources) of the four collective figures, measured where there is a link to
     time, else assumed equal to the other link (or, on one rank, copied from ``like``)."""
     if comm.size == 1:
-        return ({f: getattr(like, f) for f in COLLECTIVE_FIELDS},
-                {f: f"not measured {said} (1 rank, no collective to time): copied from profile {like.name!r}, "
-                    f"whose source says: {like.sources[f]}" for f in COLLECTIVE_FIELDS})
+        return copied_collectives(like, said)
     method = (f"through autopar.comm, freed memory retained, wall clock; latency: mean of {sizes.latency_calls} "
               f"1-element float32 all-reduces, best of {sizes.latency_rounds} rounds; bandwidth: "
               f"2(n-1)/n * bytes / (time - latency), {sizes.allreduce_bytes // MiB} MiB float32 all-reduce, "
@@ -414,114 +419,3 @@ def _collective_figures(comm: Communicator, by_host: tuple[tuple[int, ...], ...]
         sources[f"{link}_node_latency_s"] = sources[f"{link}_node_bandwidth_bytes_per_s"] = text
     return figures, sources
 
-
-# ---------------------------------------------------------------- command line
-
-def _dtype_list(text: str) -> tuple[str, ...]:
-    names = tuple(t.strip() for t in text.split(",") if t.strip())
-    bad = [t for t in names if t not in GEMM_DTYPES]
-    if not names or bad:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {', '.join(GEMM_DTYPES)}, "
-                                         f"got {text!r}" + (f" ({', '.join(bad)} unknown)" if bad else ""))
-    return tuple(dict.fromkeys(names))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m autopar.calibrate",
-        description="Measure this machine (GEMM, memory bandwidth, per-op overhead, all-reduce latency and "
-                    "bandwidth inside and between hosts) and write a machine profile JSON that "
-                    "autopar.strategy.profile.load_profile reads. Run under mpiexec -n N (N >= 2), one rank "
-                    "per device, with OPENBLAS_NUM_THREADS=1.")
-    parser.add_argument("--out", help="profile file to write (default: profile-<host>.json)")
-    parser.add_argument("--name", help="profile name (default: <host>-<ranks>rank)")
-    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats (seconds, less exact)")
-    parser.add_argument("--dtypes", type=_dtype_list, default=GEMM_DTYPES,
-                        help=f"GEMM dtypes to measure, comma-separated (default: {','.join(GEMM_DTYPES)})")
-    parser.add_argument("--like", help="with one rank only: a profile (shipped name or .json path) to copy the "
-                                       "collective figures from, since one rank cannot time a collective")
-    return parser
-
-
-def _out_problem(path: Path) -> str:
-    """Why ``path`` cannot be written, or '' when it can."""
-    if path.is_dir():
-        return "it is a directory"
-    parent = path.parent
-    if not parent.is_dir():
-        return f"its folder {str(parent)!r} does not exist"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        return f"its folder {str(parent)!r} is not writable"
-    if path.exists() and not os.access(path, os.W_OK):
-        return "the file exists and is not writable"
-    return ""
-
-
-def _check_run(out: Path, like_name: str | None, ranks: int) -> tuple[str, MachineProfile | None]:
-    """(what is wrong with this run, '' if nothing; the --like profile, if one is used)."""
-    problem = _out_problem(out)
-    if problem:
-        return f"argument --out: expected a writable file path, got {str(out)!r}: {problem}", None
-    if ranks == 1 and like_name is None:
-        return ("ranks: expected 2 or more MPI ranks to measure collectives, got 1; run "
-                "mpiexec -n 2 python -m autopar.calibrate ..., or pass --like PROFILE to copy the "
-                "collective figures from a profile"), None
-    if like_name is None:
-        return "", None
-    if ranks > 1:
-        return (f"argument --like: expected only with one rank (it stands in for the collectives one rank "
-                f"cannot time), got it with {ranks} ranks, which time them; drop --like"), None
-    try:
-        return "", load_profile(like_name)
-    except ValueError as err:
-        return f"argument --like: {err}", None
-
-
-def write_profile(profile: MachineProfile, path: Path) -> None:
-    """Write ``profile`` as JSON to ``path`` atomically: a temporary file, then a rename."""
-    data = profile.to_dict()
-    data["sources"] = data.pop("sources")               # figures first, their sources last
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    comm = world()
-    host = processor_name()
-    parser = build_parser()
-    quiet = io.StringIO()
-    with contextlib.ExitStack() as stack:              # one copy of usage errors, from rank 0
-        if comm.rank != 0:
-            stack.enter_context(contextlib.redirect_stderr(quiet))
-            stack.enter_context(contextlib.redirect_stdout(quiet))
-        args = parser.parse_args(argv)
-    host0 = gather_hosts(comm, host)[0]
-    out = Path(args.out or f"profile-{host0}.json")
-    name = args.name or f"{host0}-{comm.size}rank"
-    problem, like = _check_run(out, args.like, comm.size) if comm.rank == 0 else ("", None)
-    failed = comm.broadcast(np.array([bool(problem)]), root=0)[0]
-    if failed:
-        if comm.rank == 0:
-            parser.error(problem)
-        return 2
-    profile = calibrate(comm, host, name, QUICK if args.quick else FULL, args.dtypes, like)
-    if comm.rank == 0:
-        write_profile(profile, out)
-        print(f"autopar.calibrate: wrote {out}")
-        for field, value in profile.to_dict().items():
-            if field != "sources":
-                print(f"  {field:34s} {value}")
-    comm.barrier()
-    return 0
-
-
-if __name__ == "__main__":
-    install_abort_handler()
-    sys.exit(main())

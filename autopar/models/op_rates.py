@@ -44,6 +44,19 @@ MIN_SECONDS = 2e-4        # kinds cheaper than this per step are too noisy to ra
 QUICK_WORKLOAD = dict(vocab_size=500, seq_length=32, hidden_size=64, num_layers=2, num_heads=4,
                       ffn_hidden_size=256, dropout_rate=0.1)
 
+# On a GPU the CPU workload's kernels (a (8, 96, 192) activation is 0.6 MB) finish in a few
+# microseconds: every kind would time the launch and the clock's synchronisation, not the
+# bytes. This one has the 350M preset's width and sequence (H1024, 16 heads, S1024; its
+# (B, S, H) activations are 8 MiB a row in bfloat16), two decoder blocks and the query layer
+# instead of 24, half the benchmarks' batch and a small vocabulary: every kind's kernels move
+# megabytes, and one step stays a fraction of a second. Ops compute in bfloat16 with float32
+# weights (O2), as the GPU runs train; the profile holds one rate per kind, so a float32
+# run is priced with the bfloat16 kernels' bytes/s (its bytes are counted in float32).
+GPU_WORKLOAD = dict(vocab_size=8000, seq_length=1024, hidden_size=1024, num_layers=3, num_heads=16,
+                    ffn_hidden_size=4096, dropout_rate=0.1, compute_dtype="bfloat16", param_dtype="float32")
+GPU_BATCH = 4
+GPU_QUICK_WORKLOAD = dict(GPU_WORKLOAD, seq_length=512, hidden_size=512, num_heads=8, ffn_hidden_size=2048)
+
 
 def measure_op_rates(profile: MachineProfile, repeats: int = 5, clock=time.thread_time,
                      workload: dict | None = None, batch: int = BATCH,
@@ -85,7 +98,7 @@ def measure_op_rates(profile: MachineProfile, repeats: int = 5, clock=time.threa
                      f"{moved[kind]:.3g} bytes the cost model counts for {counts[kind]} {kind} instructions "
                      f"(forward + backward) / {busy:.3g} s measured (best of {repeats}, per-op overhead "
                      f"subtracted) in a serial step of PanGu-α {cfg.hidden_size}h x {cfg.num_layers} layers, "
-                     f"batch {batch} x {cfg.seq_length}")
+                     f"batch {batch} x {cfg.seq_length}, {cfg.compute_dtype} ops")
     return out
 
 

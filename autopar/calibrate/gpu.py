@@ -1,0 +1,320 @@
+"""Measure one NVIDIA GPU through CuPy: ``python -m autopar.calibrate --device-target GPU``.
+
+    python -m autopar.calibrate --device-target GPU --like h100-8 --name h100-1 \\
+        --out autopar/strategy/profiles/h100-1.json
+
+One rank, one GPU. Every figure is timed on the wall clock with the device synchronised
+before and after (:func:`synced_clock`): a GPU kernel returns to Python at launch, so a host
+clock alone would time the launch, and thread CPU time (the CPU target's clock) would time
+nothing at all. Each timing runs its kernel ``calls`` times back to back (one
+synchronisation per timing, not per call) and the figure is the best of ``repeats``.
+
+| figure                  | method                                                                |
+|-------------------------|-----------------------------------------------------------------------|
+| gemm_flops.<dtype>      | 2·n³ / time of ``ops.MatMul().forward`` on (n, n) @ (n, n) CuPy arrays |
+|                         | (n = 8192): what a program's MatMul runs -- float16 / bfloat16        |
+|                         | through cuBLAS GemmEx (``backend.half_matmul``), float32 cupy.matmul  |
+| gemm_efficiency.<dtype> | per d: the rate of a (n, d) @ (d, n) MatMul over gemm_flops.<dtype>   |
+| elementwise_bytes_per_s | cupy.add of two 256 MiB float32 arrays into a fresh one: 3·bytes / t  |
+| op_overhead_s           | an autopar Program of tiny (4, 4) float32 ops (Add, Mul, Tanh) run on |
+|                         | the GPU: time of one run / its instruction count (launch + dispatch:  |
+|                         | the kernels are too small to be what the GPU waits for)               |
+| op_bytes_per_s.<kind>   | ``autopar.models.op_rates`` on ``GPU_WORKLOAD`` (its docstring says   |
+|                         | why not the CPU's), every instruction timed between synchronisations; |
+|                         | each instruction's op_overhead_s and one synchronisation's own cost   |
+|                         | are subtracted                                                        |
+| memory_bytes            | the GPU's total memory (cudaGetDeviceProperties totalGlobalMem)       |
+| devices_per_node        | 1: a profile of one GPU                                               |
+
+The collective figures cannot be timed on one rank: as the CPU target's one-rank path does,
+they are copied from ``--like`` and their sources say so. What measures is a
+:class:`GpuProbe`, a value of functions: :data:`CUPY_PROBE` times the GPU, tests hand
+:func:`calibrate_gpu` fakes to check the profile it assembles on a machine without one.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import ops
+from ..backend import GPU, get_context, half_matmul, import_cupy, set_context
+from ..dtype import as_dtype
+from ..errors import format_error
+from ..models.op_rates import GPU_BATCH, GPU_QUICK_WORKLOAD, GPU_WORKLOAD, measure_op_rates
+from ..runtime.program import Program
+from ..runtime.trace import trace
+from ..strategy.profile import MachineProfile
+from .cpu import TinyOpChain, copied_collectives, provisional_profile
+
+GPU_GEMM_DTYPES = ("float32", "float16", "bfloat16")   # what programs multiply on a GPU (O2 computes in half)
+MiB = 2 ** 20
+WHERE = "calibrate --device-target GPU"
+
+
+@dataclass(frozen=True)
+class GpuSizes:
+    """How much to measure on a GPU: problem sizes, calls per timing, best of ``*_repeats``."""
+
+    gemm_n: int                    # GEMM operands are (gemm_n, gemm_n)
+    gemm_calls: int                # back-to-back calls per timing
+    gemm_repeats: int
+    elementwise_bytes: int         # bytes of each cupy.add operand
+    elementwise_calls: int
+    elementwise_repeats: int
+    chain_links: int               # tiny-op chain: 3 ops per link
+    chain_runs: int                # program runs per timing
+    chain_repeats: int
+    op_rate_repeats: int           # timed training steps of the op-rate workload
+    op_rate_workload: tuple[tuple[str, object], ...]   # PanguAlphaConfig fields of that workload
+    op_rate_batch: int
+    efficiency_dims: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+    @property
+    def workload(self) -> dict:
+        return dict(self.op_rate_workload)
+
+
+GPU_FULL = GpuSizes(gemm_n=8192, gemm_calls=10, gemm_repeats=5, elementwise_bytes=256 * MiB, elementwise_calls=20,
+                    elementwise_repeats=5, chain_links=70, chain_runs=20, chain_repeats=5, op_rate_repeats=5,
+                    op_rate_workload=tuple(GPU_WORKLOAD.items()), op_rate_batch=GPU_BATCH)
+GPU_QUICK = GpuSizes(gemm_n=4096, gemm_calls=5, gemm_repeats=3, elementwise_bytes=64 * MiB, elementwise_calls=10,
+                     elementwise_repeats=3, chain_links=70, chain_runs=5, chain_repeats=3, op_rate_repeats=2,
+                     op_rate_workload=tuple(GPU_QUICK_WORKLOAD.items()), op_rate_batch=GPU_BATCH,
+                     efficiency_dims=(16, 64, 256, 1024))
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    """The GPU measured: its name (for the sources), total memory, and the software that ran."""
+    name: str
+    memory_bytes: int
+    software: str                  # e.g. 'CuPy 14.2.0, CUDA runtime 13020'
+
+
+@dataclass(frozen=True)
+class GpuProbe:
+    """The measurements :func:`calibrate_gpu` assembles a profile from. Each returns its
+    figure and a few words on how it ran (what enters the figure's source)."""
+    device: Callable[[], GpuDevice]
+    gemm_flops: Callable[[str, GpuSizes], tuple[float, str]]                # (FLOP/s, path)
+    gemm_efficiency: Callable[[str, float, GpuSizes], tuple[tuple[float, float], ...]]
+    elementwise_bytes_per_s: Callable[[GpuSizes], float]
+    op_overhead_s: Callable[[GpuSizes], tuple[float, int]]                  # (s per op, instructions)
+    sync_s: Callable[[], float]                                             # one synchronised clock read
+    op_rates: Callable[[MachineProfile, GpuSizes], dict[str, tuple[float, str]]]
+
+
+# ---------------------------------------------------------------- is there a GPU
+
+def gpu_problem(import_module: Callable[[str], object] = importlib.import_module) -> str:
+    """Why this machine cannot be calibrated as a GPU ('' when it can): CuPy missing, or
+    CuPy seeing no device. ``import_module`` is injectable so the answer can be tested."""
+    try:
+        cupy = import_module("cupy")
+    except ImportError as err:
+        return (f"CuPy is not importable ({err}); install it with pip install -e \".[gpu]\" "
+                f"(cupy-cuda12x on CUDA 12)")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as err:                   # no driver, no device: CUDARuntimeError and kin
+        return f"CuPy sees no GPU ({type(err).__name__}: {err}); run on a machine with an NVIDIA GPU and its driver"
+    return "" if count else "CuPy sees no GPU (0 devices); run on a machine with an NVIDIA GPU and its driver"
+
+
+# ---------------------------------------------------------------- timing
+
+def synced_clock(cupy) -> Callable[[], float]:
+    """A wall clock that first waits for the device's queued work: ``t1 - t0`` of two reads
+    around launched kernels is the time they ran."""
+    device = cupy.cuda.Device()
+
+    def clock() -> float:
+        device.synchronize()
+        return time.perf_counter()
+    return clock
+
+
+def best_seconds(fn: Callable[[], object], repeats: int, clock: Callable[[], float]) -> float:
+    """Best-of-``repeats`` seconds of ``fn()`` on ``clock``."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = clock()
+        fn()
+        best = min(best, clock() - start)
+    return best
+
+
+# ---------------------------------------------------------------- CuPy measurements
+
+def _describe_device() -> GpuDevice:
+    cupy = import_cupy(WHERE)
+    props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    return GpuDevice(name, int(props["totalGlobalMem"]),
+                     f"CuPy {cupy.__version__}, CUDA runtime {cupy.cuda.runtime.runtimeGetVersion()}")
+
+
+def _operands(cupy, a_shape: tuple[int, int], b_shape: tuple[int, int], dtype: str):
+    rng = cupy.random.default_rng(0)
+    dt = as_dtype(dtype)
+    return (rng.standard_normal(a_shape, dtype=cupy.float32).astype(dt),
+            rng.standard_normal(b_shape, dtype=cupy.float32).astype(dt))
+
+
+def _gemm_path(a, b, dtype: str) -> str:
+    if dtype == "float32":
+        return "cupy.matmul (cuBLAS, float32; TF32 only under CUPY_TF32=1)"
+    if half_matmul(a, b) is not None:
+        return f"{dtype} operands through cuBLAS GemmEx on the tensor cores, float32 accumulation (backend.half_matmul)"
+    return f"{dtype} operands cast to float32 and multiplied by cupy.matmul (backend.half_matmul declined them)"
+
+
+def _timed_matmul(a, b, sizes: GpuSizes, clock) -> float:
+    """Seconds of one MatMul forward of ``a @ b``, as a program's MatMul runs it."""
+    matmul = ops.MatMul()
+    matmul.forward(a, b)                       # warm-up: cuBLAS handle, the path's self-check, the pool
+
+    def calls():
+        for _ in range(sizes.gemm_calls):
+            matmul.forward(a, b)
+    return best_seconds(calls, sizes.gemm_repeats, clock) / sizes.gemm_calls
+
+
+def measure_gemm_flops(dtype: str, sizes: GpuSizes) -> tuple[float, str]:
+    """(FLOP/s of an (n, n) @ (n, n) MatMul in ``dtype`` on the GPU, the path it took)."""
+    cupy = import_cupy(WHERE)
+    n = sizes.gemm_n
+    a, b = _operands(cupy, (n, n), (n, n), dtype)
+    return 2.0 * n ** 3 / _timed_matmul(a, b, sizes, synced_clock(cupy)), _gemm_path(a, b, dtype)
+
+
+def measure_gemm_efficiency(dtype: str, peak: float, sizes: GpuSizes) -> tuple[tuple[float, float], ...]:
+    """Per d of ``sizes.efficiency_dims``: the rate of an (n, d) @ (d, n) MatMul over ``peak``."""
+    cupy = import_cupy(WHERE)
+    clock, n = synced_clock(cupy), sizes.gemm_n
+    points = []
+    for d in sorted(sizes.efficiency_dims):
+        a, w = _operands(cupy, (n, d), (d, n), dtype)      # (n, d), (d, n)
+        rate = 2.0 * n * d * n / _timed_matmul(a, w, sizes, clock)
+        points.append((float(d), min(1.0, rate / peak)))
+    return tuple(points)
+
+
+def measure_elementwise_bytes_per_s(sizes: GpuSizes) -> float:
+    """Bytes/s of cupy.add of two float32 arrays into a fresh one: 3·nbytes / time."""
+    cupy = import_cupy(WHERE)
+    x = cupy.ones(sizes.elementwise_bytes // 4, cupy.float32)
+    y = cupy.ones(sizes.elementwise_bytes // 4, cupy.float32)
+    cupy.add(x, y)
+
+    def calls():
+        for _ in range(sizes.elementwise_calls):
+            cupy.add(x, y)
+    seconds = best_seconds(calls, sizes.elementwise_repeats, synced_clock(cupy)) / sizes.elementwise_calls
+    return 3.0 * x.nbytes / seconds
+
+
+def measure_op_overhead_s(sizes: GpuSizes) -> tuple[float, int]:
+    """(seconds per executed instruction, instruction count) of a Program of tiny (4, 4)
+    float32 ops run on the GPU: best time of ``chain_runs`` runs / runs / instructions."""
+    cupy = import_cupy(WHERE)
+    x = np.ones((4, 4), np.float32)            # (4, 4): the launch dominates the kernel
+    traced = trace(TinyOpChain(sizes.chain_links), (x,), {})
+    program = Program(traced.graph, traced.graph.outputs, backend=GPU)
+    count = len(program.instructions)
+    program.run([x])
+
+    def runs():
+        for _ in range(sizes.chain_runs):
+            program.run([x])
+    return best_seconds(runs, sizes.chain_repeats, synced_clock(cupy)) / sizes.chain_runs / count, count
+
+
+def measure_sync_s(reads: int = 200) -> float:
+    """Seconds one synchronised clock read adds to a timing on an idle device (the median
+    of ``reads`` back-to-back reads): each instruction the op-rate workload times pays it."""
+    cupy = import_cupy(WHERE)
+    clock = synced_clock(cupy)
+    gaps = sorted(-(clock() - clock()) for _ in range(reads))
+    return max(0.0, gaps[len(gaps) // 2])
+
+
+def measure_gpu_op_rates(profile: MachineProfile, sizes: GpuSizes) -> dict[str, tuple[float, str]]:
+    """``autopar.models.op_rates`` on the GPU: programs built under device_target GPU, every
+    instruction timed between device synchronisations."""
+    cupy = import_cupy(WHERE)
+    before = get_context("device_target")
+    set_context(device_target="GPU")
+    try:
+        return measure_op_rates(profile, repeats=sizes.op_rate_repeats, clock=synced_clock(cupy),
+                                workload=sizes.workload, batch=sizes.op_rate_batch)
+    finally:
+        set_context(device_target=before)
+
+
+CUPY_PROBE = GpuProbe(device=_describe_device, gemm_flops=measure_gemm_flops,
+                      gemm_efficiency=measure_gemm_efficiency, elementwise_bytes_per_s=measure_elementwise_bytes_per_s,
+                      op_overhead_s=measure_op_overhead_s, sync_s=measure_sync_s, op_rates=measure_gpu_op_rates)
+
+
+# ---------------------------------------------------------------- the profile
+
+def calibrate_gpu(name: str, like: MachineProfile | None, sizes: GpuSizes = GPU_FULL,
+                  dtypes: Sequence[str] = GPU_GEMM_DTYPES, probe: GpuProbe = CUPY_PROBE,
+                  date: str | None = None) -> MachineProfile:
+    """The profile of this process's GPU, measured by ``probe``; the collective figures
+    copied from ``like`` (one GPU, one rank: nothing to time them with)."""
+    unknown = [d for d in dtypes if d not in GPU_GEMM_DTYPES]
+    if unknown or not dtypes:
+        raise ValueError(format_error(WHERE, "dtypes", f"names from {list(GPU_GEMM_DTYPES)}", repr(list(dtypes)),
+                                      "drop the others"))
+    if like is None:
+        raise ValueError(format_error(WHERE, "like", "a profile to copy the collective figures from",
+                                      "None", "pass like=load_profile('h100-8') (--like h100-8): one rank cannot "
+                                              "time a collective"))
+    device = probe.device()
+    said = f"by autopar.calibrate on {device.name} {date or datetime.date.today().isoformat()}"
+    wall = "wall clock, device synchronised before and after"
+    figures: dict = {"gemm_flops": {}, "gemm_efficiency": {}}
+    sources: dict = {}
+    n = sizes.gemm_n
+    for dtype in dtypes:
+        rate, path = probe.gemm_flops(dtype, sizes)
+        figures["gemm_flops"][dtype] = rate
+        sources[f"gemm_flops.{dtype}"] = (
+            f"measured {said}: {device.software}; ops.MatMul forward of ({n}, {n}) @ ({n}, {n}) {dtype} CuPy arrays, "
+            f"{path}; {sizes.gemm_calls} calls per timing, best of {sizes.gemm_repeats}: 2*n^3 / {wall}")
+        figures["gemm_efficiency"][dtype] = probe.gemm_efficiency(dtype, rate, sizes)
+        sources[f"gemm_efficiency.{dtype}"] = (
+            f"measured {said}: ({n}, d) @ (d, {n}) {dtype} MatMul forwards for d in {list(sizes.efficiency_dims)}, "
+            f"best of {sizes.gemm_repeats}, {wall}: their rate over gemm_flops.{dtype}")
+    figures["elementwise_bytes_per_s"] = probe.elementwise_bytes_per_s(sizes)
+    sources["elementwise_bytes_per_s"] = (
+        f"measured {said}: cupy.add of two {sizes.elementwise_bytes // MiB} MiB float32 arrays into a fresh one, "
+        f"{sizes.elementwise_calls} calls per timing, best of {sizes.elementwise_repeats}: 3 * bytes / {wall}")
+    figures["op_overhead_s"], count = probe.op_overhead_s(sizes)
+    sources["op_overhead_s"] = (
+        f"measured {said}: autopar Program.run under device_target GPU of a chain of {count} tiny (4, 4) float32 "
+        f"ops (Add, Mul, Tanh), {sizes.chain_runs} runs per timing, best of {sizes.chain_repeats}: "
+        f"{wall} / runs / {count} (Python dispatch + kernel launch)")
+    sync = probe.sync_s()
+    timed = provisional_profile(dict(figures, op_overhead_s=figures["op_overhead_s"] + sync))
+    rates = probe.op_rates(timed, sizes)
+    figures["op_bytes_per_s"] = {kind: rate for kind, (rate, _) in rates.items()}
+    for kind, (_, how) in rates.items():
+        sources[f"op_bytes_per_s.{kind}"] = (
+            f"measured {said}: {how}; each instruction timed between device synchronisations, whose own cost "
+            f"({sync:.3g} s, an idle synchronised clock read) is subtracted with the per-op overhead")
+    collective, collective_sources = copied_collectives(like, said)
+    figures.update(collective)
+    sources.update(collective_sources)
+    figures["devices_per_node"] = 1
+    sources["devices_per_node"] = f"measured {said}: one rank on one GPU (a one-GPU profile)"
+    figures["memory_bytes"] = device.memory_bytes
+    sources["memory_bytes"] = f"measured {said}: the GPU's total memory, cudaGetDeviceProperties totalGlobalMem"
+    return MachineProfile(name=name, sources=sources, **figures)
