@@ -16,6 +16,22 @@ the model's training FLOPs (:func:`autopar.strategy.formulas.transformer_trainin
 per second over the device's GEMM rate measured in the same run (an 8192^3 matmul in that
 dtype) -- and the peak device memory of each (the CuPy pool's size after the steps, PyTorch's allocator peak). Without
 CuPy or a GPU it says so and exits 0.
+
+``--profile PATH_OR_NAME`` (a machine profile, e.g. the measured ``h100-1``) adds the cost
+model's prediction of each autopar row: the step seconds and peak bytes the planner gives
+this exact run -- one device, the row's compute dtype, batch x 1024, dropout 0.1,
+AdamWeightDecay with clipping -- from ``price()`` of ``autopar.strategy.pipeline.auto``, the
+function the ``auto_parallel`` search and benchmarks/cost_model_accuracy.py price plans with
+(one stage, one micro-batch, no recompute, no optimizer parallel: the serial plan), and
+predicted / measured for both. The measured peak it is compared with is the most bytes CuPy's
+pool had in use during one step (every device array, kernel temporaries included; the pool's
+malloc watched for that step), printed beside the runtime's ``MemoryMeter`` peak
+(``TrainOneStepCell.memory_report()["total_peak"]``: live program arrays and optimizer
+states, the figure the cost model models) and the pool's size (bytes held, freed blocks
+cached). ``autopar.runtime.allocator`` offers no peak of its own, only the pool's bytes now.
+
+    python -m autopar.calibrate --device-target GPU --like h100-8 --name h100-1 --out h100-1.json
+    python benchmarks/gpu_step.py --dtypes float32,bfloat16 --profile h100-1.json
 """
 from __future__ import annotations
 
@@ -23,7 +39,10 @@ import argparse
 import gc
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # _gpu, torch_pangu
@@ -33,9 +52,14 @@ from _gpu import build, describe_gpu, fast_weights, gpu_status, ids_for, sync  #
 import autopar  # noqa: E402
 from autopar import nn  # noqa: E402
 from autopar.backend import as_backend  # noqa: E402
-from autopar.models.pangu_alpha import PanguAlphaConfig  # noqa: E402
+from autopar.ir.spec import TensorSpec  # noqa: E402
+from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss  # noqa: E402
 from autopar.runtime.allocator import device_pool_bytes  # noqa: E402
+from autopar.runtime.trace import trace  # noqa: E402
 from autopar.strategy.formulas import transformer_training_flops  # noqa: E402
+from autopar.strategy.pipeline.auto import AutoPlan, even_split, find_layer_stack, price  # noqa: E402
+from autopar.strategy.plan_source import PlanOptions  # noqa: E402
+from autopar.strategy.profile import load_profile  # noqa: E402
 from autopar.train import AdamWeightDecay  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -51,8 +75,18 @@ def step_flops(config: PanguAlphaConfig, batch: int) -> float:
                                       config.vocab_size, recompute=False)
 
 
-def time_autopar(config: PanguAlphaConfig, batch: int, steps: int) -> tuple[float, int]:
-    """(seconds per TrainOneStepCell step on the GPU, the pool's peak bytes)."""
+@dataclass(frozen=True)
+class Measured:
+    """One autopar row on the GPU: seconds per step and three views of its memory."""
+    step_s: float
+    pool_bytes: int            # the CuPy pool's size after the steps (held, freed blocks cached)
+    peak_bytes: int            # most bytes the pool had in use during one step (every device array)
+    meter_bytes: int | None    # the runtime MemoryMeter's peak: live program arrays + optimizer states
+
+
+def time_autopar(config: PanguAlphaConfig, batch: int, steps: int) -> Measured:
+    """Seconds per TrainOneStepCell step on the GPU (mean of ``steps`` after a warm-up), then
+    one more step with its memory watched (untimed: the meter and the watched malloc cost)."""
     autopar.set_context(device_target="GPU")
     try:
         net = build(config, fast_weights(build(config, None)))
@@ -66,9 +100,63 @@ def time_autopar(config: PanguAlphaConfig, batch: int, steps: int) -> tuple[floa
             train(ids)
         sync()
         elapsed = (time.perf_counter() - t0) / steps
-        return elapsed, device_pool_bytes(as_backend("GPU"))[1]
+        pool = device_pool_bytes(as_backend("GPU"))[1]
+        peak = pool_peak_bytes(lambda: train(ids))
+        return Measured(elapsed, pool, peak, metered_peak(train, ids))
     finally:
         autopar.set_context(device_target="CPU")
+
+
+def metered_peak(train, ids) -> int | None:
+    """``memory_report()["total_peak"]`` of one more step, or None (and why, on stderr) when
+    the meter fails on the device: the row keeps its timing."""
+    try:
+        train.measure_memory()
+        train(ids)
+        return train.memory_report()["total_peak"]
+    except Exception as err:
+        print(f"MemoryMeter failed on the GPU: {type(err).__name__}: {str(err)[:200]}", file=sys.stderr)
+        return None
+    finally:
+        train.measure_memory(False)
+
+
+def pool_peak_bytes(fn) -> int:
+    """The most bytes CuPy's default pool has in use while ``fn()`` runs: its malloc is
+    wrapped for the call (CuPy keeps no peak of its own), then restored."""
+    import cupy
+    pool = cupy.get_default_memory_pool()
+    peak = [pool.used_bytes()]
+
+    def malloc(size):
+        memory = pool.malloc(size)
+        peak[0] = max(peak[0], pool.used_bytes())
+        return memory
+    cupy.cuda.set_allocator(malloc)
+    try:
+        fn()
+        sync()
+    finally:
+        cupy.cuda.set_allocator(pool.malloc)
+    return peak[0]
+
+
+def predict_step(config: PanguAlphaConfig, batch: int, profile: str) -> AutoPlan:
+    """The cost model's plan of this run under ``profile`` (a shipped name or a .json path):
+    ``price()`` of the joint search on one device -- one stage holding every layer, one
+    micro-batch, no recompute, no optimizer parallel, the serial plan -- of PanGu-α traced
+    as TrainOneStepCell runs it (training mode: dropout on) on ``batch`` x (S + 1) ids. Its
+    ``step_seconds`` and ``peak_memory_bytes`` are the prediction."""
+    net = PanguAlphaWithLoss(config)
+    net.set_train(True)
+    ids = TensorSpec((batch, config.seq_length + 1), np.dtype(np.int32))          # (B, S+1)
+    graph = trace(net, (ids,), {}).graph
+    stack = find_layer_stack(graph)
+    split = even_split(stack.count, 1) if stack else ()
+    plans = price(graph, stack, 1, 1, 1, split, False, [False], "1f1b", PlanOptions(cost_profile=profile))
+    if not plans:
+        raise ValueError(f"predict_step: config: expected shapes the one-device plan prices, got none for {config}")
+    return plans[0]
 
 
 def free_device_memory() -> None:
@@ -135,6 +223,32 @@ def gemm_rate(dtype: str, n: int = 8192, repeats: int = 10) -> float:
     return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
 
 
+GiB = 2 ** 30
+PREDICTION_HEAD = (f"{'size':>5} {'dtype':>9} {'pred s':>8} {'meas s':>8} {'pred/meas':>9}   {'pred GiB':>8} "
+                   f"{'peak GiB':>8} {'pred/peak':>9}   {'meter GiB':>9} {'pred/meter':>10} {'pool GiB':>8}")
+
+
+def prediction_row(size: str, dtype: str, plan: AutoPlan, measured: Measured | None) -> str:
+    """One row of the prediction table: predicted and measured step seconds and peak bytes."""
+    line = f"{size:>5} {dtype:>9} {plan.step_seconds:>8.3f} "
+    if measured is None:
+        return line + f"{'-':>8} {'-':>9}   {plan.peak_memory_bytes / GiB:>8.2f}   (not measured)"
+    peak = plan.peak_memory_bytes
+    return line + (f"{measured.step_s:>8.3f} {plan.step_seconds / measured.step_s:>9.3f}   {peak / GiB:>8.2f} "
+                   f"{measured.peak_bytes / GiB:>8.2f} {peak / measured.peak_bytes:>9.3f}   "
+                   + (f"{measured.meter_bytes / GiB:>9.2f} {peak / measured.meter_bytes:>10.3f} "
+                      if measured.meter_bytes else f"{'-':>9} {'-':>10} ")
+                   + f"{measured.pool_bytes / GiB:>8.2f}")
+
+
+def predicted_row(size: str, dtype: str, batch: int, profile: str, measured: Measured | None) -> str:
+    """:func:`prediction_row` of the row's config, or why the cost model could not price it."""
+    try:
+        return prediction_row(size, dtype, predict_step(config_of(size, dtype), batch, profile), measured)
+    except Exception as err:                   # reported in its row: the other rows still print
+        return f"{size:>5} {dtype:>9} prediction failed: {type(err).__name__}: {str(err)[:160]}"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="350M,1.3B", help="comma-separated PanGu-α presets")
@@ -142,29 +256,44 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     ap.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch anchor")
+    ap.add_argument("--profile", help="a machine profile (shipped name or .json path): print the cost model's "
+                                      "predicted step seconds and peak memory of each autopar row beside the measured")
     args = ap.parse_args(argv)
     dtypes = args.dtypes.split(",")
     bad = [d for d in dtypes if d not in DTYPES]
     if bad:
         ap.error(f"--dtypes: expected names from {DTYPES}, got {bad}")
+    if args.profile is not None:
+        try:
+            load_profile(args.profile)
+        except ValueError as err:
+            ap.error(f"--profile: expected a shipped profile name or a profile .json path, got {args.profile!r}: {err}")
     why = gpu_status()
     if why is not None:
         print(f"no GPU run: {why}")
+        if args.profile is not None:           # the predictions need no GPU
+            print(PREDICTION_HEAD)
+            for size in args.sizes.split(","):
+                for dtype in dtypes:
+                    print(predicted_row(size, dtype, args.batch, args.profile, None))
         return 0
     print(describe_gpu())
     rates = {d: gemm_rate(d) for d in dtypes}
     print("device GEMM rate, 8192^3: " + ", ".join(f"{d} {r / 1e12:.0f} TFLOP/s" for d, r in rates.items()))
     head = (f"{'size':>5} {'dtype':>9} {'autopar s':>9} {'tokens/s':>9} {'MFU':>6} {'GiB':>6}   "
             f"{'PyTorch s':>9} {'tokens/s':>9} {'MFU':>6} {'GiB':>6}   {'autopar/PyTorch tokens/s':>24}")
-    rows = []
+    rows, predicted = [], []
     for size in args.sizes.split(","):
         for dtype in dtypes:
             config = config_of(size, dtype)
             tokens, flops = args.batch * config.seq_length, step_flops(config, args.batch)
             line = f"{size:>5} {dtype:>9} "
+            measured = None
             try:
-                t, pool = time_autopar(config, args.batch, args.steps)
-                line += f"{t:>9.3f} {tokens / t:>9,.0f} {flops / t / rates[dtype]:>6.1%} {pool / 2**30:>6.1f}   "
+                measured = time_autopar(config, args.batch, args.steps)
+                t = measured.step_s
+                line += (f"{t:>9.3f} {tokens / t:>9,.0f} {flops / t / rates[dtype]:>6.1%} "
+                         f"{measured.pool_bytes / GiB:>6.1f}   ")
             except Exception as err:           # reported in its row: the other rows still run
                 t = None
                 line += f"failed: {type(err).__name__}: {str(err)[:160]}   "
@@ -172,7 +301,7 @@ def main(argv=None) -> int:
             if args.torch:
                 try:
                     tt, peak = time_torch(config, args.batch, args.steps, dtype)
-                    line += f"{tt:>9.3f} {tokens / tt:>9,.0f} {flops / tt / rates[dtype]:>6.1%} {peak / 2**30:>6.1f}   "
+                    line += f"{tt:>9.3f} {tokens / tt:>9,.0f} {flops / tt / rates[dtype]:>6.1%} {peak / GiB:>6.1f}   "
                     line += f"{tt / t:>24.3f}" if t else ""
                 except ImportError as err:
                     line += f"PyTorch not installed ({err})"
@@ -181,10 +310,19 @@ def main(argv=None) -> int:
                 free_device_memory()
             rows.append(line)
             print(line, flush=True)
+            if args.profile is not None:
+                predicted.append(predicted_row(size, dtype, args.batch, args.profile, measured))
+                print(predicted[-1], flush=True)
     print(f"\nPanGu-α, batch {args.batch} x sequence 1024, dropout 0.1, AdamWeightDecay / AdamW, clip 1.0, "
           f"mean of {args.steps} steps after a warm-up")
     print(head)
     print("\n".join(rows))
+    if predicted:
+        print(f"\ncost model (profile {args.profile}, one device, the serial plan) beside the autopar rows; peak: the "
+              f"most bytes CuPy's pool had in use in one step; meter: the runtime MemoryMeter's peak (live arrays + "
+              f"optimizer states); pool: bytes the pool held after the timed steps")
+        print(PREDICTION_HEAD)
+        print("\n".join(predicted))
     return 0
 
 
