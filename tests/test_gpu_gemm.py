@@ -48,3 +48,15 @@ def test_other_dtypes_take_the_array_modules_matmul():
     a = cupy.ones((4, 4), np.float32)
     assert half_matmul(a, a) is None
     assert half_matmul(a.astype(np.float16), a.astype("bfloat16")) is None     # mixed: the caller casts
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("sa, sb", SHAPES[:6])
+def test_a_half_result_is_the_float32_product_rounded_once(dtype, sa, sb):
+    """``out_dtype``: cuBLAS stores the float32 sum in the half dtype -- the cast product
+    rounded once, up to the one rounding a reordered sum can move (2**-7 relative)."""
+    a, b = half(sa, dtype, 4), half(sb, dtype, 5)
+    got = half_matmul(a, b, dtype)
+    assert got is not None and got.dtype == np.dtype(dtype)
+    want = cupy.matmul(a.astype(np.float32), b.astype(np.float32)).astype(dtype)
+    cupy.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=2.0 ** -7, atol=2.0 ** -7)

@@ -1,6 +1,6 @@
 """Half-precision matmuls on a GPU through cuBLAS: float16 or bfloat16 operands multiplied on
-the tensor cores, accumulated and returned in float32 (``cublasGemmEx`` /
-``cublasGemmStridedBatchedEx`` with ``CUBLAS_COMPUTE_32F``).
+the tensor cores, accumulated in float32 and returned in float32 or rounded once to the
+operands' dtype (``cublasGemmEx`` / ``cublasGemmStridedBatchedEx`` with ``CUBLAS_COMPUTE_32F``).
 
 That is the product ``ops.contraction`` defines for half operands -- the host casts both to
 float32 and multiplies there (numpy has no half GEMM), leaving one rounding to the caller --
@@ -42,13 +42,23 @@ CUBLAS_POINTER_MODE_HOST = 0
 CHECK_RTOL = 1e-4        # float32 sums of the same half products in another order differ far less
 
 
-def half_matmul(a, b):
-    """``a @ b`` of two CuPy arrays of one half dtype as a float32 CuPy array, or None when
-    this path does not serve them (host arrays, other dtypes, a CuPy or device that failed
-    the check): the caller then casts and multiplies."""
-    if not _served(a, b) or not _checked(a.dtype.name):
+def half_matmul(a, b, out_dtype=None):
+    """``a @ b`` of two CuPy arrays of one half dtype as a float32 CuPy array -- or, with
+    ``out_dtype`` the operands' own dtype, that float32 sum rounded once to it, written by
+    cuBLAS (no float32 array to read again) -- or None when this path does not serve them
+    (host arrays, other dtypes, a CuPy or device that failed the check): the caller then
+    casts and multiplies."""
+    out = _out_name(a, out_dtype)
+    if not _served(a, b) or not _checked(a.dtype.name, out):
         return None
-    return _gemm(a, b)
+    return _gemm(a, b, out)
+
+
+def _out_name(a, out_dtype) -> str:
+    """The result's dtype name: the operands' half dtype when asked for, else float32."""
+    if out_dtype is not None and np.dtype(out_dtype) == a.dtype:
+        return a.dtype.name
+    return "float32"
 
 
 def _served(a, b) -> bool:
@@ -81,14 +91,15 @@ def _layout(x, batch: tuple[int, ...]):
     return cp.ascontiguousarray(x), False, c, r * c
 
 
-def _gemm(a, b):
-    """The float32 product, shapes as ``matmul``'s: (..., m, k) @ (..., k, n) -> (..., m, n)."""
+def _gemm(a, b, out: str = "float32"):
+    """The product accumulated in float32 and stored as ``out``, shapes as ``matmul``'s:
+    (..., m, k) @ (..., k, n) -> (..., m, n)."""
     cp = sys.modules["cupy"]
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     if b.ndim == 2 and a.ndim > 2 and a.flags.c_contiguous:   # a weight under a batch: one GEMM over every row
-        return _gemm(a.reshape(-1, k), b).reshape(a.shape[:-1] + (n,))   # (..., m, k) -> (rows, k)
+        return _gemm(a.reshape(-1, k), b, out).reshape(a.shape[:-1] + (n,))   # (..., m, k) -> (rows, k)
     batch = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
-    c = cp.empty(batch + (m, n), np.float32)
+    c = cp.empty(batch + (m, n), out)
     if c.size == 0:
         return c
     if k == 0:
@@ -101,17 +112,18 @@ def _gemm(a, b):
     handle = cp.cuda.device.get_cublas_handle()
     one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)   # host scalars, alive through the call
     dtype, count = CUDA_DATA_TYPES[a.dtype.name], math.prod(batch)
+    c_type = CUDA_DATA_TYPES.get(out, CUDA_R_32F)
     mode = cublas.getPointerMode(handle)
     cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)
     try:
         if count == 1:      # column-major C^T (n x m) = B^T (n x k) A^T (k x m)
             cublas.gemmEx(handle, op_b, op_a, n, m, k, one.ctypes.data, b.data.ptr, dtype, ldb,
-                          a.data.ptr, dtype, lda, zero.ctypes.data, c.data.ptr, CUDA_R_32F, n,
+                          a.data.ptr, dtype, lda, zero.ctypes.data, c.data.ptr, c_type, n,
                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
         else:
             cublas.gemmStridedBatchedEx(handle, op_b, op_a, n, m, k, one.ctypes.data,
                                         b.data.ptr, dtype, ldb, stride_b, a.data.ptr, dtype, lda, stride_a,
-                                        zero.ctypes.data, c.data.ptr, CUDA_R_32F, n, m * n, count,
+                                        zero.ctypes.data, c.data.ptr, c_type, n, m * n, count,
                                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
     finally:
         cublas.setPointerMode(handle, mode)
@@ -119,8 +131,9 @@ def _gemm(a, b):
 
 
 @functools.lru_cache(maxsize=None)
-def _checked(dtype: str) -> bool:
-    """Whether cuBLAS's product of ``dtype`` operands equals the cast-and-multiply one here
+def _checked(dtype: str, out: str = "float32") -> bool:
+    """Whether cuBLAS's product of ``dtype`` operands, stored as ``out``, equals the
+    cast-and-multiply one (rounded to ``out``) here
     (plain, batched, folded-batch, 2-D-under-a-batch and broadcast shapes, each with neither,
     one or both operands transposed views), once per process."""
     cp = sys.modules["cupy"]
@@ -134,16 +147,18 @@ def _checked(dtype: str) -> bool:
         flipped = shape[:-2] + (shape[-1], shape[-2])           # (..., r, c) stored as (..., c, r)
         return cp.asarray(rng.standard_normal(flipped).astype(np.float32)).astype(dtype).swapaxes(-1, -2)
 
+    tol = CHECK_RTOL if out == "float32" else 2.0 ** -7   # a half result: one rounding apart at most
     try:
         for (sa, sb), (ta, tb) in itertools.product(cases, itertools.product((False, True), repeat=2)):
             a, b = operand(sa, ta), operand(sb, tb)
-            got = _gemm(a, b)
-            want = cp.matmul(a.astype(np.float32), b.astype(np.float32))
-            if got.shape != want.shape or not bool(cp.allclose(got, want, rtol=CHECK_RTOL, atol=CHECK_RTOL)):
+            got = _gemm(a, b, out).astype(np.float32)
+            want = cp.matmul(a.astype(np.float32), b.astype(np.float32)).astype(out).astype(np.float32)
+            if got.shape != want.shape or not bool(cp.allclose(got, want, rtol=tol, atol=tol)):
                 raise ValueError(f"{sa} @ {sb} (transposed views: {ta}, {tb}): cuBLAS and the float32 product differ by "
                                  f"{float(cp.abs(got - want).max()):.3g}")
     except Exception as err:      # a missing binding, a refused call, a wrong result: use the cast path
-        warnings.warn(f"autopar: {dtype} matmuls stay on the cast-to-float32 path: {type(err).__name__}: {err}",
+        warnings.warn(f"autopar: {dtype} matmuls with {out} results stay on the cast-to-float32 path: "
+                      f"{type(err).__name__}: {err}",
                       RuntimeWarning, stacklevel=2)
         return False
     return True

@@ -6,6 +6,7 @@ take one pass per operator.
     adam_weight_decay(p, g, m, v, ...)                  AdamWeightDecay's update, in place
     softmax(x) / softmax_grad(dy, y)                    Softmax over the last axis and its VJP
     layer_norm(x, gamma, beta, eps) / layer_norm_grad(dy, x, gamma, eps)   LayerNorm, last axis
+    column_sum(a2, wide)                                 sums over rows, as a ones-row GEMV
 
 An op calls them behind one check, ``fusable(*arrays)``: only real CuPy arrays (of one
 float dtype) take a fused kernel, so the numpy path, and the test suite's stand-in device
@@ -451,19 +452,39 @@ dx = (T)g;
 @functools.cache
 def layer_norm_specs(wide: str) -> dict:
     """The LayerNorm kernels in ``wide``: row variance sum, output, and for the VJP the row
-    sums of g = dy * gamma and of g * xhat, the column sum for dgamma, and dx."""
+    sums of g = dy * gamma and of g * xhat, the map dy * xhat whose column sums are dgamma,
+    and dx. ``T`` is the activations' dtype, ``P`` the parameters' (a float32 gamma under
+    bfloat16 activations, as mixed precision keeps it): both are widened before use."""
     c, w = _C_TYPES[wide], wide
     xhat = f"((({c})x - mean) * rstd)"
     stats = f"T x, {w} mean, {w} rstd"
     return {
         "var": ReductionSpec("autopar_layer_norm_var", f"T x, {w} mean", f"(({c})x - mean) * (({c})x - mean)", w),
-        "y": KernelSpec("autopar_layer_norm", f"{stats}, T gamma, T beta", "T y", f"typedef {c} W;\n" + LAYER_NORM),
-        "g": ReductionSpec("autopar_layer_norm_g", "T dy, T gamma", f"({c})dy * ({c})gamma", w),
-        "gx": ReductionSpec("autopar_layer_norm_gx", f"T dy, T gamma, {stats}", f"(({c})dy * ({c})gamma) * {xhat}", w),
-        "dgamma": ReductionSpec("autopar_layer_norm_dgamma", f"T dy, {stats}", f"({c})dy * {xhat}", w),
-        "dx": KernelSpec("autopar_layer_norm_grad", f"T dy, T gamma, {stats}, {w} gmean, {w} proj", "T dx",
+        "y": KernelSpec("autopar_layer_norm", f"{stats}, P gamma, P beta", "T y", f"typedef {c} W;\n" + LAYER_NORM),
+        "g": ReductionSpec("autopar_layer_norm_g", "T dy, P gamma", f"({c})dy * ({c})gamma", w),
+        "gx": ReductionSpec("autopar_layer_norm_gx", f"T dy, P gamma, {stats}", f"(({c})dy * ({c})gamma) * {xhat}", w),
+        "dgamma": KernelSpec("autopar_layer_norm_dgamma", f"T dy, {stats}", f"{w} p", f"p = ({c})dy * {xhat};"),
+        "dx": KernelSpec("autopar_layer_norm_grad", f"T dy, P gamma, {stats}, {w} gmean, {w} proj", "T dx",
                          f"typedef {c} W;\n" + LAYER_NORM_GRAD),
     }
+
+
+def layer_norm_fusable(x, params, activations=()) -> bool:
+    """Whether the fused LayerNorm serves ``x`` (and ``activations`` such as dy, of x's
+    dtype) with ``params`` (gamma, beta: one float dtype that widens as x's does -- float32
+    parameters under float16/bfloat16 activations, or x's own dtype)."""
+    if not (fusable(x, *activations) and fusable(*params)):
+        return False
+    return _wide(params[0].dtype) == _wide(x.dtype)
+
+
+def column_sum(a2, wide):
+    """Sums over the rows of the (R, C) array ``a2`` as a (C,) array in ``wide``: a
+    ones-row matrix product (cuBLAS reads the rows coalesced, where a reduction over axis 0
+    strides through memory), float32 without TF32 as CuPy multiplies by default."""
+    cupy = import_cupy("autopar.backend.kernels")
+    ones = cupy.ones((1, a2.shape[0]), wide)                      # (1, R)
+    return cupy.matmul(ones, a2.astype(wide, copy=False)).reshape(a2.shape[1])   # (1, R) @ (R, C) -> (C,)
 
 
 def _row_stats(x2, eps: float, specs: dict):
@@ -476,7 +497,7 @@ def _row_stats(x2, eps: float, specs: dict):
 
 
 def layer_norm(x, gamma, beta, eps: float):
-    """LayerNorm over the last axis, gamma and beta of shape (C,) and x's dtype."""
+    """LayerNorm over the last axis, gamma and beta of shape (C,) (see ``layer_norm_fusable``)."""
     x2 = x.reshape(-1, x.shape[-1])                     # (R, C)
     specs = layer_norm_specs(_wide(x.dtype).name)
     mean, rstd = _row_stats(x2, eps, specs)
@@ -489,9 +510,10 @@ def layer_norm_grad(dy, x, gamma, eps: float, need_dx: bool = True, need_dgamma:
     rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma."""
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     cols = x2.shape[1]
-    specs = layer_norm_specs(_wide(x.dtype).name)
+    wide = _wide(x.dtype).name
+    specs = layer_norm_specs(wide)
     mean, rstd = _row_stats(x2, eps, specs)
-    dgamma = _compiled_sum(specs["dgamma"])(dy2, x2, mean, rstd, axis=0) if need_dgamma else None
+    dgamma = column_sum(_compiled(specs["dgamma"])(dy2, x2, mean, rstd), wide) if need_dgamma else None
     dx = None
     if need_dx:
         gmean = _compiled_sum(specs["g"])(dy2, gamma, axis=1, keepdims=True) / cols

@@ -37,15 +37,17 @@ def _t(x):
     return x.swapaxes(-1, -2)
 
 
-def _matmul(a, b):
+def _matmul(a, b, out_dtype=None):
     """``a @ b``, half-precision operands multiplied in float32 (BLAS) and left in float32
     for the caller to round once, as tensor cores accumulate: numpy's own float16 matmul
     has no BLAS path (about 150x slower than float32) and its bfloat16 matmul returns
     float32 anyway; on a GPU cuBLAS computes exactly that on the tensor cores, without the
     casts (``backend.half_matmul``). float32 and float64 operands go straight to the array
-    module's matmul."""
+    module's matmul. ``out_dtype``: the dtype the caller rounds the product to, if it does so
+    at once; cuBLAS then writes that dtype itself (the float32 sum rounded once, as the cast
+    does) instead of a float32 array the caller reads again -- the host ignores it."""
     if is_half(a.dtype) or is_half(b.dtype):
-        product = half_matmul(a, b)
+        product = half_matmul(a, b, out_dtype)
         if product is not None:
             return product
         a, b = a.astype(np.promote_types(a.dtype, np.float32)), b.astype(np.promote_types(b.dtype, np.float32))
@@ -85,12 +87,13 @@ class Contraction(Primitive):
 
     def forward(self, a, b):
         ta, tb = self.attrs["transpose_a"], self.attrs["transpose_b"]
+        out = np.result_type(a.dtype, b.dtype)
         if self._folds(a, b):
-            y = _matmul(a.reshape(-1, a.shape[-1]), _t(b) if tb else b)     # (..., m, k) -> (rows, k) @ op(B)
+            y = _matmul(a.reshape(-1, a.shape[-1]), _t(b) if tb else b, out)  # (..., m, k) -> (rows, k) @ op(B)
             y = y.reshape(a.shape[:-1] + y.shape[-1:])                      # (rows, n) -> (..., m, n)
         else:
-            y = _matmul(_t(a) if ta else a, _t(b) if tb else b)
-        return y.astype(np.result_type(a.dtype, b.dtype), copy=False)
+            y = _matmul(_t(a) if ta else a, _t(b) if tb else b, out)
+        return y.astype(out, copy=False)
 
     def vjp(self, dy, xs, y, specs, needs):
         a, b = xs
@@ -98,17 +101,21 @@ class Contraction(Primitive):
         if self._folds(a, b):
             return self._folded_vjp(dy, a, b, specs, needs)
         da = db = None
+        batch = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+
+        def rounded(spec):   # the product's dtype when no broadcast batch is summed before rounding
+            return spec.dtype if tuple(spec.shape[:-2]) == batch else None
         if needs[0]:
             if ta:
-                da = _matmul(_t(b) if tb else b, _t(dy))
+                da = _matmul(_t(b) if tb else b, _t(dy), rounded(specs[0]))
             else:
-                da = _matmul(dy, b if tb else _t(b))
+                da = _matmul(dy, b if tb else _t(b), rounded(specs[0]))
             da = sum_to(da, specs[0].shape).astype(specs[0].dtype, copy=False)
         if needs[1]:
             if tb:
-                db = _matmul(_t(dy), _t(a) if ta else a)
+                db = _matmul(_t(dy), _t(a) if ta else a, rounded(specs[1]))
             else:
-                db = _matmul(a if ta else _t(a), dy)
+                db = _matmul(a if ta else _t(a), dy, rounded(specs[1]))
             db = sum_to(db, specs[1].shape).astype(specs[1].dtype, copy=False)
         return da, db
 
@@ -118,9 +125,10 @@ class Contraction(Primitive):
         a2, dy2 = a.reshape(-1, a.shape[-1]), dy.reshape(-1, dy.shape[-1])   # (rows, k), (rows, n)
         da = db = None
         if needs[0]:
-            da = _matmul(dy2, b if tb else _t(b)).reshape(a.shape).astype(specs[0].dtype, copy=False)
+            da = _matmul(dy2, b if tb else _t(b), specs[0].dtype).reshape(a.shape).astype(specs[0].dtype, copy=False)
         if needs[1]:
-            db = (_matmul(_t(dy2), a2) if tb else _matmul(_t(a2), dy2)).astype(specs[1].dtype, copy=False)
+            db = (_matmul(_t(dy2), a2, specs[1].dtype) if tb else
+                  _matmul(_t(a2), dy2, specs[1].dtype)).astype(specs[1].dtype, copy=False)
         return da, db
 
     def flops(self, specs, out):

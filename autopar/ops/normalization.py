@@ -95,14 +95,15 @@ class LayerNorm(Primitive):
         c = math.prod(x.shape[bna:])
         return _standardize(x.reshape(-1, c), self.attrs["epsilon"], compute_dtype(x.dtype), True)
 
-    def _fused(self, x, *arrays) -> bool:
-        """Whether the fused GPU kernels compute: CuPy arrays of one dtype, statistics and
-        parameters over the last axis alone (PanGu-α's LayerNorms)."""
-        return (kernels.fusable(x, *arrays) and x.size > 0
+    def _fused(self, x, params, activations=()) -> bool:
+        """Whether the fused GPU kernels compute: CuPy arrays, the activations of one dtype and
+        the parameters of one (float32 under half activations, as mixed precision keeps
+        them), statistics and parameters over the last axis alone (PanGu-α's LayerNorms)."""
+        return (kernels.layer_norm_fusable(x, params, activations) and x.size > 0
                 and self._axes(x.ndim) == (x.ndim - 1, x.ndim - 1))
 
     def forward(self, x, gamma, beta):
-        if self._fused(x, gamma, beta):
+        if self._fused(x, (gamma, beta)):
             return kernels.layer_norm(x, gamma, beta, self.attrs["epsilon"])
         xh, _ = self._xhat(x)
         y = xh.reshape(x.shape)          # gamma, beta: x.shape[bpa:] broadcast from the right
@@ -113,11 +114,15 @@ class LayerNorm(Primitive):
     def vjp(self, dy, xs, y, specs, needs):
         x, gamma = xs[0], xs[1]
         n_param = gamma.size
-        dbeta = _param_grad(dy, None, n_param).reshape(gamma.shape).astype(specs[2].dtype) if needs[2] else None
-        if self._fused(x, gamma, dy):
+        if self._fused(x, (gamma,), (dy,)):
+            dbeta = None
+            if needs[2]:      # (R, C) -> (C,): the rows summed as one GEMV, in the wide dtype
+                dbeta = kernels.column_sum(dy.reshape(-1, n_param), accumulate_dtype(dy.dtype))
+                dbeta = dbeta.reshape(gamma.shape).astype(specs[2].dtype)
             dx, dgamma = kernels.layer_norm_grad(dy, x, gamma, self.attrs["epsilon"], needs[0], needs[1])
             return (None if dx is None else dx.astype(x.dtype, copy=False),
                     None if dgamma is None else dgamma.astype(gamma.dtype), dbeta)
+        dbeta = _param_grad(dy, None, n_param).reshape(gamma.shape).astype(specs[2].dtype) if needs[2] else None
         xh, rstd = self._xhat(x)          # (R, C), (R,)
         dgamma = _param_grad(dy, xh, n_param).reshape(gamma.shape).astype(gamma.dtype) if needs[1] else None
         dx = None
