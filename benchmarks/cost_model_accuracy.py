@@ -473,13 +473,16 @@ def repriced(saved: dict, profiles: dict[str, str]) -> dict:
 
 def merged(runs: list[dict]) -> dict:
     """Several saved runs as one: their rows, failures, sizes and profiles together (the
-    measurement settings of the first)."""
+    measurement settings of the first). A failure (or a plan a deadline left unrun) that
+    another run measured is left out: the plan has its row."""
     out = dict(runs[0], rows=[], failed=[], sizes={}, profiles={})
     for run in runs:
         for key in ("rows", "failed"):
             out[key] += run[key]
         for key in ("sizes", "profiles"):
             out[key].update(run[key])
+    measured = {(r["size"], r["ranks"], r["name"]) for r in out["rows"]}
+    out["failed"] = [f for f in out["failed"] if (f["size"], f["ranks"], f["name"]) not in measured]
     return out
 
 

@@ -120,3 +120,16 @@ def test_confirm_takes_the_auto_plan_and_its_fastest_rivals_and_pools_their_wind
     assert steps == {"auto": 0.22, "a": 0.30, "b": 0.26, "c": 0.40}
     assert min(steps.values()) == steps["auto"]                # regret 1.0, not the first pass's 1.5
     assert rows[0]["measured"]["first_windows"] == [0.30]
+
+
+def test_merged_runs_drop_a_failure_another_run_measured():
+    import cost_model_accuracy as cma
+    measured = dict(name="pp4 m4", size="H256", ranks=4, measured=dict(step_s=0.3))
+    first = dict(rows=[], failed=[dict(name="pp4 m4", size="H256", ranks=4, error="not run: --deadline reached"),
+                                  dict(name="mp4", size="H256", ranks=4, error="timed out")],
+                 sizes={"H256": {}}, profiles={"4": "a.json"})
+    second = dict(rows=[measured], failed=[], sizes={"H384": {}}, profiles={"8": "b.json"})
+    out = cma.merged([first, second])
+    assert out["rows"] == [measured]
+    assert [f["name"] for f in out["failed"]] == ["mp4"]           # never measured: still reported
+    assert set(out["sizes"]) == {"H256", "H384"} and out["profiles"] == {"4": "a.json", "8": "b.json"}
