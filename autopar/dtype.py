@@ -65,3 +65,17 @@ def accumulate_dtype(dtype) -> np.dtype:
     dtype itself otherwise (float32, float64, ints)."""
     dt = np.dtype(dtype)
     return float32 if is_half(dt) else dt
+
+
+def weak_scalar_dtype(ref, value) -> np.dtype:
+    """The dtype a Python ``bool``/``int``/``float`` takes beside a tensor of dtype ``ref``:
+    NEP 50's "weak scalar" rule, spelled out so that it holds on every numpy and for
+    bfloat16 (``np.result_type(bfloat16, 0.5)`` depends on the numpy and ml_dtypes versions;
+    legacy value-based casting makes it float32). The tensor's dtype wins within its kind
+    (``x * 0.5`` stays bfloat16; ``i + 1`` stays int32); a float beside an integer or bool
+    tensor is float64, an int beside a bool tensor int64, as numpy 2 gives."""
+    ref = np.dtype(ref)
+    if isinstance(value, bool) or (isinstance(value, int) and ref.kind in "iuc") or is_float(ref) \
+            or ref.kind == "c":
+        return ref
+    return np.dtype(np.float64) if isinstance(value, float) else np.dtype(np.int64)

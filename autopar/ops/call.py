@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module, is_array
+from ..dtype import weak_scalar_dtype
 from ..errors import OpArgError, OpTypeError, at_scope
 from ..ir.spec import spec_of
 from ..ir.tracing import current_tracer
@@ -27,15 +28,16 @@ def apply(prim, args: tuple):
 
 
 def _weak_scalars(args: tuple) -> tuple:
-    """Python numbers take the dtype of the tensors beside them (numpy's NEP 50 rule):
-    ``x * 0.5`` stays float32 for a float32 ``x``."""
+    """Python numbers take the dtype of the tensors beside them (numpy's NEP 50 rule, by
+    :func:`autopar.dtype.weak_scalar_dtype` on any numpy): ``x * 0.5`` stays float32 for a
+    float32 ``x``, bfloat16 for a bfloat16 one."""
     if not any(isinstance(a, (bool, int, float)) for a in args):
         return args
     ref = next((a.dtype for a in args if hasattr(a, "dtype") and not isinstance(a, (bool, int, float))), None)
     if ref is None:
         return args
     xp = array_module(*args)      # the scalar becomes an array where the tensors live
-    return tuple(xp.asarray(a, dtype=np.result_type(ref, a)) if isinstance(a, (bool, int, float)) else a
+    return tuple(xp.asarray(a, dtype=weak_scalar_dtype(ref, a)) if isinstance(a, (bool, int, float)) else a
                  for a in args)
 
 
