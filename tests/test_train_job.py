@@ -65,7 +65,7 @@ def test_job_losses_equal_serially_and_over_two_ranks(data, serial):
     mp2 = run(data.parent / "mp2", data, [MPIEXEC, "-n", "2"], ["--mp", "2"])
     assert len(serial["losses"]) == 3 and serial["losses"][0] > 5.0
     assert 0 < serial["mfu"] <= 1 and serial["mfu_valid"] and serial["tokens_per_s"] > 0
-    assert serial["peak_source"].startswith("float32 GEMM measured at start: 512x96x384, 512x96x4000, 2048x2048x2048")
+    assert serial["peak_source"].startswith("float32 GEMM measured at start on CPU: 512x96x384, 512x96x4000, 2048x2048x2048")
     assert serial["skipped_steps"] == serial["empty_steps"] == 0
     for other in (dp2, mp2):
         np.testing.assert_allclose(other["losses"], serial["losses"], rtol=1e-5)

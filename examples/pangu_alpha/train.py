@@ -54,6 +54,7 @@ from job import (  # noqa: E402
     CHECKPOINT,
     PRESET_NAMES,
     Resume,
+    RUN_DEFAULTS,
     check_out,
     extra,
     fixed_context,
@@ -87,10 +88,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default=None, choices=PRESET_NAMES,
                    help="model size (default: demo, 1.2M parameters; with --device gpu: gpu, 14M)")
     p.add_argument("--dropout", type=float, default=None, help="dropout rate (default: the preset's; demo: 0)")
-    p.add_argument("--steps", type=int, default=1500, help="total steps (a resumed run continues to this step)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="total steps (a resumed run continues to this step; default: the shape's, job.RUN_DEFAULTS)")
     p.add_argument("--decay-steps", type=int, default=None, help="length of the lr schedule (default --steps)")
-    p.add_argument("--batch", type=int, default=16, help="global batch")
-    p.add_argument("--lr", type=float, default=8e-3, help="peak learning rate (warm-up, then cosine to a tenth)")
+    p.add_argument("--batch", type=int, default=None, help="global batch (default: the shape's)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (warm-up, then cosine to a tenth; default: the shape's)")
     p.add_argument("--parallel", choices=("auto", "hand"), default=None,
                    help="auto: parallel_mode=auto_parallel, the joint search chooses what no flag fixes (the "
                    "default under mpiexec without --dp/--mp/--plan); hand: the model's own strategies at --dp/--mp")
@@ -128,6 +131,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.device_target = args.device.upper()
     if args.preset is None:
         args.preset = "gpu" if args.device_target == "GPU" else "demo"
+    for flag, value in RUN_DEFAULTS.get(args.preset, RUN_DEFAULTS["demo"]).items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
     for flag in ("steps", "batch", "mp", "eval_every", "eval_batches", "dp", "pp", "micro"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')}: expected an int >= 1, got {getattr(args, flag)}")
