@@ -4,7 +4,6 @@ softmax, dropout, the context matmul) runs and is kept in a wider dtype."""
 import numpy as np
 import pytest
 
-import autopar
 from autopar import nn
 from autopar.dtype import weak_scalar_dtype
 from autopar.ops import call
