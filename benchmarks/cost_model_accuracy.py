@@ -107,6 +107,31 @@ def prediction(prog, plan: Plan, size: dict, ranks: int, profile: str) -> dict:
                 plan=p.describe())
 
 
+def op_breakdown(prog, fed, comm, clock) -> dict | None:
+    """Where one step's time goes on this one-stage plan, per op kind: measured (every
+    instruction of the step program timed, ranks lined up by a barrier before each
+    redistribution, whose wait is its own ``comm wait`` line; the slowest rank's figure per
+    kind) and predicted (:meth:`CostModel.op_costs` of the plan the program compiled: each
+    op's kernels, its in-kernel collectives and the redistributions into it as ``comm``).
+    None for a pipeline (several programs)."""
+    from autopar.runtime import op_timer
+    from autopar.strategy.costmodel import CostModel
+    inner = getattr(prog, "inner", prog)
+    if not hasattr(inner, "forward_graph"):
+        return None
+    seconds, counts = op_timer.time_ops(inner.program, [fed], 0, clock, before_comm=comm.barrier)
+    kinds = sorted(seconds)
+    slowest = np.asarray(comm.allreduce(np.array([seconds[k] for k in kinds], np.float64), op="max"))
+    options = inner.plan_options
+    model = CostModel(inner.forward_graph, inner.stage, options.profile(), inner.feed_whole,
+                      optimizer_parallel=options.optimizer_parallel, optimizer_shard=options.optimizer_shard)
+    predicted: dict[str, float] = {}
+    for node, cost, edges_s in model.op_costs(inner.plan):
+        predicted[node.prim.kind] = predicted.get(node.prim.kind, 0.0) + cost.compute_s
+        predicted["comm"] = predicted.get("comm", 0.0) + cost.comm_s + edges_s + cost.grad_s
+    return dict(measured=dict(zip(kinds, slowest.tolist())), counts=counts, predicted=predicted)
+
+
 def worker(args) -> None:
     from autopar.comm import install_abort_handler, world
     from autopar.context import bound_world, parallel_context
@@ -133,6 +158,7 @@ def worker(args) -> None:
             times.append(clock() - t0)
             comm_times.append(prog.comm_clock[0] - c0)
         before, traced = step_bytes(prog, train, fed, comm)
+        ops = op_breakdown(prog, fed, comm, clock) if args.ops else None
     slowest = np.asarray(comm.allreduce(np.array(times, np.float64), op="max"))
     comm_s = np.asarray(comm.allreduce(np.array(comm_times, np.float64), op="max"))
     peak = float(comm.allreduce(np.array(float(before + traced)), op="max"))
@@ -144,7 +170,8 @@ def worker(args) -> None:
         compile_s=compile_s, predicted=prediction(prog, plan, size, ranks, args.profile),
         measured=dict(step_s=float(np.median(windows)), windows=windows, steps=slowest.tolist(),
                       comm_s=float(np.median(comm_s)), peak_bytes=peak, peak_rank0=before + traced,
-                      before_bytes=before, traced_peak_bytes=traced))), flush=True)
+                      before_bytes=before, traced_peak_bytes=traced),
+        **({"ops": ops} if ops else {}))), flush=True)
 
 
 # ---- the driver -------------------------------------------------------------------------------
@@ -186,7 +213,7 @@ def launch(plan: Plan, size: str, ranks: int, profile: str, args, repeats: int, 
     """One MPI job training ``plan``: its JSON row, or a row with ``error``."""
     me = [sys.executable, __file__, "--worker", json.dumps(dataclasses.asdict(plan)), "--size", size,
           "--steps", str(args.steps), "--repeats", str(repeats), "--warmup", str(args.warmup), "--profile", profile,
-          "--clock", args.clock]
+          "--clock", args.clock] + (["--ops"] if getattr(args, "ops", False) else [])
     cmd = [args.mpiexec, "-n", str(ranks), *shlex.split(args.mpiexec_args), *me]
     failed = dict(name=plan.name, size=size, ranks=ranks, command=shlex.join(cmd))
     # its own process group: on a timeout the ranks go too, not only mpiexec (left running,
@@ -359,6 +386,19 @@ def groups_of(rows: list[dict]) -> dict:
     return out
 
 
+def ops_table(row: dict) -> str:
+    """A row's --ops breakdown: ms per op kind, measured (one step, instruction by
+    instruction, slowest rank) beside predicted, slowest kinds first."""
+    meas, pred, counts = row["ops"]["measured"], row["ops"]["predicted"], row["ops"]["counts"]
+    kinds = sorted(set(meas) | set(pred), key=lambda k: -max(meas.get(k, 0.0), pred.get(k, 0.0)))
+    body = [[k, str(counts.get(k, "")), f"{meas.get(k, 0.0) * 1e3:.2f}", f"{pred.get(k, 0.0) * 1e3:.2f}",
+             f"{pred[k] / meas[k]:.2f}" if meas.get(k) and pred.get(k) else "-"] for k in kinds]
+    body.append(["total", str(sum(counts.values())), f"{sum(meas.values()) * 1e3:.2f}",
+                 f"{sum(pred.values()) * 1e3:.2f}", f"{sum(pred.values()) / sum(meas.values()):.2f}"])
+    return (f"  {row['name']}: one step op kind by op kind (ms)\n"
+            + table(["kind", "instr", "measured", "predicted", "pred/meas"], body, "lrrrr"))
+
+
 def report(saved: dict) -> dict:
     rows, failed = saved["rows"], saved["failed"]
     clock = "wall clock" if saved["clock"] == "wall" else "thread CPU time"
@@ -390,6 +430,9 @@ def report(saved: dict) -> dict:
             print(f"  auto plan: {auto[0]['predicted']['plan']}")
         f = figures[f"{size} {r} ranks"] = group_figures(group)
         print("  " + summary(f))
+        for row in group:
+            if "ops" in row:
+                print(ops_table(row))
     for r in failed:
         print(f"FAILED  {r['size']} {r['ranks']} ranks {r['name']}: {r['error']}"
               + (f"\n        rerun: {r['command']}" if "command" in r else ""))
@@ -518,6 +561,8 @@ def main() -> None:
     parser.add_argument("--json", default="", help="write every row here (after each plan, and at the end)")
     parser.add_argument("--quick", action="store_true", help="2 ranks, the tiny model, 6 plans taking every path")
     parser.add_argument("--only", nargs="*", default=None, help="plan names to run (default: all)")
+    parser.add_argument("--ops", action="store_true", help="also time one step op kind by op kind on one-stage "
+                        "plans, beside the cost model's per-kind prediction (printed by --report)")
     parser.add_argument("--mpiexec", default=default_mpiexec())
     parser.add_argument("--mpiexec-args", default="", help="extra launcher flags, e.g. '--bind-to core'")
     parser.add_argument("--report", metavar="JSON", nargs="+", help="print the report (and --png) of saved --json "

@@ -72,8 +72,10 @@ class ShardedGradProgram(TrainingProgram):
         if annotate is not None:               # the joint plan's recompute marks
             graph = annotate(graph)
         self.targets = loss_targets(graph, params, type(cell).__name__)
+        self.forward_graph, self.stage, self.feed_whole = graph, stage, feed_whole   # what the plan was made for
         self.graph, grads = differentiate(graph, self.targets.loss, self.targets.used, sens)
         options = plan_options or ctx.plan_options    # the joint plan's, or the context's
+        self.plan_options = options
         self.plan = with_fed_inputs(make_plan(graph, mode, stage, feed_whole, options), graph, splits)
         if ctx.strategy_ckpt_save_file:
             trained = [p.name for p in params]          # the optimizer's order, then any frozen weight
