@@ -3,6 +3,7 @@ chosen, so numpy stays the only hard dependency (CuPy is the ``gpu`` extra)."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 
 from ..errors import format_error
 
@@ -26,3 +27,18 @@ def device_erf():
         return importlib.import_module("cupyx.scipy.special").erf
     except ImportError:
         return None
+
+
+def gpu_problem(import_module: Callable[[str], object] = importlib.import_module) -> str:
+    """Why this machine cannot run on a GPU ('' when it can): CuPy missing, or CuPy seeing no
+    device. ``import_module`` is injectable so the answer can be tested."""
+    try:
+        cupy = import_module("cupy")
+    except ImportError as err:
+        return (f"CuPy is not importable ({err}); install it with pip install -e \".[gpu]\" "
+                f"(cupy-cuda12x on CUDA 12)")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as err:                   # no driver, no device: CUDARuntimeError and kin
+        return f"CuPy sees no GPU ({type(err).__name__}: {err}); run on a machine with an NVIDIA GPU and its driver"
+    return "" if count else "CuPy sees no GPU (0 devices); run on a machine with an NVIDIA GPU and its driver"

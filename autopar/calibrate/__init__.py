@@ -7,6 +7,7 @@
 :mod:`.cpu` measures CPU cores and MPI links on every rank (figures and methods in its
 docstring), :mod:`.gpu` one NVIDIA GPU through CuPy, :mod:`.cli` is the command line.
 """
+from ..backend import gpu_problem
 from .cli import build_parser, main, write_profile
 from .cpu import (
     FULL,
@@ -26,7 +27,7 @@ from .cpu import (
     measure_op_overhead_s,
     memtotal_bytes,
 )
-from .gpu import GPU_FULL, GPU_GEMM_DTYPES, GPU_QUICK, GpuDevice, GpuProbe, GpuSizes, calibrate_gpu, gpu_problem
+from .gpu import GPU_FULL, GPU_GEMM_DTYPES, GPU_QUICK, GpuDevice, GpuProbe, GpuSizes, calibrate_gpu
 
 __all__ = ["build_parser", "main", "write_profile", "FULL", "GEMM_DTYPES", "QUICK", "Sizes", "best_seconds_together",
            "calibrate", "cross_host_groups", "gather_hosts", "host_groups", "measure_allreduce",

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..backend import gpu_problem
 from ..comm import world
 from ..comm.mpi import processor_name
 from ..strategy.profile import MachineProfile, load_profile
 from .cpu import FULL, GEMM_DTYPES, QUICK, calibrate, gather_hosts
-from .gpu import GPU_FULL, GPU_GEMM_DTYPES, GPU_QUICK, calibrate_gpu, gpu_problem
+from .gpu import GPU_FULL, GPU_GEMM_DTYPES, GPU_QUICK, calibrate_gpu
 
 TARGETS = ("CPU", "GPU")
 TARGET_DTYPES = {"CPU": GEMM_DTYPES, "GPU": GPU_GEMM_DTYPES}

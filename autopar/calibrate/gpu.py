@@ -34,7 +34,6 @@ they are copied from ``--like`` and their sources say so. What measures is a
 from __future__ import annotations
 
 import datetime
-import importlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -110,21 +109,6 @@ class GpuProbe:
 
 
 # ---------------------------------------------------------------- is there a GPU
-
-def gpu_problem(import_module: Callable[[str], object] = importlib.import_module) -> str:
-    """Why this machine cannot be calibrated as a GPU ('' when it can): CuPy missing, or
-    CuPy seeing no device. ``import_module`` is injectable so the answer can be tested."""
-    try:
-        cupy = import_module("cupy")
-    except ImportError as err:
-        return (f"CuPy is not importable ({err}); install it with pip install -e \".[gpu]\" "
-                f"(cupy-cuda12x on CUDA 12)")
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as err:                   # no driver, no device: CUDARuntimeError and kin
-        return f"CuPy sees no GPU ({type(err).__name__}: {err}); run on a machine with an NVIDIA GPU and its driver"
-    return "" if count else "CuPy sees no GPU (0 devices); run on a machine with an NVIDIA GPU and its driver"
-
 
 # ---------------------------------------------------------------- timing
 
