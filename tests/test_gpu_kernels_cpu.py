@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from autopar import ops
-from autopar.backend import kernels
+from autopar.backend import kernels, rowkernels
 from autopar.ir import random
 from autopar.ir.random import derive_key, keep_mask, region_indices
 from autopar.ir.spec import TensorSpec
@@ -425,3 +425,28 @@ def test_the_cublas_half_matmul_serves_only_device_arrays():
     a = np.ones((4, 4), np.float16)
     assert half_matmul(a, a) is None
     assert half_matmul(a.astype("bfloat16"), a.astype("bfloat16")) is None
+
+
+# ---- the one-pass row kernels (backend/rowkernels.py): their CUDA C, checked as text -------------
+
+@pytest.mark.parametrize("kind", sorted(rowkernels.KERNELS))
+@pytest.mark.parametrize("t, p", [("float32", "float32"), ("bfloat16", "float32"), ("bfloat16", "bfloat16")])
+def test_row_kernel_sources_name_their_entry_and_leave_no_placeholder(kind, t, p):
+    """The source has the entry point ``_kernel`` asks CuPy for, every {T}/{P} filled with
+    the dtypes' storage (bfloat16 as its 16 bits), and widens parameters as it widens
+    activations. (tests/test_gpu_kernels.py runs them; NVRTC compiled all 12 in session 8.)"""
+    src = rowkernels.source(kind, t, p)
+    assert f'extern "C" __global__ void autopar_row_{kind}(' in src
+    assert "{T}" not in src and "{P}" not in src
+    takes_params = kind.startswith("layer_norm")
+    assert ("const unsigned short*" in src) == (t == "bfloat16" or (takes_params and p == "bfloat16"))
+    assert "#define LP(v) " + ("__uint_as_float" if p == "bfloat16" else "(v)") in src
+
+
+def test_a_bfloat16_row_kernel_rounds_to_nearest_even_as_ml_dtypes():
+    """autopar_to_bf16 in numpy: u + 0x7fff + ((u >> 16) & 1), the high half; NaN kept."""
+    f = np.array([1.0, 1.00390625, 1.01171875, -2.5, 3.4e38, 1e-40, np.inf, -np.inf], np.float32)
+    u = f.view(np.uint32).astype(np.uint64)
+    bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    assert bits.tobytes() == f.astype("bfloat16").view(np.uint16).tobytes()
+    assert "u += 0x7fffu + ((u >> 16) & 1u);" in rowkernels.PRELUDE

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import rowkernels
 from .arrays import is_cupy_type
 from .cupy_import import import_cupy
 
@@ -413,8 +414,16 @@ def softmax_grad_specs(wide: str) -> tuple[ReductionSpec, KernelSpec]:
 
 
 def softmax(x):
-    """Softmax over the last axis of ``x`` (at least 1-D, not empty): max (CuPy's), one
-    sum kernel, one output kernel."""
+    """Softmax over the last axis of ``x`` (at least 1-D, not empty): a warp per row
+    (``rowkernels``) where it serves, else :func:`fused_softmax`."""
+    x2 = x.reshape(-1, x.shape[-1])                     # (R, C)
+    if rowkernels.serves("softmax", x2):
+        return rowkernels.softmax(x2).reshape(x.shape)
+    return fused_softmax(x)
+
+
+def fused_softmax(x):
+    """Softmax over the last axis of ``x``: max (CuPy's), one sum kernel, one output kernel."""
     x2 = x.reshape(-1, x.shape[-1])                     # (R, C)
     total, out = softmax_specs(_wide(x.dtype).name)
     m = x2.max(axis=1, keepdims=True)                   # (R, 1), in T
@@ -423,7 +432,16 @@ def softmax(x):
 
 
 def softmax_grad(dy, y):
-    """dy * d softmax: y * (dy - sum(dy * y)) over the last axis (dy, y of one dtype)."""
+    """dy * d softmax: y * (dy - sum(dy * y)) over the last axis (dy, y of one dtype): a
+    warp per row where it serves, else :func:`fused_softmax_grad`."""
+    dy2, y2 = dy.reshape(-1, dy.shape[-1]), y.reshape(-1, y.shape[-1])
+    if rowkernels.serves("softmax_grad", dy2, y2):
+        return rowkernels.softmax_grad(dy2, y2).reshape(y.shape)
+    return fused_softmax_grad(dy, y)
+
+
+def fused_softmax_grad(dy, y):
+    """:func:`softmax_grad` as a sum kernel and an output kernel."""
     dy2, y2 = dy.reshape(-1, dy.shape[-1]), y.reshape(-1, y.shape[-1])
     total, out = softmax_grad_specs(_wide(y.dtype).name)
     s = _compiled_sum(total)(dy2, y2, axis=1, keepdims=True)
@@ -497,7 +515,16 @@ def _row_stats(x2, eps: float, specs: dict):
 
 
 def layer_norm(x, gamma, beta, eps: float):
-    """LayerNorm over the last axis, gamma and beta of shape (C,) (see ``layer_norm_fusable``)."""
+    """LayerNorm over the last axis, gamma and beta of shape (C,) (see ``layer_norm_fusable``):
+    a warp per row where it serves, else :func:`fused_layer_norm`."""
+    x2 = x.reshape(-1, x.shape[-1])                     # (R, C)
+    if rowkernels.serves("layer_norm", x2, params=(gamma, beta)):
+        return rowkernels.layer_norm(x2, gamma, beta, eps).reshape(x.shape)
+    return fused_layer_norm(x, gamma, beta, eps)
+
+
+def fused_layer_norm(x, gamma, beta, eps: float):
+    """LayerNorm over the last axis as row-statistic reductions and an output kernel."""
     x2 = x.reshape(-1, x.shape[-1])                     # (R, C)
     specs = layer_norm_specs(_wide(x.dtype).name)
     mean, rstd = _row_stats(x2, eps, specs)
@@ -507,7 +534,18 @@ def layer_norm(x, gamma, beta, eps: float):
 def layer_norm_grad(dy, x, gamma, eps: float, need_dx: bool = True, need_dgamma: bool = True):
     """(dx, dgamma) of LayerNorm over the last axis (None where not needed): dgamma =
     sum over rows of dy * xhat (in the wide dtype, as the CPU's einsum gives it); dx =
-    rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma."""
+    rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * gamma. A warp per row where it
+    serves (dgamma: the column sums of its dy * xhat), else :func:`fused_layer_norm_grad`."""
+    x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])     # (R, C)
+    if rowkernels.serves("layer_norm_grad", dy2, x2, params=(gamma,)):
+        dx, prod = rowkernels.layer_norm_grad(dy2, x2, gamma, eps, need_dx, need_dgamma)
+        return (None if dx is None else dx.reshape(x.shape),
+                None if prod is None else column_sum(prod, "float32"))
+    return fused_layer_norm_grad(dy, x, gamma, eps, need_dx, need_dgamma)
+
+
+def fused_layer_norm_grad(dy, x, gamma, eps: float, need_dx: bool = True, need_dgamma: bool = True):
+    """:func:`layer_norm_grad` as row-statistic reductions, a GEMV and an output kernel."""
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     cols = x2.shape[1]
     wide = _wide(x.dtype).name
