@@ -251,3 +251,15 @@ def test_row_kernels_serve_and_equal_the_fused_path_and_the_cpu(t, p, rtol, atol
     want_dx, want_dgamma = kernels.fused_layer_norm_grad(gdy, gx, gg, 1e-5)
     close(dx, want_dx.get(), "layer norm dx vs fused")
     np.testing.assert_allclose(dgamma.get(), want_dgamma.get(), rtol=1e-4, atol=1e-3 * np.sqrt(x.size / shape[-1]))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_the_global_norm_on_device_is_the_hosts_float64_sum(dtype):
+    """One reduction per gradient, float64 as it reads, one sync for the total: the CPU's
+    blocked float64 sum to float64 rounding (the summation orders differ)."""
+    from autopar.ops.norm import sum_of_squares
+    rng = np.random.default_rng(12)
+    grads = [rng.standard_normal(shape).astype(dtype) for shape in ((1000, 33), (7,), (3, 4, 5), (0,), (1 << 17,))]
+    want = sum_of_squares(grads)
+    got = sum_of_squares([cupy.asarray(g) for g in grads])
+    assert isinstance(got, float) and got == pytest.approx(want, rel=1e-12)

@@ -7,6 +7,7 @@ take one pass per operator.
     softmax(x) / softmax_grad(dy, y)                    Softmax over the last axis and its VJP
     layer_norm(x, gamma, beta, eps) / layer_norm_grad(dy, x, gamma, eps)   LayerNorm, last axis
     column_sum(a2, wide)                                 sums over rows, as a ones-row GEMV
+    sum_of_squares(x)                                    float64 sum of squares, left on the device
 
 An op calls them behind one check, ``fusable(*arrays)``: only real CuPy arrays (of one
 float dtype) take a fused kernel, so the numpy path, and the test suite's stand-in device
@@ -387,6 +388,22 @@ def adam_weight_decay(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps:
     numpy rounds it, each operation rounded as the CPU's (no FMA)."""
     args = adam_weight_decay_args(p.dtype, lr, beta1, beta2, eps, weight_decay)
     _compiled(ADAM_WEIGHT_DECAY_SPEC)(g, *args, p, m, v)
+
+
+# ---- the gradients' sum of squares ----------------------------------------------------------------
+
+# a half value reaches double through float (CUDA's half types convert to float only)
+SUM_OF_SQUARES = {half: ReductionSpec(f"autopar_sum_of_squares{suffix}", "T x", f"(double){w}x * (double){w}x",
+                                      "float64")
+                  for half, w, suffix in ((False, "", ""), (True, "(float)", "_half"))}
+
+
+def sum_of_squares(x):
+    """The float64 sum of the squares of every element of ``x``, as a 0-d device array: one
+    reduction kernel reading ``x`` once (no float64 copy), and no host sync -- the caller adds
+    the partial sums of many arrays on the device and reads the total once."""
+    spec = SUM_OF_SQUARES[x.dtype.name in ("float16", "bfloat16")]
+    return _compiled_sum(spec)(x.reshape(-1), axis=0)
 
 
 # ---- Softmax and LayerNorm over the last axis (rows of (R, C)) -----------------------------------

@@ -3,9 +3,10 @@ global norm (clipping, the overflow check) is ``sqrt(sum_of_squares(grads))``.
 
 On the host each array is walked in blocks converted to float64 and reduced with ``dot``
 (BLAS), so the sum is as accurate as a float64 sum without a float64 copy of the model (a
-float32 ``dot`` over 10^8 elements would be off by about 0.3%). On a GPU the whole array
-is converted at once (a block would be a launch) and reduced there; only the scalar comes
-back to the host.
+float32 ``dot`` over 10^8 elements would be off by about 0.3%). On a GPU each array is
+reduced by one kernel squaring and summing in float64 as it reads (``backend.kernels``), the
+partial sums stay on the device, and only their total comes back to the host: one sync per
+norm, not one per parameter (a 350M PanGu-α has 389 of them).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from ..backend import array_module, cache_blocked, is_array
+from ..backend import array_module, cache_blocked, is_array, kernels
 from ..dtype import is_float
 from ..errors import format_error
 
@@ -24,10 +25,14 @@ def sum_of_squares(arrays: Iterable) -> float:
     """The sum of the squares of every element of ``arrays``, accumulated in float64."""
     block = None
     total = 0.0
+    on_device = []                   # 0-d float64 partial sums left on the device
     for i, g in enumerate(arrays):
         g = g if is_array(g) else np.asarray(g)
         if not (g.dtype.kind in "fiu" or is_float(g.dtype)):       # bfloat16 has kind 'V'
             raise ValueError(format_error("global_norm", f"grads[{i}] dtype", "a numeric array", str(g.dtype)))
+        if g.size and kernels.fusable(g, dtypes=kernels.FUSED_DTYPES):
+            on_device.append(kernels.sum_of_squares(g))
+            continue
         xp = array_module(g)
         flat = g.ravel()
         if flat.dtype == np.float64 or not cache_blocked(g):
@@ -41,4 +46,6 @@ def sum_of_squares(arrays: Iterable) -> float:
             b = block[:part.size]
             b[...] = part
             total += float(xp.dot(b, b))
+    if on_device:
+        total += float(array_module(on_device[0]).stack(on_device).sum())
     return total
