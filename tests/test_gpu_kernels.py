@@ -263,3 +263,15 @@ def test_the_global_norm_on_device_is_the_hosts_float64_sum(dtype):
     want = sum_of_squares(grads)
     got = sum_of_squares([cupy.asarray(g) for g in grads])
     assert isinstance(got, float) and got == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype, rtol", [("float32", 1e-5), ("bfloat16", 2.0 ** -7), ("float64", 1e-12)])
+def test_a_bias_gradient_on_device_is_one_gemv_equal_to_the_cpus_sum(dtype, rtol):
+    """sum_to of (B, S, C) onto (C,) -- Add's VJP for a bias -- equals the CPU's float32 (or
+    float64) sum, half dtypes accumulated in float32 and rounded once."""
+    from autopar.ops.elementwise import sum_to
+    g = np.random.default_rng(13).standard_normal((4, 33, 96)).astype(dtype)
+    got = sum_to(cupy.asarray(g), (96,))
+    want = sum_to(g, (96,))
+    assert isinstance(got, cupy.ndarray) and got.dtype == want.dtype and got.shape == (96,)
+    np.testing.assert_allclose(got.get().astype(np.float64), want.astype(np.float64), rtol=rtol, atol=rtol)

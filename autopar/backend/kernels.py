@@ -41,6 +41,7 @@ import numpy as np
 from . import rowkernels
 from .arrays import is_cupy_type
 from .cupy_import import import_cupy
+from .gemm import half_matmul
 
 FUSED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 EXACT_DTYPES = ("float32", "float64")   # kernels with no half variant (erf GeLU, AdamW)
@@ -516,8 +517,14 @@ def layer_norm_fusable(x, params, activations=()) -> bool:
 def column_sum(a2, wide):
     """Sums over the rows of the (R, C) array ``a2`` as a (C,) array in ``wide``: a
     ones-row matrix product (cuBLAS reads the rows coalesced, where a reduction over axis 0
-    strides through memory), float32 without TF32 as CuPy multiplies by default."""
+    strides through memory), float32 without TF32 as CuPy multiplies by default. Half rows
+    go to cuBLAS as they are (exact ones, float32 accumulation: ``half_matmul``), with no
+    float32 copy of ``a2``."""
     cupy = import_cupy("autopar.backend.kernels")
+    if a2.dtype.name in ("float16", "bfloat16") and np.dtype(wide) == np.float32:
+        total = half_matmul(cupy.ones((1, a2.shape[0]), a2.dtype), a2)       # (1, R) @ (R, C) -> (1, C)
+        if total is not None:
+            return total.reshape(a2.shape[1])
     ones = cupy.ones((1, a2.shape[0]), wide)                      # (1, R)
     return cupy.matmul(ones, a2.astype(wide, copy=False)).reshape(a2.shape[1])   # (1, R) @ (R, C) -> (C,)
 

@@ -6,9 +6,11 @@ gradient back to its input's shape (``sum_to``). Comparisons give bool and no gr
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from ..backend import array_module
+from ..backend import array_module, kernels
 from ..dtype import accumulate_dtype
 from ..errors import OpArgError
 from ..ir.spec import TensorSpec
@@ -39,6 +41,11 @@ def sum_to(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return g
     lead = g.ndim - len(shape)
     axes = tuple(range(lead)) + tuple(i + lead for i, d in enumerate(shape) if d == 1 and g.shape[i + lead] != 1)
+    if axes == tuple(range(lead)) and lead and g.flags.c_contiguous and kernels.fusable(g):
+        # a bias's gradient on a GPU: (..., C) -> (C,) as one GEMV (a reduction over leading
+        # axes would stride through memory), accumulated in float32 for half dtypes
+        rows = g.reshape(-1, math.prod(shape))                  # (..., *shape) -> (R, C)
+        return kernels.column_sum(rows, accumulate_dtype(g.dtype)).astype(g.dtype, copy=False).reshape(shape)
     if axes:
         g = g.sum(axis=axes, keepdims=True, dtype=accumulate_dtype(g.dtype)).astype(g.dtype, copy=False)
     return g.reshape(shape)
