@@ -275,3 +275,19 @@ def test_a_bias_gradient_on_device_is_one_gemv_equal_to_the_cpus_sum(dtype, rtol
     want = sum_to(g, (96,))
     assert isinstance(got, cupy.ndarray) and got.dtype == want.dtype and got.shape == (96,)
     np.testing.assert_allclose(got.get().astype(np.float64), want.astype(np.float64), rtol=rtol, atol=rtol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape, region", [((8, 16, 128, 128), None), ((4, 64, 4096), (slice(1, 3),)),
+                                           ((3, 1001), None)])
+def test_the_vectorised_dropout_gives_the_cpus_bits(dtype, shape, region):
+    """A whole tensor, a shard that is one run of it, an odd length (the scalar tail): the
+    vectorised kernel serves and equals the CPU's Dropout bit for bit."""
+    from autopar.backend import veckernels
+    region = None if region is None else region + (slice(None),) * (len(shape) - len(region))
+    local = tuple(len(range(*s.indices(n))) for s, n in zip(region, shape)) if region else shape
+    x = (np.random.default_rng(14).standard_normal(local) * 3).astype(dtype)
+    assert veckernels.serves(cupy.asarray(x).reshape(-1))
+    key, keep = derive_key(5, "blocks.0.attention.prob_dropout", 3), 0.9
+    prim = ops.Dropout(keep) if region is None else ops.Dropout(keep).with_attrs(region=region, global_shape=shape)
+    assert_same_bits(prim.forward(cupy.asarray(x), key=key), prim.forward(x, key=key))

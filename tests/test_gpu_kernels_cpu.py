@@ -450,3 +450,16 @@ def test_a_bfloat16_row_kernel_rounds_to_nearest_even_as_ml_dtypes():
     bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
     assert bits.tobytes() == f.astype("bfloat16").view(np.uint16).tobytes()
     assert "u += 0x7fffu + ((u >> 16) & 1u);" in rowkernels.PRELUDE
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_vectorised_dropout_source_carries_keep_masks_hash(dtype):
+    """veckernels' CUDA C holds the same hash rounds as kernels' element kernel (csource's one
+    copy), reads 16-byte vectors of the dtype's width, and takes its scalar tail."""
+    from autopar.backend import csource, veckernels
+    src = veckernels.source(dtype)
+    assert csource.KEEP_HASH in src and csource.LOWBIAS32 in src
+    vector, width = veckernels.VEC_DTYPES[dtype]
+    assert f"{vector} in = ((const {vector}*)x)[v];" in src and width * (2 if dtype == "bfloat16" else 4) == 16
+    assert "{" + "S}" not in src and "{V}" not in src and "{VT}" not in src
+    assert kernels.keep_threshold is csource.keep_threshold

@@ -26,7 +26,7 @@ numpy's pairwise order), so their results agree to rounding, not to the bit. The
 kernels read their input two or three times (max, sum, output) where the ufunc chain makes
 and re-reads temporaries the size of the input at every step.
 Dropout's keep bit is :func:`autopar.ir.random.keep_mask`'s hash written in CUDA C (the
-constants below; ``tests/test_gpu_kernels_cpu.py`` checks they are ``ir/random.py``'s).
+constants in ``csource``; ``tests/test_gpu_kernels_cpu.py`` checks they are ``ir/random.py``'s).
 """
 from __future__ import annotations
 
@@ -38,8 +38,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import rowkernels
+from . import rowkernels, veckernels
 from .arrays import is_cupy_type
+from .csource import KEEP_HASH, LOWBIAS32, LOWBIAS32_MULTIPLIERS, keep_threshold  # noqa: F401  (re-exported)
 from .cupy_import import import_cupy
 from .gemm import half_matmul
 
@@ -47,17 +48,6 @@ FUSED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 EXACT_DTYPES = ("float32", "float64")   # kernels with no half variant (erf GeLU, AdamW)
 NVRTC_OPTIONS = ("--fmad=false",)        # no multiply-add contraction: the CPU's rounding
 
-LOWBIAS32_MULTIPLIERS = (0x7FEB352D, 0x846CA68B)   # ir/random.py's _H1, _H2
-LOWBIAS32 = """
-__device__ __forceinline__ unsigned int autopar_lowbias32(unsigned int x) {
-    x ^= x >> 16;
-    x *= %#010xu;
-    x ^= x >> 15;
-    x *= %#010xu;
-    x ^= x >> 16;
-    return x;
-}
-""" % LOWBIAS32_MULTIPLIERS
 
 
 def fusable(*arrays, dtypes: tuple[str, ...] = FUSED_DTYPES) -> bool:
@@ -151,11 +141,6 @@ def _bfloat16_compiles() -> bool:
 
 # ---- dropout ---------------------------------------------------------------------------------
 
-def keep_threshold(keep_prob: float) -> int:
-    """The uint32 bound of :func:`autopar.ir.random.keep_mask`: keep iff hash < bound."""
-    return min(int(keep_prob * 2.0 ** 32), 2 ** 32 - 1)
-
-
 def region_walk(shape: tuple[int, ...], region=None) -> tuple[int, tuple[tuple[int, int], ...]]:
     """(base, ((extent, stride), ...)): the flat row-major index in ``shape`` of the element
     at local position (j0, j1, ...) of ``region`` (a tuple of slices; None: all of it) is
@@ -192,16 +177,6 @@ def walk_source(ndim: int) -> str:
     return "\n".join(lines)
 
 
-# keep_mask's two rounds: the index's low half and the key's low half, then the key's high
-# half and the index's high half (zero below 2**32, where keep_mask skips it: the same bits)
-KEEP_HASH = """
-unsigned long long u = (unsigned long long)idx;
-unsigned int h = autopar_lowbias32((unsigned int)u ^ key_lo);
-h ^= key_hi;
-h ^= (unsigned int)(u >> 32);
-h = autopar_lowbias32(h);
-"""
-
 
 @functools.cache
 def dropout_spec(ndim: int, wide: str) -> KernelSpec:
@@ -228,10 +203,13 @@ def dropout(x, key: int, keep_prob: float, global_shape=None, region=None):
     """``x * keep_mask(key, index, keep_prob) * (1 / keep_prob)`` in one pass, ``index`` the
     element's flat index in ``global_shape`` (``x`` is its ``region``; None: ``x`` is all of
     it), computed in the kernel: no index array, no host sync. Same bits as the CPU's
-    ``Dropout._apply``: (x * keep) * scale, scale rounded to x's dtype."""
+    ``Dropout._apply``: (x * keep) * scale, scale rounded to x's dtype. A run of consecutive
+    elements in float32 or bfloat16 takes the vectorised kernel (``veckernels``)."""
     flat = x.reshape(-1)         # (copies a strided x, as the CPU's reshape does)
     base, dims = region_walk(tuple(x.shape if region is None else global_shape), region)
     assert math.prod(n for n, _ in dims) == flat.size or flat.size == 0, (dims, x.shape)
+    if flat.size and len(dims) == 1 and dims[0][1] == 1 and veckernels.serves(flat):   # one run of the tensor
+        return veckernels.dropout(flat, key, keep_prob, base).reshape(x.shape)
     out = import_cupy("autopar.backend.kernels").empty_like(flat)
     if flat.size:
         spec = dropout_spec(len(dims), _wide(x.dtype).name)

@@ -26,6 +26,7 @@ import warnings
 
 import numpy as np
 
+from .csource import LOAD, STORAGE, STORE, TO_BF16
 from .cupy_import import import_cupy
 
 ROW_DTYPES = ("float32", "bfloat16")
@@ -33,17 +34,7 @@ WARPS_PER_BLOCK = 8
 CHECK_SHAPE = (37, 100)            # rows not a multiple of the block's 8, columns not of the warp's 32
 CHECK_RTOL = {"float32": 1e-5, "bfloat16": 2.0 ** -6}   # reordered float32 sums; a bf16 output's rounding
 
-_STORAGE = {"float32": "float", "bfloat16": "unsigned short"}
-_LOAD = {"float32": "(v)", "bfloat16": "__uint_as_float(((unsigned int)(v)) << 16)"}
-_STORE = {"float32": "(f)", "bfloat16": "autopar_to_bf16(f)"}
-
-PRELUDE = r"""
-__device__ __forceinline__ unsigned short autopar_to_bf16(float f) {
-    unsigned int u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);  /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);                                                   /* to nearest even */
-    return (unsigned short)(u >> 16);
-}
+PRELUDE = TO_BF16 + r"""
 __device__ __forceinline__ float autopar_warp_sum(float v) {
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
     return v;
@@ -157,8 +148,8 @@ KERNELS = {"softmax": SOFTMAX, "softmax_grad": SOFTMAX_GRAD, "layer_norm": LAYER
 def source(kind: str, t: str, p: str = "float32") -> str:
     """The CUDA C of kernel ``kind`` for activations of dtype ``t`` and parameters of ``p``
     (plain text: built and inspected without CuPy)."""
-    macros = f"#define LT(v) {_LOAD[t]}\n#define ST(f) {_STORE[t]}\n#define LP(v) {_LOAD[p]}\n"
-    body = KERNELS[kind].replace("{T}", _STORAGE[t]).replace("{P}", _STORAGE[p])
+    macros = f"#define LT(v) {LOAD[t]}\n#define ST(f) {STORE[t]}\n#define LP(v) {LOAD[p]}\n"
+    body = KERNELS[kind].replace("{T}", STORAGE[t]).replace("{P}", STORAGE[p])
     return macros + PRELUDE + body
 
 
