@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from ..backend import array_module, kernels
+from ..backend import array_module, kernels, veckernels
 from ..dtype import accumulate_dtype
 from ..errors import OpArgError
 from ..ir.spec import TensorSpec
@@ -49,6 +49,13 @@ def sum_to(g: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if axes:
         g = g.sum(axis=axes, keepdims=True, dtype=accumulate_dtype(g.dtype)).astype(g.dtype, copy=False)
     return g.reshape(shape)
+
+
+def _cast(x, dtype):
+    """``x.astype(dtype, copy=False)``; float32 <-> bfloat16 on a GPU through vector loads."""
+    if x.dtype != dtype and veckernels.cast_serves(x, dtype):
+        return veckernels.cast(x, dtype)
+    return x.astype(dtype, copy=False)
 
 
 def same_buffer_inputs(specs, out) -> tuple[int, ...]:
@@ -128,6 +135,16 @@ class Binary(Primitive):
 class Add(Binary):
     ufunc = "add"
     save_inputs = "none"
+
+    def fn(self, a, b):
+        if veckernels.add_serves(a, b):       # float32/bfloat16 device arrays of one shape: vector loads
+            return veckernels.add(a, b)
+        return super().fn(a, b)
+
+    def forward_inplace(self, j, a, b):
+        if veckernels.add_serves(a, b):
+            return veckernels.add(a, b, out=(a, b)[j])
+        return super().forward_inplace(j, a, b)
 
     def dfn(self, a, b, y, dy, needs):
         return dy, dy
@@ -302,10 +319,10 @@ class Cast(Primitive):
         return TensorSpec(x.shape, np.dtype(self.attrs["dtype"]))
 
     def forward(self, x):
-        return x.astype(self.attrs["dtype"], copy=False)
+        return _cast(x, self.attrs["dtype"])
 
     def vjp(self, dy, xs, y, specs, needs):
-        return (dy.astype(specs[0].dtype, copy=False),)
+        return (_cast(dy, specs[0].dtype),)
 
     def flops(self, specs, out):
         return 0
