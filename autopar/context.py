@@ -51,8 +51,10 @@ from typing import Iterator
 import numpy as np
 
 from . import comm
+from .backend import current_backend
 from .comm.fusion import DEFAULT_COMM_FUSION, CommFusion, parse_comm_fusion, with_allreduce_indices
 from .comm.mpi import install_abort_handler, launcher_size
+from .comm.nccl import select_world
 from .errors import check_int, format_error, is_int
 from .strategy.optimizer_shard import (
     DEFAULT_OPTIMIZER_SHARD,
@@ -424,7 +426,9 @@ def parallel_context(**kwargs) -> Iterator[ParallelContext]:
 
 
 def _world(checks: comm.CommChecks):
-    return comm.world(checks)
+    """MPI's world, or its NCCL communicator where the GPU target gives every rank a GPU of
+    its own (comm.nccl.select_world; ``AUTOPAR_COMM=mpi`` keeps MPI)."""
+    return select_world(comm.world(checks), current_backend())
 
 
 _BOUND_WORLD: contextvars.ContextVar = contextvars.ContextVar("autopar_world", default=None)
@@ -478,7 +482,9 @@ def init(backend_name: str | None = None, *, watchdog_s: float | None = None) ->
     ``watchdog_s`` seconds (None: ``AUTOPAR_COMM_WATCHDOG``, else 300; 0: off) stops the
     job, naming the ranks missing from the collective. Without ``mpiexec`` the world is one
     rank and the context is left as it is. ``backend_name`` may be MindSpore's
-    ``"hccl"``/``"nccl"``/``"mccl"`` or ``"mpi"``; all of them mean MPI here.
+    ``"hccl"``/``"nccl"``/``"mccl"`` or ``"mpi"``; all of them mean the same choice: MPI, or
+    NCCL when ``set_context(device_target="GPU")`` came first and every rank has a GPU of its
+    own (autopar/comm/nccl.py; ``AUTOPAR_COMM=mpi`` or ``=nccl`` decides instead).
     """
     if backend_name not in BACKENDS:
         raise ValueError(format_error("init", "backend_name", f"one of {BACKENDS}", repr(backend_name),
