@@ -11,7 +11,7 @@ backend does (mpi.py), and moved back after::
     allgather(x, axis)       allGather (d, rest...) -> (n*d, rest...)                    bytes
     alltoall(x, s, c)        grouped send/recv of the blocks (n, *block) along s         bytes
     broadcast(x, root)       broadcast, in place                                         bytes
-    send / recv              send / recv                                                 bytes
+    send / recv              over MPI, through the host (see "Messages")
     barrier                  the stream synchronised, then MPI's barrier
     split(groups)            MPI's Comm.Split, then one new NCCL communicator per group
 
@@ -24,17 +24,25 @@ Arrays. A device (CuPy) array gives a new device array, queued on the current st
 result is ready in stream order, the host does not wait. A host (numpy) array is staged, the
 other way round from staging.py: copied to this rank's GPU, communicated, and the result
 copied back -- numpy in, numpy out -- so host-side callers (``compare``, the debug mode's
-fingerprints, checkpoint agreement) work unchanged. A receive has no input to follow:
-``recv`` / ``irecv`` return device arrays.
+fingerprints, checkpoint agreement) work unchanged.
 
-Non-blocking calls complete at once: ``iallreduce``, ``ireduce_scatter``, ``isend`` and
-``irecv`` queue the NCCL call on the stream when they start and return a finished request
-(base.Done); the GPU runs them in stream order, so communication does not yet overlap
-compute (that needs a stream of its own and events). NCCL has no tags: the messages between
-two members pair in the order each side issues them, whatever their tags; the pipeline
-runner issues them in one global order on both sides (runtime/pipeline/runner.py), so they
-pair as MPI's tags pair them. A receive queued on the stream holds the work queued after it
-until its message arrives.
+Non-blocking collectives complete at once: ``iallreduce`` and ``ireduce_scatter`` queue the
+NCCL call on the stream when they start and return a finished request (base.Done); the GPU
+runs them in stream order, so they do not yet overlap compute (that needs a stream of their
+own and events).
+
+Messages (``send``/``recv``, ``isend``/``irecv``: pipelines) go over MPI, staged through the
+host as staging.py does: a device array is copied to the host and sent with the MPI
+communicator underneath; a receive returns a numpy array, which the program reading it
+places on its device. The pipeline runner posts each receive early and relies on MPI's
+independent progress (runtime/pipeline/runner.py); an NCCL receive queued early on the
+stream would hold everything queued after it, the sends included, and 1F1B deadlocks:
+
+    stage 0 stream:  send x0 | recv g0 (posted for clock 2) | F1 | send x1
+    stage 1 stream:  recv x0 | recv x1 (posted for clock 1) | F0 | B0 | send g0
+
+NCCL messages need a channel per direction (a 2-member NCCL communicator and a stream each,
+events to the compute stream); until then MPI carries them.
 
 Setup. ``nccl_world(world)`` (collective over the MPI world): every rank's device is its
 local rank on its host (the ranks of a shared-memory ``Split_type`` of the world), every
@@ -42,8 +50,8 @@ host must have a GPU per rank and CuPy with NCCL, rank 0 makes the NCCL unique i
 broadcasts it. NVLink multicast (NVLS) stays off: ``NCCL_NVLS_ENABLE`` is set to 0 in this
 process unless the launcher set it, before NCCL first reads it. The MPI world stays
 underneath for barriers, splits and the ids of split groups, and its CommStats and
-CommChecks are this communicator's. The collective watchdog watches those MPI calls only; a
-member that never joins an NCCL call leaves the others waiting.
+CommChecks are this communicator's. The collective watchdog watches the MPI calls (barriers,
+splits, messages) only; a member that never joins an NCCL call leaves the others waiting.
 
 Choosing. ``select_world(world, backend)`` is what ``autopar.init()`` gets: with
 ``device_target="GPU"`` and more than one rank, NCCL when every rank has its own GPU (ranks
@@ -63,7 +71,7 @@ from ..backend import Backend, on_host, to_host
 from ..backend.nccl_lib import UNIQUE_ID_BYTES, NcclLib
 from ..dtype import is_float
 from ..errors import format_error
-from .base import Communicator, Done, reduction_dtype
+from .base import Communicator, reduction_dtype
 from .mpi import MPICommunicator, _mpi, processor_name
 
 COMM_ENV = "AUTOPAR_COMM"           # "mpi", "nccl", or "auto" (the default)
@@ -120,14 +128,16 @@ class NCCLCommunicator(Communicator):
                                          f"dtype {x.dtype}", "convert with x.astype('float32') or similar"))
         return x
 
-    def _contiguous(self, x, axis: int = 0, dtype=None):
-        """``x`` on this GPU with ``axis`` moved to the front, C-contiguous, in ``dtype``:
-        (..., d at axis, ...) -> (d, rest...). A host ``x`` is copied to the GPU first."""
+    def _contiguous(self, x, axis: int | None = None, dtype=None):
+        """``x`` on this GPU, C-contiguous, in ``dtype``, with ``axis`` (if given) moved to the
+        front: (..., d at axis, ...) -> (d, rest...). A host ``x`` is copied to the GPU first."""
         xp = self._lib.xp
-        y = xp.moveaxis(xp.asarray(x) if on_host(x) else x, axis, 0)
+        y = xp.asarray(x) if on_host(x) else x
+        if axis is not None:
+            y = xp.moveaxis(y, axis, 0)
         if dtype is not None:
             y = y.astype(dtype, copy=False)
-        return xp.ascontiguousarray(y)
+        return xp.ascontiguousarray(y).reshape(y.shape)   # ascontiguousarray makes a 0-d array 1-d
 
     @staticmethod
     def _home(out, like):
@@ -147,7 +157,7 @@ class NCCLCommunicator(Communicator):
     def _allreduce(self, x, op):
         lib, wide = self._lib, reduction_dtype(x.dtype)     # bfloat16: float32, rounded back once
         code = self._reduce_type(wide, "allreduce")
-        send = self._contiguous(x, 0, wide)
+        send = self._contiguous(x, dtype=wide)
         out = lib.xp.empty(x.shape, wide)
         if send.size:
             self._comm.allReduce(lib.pointer(send), lib.pointer(out), send.size, code, lib.op(op), lib.stream())
@@ -195,26 +205,20 @@ class NCCLCommunicator(Communicator):
             self._comm.broadcast(ptr, ptr, buf.nbytes, lib.bytes_type, root, lib.stream())
         return self._home(buf, x)
 
+    # Messages go over MPI, staged through the host (module docstring, "Messages"): the host
+    # communicator's primitives, as this call is already numbered and counted here.
+
     def _send(self, x, dest, tag):
-        """``tag`` is not sent: NCCL pairs messages in issue order (module docstring)."""
-        lib = self._lib
-        buf = self._contiguous(x)
-        if buf.size:
-            self._comm.send(lib.pointer(buf), buf.nbytes, lib.bytes_type, dest, lib.stream())
+        self._host._send(to_host(x), dest, tag)
 
     def _recv(self, shape, dtype, source, tag):
-        lib = self._lib
-        out = lib.xp.empty(shape, dtype)
-        if out.size:
-            self._comm.recv(lib.pointer(out), out.nbytes, lib.bytes_type, source, lib.stream())
-        return out
+        return self._host._recv(shape, dtype, source, tag)
 
     def _isend(self, x, dest, tag):
-        self._send(x, dest, tag)          # queued on the stream now: complete as far as the host knows
-        return Done(None)
+        return self._host._isend(to_host(x), dest, tag)      # the host copy is the send buffer
 
     def _irecv(self, shape, dtype, source, tag):
-        return Done(self._recv(shape, dtype, source, tag))
+        return self._host._irecv(shape, dtype, source, tag)
 
     def _barrier(self):
         self._lib.synchronize()           # this member's queued NCCL calls and kernels have run

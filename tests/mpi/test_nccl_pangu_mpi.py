@@ -1,0 +1,118 @@
+"""PanGu-α trained on 2 ranks over the NCCL communicator equals the serial CPU run (issue 17).
+
+The programs run on the GPU target with the world ``nccl_world`` makes: gradients all-reduced
+(and, with comm_fusion, bucketed through ``iallreduce``), optimizer parallel's reduce-scatter
+and all-gather, the model-parallel split's collectives (the vocabulary-split cross-entropy's
+included) go through NCCL calls; a 2-stage pipeline's messages go over MPI (comm/nccl.py,
+"Messages"). A tiny PanGu-α in
+float64 with dropout 0.1: loss and gradients, then three AdamWeightDecay steps (clip 1.0),
+equal the serial CPU run's to 1e-9 relative (float64 leaves only summation order), so a
+wrong shard, message or reduction is off by far more.
+
+On 2 GPUs with CuPy and NCCL this is the real thing
+(``NCCL_NVLS_ENABLE=0 mpiexec -n 2 python -m pytest -q tests/mpi/test_nccl_pangu_mpi.py``);
+elsewhere it runs on the stand-in device and fake NCCL of tests/mpi/fake_nccl.py.
+"""
+import numpy as np
+import pytest
+from steps import train
+from test_nccl_mpi import DEVICE, REAL, WORLD, install_fake
+
+import autopar
+from autopar import nn
+from autopar.comm.nccl import NCCLCommunicator, nccl_world
+from autopar.context import bound_world, parallel_context
+from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
+
+pytestmark = pytest.mark.skipif(WORLD.size != 2, reason="run under mpiexec -n 2")
+RTOL, ATOL = 1e-9, 1e-12
+CONFIG = PanguAlphaConfig.preset("tiny", num_layers=2, param_dtype="float64", compute_dtype="float64",
+                                 dropout_rate=0.1)
+IDS = np.random.default_rng(1).integers(0, CONFIG.vocab_size, (4, CONFIG.seq_length + 1)).astype(np.int32)
+IDS[IDS == CONFIG.pad_id] = CONFIG.pad_id + 1     # no padding: the micro-batch mean is the whole-batch loss
+
+
+@pytest.fixture(scope="module")
+def nccl():
+    """The NCCL world on the GPU target (real GPUs, or the fake with 2 GPUs); CPU restored after."""
+    if REAL:
+        import cupy as xp
+        undo = None
+    else:
+        xp, undo = install_fake(2)
+    comm = nccl_world(WORLD)
+    autopar.set_context(device_target="GPU")
+    yield comm, xp
+    autopar.set_context(device_target="CPU")
+    if undo is not None:
+        undo()
+
+
+@pytest.fixture(scope="module")
+def serial(nccl):
+    """The serial run on the CPU: loss, gradients, three steps' losses and weights."""
+    autopar.set_context(device_target="CPU")
+    try:
+        loss, grads = autopar.value_and_grad(PanguAlphaWithLoss(CONFIG).set_train(True))(IDS)
+        net = PanguAlphaWithLoss(CONFIG)
+        return loss, grads, train(net, net, IDS)
+    finally:
+        autopar.set_context(device_target="GPU")
+
+
+def assert_like_serial(got, serial) -> None:
+    (got_loss, got_grads, (got_losses, got_weights)), (loss, grads, (losses, weights)) = got, serial
+    np.testing.assert_allclose(got_loss, loss, rtol=RTOL)
+    assert sorted(got_grads) == sorted(grads)
+    for name, g in grads.items():
+        np.testing.assert_allclose(got_grads[name], g, rtol=RTOL, atol=ATOL, err_msg=name)
+    np.testing.assert_allclose(got_losses, losses, rtol=RTOL)
+    for name, w in weights.items():
+        np.testing.assert_allclose(got_weights[name], w, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def nccl_calls(xp) -> int:
+    """NCCL calls made so far (the fake counts them; on real GPUs: not counted, -1)."""
+    return -1 if REAL else len(xp.cuda.nccl.calls)
+
+
+EVERY = {"allreduce": {"mode": "auto"}, "reducescatter": {"mode": "auto"}, "allgather": {"mode": "auto"}}
+CASES = {   # name -> (extra parallel context, the batch this rank reads, the network)
+    "dp2": ({"parallel_mode": "data_parallel"}, "split", lambda: PanguAlphaWithLoss(CONFIG)),
+    "dp2 comm_fusion": ({"parallel_mode": "data_parallel", "comm_fusion": EVERY}, "split",
+                        lambda: PanguAlphaWithLoss(CONFIG)),
+    "dp2 optimizer parallel": ({"parallel_mode": "data_parallel", "enable_parallel_optimizer": True,
+                                "parallel_optimizer_threshold": 0}, "split", lambda: PanguAlphaWithLoss(CONFIG)),
+    "mp2 vocabulary split": ({"parallel_mode": "semi_auto_parallel", "full_batch": True}, "all",
+                             lambda: PanguAlphaWithLoss(CONFIG.replace(model_parallel=2, vocab_emb_dp=False))),
+}
+
+
+@pytest.mark.parametrize("name", CASES, ids=lambda n: f"{DEVICE}-{n}")
+def test_sharded_training_over_nccl_equals_serial(nccl, serial, name):
+    comm, xp = nccl
+    extra, batch, make = CASES[name]
+    ids = np.split(IDS, 2)[comm.rank] if batch == "split" else IDS
+    before = nccl_calls(xp)
+    with bound_world(comm), parallel_context(device_num=2, **extra):
+        got = autopar.value_and_grad(make().set_train(True))(ids)
+        net = make()
+        assert_like_serial(got + (train(net, net, ids),), serial)
+    assert type(comm) is NCCLCommunicator and (REAL or nccl_calls(xp) > before)
+
+
+def pipelined():
+    net = PanguAlphaWithLoss(CONFIG)
+    nn.set_pipeline_stages(list(net.backbone.blocks) + [net.backbone.query_layer], stages=2)
+    return net.set_train(True)
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+def test_two_stage_pipeline_over_nccl_equals_serial(nccl, serial, device):
+    comm, _ = nccl
+    with bound_world(comm), parallel_context(parallel_mode="semi_auto_parallel", device_num=2, pipeline_stages=2,
+                                             full_batch=True):
+        net = pipelined()
+        got = autopar.value_and_grad(nn.PipelineCell(net, 2), net.trainable_params())(IDS)
+        net = pipelined()
+        assert_like_serial(got + (train(net, nn.PipelineCell(net, 2), IDS),), serial)
