@@ -143,19 +143,13 @@ class FakeCommunicator:
 
     def send(self, buf, count, datatype, peer, stream):
         self._log("send", count, datatype)
-        data = memory(buf, count, datatype)
-        if self._lib.group is None:
-            self._mpi.Send(data, dest=peer, tag=P2P_TAG)
-        else:
-            self._lib.group.append(self._mpi.Isend(data, dest=peer, tag=P2P_TAG))
+        assert self._lib.group is not None, "autopar issues NCCL messages inside a group only (alltoall)"
+        self._lib.group.append(self._mpi.Isend(memory(buf, count, datatype), dest=peer, tag=P2P_TAG))
 
     def recv(self, buf, count, datatype, peer, stream):
         self._log("recv", count, datatype)
-        data = memory(buf, count, datatype)
-        if self._lib.group is None:
-            self._mpi.Recv(data, source=peer, tag=P2P_TAG)
-        else:
-            self._lib.group.append(self._mpi.Irecv(data, source=peer, tag=P2P_TAG))
+        assert self._lib.group is not None, "autopar issues NCCL messages inside a group only (alltoall)"
+        self._lib.group.append(self._mpi.Irecv(memory(buf, count, datatype), source=peer, tag=P2P_TAG))
 
 
 class _Stream:
