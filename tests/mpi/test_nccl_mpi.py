@@ -29,7 +29,8 @@ from test_comm_device_staging import StandInCupy, ndarray
 
 from autopar import context
 from autopar.backend import CPU, GPU, set_context, to_host
-from autopar.comm import CommChecks, world
+from autopar.comm import CollectiveMismatchError, CommChecks, CommStats, world
+from autopar.comm.mpi import MPICommunicator
 from autopar.comm.nccl import COMM_ENV, NCCLCommunicator, nccl_world, select_world
 from autopar.dtype import bfloat16
 
@@ -252,6 +253,18 @@ def test_stats_count_what_the_mpi_backend_counts_and_barrier_waits_for_the_strea
 def test_a_reduction_nccl_cannot_do_is_refused_naming_the_dtype(xp, comm, device):
     with pytest.raises(TypeError, match=r"NCCLCommunicator\.allreduce .*x.*dtype int16"):
         comm.allreduce(xp.asarray(np.ones(3, np.int16)))
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+def test_debug_mode_compares_the_members_calls_before_nccl_runs_them(xp, comm, device):
+    """The fingerprints are host records, all-gathered through NCCL (staged): members that
+    issue different collectives both raise, naming each one's call, and nothing is issued."""
+    debug = nccl_world(MPICommunicator(WORLD.mpi_comm, CommStats(), checks=CommChecks(debug=True)))
+    x = xp.asarray(values(comm.rank, (4,), F32))
+    np.testing.assert_array_equal(to_host(debug.allreduce(x)), WORLD.allreduce(values(comm.rank, (4,), F32)))
+    with pytest.raises(CollectiveMismatchError, match=r"collective #2 .*rank 0: allgather.*rank 1: allreduce"):
+        debug.allgather(x) if comm.rank == 0 else debug.allreduce(x)
+    assert debug.stats.snapshot()["count"] == {"allreduce": 1}
 
 
 # ---- which world autopar.init() gets (always on the fake: it sets the GPU count) -----------
