@@ -15,7 +15,8 @@ elsewhere it runs on the stand-in device and fake NCCL of tests/mpi/fake_nccl.py
 """
 import numpy as np
 import pytest
-from steps import train
+from steps import assert_like_serial as like_serial
+from steps import serial_run, train
 from test_nccl_mpi import DEVICE, REAL, WORLD, install_fake
 
 import autopar
@@ -51,24 +52,11 @@ def nccl():
 @pytest.fixture(scope="module")
 def serial(nccl):
     """The serial run on the CPU: loss, gradients, three steps' losses and weights."""
-    autopar.set_context(device_target="CPU")
-    try:
-        loss, grads = autopar.value_and_grad(PanguAlphaWithLoss(CONFIG).set_train(True))(IDS)
-        net = PanguAlphaWithLoss(CONFIG)
-        return loss, grads, train(net, net, IDS)
-    finally:
-        autopar.set_context(device_target="GPU")
+    return serial_run(lambda: PanguAlphaWithLoss(CONFIG), IDS)
 
 
 def assert_like_serial(got, serial) -> None:
-    (got_loss, got_grads, (got_losses, got_weights)), (loss, grads, (losses, weights)) = got, serial
-    np.testing.assert_allclose(got_loss, loss, rtol=RTOL)
-    assert sorted(got_grads) == sorted(grads)
-    for name, g in grads.items():
-        np.testing.assert_allclose(got_grads[name], g, rtol=RTOL, atol=ATOL, err_msg=name)
-    np.testing.assert_allclose(got_losses, losses, rtol=RTOL)
-    for name, w in weights.items():
-        np.testing.assert_allclose(got_weights[name], w, rtol=RTOL, atol=ATOL, err_msg=name)
+    like_serial(got, serial, RTOL, ATOL)
 
 
 def nccl_calls(xp) -> int:
