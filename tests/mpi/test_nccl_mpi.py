@@ -23,16 +23,25 @@ import sys
 
 import numpy as np
 import pytest
-from fake_nccl import FakeGPUs, device_pointer
-from mpi4py import MPI
-from test_comm_device_staging import StandInCupy, ndarray
 
-from autopar import context
-from autopar.backend import CPU, GPU, set_context, to_host
-from autopar.comm import CollectiveMismatchError, CommChecks, CommStats, world
-from autopar.comm.mpi import MPICommunicator
-from autopar.comm.nccl import COMM_ENV, NCCLCommunicator, nccl_world, select_world
-from autopar.dtype import bfloat16
+from autopar.comm import world
+
+WORLD = world()
+if WORLD.size != 2:   # before mpi4py is imported: in a plain pytest run, importing it starts MPI,
+    # and launcher detection (autopar.comm.mpi.launcher_size) then reads MPI's 1 rank, not the
+    # launcher's environment the other tests of that process simulate
+    pytest.skip("run under mpiexec -n 2", allow_module_level=True)
+
+from fake_nccl import FakeGPUs, device_pointer  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+from test_comm_device_staging import StandInCupy, ndarray  # noqa: E402
+
+from autopar import context  # noqa: E402
+from autopar.backend import CPU, GPU, set_context, to_host  # noqa: E402
+from autopar.comm import CollectiveMismatchError, CommChecks, CommStats  # noqa: E402
+from autopar.comm.mpi import MPICommunicator  # noqa: E402
+from autopar.comm.nccl import COMM_ENV, NCCLCommunicator, nccl_world, select_world  # noqa: E402
+from autopar.dtype import bfloat16  # noqa: E402
 
 
 def _real_gpus() -> int:
@@ -45,7 +54,6 @@ def _real_gpus() -> int:
         return 0
 
 
-WORLD = world()
 REAL = _real_gpus() >= WORLD.size > 1
 DEVICE = "gpu" if REAL else "fake"
 pytestmark = pytest.mark.skipif(WORLD.size != 2, reason="run under mpiexec -n 2")

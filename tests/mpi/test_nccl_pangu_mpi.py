@@ -15,15 +15,21 @@ elsewhere it runs on the stand-in device and fake NCCL of tests/mpi/fake_nccl.py
 """
 import numpy as np
 import pytest
-from steps import assert_like_serial as like_serial
-from steps import serial_run, train
-from test_nccl_mpi import DEVICE, REAL, WORLD, install_fake
 
-import autopar
-from autopar import nn
-from autopar.comm.nccl import NCCLCommunicator, nccl_world
-from autopar.context import bound_world, parallel_context
-from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
+from autopar.comm import world
+
+if world().size != 2:   # before test_nccl_mpi imports mpi4py (see there)
+    pytest.skip("run under mpiexec -n 2", allow_module_level=True)
+
+from steps import assert_like_serial as like_serial  # noqa: E402
+from steps import serial_run, train  # noqa: E402
+from test_nccl_mpi import DEVICE, REAL, WORLD, install_fake  # noqa: E402
+
+import autopar  # noqa: E402
+from autopar import nn  # noqa: E402
+from autopar.comm.nccl import NCCLCommunicator, nccl_world  # noqa: E402
+from autopar.context import bound_world, parallel_context  # noqa: E402
+from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss  # noqa: E402
 
 pytestmark = pytest.mark.skipif(WORLD.size != 2, reason="run under mpiexec -n 2")
 RTOL, ATOL = 1e-9, 1e-12
