@@ -24,6 +24,10 @@ says how), and the peak memory is the largest stage's.
   spread is run-to-run noise within a job, not core placement: ``--separate-processes``
   runs each repeat as its own job instead, slower). Wall clock, or (``--clock cpu``, for a
   machine shared with other work) the ranks' thread CPU time;
+* communication per step (slowest rank, median step): ``meas comm``, the time in the
+  redistributions between ops (the program's own clock), and ``meas coll``, the time inside
+  every blocking collective and message (``CommStats.seconds``), which adds the in-kernel
+  ones -- a vocabulary-split loss's all-reduces, where ranks' skew is absorbed;
 * peak memory per rank: bytes alive before a step (parameter shards, optimizer states, the
   fed batch, constants) + the peak of numpy allocations during one step (``tracemalloc``,
   kernel temporaries included); the largest over the ranks.
@@ -150,17 +154,19 @@ def worker(args) -> None:
         compile_s = time.perf_counter() - t0
         for _ in range(args.warmup):
             train(fed)
-        times, comm_times = [], []
+        times, comm_times, coll_times = [], [], []
         for _ in range(args.repeats * args.steps):
             comm.barrier()
-            c0, t0 = prog.comm_clock[0], clock()
+            c0, k0, t0 = prog.comm_clock[0], sum(comm.stats.seconds().values()), clock()
             train(fed)
             times.append(clock() - t0)
             comm_times.append(prog.comm_clock[0] - c0)
+            coll_times.append(sum(comm.stats.seconds().values()) - k0)
         before, traced = step_bytes(prog, train, fed, comm)
         ops = op_breakdown(prog, fed, comm, clock) if args.ops else None
     slowest = np.asarray(comm.allreduce(np.array(times, np.float64), op="max"))
     comm_s = np.asarray(comm.allreduce(np.array(comm_times, np.float64), op="max"))
+    coll_s = np.asarray(comm.allreduce(np.array(coll_times, np.float64), op="max"))
     peak = float(comm.allreduce(np.array(float(before + traced)), op="max"))
     if comm.rank != 0:
         return
@@ -169,7 +175,7 @@ def worker(args) -> None:
         name=plan.name, size=args.size, ranks=ranks, batch=batch_of(ranks), plan=dataclasses.asdict(plan),
         compile_s=compile_s, predicted=prediction(prog, plan, size, ranks, args.profile),
         measured=dict(step_s=float(np.median(windows)), windows=windows, steps=slowest.tolist(),
-                      comm_s=float(np.median(comm_s)), peak_bytes=peak, peak_rank0=before + traced,
+                      comm_s=float(np.median(comm_s)), collectives_s=float(np.median(coll_s)), peak_bytes=peak, peak_rank0=before + traced,
                       before_bytes=before, traced_peak_bytes=traced),
         **({"ops": ops} if ops else {}))), flush=True)
 
@@ -421,10 +427,11 @@ def report(saved: dict) -> dict:
             body.append([k, row["name"], f"{p['step_s']:.3f}", f"{m['step_s']:.3f}",
                          f"{p['step_s'] / m['step_s'] - 1:+.0%}", f"{spread(m['windows']):.1%}",
                          f"{p['compute_s']:.3f}", f"{p['comm_s']:.3f}", f"{p['bubble_s']:.3f}", f"{m['comm_s']:.3f}",
+                         f"{m['collectives_s']:.3f}" if "collectives_s" in m else "-",
                          mib(p["memory_bytes"]), mib(m["peak_bytes"]), f"{p['memory_bytes'] / m['peak_bytes'] - 1:+.0%}",
                          f"{row['compile_s']:.1f}"])
         print(table(["#", "plan", "pred s", "meas s", "err", "spread", "compute", "comm", "bubble", "meas comm",
-                     "pred MiB", "meas MiB", "err", "compile s"], body, "ll" + "r" * 12))
+                     "meas coll", "pred MiB", "meas MiB", "err", "compile s"], body, "ll" + "r" * 13))
         auto = [row for row in group if row["plan"]["auto"]]
         if auto:
             print(f"  auto plan: {auto[0]['predicted']['plan']}")

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import abc
 import operator
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,11 +81,11 @@ class CommRecord:
 
 
 class CommStats:
-    """Count and bytes, by kind, of every communication call one rank makes.
+    """Count, bytes and seconds, by kind, of every communication call one rank makes.
 
     Shared by a rank's communicator and all its sub-communicators. Bytes are the local input
-    buffer's ``nbytes`` (for ``recv``, the received buffer's). Barriers and splits are not
-    counted. The ordered log keeps the last ``log_limit`` calls (``None``: all of them).
+    buffer's ``nbytes`` (for ``recv``, the received buffer's); seconds, the wall time inside
+    the blocking calls (:meth:`seconds`). Barriers and splits are not counted. The ordered log keeps the last ``log_limit`` calls (``None``: all of them).
     ``doing`` is what this rank last started (a program sets ``"ShardedGradProgram at step
     3"``), which the watchdog's report names beside the collective it timed out in.
     """
@@ -93,12 +94,23 @@ class CommStats:
         self.doing = ""
         self._count = dict.fromkeys(KINDS, 0)
         self._bytes = dict.fromkeys(KINDS, 0)
+        self._seconds = dict.fromkeys(KINDS, 0.0)
         self._log: deque[CommRecord] = deque(maxlen=log_limit)
 
     def record(self, kind: str, ranks: tuple[int, ...], x: np.ndarray) -> None:
         self._count[kind] += 1
         self._bytes[kind] += x.nbytes
         self._log.append(CommRecord(kind, ranks, x.shape, x.dtype))
+
+    def add_seconds(self, kind: str, seconds: float) -> None:
+        self._seconds[kind] += seconds
+
+    def seconds(self) -> dict[str, float]:
+        """Wall seconds this member spent inside its blocking collectives and messages, per
+        kind (waiting for the other members included; the non-blocking calls' waits are not
+        counted): every collective of a step, the in-kernel ones (a vocabulary-split loss's
+        all-reduces) as well as the redistributions between ops."""
+        return {k: v for k, v in self._seconds.items() if self._count[k]}
 
     def snapshot(self) -> dict[str, dict[str, int]]:
         """``{"count": {kind: calls}, "bytes": {kind: bytes}}``, kinds never called left out."""
@@ -112,6 +124,7 @@ class CommStats:
     def reset(self) -> None:
         for kind in KINDS:
             self._count[kind] = self._bytes[kind] = 0
+            self._seconds[kind] = 0.0
         self._log.clear()
 
     def __repr__(self) -> str:
@@ -221,7 +234,7 @@ class Communicator(abc.ABC):
         _check_reduce_op(x, op, self._where("allreduce"))
         self._begin("allreduce", x, op=op)
         self._stats.record("allreduce", self.ranks, x)
-        return self._allreduce(x, op)
+        return self._timed("allreduce", self._allreduce, x, op)
 
     def iallreduce(self, x, op: str = "sum") -> Request:
         """allreduce, started now and completed by ``.wait()`` (see the module's docstring)."""
@@ -246,7 +259,7 @@ class Communicator(abc.ABC):
         axis = self._axis(x, axis, "allgather", "axis")
         self._begin("allgather", x, axis=axis)
         self._stats.record("allgather", self.ranks, x)
-        return self._allgather(x, axis)
+        return self._timed("allgather", self._allgather, x, axis)
 
     def reduce_scatter(self, x, axis: int = 0) -> np.ndarray:
         """forward: sum over members, keep block i along axis / backward: all-gather along axis."""
@@ -255,7 +268,7 @@ class Communicator(abc.ABC):
         axis = self._axis(x, axis, "reduce_scatter", "axis", divisible=True)
         self._begin("reduce_scatter", x, axis=axis)
         self._stats.record("reduce_scatter", self.ranks, x)
-        return self._reduce_scatter(x, axis)
+        return self._timed("reduce_scatter", self._reduce_scatter, x, axis)
 
     def alltoall(self, x, split_axis: int, concat_axis: int) -> np.ndarray:
         """forward: block j along split_axis to member j, concat along concat_axis /
@@ -265,7 +278,7 @@ class Communicator(abc.ABC):
         concat_axis = self._axis(x, concat_axis, "alltoall", "concat_axis")
         self._begin("alltoall", x, split_axis=split_axis, concat_axis=concat_axis)
         self._stats.record("alltoall", self.ranks, x)
-        return self._alltoall(x, split_axis, concat_axis)
+        return self._timed("alltoall", self._alltoall, x, split_axis, concat_axis)
 
     def broadcast(self, x, root: int = 0) -> np.ndarray:
         """forward: root's x to every member (others pass x for shape and dtype) /
@@ -274,7 +287,7 @@ class Communicator(abc.ABC):
         root = self._member(root, "broadcast", "root", allow_self=True)
         self._begin("broadcast", x, root=root)
         self._stats.record("broadcast", self.ranks, x)
-        return self._broadcast(x, root)
+        return self._timed("broadcast", self._broadcast, x, root)
 
     def send(self, x, dest: int, tag: int = 0) -> None:
         """Send x to member dest. May block until the matching recv starts (MPI standard
@@ -282,14 +295,14 @@ class Communicator(abc.ABC):
         x = self._buffer(x, "send")
         dest, tag = self._member(dest, "send", "dest"), self._tag(tag, "send")
         self._stats.record("send", self.ranks, x)
-        self._send(x, dest, tag)
+        self._timed("send", self._send, x, dest, tag)
 
     def recv(self, shape, dtype, source: int, tag: int = 0) -> np.ndarray:
         """Receive a (shape, dtype) array sent by member source with this tag."""
         shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(d) for d in shape)
         dtype = np.dtype(dtype)
         source, tag = self._member(source, "recv", "source"), self._tag(tag, "recv")
-        out = self._recv(shape, dtype, source, tag)
+        out = self._timed("recv", self._recv, shape, dtype, source, tag)
         self._stats.record("recv", self.ranks, out)
         return out
 
@@ -333,6 +346,14 @@ class Communicator(abc.ABC):
         me = self.ranks[self.rank]
         index = next(g for g, group in enumerate(groups) if me in group)
         return self._split(groups, index)
+
+    def _timed(self, kind: str, call, *args):
+        """``call(*args)``, its wall seconds added to the stats' ``kind``."""
+        start = time.perf_counter()
+        try:
+            return call(*args)
+        finally:
+            self._stats.add_seconds(kind, time.perf_counter() - start)
 
     # ---- run-time checks (CommChecks) --------------------------------------------------
 
