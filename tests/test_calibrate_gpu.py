@@ -28,18 +28,18 @@ RATES = {"float32": 5.1e13, "float16": 7.0e14, "bfloat16": 7.9e14}
 
 
 def fake_probe(seen: dict) -> GpuProbe:
-    """A probe whose figures are known; ``seen`` records the profile op_rates was handed."""
-    def op_rates(profile, sizes):
+    """A probe whose figures are known; ``seen`` records the profile op_costs was handed."""
+    def op_costs(profile, sizes):
         seen["op_rates_profile"] = profile
-        return {"Softmax": (1.5e12, "softmax bytes / seconds"), "Dropout": (9.0e11, "dropout bytes / seconds")}
+        return ({"Softmax": (1.5e12, "softmax bytes / seconds"), "Dropout": (9.0e11, "dropout bytes / seconds")},
+                {"MatMul": (9.0e-5, "matmul host issue"), "Reshape": (1.5e-5, "reshape host issue")})
     return GpuProbe(
         device=lambda: GpuDevice("Fake GPU 80GB", 85_000_000_000, "CuPy 0.0, CUDA runtime 0"),
         gemm_flops=lambda dtype, sizes: (RATES[dtype], f"{dtype} path"),
         gemm_efficiency=lambda dtype, peak, sizes: ((16.0, 0.05), (4096.0, 0.9)),
         elementwise_bytes_per_s=lambda sizes: 3.0e12,
         op_overhead_s=lambda sizes: (1.2e-5, 210),
-        sync_s=lambda: 3.0e-6,
-        op_rates=op_rates)
+        op_costs=op_costs)
 
 
 def test_the_profile_holds_each_measurement_and_says_where_it_was_measured(tmp_path):
@@ -50,10 +50,13 @@ def test_the_profile_holds_each_measurement_and_says_where_it_was_measured(tmp_p
     assert profile.gemm_efficiency["bfloat16"] == ((16.0, 0.05), (4096.0, 0.9))
     assert profile.elementwise_bytes_per_s == 3.0e12 and profile.op_overhead_s == 1.2e-5
     assert dict(profile.op_bytes_per_s) == {"Softmax": 1.5e12, "Dropout": 9.0e11}
+    assert dict(profile.op_host_s) == {"MatMul": 9.0e-5, "Reshape": 1.5e-5} and profile.asynchronous
+    assert "matmul host issue" in profile.sources["op_host_s.MatMul"]
+    assert "softmax bytes / seconds" in profile.sources["op_bytes_per_s.Softmax"]
     assert profile.memory_bytes == 85_000_000_000 and profile.devices_per_node == 1
     said = f"measured by autopar.calibrate on Fake GPU 80GB {DATE}: "
     measured = ["gemm_flops.float32", "gemm_flops.float16", "gemm_flops.bfloat16", "gemm_efficiency.bfloat16",
-                "elementwise_bytes_per_s", "op_overhead_s", "op_bytes_per_s.Softmax", "memory_bytes",
+                "elementwise_bytes_per_s", "op_overhead_s", "op_bytes_per_s.Softmax", "op_host_s.MatMul", "memory_bytes",
                 "devices_per_node"]
     for key in measured:
         assert profile.sources[key].startswith(said), (key, profile.sources[key])
@@ -62,8 +65,7 @@ def test_the_profile_holds_each_measurement_and_says_where_it_was_measured(tmp_p
     for field in COLLECTIVES:
         assert getattr(profile, field) == getattr(like, field)
         assert "copied from profile 'h100-8'" in profile.sources[field]
-    # the op-rate workload subtracts the per-op overhead and one synchronised clock read per instruction
-    assert seen["op_rates_profile"].op_overhead_s == pytest.approx(1.2e-5 + 3.0e-6)
+    assert seen["op_rates_profile"].op_overhead_s == 1.2e-5
     assert dict(seen["op_rates_profile"].gemm_flops) == RATES
     out = tmp_path / "fake-1.json"
     write_profile(profile, out)

@@ -41,3 +41,13 @@ def test_half_gemms_run_on_the_tensor_cores_faster_than_float32(profile):
 def test_the_workload_rates_the_kinds_a_step_spends_on(profile):
     assert {"Softmax", "LayerNorm", "Dropout", "GeLU", "optimizer_update"} <= set(profile.op_bytes_per_s)
     assert "bfloat16 ops" in profile.sources["op_bytes_per_s.Softmax"]
+
+
+def test_device_time_is_the_kernels_alone_and_host_time_the_issue(profile):
+    """The device rate of a kind is below the copy bandwidth (it cannot move bytes faster
+    than the GPU copies) yet far above what the host-bound synchronised timing gave
+    (session 8: Add 6.2e11 B/s); the host issues a MatMul in tens of microseconds, not the
+    milliseconds a device-bound timing would show."""
+    assert profile.op_bytes_per_s["Add"] < 1.5 * profile.elementwise_bytes_per_s
+    assert profile.op_bytes_per_s["Add"] > 1e12
+    assert 2e-6 < profile.op_host_s["MatMul"] < 1e-3 and profile.asynchronous

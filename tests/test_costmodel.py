@@ -155,3 +155,27 @@ def test_a_reshape_is_a_view_and_a_transpose_one_copy():
     moved = {k: c.bytes_moved for k, c in costs.items()}
     assert moved["Reshape0"] == moved["Reshape2"] == 0
     assert moved["Transpose1"] == 2 * 4 * 8 * 32 * 4          # in + out (no parameter: no backward)
+
+
+def test_on_an_asynchronous_device_an_op_costs_the_longer_of_host_issue_and_device_work():
+    """A GPU profile (``op_host_s``) prices each op at max(launches x host issue, work); a
+    synchronous one (the CPU's) at work + launches x op_overhead_s. Checked op by op on
+    the dense data-parallel graph: the same work either way, only the rule differs."""
+    from dataclasses import replace
+    g, stage, plan = dense_data_parallel(1, 64)
+    base = replace(load_profile("h100-1"), op_host_s={}, op_overhead_s=1e-5)
+    work = replace(base, op_overhead_s=0.0)
+    slow_host = replace(base, op_host_s={"MatMul": 1.0}, sources={**base.sources, "op_host_s.MatMul": "assumed"})
+    fast_host = replace(base, op_host_s={"MatMul": 1e-12}, sources={**base.sources, "op_host_s.MatMul": "assumed"})
+
+    def compute(profile):
+        return {n.prim.kind + str(k): c.compute_s
+                for k, (n, c, _) in enumerate(CostModel(g, stage, profile).op_costs(plan))}
+    pure, summed, slow, fast = compute(work), compute(base), compute(slow_host), compute(fast_host)
+    for key, s in pure.items():
+        launches = round((summed[key] - s) / 1e-5)
+        assert launches in (1, 2)
+        if key.startswith("MatMul"):
+            assert slow[key] == pytest.approx(launches * 1.0) and fast[key] == pytest.approx(s)
+        else:   # no host figure for the kind: op_overhead_s is its host issue
+            assert slow[key] == pytest.approx(max(s, launches * 1e-5))

@@ -1,6 +1,7 @@
 """Per-op-kind rates: the profile field's validation, the instruction timer's bookkeeping,
 and the rates' arithmetic (bytes the cost model counts / seconds less the overhead)."""
 import json
+import time
 
 import numpy as np
 import pytest
@@ -57,7 +58,7 @@ def test_rates_are_the_model_bytes_over_the_measured_seconds(monkeypatch):
     import autopar.models.op_rates as op_rates
     fake = {"GeLU": 0.010, "Dropout": 0.020, "MatMul": 1.0, "Reshape": 1e-6}
 
-    def timed(program, inputs, step, clock):
+    def timed(program, inputs, step, clock, timed=None):
         counts = {}
         for ins in program.instructions:
             k = kind_of(program, ins.node)
@@ -68,6 +69,26 @@ def test_rates_are_the_model_bytes_over_the_measured_seconds(monkeypatch):
     rates = op_rates.measure_op_rates(profile, repeats=1, workload=QUICK_WORKLOAD, batch=2)
     assert set(rates) == {"GeLU", "Dropout", "optimizer_update"}   # GEMMs and sub-noise kinds are not rated
     assert rates["GeLU"][0] > rates["Dropout"][0] > 0
+
+
+def test_host_seconds_are_per_instruction_of_each_kind_and_per_parameter_update():
+    """``timed`` replaces the clock: each instruction (and each whole update) is charged
+    what it returns, so host seconds per instruction come back exactly, per kind, and the
+    update's per parameter; every instruction still runs (its result is used)."""
+    import autopar.models.op_rates as op_rates
+    calls = []
+
+    def timed(k, run):
+        calls.append(k)
+        return run(), 0.5 if k == -1 else 1e-3
+    host = op_rates.measure_op_host_seconds(1, time.perf_counter, timed, workload=QUICK_WORKLOAD, batch=2)
+    cfg = PanguAlphaConfig(**QUICK_WORKLOAD)
+    n_params = len(PanguAlphaWithLoss(cfg).trainable_params())
+    assert host["optimizer_update"][0] == pytest.approx(0.5 / n_params)
+    assert {k: v for k, (v, _) in host.items() if k != "optimizer_update"} == pytest.approx(
+        {k: 1e-3 for k in host if k != "optimizer_update"})
+    assert {"MatMul", "Reshape", "LayerNorm", "Dropout"} <= set(host)      # views and GEMMs too
+    assert calls.count(-1) == 1 and len(calls) > 50
 
 
 def test_a_profile_is_found_by_the_name_before_its_size():

@@ -19,12 +19,18 @@ synchronisation per timing, not per call) and the figure is the best of ``repeat
 | op_overhead_s           | an autopar Program of tiny (4, 4) float32 ops (Add, Mul, Tanh) run on |
 |                         | the GPU: time of one run / its instruction count (launch + dispatch:  |
 |                         | the kernels are too small to be what the GPU waits for)               |
-| op_bytes_per_s.<kind>   | ``autopar.models.op_rates`` on ``GPU_WORKLOAD`` (its docstring says   |
-|                         | why not the CPU's), every instruction timed between synchronisations; |
-|                         | each instruction's op_overhead_s and one synchronisation's own cost   |
-|                         | are subtracted                                                        |
+| op_host_s.<kind>        | ``autopar.models.op_rates`` on ``GPU_WORKLOAD`` (its docstring says   |
+|                         | why not the CPU's): the host's issue time of each instruction, the    |
+|                         | device synchronised (idle) before it, per instruction of the kind     |
+| op_bytes_per_s.<kind>   | the same workload, each instruction's DEVICE time: a spin kernel      |
+|                         | holds the stream while the host issues it, CUDA events around it      |
+|                         | (:func:`device_timer`), so no host time and no launch gap enters      |
 | memory_bytes            | the GPU's total memory (cudaGetDeviceProperties totalGlobalMem)       |
 | devices_per_node        | 1: a profile of one GPU                                               |
+
+A GPU runs what the host queued while the host goes on, so a step takes, op by op, the
+longer of the host's issue and the device's work (``MachineProfile.op_seconds``): the two are
+measured apart, the host's with the device idle, the device's with the host's issue hidden.
 
 The collective figures cannot be timed on one rank: as the CPU target's one-rank path does,
 they are copied from ``--like`` and their sources say so. What measures is a
@@ -36,7 +42,7 @@ from __future__ import annotations
 import datetime
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -44,7 +50,13 @@ from .. import ops
 from ..backend import GPU, get_context, half_matmul, import_cupy, set_context
 from ..dtype import as_dtype
 from ..errors import format_error
-from ..models.op_rates import GPU_BATCH, GPU_QUICK_WORKLOAD, GPU_WORKLOAD, measure_op_rates
+from ..models.op_rates import (
+    GPU_BATCH,
+    GPU_QUICK_WORKLOAD,
+    GPU_WORKLOAD,
+    measure_op_host_seconds,
+    measure_op_rates,
+)
 from ..runtime.program import Program
 from ..runtime.trace import trace
 from ..strategy.profile import MachineProfile
@@ -104,8 +116,8 @@ class GpuProbe:
     gemm_efficiency: Callable[[str, float, GpuSizes], tuple[tuple[float, float], ...]]
     elementwise_bytes_per_s: Callable[[GpuSizes], float]
     op_overhead_s: Callable[[GpuSizes], tuple[float, int]]                  # (s per op, instructions)
-    sync_s: Callable[[], float]                                             # one synchronised clock read
-    op_rates: Callable[[MachineProfile, GpuSizes], dict[str, tuple[float, str]]]
+    op_costs: Callable[[MachineProfile, GpuSizes], tuple[dict[str, tuple[float, str]],   # op_bytes_per_s
+                                                          dict[str, tuple[float, str]]]]  # op_host_s
 
 
 # ---------------------------------------------------------------- is there a GPU
@@ -219,31 +231,76 @@ def measure_op_overhead_s(sizes: GpuSizes) -> tuple[float, int]:
     return best_seconds(runs, sizes.chain_repeats, synced_clock(cupy)) / sizes.chain_runs / count, count
 
 
-def measure_sync_s(reads: int = 200) -> float:
-    """Seconds one synchronised clock read adds to a timing on an idle device (the median
-    of ``reads`` back-to-back reads): each instruction the op-rate workload times pays it."""
-    cupy = import_cupy(WHERE)
-    clock = synced_clock(cupy)
-    gaps = sorted(-(clock() - clock()) for _ in range(reads))
-    return max(0.0, gaps[len(gaps) // 2])
+SPIN_SOURCE = r"""
+extern "C" __global__ void autopar_spin(unsigned long long ns) {
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do {
+        __nanosleep(1000);
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    } while (now - start < ns);
+}
+"""
+SPIN_FLOOR_S = 2e-4      # the stream is held at least this long before an instruction's kernels
 
 
-def measure_gpu_op_rates(profile: MachineProfile, sizes: GpuSizes) -> dict[str, tuple[float, str]]:
-    """``autopar.models.op_rates`` on the GPU: programs built under device_target GPU, every
-    instruction timed between device synchronisations."""
+def host_timer(cupy, issued: dict[int, float]):
+    """``timed(k, run)`` for :func:`~autopar.runtime.op_timer.time_ops`: the host seconds of
+    ``run()`` with the device idle before it; the longest seen per instruction goes to ``issued``."""
+    device = cupy.cuda.Device()
+
+    def timed(k: int, run):
+        device.synchronize()
+        t0 = time.perf_counter()
+        out = run()
+        seconds = time.perf_counter() - t0
+        issued[k] = max(issued.get(k, 0.0), seconds)
+        return out, seconds
+    return timed
+
+
+def device_timer(cupy, issued: dict[int, float]):
+    """``timed(k, run)``: the device seconds of the kernels ``run()`` queues. A one-thread
+    spin kernel holds the stream for twice the instruction's host issue (``issued``, from a
+    :func:`host_timer` run) so every kernel is queued before the first starts; CUDA events
+    recorded after the spin and after the instruction time the kernels back to back."""
+    spin = cupy.RawKernel(SPIN_SOURCE, "autopar_spin")
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    device = cupy.cuda.Device()
+
+    def timed(k: int, run):
+        device.synchronize()
+        spin((1,), (1,), (np.uint64(int((2.0 * issued.get(k, 1e-3) + SPIN_FLOOR_S) * 1e9)),))
+        start.record()
+        out = run()
+        end.record()
+        end.synchronize()
+        return out, cupy.cuda.get_elapsed_time(start, end) / 1e3
+    return timed
+
+
+def measure_gpu_op_costs(profile: MachineProfile, sizes: GpuSizes) -> tuple[dict, dict]:
+    """(op_bytes_per_s, op_host_s) measured on the GPU: programs built under device_target
+    GPU; the host's issue of each instruction first, then each one's device time."""
     cupy = import_cupy(WHERE)
     before = get_context("device_target")
     set_context(device_target="GPU")
+    issued: dict[int, float] = {}
+    clock = synced_clock(cupy)
     try:
-        return measure_op_rates(profile, repeats=sizes.op_rate_repeats, clock=synced_clock(cupy),
-                                workload=sizes.workload, batch=sizes.op_rate_batch)
+        host = measure_op_host_seconds(sizes.op_rate_repeats, clock, host_timer(cupy, issued),
+                                       workload=sizes.workload, batch=sizes.op_rate_batch)
+        rates = measure_op_rates(replace(profile, op_overhead_s=0.0), repeats=sizes.op_rate_repeats, clock=clock,
+                                 workload=sizes.workload, batch=sizes.op_rate_batch,
+                                 timed=device_timer(cupy, issued))
+        return rates, host
     finally:
         set_context(device_target=before)
 
 
 CUPY_PROBE = GpuProbe(device=_describe_device, gemm_flops=measure_gemm_flops,
                       gemm_efficiency=measure_gemm_efficiency, elementwise_bytes_per_s=measure_elementwise_bytes_per_s,
-                      op_overhead_s=measure_op_overhead_s, sync_s=measure_sync_s, op_rates=measure_gpu_op_rates)
+                      op_overhead_s=measure_op_overhead_s, op_costs=measure_gpu_op_costs)
 
 
 # ---------------------------------------------------------------- the profile
@@ -286,14 +343,15 @@ def calibrate_gpu(name: str, like: MachineProfile | None, sizes: GpuSizes = GPU_
         f"measured {said}: autopar Program.run under device_target GPU of a chain of {count} tiny (4, 4) float32 "
         f"ops (Add, Mul, Tanh), {sizes.chain_runs} runs per timing, best of {sizes.chain_repeats}: "
         f"{wall} / runs / {count} (Python dispatch + kernel launch)")
-    sync = probe.sync_s()
-    timed = provisional_profile(dict(figures, op_overhead_s=figures["op_overhead_s"] + sync))
-    rates = probe.op_rates(timed, sizes)
+    rates, host = probe.op_costs(provisional_profile(figures), sizes)
     figures["op_bytes_per_s"] = {kind: rate for kind, (rate, _) in rates.items()}
+    figures["op_host_s"] = {kind: seconds for kind, (seconds, _) in host.items()}
     for kind, (_, how) in rates.items():
         sources[f"op_bytes_per_s.{kind}"] = (
-            f"measured {said}: {how}; each instruction timed between device synchronisations, whose own cost "
-            f"({sync:.3g} s, an idle synchronised clock read) is subtracted with the per-op overhead")
+            f"measured {said}: {how}; each instruction's device time (CUDA events, the stream held by a spin "
+            f"kernel while the host issued it)")
+    for kind, (_, how) in host.items():
+        sources[f"op_host_s.{kind}"] = f"measured {said}: {how}; the device idle before each"
     collective, collective_sources = copied_collectives(like, said)
     figures.update(collective)
     sources.update(collective_sources)

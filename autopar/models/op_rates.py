@@ -58,31 +58,47 @@ GPU_BATCH = 4
 GPU_QUICK_WORKLOAD = dict(GPU_WORKLOAD, seq_length=512, hidden_size=512, num_heads=8, ffn_hidden_size=2048)
 
 
-def measure_op_rates(profile: MachineProfile, repeats: int = 5, clock=time.thread_time,
-                     workload: dict | None = None, batch: int = BATCH,
-                     agree=lambda seconds: seconds) -> dict[str, tuple[float, str]]:
-    """{kind: (bytes/s, how it was measured)} under ``profile``'s ``op_overhead_s``; the
-    fastest of ``repeats`` runs per kind, then ``agree`` (e.g. the slowest rank's: a max
-    all-reduce over the kinds' seconds in sorted order)."""
+def _workload(workload: dict | None, batch: int):
+    """(config, net in training mode, ids, compiled forward+backward) of the workload."""
     cfg = PanguAlphaConfig(**(workload or WORKLOAD))
     net = PanguAlphaWithLoss(cfg)
     net.set_train(True)                          # dropout on, as in training
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, cfg.seq_length + 1)).astype(np.int32)
-    prog = GradProgram(net, (ids,), {}, net.trainable_params())
-    graph = prog.traced.graph
-    stage = Mesh((1,), ("devices",))
-    model = CostModel(graph, stage, replace(profile, op_bytes_per_s={}), True)
-    moved: dict[str, float] = {}
-    for n, c, _ in model.op_costs(plan_shardings(graph, "stand_alone", stage, True)):
-        moved[n.prim.kind] = moved.get(n.prim.kind, 0.0) + c.bytes_moved
+    return cfg, net, ids, GradProgram(net, (ids,), {}, net.trainable_params())
+
+
+def _best_seconds(net, prog, ids, repeats: int, clock, timed) -> tuple[dict[str, float], dict[str, int]]:
+    """({kind: best seconds per step}, {kind: instructions}), the optimizer update included
+    as OPTIMIZER_KIND with one 'instruction' per parameter."""
     prog.program.run([ids])                      # warm up: first-touch allocations
     best: dict[str, float] = {}
     counts: dict[str, int] = {}
     for step in range(repeats):
-        seconds, counts = op_timer.time_ops(prog.program, [ids], step, clock)
+        seconds, counts = op_timer.time_ops(prog.program, [ids], step, clock, timed=timed)
         for kind, s in seconds.items():
             best[kind] = min(best.get(kind, s), s)
-    best[OPTIMIZER_KIND], counts[OPTIMIZER_KIND] = _time_update(net, prog, ids, repeats, clock), 0
+    best[OPTIMIZER_KIND] = _time_update(net, prog, ids, repeats, clock, timed)
+    counts[OPTIMIZER_KIND] = len(net.trainable_params())
+    return best, counts
+
+
+def measure_op_rates(profile: MachineProfile, repeats: int = 5, clock=time.thread_time,
+                     workload: dict | None = None, batch: int = BATCH,
+                     agree=lambda seconds: seconds, timed=None) -> dict[str, tuple[float, str]]:
+    """{kind: (bytes/s, how it was measured)} under ``profile``'s ``op_overhead_s``; the
+    fastest of ``repeats`` runs per kind, then ``agree`` (e.g. the slowest rank's: a max
+    all-reduce over the kinds' seconds in sorted order). ``timed`` (see
+    :func:`~autopar.runtime.op_timer.time_ops`) times each instruction instead of ``clock``:
+    a GPU's device time, with ``op_overhead_s`` 0 (no host time in it)."""
+    cfg, net, ids, prog = _workload(workload, batch)
+    graph = prog.traced.graph
+    stage = Mesh((1,), ("devices",))
+    model = CostModel(graph, stage, replace(profile, op_bytes_per_s={}, op_host_s={}), True)
+    moved: dict[str, float] = {}
+    for n, c, _ in model.op_costs(plan_shardings(graph, "stand_alone", stage, True)):
+        moved[n.prim.kind] = moved.get(n.prim.kind, 0.0) + c.bytes_moved
+    best, counts = _best_seconds(net, prog, ids, repeats, clock, timed)
+    counts[OPTIMIZER_KIND] = 0                   # the update's rate carries no per-op overhead
     moved[OPTIMIZER_KIND] = OPTIMIZER_BYTES_PER_ELEMENT * sum(p.data.nbytes for p in net.trainable_params())
     kinds = sorted(best)
     agreed = agree(np.array([best[k] for k in kinds]))
@@ -102,15 +118,37 @@ def measure_op_rates(profile: MachineProfile, repeats: int = 5, clock=time.threa
     return out
 
 
-def _time_update(net, prog, ids, repeats: int, clock) -> float:
+def measure_op_host_seconds(repeats: int, clock, timed, workload: dict | None = None,
+                            batch: int = BATCH) -> dict[str, tuple[float, str]]:
+    """{kind: (seconds the host takes to issue one instruction of it, how it was measured)}
+    on the workload: ``timed`` times the host's part of each instruction (the device idle
+    before it, so nothing queued makes the host wait); the optimizer update per parameter.
+    Every kind is kept, views included: each costs the host its dispatch."""
+    cfg, net, ids, prog = _workload(workload, batch)
+    best, counts = _best_seconds(net, prog, ids, repeats, clock, timed)
+    return {kind: (s / counts[kind],
+                   f"{s:.3g} s of host issue for {counts[kind]} {kind} "
+                   f"{'parameter updates (clip + AdamWeightDecay)' if kind == OPTIMIZER_KIND else 'instructions'} "
+                   f"(best of {repeats}) in a serial step of PanGu-α {cfg.hidden_size}h x {cfg.num_layers} layers, "
+                   f"batch {batch} x {cfg.seq_length}, {cfg.compute_dtype} ops")
+            for kind, s in sorted(best.items()) if counts.get(kind)}
+
+
+def _time_update(net, prog, ids, repeats: int, clock, timed=None) -> float:
     """Seconds of one AdamWeightDecay update with global-norm clipping of every weight."""
     _, grads = prog((ids,), {})
     opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.01)
     opt.step(grads)                              # states allocated
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = clock()
+
+    def update():
         clipped, _ = clip_by_global_norm(grads, 1.0)
         opt.step(clipped)
-        best = min(best, clock() - t0)
+    best = float("inf")
+    for _ in range(repeats):
+        if timed is None:
+            t0 = clock()
+            update()
+            best = min(best, clock() - t0)
+        else:
+            best = min(best, timed(-1, update)[1])
     return best

@@ -3,6 +3,7 @@ instruction counts for its forward op's kind, a redistribution as ``comm``). For
 calibration and benchmarks; the normal step loop never pays for it."""
 from __future__ import annotations
 
+import functools
 import time
 from typing import Callable, Sequence
 
@@ -20,11 +21,19 @@ def kind_of(program: Program, node) -> str:
 
 def time_ops(program: Program, inputs: Sequence[np.ndarray], step: int = 0,
              clock: Callable[[], float] = time.perf_counter,
-             before_comm: Callable[[], None] | None = None) -> tuple[dict[str, float], dict[str, int]]:
+             before_comm: Callable[[], None] | None = None,
+             timed: Callable[[int, Callable[[], object]], tuple[object, float]] | None = None,
+             ) -> tuple[dict[str, float], dict[str, int]]:
     """({kind: seconds}, {kind: instructions}) of one run, executed exactly as
     ``Program.run`` executes it (same slots, frees and random keys). ``before_comm`` (e.g.
     a barrier) runs before each redistribution, timed apart as ``comm wait``: the time
-    ranks wait for each other inside collectives."""
+    ranks wait for each other inside collectives. ``timed(k, run)`` -> (result, seconds)
+    times instruction ``k`` some other way than ``clock`` around it (a GPU's device time)."""
+    if timed is None:
+        def timed(_k, run):
+            t0 = clock()
+            out = run()
+            return out, clock() - t0
     slots = program.initial_slots(inputs)
     seconds: dict[str, float] = {}
     counts: dict[str, int] = {}
@@ -35,9 +44,9 @@ def time_ops(program: Program, inputs: Sequence[np.ndarray], step: int = 0,
             t0 = clock()
             before_comm()
             seconds["comm wait"] = seconds.get("comm wait", 0.0) + clock() - t0
-        t0 = clock()
-        res = ins.fn(*args, key=program.rng_key(ins.node, step)) if k in program._rng_nodes else ins.fn(*args)
-        seconds[kind] = seconds.get(kind, 0.0) + clock() - t0
+        keyed = {"key": program.rng_key(ins.node, step)} if k in program._rng_nodes else {}
+        res, s = timed(k, functools.partial(ins.fn, *args, **keyed))
+        seconds[kind] = seconds.get(kind, 0.0) + s
         counts[kind] = counts.get(kind, 0) + 1
         if len(ins.outs) == 1 and not isinstance(res, tuple):
             res = (res,)

@@ -5,7 +5,8 @@ local program on same-sized shards, so rank 0 speaks for all):
 
 * **op**: forward + backward compute of its local shards,
   ``flops / gemm_rate + bytes / elementwise_bandwidth + op_overhead`` (formulas in
-  :mod:`autopar.strategy.formulas`), plus the collectives its kernel runs itself (the
+  :mod:`autopar.strategy.formulas`) -- on a GPU, whose host only queues kernels, the longer
+  of that work and the host's issue of the op (``MachineProfile.op_seconds``) -- plus the collectives its kernel runs itself (the
   vocabulary-parallel cross-entropy);
 * **edge** (a value from its producer to a consumer): the redistribution of the producer's
   output layout into the layout the consumer reads, once per (value, layout) however many
@@ -286,11 +287,11 @@ class CostModel:
             flops, nbytes, launches = flops + fwd_flops, nbytes + fwd_bytes, launches + 1
         if dtype not in prof.gemm_flops:   # a dtype the profile lists no rate for: its slowest rate
             dtype = min(prof.gemm_flops, key=prof.gemm_flops.get)
-        min_dim, overhead = sh.gemm_min_dim(specs), getattr(prof, "op_overhead_s", 0.0)
-        compute = formulas.compute_seconds(flops, 0, dtype, prof, min_dim) \
-            + nbytes / prof.op_rate(prim.kind) + launches * overhead
-        forward_s = formulas.compute_seconds(fwd_flops, 0, dtype, prof, min_dim) \
-            + fwd_bytes / prof.op_rate(prim.kind) + overhead
+        min_dim, kind = sh.gemm_min_dim(specs), prim.kind
+        compute = prof.op_seconds(kind, formulas.compute_seconds(flops, 0, dtype, prof, min_dim)
+                                  + nbytes / prof.op_rate(kind), launches)
+        forward_s = prof.op_seconds(kind, formulas.compute_seconds(fwd_flops, 0, dtype, prof, min_dim)
+                                    + fwd_bytes / prof.op_rate(kind))
         comm = self._internal_seconds(node, sh, out, backward)
         compute += self.grad_sum_seconds(node.outputs[0], out_lay)
         grad = update = 0.0
@@ -312,7 +313,8 @@ class CostModel:
             pbytes += local_bytes // copies if self.weights_sliced else local_bytes
             gbytes += local_bytes // copies   # optimizer parallel: a reduce-scattered slice
             sbytes += self.state_bytes(v, local_bytes, lay)
-            update += OPTIMIZER_BYTES_PER_ELEMENT * (local_bytes // copies) / prof.op_rate(OPTIMIZER_KIND)
+            work = OPTIMIZER_BYTES_PER_ELEMENT * (local_bytes // copies) / prof.op_rate(OPTIMIZER_KIND)
+            update += prof.op_seconds(OPTIMIZER_KIND, work) if prof.asynchronous else work   # CPU: in the rate
         act = sum(nbytes for _, nbytes in self.kept_for_backward(node, sh))
         flight = out.nbytes if node.outputs[0] in self.needs_grad else 0
         return NodeCost(compute, comm, grad, update, pbytes, gbytes, sbytes, act, float(flops), float(nbytes),
@@ -328,7 +330,7 @@ class CostModel:
         if k < 2:
             return 0.0
         nbytes = (k + 1) * _local(self.graph.spec(value), layout).nbytes
-        return nbytes / self.profile.op_rate(GRAD_SUM_KIND) + getattr(self.profile, "op_overhead_s", 0.0)
+        return self.profile.op_seconds(GRAD_SUM_KIND, nbytes / self.profile.op_rate(GRAD_SUM_KIND))
 
     def state_bytes(self, value: int, local_bytes: int, layout: Layout) -> int:
         """Optimizer-state bytes of weight ``value`` of ``local_bytes`` per rank in ``layout``:

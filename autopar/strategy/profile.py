@@ -20,6 +20,11 @@ A profile is a JSON data file (``autopar/strategy/profiles/<name>.json``) holdin
   the 2-core CPU VM's figure (both cores run the backward pass, so a bucket's all-reduce
   competes with it for the same cores and hides nothing; the project's measurement); 1 is a
   NIC or NCCL stream that runs beside compute (assumed for such machines, not measured here);
+* ``op_host_s``                   — optional, per op kind: seconds the host takes to issue one
+  instruction of that kind on a device that runs ops asynchronously (a GPU: the host queues
+  kernels and goes on). A profile with these prices each op at the longer of its host issue and
+  its device work, instead of their sum (a CPU, where one thread does both). Sourced per kind as
+  ``op_host_s.<kind>``;
 * ``gemm_efficiency``             — optional, per dtype name: points ``[d, fraction]`` of the
   GEMM rate reached by a GEMM whose smallest dimension min(m, n, k) is d (small and skinny
   GEMMs run below peak); between points the fraction is interpolated in log d, outside
@@ -103,6 +108,9 @@ class MachineProfile:
     # elementwise bandwidth (masks hashed, erf, exp, row reductions); each sourced as
     # "op_bytes_per_s.<kind>"
     op_bytes_per_s: Mapping[str, float] = field(default_factory=dict)
+    # op kind -> host seconds to issue one instruction of it, on an asynchronous device (GPU);
+    # each sourced as "op_host_s.<kind>"
+    op_host_s: Mapping[str, float] = field(default_factory=dict)
     # dtype -> ((min(m, n, k), fraction of gemm_flops), ...), d increasing
     gemm_efficiency: Mapping[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
 
@@ -144,6 +152,11 @@ class MachineProfile:
                              f"got {self.op_bytes_per_s!r} (profile {self.name!r})")
         object.__setattr__(self, "op_bytes_per_s", {
             str(k): _positive_number(f"op_bytes_per_s[{k!r}]", v) for k, v in self.op_bytes_per_s.items()})
+        if not isinstance(self.op_host_s, Mapping):
+            raise ValueError(f"MachineProfile.op_host_s: expected a mapping op kind -> seconds, "
+                             f"got {self.op_host_s!r} (profile {self.name!r})")
+        object.__setattr__(self, "op_host_s", {
+            str(k): _positive_number(f"op_host_s[{k!r}]", v) for k, v in self.op_host_s.items()})
         object.__setattr__(self, "gemm_efficiency", self._checked_curves(gemm))
         if not isinstance(self.sources, Mapping):
             raise ValueError(f"MachineProfile.sources: expected a mapping figure -> source, "
@@ -157,7 +170,7 @@ class MachineProfile:
             if name not in sources and getattr(self, name) == default:
                 sources[name] = DEFAULTED_SOURCES[name]
         needed = list(SOURCED_FIELDS) + list(OPTIONAL_FIELDS) + [f"gemm_flops.{d}" for d in gemm] + \
-            [f"op_bytes_per_s.{k}" for k in self.op_bytes_per_s] + \
+            [f"op_bytes_per_s.{k}" for k in self.op_bytes_per_s] + [f"op_host_s.{k}" for k in self.op_host_s] + \
             [f"gemm_efficiency.{d}" for d in self.gemm_efficiency]
         missing = [k for k in needed if k not in sources]
         if missing:
@@ -207,9 +220,22 @@ class MachineProfile:
         """Bytes/s an op of ``kind`` moves: its measured rate, else the elementwise bandwidth."""
         return self.op_bytes_per_s.get(kind, self.elementwise_bytes_per_s)
 
+    @property
+    def asynchronous(self) -> bool:
+        """Whether the host only queues ops (a GPU profile with ``op_host_s``)."""
+        return bool(self.op_host_s)
+
+    def op_seconds(self, kind: str, work_s: float, launches: int = 1) -> float:
+        """Seconds of ``launches`` instructions of ``kind`` doing ``work_s`` of compute: host
+        dispatch plus the work where one thread does both (``op_overhead_s`` each), the longer
+        of the host's issue (``op_host_s``) and the device's work where the host only queues it."""
+        if self.op_host_s:
+            return max(launches * self.op_host_s.get(kind, self.op_overhead_s), work_s)
+        return work_s + launches * self.op_overhead_s
+
     def to_dict(self) -> dict:
         return asdict(self) | {"gemm_flops": dict(self.gemm_flops), "sources": dict(self.sources),
-                               "op_bytes_per_s": dict(self.op_bytes_per_s),
+                               "op_bytes_per_s": dict(self.op_bytes_per_s), "op_host_s": dict(self.op_host_s),
                                "gemm_efficiency": {d: [list(p) for p in c] for d, c in self.gemm_efficiency.items()}}
 
     @classmethod
@@ -221,7 +247,7 @@ class MachineProfile:
         if unknown:
             raise ValueError(f"MachineProfile: unknown fields {unknown}; known: {sorted(known)}")
         missing = sorted(k for k in known - set(data)
-                         if k not in ("sources", "op_bytes_per_s", "gemm_efficiency") and k not in OPTIONAL_FIELDS)
+                         if k not in ("sources", "op_bytes_per_s", "op_host_s", "gemm_efficiency") and k not in OPTIONAL_FIELDS)
         if missing:
             raise ValueError(f"MachineProfile: missing fields {missing}")
         return cls(**data)
