@@ -10,7 +10,7 @@ dtype (MindSpore's O2). PyTorch runs benchmarks/torch_pangu.py (PanGu-α op for 
 AdamW, the same clip and dropout, under ``torch.autocast`` at the same dtype (float32: TF32
 off on both sides). Both get the same batch (``--batch`` x the preset's sequence, 1024).
 
-Printed per size and dtype: seconds per step (the mean of ``--steps`` after a warm-up step,
+Printed per size and dtype: seconds per step (the median of ``--steps`` after ``--warmup`` untimed ones,
 the device synchronised before and after), tokens/s, autopar / PyTorch in tokens/s, MFU --
 the model's training FLOPs (:func:`autopar.strategy.formulas.transformer_training_flops`)
 per second over the device's GEMM rate measured in the same run (an 8192^3 matmul in that
@@ -75,34 +75,46 @@ def step_flops(config: PanguAlphaConfig, batch: int) -> float:
                                       config.vocab_size, recompute=False)
 
 
+def timed_steps(step, warmup: int, steps: int) -> tuple[float, float]:
+    """(median seconds per step, spread: (slowest - fastest) / median) of ``steps`` calls of
+    ``step()`` after ``warmup`` untimed ones, the device synchronised around each."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    median = float(np.median(times))
+    return median, (max(times) - min(times)) / median
+
+
 @dataclass(frozen=True)
 class Measured:
-    """One autopar row on the GPU: seconds per step and three views of its memory."""
+    """One autopar row on the GPU: seconds per step (median, spread) and three views of its memory."""
     step_s: float
+    spread: float              # (slowest - fastest) / median of the timed steps
     pool_bytes: int            # the CuPy pool's size after the steps (held, freed blocks cached)
     peak_bytes: int            # most bytes the pool had in use during one step (every device array)
     meter_bytes: int | None    # the runtime MemoryMeter's peak: live program arrays + optimizer states
 
 
-def time_autopar(config: PanguAlphaConfig, batch: int, steps: int) -> Measured:
-    """Seconds per TrainOneStepCell step on the GPU (mean of ``steps`` after a warm-up), then
-    one more step with its memory watched (untimed: the meter and the watched malloc cost)."""
+def time_autopar(config: PanguAlphaConfig, batch: int, steps: int, warmup: int = 2) -> Measured:
+    """Seconds per TrainOneStepCell step on the GPU (:func:`timed_steps`; the first step
+    compiles), then one more step with its memory watched (untimed: the meter and the watched
+    malloc cost)."""
     autopar.set_context(device_target="GPU")
     try:
         net = build(config, fast_weights(build(config, None)))
         opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.1)
         train = nn.TrainOneStepCell(net, opt, clip_norm=1.0)
         ids = ids_for(config, batch)
-        train(ids)                                          # compile, optimizer states, warm-up
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            train(ids)
-        sync()
-        elapsed = (time.perf_counter() - t0) / steps
+        elapsed, spread = timed_steps(lambda: train(ids), warmup, steps)
         pool = device_pool_bytes(as_backend("GPU"))[1]
         peak = pool_peak_bytes(lambda: train(ids))
-        return Measured(elapsed, pool, peak, metered_peak(train, ids))
+        return Measured(elapsed, spread, pool, peak, metered_peak(train, ids))
     finally:
         autopar.set_context(device_target="CPU")
 
@@ -172,8 +184,10 @@ def free_device_memory() -> None:
         pass
 
 
-def time_torch(config: PanguAlphaConfig, batch: int, steps: int, dtype: str) -> tuple[float, int]:
-    """(seconds per PyTorch eager step at ``dtype`` under autocast, peak allocated bytes)."""
+def time_torch(config: PanguAlphaConfig, batch: int, steps: int, dtype: str,
+               warmup: int = 2) -> tuple[float, float, int]:
+    """(median seconds per PyTorch eager step at ``dtype`` under autocast, spread, peak
+    allocated bytes), timed as :func:`time_autopar` times autopar's."""
     import torch
     import torch_pangu
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -190,11 +204,8 @@ def time_torch(config: PanguAlphaConfig, batch: int, steps: int, dtype: str) -> 
     step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps, torch.cuda.max_memory_allocated()
+    median, spread = timed_steps(step, warmup - 1, steps)
+    return median, spread, torch.cuda.max_memory_allocated()
 
 
 def gemm_rate(dtype: str, n: int = 8192, repeats: int = 10) -> float:
@@ -254,7 +265,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="350M,1.3B", help="comma-separated PanGu-α presets")
     ap.add_argument("--dtypes", default="float32,bfloat16", help=f"comma-separated compute dtypes of {DTYPES}")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (their median is reported, and the spread)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first compiles)")
     ap.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch anchor")
     ap.add_argument("--profile", help="a machine profile (shipped name or .json path): print the cost model's "
                                       "predicted step seconds and peak memory of each autopar row beside the measured")
@@ -280,8 +292,8 @@ def main(argv=None) -> int:
     print(describe_gpu())
     rates = {d: gemm_rate(d) for d in dtypes}
     print("device GEMM rate, 8192^3: " + ", ".join(f"{d} {r / 1e12:.0f} TFLOP/s" for d, r in rates.items()))
-    head = (f"{'size':>5} {'dtype':>9} {'autopar s':>9} {'tokens/s':>9} {'MFU':>6} {'GiB':>6}   "
-            f"{'PyTorch s':>9} {'tokens/s':>9} {'MFU':>6} {'GiB':>6}   {'autopar/PyTorch tokens/s':>24}")
+    head = (f"{'size':>5} {'dtype':>9} {'autopar s':>9} {'spread':>6} {'tokens/s':>9} {'MFU':>6} {'GiB':>6}   "
+            f"{'PyTorch s':>9} {'spread':>6} {'tokens/s':>9} {'MFU':>6} {'GiB':>6}   {'autopar/PyTorch tokens/s':>24}")
     rows, predicted = [], []
     for size in args.sizes.split(","):
         for dtype in dtypes:
@@ -290,9 +302,9 @@ def main(argv=None) -> int:
             line = f"{size:>5} {dtype:>9} "
             measured = None
             try:
-                measured = time_autopar(config, args.batch, args.steps)
+                measured = time_autopar(config, args.batch, args.steps, args.warmup)
                 t = measured.step_s
-                line += (f"{t:>9.3f} {tokens / t:>9,.0f} {flops / t / rates[dtype]:>6.1%} "
+                line += (f"{t:>9.3f} {measured.spread:>6.1%} {tokens / t:>9,.0f} {flops / t / rates[dtype]:>6.1%} "
                          f"{measured.pool_bytes / GiB:>6.1f}   ")
             except Exception as err:           # reported in its row: the other rows still run
                 t = None
@@ -300,8 +312,8 @@ def main(argv=None) -> int:
             free_device_memory()
             if args.torch:
                 try:
-                    tt, peak = time_torch(config, args.batch, args.steps, dtype)
-                    line += f"{tt:>9.3f} {tokens / tt:>9,.0f} {flops / tt / rates[dtype]:>6.1%} {peak / GiB:>6.1f}   "
+                    tt, spread, peak = time_torch(config, args.batch, args.steps, dtype, args.warmup)
+                    line += f"{tt:>9.3f} {spread:>6.1%} {tokens / tt:>9,.0f} {flops / tt / rates[dtype]:>6.1%} {peak / GiB:>6.1f}   "
                     line += f"{tt / t:>24.3f}" if t else ""
                 except ImportError as err:
                     line += f"PyTorch not installed ({err})"
@@ -314,7 +326,7 @@ def main(argv=None) -> int:
                 predicted.append(predicted_row(size, dtype, args.batch, args.profile, measured))
                 print(predicted[-1], flush=True)
     print(f"\nPanGu-α, batch {args.batch} x sequence 1024, dropout 0.1, AdamWeightDecay / AdamW, clip 1.0, "
-          f"mean of {args.steps} steps after a warm-up")
+          f"median of {args.steps} steps after {args.warmup} untimed (spread: slowest - fastest over the median)")
     print(head)
     print("\n".join(rows))
     if predicted:

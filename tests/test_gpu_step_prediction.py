@@ -69,7 +69,7 @@ def test_dropout_is_priced_as_the_training_step_runs_it():
 
 def test_a_row_compares_prediction_and_measurement():
     plan = gpu_step.predict_step(tiny("bfloat16"), BATCH, "h100-8")
-    measured = gpu_step.Measured(step_s=plan.step_seconds * 2, pool_bytes=3 * plan.peak_memory_bytes,
+    measured = gpu_step.Measured(step_s=plan.step_seconds * 2, spread=0.0, pool_bytes=3 * plan.peak_memory_bytes,
                                  peak_bytes=2 * plan.peak_memory_bytes, meter_bytes=4 * plan.peak_memory_bytes)
     fields = gpu_step.prediction_row("tiny", "bfloat16", plan, measured).split()
     assert fields[:2] == ["tiny", "bfloat16"]
