@@ -3,6 +3,7 @@ chosen, so numpy stays the only hard dependency (CuPy is the ``gpu`` extra)."""
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Callable
 
 from ..errors import format_error
@@ -12,7 +13,14 @@ INSTALL_FIX = 'pip install -e ".[gpu]" (CuPy for CUDA 13; on CUDA 12 install cup
 
 def import_cupy(where: str = "device_target"):
     """The ``cupy`` module, or an ImportError saying how to install it. ``where`` names
-    what asked for the GPU (the setting, or the array that was seen)."""
+    what asked for the GPU (the setting, or the array that was seen).
+
+    Kernels ask for it at every call: once imported, CuPy is read from ``sys.modules``
+    (a dict look-up, where ``importlib.import_module`` cost a few microseconds of import
+    machinery each time; it returns that same entry)."""
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        return cupy
     try:
         return importlib.import_module("cupy")
     except ImportError as err:
