@@ -19,6 +19,11 @@ Each dtype's path is checked once per process against the cast-and-multiply prod
 small random problem; a CuPy without these bindings, a driver that refuses the call, or a
 result that differs leaves the cast path in force (a warning says why). Importing this
 module imports nothing of CuPy.
+
+A training step makes about 1500 of these calls and the host issues them one after another,
+so the Python around the cuBLAS call is kept short: the alpha/beta scalars are module
+constants (their addresses taken once), dtype names come from a memo, and the batch shape
+is broadcast by numpy only when the operands' batches differ.
 """
 from __future__ import annotations
 
@@ -30,7 +35,7 @@ import warnings
 
 import numpy as np
 
-from .arrays import is_cupy_type
+from .arrays import dtype_name, is_cupy_type
 
 CUDA_DATA_TYPES = {"float16": 2, "bfloat16": 14}   # cudaDataType: CUDA_R_16F, CUDA_R_16BF
 CUDA_R_32F = 0
@@ -41,6 +46,13 @@ CUBLAS_OP_T = 1
 CUBLAS_POINTER_MODE_HOST = 0
 CHECK_RTOL = 1e-4        # float32 sums of the same half products in another order differ far less
 
+# alpha = 1, beta = 0 as host float32 scalars (CUBLAS_POINTER_MODE_HOST), read-only and alive
+# for the process: cuBLAS reads them during each call
+_ONE = np.ones(1, np.float32)
+_ZERO = np.zeros(1, np.float32)
+_ONE.flags.writeable = _ZERO.flags.writeable = False
+_ONE_PTR, _ZERO_PTR = _ONE.ctypes.data, _ZERO.ctypes.data
+
 
 def half_matmul(a, b, out_dtype=None):
     """``a @ b`` of two CuPy arrays of one half dtype as a float32 CuPy array -- or, with
@@ -48,8 +60,10 @@ def half_matmul(a, b, out_dtype=None):
     cuBLAS (no float32 array to read again) -- or None when this path does not serve them
     (host arrays, other dtypes, a CuPy or device that failed the check): the caller then
     casts and multiplies."""
+    if not _served(a, b):
+        return None
     out = _out_name(a, out_dtype)
-    if not _served(a, b) or not _checked(a.dtype.name, out):
+    if not _checked(dtype_name(a.dtype), out):
         return None
     return _gemm(a, b, out)
 
@@ -57,16 +71,27 @@ def half_matmul(a, b, out_dtype=None):
 def _out_name(a, out_dtype) -> str:
     """The result's dtype name: the operands' half dtype when asked for, else float32."""
     if out_dtype is not None and np.dtype(out_dtype) == a.dtype:
-        return a.dtype.name
+        return dtype_name(a.dtype)
     return "float32"
 
 
 def _served(a, b) -> bool:
     if not (is_cupy_type(type(a)) and is_cupy_type(type(b))):
         return False
+    if a.dtype != b.dtype or dtype_name(a.dtype) not in CUDA_DATA_TYPES or a.ndim < 2 or b.ndim < 2:
+        return False
     cublas = getattr(getattr(sys.modules.get("cupy"), "cuda", None), "cublas", None)
-    return (a.dtype == b.dtype and a.dtype.name in CUDA_DATA_TYPES and a.ndim >= 2 and b.ndim >= 2
-            and hasattr(cublas, "gemmEx") and hasattr(cublas, "gemmStridedBatchedEx"))
+    return hasattr(cublas, "gemmEx") and hasattr(cublas, "gemmStridedBatchedEx")
+
+
+def _batch_shape(a_batch: tuple[int, ...], b_batch: tuple[int, ...]) -> tuple[int, ...]:
+    """The broadcast of two batch shapes, as ``np.broadcast_shapes`` gives it; equal ones
+    and one empty one (a 2-D operand) -- every call a model makes -- without numpy."""
+    if a_batch == b_batch or not b_batch:
+        return a_batch
+    if not a_batch:
+        return b_batch
+    return tuple(np.broadcast_shapes(a_batch, b_batch))
 
 
 def _layout(x, batch: tuple[int, ...]):
@@ -98,7 +123,7 @@ def _gemm(a, b, out: str = "float32"):
     m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
     if b.ndim == 2 and a.ndim > 2 and a.flags.c_contiguous:   # a weight under a batch: one GEMM over every row
         return _gemm(a.reshape(-1, k), b, out).reshape(a.shape[:-1] + (n,))   # (..., m, k) -> (rows, k)
-    batch = tuple(np.broadcast_shapes(a.shape[:-2], b.shape[:-2]))
+    batch = _batch_shape(a.shape[:-2], b.shape[:-2])
     c = cp.empty(batch + (m, n), out)
     if c.size == 0:
         return c
@@ -110,23 +135,24 @@ def _gemm(a, b, out: str = "float32"):
     op_a, op_b = (CUBLAS_OP_T if a_t else CUBLAS_OP_N), (CUBLAS_OP_T if b_t else CUBLAS_OP_N)
     cublas = cp.cuda.cublas
     handle = cp.cuda.device.get_cublas_handle()
-    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)   # host scalars, alive through the call
-    dtype, count = CUDA_DATA_TYPES[a.dtype.name], math.prod(batch)
+    dtype, count = CUDA_DATA_TYPES[dtype_name(a.dtype)], math.prod(batch)
     c_type = CUDA_DATA_TYPES.get(out, CUDA_R_32F)
     mode = cublas.getPointerMode(handle)
-    cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)
+    if mode != CUBLAS_POINTER_MODE_HOST:
+        cublas.setPointerMode(handle, CUBLAS_POINTER_MODE_HOST)
     try:
         if count == 1:      # column-major C^T (n x m) = B^T (n x k) A^T (k x m)
-            cublas.gemmEx(handle, op_b, op_a, n, m, k, one.ctypes.data, b.data.ptr, dtype, ldb,
-                          a.data.ptr, dtype, lda, zero.ctypes.data, c.data.ptr, c_type, n,
+            cublas.gemmEx(handle, op_b, op_a, n, m, k, _ONE_PTR, b.data.ptr, dtype, ldb,
+                          a.data.ptr, dtype, lda, _ZERO_PTR, c.data.ptr, c_type, n,
                           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
         else:
-            cublas.gemmStridedBatchedEx(handle, op_b, op_a, n, m, k, one.ctypes.data,
+            cublas.gemmStridedBatchedEx(handle, op_b, op_a, n, m, k, _ONE_PTR,
                                         b.data.ptr, dtype, ldb, stride_b, a.data.ptr, dtype, lda, stride_a,
-                                        zero.ctypes.data, c.data.ptr, c_type, n, m * n, count,
+                                        _ZERO_PTR, c.data.ptr, c_type, n, m * n, count,
                                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
     finally:
-        cublas.setPointerMode(handle, mode)
+        if mode != CUBLAS_POINTER_MODE_HOST:
+            cublas.setPointerMode(handle, mode)
     return c
 
 

@@ -39,13 +39,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import rowkernels, veckernels
-from .arrays import is_cupy_type
+from .arrays import dtype_name, is_cupy_type
 from .csource import KEEP_HASH, LOWBIAS32, LOWBIAS32_MULTIPLIERS, keep_threshold  # noqa: F401  (re-exported)
 from .cupy_import import import_cupy
 from .gemm import half_matmul
 
 FUSED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 EXACT_DTYPES = ("float32", "float64")   # kernels with no half variant (erf GeLU, AdamW)
+HALF_DTYPES = ("float16", "bfloat16")
 NVRTC_OPTIONS = ("--fmad=false",)        # no multiply-add contraction: the CPU's rounding
 
 
@@ -54,13 +55,19 @@ def fusable(*arrays, dtypes: tuple[str, ...] = FUSED_DTYPES) -> bool:
     """Whether a fused kernel serves these arrays: all CuPy arrays (recognised by type, as
     ``arrays.array_module`` does, without importing CuPy) of one dtype among ``dtypes``,
     from a CuPy that compiles kernels (a stand-in device module, as the CPU tests of the
-    device paths use, takes the ordinary path)."""
-    if not all(is_cupy_type(type(a)) for a in arrays):
-        return False
+    device paths use, takes the ordinary path). Every elementwise op asks, so it is written
+    as plain loops over memoised look-ups (no generators, no ``dtype.name``)."""
+    for a in arrays:
+        if not is_cupy_type(type(a)):
+            return False
     if not hasattr(sys.modules.get("cupy"), "ElementwiseKernel"):
         return False
-    name = arrays[0].dtype.name
-    if name not in dtypes or not all(a.dtype == arrays[0].dtype for a in arrays):
+    dtype = arrays[0].dtype
+    for a in arrays:
+        if a.dtype != dtype:
+            return False
+    name = dtype_name(dtype)
+    if name not in dtypes:
         return False
     return name != "bfloat16" or _bfloat16_compiles()
 
@@ -212,7 +219,7 @@ def dropout(x, key: int, keep_prob: float, global_shape=None, region=None):
         return veckernels.dropout(flat, key, keep_prob, base).reshape(x.shape)
     out = import_cupy("autopar.backend.kernels").empty_like(flat)
     if flat.size:
-        spec = dropout_spec(len(dims), _wide(x.dtype).name)
+        spec = dropout_spec(len(dims), dtype_name(_wide(x.dtype)))
         _compiled(spec)(flat, *dropout_args(key, keep_prob, x.dtype, base, dims), out)
     return out.reshape(x.shape)
 
@@ -310,14 +317,14 @@ def gelu_constants(approximate: bool, grad: bool, dtype) -> list:
 def gelu(x, approximate: bool, out=None):
     """GeLU of ``x`` in one pass (into ``out``, which may be ``x``). The erf form needs
     float32/float64 (``fusable(x, dtypes=EXACT_DTYPES)``)."""
-    kernel = _compiled(gelu_spec(bool(approximate), False, _wide(x.dtype).name))
+    kernel = _compiled(gelu_spec(bool(approximate), False, dtype_name(_wide(x.dtype))))
     consts = gelu_constants(approximate, False, x.dtype)
     return kernel(x, *consts) if out is None else kernel(x, *consts, out)
 
 
 def gelu_grad(x, dy, approximate: bool):
     """dy * GeLU'(x) in one pass (x and dy of one dtype)."""
-    kernel = _compiled(gelu_spec(bool(approximate), True, _wide(x.dtype).name))
+    kernel = _compiled(gelu_spec(bool(approximate), True, dtype_name(_wide(x.dtype))))
     return kernel(x, dy, *gelu_constants(approximate, True, x.dtype))
 
 
@@ -381,7 +388,7 @@ def sum_of_squares(x):
     """The float64 sum of the squares of every element of ``x``, as a 0-d device array: one
     reduction kernel reading ``x`` once (no float64 copy), and no host sync -- the caller adds
     the partial sums of many arrays on the device and reads the total once."""
-    spec = SUM_OF_SQUARES[x.dtype.name in ("float16", "bfloat16")]
+    spec = SUM_OF_SQUARES[dtype_name(x.dtype) in HALF_DTYPES]
     return _compiled_sum(spec)(x.reshape(-1), axis=0)
 
 
@@ -421,7 +428,7 @@ def softmax(x):
 def fused_softmax(x):
     """Softmax over the last axis of ``x``: max (CuPy's), one sum kernel, one output kernel."""
     x2 = x.reshape(-1, x.shape[-1])                     # (R, C)
-    total, out = softmax_specs(_wide(x.dtype).name)
+    total, out = softmax_specs(dtype_name(_wide(x.dtype)))
     m = x2.max(axis=1, keepdims=True)                   # (R, 1), in T
     s = _compiled_sum(total)(x2, m, axis=1, keepdims=True)
     return _compiled(out)(x2, m, s).reshape(x.shape)
@@ -439,7 +446,7 @@ def softmax_grad(dy, y):
 def fused_softmax_grad(dy, y):
     """:func:`softmax_grad` as a sum kernel and an output kernel."""
     dy2, y2 = dy.reshape(-1, dy.shape[-1]), y.reshape(-1, y.shape[-1])
-    total, out = softmax_grad_specs(_wide(y.dtype).name)
+    total, out = softmax_grad_specs(dtype_name(_wide(y.dtype)))
     s = _compiled_sum(total)(dy2, y2, axis=1, keepdims=True)
     return _compiled(out)(dy2, y2, s).reshape(y.shape)
 
@@ -497,14 +504,24 @@ def column_sum(a2, wide):
     ones-row matrix product (cuBLAS reads the rows coalesced, where a reduction over axis 0
     strides through memory), float32 without TF32 as CuPy multiplies by default. Half rows
     go to cuBLAS as they are (exact ones, float32 accumulation: ``half_matmul``), with no
-    float32 copy of ``a2``."""
+    float32 copy of ``a2``. The ones row is made once per (rows, dtype, device)
+    (:func:`_ones_row`): every bias gradient of a step sums the same number of rows."""
     cupy = import_cupy("autopar.backend.kernels")
-    if a2.dtype.name in ("float16", "bfloat16") and np.dtype(wide) == np.float32:
-        total = half_matmul(cupy.ones((1, a2.shape[0]), a2.dtype), a2)       # (1, R) @ (R, C) -> (1, C)
+    wide = np.dtype(wide)
+    device = cupy.cuda.runtime.getDevice()
+    if dtype_name(a2.dtype) in HALF_DTYPES and wide == np.float32:
+        total = half_matmul(_ones_row(a2.shape[0], a2.dtype, device), a2)       # (1, R) @ (R, C) -> (1, C)
         if total is not None:
             return total.reshape(a2.shape[1])
-    ones = cupy.ones((1, a2.shape[0]), wide)                      # (1, R)
+    ones = _ones_row(a2.shape[0], wide, device)                      # (1, R)
     return cupy.matmul(ones, a2.astype(wide, copy=False)).reshape(a2.shape[1])   # (1, R) @ (R, C) -> (C,)
+
+
+@functools.lru_cache(maxsize=16)
+def _ones_row(rows: int, dtype: np.dtype, device: int):
+    """A (1, rows) array of ones of ``dtype`` on CUDA device ``device`` (the current one,
+    where ``cupy.ones`` makes it), made once and only read afterwards."""
+    return import_cupy("autopar.backend.kernels").ones((1, rows), dtype)
 
 
 def _row_stats(x2, eps: float, specs: dict):
@@ -528,7 +545,7 @@ def layer_norm(x, gamma, beta, eps: float):
 def fused_layer_norm(x, gamma, beta, eps: float):
     """LayerNorm over the last axis as row-statistic reductions and an output kernel."""
     x2 = x.reshape(-1, x.shape[-1])                     # (R, C)
-    specs = layer_norm_specs(_wide(x.dtype).name)
+    specs = layer_norm_specs(dtype_name(_wide(x.dtype)))
     mean, rstd = _row_stats(x2, eps, specs)
     return _compiled(specs["y"])(x2, mean, rstd, gamma, beta).reshape(x.shape)
 
@@ -550,7 +567,7 @@ def fused_layer_norm_grad(dy, x, gamma, eps: float, need_dx: bool = True, need_d
     """:func:`layer_norm_grad` as row-statistic reductions, a GEMV and an output kernel."""
     x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     cols = x2.shape[1]
-    wide = _wide(x.dtype).name
+    wide = dtype_name(_wide(x.dtype))
     specs = layer_norm_specs(wide)
     mean, rstd = _row_stats(x2, eps, specs)
     dgamma = column_sum(_compiled(specs["dgamma"])(dy2, x2, mean, rstd), wide) if need_dgamma else None

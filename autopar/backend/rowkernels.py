@@ -26,6 +26,7 @@ import warnings
 
 import numpy as np
 
+from .arrays import dtype_name
 from .csource import LOAD, STORAGE, STORE, TO_BF16
 from .cupy_import import import_cupy
 
@@ -168,14 +169,14 @@ def _launch(kind: str, t: str, p: str, rows: int, args: tuple) -> None:
 def softmax(x2):
     """Softmax over the rows of the C-contiguous (R, C) ``x2``."""
     y = import_cupy("autopar.backend.rowkernels").empty_like(x2)
-    _launch("softmax", x2.dtype.name, "float32", x2.shape[0], (x2, y, np.int64(x2.shape[0]), np.int32(x2.shape[1])))
+    _launch("softmax", dtype_name(x2.dtype), "float32", x2.shape[0], (x2, y, np.int64(x2.shape[0]), np.int32(x2.shape[1])))
     return y
 
 
 def softmax_grad(dy2, y2):
     """dx = (dy - sum(dy * y)) * y over the rows of (R, C) ``dy2``, ``y2``."""
     dx = import_cupy("autopar.backend.rowkernels").empty_like(y2)
-    _launch("softmax_grad", y2.dtype.name, "float32", y2.shape[0],
+    _launch("softmax_grad", dtype_name(y2.dtype), "float32", y2.shape[0],
             (dy2, y2, dx, np.int64(y2.shape[0]), np.int32(y2.shape[1])))
     return dx
 
@@ -183,7 +184,7 @@ def softmax_grad(dy2, y2):
 def layer_norm(x2, gamma, beta, eps: float):
     """LayerNorm over the rows of (R, C) ``x2``; gamma, beta (C,) of one dtype."""
     y = import_cupy("autopar.backend.rowkernels").empty_like(x2)
-    _launch("layer_norm", x2.dtype.name, gamma.dtype.name, x2.shape[0],
+    _launch("layer_norm", dtype_name(x2.dtype), dtype_name(gamma.dtype), x2.shape[0],
             (x2, gamma, beta, y, np.int64(x2.shape[0]), np.int32(x2.shape[1]), np.float32(eps)))
     return y
 
@@ -194,7 +195,7 @@ def layer_norm_grad(dy2, x2, gamma, eps: float, need_dx: bool, need_p: bool):
     cupy = import_cupy("autopar.backend.rowkernels")
     dx = cupy.empty_like(x2) if need_dx else None
     p = cupy.empty(x2.shape, np.float32) if need_p else None
-    _launch("layer_norm_grad", x2.dtype.name, gamma.dtype.name, x2.shape[0],
+    _launch("layer_norm_grad", dtype_name(x2.dtype), dtype_name(gamma.dtype), x2.shape[0],
             (dy2, x2, gamma, dx if need_dx else np.uint64(0), p if need_p else np.uint64(0),
              np.int64(x2.shape[0]), np.int32(x2.shape[1]), np.float32(eps), np.int32(need_dx)))
     return dx, p
@@ -205,8 +206,8 @@ def serves(kind: str, *arrays, params=()) -> bool:
     parameters: CuPy arrays, the activations C-contiguous of one dtype in ROW_DTYPES, the
     parameters of one dtype in ROW_DTYPES, columns below 2**31, and this kernel's
     once-per-process check passed for those dtypes."""
-    t = arrays[0].dtype.name
-    p = params[0].dtype.name if params else "float32"
+    t = dtype_name(arrays[0].dtype)
+    p = dtype_name(params[0].dtype) if params else "float32"
     if t not in ROW_DTYPES or p not in ROW_DTYPES or arrays[0].shape[-1] >= 2 ** 31:
         return False
     if not all(a.dtype == arrays[0].dtype and a.flags.c_contiguous for a in arrays):

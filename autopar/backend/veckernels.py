@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 
 from ..ir.random import keep_mask
-from .arrays import is_cupy_type
+from .arrays import dtype_name, is_cupy_type
 from .csource import KEEP_HASH, LOAD, LOWBIAS32, STORAGE, STORE, TO_BF16, keep_threshold
 from .cupy_import import import_cupy
 
@@ -69,8 +69,10 @@ THREADS = 256
 MAX_BLOCKS = 65536
 
 
+@functools.cache
 def source(dtype: str) -> str:
-    """The CUDA C of the vectorised dropout for ``dtype`` (plain text, no CuPy needed)."""
+    """The CUDA C of the vectorised dropout for ``dtype`` (plain text, no CuPy needed; built
+    once per dtype, as add_source and cast_source: every launch looks its kernel up by it)."""
     vector, width = VEC_DTYPES[dtype]
     body = DROPOUT.replace("{S}", STORAGE[dtype]).replace("{VT}", vector).replace("{V}", str(width))
     return f"#define LT(v) {LOAD[dtype]}\n#define ST(f) {STORE[dtype]}\n" + TO_BF16 + LOWBIAS32 + body
@@ -81,9 +83,10 @@ def dropout(flat, key: int, keep_prob: float, base: int):
     element i is the logical tensor's element ``base + i`` (see :func:`serves`)."""
     cupy = import_cupy("autopar.backend.veckernels")
     out = cupy.empty_like(flat)
-    blocks = _blocks(flat.size, VEC_DTYPES[flat.dtype.name][1])
+    name = dtype_name(flat.dtype)
+    blocks = _blocks(flat.size, VEC_DTYPES[name][1])
     scale = np.float32(flat.dtype.type(1.0 / keep_prob))      # rounded to x's dtype first, as the CPU
-    _raw("autopar_vec_dropout", source(flat.dtype.name))((blocks,), (THREADS,),
+    _raw("autopar_vec_dropout", source(name))((blocks,), (THREADS,),
                              (flat, out, np.uint64(flat.size), np.uint32(key & 0xFFFFFFFF),
                               np.uint32((key >> 32) & 0xFFFFFFFF), np.uint32(keep_threshold(keep_prob)), scale,
                               np.uint64(base)))
@@ -94,8 +97,9 @@ def serves(flat) -> bool:
     """Whether the vectorised kernel computes for ``flat``: a 1-D C-contiguous CuPy array of
     a dtype in VEC_DTYPES whose data starts on a 16-byte boundary (the vector loads need
     it), and this dtype's once-per-process check passed."""
-    return (flat.dtype.name in VEC_DTYPES and flat.ndim == 1 and flat.flags.c_contiguous
-            and flat.data.ptr % 16 == 0 and _checked(flat.dtype.name))
+    name = dtype_name(flat.dtype)
+    return (name in VEC_DTYPES and flat.ndim == 1 and flat.flags.c_contiguous
+            and flat.data.ptr % 16 == 0 and _checked(name))
 
 
 @functools.cache
@@ -167,6 +171,7 @@ CAST_VECTORS = {"float32": "float4", "bfloat16": "uint2"}
 CASTS = (("float32", "bfloat16"), ("bfloat16", "float32"))
 
 
+@functools.cache
 def add_source(dtype: str) -> str:
     """The CUDA C of the vectorised add for ``dtype`` (plain text)."""
     vector, width = VEC_DTYPES[dtype]
@@ -174,6 +179,7 @@ def add_source(dtype: str) -> str:
     return f"#define LT(v) {LOAD[dtype]}\n#define ST(f) {STORE[dtype]}\n" + TO_BF16 + body
 
 
+@functools.cache
 def cast_source(src: str, dst: str) -> str:
     """The CUDA C of the vectorised ``src`` -> ``dst`` cast (plain text)."""
     body = (CAST.replace("{SI}", STORAGE[src]).replace("{SO}", STORAGE[dst])
@@ -193,8 +199,9 @@ def _blocks(n: int, width: int) -> int:
 def add(a, b, out=None):
     """``a + b`` (see :func:`add_serves`), into ``out`` when given (which may be ``a`` or ``b``)."""
     out = import_cupy("autopar.backend.veckernels").empty_like(a) if out is None else out
-    width = VEC_DTYPES[a.dtype.name][1]
-    _raw("autopar_vec_add", add_source(a.dtype.name))((_blocks(a.size, width),), (THREADS,),
+    name = dtype_name(a.dtype)
+    width = VEC_DTYPES[name][1]
+    _raw("autopar_vec_add", add_source(name))((_blocks(a.size, width),), (THREADS,),
                                                       (a, b, out, np.uint64(a.size)))
     return out
 
@@ -202,30 +209,41 @@ def add(a, b, out=None):
 def cast(x, dtype):
     """``x.astype(dtype)`` (see :func:`cast_serves`)."""
     out = import_cupy("autopar.backend.veckernels").empty(x.shape, dtype)
-    _raw("autopar_vec_cast", cast_source(x.dtype.name, np.dtype(dtype).name))(
+    _raw("autopar_vec_cast", cast_source(dtype_name(x.dtype), dtype_name(np.dtype(dtype))))(
         (_blocks(x.size, 4),), (THREADS,), (x, out, np.uint64(x.size)))
     return out
 
 
 def _aligned(*arrays) -> bool:
-    return all(a.flags.c_contiguous and a.data.ptr % 16 == 0 for a in arrays)
+    for a in arrays:
+        if not (a.flags.c_contiguous and a.data.ptr % 16 == 0):
+            return False
+    return True
 
 
 def add_serves(a, b, out=None) -> bool:
     """Whether :func:`add` computes ``a + b``: CuPy arrays of one shape and one dtype in
     VEC_DTYPES, C-contiguous on 16-byte boundaries, not empty, and the check passed."""
     arrays = (a, b) if out is None else (a, b, out)
-    return (all(is_cupy_type(type(x)) for x in arrays) and a.dtype.name in VEC_DTYPES and a.size > 0
-            and all(x.shape == a.shape and x.dtype == a.dtype for x in arrays) and _aligned(*arrays)
-            and _checked_op("add", a.dtype.name, a.dtype.name))
+    for x in arrays:
+        if not is_cupy_type(type(x)):
+            return False
+    name = dtype_name(a.dtype)
+    if name not in VEC_DTYPES or a.size == 0:
+        return False
+    for x in arrays:
+        if x.shape != a.shape or x.dtype != a.dtype:
+            return False
+    return _aligned(*arrays) and _checked_op("add", name, name)
 
 
 def cast_serves(x, dtype) -> bool:
     """Whether :func:`cast` computes ``x.astype(dtype)``: a C-contiguous, 16-byte-aligned,
     non-empty CuPy array, float32 -> bfloat16 or back, and the check passed."""
-    pair = (x.dtype.name, np.dtype(dtype).name)
-    return (is_cupy_type(type(x)) and pair in CASTS and x.size > 0 and _aligned(x)
-            and _checked_op("cast", *pair))
+    if not is_cupy_type(type(x)):
+        return False
+    pair = (dtype_name(x.dtype), dtype_name(np.dtype(dtype)))
+    return pair in CASTS and x.size > 0 and _aligned(x) and _checked_op("cast", *pair)
 
 
 @functools.cache
