@@ -67,6 +67,7 @@ class Gather(Primitive):
     static_args = ("axis",)
     save_inputs = (1,)
     nondiff_inputs = (1,)
+    checks_values = True           # the indices' range, deferred on a device (rowwise.check_range)
 
     def _axis(self, ndim: int) -> int:
         return normalize_axis(self.attrs["axis"], ndim)
@@ -103,7 +104,7 @@ class Gather(Primitive):
         inside = (local >= 0) & (local < rows)
         return array_module(indices).where(inside, local, 0), inside
 
-    def forward(self, params, indices):
+    def forward(self, params, indices, checks=None):
         xp = array_module(params, indices)
         axis = self._axis(params.ndim)
         if "vocab_offset" in self.attrs:          # a vocabulary shard: masked lookup
@@ -111,7 +112,7 @@ class Gather(Primitive):
             out = xp.take(params, local, axis=0)
             out[~inside] = 0
             return out
-        check_range(indices, params.shape[axis], "indices", self.kind)
+        check_range(indices, params.shape[axis], "indices", self.kind, checks)
         return xp.take(params, indices, axis=axis)
 
     def vjp(self, dy, xs, y, specs, needs):

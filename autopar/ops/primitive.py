@@ -40,6 +40,9 @@ class Primitive:
     save_output: ClassVar[bool] = False
     nondiff_inputs: ClassVar[tuple[int, ...]] = ()  # inputs that never get a gradient (labels, masks)
     needs_rng: ClassVar[bool] = False             # forward/vjp take key=RngKey (dropout)
+    # forward takes checks=list inside a Program: checks of input values that a device defers
+    # to the end of the run (rowwise.check_range) instead of waiting for the device at once
+    checks_values: ClassVar[bool] = False
     # memory views: "alias" -- the output views its input (a reshape); "strided" -- a strided
     # view (a transpose) that the next contiguous reader copies once. The cost model charges
     # an alias no bytes and a strided view that one copy.

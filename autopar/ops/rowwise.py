@@ -7,9 +7,11 @@ per row.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from ..backend import array_module, cache_blocked
+from ..backend import array_module, cache_blocked, on_host
 from ..errors import OpArgError
 from ..ir.spec import TensorSpec
 
@@ -28,10 +30,44 @@ def check_int(spec: TensorSpec, arg: str, fix: str = "") -> None:
                          fix or "cast it first with ops.Cast()(x, autopar.int32)")
 
 
-def check_range(idx, n: int, arg: str, where: str) -> None:
-    """Index values must lie in [0, n); checked on the (small) index array at run time."""
-    if idx.size and (idx.min() < 0 or idx.max() >= n):
-        raise OpArgError(f"{arg} values", f"in [0, {n})", f"min {idx.min()}, max {idx.max()}", where=where)
+def check_range(idx, n: int, arg: str, where: str, checks: list | None = None) -> None:
+    """Index values must lie in [0, n); checked on the (small) index array at run time.
+
+    On the host, and wherever no ``checks`` list is given (an eager call), the check is
+    made at once. On a device, reading the min and max would make the host wait until the
+    device has run everything queued before (31 ms of an H100 training step, for four
+    lookups): with ``checks`` given -- a Program passes one to every op whose
+    ``checks_values`` is set -- the min and max stay on the device, queued as two
+    reductions, and a :class:`RangeCheck` is appended for the Program to read after its
+    last instruction (CuPy wraps an out-of-range index instead of faulting, so the outputs
+    hold garbage until then, and the Program raises before anyone reads them)."""
+    if not idx.size:
+        return
+    if checks is None or on_host(idx):
+        if idx.min() < 0 or idx.max() >= n:
+            raise range_error(idx.min(), idx.max(), n, arg, where)
+        return
+    checks.append(RangeCheck((idx.min(), idx.max()), n, arg, where))
+
+
+def range_error(low, high, n: int, arg: str, where: str) -> OpArgError:
+    """The error of index values from ``low`` to ``high`` outside [0, n)."""
+    return OpArgError(f"{arg} values", f"in [0, {n})", f"min {low}, max {high}", where=where)
+
+
+@dataclass(frozen=True)
+class RangeCheck:
+    """:func:`check_range` deferred on a device: ``values`` are the index array's (min, max)
+    as 0-d device arrays; :meth:`error` judges them once they are on the host."""
+
+    values: tuple
+    n: int
+    arg: str
+    where: str
+
+    def error(self, low, high) -> OpArgError | None:
+        """The error check_range raises for this min and max, or None when they lie in [0, n)."""
+        return range_error(low, high, self.n, self.arg, self.where) if low < 0 or high >= self.n else None
 
 
 def rows_per_block(row_len: int, n_rows: int, blocked: bool = True) -> int:

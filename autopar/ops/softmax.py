@@ -204,6 +204,7 @@ class SparseSoftmaxCrossEntropyWithLogits(Primitive):
     save_output = True
     nondiff_inputs = (1,)
     internal_allreduces = (3, 1)   # vocabulary-parallel: max, sum, picked logit; picked again in vjp
+    checks_values = True           # the labels' range, deferred on a device (rowwise.check_range)
 
 
     def indexing(self, specs, out):
@@ -240,7 +241,7 @@ class SparseSoftmaxCrossEntropyWithLogits(Primitive):
                              str(labels.shape), "pass one class id per row of logits")
         return TensorSpec(labels.shape, logits.dtype)
 
-    def forward(self, logits, labels):
+    def forward(self, logits, labels, checks=None):
         v = logits.shape[-1]
         x2, lab = logits.reshape(-1, v), labels.reshape(-1)          # (N, V) or local (N, V/mp), (N,)
         ct = compute_dtype(logits.dtype)
@@ -250,7 +251,7 @@ class SparseSoftmaxCrossEntropyWithLogits(Primitive):
             s = comm.allreduce(rowwise(_exp_shifted_sum_kernel, (1,), ct, x2, m)[:, 0])    # (N,)
             lse = array_module(s).log(s) + m[:, 0]
         else:
-            check_range(labels, v, "labels", self.kind)
+            check_range(labels, v, "labels", self.kind, checks)
             lse = logsumexp(x2, ct)
         loss = lse - self._picked(x2, lab)[0]
         return loss.reshape(labels.shape).astype(logits.dtype, copy=False)

@@ -20,6 +20,13 @@ at every call; the kernels then compute with CuPy because their inputs are CuPy 
 Array outputs (gradients) stay on the device for the optimizer; 0-d outputs (the loss)
 come back to the host, since every caller reads them at once (the overflow check, the
 progress bar) and the sync is paid anyway.
+
+Value checks (``prim.checks_values``: an embedding's ids, a loss's labels in range) would
+make the host wait for the device in the middle of the step. Those ops get a per-run list
+(``checks=``, as dropout gets ``key=``): on the host they raise at once; on a device they
+append the values to check, still on the device, and :meth:`Program.run` reads them all
+in one copy after the last instruction, raising the op's error (named by its node, as any
+error of the run) before any output is handed back -- so no optimizer updates on a bad batch.
 """
 from __future__ import annotations
 
@@ -30,6 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..backend import Backend, base_buffer, current_backend, is_array, to_device, to_host, writable
+from ..backend.arrays import read_scalars
 from ..errors import format_error
 from ..ir.graph import BACKWARD, Graph, Node
 from ..ir.random import derive_key
@@ -84,6 +92,9 @@ class Program:
         self.inputs = tuple(v for v in graph.inputs if v is not None)
         self.n_slots = len(graph.values)
         self._rng_nodes = {i for i, ins in enumerate(self.instructions) if ins.node.prim.needs_rng}
+        self._check_nodes = {i for i, ins in enumerate(self.instructions)
+                             if ins.node.prim.checks_values and ins.node.forward_of is None and i not in self.donated}
+        self._keyword_nodes = frozenset(self._rng_nodes | self._check_nodes)   # calls that take keywords
         self._consts = graph.consts if self.backend.is_host else {
             v: to_device(a, self.backend) for v, a in graph.consts.items()}
 
@@ -188,52 +199,87 @@ class Program:
 
     def run(self, inputs: Sequence[np.ndarray], step: int = 0) -> list[np.ndarray]:
         slots = self.initial_slots(inputs)
-        rng = self._rng_nodes
-        try:
-            if self.meter is None:
-                self._execute(slots, rng, step)
-            else:
-                self._execute_metered(slots, rng, step, self.meter)
-        except Exception as err:  # name the op; the step loop itself pays nothing for this
-            node = self.instructions[self._pc].node
-            err.add_note(f"autopar: raised by {node.name}{' (backward)' if node.forward_of is not None else ''}")
-            raise
+        deferred: list[tuple[int, list]] = []        # (instruction, the checks it left for the end)
+        if self.meter is None:
+            self._execute(slots, step, deferred)
+        else:
+            self._execute_metered(slots, step, deferred, self.meter)
+        if deferred:
+            self._raise_failed_checks(deferred)
         outs = _owned([slots[o] for o in self.outputs], slots, self.graph.params)
         return outs if self.backend.is_host else [to_host(a) if a.ndim == 0 else a for a in outs]
 
-    def _execute(self, slots: list, rng: set, step: int) -> None:
-        for k, ins in enumerate(self.instructions):
-            self._pc = k
-            args = [slots[i] for i in ins.ins]
-            if k in rng:
-                res = ins.fn(*args, key=self.rng_key(ins.node, step))
-            else:
-                res = ins.fn(*args)
-            if len(ins.outs) == 1 and not isinstance(res, tuple):
-                slots[ins.outs[0]] = res
-            else:
-                for o, r in zip(ins.outs, res):
-                    slots[o] = r
-            for f in ins.frees:
-                slots[f] = None
+    def _named(self, err: Exception, k: int) -> Exception:
+        """``err`` with a note naming instruction ``k``'s node (the step loop pays nothing for it)."""
+        node = self.instructions[k].node
+        err.add_note(f"autopar: raised by {node.name}{' (backward)' if node.forward_of is not None else ''}")
+        return err
 
-    def _execute_metered(self, slots: list, rng: set, step: int, meter: MemoryMeter) -> None:
+    def _keywords(self, k: int, node: Node, step: int, deferred: list) -> dict:
+        """The keyword arguments of instruction ``k``: its random key, its list of deferred checks."""
+        kw = {}
+        if k in self._rng_nodes:
+            kw["key"] = self.rng_key(node, step)
+        if k in self._check_nodes:
+            kw["checks"] = []
+            deferred.append((k, kw["checks"]))
+        return kw
+
+    def _raise_failed_checks(self, deferred: list[tuple[int, list]]) -> None:
+        """Read every deferred check's device values in one copy; raise the first failing
+        one's error, named by its instruction."""
+        pending = [(k, check) for k, checks in deferred for check in checks]
+        if not pending:
+            return
+        values = iter(read_scalars([v for _, check in pending for v in check.values]))
+        for k, check in pending:
+            err = check.error(*(next(values) for _ in check.values))
+            if err is not None:
+                raise self._named(err, k)
+
+    def _execute(self, slots: list, step: int, deferred: list) -> None:
+        keyword = self._keyword_nodes
+        k = 0
+        try:
+            for k, ins in enumerate(self.instructions):
+                args = [slots[i] for i in ins.ins]
+                if k in keyword:
+                    res = ins.fn(*args, **self._keywords(k, ins.node, step, deferred))
+                else:
+                    res = ins.fn(*args)
+                if len(ins.outs) == 1 and not isinstance(res, tuple):
+                    slots[ins.outs[0]] = res
+                else:
+                    for o, r in zip(ins.outs, res):
+                        slots[o] = r
+                for f in ins.frees:
+                    slots[f] = None
+        except Exception as err:  # name the op; the loop itself pays nothing for this
+            self._named(err, k)
+            raise
+
+    def _execute_metered(self, slots: list, step: int, deferred: list, meter: MemoryMeter) -> None:
         """``_execute``, telling the meter every slot written and freed."""
         fixed = tuple(self.inputs) + tuple(self.graph.consts)
         meter.begin(slots, self.graph.params, fixed, self.outputs)
-        for k, ins in enumerate(self.instructions):
-            self._pc = k
-            args = [slots[i] for i in ins.ins]
-            res = ins.fn(*args, key=self.rng_key(ins.node, step)) if k in rng else ins.fn(*args)
-            if len(ins.outs) == 1 and not isinstance(res, tuple):
-                res = (res,)
-            for o, r in zip(ins.outs, res):
-                slots[o] = r
-                meter.wrote(o, r)
-            meter.sample()               # inputs and outputs of the instruction both alive
-            for f in ins.frees:
-                meter.freed(f, slots[f])
-                slots[f] = None
+        k = 0
+        try:
+            for k, ins in enumerate(self.instructions):
+                args = [slots[i] for i in ins.ins]
+                kw = self._keywords(k, ins.node, step, deferred) if k in self._keyword_nodes else {}
+                res = ins.fn(*args, **kw)
+                if len(ins.outs) == 1 and not isinstance(res, tuple):
+                    res = (res,)
+                for o, r in zip(ins.outs, res):
+                    slots[o] = r
+                    meter.wrote(o, r)
+                meter.sample()               # inputs and outputs of the instruction both alive
+                for f in ins.frees:
+                    meter.freed(f, slots[f])
+                    slots[f] = None
+        except Exception as err:  # name the op; the loop itself pays nothing for this
+            self._named(err, k)
+            raise
         meter.end(slots)
 
 
