@@ -106,9 +106,11 @@ def read_scalars(values) -> list:
 def base_buffer(a):
     """The array that owns the memory ``a`` views (``a`` itself when it owns it; a non-array
     as it is), for numpy and device arrays alike: live bytes count once per base buffer."""
-    while is_array(getattr(a, "base", None)):
-        a = a.base
-    return a
+    while True:
+        base = getattr(a, "base", None)
+        if base is None or not is_array(base):
+            return a
+        a = base
 
 
 def writable(a) -> bool:

@@ -174,6 +174,13 @@ def region_walk(shape: tuple[int, ...], region=None) -> tuple[int, tuple[tuple[i
     return base, tuple(merged)
 
 
+@functools.lru_cache(maxsize=64)
+def _whole_walk(shape: tuple[int, ...]) -> tuple[int, tuple[tuple[int, int], ...]]:
+    """:func:`region_walk` of a whole array, once per shape (a region's slices do not hash
+    on every Python this runs on)."""
+    return region_walk(shape)
+
+
 def walk_source(ndim: int) -> str:
     """CUDA C: ``idx``, the global flat index of local element ``i`` (see :func:`region_walk`)."""
     lines = ["unsigned long long r = i;", "long long idx = (long long)base;"]
@@ -213,7 +220,7 @@ def dropout(x, key: int, keep_prob: float, global_shape=None, region=None):
     ``Dropout._apply``: (x * keep) * scale, scale rounded to x's dtype. A run of consecutive
     elements in float32 or bfloat16 takes the vectorised kernel (``veckernels``)."""
     flat = x.reshape(-1)         # (copies a strided x, as the CPU's reshape does)
-    base, dims = region_walk(tuple(x.shape if region is None else global_shape), region)
+    base, dims = _whole_walk(tuple(x.shape)) if region is None else region_walk(tuple(global_shape), region)
     assert math.prod(n for n, _ in dims) == flat.size or flat.size == 0, (dims, x.shape)
     if flat.size and len(dims) == 1 and dims[0][1] == 1 and veckernels.serves(flat):   # one run of the tensor
         return veckernels.dropout(flat, key, keep_prob, base).reshape(x.shape)
@@ -304,14 +311,16 @@ def gelu_spec(approximate: bool, grad: bool, wide: str) -> KernelSpec:
     return KernelSpec(name, ins + consts, out, body)
 
 
-def gelu_constants(approximate: bool, grad: bool, dtype) -> list:
+@functools.lru_cache(maxsize=32)
+def gelu_constants(approximate: bool, grad: bool, dtype) -> tuple:
     """:func:`gelu_spec`'s constant arguments, in order, in its dtype (the wide one for the
-    tanh form): activation.py's Python floats, rounded as numpy rounds a Python scalar."""
+    tanh form): activation.py's Python floats, rounded as numpy rounds a Python scalar
+    (made once per form and dtype: every GeLU launch passes them)."""
     if approximate:
         w = _wide(dtype).type
         values = [GELU_CUBIC, SQRT_2_OVER_PI] + ([3 * GELU_CUBIC, 0.5 * SQRT_2_OVER_PI] if grad else [])
-        return [w(v) for v in values]
-    return [dtype.type(v) for v in ([INV_SQRT_2] + ([INV_SQRT_2PI] if grad else []))]
+        return tuple(w(v) for v in values)
+    return tuple(dtype.type(v) for v in ([INV_SQRT_2] + ([INV_SQRT_2PI] if grad else [])))
 
 
 def gelu(x, approximate: bool, out=None):
@@ -358,12 +367,14 @@ ADAM_WEIGHT_DECAY_SPEC = KernelSpec("autopar_adam_weight_decay",
                                     ADAM_WEIGHT_DECAY)
 
 
-def adam_weight_decay_args(dtype, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> list:
+@functools.lru_cache(maxsize=16)
+def adam_weight_decay_args(dtype, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> tuple:
     """The kernel's scalar arguments, in order, each rounded to ``dtype`` as numpy rounds
-    the Python float the CPU code multiplies or adds."""
+    the Python float the CPU code multiplies or adds (made once per step and decay setting:
+    the ~390 updates of a 350M PanGu-α step share two sets)."""
     t = dtype.type
-    return [t(beta1), t(1.0 - beta1), t(beta2), t(1.0 - beta2), t(eps), t(weight_decay), t(lr),
-            np.bool_(bool(weight_decay))]
+    return (t(beta1), t(1.0 - beta1), t(beta2), t(1.0 - beta2), t(eps), t(weight_decay), t(lr),
+            np.bool_(bool(weight_decay)))
 
 
 def adam_weight_decay(p, g, m, v, *, lr: float, beta1: float, beta2: float, eps: float,
