@@ -60,16 +60,21 @@ def _vjp_kernel(node: Node, graph: Graph, fwd: Node) -> Callable:
     specs = tuple(graph.spec(v) for v in fwd.inputs)
     n = len(fwd.inputs)
     saved_idx = prim.saved_input_indices(n)
+    saves_all = saved_idx == tuple(range(n))
     has_y = prim.save_output
     needs = node.needs
+    kept = tuple(j for j, need in enumerate(needs) if need)     # the gradients the node outputs
 
     def fn(dy, *saved, **kw):
-        xs = [None] * n
-        for k, i in enumerate(saved_idx):
-            xs[i] = saved[k]
+        if saves_all:
+            xs = list(saved[:n])
+        else:
+            xs = [None] * n
+            for k, i in enumerate(saved_idx):
+                xs[i] = saved[k]
         y = saved[-1] if has_y else None
         grads = prim.vjp(dy, xs, y, specs, needs, **kw)
-        return tuple(g for g, need in zip(grads, needs) if need)
+        return tuple([grads[j] for j in kept])
     return fn
 
 
