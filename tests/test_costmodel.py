@@ -179,3 +179,25 @@ def test_on_an_asynchronous_device_an_op_costs_the_longer_of_host_issue_and_devi
             assert slow[key] == pytest.approx(launches * 1.0) and fast[key] == pytest.approx(s)
         else:   # no host figure for the kind: op_overhead_s is its host issue
             assert slow[key] == pytest.approx(max(s, launches * 1e-5))
+
+
+def test_a_plan_on_an_asynchronous_device_takes_the_longer_of_the_host_and_device_sums():
+    """Host issue and device work overlap across ops on a GPU: the plan's compute is
+    max(sum of host issue, sum of device work), never more than the per-op maxima added up
+    (the op search's figure) and never less than either sum; a CPU profile adds per op."""
+    from dataclasses import replace
+
+    from autopar.strategy.plan_cost import issued_seconds
+    g, stage, plan = dense_data_parallel(1, 256)
+    base = load_profile("h100-1")
+    gpu = replace(base, op_host_s={"MatMul": 3e-5}, sources={**base.sources, "op_host_s.MatMul": "assumed"})
+    model = CostModel(g, stage, gpu)
+    costs = [c for _, c, _ in model.op_costs(plan)]
+    work, host = sum(c.work_s for c in costs), sum(c.host_s for c in costs)
+    assert work > 0 and host > 0
+    assert model.evaluate(plan).compute_s == pytest.approx(max(work, host))
+    assert max(work, host) <= sum(c.compute_s for c in costs) + 1e-15
+    cpu = CostModel(g, stage, load_profile("cpu-2core"))
+    cpu_costs = [c for _, c, _ in cpu.op_costs(plan)]
+    assert issued_seconds(cpu_costs, cpu.profile)[0] == pytest.approx(sum(c.compute_s for c in cpu_costs))
+    assert cpu.evaluate(plan).compute_s == pytest.approx(sum(c.compute_s for c in cpu_costs))

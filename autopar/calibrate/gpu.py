@@ -20,8 +20,8 @@ synchronisation per timing, not per call) and the figure is the best of ``repeat
 |                         | the GPU: time of one run / its instruction count (launch + dispatch:  |
 |                         | the kernels are too small to be what the GPU waits for)               |
 | op_host_s.<kind>        | ``autopar.models.op_rates`` on ``GPU_WORKLOAD`` (its docstring says   |
-|                         | why not the CPU's): the host's issue time of each instruction, the    |
-|                         | device synchronised (idle) before it, per instruction of the kind     |
+|                         | why not the CPU's): the host's issue time of each instruction as a    |
+|                         | free-running step issues it, per instruction of the kind              |
 | op_bytes_per_s.<kind>   | the same workload, each instruction's DEVICE time: a spin kernel      |
 |                         | holds the stream while the host issues it, CUDA events around it      |
 |                         | (:func:`device_timer`), so no host time and no launch gap enters      |
@@ -30,7 +30,7 @@ synchronisation per timing, not per call) and the figure is the best of ``repeat
 
 A GPU runs what the host queued while the host goes on, so a step takes, op by op, the
 longer of the host's issue and the device's work (``MachineProfile.op_seconds``): the two are
-measured apart, the host's with the device idle, the device's with the host's issue hidden.
+measured apart: the host's as a step issues each op, the device's with the host's issue hidden.
 
 The collective figures cannot be timed on one rank: as the CPU target's one-rank path does,
 they are copied from ``--like`` and their sources say so. What measures is a
@@ -244,13 +244,12 @@ extern "C" __global__ void autopar_spin(unsigned long long ns) {
 SPIN_FLOOR_S = 2e-4      # the stream is held at least this long before an instruction's kernels
 
 
-def host_timer(cupy, issued: dict[int, float]):
+def host_timer(issued: dict[int, float]):
     """``timed(k, run)`` for :func:`~autopar.runtime.op_timer.time_ops`: the host seconds of
-    ``run()`` with the device idle before it; the longest seen per instruction goes to ``issued``."""
-    device = cupy.cuda.Device()
-
+    ``run()`` as a step issues it, the device running what came before (synchronising first
+    would time each instruction from a cold start: 1.6x the issue a free-running step showed
+    on the H100); the longest seen per instruction goes to ``issued``."""
     def timed(k: int, run):
-        device.synchronize()
         t0 = time.perf_counter()
         out = run()
         seconds = time.perf_counter() - t0
@@ -288,7 +287,7 @@ def measure_gpu_op_costs(profile: MachineProfile, sizes: GpuSizes) -> tuple[dict
     issued: dict[int, float] = {}
     clock = synced_clock(cupy)
     try:
-        host = measure_op_host_seconds(sizes.op_rate_repeats, clock, host_timer(cupy, issued),
+        host = measure_op_host_seconds(sizes.op_rate_repeats, clock, host_timer(issued),
                                        workload=sizes.workload, batch=sizes.op_rate_batch)
         rates = measure_op_rates(replace(profile, op_overhead_s=0.0), repeats=sizes.op_rate_repeats, clock=clock,
                                  workload=sizes.workload, batch=sizes.op_rate_batch,
@@ -351,7 +350,7 @@ def calibrate_gpu(name: str, like: MachineProfile | None, sizes: GpuSizes = GPU_
             f"measured {said}: {how}; each instruction's device time (CUDA events, the stream held by a spin "
             f"kernel while the host issued it)")
     for kind, (_, how) in host.items():
-        sources[f"op_host_s.{kind}"] = f"measured {said}: {how}; the device idle before each"
+        sources[f"op_host_s.{kind}"] = f"measured {said}: {how}; host clock around each, the device running"
     collective, collective_sources = copied_collectives(like, said)
     figures.update(collective)
     sources.update(collective_sources)

@@ -121,8 +121,8 @@ def measure_op_rates(profile: MachineProfile, repeats: int = 5, clock=time.threa
 def measure_op_host_seconds(repeats: int, clock, timed, workload: dict | None = None,
                             batch: int = BATCH) -> dict[str, tuple[float, str]]:
     """{kind: (seconds the host takes to issue one instruction of it, how it was measured)}
-    on the workload: ``timed`` times the host's part of each instruction (the device idle
-    before it, so nothing queued makes the host wait); the optimizer update per parameter.
+    on the workload: ``timed`` times the host's part of each instruction (on a GPU, the
+    host clock around it as the step issues it); the optimizer update per parameter.
     Every kind is kept, views included: each costs the host its dispatch."""
     cfg, net, ids, prog = _workload(workload, batch)
     best, counts = _best_seconds(net, prog, ids, repeats, clock, timed)

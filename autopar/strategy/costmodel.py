@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
@@ -76,6 +76,7 @@ from .backward_memory import backward_peak, gradients_in_flight
 from .canonical import canonical
 from .grad_buckets import GradBucket, GradReduction, bucket, bucketable, exposed_seconds, trained_order
 from .optimizer_shard import DEFAULT_OPTIMIZER_SHARD, OptimizerShard, slice_layout
+from .plan_cost import NodeCost, PlanCost, issued_seconds  # noqa: F401 - the cost model's values
 from .profile import MachineProfile
 from .recompute_regions import internal_values, rebuild_set, recompute_regions, resolve_marks, whole_cells
 from .sharding_plan import ShardingPlan, input_layout
@@ -90,71 +91,6 @@ CLIP_BYTES_PER_ELEMENT = 3   # global-norm clipping reads every gradient for the
 OPTIMIZER_BYTES_PER_ELEMENT = ADAM_BYTES_PER_ELEMENT + CLIP_BYTES_PER_ELEMENT
 OPTIMIZER_KIND = "optimizer_update"   # the profile's rate for it (clipping included), if calibrated
 GRAD_SUM_KIND = "AddN"                # autodiff's sum of a value's gradient parts: elementwise
-
-
-@dataclass(frozen=True)
-class NodeCost:
-    """One op under one sharding, per rank: seconds and bytes."""
-    compute_s: float           # forward + backward kernels
-    comm_s: float              # collectives inside the kernels
-    grad_s: float              # reduction of its parameters' gradients into their layouts
-    update_s: float            # optimizer update of the parameters it owns
-    param_bytes: int           # weights it owns (local)
-    grad_bytes: int
-    state_bytes: int           # optimizer states (local, after optimizer-parallel division)
-    activation_bytes: int      # kept for backward
-    flops: float = 0.0         # forward + backward, local
-    bytes_moved: float = 0.0   # forward + backward, local (what op_rate divides)
-    backward_s: float = 0.0    # the part of compute_s its backward runs (recompute and gradient sums included)
-    flight_bytes: int = 0      # its output's gradient, in its output layout (the op search's memory proxy)
-
-    @property
-    def seconds(self) -> float:
-        return self.compute_s + self.comm_s + self.grad_s + self.update_s
-
-    @property
-    def bytes(self) -> int:
-        return self.param_bytes + self.grad_bytes + self.state_bytes + self.activation_bytes
-
-
-@dataclass(frozen=True)
-class PlanCost:
-    """Predicted step of a plan, per rank of the stage."""
-    compute_s: float
-    comm_s: float              # redistributions between ops + in-kernel collectives + gradient reductions
-    update_s: float
-    param_bytes: int
-    grad_bytes: int
-    state_bytes: int
-    activation_bytes: int      # kept for backward: all alive at the end of forward
-    per_op: tuple = field(default=(), repr=False)   # (node name, strategy, layout, comm_s, seconds)
-    backward_peak_bytes: int | None = None   # max over backward of gradients made + activations still kept
-    backward_working_bytes: int = 0   # the same without the gradients (a later micro-batch's, which add into them)
-    grad_comm_s: float = 0.0   # the weight gradients' reductions (buckets under comm_fusion), all of them
-    grad_exposed_s: float = 0.0   # the part of grad_comm_s not hidden behind backward (what comm_s holds)
-
-    @property
-    def step_seconds(self) -> float:
-        return self.compute_s + self.comm_s + self.update_s
-
-    @property
-    def memory_bytes(self) -> int:
-        """The step's peak, the larger of its two phases (module docstring)::
-
-            weights + states + max(activations at the end of forward,
-                                   max over backward of gradients so far + activations still kept)
-
-        Without ``backward_peak_bytes`` (a cost built by hand): everything added up."""
-        if self.backward_peak_bytes is None:
-            return self.param_bytes + self.grad_bytes + self.state_bytes + self.activation_bytes
-        return self.param_bytes + self.state_bytes + max(self.activation_bytes, self.backward_peak_bytes)
-
-    def summary(self) -> dict:
-        return {"step_seconds": self.step_seconds, "memory_bytes_per_rank": self.memory_bytes,
-                "breakdown": {"compute_s": self.compute_s, "comm_s": self.comm_s, "update_s": self.update_s,
-                              "param_bytes": self.param_bytes, "grad_bytes": self.grad_bytes,
-                              "state_bytes": self.state_bytes, "activation_bytes": self.activation_bytes,
-                              "grad_comm_s": self.grad_comm_s, "grad_exposed_s": self.grad_exposed_s}}
 
 
 def _local(spec: TensorSpec, layout: Layout) -> TensorSpec:
@@ -288,19 +224,20 @@ class CostModel:
         if dtype not in prof.gemm_flops:   # a dtype the profile lists no rate for: its slowest rate
             dtype = min(prof.gemm_flops, key=prof.gemm_flops.get)
         min_dim, kind = sh.gemm_min_dim(specs), prim.kind
-        compute = prof.op_seconds(kind, formulas.compute_seconds(flops, 0, dtype, prof, min_dim)
-                                  + nbytes / prof.op_rate(kind), launches)
+        work = formulas.compute_seconds(flops, 0, dtype, prof, min_dim) + nbytes / prof.op_rate(kind)
+        host = prof.host_seconds(kind, launches)
+        compute = prof.op_seconds(kind, work, launches)
         forward_s = prof.op_seconds(kind, formulas.compute_seconds(fwd_flops, 0, dtype, prof, min_dim)
                                     + fwd_bytes / prof.op_rate(kind))
         comm = self._internal_seconds(node, sh, out, backward)
-        compute += self.grad_sum_seconds(node.outputs[0], out_lay)
-        grad = update = 0.0
+        sums = [self.grad_sum_parts(node.outputs[0], out_lay)]
+        grad = update = update_work = update_host = 0.0
         pbytes = gbytes = sbytes = 0
         for i, v in enumerate(node.inputs):
             if v not in self.params or self.home.get(v) != (node.id, i):
                 continue
             lay, local_bytes = sh.input_layout(i), specs[i].nbytes
-            compute += self.grad_sum_seconds(v, lay)
+            sums.append(self.grad_sum_parts(v, lay))
             if reductions:
                 grad += self.redistribution_seconds(sh.grad_layout(i), lay, v)
             copies = self._copies(v, lay)
@@ -313,24 +250,28 @@ class CostModel:
             pbytes += local_bytes // copies if self.weights_sliced else local_bytes
             gbytes += local_bytes // copies   # optimizer parallel: a reduce-scattered slice
             sbytes += self.state_bytes(v, local_bytes, lay)
-            work = OPTIMIZER_BYTES_PER_ELEMENT * (local_bytes // copies) / prof.op_rate(OPTIMIZER_KIND)
-            update += prof.op_seconds(OPTIMIZER_KIND, work) if prof.asynchronous else work   # CPU: in the rate
+            moved = OPTIMIZER_BYTES_PER_ELEMENT * (local_bytes // copies) / prof.op_rate(OPTIMIZER_KIND)
+            issue = prof.host_seconds(OPTIMIZER_KIND, 1) if prof.asynchronous else 0.0   # CPU: in the rate
+            update, update_work, update_host = update + max(moved, issue), update_work + moved, update_host + issue
         act = sum(nbytes for _, nbytes in self.kept_for_backward(node, sh))
         flight = out.nbytes if node.outputs[0] in self.needs_grad else 0
+        for sum_work, sum_launches in sums:
+            compute += prof.op_seconds(GRAD_SUM_KIND, sum_work, sum_launches)
+            work, host = work + sum_work, host + prof.host_seconds(GRAD_SUM_KIND, sum_launches)
         return NodeCost(compute, comm, grad, update, pbytes, gbytes, sbytes, act, float(flops), float(nbytes),
-                        compute - forward_s if backward else 0.0, flight)
+                        compute - forward_s if backward else 0.0, flight, work, host, update_work, update_host)
 
-    def grad_sum_seconds(self, value: int, layout: Layout) -> float:
-        """Autodiff's sum of ``value``'s gradient parts, one per op reading it that needs its
-        gradient (k of them): an ``AddN`` reading k parts and writing one, priced in the
-        value's own layout, ``(k + 1) x local bytes`` at the ``AddN`` rate plus one op's
-        overhead; nothing for k < 2. Charged to the op making the value (a weight: to its
-        first reader), so the search sees it."""
+    def grad_sum_parts(self, value: int, layout: Layout) -> tuple[float, int]:
+        """(work seconds, instructions) of autodiff's sum of ``value``'s gradient parts, one
+        per op reading it that needs its gradient (k of them): an ``AddN`` reading k parts and
+        writing one, priced in the value's own layout, ``(k + 1) x local bytes`` at the
+        ``AddN`` rate, one instruction; nothing for k < 2. Charged to the op making the value
+        (a weight: to its first reader), so the search sees it."""
         k = self.grad_readers.get(value, 0)
         if k < 2:
-            return 0.0
+            return 0.0, 0
         nbytes = (k + 1) * _local(self.graph.spec(value), layout).nbytes
-        return self.profile.op_seconds(GRAD_SUM_KIND, nbytes / self.profile.op_rate(GRAD_SUM_KIND))
+        return nbytes / self.profile.op_rate(GRAD_SUM_KIND), 1
 
     def state_bytes(self, value: int, local_bytes: int, layout: Layout) -> int:
         """Optimizer-state bytes of weight ``value`` of ``local_bytes`` per rank in ``layout``:
@@ -482,6 +423,7 @@ class CostModel:
             rows.append((n.name, str(sh[n.id]), str(sh[n.id].output_layout()), c.comm_s + c.grad_s + edge,
                          c.seconds + edge))
         comm += self.step_collectives_seconds(self.stage)
+        compute, update = issued_seconds([c for _, c, _ in costs], self.profile)
         during = [sum(rebuilt.get(self.region.get(n.id), {}).values()) + w
                   for n, w in zip(self.forward, self.gradients_in_flight(sh))]
         peak, working = backward_peak(grads, freed, during), backward_peak([0] * len(grads), freed, during)

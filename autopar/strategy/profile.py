@@ -225,12 +225,19 @@ class MachineProfile:
         """Whether the host only queues ops (a GPU profile with ``op_host_s``)."""
         return bool(self.op_host_s)
 
+    def host_seconds(self, kind: str, launches: int = 1) -> float:
+        """The host's issue of ``launches`` instructions of ``kind``: its ``op_host_s`` figure,
+        else ``op_overhead_s`` each."""
+        return launches * self.op_host_s.get(kind, self.op_overhead_s)
+
     def op_seconds(self, kind: str, work_s: float, launches: int = 1) -> float:
         """Seconds of ``launches`` instructions of ``kind`` doing ``work_s`` of compute: host
         dispatch plus the work where one thread does both (``op_overhead_s`` each), the longer
         of the host's issue (``op_host_s``) and the device's work where the host only queues it."""
+        if launches == 0:
+            return work_s
         if self.op_host_s:
-            return max(launches * self.op_host_s.get(kind, self.op_overhead_s), work_s)
+            return max(self.host_seconds(kind, launches), work_s)
         return work_s + launches * self.op_overhead_s
 
     def to_dict(self) -> dict:

@@ -57,6 +57,7 @@ from ...ir.mesh import Mesh
 from ..backward_memory import recomputed_walk
 from ..costmodel import CostModel
 from ..formulas import collective_seconds
+from ..plan_cost import issued_seconds
 from ..plan_source import PlanOptions
 from ..profile import MachineProfile
 from .assignment import assign_stages
@@ -259,7 +260,9 @@ def _stage_cost(model: CostModel, plan, stack: LayerStack | None) -> _StageCost:
     per_layer: dict[int, dict] = {}
     inputs: dict[int, dict] = {}
     walk: list[tuple[int, int | None, int]] = []    # per op: gradient bytes, layer, bytes it keeps first
+    node_costs = []
     for n, c, edge in model.op_costs(plan):
+        node_costs.append(c)
         compute, comm, backward = compute + c.compute_s, comm + c.comm_s + edge, backward + c.backward_s
         grad, update = grad + c.grad_s, update + c.update_s
         k = stack.layer_of(n.scope) if stack is not None else None
@@ -277,6 +280,10 @@ def _stage_cost(model: CostModel, plan, stack: LayerStack | None) -> _StageCost:
                     if lay is not None:
                         inputs.setdefault(k, {})[v] = math.prod(lay.local_shape(graph.spec(v).shape)) * \
                             np.dtype(graph.spec(v).dtype).itemsize
+    if model.profile.asynchronous:   # a GPU: the longer of the host's and the device's sums, in proportion
+        issued, update = issued_seconds(node_costs, model.profile)
+        scale = issued / compute if compute else 1.0
+        compute, backward, layer_forward = issued, backward * scale, layer_forward * scale
     cost = model.evaluate(plan)
     if model.fusion_rules:      # comm_fusion: the stage's deferred reductions in buckets, after its micro-batches
         buckets, alone, _ = model.gradient_buckets(plan, deferred=True)
