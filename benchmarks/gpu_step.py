@@ -55,6 +55,7 @@ from autopar.backend import as_backend  # noqa: E402
 from autopar.ir.spec import TensorSpec  # noqa: E402
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss  # noqa: E402
 from autopar.runtime.allocator import device_pool_bytes  # noqa: E402
+from autopar.runtime.arguments import normalize  # noqa: E402
 from autopar.runtime.trace import trace  # noqa: E402
 from autopar.strategy.formulas import transformer_training_flops  # noqa: E402
 from autopar.strategy.pipeline.auto import AutoPlan, even_split, find_layer_stack, price  # noqa: E402
@@ -112,6 +113,9 @@ def time_autopar(config: PanguAlphaConfig, batch: int, steps: int, warmup: int =
         train = nn.TrainOneStepCell(net, opt, clip_norm=1.0)
         ids = ids_for(config, batch)
         elapsed, spread = timed_steps(lambda: train(ids), warmup, steps)
+        phases = step_phases(train, ids)
+        print(f"  autopar {config.hidden_size}h {config.compute_dtype} step taken apart: " +
+              ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in phases.items()), flush=True)
         pool = device_pool_bytes(as_backend("GPU"))[1]
         peak = pool_peak_bytes(lambda: train(ids))
         return Measured(elapsed, spread, pool, peak, metered_peak(train, ids))
@@ -131,6 +135,26 @@ def metered_peak(train, ids) -> int | None:
         return None
     finally:
         train.measure_memory(False)
+
+
+def step_phases(train, ids) -> dict[str, float]:
+    """One more step taken apart, the device synchronised first: the host's issue of forward
+    and backward ('issue'), how long the device ran on after it ('drain': 0 when the host is
+    what the step waits for), the global norm (a device-to-host read) and the update."""
+    args, kwargs = normalize((ids,), {}, "gpu_step")
+    prog = train.build(ids)
+    sync()
+    t0 = time.perf_counter()
+    _, grads = prog(args, kwargs, train.optimizer.step_count)
+    t1 = time.perf_counter()
+    sync()
+    t2 = time.perf_counter()
+    float(prog.global_norm(grads))
+    t3 = time.perf_counter()
+    train.optimizer.step(grads)
+    sync()
+    t4 = time.perf_counter()
+    return {"issue": t1 - t0, "drain": t2 - t1, "norm": t3 - t2, "update": t4 - t3}
 
 
 def pool_peak_bytes(fn) -> int:
