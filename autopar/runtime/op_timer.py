@@ -25,7 +25,7 @@ def time_ops(program: Program, inputs: Sequence[np.ndarray], step: int = 0,
              timed: Callable[[int, Callable[[], object]], tuple[object, float]] | None = None,
              ) -> tuple[dict[str, float], dict[str, int]]:
     """({kind: seconds}, {kind: instructions}) of one run, executed exactly as
-    ``Program.run`` executes it (same slots, frees and random keys). ``before_comm`` (e.g.
+    ``Program.run`` executes it (same slots, frees, random keys and deferred checks). ``before_comm`` (e.g.
     a barrier) runs before each redistribution, timed apart as ``comm wait``: the time
     ranks wait for each other inside collectives. ``timed(k, run)`` -> (result, seconds)
     times instruction ``k`` some other way than ``clock`` around it (a GPU's device time)."""
@@ -35,6 +35,7 @@ def time_ops(program: Program, inputs: Sequence[np.ndarray], step: int = 0,
             out = run()
             return out, clock() - t0
     slots = program.initial_slots(inputs)
+    deferred: list = []
     seconds: dict[str, float] = {}
     counts: dict[str, int] = {}
     for k, ins in enumerate(program.instructions):
@@ -44,8 +45,8 @@ def time_ops(program: Program, inputs: Sequence[np.ndarray], step: int = 0,
             t0 = clock()
             before_comm()
             seconds["comm wait"] = seconds.get("comm wait", 0.0) + clock() - t0
-        keyed = {"key": program.rng_key(ins.node, step)} if k in program._rng_nodes else {}
-        res, s = timed(k, functools.partial(ins.fn, *args, **keyed))
+        keywords = program._keywords(k, ins.node, step, deferred)     # a random key, a list for deferred checks
+        res, s = timed(k, functools.partial(ins.fn, *args, **keywords))
         seconds[kind] = seconds.get(kind, 0.0) + s
         counts[kind] = counts.get(kind, 0) + 1
         if len(ins.outs) == 1 and not isinstance(res, tuple):
@@ -54,4 +55,6 @@ def time_ops(program: Program, inputs: Sequence[np.ndarray], step: int = 0,
             slots[o] = r
         for f in ins.frees:
             slots[f] = None
+    if deferred:
+        program._raise_failed_checks(deferred)
     return seconds, counts
