@@ -379,3 +379,43 @@ def test_column_sums_make_their_ones_row_once(kernel_cupy, monkeypatch):
         assert made == [((1, 6), np.float32), ((1, 4), np.float32), ((1, 6), np.float32)]
     finally:
         kernels._ones_row.cache_clear()
+
+
+# ---- on a real GPU (skipped without CuPy and a device) -------------------------------------------
+
+@pytest.fixture
+def cupy():
+    cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install -e '.[gpu]')")
+    try:
+        devices = cupy.cuda.runtime.getDeviceCount()
+    except Exception:     # no driver or no device
+        devices = 0
+    if not devices:
+        pytest.skip("CuPy sees no GPU")
+    return cupy
+
+
+def test_on_a_gpu_the_range_check_is_deferred_and_named(cupy, deferred):
+    bad = IDS.copy()
+    bad[0, 2] = VOCAB + 5                                          # CuPy wraps it: no fault, garbage rows
+    host_err = error_of(lambda: program("CPU").run([bad, LABELS]))
+    err = error_of(lambda: program("GPU").run([bad, LABELS]))
+    assert str(err) == str(host_err) and err.__notes__ == host_err.__notes__ == ["autopar: raised by Lookup/Gather"]
+    assert all(isinstance(v, cupy.ndarray) for _, checks in deferred[0] for c in checks for v in c.values)
+    (want,) = program("CPU").run([IDS, LABELS])
+    (got,) = program("GPU").run([IDS, LABELS])
+    assert type(got) is np.ndarray and np.allclose(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_on_a_gpu_column_sums_reuse_their_ones_row(cupy, dtype):
+    rows = np.random.default_rng(0).integers(-4, 5, (300, 24)).astype(np.float32)   # exact in bfloat16 too
+    dev_rows = cupy.asarray(rows).astype(dtype)
+    kernels._ones_row.cache_clear()
+    first = kernels.column_sum(dev_rows, "float32")
+    made = kernels._ones_row.cache_info().misses
+    again = kernels.column_sum(dev_rows, "float32")
+    assert kernels._ones_row.cache_info().misses == made           # the second call made no ones row
+    for got in (first, again):
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(cupy.asnumpy(got), rows.sum(axis=0))
