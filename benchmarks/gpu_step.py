@@ -52,15 +52,20 @@ from _gpu import build, describe_gpu, fast_weights, gpu_status, ids_for, sync  #
 import autopar  # noqa: E402
 from autopar import nn  # noqa: E402
 from autopar.backend import as_backend  # noqa: E402
+from autopar.calibrate.gpu import device_timer, host_timer  # noqa: E402
+from autopar.ir.mesh import Mesh  # noqa: E402
 from autopar.ir.spec import TensorSpec  # noqa: E402
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss  # noqa: E402
 from autopar.runtime.allocator import device_pool_bytes  # noqa: E402
 from autopar.runtime.arguments import normalize  # noqa: E402
+from autopar.runtime.op_timer import time_ops  # noqa: E402
 from autopar.runtime.trace import trace  # noqa: E402
+from autopar.strategy.costmodel import CostModel  # noqa: E402
 from autopar.strategy.formulas import transformer_training_flops  # noqa: E402
 from autopar.strategy.pipeline.auto import AutoPlan, even_split, find_layer_stack, price  # noqa: E402
 from autopar.strategy.plan_source import PlanOptions  # noqa: E402
 from autopar.strategy.profile import load_profile  # noqa: E402
+from autopar.strategy.sharding_plan import plan_shardings  # noqa: E402
 from autopar.train import AdamWeightDecay  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -102,7 +107,40 @@ class Measured:
     meter_bytes: int | None    # the runtime MemoryMeter's peak: live program arrays + optimizer states
 
 
-def time_autopar(config: PanguAlphaConfig, batch: int, steps: int, warmup: int = 2) -> Measured:
+def kinds_report(train, ids, profile: str) -> list[str]:
+    """Per op kind of one forward + backward of ``train``'s program: the device's time (each
+    instruction's kernels timed by CUDA events behind a spin kernel, as the GPU calibration
+    times them: ``autopar.calibrate.gpu.device_timer``) beside the cost model's work under
+    ``profile``, and the host's issue (host clock, free-running) beside its host figure --
+    which kind a step prediction is off by. Gradient sums are their own kind (AddN) here;
+    the cost model charges them to the op making the value."""
+    cupy = sys.modules["cupy"]
+    prog = train.build(ids)
+    step, issued = train.optimizer.step_count, {}
+    host, counts = time_ops(prog.program, [ids], step, timed=host_timer(issued))
+    device, _ = time_ops(prog.program, [ids], step, timed=device_timer(cupy, issued))
+    graph, stage = prog.traced.graph, Mesh((1,), ("devices",))
+    work: dict[str, float] = {}
+    issue: dict[str, float] = {}
+    for n, c, _ in CostModel(graph, stage, load_profile(profile), True).op_costs(
+            plan_shardings(graph, "stand_alone", stage, True)):
+        work[n.prim.kind] = work.get(n.prim.kind, 0.0) + c.work_s
+        issue[n.prim.kind] = issue.get(n.prim.kind, 0.0) + c.host_s
+    lines = [f"  {'kind':<36} {'instr':>5} {'device ms':>9} {'pred work':>9} {'ratio':>6}   {'host ms':>8} "
+             f"{'pred host':>9}"]
+    for kind in sorted(device, key=device.get, reverse=True):
+        pred = work.get(kind, 0.0)
+        ratio = f"{pred / device[kind]:>6.2f}" if device[kind] > 0 and pred > 0 else f"{'-':>6}"
+        lines.append(f"  {kind:<36} {counts[kind]:>5} {device[kind] * 1e3:>9.2f} {pred * 1e3:>9.2f} {ratio}   "
+                     f"{host[kind] * 1e3:>8.2f} {issue.get(kind, 0.0) * 1e3:>9.2f}")
+    lines.append(f"  {'all':<36} {sum(counts.values()):>5} {sum(device.values()) * 1e3:>9.2f} "
+                 f"{sum(work.values()) * 1e3:>9.2f} {'':>6}   {sum(host.values()) * 1e3:>8.2f} "
+                 f"{sum(issue.values()) * 1e3:>9.2f}")
+    return lines
+
+
+def time_autopar(config: PanguAlphaConfig, batch: int, steps: int, warmup: int = 2,
+                 ops_profile: str | None = None) -> Measured:
     """Seconds per TrainOneStepCell step on the GPU (:func:`timed_steps`; the first step
     compiles), then one more step with its memory watched (untimed: the meter and the watched
     malloc cost)."""
@@ -116,6 +154,8 @@ def time_autopar(config: PanguAlphaConfig, batch: int, steps: int, warmup: int =
         phases = step_phases(train, ids)
         print(f"  autopar {config.hidden_size}h {config.compute_dtype} step taken apart: " +
               ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in phases.items()), flush=True)
+        if ops_profile is not None:
+            print("\n".join(kinds_report(train, ids, ops_profile)), flush=True)
         pool = device_pool_bytes(as_backend("GPU"))[1]
         peak = pool_peak_bytes(lambda: train(ids))
         return Measured(elapsed, spread, pool, peak, metered_peak(train, ids))
@@ -294,6 +334,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch anchor")
     ap.add_argument("--profile", help="a machine profile (shipped name or .json path): print the cost model's "
                                       "predicted step seconds and peak memory of each autopar row beside the measured")
+    ap.add_argument("--ops", action="store_true", help="with --profile: each autopar row's op kinds, device and "
+                                                        "host time measured beside the cost model's")
     args = ap.parse_args(argv)
     dtypes = args.dtypes.split(",")
     bad = [d for d in dtypes if d not in DTYPES]
@@ -326,7 +368,8 @@ def main(argv=None) -> int:
             line = f"{size:>5} {dtype:>9} "
             measured = None
             try:
-                measured = time_autopar(config, args.batch, args.steps, args.warmup)
+                measured = time_autopar(config, args.batch, args.steps, args.warmup,
+                                        args.profile if args.ops else None)
                 t = measured.step_s
                 line += (f"{t:>9.3f} {measured.spread:>6.1%} {tokens / t:>9,.0f} {flops / t / rates[dtype]:>6.1%} "
                          f"{measured.pool_bytes / GiB:>6.1f}   ")
