@@ -25,6 +25,7 @@ import types
 import ml_dtypes
 import numpy as np
 import pytest
+from gpu import cupy_or_skip
 from test_backend import FakeDeviceArray, FakeDeviceModule, on_device
 
 import autopar
@@ -385,14 +386,7 @@ def test_column_sums_make_their_ones_row_once(kernel_cupy, monkeypatch):
 
 @pytest.fixture
 def cupy():
-    cupy = pytest.importorskip("cupy", reason="CuPy is not installed (pip install -e '.[gpu]')")
-    try:
-        devices = cupy.cuda.runtime.getDeviceCount()
-    except Exception:     # no driver or no device
-        devices = 0
-    if not devices:
-        pytest.skip("CuPy sees no GPU")
-    return cupy
+    return cupy_or_skip(module_level=False)
 
 
 def test_on_a_gpu_the_range_check_is_deferred_and_named(cupy, deferred):
