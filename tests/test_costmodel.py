@@ -201,3 +201,31 @@ def test_a_plan_on_an_asynchronous_device_takes_the_longer_of_the_host_and_devic
     cpu_costs = [c for _, c, _ in cpu.op_costs(plan)]
     assert issued_seconds(cpu_costs, cpu.profile)[0] == pytest.approx(sum(c.compute_s for c in cpu_costs))
     assert cpu.evaluate(plan).compute_s == pytest.approx(sum(c.compute_s for c in cpu_costs))
+
+
+def test_the_stage_planners_parts_on_a_gpu_take_the_longer_of_their_host_and_device_sums():
+    """The CLI stage planner prices a model from a first part, one layer and a last part:
+    under an asynchronous profile each part's compute and update are the longer of its
+    ops' summed host issue and summed device work, as the joint search prices a stage."""
+    from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
+    from autopar.strategy.pipeline.stage_search import split_parts
+    cfg = PanguAlphaConfig(vocab_size=8000, seq_length=1024, hidden_size=1024, num_layers=2, num_heads=16,
+                           ffn_hidden_size=4096, compute_dtype="bfloat16", param_dtype="float32")   # 350M's width
+    net = PanguAlphaWithLoss(cfg)
+    net.set_train(True)
+    g = trace(net, (TensorSpec((8, cfg.seq_length + 1), np.dtype(np.int32)),), {}).graph
+    stage = Mesh((1,), ("devices",))
+    plan = plan_shardings(g, "stand_alone", stage, True)
+    gpu = load_profile("h100-1")
+    assert gpu.asynchronous
+    model = CostModel(g, stage, gpu, True)
+    rows = model.op_costs(plan)
+    parts = split_parts(model, plan, "blocks.0.", rows=rows)
+    groups = [[c for n, c, _ in rows if not n.scope.startswith("blocks.")],
+              [c for n, c, _ in rows if n.scope.startswith("blocks.0.") or n.scope == "blocks.0"]]
+    first_and_last = parts[0].compute_s + parts[2].compute_s
+    assert parts[1].compute_s == pytest.approx(max(sum(c.work_s for c in groups[1]), sum(c.host_s for c in groups[1])))
+    assert parts[1].update_s == pytest.approx(max(sum(c.update_work_s for c in groups[1]),
+                                                  sum(c.update_host_s for c in groups[1])))
+    assert parts[1].compute_s < 0.97 * sum(c.compute_s for c in groups[1])   # per-op maxima overcount here
+    assert first_and_last <= sum(c.compute_s for c in groups[0]) + 1e-15

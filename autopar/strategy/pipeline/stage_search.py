@@ -47,6 +47,7 @@ from ...ir.graph import Graph
 from ...ir.mesh import Mesh
 from .. import formulas
 from ..costmodel import CostModel
+from ..plan_cost import issued_seconds
 from ..profile import MachineProfile
 from ..sharding_plan import plan_shardings
 from .registry import ModelFamily
@@ -261,13 +262,17 @@ def split_parts(model: CostModel, plan, layer_scope: str, memory_model: CostMode
                 sends.append(nbytes)
                 if v in model.needs_grad:
                     grads.append(nbytes)
-        parts.append(Part(sum(c.compute_s for _, c, _ in rows),
+        costs = [c for _, c, _ in rows]
+        compute, update = issued_seconds(costs, model.profile)   # a GPU's host runs ahead: the longer sum
+        summed = sum(c.compute_s for c in costs)
+        forward = sum(c.compute_s - c.backward_s for c in costs) * (compute / summed if summed else 1.0)
+        parts.append(Part(compute,
                           sum(c.comm_s + e for _, c, e in rows),
                           sum(c.grad_s for _, c, _ in rows),
-                          sum(c.update_s for _, c, _ in rows),
+                          update,
                           model_bytes, state, sum(kept.values()), sum(sends), tuple(sends), tuple(grads), grad,
                           shared, shared_grad, max((in_flight_grads[n.id] for n, _, _ in rows), default=0),
-                          sum(c.compute_s - c.backward_s for _, c, _ in rows), acc, shared_acc))
+                          forward, acc, shared_acc))
     return tuple(parts)
 
 
