@@ -31,7 +31,7 @@ def fake_probe(seen: dict) -> GpuProbe:
     """A probe whose figures are known; ``seen`` records the profile op_costs was handed."""
     def op_costs(profile, sizes):
         seen["op_rates_profile"] = profile
-        return ({"Softmax": (1.5e12, "softmax bytes / seconds"), "Dropout": (9.0e11, "dropout bytes / seconds")},
+        return ({"Softmax": (1.5e12, 4e-6, "softmax bytes / seconds"), "Dropout": (9.0e11, 0.0, "dropout fit")},
                 {"MatMul": (9.0e-5, "matmul host issue"), "Reshape": (1.5e-5, "reshape host issue")})
     return GpuProbe(
         device=lambda: GpuDevice("Fake GPU 80GB", 85_000_000_000, "CuPy 0.0, CUDA runtime 0"),
@@ -51,6 +51,8 @@ def test_the_profile_holds_each_measurement_and_says_where_it_was_measured(tmp_p
     assert profile.elementwise_bytes_per_s == 3.0e12 and profile.op_overhead_s == 1.2e-5
     assert dict(profile.op_bytes_per_s) == {"Softmax": 1.5e12, "Dropout": 9.0e11}
     assert dict(profile.op_host_s) == {"MatMul": 9.0e-5, "Reshape": 1.5e-5} and profile.asynchronous
+    assert dict(profile.op_device_s) == {"Softmax": 4e-6, "Dropout": 0.0}
+    assert "dropout fit" in profile.sources["op_device_s.Dropout"]
     assert "matmul host issue" in profile.sources["op_host_s.MatMul"]
     assert "softmax bytes / seconds" in profile.sources["op_bytes_per_s.Softmax"]
     assert profile.memory_bytes == 85_000_000_000 and profile.devices_per_node == 1

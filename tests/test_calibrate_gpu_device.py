@@ -16,7 +16,8 @@ from autopar.strategy.profile import load_profile  # noqa: E402
 
 # small GEMMs and arrays; the full op-rate workload (a smaller one leaves kinds under op_rates.MIN_SECONDS)
 SIZES = dataclasses.replace(GPU_QUICK, gemm_n=2048, elementwise_bytes=16 * 2 ** 20,
-                            op_rate_workload=GPU_FULL.op_rate_workload, op_rate_batch=GPU_FULL.op_rate_batch)
+                            op_rate_workload=GPU_FULL.op_rate_workload, op_rate_batch=GPU_FULL.op_rate_batch,
+                            op_rate_wide=GPU_FULL.op_rate_wide)
 
 
 @pytest.fixture(scope="module")
@@ -51,3 +52,5 @@ def test_device_time_is_the_kernels_alone_and_host_time_the_issue(profile):
     assert profile.op_bytes_per_s["Add"] < 1.5 * profile.elementwise_bytes_per_s
     assert profile.op_bytes_per_s["Add"] > 1e12
     assert 2e-6 < profile.op_host_s["MatMul"] < 1e-3 and profile.asynchronous
+    assert set(profile.op_device_s) == set(profile.op_bytes_per_s)       # each rated kind's fixed cost
+    assert all(0.0 <= s < 1e-3 for s in profile.op_device_s.values())

@@ -229,3 +229,19 @@ def test_the_stage_planners_parts_on_a_gpu_take_the_longer_of_their_host_and_dev
                                                   sum(c.update_host_s for c in groups[1])))
     assert parts[1].compute_s < 0.97 * sum(c.compute_s for c in groups[1])   # per-op maxima overcount here
     assert first_and_last <= sum(c.compute_s for c in groups[0]) + 1e-15
+
+
+def test_a_kinds_fixed_device_cost_is_charged_per_instruction():
+    """``op_device_s`` adds its seconds to an op's device work once per instruction it runs
+    (forward and backward: two), on top of its bytes at the kind's rate."""
+    from dataclasses import replace
+    g, stage, plan = dense_data_parallel(1, 64)
+    base = replace(load_profile("h100-1"), op_device_s={})
+    fixed = replace(base, op_device_s={"MatMul": 1e-3}, sources={**base.sources, "op_device_s.MatMul": "assumed"})
+    plain = {n.id: c for n, c, _ in CostModel(g, stage, base).op_costs(plan)}
+    more = {n.id: (n, c) for n, c, _ in CostModel(g, stage, fixed).op_costs(plan)}
+    matmuls = [(plain[i], c) for i, (n, c) in more.items() if n.prim.kind == "MatMul"]
+    assert matmuls
+    for before, after in matmuls:
+        assert after.work_s - before.work_s == pytest.approx(2e-3)
+    assert all(plain[i].work_s == c.work_s for i, (n, c) in more.items() if n.prim.kind != "MatMul")

@@ -6,10 +6,10 @@ import time
 import numpy as np
 import pytest
 
+from autopar.models.op_rates import QUICK_WORKLOAD
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.runtime.compiled import GradProgram
 from autopar.runtime.op_timer import kind_of, time_ops
-from autopar.models.op_rates import QUICK_WORKLOAD, measure_op_rates
 from autopar.strategy.profile import PROFILE_DIR, MachineProfile, load_profile
 
 
@@ -95,3 +95,34 @@ def test_a_profile_is_found_by_the_name_before_its_size():
     assert load_profile("ascend910").name == load_profile("ascend910-2048").name
     with pytest.raises(ValueError, match="no profile named 'ascend'"):
         load_profile("ascend")
+
+
+@pytest.mark.parametrize("rate, fixed", [(2.0e12, 4e-6), (5.0e11, 0.0), (1.0e12, 2e-5)])
+def test_a_two_width_fit_recovers_the_rate_and_the_fixed_cost(rate, fixed):
+    from autopar.models.op_rates import fit_rate
+    n, m1, m2 = 40, 3.0e8, 1.2e9                     # the same instructions, four times the bytes
+    got = fit_rate(n, m1, n * fixed + m1 / rate, n, m2, n * fixed + m2 / rate)
+    assert got == pytest.approx((rate, fixed), rel=1e-9, abs=1e-15)
+
+
+def test_a_fit_the_points_cannot_make_falls_back_to_the_larger_point():
+    from autopar.models.op_rates import fit_rate
+    assert fit_rate(10, 1e8, 2e-3, 10, 4e8, 1e-3) == (4e8 / 1e-3, 0.0)   # more bytes, less time: noise
+    assert fit_rate(10, 4e8, 1e-3, 10, 4e8, 2e-3) == (4e8 / 2e-3, 0.0)   # the same bytes: no slope
+    rate, fixed = fit_rate(10, 1e8, 1e-4, 10, 4e8, 1e-3)                 # a negative fixed cost: none
+    assert (rate, fixed) == (4e8 / 1e-3, 0.0)
+
+
+def test_fits_take_the_two_widths_and_rate_only_the_kinds_with_bytes():
+    """Each instruction timed as 1 ms whatever it moves: the two widths' times are equal, so no
+    kind has a positive slope and every fit falls back to its wider point, fixed cost 0;
+    GEMMs and views (no bytes) are not rated; the how names both widths."""
+    import autopar.models.op_rates as op_rates
+    profile = load_profile("cpu-2core")
+    wide = dict(QUICK_WORKLOAD, hidden_size=128, ffn_hidden_size=512)
+    fits = op_rates.measure_op_fits(profile, 1, time.perf_counter, lambda k, run: (run(), 1e-3),
+                                    (QUICK_WORKLOAD, wide), 2)
+    assert {"Dropout", "LayerNorm", "Softmax", "optimizer_update"} <= set(fits)
+    assert not {"MatMul", "BatchMatMul", "Reshape"} & set(fits)
+    assert all(fixed == 0.0 for _, fixed, _ in fits.values())
+    assert "at 64h and 128h" in fits["LayerNorm"][2]

@@ -22,9 +22,10 @@ synchronisation per timing, not per call) and the figure is the best of ``repeat
 | op_host_s.<kind>        | ``autopar.models.op_rates`` on ``GPU_WORKLOAD`` (its docstring says   |
 |                         | why not the CPU's): the host's issue time of each instruction as a    |
 |                         | free-running step issues it, per instruction of the kind              |
-| op_bytes_per_s.<kind>   | the same workload, each instruction's DEVICE time: a spin kernel      |
-|                         | holds the stream while the host issues it, CUDA events around it      |
-|                         | (:func:`device_timer`), so no host time and no launch gap enters      |
+| op_bytes_per_s.<kind>   | each instruction's DEVICE time: a spin kernel holds the stream while  |
+| op_device_s.<kind>      | the host issues it, CUDA events around it (:func:`device_timer`), so  |
+|                         | no host time and no launch gap enters; per kind, t = n x fixed +      |
+|                         | bytes / rate fitted through the workload at two widths (H and 2H)     |
 | memory_bytes            | the GPU's total memory (cudaGetDeviceProperties totalGlobalMem)       |
 | devices_per_node        | 1: a profile of one GPU                                               |
 
@@ -42,7 +43,7 @@ from __future__ import annotations
 import datetime
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -52,10 +53,12 @@ from ..dtype import as_dtype
 from ..errors import format_error
 from ..models.op_rates import (
     GPU_BATCH,
+    GPU_QUICK_WIDE_WORKLOAD,
     GPU_QUICK_WORKLOAD,
+    GPU_WIDE_WORKLOAD,
     GPU_WORKLOAD,
+    measure_op_fits,
     measure_op_host_seconds,
-    measure_op_rates,
 )
 from ..runtime.program import Program
 from ..runtime.trace import trace
@@ -84,10 +87,15 @@ class GpuSizes:
     op_rate_workload: tuple[tuple[str, object], ...]   # PanguAlphaConfig fields of that workload
     op_rate_batch: int
     efficiency_dims: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+    op_rate_wide: tuple[tuple[str, object], ...] = tuple(GPU_WIDE_WORKLOAD.items())   # its second width
 
     @property
     def workload(self) -> dict:
         return dict(self.op_rate_workload)
+
+    @property
+    def wide_workload(self) -> dict:
+        return dict(self.op_rate_wide)
 
 
 GPU_FULL = GpuSizes(gemm_n=8192, gemm_calls=10, gemm_repeats=5, elementwise_bytes=256 * MiB, elementwise_calls=20,
@@ -96,7 +104,7 @@ GPU_FULL = GpuSizes(gemm_n=8192, gemm_calls=10, gemm_repeats=5, elementwise_byte
 GPU_QUICK = GpuSizes(gemm_n=4096, gemm_calls=5, gemm_repeats=3, elementwise_bytes=64 * MiB, elementwise_calls=10,
                      elementwise_repeats=3, chain_links=70, chain_runs=5, chain_repeats=3, op_rate_repeats=2,
                      op_rate_workload=tuple(GPU_QUICK_WORKLOAD.items()), op_rate_batch=GPU_BATCH,
-                     efficiency_dims=(16, 64, 256, 1024))
+                     efficiency_dims=(16, 64, 256, 1024), op_rate_wide=tuple(GPU_QUICK_WIDE_WORKLOAD.items()))
 
 
 @dataclass(frozen=True)
@@ -116,8 +124,9 @@ class GpuProbe:
     gemm_efficiency: Callable[[str, float, GpuSizes], tuple[tuple[float, float], ...]]
     elementwise_bytes_per_s: Callable[[GpuSizes], float]
     op_overhead_s: Callable[[GpuSizes], tuple[float, int]]                  # (s per op, instructions)
-    op_costs: Callable[[MachineProfile, GpuSizes], tuple[dict[str, tuple[float, str]],   # op_bytes_per_s
-                                                          dict[str, tuple[float, str]]]]  # op_host_s
+    # ({kind: (bytes/s, device s per instruction, how)}, {kind: (host s per instruction, how)})
+    op_costs: Callable[[MachineProfile, GpuSizes], tuple[dict[str, tuple[float, float, str]],
+                                                          dict[str, tuple[float, str]]]]
 
 
 # ---------------------------------------------------------------- is there a GPU
@@ -279,8 +288,9 @@ def device_timer(cupy, issued: dict[int, float]):
 
 
 def measure_gpu_op_costs(profile: MachineProfile, sizes: GpuSizes) -> tuple[dict, dict]:
-    """(op_bytes_per_s, op_host_s) measured on the GPU: programs built under device_target
-    GPU; the host's issue of each instruction first, then each one's device time."""
+    """({kind: (bytes/s, device s per instruction, how)}, {kind: (host s, how)}) measured on
+    the GPU: programs built under device_target GPU; the host's issue of each instruction
+    first, then each one's device time at the workload's two widths (``measure_op_fits``)."""
     cupy = import_cupy(WHERE)
     before = get_context("device_target")
     set_context(device_target="GPU")
@@ -289,10 +299,9 @@ def measure_gpu_op_costs(profile: MachineProfile, sizes: GpuSizes) -> tuple[dict
     try:
         host = measure_op_host_seconds(sizes.op_rate_repeats, clock, host_timer(issued),
                                        workload=sizes.workload, batch=sizes.op_rate_batch)
-        rates = measure_op_rates(replace(profile, op_overhead_s=0.0), repeats=sizes.op_rate_repeats, clock=clock,
-                                 workload=sizes.workload, batch=sizes.op_rate_batch,
-                                 timed=device_timer(cupy, issued))
-        return rates, host
+        fits = measure_op_fits(profile, sizes.op_rate_repeats, clock, device_timer(cupy, issued),
+                               (sizes.workload, sizes.wide_workload), sizes.op_rate_batch)
+        return fits, host
     finally:
         set_context(device_target=before)
 
@@ -342,13 +351,14 @@ def calibrate_gpu(name: str, like: MachineProfile | None, sizes: GpuSizes = GPU_
         f"measured {said}: autopar Program.run under device_target GPU of a chain of {count} tiny (4, 4) float32 "
         f"ops (Add, Mul, Tanh), {sizes.chain_runs} runs per timing, best of {sizes.chain_repeats}: "
         f"{wall} / runs / {count} (Python dispatch + kernel launch)")
-    rates, host = probe.op_costs(provisional_profile(figures), sizes)
-    figures["op_bytes_per_s"] = {kind: rate for kind, (rate, _) in rates.items()}
+    fits, host = probe.op_costs(provisional_profile(figures), sizes)
+    figures["op_bytes_per_s"] = {kind: rate for kind, (rate, _, _) in fits.items()}
+    figures["op_device_s"] = {kind: fixed for kind, (_, fixed, _) in fits.items()}
     figures["op_host_s"] = {kind: seconds for kind, (seconds, _) in host.items()}
-    for kind, (_, how) in rates.items():
-        sources[f"op_bytes_per_s.{kind}"] = (
-            f"measured {said}: {how}; each instruction's device time (CUDA events, the stream held by a spin "
-            f"kernel while the host issued it)")
+    for kind, (_, _, how) in fits.items():
+        for key in (f"op_bytes_per_s.{kind}", f"op_device_s.{kind}"):
+            sources[key] = (f"measured {said}: {how}; each instruction's device time (CUDA events, the stream "
+                            f"held by a spin kernel while the host issued it)")
     for kind, (_, how) in host.items():
         sources[f"op_host_s.{kind}"] = f"measured {said}: {how}; host clock around each, the device running"
     collective, collective_sources = copied_collectives(like, said)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -58,6 +59,9 @@ GPU_WORKLOAD = dict(vocab_size=8000, seq_length=1024, hidden_size=1024, num_laye
                     ffn_hidden_size=4096, dropout_rate=0.1, compute_dtype="bfloat16", param_dtype="float32")
 GPU_BATCH = 4
 GPU_QUICK_WORKLOAD = dict(GPU_WORKLOAD, seq_length=512, hidden_size=512, num_heads=8, ffn_hidden_size=2048)
+# the same layers at twice the width: the second point of each kind's fixed cost + bytes/rate fit
+GPU_WIDE_WORKLOAD = dict(GPU_WORKLOAD, hidden_size=2048, ffn_hidden_size=8192)
+GPU_QUICK_WIDE_WORKLOAD = dict(GPU_QUICK_WORKLOAD, hidden_size=1024, ffn_hidden_size=4096)
 
 
 def _workload(workload: dict | None, batch: int):
@@ -84,30 +88,41 @@ def _best_seconds(net, prog, ids, repeats: int, clock, timed) -> tuple[dict[str,
     return best, counts
 
 
+def _measured_kinds(profile: MachineProfile, repeats: int, clock, workload: dict | None, batch: int, timed):
+    """(config, {kind: bytes the cost model counts}, {kind: best seconds}, {kind: instructions})
+    of one workload step; the update is OPTIMIZER_KIND with one instruction per parameter."""
+    cfg, net, ids, prog = _workload(workload, batch)
+    graph = prog.traced.graph
+    stage = Mesh((1,), ("devices",))
+    model = CostModel(graph, stage, replace(profile, op_bytes_per_s={}, op_host_s={}, op_device_s={}), True)
+    moved: dict[str, float] = {}
+    for n, c, _ in model.op_costs(plan_shardings(graph, "stand_alone", stage, True)):
+        moved[n.prim.kind] = moved.get(n.prim.kind, 0.0) + c.bytes_moved
+    best, counts = _best_seconds(net, prog, ids, repeats, clock, timed)
+    moved[OPTIMIZER_KIND] = OPTIMIZER_BYTES_PER_ELEMENT * sum(p.data.nbytes for p in net.trainable_params())
+    return cfg, moved, best, counts
+
+
+def _rated(kind: str, moved: dict, seconds: dict) -> bool:
+    """Whether a kind gets a rate: not a GEMM (priced by FLOPs), bytes counted, above the noise."""
+    return kind not in GEMM_KINDS and moved.get(kind, 0) > 0 and seconds.get(kind, 0) >= MIN_SECONDS
+
+
 def measure_op_rates(profile: MachineProfile, repeats: int = 5, clock=time.thread_time,
                      workload: dict | None = None, batch: int = BATCH,
                      agree=lambda seconds: seconds, timed=None) -> dict[str, tuple[float, str]]:
     """{kind: (bytes/s, how it was measured)} under ``profile``'s ``op_overhead_s``; the
     fastest of ``repeats`` runs per kind, then ``agree`` (e.g. the slowest rank's: a max
     all-reduce over the kinds' seconds in sorted order). ``timed`` (see
-    :func:`~autopar.runtime.op_timer.time_ops`) times each instruction instead of ``clock``:
-    a GPU's device time, with ``op_overhead_s`` 0 (no host time in it)."""
-    cfg, net, ids, prog = _workload(workload, batch)
-    graph = prog.traced.graph
-    stage = Mesh((1,), ("devices",))
-    model = CostModel(graph, stage, replace(profile, op_bytes_per_s={}, op_host_s={}), True)
-    moved: dict[str, float] = {}
-    for n, c, _ in model.op_costs(plan_shardings(graph, "stand_alone", stage, True)):
-        moved[n.prim.kind] = moved.get(n.prim.kind, 0.0) + c.bytes_moved
-    best, counts = _best_seconds(net, prog, ids, repeats, clock, timed)
+    :func:`~autopar.runtime.op_timer.time_ops`) times each instruction instead of ``clock``."""
+    cfg, moved, best, counts = _measured_kinds(profile, repeats, clock, workload, batch, timed)
     counts[OPTIMIZER_KIND] = 0                   # the update's rate carries no per-op overhead
-    moved[OPTIMIZER_KIND] = OPTIMIZER_BYTES_PER_ELEMENT * sum(p.data.nbytes for p in net.trainable_params())
     kinds = sorted(best)
     agreed = agree(np.array([best[k] for k in kinds]))
     best = dict(zip(kinds, (float(x) for x in agreed)))
     out = {}
     for kind, s in sorted(best.items()):
-        if kind in GEMM_KINDS or kind not in moved or moved[kind] <= 0 or s < MIN_SECONDS:
+        if not _rated(kind, moved, best):
             continue
         busy = s - counts[kind] * profile.op_overhead_s
         if busy <= 0:
@@ -117,6 +132,42 @@ def measure_op_rates(profile: MachineProfile, repeats: int = 5, clock=time.threa
                      f"(forward + backward) / {busy:.3g} s measured (best of {repeats}, per-op overhead "
                      f"subtracted) in a serial step of PanGu-α {cfg.hidden_size}h x {cfg.num_layers} layers, "
                      f"batch {batch} x {cfg.seq_length}, {cfg.compute_dtype} ops")
+    return out
+
+
+def fit_rate(n1: float, m1: float, t1: float, n2: float, m2: float, t2: float) -> tuple[float, float]:
+    """(bytes/s, seconds per instruction) of ``t = n * fixed + m / rate`` through two points
+    (n instructions moving m bytes in t seconds). Where the two do not determine a positive
+    rate and fixed cost -- the same bytes, noise -- the larger point alone: (m2 / t2, 0)."""
+    det = n1 * m2 - n2 * m1
+    if det:
+        fixed, inverse_rate = (t1 * m2 - t2 * m1) / det, (n1 * t2 - n2 * t1) / det
+        if inverse_rate > 0 and fixed >= 0:
+            return 1.0 / inverse_rate, fixed
+    return m2 / t2, 0.0
+
+
+def measure_op_fits(profile: MachineProfile, repeats: int, clock, timed, workloads: Sequence[dict],
+                    batch: int) -> dict[str, tuple[float, float, str]]:
+    """{kind: (bytes/s, device seconds per instruction, how)}: each kind's seconds (``timed``:
+    a GPU's device time) on two workloads of the same layers at two widths, fitted by
+    :func:`fit_rate` -- a kernel's fixed cost on the device (its start, its tail, a few
+    thousand elements per block) is paid per instruction, its bytes at the rate, so one
+    rate from one width would misprice the other (the update of 1.3B's large weights ran
+    at twice the rate the 85M-parameter workload gave)."""
+    (cfg1, m1, t1, n1), (cfg2, m2, t2, n2) = (_measured_kinds(profile, repeats, clock, w, batch, timed)
+                                              for w in workloads)
+    out = {}
+    for kind in sorted(t2):
+        if not _rated(kind, m2, t2) or kind not in t1 or n1.get(kind) != n2.get(kind):
+            continue
+        rate, fixed = fit_rate(n1[kind], m1.get(kind, 0.0), t1[kind], n2[kind], m2[kind], t2[kind])
+        out[kind] = (rate, fixed,
+                     f"t = n x fixed + bytes / rate through two serial steps of PanGu-α, {cfg1.num_layers} layers "
+                     f"at {cfg1.hidden_size}h and {cfg2.hidden_size}h, batch {batch} x {cfg1.seq_length}, "
+                     f"{cfg1.compute_dtype} ops: {n1[kind]} {kind} instructions moving {m1.get(kind, 0.0):.3g} and "
+                     f"{m2[kind]:.3g} bytes (as the cost model counts them) in {t1[kind]:.3g} and {t2[kind]:.3g} s "
+                     f"(best of {repeats})")
     return out
 
 

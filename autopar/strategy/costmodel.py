@@ -224,11 +224,11 @@ class CostModel:
         if dtype not in prof.gemm_flops:   # a dtype the profile lists no rate for: its slowest rate
             dtype = min(prof.gemm_flops, key=prof.gemm_flops.get)
         min_dim, kind = sh.gemm_min_dim(specs), prim.kind
-        work = formulas.compute_seconds(flops, 0, dtype, prof, min_dim) + nbytes / prof.op_rate(kind)
+        work = formulas.compute_seconds(flops, 0, dtype, prof, min_dim) + prof.device_seconds(kind, nbytes, launches)
         host = prof.host_seconds(kind, launches)
         compute = prof.op_seconds(kind, work, launches)
         forward_s = prof.op_seconds(kind, formulas.compute_seconds(fwd_flops, 0, dtype, prof, min_dim)
-                                    + fwd_bytes / prof.op_rate(kind))
+                                    + prof.device_seconds(kind, fwd_bytes))
         comm = self._internal_seconds(node, sh, out, backward)
         sums = [self.grad_sum_parts(node.outputs[0], out_lay)]
         grad = update = update_work = update_host = 0.0
@@ -250,7 +250,7 @@ class CostModel:
             pbytes += local_bytes // copies if self.weights_sliced else local_bytes
             gbytes += local_bytes // copies   # optimizer parallel: a reduce-scattered slice
             sbytes += self.state_bytes(v, local_bytes, lay)
-            moved = OPTIMIZER_BYTES_PER_ELEMENT * (local_bytes // copies) / prof.op_rate(OPTIMIZER_KIND)
+            moved = prof.device_seconds(OPTIMIZER_KIND, OPTIMIZER_BYTES_PER_ELEMENT * (local_bytes // copies))
             issue = prof.host_seconds(OPTIMIZER_KIND, 1) if prof.asynchronous else 0.0   # CPU: in the rate
             update, update_work, update_host = update + max(moved, issue), update_work + moved, update_host + issue
         act = sum(nbytes for _, nbytes in self.kept_for_backward(node, sh))
@@ -271,7 +271,7 @@ class CostModel:
         if k < 2:
             return 0.0, 0
         nbytes = (k + 1) * _local(self.graph.spec(value), layout).nbytes
-        return nbytes / self.profile.op_rate(GRAD_SUM_KIND), 1
+        return self.profile.device_seconds(GRAD_SUM_KIND, nbytes), 1
 
     def state_bytes(self, value: int, local_bytes: int, layout: Layout) -> int:
         """Optimizer-state bytes of weight ``value`` of ``local_bytes`` per rank in ``layout``:

@@ -25,6 +25,9 @@ A profile is a JSON data file (``autopar/strategy/profiles/<name>.json``) holdin
   kernels and goes on). A profile with these prices each op at the longer of its host issue and
   its device work, instead of their sum (a CPU, where one thread does both). Sourced per kind as
   ``op_host_s.<kind>``;
+* ``op_device_s``                 — optional, per op kind: the device's fixed seconds per
+  instruction of that kind besides its bytes at ``op_bytes_per_s`` (a kernel's start and tail;
+  fitted through two widths by the GPU calibration). Sourced per kind as ``op_device_s.<kind>``;
 * ``gemm_efficiency``             — optional, per dtype name: points ``[d, fraction]`` of the
   GEMM rate reached by a GEMM whose smallest dimension min(m, n, k) is d (small and skinny
   GEMMs run below peak); between points the fraction is interpolated in log d, outside
@@ -111,6 +114,8 @@ class MachineProfile:
     # op kind -> host seconds to issue one instruction of it, on an asynchronous device (GPU);
     # each sourced as "op_host_s.<kind>"
     op_host_s: Mapping[str, float] = field(default_factory=dict)
+    # op kind -> device seconds per instruction besides its bytes; each sourced as "op_device_s.<kind>"
+    op_device_s: Mapping[str, float] = field(default_factory=dict)
     # dtype -> ((min(m, n, k), fraction of gemm_flops), ...), d increasing
     gemm_efficiency: Mapping[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
 
@@ -157,6 +162,11 @@ class MachineProfile:
                              f"got {self.op_host_s!r} (profile {self.name!r})")
         object.__setattr__(self, "op_host_s", {
             str(k): _positive_number(f"op_host_s[{k!r}]", v) for k, v in self.op_host_s.items()})
+        if not isinstance(self.op_device_s, Mapping):
+            raise ValueError(f"MachineProfile.op_device_s: expected a mapping op kind -> seconds, "
+                             f"got {self.op_device_s!r} (profile {self.name!r})")
+        object.__setattr__(self, "op_device_s", {
+            str(k): _positive_number(f"op_device_s[{k!r}]", v, allow_zero=True) for k, v in self.op_device_s.items()})
         object.__setattr__(self, "gemm_efficiency", self._checked_curves(gemm))
         if not isinstance(self.sources, Mapping):
             raise ValueError(f"MachineProfile.sources: expected a mapping figure -> source, "
@@ -171,6 +181,7 @@ class MachineProfile:
                 sources[name] = DEFAULTED_SOURCES[name]
         needed = list(SOURCED_FIELDS) + list(OPTIONAL_FIELDS) + [f"gemm_flops.{d}" for d in gemm] + \
             [f"op_bytes_per_s.{k}" for k in self.op_bytes_per_s] + [f"op_host_s.{k}" for k in self.op_host_s] + \
+            [f"op_device_s.{k}" for k in self.op_device_s] + \
             [f"gemm_efficiency.{d}" for d in self.gemm_efficiency]
         missing = [k for k in needed if k not in sources]
         if missing:
@@ -230,6 +241,11 @@ class MachineProfile:
         else ``op_overhead_s`` each."""
         return launches * self.op_host_s.get(kind, self.op_overhead_s)
 
+    def device_seconds(self, kind: str, nbytes: float, launches: int = 1) -> float:
+        """The device's time for ``launches`` instructions of ``kind`` moving ``nbytes``: the
+        bytes at the kind's rate, plus its fixed ``op_device_s`` per instruction."""
+        return nbytes / self.op_rate(kind) + launches * self.op_device_s.get(kind, 0.0)
+
     def op_seconds(self, kind: str, work_s: float, launches: int = 1) -> float:
         """Seconds of ``launches`` instructions of ``kind`` doing ``work_s`` of compute: host
         dispatch plus the work where one thread does both (``op_overhead_s`` each), the longer
@@ -243,6 +259,7 @@ class MachineProfile:
     def to_dict(self) -> dict:
         return asdict(self) | {"gemm_flops": dict(self.gemm_flops), "sources": dict(self.sources),
                                "op_bytes_per_s": dict(self.op_bytes_per_s), "op_host_s": dict(self.op_host_s),
+                               "op_device_s": dict(self.op_device_s),
                                "gemm_efficiency": {d: [list(p) for p in c] for d, c in self.gemm_efficiency.items()}}
 
     @classmethod
@@ -254,7 +271,7 @@ class MachineProfile:
         if unknown:
             raise ValueError(f"MachineProfile: unknown fields {unknown}; known: {sorted(known)}")
         missing = sorted(k for k in known - set(data)
-                         if k not in ("sources", "op_bytes_per_s", "op_host_s", "gemm_efficiency") and k not in OPTIONAL_FIELDS)
+                         if k not in ("sources", "op_bytes_per_s", "op_host_s", "op_device_s", "gemm_efficiency") and k not in OPTIONAL_FIELDS)
         if missing:
             raise ValueError(f"MachineProfile: missing fields {missing}")
         return cls(**data)
