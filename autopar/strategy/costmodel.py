@@ -224,11 +224,11 @@ class CostModel:
         if dtype not in prof.gemm_flops:   # a dtype the profile lists no rate for: its slowest rate
             dtype = min(prof.gemm_flops, key=prof.gemm_flops.get)
         min_dim, kind = sh.gemm_min_dim(specs), prim.kind
-        work = formulas.compute_seconds(flops, 0, dtype, prof, min_dim) + prof.device_seconds(kind, nbytes, launches)
+        work = prof.device_seconds(kind, nbytes, launches, formulas.compute_seconds(flops, 0, dtype, prof, min_dim))
         host = prof.host_seconds(kind, launches)
         compute = prof.op_seconds(kind, work, launches)
-        forward_s = prof.op_seconds(kind, formulas.compute_seconds(fwd_flops, 0, dtype, prof, min_dim)
-                                    + prof.device_seconds(kind, fwd_bytes))
+        forward_s = prof.op_seconds(kind, prof.device_seconds(
+            kind, fwd_bytes, 1, formulas.compute_seconds(fwd_flops, 0, dtype, prof, min_dim)))
         comm = self._internal_seconds(node, sh, out, backward)
         sums = [self.grad_sum_parts(node.outputs[0], out_lay)]
         grad = update = update_work = update_host = 0.0

@@ -241,10 +241,11 @@ class MachineProfile:
         else ``op_overhead_s`` each."""
         return launches * self.op_host_s.get(kind, self.op_overhead_s)
 
-    def device_seconds(self, kind: str, nbytes: float, launches: int = 1) -> float:
-        """The device's time for ``launches`` instructions of ``kind`` moving ``nbytes``: the
-        bytes at the kind's rate, plus its fixed ``op_device_s`` per instruction."""
-        return nbytes / self.op_rate(kind) + launches * self.op_device_s.get(kind, 0.0)
+    def device_seconds(self, kind: str, nbytes: float, launches: int = 1, flops_s: float = 0.0) -> float:
+        """The device's time for ``launches`` instructions of ``kind`` moving ``nbytes`` and
+        computing for ``flops_s``: the longer of the two (a roofline: a kernel computes while
+        it streams), plus the kind's fixed ``op_device_s`` per instruction."""
+        return max(flops_s, nbytes / self.op_rate(kind)) + launches * self.op_device_s.get(kind, 0.0)
 
     def op_seconds(self, kind: str, work_s: float, launches: int = 1) -> float:
         """Seconds of ``launches`` instructions of ``kind`` doing ``work_s`` of compute: host
