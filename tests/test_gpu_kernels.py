@@ -277,7 +277,7 @@ def test_a_bias_gradient_on_device_is_one_gemv_equal_to_the_cpus_sum(dtype, rtol
     np.testing.assert_allclose(got.get().astype(np.float64), want.astype(np.float64), rtol=rtol, atol=rtol)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize("shape, region", [((8, 16, 128, 128), None), ((4, 64, 4096), (slice(1, 3),)),
                                            ((3, 1001), None)])
 def test_the_vectorised_dropout_gives_the_cpus_bits(dtype, shape, region):
@@ -293,10 +293,11 @@ def test_the_vectorised_dropout_gives_the_cpus_bits(dtype, shape, region):
     assert_same_bits(prim.forward(cupy.asarray(x), key=key), prim.forward(x, key=key))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_vectorised_add_and_casts_give_the_cpus_bits(dtype):
-    """Add (fresh and in place, an odd length for the tail) and Cast float32 <-> bfloat16 on
-    device arrays take veckernels and equal the CPU ops bit for bit."""
+@pytest.mark.parametrize("dtype, other", [("float32", "bfloat16"), ("bfloat16", "float32"),
+                                          ("float32", "float16"), ("float16", "float32")])
+def test_the_vectorised_add_and_casts_give_the_cpus_bits(dtype, other):
+    """Add (fresh and in place, an odd length for the tail) and Cast float32 <-> bfloat16 /
+    float16 on device arrays take veckernels and equal the CPU ops bit for bit."""
     from autopar.backend import veckernels
     rng = np.random.default_rng(15)
     a, b = (rng.standard_normal(10007) * 3).astype(dtype), (rng.standard_normal(10007) * 3).astype(dtype)
@@ -305,7 +306,6 @@ def test_the_vectorised_add_and_casts_give_the_cpus_bits(dtype):
     assert_same_bits(ops.Add().forward(ga, gb), ops.Add().forward(a, b))
     assert_same_bits(ops.Add().forward_inplace(0, ga, gb), ops.Add().forward(a, b))
     assert_same_bits(ga, ops.Add().forward(a, b))                        # written into a's buffer
-    other = "bfloat16" if dtype == "float32" else "float32"
     assert veckernels.cast_serves(gb, other)
     cast = ops.Cast().with_attrs(dtype=np.dtype(other))
     assert_same_bits(cast.forward(gb), cast.forward(b))

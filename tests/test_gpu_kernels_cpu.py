@@ -452,7 +452,7 @@ def test_a_bfloat16_row_kernel_rounds_to_nearest_even_as_ml_dtypes():
     assert "u += 0x7fffu + ((u >> 16) & 1u);" in rowkernels.PRELUDE
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_the_vectorised_dropout_source_carries_keep_masks_hash(dtype):
     """veckernels' CUDA C holds the same hash rounds as kernels' element kernel (csource's one
     copy), reads 16-byte vectors of the dtype's width, and takes its scalar tail."""
@@ -460,6 +460,52 @@ def test_the_vectorised_dropout_source_carries_keep_masks_hash(dtype):
     src = veckernels.source(dtype)
     assert csource.KEEP_HASH in src and csource.LOWBIAS32 in src
     vector, width = veckernels.VEC_DTYPES[dtype]
-    assert f"{vector} in = ((const {vector}*)x)[v];" in src and width * (2 if dtype == "bfloat16" else 4) == 16
+    assert f"{vector} in = ((const {vector}*)x)[v];" in src and width * np.dtype(dtype).itemsize == 16
     assert "{" + "S}" not in src and "{V}" not in src and "{VT}" not in src
     assert kernels.keep_threshold is csource.keep_threshold
+
+
+def _from_f16(h):
+    """csource.F16's autopar_from_f16, step by step in numpy (uint32 arithmetic)."""
+    h = h.astype(np.uint32)
+    sign, e, m = (h & 0x8000) << 16, (h >> 10) & 0x1F, h & 0x3FF
+    sub, inf = e == 0, e == 31
+    v = m.astype(np.float32) * np.float32(5.9604644775390625e-08)
+    normal = (sign | ((e + 112) << 23) | (m << 13)).astype(np.uint32).view(np.float32)
+    special = (sign | 0x7F800000 | (m << 13)).astype(np.uint32).view(np.float32)
+    return np.where(sub, np.where(sign != 0, -v, v), np.where(inf, special, normal))
+
+
+def _to_f16(f):
+    """csource.F16's autopar_to_f16 in numpy: NaN, overflow past 65520, subnormals through
+    a scale by 2**24 rounded to nearest even (__float2uint_rn), normals rebiased and rounded."""
+    x = f.view(np.uint32).astype(np.uint64)
+    sign, ax = (x >> 16) & 0x8000, x & 0x7FFFFFFF
+    scaled = ax.astype(np.uint32).view(np.float32) * np.float32(16777216.0)
+    r = ax - 0x38000000
+    normal = sign | ((r + 0xFFF + ((r >> 13) & 1)) >> 13)
+    out = np.where(ax > 0x7F800000, sign | 0x7E00, np.where(ax >= 0x477FF000, sign | 0x7C00,
+                   np.where(ax < 0x38800000, sign | np.rint(np.minimum(scaled, 2048)).astype(np.uint64), normal)))
+    return out.astype(np.uint16)
+
+
+def test_the_float16_conversions_of_the_vectorised_kernels_give_numpys_bits():
+    """Every one of the 65,536 halves widens to numpy's float32; floats around every half,
+    the midpoints between halves (ties to even), subnormals, 65504..65535 and infinities
+    narrow to numpy's half -- by csource.F16's own steps, whose C lines are checked here."""
+    from autopar.backend import csource
+    halves = np.arange(65536, dtype=np.uint16)
+    want = halves.view(np.float16).astype(np.float32)
+    got = _from_f16(halves)
+    assert ((got.view(np.uint32) == want.view(np.uint32)) | (np.isnan(got) & np.isnan(want))).all()
+    finite = want[np.isfinite(want)]
+    with np.errstate(all="ignore"):
+        f = np.concatenate([finite, np.nextafter(finite, np.float32(np.inf)), np.nextafter(finite, np.float32(-np.inf)),
+                            ((finite[:-1].astype(np.float64) + finite[1:]) / 2).astype(np.float32),
+                            np.float32([65504, 65519.99, 65520, 65535, 1e6, np.inf, -np.inf, 0.0, -0.0, 1e-8, -3e-8]),
+                            np.random.default_rng(0).standard_normal(200_000).astype(np.float32) * 1e-5])
+        want16 = f.astype(np.float16).view(np.uint16)
+    assert (_to_f16(f) == want16).all()
+    assert "r += 0xfffu + ((r >> 13) & 1u);" in csource.F16 and "ax >= 0x477ff000u" in csource.F16
+    assert "__float2uint_rn(__uint_as_float(ax) * 16777216.0f)" in csource.F16
+    assert "((e + 112u) << 23) | (m << 13)" in csource.F16

@@ -1,4 +1,4 @@
-"""Vectorised elementwise kernels on a GPU: dropout, add and the float32 <-> bfloat16 casts,
+"""Vectorised elementwise kernels on a GPU: dropout, add and the float32 <-> bfloat16 / float16 casts,
 several elements a thread through 16-byte (or 8-byte) loads and stores. Dropout takes an
 array whose elements are consecutive in the logical tensor (a whole tensor, or a shard that
 is one contiguous run of it); add and cast take C-contiguous arrays of one shape.
@@ -14,10 +14,10 @@ element-by-element kernel.
 
     dropout(flat, key, keep_prob, base)   y[i] = x[i] * keep(base + i) / keep_prob
     add(a, b, out=None)                   a + b in float32, rounded once (out may be a or b)
-    cast(x, dtype)                        float32 -> bfloat16 (to nearest even) or back
+    cast(x, dtype)                        float32 -> bfloat16 or float16 (to nearest even) or back
 
-add and cast give CuPy's and the CPU's bits (a bfloat16 sum is the float32 sum rounded once,
-as ml_dtypes computes it); each (kernel, dtype) checks itself once against CuPy's own
+add and cast give CuPy's and the CPU's bits (a bfloat16 or float16 sum is the float32 sum
+rounded once, as ml_dtypes and numpy compute it); each (kernel, dtype) checks itself once against CuPy's own
 operations and falls back, with a warning, to them.
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ import numpy as np
 
 from ..ir.random import keep_mask
 from .arrays import dtype_name, is_cupy_type
-from .csource import KEEP_HASH, LOAD, LOWBIAS32, STORAGE, STORE, TO_BF16, keep_threshold
+from .csource import F16, KEEP_HASH, LOAD, LOWBIAS32, STORAGE, STORE, TO_BF16, keep_threshold
 from .cupy_import import import_cupy
 
-VEC_DTYPES = {"float32": ("float4", 4), "bfloat16": ("uint4", 8)}   # 16-byte vectors
+VEC_DTYPES = {"float32": ("float4", 4), "bfloat16": ("uint4", 8), "float16": ("uint4", 8)}   # 16-byte vectors
 
 DROPOUT = r"""
 __device__ __forceinline__ float autopar_kept(unsigned long long idx, unsigned int key_lo, unsigned int key_hi,
@@ -75,7 +75,7 @@ def source(dtype: str) -> str:
     once per dtype, as add_source and cast_source: every launch looks its kernel up by it)."""
     vector, width = VEC_DTYPES[dtype]
     body = DROPOUT.replace("{S}", STORAGE[dtype]).replace("{VT}", vector).replace("{V}", str(width))
-    return f"#define LT(v) {LOAD[dtype]}\n#define ST(f) {STORE[dtype]}\n" + TO_BF16 + LOWBIAS32 + body
+    return f"#define LT(v) {LOAD[dtype]}\n#define ST(f) {STORE[dtype]}\n" + TO_BF16 + F16 + LOWBIAS32 + body
 
 
 def dropout(flat, key: int, keep_prob: float, base: int):
@@ -116,8 +116,8 @@ def _checked(dtype: str) -> bool:
             mask = keep_mask(key, cupy.arange(base, base + n, dtype=np.uint64), keep)
             scale = np.float32(np.dtype(dtype).type(1.0 / keep))
             want = ((x.astype(np.float32) * mask.astype(np.float32)) * scale).astype(dtype)
-            if not bool((got.view(np.uint16 if dtype == "bfloat16" else np.uint32)
-                         == want.view(np.uint16 if dtype == "bfloat16" else np.uint32)).all()):
+            bits = np.uint16 if np.dtype(dtype).itemsize == 2 else np.uint32
+            if not bool((got.view(bits) == want.view(bits)).all()):
                 raise ValueError(f"{int((got != want).sum())} of {n} elements differ from keep_mask's "
                                  f"(base {base})")
     except Exception as err:        # a refused compile, a launch error, a wrong bit: the element kernel serves
@@ -149,7 +149,7 @@ extern "C" __global__ void autopar_vec_add(const {S}* a, const {S}* b, {S}* y, u
 }
 """
 
-# four elements a thread: a float4 on the float32 side, a uint2 on the bfloat16 side
+# four elements a thread: a float4 on the float32 side, a uint2 on the 16-bit side
 CAST = r"""
 extern "C" __global__ void autopar_vec_cast(const {SI}* x, {SO}* y, unsigned long long n) {
     unsigned long long tid = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -167,8 +167,8 @@ extern "C" __global__ void autopar_vec_cast(const {SI}* x, {SO}* y, unsigned lon
     for (unsigned long long i = vecs * 4 + tid; i < n; i += step) y[i] = ST(LI(x[i]));
 }
 """
-CAST_VECTORS = {"float32": "float4", "bfloat16": "uint2"}
-CASTS = (("float32", "bfloat16"), ("bfloat16", "float32"))
+CAST_VECTORS = {"float32": "float4", "bfloat16": "uint2", "float16": "uint2"}
+CASTS = (("float32", "bfloat16"), ("bfloat16", "float32"), ("float32", "float16"), ("float16", "float32"))
 
 
 @functools.cache
@@ -176,7 +176,7 @@ def add_source(dtype: str) -> str:
     """The CUDA C of the vectorised add for ``dtype`` (plain text)."""
     vector, width = VEC_DTYPES[dtype]
     body = ADD.replace("{S}", STORAGE[dtype]).replace("{VT}", vector).replace("{V}", str(width))
-    return f"#define LT(v) {LOAD[dtype]}\n#define ST(f) {STORE[dtype]}\n" + TO_BF16 + body
+    return f"#define LT(v) {LOAD[dtype]}\n#define ST(f) {STORE[dtype]}\n" + TO_BF16 + F16 + body
 
 
 @functools.cache
@@ -184,7 +184,7 @@ def cast_source(src: str, dst: str) -> str:
     """The CUDA C of the vectorised ``src`` -> ``dst`` cast (plain text)."""
     body = (CAST.replace("{SI}", STORAGE[src]).replace("{SO}", STORAGE[dst])
             .replace("{VI}", CAST_VECTORS[src]).replace("{VO}", CAST_VECTORS[dst]))
-    return f"#define LI(v) {LOAD[src]}\n#define ST(f) {STORE[dst]}\n" + TO_BF16 + body
+    return f"#define LI(v) {LOAD[src]}\n#define ST(f) {STORE[dst]}\n" + TO_BF16 + F16 + body
 
 
 @functools.cache
@@ -239,7 +239,7 @@ def add_serves(a, b, out=None) -> bool:
 
 def cast_serves(x, dtype) -> bool:
     """Whether :func:`cast` computes ``x.astype(dtype)``: a C-contiguous, 16-byte-aligned,
-    non-empty CuPy array, float32 -> bfloat16 or back, and the check passed."""
+    non-empty CuPy array, float32 -> bfloat16 / float16 or back, and the check passed."""
     if not is_cupy_type(type(x)):
         return False
     pair = (dtype_name(x.dtype), dtype_name(np.dtype(dtype)))
@@ -252,7 +252,7 @@ def _checked_op(kind: str, src: str, dst: str) -> bool:
     rounded once) on a run of odd length, here."""
     cupy = import_cupy("autopar.backend.veckernels")
     rng = np.random.default_rng(0)
-    bits = {"float32": np.uint32, "bfloat16": np.uint16}
+    bits = {"float32": np.uint32, "bfloat16": np.uint16, "float16": np.uint16}
     try:
         a = cupy.asarray((rng.standard_normal(100003) * 3).astype(np.float32)).astype(src)
         if kind == "add":
