@@ -52,6 +52,7 @@ def test_the_profile_holds_each_measurement_and_says_where_it_was_measured(tmp_p
     assert dict(profile.op_bytes_per_s) == {"Softmax": 1.5e12, "Dropout": 9.0e11}
     assert dict(profile.op_host_s) == {"MatMul": 9.0e-5, "Reshape": 1.5e-5} and profile.asynchronous
     assert dict(profile.op_device_s) == {"Softmax": 4e-6, "Dropout": 0.0}
+    assert profile.kernel_overlap == 1.0 and profile.sources["kernel_overlap"].startswith("assumed")
     assert "dropout fit" in profile.sources["op_device_s.Dropout"]
     assert "matmul host issue" in profile.sources["op_host_s.MatMul"]
     assert "softmax bytes / seconds" in profile.sources["op_bytes_per_s.Softmax"]

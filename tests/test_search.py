@@ -222,11 +222,10 @@ def test_an_embedding_heavy_model_splits_the_vocabulary_when_that_is_cheaper():
 def test_a_memory_cap_trades_time_for_memory_and_an_impossible_one_says_by_how_much():
     g = graph_of(TwoMatMuls(256), (512, 256))
     stage = Mesh((4,), ("devices",))
-    fast = search(g, stage, profile=PROFILE)
+    fast = search(g, stage, profile=PROFILE)          # dp2 x mp2
     # the peak counts activation gradients in flight, and a partial sum's is whole on every
-    # rank: the leanest plan found is 92% of the fastest's, 1.23x slower (with kernels priced
-    # as the longer of FLOPs and bytes: 88% and 1.2x when they were added)
-    cap = fast.cost.memory_bytes * 0.95
+    # rank: the leanest plan found is 88% of the fastest's, 1.2x slower
+    cap = fast.cost.memory_bytes * 0.9
     lean = search(g, stage, profile=PROFILE, memory_cap=cap)
     assert lean.cost.memory_bytes <= cap
     assert lean.cost.step_seconds > fast.cost.step_seconds and lean.lam > 0
@@ -257,7 +256,7 @@ def test_plan_of_gives_parameters_their_first_consumers_layout():
 
 
 def test_candidates_include_non_power_of_two_splits_and_the_search_uses_them():
-    g = graph_of(TwoMatMuls(24), (960, 24))
+    g = graph_of(TwoMatMuls(24), (96, 24))
     stage = Mesh((6,), ("devices",))
     model = CostModel(g, stage, PROFILE)
     problem = build(model)

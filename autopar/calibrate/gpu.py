@@ -366,6 +366,9 @@ def calibrate_gpu(name: str, like: MachineProfile | None, sizes: GpuSizes = GPU_
     sources.update(collective_sources)
     figures["devices_per_node"] = 1
     sources["devices_per_node"] = f"measured {said}: one rank on one GPU (a one-GPU profile)"
+    figures["kernel_overlap"] = 1.0
+    sources["kernel_overlap"] = ("assumed: a GPU kernel streams its operands while it computes, so it takes the "
+                                 "longer of its FLOPs and bytes times (a roofline); not measured")
     figures["memory_bytes"] = device.memory_bytes
     sources["memory_bytes"] = f"measured {said}: the GPU's total memory, cudaGetDeviceProperties totalGlobalMem"
     return MachineProfile(name=name, sources=sources, **figures)
