@@ -90,14 +90,14 @@ def program(target: str, measure_memory: bool = False):
 
 @pytest.fixture
 def deferred(monkeypatch):
-    """Every (instruction, checks) list a Program run handed to _raise_failed_checks."""
+    """Every (instruction, checks) list a Program run handed to raise_failed_checks."""
     seen: list = []
-    real = Program._raise_failed_checks
+    real = Program.raise_failed_checks
 
     def spy(self, lists):
         seen.append([(self.instructions[k].node.prim.kind, list(checks)) for k, checks in lists])
         return real(self, lists)
-    monkeypatch.setattr(Program, "_raise_failed_checks", spy)
+    monkeypatch.setattr(Program, "raise_failed_checks", spy)
     return seen
 
 

@@ -45,7 +45,7 @@ def time_ops(program: Program, inputs: Sequence[np.ndarray], step: int = 0,
             t0 = clock()
             before_comm()
             seconds["comm wait"] = seconds.get("comm wait", 0.0) + clock() - t0
-        keywords = program._keywords(k, ins.node, step, deferred)     # a random key, a list for deferred checks
+        keywords = program.keywords(k, ins.node, step, deferred)     # a random key, a list for deferred checks
         res, s = timed(k, functools.partial(ins.fn, *args, **keywords))
         seconds[kind] = seconds.get(kind, 0.0) + s
         counts[kind] = counts.get(kind, 0) + 1
@@ -56,5 +56,5 @@ def time_ops(program: Program, inputs: Sequence[np.ndarray], step: int = 0,
         for f in ins.frees:
             slots[f] = None
     if deferred:
-        program._raise_failed_checks(deferred)
+        program.raise_failed_checks(deferred)
     return seconds, counts

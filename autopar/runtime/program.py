@@ -210,7 +210,7 @@ class Program:
         else:
             self._execute_metered(slots, step, deferred, self.meter)
         if deferred:
-            self._raise_failed_checks(deferred)
+            self.raise_failed_checks(deferred)
         outs = _owned([slots[o] for o in self.outputs], slots, self.graph.params)
         return outs if self.backend.is_host else [to_host(a) if a.ndim == 0 else a for a in outs]
 
@@ -220,7 +220,7 @@ class Program:
         err.add_note(f"autopar: raised by {node.name}{' (backward)' if node.forward_of is not None else ''}")
         return err
 
-    def _keywords(self, k: int, node: Node, step: int, deferred: list) -> dict:
+    def keywords(self, k: int, node: Node, step: int, deferred: list) -> dict:
         """The keyword arguments of instruction ``k``: its random key, its list of deferred checks."""
         kw = {}
         if k in self._rng_nodes:
@@ -230,7 +230,7 @@ class Program:
             deferred.append((k, kw["checks"]))
         return kw
 
-    def _raise_failed_checks(self, deferred: list[tuple[int, list]]) -> None:
+    def raise_failed_checks(self, deferred: list[tuple[int, list]]) -> None:
         """Read every deferred check's device values in one copy; raise the first failing
         one's error, named by its instruction."""
         pending = [(k, check) for k, checks in deferred for check in checks]
@@ -249,7 +249,7 @@ class Program:
             for k, ins in enumerate(self.instructions):
                 args = [slots[i] for i in ins.ins]
                 if k in keyword:
-                    res = ins.fn(*args, **self._keywords(k, ins.node, step, deferred))
+                    res = ins.fn(*args, **self.keywords(k, ins.node, step, deferred))
                 else:
                     res = ins.fn(*args)
                 if len(ins.outs) == 1 and not isinstance(res, tuple):
@@ -271,7 +271,7 @@ class Program:
         try:
             for k, ins in enumerate(self.instructions):
                 args = [slots[i] for i in ins.ins]
-                kw = self._keywords(k, ins.node, step, deferred) if k in self._keyword_nodes else {}
+                kw = self.keywords(k, ins.node, step, deferred) if k in self._keyword_nodes else {}
                 res = ins.fn(*args, **kw)
                 if len(ins.outs) == 1 and not isinstance(res, tuple):
                     res = (res,)
