@@ -14,11 +14,18 @@ masks then differ, so the losses do too).
     python benchmarks/serial_step.py            # both configs
     python benchmarks/serial_step.py --quick    # the small config only
     python benchmarks/serial_step.py --no-torch # autopar alone
+    python benchmarks/serial_step.py --quick --batch 16 --ops   # where each framework's time goes
+
+``--ops`` adds, per config, where one step's time goes in each framework: autopar's
+instructions timed one by one (runtime.op_timer) by op kind, forward and backward apart, and
+PyTorch's operators by their own time (torch.profiler), both split into GEMMs and the rest,
+with the update (AdamW and clip) apart and the minor page faults of one step of each.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import resource
 import time
 
 import numpy as np
@@ -33,6 +40,7 @@ except ImportError as err:
 from autopar import nn
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.runtime.compiled import grad_program
+from autopar.runtime.op_timer import kind_of, time_ops
 from autopar.train import AdamWeightDecay
 
 CONFIGS = {
@@ -71,9 +79,16 @@ def program_flops(prog) -> int:
     return total
 
 
-def bench(name: str, spec: dict, steps: int, rate: float, dropout: float, with_torch: bool) -> dict:
+GEMM_KINDS = ("MatMul", "BatchMatMul")                     # autopar's kinds that are BLAS GEMMs
+TORCH_GEMMS = ("aten::mm", "aten::addmm", "aten::bmm")       # PyTorch's
+
+
+def bench(name: str, spec: dict, steps: int, rate: float, dropout: float, with_torch: bool,
+          batch: int | None = None, ops: bool = False) -> dict:
     spec = dict(spec)
-    batch = spec.pop("batch")
+    own = spec.pop("batch")
+    name = name if batch is None else f"{name.rsplit('-B', 1)[0]}-B{batch}"
+    batch = own if batch is None else batch
     config = PanguAlphaConfig(dropout_rate=dropout, **spec)
     net = PanguAlphaWithLoss(config)
     opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.01)
@@ -100,7 +115,71 @@ def bench(name: str, spec: dict, steps: int, rate: float, dropout: float, with_t
           f"= {row['ratio']:.2f} x GEMM rate", flush=True)
     if anchor is not None:
         print_ratio(name, times, torch_times)
+    if ops:
+        for line in ops_report(train, ids, anchor):
+            print(f"{name:24s} {line}", flush=True)
     return row
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def ops_report(train, ids: np.ndarray, anchor: TorchStep | None) -> list[str]:
+    """Where one step's time goes: autopar's forward + backward instructions by kind (the
+    update is the rest of a whole step), PyTorch's operators by self time (the update is
+    the optimizer's and clip's share); GEMMs apart from the rest in both; minor page faults
+    of one step of each (memory the allocator handed back to the OS and takes again)."""
+    prog = train.build(ids).program
+    f0 = minor_faults()
+    t0 = time.perf_counter()
+    train(ids)
+    step, faults = time.perf_counter() - t0, minor_faults() - f0
+    per: dict[tuple[str, str], float] = {}
+    rec: dict[int, float] = {}
+
+    def timed(k, run):
+        t = time.perf_counter()
+        out = run()
+        rec[k] = time.perf_counter() - t
+        return out, rec[k]
+
+    time_ops(prog, [ids], train.optimizer.step_count, timed=timed)
+    for k, s in rec.items():
+        node = prog.instructions[k].node
+        key = (kind_of(prog, node), "fwd" if node.forward_of is None else "bwd")
+        per[key] = per.get(key, 0.0) + s
+    gemm = sum(s for (kind, _), s in per.items() if kind in GEMM_KINDS)
+    rest = sum(per.values()) - gemm
+    lines = [f"autopar step {step * 1e3:.1f} ms: GEMMs {gemm * 1e3:.1f} ms, other ops {rest * 1e3:.1f} ms, "
+             f"update (the rest) {(step - gemm - rest) * 1e3:.1f} ms; {faults} minor page faults"]
+    for (kind, way), s in sorted(per.items(), key=lambda kv: -kv[1])[:12]:
+        lines.append(f"  autopar {kind:<36} {way} {s * 1e3:8.1f} ms")
+    if anchor is not None:
+        lines += torch_ops_report(anchor)
+    return lines
+
+
+def torch_ops_report(anchor: TorchStep) -> list[str]:
+    """PyTorch's side of :func:`ops_report`, from torch.profiler's self CPU times."""
+    from torch.profiler import ProfilerActivity, profile
+    f0 = minor_faults()
+    step = anchor.timed_step()
+    faults = minor_faults() - f0
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        anchor.timed_step()
+    events = prof.key_averages()
+    self_s = {e.key: e.self_cpu_time_total * 1e-6 for e in events}
+    total = {e.key: e.cpu_time_total * 1e-6 for e in events}
+    update = sum(s for key, s in total.items() if key.startswith("Optimizer.step"))
+    update += total.get("aten::linalg_vector_norm", 0.0) + total.get("aten::_foreach_norm", 0.0)
+    gemm = sum(self_s.get(k, 0.0) for k in TORCH_GEMMS)
+    lines = [f"PyTorch step {step * 1e3:.1f} ms (unprofiled): GEMMs {gemm * 1e3:.1f} ms, "
+             f"update (optimizer + clip norm) {update * 1e3:.1f} ms, profiled total "
+             f"{sum(self_s.values()) * 1e3:.1f} ms; {faults} minor page faults"]
+    for key, s in sorted(self_s.items(), key=lambda kv: -kv[1])[:12]:
+        lines.append(f"  PyTorch {key:<44} {s * 1e3:8.1f} ms")
+    return lines
 
 
 class TorchStep:
@@ -140,6 +219,8 @@ def main() -> None:
                         help="timed steps (rounds with PyTorch); the fastest is reported, and the medians")
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout rate of both models")
     parser.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch anchor")
+    parser.add_argument("--batch", type=int, default=None, help="batch of every config (default: each config's own)")
+    parser.add_argument("--ops", action="store_true", help="where each framework's step time goes, op by op")
     args = parser.parse_args()
     with_torch = args.torch and torch is not None
     if with_torch:
@@ -155,7 +236,8 @@ def main() -> None:
         rate = gemm_rate()
         print(f"numpy float32 GEMM (2048^3, 1 BLAS thread): {rate / 1e9:.1f} GFLOP/s", flush=True)
         names = list(CONFIGS)[:1] if args.quick else list(CONFIGS)
-        rows = [bench(name, CONFIGS[name], args.steps, rate, args.dropout, with_torch) for name in names]
+        rows = [bench(name, CONFIGS[name], args.steps, rate, args.dropout, with_torch, args.batch, args.ops)
+                for name in names]
         after = gemm_rate()
         best = max(rate, after)
         print(f"GEMM again after the steps: {after / 1e9:.1f} GFLOP/s; ratios against the best, "
