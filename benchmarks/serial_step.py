@@ -64,6 +64,19 @@ def gemm_rate(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
+def torch_gemm_rate(n: int = 2048, repeats: int = 5) -> float:
+    """:func:`gemm_rate` for torch.mm on the same machine: PyTorch's BLAS (MKL or oneDNN on
+    x86) against numpy's (OpenBLAS), the floor under each framework's step."""
+    a, b = (torch.from_numpy(np.random.default_rng(s).standard_normal((n, n), dtype=np.float32)) for s in (0, 1))
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
 def program_flops(prog) -> int:
     """FLOPs of every instruction: forward ops and their VJPs."""
     g, total = prog.graph, 0
@@ -235,6 +248,8 @@ def main() -> None:
         # a slow moment during the GEMM probe cannot flatter the ratio.
         rate = gemm_rate()
         print(f"numpy float32 GEMM (2048^3, 1 BLAS thread): {rate / 1e9:.1f} GFLOP/s", flush=True)
+        if with_torch:
+            print(f"torch float32 GEMM (2048^3, 1 thread): {torch_gemm_rate() / 1e9:.1f} GFLOP/s", flush=True)
         names = list(CONFIGS)[:1] if args.quick else list(CONFIGS)
         rows = [bench(name, CONFIGS[name], args.steps, rate, args.dropout, with_torch, args.batch, args.ops)
                 for name in names]
