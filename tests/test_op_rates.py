@@ -120,9 +120,26 @@ def test_fits_take_the_two_widths_and_rate_only_the_kinds_with_bytes():
     import autopar.models.op_rates as op_rates
     profile = load_profile("cpu-2core")
     wide = dict(QUICK_WORKLOAD, hidden_size=128, ffn_hidden_size=512)
-    fits = op_rates.measure_op_fits(profile, 1, time.perf_counter, lambda k, run: (run(), 1e-3),
-                                    (QUICK_WORKLOAD, wide), 2)
+    def one_ms(k, run):
+        return run(), 1e-3
+    fits = op_rates.measure_op_fits(profile, 1, time.perf_counter, (one_ms, one_ms), (QUICK_WORKLOAD, wide), 2)
     assert {"Dropout", "LayerNorm", "Softmax", "optimizer_update"} <= set(fits)
     assert not {"MatMul", "BatchMatMul", "Reshape"} & set(fits)
     assert all(fixed == 0.0 for _, fixed, _ in fits.values())
     assert "at 64h and 128h" in fits["LayerNorm"][2]
+
+
+def test_fits_time_each_width_with_its_own_timer():
+    """The narrow workload's instructions go to the first timer (1 ms each), the wide one's to
+    the second (2 ms each): a GPU holds the stream for each width's own host issue. Swapped or
+    shared timers would give LayerNorm's two times in another ratio than 1 : 2."""
+    import re
+
+    import autopar.models.op_rates as op_rates
+    wide = dict(QUICK_WORKLOAD, hidden_size=128, ffn_hidden_size=512)
+    fits = op_rates.measure_op_fits(load_profile("cpu-2core"), 1, time.perf_counter,
+                                    (lambda k, run: (run(), 1e-3), lambda k, run: (run(), 2e-3)),
+                                    (QUICK_WORKLOAD, wide), 2)
+    how = fits["LayerNorm"][2]
+    n = int(re.search(r"(\d+) LayerNorm instructions", how).group(1))
+    assert f"in {n * 1e-3:.3g} and {n * 2e-3:.3g} s" in how

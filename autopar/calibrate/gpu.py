@@ -290,17 +290,20 @@ def device_timer(cupy, issued: dict[int, float]):
 def measure_gpu_op_costs(profile: MachineProfile, sizes: GpuSizes) -> tuple[dict, dict]:
     """({kind: (bytes/s, device s per instruction, how)}, {kind: (host s, how)}) measured on
     the GPU: programs built under device_target GPU; the host's issue of each instruction
-    first, then each one's device time at the workload's two widths (``measure_op_fits``)."""
+    first, then each one's device time at the workload's two widths (``measure_op_fits``).
+    Each width's spin holds the stream for that width's own host issue: a wide instruction
+    whose issue outlasted a spin sized on the narrow one would count host time as device time."""
     cupy = import_cupy(WHERE)
     before = get_context("device_target")
     set_context(device_target="GPU")
-    issued: dict[int, float] = {}
+    workloads = (sizes.workload, sizes.wide_workload)
+    issued: tuple[dict[int, float], ...] = ({}, {})
     clock = synced_clock(cupy)
     try:
-        host = measure_op_host_seconds(sizes.op_rate_repeats, clock, host_timer(issued),
-                                       workload=sizes.workload, batch=sizes.op_rate_batch)
-        fits = measure_op_fits(profile, sizes.op_rate_repeats, clock, device_timer(cupy, issued),
-                               (sizes.workload, sizes.wide_workload), sizes.op_rate_batch)
+        host, _ = (measure_op_host_seconds(sizes.op_rate_repeats, clock, host_timer(seen), workload=w,
+                                           batch=sizes.op_rate_batch) for w, seen in zip(workloads, issued))
+        fits = measure_op_fits(profile, sizes.op_rate_repeats, clock, [device_timer(cupy, seen) for seen in issued],
+                               workloads, sizes.op_rate_batch)
         return fits, host
     finally:
         set_context(device_target=before)

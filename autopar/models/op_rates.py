@@ -147,16 +147,17 @@ def fit_rate(n1: float, m1: float, t1: float, n2: float, m2: float, t2: float) -
     return m2 / t2, 0.0
 
 
-def measure_op_fits(profile: MachineProfile, repeats: int, clock, timed, workloads: Sequence[dict],
+def measure_op_fits(profile: MachineProfile, repeats: int, clock, timers: Sequence, workloads: Sequence[dict],
                     batch: int) -> dict[str, tuple[float, float, str]]:
-    """{kind: (bytes/s, device seconds per instruction, how)}: each kind's seconds (``timed``:
-    a GPU's device time) on two workloads of the same layers at two widths, fitted by
-    :func:`fit_rate` -- a kernel's fixed cost on the device (its start, its tail, a few
-    thousand elements per block) is paid per instruction, its bytes at the rate, so one
+    """{kind: (bytes/s, device seconds per instruction, how)}: each kind's seconds on two
+    workloads of the same layers at two widths (``timers[i]`` times workload i's
+    instructions: a GPU's device time, the stream held for that workload's own host issue),
+    fitted by :func:`fit_rate` -- a kernel's fixed cost on the device (its start, its tail, a
+    few thousand elements per block) is paid per instruction, its bytes at the rate, so one
     rate from one width would misprice the other (the update of 1.3B's large weights ran
     at twice the rate the 85M-parameter workload gave)."""
     (cfg1, m1, t1, n1), (cfg2, m2, t2, n2) = (_measured_kinds(profile, repeats, clock, w, batch, timed)
-                                              for w in workloads)
+                                              for w, timed in zip(workloads, timers, strict=True))
     out = {}
     for kind in sorted(t2):
         if not _rated(kind, m2, t2) or kind not in t1 or n1.get(kind) != n2.get(kind):
