@@ -6,6 +6,10 @@ tolerance would have to hold under every threading. We pin BLAS to one thread in
 (environment and threadpoolctl, so it holds even when numpy was loaded first or the
 environment asked for more), which also keeps in-process ranks (threads) from
 oversubscribing the cores. Subprocesses (mpiexec tests) inherit the variables.
+
+Property tests (Hypothesis) draw the same examples on every run (``derandomize``, no example
+database, no deadline), so ``python -m pytest tests`` is deterministic as it is, and
+``.ci/run`` runs exactly that command.
 """
 import os
 import sys
@@ -20,6 +24,10 @@ _BLAS_LIMIT = threadpool_limits(limits=1)   # held for the whole session
 
 
 import pytest  # noqa: E402
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("autopar", derandomize=True, database=None, deadline=None)
+_hypothesis_settings.load_profile("autopar")
 
 from autopar import context as _context  # noqa: E402
 
