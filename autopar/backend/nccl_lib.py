@@ -18,6 +18,16 @@ code serves every dtype -- bool, bfloat16 (no ncclBfloat16 needed, which takes N
 complex -- bit for bit. Reductions need the element type: :data:`REDUCE_TYPES`; bfloat16 is
 not among them, as the communicator widens it to float32 first (autopar.comm.base: one
 rounding at the end, where NCCL's own bfloat16 sum would round at every hop).
+
+Streams and events (the message channels of autopar/comm/nccl_channels.py): a new stream of
+its own (``non_blocking``: no implicit ordering against the legacy default stream, which
+would put a waiting receive back in front of the compute), a new event (no timing), an event
+recorded on a stream, a stream made to wait for an event (the GPU waits, the host does not),
+whether an event has been reached, and a stream's handle. ``stream=None`` is the current
+stream, where the programs' kernels run::
+
+    ready = lib.new_event(); lib.record_event(ready)          # after x's kernels on the compute stream
+    lib.wait_event(ready, side); comm.send(lib.pointer(x), x.nbytes, lib.bytes_type, 1, lib.stream_handle(side))
 """
 from __future__ import annotations
 
@@ -72,6 +82,33 @@ class NcclLib:
     def synchronize(self) -> None:
         """Wait until the work queued on the current stream (NCCL's included) has run."""
         self.xp.cuda.get_current_stream().synchronize()
+
+    def new_stream(self):
+        """A CUDA stream of its own on the current device, not ordered against the legacy
+        default stream (``cupy.cuda.Stream(non_blocking=True)``)."""
+        return self.xp.cuda.Stream(non_blocking=True)
+
+    def stream_handle(self, stream) -> int:
+        """The handle NCCL's calls take for ``stream``."""
+        return int(stream.ptr)
+
+    def new_event(self):
+        """A CUDA event without timing (``cupy.cuda.Event(disable_timing=True)``)."""
+        return self.xp.cuda.Event(disable_timing=True)
+
+    def record_event(self, event, stream=None) -> None:
+        """Record ``event`` on ``stream`` (None: the current stream): it is reached once the
+        work queued there before it has run."""
+        event.record(self.xp.cuda.get_current_stream() if stream is None else stream)
+
+    def wait_event(self, event, stream=None) -> None:
+        """Make ``stream`` (None: the current stream) wait, on the GPU, until ``event`` is
+        reached; the host goes on at once."""
+        (self.xp.cuda.get_current_stream() if stream is None else stream).wait_event(event)
+
+    def event_done(self, event) -> bool:
+        """Whether ``event`` has been reached (never blocks)."""
+        return bool(event.done)
 
     def device_count(self) -> int:
         return int(self.xp.cuda.runtime.getDeviceCount())

@@ -11,7 +11,7 @@ backend does (mpi.py), and moved back after::
     allgather(x, axis)       allGather (d, rest...) -> (n*d, rest...)                    bytes
     alltoall(x, s, c)        grouped send/recv of the blocks (n, *block) along s         bytes
     broadcast(x, root)       broadcast, in place                                         bytes
-    send / recv              over MPI, through the host (see "Messages")
+    send / recv              send/recv on a channel of their own (see "Messages")
     barrier                  the stream synchronised, then MPI's barrier
     split(groups)            MPI's Comm.Split, then one new NCCL communicator per group
 
@@ -31,18 +31,24 @@ NCCL call on the stream when they start and return a finished request (base.Done
 runs them in stream order, so they do not yet overlap compute (that needs a stream of their
 own and events).
 
-Messages (``send``/``recv``, ``isend``/``irecv``: pipelines) go over MPI, staged through the
-host as staging.py does: a device array is copied to the host and sent with the MPI
-communicator underneath; a receive returns a numpy array, which the program reading it
-places on its device. The pipeline runner posts each receive early and relies on MPI's
-independent progress (runtime/pipeline/runner.py); an NCCL receive queued early on the
-stream would hold everything queued after it, the sends included, and 1F1B deadlocks:
+Messages (``send``/``recv``, ``isend``/``irecv``: pipelines) go through NCCL channels
+(comm/nccl_channels.py), not the compute stream. The pipeline runner posts each receive early
+and waits just before the item that reads it (runtime/pipeline/runner.py); an NCCL receive
+queued early on the compute stream would hold everything queued after it, the sends
+included, and 1F1B deadlocks:
 
     stage 0 stream:  send x0 | recv g0 (posted for clock 2) | F1 | send x1
     stage 1 stream:  recv x0 | recv x1 (posted for clock 1) | F0 | B0 | send g0
 
-NCCL messages need a channel per direction (a 2-member NCCL communicator and a stream each,
-events to the compute stream); until then MPI carries them.
+So each (peer, direction, tag) gets a channel of its own, made on first use between its two
+members only: a 2-member NCCL communicator (the sender's unique id sent over MPI), a stream,
+and a host thread that makes the communicator and issues the channel's calls in order, so
+neither ``isend`` nor ``irecv`` blocks the host, as MPI's do not. CUDA events order a
+channel against the compute stream: a send starts once the kernels making ``x`` have run,
+``wait()`` makes the compute stream (not the host) wait for the message. One channel per tag
+keeps MPI's matching (in order within a tag, tags independent); NCCL itself has none. A host
+(numpy) array is copied to this GPU and sent the same way, and receives return device arrays
+(a receiver cannot know how the sender held its array). Needs MPI_THREAD_MULTIPLE.
 
 Setup. ``nccl_world(world)`` (collective over the MPI world): every rank's device is its
 local rank on its host (the ranks of a shared-memory ``Split_type`` of the world), every
@@ -73,6 +79,7 @@ from ..dtype import is_float
 from ..errors import format_error
 from .base import Communicator, reduction_dtype
 from .mpi import MPICommunicator, _mpi, processor_name
+from .nccl_channels import Channels
 
 COMM_ENV = "AUTOPAR_COMM"           # "mpi", "nccl", or "auto" (the default)
 COMM_CHOICES = ("auto", "mpi", "nccl")
@@ -81,11 +88,13 @@ NVLS_ENV = "NCCL_NVLS_ENABLE"       # NVLink multicast: "0" unless the launcher 
 
 class NCCLCommunicator(Communicator):
     """A Communicator over an NCCL communicator, one GPU per member; barriers, splits and
-    setup go through ``host``, the MPI communicator of the same members."""
+    setup go through ``host``, the MPI communicator of the same members; messages through
+    ``channels`` (comm/nccl_channels.py)."""
 
-    def __init__(self, host: MPICommunicator, lib: NcclLib, nccl_comm, device: int):
+    def __init__(self, host: MPICommunicator, lib: NcclLib, nccl_comm, device: int, channels: Channels):
         super().__init__(host.stats, host.checks)
         self._host, self._lib, self._comm, self._device = host, lib, nccl_comm, device
+        self._channels = channels
 
     @property
     def rank(self) -> int:
@@ -205,20 +214,19 @@ class NCCLCommunicator(Communicator):
             self._comm.broadcast(ptr, ptr, buf.nbytes, lib.bytes_type, root, lib.stream())
         return self._home(buf, x)
 
-    # Messages go over MPI, staged through the host (module docstring, "Messages"): the host
-    # communicator's primitives, as this call is already numbered and counted here.
+    # Messages go through a channel per (peer, direction, tag) (module docstring, "Messages").
 
     def _send(self, x, dest, tag):
-        self._host._send(to_host(x), dest, tag)
+        self._channels.isend(x, dest, tag).wait()
 
     def _recv(self, shape, dtype, source, tag):
-        return self._host._recv(shape, dtype, source, tag)
+        return self._channels.irecv(shape, dtype, source, tag).wait()
 
     def _isend(self, x, dest, tag):
-        return self._host._isend(to_host(x), dest, tag)      # the host copy is the send buffer
+        return self._channels.isend(x, dest, tag)
 
     def _irecv(self, shape, dtype, source, tag):
-        return self._host._irecv(shape, dtype, source, tag)
+        return self._channels.irecv(shape, dtype, source, tag)
 
     def _barrier(self):
         self._lib.synchronize()           # this member's queued NCCL calls and kernels have run
@@ -324,13 +332,13 @@ def _start(world: MPICommunicator, ready: _Readiness, environ) -> NCCLCommunicat
 
 def _connect(host: MPICommunicator, lib: NcclLib, device: int) -> NCCLCommunicator:
     """A new NCCL communicator of ``host``'s members: member 0 makes the unique id, MPI
-    broadcasts it, every member joins (collective over ``host``)."""
+    broadcasts it, every member joins (collective over ``host``); its message channels."""
     uid = np.zeros(UNIQUE_ID_BYTES, np.int16)   # C chars: signed (x86) or not (ARM), so wider than int8
     if host.rank == 0:
         uid[:] = lib.unique_id()
     host.mpi_comm.Bcast(uid, root=0)
     nccl_comm = lib.communicator(host.size, tuple(int(b) for b in uid), host.rank)
-    return NCCLCommunicator(host, lib, nccl_comm, device)
+    return NCCLCommunicator(host, lib, nccl_comm, device, Channels(lib, host, device))
 
 
 def _concat_leading(xp, blocks, axis: int):

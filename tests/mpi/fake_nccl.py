@@ -10,17 +10,36 @@ processes that joined the same unique id, so a wrong address, count, datatype or
 shows up as wrong numbers. It also records what NCCL would have seen: the ids made and
 joined, NCCL_NVLS_ENABLE at each join, and every call.
 
-Rendezvous: a unique id names the world rank that made it (byte 0) and a serial (byte 1);
-members send (id, NCCL rank, world rank, device) to that root, which answers with the
-member list; the members then make an MPI communicator of exactly themselves
-(``Create_group``, collective over the group only), as NCCL's bootstrap would. Two members
-on one host using one GPU fail, as NCCL does ("Duplicate GPU detected").
+Rendezvous: a unique id names the world rank that made it (byte 0) and a serial (bytes 1
+and 2, 0..127 each); members send (id, NCCL rank, world rank, device) to that root, which
+answers with the member list, on tags of that id alone, so communicators can be made from
+several threads at once (the message channels' threads). Collectives run on an MPI
+communicator of exactly the members (``Create_group``, collective over the group only, made
+at the first collective), as NCCL's bootstrap would; sends and receives go over the fake's
+world on the id's own tag. Two members on one host using one GPU fail, as NCCL does
+("Duplicate GPU detected").
+
+Streams. The current stream (``get_current_stream()``, where the programs' kernels and the
+collectives run) is synchronous: what is queued on it runs at once on the calling thread.
+``Stream()`` is a stream of its own, as CUDA's: a worker thread running its operations in
+order, asynchronously from the host. ``Event()`` is reached when the stream it was recorded
+on gets there (at once on the current stream); ``stream.wait_event(e)`` holds that stream
+until e is reached -- on the current stream, the host itself waits. An NCCL send or receive
+issued on a stream runs there: on the current stream it blocks the host until matched, as a
+waiting NCCL kernel holds everything queued behind it. A wait longer than ``timeout_s``
+(a deadlock) raises TimeoutError -- on the host, or, on a stream's thread, stopping that
+stream (nothing after it runs, its later events are never reached), so a deadlock fails a
+test instead of hanging it. Needs MPI_THREAD_MULTIPLE (the stream threads call MPI).
 """
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
+import queue
 import socket
+import threading
+import time
 import types
 
 import numpy as np
@@ -29,7 +48,8 @@ from mpi4py import MPI
 UNIQUE_ID_BYTES = 128
 TYPES = {0: np.int8, 1: np.uint8, 2: np.int32, 3: np.uint32, 4: np.int64, 5: np.uint64, 6: np.float16,
          7: np.float32, 8: np.float64}
-BOOT_TAG, P2P_TAG = 31001, 31002
+BOOT_TAG = 31001                 # an id's tags: BOOT_TAG + 2k (rendezvous), BOOT_TAG + 2k + 1 (messages)
+TIMEOUT_S = 20.0                 # the longest wait before the fake calls it a deadlock
 
 
 def memory(ptr: int, count: int, datatype: int) -> np.ndarray:
@@ -58,11 +78,16 @@ class FakeNccl(types.ModuleType):
         self.NcclCommunicator = lambda ndev, uid, rank: FakeCommunicator(self, ndev, uid, rank)
 
     def get_unique_id(self) -> tuple[int, ...]:
-        me = self.world.Get_rank()
-        uid = np.random.default_rng([me, len(self.made), os.getpid()]).integers(-128, 128, UNIQUE_ID_BYTES)
-        uid[0], uid[1] = me, len(self.made)
+        me, serial = self.world.Get_rank(), len(self.made)
+        uid = np.random.default_rng([me, serial, os.getpid()]).integers(-128, 128, UNIQUE_ID_BYTES)
+        uid[0], uid[1], uid[2] = me, serial % 128, serial // 128
         self.made.append(tuple(int(b) for b in uid))
         return self.made[-1]
+
+    def tags(self, uid: tuple) -> tuple[int, int]:
+        """The rendezvous and message tags of the communicator of ``uid`` (unique per id)."""
+        k = (uid[1] + 128 * uid[2]) * self.world.Get_size() + uid[0]
+        return BOOT_TAG + 2 * k, BOOT_TAG + 2 * k + 1
 
     def groupStart(self):  # noqa: N802 - CuPy's name
         assert self.group is None, "nested groupStart"
@@ -74,37 +99,47 @@ class FakeNccl(types.ModuleType):
 
 
 class FakeCommunicator:
-    """``NcclCommunicator(ndev, uid, rank)``: an MPI communicator of the members holding uid."""
+    """``NcclCommunicator(ndev, uid, rank)``: the members holding uid, over MPI."""
 
     def __init__(self, lib: FakeNccl, ndev: int, uid: tuple, rank: int):
         assert len(uid) == UNIQUE_ID_BYTES and 0 <= rank < ndev, (len(uid), rank, ndev)
         self._lib, self._rank, self._size = lib, rank, ndev
+        self._boot_tag, self._p2p_tag = lib.tags(tuple(uid))
         lib.joined.append({"ndev": ndev, "uid": tuple(uid), "rank": rank,
                            "nvls": os.environ.get("NCCL_NVLS_ENABLE"), "device": lib.gpus.current})
         members = self._rendezvous(tuple(uid))
         devices = [(host, device) for _, host, device in members]
         if len(set(devices)) != len(devices):
             raise RuntimeError(f"NCCL_ERROR_INVALID_USAGE: Duplicate GPU detected: members {members}")
-        world = lib.world
-        group = world.Get_group().Incl([w for w, _, _ in members])
-        self._mpi = world.Create_group(group, tag=BOOT_TAG)
-        group.Free()
+        self._world_ranks = [w for w, _, _ in members]
+        self._group_comm = None
+
+    @property
+    def _mpi(self):
+        """The MPI communicator of exactly the members, made at the first collective (all
+        members issue their collectives in the same order)."""
+        if self._group_comm is None:
+            world = self._lib.world
+            group = world.Get_group().Incl(self._world_ranks)
+            self._group_comm = world.Create_group(group, tag=self._boot_tag)
+            group.Free()
+        return self._group_comm
 
     def _rendezvous(self, uid: tuple) -> list[tuple[int, str, int]]:
         """(world rank, host, device) of every member, in NCCL rank order."""
-        world, root = self._lib.world, uid[0]
+        world, root, tag = self._lib.world, uid[0], self._boot_tag
         mine = (world.Get_rank(), socket.gethostname(), self._lib.gpus.current)
         if self._rank != 0:
-            world.send((uid, self._rank, mine), dest=root, tag=BOOT_TAG)
-            return world.recv(source=root, tag=BOOT_TAG)
+            world.send((uid, self._rank, mine), dest=root, tag=tag)
+            return world.recv(source=root, tag=tag)
         assert root == world.Get_rank(), "member 0 must hold the id it made"
         members = [mine] + [None] * (self._size - 1)
         for _ in range(self._size - 1):
-            their_uid, rank, theirs = world.recv(source=MPI.ANY_SOURCE, tag=BOOT_TAG)
+            their_uid, rank, theirs = world.recv(source=MPI.ANY_SOURCE, tag=tag)
             assert their_uid == uid and members[rank] is None, (rank, members)
             members[rank] = theirs
         for world_rank, _, _ in members[1:]:
-            world.send(members, dest=world_rank, tag=BOOT_TAG)
+            world.send(members, dest=world_rank, tag=tag)
         return members
 
     def rank_id(self) -> int:
@@ -143,31 +178,120 @@ class FakeCommunicator:
 
     def send(self, buf, count, datatype, peer, stream):
         self._log("send", count, datatype)
-        assert self._lib.group is not None, "autopar issues NCCL messages inside a group only (alltoall)"
-        self._lib.group.append(self._mpi.Isend(memory(buf, count, datatype), dest=peer, tag=P2P_TAG))
+        data, dest = memory(buf, count, datatype), self._world_ranks[peer]
+        self._p2p(lambda: self._lib.world.Isend(data, dest=dest, tag=self._p2p_tag), stream,
+                  f"send to NCCL rank {peer}")
 
     def recv(self, buf, count, datatype, peer, stream):
         self._log("recv", count, datatype)
-        assert self._lib.group is not None, "autopar issues NCCL messages inside a group only (alltoall)"
-        self._lib.group.append(self._mpi.Irecv(memory(buf, count, datatype), source=peer, tag=P2P_TAG))
+        data, source = memory(buf, count, datatype), self._world_ranks[peer]
+        self._p2p(lambda: self._lib.world.Irecv(data, source=source, tag=self._p2p_tag), stream,
+                  f"recv from NCCL rank {peer}")
+
+    def _p2p(self, start, stream: int, what: str) -> None:
+        """Inside groupStart/groupEnd: started now, completed at groupEnd (alltoall). Else on
+        ``stream``: a stream's thread runs it in its turn; the current stream (handle 0) runs it
+        now, blocking the host until it is matched."""
+        if self._lib.group is not None:
+            self._lib.group.append(start())
+            return
+        gpus = self._lib.gpus
+        run = lambda: _complete(start(), gpus.timeout_s, what)  # noqa: E731
+        if stream == _Stream.ptr:
+            run()
+        else:
+            gpus.streams[stream].launch(run)
+
+
+def _complete(request, timeout_s: float, what: str) -> None:
+    """Poll ``request`` until it completes; past ``timeout_s`` cancel it and raise."""
+    deadline, pause = time.monotonic() + timeout_s, 1e-4
+    while not request.Test():
+        if time.monotonic() > deadline:
+            request.Cancel()
+            raise TimeoutError(f"fake NCCL: {what} not matched in {timeout_s} s (a deadlock)")
+        time.sleep(pause)
+        pause = min(2 * pause, 2e-3)
+
+
+class _Event:
+    """``cupy.cuda.Event``: reached when the stream it was recorded on gets there (an event
+    never recorded counts as reached, as CUDA's)."""
+
+    def __init__(self, gpus: FakeGPUs, **_):
+        self._gpus, self._reached = gpus, threading.Event()
+        self._reached.set()
+
+    def record(self, stream=None):
+        stream = self._gpus.get_current_stream() if stream is None else stream
+        self._reached.clear()
+        stream.launch(self._reached.set)
+
+    @property
+    def done(self) -> bool:
+        return self._reached.is_set()
+
+    def synchronize(self):
+        if not self._reached.wait(self._gpus.timeout_s):
+            raise TimeoutError(f"fake GPU: an event not reached in {self._gpus.timeout_s} s (a deadlock)")
 
 
 class _Stream:
+    """The current stream: synchronous, what is queued runs now on the calling thread."""
+
     ptr = 0
 
     def __init__(self, gpus: FakeGPUs):
         self._gpus = gpus
 
+    def launch(self, op):
+        op()
+
+    def wait_event(self, event: _Event):
+        event.synchronize()               # the host is this stream: it waits
+
     def synchronize(self):
         self._gpus.synchronized += 1
 
 
-class FakeGPUs(types.SimpleNamespace):
-    """``cupy.cuda`` of a host with ``count`` GPUs: which one this process uses, its stream,
-    and NCCL (``.nccl``)."""
+class _ThreadStream:
+    """``cupy.cuda.Stream()``: a thread running its operations in order, after the host
+    queued them; an operation that fails (a deadlock's timeout) stops it for good."""
 
-    def __init__(self, count: int):
-        super().__init__(current=0, synchronized=0)
+    def __init__(self, gpus: FakeGPUs, **_):
+        self._gpus, self.ptr = gpus, next(gpus.handles)
+        gpus.streams[self.ptr] = self
+        self.failure: BaseException | None = None
+        self._ops: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, daemon=True, name=f"fake-stream-{self.ptr}").start()
+
+    def launch(self, op):
+        self._ops.put(op)
+
+    def wait_event(self, event: _Event):
+        self.launch(event.synchronize)
+
+    def synchronize(self):
+        marker = _Event(self._gpus)
+        marker.record(self)
+        marker.synchronize()
+
+    def _run(self):
+        while True:
+            op = self._ops.get()
+            if self.failure is None:
+                try:
+                    op()
+                except BaseException as err:
+                    self.failure = err
+
+
+class FakeGPUs(types.SimpleNamespace):
+    """``cupy.cuda`` of a host with ``count`` GPUs: which one this process uses, its streams
+    and events, and NCCL (``.nccl``)."""
+
+    def __init__(self, count: int, timeout_s: float = TIMEOUT_S):
+        super().__init__(current=0, synchronized=0, timeout_s=timeout_s, streams={}, handles=itertools.count(1))
         self.runtime = types.SimpleNamespace(getDeviceCount=lambda: count)
         self.nccl = FakeNccl(self)
 
@@ -176,6 +300,13 @@ class FakeGPUs(types.SimpleNamespace):
 
     def get_current_stream(self):
         return _Stream(self)
+
+    def Stream(self, non_blocking: bool = False, **_):  # noqa: N802 - CuPy's name
+        assert non_blocking, "a channel's stream must not be ordered against the legacy default stream"
+        return _ThreadStream(self)
+
+    def Event(self, **kwargs):  # noqa: N802 - CuPy's name
+        return _Event(self, **kwargs)
 
 
 def device_pointer(a) -> types.SimpleNamespace:
