@@ -3,8 +3,8 @@
 The programs run on the GPU target with the world ``nccl_world`` makes: gradients all-reduced
 (and, with comm_fusion, bucketed through ``iallreduce``), optimizer parallel's reduce-scatter
 and all-gather, the model-parallel split's collectives (the vocabulary-split cross-entropy's
-included) go through NCCL calls; a 2-stage pipeline's messages go over MPI (comm/nccl.py,
-"Messages"). A tiny PanGu-α in
+included) go through NCCL calls; a 2-stage pipeline's messages (1F1B, GPipe, interleaved 1F1B) go
+through NCCL channels (comm/nccl_channels.py). A tiny PanGu-α in
 float64 with dropout 0.1: loss and gradients, then three AdamWeightDecay steps (clip 1.0),
 equal the serial CPU run's to 1e-9 relative (float64 leaves only summation order), so a
 wrong shard, message or reduction is off by far more.
@@ -95,18 +95,47 @@ def test_sharded_training_over_nccl_equals_serial(nccl, serial, name):
     assert type(comm) is NCCLCommunicator and (REAL or nccl_calls(xp) > before)
 
 
-def pipelined():
-    net = PanguAlphaWithLoss(CONFIG)
-    nn.set_pipeline_stages(list(net.backbone.blocks) + [net.backbone.query_layer], stages=2)
+def pipelined(config, pieces):
+    net = PanguAlphaWithLoss(config)
+    nn.set_pipeline_stages(list(net.backbone.blocks) + [net.backbone.query_layer], stages=pieces)
     return net.set_train(True)
 
 
-@pytest.mark.parametrize("device", [DEVICE])
-def test_two_stage_pipeline_over_nccl_equals_serial(nccl, serial, device):
-    comm, _ = nccl
+def messages(comm, xp) -> tuple[int, int]:
+    """(sends, receives) through NCCL calls minus those the communicator counted: (0, 0) when
+    every message went through one NCCL call (on real GPUs: not logged, (0, 0))."""
+    count = comm.stats.snapshot()["count"]
+    if REAL:
+        return 0, 0
+    logged = [c[0] for c in xp.cuda.nccl.calls]
+    return logged.count("send") - count.get("send", 0), logged.count("recv") - count.get("recv", 0)
+
+
+PIPELINES = {   # name -> (layers, pieces, micro-batches, schedule, virtual stages)
+    "1f1b": (2, 2, 2, "1f1b", 1),
+    "gpipe": (2, 2, 2, "gpipe", 1),
+    "interleaved 1f1b": (4, 4, 4, "1f1b", 2),    # activations 0 -> 1 -> 0 -> 1: back across the wrap
+}
+
+
+@pytest.mark.parametrize("name", PIPELINES, ids=lambda n: f"{DEVICE}-{n}")
+def test_two_stage_pipeline_over_nccl_channels_equals_serial(nccl, serial, name):
+    """Activations and gradients go through NCCL channels (comm/nccl_channels.py): every
+    message the communicator counts is one NCCL send or receive."""
+    comm, xp = nccl
+    layers, pieces, micro, schedule, virtual = PIPELINES[name]
+    config = CONFIG.replace(num_layers=layers)
+    want = serial if layers == CONFIG.num_layers else serial_run(lambda: PanguAlphaWithLoss(config), IDS)
+    comm.stats.reset()
+    before = messages(comm, xp)
     with bound_world(comm), parallel_context(parallel_mode="semi_auto_parallel", device_num=2, pipeline_stages=2,
                                              full_batch=True):
-        net = pipelined()
-        got = autopar.value_and_grad(nn.PipelineCell(net, 2), net.trainable_params())(IDS)
-        net = pipelined()
-        assert_like_serial(got + (train(net, nn.PipelineCell(net, 2), IDS),), serial)
+        net = pipelined(config, pieces)
+        cell = nn.PipelineCell(net, micro, schedule, virtual_stages=virtual)
+        got = autopar.value_and_grad(cell, net.trainable_params())(IDS)
+        net = pipelined(config, pieces)
+        assert_like_serial(got + (train(net, nn.PipelineCell(net, micro, schedule, virtual_stages=virtual), IDS),),
+                           want)
+    count = comm.stats.snapshot()["count"]
+    assert count.get("send", 0) > 0 and count.get("recv", 0) > 0, count
+    assert messages(comm, xp) == before, "a message went around NCCL"
