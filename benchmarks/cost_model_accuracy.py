@@ -59,6 +59,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import shlex
 import signal
 import subprocess
@@ -215,8 +216,36 @@ def _first_error(text: str) -> str:
     return "; ".join(errors[-1:] + where[-1:]) or " | ".join(lines[-3:])
 
 
+def machine_busy_s() -> float | None:
+    """CPU seconds every core of the machine has been busy since boot (/proc/stat: user,
+    nice, system, irq, softirq, steal), or None where there is no /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of this process's finished children (mpiexec and, through it, the ranks)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def foreign_cores(busy0: float | None, child0: float, wall: float) -> float | None:
+    """Cores busy with work other than the job just run, on average over its ``wall``
+    seconds: the machine's busy CPU time minus the job's own. Another tenant's jobs (session
+    8's 8-rank run shared the host with four GPU jobs) show here instead of in a plan's time."""
+    busy1 = None if busy0 is None or wall <= 0 else machine_busy_s()
+    if busy1 is None:
+        return None
+    return max(0.0, ((busy1 - busy0) - (children_cpu_s() - child0)) / wall)
+
+
 def launch(plan: Plan, size: str, ranks: int, profile: str, args, repeats: int, timeout: float) -> dict:
-    """One MPI job training ``plan``: its JSON row, or a row with ``error``."""
+    """One MPI job training ``plan``: its JSON row, or a row with ``error``. The row's
+    ``measured.foreign_cores`` lists, per job, the cores other work kept busy meanwhile."""
     me = [sys.executable, __file__, "--worker", json.dumps(dataclasses.asdict(plan)), "--size", size,
           "--steps", str(args.steps), "--repeats", str(repeats), "--warmup", str(args.warmup), "--profile", profile,
           "--clock", args.clock] + (["--ops"] if getattr(args, "ops", False) else [])
@@ -224,6 +253,7 @@ def launch(plan: Plan, size: str, ranks: int, profile: str, args, repeats: int, 
     failed = dict(name=plan.name, size=size, ranks=ranks, command=shlex.join(cmd))
     # its own process group: on a timeout the ranks go too, not only mpiexec (left running,
     # they would take the cores of the plans after)
+    busy0, child0, t0 = machine_busy_s(), children_cpu_s(), time.perf_counter()
     proc = subprocess.Popen(cmd, env=worker_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -234,7 +264,9 @@ def launch(plan: Plan, size: str, ranks: int, profile: str, args, repeats: int, 
         return dict(failed, error=f"timed out after {timeout:.0f} s")
     rows = [ln for ln in stdout.splitlines() if ln.startswith('{"name"')]     # rank 0's row
     if proc.returncode == 0 and rows:
-        return json.loads(rows[-1])
+        row = json.loads(rows[-1])
+        row["measured"]["foreign_cores"] = [foreign_cores(busy0, child0, time.perf_counter() - t0)]
+        return row
     return dict(failed, error=_first_error(stdout + stderr))
 
 
@@ -252,6 +284,7 @@ def measure(plan: Plan, size: str, ranks: int, profile: str, args, timeout: floa
     row = runs[0]
     windows = [r["measured"]["windows"][0] for r in runs]
     row["measured"].update(step_s=float(np.median(windows)), windows=windows,
+                           foreign_cores=[r["measured"]["foreign_cores"][0] for r in runs],
                            peak_bytes=max(r["measured"]["peak_bytes"] for r in runs))
     return row
 
@@ -356,6 +389,7 @@ def confirm(saved: dict, args, profiles: dict, t_start: float) -> None:
             m = row["measured"]
             m.setdefault("first_windows", list(m["windows"]))
             m["windows"] += again["measured"]["windows"]
+            m["foreign_cores"] = m.get("foreign_cores", [None]) + again["measured"].get("foreign_cores", [None])
             m["step_s"] = float(np.median(m["windows"]))
             print(f"confirm round {k + 1}: {row['size']} {row['ranks']} ranks {row['name']:28s} "
                   f"{again['measured']['step_s']:.3f} s -> {m['step_s']:.3f} s", file=sys.stderr, flush=True)
@@ -429,9 +463,13 @@ def report(saved: dict) -> dict:
                          f"{p['compute_s']:.3f}", f"{p['comm_s']:.3f}", f"{p['bubble_s']:.3f}", f"{m['comm_s']:.3f}",
                          f"{m['collectives_s']:.3f}" if "collectives_s" in m else "-",
                          mib(p["memory_bytes"]), mib(m["peak_bytes"]), f"{p['memory_bytes'] / m['peak_bytes'] - 1:+.0%}",
-                         f"{row['compile_s']:.1f}"])
+                         f"{row['compile_s']:.1f}", busy_elsewhere(m)])
         print(table(["#", "plan", "pred s", "meas s", "err", "spread", "compute", "comm", "bubble", "meas comm",
-                     "meas coll", "pred MiB", "meas MiB", "err", "compile s"], body, "ll" + "r" * 13))
+                     "meas coll", "pred MiB", "meas MiB", "err", "compile s", "other load"], body, "ll" + "r" * 14))
+        loaded = [row["name"] for row in group if max(known(row["measured"]), default=0.0) > FOREIGN_LOAD_WARN]
+        if loaded:
+            print(f"  WARNING: other work kept more than {FOREIGN_LOAD_WARN} core busy during {', '.join(loaded)}: "
+                  f"their times are not this plan's alone")
         auto = [row for row in group if row["plan"]["auto"]]
         if auto:
             print(f"  auto plan: {auto[0]['predicted']['plan']}")
@@ -449,6 +487,20 @@ def report(saved: dict) -> dict:
     met = targets_met(figures)
     print("targets: " + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in met.items()))
     return figures
+
+
+FOREIGN_LOAD_WARN = 0.5     # cores busy with other work during a job, above which the report warns
+
+
+def known(measured: dict) -> list[float]:
+    """A row's per-job foreign loads that were measured (rows stored before have none)."""
+    return [c for c in measured.get("foreign_cores", []) if c is not None]
+
+
+def busy_elsewhere(measured: dict) -> str:
+    """The largest foreign load over a row's jobs, in cores ("-" when not measured)."""
+    loads = known(measured)
+    return f"{max(loads):.2f}" if loads else "-"
 
 
 def summary(f: dict) -> str:

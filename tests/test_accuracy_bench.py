@@ -133,3 +133,31 @@ def test_merged_runs_drop_a_failure_another_run_measured():
     assert out["rows"] == [measured]
     assert [f["name"] for f in out["failed"]] == ["mp4"]           # never measured: still reported
     assert set(out["sizes"]) == {"H256", "H384"} and out["profiles"] == {"4": "a.json", "8": "b.json"}
+
+
+def test_foreign_load_is_the_machines_busy_time_minus_the_jobs_own(monkeypatch):
+    """Over a 2 s job the machine's cores were busy 10 CPU-seconds, 4 of them the job's own
+    ranks: 3 cores of other work. The report flags a plan measured beside such load."""
+    import cost_model_accuracy as cma
+    busy, child = iter([100.0, 110.0]), iter([9.0])
+    monkeypatch.setattr(cma, "machine_busy_s", lambda: next(busy))
+    monkeypatch.setattr(cma, "children_cpu_s", lambda: next(child))
+    assert cma.foreign_cores(cma.machine_busy_s(), 5.0, 2.0) == 3.0
+    assert cma.foreign_cores(None, 5.0, 2.0) is None                   # no /proc/stat: unknown, not 0
+    assert cma.busy_elsewhere({"foreign_cores": [None, 0.2, 3.0]}) == "3.00"
+    assert cma.busy_elsewhere({}) == "-"
+
+
+def test_machine_busy_time_grows_while_this_process_computes():
+    """/proc/stat's busy seconds grow by at least this process's own CPU seconds (a spin of
+    0.2 s of CPU time), so a job's own work is not reported as foreign."""
+    import time
+
+    import cost_model_accuracy as cma
+    b0 = cma.machine_busy_s()
+    if b0 is None:
+        pytest.skip("no /proc/stat on this system")
+    c0 = time.process_time()
+    while time.process_time() - c0 < 0.2:
+        pass
+    assert cma.machine_busy_s() - b0 >= 0.15      # clock ticks of 10 ms: a little below 0.2 at worst
