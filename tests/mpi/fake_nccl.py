@@ -131,16 +131,28 @@ class FakeCommunicator:
         mine = (world.Get_rank(), socket.gethostname(), self._lib.gpus.current)
         if self._rank != 0:
             world.send((uid, self._rank, mine), dest=root, tag=tag)
-            return world.recv(source=root, tag=tag)
+            return self._joined(root)
         assert root == world.Get_rank(), "member 0 must hold the id it made"
         members = [mine] + [None] * (self._size - 1)
         for _ in range(self._size - 1):
-            their_uid, rank, theirs = world.recv(source=MPI.ANY_SOURCE, tag=tag)
+            their_uid, rank, theirs = self._joined(MPI.ANY_SOURCE)
             assert their_uid == uid and members[rank] is None, (rank, members)
             members[rank] = theirs
         for world_rank, _, _ in members[1:]:
             world.send(members, dest=world_rank, tag=tag)
         return members
+
+    def _joined(self, source: int):
+        """The next rendezvous message from ``source``, within the fake's timeout (ncclCommInitRank
+        waits for every member: a member that never comes is a deadlock, raised, not hung)."""
+        world, tag, timeout_s = self._lib.world, self._boot_tag, self._lib.gpus.timeout_s
+        deadline = time.monotonic() + timeout_s
+        while not world.Iprobe(source=source, tag=tag):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"fake NCCL: ncclCommInitRank: a member of {self._size} did not join in "
+                                   f"{timeout_s} s (a deadlock)")
+            time.sleep(1e-3)
+        return world.recv(source=source, tag=tag)
 
     def rank_id(self) -> int:
         return self._rank

@@ -170,6 +170,28 @@ def test_an_early_posted_receive_does_not_hold_the_sends_behind_it(xp, comm, dev
         np.testing.assert_array_equal(g, w)
 
 
+@pytest.mark.parametrize("device", [DEVICE])
+def test_channels_made_in_either_order_do_not_wait_for_each_other(xp, comm, device):
+    """Both members send first (a halo exchange: 0 -> 1 and 1 -> 0, new channels each), then
+    receive, then send again on a third new channel the other receives first. Making a
+    channel waits for both members (ncclCommInitRank), so made on the caller's thread the
+    two first sends would wait for each other forever (the fake: TimeoutError)."""
+    me, other = comm.rank, 1 - comm.rank
+    x = values(me, (3, 5), np.float32)
+    out = comm.isend(xp.asarray(x), dest=other, tag=21)
+    got = comm.recv((3, 5), np.float32, source=other, tag=21)
+    out.wait()
+    np.testing.assert_array_equal(to_host(got), values(other, (3, 5), np.float32))
+    if me == 0:                                             # member 1 receives on tag 22 before it sends on 23
+        later = comm.irecv((3, 5), np.float32, source=1, tag=23)
+        comm.send(xp.asarray(x), dest=1, tag=22)
+        np.testing.assert_array_equal(to_host(later.wait()), values(1, (3, 5), np.float32))
+    else:
+        first = comm.irecv((3, 5), np.float32, source=0, tag=22)
+        comm.send(xp.asarray(x), dest=0, tag=23)
+        np.testing.assert_array_equal(to_host(first.wait()), values(0, (3, 5), np.float32))
+
+
 @pytest.mark.skipif(REAL, reason="on real GPUs this would deadlock: the control runs on the fake")
 def test_the_same_messages_on_the_compute_stream_deadlock(xp):
     """The control: with every NCCL call queued on the compute stream (handle 0), stage 0's
