@@ -32,8 +32,11 @@ program correct over MPI can pair the wrong messages here (recording tag orders 
 on a mismatch could only detect it, at run time, on the side that gets it wrong). The cost:
 a pipeline uses 2 tags (activations, gradients), so a stage pair holds at most 4
 communicators (interleaved, both directions carry both kinds), each with NCCL's buffers.
-Counts are not checked: a receive of another size than the send is undefined in NCCL (it
-hangs or corrupts), where MPI raises.
+Sizes. A receive of another size than the send is undefined in NCCL (it hangs or corrupts),
+where MPI raises. In debug mode (CommChecks.debug) the two channel threads first swap each
+message's (bytes, shape, dtype) over MPI; on a mismatch both skip the NCCL call (the channel
+stays in step) and the waits on both members raise ValueError naming both ranks, the tag and
+both sizes. Off, nothing is checked: the sizes are the caller's promise, as NCCL's are.
 
 Making a channel, on first use, between its two members only. The sender makes the NCCL unique
 id and sends it to the receiver over a duplicate of the host MPI communicator (made when the
@@ -79,6 +82,8 @@ class _Message:
     call: str                    # SEND or RECV
     buf: object                  # device array, C-contiguous
     nbytes: int
+    shape: tuple[int, ...]       # as the caller gave it (named by the debug mode's errors)
+    dtype: str
     after: object                # READY or POSTED, recorded on the compute stream
     done: object                 # DONE, recorded on the channel's stream
     issued: threading.Event = field(default_factory=threading.Event)
@@ -97,10 +102,12 @@ class _Channel:
     """The messages of one (sender, receiver, tag): a stream, and a host thread that makes the
     2-member NCCL communicator and then issues the queued messages in order."""
 
-    def __init__(self, lib: NcclLib, boot, device: int, call: str, peer: int, tag: int):
+    def __init__(self, lib: NcclLib, boot, back, device: int, call: str, peer: int, tag: int, where: str,
+                 peer_rank: int):
         self.stream = lib.new_stream()
-        self._lib, self._boot, self._device = lib, boot, device
+        self._lib, self._boot, self._back, self._device = lib, boot, back, device
         self._call, self._peer, self._tag = call, peer, tag
+        self._where, self._peer_rank = where, peer_rank    # for errors: this side, the peer's world rank
         self._queue: queue.SimpleQueue[_Message] = queue.SimpleQueue()
         threading.Thread(target=self._serve, daemon=True, name=f"autopar-nccl-{call}-{peer}-tag{tag}").start()
 
@@ -116,13 +123,34 @@ class _Channel:
             failure = err
         while True:
             message = self._queue.get()
+            mismatch = None
             if failure is None:
                 try:
-                    message.issue(self._lib, comm, self.stream)
+                    mismatch = None if self._back is None else self._agree(message)
+                    if mismatch is None:
+                        message.issue(self._lib, comm, self.stream)
                 except BaseException as err:          # later messages cannot keep their order: fail them too
                     failure = err
-            message.error = failure
+            message.error = failure or mismatch
             message.issued.set()
+
+    def _agree(self, message: _Message) -> ValueError | None:
+        """Debug mode: swap (bytes, shape, dtype) with the peer's side of this message (the
+        sender's travel on ``boot``, the receiver's on ``back``); a ValueError if they differ."""
+        mine = (message.nbytes, message.shape, message.dtype)
+        if self._call == SEND:
+            self._boot.send(mine, dest=self._peer, tag=self._tag)
+            theirs = self._back.recv(source=self._peer, tag=self._tag)
+        else:
+            theirs = self._boot.recv(source=self._peer, tag=self._tag)
+            self._back.send(mine, dest=self._peer, tag=self._tag)
+        if theirs[0] == mine[0]:
+            return None
+        other = "receives" if self._call == SEND else "sends"
+        return ValueError(format_error(self._where, "message", f"{mine[0]} bytes ({mine[1]}, {mine[2]}), the "
+                                       f"size world rank {self._peer_rank} {other} on tag {self._tag}",
+                                       f"{theirs[0]} bytes ({theirs[1]}, {theirs[2]}) there; neither was "
+                                       "transferred", "send and receive the same shape and dtype"))
 
     def _connect(self):
         """The channel's NCCL communicator: the sender's id, sent over the host MPI."""
@@ -171,25 +199,26 @@ class Channels:
 
     def __init__(self, lib: NcclLib, host: MPICommunicator, device: int, owner: str = "NCCLCommunicator"):
         self._lib, self._host, self._device, self._owner = lib, host, device, owner
-        self._boot = host.mpi_comm.Dup()
+        self._boot = host.mpi_comm.Dup()                                  # ids; debug: the senders' sizes
+        self._back = host.mpi_comm.Dup() if host.checks.debug else None   # debug: the receivers' sizes
         self._open: dict[tuple[str, int, int], _Channel] = {}
 
     def isend(self, x, dest: int, tag: int) -> Request:
         xp = self._lib.xp
         buf = xp.ascontiguousarray(xp.asarray(x) if on_host(x) else x)
-        message = self._queue(SEND, dest, tag, buf, buf.nbytes)
+        message = self._queue(SEND, dest, tag, buf, tuple(x.shape), x.dtype)
         return self._request(message, lambda: None, "isend", f"send to member {dest} (tag {tag})")
 
     def irecv(self, shape: tuple[int, ...], dtype: np.dtype, source: int, tag: int) -> Request:
         out = self._lib.xp.empty(shape, dtype)
-        message = self._queue(RECV, source, tag, out, out.nbytes)
+        message = self._queue(RECV, source, tag, out, tuple(shape), dtype)
         return self._request(message, lambda: out, "irecv", f"receive from member {source} (tag {tag})")
 
-    def _queue(self, call: str, peer: int, tag: int, buf, nbytes: int) -> _Message:
+    def _queue(self, call: str, peer: int, tag: int, buf, shape: tuple[int, ...], dtype) -> _Message:
         lib = self._lib
         after, done = lib.new_event(), lib.new_event()
         lib.record_event(after)                       # READY / POSTED, on the compute stream
-        message = _Message(call, buf, int(nbytes), after, done)
+        message = _Message(call, buf, int(buf.nbytes), shape, str(np.dtype(dtype)), after, done)
         self._channel(call, peer, tag).post(message)
         return message
 
@@ -198,7 +227,8 @@ class Channels:
         channel = self._open.get(key)
         if channel is None:
             self._check_threads(call)
-            channel = self._open[key] = _Channel(self._lib, self._boot, self._device, call, peer, tag)
+            channel = self._open[key] = _Channel(self._lib, self._boot, self._back, self._device, call, peer, tag,
+                                                 self._where(call), self._host.ranks[peer])
         return channel
 
     def _request(self, message: _Message, result, method: str, what: str) -> Request:

@@ -8,9 +8,11 @@ is not taken by an earlier-sent tag-5 message). The 1F1B pattern of comm/nccl.py
 "Messages" -- stage 0 posts its receive of g0 before it sends x1, stage 1 posts both
 receives before it sends g0 -- completes, while the same messages queued on the compute
 stream deadlock (the fake models it: a stream is a thread, a receive on the compute stream
-blocks the host; a wait past the fake's timeout raises instead of hanging). A receive whose
-sender never comes raises TimeoutError after the watchdog's seconds, naming the member and
-tag, and an MPI without MPI_THREAD_MULTIPLE is refused at the first message.
+blocks the host; a wait past the fake's timeout raises instead of hanging), and so do
+channels made in either order by the two members. A receive whose sender never comes
+raises TimeoutError after the watchdog's seconds, naming the member and tag; in debug mode
+a receive of another size than the send raises on both members; an MPI without
+MPI_THREAD_MULTIPLE is refused at the first message.
 
 On 2 GPUs with CuPy and NCCL this runs the real thing (the deadlock control and the
 thread-level test stay on the fake):
@@ -238,6 +240,27 @@ def test_a_receive_whose_sender_never_comes_times_out_naming_it_then_completes(x
         WORLD.barrier()                                    # member 0 has timed out
         short.send(xp.asarray(x), dest=0, tag=9)
         WORLD.barrier()
+
+
+@pytest.mark.parametrize("device", [DEVICE])
+def test_debug_mode_refuses_a_message_of_another_size_on_both_members_naming_them(xp, device):
+    """Member 0 sends (2, 3) float32 on tag 31, member 1 receives (3, 3): in debug mode both
+    raise, naming the other's world rank and both sizes, and nothing is transferred -- the
+    channel stays in step: the next message on it arrives whole."""
+    debug = nccl_world(MPICommunicator(WORLD.mpi_comm, CommStats(), checks=CommChecks(debug=True)))
+    x = values(0, (2, 3), np.float32)
+    if debug.rank == 0:
+        with pytest.raises(ValueError, match=r"send \(rank 0 of \[0, 1\]\): message: expected 24 bytes "
+                                             r"\(\(2, 3\), float32\), the size world rank 1 receives on tag 31, "
+                                             r"got 36 bytes \(\(3, 3\), float32\) there; neither was transferred"):
+            debug.send(xp.asarray(x), dest=1, tag=31)
+        debug.send(xp.asarray(x), dest=1, tag=31)
+    else:
+        with pytest.raises(ValueError, match=r"recv \(rank 1 of \[0, 1\]\): message: expected 36 bytes "
+                                             r"\(\(3, 3\), float32\), the size world rank 0 sends on tag 31, "
+                                             r"got 24 bytes"):
+            debug.recv((3, 3), np.float32, source=0, tag=31)
+        np.testing.assert_array_equal(to_host(debug.recv((2, 3), np.float32, source=0, tag=31)), x)
 
 
 @pytest.mark.skipif(REAL, reason="sets the thread level the fake's MPI reports")
