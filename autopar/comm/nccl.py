@@ -11,7 +11,8 @@ backend does (mpi.py), and moved back after::
     allgather(x, axis)       allGather (d, rest...) -> (n*d, rest...)                    bytes
     alltoall(x, s, c)        grouped send/recv of the blocks (n, *block) along s         bytes
     broadcast(x, root)       broadcast, in place                                         bytes
-    send / recv              send/recv on a channel of their own (see "Messages")
+    send / recv              send / recv on the (peer, direction, tag)'s own channel     bytes
+                             (communicator, stream, host thread; see "Messages")
     barrier                  the stream synchronised, then MPI's barrier
     split(groups)            MPI's Comm.Split, then one new NCCL communicator per group
 
@@ -21,10 +22,11 @@ and rounded back once, so its sums equal the MPI backend's (NCCL's own bfloat16 
 round at every hop). int16, uint16 and complex have no NCCL reduction: a TypeError says so.
 
 Arrays. A device (CuPy) array gives a new device array, queued on the current stream: the
-result is ready in stream order, the host does not wait. A host (numpy) array is staged, the
-other way round from staging.py: copied to this rank's GPU, communicated, and the result
-copied back -- numpy in, numpy out -- so host-side callers (``compare``, the debug mode's
-fingerprints, checkpoint agreement) work unchanged.
+result is ready in stream order, the host does not wait. A host (numpy) array given to a
+collective is staged, the other way round from staging.py: copied to this rank's GPU,
+communicated, and the result copied back -- numpy in, numpy out -- so host-side callers
+(``compare``, the debug mode's fingerprints, checkpoint agreement) work unchanged. Messages
+differ: a receive has no input to follow (see "Messages").
 
 Non-blocking collectives complete at once: ``iallreduce`` and ``ireduce_scatter`` queue the
 NCCL call on the stream when they start and return a finished request (base.Done); the GPU
@@ -48,7 +50,10 @@ channel against the compute stream: a send starts once the kernels making ``x`` 
 ``wait()`` makes the compute stream (not the host) wait for the message. One channel per tag
 keeps MPI's matching (in order within a tag, tags independent); NCCL itself has none. A host
 (numpy) array is copied to this GPU and sent the same way, and receives return device arrays
-(a receiver cannot know how the sender held its array). Needs MPI_THREAD_MULTIPLE.
+(a receiver cannot know how the sender held its array). Needs MPI_THREAD_MULTIPLE (the ids
+travel from the channels' threads). The watchdog's timeout bounds a wait for the other
+member to post its side of a message (TimeoutError); in debug mode each message's size is
+checked on both members first (NCCL cannot tell a mis-sized receive, MPI raises).
 
 Setup. ``nccl_world(world)`` (collective over the MPI world): every rank's device is its
 local rank on its host (the ranks of a shared-memory ``Split_type`` of the world), every
@@ -57,7 +62,7 @@ broadcasts it. NVLink multicast (NVLS) stays off: ``NCCL_NVLS_ENABLE`` is set to
 process unless the launcher set it, before NCCL first reads it. The MPI world stays
 underneath for barriers, splits and the ids of split groups, and its CommStats and
 CommChecks are this communicator's. The collective watchdog watches the MPI calls (barriers,
-splits, messages) only; a member that never joins an NCCL call leaves the others waiting.
+splits) only; a member that never joins an NCCL call leaves the others waiting.
 
 Choosing. ``select_world(world, backend)`` is what ``autopar.init()`` gets: with
 ``device_target="GPU"`` and more than one rank, NCCL when every rank has its own GPU (ranks
