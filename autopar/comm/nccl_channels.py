@@ -10,11 +10,11 @@ waiting receive holds nothing but the messages queued behind it on that channel.
 
 What each message does, in stream order::
 
-    isend(x, dest, tag)                        irecv(shape, dtype, source, tag)
-    compute: x made contiguous, record READY   compute: out allocated, record POSTED
-    channel: wait READY, ncclSend, record DONE  channel: wait POSTED, ncclRecv(out), record DONE
-    wait(): compute waits for DONE, x held      wait(): compute waits for DONE, returns out
-    test(): DONE reached                       test(): DONE reached
+    isend(x, dest, tag)                          irecv(shape, dtype, source, tag)
+    compute: x made contiguous, record READY     compute: out allocated, record POSTED
+    channel: wait READY, ncclSend, record DONE   channel: wait POSTED, ncclRecv(out), record DONE
+    wait(): compute waits for DONE, x held       wait(): compute waits for DONE, returns out
+    test(): DONE reached                         test(): DONE reached
 
 READY orders the send after the kernels that make ``x``; POSTED orders the receive after
 whatever last used the memory CuPy's pool hands ``out`` (memory freed on the compute stream
@@ -32,11 +32,13 @@ program correct over MPI can pair the wrong messages here (recording tag orders 
 on a mismatch could only detect it, at run time, on the side that gets it wrong). The cost:
 a pipeline uses 2 tags (activations, gradients), so a stage pair holds at most 4
 communicators (interleaved, both directions carry both kinds), each with NCCL's buffers.
+
 Sizes. A receive of another size than the send is undefined in NCCL (it hangs or corrupts),
 where MPI raises. In debug mode (CommChecks.debug) the two channel threads first swap each
 message's (bytes, shape, dtype) over MPI; on a mismatch both skip the NCCL call (the channel
 stays in step) and the waits on both members raise ValueError naming both ranks, the tag and
-both sizes. Off, nothing is checked: the sizes are the caller's promise, as NCCL's are.
+both sizes (a send then waits for its receive to be posted). Off, nothing is checked: the
+sizes are the caller's promise, as NCCL's are.
 
 Making a channel, on first use, between its two members only. The sender makes the NCCL unique
 id and sends it to the receiver over a duplicate of the host MPI communicator (made when the
@@ -52,9 +54,12 @@ until the thread has issued the message: at first use of a channel, until the ot
 has posted its side. The host MPI must run with MPI_THREAD_MULTIPLE (mpi4py's default; MPICH
 and Open MPI provide it): the ids travel from these threads.
 
-Caveat NCCL documents: kernels of several communicators on one GPU progress concurrently
-only while they fit on the device together; a channel's waiting receive occupies its blocks
-until the send arrives.
+Caveats NCCL documents, not yet seen on a GPU here: kernels of several communicators on one
+GPU progress concurrently only while they fit on the device together (a channel's waiting
+receive occupies its blocks until the send arrives), and a device-wide synchronisation
+(``cudaFree`` when CuPy's pool returns memory, ``cudaDeviceSynchronize``) waits for a pending
+receive too, so one issued while a receive waits for a send this host has yet to queue would
+never return.
 """
 from __future__ import annotations
 
