@@ -35,19 +35,16 @@ barrier; its wall time is the slowest rank's. Two measured figures:
 Predictions beside them: (p−1)/(v·m+p−1) of the step, i.e. (p−1)/(v·m) of the ideal time
 (v = 1: ``cost.pipeline_bubble``'s (p−1)/(m+p−1); the schedules' tables idle exactly that
 share of stage-clocks) assumes equal items on every stage; the *runner
-model* walks the item times replayed alone (medians) through each rank's exact sequence of items
-and blocking transfers (the runner's order: a clock's item, then that clock's transfers,
-each send and receive waiting for its partner, transfers taking no time) -- the bubble
-the schedule gives these unequal stages (the last one holds the head and the loss) and a
-backward about twice a forward. Measured − model is what the transfers, the runner and a
-shared machine add.
+model* replays the schedule's per-stage orders with each chunk's item times measured alone
+(medians), an item starting once its stage is free and its input made, transfers free and
+non-blocking as the runner posts them (``Schedule.replay``) -- the bubble the schedule gives
+these unequal stages (the last one holds the head and the loss) and a backward about twice
+a forward. Measured − model is what the transfers, the runner and a shared machine add.
 
 Interleaved rows (v > 1): the order itself idles (p−1)/(v·m) of the ideal time whatever a
-backward costs against a forward (``Schedule.makespan``, tested), but the runner's sends and
-receives block (the comm layer has no isend/irecv) and every chunk boundary is one, so the
-two ranks of p = 2 run nearly in lock step: where one runs a forward while the other runs a
-backward, the forward waits. With a backward ≈ 2 forwards that costs about (B − F)/(2B) of
-the steady state; the runner model (blocking transfers) shows it beside the formula.
+backward costs against a forward (``Schedule.makespan``, tested). Every chunk boundary is a
+transfer; the runner posts them non-blocking (``isend``/``irecv``), so a forward waits only
+for its own input, not for its partner's progress.
 
 **Memory.** Data parallel on 2 ranks (``parallel_mode="data_parallel"``) with and without
 recompute (every block and the query layer, as PanGu-α 200B) and optimizer parallel
@@ -78,7 +75,7 @@ from pathlib import Path
 import numpy as np
 from _common import default_mpiexec, mib, table, unique_nbytes, worker_env
 
-from autopar.strategy.pipeline.schedule import chunk_of
+from autopar.strategy.pipeline.schedule import chunk_of, make_schedule
 
 # A forward of one layer on one 256-token sequence takes ~0.1 s of one core here, a backward
 # ~0.2 s: the runner's Python between items is under 1% of that. 7 blocks + the query layer:
@@ -143,23 +140,6 @@ class ItemClock:
         return time.perf_counter() - t0
 
 
-def rank_sequence(plan) -> list:
-    """What this rank does in one step, in the runner's order: per clock, its item ("F0":
-    forward of chunk 0, "B1", ...), then that clock's transfers between ranks, each named by
-    (clock, kind, micro, value, sending virtual stage, receiving one) -- the same name on both
-    of its ranks. A hand-over between two chunks of this rank is no transfer."""
-    by_clock: dict[int, list] = {}
-    for tr in plan.transfers:
-        if plan.rank_of(tr.src) != plan.rank_of(tr.dst):
-            by_clock.setdefault(tr.clock, []).append([tr.clock, tr.kind, tr.micro, tr.value, tr.src, tr.dst])
-    out: list = []
-    for t, item in enumerate(plan.schedule.table[plan.stage]):
-        if item is not None:
-            out.append(f"{item[0]}{chunk_of(item)}")
-        out += by_clock.get(t, [])
-    return out
-
-
 def bubble_case(comm, cfg_kw: dict, stages: int, micro: int, schedule: str, virtual: int, steps: int,
                 warmup: int) -> dict:
     from autopar import nn
@@ -197,8 +177,7 @@ def bubble_case(comm, cfg_kw: dict, stages: int, micro: int, schedule: str, virt
             alone[name].append(clock.replay(name))
     return {"rank": comm.rank, "stage": plan.stage, "stages": stages, "micro": micro, "schedule": schedule,
             "virtual": virtual, "walls": walls, "busy": busy, "alone": alone,
-            "medians": {name: float(np.median(d)) for name, d in in_pipeline.items()},
-            "sequence": rank_sequence(plan)}
+            "medians": {name: float(np.median(d)) for name, d in in_pipeline.items()}}
 
 
 def bubble_worker(comm, cfg_kw: dict, micros: list[int], schedules: list[str], virtuals: list[int], steps: int,
@@ -295,36 +274,6 @@ def memory_worker(comm, cfg_kw: dict, out: Path) -> None:
 
 # ---- the driver ---------------------------------------------------------------------------------
 
-def runner_makespan(sequences: list[list], seconds: list[dict[str, float]]) -> float:
-    """Seconds one step takes when rank r's items take ``seconds[r]`` ("F0", "B0", ...) and
-    every transfer waits for both its ranks and then takes no time (blocking send and
-    receive). ``sequences[r]`` is :func:`rank_sequence` of rank r."""
-    now, pos, parked = [0.0] * len(sequences), [0] * len(sequences), {}   # parked: transfer -> rank
-    moved = True
-    while moved:
-        moved = False
-        for r, seq in enumerate(sequences):
-            while pos[r] < len(seq):
-                event = seq[pos[r]]
-                if isinstance(event, str):                      # an item
-                    now[r] += seconds[r][event]
-                    pos[r] += 1
-                    moved = True
-                    continue
-                key = tuple(event)
-                other = parked.get(key, r)
-                if other == r:                                  # first of the two: wait
-                    parked[key] = r
-                    break
-                del parked[key]
-                now[r] = now[other] = max(now[r], now[other])
-                pos[r] += 1
-                pos[other] += 1
-                moved = True
-    assert all(p == len(s) for p, s in zip(pos, sequences)), "runner model: transfers never met"
-    return max(now)
-
-
 def bubble_rows(ranks: list[dict]) -> tuple[list, list]:
     """Table row of one (p, v, m, schedule) from its ranks' records, and its per-stage rows."""
     ranks = sorted(ranks, key=lambda r: r["rank"])
@@ -336,7 +285,9 @@ def bubble_rows(ranks: list[dict]) -> tuple[list, list]:
     isolated = float(np.median(1 - alone / (p * walls)))
     of_ideal = float(np.median(p * walls / busy - 1))
     item_s = [{name: float(np.median(d)) for name, d in r["alone"].items()} for r in ranks]
-    model_wall = runner_makespan([r["sequence"] for r in ranks], item_s)
+    by_stage = {r["stage"]: s for r, s in zip(ranks, item_s)}
+    model_wall = make_schedule(ranks[0]["schedule"], p, m, v).replay(
+        lambda stage, item: by_stage[stage][f"{item[0]}{chunk_of(item)}"])
     model = 1 - m * sum(sum(s.values()) for s in item_s) / (p * model_wall)
     formula = (p - 1) / (v * m + p - 1)            # the table's idle share of the step (v = 1: (p-1)/(m+p-1))
     row = [p, v, m, ranks[0]["schedule"], f"{formula:.3f}", f"{model:.3f}", f"{measured:.3f}", f"{isolated:.3f}",

@@ -90,3 +90,11 @@ def test_makespan_takes_one_time_per_stage():
     assert table.makespan([1.0, 1.0, 2.0], [2.0, 2.0, 4.0]) == pytest.approx(4 * 6.0 + 3.0 + 3.0)
     with pytest.raises(ValueError, match="makespan: expected one forward and one backward time per stage"):
         table.makespan([1.0, 1.0], 2.0)
+
+
+def test_replay_takes_each_items_own_time():
+    """GPipe p=2 m=2 with stage 0's items F 1 s, B 2 s and stage 1's F 3 s, B 5 s, by hand:
+    s0 F0 0-1, F1 1-2; s1 F0 1-4, F1 4-7, B0 7-12, B1 12-17; s0 B0 12-14, B1 17-19."""
+    times = {0: {"F": 1.0, "B": 2.0}, 1: {"F": 3.0, "B": 5.0}}
+    assert make_schedule("gpipe", 2, 2).replay(lambda s, item: times[s][item[0]]) == 19.0
+

@@ -121,6 +121,14 @@ class Schedule:
         if len(fwd) != p or len(bwd) != p:
             raise ValueError(f"pipeline schedule {self.name}: makespan: expected one forward and one backward time "
                              f"per stage ({p}), got {len(fwd)} and {len(bwd)}")
+        return self.replay(lambda s, item: (fwd[s] if item[0] == "F" else bwd[s]) / v)
+
+    def replay(self, seconds) -> float:
+        """Seconds of a replay of the table's per-stage orders where ``seconds(stage, item)``
+        is each item's time (a chunk's own: a measured one, or :meth:`makespan`'s share),
+        an item starting once its stage is free and its input is made, transfers free and
+        non-blocking, as the runner posts them."""
+        p, v = self.stages, self.virtual
         rows = [[i for i in row if i is not None] for row in self.table]
         finish: dict[tuple, float] = {}            # (virtual stage, kind, micro) -> when it ended
         free, pos = [0.0] * p, [0] * p
@@ -133,7 +141,7 @@ class Schedule:
                     if need is not None and need not in finish:
                         break
                     start = max(free[s], finish[need] if need is not None else 0.0)
-                    free[s] = start + (fwd[s] if item[0] == "F" else bwd[s]) / v
+                    free[s] = start + seconds(s, item)
                     finish[(self.virtual_stage(s, item), item[0], item[1])] = free[s]
                     pos[s] += 1
                     moved = True
