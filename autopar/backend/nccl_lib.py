@@ -1,5 +1,5 @@
-"""CuPy's NCCL binding as one value: the only CuPy names autopar/comm/nccl.py needs, here in
-the backend, the one layer that may name CuPy.
+"""CuPy's NCCL binding as one value: the only CuPy names autopar/comm/nccl.py and its message
+channels (nccl_channels.py) need, here in the backend, the one layer that may name CuPy.
 
 :class:`NcclLib` holds the array module (CuPy) and ``cupy.cuda.nccl`` and answers, with plain
 ints: a device array's address, the current stream's handle, the GPU count, which GPU this
