@@ -2,9 +2,12 @@
 inputs, and printing tables."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,3 +66,25 @@ def unique_nbytes(arrays) -> int:
             a = a.base
         seen[id(a)] = a.nbytes
     return sum(seen.values())
+
+
+@contextlib.contextmanager
+def gc_watch():
+    """Python's garbage collections while the block runs: yields a dict filled on exit with
+    ``collections`` per generation and their total ``seconds``. CuPy arrays are objects the
+    collector tracks (numpy's are not), so a GPU step that makes thousands of them can pay
+    for collections a CPU step never sees -- one suspect for a step's spread."""
+    seen = {"collections": [0, 0, 0], "seconds": 0.0}
+    started: list[float] = []
+
+    def callback(phase: str, info: dict) -> None:
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            seen["seconds"] += time.perf_counter() - started.pop()
+            seen["collections"][info["generation"]] += 1
+    gc.callbacks.append(callback)
+    try:
+        yield seen
+    finally:
+        gc.callbacks.remove(callback)

@@ -47,6 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))      # _gpu, torch_pangu
 
+from _common import gc_watch  # noqa: E402
 from _gpu import build, describe_gpu, fast_weights, gpu_status, ids_for, sync  # noqa: E402
 
 import autopar  # noqa: E402
@@ -150,10 +151,13 @@ def time_autopar(config: PanguAlphaConfig, batch: int, steps: int, warmup: int =
         opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.1)
         train = nn.TrainOneStepCell(net, opt, clip_norm=1.0)
         ids = ids_for(config, batch)
-        elapsed, spread = timed_steps(lambda: train(ids), warmup, steps)
+        with gc_watch() as collected:
+            elapsed, spread = timed_steps(lambda: train(ids), warmup, steps)
         phases = step_phases(train, ids)
         print(f"  autopar {config.hidden_size}h {config.compute_dtype} step taken apart: " +
-              ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in phases.items()), flush=True)
+              ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in phases.items()) +
+              f"; garbage collections over the {warmup + steps} steps (generations 0/1/2): "
+              f"{'/'.join(map(str, collected['collections']))}, {collected['seconds'] * 1e3:.1f} ms", flush=True)
         if ops_profile is not None:
             print("\n".join(kinds_report(train, ids, ops_profile)), flush=True)
         pool = device_pool_bytes(as_backend("GPU"))[1]
