@@ -57,13 +57,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import resource
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -149,7 +152,8 @@ def worker(args) -> None:
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch_of(ranks), cfg.seq_length + 1)).astype(np.int32)
     fed = feed(plan, ids, comm.rank, ranks)
     clock = CLOCKS[args.clock]
-    with bound_world(comm), parallel_context(**context(plan, ranks, args.profile)):
+    saved = Path(tempfile.mkdtemp(prefix="autopar-plan-")) / f"strategy-rank{comm.rank}.json"
+    with bound_world(comm), parallel_context(**context(plan, ranks, args.profile), strategy_ckpt_save_file=str(saved)):
         t0 = time.perf_counter()
         prog = train.build(fed)
         compile_s = time.perf_counter() - t0
@@ -165,6 +169,9 @@ def worker(args) -> None:
             coll_times.append(sum(comm.stats.seconds().values()) - k0)
         before, traced = step_bytes(prog, train, fed, comm)
         ops = op_breakdown(prog, fed, comm, clock) if args.ops else None
+    # the op-level plan this job ran (its strategy file's digest): two jobs of one plan must match
+    strategy_sha = hashlib.sha256(saved.read_bytes()).hexdigest()[:16] if saved.exists() else None
+    shutil.rmtree(saved.parent, ignore_errors=True)
     slowest = np.asarray(comm.allreduce(np.array(times, np.float64), op="max"))
     comm_s = np.asarray(comm.allreduce(np.array(comm_times, np.float64), op="max"))
     coll_s = np.asarray(comm.allreduce(np.array(coll_times, np.float64), op="max"))
@@ -174,7 +181,7 @@ def worker(args) -> None:
     windows = [float(np.median(w)) for w in slowest.reshape(args.repeats, args.steps)]
     print(json.dumps(dict(
         name=plan.name, size=args.size, ranks=ranks, batch=batch_of(ranks), plan=dataclasses.asdict(plan),
-        compile_s=compile_s, predicted=prediction(prog, plan, size, ranks, args.profile),
+        compile_s=compile_s, strategy_sha=strategy_sha, predicted=prediction(prog, plan, size, ranks, args.profile),
         measured=dict(step_s=float(np.median(windows)), windows=windows, steps=slowest.tolist(),
                       comm_s=float(np.median(comm_s)), collectives_s=float(np.median(coll_s)), peak_bytes=peak, peak_rank0=before + traced,
                       before_bytes=before, traced_peak_bytes=traced),
@@ -383,9 +390,10 @@ def confirm(saved: dict, args, profiles: dict, t_start: float) -> None:
             if "error" in again:
                 print(f"confirm: {row['name']} failed: {again['error'][:140]}", file=sys.stderr, flush=True)
                 continue
-            if again["predicted"]["plan"] != row["predicted"]["plan"]:
+            if again["predicted"]["plan"] != row["predicted"]["plan"] or not same_strategies(row, again):
                 sys.exit(f"confirm: {row['size']} {row['ranks']} ranks {row['name']} compiled another plan "
-                         f"({again['predicted']['plan']} vs {row['predicted']['plan']})")
+                         f"({again['predicted']['plan']}, strategies {again.get('strategy_sha')} vs "
+                         f"{row['predicted']['plan']}, strategies {row.get('strategy_sha')})")
             m = row["measured"]
             m.setdefault("first_windows", list(m["windows"]))
             m["windows"] += again["measured"]["windows"]
@@ -395,6 +403,14 @@ def confirm(saved: dict, args, profiles: dict, t_start: float) -> None:
                   f"{again['measured']['step_s']:.3f} s -> {m['step_s']:.3f} s", file=sys.stderr, flush=True)
         if args.json:
             write_json(args.json, saved)
+
+
+def same_strategies(row: dict, again: dict) -> bool:
+    """Whether two jobs of one plan ran the same op-level strategies (their strategy files'
+    digests; rows stored before digests were kept pass). The stage plan's description alone
+    does not show an op that changed its split."""
+    a, b = row.get("strategy_sha"), again.get("strategy_sha")
+    return a is None or b is None or a == b
 
 
 def write_json(path: str, saved: dict) -> None:

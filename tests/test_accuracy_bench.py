@@ -161,3 +161,19 @@ def test_machine_busy_time_grows_while_this_process_computes():
     while time.process_time() - c0 < 0.2:
         pass
     assert cma.machine_busy_s() - b0 >= 0.15      # clock ticks of 10 ms: a little below 0.2 at worst
+
+
+def test_confirm_stops_when_a_job_ran_other_op_strategies(monkeypatch):
+    """The same stage plan with another strategy file digest is another plan: pooling its
+    windows would mix two plans' times, so confirm stops and names both digests."""
+    import cost_model_accuracy as cma
+    row = dict(name="auto", size="H256", ranks=4, plan=dict(ap.Plan("auto", auto=True).__dict__),
+               strategy_sha="aaaa", predicted=dict(plan="pp1 x 4"), measured=dict(step_s=0.2, windows=[0.2]))
+
+    def launch(plan, size, ranks, profile, args, repeats, timeout):
+        return dict(strategy_sha="bbbb", predicted=dict(plan="pp1 x 4"), measured=dict(step_s=0.1, windows=[0.1]))
+    monkeypatch.setattr(cma, "launch", launch)
+    args = type("A", (), dict(confirm=1, confirm_rounds=1, confirm_by=0, repeats=1, plan_timeout=60, json=""))
+    with pytest.raises(SystemExit, match="strategies bbbb vs pp1 x 4, strategies aaaa"):
+        cma.confirm(dict(rows=[row]), args, {"4": "p.json"}, 0.0)
+    assert row["measured"]["windows"] == [0.2]                   # nothing pooled
