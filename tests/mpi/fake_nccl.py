@@ -26,10 +26,20 @@ order, asynchronously from the host. ``Event()`` is reached when the stream it w
 on gets there (at once on the current stream); ``stream.wait_event(e)`` holds that stream
 until e is reached -- on the current stream, the host itself waits. An NCCL send or receive
 issued on a stream runs there: on the current stream it blocks the host until matched, as a
-waiting NCCL kernel holds everything queued behind it. A wait longer than ``timeout_s``
-(a deadlock) raises TimeoutError -- on the host, or, on a stream's thread, stopping that
-stream (nothing after it runs, its later events are never reached), so a deadlock fails a
-test instead of hanging it. Needs MPI_THREAD_MULTIPLE (the stream threads call MPI).
+waiting NCCL kernel holds everything queued behind it. So do collectives (non-blocking MPI
+collectives, polled). One communicator's calls run in the order they were issued, whatever
+their streams, as NCCL orders them (a call waits for the communicator's previous one: on the
+current stream the host waits). A wait longer than ``timeout_s`` (a deadlock) raises
+TimeoutError -- on the host, or, on a stream's thread, stopping that stream (nothing after it
+runs, its later events are never reached), so a deadlock fails a test instead of hanging it.
+Needs MPI_THREAD_MULTIPLE (the stream threads call MPI).
+
+For the tests: ``nccl.on_stream`` logs the stream each call was queued on; ``gpus.gate()``
+is an event the test reaches itself (``open()``), so a stream made to wait for it is held;
+a communicator's ``async_error`` (a string) is what ``check_async_error`` raises
+(NcclError), and ``abort()`` makes its later calls fail and is logged in ``nccl.aborted``.
+A collective already started when its communicator is aborted keeps waiting for its members
+in MPI (MPI cannot cancel a collective): a test lets the missing member join late.
 """
 from __future__ import annotations
 
@@ -59,10 +69,15 @@ def memory(ptr: int, count: int, datatype: int) -> np.ndarray:
     return raw.view(dtype)
 
 
+class NcclError(RuntimeError):
+    """``cupy.cuda.nccl.NcclError``."""
+
+
 class FakeNccl(types.ModuleType):
     """``cupy.cuda.nccl`` on MPI (see the module docstring)."""
 
     available = True
+    NcclError = NcclError
     NCCL_SUM, NCCL_PROD, NCCL_MAX, NCCL_MIN = 0, 1, 2, 3
     NCCL_INT8, NCCL_UINT8, NCCL_INT32, NCCL_UINT32, NCCL_INT64, NCCL_UINT64 = 0, 1, 2, 3, 4, 5
     NCCL_FLOAT16, NCCL_FLOAT32, NCCL_FLOAT64 = 6, 7, 8
@@ -74,6 +89,8 @@ class FakeNccl(types.ModuleType):
         self.made: list[tuple[int, ...]] = []     # ids this process made
         self.joined: list[dict] = []              # one per communicator this process joined
         self.calls: list[tuple] = []              # (call, count, datatype) of every collective or message
+        self.on_stream: list[tuple[str, int]] = []   # (call, the handle of the stream it was queued on)
+        self.aborted: list[list[int]] = []        # the world ranks of each communicator aborted
         self.group: list | None = None            # requests of the sends/receives inside groupStart/groupEnd
         self.NcclCommunicator = lambda ndev, uid, rank: FakeCommunicator(self, ndev, uid, rank)
 
@@ -113,6 +130,9 @@ class FakeCommunicator:
             raise RuntimeError(f"NCCL_ERROR_INVALID_USAGE: Duplicate GPU detected: members {members}")
         self._world_ranks = [w for w, _, _ in members]
         self._group_comm = None
+        self._last = threading.Event()            # reached when this communicator's latest call has run
+        self._last.set()
+        self.aborted, self.async_error = False, ""
 
     @property
     def _mpi(self):
@@ -163,67 +183,108 @@ class FakeCommunicator:
     def device_id(self) -> int:
         return self._lib.joined[-1]["device"]
 
-    def _log(self, call: str, count: int, datatype: int) -> None:
+    def _log(self, call: str, count: int, datatype: int, stream: int) -> None:
         self._lib.calls.append((call, count, datatype))
+        self._lib.on_stream.append((call, stream))
+        if self.aborted:
+            raise NcclError("NCCL_ERROR_INVALID_ARGUMENT: a call on an aborted communicator")
 
     def allReduce(self, send, recv, count, datatype, op, stream):  # noqa: N802 - CuPy's names
-        self._log("allReduce", count, datatype)
+        self._log("allReduce", count, datatype, stream)
         ops = {0: MPI.SUM, 1: MPI.PROD, 2: MPI.MAX, 3: MPI.MIN}
-        self._mpi.Allreduce(memory(send, count, datatype), memory(recv, count, datatype), op=ops[op])
+        self._collective(lambda: self._mpi.Iallreduce(memory(send, count, datatype), memory(recv, count, datatype),
+                                                      op=ops[op]), stream, "allReduce")
 
     def reduceScatter(self, send, recv, count, datatype, op, stream):  # noqa: N802
-        self._log("reduceScatter", count, datatype)
+        self._log("reduceScatter", count, datatype, stream)
         ops = {0: MPI.SUM, 2: MPI.MAX, 3: MPI.MIN}
-        self._mpi.Reduce_scatter_block(memory(send, count * self._size, datatype), memory(recv, count, datatype),
-                                       op=ops[op])
+        self._collective(lambda: self._mpi.Ireduce_scatter_block(memory(send, count * self._size, datatype),
+                                                                 memory(recv, count, datatype), op=ops[op]),
+                         stream, "reduceScatter")
 
     def allGather(self, send, recv, count, datatype, stream):  # noqa: N802
-        self._log("allGather", count, datatype)
-        self._mpi.Allgather(memory(send, count, datatype), memory(recv, count * self._size, datatype))
+        self._log("allGather", count, datatype, stream)
+        self._collective(lambda: self._mpi.Iallgather(memory(send, count, datatype),
+                                                      memory(recv, count * self._size, datatype)), stream, "allGather")
 
     def broadcast(self, send, recv, count, datatype, root, stream):
-        self._log("broadcast", count, datatype)
-        buf = memory(recv, count, datatype)
-        if self._rank == root and send != recv:
-            buf[...] = memory(send, count, datatype)
-        self._mpi.Bcast(buf, root=root)
+        self._log("broadcast", count, datatype, stream)
+
+        def start():
+            buf = memory(recv, count, datatype)
+            if self._rank == root and send != recv:
+                buf[...] = memory(send, count, datatype)
+            return self._mpi.Ibcast(buf, root=root)
+        self._collective(start, stream, "broadcast")
 
     def send(self, buf, count, datatype, peer, stream):
-        self._log("send", count, datatype)
+        self._log("send", count, datatype, stream)
         data, dest = memory(buf, count, datatype), self._world_ranks[peer]
         self._p2p(lambda: self._lib.world.Isend(data, dest=dest, tag=self._p2p_tag), stream,
                   f"send to NCCL rank {peer}")
 
     def recv(self, buf, count, datatype, peer, stream):
-        self._log("recv", count, datatype)
+        self._log("recv", count, datatype, stream)
         data, source = memory(buf, count, datatype), self._world_ranks[peer]
         self._p2p(lambda: self._lib.world.Irecv(data, source=source, tag=self._p2p_tag), stream,
                   f"recv from NCCL rank {peer}")
 
     def _p2p(self, start, stream: int, what: str) -> None:
         """Inside groupStart/groupEnd: started now, completed at groupEnd (alltoall). Else on
-        ``stream``: a stream's thread runs it in its turn; the current stream (handle 0) runs it
-        now, blocking the host until it is matched."""
+        ``stream`` in its turn (see _in_order); on the current stream it blocks the host until
+        it is matched."""
         if self._lib.group is not None:
             self._lib.group.append(start())
             return
-        gpus = self._lib.gpus
-        run = lambda: _complete(start(), gpus.timeout_s, what)  # noqa: E731
-        if stream == _Stream.ptr:
+        self._in_order(lambda: _complete(start(), self._lib.gpus.timeout_s, what), stream, what)
+
+    def _collective(self, start, stream: int, what: str) -> None:
+        """An MPI collective among the members, started when its turn comes and polled (a
+        member that never joins times out instead of hanging; a collective cannot be cancelled)."""
+        self._in_order(lambda: _complete(start(), self._lib.gpus.timeout_s, f"{what} of {self._size} members",
+                                         cancel=False), stream, what)
+
+    def _in_order(self, run, stream: int, what: str) -> None:
+        """Run ``run`` once this communicator's previous call has run, whatever stream each was
+        queued on -- NCCL orders one communicator's calls by events itself -- on ``stream``: a
+        stream's thread in its turn, or the current stream (handle 0) now, the host waiting."""
+        before, mine, timeout_s = self._last, threading.Event(), self._lib.gpus.timeout_s
+        self._last = mine
+
+        def op():
+            if not before.wait(timeout_s):
+                raise TimeoutError(f"fake NCCL: {what} waited {timeout_s} s for the communicator's previous call "
+                                   "(a deadlock)")
             run()
+            mine.set()
+        if stream == _Stream.ptr:
+            op()
         else:
-            gpus.streams[stream].launch(run)
+            self._lib.gpus.streams[stream].launch(op)
+
+    def check_async_error(self):
+        """CuPy's ncclCommGetAsyncError: raises the error a test set (``async_error``)."""
+        if self.async_error:
+            raise NcclError(self.async_error)
+
+    def abort(self):
+        """ncclCommAbort: later calls fail. A collective already started keeps waiting for its
+        members in MPI (an MPI collective cannot be cancelled: a test lets the missing member
+        join it late), where NCCL's kernels would return."""
+        self._lib.aborted.append(self._world_ranks)
+        self.aborted = True
 
 
-def _complete(request, timeout_s: float, what: str) -> None:
-    """Poll ``request`` until it completes; past ``timeout_s`` cancel it and raise."""
-    deadline, pause = time.monotonic() + timeout_s, 1e-4
+def _complete(request, timeout_s: float, what: str, cancel: bool = True) -> None:
+    """Poll ``request`` until it completes; past ``timeout_s`` (cancel it and) raise."""
+    deadline, pause = time.monotonic() + timeout_s, 1e-5
     while not request.Test():
         if time.monotonic() > deadline:
-            request.Cancel()
+            if cancel:
+                request.Cancel()
             raise TimeoutError(f"fake NCCL: {what} not matched in {timeout_s} s (a deadlock)")
         time.sleep(pause)
-        pause = min(2 * pause, 2e-3)
+        pause = min(2 * pause, 1e-3)
 
 
 class _Event:
@@ -246,6 +307,18 @@ class _Event:
     def synchronize(self):
         if not self._reached.wait(self._gpus.timeout_s):
             raise TimeoutError(f"fake GPU: an event not reached in {self._gpus.timeout_s} s (a deadlock)")
+
+
+class Gate(_Event):
+    """An event a test reaches itself (:meth:`open`): a stream made to wait for it is held
+    until then."""
+
+    def __init__(self, gpus: FakeGPUs):
+        super().__init__(gpus)
+        self._reached.clear()
+
+    def open(self):
+        self._reached.set()
 
 
 class _Stream:
@@ -319,6 +392,10 @@ class FakeGPUs(types.SimpleNamespace):
 
     def Event(self, **kwargs):  # noqa: N802 - CuPy's name
         return _Event(self, **kwargs)
+
+    def gate(self) -> Gate:
+        """Not CuPy's: an event the test reaches (``gate.open()``), to hold a stream."""
+        return Gate(self)
 
 
 def device_pointer(a) -> types.SimpleNamespace:
