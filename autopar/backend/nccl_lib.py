@@ -28,6 +28,14 @@ stream, where the programs' kernels run::
 
     ready = lib.new_event(); lib.record_event(ready)          # after x's kernels on the compute stream
     lib.wait_event(ready, side); comm.send(lib.pointer(x), x.nbytes, lib.bytes_type, 1, lib.stream_handle(side))
+
+The same serve the non-blocking collectives' stream (autopar/comm/nccl_streams.py), whose
+watchdog also asks a communicator for an asynchronous error (``ncclCommGetAsyncError``: a
+peer or the network failed under a call already queued) and aborts it (``ncclCommAbort``:
+its kernels still waiting for a peer return, so the GPU is not left blocked)::
+
+    problem = lib.async_error(comm)           # None, or NCCL's message
+    lib.abort(comm)                           # the communicator cannot be used afterwards
 """
 from __future__ import annotations
 
@@ -109,6 +117,20 @@ class NcclLib:
     def event_done(self, event) -> bool:
         """Whether ``event`` has been reached (never blocks)."""
         return bool(event.done)
+
+    def async_error(self, comm) -> str | None:
+        """NCCL's asynchronous error of ``comm`` (``check_async_error``: ncclCommGetAsyncError),
+        or None while it has none. CuPy raises its NcclError, a RuntimeError, for one."""
+        try:
+            comm.check_async_error()
+        except RuntimeError as err:
+            return str(err)
+        return None
+
+    def abort(self, comm) -> None:
+        """``ncclCommAbort``: stop ``comm``'s queued and running calls (a kernel waiting for a
+        member that never comes returns); the communicator is unusable afterwards."""
+        comm.abort()
 
     def device_count(self) -> int:
         return int(self.xp.cuda.runtime.getDeviceCount())

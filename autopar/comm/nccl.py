@@ -13,7 +13,7 @@ backend does (mpi.py), and moved back after::
     broadcast(x, root)       broadcast, in place                                         bytes
     send / recv              send / recv on the (peer, direction, tag)'s own channel     bytes
                              (communicator, stream, host thread; see "Messages")
-    barrier                  the stream synchronised, then MPI's barrier
+    barrier                  the streams' work done (bounded by the watchdog), then MPI's barrier
     split(groups)            MPI's Comm.Split, then one new NCCL communicator per group
 
 Data that is only moved travels as bytes, bit for bit, whatever its dtype (bool, bfloat16
@@ -28,10 +28,14 @@ communicated, and the result copied back -- numpy in, numpy out -- so host-side 
 (``compare``, the debug mode's fingerprints, checkpoint agreement) work unchanged. Messages
 differ: a receive has no input to follow (see "Messages").
 
-Non-blocking collectives complete at once: ``iallreduce`` and ``ireduce_scatter`` queue the
-NCCL call on the stream when they start and return a finished request (base.Done); the GPU
-runs them in stream order, so they do not yet overlap compute (that needs a stream of their
-own and events).
+Non-blocking collectives (``iallreduce``, ``ireduce_scatter``: gradient buckets) run on a
+collective stream of this communicator's own, ordered against the compute stream by events,
+so the backward kernels queued after a bucket starts overlap its NCCL call; ``test()`` is an
+event query, ``wait()`` makes the compute stream wait (comm/nccl_streams.py). They use the
+same NCCL communicator as the blocking collectives: NCCL runs one communicator's calls in
+the order they were issued, whatever their streams, and every member issues them in program
+order, so the k-th calls match; two communicators would run concurrently, which NCCL warns
+can deadlock (comm/nccl_streams.py says why, with its sources).
 
 Messages (``send``/``recv``, ``isend``/``irecv``: pipelines) go through NCCL channels
 (comm/nccl_channels.py), not the compute stream. The pipeline runner posts each receive early
@@ -62,7 +66,10 @@ broadcasts it. NVLink multicast (NVLS) stays off: ``NCCL_NVLS_ENABLE`` is set to
 process unless the launcher set it, before NCCL first reads it. The MPI world stays
 underneath for barriers, splits and the ids of split groups, and its CommStats and
 CommChecks are this communicator's. The collective watchdog watches the MPI calls (barriers,
-splits) only; a member that never joins an NCCL call leaves the others waiting.
+splits) and, where the host waits for an NCCL result (a request's wait, barrier, a host
+array's collective), the NCCL calls: past ``AUTOPAR_COMM_WATCHDOG`` seconds (or on NCCL's
+asynchronous error) it aborts the NCCL communicator and raises TimeoutError naming the
+collective, this rank and the group (comm/nccl_streams.py, "The watchdog").
 
 Choosing. ``select_world(world, backend)`` is what ``autopar.init()`` gets: with
 ``device_target="GPU"`` and more than one rank, NCCL when every rank has its own GPU (ranks
@@ -82,9 +89,11 @@ from ..backend import Backend, on_host, to_host
 from ..backend.nccl_lib import UNIQUE_ID_BYTES, NcclLib
 from ..dtype import is_float
 from ..errors import format_error
-from .base import Communicator, reduction_dtype
+from .base import Communicator, Request, reduction_dtype
+from .checks import describe
 from .mpi import MPICommunicator, _mpi, processor_name
 from .nccl_channels import Channels
+from .nccl_streams import CollectiveStream, NcclWatch
 
 COMM_ENV = "AUTOPAR_COMM"           # "mpi", "nccl", or "auto" (the default)
 COMM_CHOICES = ("auto", "mpi", "nccl")
@@ -94,12 +103,15 @@ NVLS_ENV = "NCCL_NVLS_ENABLE"       # NVLink multicast: "0" unless the launcher 
 class NCCLCommunicator(Communicator):
     """A Communicator over an NCCL communicator, one GPU per member; barriers, splits and
     setup go through ``host``, the MPI communicator of the same members; messages through
-    ``channels`` (comm/nccl_channels.py)."""
+    ``channels`` (comm/nccl_channels.py); non-blocking collectives on a collective stream,
+    host waits bounded by the watchdog (comm/nccl_streams.py)."""
 
     def __init__(self, host: MPICommunicator, lib: NcclLib, nccl_comm, device: int, channels: Channels):
         super().__init__(host.stats, host.checks)
         self._host, self._lib, self._comm, self._device = host, lib, nccl_comm, device
         self._channels = channels
+        self._watch = NcclWatch(lib, nccl_comm, host.checks.watchdog_s, self._where, lambda: host.stats.doing)
+        self._side = CollectiveStream(lib, self._watch)
 
     @property
     def rank(self) -> int:
@@ -128,6 +140,11 @@ class NCCLCommunicator(Communicator):
         """This member's GPU (its local rank on its host)."""
         return self._device
 
+    @property
+    def collective_stream(self):
+        """The CUDA stream the non-blocking collectives run on (made at first use)."""
+        return self._side.stream
+
     def __repr__(self) -> str:
         return f"NCCLCommunicator(rank={self.rank}, ranks={self.ranks}, device={self._device})"
 
@@ -153,10 +170,26 @@ class NCCLCommunicator(Communicator):
             y = y.astype(dtype, copy=False)
         return xp.ascontiguousarray(y).reshape(y.shape)   # ascontiguousarray makes a 0-d array 1-d
 
-    @staticmethod
-    def _home(out, like):
-        """``out`` where ``like`` lives: copied back to the host for a host input."""
-        return to_host(out) if on_host(like) else out
+    def _home(self, out, like, done=None):
+        """``out`` where ``like`` lives: for a host input, copied back to the host once the
+        call (DONE ``done``; None: already waited for) is done -- a wait the watchdog bounds."""
+        if not on_host(like):
+            return out
+        if done is not None:
+            self._watch.wait(self._op[0], self._what(), done)
+        return to_host(out)
+
+    def _what(self) -> str:
+        """The collective being issued, as the watchdog names it (``allreduce #3 on group (0, 1)``)."""
+        return describe(*self._op, self.ranks)
+
+    def _issued(self):
+        """After a blocking call: its DONE event on the compute stream (None: watchdog off)."""
+        return self._watch.issued(self._what())
+
+    def _begin(self, kind, x, **args):
+        self._watch.check(kind)           # an aborted communicator refuses every later call
+        super()._begin(kind, x, **args)
 
     def _reduce_type(self, dtype, method: str) -> int:
         code = self._lib.reduce_type(dtype)
@@ -169,23 +202,46 @@ class NCCLCommunicator(Communicator):
     # ---- the primitives ----------------------------------------------------------------
 
     def _allreduce(self, x, op):
+        hold, issue, result = self._allreduce_call(x, op)
+        issue(self._lib.stream())
+        return self._home(result(), x, self._issued())
+
+    def _iallreduce(self, x, op):
+        hold, issue, result = self._allreduce_call(x, op)
+        return self._side.start(issue, hold, lambda: self._home(result(), x), "iallreduce", self._what())
+
+    def _allreduce_call(self, x, op):
+        """(buffers, issue(stream handle), result()) of an all-reduce: the buffers made on the
+        compute stream now, the NCCL call, and the result read after it (see _iallreduce)."""
         lib, wide = self._lib, reduction_dtype(x.dtype)     # bfloat16: float32, rounded back once
         code = self._reduce_type(wide, "allreduce")
         send = self._contiguous(x, dtype=wide)
         out = lib.xp.empty(x.shape, wide)
-        if send.size:
-            self._comm.allReduce(lib.pointer(send), lib.pointer(out), send.size, code, lib.op(op), lib.stream())
-        return self._home(out.astype(x.dtype, copy=False), x)
+
+        def issue(stream: int) -> None:
+            if send.size:
+                self._comm.allReduce(lib.pointer(send), lib.pointer(out), send.size, code, lib.op(op), stream)
+        return (send, out), issue, lambda: out.astype(x.dtype, copy=False)
 
     def _reduce_scatter(self, x, axis):
+        hold, issue, result = self._reduce_scatter_call(x, axis)
+        issue(self._lib.stream())
+        return self._home(result(), x, self._issued())
+
+    def _ireduce_scatter(self, x, axis) -> Request:
+        hold, issue, result = self._reduce_scatter_call(x, axis)
+        return self._side.start(issue, hold, lambda: self._home(result(), x), "ireduce_scatter", self._what())
+
+    def _reduce_scatter_call(self, x, axis):
         lib, wide = self._lib, reduction_dtype(x.dtype)
         code = self._reduce_type(wide, "reduce_scatter")
         send = self._contiguous(x, axis, wide)                                        # (d, rest...)
         out = lib.xp.empty((send.shape[0] // self.size,) + send.shape[1:], wide)      # (d/n, rest...)
-        if out.size:
-            self._comm.reduceScatter(lib.pointer(send), lib.pointer(out), out.size, code, lib.op("sum"),
-                                     lib.stream())
-        return self._home(lib.xp.moveaxis(out.astype(x.dtype, copy=False), 0, axis), x)
+
+        def issue(stream: int) -> None:
+            if out.size:
+                self._comm.reduceScatter(lib.pointer(send), lib.pointer(out), out.size, code, lib.op("sum"), stream)
+        return (send, out), issue, lambda: lib.xp.moveaxis(out.astype(x.dtype, copy=False), 0, axis)
 
     def _allgather(self, x, axis):
         lib = self._lib
@@ -193,7 +249,7 @@ class NCCLCommunicator(Communicator):
         out = lib.xp.empty((self.size * send.shape[0],) + send.shape[1:], send.dtype)      # (n*d, rest...)
         if send.size:
             self._comm.allGather(lib.pointer(send), lib.pointer(out), send.nbytes, lib.bytes_type, lib.stream())
-        return self._home(lib.xp.moveaxis(out, 0, axis), x)
+        return self._home(lib.xp.moveaxis(out, 0, axis), x, self._issued())
 
     def _alltoall(self, x, split_axis, concat_axis):
         lib, xp, n, me = self._lib, self._lib.xp, self.size, self.rank
@@ -209,7 +265,7 @@ class NCCLCommunicator(Communicator):
                     if j != me:
                         self._comm.send(send + j * step, step, lib.bytes_type, j, stream)
                         self._comm.recv(recv + j * step, step, lib.bytes_type, j, stream)
-        return self._home(_concat_leading(xp, got, concat_axis), x)
+        return self._home(_concat_leading(xp, got, concat_axis), x, self._issued())
 
     def _broadcast(self, x, root):
         lib = self._lib
@@ -217,7 +273,7 @@ class NCCLCommunicator(Communicator):
         if buf.size:
             ptr = lib.pointer(buf)
             self._comm.broadcast(ptr, ptr, buf.nbytes, lib.bytes_type, root, lib.stream())
-        return self._home(buf, x)
+        return self._home(buf, x, self._issued())
 
     # Messages go through a channel per (peer, direction, tag) (module docstring, "Messages").
 
@@ -234,6 +290,8 @@ class NCCLCommunicator(Communicator):
         return self._channels.irecv(shape, dtype, source, tag)
 
     def _barrier(self):
+        self._watch.drain("barrier", "the calls and kernels queued before this barrier", *self._side.marks())
+        self._side.join()                 # the compute stream waits for the collective stream's calls
         self._lib.synchronize()           # this member's queued NCCL calls and kernels have run
         self._host.barrier()
 
