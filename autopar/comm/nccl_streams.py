@@ -97,9 +97,19 @@ class NcclWatch:
         self._pending.append((what, done))
 
     def wait(self, method: str, what: str, done) -> None:
-        """The host waits for ``done`` (a call's DONE), bounded (nothing when off)."""
-        if self.timeout_s is not None and done is not None:
-            self._poll(method, [(what, done)])
+        """The host waits for ``done`` (a call's DONE), bounded (nothing when off). NCCL runs
+        this communicator's calls in issue order, so the tracked calls issued before it are
+        waited for too: on expiry the oldest one not done is named, the likeliest culprit."""
+        if self.timeout_s is None or done is None:
+            return
+        waits = []
+        for item in self._pending:
+            waits.append(item)
+            if item[1] is done:
+                break
+        else:
+            waits = [(what, done)]
+        self._poll(method, waits)
 
     def drain(self, method: str, what: str, *marks) -> None:
         """The host waits, bounded, for everything queued on the compute stream so far (a
@@ -197,6 +207,7 @@ class CollectiveRequest(Request):
         return self._lib.event_done(self._done)
 
     def wait(self):
+        self._watch.check(self._method)        # aborted: the result would be garbage
         self._watch.wait(self._method, self._what, self._done)
         self._lib.wait_event(self._done)       # the compute stream waits for DONE
         out = self._result()

@@ -223,32 +223,36 @@ def test_gradient_buckets_over_nccl_equal_serial_on_collective_streams(xp, comm,
 
 @pytest.mark.parametrize("device", [DEVICE])
 def test_a_member_that_skips_a_collective_times_out_the_other_naming_it(xp, device):
-    """With the watchdog at 1 s, member 1 skips allreduce #2: member 0's wait raises
-    TimeoutError after about 1 s naming the collective, its rank and the group, aborts the
-    NCCL communicator, which refuses the next call. (On the fake member 1 then joins late,
-    so the fake's MPI collective completes; real NCCL's abort ends member 0's kernel.)"""
+    """With the watchdog at 1 s, member 1 skips allreduces #2 and #3: member 0's wait for #3
+    raises TimeoutError after about 1 s naming #2 (NCCL runs the calls in issue order: the
+    oldest one not done is the culprit), its rank and the group, and aborts the NCCL
+    communicator, which refuses the wait for #2 and any later call. (On the fake member 1
+    then joins both late, so the fake's MPI collectives complete; real NCCL's abort ends
+    member 0's kernels.)"""
     short = watched(1.0)
     x = xp.asarray(values(short.rank, (6,), F32))
     short.iallreduce(x).wait()                                   # allreduce #1: both
     WORLD.barrier()
     if short.rank == 0:
-        request = short.iallreduce(x)                            # allreduce #2: member 1 skips it
+        first, second = short.iallreduce(x), short.iallreduce(x)    # #2, #3: member 1 skips them
         began = time.monotonic()
         with pytest.raises(TimeoutError, match=r"NCCLCommunicator\.iallreduce \(rank 0 of \[0, 1\]\): collective: "
                                                r"expected allreduce #2 on group \(0, 1\) done within the watchdog's "
                                                r"1 s \(AUTOPAR_COMM_WATCHDOG\), got not done after 1\.\d s: a member "
                                                r"has not joined it.*every rank reaches the same collective "
                                                r"\(AUTOPAR_COMM_DEBUG=1 names the diverging one\)"):
-            request.wait()
+            second.wait()
         assert 1.0 <= time.monotonic() - began < 2.5
-        with pytest.raises(RuntimeError, match=r"allreduce \(rank 0 of \[0, 1\]\): NCCL communicator: expected "
-                                               r"one still usable, got one aborted by the watchdog \(allreduce #2"):
-            short.allreduce(x)
+        for call in (first.wait, lambda: short.allreduce(x)):
+            with pytest.raises(RuntimeError, match=r"\(rank 0 of \[0, 1\]\): NCCL communicator: expected one still "
+                                                   r"usable, got one aborted by the watchdog \(allreduce #2"):
+                call()
         if not REAL:
             assert xp.cuda.nccl.aborted[-1] == [0, 1]
     WORLD.barrier()
-    if not REAL:                                                 # the late member: the fake's collective ends
+    if not REAL:                                                 # the late member: the fake's collectives end
         if short.rank == 1:
+            short.iallreduce(x).wait()
             short.iallreduce(x).wait()
         else:
             short.collective_stream.synchronize()
