@@ -1,6 +1,7 @@
 """The NCCL backend: the Communicator interface over NCCL, one GPU per rank.
 
-Each primitive is one NCCL call (or one group of them) queued on the current CUDA stream,
+Each primitive is one NCCL call (or one group of them) queued on the current CUDA stream
+(the compute stream; the non-blocking collectives: the communicator's collective stream),
 through CuPy's binding (autopar.backend.nccl_lib: raw addresses, counts, datatype and op
 codes). A non-leading axis is moved to the front into a contiguous buffer first, as the MPI
 backend does (mpi.py), and moved back after::
@@ -8,6 +9,7 @@ backend does (mpi.py), and moved back after::
     primitive                NCCL, on (d, rest...) = x with `axis` moved to the front   data as
     allreduce(x, op)         allReduce                                                   reduce type
     reduce_scatter(x, axis)  reduceScatter (d, rest...) -> (d/n, rest...)                reduce type
+    iallreduce, ireduce_scatter   the same calls, on the collective stream                reduce type
     allgather(x, axis)       allGather (d, rest...) -> (n*d, rest...)                    bytes
     alltoall(x, s, c)        grouped send/recv of the blocks (n, *block) along s         bytes
     broadcast(x, root)       broadcast, in place                                         bytes
@@ -31,7 +33,8 @@ differ: a receive has no input to follow (see "Messages").
 Non-blocking collectives (``iallreduce``, ``ireduce_scatter``: gradient buckets) run on a
 collective stream of this communicator's own, ordered against the compute stream by events,
 so the backward kernels queued after a bucket starts overlap its NCCL call; ``test()`` is an
-event query, ``wait()`` makes the compute stream wait (comm/nccl_streams.py). They use the
+event query, ``wait()`` makes the compute stream wait, and the host too while the watchdog
+is on (comm/nccl_streams.py); the request holds its buffers until then. They use the
 same NCCL communicator as the blocking collectives: NCCL runs one communicator's calls in
 the order they were issued, whatever their streams, and every member issues them in program
 order, so the k-th calls match; two communicators would run concurrently, which NCCL warns
@@ -69,7 +72,8 @@ CommChecks are this communicator's. The collective watchdog watches the MPI call
 splits) and, where the host waits for an NCCL result (a request's wait, barrier, a host
 array's collective), the NCCL calls: past ``AUTOPAR_COMM_WATCHDOG`` seconds (or on NCCL's
 asynchronous error) it aborts the NCCL communicator and raises TimeoutError naming the
-collective, this rank and the group (comm/nccl_streams.py, "The watchdog").
+collective, this rank and the group (comm/nccl_streams.py, "The watchdog"). A wait outside
+this communicator (the host reading a device result: the loss) is not bounded.
 
 Choosing. ``select_world(world, backend)`` is what ``autopar.init()`` gets: with
 ``device_target="GPU"`` and more than one rank, NCCL when every rank has its own GPU (ranks

@@ -40,7 +40,9 @@ error, it aborts the NCCL communicator (``ncclCommAbort``: the waiting kernels r
 GPU is not left blocked) and raises TimeoutError (RuntimeError for NCCL's error) naming the
 collective (``allreduce #3 on group (0, 1)``: the oldest one not done), this rank, the
 group's ranks and the fix; the communicator refuses every later call (its members are out of
-step: restart the job). With the watchdog off nothing is polled: ``wait`` never blocks the
+step: restart the job). Not bounded: a wait outside this communicator -- the host copying a
+device result (the loss) while a blocking collective before it hangs -- as CuPy's copy
+waits for the stream without a deadline. With the watchdog off nothing is polled: ``wait`` never blocks the
 host, and a missing member hangs the job as before. With it on, each blocking collective
 records one more event, and a device result's ``wait`` blocks the host until the call is
 done: the host then issues the update's kernels after the all-reduce, not during it.
@@ -138,8 +140,8 @@ class NcclWatch:
                            f"not done after {now - began:.1f} s: a member has not joined it, or joined another "
                            "collective")
             if now - began > SPIN_S:
-                time.sleep(pause)
                 pause = min(MAX_PAUSE_S, max(MIN_PAUSE_S, 2 * pause))
+            time.sleep(pause)                  # 0 while spinning: lets the message channels' threads run
 
     def _fail(self, kind: type, method: str, what: str, actual: str) -> None:
         """Abort the NCCL communicator (its waiting kernels return) and raise ``kind``."""
