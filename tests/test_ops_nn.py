@@ -351,3 +351,41 @@ def test_one_hot_and_softmax_bad_args():
         ops.Softmax(axis=3)(np.zeros((2, 3)))
     with pytest.raises(ValueError, match=r"LogSoftmax: input 0 dtype"):
         ops.LogSoftmax()(np.zeros((2, 3), np.int32))
+
+
+class _DeviceIndex:
+    """A uint64 index as a device array looks to keep_mask: not a numpy array, and reading
+    its max back to the host (which would make the host wait for the device) is refused."""
+
+    def __init__(self, a):
+        self._a, self.dtype, self.size = a, a.dtype, a.size
+
+    def astype(self, dtype):
+        return self._a.astype(dtype)
+
+    def __rshift__(self, other):
+        return self._a >> other
+
+    def max(self):
+        raise AssertionError("keep_mask read a device index's max back to the host")
+
+
+def test_keep_mask_on_a_device_index_has_the_hosts_bits_without_reading_it_back():
+    """Indices below 2**32 (the high half's xor does nothing) and above it (it does): the same
+    mask as the host's, where a max decides whether to run that pass."""
+    for start in (0, 2**32 - 500, 3 * 2**32):
+        idx = np.arange(start, start + 1000, dtype=np.uint64)
+        np.testing.assert_array_equal(random.keep_mask(2**40 + 7, _DeviceIndex(idx), 0.7),
+                                      random.keep_mask(2**40 + 7, idx, 0.7))
+    assert random.keep_mask(5, np.arange(2**32, 2**32 + 64, dtype=np.uint64), 0.5).tolist() != \
+        random.keep_mask(5, np.arange(64, dtype=np.uint64), 0.5).tolist()       # the high half counts
+
+
+def test_micro_batch_flat_index_is_the_row_major_index_of_the_coordinates():
+    from autopar.runtime.pipeline.dropout import flat_index
+    shape = (4, 3, 5)
+    coords = (np.array([1, 3]), np.array([0, 2]), np.array([4]))
+    want = np.ravel_multi_index(np.meshgrid(*coords, indexing="ij"), shape)
+    got = flat_index(coords, shape)
+    assert got.dtype == np.uint64 and got.shape == (2, 2, 1)
+    np.testing.assert_array_equal(got, want)

@@ -98,12 +98,16 @@ def keep_mask(key: int, index, keep_prob: float):
     """Bernoulli(keep_prob) per logical index, on 32-bit lanes (dropout's hot path: about a
     third of the cost of :func:`uniform`). Two hash rounds mix in the 64-bit key and the
     high half of the index, so any index below 2**64 has a defined value. ``index`` is an
-    unsigned integer array of any array module; the mask (bool) is of the same module."""
+    unsigned integer array of any array module; the mask (bool) is of the same module.
+    Indices below 2**32 have a high half of 0, which the xor leaves alone: on the host a
+    max skips that pass when it does nothing; on a device the pass runs always, since reading
+    the max back would make the host wait for the device at every dropout."""
     k_lo, k_hi = _U32(key & 0xFFFFFFFF), _U32((key >> 32) & 0xFFFFFFFF)
     with np.errstate(over="ignore"):
         x = _lowbias32(index.astype(_U32) ^ k_lo)
         x ^= k_hi
-        if index.dtype.itemsize > 4 and index.size and int(index.max()) >> 32:
+        wide = index.dtype.itemsize > 4 and index.size
+        if wide and (not isinstance(index, np.ndarray) or int(index.max()) >> 32):
             x ^= (index >> np.uint64(32)).astype(_U32)
         _lowbias32(x)
     threshold = min(int(keep_prob * 2.0 ** 32), 2 ** 32 - 1)

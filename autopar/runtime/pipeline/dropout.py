@@ -60,13 +60,16 @@ def whole_batch_coords(micro_shape: Sequence[int], whole_shape: Sequence[int], r
     return tuple(coords)
 
 
-def flat_index(coords: Sequence[np.ndarray], shape: Sequence[int]) -> np.ndarray:
-    """Row-major flat indices into ``shape`` of the block with these per-dim coordinates."""
+def flat_index(coords: Sequence[np.ndarray], shape: Sequence[int], xp=np):
+    """Row-major flat indices into ``shape`` of the block with these per-dim coordinates, as
+    a uint64 array of the array module ``xp``: made there from the per-dim coordinates (a few
+    small arrays), so a GPU's block index is neither computed on the host nor copied over."""
     n = len(shape)
-    index = np.zeros((1,) * n, dtype=np.uint64)
+    index = xp.zeros((1,) * n, dtype=np.uint64)
     stride = 1
     for d in reversed(range(n)):
-        index = index + (coords[d].astype(np.uint64) * np.uint64(stride)).reshape((-1,) + (1,) * (n - d - 1))
+        axis = xp.asarray(coords[d].astype(np.uint64)) * np.uint64(stride)
+        index = index + axis.reshape((-1,) + (1,) * (n - d - 1))
         stride *= int(shape[d])
     return index
 
@@ -87,7 +90,7 @@ class MicroBatchDropout(Dropout):
         if p == 1.0:
             return a
         xp = array_module(a)
-        index = xp.asarray(flat_index(self.attrs["coords"], self.attrs["whole_shape"]))   # on a's device
+        index = flat_index(self.attrs["coords"], self.attrs["whole_shape"], xp)   # on a's device
         out = xp.multiply(a, keep_mask(self._key(key), index, p))
         out *= out.dtype.type(1.0 / p)
         return out
