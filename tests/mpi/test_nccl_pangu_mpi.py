@@ -1,7 +1,8 @@
 """PanGu-α trained on 2 ranks over the NCCL communicator equals the serial CPU run (issue 17).
 
 The programs run on the GPU target with the world ``nccl_world`` makes: gradients all-reduced
-(and, with comm_fusion, bucketed through ``iallreduce``), optimizer parallel's reduce-scatter
+(and, with comm_fusion, bucketed through ``iallreduce`` on the communicator's collective
+stream: test_nccl_overlap_mpi.py checks the buckets' streams), optimizer parallel's reduce-scatter
 and all-gather, the model-parallel split's collectives (the vocabulary-split cross-entropy's
 included) go through NCCL calls; a 2-stage pipeline's messages (1F1B, GPipe, interleaved 1F1B) go
 through NCCL channels (comm/nccl_channels.py). A tiny PanGu-α in
