@@ -27,7 +27,11 @@ kernel while B's waits for room, another's the reverse -- as CUDA gives concurre
 forward-progress guarantee. What one communicator costs: a blocking collective issued while
 a bucket is in flight waits for it (the overlap is with compute, not with other collectives
 of the same group). All calls are issued from the caller's thread (NCCL communicators are
-not thread-safe).
+not thread-safe). What overlap does bring: other groups' communicators now run beside a
+bucket's call -- under dp x mp, the mp group's blocking collectives on the compute stream
+while the dp group's bucket reduces, as PyTorch's DDP with tensor parallelism does -- the
+concurrency NCCL warns may deadlock when the kernels cannot be resident on the GPU together
+(the pipeline's message channels already run so). Not yet seen on GPUs here: to check.
 
 The watchdog. NCCL calls return once queued; a member that never joins one leaves the
 others' kernels waiting, and the host hangs where it next waits for the GPU. Where this
