@@ -126,6 +126,21 @@ def test_a_host_array_is_staged_numpy_in_numpy_out(xp, comm, device):
         np.testing.assert_array_equal(bits(got), bits(want))
 
 
+@pytest.mark.parametrize("device", [DEVICE])
+def test_without_the_watchdog_the_same_calls_give_the_same_bits(xp, device):
+    """Watchdog off (CommChecks()): nothing polled, no events tracked; the same results."""
+    off = nccl_world(MPICommunicator(WORLD.mpi_comm, CommStats(), checks=CommChecks()))
+    assert off.checks.watchdog_s is None
+    x = values(off.rank, (4, 6), bfloat16)
+    got = [off.iallreduce(xp.asarray(x)), off.ireduce_scatter(xp.asarray(x), axis=1)]
+    blocking = off.allreduce(x)                                  # a host array, staged
+    off.barrier()
+    want = [WORLD.iallreduce(x).wait(), WORLD.ireduce_scatter(x, axis=1).wait()]
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(bits(to_host(g.wait())), bits(w))
+    np.testing.assert_array_equal(bits(blocking), bits(WORLD.allreduce(x)))
+
+
 @FAKE_ONLY
 def test_a_request_is_unfinished_while_the_collective_stream_is_held(xp, comm):
     """Both members hold their collective stream (it waits for an event the test reaches):
