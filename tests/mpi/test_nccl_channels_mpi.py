@@ -30,7 +30,7 @@ if world().size != 2:   # before test_nccl_mpi imports mpi4py (see there)
     pytest.skip("run under mpiexec -n 2", allow_module_level=True)
 
 from mpi4py import MPI  # noqa: E402
-from test_nccl_mpi import DEVICE, REAL, WORLD, bits, install_fake, values  # noqa: E402
+from test_nccl_mpi import DEVICE, REAL, WORLD, bits, streamed_device, values  # noqa: E402
 
 from autopar.backend import to_host  # noqa: E402
 from autopar.comm import CommChecks, CommStats  # noqa: E402
@@ -47,16 +47,7 @@ BYTES = 1               # the NCCL datatype messages travel as (uint8)
 def xp():
     """The device module: CuPy on real GPUs, else the stand-in with 2 fake GPUs; the fake's
     stream threads call MPI, so MPI must run with MPI_THREAD_MULTIPLE."""
-    if REAL:
-        import cupy
-        yield cupy
-        return
-    if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
-        pytest.skip(f"the fake's streams need MPI_THREAD_MULTIPLE, MPI gives level {MPI.Query_thread()}")
-    module, undo = install_fake(2)
-    module.cuda.timeout_s = DEADLOCK_S
-    yield module
-    undo()
+    yield from streamed_device(DEADLOCK_S)
 
 
 @pytest.fixture(scope="module")

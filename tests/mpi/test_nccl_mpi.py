@@ -80,6 +80,22 @@ def install_fake(gpu_count: int):
     return module, undo
 
 
+def streamed_device(timeout_s: float):
+    """A module fixture's body for the tests whose fake streams are threads (channels, the
+    collective stream): CuPy on real GPUs, else the stand-in with 2 fake GPUs whose waits
+    time out after ``timeout_s``. The fake's stream threads call MPI: MPI_THREAD_MULTIPLE."""
+    if REAL:
+        import cupy
+        yield cupy
+        return
+    if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+        pytest.skip(f"the fake's streams need MPI_THREAD_MULTIPLE, MPI gives level {MPI.Query_thread()}")
+    module, undo = install_fake(2)
+    module.cuda.timeout_s = timeout_s
+    yield module
+    undo()
+
+
 @pytest.fixture(scope="module")
 def xp():
     """The device module: CuPy on real GPUs, else the stand-in with 2 fake GPUs."""

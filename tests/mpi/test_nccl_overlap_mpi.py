@@ -33,9 +33,8 @@ from autopar.comm import world
 if world().size != 2:   # before test_nccl_mpi imports mpi4py (see there)
     pytest.skip("run under mpiexec -n 2", allow_module_level=True)
 
-from mpi4py import MPI  # noqa: E402
 from steps import assert_like_serial, serial_run, train  # noqa: E402
-from test_nccl_mpi import DEVICE, REAL, WORLD, bits, install_fake, values  # noqa: E402
+from test_nccl_mpi import DEVICE, REAL, WORLD, bits, streamed_device, values  # noqa: E402
 from test_nccl_pangu_mpi import ATOL, CONFIG, EVERY, IDS, RTOL  # noqa: E402
 
 import autopar  # noqa: E402
@@ -56,16 +55,7 @@ F32 = np.float32
 @pytest.fixture(scope="module")
 def xp():
     """CuPy on real GPUs, else the stand-in with 2 fake GPUs (its stream threads call MPI)."""
-    if REAL:
-        import cupy
-        yield cupy
-        return
-    if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
-        pytest.skip(f"the fake's streams need MPI_THREAD_MULTIPLE, MPI gives level {MPI.Query_thread()}")
-    module, undo = install_fake(2)
-    module.cuda.timeout_s = DEADLOCK_S
-    yield module
-    undo()
+    yield from streamed_device(DEADLOCK_S)
 
 
 @pytest.fixture(scope="module")
