@@ -20,6 +20,9 @@ masks then differ, so the losses do too).
 instructions timed one by one (runtime.op_timer) by op kind, forward and backward apart, and
 PyTorch's operators by their own time (torch.profiler), both split into GEMMs and the rest,
 with the update (AdamW and clip) apart and the minor page faults of one step of each.
+``--gemms`` adds every distinct GEMM one autopar step makes (numpy.matmul's operands: shapes,
+C- or F-order, the calls per step) timed with numpy and with torch.matmul on the same
+operands, strides included -- which shapes the two BLAS libraries differ on.
 """
 from __future__ import annotations
 
@@ -97,7 +100,7 @@ TORCH_GEMMS = ("aten::mm", "aten::addmm", "aten::bmm")       # PyTorch's
 
 
 def bench(name: str, spec: dict, steps: int, rate: float, dropout: float, with_torch: bool,
-          batch: int | None = None, ops: bool = False) -> dict:
+          batch: int | None = None, ops: bool = False, gemms: bool = False) -> dict:
     spec = dict(spec)
     own = spec.pop("batch")
     name = name if batch is None else f"{name.rsplit('-B', 1)[0]}-B{batch}"
@@ -131,7 +134,69 @@ def bench(name: str, spec: dict, steps: int, rate: float, dropout: float, with_t
     if ops:
         for line in ops_report(train, ids, anchor):
             print(f"{name:24s} {line}", flush=True)
+    if gemms:
+        for line in gemm_report(train, ids):
+            print(f"{name:24s} {line}", flush=True)
     return row
+
+
+def gemm_report(train, ids: np.ndarray, repeats: int = 3) -> list[str]:
+    """Each distinct GEMM of one step (every autopar matmul goes through numpy.matmul on the
+    host: ops/contraction.py), its calls per step, and the seconds per step numpy and torch
+    take on operands of the same shapes and strides (best of ``repeats``)."""
+    seen: dict[tuple, int] = {}
+    original = np.matmul
+
+    def recorded(a, b, *args, **kwargs):
+        key = (a.shape, a.strides, b.shape, b.strides, a.dtype.str)
+        seen[key] = seen.get(key, 0) + 1
+        return original(a, b, *args, **kwargs)
+    np.matmul = recorded
+    try:
+        train(ids)
+    finally:
+        np.matmul = original
+    rows = []
+    for (a_shape, a_strides, b_shape, b_strides, dtype), count in seen.items():
+        a, b = (operand(shape, strides, dtype, seed) for shape, strides, seed in
+                ((a_shape, a_strides, 0), (b_shape, b_strides, 1)))
+        ours = best_of(lambda: original(a, b), repeats)
+        theirs = best_of(lambda: torch.matmul(torch.from_numpy(a), torch.from_numpy(b)), repeats) if torch else None
+        rows.append((count * ours, count, layout(a), layout(b), count * theirs if theirs else None))
+    lines = [f"  {'a':>22} {'b':>22} {'calls':>5} {'numpy ms':>9} {'torch ms':>9} {'ratio':>6}"]
+    for ours, count, a_desc, b_desc, theirs in sorted(rows, reverse=True):
+        ratio = f"{ours / theirs:6.2f}" if theirs else f"{'-':>6}"
+        lines.append(f"  {a_desc:>22} {b_desc:>22} {count:>5} {ours * 1e3:9.1f} "
+                     f"{(theirs or 0.0) * 1e3:9.1f} {ratio}")
+    total = sum(r[0] for r in rows)
+    total_t = sum(r[4] or 0.0 for r in rows)
+    lines.append(f"  {'all GEMMs of a step':>45} {sum(r[1] for r in rows):>5} {total * 1e3:9.1f} "
+                 f"{total_t * 1e3:9.1f} {total / total_t if total_t else float('nan'):6.2f}")
+    return lines
+
+
+def operand(shape: tuple, strides: tuple, dtype: str, seed: int) -> np.ndarray:
+    """A random array with ``shape`` and ``strides`` (a transposed or broadcast view, as
+    the step's operand was), over a fresh buffer just large enough."""
+    itemsize = np.dtype(dtype).itemsize
+    span = 1 + sum((n - 1) * abs(s) // itemsize for n, s in zip(shape, strides) if n)
+    base = np.random.default_rng(seed).standard_normal(span).astype(dtype)
+    return np.lib.stride_tricks.as_strided(base, shape, strides)
+
+
+def layout(a: np.ndarray) -> str:
+    order = "C" if a.flags.c_contiguous else "F" if a.flags.f_contiguous else "strided"
+    return f"{'x'.join(map(str, a.shape))} {order}"
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def minor_faults() -> int:
@@ -234,6 +299,7 @@ def main() -> None:
     parser.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch anchor")
     parser.add_argument("--batch", type=int, default=None, help="batch of every config (default: each config's own)")
     parser.add_argument("--ops", action="store_true", help="where each framework's step time goes, op by op")
+    parser.add_argument("--gemms", action="store_true", help="every GEMM of a step timed by numpy and by torch")
     args = parser.parse_args()
     with_torch = args.torch and torch is not None
     if with_torch:
@@ -251,8 +317,8 @@ def main() -> None:
         if with_torch:
             print(f"torch float32 GEMM (2048^3, 1 thread): {torch_gemm_rate() / 1e9:.1f} GFLOP/s", flush=True)
         names = list(CONFIGS)[:1] if args.quick else list(CONFIGS)
-        rows = [bench(name, CONFIGS[name], args.steps, rate, args.dropout, with_torch, args.batch, args.ops)
-                for name in names]
+        rows = [bench(name, CONFIGS[name], args.steps, rate, args.dropout, with_torch, args.batch, args.ops,
+                      args.gemms) for name in names]
         after = gemm_rate()
         best = max(rate, after)
         print(f"GEMM again after the steps: {after / 1e9:.1f} GFLOP/s; ratios against the best, "
