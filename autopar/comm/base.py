@@ -29,12 +29,13 @@ on every backend (MPI's sum order over more than 2 members is its own, as for fl
 
 Non-blocking. ``iallreduce(x)`` starts the all-reduce and returns a :class:`Request`;
 ``request.wait()`` returns what ``allreduce(x)`` would have (the same bits on the in-process
-backend and on 2 MPI ranks); ``ireduce_scatter(x, axis)`` likewise. Each is numbered and
+backend and on 2 MPI ranks); ``ireduce_scatter(x, axis)`` and ``iallgather(x, axis)`` likewise. Each is numbered and
 counted like its blocking call when it starts, so
 members must start it in the same order as their other collectives on this communicator; they
 may wait in any order. ``x`` must not change until the wait (callers hand over a buffer they
 own). Meanwhile the caller computes: gradient buckets reduce while the backward pass goes on
-(autopar/runtime/fusion.py). A backend without a non-blocking path runs the blocking call at
+(autopar/runtime/fusion.py), and ZeRO-3 weights are gathered ahead of their use
+(autopar/runtime/prefetch.py). A backend without a non-blocking path runs the blocking call at
 the start and hands back a finished request.
 
 Non-blocking point to point. ``isend(x, dest, tag)`` and ``irecv(shape, dtype, source, tag)``
@@ -253,6 +254,14 @@ class Communicator(abc.ABC):
         self._stats.record("reduce_scatter", self.ranks, x)
         return self._ireduce_scatter(x, axis)
 
+    def iallgather(self, x, axis: int = 0) -> Request:
+        """allgather, started now and completed by ``.wait()``."""
+        x = self._buffer(x, "iallgather")
+        axis = self._axis(x, axis, "iallgather", "axis")
+        self._begin("allgather", x, axis=axis)
+        self._stats.record("allgather", self.ranks, x)
+        return self._iallgather(x, axis)
+
     def allgather(self, x, axis: int = 0) -> np.ndarray:
         """forward: concatenate members' blocks along axis / backward: reduce-scatter along axis."""
         x = self._buffer(x, "allgather")
@@ -385,6 +394,10 @@ class Communicator(abc.ABC):
     def _ireduce_scatter(self, x: np.ndarray, axis: int) -> Request:
         """Non-blocking reduce_scatter; this default blocks at the start."""
         return Done(self._reduce_scatter(x, axis))
+
+    def _iallgather(self, x: np.ndarray, axis: int) -> Request:
+        """Non-blocking allgather; this default blocks at the start."""
+        return Done(self._allgather(x, axis))
 
     def _isend(self, x: np.ndarray, dest: int, tag: int) -> Request:
         """Non-blocking send; this default sends (blocking) at the wait (backends override it)."""

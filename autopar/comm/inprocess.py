@@ -237,6 +237,9 @@ class InProcessCommunicator(Communicator):
         return self._start("reduce_scatter", _sig(x, axis=axis), x,
                            lambda bufs: _reduce([b[index] for b in bufs], "sum", x.dtype))
 
+    def _iallgather(self, x, axis):
+        return self._start("allgather", _sig(x, axis=axis), x, lambda bufs: np.concatenate(bufs, axis))
+
     def _start(self, kind: str, sig: tuple, x, compute) -> Request:
         """Deposit x in the group's next non-blocking entry; the request computes at its wait."""
         u, rv, i = self._u, self._rv, self._rank

@@ -200,6 +200,13 @@ class MPICommunicator(HostStaging, Communicator):
         return self._started(lambda: self._comm.Ireduce_scatter_block(send, out, op=self._ops["sum"]), (send, out),
                              lambda: np.moveaxis(out.astype(x.dtype, copy=False), 0, axis))
 
+    def _iallgather(self, x, axis):
+        send = _contiguous(np.moveaxis(x, axis, 0))  # (d, rest...)
+        out = np.empty((self._size * send.shape[0],) + send.shape[1:], x.dtype)  # (n*d, rest...)
+        wire_send, wire_out = _wire(send), _wire(out)
+        return self._started(lambda: self._comm.Iallgather(wire_send, wire_out), (send, out, wire_send, wire_out),
+                             lambda: np.moveaxis(out, 0, axis))
+
     def _started(self, start, buffers: tuple, result) -> Request:
         """The request of ``start()`` (watched when the watchdog is on), holding ``buffers``
         (MPI uses them until completion); ``result()`` after the wait is its result."""

@@ -10,7 +10,7 @@ handled. Each public call that takes an array ``x`` is routed through :func:`sta
                                 out  -> xp.asarray(out)       host -> device, xp = x's module
 
 so the result has the input's dtype and shape semantics and lives where the input lived; a
-request's ``wait()`` (``iallreduce``, ``ireduce_scatter``) copies its result back the same way.
+request's ``wait()`` (``iallreduce``, ``ireduce_scatter``, ``iallgather``) copies its result back the same way.
 A receive has no input to follow: ``recv`` / ``irecv`` return numpy arrays, which the program
 reading them places on its device (``Program.initial_slots``). The argument checks, numbering
 and statistics are the Communicator's own, made on the host copy (same shape, dtype, bytes).
@@ -67,6 +67,9 @@ class HostStaging:
 
     def allgather(self, x, axis: int = 0):
         return staged(super().allgather, x, axis)
+
+    def iallgather(self, x, axis: int = 0) -> Request:
+        return staged(super().iallgather, x, axis)
 
     def reduce_scatter(self, x, axis: int = 0):
         return staged(super().reduce_scatter, x, axis)
