@@ -52,7 +52,17 @@ class InFlight:
         self.request, self.nbytes = request, nbytes
 
 
-class BucketStart(Primitive):
+class FlightStart(Primitive):
+    """An instruction that starts a non-blocking collective and outputs its :class:`InFlight`
+    handle (a gradient bucket's, a ZeRO-3 weight's prefetched all-gather), which
+    :func:`with_progress` threads through :class:`Progress` nodes to its :class:`FlightWait`."""
+
+
+class FlightWait(Primitive):
+    """An instruction that reads an :class:`InFlight` handle (input 0) and waits for it."""
+
+
+class BucketStart(FlightStart):
     """forward: pack the bucket's gradients into one new buffer, start its collective /
     (inserted after lowering; never differentiated)."""
 
@@ -74,7 +84,7 @@ class BucketStart(Primitive):
         return 0
 
 
-class BucketWait(Primitive):
+class BucketWait(FlightWait):
     """forward: wait for the bucket's collective, cut it into the gradients (no copy)."""
 
     save_inputs = "none"
@@ -262,29 +272,49 @@ def fuse_gradient_reductions(local: Graph, first: int, params: Sequence[int], ru
             order.append(node)
             order.extend(after.get(node.id, ()))
     order.extend(before.get(None, ()))
-    graph = _renumbered(local, _with_progress(order, values), values)
+    graph = renumbered(local, with_progress(order, values), values)
     return graph, Fusion(tuple(tuple(r.output for r in b) for b in buckets))
 
 
-def _with_progress(order: list[Node], values: list[Value]) -> list[Node]:
-    """``order`` with a :class:`Progress` node after every node run while buckets are in
-    flight, threading their handles through it to their waits."""
+def with_progress(order: list[Node], values: list[Value]) -> list[Node]:
+    """``order`` with a :class:`Progress` node after every node run while collectives are
+    in flight (any :class:`FlightStart`'s: buckets, prefetched gathers), threading their
+    handles through it to their :class:`FlightWait`. Progress nodes already in ``order``
+    (an earlier pass's) are taken out first, so passes may each call it: one chain results."""
+    order = _without_progress(order, values)
     current: dict[int, int] = {}          # a start's handle value -> its latest pass-through
     out = []
     for node in order:
-        if isinstance(node.prim, BucketWait):
-            node = dataclasses.replace(node, inputs=(current.pop(node.inputs[0]),))
+        if isinstance(node.prim, FlightWait):
+            node = dataclasses.replace(node, inputs=(current.pop(node.inputs[0]),) + node.inputs[1:])
         out.append(node)
-        if isinstance(node.prim, BucketStart):
+        if isinstance(node.prim, FlightStart):
             current[node.outputs[0]] = node.outputs[0]
-        elif current and not isinstance(node.prim, BucketWait):
+        elif current and not isinstance(node.prim, FlightWait):
             outs = []
             for v in current.values():
                 outs.append(len(values))
                 values.append(Value(len(values), values[v].spec, None))
             out.append(Node(-1, Progress(), tuple(current.values()), tuple(outs), SCOPE,
-                            f"{SCOPE}/progress{outs[0]}/Progress", phase=BACKWARD))
+                            f"{SCOPE}/progress{outs[0]}/Progress", phase=node.phase))
             current = dict(zip(current, outs))
+    return out
+
+
+def _without_progress(order: list[Node], values: list[Value]) -> list[Node]:
+    """``order`` without its :class:`Progress` nodes: each reader of a pass-through reads
+    the handle it passed (their values are left unproduced)."""
+    passed: dict[int, int] = {}            # a Progress output -> the start's handle it carries
+    out = []
+    for node in order:
+        if isinstance(node.prim, Progress):
+            for i, o in zip(node.inputs, node.outputs):
+                passed[o] = passed.get(i, i)
+                values[o] = dataclasses.replace(values[o], producer=None)
+            continue
+        if any(v in passed for v in node.inputs):
+            node = dataclasses.replace(node, inputs=tuple(passed.get(v, v) for v in node.inputs))
+        out.append(node)
     return out
 
 
@@ -306,7 +336,7 @@ def _bucket_nodes(local: Graph, nodes: list[Node], values: list[Value]) -> tuple
     return start, wait
 
 
-def _renumbered(local: Graph, order: list[Node], values: list[Value]) -> Graph:
+def renumbered(local: Graph, order: list[Node], values: list[Value]) -> Graph:
     """A graph of ``order`` with node ids their positions (forward_of and producers follow)."""
     new_id = {id(node): k for k, node in enumerate(order)}
     old_to_new = {node.id: new_id[id(node)] for node in order if node.id >= 0}
