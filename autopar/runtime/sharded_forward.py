@@ -40,6 +40,7 @@ from ..strategy.plan_source import make_plan
 from ..strategy.sharding_plan import ShardingPlan, fed_layout, global_inputs, with_fed_inputs
 from .arguments import tensor_args
 from .consistency import ConsistencyCheck, feed_group
+from .prefetch import held_weights, prefetch_weight_gathers
 from .program import Program
 from .protocol import ForwardStep
 from .setting import DEFAULT_CONTEXT, parallel_setting, setting_key
@@ -133,6 +134,8 @@ class ShardedForwardProgram(ForwardStep):
         self.plan = ShardingPlan(plan.stage, plan.shardings, layouts)
         self.local_graph, _, self.out_layouts, self.comm_clock = lower(
             graph, graph.outputs, self.plan, self.rank, world, delivered)
+        self.local_graph, self.prefetch = prefetch_weight_gathers(      # ZeRO-3 slices: gathered ahead of use
+            self.local_graph, held_weights(self.local_graph), ctx.parallel_optimizer_config.prefetch_layers)
         self.delivered = [self.out_layouts[v] for v in graph.outputs]
         self.program = Program(self.local_graph, self.local_graph.outputs)
         # carried state (a KV cache) is this rank's own shard; every other input is compared

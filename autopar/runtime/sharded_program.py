@@ -5,7 +5,9 @@ With optimizer parallel (``ctx.enable_parallel_optimizer``) the gradient of each
 slices comes out reduce-scattered into the weight's slice layout, the optimizer updates
 that slice, and :meth:`ShardedGradProgram.sync_weights` all-gathers the new slices back
 (see :mod:`autopar.runtime.optimizer_parallel`). With ``comm_fusion``, the gradients'
-all-reduces go in buckets started during the backward pass (:mod:`autopar.runtime.fusion`)."""
+all-reduces go in buckets started during the backward pass (:mod:`autopar.runtime.fusion`).
+At ``level3`` each weight's all-gathers start ``prefetch_layers`` layers ahead of their use
+(:mod:`autopar.runtime.prefetch`)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -24,6 +26,7 @@ from .autodiff import differentiate
 from .consistency import ConsistencyCheck, feed_group
 from .fusion import Fusion, fuse_gradient_reductions
 from .optimizer_parallel import SliceShard, WeightGather, slice_layouts, slice_of
+from .prefetch import held_weights, prefetch_weight_gathers
 from .program import Program
 from .protocol import TrainingProgram, gradient_factors, loss_targets, scaled, with_zeros
 from .setting import DEFAULT_CONTEXT
@@ -94,6 +97,8 @@ class ShardedGradProgram(TrainingProgram):
         self.local_graph, _, self.out_layouts, self.comm_clock = lower(
             self.graph, (self.targets.loss,) + grads, self.plan, world.rank, world, output_layouts=wanted,
             param_layouts=held)
+        self.local_graph, self.prefetch = prefetch_weight_gathers(self.local_graph, held_weights(self.local_graph),
+                                                                  opt.prefetch_layers)
         self.fusion = self._fuse(ctx.comm_fusion.gradient_rules(), len(params))
         self.program = Program(self.local_graph, self.local_graph.outputs)
         self.param_shards = self._param_shards(graph, params, [held.get(v, home) for v, home in

@@ -27,6 +27,10 @@ level        held as slices                               weights      gradients
 over groups of k consecutive replicas: the gradient is reduce-scattered inside a group and
 all-reduced across the N/k groups, so states fall by k instead of N for cheaper
 collectives. ``parallel_optimizer_threshold`` (KB) lives on the context as its own key.
+
+``prefetch_layers`` (autopar's own key, level3 only; default 1) is how many layers ahead of
+its use a weight's all-gather starts, non-blocking (PyTorch FSDP's "prefetch the next
+unit"); 0 gathers each weight at its use, blocking (autopar/runtime/prefetch.py).
 """
 from __future__ import annotations
 
@@ -40,7 +44,8 @@ from ..ir.layout import Layout
 WHERE = "parallel_optimizer_config"
 LEVELS = ("level1", "level2", "level3")
 KEYS = ("optimizer_level", "optimizer_weight_shard_size", "gradient_accumulation_shard",
-        "parallel_optimizer_threshold")
+        "parallel_optimizer_threshold", "prefetch_layers")
+DEFAULT_PREFETCH_LAYERS = 1   # FSDP's default: the next layer's weights gathered while this one computes
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class OptimizerShard:
     shard_size: int = -1                 # optimizer_weight_shard_size; -1: every replica
     accumulation_shard: bool = False     # gradient_accumulation_shard
     threshold_kb: int = 64               # parallel_optimizer_threshold (the context's key): smaller weights stay whole
+    prefetch_layers: int = DEFAULT_PREFETCH_LAYERS   # level3: layers ahead a weight's gather starts (0: at use)
 
     @property
     def shards_accumulation(self) -> bool:
@@ -63,9 +69,18 @@ class OptimizerShard:
         """Whether ranks keep only their weight slices and gather per use (ZeRO-3)."""
         return self.level == "level3"
 
+    @property
+    def prefetches(self) -> bool:
+        """Whether ZeRO-3's weight all-gathers start ahead of their use (non-blocking)."""
+        return self.shards_weights and self.prefetch_layers > 0
+
     def as_mindspore(self) -> dict:
-        return {"optimizer_level": self.level, "optimizer_weight_shard_size": self.shard_size,
-                "gradient_accumulation_shard": self.accumulation_shard}
+        """MindSpore's keys, and autopar's ``prefetch_layers`` where it is not the default."""
+        out = {"optimizer_level": self.level, "optimizer_weight_shard_size": self.shard_size,
+               "gradient_accumulation_shard": self.accumulation_shard}
+        if self.prefetch_layers != DEFAULT_PREFETCH_LAYERS:
+            out["prefetch_layers"] = self.prefetch_layers
+        return out
 
 
 DEFAULT_OPTIMIZER_SHARD = OptimizerShard()
@@ -152,4 +167,10 @@ def parse_optimizer_shard(value) -> tuple[OptimizerShard, int | None]:
     threshold = value.get("parallel_optimizer_threshold")
     if threshold is not None and (not is_int(threshold) or threshold < 0):
         raise ValueError(format_error(WHERE, "parallel_optimizer_threshold", "an int >= 0 (KB)", repr(threshold)))
-    return OptimizerShard(level, int(size), acc), None if threshold is None else int(threshold)
+    ahead = value.get("prefetch_layers", DEFAULT_PREFETCH_LAYERS)
+    if not is_int(ahead) or ahead < 0:
+        raise ValueError(format_error(WHERE, "prefetch_layers", "an int >= 0 (layers ahead of its use a level3 "
+                                      "weight's all-gather starts; 0: at its use)", repr(ahead),
+                                      "use 1 (the default: one layer ahead) or 0 (off)"))
+    return OptimizerShard(level, int(size), acc, prefetch_layers=int(ahead)), \
+        None if threshold is None else int(threshold)
