@@ -22,7 +22,10 @@ local program on same-sized shards, so rank 0 speaks for all):
   all-reduce; with optimizer parallel a reduce-scatter and, after the update, an all-gather
   paying latency but no wait: the same bytes in two calls; level3 one all-gather more), the
   update and the clipping copies (11 passes over its local bytes, the slice with optimizer
-  parallel), and its bytes: weight + gradient + states, split as the level says;
+  parallel), and its bytes: weight + gradient + states, split as the level says; level3's
+  all-gathers, started a layer ahead of use (``prefetch_layers``), hide behind the compute
+  before them as far as the profile's ``comm_overlap`` says, all but the first weight's
+  (:func:`prefetched_exposed_seconds`; ``PlanCost.gather_comm_s`` / ``gather_exposed_s``);
 * **step**: the all-reduce of the squared gradient norm, once;
 * **gradient buckets** (``comm_fusion``, :mod:`~autopar.strategy.grad_buckets`): with a rule
   for the gradients' all-reduces (reduce-scatters under optimizer parallel) the weights'
@@ -91,6 +94,21 @@ CLIP_BYTES_PER_ELEMENT = 3   # global-norm clipping reads every gradient for the
 OPTIMIZER_BYTES_PER_ELEMENT = ADAM_BYTES_PER_ELEMENT + CLIP_BYTES_PER_ELEMENT
 OPTIMIZER_KIND = "optimizer_update"   # the profile's rate for it (clipping included), if calibrated
 GRAD_SUM_KIND = "AddN"                # autodiff's sum of a value's gradient parts: elementwise
+
+
+def prefetched_exposed_seconds(gathers: Sequence[float], compute_s: float, overlap: float) -> float:
+    """The seconds of ZeRO-3's weight all-gathers (``gathers``, per op in forward order)
+    left exposed when each starts ahead of its use (autopar/runtime/prefetch.py): the first
+    weight's cannot hide (nothing runs before it), the rest hide behind at most the step's
+    ``compute_s``, as far as the machine overlaps (``overlap``, the profile's
+    ``comm_overlap``, as for gradient buckets)::
+
+        exposed = total - overlap x min(total - first, compute)
+
+    so it is never below the first gather's seconds, nor above the total (prefetch off)."""
+    total = sum(gathers)
+    first = next((g for g in gathers if g > 0.0), 0.0)
+    return total - overlap * min(total - first, compute_s)
 
 
 def _local(spec: TensorSpec, layout: Layout) -> TensorSpec:
@@ -231,7 +249,7 @@ class CostModel:
             kind, fwd_bytes, 1, formulas.compute_seconds(fwd_flops, 0, dtype, prof, min_dim)))
         comm = self._internal_seconds(node, sh, out, backward)
         sums = [self.grad_sum_parts(node.outputs[0], out_lay)]
-        grad = update = update_work = update_host = 0.0
+        grad = update = update_work = update_host = gather = 0.0
         pbytes = gbytes = sbytes = 0
         for i, v in enumerate(node.inputs):
             if v not in self.params or self.home.get(v) != (node.id, i):
@@ -246,7 +264,7 @@ class CostModel:
                 # ZeRO's comm within 5% of plain DP's; charging each call's wait put it 70% above)
                 grad += self.collective_seconds("all_gather", 0, lay.mesh, lay.replicated_axes(), waits=False)
                 if self.weights_sliced:   # level3: gathered for forward and again for backward
-                    grad += self.collective_seconds("all_gather", local_bytes, lay.mesh, lay.replicated_axes())
+                    gather += self.collective_seconds("all_gather", local_bytes, lay.mesh, lay.replicated_axes())
             pbytes += local_bytes // copies if self.weights_sliced else local_bytes
             gbytes += local_bytes // copies   # optimizer parallel: a reduce-scattered slice
             sbytes += self.state_bytes(v, local_bytes, lay)
@@ -258,8 +276,8 @@ class CostModel:
         for sum_work, sum_launches in sums:
             compute += prof.op_seconds(GRAD_SUM_KIND, sum_work, sum_launches)
             work, host = work + sum_work, host + prof.host_seconds(GRAD_SUM_KIND, sum_launches)
-        return NodeCost(compute, comm, grad, update, pbytes, gbytes, sbytes, act, float(flops), float(nbytes),
-                        compute - forward_s if backward else 0.0, flight, work, host, update_work, update_host)
+        return NodeCost(compute, comm, grad + gather, update, pbytes, gbytes, sbytes, act, float(flops), float(nbytes),
+                        compute - forward_s if backward else 0.0, flight, work, host, update_work, update_host, gather)
 
     def grad_sum_parts(self, value: int, layout: Layout) -> tuple[float, int]:
         """(work seconds, instructions) of autodiff's sum of ``value``'s gradient parts, one
@@ -428,15 +446,20 @@ class CostModel:
                   for n, w in zip(self.forward, self.gradients_in_flight(sh))]
         peak, working = backward_peak(grads, freed, during), backward_peak([0] * len(grads), freed, during)
         alone = sum(g for _, g in back.values())   # each reduction on its own, at the end of the step
+        gathers = [c.gather_s for _, c, _ in costs]
+        gathered = sum(gathers)
+        shown = prefetched_exposed_seconds(gathers, compute, self.profile.comm_overlap) \
+            if self.optimizer_shard.prefetches else gathered
+        comm -= gathered - shown
         if not self.fusion_rules:
             return PlanCost(compute, comm, update, pb, gb, sb, sum(kept.values()), tuple(rows), peak, working,
-                            alone, alone)
+                            alone, alone, gathered, shown)
         buckets, unfused, backward = self.gradient_buckets(plan, costs)
         total = sum(b.seconds for b in buckets) + sum(r.seconds for r in unfused)
         exposed = exposed_seconds(buckets, backward, self.profile.comm_overlap) + sum(r.seconds for r in unfused)
         peak = max(peak, sum(grads) + max((b.nbytes for b in buckets), default=0))   # one bucket's buffer more
         return PlanCost(compute, comm - alone + exposed, update, pb, gb, sb, sum(kept.values()), tuple(rows), peak,
-                        working, total, exposed)
+                        working, total, exposed, gathered, shown)
 
     # ---- gradient buckets (comm_fusion) ---------------------------------------------------
     def gradient_buckets(self, plan: ShardingPlan, costs=None, deferred: bool = False) -> tuple[

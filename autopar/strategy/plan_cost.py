@@ -31,6 +31,7 @@ class NodeCost:
     host_s: float = 0.0
     update_work_s: float = 0.0
     update_host_s: float = 0.0
+    gather_s: float = 0.0      # level3: the weights' per-use all-gathers in grad_s (what prefetch may hide)
 
     @property
     def seconds(self) -> float:
@@ -56,6 +57,8 @@ class PlanCost:
     backward_working_bytes: int = 0   # the same without the gradients (a later micro-batch's, which add into them)
     grad_comm_s: float = 0.0   # the weight gradients' reductions (buckets under comm_fusion), all of them
     grad_exposed_s: float = 0.0   # the part of grad_comm_s not hidden behind backward (what comm_s holds)
+    gather_comm_s: float = 0.0    # level3: the weights' per-use all-gathers, all of them
+    gather_exposed_s: float = 0.0   # the part of gather_comm_s not hidden by prefetch (what comm_s holds)
 
     @property
     def step_seconds(self) -> float:
