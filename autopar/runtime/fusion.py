@@ -43,6 +43,7 @@ from ..ops.primitive import Primitive
 from .spmd import Redistribute
 
 SCOPE = "<grad-fusion>"
+PROGRESS_SCOPE = "<comm-progress>"   # the Progress nodes of any pass's collectives in flight
 
 
 class InFlight:
@@ -295,8 +296,8 @@ def with_progress(order: list[Node], values: list[Value]) -> list[Node]:
             for v in current.values():
                 outs.append(len(values))
                 values.append(Value(len(values), values[v].spec, None))
-            out.append(Node(-1, Progress(), tuple(current.values()), tuple(outs), SCOPE,
-                            f"{SCOPE}/progress{outs[0]}/Progress", phase=node.phase))
+            out.append(Node(-1, Progress(), tuple(current.values()), tuple(outs), PROGRESS_SCOPE,
+                            f"{PROGRESS_SCOPE}/progress{outs[0]}/Progress", phase=node.phase))
             current = dict(zip(current, outs))
     return out
 
