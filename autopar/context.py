@@ -44,6 +44,7 @@ import dataclasses
 import math
 import os
 import threading
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Iterator
@@ -52,6 +53,7 @@ import numpy as np
 
 from . import comm
 from .backend import current_backend
+from .backend.blas import SlowBLASWarning, openblas_advice
 from .comm.fusion import DEFAULT_COMM_FUSION, CommFusion, parse_comm_fusion, with_allreduce_indices
 from .comm.mpi import install_abort_handler, launcher_size
 from .comm.nccl import select_world
@@ -508,6 +510,10 @@ def init(backend_name: str | None = None, *, watchdog_s: float | None = None) ->
             install_abort_handler()
         _STATE.context = context
         _STATE.world = world
+    if world.rank == 0 and current_backend().target == "CPU":
+        advice = openblas_advice()          # slow BLAS kernels: said once per job, by rank 0
+        if advice:
+            warnings.warn(f"autopar.init: {advice}", SlowBLASWarning, stacklevel=2)
 
 
 def _checks(watchdog_s) -> comm.CommChecks:

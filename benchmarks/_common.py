@@ -88,3 +88,15 @@ def gc_watch():
         yield seen
     finally:
         gc.callbacks.remove(callback)
+
+
+def blas_line() -> str:
+    """Which kernels numpy's BLAS runs here, and the fix when they are narrower than the CPU's
+    (autopar/backend/blas.py): printed beside every CPU figure, so runs stay comparable."""
+    from autopar.backend.blas import openblas_advice, openblas_architecture
+    arch = openblas_architecture()
+    chosen = os.environ.get("OPENBLAS_CORETYPE")
+    line = (f"numpy's BLAS kernels: {arch or 'not OpenBLAS'}"
+            + (f" (OPENBLAS_CORETYPE={chosen})" if chosen else " (OpenBLAS's own choice)" if arch else ""))
+    advice = openblas_advice()
+    return line + (f"\nWARNING: {advice}" if advice else "")

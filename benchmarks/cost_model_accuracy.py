@@ -72,7 +72,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-from _common import default_mpiexec, mib, table, unique_nbytes, worker_env
+from _common import blas_line, default_mpiexec, mib, table, unique_nbytes, worker_env
 from accuracy_plans import SIZES, Plan, batch_of, build, check_plan, context, feed, plans, predict_hand, quick_plans
 
 TARGETS = {"time_mape": 0.10, "time_spearman": 0.9, "memory_mape": 0.10, "regret": 1.05}
@@ -664,6 +664,7 @@ def main() -> None:
             scatter_png(saved, args.png)
             print(f"\nscatter plot: {args.png}")
     else:
+        print(blas_line(), flush=True)
         run_all(args)
 
 

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import worker_env
+from _common import blas_line, worker_env
 
 CONFIG = dict(vocab_size=8000, seq_length=256, hidden_size=512, num_layers=4, num_heads=8,
               ffn_hidden_size=2048)
@@ -236,6 +236,7 @@ def main() -> None:
     if args.torch_worker is not None:
         torch_worker(args.batch, args.steps, args.dropout, args.torch_worker)
         return
+    print(blas_line(), flush=True)
     env = worker_env()
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")     # gloo on the loopback, where the rendezvous is
     with_torch = args.torch and torch_imports()

@@ -32,6 +32,7 @@ import resource
 import time
 
 import numpy as np
+from _common import blas_line
 from threadpoolctl import threadpool_limits
 
 try:  # the PyTorch anchor; a benchmark-only dependency
@@ -313,7 +314,7 @@ def main() -> None:
         # The machine is shared: take the best GEMM rate seen before and after the steps, so
         # a slow moment during the GEMM probe cannot flatter the ratio.
         rate = gemm_rate()
-        print(f"numpy float32 GEMM (2048^3, 1 BLAS thread): {rate / 1e9:.1f} GFLOP/s", flush=True)
+        print(f"numpy float32 GEMM (2048^3, 1 BLAS thread): {rate / 1e9:.1f} GFLOP/s; {blas_line()}", flush=True)
         if with_torch:
             print(f"torch float32 GEMM (2048^3, 1 thread): {torch_gemm_rate() / 1e9:.1f} GFLOP/s", flush=True)
         names = list(CONFIGS)[:1] if args.quick else list(CONFIGS)
