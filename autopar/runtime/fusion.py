@@ -56,7 +56,21 @@ class InFlight:
 class FlightStart(Primitive):
     """An instruction that starts a non-blocking collective and outputs its :class:`InFlight`
     handle (a gradient bucket's, a ZeRO-3 weight's prefetched all-gather), which
-    :func:`with_progress` threads through :class:`Progress` nodes to its :class:`FlightWait`."""
+    :func:`with_progress` threads through :class:`Progress` nodes to its :class:`FlightWait`.
+    A subclass keeps ``self.clock`` (the program's comm clock, a one-element list)."""
+
+    save_inputs = "none"
+    fresh_output = True
+
+    def _timed(self, start):
+        """``start()``, its host time added to the comm clock."""
+        t0 = time.perf_counter()
+        flight = start()
+        self.clock[0] += time.perf_counter() - t0
+        return flight
+
+    def flops(self, specs, out):
+        return 0
 
 
 class FlightWait(Primitive):
@@ -68,21 +82,13 @@ class BucketStart(FlightStart):
     (inserted after lowering; never differentiated)."""
 
     n_inputs = None
-    save_inputs = "none"
-    fresh_output = True
 
     def __init__(self, kind: str, comm, dims: tuple[int, ...], clock: list):
         super().__init__(collective=kind, dims=dims)
         self.comm, self.clock = comm, clock
 
     def forward(self, *grads):
-        t0 = time.perf_counter()
-        flight = start_bucket(self.comm, grads, self.attrs["collective"], self.attrs["dims"])
-        self.clock[0] += time.perf_counter() - t0
-        return flight
-
-    def flops(self, specs, out):
-        return 0
+        return self._timed(lambda: start_bucket(self.comm, grads, self.attrs["collective"], self.attrs["dims"]))
 
 
 class BucketWait(FlightWait):

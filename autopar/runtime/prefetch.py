@@ -45,21 +45,12 @@ class GatherStart(FlightStart):
     """forward: start the all-gather of a held weight slice, non-blocking / (inserted after
     lowering; never differentiated)."""
 
-    save_inputs = "none"
-    fresh_output = True
-
     def __init__(self, comm, dim: int, nbytes: int, clock: list):
         super().__init__(dim=dim)
         self.comm, self.nbytes, self.clock = comm, nbytes, clock
 
     def forward(self, x):
-        t0 = time.perf_counter()
-        flight = InFlight(self.comm.iallgather(x, axis=self.attrs["dim"]), self.nbytes)
-        self.clock[0] += time.perf_counter() - t0
-        return flight
-
-    def flops(self, specs, out):
-        return 0
+        return self._timed(lambda: InFlight(self.comm.iallgather(x, axis=self.attrs["dim"]), self.nbytes))
 
 
 class GatherWait(FlightWait):
