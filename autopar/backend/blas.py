@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import os
 
+import numpy  # noqa: F401  (loads numpy's BLAS, which threadpoolctl then describes)
+from threadpoolctl import threadpool_info
+
 # OpenBLAS kernel sets (threadpoolctl's ``architecture``, case-folded) by the widest vector
 # instructions they use: 0 SSE, 1 AVX, 2 AVX2 + FMA, 3 AVX-512.
 TIERS = {
@@ -65,8 +68,6 @@ def suggested_coretype(architecture: str | None, flags: frozenset[str]) -> str |
 def openblas_architecture() -> str | None:
     """The kernel set numpy's OpenBLAS runs (threadpoolctl's ``architecture``), or None where
     numpy is not on OpenBLAS."""
-    import numpy  # noqa: F401  (loads numpy's BLAS, so threadpoolctl can see it)
-    from threadpoolctl import threadpool_info
     for info in threadpool_info():
         if info.get("internal_api") == "openblas":
             return info.get("architecture")
