@@ -50,9 +50,14 @@ def test_advice_names_the_variable_and_respects_a_users_choice():
     assert blas.openblas_advice("SkylakeX", AVX512_CPU, environ={}) is None
 
 
-def test_this_machines_openblas_is_described():
-    arch = blas.openblas_architecture()          # numpy's wheels bundle OpenBLAS; other builds give None
-    assert arch is None or isinstance(arch, str) and arch
+def test_the_architecture_is_openblas_own_among_several_blas_libraries(monkeypatch):
+    mkl = {"user_api": "blas", "internal_api": "mkl", "architecture": None}
+    openblas = {"user_api": "blas", "internal_api": "openblas", "architecture": "Haswell"}
+    monkeypatch.setattr(blas, "threadpool_info", lambda: [mkl, openblas])
+    assert blas.openblas_architecture() == "Haswell"
+    monkeypatch.setattr(blas, "threadpool_info", lambda: [mkl])       # numpy on MKL: nothing to advise
+    assert blas.openblas_architecture() is None
+    assert blas.openblas_advice(flags=AVX512_CPU, environ={}) is None
 
 
 def test_init_warns_once_on_rank_0_with_the_fix(monkeypatch):
