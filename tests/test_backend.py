@@ -181,10 +181,10 @@ def case_id(c) -> str:
 
 
 @pytest.mark.parametrize("prim, make, kw", OP_CASES, ids=case_id)
-def test_kernels_compute_with_the_module_of_their_inputs(fake_gpu, prim, make, kw):
+def test_kernels_compute_with_the_module_of_their_inputs(fake_gpu, ufunc_kernels, prim, make, kw):
     """Forward and VJP on 'device' arrays go through the device module (array methods
-    dispatch by type by themselves), return device arrays, and equal the numpy results
-    bit for bit."""
+    dispatch by type by themselves), return device arrays, and equal the numpy (ufunc)
+    results bit for bit."""
     xs = make(np.random.default_rng(0))
     y = prim.forward(*xs, **kw)
     n = len(xs)

@@ -29,6 +29,10 @@ from autopar.nn import Parameter
 from autopar.ops import activation, normalization
 from autopar.train import AdamWeightDecay
 
+# the GPU kernels follow the CPU's numpy (ufunc) formulas operation by operation, so those
+# are what they are compared with, not the fused CPU kernels (tests/test_hostkernels.py)
+pytestmark = pytest.mark.usefixtures("ufunc_kernels")
+
 # ---- the C subset, as Python ----------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from ..backend import array_module, cache_blocked, device_erf, kernels
+from ..backend import array_module, cache_blocked, device_erf, hostkernels, kernels
 from .elementwise import Unary, same_buffer_inputs
 from .registry import register
 
@@ -124,6 +124,8 @@ class GeLU(Unary):
     def fn(self, x):
         if self._fused(x):
             return kernels.gelu(x, self.attrs["approximate"])
+        if self.attrs["approximate"] and hostkernels.serves(x):
+            return hostkernels.gelu_tanh(x)
         if self.attrs["approximate"]:
             return blocked(_gelu_tanh, array_module(x).empty_like(x), x)
         return 0.5 * x * (1.0 + erf(x * _INV_SQRT_2))
@@ -134,11 +136,15 @@ class GeLU(Unary):
     def forward_inplace(self, j, x):
         if self._fused(x):
             return kernels.gelu(x, True, out=x)
+        if hostkernels.serves(x):
+            return hostkernels.gelu_tanh(x, out=x)
         return blocked(_gelu_tanh, x, x)  # each block reads x before writing it
 
     def dfn(self, x, y, dy):
         if self._fused(x, dy):
             return kernels.gelu_grad(x, dy, self.attrs["approximate"])
+        if self.attrs["approximate"] and hostkernels.serves(x, dy):
+            return hostkernels.gelu_tanh_grad(x, dy)
         if self.attrs["approximate"]:
             return blocked(_gelu_tanh_grad, array_module(x).empty_like(x), x, dy, scratch=2)
         cdf = 0.5 * (1.0 + erf(x * _INV_SQRT_2))

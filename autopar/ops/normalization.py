@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from ..backend import array_module, kernels
+from ..backend import array_module, hostkernels, kernels
 from ..dtype import accumulate_dtype
 from ..errors import OpArgError
 from .primitive import Primitive, check_float, normalize_axis
@@ -102,9 +102,17 @@ class LayerNorm(Primitive):
         return (kernels.layer_norm_fusable(x, params, activations) and x.size > 0
                 and self._axes(x.ndim) == (x.ndim - 1, x.ndim - 1))
 
+    def _host_fused(self, x, *arrays) -> bool:
+        """Whether the fused CPU kernels compute: float32 C-contiguous numpy arrays,
+        statistics and parameters over the last axis alone."""
+        return x.ndim > 0 and self._axes(x.ndim) == (x.ndim - 1, x.ndim - 1) and hostkernels.serves(x, *arrays)
+
     def forward(self, x, gamma, beta):
         if self._fused(x, (gamma, beta)):
             return kernels.layer_norm(x, gamma, beta, self.attrs["epsilon"])
+        if self._host_fused(x, gamma, beta):
+            x2 = x.reshape(-1, x.shape[-1])              # (..., C) -> (R, C)
+            return hostkernels.layer_norm(x2, gamma, beta, self.attrs["epsilon"]).reshape(x.shape)
         xh, _ = self._xhat(x)
         y = xh.reshape(x.shape)          # gamma, beta: x.shape[bpa:] broadcast from the right
         y *= gamma
@@ -122,6 +130,11 @@ class LayerNorm(Primitive):
             dx, dgamma = kernels.layer_norm_grad(dy, x, gamma, self.attrs["epsilon"], needs[0], needs[1])
             return (None if dx is None else dx.astype(x.dtype, copy=False),
                     None if dgamma is None else dgamma.astype(gamma.dtype), dbeta)
+        if self._host_fused(x, dy, gamma):
+            rows = (-1, x.shape[-1])                      # (..., C) -> (R, C)
+            dx, dgamma, dbeta = hostkernels.layer_norm_grad(dy.reshape(rows), x.reshape(rows), gamma,
+                                                            self.attrs["epsilon"], *needs[:3])
+            return None if dx is None else dx.reshape(x.shape), dgamma, dbeta
         dbeta = _param_grad(dy, None, n_param).reshape(gamma.shape).astype(specs[2].dtype) if needs[2] else None
         xh, rstd = self._xhat(x)          # (R, C), (R,)
         dgamma = _param_grad(dy, xh, n_param).reshape(gamma.shape).astype(gamma.dtype) if needs[1] else None

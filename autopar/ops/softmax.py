@@ -4,7 +4,7 @@ Dimension names: N rows (B*S), V classes (vocabulary).
 """
 from __future__ import annotations
 
-from ..backend import array_module, kernels
+from ..backend import array_module, hostkernels, kernels
 from ..errors import OpArgError
 from ..ir.spec import TensorSpec
 from .primitive import Primitive, check_float, normalize_axes, normalize_axis
@@ -91,12 +91,25 @@ class Softmax(_RowNormalized):
         x = arrays[0]
         return kernels.fusable(*arrays) and x.size > 0 and self._axes(x.ndim) == (x.ndim - 1,)
 
+    def _host_fused(self, *arrays) -> bool:
+        """Whether the fused CPU kernels compute: float32 C-contiguous numpy arrays, softmax
+        over the last axis."""
+        x = arrays[0]
+        return x.ndim > 0 and self._axes(x.ndim) == (x.ndim - 1,) and hostkernels.serves(*arrays)
+
     def forward(self, x):
-        return kernels.softmax(x) if self._fused(x) else super().forward(x)
+        if self._fused(x):
+            return kernels.softmax(x)
+        if self._host_fused(x):
+            return hostkernels.softmax(x.reshape(-1, x.shape[-1])).reshape(x.shape)   # (..., C) -> (R, C) -> back
+        return super().forward(x)
 
     def vjp(self, dy, xs, y, specs, needs):
         if self._fused(dy, y):
             return (kernels.softmax_grad(dy, y).astype(specs[0].dtype, copy=False),)
+        if self._host_fused(dy, y):
+            rows = (-1, y.shape[-1])                      # (..., C) -> (R, C)
+            return (hostkernels.softmax_grad(dy.reshape(rows), y.reshape(rows)).reshape(y.shape),)
         return super().vjp(dy, xs, y, specs, needs)
 
 
