@@ -58,7 +58,7 @@ def global_ids(cfg, batch: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, cfg.seq_length + 1)).astype(np.int32)
 
 
-def worker(dp: int, mp: int, mode: str, batch: int, steps: int, dropout: float, fusion: bool) -> None:
+def worker(dp: int, mp: int, mode: str, batch: int, steps: int, dropout: float, bucket_mb: float | None) -> None:
     from autopar import nn
     from autopar.comm import install_abort_handler, world
     from autopar.context import bound_world, parallel_context
@@ -71,7 +71,8 @@ def worker(dp: int, mp: int, mode: str, batch: int, steps: int, dropout: float, 
     ids = global_ids(cfg, batch)
     full = mode != "data_parallel"
     local_ids = ids if full else np.split(ids, n)[comm.rank]
-    buckets = {"comm_fusion": {"allreduce": {"mode": "auto"}}} if fusion else {}
+    rule = {"mode": "auto"} if bucket_mb == 0 else {"mode": "size", "config": bucket_mb}
+    buckets = {"comm_fusion": {"allreduce": rule}} if bucket_mb is not None else {}
     with bound_world(comm), parallel_context(parallel_mode=mode, device_num=n, full_batch=full, **buckets):
         net = PanguAlphaWithLoss(cfg)
         opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.01)
@@ -128,7 +129,7 @@ def print_ceiling(rows: list[dict], size: int) -> None:
         print(f"{r['n']:>5} {g.min():>7.1f} {np.median(g):>7.1f} {g.max():>7.1f} {g.sum():>8.1f}")
 
 
-def torch_worker(batch: int, steps: int, dropout: float, port: int) -> None:
+def torch_worker(batch: int, steps: int, dropout: float, port: int, bucket_mb: float | None) -> None:
     """PyTorch's step on this rank: eager on 1 rank, DDP (gloo) on n; the global batch split
     over ranks as autopar's data parallel splits it. Rank 0 prints its fastest step as JSON."""
     import torch
@@ -146,7 +147,8 @@ def torch_worker(batch: int, steps: int, dropout: float, port: int) -> None:
     model = torch_pangu.build(cfg)
     if n > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        cap = {} if bucket_mb is None else {"bucket_cap_mb": bucket_mb or 64}   # 0: autopar's 'auto', 64 MB
+        model = torch.nn.parallel.DistributedDataParallel(model, **cap)
     opt = torch_pangu.adamw(model, learning_rate=1e-4, weight_decay=0.01)
     torch_pangu.train_step(model, opt, ids, clip_norm=1.0)      # warm up: buckets, optimizer states
     times = []
@@ -172,7 +174,7 @@ def launch(args, n: int, worker_args: list[str], env: dict) -> dict:
     """One MPI job of ``n`` ranks running this script as a worker; rank 0's JSON line."""
     cmd = [args.mpiexec, "-n", str(n), *shlex.split(args.mpiexec_args), sys.executable, __file__, *worker_args,
            "--batch", str(args.batch), "--steps", str(args.steps), "--dropout", str(args.dropout)] + \
-        (["--fusion"] if args.fusion else [])
+        (["--fusion", str(args.fusion)] if args.fusion is not None else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
@@ -191,8 +193,9 @@ def print_table(args, rows: list[dict], torch_rows: dict[int, dict]) -> None:
     """autopar's rows; beside each serial and pure-dp row, PyTorch's at the same rank count."""
     base = next(r["step"] for r in rows if r["n"] == 1)
     torch_base = torch_rows[1]["step"] if 1 in torch_rows else None
+    buckets = "one per weight" if args.fusion is None else f"in buckets of {args.fusion or 64:g} MB, as DDP's"
     print(f"PanGu-α {CONFIG}, dropout {args.dropout}, global batch {args.batch}, one BLAS thread per rank, "
-          f"fastest of {args.steps} steps, autopar's gradient all-reduces {'in buckets' if args.fusion else 'one per weight'}")
+          f"fastest of {args.steps} steps, autopar's gradient all-reduces {buckets}")
     print("step: the slowest rank's (fastest such step); comm share: rank 0's collectives / step (waiting for "
           "slower ranks included); critical: the slowest rank's own")
     head = f"{'ranks':>5} {'layout':>8} {'step s':>8} {'speedup':>8} {'comm share':>10} {'critical':>8}"
@@ -214,8 +217,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dropout", type=float, default=0.0, help="dropout rate of both frameworks' models")
     parser.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch DDP anchor")
-    parser.add_argument("--fusion", action="store_true",
-                        help="autopar's gradient all-reduces in 64 MB buckets (comm_fusion mode 'auto'), as DDP's are")
+    parser.add_argument("--fusion", type=float, nargs="?", const=25.0, metavar="MB",
+                        help="autopar's gradient all-reduces in buckets of MB megabytes (comm_fusion mode 'size'; "
+                             "0: mode 'auto', MindSpore's 64 MB), and DDP's too (bucket_cap_mb); alone: 25, "
+                             "DDP's default. Without it autopar reduces each gradient by itself")
     parser.add_argument("--mpiexec", default=shutil.which("mpiexec", path=str(Path(sys.executable).parent))
                         or shutil.which("mpiexec"))
     parser.add_argument("--mpiexec-args", default="", help="extra launcher flags, e.g. '--bind-to core'")
@@ -234,7 +239,7 @@ def main() -> None:
         ceiling_worker(args.ceiling_worker, 2.0)
         return
     if args.torch_worker is not None:
-        torch_worker(args.batch, args.steps, args.dropout, args.torch_worker)
+        torch_worker(args.batch, args.steps, args.dropout, args.torch_worker, args.fusion)
         return
     print(blas_line(), flush=True)
     env = worker_env()
