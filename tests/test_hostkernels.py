@@ -182,3 +182,13 @@ def test_the_build_is_cached_and_a_missing_compiler_warns_once(tmp_path, monkeyp
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert hostkernels.library.__wrapped__() is None       # turned off: no build, no warning
+    monkeypatch.setenv("AUTOPAR_HOST_KERNELS", "1")
+    monkeypatch.setenv("AUTOPAR_HOST_KERNELS_LIB", path)         # built beforehand: loaded, not built
+    lib = hostkernels.library.__wrapped__()
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    y = np.empty_like(x)
+    lib.ap_softmax(x.ctypes.data, y.ctypes.data, 3, 4)
+    np.testing.assert_allclose(y, softmax64(x), rtol=2e-6)
+    monkeypatch.setenv("AUTOPAR_HOST_KERNELS_LIB", str(tmp_path / "missing.so"))
+    with pytest.warns(hostkernels.HostKernelWarning, match="missing.so"):
+        assert hostkernels.library.__wrapped__() is None

@@ -28,7 +28,9 @@ The tanh GeLU is written with 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u)).
 
 Where no C compiler is found or the build fails, :func:`serves` is False and the numpy
 paths run, after one warning that says why. ``AUTOPAR_HOST_KERNELS=0`` in the environment
-turns the kernels off (to compare the two paths).
+turns the kernels off (to compare the two paths); ``AUTOPAR_HOST_KERNELS_LIB=PATH`` loads a
+library built beforehand (``build()`` on a machine with a compiler, with ``-march=`` set for
+the target) on one without a compiler.
 """
 from __future__ import annotations
 
@@ -266,8 +268,8 @@ def library():
     if sys.platform == "win32":
         return None
     try:
-        lib = ctypes.CDLL(build())
-    except (OSError, subprocess.CalledProcessError) as err:
+        lib = ctypes.CDLL(os.environ.get("AUTOPAR_HOST_KERNELS_LIB") or build())
+    except (OSError, subprocess.CalledProcessError) as err:    # no compiler, a failed build, a bad library
         detail = getattr(err, "stderr", "") or str(err)
         warnings.warn(f"autopar: the fused CPU kernels are not used ({detail.strip()[:300]}); "
                       "Softmax, LayerNorm and GeLU take numpy's slower ufunc paths", HostKernelWarning, stacklevel=2)
