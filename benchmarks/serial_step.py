@@ -232,7 +232,7 @@ def ops_report(train, ids: np.ndarray, anchor: TorchStep | None) -> list[str]:
     rest = sum(per.values()) - gemm
     lines = [f"autopar step {step * 1e3:.1f} ms: GEMMs {gemm * 1e3:.1f} ms, other ops {rest * 1e3:.1f} ms, "
              f"update (the rest) {(step - gemm - rest) * 1e3:.1f} ms; {faults} minor page faults"]
-    for (kind, way), s in sorted(per.items(), key=lambda kv: -kv[1])[:12]:
+    for (kind, way), s in sorted(per.items(), key=lambda kv: -kv[1])[:24]:
         lines.append(f"  autopar {kind:<36} {way} {s * 1e3:8.1f} ms")
     if anchor is not None:
         lines += torch_ops_report(anchor)
@@ -256,7 +256,7 @@ def torch_ops_report(anchor: TorchStep) -> list[str]:
     lines = [f"PyTorch step {step * 1e3:.1f} ms (unprofiled): GEMMs {gemm * 1e3:.1f} ms, "
              f"update (optimizer + clip norm) {update * 1e3:.1f} ms, profiled total "
              f"{sum(self_s.values()) * 1e3:.1f} ms; {faults} minor page faults"]
-    for key, s in sorted(self_s.items(), key=lambda kv: -kv[1])[:12]:
+    for key, s in sorted(self_s.items(), key=lambda kv: -kv[1])[:24]:
         lines.append(f"  PyTorch {key:<44} {s * 1e3:8.1f} ms")
     return lines
 

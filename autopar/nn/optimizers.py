@@ -31,7 +31,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..backend import array_module, cache_blocked, kernels, on_host, to_host
+from ..backend import array_module, cache_blocked, hostkernels, kernels, on_host, to_host
 from ..errors import format_error
 from .parameter import Parameter
 
@@ -357,6 +357,10 @@ class AdamWeightDecay(_AdamBase):
         if kernels.fusable(p, g, m, v, dtypes=kernels.EXACT_DTYPES):   # on a GPU: one fused pass
             kernels.adam_weight_decay(p, g, m, v, lr=lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
                                       weight_decay=weight_decay)
+            return
+        if hostkernels.serves(p, g, m, v) and p.size == g.size == m.size == v.size:   # on CPU cores: one pass
+            hostkernels.adam_weight_decay(p, g, m, v, lr=lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps,
+                                          weight_decay=weight_decay)
             return
         xp = array_module(p)
         s = self._scratch_like(p)
