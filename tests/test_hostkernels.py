@@ -221,3 +221,14 @@ def test_adam_weight_decay_gives_the_numpy_paths_bits(monkeypatch, weight_decay)
     assert not np.array_equal(got[0], p0)
     for a, b in zip(got, want):
         assert a.tobytes() == b.tobytes()
+
+
+def test_sum_of_squares_is_a_float64_sum():
+    from autopar.ops.norm import sum_of_squares
+    r = np.random.default_rng(7)
+    xs = [f32(r, (1000, 37), 1e3), f32(r, (5,)), np.zeros((0, 3), np.float32), f32(r, (3, 4)).T]   # .T: strided
+    want = sum(float(np.sum(x.astype(np.float64) ** 2)) for x in xs)
+    assert sum_of_squares(xs) == pytest.approx(want, rel=1e-14)
+    assert hostkernels.sum_of_squares(np.array([3.0, 4.0], np.float32)) == 25.0
+    big = np.full(1 << 20, 1.0 + 2.0 ** -20, np.float32)       # a float32 running sum would lose the tail
+    assert hostkernels.sum_of_squares(big) == pytest.approx((1 << 20) * (1.0 + 2.0 ** -20) ** 2, rel=1e-12)

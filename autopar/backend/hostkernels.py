@@ -17,6 +17,7 @@ through ctypes.
     layer_norm_grad(dy2, x2, gamma, eps, need_dx, need_dgamma, need_dbeta) -> (dx, dgamma, dbeta)
     gelu_tanh(x, out=None) / gelu_tanh_grad(x, dy)          elementwise, any shape
     adam_weight_decay(p, g, m, v, lr=..., ...)              AdamWeightDecay in place, numpy's bits
+    sum_of_squares(x) -> float                              in float64, one pass
     serves(*arrays) -> bool                                  float32, C-contiguous numpy, compiled
 
 The formulas are those of the numpy paths (ops/softmax.py, ops/normalization.py,
@@ -172,6 +173,14 @@ void ap_layer_norm_grad(const float* dy, const float* x, const float* gamma, flo
     }
 }
 
+/* sum of x^2 in double (each square exact in double), for the gradients' global norm */
+double ap_sum_of_squares(const float* x, int64_t n) {
+    double s = 0.0;
+    #pragma omp simd reduction(+:s)
+    for (int64_t i = 0; i < n; i++) { double d = (double)x[i]; s += d * d; }
+    return s;
+}
+
 /* MindSpore's AdamWeightDecay in place, operation by operation as nn/optimizers.py's numpy
    path (each product and sum rounded to float32, no FMA contraction): the same bits. */
 #pragma GCC push_options
@@ -242,8 +251,11 @@ SIGNATURES = {
     "ap_layer_norm_grad": (_P, _P, _P, _P, _P, _P, _I, _I, _F),
     "ap_gelu_tanh": (_P, _P, _I, _F, _F),
     "ap_gelu_tanh_grad": (_P, _P, _P, _I, _F, _F),
+    "ap_sum_of_squares": (_P, _I),
     "ap_adam_weight_decay": (_P, _P, _P, _P, _I, _F, _F, _F, _F, _F, _F, _F, ctypes.c_int),
 }
+
+RESULTS = {"ap_sum_of_squares": ctypes.c_double}    # the others return nothing
 
 
 class HostKernelWarning(UserWarning):
@@ -308,7 +320,7 @@ def library():
         return None
     for name, args in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, None
+        fn.argtypes, fn.restype = args, RESULTS.get(name)
     return lib
 
 
@@ -387,3 +399,8 @@ def adam_weight_decay(p: np.ndarray, g: np.ndarray, m: np.ndarray, v: np.ndarray
     library().ap_adam_weight_decay(p.ctypes.data, g.ctypes.data, m.ctypes.data, v.ctypes.data, p.size, f(beta1),
                                    f(1.0 - beta1), f(beta2), f(1.0 - beta2), f(eps), f(weight_decay), f(lr),
                                    int(bool(weight_decay)))
+
+
+def sum_of_squares(x: np.ndarray) -> float:
+    """The sum of the squares of ``x``'s elements, each squared and summed in float64."""
+    return float(library().ap_sum_of_squares(x.ctypes.data, x.size))
