@@ -23,6 +23,9 @@ with the update (AdamW and clip) apart and the minor page faults of one step of 
 ``--gemms`` adds every distinct GEMM one autopar step makes (numpy.matmul's operands: shapes,
 C- or F-order, the calls per step) timed with numpy and with torch.matmul on the same
 operands, strides included -- which shapes the two BLAS libraries differ on.
+``--ufunc`` adds a third step to every round: autopar with its fused CPU kernels
+(``autopar.backend.hostkernels``) off, numpy's ufunc paths computing instead, so the two
+paths are compared in the same rounds.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ except ImportError as err:
     torch, torch_pangu, TORCH_MISSING = None, None, str(err)
 
 from autopar import nn
+from autopar.backend import hostkernels
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.runtime.compiled import grad_program
 from autopar.runtime.op_timer import kind_of, time_ops
@@ -101,7 +105,7 @@ TORCH_GEMMS = ("aten::mm", "aten::addmm", "aten::bmm")       # PyTorch's
 
 
 def bench(name: str, spec: dict, steps: int, rate: float, dropout: float, with_torch: bool,
-          batch: int | None = None, ops: bool = False, gemms: bool = False) -> dict:
+          batch: int | None = None, ops: bool = False, gemms: bool = False, ufunc: bool = False) -> dict:
     spec = dict(spec)
     own = spec.pop("batch")
     name = name if batch is None else f"{name.rsplit('-B', 1)[0]}-B{batch}"
@@ -115,11 +119,18 @@ def bench(name: str, spec: dict, steps: int, rate: float, dropout: float, with_t
     loss = float(train(ids))  # compile, materialize parameters and optimizer states
     if anchor is not None:
         anchor.report_loss(name, loss)
-    times, torch_times = [], []
+    times, torch_times, ufunc_times = [], [], []
+    fused_library = hostkernels.library
     for _ in range(steps):    # one autopar step, then one PyTorch step, per round
         t0 = time.perf_counter()
         train(ids)
         times.append(time.perf_counter() - t0)
+        if ufunc:             # every op asks hostkernels.library() per call: None sends it to numpy
+            hostkernels.library = lambda: None
+            t0 = time.perf_counter()
+            train(ids)
+            ufunc_times.append(time.perf_counter() - t0)
+            hostkernels.library = fused_library
         if anchor is not None:
             torch_times.append(anchor.timed_step())
     step = min(times)
@@ -132,6 +143,12 @@ def bench(name: str, spec: dict, steps: int, rate: float, dropout: float, with_t
           f"= {row['ratio']:.2f} x GEMM rate", flush=True)
     if anchor is not None:
         print_ratio(name, times, torch_times)
+    if ufunc:
+        print(f"{name:24s} fused CPU kernels off (numpy's ufunc paths), same rounds: median "
+              f"{np.median(ufunc_times):.3f}s [{min(ufunc_times):.3f}-{max(ufunc_times):.3f}]; "
+              f"fused / ufunc = {np.median(times) / np.median(ufunc_times):.3f}"
+              + (f"; ufunc / PyTorch = {np.median(ufunc_times) / np.median(torch_times):.3f}" if torch_times else ""),
+              flush=True)
     if ops:
         for line in ops_report(train, ids, anchor):
             print(f"{name:24s} {line}", flush=True)
@@ -301,6 +318,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="batch of every config (default: each config's own)")
     parser.add_argument("--ops", action="store_true", help="where each framework's step time goes, op by op")
     parser.add_argument("--gemms", action="store_true", help="every GEMM of a step timed by numpy and by torch")
+    parser.add_argument("--ufunc", action="store_true",
+                        help="also time autopar with its fused CPU kernels off, in the same rounds")
     args = parser.parse_args()
     with_torch = args.torch and torch is not None
     if with_torch:
@@ -319,7 +338,7 @@ def main() -> None:
             print(f"torch float32 GEMM (2048^3, 1 thread): {torch_gemm_rate() / 1e9:.1f} GFLOP/s", flush=True)
         names = list(CONFIGS)[:1] if args.quick else list(CONFIGS)
         rows = [bench(name, CONFIGS[name], args.steps, rate, args.dropout, with_torch, args.batch, args.ops,
-                      args.gemms) for name in names]
+                      args.gemms, args.ufunc) for name in names]
         after = gemm_rate()
         best = max(rate, after)
         print(f"GEMM again after the steps: {after / 1e9:.1f} GFLOP/s; ratios against the best, "
