@@ -300,12 +300,13 @@ class TorchStep:
 
 
 def print_ratio(name: str, ours: list[float], theirs: list[float]) -> None:
-    """Medians of both, and the ratio of medians with the range of the per-round ratios."""
+    """Medians of both, and the ratio of medians with the range and the median of the per-round
+    ratios (the paired figure: both steps of a round share the machine's state of the moment)."""
     per_round = [a / b for a, b in zip(ours, theirs)]
     a, b = float(np.median(ours)), float(np.median(theirs))
     print(f"{name:24s} median of {len(ours)} alternating steps: autopar {a:.3f}s [{min(ours):.3f}-{max(ours):.3f}], "
           f"PyTorch {b:.3f}s [{min(theirs):.3f}-{max(theirs):.3f}]; autopar / PyTorch = {a / b:.3f} "
-          f"(per round {min(per_round):.3f}-{max(per_round):.3f})", flush=True)
+          f"(per round {min(per_round):.3f}-{max(per_round):.3f}, median {np.median(per_round):.3f})", flush=True)
 
 
 def main() -> None:
