@@ -49,6 +49,8 @@ import warnings
 
 import numpy as np
 
+from .kernels import GELU_CUBIC, SQRT_2_OVER_PI  # the GPU kernels' constants: one GeLU everywhere
+
 C_SOURCE = r"""
 #include <math.h>
 #include <stdint.h>
@@ -238,8 +240,6 @@ void ap_gelu_tanh_grad(const float* x, const float* dy, float* dx, int64_t n, fl
 # -fno-trapping-math: comparisons may be if-converted and floorf inlined (no FP trap is
 # observed); without it no loop with exp vectorises. No -ffast-math: no reassociation.
 CFLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-fPIC", "-shared")
-GELU_CUBIC = 0.044715
-SQRT_2_OVER_PI = 0.7978845608028654
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
