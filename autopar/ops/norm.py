@@ -2,8 +2,9 @@
 global norm (clipping, the overflow check) is ``sqrt(sum_of_squares(grads))``.
 
 On the host a float32 array is reduced by one fused pass in float64 (``backend.hostkernels``);
-other arrays are walked in blocks converted to float64 and reduced with ``dot`` (BLAS), so the sum is as accurate as a float64 sum without a float64 copy of the model (a
-float32 ``dot`` over 10^8 elements would be off by about 0.3%). On a GPU each array is
+other arrays are walked in blocks converted to float64 and reduced with ``dot`` (BLAS). Either
+way the sum is as accurate as a float64 sum without a float64 copy of the model (a float32
+``dot`` over 10^8 elements would be off by about 0.3%). On a GPU each array is
 reduced by one kernel squaring and summing in float64 as it reads (``backend.kernels``), the
 partial sums stay on the device, and only their total comes back to the host: one sync per
 norm, not one per parameter (a 350M PanGu-α has 389 of them).

@@ -134,7 +134,8 @@ class LayerNorm(Primitive):
             rows = (-1, x.shape[-1])                      # (..., C) -> (R, C)
             dx, dgamma, dbeta = hostkernels.layer_norm_grad(dy.reshape(rows), x.reshape(rows), gamma,
                                                             self.attrs["epsilon"], *needs[:3])
-            return None if dx is None else dx.reshape(x.shape), dgamma, dbeta
+            return (None if dx is None else dx.reshape(x.shape), dgamma,
+                    None if dbeta is None else dbeta.astype(specs[2].dtype, copy=False))
         dbeta = _param_grad(dy, None, n_param).reshape(gamma.shape).astype(specs[2].dtype) if needs[2] else None
         xh, rstd = self._xhat(x)          # (R, C), (R,)
         dgamma = _param_grad(dy, xh, n_param).reshape(gamma.shape).astype(gamma.dtype) if needs[1] else None
