@@ -33,7 +33,8 @@ backend and on 2 MPI ranks); ``ireduce_scatter(x, axis)`` and ``iallgather(x, ax
 counted like its blocking call when it starts, so
 members must start it in the same order as their other collectives on this communicator; they
 may wait in any order. ``x`` must not change until the wait (callers hand over a buffer they
-own). Meanwhile the caller computes: gradient buckets reduce while the backward pass goes on
+own); ``iallreduce(x, donate=True)`` also gives ``x`` up for good, so a backend may reduce into
+it (MPI: ``MPI_IN_PLACE``, which spares MPI copying ``x`` into a separate result at the start). Meanwhile the caller computes: gradient buckets reduce while the backward pass goes on
 (autopar/runtime/fusion.py), and ZeRO-3 weights are gathered ahead of their use
 (autopar/runtime/prefetch.py). A backend without a non-blocking path runs the blocking call at
 the start and hands back a finished request.
@@ -237,13 +238,14 @@ class Communicator(abc.ABC):
         self._stats.record("allreduce", self.ranks, x)
         return self._timed("allreduce", self._allreduce, x, op)
 
-    def iallreduce(self, x, op: str = "sum") -> Request:
-        """allreduce, started now and completed by ``.wait()`` (see the module's docstring)."""
+    def iallreduce(self, x, op: str = "sum", *, donate: bool = False) -> Request:
+        """allreduce, started now and completed by ``.wait()`` (see the module's docstring);
+        ``donate``: the caller never reads ``x`` again, and the result may be ``x`` itself."""
         x = self._buffer(x, "iallreduce")
         _check_reduce_op(x, op, self._where("iallreduce"))
         self._begin("allreduce", x, op=op)
         self._stats.record("allreduce", self.ranks, x)
-        return self._iallreduce(x, op)
+        return self._iallreduce(x, op, donate)
 
     def ireduce_scatter(self, x, axis: int = 0) -> Request:
         """reduce_scatter, started now and completed by ``.wait()``."""
@@ -387,8 +389,9 @@ class Communicator(abc.ABC):
     @abc.abstractmethod
     def _allreduce(self, x: np.ndarray, op: str) -> np.ndarray: ...
 
-    def _iallreduce(self, x: np.ndarray, op: str) -> Request:
-        """Non-blocking allreduce; this default blocks at the start (backends override it)."""
+    def _iallreduce(self, x: np.ndarray, op: str, donate: bool = False) -> Request:
+        """Non-blocking allreduce; this default blocks at the start (backends override it).
+        ``donate``: ``x`` may be overwritten with the result (a backend may ignore it)."""
         return Done(self._allreduce(x, op))
 
     def _ireduce_scatter(self, x: np.ndarray, axis: int) -> Request:

@@ -229,7 +229,7 @@ class InProcessCommunicator(Communicator):
     def _allreduce(self, x, op):
         return self._collective("allreduce", _sig(x, op=op), x, functools.partial(_reduce, op=op, dtype=x.dtype))
 
-    def _iallreduce(self, x, op):
+    def _iallreduce(self, x, op, donate=False):     # the result is always a new array
         return self._start("allreduce", _sig(x, op=op), x, functools.partial(_reduce, op=op, dtype=x.dtype))
 
     def _ireduce_scatter(self, x, axis):

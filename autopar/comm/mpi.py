@@ -152,7 +152,7 @@ class MPICommunicator(HostStaging, Communicator):
             everyone.Free()
         self._ranks = tuple(int(r) for r in ranks)
         self._ops = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
-        self._status, self._byte = MPI.Status, MPI.BYTE
+        self._status, self._byte, self._in_place = MPI.Status, MPI.BYTE, MPI.IN_PLACE
         timeout = self.checks.watchdog_s   # None: the blocking calls, nothing added
         self._watch = None if timeout is None else MPIWatchdog(MPI, comm, self._ranks, timeout)
 
@@ -187,8 +187,13 @@ class MPICommunicator(HostStaging, Communicator):
         self._run("Allreduce", _contiguous(x.astype(wide, copy=False)), out, op=self._ops[op])
         return out.astype(x.dtype, copy=False)
 
-    def _iallreduce(self, x, op):
+    def _iallreduce(self, x, op, donate=False):
         wide = reduction_dtype(x.dtype)
+        if donate and x.dtype == wide and x.flags.c_contiguous and x.flags.writeable:
+            # in place: MPI would otherwise copy x into ``out`` at the start (a memcpy of the
+            # whole bucket on the critical path: 4 ms for 25 MB on a 2-core Xeon, MPICH)
+            return self._started(lambda: self._comm.Iallreduce(self._in_place, x, op=self._ops[op]), (x,),
+                                 lambda: x)
         send, out = _contiguous(x.astype(wide, copy=False)), np.empty(x.shape, wide)
         return self._started(lambda: self._comm.Iallreduce(send, out, op=self._ops[op]), (send, out),
                              lambda: out.astype(x.dtype, copy=False))

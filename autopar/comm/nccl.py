@@ -210,7 +210,7 @@ class NCCLCommunicator(Communicator):
         issue(self._lib.stream())
         return self._home(result(), x, self._issued())
 
-    def _iallreduce(self, x, op):
+    def _iallreduce(self, x, op, donate=False):     # NCCL writes its result without copying x first
         hold, issue, result = self._allreduce_call(x, op)
         return self._side.start(issue, hold, lambda: self._home(result(), x), "iallreduce", self._what())
 

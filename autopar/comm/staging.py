@@ -59,8 +59,8 @@ class HostStaging:
     def allreduce(self, x, op: str = "sum"):
         return staged(super().allreduce, x, op)
 
-    def iallreduce(self, x, op: str = "sum") -> Request:
-        return staged(super().iallreduce, x, op)
+    def iallreduce(self, x, op: str = "sum", *, donate: bool = False) -> Request:
+        return staged(super().iallreduce, x, op, donate=donate or not on_host(x))   # a host copy is ours
 
     def ireduce_scatter(self, x, axis: int = 0) -> Request:
         return staged(super().ireduce_scatter, x, axis)

@@ -118,9 +118,14 @@ def start_bucket(comm, arrays: Sequence[np.ndarray], kind: str = rd.ALLREDUCE, d
     xp = array_module(*arrays)            # the buffer is made where the gradients live
     if kind == rd.ALLREDUCE:
         flat = xp.concatenate([a.reshape(-1) for a in arrays])
-        return InFlight(comm.iallreduce(flat), flat.nbytes)
+        return InFlight(comm.iallreduce(flat, donate=True), flat.nbytes)    # flat is ours: reduce in place
     blocks = [xp.split(a, comm.size, axis=d) for a, d in zip(arrays, dims)]
-    rows = xp.stack([xp.concatenate([b[i].reshape(-1) for b in blocks]) for i in range(comm.size)])  # (n, m)
+    rows = xp.empty((comm.size, sum(a.size for a in arrays) // comm.size), arrays[0].dtype)   # (n, m)
+    for i, row in enumerate(rows):        # row i: block i of every array, flattened, copied once
+        at = 0
+        for b in blocks:
+            row[at:at + b[i].size].reshape(b[i].shape)[...] = b[i]
+            at += b[i].size
     return InFlight(comm.ireduce_scatter(rows, axis=0), rows.nbytes)
 
 

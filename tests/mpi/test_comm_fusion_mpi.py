@@ -30,6 +30,17 @@ def test_iallreduce_equals_allreduce_waited_out_of_order(dtype):
     assert got.dtype == np.dtype(dtype) and np.array_equal(got, blocking)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, bfloat16])
+def test_a_donated_iallreduce_equals_allreduce_and_reduces_into_the_buffer_it_can(dtype):
+    x = (np.random.default_rng(WORLD.rank).standard_normal((5, 7)) * 3).astype(dtype)
+    want = WORLD.allreduce(x)
+    donated = x.copy()
+    got = WORLD.iallreduce(donated, donate=True).wait()
+    assert got.dtype == np.dtype(dtype) and np.array_equal(got, want)
+    # MPI_IN_PLACE where the buffer already has the reduction's dtype; bfloat16 sums in float32
+    assert np.shares_memory(got, donated) == (dtype != bfloat16)
+
+
 @pytest.mark.parametrize("axis", [0, 1])
 def test_ireduce_scatter_equals_reduce_scatter(axis):
     x = np.random.default_rng(WORLD.rank).standard_normal((4, 6)).astype(np.float32)
