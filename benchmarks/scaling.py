@@ -191,7 +191,7 @@ def layout_name(r: dict) -> str:
 
 def print_table(args, rows: list[dict], torch_rows: dict[int, dict]) -> None:
     """autopar's rows; beside each serial and pure-dp row, PyTorch's at the same rank count."""
-    base = next(r["step"] for r in rows if r["n"] == 1)
+    base = next((r["step"] for r in rows if r["n"] == 1), None)   # None: 1 not in --ranks, no speedups
     torch_base = torch_rows[1]["step"] if 1 in torch_rows else None
     buckets = "one per weight" if args.fusion is None else f"in buckets of {args.fusion or 64:g} MB, as DDP's"
     print(f"PanGu-α {CONFIG}, dropout {args.dropout}, global batch {args.batch}, one BLAS thread per rank, "
@@ -201,7 +201,8 @@ def print_table(args, rows: list[dict], torch_rows: dict[int, dict]) -> None:
     head = f"{'ranks':>5} {'layout':>8} {'step s':>8} {'speedup':>8} {'comm share':>10} {'critical':>8}"
     print(head + (f" {'PyTorch s':>10} {'speedup':>8} {'autopar/PyTorch':>16}" if torch_rows else ""))
     for r in rows:
-        line = (f"{r['n']:>5} {layout_name(r):>8} {r['step']:>8.3f} {base / r['step']:>8.2f} "
+        speedup = f"{base / r['step']:>8.2f}" if base else f"{'-':>8}"
+        line = (f"{r['n']:>5} {layout_name(r):>8} {r['step']:>8.3f} {speedup} "
                 f"{r['comm'] / r['step']:>10.1%} {r.get('comm_critical', r['comm']) / r['step']:>8.1%}")
         t = torch_rows.get(r["n"]) if r["mp"] == 1 else None
         if t is not None:
