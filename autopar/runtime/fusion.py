@@ -12,8 +12,8 @@ autopar/comm/fusion.py)::
 
 * ``BucketStart`` right after the node making the bucket's last gradient (in program
   order, so the same instruction on every member of the group): copy the bucket's partial
-  gradients into one buffer it owns and start a non-blocking all-reduce of it
-  (``Communicator.iallreduce``), then let the backward pass go on. A reduce-scatter bucket
+  gradients into one buffer it owns and start a non-blocking all-reduce of it, in place
+  (``Communicator.iallreduce(donate=True)``), then let the backward pass go on. A reduce-scatter bucket
   packs member i's blocks of every gradient into row i of an (n, m) buffer and starts
   ``ireduce_scatter`` along rows, which leaves each member its own blocks;
 * ``Progress`` after every instruction while buckets are in flight: test them, since MPI
