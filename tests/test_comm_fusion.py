@@ -5,11 +5,12 @@ import pytest
 
 from autopar import nn
 from autopar.comm import DeadlockError, run_in_process
+from autopar.comm import redistribution as rd
 from autopar.comm.checks import CollectiveMismatchError
 from autopar.comm.fusion import MB, CommFusion, Fusible, FusionRule, plan_buckets
 from autopar.context import ParallelContext, bound_world, parallel_context
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
-from autopar.runtime.fusion import BucketStart, BucketWait, Progress
+from autopar.runtime.fusion import BucketStart, BucketWait, Progress, finish_bucket, start_bucket
 from autopar.runtime.sharded_program import ShardedGradProgram
 from autopar.train import AdamWeightDecay
 
@@ -85,6 +86,20 @@ def test_context_holds_a_validated_value_and_gives_back_mindspore_dicts():
 def test_context_refuses_a_bad_comm_fusion_naming_the_key(value, message):
     with pytest.raises(ValueError, match=r"ParallelContext\.comm_fusion.*" + message):
         ParallelContext(comm_fusion=value)
+
+
+def test_a_reduce_scatter_bucket_equals_each_gradient_reduce_scattered_along_its_own_axis():
+    shapes, dims = [(6, 4), (2, 9, 3), (5, 3, 6)], (0, 1, 2)     # every axis a bucket may split along
+
+    def body(comm):
+        rng = np.random.default_rng(comm.rank)
+        grads = [rng.standard_normal(s) for s in shapes]
+        mine = [g.shape[:d] + (g.shape[d] // comm.size,) + g.shape[d + 1:] for g, d in zip(grads, dims)]
+        got = finish_bucket(start_bucket(comm, grads, rd.REDUCE_SCATTER, dims), mine)
+        return got, [comm.reduce_scatter(g, axis=d) for g, d in zip(grads, dims)]
+    for got, want in run_in_process(3, body):
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and np.array_equal(a, b)
 
 
 # ---- the in-process non-blocking all-reduce ----------------------------------------------

@@ -34,7 +34,8 @@ counted like its blocking call when it starts, so
 members must start it in the same order as their other collectives on this communicator; they
 may wait in any order. ``x`` must not change until the wait (callers hand over a buffer they
 own); ``iallreduce(x, donate=True)`` also gives ``x`` up for good, so a backend may reduce into
-it (MPI: ``MPI_IN_PLACE``, which spares MPI copying ``x`` into a separate result at the start). Meanwhile the caller computes: gradient buckets reduce while the backward pass goes on
+it (MPI: ``MPI_IN_PLACE``, which spares MPI copying ``x`` into a separate result at the start).
+Meanwhile the caller computes: gradient buckets reduce while the backward pass goes on
 (autopar/runtime/fusion.py), and ZeRO-3 weights are gathered ahead of their use
 (autopar/runtime/prefetch.py). A backend without a non-blocking path runs the blocking call at
 the start and hands back a finished request.
