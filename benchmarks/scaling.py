@@ -23,6 +23,7 @@ Each rank uses one BLAS thread (OPENBLAS_NUM_THREADS=1). Dropout is off by defau
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import shutil
@@ -33,7 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import blas_line, worker_env
+from _common import blas_line, table, worker_env
 
 CONFIG = dict(vocab_size=8000, seq_length=256, hidden_size=512, num_layers=4, num_heads=8,
               ffn_hidden_size=2048)
@@ -58,19 +59,20 @@ def global_ids(cfg, batch: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, cfg.seq_length + 1)).astype(np.int32)
 
 
-def worker(dp: int, mp: int, mode: str, batch: int, steps: int, dropout: float, bucket_mb: float | None) -> None:
+@contextlib.contextmanager
+def autopar_stepper(comm, dp: int, mp: int, mode: str, batch: int, dropout: float, bucket_mb: float | None):
+    """autopar's training step on this rank, compiled and warmed up: yields ``step()``, which
+    runs one step and returns (seconds, seconds in collectives)."""
     from autopar import nn
-    from autopar.comm import install_abort_handler, world
     from autopar.context import bound_world, parallel_context
     from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
+    from autopar.runtime.compiled import grad_program
     from autopar.train import AdamWeightDecay
-    install_abort_handler()
-    comm = world()
     n = comm.size
     cfg = PanguAlphaConfig(data_parallel=dp, model_parallel=mp, dropout_rate=dropout, **CONFIG)
     ids = global_ids(cfg, batch)
     full = mode != "data_parallel"
-    local_ids = ids if full else np.split(ids, n)[comm.rank]
+    local_ids = ids if full else np.split(ids, n)[comm.rank]     # (batch, S+1) -> (batch/dp, S+1)
     rule = {"mode": "auto"} if bucket_mb == 0 else {"mode": "size", "config": bucket_mb}
     buckets = {"comm_fusion": {"allreduce": rule}} if bucket_mb is not None else {}
     with bound_world(comm), parallel_context(parallel_mode=mode, device_num=n, full_batch=full, **buckets):
@@ -78,27 +80,118 @@ def worker(dp: int, mp: int, mode: str, batch: int, steps: int, dropout: float, 
         opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.01)
         train = nn.TrainOneStepCell(net, opt, clip_norm=1.0)
         train(local_ids)                                   # compile, materialize, warm up
-        from autopar.runtime.compiled import grad_program
         prog = grad_program(net, (local_ids,), {}, train.params)
-        times, comm_s = [], []
-        for _ in range(steps):
-            comm.barrier() if n > 1 else None
+
+        def step() -> tuple[float, float]:
             c0 = prog.comm_clock[0]
             t0 = time.perf_counter()
             train(local_ids)
-            times.append(time.perf_counter() - t0)
-            comm_s.append(prog.comm_clock[0] - c0)
-    # every rank's (step, comm) of every step: a step lasts as long as its slowest rank, and
-    # that rank's comm is the step's real communication (the others' includes waiting for it)
-    mine = np.zeros((2, n, steps))
-    mine[:, comm.rank] = times, comm_s
-    every = np.asarray(comm.allreduce(mine, op="sum")) if n > 1 else mine
-    slowest = every[0].argmax(axis=0)                      # per step: its slowest rank
-    step_s = every[0].max(axis=0)
+            return time.perf_counter() - t0, prog.comm_clock[0] - c0
+        yield step
+
+
+@contextlib.contextmanager
+def torch_stepper(comm, batch: int, dropout: float, port: int, bucket_mb: float | None):
+    """PyTorch's step on this rank, warmed up: eager on 1 rank, DDP (gloo) on n, the global
+    batch split over ranks as autopar's data parallel splits it. Yields ``step()`` -> seconds."""
+    import torch
+    import torch.distributed as dist
+    import torch_pangu
+
+    from autopar.models.pangu_alpha import PanguAlphaConfig
+    n, rank = comm.size, comm.rank
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = PanguAlphaConfig(dropout_rate=dropout, **CONFIG)
+    ids = torch.from_numpy(np.split(global_ids(cfg, batch), n)[rank])     # (batch, S+1) -> (batch/n, S+1)
+    model = torch_pangu.build(cfg)
+    if n > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
+        cap = {} if bucket_mb is None else {"bucket_cap_mb": bucket_mb or 64}   # 0: autopar's 'auto', 64 MB
+        model = torch.nn.parallel.DistributedDataParallel(model, **cap)
+    opt = torch_pangu.adamw(model, learning_rate=1e-4, weight_decay=0.01)
+    torch_pangu.train_step(model, opt, ids, clip_norm=1.0)      # warm up: buckets, optimizer states
+
+    def step() -> float:
+        t0 = time.perf_counter()
+        torch_pangu.train_step(model, opt, ids, clip_norm=1.0)
+        return time.perf_counter() - t0
+    try:
+        yield step
+    finally:
+        if n > 1:
+            dist.destroy_process_group()
+
+
+def timed(comm, step):
+    """One step after a barrier, so that every rank starts it together."""
+    comm.barrier() if comm.size > 1 else None
+    return step()
+
+
+def every_rank(comm, *per_step: list[float]) -> np.ndarray:
+    """(len(per_step), ranks, steps): each rank's series, gathered on every rank. A step lasts
+    as long as its slowest rank, and that rank's comm is the step's real communication (the
+    others' includes waiting for it)."""
+    mine = np.zeros((len(per_step), comm.size, len(per_step[0])))
+    mine[:, comm.rank] = per_step
+    return np.asarray(comm.allreduce(mine, op="sum")) if comm.size > 1 else mine
+
+
+def worker(dp: int, mp: int, mode: str, batch: int, steps: int, dropout: float, bucket_mb: float | None) -> None:
+    from autopar.comm import install_abort_handler, world
+    install_abort_handler()
+    comm = world()
+    with autopar_stepper(comm, dp, mp, mode, batch, dropout, bucket_mb) as step:
+        times, comm_s = zip(*(timed(comm, step) for _ in range(steps)))
+    every = every_rank(comm, times, comm_s)
+    step_s = every[0].max(axis=0)                          # per step: its slowest rank's time
     best = int(np.argmin(step_s))
     if comm.rank == 0:
-        print(json.dumps(dict(n=n, dp=dp, mp=mp, mode=mode, step=float(step_s[best]), comm=comm_s[best],
-                              comm_critical=float(every[1, slowest[best], best]))), flush=True)
+        print(json.dumps(dict(n=comm.size, dp=dp, mp=mp, mode=mode, step=float(step_s[best]), comm=comm_s[best],
+                              comm_critical=float(every[1, every[0, :, best].argmax(), best]))), flush=True)
+
+
+def torch_worker(batch: int, steps: int, dropout: float, port: int, bucket_mb: float | None) -> None:
+    """PyTorch's steps; rank 0 prints the fastest (its own) as JSON."""
+    from autopar.comm import world
+    comm = world()
+    with torch_stepper(comm, batch, dropout, port, bucket_mb) as step:
+        times = [timed(comm, step) for _ in range(steps)]
+    if comm.rank == 0:
+        print(json.dumps(dict(n=comm.size, dp=comm.size, mp=1, framework="torch", step=min(times))), flush=True)
+
+
+def paired_worker(batch: int, steps: int, dropout: float, port: int, bucket_mb: float | None) -> None:
+    """autopar's data-parallel step and PyTorch DDP's in one MPI job, alternating step by step
+    (autopar first in even rounds, PyTorch first in odd ones), so that both see the same host:
+    on a shared machine whose cores change speed from minute to minute, separate jobs compare
+    different machines. Rank 0 prints each framework's fastest and median step (the slowest
+    rank's, per round) and the median of the per-round ratios."""
+    from autopar.comm import install_abort_handler, world
+    install_abort_handler()
+    comm = world()
+    n = comm.size
+    mode = "data_parallel" if n > 1 else "stand_alone"
+    ours, theirs, comm_s = [], [], []
+    with autopar_stepper(comm, n, 1, mode, batch, dropout, bucket_mb) as a, \
+            torch_stepper(comm, batch, dropout, port, bucket_mb) as t:
+        for i in range(steps):
+            if i % 2:
+                theirs.append(timed(comm, t))
+            s, c = timed(comm, a)
+            ours.append(s)
+            comm_s.append(c)
+            if not i % 2:
+                theirs.append(timed(comm, t))
+    every = every_rank(comm, ours, comm_s, theirs)
+    a_s, t_s = every[0].max(axis=0), every[2].max(axis=0)   # per round: the slowest rank's step
+    best = int(np.argmin(a_s))
+    if comm.rank == 0:
+        print(json.dumps(dict(n=n, dp=n, mp=1, mode=mode, step=float(a_s[best]), median=float(np.median(a_s)),
+                              comm=comm_s[best], comm_critical=float(every[1, every[0, :, best].argmax(), best]),
+                              torch_step=float(t_s.min()), torch_median=float(np.median(t_s)),
+                              ratio_per_round=float(np.median(a_s / t_s)))), flush=True)
 
 
 def ceiling_worker(size: int, seconds: float) -> None:
@@ -127,40 +220,6 @@ def print_ceiling(rows: list[dict], size: int) -> None:
     for r in rows:
         g = np.asarray(r["gflops"])
         print(f"{r['n']:>5} {g.min():>7.1f} {np.median(g):>7.1f} {g.max():>7.1f} {g.sum():>8.1f}")
-
-
-def torch_worker(batch: int, steps: int, dropout: float, port: int, bucket_mb: float | None) -> None:
-    """PyTorch's step on this rank: eager on 1 rank, DDP (gloo) on n; the global batch split
-    over ranks as autopar's data parallel splits it. Rank 0 prints its fastest step as JSON."""
-    import torch
-    import torch.distributed as dist
-    import torch_pangu
-
-    from autopar.comm import world
-    from autopar.models.pangu_alpha import PanguAlphaConfig
-    comm = world()
-    n, rank = comm.size, comm.rank
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    cfg = PanguAlphaConfig(dropout_rate=dropout, **CONFIG)
-    ids = torch.from_numpy(np.split(global_ids(cfg, batch), n)[rank])
-    model = torch_pangu.build(cfg)
-    if n > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
-        cap = {} if bucket_mb is None else {"bucket_cap_mb": bucket_mb or 64}   # 0: autopar's 'auto', 64 MB
-        model = torch.nn.parallel.DistributedDataParallel(model, **cap)
-    opt = torch_pangu.adamw(model, learning_rate=1e-4, weight_decay=0.01)
-    torch_pangu.train_step(model, opt, ids, clip_norm=1.0)      # warm up: buckets, optimizer states
-    times = []
-    for _ in range(steps):
-        comm.barrier() if n > 1 else None
-        t0 = time.perf_counter()
-        torch_pangu.train_step(model, opt, ids, clip_norm=1.0)
-        times.append(time.perf_counter() - t0)
-    if n > 1:
-        dist.destroy_process_group()
-    if rank == 0:
-        print(json.dumps(dict(n=n, dp=n, mp=1, framework="torch", step=min(times))), flush=True)
 
 
 def free_port() -> int:
@@ -211,6 +270,28 @@ def print_table(args, rows: list[dict], torch_rows: dict[int, dict]) -> None:
         print(line)
 
 
+def print_paired_table(args, rows: list[dict]) -> None:
+    """Data-parallel rows of paired runs: both frameworks' fastest and median steps from the
+    same job, each speedup over its own 1-rank fastest step, and both ratios."""
+    base = {r["n"]: r for r in rows}.get(1)
+    buckets = "one per weight" if args.fusion is None else f"in buckets of {args.fusion or 64:g} MB, as DDP's"
+    print(f"PanGu-α {CONFIG}, dropout {args.dropout}, global batch {args.batch}, one BLAS thread per rank, "
+          f"{args.steps} alternating rounds per rank count (autopar and DDP in one job), gradient all-reduces "
+          f"{buckets}")
+    print("step: the slowest rank's, fastest [median] of the rounds; comm share: rank 0's collectives in autopar's "
+          "fastest step (waiting included); critical: the slowest rank's own; ratio: fastest / fastest, and the "
+          "median of the per-round ratios")
+    rows_out = []
+    for r in rows:
+        speed = (f"{base['step'] / r['step']:.2f}", f"{base['torch_step'] / r['torch_step']:.2f}") if base \
+            else ("-", "-")
+        rows_out.append([r["n"], f"{r['step']:.3f} [{r['median']:.3f}]", speed[0], f"{r['comm'] / r['step']:.1%}",
+                         f"{r['comm_critical'] / r['step']:.1%}", f"{r['torch_step']:.3f} [{r['torch_median']:.3f}]",
+                         speed[1], f"{r['step'] / r['torch_step']:.3f}", f"{r['ratio_per_round']:.3f}"])
+    print(table(["ranks", "autopar s", "speedup", "comm", "critical", "DDP s", "speedup", "ratio", "per round"],
+                rows_out))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
@@ -230,7 +311,11 @@ def main() -> None:
                              "for each rank count (e.g. 1024)")
     parser.add_argument("--ceiling-worker", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker", nargs=3, metavar=("DP", "MP", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--paired", action="store_true",
+                        help="data parallel only: autopar and PyTorch DDP in the same MPI job at each rank "
+                             "count, alternating step by step (both see the same host)")
     parser.add_argument("--torch-worker", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--paired-worker", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(int(args.worker[0]), int(args.worker[1]), args.worker[2], args.batch, args.steps, args.dropout,
@@ -241,6 +326,9 @@ def main() -> None:
         return
     if args.torch_worker is not None:
         torch_worker(args.batch, args.steps, args.dropout, args.torch_worker, args.fusion)
+        return
+    if args.paired_worker is not None:
+        paired_worker(args.batch, args.steps, args.dropout, args.paired_worker, args.fusion)
         return
     print(blas_line(), flush=True)
     env = worker_env()
@@ -253,6 +341,15 @@ def main() -> None:
     if uneven:
         sys.exit(f"--batch {args.batch} does not split over {uneven} ranks: pass a global batch that each "
                  "rank count divides (e.g. --batch 16 for 16 ranks)")
+    if args.paired:
+        if not with_torch:
+            sys.exit("--paired needs torch")
+        rows = []
+        for n in sorted(set(args.ranks)):
+            rows.append(launch(args, n, ["--paired-worker", str(free_port())], env))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        print_paired_table(args, rows)
+        return
     rows, torch_rows = [], {}
     for n in sorted(set(args.ranks)):
         for dp, mp, mode in layouts([n]):
