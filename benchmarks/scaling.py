@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from _common import blas_line, table, worker_env
 
+from autopar.models.pangu_alpha import PanguAlphaConfig
+
 CONFIG = dict(vocab_size=8000, seq_length=256, hidden_size=512, num_layers=4, num_heads=8,
               ffn_hidden_size=2048)
 
@@ -59,51 +61,61 @@ def global_ids(cfg, batch: int) -> np.ndarray:
     return np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, cfg.seq_length + 1)).astype(np.int32)
 
 
+def local_batch(batch: int, comm, full: bool = False) -> np.ndarray:
+    """This rank's rows of the global batch: all of it (``full``), else its 1/n share."""
+    ids = global_ids(PanguAlphaConfig(**CONFIG), batch)
+    return ids if full else np.split(ids, comm.size)[comm.rank]     # (batch, S+1) -> (batch/n, S+1)
+
+
 @contextlib.contextmanager
-def autopar_stepper(comm, dp: int, mp: int, mode: str, batch: int, dropout: float, bucket_mb: float | None):
-    """autopar's training step on this rank, compiled and warmed up: yields ``step()``, which
-    runs one step and returns (seconds, seconds in collectives)."""
+def autopar_stepper(comm, dp: int, mp: int, mode: str, local_ids: np.ndarray, dropout: float,
+                    bucket_mb: float | None):
+    """autopar's training step on this rank's ``local_ids``, compiled and warmed up: yields
+    ``step()``, which runs one step and returns (seconds, seconds in collectives)."""
     from autopar import nn
     from autopar.context import bound_world, parallel_context
-    from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
+    from autopar.models.pangu_alpha import PanguAlphaWithLoss
     from autopar.runtime.compiled import grad_program
     from autopar.train import AdamWeightDecay
     n = comm.size
     cfg = PanguAlphaConfig(data_parallel=dp, model_parallel=mp, dropout_rate=dropout, **CONFIG)
-    ids = global_ids(cfg, batch)
     full = mode != "data_parallel"
-    local_ids = ids if full else np.split(ids, n)[comm.rank]     # (batch, S+1) -> (batch/dp, S+1)
     rule = {"mode": "auto"} if bucket_mb == 0 else {"mode": "size", "config": bucket_mb}
     buckets = {"comm_fusion": {"allreduce": rule}} if bucket_mb is not None else {}
-    with bound_world(comm), parallel_context(parallel_mode=mode, device_num=n, full_batch=full, **buckets):
+
+    @contextlib.contextmanager
+    def scope():      # entered per step: steppers of different contexts take turns in one process
+        with bound_world(comm), parallel_context(parallel_mode=mode, device_num=n, full_batch=full, **buckets):
+            yield
+
+    with scope():
         net = PanguAlphaWithLoss(cfg)
         opt = AdamWeightDecay(net.trainable_params(), learning_rate=1e-4, weight_decay=0.01)
         train = nn.TrainOneStepCell(net, opt, clip_norm=1.0)
         train(local_ids)                                   # compile, materialize, warm up
         prog = grad_program(net, (local_ids,), {}, train.params)
 
-        def step() -> tuple[float, float]:
+    def step() -> tuple[float, float]:
+        with scope():
             c0 = prog.comm_clock[0]
             t0 = time.perf_counter()
             train(local_ids)
             return time.perf_counter() - t0, prog.comm_clock[0] - c0
-        yield step
+    yield step
 
 
 @contextlib.contextmanager
-def torch_stepper(comm, batch: int, dropout: float, port: int, bucket_mb: float | None):
-    """PyTorch's step on this rank, warmed up: eager on 1 rank, DDP (gloo) on n, the global
-    batch split over ranks as autopar's data parallel splits it. Yields ``step()`` -> seconds."""
+def torch_stepper(comm, local_ids: np.ndarray, dropout: float, port: int, bucket_mb: float | None):
+    """PyTorch's step on this rank's ``local_ids``, warmed up: eager on a one-rank ``comm``, DDP
+    (gloo) on n. Yields ``step()`` -> seconds."""
     import torch
     import torch.distributed as dist
     import torch_pangu
-
-    from autopar.models.pangu_alpha import PanguAlphaConfig
     n, rank = comm.size, comm.rank
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = PanguAlphaConfig(dropout_rate=dropout, **CONFIG)
-    ids = torch.from_numpy(np.split(global_ids(cfg, batch), n)[rank])     # (batch, S+1) -> (batch/n, S+1)
+    ids = torch.from_numpy(local_ids)
     model = torch_pangu.build(cfg)
     if n > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=n)
@@ -142,7 +154,8 @@ def worker(dp: int, mp: int, mode: str, batch: int, steps: int, dropout: float, 
     from autopar.comm import install_abort_handler, world
     install_abort_handler()
     comm = world()
-    with autopar_stepper(comm, dp, mp, mode, batch, dropout, bucket_mb) as step:
+    ids = local_batch(batch, comm, full=mode != "data_parallel")
+    with autopar_stepper(comm, dp, mp, mode, ids, dropout, bucket_mb) as step:
         times, comm_s = zip(*(timed(comm, step) for _ in range(steps)))
     every = every_rank(comm, times, comm_s)
     step_s = every[0].max(axis=0)                          # per step: its slowest rank's time
@@ -156,42 +169,61 @@ def torch_worker(batch: int, steps: int, dropout: float, port: int, bucket_mb: f
     """PyTorch's steps; rank 0 prints the fastest (its own) as JSON."""
     from autopar.comm import world
     comm = world()
-    with torch_stepper(comm, batch, dropout, port, bucket_mb) as step:
+    with torch_stepper(comm, local_batch(batch, comm), dropout, port, bucket_mb) as step:
         times = [timed(comm, step) for _ in range(steps)]
     if comm.rank == 0:
         print(json.dumps(dict(n=comm.size, dp=comm.size, mp=1, framework="torch", step=min(times))), flush=True)
 
 
 def paired_worker(batch: int, steps: int, dropout: float, port: int, bucket_mb: float | None) -> None:
-    """autopar's data-parallel step and PyTorch DDP's in one MPI job, alternating step by step
-    (autopar first in even rounds, PyTorch first in odd ones), so that both see the same host:
-    on a shared machine whose cores change speed from minute to minute, separate jobs compare
-    different machines. Rank 0 prints each framework's fastest and median step (the slowest
-    rank's, per round) and the median of the per-round ratios."""
-    from autopar.comm import install_abort_handler, world
+    """autopar's data-parallel step and PyTorch DDP's in one MPI job, taking turns step by step
+    (the order rotates every round), so that both see the same host: on a shared machine whose
+    cores change speed from minute to minute, separate jobs compare different machines.
+
+    On n > 1 ranks each framework also runs its step without communication: every rank trains
+    alone on its own shard (autopar on a one-rank communicator, PyTorch without DDP), started
+    together by a barrier. A round's data-parallel step minus the slowest rank's lone step is
+    the time communication added to it -- not the time a rank spent waiting for a slower one,
+    which the lone steps pay too. Rank 0 prints each framework's fastest and median step (the
+    slowest rank's, per round), the median of the per-round ratios, and the median exposed
+    communication of each as a share of its step."""
+    from autopar.comm import SelfCommunicator, install_abort_handler, world
     install_abort_handler()
     comm = world()
     n = comm.size
     mode = "data_parallel" if n > 1 else "stand_alone"
-    ours, theirs, comm_s = [], [], []
-    with autopar_stepper(comm, n, 1, mode, batch, dropout, bucket_mb) as a, \
-            torch_stepper(comm, batch, dropout, port, bucket_mb) as t:
+    ids = local_batch(batch, comm)
+    alone = SelfCommunicator()
+    with contextlib.ExitStack() as stack:
+        steppers = {"autopar": stack.enter_context(autopar_stepper(comm, n, 1, mode, ids, dropout, bucket_mb)),
+                    "torch": stack.enter_context(torch_stepper(comm, ids, dropout, port, bucket_mb))}
+        if n > 1:
+            steppers["autopar_alone"] = stack.enter_context(
+                autopar_stepper(alone, 1, 1, "stand_alone", ids, dropout, None))
+            steppers["torch_alone"] = stack.enter_context(torch_stepper(alone, ids, dropout, port, None))
+        names = list(steppers)
+        times = {k: [] for k in names}
+        comm_s = []
         for i in range(steps):
-            if i % 2:
-                theirs.append(timed(comm, t))
-            s, c = timed(comm, a)
-            ours.append(s)
-            comm_s.append(c)
-            if not i % 2:
-                theirs.append(timed(comm, t))
-    every = every_rank(comm, ours, comm_s, theirs)
-    a_s, t_s = every[0].max(axis=0), every[2].max(axis=0)   # per round: the slowest rank's step
+            for k in names[i % len(names):] + names[:i % len(names)]:
+                out = timed(comm, steppers[k])            # autopar's: (seconds, comm seconds)
+                times[k].append(out[0] if isinstance(out, tuple) else out)
+                if k == "autopar":
+                    comm_s.append(out[1])
+    every = every_rank(comm, comm_s, *(times[k] for k in names))
+    slowest = dict(zip(names, every[1:].max(axis=1)))         # per round: the slowest rank's step
+    a_s, t_s = slowest["autopar"], slowest["torch"]
     best = int(np.argmin(a_s))
+    row = dict(n=n, dp=n, mp=1, mode=mode, step=float(a_s[best]), median=float(np.median(a_s)),
+               comm=comm_s[best], comm_critical=float(every[0, every[1, :, best].argmax(), best]),
+               torch_step=float(t_s.min()), torch_median=float(np.median(t_s)),
+               ratio_per_round=float(np.median(a_s / t_s)))
+    if n > 1:
+        row.update(exposed=float(np.median(1 - slowest["autopar_alone"] / a_s)),
+                   torch_exposed=float(np.median(1 - slowest["torch_alone"] / t_s)),
+                   alone_spread=float(np.median(every[3].max(axis=0) / np.median(every[3], axis=0))))
     if comm.rank == 0:
-        print(json.dumps(dict(n=n, dp=n, mp=1, mode=mode, step=float(a_s[best]), median=float(np.median(a_s)),
-                              comm=comm_s[best], comm_critical=float(every[1, every[0, :, best].argmax(), best]),
-                              torch_step=float(t_s.min()), torch_median=float(np.median(t_s)),
-                              ratio_per_round=float(np.median(a_s / t_s)))), flush=True)
+        print(json.dumps(row), flush=True)
 
 
 def ceiling_worker(size: int, seconds: float) -> None:
@@ -280,16 +312,21 @@ def print_paired_table(args, rows: list[dict]) -> None:
           f"{buckets}")
     print("step: the slowest rank's, fastest [median] of the rounds; comm share: rank 0's collectives in autopar's "
           "fastest step (waiting included); critical: the slowest rank's own; ratio: fastest / fastest, and the "
-          "median of the per-round ratios")
+          "median of the per-round ratios; exposed: median over rounds of 1 - (slowest rank's step without "
+          "communication) / (data-parallel step), each framework against its own; spread: the lone steps' slowest "
+          "rank / their median rank")
     rows_out = []
     for r in rows:
         speed = (f"{base['step'] / r['step']:.2f}", f"{base['torch_step'] / r['torch_step']:.2f}") if base \
             else ("-", "-")
+        exposed = (f"{r['exposed']:.1%}", f"{r['torch_exposed']:.1%}", f"{r['alone_spread']:.2f}") if "exposed" in r \
+            else ("-", "-", "-")
         rows_out.append([r["n"], f"{r['step']:.3f} [{r['median']:.3f}]", speed[0], f"{r['comm'] / r['step']:.1%}",
-                         f"{r['comm_critical'] / r['step']:.1%}", f"{r['torch_step']:.3f} [{r['torch_median']:.3f}]",
-                         speed[1], f"{r['step'] / r['torch_step']:.3f}", f"{r['ratio_per_round']:.3f}"])
-    print(table(["ranks", "autopar s", "speedup", "comm", "critical", "DDP s", "speedup", "ratio", "per round"],
-                rows_out))
+                         f"{r['comm_critical'] / r['step']:.1%}", exposed[0], f"{r['torch_step']:.3f} "
+                         f"[{r['torch_median']:.3f}]", speed[1], exposed[1], f"{r['step'] / r['torch_step']:.3f}",
+                         f"{r['ratio_per_round']:.3f}", exposed[2]])
+    print(table(["ranks", "autopar s", "speedup", "comm", "critical", "exposed", "DDP s", "speedup", "exposed",
+                 "ratio", "per round", "spread"], rows_out))
 
 
 def main() -> None:
