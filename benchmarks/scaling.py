@@ -14,6 +14,11 @@ DistributedDataParallel over gloo on n ranks, launched by the same mpiexec comma
 size from MPI, the rendezvous at 127.0.0.1 on a free port). The table puts both side by
 side, each framework's speedup over its own 1-rank step. ``--no-torch`` skips it.
 
+``--paired`` (data parallel only) times both frameworks in one MPI job per rank count, taking
+turns step by step, and each also without communication (every rank alone on its shard):
+
+    python benchmarks/scaling.py --ranks 1 2 4 8 16 --batch 16 --steps 6 --fusion 25 --paired
+
 ``--ceiling 1024`` first measures the machine's ceiling: every rank running float32
 GEMMs at once, per-rank GFLOP/s for each rank count (a step cannot scale past it).
 
