@@ -2,8 +2,12 @@
 
     pip install -e ".[examples,test]"
     pip install -e ".[gpu]"        # CuPy, for set_context(device_target="GPU")
+    pip install -e ".[mkl]"        # oneMKL, for AUTOPAR_BLAS=mkl (host GEMMs)
 """
 from setuptools import find_packages, setup
+
+# oneMKL's wheels are x86-64 only; the tests that use it skip where it is not installed
+MKL = "mkl; platform_machine == 'x86_64' or platform_machine == 'AMD64'"
 
 setup(
     name="autopar",
@@ -23,7 +27,8 @@ setup(
     ],
     extras_require={
         "examples": ["jieba", "sentencepiece", "tqdm", "matplotlib", "snownlp"],
-        "test": ["pytest", "pytest-timeout", "hypothesis"],
+        "test": ["pytest", "pytest-timeout", "hypothesis", MKL],
         "gpu": ["cupy-cuda13x>=14"],   # set_context(device_target="GPU"); CUDA 12: pip install cupy-cuda12x
+        "mkl": [MKL],   # AUTOPAR_BLAS=mkl: host GEMMs through oneMKL (autopar/backend/mkl.py)
     },
 )

@@ -98,5 +98,8 @@ def blas_line() -> str:
     chosen = os.environ.get("OPENBLAS_CORETYPE")
     line = (f"numpy's BLAS kernels: {arch or 'not OpenBLAS'}"
             + (f" (OPENBLAS_CORETYPE={chosen})" if chosen else " (OpenBLAS's own choice)" if arch else ""))
+    from autopar.backend import mkl
+    if mkl.library() is not None:       # raises when AUTOPAR_BLAS=mkl finds no library: a figure is never mislabelled
+        line += "; autopar's 2-D GEMMs: oneMKL, one thread (AUTOPAR_BLAS=mkl)"
     advice = openblas_advice()
     return line + (f"\nWARNING: {advice}" if advice else "")

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import array_module, half_matmul
+from ..backend import array_module, half_matmul, host_matmul
 from ..dtype import is_half
 from ..errors import OpArgError
 from ..ir.spec import TensorSpec
@@ -43,7 +43,8 @@ def _matmul(a, b, out_dtype=None):
     has no BLAS path (about 150x slower than float32) and its bfloat16 matmul returns
     float32 anyway; on a GPU cuBLAS computes exactly that on the tensor cores, without the
     casts (``backend.half_matmul``). float32 and float64 operands go straight to the array
-    module's matmul. ``out_dtype``: the dtype the caller rounds the product to, if it does so
+    module's matmul (2-D host products through oneMKL under ``AUTOPAR_BLAS=mkl``, backend/mkl.py).
+    ``out_dtype``: the dtype the caller rounds the product to, if it does so
     at once; cuBLAS then writes that dtype itself (the float32 sum rounded once, as the cast
     does) instead of a float32 array the caller reads again -- the host ignores it."""
     if is_half(a.dtype) or is_half(b.dtype):
@@ -51,7 +52,8 @@ def _matmul(a, b, out_dtype=None):
         if product is not None:
             return product
         a, b = a.astype(np.promote_types(a.dtype, np.float32)), b.astype(np.promote_types(b.dtype, np.float32))
-    return array_module(a, b).matmul(a, b)
+    product = host_matmul(a, b)    # oneMKL where AUTOPAR_BLAS=mkl asks for it, else None
+    return product if product is not None else array_module(a, b).matmul(a, b)
 
 
 class Contraction(Primitive):
