@@ -134,3 +134,22 @@ def test_a_pangu_step_on_onemkl_equals_the_step_on_numpy(monkeypatch):
     np.testing.assert_allclose(losses_mkl, losses, rtol=1e-5)
     for name, w in weights.items():
         np.testing.assert_allclose(weights_mkl[name], w, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+@needs_mkl
+def test_calibration_times_the_gemm_programs_run(use_mkl, monkeypatch):
+    """The CPU profile's GEMM rates come from the product a program's MatMul runs: oneMKL's
+    when asked for, so the cost model prices the GEMMs the step will take."""
+    from autopar.calibrate.cpu import measure_gemm_efficiency, measure_gemm_flops
+    from autopar.comm import SelfCommunicator
+    served = []
+
+    def counted(a, b):
+        product = mkl.matmul(a, b)
+        served.append(product is not None)
+        return product
+    monkeypatch.setattr(contraction, "host_matmul", counted)
+    comm = SelfCommunicator()
+    assert measure_gemm_flops(comm, "float32", 64, 2) > 0
+    assert measure_gemm_efficiency(comm, "float64", 1e9, 64, (8, 32), 2)
+    assert served and all(served), served

@@ -10,7 +10,8 @@ machine shared with other work close to what the machine does when it is not.
 
 | figure                          | method                                                           |
 |---------------------------------|------------------------------------------------------------------|
-| gemm_flops.<dtype>              | 2·n³ / time of an (n, n) @ (n, n) matmul, 1 BLAS thread per rank |
+| gemm_flops.<dtype>              | 2·n³ / time of an (n, n) @ (n, n) ``ops.MatMul`` (numpy's BLAS, |
+|                                 | or oneMKL under AUTOPAR_BLAS=mkl), 1 BLAS thread per rank        |
 | elementwise_bytes_per_s         | np.add of two arrays into a fresh one: 3·nbytes / time           |
 | gemm_efficiency.<dtype>         | per d: 2·b·d·b / time of a (b, d) @ (d, b) matmul over the       |
 |                                 | gemm_flops rate (skinny GEMMs run below peak; b = gemm_n)        |
@@ -122,8 +123,9 @@ def measure_gemm_flops(comm: Communicator, dtype: str, n: int, repeats: int) -> 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n)).astype(dtype)      # (n, n)
     b = rng.standard_normal((n, n)).astype(dtype)      # (n, n)
-    a @ b                                              # warm-up: BLAS buffers, pages
-    return 2.0 * n ** 3 / best_seconds_together(comm, lambda: a @ b, repeats, COMPUTE_CLOCK)
+    product = ops.MatMul().forward                     # the GEMM a program's MatMul runs here
+    product(a, b)                                      # warm-up: BLAS buffers, pages
+    return 2.0 * n ** 3 / best_seconds_together(comm, lambda: product(a, b), repeats, COMPUTE_CLOCK)
 
 
 def measure_gemm_efficiency(comm: Communicator, dtype: str, peak: float, b: int, dims: Sequence[int],
@@ -131,12 +133,13 @@ def measure_gemm_efficiency(comm: Communicator, dtype: str, peak: float, b: int,
     """Per d of ``dims``: the rate of a (b, d) @ (d, b) matmul (its smallest dimension d) as a
     fraction of ``peak`` (the square GEMM's rate, so the largest d reads about 1), slowest rank."""
     rng = np.random.default_rng(0)
+    product = ops.MatMul().forward
     points = []
     for d in sorted(dims):
         a = rng.standard_normal((b, d)).astype(dtype)      # (b, d)
         w = rng.standard_normal((d, b)).astype(dtype)      # (d, b)
-        a @ w
-        rate = 2.0 * b * d * b / best_seconds_together(comm, lambda: a @ w, repeats, COMPUTE_CLOCK)
+        product(a, w)
+        rate = 2.0 * b * d * b / best_seconds_together(comm, lambda: product(a, w), repeats, COMPUTE_CLOCK)
         points.append((float(d), min(1.0, rate / peak)))
     return tuple(points)
 
