@@ -35,6 +35,19 @@ def use_mkl(monkeypatch):
     mkl.library.cache_clear()
 
 
+def count_served(monkeypatch) -> list[bool]:
+    """Route the ops' host products through a counter: one entry per product, True where
+    oneMKL computed it (False: left to numpy)."""
+    served = []
+
+    def counted(a, b):
+        product = mkl.matmul(a, b)
+        served.append(product is not None)
+        return product
+    monkeypatch.setattr(contraction, "host_matmul", counted)
+    return served
+
+
 needs_mkl = pytest.mark.skipif(not _installed(), reason="oneMKL not installed (pip install mkl)")
 
 
@@ -119,13 +132,7 @@ def test_a_pangu_step_on_onemkl_equals_the_step_on_numpy(monkeypatch):
     losses, weights = _two_steps(config, ids)
     monkeypatch.setenv("AUTOPAR_BLAS", "mkl")
     mkl.library.cache_clear()
-    served = []
-
-    def counted(a, b):
-        product = mkl.matmul(a, b)
-        served.append(product is not None)
-        return product
-    monkeypatch.setattr(contraction, "host_matmul", counted)
+    served = count_served(monkeypatch)
     try:
         losses_mkl, weights_mkl = _two_steps(config, ids)
     finally:
@@ -142,13 +149,7 @@ def test_calibration_times_the_gemm_programs_run(use_mkl, monkeypatch):
     when asked for, so the cost model prices the GEMMs the step will take."""
     from autopar.calibrate.cpu import measure_gemm_efficiency, measure_gemm_flops
     from autopar.comm import SelfCommunicator
-    served = []
-
-    def counted(a, b):
-        product = mkl.matmul(a, b)
-        served.append(product is not None)
-        return product
-    monkeypatch.setattr(contraction, "host_matmul", counted)
+    served = count_served(monkeypatch)
     comm = SelfCommunicator()
     assert measure_gemm_flops(comm, "float32", 64, 2) > 0
     assert measure_gemm_efficiency(comm, "float64", 1e9, 64, (8, 32), 2)
