@@ -130,8 +130,9 @@ SCRIPT = """
 
     where = sys.argv[1]
     comm = world()                                   # AUTOPAR_COMM_WATCHDOG from the environment
-    ok = comm.allreduce(np.arange(3.0) + comm.rank)   # collective #1 completes on every rank
-    assert ok.tolist() == (comm.size * np.arange(3.0) + sum(range(comm.size))).tolist(), ok
+    k = 100_000 if where == "shared" else 3          # shared: large enough for the shared window (shm.py)
+    ok = comm.allreduce(np.arange(float(k)) + comm.rank)   # collective #1 completes on every rank
+    assert ok.tolist() == (comm.size * np.arange(float(k)) + sum(range(comm.size))).tolist()
     sub = comm.split([(0, 2), (1,)] if comm.size == 3 else [(0,), (1,)])   # collective #2
     group = sub if where == "subgroup" else comm
     if comm.rank == 0:                               # (one writer: mpiexec may interleave lines)
@@ -144,7 +145,7 @@ SCRIPT = """
         if comm.rank == 0:
             group.allgather(np.ones(2))
     else:
-        comm.allreduce(np.ones(2))
+        comm.allreduce(np.ones(k))                   # shared: waits in the window's barrier
     if comm.rank == 0:
         print("finished", flush=True)
 """
@@ -158,7 +159,9 @@ SCRIPT = """
      r"rank 2 \(never entered it; it has issued no collective on this group\); arrived: rank 0"),
     ("recv", 2, r"recv from member 1 \(tag 5\) on group \(0, 1\)",
      r"rank 1 \(has not made the matching call\); arrived: rank 0"),
-], ids=["world", "subgroup", "recv"])
+    ("shared", 3, r"allreduce #3 on group \(0, 1, 2\)",
+     r"rank 2 \(never entered it; its last collective on this group was #2\); arrived: ranks 0, 1"),
+], ids=["world", "subgroup", "recv", "shared"])
 def test_mpi_watchdog_reports_the_missing_rank_and_aborts(tmp_path, where, n, what, missing):
     script = tmp_path / "skip.py"
     script.write_text(textwrap.dedent(SCRIPT))

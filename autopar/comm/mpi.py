@@ -23,6 +23,11 @@ uint16 view of the same memory (bit for bit, :func:`_wire`); reductions run on a
 and round back to bfloat16 once (base.reduction_dtype), as the in-process backend does, so
 both give the same bits.
 
+Where every member runs on one host, a sum (allreduce, reduce_scatter, and their ``i``
+forms) of ``shm.MIN_BYTES`` or more goes through a shared-memory window instead (shm.py),
+blocking, its barriers watched like any call; ``AUTOPAR_COMM_SHM=0`` (or
+``world(shared_memory=False)``) keeps every call on MPI.
+
 Device (CuPy) arrays travel through host copies: MPICommunicator mixes in
 staging.HostStaging, which copies a device input to the host, runs the call below on numpy
 and moves the result back to the input's device; numpy inputs take the path above unchanged.
@@ -43,7 +48,8 @@ import numpy as np
 
 from ..dtype import bfloat16
 from ..errors import format_error
-from .base import CommStats, Communicator, Request, reduction_dtype
+from . import shm
+from .base import CommStats, Communicator, Done, Request, reduction_dtype
 from .checks import CommChecks
 from .single import SelfCommunicator
 from .staging import HostStaging
@@ -123,15 +129,18 @@ def processor_name() -> str:
     return _mpi().Get_processor_name() if launched_under_mpi() else socket.gethostname()
 
 
-def world(checks: CommChecks | None = None) -> Communicator:
+def world(checks: CommChecks | None = None, shared_memory: bool | None = None) -> Communicator:
     """The world communicator: MPI's when launched with more than one rank, else one rank.
     ``checks`` default: ``CommChecks.from_env()`` (the watchdog on, at DEFAULT_WATCHDOG_S
-    unless ``AUTOPAR_COMM_WATCHDOG`` says otherwise)."""
+    unless ``AUTOPAR_COMM_WATCHDOG`` says otherwise). ``shared_memory``: large sums among
+    members on one host go through a shared window (shm.py); default on unless
+    ``AUTOPAR_COMM_SHM=0``."""
     checks = CommChecks.from_env() if checks is None else checks
+    shared_memory = shm.wanted() if shared_memory is None else shared_memory
     if launched_under_mpi():
         comm = start_mpi_or_exit(checks.watchdog_s).COMM_WORLD
         if comm.Get_size() > 1:
-            return MPICommunicator(comm, CommStats(), checks=checks)
+            return MPICommunicator(comm, CommStats(), checks=checks, shared_memory=shared_memory)
     return SelfCommunicator(CommStats(), checks)
 
 
@@ -140,8 +149,10 @@ class MPICommunicator(HostStaging, Communicator):
     (HostStaging)."""
 
     def __init__(self, comm, stats: CommStats, ranks: tuple[int, ...] | None = None,
-                 checks: CommChecks | None = None):
+                 checks: CommChecks | None = None, shared_memory: bool = False):
         super().__init__(stats, checks)
+        self._shared_memory = shared_memory      # large sums through shm.SharedSum where the members share a host
+        self._shm: shm.SharedSum | None | bool = None   # None: not opened yet; False: unusable here
         MPI = _mpi()
         self._comm = comm
         self._rank, self._size = comm.Get_rank(), comm.Get_size()
@@ -181,14 +192,59 @@ class MPICommunicator(HostStaging, Communicator):
             start = getattr(self._comm, "I" + blocking.lower())
             self._watch.collective(lambda: start(*args, **kwargs), *self._op, self.stats.doing)
 
+    def _shared(self, x: np.ndarray) -> shm.SharedSum | None:
+        """The host's shared window for a sum of ``x`` (opened at the first one large enough:
+        every member gets there at the same call), or None: MPI's own call."""
+        if not self._shared_memory or x.nbytes < shm.MIN_BYTES or self._shm is False:
+            return None
+        if self._shm is None:
+            self._shm = self._open_shared() or False
+        return self._shm or None
+
+    def _open_shared(self) -> shm.SharedSum | None:
+        """The members' shared window when all run on one host with room for it, else None.
+        Collective; the members agree first through a watched call, so one that never comes
+        stops the job (watchdog) before the unwatched Split_type and window allocation."""
+        MPI = _mpi()
+        host = zlib.crc32(MPI.Get_processor_name().encode())
+        roomy = shm.room((self._size + 1) * shm.SLOT_BYTES)
+        mine = np.array([host, -host, 0 if roomy else 1], dtype=np.int64)
+        agreed = np.empty_like(mine)
+        self._run("Allreduce", mine, agreed, op=self._ops["max"])
+        if agreed[0] != -agreed[1] or agreed[2]:    # hosts differ, or one lacks room
+            return None
+        node = self._comm.Split_type(MPI.COMM_TYPE_SHARED, key=self._rank)   # member order kept
+        if node.Get_size() != self._size:           # two hosts of one name: every member sees it
+            node.Free()
+            return None
+        return shm.SharedSum(MPI, node, self._node_barrier(node))
+
+    def _node_barrier(self, node):
+        """The barrier of ``node`` (this communicator's members, one host), watched as this
+        communicator's calls are; a watched one names the sum it is part of."""
+        if self._watch is None:
+            return node.Barrier
+        watch = MPIWatchdog(_mpi(), node, self._ranks, self.checks.watchdog_s)
+        return lambda: watch.collective(node.Ibarrier, *self._op, self.stats.doing)
+
     def _allreduce(self, x, op):
         wide = reduction_dtype(x.dtype)   # bfloat16: float32, rounded back once
+        window = self._shared(x) if op == "sum" else None
+        if window is not None:
+            flat = _contiguous(x.astype(wide, copy=False)).reshape(-1)   # (numel,)
+            return window.allreduce(flat, np.empty(x.size, wide)).reshape(x.shape).astype(x.dtype, copy=False)
         out = np.empty(x.shape, wide)
         self._run("Allreduce", _contiguous(x.astype(wide, copy=False)), out, op=self._ops[op])
         return out.astype(x.dtype, copy=False)
 
     def _iallreduce(self, x, op, donate=False):
         wide = reduction_dtype(x.dtype)
+        window = self._shared(x) if op == "sum" else None
+        if window is not None:    # a blocking sum, done before the request exists
+            if donate and x.dtype == wide and x.flags.c_contiguous and x.flags.writeable:
+                flat = x.reshape(-1)    # (numel,), summed in place
+                return Done(window.allreduce(flat, flat).reshape(x.shape))
+            return Done(self._allreduce(x, op))
         if donate and x.dtype == wide and x.flags.c_contiguous and x.flags.writeable:
             # in place: MPI would otherwise copy x into ``out`` at the start (a memcpy of the
             # whole bucket on the critical path: 4 ms for 25 MB on a 2-core Xeon, MPICH)
@@ -199,6 +255,8 @@ class MPICommunicator(HostStaging, Communicator):
                              lambda: out.astype(x.dtype, copy=False))
 
     def _ireduce_scatter(self, x, axis):
+        if self._shared(x) is not None:
+            return Done(self._reduce_scatter(x, axis))
         wide = reduction_dtype(x.dtype)
         send = _contiguous(np.moveaxis(x, axis, 0).astype(wide, copy=False))  # (d, rest...)
         out = np.empty((send.shape[0] // self._size,) + send.shape[1:], wide)  # (d/n, rest...)
@@ -228,7 +286,11 @@ class MPICommunicator(HostStaging, Communicator):
         wide = reduction_dtype(x.dtype)   # bfloat16: float32, rounded back once
         send = _contiguous(np.moveaxis(x, axis, 0).astype(wide, copy=False))  # (d, rest...)
         out = np.empty((send.shape[0] // self._size,) + send.shape[1:], wide)  # (d/n, rest...)
-        self._run("Reduce_scatter_block", send, out, op=self._ops["sum"])
+        window = self._shared(x)
+        if window is not None:  # (d, rest...) -> (n, d/n * rest) blocks; out (d/n, rest...) -> (d/n * rest,)
+            window.reduce_scatter(send.reshape(self._size, -1), out.reshape(-1))
+        else:
+            self._run("Reduce_scatter_block", send, out, op=self._ops["sum"])
         return np.moveaxis(out.astype(x.dtype, copy=False), 0, axis)
 
     def _alltoall(self, x, split_axis, concat_axis):
@@ -277,7 +339,7 @@ class MPICommunicator(HostStaging, Communicator):
         me = self._ranks[self._rank]
         sub = self._comm.Split(color=index, key=group.index(me))
         assert sub.Get_rank() == group.index(me) and sub.Get_size() == len(group)
-        return MPICommunicator(sub, self.stats, ranks=group, checks=self.checks)
+        return MPICommunicator(sub, self.stats, ranks=group, checks=self.checks, shared_memory=self._shared_memory)
 
     def _check_same_groups(self, groups) -> None:
         """Every member passed the same groups (else Split would pair ranks silently wrong)."""

@@ -1,0 +1,110 @@
+"""Sums through the host's shared window (autopar/comm/shm.py) under real mpiexec: every
+result is the members' arrays summed in member order -- bit for bit what the in-process
+backend gives -- for each dtype, layout and call, with sums split into several pieces; MPI's
+own path (shared_memory=False) agrees to rounding; a subgroup gets its own window."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_comm_mpi_launch import MPIEXEC
+
+from autopar.comm import run_in_process, shm
+from autopar.comm.mpi import launched_under_mpi
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = """
+    import numpy as np
+    import autopar.comm.shm as shm
+    shm.SLOT_BYTES = 96 * 1024       # every sum below spans several pieces, the last one partial
+    from autopar.comm import world
+    from autopar.comm.base import CommStats
+    from autopar.comm.mpi import MPICommunicator, _mpi
+    from autopar.dtype import bfloat16
+
+    comm = world()
+    plain = MPICommunicator(_mpi().COMM_WORLD.Dup(), CommStats(), checks=comm.checks, shared_memory=False)
+    n, me = comm.size, comm.rank
+
+    def members(shape, dtype, salt):
+        "every member's array (each member can make all of them: seeded by member)"
+        out = []
+        for k in range(n):
+            x = np.random.default_rng(1000 * salt + k).standard_normal(shape)
+            out.append((x * 1000).astype(dtype) if np.dtype(dtype).kind == "i" else x.astype(dtype))
+        return out
+
+    def in_order(xs, dtype):
+        "member 0 + member 1 + ..., in the wide dtype, rounded back once (the in-process backend's sum)"
+        wide = np.float32 if dtype == bfloat16 else dtype
+        acc = xs[0].astype(wide)
+        for x in xs[1:]:
+            acc = acc + x.astype(wide)
+        return acc.astype(dtype)
+
+    def same(a, b):
+        return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+    for salt, dtype in enumerate([np.float32, np.float64, bfloat16, np.int64]):
+        xs = members((6, 30_003), dtype, salt)                 # 180 018 elements: >= shm.MIN_BYTES for each dtype
+        x, before = xs[me], xs[me].copy()
+        want = in_order(xs, dtype)
+        assert same(comm.allreduce(x), want), dtype
+        assert same(x, before), "the input was modified"
+        assert same(comm.allreduce(np.asfortranarray(x)), want), dtype            # a layout MPI cannot take as is
+        assert same(comm.iallreduce(x).wait(), want), dtype
+        donated = x.copy()
+        assert same(comm.iallreduce(donated, donate=True).wait(), want), dtype
+        mpi = plain.allreduce(x)
+        np.testing.assert_allclose(mpi.astype(np.float64), want.astype(np.float64), rtol=1e-2 if dtype == bfloat16
+                                   else 1e-5, atol=1e-2 if dtype == bfloat16 else 1e-4)
+        ys = members((4, 3 * n * 20_001), dtype, salt + 10)         # blocks along axis 1
+        block = ys[0].shape[1] // n
+        total = in_order(ys, dtype)
+        for got in (comm.reduce_scatter(ys[me], axis=1), comm.ireduce_scatter(ys[me], axis=1).wait()):
+            assert same(got, np.ascontiguousarray(total[:, me * block:(me + 1) * block])), dtype
+        np.testing.assert_allclose(plain.reduce_scatter(ys[me], axis=1).astype(np.float64),
+                                   got.astype(np.float64), rtol=1e-2, atol=1e-2)
+    assert type(comm._shm).__name__ == "SharedSum" and plain._shm is None
+
+    pair = comm.split([(0, 2), (1,)])                          # a subgroup: its own window
+    xs = members((100_003,), np.float32, 42)
+    if me != 1:
+        got = pair.allreduce(xs[me])
+        assert same(got, in_order([xs[0], xs[2]], np.float32))
+        assert type(pair._shm).__name__ == "SharedSum"
+    small = comm.allreduce(np.arange(4.0) + me)                 # below MIN_BYTES: MPI's call
+    assert small.tolist() == (n * np.arange(4.0) + sum(range(n))).tolist()
+    if me == 0:
+        print("shared sums ok", flush=True)
+"""
+
+
+@pytest.mark.skipif(MPIEXEC is None or launched_under_mpi(), reason="needs mpiexec, not under it")
+def test_shared_sums_are_the_member_order_sums_on_three_ranks(tmp_path):
+    script = tmp_path / "shared.py"
+    script.write_text(textwrap.dedent(SCRIPT))
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", PYTHONPATH=str(ROOT), AUTOPAR_COMM_WATCHDOG="30")
+    env.pop(shm.ENV, None)
+    job = subprocess.run([MPIEXEC, "-n", "3", sys.executable, str(script)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert job.returncode == 0 and "shared sums ok" in job.stdout, f"stdout:\n{job.stdout}\nstderr:\n{job.stderr}"
+
+
+def test_member_order_is_what_the_in_process_backend_sums():
+    """The reference the MPI test holds the shared window to: run_in_process sums in member order."""
+    xs = [np.random.default_rng(k).standard_normal(1000).astype(np.float32) for k in range(3)]
+    got = run_in_process(3, lambda comm: comm.allreduce(xs[comm.rank]))
+    want = (xs[0] + xs[1]) + xs[2]
+    assert all(g.tobytes() == want.tobytes() for g in got)
+
+
+def test_the_window_is_on_unless_switched_off():
+    assert shm.wanted({}) and shm.wanted({shm.ENV: "1"}) and not shm.wanted({shm.ENV: "0"})
+    assert not shm.room(1 << 62)            # no host has 8 EiB of shared memory: MPI's path
