@@ -61,6 +61,12 @@ SCRIPT = """
         assert same(comm.iallreduce(x).wait(), want), dtype
         donated = x.copy()
         assert same(comm.iallreduce(donated, donate=True).wait(), want), dtype
+        sizes = [0, 7, 30_000, 1, 0, 150_010]                  # parts across piece boundaries, empty ones too
+        cuts = np.cumsum([0] + sizes)
+        parts = [x.reshape(-1)[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+        joined = comm.iallreduce_joined(parts).wait()
+        assert same(joined, want.reshape(-1)[:cuts[-1]]), dtype
+        assert same(x, before), "a part was modified"
         mpi = plain.allreduce(x)
         np.testing.assert_allclose(mpi.astype(np.float64), want.astype(np.float64), rtol=1e-2 if dtype == bfloat16
                                    else 1e-5, atol=1e-2 if dtype == bfloat16 else 1e-4)
@@ -103,6 +109,20 @@ def test_member_order_is_what_the_in_process_backend_sums():
     got = run_in_process(3, lambda comm: comm.allreduce(xs[comm.rank]))
     want = (xs[0] + xs[1]) + xs[2]
     assert all(g.tobytes() == want.tobytes() for g in got)
+
+
+def test_a_joined_allreduce_is_the_allreduce_of_the_joined_arrays():
+    """The default (every backend but MPI's window): the parts concatenated, then all-reduced."""
+    shapes = [(3, 4), (0,), (5,), (2, 2, 2)]
+
+    def body(comm):
+        parts = [np.random.default_rng(10 * comm.rank + k).standard_normal(s) for k, s in enumerate(shapes)]
+        joined = np.concatenate([p.reshape(-1) for p in parts])
+        return comm.iallreduce_joined(parts).wait(), comm.allreduce(joined), parts, joined
+
+    for got, want, parts, joined in run_in_process(3, body):
+        assert got.shape == (sum(int(np.prod(s)) for s in shapes),) and got.tobytes() == want.tobytes()
+        np.testing.assert_array_equal(np.concatenate([p.reshape(-1) for p in parts]), joined)   # inputs untouched
 
 
 def test_the_window_is_on_unless_switched_off():

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backend import array_module
 from ..dtype import bfloat16, float32, is_float
 from ..errors import format_error
 from .checks import CollectiveMismatchError, CommChecks, call_site, divergence, fingerprint
@@ -88,7 +89,8 @@ class CommStats:
 
     Shared by a rank's communicator and all its sub-communicators. Bytes are the local input
     buffer's ``nbytes`` (for ``recv``, the received buffer's); seconds, the wall time inside
-    the blocking calls (:meth:`seconds`). Barriers and splits are not counted. The ordered log keeps the last ``log_limit`` calls (``None``: all of them).
+    the blocking calls (:meth:`seconds`). Barriers and splits are not counted. The ordered
+    log keeps the last ``log_limit`` calls (``None``: all of them).
     ``doing`` is what this rank last started (a program sets ``"ShardedGradProgram at step
     3"``), which the watchdog's report names beside the collective it timed out in.
     """
@@ -247,6 +249,14 @@ class Communicator(abc.ABC):
         self._begin("allreduce", x, op=op)
         self._stats.record("allreduce", self.ranks, x)
         return self._iallreduce(x, op, donate)
+
+    def iallreduce_joined(self, parts: Sequence) -> Request:
+        """iallreduce (sum) of ``parts`` (arrays of one dtype, on one device) flattened and
+        joined end to end: a 1-d result, as ``iallreduce(concatenate(parts), donate=True)``,
+        which is what this default does. A backend may read the parts where they are instead
+        (the MPI backend's shared window: one pass over a gradient bucket fewer)."""
+        xp = array_module(*parts)
+        return self.iallreduce(xp.concatenate([p.reshape(-1) for p in parts]), donate=True)
 
     def ireduce_scatter(self, x, axis: int = 0) -> Request:
         """reduce_scatter, started now and completed by ``.wait()``."""

@@ -46,6 +46,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ..backend import on_host
 from ..dtype import bfloat16
 from ..errors import format_error
 from . import shm
@@ -232,7 +233,7 @@ class MPICommunicator(HostStaging, Communicator):
         window = self._shared(x) if op == "sum" else None
         if window is not None:
             flat = _contiguous(x.astype(wide, copy=False)).reshape(-1)   # (numel,)
-            return window.allreduce(flat, np.empty(x.size, wide)).reshape(x.shape).astype(x.dtype, copy=False)
+            return window.allreduce([flat], np.empty(x.size, wide)).reshape(x.shape).astype(x.dtype, copy=False)
         out = np.empty(x.shape, wide)
         self._run("Allreduce", _contiguous(x.astype(wide, copy=False)), out, op=self._ops[op])
         return out.astype(x.dtype, copy=False)
@@ -243,7 +244,7 @@ class MPICommunicator(HostStaging, Communicator):
         if window is not None:    # a blocking sum, done before the request exists
             if donate and x.dtype == wide and x.flags.c_contiguous and x.flags.writeable:
                 flat = x.reshape(-1)    # (numel,), summed in place
-                return Done(window.allreduce(flat, flat).reshape(x.shape))
+                return Done(window.allreduce([flat], flat).reshape(x.shape))
             return Done(self._allreduce(x, op))
         if donate and x.dtype == wide and x.flags.c_contiguous and x.flags.writeable:
             # in place: MPI would otherwise copy x into ``out`` at the start (a memcpy of the
@@ -253,6 +254,23 @@ class MPICommunicator(HostStaging, Communicator):
         send, out = _contiguous(x.astype(wide, copy=False)), np.empty(x.shape, wide)
         return self._started(lambda: self._comm.Iallreduce(send, out, op=self._ops[op]), (send, out),
                              lambda: out.astype(x.dtype, copy=False))
+
+    def iallreduce_joined(self, parts) -> Request:
+        """As Communicator's; through the shared window the parts are read where they are."""
+        dtype = parts[0].dtype if parts else None
+        if not (self._shared_memory and self._shm is not False and dtype == reduction_dtype(dtype)
+                and all(on_host(p) and p.dtype == dtype for p in parts)
+                and sum(p.nbytes for p in parts) >= shm.MIN_BYTES):
+            return super().iallreduce_joined(parts)
+        out = np.empty(sum(p.size for p in parts), dtype)    # the joined sum, (total,)
+        self._begin("allreduce", out, op="sum")
+        self._stats.record("allreduce", self.ranks, out)
+        window = self._shared(out)
+        flat = [np.ascontiguousarray(p).reshape(-1) for p in parts]   # views where already contiguous
+        if window is None:                                  # no window after all (another host, no room)
+            np.concatenate(flat, out=out)
+            return self._iallreduce(out, "sum", donate=True)
+        return Done(window.allreduce(flat, out))
 
     def _ireduce_scatter(self, x, axis):
         if self._shared(x) is not None:

@@ -259,7 +259,7 @@ class NCCLCommunicator(Communicator):
         lib, xp, n, me = self._lib, self._lib.xp, self.size, self.rank
         mine = xp.asarray(x) if on_host(x) else x
         blocks = xp.ascontiguousarray(xp.stack(xp.split(mine, n, axis=split_axis)))  # (n, *block): block j to member j
-        got = xp.empty_like(blocks)                                                  # (n, *block): block j from member j
+        got = xp.empty_like(blocks)                                      # (n, *block): block j from member j
         got[me] = blocks[me]
         step = blocks.nbytes // n
         if step:

@@ -5,6 +5,7 @@ through MPI's messages. The members map one shared window of (n + 1) slots and, 
 piece of the buffer (at most a slot)::
 
     1. member i copies its piece into slot i                       writes P bytes
+       (an all-reduce's input may be several arrays: read where they are, never joined)
     2. barrier
     3. member i sums its 1/n of the piece over slots 0, 1, ..., n-1 reads P, writes P/n
        (allreduce: into the result slot n; reduce_scatter: its own block, into its output)
@@ -29,6 +30,7 @@ reach any collective, so it cannot reorder one member's calls against another's.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -84,13 +86,16 @@ class SharedSum:
         for k in range(2, self._n):
             np.add(out, rows[k, lo:hi], out=out)
 
-    def allreduce(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
-        """out = the sum of every member's ``x``; both 1-d, contiguous, of one dtype (``out`` may be ``x``)."""
-        rows, n, i = self._rows(x.dtype), self._n, self._rank
+    def allreduce(self, parts: Sequence[np.ndarray], out: np.ndarray) -> np.ndarray:
+        """out = the sum over members of ``parts`` joined end to end: each part 1-d and
+        contiguous, all of out's dtype, out (total,) (``out`` may be the only part). The
+        parts are read where they are, never joined first."""
+        rows, n, i = self._rows(out.dtype), self._n, self._rank
         width = rows.shape[1]
-        for start in range(0, x.size, width):
-            m = min(width, x.size - start)
-            rows[i, :m] = x[start:start + m]
+        cursor = [0, 0]                                 # the next part to read, and where in it
+        for start in range(0, out.size, width):
+            m = min(width, out.size - start)
+            _fill(rows[i, :m], parts, cursor)
             self._fence()
             lo, hi = i * m // n, (i + 1) * m // n      # this member's share of the piece
             self._sum(rows, lo, hi, rows[n, lo:hi])
@@ -110,3 +115,17 @@ class SharedSum:
             self._sum(rows, i * m, (i + 1) * m, out[start:start + m])
             self._barrier()                             # the slots are free again
         return out
+
+
+def _fill(dst: np.ndarray, parts: Sequence[np.ndarray], cursor: list) -> None:
+    """Copy the next ``dst.size`` elements of ``parts`` joined end to end into ``dst``;
+    ``cursor`` ([part, offset]) says where the last fill stopped and is moved on."""
+    at = 0
+    while at < dst.size:
+        part = parts[cursor[0]]
+        take = min(dst.size - at, part.size - cursor[1])
+        dst[at:at + take] = part[cursor[1]:cursor[1] + take]
+        at += take
+        cursor[1] += take
+        if cursor[1] == part.size:
+            cursor[0], cursor[1] = cursor[0] + 1, 0

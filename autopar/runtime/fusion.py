@@ -112,13 +112,13 @@ class BucketWait(FlightWait):
 
 
 def start_bucket(comm, arrays: Sequence[np.ndarray], kind: str = rd.ALLREDUCE, dims: Sequence[int] = ()) -> InFlight:
-    """Copy ``arrays`` into one new buffer (the bucket owns it until the wait) and start
-    its collective on ``comm``: an all-reduce of them flattened, or a reduce-scatter of
-    (n, m) rows, row i holding block i (along ``dims``) of each array, flattened."""
+    """Start the bucket's collective on ``comm``: an all-reduce of ``arrays`` flattened and
+    joined (``Communicator.iallreduce_joined``: into one new buffer the bucket owns until the
+    wait, or read in place), or a reduce-scatter of (n, m) rows, row i holding block i (along
+    ``dims``) of each array, flattened."""
+    if kind == rd.ALLREDUCE:    # joined into one buffer, or read in place (MPI's shared window)
+        return InFlight(comm.iallreduce_joined(arrays), sum(a.nbytes for a in arrays))
     xp = array_module(*arrays)            # the buffer is made where the gradients live
-    if kind == rd.ALLREDUCE:
-        flat = xp.concatenate([a.reshape(-1) for a in arrays])
-        return InFlight(comm.iallreduce(flat, donate=True), flat.nbytes)    # flat is ours: reduce in place
     blocks = [xp.split(a, comm.size, axis=d) for a, d in zip(arrays, dims)]
     rows = xp.empty((comm.size, sum(a.size for a in arrays) // comm.size), arrays[0].dtype)   # (n, m)
     for i, row in enumerate(rows):        # row i: block i of every array, flattened, copied once
