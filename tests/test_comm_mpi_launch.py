@@ -34,9 +34,10 @@ pytestmark = [
 ]
 
 
-def launch(args: list[str], timeout: float, n: int = 2) -> tuple[int, str, str, float]:
-    """Run ``mpiexec -n <n> <args>`` in its own session; kill that session if it overruns."""
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+def launch(args: list[str], timeout: float, n: int = 2, **env_extra: str) -> tuple[int, str, str, float]:
+    """Run ``mpiexec -n <n> <args>`` in its own session (``env_extra`` added to its
+    environment); kill that session if it overruns."""
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", **env_extra)
     start = time.monotonic()
     proc = subprocess.Popen([MPIEXEC, "-n", str(n), *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -60,9 +61,9 @@ def test_mpi_suite_passes_on_two_ranks():
 
 def test_pangu_alpha_on_four_mpi_ranks_equals_serial():
     """dp2 x mp2, dp4, mp4 and dp2 x mp2 with the vocabulary-split table, and sequence parallel
-    under dp2 x mp2 and mp4, over real MPI."""
+    under dp2 x mp2 and mp4, over real MPI, every sum through the shared-memory window."""
     rc, out, err, _ = launch([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                              "tests/mpi/test_pangu_mpi.py"], timeout=240, n=4)
+                              "tests/mpi/test_pangu_mpi.py"], timeout=240, n=4, AUTOPAR_TEST_SHM_EVERY_SUM="1")
     assert rc == 0, f"stdout:\n{out}\nstderr:\n{err}"
     passed = [int(k) for k in re.findall(r"(\d+) passed", out)]
     assert len(passed) == 4 and min(passed) == 6, f"expected 6 tests passed on each of 4 ranks:\n{out}"

@@ -19,9 +19,9 @@ from autopar.context import bound_world, parallel_context
 from autopar.ir.graph import differentiable_values
 from autopar.models.pangu_alpha import PanguAlphaConfig, PanguAlphaWithLoss
 from autopar.runtime.pipeline.program import StageShard
-from autopar.strategy.pipeline.schedule import gpipe, one_f_one_b
 from autopar.runtime.trace import trace
 from autopar.strategy.pipeline.assignment import assign_stages
+from autopar.strategy.pipeline.schedule import gpipe, one_f_one_b
 from autopar.train import AdamWeightDecay
 
 CONFIG = PanguAlphaConfig.preset("tiny", num_layers=4, dropout_rate=0.1)   # 3 blocks + the query layer
@@ -316,9 +316,10 @@ def test_errors_reach_the_user_through_training_on_ranks():
 @pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec: pip install mpich (or install an MPI)")
 @pytest.mark.skipif(launched_under_mpi(), reason="already running under an MPI launcher")
 def test_pipeline_on_four_mpi_ranks_equals_serial():
-    """pp2 x dp2 (also with optimizer parallel) and pp4 over real MPI (tests/mpi/test_pipeline_mpi.py)."""
+    """pp2 x dp2 (also with optimizer parallel) and pp4 over real MPI (tests/mpi/test_pipeline_mpi.py),
+    every sum through the shared-memory window."""
     rc, out, err, _ = launch([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                              "tests/mpi/test_pipeline_mpi.py"], timeout=120, n=4)
+                              "tests/mpi/test_pipeline_mpi.py"], timeout=120, n=4, AUTOPAR_TEST_SHM_EVERY_SUM="1")
     assert rc == 0, f"stdout:\n{out}\nstderr:\n{err}"
     passed = [int(k) for k in re.findall(r"(\d+) passed", out)]
     assert len(passed) == 4 and min(passed) == 3, f"expected 3 tests passed on each of 4 ranks:\n{out}"
