@@ -81,10 +81,12 @@ SCRIPT = """
 
     pair = comm.split([(0, 2), (1,)])                          # a subgroup: its own window
     xs = members((100_003,), np.float32, 42)
+    got = pair.allreduce(xs[me])
     if me != 1:
-        got = pair.allreduce(xs[me])
         assert same(got, in_order([xs[0], xs[2]], np.float32))
         assert type(pair._shm).__name__ == "SharedSum"
+    else:                                                      # a group of one: its own array back
+        assert same(got, xs[1])
     small = comm.allreduce(np.arange(4.0) + me)                 # below MIN_BYTES: MPI's call
     assert small.tolist() == (n * np.arange(4.0) + sum(range(n))).tolist()
     if me == 0:

@@ -196,7 +196,7 @@ class MPICommunicator(HostStaging, Communicator):
     def _shared(self, x: np.ndarray) -> shm.SharedSum | None:
         """The host's shared window for a sum of ``x`` (opened at the first one large enough:
         every member gets there at the same call), or None: MPI's own call."""
-        if not self._shared_memory or x.nbytes < shm.MIN_BYTES or self._shm is False:
+        if not self._shared_memory or self._size < 2 or x.nbytes < shm.MIN_BYTES or self._shm is False:
             return None
         if self._shm is None:
             self._shm = self._open_shared() or False
@@ -258,7 +258,7 @@ class MPICommunicator(HostStaging, Communicator):
     def iallreduce_joined(self, parts) -> Request:
         """As Communicator's; through the shared window the parts are read where they are."""
         dtype = parts[0].dtype if parts else None
-        if not (self._shared_memory and self._shm is not False and dtype == reduction_dtype(dtype)
+        if not (self._shared_memory and self._size > 1 and self._shm is not False and dtype == reduction_dtype(dtype)
                 and all(on_host(p) and p.dtype == dtype for p in parts)
                 and sum(p.nbytes for p in parts) >= shm.MIN_BYTES):
             return super().iallreduce_joined(parts)

@@ -57,7 +57,7 @@ def room(nbytes: int) -> bool:
 
 
 class SharedSum:
-    """Sums over the members of ``node`` (an MPI communicator all on one host) through one
+    """Sums over the n >= 2 members of ``node`` (an MPI communicator all on one host) through one
     shared window of (n + 1) slots of ``slot_bytes`` (default SLOT_BYTES); ``barrier()`` is the
     node's barrier (watched, where the caller watches). Made collectively over ``node``."""
 
