@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 from _common import default_mpiexec, table, worker_env
+from scaling import free_port
 
 CONFIG = dict(vocab_size=8000, seq_length=256, hidden_size=512, num_layers=4, num_heads=8,
               ffn_hidden_size=2048)
@@ -113,7 +114,6 @@ def main() -> None:
     if args.worker is not None:
         worker(args.fusion, args.repeats, args.worker)
         return
-    from scaling import free_port
     rows, names = [], None
     for n in args.ranks:
         cmd = [args.mpiexec, "-n", str(n), *shlex.split(args.mpiexec_args), sys.executable, __file__,

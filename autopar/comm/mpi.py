@@ -193,10 +193,14 @@ class MPICommunicator(HostStaging, Communicator):
             start = getattr(self._comm, "I" + blocking.lower())
             self._watch.collective(lambda: start(*args, **kwargs), *self._op, self.stats.doing)
 
+    def _may_share(self, nbytes: int) -> bool:
+        """Whether a sum of ``nbytes`` may go through the shared window (not yet known unusable)."""
+        return self._shared_memory and self._size > 1 and nbytes >= shm.MIN_BYTES and self._shm is not False
+
     def _shared(self, x: np.ndarray) -> shm.SharedSum | None:
         """The host's shared window for a sum of ``x`` (opened at the first one large enough:
         every member gets there at the same call), or None: MPI's own call."""
-        if not self._shared_memory or self._size < 2 or x.nbytes < shm.MIN_BYTES or self._shm is False:
+        if not self._may_share(x.nbytes):
             return None
         if self._shm is None:
             self._shm = self._open_shared() or False
@@ -258,9 +262,8 @@ class MPICommunicator(HostStaging, Communicator):
     def iallreduce_joined(self, parts) -> Request:
         """As Communicator's; through the shared window the parts are read where they are."""
         dtype = parts[0].dtype if parts else None
-        if not (self._shared_memory and self._size > 1 and self._shm is not False and dtype == reduction_dtype(dtype)
-                and all(on_host(p) and p.dtype == dtype for p in parts)
-                and sum(p.nbytes for p in parts) >= shm.MIN_BYTES):
+        if not (parts and self._may_share(sum(p.nbytes for p in parts)) and dtype == reduction_dtype(dtype)
+                and all(on_host(p) and p.dtype == dtype for p in parts)):
             return super().iallreduce_joined(parts)
         out = np.empty(sum(p.size for p in parts), dtype)    # the joined sum, (total,)
         self._begin("allreduce", out, op="sum")
