@@ -130,3 +130,9 @@ def test_a_joined_allreduce_is_the_allreduce_of_the_joined_arrays():
 def test_the_window_is_on_unless_switched_off():
     assert shm.wanted({}) and shm.wanted({shm.ENV: "1"}) and not shm.wanted({shm.ENV: "0"})
     assert not shm.room(1 << 62)            # no host has 8 EiB of shared memory: MPI's path
+
+
+def test_a_bad_switch_value_is_named():
+    with pytest.raises(ValueError, match=r"AUTOPAR_COMM_SHM: value: expected '1' \(on, the default\) or '0' "
+                                         r"\(off\), got 'off'"):
+        shm.wanted({shm.ENV: "off"})

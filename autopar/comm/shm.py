@@ -34,16 +34,22 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..errors import format_error
+
 SLOT_BYTES = 4 * 1024 * 1024   # per member; the window is (n + 1) slots: 68 MB for 16 ranks
 MIN_BYTES = 256 * 1024         # smaller sums go through MPI (two barriers cost more than they save)
-ENV = "AUTOPAR_COMM_SHM"       # "0": never use the window
+ENV = "AUTOPAR_COMM_SHM"       # "0": never use the window; "1" or unset: use it
 SHM_DIR = "/dev/shm"           # where MPI's shared windows live on Linux
 
 
 def wanted(environ=None) -> bool:
-    """Whether the environment lets MPI communicators sum through shared memory."""
+    """Whether the environment lets MPI communicators sum through shared memory: ``AUTOPAR_COMM_SHM``
+    unset, "" or "1" yes, "0" no; anything else is an error naming the variable."""
     environ = os.environ if environ is None else environ
-    return environ.get(ENV, "").strip() != "0"
+    value = environ.get(ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(format_error(ENV, "value", "'1' (on, the default) or '0' (off)", repr(value)))
+    return value != "0"
 
 
 def room(nbytes: int) -> bool:
