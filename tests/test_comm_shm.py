@@ -20,6 +20,7 @@ from autopar.comm.mpi import launched_under_mpi
 ROOT = Path(__file__).resolve().parent.parent
 
 SCRIPT = """
+    import time
     import numpy as np
     import autopar.comm.shm as shm
     shm.SLOT_BYTES = 96 * 1024       # every sum below spans several pieces, the last one partial
@@ -87,6 +88,40 @@ SCRIPT = """
         assert type(pair._shm).__name__ == "SharedSum"
     else:                                                      # a group of one: its own array back
         assert same(got, xs[1])
+    MPI = _mpi()
+    threaded = MPI.Query_thread() >= MPI.THREAD_MULTIPLE
+    assert (comm._shm._jobs is not None) == threaded            # the sums run on the window's helper thread
+
+    # several sums in flight at once (each more pieces than the window has sets), a blocking
+    # one issued among them, waited for out of order
+    xs, ys, zs = members((250_007,), np.float32, 7), members((3, n * 40_000), np.float64, 8), \
+        members((60_001,), np.float32, 9)
+    first = comm.iallreduce_joined([xs[me][:100], xs[me][100:]])
+    second = comm.ireduce_scatter(ys[me], axis=1)
+    third = comm.allreduce(zs[me])
+    assert same(third, in_order(zs, np.float32))
+    assert same(second.wait(), np.ascontiguousarray(in_order(ys, np.float64)[:, me * 40_000:(me + 1) * 40_000]))
+    assert same(first.wait(), in_order(xs, np.float32))
+
+    if threaded:   # a non-blocking sum returns at once: the last member comes a second late
+        if me == n - 1:
+            time.sleep(1.0)
+        began = time.perf_counter()
+        late = comm.iallreduce(xs[me])
+        started, done_early = time.perf_counter() - began, late.test()
+        assert same(late.wait(), in_order(xs, np.float32))
+        if me == 0:
+            assert started < 0.5 and not done_early, (started, done_early)
+
+    node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED, key=me)   # on the caller, no helper thread
+    inline = shm.SharedSum(MPI, node, tuple(range(n)), 30.0, None, slot_bytes=64 * 1024, threaded=False)
+    assert inline._jobs is None
+    for k in range(2):
+        got = inline.allreduce([xs[me]], np.empty_like(xs[me]), ("allreduce", k + 1, ""))
+        assert same(got, in_order(xs, np.float32))
+    got = inline.reduce_scatter(ys[me].reshape(n, -1), np.empty(ys[me].size // n), ("reduce_scatter", 3, ""))
+    assert same(got, np.ascontiguousarray(in_order([y.reshape(n, -1) for y in ys], np.float64)[me]))
+
     small = comm.allreduce(np.arange(4.0) + me)                 # below MIN_BYTES: MPI's call
     assert small.tolist() == (n * np.arange(4.0) + sum(range(n))).tolist()
     if me == 0:

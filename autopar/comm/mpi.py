@@ -25,7 +25,7 @@ both give the same bits.
 
 Where every member runs on one host, a sum (allreduce, reduce_scatter, and their ``i``
 forms) of ``shm.MIN_BYTES`` or more goes through a shared-memory window instead (shm.py),
-blocking, its barriers watched like any call; ``AUTOPAR_COMM_SHM=0`` (or
+on the window's helper thread, its waits under the watchdog's deadline; ``AUTOPAR_COMM_SHM=0`` (or
 ``world(shared_memory=False)``) keeps every call on MPI.
 
 Device (CuPy) arrays travel through host copies: MPICommunicator mixes in
@@ -50,7 +50,7 @@ from ..backend import on_host
 from ..dtype import bfloat16
 from ..errors import format_error
 from . import shm
-from .base import CommStats, Communicator, Done, Request, reduction_dtype
+from .base import CommStats, Communicator, Request, reduction_dtype
 from .checks import CommChecks
 from .single import SelfCommunicator
 from .staging import HostStaging
@@ -212,7 +212,7 @@ class MPICommunicator(HostStaging, Communicator):
         stops the job (watchdog) before the unwatched Split_type and window allocation."""
         MPI = _mpi()
         host = zlib.crc32(MPI.Get_processor_name().encode())
-        roomy = shm.room((self._size + 1) * shm.SLOT_BYTES)
+        roomy = shm.room(shm.window_bytes(self._size))
         mine = np.array([host, -host, 0 if roomy else 1], dtype=np.int64)
         agreed = np.empty_like(mine)
         self._run("Allreduce", mine, agreed, op=self._ops["max"])
@@ -222,35 +222,34 @@ class MPICommunicator(HostStaging, Communicator):
         if node.Get_size() != self._size:           # two hosts of one name: every member sees it
             node.Free()
             return None
-        return shm.SharedSum(MPI, node, self._node_barrier(node))
+        watch = self._watch
+        return shm.SharedSum(MPI, node, self._ranks, None if watch is None else self.checks.watchdog_s,
+                             None if watch is None else watch.abort)
 
-    def _node_barrier(self, node):
-        """The barrier of ``node`` (this communicator's members, one host), watched as this
-        communicator's calls are; a watched one names the sum it is part of."""
-        if self._watch is None:
-            return node.Barrier
-        watch = MPIWatchdog(_mpi(), node, self._ranks, self.checks.watchdog_s)
-        return lambda: watch.collective(node.Ibarrier, *self._op, self.stats.doing)
+    def _what(self) -> tuple[str, int, str]:
+        """(kind, seq, what this rank last started) of the current call, for a watchdog report."""
+        return (*self._op, self.stats.doing)
 
     def _allreduce(self, x, op):
+        if op == "sum" and self._shared(x) is not None:
+            return self._iallreduce(x, op).wait()
         wide = reduction_dtype(x.dtype)   # bfloat16: float32, rounded back once
-        window = self._shared(x) if op == "sum" else None
-        if window is not None:
-            flat = _contiguous(x.astype(wide, copy=False)).reshape(-1)   # (numel,)
-            return window.allreduce([flat], np.empty(x.size, wide)).reshape(x.shape).astype(x.dtype, copy=False)
         out = np.empty(x.shape, wide)
         self._run("Allreduce", _contiguous(x.astype(wide, copy=False)), out, op=self._ops[op])
         return out.astype(x.dtype, copy=False)
 
     def _iallreduce(self, x, op, donate=False):
-        wide = reduction_dtype(x.dtype)
+        wide = reduction_dtype(x.dtype)   # bfloat16: float32, rounded back once
         window = self._shared(x) if op == "sum" else None
-        if window is not None:    # a blocking sum, done before the request exists
-            if donate and x.dtype == wide and x.flags.c_contiguous and x.flags.writeable:
+        mine = donate and x.dtype == wide and x.flags.c_contiguous and x.flags.writeable
+        if window is not None:
+            if mine:
                 flat = x.reshape(-1)    # (numel,), summed in place
-                return Done(window.allreduce([flat], flat).reshape(x.shape))
-            return Done(self._allreduce(x, op))
-        if donate and x.dtype == wide and x.flags.c_contiguous and x.flags.writeable:
+                return _Then(window.start_allreduce([flat], flat, self._what()), lambda _: x)
+            flat = _contiguous(x.astype(wide, copy=False)).reshape(-1)   # (numel,)
+            return _Then(window.start_allreduce([flat], np.empty(x.size, wide), self._what()),
+                         lambda out: out.reshape(x.shape).astype(x.dtype, copy=False))
+        if mine:
             # in place: MPI would otherwise copy x into ``out`` at the start (a memcpy of the
             # whole bucket on the critical path: 4 ms for 25 MB on a 2-core Xeon, MPICH)
             return self._started(lambda: self._comm.Iallreduce(self._in_place, x, op=self._ops[op]), (x,),
@@ -260,7 +259,8 @@ class MPICommunicator(HostStaging, Communicator):
                              lambda: out.astype(x.dtype, copy=False))
 
     def iallreduce_joined(self, parts) -> Request:
-        """As Communicator's; through the shared window the parts are read where they are."""
+        """As Communicator's; through the shared window the parts are read where they are (so
+        they must stay untouched until the wait, as any non-blocking call's input)."""
         dtype = parts[0].dtype if parts else None
         if not (parts and self._may_share(sum(p.nbytes for p in parts)) and dtype == reduction_dtype(dtype)
                 and all(on_host(p) and p.dtype == dtype for p in parts)):
@@ -273,16 +273,19 @@ class MPICommunicator(HostStaging, Communicator):
         if window is None:                                  # no window after all (another host, no room)
             np.concatenate(flat, out=out)
             return self._iallreduce(out, "sum", donate=True)
-        return Done(window.allreduce(flat, out))
+        return window.start_allreduce(flat, out, self._what())
 
     def _ireduce_scatter(self, x, axis):
-        if self._shared(x) is not None:
-            return Done(self._reduce_scatter(x, axis))
         wide = reduction_dtype(x.dtype)
         send = _contiguous(np.moveaxis(x, axis, 0).astype(wide, copy=False))  # (d, rest...)
         out = np.empty((send.shape[0] // self._size,) + send.shape[1:], wide)  # (d/n, rest...)
+        result = lambda: np.moveaxis(out.astype(x.dtype, copy=False), 0, axis)   # noqa: E731
+        window = self._shared(x)
+        if window is not None:  # (d, rest...) -> (n, d/n * rest) blocks; out (d/n, rest...) -> (d/n * rest,)
+            return _Then(window.start_reduce_scatter(send.reshape(self._size, -1), out.reshape(-1), self._what()),
+                         lambda _: result())
         return self._started(lambda: self._comm.Ireduce_scatter_block(send, out, op=self._ops["sum"]), (send, out),
-                             lambda: np.moveaxis(out.astype(x.dtype, copy=False), 0, axis))
+                             result)
 
     def _iallgather(self, x, axis):
         send = _contiguous(np.moveaxis(x, axis, 0))  # (d, rest...)
@@ -304,14 +307,12 @@ class MPICommunicator(HostStaging, Communicator):
         return np.moveaxis(out, 0, axis)
 
     def _reduce_scatter(self, x, axis):
+        if self._shared(x) is not None:
+            return self._ireduce_scatter(x, axis).wait()
         wide = reduction_dtype(x.dtype)   # bfloat16: float32, rounded back once
         send = _contiguous(np.moveaxis(x, axis, 0).astype(wide, copy=False))  # (d, rest...)
         out = np.empty((send.shape[0] // self._size,) + send.shape[1:], wide)  # (d/n, rest...)
-        window = self._shared(x)
-        if window is not None:  # (d, rest...) -> (n, d/n * rest) blocks; out (d/n, rest...) -> (d/n * rest,)
-            window.reduce_scatter(send.reshape(self._size, -1), out.reshape(-1))
-        else:
-            self._run("Reduce_scatter_block", send, out, op=self._ops["sum"])
+        self._run("Reduce_scatter_block", send, out, op=self._ops["sum"])
         return np.moveaxis(out.astype(x.dtype, copy=False), 0, axis)
 
     def _alltoall(self, x, split_axis, concat_axis):
@@ -372,6 +373,19 @@ class MPICommunicator(HostStaging, Communicator):
             raise ValueError(format_error(self._where("split"), "groups", "the same groups on every member",
                                           f"{groups} here and other groups elsewhere",
                                           "compute the groups from the same mesh on every rank"))
+
+
+class _Then(Request):
+    """``request``, its result passed through ``then`` at the wait."""
+
+    def __init__(self, request: Request, then):
+        self._request, self._then = request, then
+
+    def test(self) -> bool:
+        return self._request.test()
+
+    def wait(self):
+        return self._then(self._request.wait())
 
 
 class _MPIRequest(Request):

@@ -71,7 +71,7 @@ class MPIWatchdog:
         side, request = comm.Idup()
         began = time.monotonic()
         if not self._poll([request], began):
-            self._abort(timeout_report("autopar", self._ranks[self._rank], time.monotonic() - began,
+            self.abort(timeout_report("autopar", self._ranks[self._rank], time.monotonic() - began,
                                        f"creating the communicator of group {self._ranks} (MPI_Comm_idup)",
                                        ["the members that never created it (exited, or stuck before "
                                         "autopar.init() or the same split)"], [self._ranks[self._rank]]))
@@ -115,7 +115,7 @@ class MPIWatchdog:
                 missing.append(f"rank {self._ranks[m]} (entered {COLLECTIVES[code]} #{k} instead)")
             else:
                 arrived.append(self._ranks[m])
-        self._abort(timeout_report("autopar", self._ranks[self._rank], time.monotonic() - began,
+        self.abort(timeout_report("autopar", self._ranks[self._rank], time.monotonic() - began,
                                    describe(kind, seq, self._ranks), missing, sorted(arrived), watched.doing))
 
     def p2p(self, request, what: str, peer: int, status=None, doing: str = "") -> None:
@@ -123,7 +123,7 @@ class MPIWatchdog:
         began = time.monotonic()
         if self._poll([request], began, status):
             return
-        self._abort(timeout_report("autopar", self._ranks[self._rank], time.monotonic() - began,
+        self.abort(timeout_report("autopar", self._ranks[self._rank], time.monotonic() - began,
                                    f"{what} on group {self._ranks}",
                                    [f"rank {self._ranks[peer]} (has not made the matching call)"],
                                    [self._ranks[self._rank]], doing))
@@ -142,7 +142,8 @@ class MPIWatchdog:
                 time.sleep(pause)
                 pause = min(MAX_PAUSE_S, max(MIN_PAUSE_S, 2 * pause))
 
-    def _abort(self, report: str) -> None:
+    def abort(self, report: str) -> None:
+        """Print ``report`` to stderr and abort the MPI job (never returns)."""
         sys.stderr.write(f"{report}; aborting the MPI job\n")
         sys.stderr.flush()
         time.sleep(ABORT_GRACE_S)   # let the launcher forward the report before Abort tears the job down

@@ -92,7 +92,12 @@ class BucketStart(FlightStart):
 
 
 class BucketWait(FlightWait):
-    """forward: wait for the bucket's collective, cut it into the gradients (no copy)."""
+    """forward: wait for the bucket's collective, cut it into the gradients (no copy). Its
+    inputs after the handle are the bucket's gradients, unread: a collective in flight may
+    read them where they are (MPI's shared window does), so they live -- and no later
+    instruction may overwrite their memory -- until the wait."""
+
+    n_inputs = None
 
     save_inputs = "none"
     fresh_output = True
@@ -101,7 +106,7 @@ class BucketWait(FlightWait):
         super().__init__(shapes=shapes)
         self.clock = clock
 
-    def forward(self, flight: InFlight):
+    def forward(self, flight: InFlight, *held):
         t0 = time.perf_counter()
         out = finish_bucket(flight, self.attrs["shapes"])
         self.clock[0] += time.perf_counter() - t0
@@ -343,8 +348,9 @@ def _bucket_nodes(local: Graph, nodes: list[Node], values: list[Value]) -> tuple
     dims = tuple(bucketable(n.prim)[2] for n in nodes)
     start = Node(-1, BucketStart(kind, comm, dims, clock), tuple(n.inputs[0] for n in nodes),
                  (flight,), SCOPE, f"{tag}/BucketStart", phase=BACKWARD)
-    wait = Node(-1, BucketWait(tuple(local.spec(n.outputs[0]).shape for n in nodes), clock), (flight,),
-                tuple(n.outputs[0] for n in nodes), SCOPE, f"{tag}/BucketWait", phase=BACKWARD)
+    wait = Node(-1, BucketWait(tuple(local.spec(n.outputs[0]).shape for n in nodes), clock),
+                (flight,) + tuple(n.inputs[0] for n in nodes), tuple(n.outputs[0] for n in nodes), SCOPE,
+                f"{tag}/BucketWait", phase=BACKWARD)
     return start, wait
 
 
