@@ -100,6 +100,8 @@ def worker(cap_mb: float, repeats: int, port: int) -> None:
         print(json.dumps({"n": comm.size, "mb": nbytes / 1e6, "buckets": len(plan),
                           "best": {k: float(v.min()) for k, v in slowest.items()},
                           "median": {k: float(np.median(v)) for k, v in slowest.items()}}), flush=True)
+    if "PyTorch gloo" in runs:   # gloo's threads must stop before the interpreter does (else: abort at exit)
+        dist.destroy_process_group()
 
 
 def main() -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import shlex
 import shutil
 import socket
@@ -222,7 +223,9 @@ def paired_worker(batch: int, steps: int, dropout: float, port: int, bucket_mb: 
     row = dict(n=n, dp=n, mp=1, mode=mode, step=float(a_s[best]), median=float(np.median(a_s)),
                comm=comm_s[best], comm_critical=float(every[0, every[1, :, best].argmax(), best]),
                torch_step=float(t_s.min()), torch_median=float(np.median(t_s)),
-               ratio_per_round=float(np.median(a_s / t_s)))
+               ratio_per_round=float(np.median(a_s / t_s)),
+               comm_median=float(np.median(every[0, 0] / a_s)),       # rank 0's share, per round
+               comm_least=float(np.median(every[0].min(axis=0) / a_s)))   # the rank that waited least
     if n > 1:
         row.update(exposed=float(np.median(1 - slowest["autopar_alone"] / a_s)),
                    torch_exposed=float(np.median(1 - slowest["torch_alone"] / t_s)),
@@ -268,13 +271,28 @@ def free_port() -> int:
 
 def launch(args, n: int, worker_args: list[str], env: dict) -> dict:
     """One MPI job of ``n`` ranks running this script as a worker; rank 0's JSON line."""
-    cmd = [args.mpiexec, "-n", str(n), *shlex.split(args.mpiexec_args), sys.executable, __file__, *worker_args,
+    cmd = [args.mpiexec, "-n", str(n), *binding(args, n), *shlex.split(args.mpiexec_args), sys.executable, __file__,
+           *worker_args,
            "--batch", str(args.batch), "--steps", str(args.steps), "--dropout", str(args.dropout)] + \
         (["--fusion", str(args.fusion)] if args.fusion is not None else [])
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if out.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed:\n{out.stdout}\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def binding(args, n: int) -> list[str]:
+    """Open MPI's flags binding each of ``n`` ranks to its own cores: with ``--cores-per-rank
+    spread``, cores // n of them (at most 2: one for the BLAS thread, one for the
+    communication threads -- autopar's shared-memory sums, gloo's -- of either framework),
+    else none added. MPICH's launcher takes ``-bind-to core:k`` instead."""
+    if args.cores_per_rank != "spread":
+        return []
+    k = max(1, min(2, (os.cpu_count() or 1) // n))
+    version = subprocess.run([args.mpiexec, "--version"], capture_output=True, text=True, check=False).stdout
+    if "HYDRA" in version.upper():             # MPICH's launcher
+        return ["-bind-to", f"core:{k}"]
+    return ["--map-by", f"slot:PE={k}", "--bind-to", "core"]
 
 
 def layout_name(r: dict) -> str:
@@ -315,8 +333,10 @@ def print_paired_table(args, rows: list[dict]) -> None:
     print(f"PanGu-α {CONFIG}, dropout {args.dropout}, global batch {args.batch}, one BLAS thread per rank, "
           f"{args.steps} alternating rounds per rank count (autopar and DDP in one job), gradient all-reduces "
           f"{buckets}")
-    print("step: the slowest rank's, fastest [median] of the rounds; comm share: rank 0's collectives in autopar's "
-          "fastest step (waiting included); critical: the slowest rank's own; ratio: fastest / fastest, and the "
+    print("step: the slowest rank's, fastest [median] of the rounds; comm: rank 0's time in collectives as a share "
+          "of autopar's fastest step [median over rounds] (waiting for slower ranks included); least: median over "
+          "rounds of the least such share of any rank (the last to arrive: little waiting); critical: the slowest "
+          "rank's own in the fastest step; ratio: fastest / fastest, and the "
           "median of the per-round ratios; exposed: median over rounds of 1 - (slowest rank's step without "
           "communication) / (data-parallel step), each framework against its own; spread: the lone steps' slowest "
           "rank / their median rank")
@@ -326,11 +346,14 @@ def print_paired_table(args, rows: list[dict]) -> None:
             else ("-", "-")
         exposed = (f"{r['exposed']:.1%}", f"{r['torch_exposed']:.1%}", f"{r['alone_spread']:.2f}") if "exposed" in r \
             else ("-", "-", "-")
-        rows_out.append([r["n"], f"{r['step']:.3f} [{r['median']:.3f}]", speed[0], f"{r['comm'] / r['step']:.1%}",
+        comm = f"{r['comm'] / r['step']:.1%}" + (f" [{r['comm_median']:.1%}]" if "comm_median" in r else "")
+        rows_out.append([r["n"], f"{r['step']:.3f} [{r['median']:.3f}]", speed[0], comm,
+                         f"{r['comm_least']:.1%}" if "comm_least" in r else "-",
                          f"{r['comm_critical'] / r['step']:.1%}", exposed[0], f"{r['torch_step']:.3f} "
                          f"[{r['torch_median']:.3f}]", speed[1], exposed[1], f"{r['step'] / r['torch_step']:.3f}",
                          f"{r['ratio_per_round']:.3f}", exposed[2]])
-    print(table(["ranks", "autopar s", "speedup", "comm", "critical", "exposed", "DDP s", "speedup", "exposed",
+    print(table(["ranks", "autopar s", "speedup", "comm [median]", "least", "critical", "exposed", "DDP s", "speedup",
+                 "exposed",
                  "ratio", "per round", "spread"], rows_out))
 
 
@@ -348,6 +371,10 @@ def main() -> None:
     parser.add_argument("--mpiexec", default=shutil.which("mpiexec", path=str(Path(sys.executable).parent))
                         or shutil.which("mpiexec"))
     parser.add_argument("--mpiexec-args", default="", help="extra launcher flags, e.g. '--bind-to core'")
+    parser.add_argument("--cores-per-rank", choices=["one", "spread"], default="one",
+                        help="spread: bind each rank to two cores where the machine has them (Open MPI's "
+                             "--map-by slot:PE=2 --bind-to core, MPICH's -bind-to core:2), one otherwise; "
+                             "one: leave binding to --mpiexec-args")
     parser.add_argument("--ceiling", type=int, default=0, metavar="SIZE",
                         help="first measure the machine's ceiling: SIZE^3 float32 GEMMs on every rank at once, "
                              "for each rank count (e.g. 1024)")
@@ -373,6 +400,9 @@ def main() -> None:
         paired_worker(args.batch, args.steps, args.dropout, args.paired_worker, args.fusion)
         return
     print(blas_line(), flush=True)
+    if args.cores_per_rank == "spread":
+        print("binding: " + "; ".join(f"{n} ranks: {' '.join(binding(args, n))}" for n in sorted(set(args.ranks))),
+              flush=True)
     env = worker_env()
     env.setdefault("GLOO_SOCKET_IFNAME", "lo")     # gloo on the loopback, where the rendezvous is
     with_torch = args.torch and torch_imports()
