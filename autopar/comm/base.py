@@ -243,7 +243,9 @@ class Communicator(abc.ABC):
 
     def iallreduce(self, x, op: str = "sum", *, donate: bool = False) -> Request:
         """allreduce, started now and completed by ``.wait()`` (see the module's docstring);
-        ``donate``: the caller never reads ``x`` again, and the result may be ``x`` itself."""
+        ``donate``: the caller never reads ``x`` again, and the result may be ``x`` itself.
+        As with MPI's non-blocking calls, ``x`` must not change before the wait: a backend may
+        still be reading it (MPI's shared window does, on its helper thread)."""
         x = self._buffer(x, "iallreduce")
         _check_reduce_op(x, op, self._where("iallreduce"))
         self._begin("allreduce", x, op=op)
@@ -254,12 +256,13 @@ class Communicator(abc.ABC):
         """iallreduce (sum) of ``parts`` (arrays of one dtype, on one device) flattened and
         joined end to end: a 1-d result, as ``iallreduce(concatenate(parts), donate=True)``,
         which is what this default does. A backend may read the parts where they are instead
-        (the MPI backend's shared window: one pass over a gradient bucket fewer)."""
+        (the MPI backend's shared window: one pass over a gradient bucket fewer), so they too
+        must not change before the wait."""
         xp = array_module(*parts)
         return self.iallreduce(xp.concatenate([p.reshape(-1) for p in parts]), donate=True)
 
     def ireduce_scatter(self, x, axis: int = 0) -> Request:
-        """reduce_scatter, started now and completed by ``.wait()``."""
+        """reduce_scatter, started now and completed by ``.wait()``; ``x`` must not change before it."""
         x = self._buffer(x, "ireduce_scatter")
         _check_reduce_op(x, "sum", self._where("ireduce_scatter"))
         axis = self._axis(x, axis, "ireduce_scatter", "axis", divisible=True)
