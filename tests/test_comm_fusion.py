@@ -186,6 +186,32 @@ def test_buckets_start_during_the_backward_pass_and_are_tested_until_their_wait(
     assert all(kinds[k + 1] is Progress for k in range(start + 1, len(kinds)) if kinds[k] not in ours)
 
 
+def test_a_buckets_gradients_stay_alive_and_unwritten_until_its_wait():
+    """A bucket's collective may read its gradients in place until the wait (MPI's shared
+    window does, on its helper thread): no instruction before the wait frees them or is
+    handed their memory to overwrite."""
+    cfg = CONFIG.replace(data_parallel=2)
+    ctx = ParallelContext(parallel_mode="semi_auto_parallel", device_num=2, full_batch=True, comm_fusion=AUTO)
+
+    def body(comm):
+        net = PanguAlphaWithLoss(cfg)
+        prog = ShardedGradProgram(net, (IDS,), net.trainable_params(), "semi_auto_parallel", comm,
+                                  full_batch=True, ctx=ctx)
+        return prog.program
+    program = run_in_process(2, body)[0]
+    code = program.instructions
+    freed = {v: k for k, ins in enumerate(code) for v in ins.frees}
+    starts = [k for k, ins in enumerate(code) if isinstance(ins.node.prim, BucketStart)]
+    assert len(starts) == 2                      # dp2, 64 MB buckets (the step's third all-reduce: the loss)
+    for k in starts:
+        grads = code[k].ins
+        wait = next(j for j, ins in enumerate(code) if isinstance(ins.node.prim, BucketWait)
+                    and ins.ins[1:] == grads)
+        assert all(freed.get(v, len(code)) >= wait for v in grads)
+        donated = {code[j].ins[i] for j, i in program.donated.items() if k < j < wait}
+        assert not donated & set(grads)
+
+
 def test_a_buckets_gradients_come_back_uncopied_side_by_side_in_its_buffer():
     _, grads, _, fusion, _ = run_grads(2, 1, AUTO)[0]
     big = max(fusion.buckets, key=len)                      # output positions; gradient k is output k + 1

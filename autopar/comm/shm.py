@@ -138,6 +138,7 @@ class SharedSum:
         self._win.Lock_all(MPI.MODE_NOCHECK)   # a passive epoch for the whole life: Sync orders memory
         node.Barrier()                         # rank 0's zeroed counters are in place before any is read
         self._pieces = 0                       # pieces begun (on the thread that runs the sums)
+        self._job: _Job | None = None          # the sum running now (for a report)
         self._jobs = None
         if threaded and MPI.Query_thread() >= MPI.THREAD_MULTIPLE:
             self._jobs = queue.SimpleQueue()
