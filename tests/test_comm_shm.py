@@ -24,6 +24,7 @@ SCRIPT = """
     import numpy as np
     import autopar.comm.shm as shm
     shm.SLOT_BYTES = 96 * 1024       # every sum below spans several pieces, the last one partial
+    shm.HAND_OVER_BYTES = 512 * 1024  # sums from 512 KB on run on the helper thread, smaller ones on the caller
     from autopar.comm import world
     from autopar.comm.base import CommStats
     from autopar.comm.mpi import MPICommunicator, _mpi
@@ -103,15 +104,30 @@ SCRIPT = """
     assert same(second.wait(), np.ascontiguousarray(in_order(ys, np.float64)[:, me * 40_000:(me + 1) * 40_000]))
     assert same(first.wait(), in_order(xs, np.float32))
 
-    if threaded:   # a non-blocking sum returns at once: the last member comes a second late
+    if threaded:   # a non-blocking sum (of shm.HAND_OVER_BYTES or more) returns at once: the last member comes late
+        bigs = members((shm.HAND_OVER_BYTES // 4 + 1,), np.float32, 11)
         if me == n - 1:
             time.sleep(1.0)
         began = time.perf_counter()
-        late = comm.iallreduce(xs[me])
+        late = comm.iallreduce(bigs[me])
         started, done_early = time.perf_counter() - began, late.test()
-        assert same(late.wait(), in_order(xs, np.float32))
+        assert same(late.wait(), in_order(bigs, np.float32))
         if me == 0:
             assert started < 0.5 and not done_early, (started, done_early)
+
+    # one member slow to sum its share or to copy a piece out: the others, one set of slots
+    # ahead, must not overwrite what it still reads
+    window = comm._shm
+    for step in ("_sum", "_drain"):
+        if me == 0:
+            fast = getattr(window, step)
+            setattr(window, step, lambda *args, fast=fast: (time.sleep(0.005), fast(*args)))
+        assert same(comm.allreduce(xs[me]), in_order(xs, np.float32)), step          # 11 pieces
+        assert same(comm.iallreduce(ys[me].copy(), donate=True).wait(), in_order(ys, np.float64)), step
+        got = comm.reduce_scatter(ys[me], axis=1)                                     # 5 pieces
+        assert same(got, np.ascontiguousarray(in_order(ys, np.float64)[:, me * 40_000:(me + 1) * 40_000])), step
+        if me == 0:
+            delattr(window, step)
 
     node = MPI.COMM_WORLD.Split_type(MPI.COMM_TYPE_SHARED, key=me)   # on the caller, no helper thread
     inline = shm.SharedSum(MPI, node, tuple(range(n)), 30.0, None, slot_bytes=64 * 1024, threaded=False)

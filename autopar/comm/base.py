@@ -162,6 +162,19 @@ class Done(Request):
         return self._result
 
 
+class Then(Request):
+    """``request``, its result passed through ``then`` at the wait."""
+
+    def __init__(self, request: Request, then):
+        self._request, self._then = request, then
+
+    def test(self) -> bool:
+        return self._request.test()
+
+    def wait(self):
+        return self._then(self._request.wait())
+
+
 class Deferred(Request):
     """A request whose blocking call runs at its wait (the fallback for point to point)."""
 

@@ -50,7 +50,7 @@ from ..backend import on_host
 from ..dtype import bfloat16
 from ..errors import format_error
 from . import shm
-from .base import CommStats, Communicator, Request, reduction_dtype
+from .base import CommStats, Communicator, Request, Then, reduction_dtype
 from .checks import CommChecks
 from .single import SelfCommunicator
 from .staging import HostStaging
@@ -245,9 +245,9 @@ class MPICommunicator(HostStaging, Communicator):
         if window is not None:
             if mine:
                 flat = x.reshape(-1)    # (numel,), summed in place
-                return _Then(window.start_allreduce([flat], flat, self._what()), lambda _: x)
+                return Then(window.start_allreduce([flat], flat, self._what()), lambda _: x)
             flat = _contiguous(x.astype(wide, copy=False)).reshape(-1)   # (numel,)
-            return _Then(window.start_allreduce([flat], np.empty(x.size, wide), self._what()),
+            return Then(window.start_allreduce([flat], np.empty(x.size, wide), self._what()),
                          lambda out: out.reshape(x.shape).astype(x.dtype, copy=False))
         if mine:
             # in place: MPI would otherwise copy x into ``out`` at the start (a memcpy of the
@@ -282,7 +282,7 @@ class MPICommunicator(HostStaging, Communicator):
         result = lambda: np.moveaxis(out.astype(x.dtype, copy=False), 0, axis)   # noqa: E731
         window = self._shared(x)
         if window is not None:  # (d, rest...) -> (n, d/n * rest) blocks; out (d/n, rest...) -> (d/n * rest,)
-            return _Then(window.start_reduce_scatter(send.reshape(self._size, -1), out.reshape(-1), self._what()),
+            return Then(window.start_reduce_scatter(send.reshape(self._size, -1), out.reshape(-1), self._what()),
                          lambda _: result())
         return self._started(lambda: self._comm.Ireduce_scatter_block(send, out, op=self._ops["sum"]), (send, out),
                              result)
@@ -373,19 +373,6 @@ class MPICommunicator(HostStaging, Communicator):
             raise ValueError(format_error(self._where("split"), "groups", "the same groups on every member",
                                           f"{groups} here and other groups elsewhere",
                                           "compute the groups from the same mesh on every rank"))
-
-
-class _Then(Request):
-    """``request``, its result passed through ``then`` at the wait."""
-
-    def __init__(self, request: Request, then):
-        self._request, self._then = request, then
-
-    def test(self) -> bool:
-        return self._request.test()
-
-    def wait(self):
-        return self._then(self._request.wait())
 
 
 class _MPIRequest(Request):

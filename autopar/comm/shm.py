@@ -10,13 +10,16 @@ alike, so every member gives a piece the same number); piece s uses set (s - 1) 
     1. copy its piece into slot i of set k          writes P        has summed piece s - DEPTH
        (an all-reduce's input may be several arrays: read where they are, never joined)
        publish filled[i] = s
-    2. sum its 1/n of the piece over slots 0..n-1   reads P         has filled piece s and
-       in member order (allreduce: into the result                  drained piece s - DEPTH
+    2. sum its 1/n of the piece over slots 0..n-1   reads P         has filled piece s
+       in member order (allreduce: into the result
        slot n; reduce_scatter: its block, into its output)
        publish summed[i] = s
     3. allreduce: copy the result slot out          reads P         has summed piece s
-       publish drained[i] = s
 
+A member goes through a piece's steps before the next piece's, and step 2 waits for every
+member's step 1, so no member is more than one piece ahead of another: with two sets, step
+1's wait is always met already (it keeps one set correct), and when every member has filled
+piece s + DEPTH all have copied piece s out, so the result slot needs no counter of its own.
 Each wait reads the others' counters in the window; nothing calls MPI but ``Win_sync``,
 which orders the memory on either side of a publish or a wait. Every element is summed in
 member order, so all members get the same bits, and the bits the in-process backend gives.
@@ -26,10 +29,11 @@ Where MPI gives MPI_THREAD_MULTIPLE (mpi4py asks for it), the pieces run on one 
 thread per window, in the order the calls were made: a non-blocking call hands its sum
 over and returns, so the sums of a gradient bucket run while the backward pass goes on (on
 a core of their own where the rank has two; numpy's copies and adds release the GIL). A
-blocking call hands its sum over and waits. Otherwise, and with ``threaded=False``, every
-sum runs on the caller when it is called. A member that never comes to a sum is found by
-the waits' deadline (the watchdog's timeout): the report names the call and the members
-whose counters stayed behind, and the job is aborted.
+blocking call runs its sum on the caller when the helper is idle, else hands it over and
+waits. Without the helper (``threaded=False``) every sum runs on the caller when called.
+A member that never comes to a sum is found by the waits' deadline (the watchdog's
+timeout): the report names the call and the members whose counters stayed behind, and the
+job is aborted.
 
 Measured on the lent 16-core host (68 MB of float32, ``devrun/arprobe.py``, session 15,
 with barriers between the steps instead of counters):
@@ -56,11 +60,17 @@ from .checks import COLLECTIVES, describe, timeout_report
 SLOT_BYTES = 4 * 1024 * 1024   # per member and set: the window is DEPTH * (n + 1) slots, 136 MB for 16 ranks
 DEPTH = 2                      # sets of slots: a member may be one piece ahead of the slowest
 MIN_BYTES = 256 * 1024         # smaller sums go through MPI
+HAND_OVER_BYTES = 4 * 1024 * 1024   # smaller sums run on the caller: the hand-over (the GIL passed between
+                                    # two threads) cost the 2-core main job 6-10% with 786 KB sums, overlap saves less
 ENV = "AUTOPAR_COMM_SHM"       # "0": never use the window; "1" or unset: use it
 SHM_DIR = "/dev/shm"           # where MPI's shared windows live on Linux
 LINE = 64                      # bytes of one member's counters (a cache line: no false sharing)
-FILLED, SUMMED, DRAINED, ENTERED, KIND = range(5)   # a member's counters; ENTERED, KIND: its latest call
-MIN_PAUSE_S, MAX_PAUSE_S = 2e-5, 2e-4              # a wait's sleeps between reads of the counters
+FILLED, SUMMED, ENTERED, KIND = range(4)   # a member's counters; ENTERED, KIND: its latest call
+MIN_PAUSE_S, MAX_PAUSE_S = 2e-5, 2e-4              # a wait's sleeps between reads of the counters,
+SPIN_S = {True: 2e-5, False: 0.5}                   # after reading them this long without sleeping: on the
+                                                    # helper thread (it shares the core with compute), on the
+                                                    # caller (as MPI's blocking calls spin: a sleeping core of a
+                                                    # VM wakes late)
 
 
 def wanted(environ=None) -> bool:
@@ -139,6 +149,8 @@ class SharedSum:
         node.Barrier()                         # rank 0's zeroed counters are in place before any is read
         self._pieces = 0                       # pieces begun (on the thread that runs the sums)
         self._job: _Job | None = None          # the sum running now (for a report)
+        self._last: _Job | None = None         # the last sum handed to the helper thread
+        self._spin = SPIN_S[False]             # how long a wait reads the counters before it sleeps
         self._jobs = None
         if threaded and MPI.Query_thread() >= MPI.THREAD_MULTIPLE:
             self._jobs = queue.SimpleQueue()
@@ -148,31 +160,35 @@ class SharedSum:
 
     def allreduce(self, parts: Sequence[np.ndarray], out: np.ndarray, what: tuple[str, int, str]) -> np.ndarray:
         """out = the sum over members of ``parts`` joined end to end (see :meth:`start_allreduce`); blocking."""
-        return self.start_allreduce(parts, out, what).wait()
+        return self._submit(lambda: self._allreduce(parts, out), what, blocking=True).wait()
 
     def start_allreduce(self, parts: Sequence[np.ndarray], out: np.ndarray, what: tuple[str, int, str]) -> Request:
         """Start out = the sum over members of ``parts`` joined end to end: each part 1-d and
         contiguous, all of out's dtype, out (total,) (``out`` may be the only part). The
         parts are read where they are, never joined first: neither they nor ``out`` may be
         touched until the request is done. ``what``: (kind, seq, doing) of the call."""
-        return self._submit(lambda: self._allreduce(parts, out), what)
+        return self._submit(lambda: self._allreduce(parts, out), what, blocking=out.nbytes < HAND_OVER_BYTES)
 
     def reduce_scatter(self, x: np.ndarray, out: np.ndarray, what: tuple[str, int, str]) -> np.ndarray:
         """out = block i (this member's) of the sum of every member's ``x``; blocking."""
-        return self.start_reduce_scatter(x, out, what).wait()
+        return self._submit(lambda: self._reduce_scatter(x, out), what, blocking=True).wait()
 
     def start_reduce_scatter(self, x: np.ndarray, out: np.ndarray, what: tuple[str, int, str]) -> Request:
         """Start out = block i (this member's) of the sum of every member's ``x``: x (n, b),
         out (b,); neither may be touched until the request is done."""
-        return self._submit(lambda: self._reduce_scatter(x, out), what)
+        return self._submit(lambda: self._reduce_scatter(x, out), what, blocking=x.nbytes < HAND_OVER_BYTES)
 
-    def _submit(self, run, what) -> Request:
+    def _submit(self, run, what, blocking: bool = False) -> Request:
+        """Run a call's sum on the helper thread, after the ones before it; or here and now
+        when there is no helper, or the helper is idle and the call blocks (or is small:
+        ``blocking``) -- no hand-over."""
         self._counters[self._rank, KIND] = COLLECTIVES.index(what[0])
         self._counters[self._rank, ENTERED] = what[1]    # for a report: which call this member came to last
         job = _Job(run, what)
-        if self._jobs is None:
+        if self._jobs is None or (blocking and (self._last is None or self._last.done.is_set())):
             self._do(job)
         else:
+            self._last = job                             # the helper runs jobs in order: done, all before it are
             self._jobs.put(job)
         return SharedRequest(job)
 
@@ -182,6 +198,7 @@ class SharedSum:
 
     def _do(self, job: _Job) -> None:
         self._job = job
+        self._spin = SPIN_S[threading.current_thread() is not threading.main_thread()]
         try:
             job.result = job.run()
         except BaseException as exc:   # handed to the waiter
@@ -212,6 +229,10 @@ class SharedSum:
         for k in range(2, self._n):
             np.add(out, rows[k, lo:hi], out=out)
 
+    def _drain(self, result: np.ndarray, out: np.ndarray) -> None:
+        """Copy a piece's sum out of the result slot."""
+        out[...] = result
+
     def _allreduce(self, parts: Sequence[np.ndarray], out: np.ndarray) -> np.ndarray:
         n, i = self._n, self._rank
         width = self._slot_bytes // out.dtype.itemsize
@@ -222,13 +243,11 @@ class SharedSum:
             _fill(rows[i, :m], parts, cursor)
             self._publish(FILLED, s)
             self._await(FILLED, s)
-            self._await(DRAINED, s - DEPTH)             # the result row's last readers are done
             lo, hi = i * m // n, (i + 1) * m // n       # this member's share of the piece
             self._sum(rows, lo, hi, rows[n, lo:hi])
             self._publish(SUMMED, s)
             self._await(SUMMED, s)
-            out[start:start + m] = rows[n, :m]
-            self._publish(DRAINED, s)
+            self._drain(rows[n, :m], out[start:start + m])
         return out
 
     def _reduce_scatter(self, x: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -243,7 +262,6 @@ class SharedSum:
             self._await(FILLED, s)
             self._sum(rows, i * m, (i + 1) * m, out[start:start + m])
             self._publish(SUMMED, s)
-            self._publish(DRAINED, s)                   # no result row: nothing to drain
         return out
 
     # ---- waiting -------------------------------------------------------------------------
@@ -257,8 +275,9 @@ class SharedSum:
             began = now if began is None else began
             if self._timeout is not None and now - began > self._timeout:
                 self._abort(self._report(counter, s, now - began))
-            time.sleep(pause)
-            pause = min(MAX_PAUSE_S, max(MIN_PAUSE_S, 2 * pause))
+            if now - began > self._spin:
+                time.sleep(pause)
+                pause = min(MAX_PAUSE_S, max(MIN_PAUSE_S, 2 * pause))
         self._win.Sync()                       # what the others wrote before their counters is visible now
 
     def _report(self, counter: int, s: int, waited: float) -> str:

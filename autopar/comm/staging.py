@@ -21,21 +21,7 @@ and statistics are the Communicator's own, made on the host copy (same shape, dt
 from __future__ import annotations
 
 from ..backend import array_module, on_host, to_host
-from .base import Request
-
-
-class _StagedRequest(Request):
-    """A request on host buffers whose result is moved to the device of the input at the wait."""
-
-    def __init__(self, inner: Request, xp):
-        self._inner, self._xp = inner, xp
-
-    def test(self) -> bool:
-        return self._inner.test()
-
-    def wait(self):
-        out = self._inner.wait()
-        return None if out is None else self._xp.asarray(out)
+from .base import Request, Then
 
 
 def staged(call, x, *args, **kwargs):
@@ -48,7 +34,7 @@ def staged(call, x, *args, **kwargs):
     if out is None:                      # send: nothing comes back
         return None
     if isinstance(out, Request):         # i*: the copy back happens at the wait
-        return _StagedRequest(out, xp)
+        return Then(out, lambda result: None if result is None else xp.asarray(result))   # back to the device
     return xp.asarray(out)
 
 
