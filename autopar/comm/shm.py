@@ -151,10 +151,11 @@ class SharedSum:
         self._job: _Job | None = None          # the sum running now (for a report)
         self._last: _Job | None = None         # the last sum handed to the helper thread
         self._spin = SPIN_S[False]             # how long a wait reads the counters before it sleeps
-        self._jobs = None
+        self._jobs, self._thread = None, None
         if threaded and MPI.Query_thread() >= MPI.THREAD_MULTIPLE:
             self._jobs = queue.SimpleQueue()
-            threading.Thread(target=self._serve, name=f"autopar-shm-{self._ranks}", daemon=True).start()
+            self._thread = threading.Thread(target=self._serve, name=f"autopar-shm-{self._ranks}", daemon=True)
+            self._thread.start()
 
     # ---- calls ---------------------------------------------------------------------------
 
@@ -198,7 +199,7 @@ class SharedSum:
 
     def _do(self, job: _Job) -> None:
         self._job = job
-        self._spin = SPIN_S[threading.current_thread() is not threading.main_thread()]
+        self._spin = SPIN_S[threading.current_thread() is self._thread]
         try:
             job.result = job.run()
         except BaseException as exc:   # handed to the waiter
