@@ -232,22 +232,23 @@ class MPICommunicator(HostStaging, Communicator):
 
     def _allreduce(self, x, op):
         if op == "sum" and self._shared(x) is not None:
-            return self._iallreduce(x, op).wait()
+            return self._iallreduce(x, op, blocking=True).wait()
         wide = reduction_dtype(x.dtype)   # bfloat16: float32, rounded back once
         out = np.empty(x.shape, wide)
         self._run("Allreduce", _contiguous(x.astype(wide, copy=False)), out, op=self._ops[op])
         return out.astype(x.dtype, copy=False)
 
-    def _iallreduce(self, x, op, donate=False):
+    def _iallreduce(self, x, op, donate=False, blocking=False):
+        """``blocking``: the caller waits at once (a shared-window sum then runs on the caller)."""
         wide = reduction_dtype(x.dtype)   # bfloat16: float32, rounded back once
         window = self._shared(x) if op == "sum" else None
         mine = donate and x.dtype == wide and x.flags.c_contiguous and x.flags.writeable
         if window is not None:
             if mine:
                 flat = x.reshape(-1)    # (numel,), summed in place
-                return Then(window.start_allreduce([flat], flat, self._what()), lambda _: x)
+                return Then(window.start_allreduce([flat], flat, self._what(), blocking), lambda _: x)
             flat = _contiguous(x.astype(wide, copy=False)).reshape(-1)   # (numel,)
-            return Then(window.start_allreduce([flat], np.empty(x.size, wide), self._what()),
+            return Then(window.start_allreduce([flat], np.empty(x.size, wide), self._what(), blocking),
                          lambda out: out.reshape(x.shape).astype(x.dtype, copy=False))
         if mine:
             # in place: MPI would otherwise copy x into ``out`` at the start (a memcpy of the
@@ -275,15 +276,16 @@ class MPICommunicator(HostStaging, Communicator):
             return self._iallreduce(out, "sum", donate=True)
         return window.start_allreduce(flat, out, self._what())
 
-    def _ireduce_scatter(self, x, axis):
+    def _ireduce_scatter(self, x, axis, blocking=False):
+        """``blocking`` as in :meth:`_iallreduce`."""
         wide = reduction_dtype(x.dtype)
         send = _contiguous(np.moveaxis(x, axis, 0).astype(wide, copy=False))  # (d, rest...)
         out = np.empty((send.shape[0] // self._size,) + send.shape[1:], wide)  # (d/n, rest...)
         result = lambda: np.moveaxis(out.astype(x.dtype, copy=False), 0, axis)   # noqa: E731
         window = self._shared(x)
         if window is not None:  # (d, rest...) -> (n, d/n * rest) blocks; out (d/n, rest...) -> (d/n * rest,)
-            return Then(window.start_reduce_scatter(send.reshape(self._size, -1), out.reshape(-1), self._what()),
-                         lambda _: result())
+            return Then(window.start_reduce_scatter(send.reshape(self._size, -1), out.reshape(-1), self._what(),
+                                                    blocking), lambda _: result())
         return self._started(lambda: self._comm.Ireduce_scatter_block(send, out, op=self._ops["sum"]), (send, out),
                              result)
 
@@ -308,7 +310,7 @@ class MPICommunicator(HostStaging, Communicator):
 
     def _reduce_scatter(self, x, axis):
         if self._shared(x) is not None:
-            return self._ireduce_scatter(x, axis).wait()
+            return self._ireduce_scatter(x, axis, blocking=True).wait()
         wide = reduction_dtype(x.dtype)   # bfloat16: float32, rounded back once
         send = _contiguous(np.moveaxis(x, axis, 0).astype(wide, copy=False))  # (d, rest...)
         out = np.empty((send.shape[0] // self._size,) + send.shape[1:], wide)  # (d/n, rest...)

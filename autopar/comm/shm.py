@@ -161,23 +161,29 @@ class SharedSum:
 
     def allreduce(self, parts: Sequence[np.ndarray], out: np.ndarray, what: tuple[str, int, str]) -> np.ndarray:
         """out = the sum over members of ``parts`` joined end to end (see :meth:`start_allreduce`); blocking."""
-        return self._submit(lambda: self._allreduce(parts, out), what, blocking=True).wait()
+        return self.start_allreduce(parts, out, what, blocking=True).wait()
 
-    def start_allreduce(self, parts: Sequence[np.ndarray], out: np.ndarray, what: tuple[str, int, str]) -> Request:
+    def start_allreduce(self, parts: Sequence[np.ndarray], out: np.ndarray, what: tuple[str, int, str],
+                        blocking: bool = False) -> Request:
         """Start out = the sum over members of ``parts`` joined end to end: each part 1-d and
         contiguous, all of out's dtype, out (total,) (``out`` may be the only part). The
         parts are read where they are, never joined first: neither they nor ``out`` may be
-        touched until the request is done. ``what``: (kind, seq, doing) of the call."""
-        return self._submit(lambda: self._allreduce(parts, out), what, blocking=out.nbytes < HAND_OVER_BYTES)
+        touched until the request is done. ``what``: (kind, seq, doing) of the call;
+        ``blocking``: the caller waits for it at once (no point handing it over)."""
+        return self._submit(lambda: self._allreduce(parts, out), what,
+                            blocking=blocking or out.nbytes < HAND_OVER_BYTES)
 
     def reduce_scatter(self, x: np.ndarray, out: np.ndarray, what: tuple[str, int, str]) -> np.ndarray:
         """out = block i (this member's) of the sum of every member's ``x``; blocking."""
-        return self._submit(lambda: self._reduce_scatter(x, out), what, blocking=True).wait()
+        return self.start_reduce_scatter(x, out, what, blocking=True).wait()
 
-    def start_reduce_scatter(self, x: np.ndarray, out: np.ndarray, what: tuple[str, int, str]) -> Request:
+    def start_reduce_scatter(self, x: np.ndarray, out: np.ndarray, what: tuple[str, int, str],
+                             blocking: bool = False) -> Request:
         """Start out = block i (this member's) of the sum of every member's ``x``: x (n, b),
-        out (b,); neither may be touched until the request is done."""
-        return self._submit(lambda: self._reduce_scatter(x, out), what, blocking=x.nbytes < HAND_OVER_BYTES)
+        out (b,); neither may be touched until the request is done. ``blocking`` as in
+        :meth:`start_allreduce`."""
+        return self._submit(lambda: self._reduce_scatter(x, out), what,
+                            blocking=blocking or x.nbytes < HAND_OVER_BYTES)
 
     def _submit(self, run, what, blocking: bool = False) -> Request:
         """Run a call's sum on the helper thread, after the ones before it; or here and now

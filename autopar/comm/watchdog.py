@@ -72,9 +72,9 @@ class MPIWatchdog:
         began = time.monotonic()
         if not self._poll([request], began):
             self.abort(timeout_report("autopar", self._ranks[self._rank], time.monotonic() - began,
-                                       f"creating the communicator of group {self._ranks} (MPI_Comm_idup)",
-                                       ["the members that never created it (exited, or stuck before "
-                                        "autopar.init() or the same split)"], [self._ranks[self._rank]]))
+                                      f"creating the communicator of group {self._ranks} (MPI_Comm_idup)",
+                                      ["the members that never created it (exited, or stuck before "
+                                       "autopar.init() or the same split)"], [self._ranks[self._rank]]))
         return side
 
     def collective(self, start, kind: str, seq: int, doing: str = "") -> None:
@@ -116,7 +116,7 @@ class MPIWatchdog:
             else:
                 arrived.append(self._ranks[m])
         self.abort(timeout_report("autopar", self._ranks[self._rank], time.monotonic() - began,
-                                   describe(kind, seq, self._ranks), missing, sorted(arrived), watched.doing))
+                                  describe(kind, seq, self._ranks), missing, sorted(arrived), watched.doing))
 
     def p2p(self, request, what: str, peer: int, status=None, doing: str = "") -> None:
         """Wait for a send or recv with member ``peer``; ``what`` names it."""
@@ -124,9 +124,9 @@ class MPIWatchdog:
         if self._poll([request], began, status):
             return
         self.abort(timeout_report("autopar", self._ranks[self._rank], time.monotonic() - began,
-                                   f"{what} on group {self._ranks}",
-                                   [f"rank {self._ranks[peer]} (has not made the matching call)"],
-                                   [self._ranks[self._rank]], doing))
+                                  f"{what} on group {self._ranks}",
+                                  [f"rank {self._ranks[peer]} (has not made the matching call)"],
+                                  [self._ranks[self._rank]], doing))
 
     def _poll(self, requests: list, began: float, status=None) -> bool:
         """Test until all requests complete (True) or the deadline passes (False)."""
